@@ -1,0 +1,41 @@
+# launcher: `make demo` (the main job) and `make test` do all the set-up on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_DIR ?= runs/demo
+DATA_DIR ?= data/digits
+
+.PHONY: setup demo test test-fast bench clean
+
+# torch and torchvision are resolved together from the registry by uv (a CPU-only torch wheel
+# from a local find-links would break torchvision's compiled ops). The stamp makes a second
+# `make setup` with nothing changed take milliseconds.
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check uv
+	$(VENV)/bin/uv pip install --python $(PY) -q -e '.[dev]'
+	touch $@
+
+$(DATA_DIR)/train/index.json: scripts/make_demo_data.py | setup
+	$(PY) scripts/make_demo_data.py --out $(DATA_DIR)
+
+# Pretrain a ResNet-18 on digits 0-4, then fine-tune it on all ten digits with a frozen
+# stem and early stages, offline wandb, and print where everything went.
+demo: setup $(DATA_DIR)/train/index.json
+	rm -rf $(DEMO_DIR)
+	$(PY) -m launcher recipes/resnet_pretrain --output_dir=$(DEMO_DIR)/pretrain --data_dir=$(DATA_DIR)
+	$(PY) -m launcher recipes/resnet_finetune --output_dir=$(DEMO_DIR)/finetune --data_dir=$(DATA_DIR) \
+		--weights=$(DEMO_DIR)/pretrain
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not e2e"
+
+bench: setup
+	$(PY) scripts/bench_overhead.py
+
+clean:
+	rm -rf runs data .pytest_cache

@@ -1,0 +1,106 @@
+"""`python -m launcher [plan] RECIPE [--field=value ...]`: the whole command-line surface.
+
+Flags are parsed by fire; each must name a field of the recipe's Config. Bad input (unknown
+recipe, unknown field, wrong type, impossible batch arithmetic, missing shards) is one line on
+stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import fire
+
+from launcher.config import ConfigError, apply_overrides, field_help, type_name
+
+USAGE = """\
+usage: python -m launcher RECIPE [--field=value ...]          train
+       accelerate launch [ACCELERATE ARGS] -m launcher RECIPE [...]   train on several processes
+       python -m launcher plan RECIPE [--world_size=N] [...]   print the resolved config and plan
+       python -m launcher RECIPE --help                        list the recipe's fields
+
+RECIPE is a recipe file (recipes/resnet_finetune or recipes/resnet_finetune.py) or a dotted
+module name (recipes.resnet_finetune). Every field of the recipe's Config can be set with
+--field=value; common to all recipes: output_dir, seed, epochs, max_steps, batch_size (per
+device), grad_accum_steps, mixed_precision (no/fp16/bf16), resume (""/auto/PATH), wandb_mode
+(auto/online/offline/disabled). Errors exit with code 2."""
+
+COMMANDS = ("train", "plan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return run_command(argv)
+    except ConfigError as error:
+        print(f"launcher: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_command(argv: list[str]) -> int:
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    if argv[0].startswith("-"):
+        raise ConfigError(f"expected a RECIPE before {argv[0]}; usage: python -m launcher [plan] RECIPE [--field=value ...]")
+    from launcher.recipe import load_recipe
+
+    recipe = load_recipe(argv[0])
+    if any(arg in ("-h", "--help") for arg in argv[1:]):
+        print(recipe_help(recipe))
+        return 0
+    overrides = parse_flags(argv[1:])
+    world_size = overrides.pop("world_size", None) if command == "plan" else None
+    cfg = apply_overrides(recipe.default_config(), overrides).resolved()
+    if command == "plan":
+        from launcher.loop import print_plan
+
+        print_plan(cfg, recipe, _world_size(world_size))
+    else:
+        from launcher.loop import train
+
+        train(cfg, recipe)
+    return 0
+
+
+def parse_flags(args: list[str]) -> dict:
+    """--field=value / --field value / --flag pairs, values parsed by fire (numbers, bools, lists)."""
+    captured: dict = {}
+
+    def capture(*positional, **flags):
+        captured.update(positional=positional, flags=flags)
+
+    fire.Fire(capture, command=list(args), name="launcher")
+    if captured["positional"]:
+        raise ConfigError(f"unexpected argument {captured['positional'][0]!r}; fields are set as --field=value")
+    return captured["flags"]
+
+
+def _world_size(value) -> int:
+    if value is None:
+        value = os.environ.get("WORLD_SIZE", 1)
+    try:
+        size = int(value)
+        assert size >= 1
+    except (ValueError, AssertionError):
+        raise ConfigError(f"--world_size must be an integer >= 1, got {value!r}") from None
+    return size
+
+
+def recipe_help(recipe) -> str:
+    import dataclasses
+    import typing
+
+    cfg = recipe.default_config()
+    hints = typing.get_type_hints(type(cfg))
+    helps = field_help(type(cfg))
+    rows = [(f"--{f.name}={getattr(cfg, f.name)!r}", type_name(hints[f.name]), helps.get(f.name, ""))
+            for f in dataclasses.fields(cfg)]
+    width = max(len(r[0]) for r in rows)
+    type_width = max(len(r[1]) for r in rows)
+    lines = [f"usage: python -m launcher [plan] {recipe.name} [--field=value ...]",
+             f"fields of {recipe.module.__name__}.Config (defaults shown):"]
+    lines += [f"  {flag:<{width}}  {tp:<{type_width}}  {text}" for flag, tp, text in rows]
+    return "\n".join(lines)

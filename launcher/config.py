@@ -1,0 +1,188 @@
+"""The fields every recipe shares, and turning CLI overrides into a validated config.
+
+A recipe's `Config` subclasses `TrainConfig`. Each field carries a trailing `# comment` that is
+its help text (shown by `python -m launcher RECIPE --help`). Overrides from the command line are
+checked against the fields here: unknown names get close matches, wrong types name the field and
+the type expected. Every problem is a `ConfigError`, which the CLI prints as one line (exit 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import os
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """Bad user input. The CLI prints it as one line on stderr and exits with code 2."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"  # where metrics, config, checkpoints and final weights go
+    seed: int = 0  # one seed for the run; per-rank and per-worker seeds derive from it
+    epochs: int = 1  # passes over the training split
+    max_steps: int = 0  # stop after this many optimizer steps (0: no limit); for debugging
+    batch_size: int = 32  # samples per device per micro-batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast dtype for forward passes
+    resume: str = ""  # "" starts fresh, "auto" takes the newest checkpoint in output_dir, or a checkpoint path
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with credentials, else offline
+    wandb_project: str = "launcher"  # wandb project name
+    lr: float = 1e-3  # base learning rate; each parameter group scales it
+    weight_decay: float = 0.0  # decoupled weight decay, unless a parameter group sets its own
+    warmup_steps: int = 0  # optimizer steps of linear LR warm-up from 0
+    min_lr_ratio: float = 0.0  # cosine decay ends at lr x this
+    max_grad_norm: float = 0.0  # clip the global gradient norm to this (0: no clipping)
+    num_workers: int = 2  # DataLoader worker processes per rank
+    eval_batch_size: int = 0  # samples per device per evaluation batch (0: batch_size)
+    log_every: int = 10  # optimizer steps between logged training metrics
+    trace_samples: bool = False  # write each rank's training sample keys to output_dir/samples/ (debugging, tests)
+
+    def validate(self) -> None:
+        """Checks that need no data or model; raise ConfigError naming the flag."""
+        for name in ("epochs", "batch_size", "grad_accum_steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "num_workers", "eval_batch_size", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "max_grad_norm", "min_lr_ratio"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not self.output_dir:
+            raise ConfigError("--output_dir must not be empty")
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with the automatic choices made (wandb mode, eval batch size)."""
+        changes: dict[str, Any] = {}
+        if self.wandb_mode == "auto":
+            changes["wandb_mode"] = "online" if has_wandb_credentials() else "offline"
+        if self.eval_batch_size == 0:
+            changes["eval_batch_size"] = self.batch_size
+        return dataclasses.replace(self, **changes)
+
+
+def has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = os.path.expanduser(os.environ.get("NETRC", "~/.netrc"))
+    try:
+        with open(netrc) as f:
+            return "api.wandb.ai" in f.read()
+    except OSError:
+        return False
+
+
+def field_help(config_cls: type) -> dict[str, str]:
+    """Field name -> the `# comment` on its line, from the class and its bases."""
+    helps: dict[str, str] = {}
+    for klass in reversed(config_cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for match in re.finditer(r"^\s+(\w+)\s*:[^\n#]*#\s*(.+)$", source, re.MULTILINE):
+            helps[match.group(1)] = match.group(2).strip()
+    return helps
+
+
+def apply_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """Return a copy of `config` with CLI values applied, each checked against its field type."""
+    hints = typing.get_type_hints(type(config))
+    known = [f.name for f in dataclasses.fields(config)]
+    changes = {}
+    for key, value in overrides.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join('--' + c for c in close)}?" if close else (
+                "see the fields with --help")
+            raise ConfigError(f"unknown field --{name} for {type(config).__module__}; {hint}")
+        changes[name] = coerce(name, value, hints[name])
+    updated = dataclasses.replace(config, **changes)
+    updated.validate()
+    return updated
+
+
+def type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+
+
+def coerce(name: str, value: Any, tp: Any) -> Any:
+    """Convert a value parsed by fire to the field's type, or raise ConfigError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    wrong = ConfigError(f"--{name} expects {type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return coerce(name, value, option)
+            except ConfigError:
+                pass
+        raise wrong
+    if origin is Literal:
+        text = str(value)
+        if text in [str(a) for a in args]:
+            return next(a for a in args if str(a) == text)
+        raise wrong
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (str, int)) and str(value).lower() in _TRUE | _FALSE:
+            return str(value).lower() in _TRUE
+        raise wrong
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise wrong
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise wrong
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise wrong
+    if origin in (tuple, list):
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        item_type = args[0] if args else Any
+        converted = [coerce(name, item, item_type) for item in items]
+        return origin(converted)
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise wrong
+
+
+def variant(config_cls: type, **defaults) -> type:
+    """A subclass of a recipe's Config with other defaults: how tiny and debug variants are made."""
+    hints = typing.get_type_hints(config_cls)
+    unknown = [name for name in defaults if name not in hints]
+    if unknown:
+        raise ConfigError(f"variant of {config_cls.__name__}: unknown fields {', '.join(unknown)}")
+    fields = [(name, hints[name], dataclasses.field(default=value)) for name, value in defaults.items()]
+    cls = dataclasses.make_dataclass(config_cls.__name__, fields, bases=(config_cls,))
+    cls.__module__ = sys._getframe(1).f_globals.get("__name__", config_cls.__module__)
+    return cls

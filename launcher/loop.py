@@ -1,0 +1,318 @@
+"""The training loop: a recipe's model, data and schedule run under accelerate.Accelerator.
+
+DDP over all processes (gloo on CPU), mixed precision, gradient accumulation through
+`accelerator.accumulate` (non-final micro-batches skip the all-reduce), clipping, the LR
+scheduler stepped once per optimizer step, evaluation each epoch with every validation sample
+counted once, checkpoints at epoch ends, metrics to metrics.jsonl and wandb, final weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import os
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from launcher.config import ConfigError, TrainConfig
+from launcher.data import SplitLoader, derive_seed
+from launcher.params import (ParamGroup, Schedule, apply_freezing, assign_groups, build_optimizer,
+                             frozen_batchnorms)
+from launcher.plan import Plan, format_plan, make_plan
+from launcher.recipe import Recipe
+from launcher.tracking import MetricsLog, save_run_files
+from launcher import checkpoints
+
+
+@dataclasses.dataclass
+class RunParts:
+    train_data: SplitLoader
+    val_data: SplitLoader | None
+    plan: Plan
+    model: torch.nn.Module
+    schedule: Schedule
+    groups: list[ParamGroup]
+
+
+def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int) -> RunParts:
+    """Everything a run is made of, before Accelerate wraps it (shared by `plan` and training)."""
+    set_seed(cfg.seed)  # the same initial weights on every rank
+    data = recipe.build_data(cfg)
+    loader_args = dict(rank=rank, world=world, seed=cfg.seed, num_workers=cfg.num_workers)
+    train_data = SplitLoader(data.train, batch_size=cfg.batch_size, training=True, **loader_args)
+    val_data = (SplitLoader(data.val, batch_size=cfg.eval_batch_size, training=False, **loader_args)
+                if data.val is not None else None)
+    plan = make_plan(cfg, train_data, val_data, world)
+    model = recipe.build_model(cfg)
+    schedule = recipe.build_schedule(cfg, model)
+    groups = assign_groups(model, schedule, cfg.lr, cfg.weight_decay)
+    return RunParts(train_data, val_data, plan, model, schedule, groups)
+
+
+def print_plan(cfg: TrainConfig, recipe: Recipe, world_size: int) -> None:
+    parts = build_parts(cfg, recipe, rank=0, world=world_size)
+    print(format_plan(cfg, parts.plan, parts.groups, recipe.name))
+
+
+def has_accelerator() -> bool:
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return bool(xpu and xpu.is_available()) or torch.backends.mps.is_available()
+
+
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
+    on_cpu = not has_accelerator()
+    if on_cpu and cfg.mixed_precision == "fp16":
+        raise ConfigError("--mixed_precision=fp16 needs a GPU; use --mixed_precision=bf16 on CPU")
+    accelerator = Accelerator(
+        cpu=on_cpu,  # DDP with gloo over CPU processes when no GPU is present
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        log_with=None if cfg.wandb_mode == "disabled" else "wandb",
+        project_dir=cfg.output_dir,
+    )
+    if on_cpu and accelerator.num_processes > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # N CPU processes on one machine must share its cores, not each take all of them.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    return accelerator
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator | None = None):
+        self.cfg, self.recipe = cfg, recipe
+        self.accelerator = accelerator or build_accelerator(cfg)
+        acc = self.accelerator
+        self.rank, self.world = acc.process_index, acc.num_processes
+        parts = build_parts(cfg, recipe, self.rank, self.world)
+        self.train_data, self.val_data, self.plan = parts.train_data, parts.val_data, parts.plan
+        model, schedule, self.groups = parts.model, parts.schedule, parts.groups
+        apply_freezing(model, self.groups)
+        self.frozen_norms = frozen_batchnorms(model)
+        optimizer = build_optimizer(schedule, self.groups)
+        lr_at = schedule.lr_at
+        total = self.plan.total_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, total))
+        self.loss_fn = recipe.build_loss(cfg)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        acc.register_for_checkpointing(self.scheduler)
+        torch.manual_seed(derive_seed(cfg.seed, "rank", self.rank))  # dropout/augmentation differ per rank
+        self.step, self.epoch = 0, 0
+        self.best: dict = {}
+        self.metrics = MetricsLog(cfg.output_dir, acc.is_main_process)
+        self.wandb_run_id: str | None = None
+
+    # ---- setup ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        acc, cfg = self.accelerator, self.cfg
+        resume_from = checkpoints.find_resume(cfg)  # raises before anything is written
+        if acc.is_main_process:
+            print(format_plan(cfg, self.plan, self.groups, self.recipe.name), flush=True)
+            save_run_files(cfg, self.recipe, self.world)
+        if resume_from:
+            state = checkpoints.load(acc, resume_from)
+            self.step, self.epoch = state["step"], state["epoch"] + 1
+            self.best, self.wandb_run_id = state.get("best", {}), state.get("wandb_run_id")
+            if acc.is_main_process:
+                print(f"resumed from {resume_from} at step {self.step}, epoch {self.epoch}", flush=True)
+        self._init_tracker()
+        acc.wait_for_everyone()
+
+    def _init_tracker(self) -> None:
+        cfg = self.cfg
+        if cfg.wandb_mode == "disabled":
+            return
+        init = {"mode": cfg.wandb_mode, "dir": os.path.abspath(cfg.output_dir),
+                "name": os.path.basename(os.path.normpath(cfg.output_dir)), "resume": "allow"}
+        if self.wandb_run_id:
+            init["id"] = self.wandb_run_id
+        self.accelerator.init_trackers(cfg.wandb_project, config=dataclasses.asdict(cfg),
+                                       init_kwargs={"wandb": init})
+        if self.accelerator.is_main_process:
+            self.wandb_run_id = self.accelerator.get_tracker("wandb", unwrap=True).id
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        self.start()
+        acc = self.accelerator
+        self.progress = tqdm(total=self.plan.total_steps, initial=self.step, unit="step",
+                             disable=not acc.is_main_process, dynamic_ncols=True)
+        while self.epoch < self.cfg.epochs and self.step < self.plan.total_steps:
+            self.train_epoch()
+            self.evaluate()
+            if self.plan.micro_batches_per_epoch and self.step % self.plan.steps_per_epoch == 0:
+                checkpoints.save(acc, self.cfg.output_dir, self._state())
+            self.epoch += 1
+        self.progress.close()
+        return self.finish()
+
+    def train_epoch(self) -> None:
+        acc, cfg, plan = self.accelerator, self.cfg, self.plan
+        self.model.train()
+        for module in self.frozen_norms:
+            module.eval()  # frozen BatchNorm keeps its running statistics
+        remaining = (plan.total_steps - self.step) * cfg.grad_accum_steps
+        micro_batches = min(plan.micro_batches_per_epoch, remaining)
+        batches = itertools.islice(self.train_data.loader(self.epoch), micro_batches)
+        window = _Window(acc.device)
+        fetch_start = time.perf_counter()
+        for inputs, targets, keys in batches:
+            window.data_time += time.perf_counter() - fetch_start
+            inputs = inputs.to(acc.device, non_blocking=True)
+            targets = targets.to(acc.device, non_blocking=True)
+            self._trace(keys)
+            with acc.accumulate(self.model):
+                loss = self.loss_fn(self.model(inputs), targets)
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    window.grad_norm = self._clip_gradients()
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            window.add(loss.detach(), inputs.shape[0])
+            if acc.sync_gradients:
+                self.scheduler.step()
+                self.step += 1
+                self.progress.update(1)
+                if self.step % cfg.log_every == 0 or self.step == plan.total_steps:
+                    self._log_train(window)
+                    window = _Window(acc.device)
+            fetch_start = time.perf_counter()
+
+    def _clip_gradients(self):
+        norm = self.cfg.max_grad_norm
+        if norm > 0:
+            return self.accelerator.clip_grad_norm_(self.model.parameters(), norm)
+        if (self.step + 1) % self.cfg.log_every == 0:  # measured only when it will be logged
+            return self.accelerator.clip_grad_norm_(self.model.parameters(), math.inf)
+        return None
+
+    def _log_train(self, window: "_Window") -> None:
+        acc = self.accelerator
+        loss = acc.reduce(window.loss_sum / max(window.batches, 1), "mean").item()
+        elapsed = time.perf_counter() - window.start
+        record = {"step": self.step, "epoch": self.epoch, "train/loss": loss,
+                  "train/samples_per_s": window.samples * self.world / elapsed,
+                  "train/data_wait": window.data_time / elapsed}
+        if window.grad_norm is not None:
+            record["train/grad_norm"] = float(window.grad_norm)
+        for group in self.optimizer.param_groups:
+            record[f"lr/{group['name']}"] = group["lr"]
+        self._record(record)
+        self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.3g}",
+                                  samples_s=f"{record['train/samples_per_s']:.0f}")
+
+    def _record(self, record: dict) -> None:
+        self.metrics.write(record)
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
+
+    def _trace(self, keys) -> None:
+        if not self.cfg.trace_samples:
+            return
+        path = os.path.join(self.cfg.output_dir, "samples", f"rank{self.rank}.txt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as f:
+            f.writelines(f"{self.epoch} {self.step} {key}\n" for key in keys)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        if self.val_data is None:
+            return None
+        acc = self.accelerator
+        model = acc.unwrap_model(self.model)  # no DDP collectives: ranks may hold unequal shares
+        model.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss sum, correct, count
+        for inputs, targets, _ in self.val_data.loader(self.epoch):
+            inputs, targets = inputs.to(acc.device), targets.to(acc.device)
+            with acc.autocast():
+                logits = model(inputs)
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+            totals += torch.stack([loss.double(), (logits.argmax(1) == targets).sum().double(),
+                                   torch.tensor(float(len(targets)), device=acc.device, dtype=torch.float64)])
+        totals = acc.reduce(totals, "sum")
+        count = int(totals[2].item())
+        result = {"val/loss": (totals[0] / max(count, 1)).item(),
+                  "val/top1": (totals[1] / max(count, 1)).item(), "val/samples": count}
+        if result["val/top1"] >= self.best.get("val/top1", -1.0):
+            self.best = {"val/top1": result["val/top1"], "step": self.step}
+        self._record({"step": self.step, "epoch": self.epoch, **result})
+        if acc.is_main_process:
+            tqdm.write(f"epoch {self.epoch} step {self.step}: val loss {result['val/loss']:.4f}, "
+                       f"top-1 {100 * result['val/top1']:.2f} % of {count}")
+        return result
+
+    def _state(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "best": self.best,
+                "wandb_run_id": self.wandb_run_id, "config": dataclasses.asdict(self.cfg)}
+
+    # ---- the end ----------------------------------------------------------------------------
+
+    def finish(self) -> dict:
+        acc, cfg = self.accelerator, self.cfg
+        acc.wait_for_everyone()
+        acc.save_model(self.model, cfg.output_dir)  # model.safetensors, main process only
+        checksums = self._replica_checksums()
+        summary = {"steps": self.step, "best": self.best, "replicas_identical": len(set(checksums)) == 1}
+        if acc.is_main_process:
+            with open(os.path.join(cfg.output_dir, "replicas.json"), "w") as f:
+                json.dump({"checksums": checksums, "identical": summary["replicas_identical"]}, f)
+            if not summary["replicas_identical"]:
+                print("WARNING: model replicas differ across ranks (see replicas.json)", flush=True)
+            self._print_outputs(summary)
+        acc.end_training()
+        return summary
+
+    def _replica_checksums(self) -> list[str]:
+        digest = hashlib.sha256()
+        for tensor in acc_state(self.accelerator.unwrap_model(self.model)):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        mine = torch.tensor(list(digest.digest()[:8]), dtype=torch.int64, device=self.accelerator.device)
+        everyone = self.accelerator.gather(mine.unsqueeze(0)).cpu().tolist()
+        return [bytes(row).hex() for row in everyone]
+
+    def _print_outputs(self, summary: dict) -> None:
+        cfg = self.cfg
+        lines = [f"done: {summary['steps']} optimizer steps"]
+        if self.best:
+            lines.append(f"  best val top-1  {100 * self.best['val/top1']:.2f} % (step {self.best['step']})")
+        lines += [f"  metrics         {os.path.join(cfg.output_dir, 'metrics.jsonl')}",
+                  f"  weights         {os.path.join(cfg.output_dir, 'model.safetensors')}"]
+        if cfg.wandb_mode != "disabled":
+            run_dir = os.path.dirname(self.accelerator.get_tracker("wandb", unwrap=True).dir)
+            lines.append(f"  wandb run       {run_dir} ({cfg.wandb_mode}; `wandb sync {run_dir}` uploads it)")
+        print("\n".join(lines), flush=True)
+
+
+def acc_state(model: torch.nn.Module):
+    """Parameters and buffers in a fixed order (what replicas must agree on)."""
+    return [t for _, t in sorted(model.state_dict().items())]
+
+
+class _Window:
+    """Training statistics accumulated between two logged steps (kept on device: no syncs)."""
+
+    def __init__(self, device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.batches = 0
+        self.samples = 0
+        self.data_time = 0.0
+        self.grad_norm = None
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, batch: int) -> None:
+        self.loss_sum += loss.float()
+        self.batches += 1
+        self.samples += batch
+
+
+def train(cfg: TrainConfig, recipe: Recipe) -> dict:
+    return Trainer(cfg, recipe).fit()

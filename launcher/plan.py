@@ -1,0 +1,100 @@
+"""The plan of a run: batch arithmetic, steps, parameter groups and outputs, before any training.
+
+`python -m launcher plan RECIPE` prints it; training prints it too, from the main process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from launcher.config import ConfigError, TrainConfig
+from launcher.data import SplitLoader
+from launcher.params import ParamGroup
+
+
+@dataclass
+class Plan:
+    world_size: int
+    batch_size: int  # per device, per micro-batch
+    grad_accum_steps: int
+    train_samples: int
+    val_samples: int
+    steps_per_epoch: int  # optimizer steps
+    epochs: int
+    total_steps: int  # optimizer steps for the whole run (max_steps applied)
+    train_shards: int | None
+    val_shards: int | None
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size * self.grad_accum_steps
+
+    @property
+    def micro_batches_per_epoch(self) -> int:  # per rank
+        return self.steps_per_epoch * self.grad_accum_steps
+
+
+def make_plan(cfg: TrainConfig, train: SplitLoader, val: SplitLoader | None, world_size: int) -> Plan:
+    global_batch = cfg.batch_size * world_size * cfg.grad_accum_steps
+    steps_per_epoch = train.total // global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"the training split has {train.total} samples, fewer than one optimizer step takes "
+            f"({cfg.batch_size} per device x {world_size} processes x {cfg.grad_accum_steps} "
+            f"accumulation = {global_batch}); lower --batch_size or --grad_accum_steps")
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    return Plan(world_size=world_size, batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps,
+                train_samples=train.total, val_samples=val.total if val else 0,
+                steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, total_steps=total,
+                train_shards=len(train.index.urls) if train.index else None,
+                val_shards=len(val.index.urls) if val and val.index else None)
+
+
+def format_config(cfg: TrainConfig) -> str:
+    values = dataclasses.asdict(cfg)
+    width = max(map(len, values))
+    return "\n".join(f"  {name:<{width}}  {value!r}" for name, value in values.items())
+
+
+def format_plan(cfg: TrainConfig, plan: Plan, groups: list[ParamGroup], recipe_name: str) -> str:
+    dropped = plan.train_samples - plan.steps_per_epoch * plan.global_batch
+    lines = [
+        f"recipe {recipe_name}",
+        "config:",
+        format_config(cfg),
+        "plan:",
+        f"  world size            {plan.world_size} process(es)",
+        f"  batch                 {plan.batch_size} per device x {plan.world_size} processes x "
+        f"{plan.grad_accum_steps} accumulation = {plan.global_batch} global",
+        f"  training samples      {plan.train_samples}"
+        + (f" in {plan.train_shards} shards" if plan.train_shards else "")
+        + f" ({dropped} left over per epoch)",
+        f"  validation samples    {plan.val_samples}"
+        + (f" in {plan.val_shards} shards" if plan.val_shards else ""),
+        f"  optimizer steps       {plan.steps_per_epoch} per epoch x {plan.epochs} epochs"
+        + f" -> {plan.total_steps} total" + (f" (max_steps={cfg.max_steps})" if cfg.max_steps else ""),
+        f"  mixed precision       {cfg.mixed_precision}",
+        f"  outputs               {cfg.output_dir} (metrics.jsonl, config.json, recipe.py, "
+        "checkpoints/, model.safetensors)",
+        f"  wandb                 {cfg.wandb_mode}, project {cfg.wandb_project}",
+        "parameter groups:",
+        format_groups(groups),
+    ]
+    return "\n".join(lines)
+
+
+def format_groups(groups: list[ParamGroup]) -> str:
+    rows = [("name", "params", "lr", "weight_decay", "state")]
+    for pg in groups:
+        rows.append((pg.group.name, f"{pg.num_params:,}", "-" if pg.group.frozen else f"{pg.lr:.3g}",
+                     "-" if pg.group.frozen else f"{pg.weight_decay:.3g}",
+                     "frozen" if pg.group.frozen else "trainable"))
+    trainable = sum(pg.num_params for pg in groups if not pg.group.frozen)
+    total = sum(pg.num_params for pg in groups)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.append(f"  {trainable:,} of {total:,} parameters trainable")
+    return "\n".join(lines)

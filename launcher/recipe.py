@@ -1,0 +1,124 @@
+"""Finding and loading a recipe: a Python file with a `Config` and `build_*` functions.
+
+A recipe module defines:
+  Config                      a dataclass subclassing launcher.TrainConfig
+  build_model(cfg)            -> torch.nn.Module
+  build_data(cfg)             -> launcher.DataSpec
+  build_schedule(cfg, model)  -> launcher.Schedule   (optional: AdamW + warm-up/cosine on one group)
+  build_loss(cfg)             -> callable(logits, targets) (optional: cross-entropy)
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Callable
+
+import torch.nn.functional as F
+
+from launcher.config import ConfigError, TrainConfig
+from launcher.params import Schedule, default_schedule
+
+
+@dataclass
+class Recipe:
+    name: str
+    module: ModuleType
+
+    @property
+    def config_cls(self) -> type[TrainConfig]:
+        return self.module.Config
+
+    def default_config(self) -> TrainConfig:
+        return self.config_cls()
+
+    def build_model(self, cfg):
+        return self.module.build_model(cfg)
+
+    def build_data(self, cfg):
+        return self.module.build_data(cfg)
+
+    def build_schedule(self, cfg, model) -> Schedule:
+        build = getattr(self.module, "build_schedule", None)
+        return build(cfg, model) if build else default_schedule(cfg)
+
+    def build_loss(self, cfg) -> Callable:
+        build = getattr(self.module, "build_loss", None)
+        return build(cfg) if build else F.cross_entropy
+
+    @property
+    def source_path(self) -> str | None:
+        return getattr(self.module, "__file__", None)
+
+
+def load_recipe(spec: str) -> Recipe:
+    """Load a recipe from a file path (with or without .py) or a dotted module name."""
+    tried: list[str] = []
+    module = None
+    for path in _candidate_paths(spec):
+        tried.append(str(path))
+        if path.is_file():
+            module = _import_file(path)
+            break
+    if module is None and _looks_dotted(spec):
+        tried.append(f"module {spec}")
+        module = _import_dotted(spec)
+    if module is None:
+        raise ConfigError(
+            f"unknown recipe {spec!r}: tried {', '.join(tried)}; "
+            "pass a recipe file (recipes/NAME or recipes/NAME.py) or a dotted module name")
+    _check_recipe(spec, module)
+    return Recipe(name=Path(module.__file__ or spec).stem, module=module)
+
+
+def _candidate_paths(spec: str) -> list[Path]:
+    path = Path(spec)
+    candidates = [path] if path.suffix == ".py" else [path.with_name(path.name + ".py")]
+    if "/" not in spec and not spec.endswith(".py"):
+        candidates.append(Path("recipes") / (spec + ".py"))
+    return candidates
+
+
+def _looks_dotted(spec: str) -> bool:
+    return all(part.isidentifier() for part in spec.split("."))
+
+
+def _import_dotted(name: str) -> ModuleType | None:
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        if importlib.util.find_spec(name) is None:
+            return None
+    except ModuleNotFoundError:
+        return None
+    return importlib.import_module(name)
+
+
+def _import_file(path: Path) -> ModuleType:
+    """Import a file as part of its package (so `from recipes.base import ...` works in it)."""
+    path = path.resolve()
+    parts, root = [path.stem], path.parent
+    while (root / "__init__.py").is_file():
+        parts.insert(0, root.name)
+        root = root.parent
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    name = ".".join(parts)
+    module = importlib.import_module(name)
+    if Path(module.__file__).resolve() != path:
+        raise ConfigError(f"recipe {path} is shadowed by another module named {name} "
+                          f"({module.__file__}); rename the recipe file")
+    return module
+
+
+def _check_recipe(spec: str, module: ModuleType) -> None:
+    missing = [n for n in ("Config", "build_model", "build_data") if not hasattr(module, n)]
+    if missing:
+        raise ConfigError(f"recipe {spec!r} lacks {', '.join(missing)}; a recipe defines Config, "
+                          "build_model(cfg) and build_data(cfg)")
+    if not (isinstance(module.Config, type) and issubclass(module.Config, TrainConfig)):
+        raise ConfigError(f"recipe {spec!r}: Config must subclass launcher.TrainConfig")
