@@ -59,6 +59,10 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if not self.output_dir:
             raise ConfigError("--output_dir must not be empty")
+        # Choices are checked by value too, so a recipe that re-declares a field as `str` keeps them.
+        for name, tp in typing.get_type_hints(TrainConfig).items():
+            if typing.get_origin(tp) is Literal and getattr(self, name) not in typing.get_args(tp):
+                raise ConfigError(f"--{name} must be {type_name(tp)}, got {getattr(self, name)!r}")
 
     def resolved(self) -> "TrainConfig":
         """A copy with the automatic choices made (wandb mode, eval batch size)."""

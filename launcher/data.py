@@ -152,17 +152,14 @@ class ShardStream(IterableDataset):
         shards = self.rank_shards()[worker::workers]
         if not shards:
             return
-        samples = self._read(shards)
-        if self.training:
-            rng = random.Random(derive_seed(self.seed, "samples", self.epoch, self.rank, worker))
-            samples = shuffle_buffer(samples, self.spec.shuffle_buffer, rng)
-        for sample in samples:
-            yield self._decode(sample)
-
-    def _read(self, shards: list[str]) -> Iterator[dict]:
         passes = itertools.count() if self.training else range(1)
-        for _ in passes:  # training cycles so a short share never ends a rank's epoch early
-            yield from tarfile_samples([{"url": url} for url in shards])
+        for repeat in passes:  # training cycles so a short share never ends a rank's epoch early
+            samples = tarfile_samples([{"url": url} for url in shards])
+            if self.training:  # shuffled within a pass: one full pass comes before any repeat
+                rng = random.Random(derive_seed(self.seed, "samples", self.epoch, self.rank, worker, repeat))
+                samples = shuffle_buffer(samples, self.spec.shuffle_buffer, rng)
+            for sample in samples:
+                yield self._decode(sample)
 
     def _decode(self, sample: dict) -> tuple[torch.Tensor, int, str]:
         image_key = next((k for k in self.spec.image_keys if k in sample), None)

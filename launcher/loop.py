@@ -264,16 +264,16 @@ class Trainer:
         summary = {"steps": self.step, "best": self.best, "replicas_identical": len(set(checksums)) == 1}
         if acc.is_main_process:
             with open(os.path.join(cfg.output_dir, "replicas.json"), "w") as f:
-                json.dump({"checksums": checksums, "identical": summary["replicas_identical"]}, f)
+                json.dump({"parameter_checksums": checksums, "identical": summary["replicas_identical"]}, f)
             if not summary["replicas_identical"]:
-                print("WARNING: model replicas differ across ranks (see replicas.json)", flush=True)
+                print("WARNING: model parameters differ across ranks (see replicas.json)", flush=True)
             self._print_outputs(summary)
         acc.end_training()
         return summary
 
     def _replica_checksums(self) -> list[str]:
         digest = hashlib.sha256()
-        for tensor in acc_state(self.accelerator.unwrap_model(self.model)):
+        for tensor in replica_tensors(self.accelerator.unwrap_model(self.model)):
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         mine = torch.tensor(list(digest.digest()[:8]), dtype=torch.int64, device=self.accelerator.device)
         everyone = self.accelerator.gather(mine.unsqueeze(0)).cpu().tolist()
@@ -292,9 +292,10 @@ class Trainer:
         print("\n".join(lines), flush=True)
 
 
-def acc_state(model: torch.nn.Module):
-    """Parameters and buffers in a fixed order (what replicas must agree on)."""
-    return [t for _, t in sorted(model.state_dict().items())]
+def replica_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters in a fixed order: what DDP keeps identical on every rank. (Buffers such as
+    BatchNorm running statistics are rank-local after the last forward, by DDP's design.)"""
+    return [p for _, p in sorted(model.named_parameters())]
 
 
 class _Window:

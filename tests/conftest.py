@@ -1,0 +1,51 @@
+"""Shared fixtures: the digits shards (built once per session), and running the CLI for real."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MLP_RECIPE = str(ROOT / "tests" / "recipes" / "mlp_digits.py")
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), "--out", str(out)],
+                   check=True, cwd=ROOT, capture_output=True)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_env() -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true")
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def launcher(*args, processes: int = 1, timeout: float = 300, check: bool = True, env=None):
+    """Run `python -m launcher ARGS` (or under `accelerate launch` for processes > 1)."""
+    if processes == 1:
+        command = [sys.executable, "-m", "launcher", *map(str, args)]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                   "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+                   "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                   "-m", "launcher", *map(str, args)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                            env=env or test_env())
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-3000:]}")
+    return result

@@ -1,0 +1,116 @@
+"""Config fields, CLI overrides and their error messages (in-process: fast)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import pytest
+
+from launcher.cli import parse_flags, recipe_help
+from launcher.config import ConfigError, TrainConfig, apply_overrides, coerce, field_help, variant
+from launcher.recipe import load_recipe
+
+
+def test_overrides_are_typed_by_field():
+    cfg = apply_overrides(TrainConfig(), parse_flags(["--lr=0.1", "--epochs", "3", "--output_dir=runs/x",
+                                                      "--trace_samples", "--mixed_precision=bf16"]))
+    assert (cfg.lr, cfg.epochs, cfg.output_dir, cfg.trace_samples, cfg.mixed_precision) == (
+        0.1, 3, "runs/x", True, "bf16")
+    assert isinstance(cfg.lr, float)
+
+
+def test_dashes_in_flag_names_mean_underscores():
+    assert apply_overrides(TrainConfig(), parse_flags(["--max-steps=7"])).max_steps == 7
+
+
+def test_unknown_field_suggests_close_matches():
+    with pytest.raises(ConfigError, match=r"unknown field --bach_size .*did you mean --batch_size"):
+        apply_overrides(TrainConfig(), {"bach_size": 4})
+
+
+def test_wrong_type_names_field_and_expected_type():
+    with pytest.raises(ConfigError, match=r"--epochs expects int, got 'three'"):
+        apply_overrides(TrainConfig(), {"epochs": "three"})
+    with pytest.raises(ConfigError, match=r"--lr expects float, got True"):
+        apply_overrides(TrainConfig(), {"lr": True})
+
+
+def test_choice_fields_list_their_choices():
+    with pytest.raises(ConfigError, match=r"--mixed_precision expects one of no, fp16, bf16, got 'bf17'"):
+        apply_overrides(TrainConfig(), {"mixed_precision": "bf17"})
+
+
+def test_validation_names_the_flag():
+    with pytest.raises(ConfigError, match=r"--warmup_steps must be >= 0, got -3"):
+        apply_overrides(TrainConfig(), {"warmup_steps": -3})
+    with pytest.raises(ConfigError, match=r"--grad_accum_steps must be >= 1, got 0"):
+        apply_overrides(TrainConfig(), {"grad_accum_steps": 0})
+
+
+def test_choices_hold_even_when_a_recipe_redeclares_the_field_as_str():
+    @dataclasses.dataclass
+    class Loose(TrainConfig):
+        wandb_mode: str = "disabled"
+
+    with pytest.raises(ConfigError, match="--wandb_mode must be one of"):
+        apply_overrides(Loose(), {"wandb_mode": "sometimes"})
+
+
+@pytest.mark.parametrize("value, tp, expected", [
+    ("true", bool, True), ("off", bool, False), (3.0, int, 3), (2, float, 2.0), (2024, str, "2024"),
+    (("a", "b"), tuple[str, ...], ("a", "b")), ("a", tuple[str, ...], ("a",)), (None, int | None, None),
+    ("auto", Literal["auto", "x"], "auto")])
+def test_coerce_accepts(value, tp, expected):
+    assert coerce("f", value, tp) == expected
+
+
+@pytest.mark.parametrize("value, tp", [(2.5, int), ("yes please", bool), (True, str), ("x", float)])
+def test_coerce_refuses(value, tp):
+    with pytest.raises(ConfigError, match="--f expects"):
+        coerce("f", value, tp)
+
+
+def test_wandb_mode_auto_resolves_from_credentials(monkeypatch, tmp_path):
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert TrainConfig().resolved().wandb_mode == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert TrainConfig().resolved().wandb_mode == "online"
+    assert TrainConfig(wandb_mode="disabled").resolved().wandb_mode == "disabled"
+
+
+def test_every_common_field_has_help():
+    helps = field_help(TrainConfig)
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= set(helps)
+    assert "per device" in helps["batch_size"]
+
+
+def test_variant_changes_defaults_and_keeps_fields():
+    Tiny = variant(TrainConfig, epochs=2, batch_size=4)
+    assert (Tiny().epochs, Tiny().batch_size, Tiny().lr) == (2, 4, TrainConfig().lr)
+    assert issubclass(Tiny, TrainConfig)
+    with pytest.raises(ConfigError, match="unknown fields bogus"):
+        variant(TrainConfig, bogus=1)
+
+
+def test_recipe_by_path_without_suffix_and_by_module():
+    by_path = load_recipe("recipes/resnet_finetune_tiny")
+    by_file = load_recipe("recipes/resnet_finetune_tiny.py")
+    by_module = load_recipe("recipes.resnet_finetune_tiny")
+    assert by_path.module is by_file.module is by_module.module
+    assert by_path.default_config().image_size == 16  # the variant's default, not the base's 32
+
+
+def test_unknown_recipe_says_what_was_tried():
+    with pytest.raises(ConfigError) as error:
+        load_recipe("recipes/nope")
+    assert "unknown recipe 'recipes/nope': tried recipes/nope.py" in str(error.value)
+    with pytest.raises(ConfigError, match=r"tried nope.py, recipes/nope.py, module nope"):
+        load_recipe("nope")
+
+
+def test_recipe_help_lists_fields_with_their_comments():
+    text = recipe_help(load_recipe("recipes/resnet_finetune"))
+    assert "--head_lr_scale=10.0" in text and "the head's LR = lr x this" in text
+    assert "--batch_size=64" in text and "samples per device per micro-batch" in text
