@@ -99,7 +99,7 @@ class Trainer:
         self.frozen_norms = frozen_batchnorms(model)
         optimizer = build_optimizer(schedule, self.groups)
         lr_at = schedule.lr_at
-        total = self.plan.total_steps
+        total = self.plan.schedule_steps  # max_steps stops early; it does not shorten the schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, total))
         self.loss_fn = recipe.build_loss(cfg)
         self.model, self.optimizer = acc.prepare(model, optimizer)

@@ -22,7 +22,8 @@ class Plan:
     val_samples: int
     steps_per_epoch: int  # optimizer steps
     epochs: int
-    total_steps: int  # optimizer steps for the whole run (max_steps applied)
+    schedule_steps: int  # optimizer steps of the whole run: what the LR schedule spans
+    total_steps: int  # optimizer steps this process will run (max_steps stops early)
     train_shards: int | None
     val_shards: int | None
 
@@ -43,12 +44,12 @@ def make_plan(cfg: TrainConfig, train: SplitLoader, val: SplitLoader | None, wor
             f"the training split has {train.total} samples, fewer than one optimizer step takes "
             f"({cfg.batch_size} per device x {world_size} processes x {cfg.grad_accum_steps} "
             f"accumulation = {global_batch}); lower --batch_size or --grad_accum_steps")
-    total = steps_per_epoch * cfg.epochs
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
+    schedule_steps = steps_per_epoch * cfg.epochs
+    total = min(schedule_steps, cfg.max_steps) if cfg.max_steps else schedule_steps
     return Plan(world_size=world_size, batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps,
                 train_samples=train.total, val_samples=val.total if val else 0,
-                steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, total_steps=total,
+                steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, schedule_steps=schedule_steps,
+                total_steps=total,
                 train_shards=len(train.index.urls) if train.index else None,
                 val_shards=len(val.index.urls) if val and val.index else None)
 
@@ -75,7 +76,8 @@ def format_plan(cfg: TrainConfig, plan: Plan, groups: list[ParamGroup], recipe_n
         f"  validation samples    {plan.val_samples}"
         + (f" in {plan.val_shards} shards" if plan.val_shards else ""),
         f"  optimizer steps       {plan.steps_per_epoch} per epoch x {plan.epochs} epochs"
-        + f" -> {plan.total_steps} total" + (f" (max_steps={cfg.max_steps})" if cfg.max_steps else ""),
+        + f" -> {plan.schedule_steps} total"
+        + (f" (stops after {plan.total_steps}: max_steps)" if plan.total_steps < plan.schedule_steps else ""),
         f"  mixed precision       {cfg.mixed_precision}",
         f"  outputs               {cfg.output_dir} (metrics.jsonl, config.json, recipe.py, "
         "checkpoints/, model.safetensors)",

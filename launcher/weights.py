@@ -40,8 +40,8 @@ def load_weights(model: nn.Module, source: str, *, arch: str = "", head: str = "
         loadable[key] = value
     result = model.load_state_dict(loadable, strict=False)
     report = {"missing": [k for k in result.missing_keys if k not in replaced],
-              "unexpected": sorted(set(state) - set(own)), "replaced": replaced}
-    log(f"loaded {len(loadable)} tensors from {source}; head replaced: {', '.join(replaced) or 'no'}; "
+              "unexpected": sorted(set(state) - set(own)), "replaced": sorted(replaced)}
+    log(f"loaded {len(loadable)} tensors from {source}; head replaced: {', '.join(report['replaced']) or 'no'}; "
         f"missing: {', '.join(report['missing']) or 'none'}; unexpected: {', '.join(report['unexpected']) or 'none'}")
     return report
 
