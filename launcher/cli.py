@@ -96,11 +96,10 @@ def recipe_help(recipe) -> str:
     cfg = recipe.default_config()
     hints = typing.get_type_hints(type(cfg))
     helps = field_help(type(cfg))
-    rows = [(f"--{f.name}={getattr(cfg, f.name)!r}", type_name(hints[f.name]), helps.get(f.name, ""))
+    rows = [(f"--{f.name}={getattr(cfg, f.name)!r}", f"{helps.get(f.name, '')} [{type_name(hints[f.name])}]")
             for f in dataclasses.fields(cfg)]
-    width = max(len(r[0]) for r in rows)
-    type_width = max(len(r[1]) for r in rows)
+    width = max(len(flag) for flag, _ in rows)
     lines = [f"usage: python -m launcher [plan] {recipe.name} [--field=value ...]",
              f"fields of {recipe.module.__name__}.Config (defaults shown):"]
-    lines += [f"  {flag:<{width}}  {tp:<{type_width}}  {text}" for flag, tp, text in rows]
+    lines += [f"  {flag:<{width}}  {text}" for flag, text in rows]
     return "\n".join(lines)

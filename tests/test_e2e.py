@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import MLP_RECIPE, ROOT, launcher
+from launcher.schedules import warmup_cosine
 
 pytestmark = pytest.mark.e2e
 
@@ -91,10 +92,26 @@ def test_gradient_accumulation_matches_a_larger_batch(digits, tmp_path):
     for batch, accum in [(8, 2), (16, 1)]:
         out = tmp_path / f"b{batch}"
         launcher(MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", "--epochs=1",
-                 f"--batch_size={batch}", f"--grad_accum_steps={accum}", "--max_grad_norm=1.0")
+                 f"--batch_size={batch}", f"--grad_accum_steps={accum}", "--max_grad_norm=1.0",
+                 "--warmup_steps=5")
         runs[batch] = load_file(str(out / "model.safetensors"))
     for key in runs[8]:
         torch.testing.assert_close(runs[8][key], runs[16][key], rtol=1e-5, atol=1e-6)
+    # The scheduler steps once per optimizer step, not per micro-batch: 89 steps in the epoch.
+    logged = [m for m in metrics(tmp_path / "b8") if "lr/all" in m]
+    lr_at = warmup_cosine(5)
+    assert logged[-1]["step"] == 89
+    for record in logged:
+        assert record["lr/all"] == pytest.approx(3e-3 * lr_at(record["step"], 89))
+
+
+def test_bf16_trains_on_cpu_and_fp16_without_a_gpu_is_refused(digits, tmp_path):
+    launcher(MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={tmp_path / 'bf16'}", "--epochs=1",
+             "--mixed_precision=bf16")
+    assert val_losses(tmp_path / "bf16")[0] < 0.5 * math.log(10)
+    if not torch.cuda.is_available():
+        result = launcher(MLP_RECIPE, f"--output_dir={tmp_path / 'fp16'}", "--mixed_precision=fp16", check=False)
+        assert result.returncode == 2 and "fp16 needs a GPU; use --mixed_precision=bf16" in result.stderr
 
 
 def test_two_processes_see_disjoint_shards_and_keep_identical_weights(digits, tmp_path):
