@@ -150,7 +150,7 @@ class Trainer:
         while self.epoch < self.cfg.epochs and self.step < self.plan.total_steps:
             self.train_epoch()
             self.evaluate()
-            if self.plan.micro_batches_per_epoch and self.step % self.plan.steps_per_epoch == 0:
+            if self.step % self.plan.steps_per_epoch == 0:  # a whole epoch (not cut by max_steps)
                 checkpoints.save(acc, self.cfg.output_dir, self._state())
             self.epoch += 1
         self.progress.close()
