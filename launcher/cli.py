@@ -19,6 +19,7 @@ usage: python -m launcher RECIPE [--field=value ...]          train
        accelerate launch [ACCELERATE ARGS] -m launcher RECIPE [...]   train on several processes
        python -m launcher plan RECIPE [--world_size=N] [...]   print the resolved config and plan
        python -m launcher RECIPE --help                        list the recipe's fields
+       python -m launcher shards SOURCE OUT [--max_count=N ...] write WebDataset shards (see --help)
 
 RECIPE is a recipe file (recipes/resnet_finetune or recipes/resnet_finetune.py) or a dotted
 module name (recipes.resnet_finetune). Every field of the recipe's Config can be set with
@@ -26,7 +27,7 @@ module name (recipes.resnet_finetune). Every field of the recipe's Config can be
 device), grad_accum_steps, mixed_precision (no/fp16/bf16), resume (""/auto/PATH), wandb_mode
 (auto/online/offline/disabled). Errors exit with code 2."""
 
-COMMANDS = ("train", "plan")
+COMMANDS = ("train", "plan", "shards")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(argv: list[str]) -> int:
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    if command == "shards":
+        from launcher.shards import make_shards
+
+        fire.Fire(make_shards, command=argv, name="launcher shards")
+        return 0
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
