@@ -43,6 +43,7 @@ class Shards:
     transform: Callable[[Image.Image], torch.Tensor]  # decoded PIL image -> input tensor
     shuffle_buffer: int = 1000  # samples held for shuffling (training only)
     image_keys: Sequence[str] = ("png", "jpg", "jpeg", "webp")  # first present one is the image
+    index: str = ""  # index.json for remote (`pipe:`) shards; local shards use the one beside them
 
 
 @dataclass
@@ -74,7 +75,7 @@ def derive_seed(*parts) -> int:
 # ---- index ---------------------------------------------------------------------------------
 
 
-def read_index(urls: str | Sequence[str]) -> ShardIndex:
+def read_index(urls: str | Sequence[str], index_file: str = "") -> ShardIndex:
     """Resolve a shard source to its shard URLs and sample counts (from index.json, else a scan)."""
     if isinstance(urls, str) and os.path.isdir(urls):
         path = os.path.join(urls, INDEX_NAME)
@@ -95,7 +96,7 @@ def read_index(urls: str | Sequence[str]) -> ShardIndex:
     if missing:
         raise ConfigError(f"{len(missing)} of {len(expanded)} shard files missing, first {missing[0]}; "
                           "build them (e.g. `make demo` writes data/digits) or fix the path")
-    index_path = os.path.join(os.path.dirname(local[0]), INDEX_NAME) if local else None
+    index_path = index_file or (os.path.join(os.path.dirname(local[0]), INDEX_NAME) if local else None)
     index = _load_index_file(index_path) if index_path and os.path.isfile(index_path) else {"shards": {}}
     counts = []
     for url in expanded:
@@ -103,8 +104,8 @@ def read_index(urls: str | Sequence[str]) -> ShardIndex:
         if name in index["shards"]:
             counts.append(index["shards"][name])
         elif url.startswith("pipe:"):
-            raise ConfigError(f"no sample count for {url}: pipe: sources need an {INDEX_NAME} "
-                              "(pass the directory of a local copy, or write one with the shards)")
+            raise ConfigError(f"no sample count for {url}: pipe: sources need an index; pass "
+                              f"Shards(..., index=PATH/{INDEX_NAME}) with the one written beside the shards")
         else:
             counts.append(_count_samples(url))
     return ShardIndex(expanded, counts, list(index.get("classes", [])))
@@ -211,7 +212,7 @@ class SplitLoader:
         self.rank, self.world, self.seed = rank, world, seed
         self.batch_size, self.num_workers = batch_size, num_workers
         if isinstance(source, Shards):
-            self.index = read_index(source.urls)
+            self.index = read_index(source.urls, source.index)
             self.total = self.index.total
             if training and len(self.index.urls) < world:
                 raise ConfigError(f"{len(self.index.urls)} training shards for {world} processes: "
