@@ -1,0 +1,67 @@
+"""Choosing and loading checkpoints: bad paths and corrupt files are one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from launcher import checkpoints
+from launcher.config import ConfigError, TrainConfig
+
+
+def config(tmp_path, resume: str) -> TrainConfig:
+    return dataclasses.replace(TrainConfig(), output_dir=str(tmp_path / "run"), resume=resume)
+
+
+def complete_checkpoint(tmp_path, step: int, body: str = "{}"):
+    path = tmp_path / "run" / "checkpoints" / f"step-{step:08d}"
+    path.mkdir(parents=True)
+    (path / checkpoints.STATE_FILE).write_text(body)
+    return path
+
+
+def test_auto_takes_the_newest_complete_checkpoint_and_ignores_partial_ones(tmp_path):
+    complete_checkpoint(tmp_path, 5)
+    newest = complete_checkpoint(tmp_path, 12)
+    (tmp_path / "run" / "checkpoints" / ".tmp-step-00000020").mkdir()  # a save that crashed
+    (tmp_path / "run" / "checkpoints" / "step-00000030").mkdir()  # no trainer_state.json
+    assert checkpoints.find_resume(config(tmp_path, "auto")) == str(newest)
+
+
+def test_auto_without_checkpoints_starts_fresh_and_says_so(tmp_path, capsys):
+    assert checkpoints.find_resume(config(tmp_path, "auto")) is None
+    assert "no checkpoint" in capsys.readouterr().out
+
+
+def test_a_path_that_is_not_a_checkpoint_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="is not a complete checkpoint"):
+        checkpoints.find_resume(config(tmp_path, str(tmp_path / "nowhere")))
+
+
+def prepared_accelerator() -> Accelerator:
+    """As in training: a model and optimizer registered, so load_state has files to read."""
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(2, 2)
+    accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    return accelerator
+
+
+def test_a_corrupt_checkpoint_is_a_one_line_error(tmp_path):
+    path = complete_checkpoint(tmp_path, 3, json.dumps({"step": 3, "epoch": 0}))  # no model or optimizer files
+    with pytest.raises(ConfigError, match=r"checkpoint .*step-00000003 cannot be loaded") as error:
+        checkpoints.load(prepared_accelerator(), str(path))
+    assert "\n" not in str(error.value)
+    (path / checkpoints.STATE_FILE).write_text("{truncated")
+    with pytest.raises(ConfigError, match="cannot be loaded"):
+        checkpoints.load(prepared_accelerator(), str(path))
+
+
+def test_a_saved_checkpoint_loads_back(tmp_path):
+    accelerator = prepared_accelerator()
+    path = checkpoints.save(accelerator, str(tmp_path / "run"), {"step": 7, "epoch": 1})
+    assert path.endswith("step-00000007") and not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
+    assert checkpoints.load(prepared_accelerator(), path)["step"] == 7
