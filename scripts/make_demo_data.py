@@ -12,7 +12,6 @@ Each split directory holds an index.json (shard -> sample count, class names).
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 
@@ -21,17 +20,14 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from launcher.shards import write_shards  # noqa: E402
+from launcher.shards import encode_image, write_shards  # noqa: E402
 
 CLASSES = [str(d) for d in range(10)]
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
     """8x8 digits hold 0..16; scale to 0..255 grey and PNG-encode."""
-    image = Image.fromarray(np.round(pixels * (255 / 16)).astype(np.uint8), mode="L")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encode_image(Image.fromarray(np.round(pixels * (255 / 16)).astype(np.uint8), mode="L"), "png")
 
 
 def split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
