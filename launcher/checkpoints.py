@@ -1,7 +1,8 @@
 """Checkpoints in OUTPUT_DIR/checkpoints/step-NNNNNNNN, written atomically.
 
 Each is written by all ranks into a hidden temporary directory (Accelerate's save_state: model,
-optimizer, LR scheduler, grad scaler, every rank's RNG states) plus trainer_state.json, and is
+optimizer, LR scheduler, grad scaler, every rank's RNG states; each rank's data position in
+rank-N.json) plus trainer_state.json, and is
 renamed into place by the main process only once every rank has finished. A crash mid-save
 leaves the previous checkpoints as they were; a directory without trainer_state.json is never
 picked for resuming.
@@ -46,7 +47,7 @@ def find_resume(cfg) -> str | None:
     return cfg.resume
 
 
-def save(accelerator: Accelerator, output_dir: str, state: dict) -> str:
+def save(accelerator: Accelerator, output_dir: str, state: dict, rank_state: dict | None = None) -> str:
     root = os.path.join(output_dir, "checkpoints")
     name = f"step-{state['step']:08d}"
     final, temporary = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
@@ -55,6 +56,9 @@ def save(accelerator: Accelerator, output_dir: str, state: dict) -> str:
         os.makedirs(temporary)
     accelerator.wait_for_everyone()
     accelerator.save_state(temporary)
+    if rank_state is not None:
+        with open(os.path.join(temporary, f"rank-{accelerator.process_index}.json"), "w") as f:
+            json.dump(rank_state, f)
     if accelerator.is_main_process:
         with open(os.path.join(temporary, STATE_FILE), "w") as f:
             json.dump(state, f, indent=1)
@@ -71,13 +75,19 @@ def save(accelerator: Accelerator, output_dir: str, state: dict) -> str:
     return final
 
 
-def load(accelerator: Accelerator, path: str) -> dict:
+def load(accelerator: Accelerator, path: str) -> tuple[dict, dict | None]:
+    """(trainer state, this rank's state or None if the checkpoint has none for it)."""
     try:
         with open(os.path.join(path, STATE_FILE)) as f:
             state = json.load(f)
+        rank_file = os.path.join(path, f"rank-{accelerator.process_index}.json")
+        rank_state = None
+        if os.path.isfile(rank_file):
+            with open(rank_file) as f:
+                rank_state = json.load(f)
         accelerator.load_state(path)
     except Exception as error:  # noqa: BLE001 - any failure here means an unusable checkpoint
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"checkpoint {path} cannot be loaded ({reason}); "
                           "resume from another checkpoint or start a new --output_dir") from error
-    return state
+    return state, rank_state

@@ -35,8 +35,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_command(argv)
     except ConfigError as error:
-        print(f"launcher: error: {error}", file=sys.stderr)
+        print(f"launcher: error: {one_line(error)}", file=sys.stderr)
+        _leave_process_group()
         sys.exit(2)
+
+
+def one_line(error: Exception) -> str:
+    """The message itself, also when a DataLoader worker raised it (torch wraps it in a traceback)."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and "Traceback" in str(error):
+        return lines[-1].split(": ", 1)[-1]
+    return " ".join(lines)
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run_command(argv: list[str]) -> int:

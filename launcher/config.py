@@ -44,6 +44,8 @@ class TrainConfig:
     num_workers: int = 2  # DataLoader worker processes per rank
     eval_batch_size: int = 0  # samples per device per evaluation batch (0: batch_size)
     log_every: int = 10  # optimizer steps between logged training metrics
+    checkpoint_every: int = 0  # also checkpoint every N optimizer steps, mid-epoch included (0: epoch ends only)
+    max_corrupt_fraction: float = 0.01  # stop when more than this fraction of an epoch's samples is unreadable
     trace_samples: bool = False  # write each rank's training sample keys to output_dir/samples/ (debugging, tests)
 
     def validate(self) -> None:
@@ -51,10 +53,10 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "num_workers", "eval_batch_size", "seed"):
+        for name in ("max_steps", "warmup_steps", "num_workers", "eval_batch_size", "seed", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay", "max_grad_norm", "min_lr_ratio"):
+        for name in ("lr", "weight_decay", "max_grad_norm", "min_lr_ratio", "max_corrupt_fraction"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if not self.output_dir:

@@ -2,13 +2,27 @@
 
 Shards are split by rank and by DataLoader worker inside our own IterableDataset, never through
 Accelerate's iterable-dataset dispatch (which either reads everything on rank 0 or shards a
-second time). Shard order and the sample shuffle buffer are seeded from
-(seed, epoch, rank, worker), so every epoch has a new order and a rerun repeats it.
+second time). Each epoch has a layout, a pure function of (index, seed, epoch, ranks, workers):
 
-Epoch length is a property of the run, computed from the shard index: every rank takes the
-same number of batches, so no rank waits forever in an all-reduce for one that ran out.
-Training streams therefore cycle through their shards if a rank's share is short.
-Validation reads each sample exactly once across ranks (no padding, no drop).
+- shard order is shuffled per epoch, then, largest first, each shard goes to the rank, and
+  within it to the worker, holding the fewest samples so far: uneven shards give even shares;
+- every rank takes the same number of batches (from the index, so no rank waits forever in an
+  all-reduce for one that ran out); each worker's quota of whole batches is its share of that,
+  proportional to its samples. A worker with more samples than its quota drops the rest, one
+  with fewer starts a new, reshuffled pass: both are counted and reported;
+- samples pass a shuffle buffer seeded from (seed, epoch, rank, worker, pass), and random
+  augmentations are seeded per sample, so a rerun or a resumed run sees the same inputs.
+
+Workers assemble whole batches and tag each with where the worker stands (batches done, pass,
+samples read in the pass). The DataLoader returns workers' batches round-robin, so a rank's
+position (`Position`: those tags plus the last worker served) is enough to restart the stream
+mid-epoch exactly where it stopped: workers skip what was read without decoding it, and the
+round-robin restarts at the worker that was next.
+
+Undecodable samples and unreadable or truncated tars are skipped, never retried or slept on,
+and travel with the batch as error records (shard, key, reason, samples lost) for the trainer
+to count, log, and stop on above a threshold. Validation reads each sample exactly once across
+ranks (no padding, no drop).
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset
 from torch.utils.data.distributed import DistributedSampler
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tarfile_samples
@@ -33,6 +47,10 @@ from webdataset.tariterators import tarfile_samples
 from launcher.config import ConfigError
 
 INDEX_NAME = "index.json"
+
+
+class DataError(ConfigError):
+    """The data cannot be trained on (too many corrupt samples, a share with nothing readable)."""
 
 
 @dataclass
@@ -76,26 +94,28 @@ def derive_seed(*parts) -> int:
 
 
 def read_index(urls: str | Sequence[str], index_file: str = "") -> ShardIndex:
-    """Resolve a shard source to its shard URLs and sample counts (from index.json, else a scan)."""
+    """Resolve a shard source to its shard URLs and sample counts (from index.json, else a scan).
+
+    Local shard files are checked before anything trains: missing or unreadable ones are an error.
+    """
     if isinstance(urls, str) and os.path.isdir(urls):
         path = os.path.join(urls, INDEX_NAME)
         if not os.path.isfile(path):
             raise ConfigError(f"shard directory {urls} has no {INDEX_NAME}; write shards with "
-                              "scripts/make_demo_data.py or list the .tar files instead")
+                              "scripts/make_shards.py or list the .tar files instead")
         index = _load_index_file(path)
         names = list(index["shards"])
-        return ShardIndex([os.path.join(urls, n) for n in names], [index["shards"][n] for n in names],
-                          list(index.get("classes", [])))
+        found = ShardIndex([os.path.join(urls, n) for n in names], [index["shards"][n] for n in names],
+                           list(index.get("classes", [])))
+        check_shard_files(found.urls)
+        return found
     expanded = []
     for url in [urls] if isinstance(urls, str) else list(urls):
         expanded.extend(expand_urls(url))
     if not expanded:
         raise ConfigError(f"no shards in {urls!r}")
     local = [u for u in expanded if not u.startswith("pipe:")]
-    missing = [u for u in local if not os.path.isfile(u)]
-    if missing:
-        raise ConfigError(f"{len(missing)} of {len(expanded)} shard files missing, first {missing[0]}; "
-                          "build them (e.g. `make demo` writes data/digits) or fix the path")
+    check_shard_files(local)
     index_path = index_file or (os.path.join(os.path.dirname(local[0]), INDEX_NAME) if local else None)
     index = _load_index_file(index_path) if index_path and os.path.isfile(index_path) else {"shards": {}}
     counts = []
@@ -109,6 +129,25 @@ def read_index(urls: str | Sequence[str], index_file: str = "") -> ShardIndex:
         else:
             counts.append(_count_samples(url))
     return ShardIndex(expanded, counts, list(index.get("classes", [])))
+
+
+def check_shard_files(paths: Sequence[str]) -> None:
+    """Every local shard exists and starts with a tar header (one 512-byte read each, no scan)."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise ConfigError(f"{len(missing)} of {len(paths)} shard files missing, first {missing[0]}; "
+                          "build them (e.g. `make demo` writes data/digits) or fix the path")
+    unreadable = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), tarfile.ENCODING, "surrogateescape")
+        except (OSError, tarfile.TarError) as error:
+            unreadable.append((path, error))
+    if unreadable:
+        path, error = unreadable[0]
+        raise ConfigError(f"{len(unreadable)} of {len(paths)} shard files unreadable, first {path} ({error}); "
+                          "rewrite them with scripts/make_shards.py or remove them from the index")
 
 
 def _load_index_file(path: str) -> dict:
@@ -126,50 +165,281 @@ def _count_samples(path: str) -> int:
         return len({m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()})
 
 
+# ---- epoch layout ---------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerShare:
+    shards: list[str]
+    counts: list[int]
+    batches: int | None = None  # training: whole batches this worker yields; validation: None (all)
+
+    @property
+    def samples(self) -> int:
+        return sum(self.counts)
+
+
+@dataclass
+class EpochLayout:
+    """Which shards each rank's workers read in one epoch, and how many batches each yields."""
+
+    epoch: int
+    batch_size: int
+    ranks: list[list[WorkerShare]]  # [rank][worker]
+
+    def _planned(self) -> list[tuple[int, int]]:
+        return [(s.samples, s.batches * self.batch_size) for shares in self.ranks for s in shares
+                if s.batches is not None]
+
+    @property
+    def dropped(self) -> int:
+        """Samples left unread this epoch because their worker's quota was full."""
+        return sum(max(have - used, 0) for have, used in self._planned())
+
+    @property
+    def repeated(self) -> int:
+        """Samples read a second time this epoch to fill a short worker's quota."""
+        return sum(max(used - have, 0) for have, used in self._planned())
+
+    def rank_samples(self) -> list[int]:
+        return [sum(s.samples for s in shares) for shares in self.ranks]
+
+    def idle_workers(self) -> int:
+        return sum(not s.shards for shares in self.ranks for s in shares)
+
+
+def layout_epoch(index: ShardIndex, *, epoch: int, seed: int, world: int, workers: int, batch_size: int,
+                 batches_per_rank: int | None) -> EpochLayout:
+    """The epoch's assignment; `batches_per_rank` None lays out validation (in order, read fully)."""
+    order = list(range(len(index.urls)))
+    if batches_per_rank is not None:
+        random.Random(derive_seed(seed, "shards", epoch)).shuffle(order)
+    ranks = []
+    for rank, rank_shards in enumerate(_balance(order, index.counts, world)):
+        shares = [WorkerShare([index.urls[i] for i in mine], [index.counts[i] for i in mine])
+                  for mine in _balance(rank_shards, index.counts, workers)]
+        if batches_per_rank is not None:
+            if not any(s.samples for s in shares):
+                raise ConfigError(f"rank {rank} has no training samples in epoch {epoch} (its shards are empty); "
+                                  "write fewer empty shards or use fewer processes")
+            for share, quota in zip(shares, _apportion(batches_per_rank, [s.samples for s in shares])):
+                share.batches = quota
+        ranks.append(shares)
+    return EpochLayout(epoch, batch_size, ranks)
+
+
+def _balance(items: list[int], counts: list[int], bins: int) -> list[list[int]]:
+    """Largest first, each to the bin holding the fewest samples (then fewest items, then lowest).
+    The sort is stable, so equal-sized shards keep the epoch's shuffled order."""
+    out: list[list[int]] = [[] for _ in range(bins)]
+    loads = [0] * bins
+    for item in sorted(items, key=lambda i: -counts[i]):
+        target = min(range(bins), key=lambda b: (loads[b], len(out[b]), b))
+        out[target].append(item)
+        loads[target] += counts[item]
+    return out
+
+
+def _apportion(total: int, weights: list[int]) -> list[int]:
+    """Split `total` into integers proportional to `weights` (largest remainders get the rest)."""
+    whole = sum(weights)
+    exact = [total * w / whole for w in weights]
+    shares = [int(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in by_remainder[:total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+# ---- position -------------------------------------------------------------------------------
+
+
+@dataclass
+class Position:
+    """Where one rank stands in an epoch: all a mid-epoch checkpoint needs to resume exactly."""
+
+    epoch: int = 0
+    batches: int = 0  # micro-batches this rank has consumed in the epoch
+    workers: dict[int, list[int]] = field(default_factory=dict)  # worker -> [batches, pass, samples read in pass]
+    last_worker: int = -1  # the worker whose batch came last (the round-robin goes on after it)
+    repeated: int = 0  # samples seen a second time this epoch
+    corrupt: dict[str, int] = field(default_factory=dict)  # shard -> samples skipped this epoch
+
+    def advance(self, batch: dict) -> None:
+        if batch.get("worker") is not None:
+            self.workers[batch["worker"]] = [batch["worker_batches"], *batch["position"]]
+            self.last_worker = batch["worker"]
+        self.batches += 1
+        self.repeated += batch["repeated"]
+        for error in batch["errors"]:
+            self.corrupt[error["shard"]] = self.corrupt.get(error["shard"], 0) + error["samples"]
+
+    def next_worker(self, quotas: list[int]) -> int:
+        """The worker the DataLoader's round-robin serves next."""
+        for i in range(1, len(quotas) + 1):
+            worker = (self.last_worker + i) % len(quotas)
+            if self.workers.get(worker, [0])[0] < quotas[worker]:
+                return worker
+        return 0
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches": self.batches, "workers": self.workers,
+                "last_worker": self.last_worker, "repeated": self.repeated, "corrupt": self.corrupt}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "Position":
+        state = dict(state)
+        state["workers"] = {int(w): list(p) for w, p in state.get("workers", {}).items()}
+        return cls(**state)
+
+
 # ---- streaming ------------------------------------------------------------------------------
 
 
 class ShardStream(IterableDataset):
-    """Samples (input, label, key) from this rank's share of the shards, split across workers."""
+    """One rank's batches for one epoch: each DataLoader worker reads its share of the layout."""
 
-    def __init__(self, index: ShardIndex, spec: Shards, *, rank: int, world: int, seed: int,
-                 training: bool):
-        self.index, self.spec = index, spec
-        self.rank, self.world, self.seed, self.training = rank, world, seed, training
-        self.epoch = 0
+    def __init__(self, layout: EpochLayout, spec: Shards, *, rank: int, seed: int, training: bool,
+                 start: Position | None = None):
+        self.shares, self.spec, self.batch_size = layout.ranks[rank], spec, layout.batch_size
+        self.epoch, self.rank, self.seed, self.training = layout.epoch, rank, seed, training
+        self.start = start or Position(layout.epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def rank_shards(self) -> list[str]:
-        order = list(range(len(self.index.urls)))
-        if self.training:
-            random.Random(derive_seed(self.seed, "shards", self.epoch)).shuffle(order)
-        return [self.index.urls[i] for i in order[self.rank::self.world]]
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str]]:
+    def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        shards = self.rank_shards()[worker::workers]
-        if not shards:
-            return
-        passes = itertools.count() if self.training else range(1)
-        for repeat in passes:  # training cycles so a short share never ends a rank's epoch early
-            samples = tarfile_samples([{"url": url} for url in shards])
-            if self.training:  # shuffled within a pass: one full pass comes before any repeat
-                rng = random.Random(derive_seed(self.seed, "samples", self.epoch, self.rank, worker, repeat))
-                samples = shuffle_buffer(samples, self.spec.shuffle_buffer, rng)
-            for sample in samples:
-                yield self._decode(sample)
+        slot = info.id if info else 0
+        # Rotate worker ids so the DataLoader's round-robin (which starts at slot 0) continues
+        # with the worker that was next when the position was taken.
+        offset = self.start.next_worker([s.batches for s in self.shares]) if self.training else 0
+        yield from self._batches((slot + offset) % len(self.shares))
 
-    def _decode(self, sample: dict) -> tuple[torch.Tensor, int, str]:
+    def _batches(self, worker: int) -> Iterator[dict]:
+        share = self.shares[worker]
+        done, first_pass, skip = self.start.workers.get(worker, [0, 0, 0])
+        if self.training and done >= share.batches:
+            return
+        batch = _BatchBuilder(worker, self.batch_size)
+        for repeat in itertools.count(first_pass) if self.training else range(1):
+            usable = 0
+            for n, sample, errors in self._pass(share, worker, repeat):
+                if (repeat, n) < (first_pass, skip):  # read before the checkpoint: skip undecoded
+                    usable += 1
+                    continue
+                # Errors count once per epoch: a repeat pass re-reads the same shards.
+                reported = batch.errors if repeat == 0 else []
+                reported += errors
+                item = self._decode(sample, repeat, reported) if sample is not None else None
+                if item is None:
+                    continue
+                usable += 1
+                batch.add(item, repeated=repeat > 0)
+                if len(batch.items) == self.batch_size:
+                    done += 1
+                    yield batch.emit(done, [repeat, n + 1])
+                    if self.training and done == share.batches:
+                        return
+            if self.training and usable == 0:
+                shown = ", ".join(share.shards[:3]) + (" ..." if len(share.shards) > 3 else "")
+                raise DataError(f"no readable sample in {shown} (rank {self.rank}, worker {worker}); "
+                                "check or rewrite these shards")
+        if batch.items or batch.errors:  # validation: the last, partial batch
+            yield batch.emit(done, [0, 0])
+
+    def _pass(self, share: WorkerShare, worker: int, repeat: int) -> Iterator[tuple[int, dict | None, list]]:
+        """(index in pass, raw sample, errors met while reading it); errors at the end come with None."""
+        pending: list[dict] = []
+
+        def raw_samples() -> Iterator[dict]:
+            for url, count in zip(share.shards, share.counts):
+                failures: list[Exception] = []
+                seen = 0
+                for sample in tarfile_samples([{"url": url}], handler=lambda e: failures.append(e) or True):
+                    seen += 1
+                    yield sample
+                if failures:  # truncated or unreadable tar: the rest of the shard is lost
+                    pending.append({"shard": url, "key": None, "reason": _reason(failures[0]),
+                                    "samples": max(count - seen, 0)})
+
+        samples: Iterable[dict] = raw_samples()
+        if self.training:  # shuffled within a pass: one full pass comes before any repeat
+            rng = random.Random(derive_seed(self.seed, "samples", self.epoch, self.rank, worker, repeat))
+            samples = shuffle_buffer(samples, self.spec.shuffle_buffer, rng)
+        n = -1
+        for n, sample in enumerate(samples):
+            errors, pending[:] = pending[:], []
+            yield n, sample, errors
+        if pending:
+            yield n + 1, None, list(pending)
+
+    def _decode(self, sample: dict, repeat: int, errors: list) -> tuple[torch.Tensor, int, str] | None:
+        key, url = sample.get("__key__"), sample.get("__url__")
         image_key = next((k for k in self.spec.image_keys if k in sample), None)
-        if image_key is None or "cls" not in sample:
-            raise ValueError(f"sample {sample['__key__']} in {sample['__url__']} lacks an image "
-                             f"({'/'.join(self.spec.image_keys)}) or cls")
-        image = Image.open(io.BytesIO(sample[image_key]))
-        image.load()
-        return self.spec.transform(image), int(sample["cls"]), sample["__key__"]
+        try:
+            if image_key is None or "cls" not in sample:
+                raise ValueError(f"no image ({'/'.join(self.spec.image_keys)}) or no cls")
+            label = int(sample["cls"])
+            image = Image.open(io.BytesIO(sample[image_key]))
+            image.load()
+        except Exception as error:  # noqa: BLE001 - PIL raises many types for bad bytes
+            errors.append({"shard": url, "key": key, "reason": _reason(error), "samples": 1})
+            return None
+        if not self.training:
+            return self.spec.transform(image), label, key
+        with _seeded(derive_seed(self.seed, "augment", self.epoch, key, repeat)):
+            return self.spec.transform(image), label, key
+
+
+def _reason(error: Exception) -> str:
+    text = str(error.args[0]) if error.args else ""
+    return f"{type(error).__name__}: {text}"[:200]
+
+
+class _seeded:
+    """Seed torch and random for one sample's augmentation; in the main process, restore after."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.saved = None
+
+    def __enter__(self):
+        if torch.utils.data.get_worker_info() is None:  # don't disturb the model's dropout stream
+            self.saved = (torch.get_rng_state(), random.getstate())
+        torch.manual_seed(self.seed)
+        random.seed(self.seed)
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            torch.set_rng_state(self.saved[0])
+            random.setstate(self.saved[1])
+
+
+class _BatchBuilder:
+    def __init__(self, worker: int, size: int):
+        self.worker, self.size = worker, size
+        self.items: list[tuple[torch.Tensor, int, str]] = []
+        self.errors: list[dict] = []
+        self.repeated = 0
+
+    def add(self, item, repeated: bool) -> None:
+        self.items.append(item)
+        self.repeated += repeated
+
+    def emit(self, worker_batches: int, position: list[int]) -> dict:
+        batch = collate(self.items, self.errors, self.repeated)
+        batch.update(worker=self.worker, worker_batches=worker_batches, position=position)
+        self.items, self.errors, self.repeated = [], [], 0
+        return batch
+
+
+def collate(items: list, errors: list | None = None, repeated: int = 0) -> dict:
+    """A batch as the trainer takes it: inputs, targets, keys, and what reading it ran into."""
+    if items:
+        inputs = torch.stack([x for x, _, _ in items])
+        targets = torch.tensor([int(y) for _, y, _ in items], dtype=torch.long)
+    else:
+        inputs = targets = None
+    return {"inputs": inputs, "targets": targets, "keys": [k for _, _, k in items],
+            "errors": errors or [], "repeated": repeated}
 
 
 def shuffle_buffer(samples: Iterable, size: int, rng: random.Random) -> Iterator:
@@ -187,16 +457,21 @@ def shuffle_buffer(samples: Iterable, size: int, rng: random.Random) -> Iterator
 
 
 class KeyedDataset(Dataset):
-    """A map-style dataset whose items also carry their index as the sample key."""
+    """A map-style dataset whose items carry their index as the sample key, augmentations seeded
+    per (seed, epoch, index) so a resumed run sees the same inputs."""
 
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
+    def __init__(self, dataset: Dataset, seed: int, epoch: int, training: bool):
+        self.dataset, self.seed, self.epoch, self.training = dataset, seed, epoch, training
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        x, y = self.dataset[i][:2]
+        if not self.training:
+            x, y = self.dataset[i][:2]
+            return x, y, str(i)
+        with _seeded(derive_seed(self.seed, "augment", self.epoch, i)):
+            x, y = self.dataset[i][:2]
         return x, y, str(i)
 
 
@@ -204,13 +479,14 @@ class KeyedDataset(Dataset):
 
 
 class SplitLoader:
-    """One split of a recipe's data as seen by one rank: sizes, and a DataLoader per epoch."""
+    """One split of a recipe's data as seen by one rank: sizes, layout, and a DataLoader per epoch."""
 
     def __init__(self, source: Shards | Dataset, *, rank: int, world: int, seed: int,
-                 batch_size: int, num_workers: int, training: bool):
+                 batch_size: int, num_workers: int, training: bool, batches_per_epoch: int | None = None):
         self.source, self.training = source, training
         self.rank, self.world, self.seed = rank, world, seed
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.batches_per_epoch = batches_per_epoch  # training, per rank; the trainer sets it from the plan
         if isinstance(source, Shards):
             self.index = read_index(source.urls, source.index)
             self.total = self.index.total
@@ -225,24 +501,43 @@ class SplitLoader:
     def classes(self) -> list[str]:
         return self.index.classes if self.index else list(getattr(self.source, "classes", []))
 
-    def loader(self, epoch: int) -> DataLoader:
-        generator = torch.Generator().manual_seed(
-            derive_seed(self.seed, "loader", epoch, self.rank, self.training))
-        common = dict(batch_size=self.batch_size, generator=generator,
-                      pin_memory=torch.cuda.is_available())
+    @property
+    def workers_per_rank(self) -> int:
+        """Logical workers: DataLoader processes, or the main process when num_workers is 0."""
+        return max(self.num_workers, 1)
+
+    def layout(self, epoch: int) -> EpochLayout:
+        if self.training and self.batches_per_epoch is None:
+            raise RuntimeError("SplitLoader.batches_per_epoch must be set (from the plan) before training")
+        return layout_epoch(self.index, epoch=epoch, seed=self.seed, world=self.world,
+                            workers=self.workers_per_rank, batch_size=self.batch_size,
+                            batches_per_rank=self.batches_per_epoch if self.training else None)
+
+    def planned_dropped(self, epoch: int) -> int:
+        """Training samples an epoch leaves unread so every rank takes the same whole batches."""
+        if self.index is not None:
+            return self.layout(epoch).dropped
+        return self.total - self.batches_per_epoch * self.batch_size * self.world
+
+    def loader(self, epoch: int, start: Position | None = None) -> DataLoader:
+        """This rank's batches for `epoch`, from `start` (a position taken earlier) or the beginning."""
+        start = start if start is not None and start.epoch == epoch else Position(epoch)
+        pin = torch.cuda.is_available()
+        # The DataLoader draws its workers' base seed from this, not from the model's global RNG.
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "loader", epoch, self.rank))
         if isinstance(self.source, Shards):
-            stream = ShardStream(self.index, self.source, rank=self.rank, world=self.world,
-                                 seed=self.seed, training=self.training)
-            stream.set_epoch(epoch)
-            workers = min(self.num_workers, len(stream.rank_shards()))
-            return DataLoader(stream, num_workers=workers, **common)
-        dataset = KeyedDataset(self.source)
+            stream = ShardStream(self.layout(epoch), self.source, rank=self.rank, seed=self.seed,
+                                 training=self.training, start=start)
+            return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=pin,
+                              generator=generator)
+        dataset = KeyedDataset(self.source, self.seed, epoch, self.training)
         if self.training:
             sampler = DistributedSampler(dataset, num_replicas=self.world, rank=self.rank,
                                          shuffle=True, seed=self.seed, drop_last=True)
             sampler.set_epoch(epoch)
-            return DataLoader(dataset, sampler=sampler, num_workers=self.num_workers,
-                              drop_last=True, **common)
-        # Validation: every sample exactly once across ranks, so no DistributedSampler padding.
-        mine = Subset(dataset, range(self.rank, len(dataset), self.world))
-        return DataLoader(mine, num_workers=self.num_workers, **common)
+            order = list(sampler)[start.batches * self.batch_size:]
+            batches = BatchSampler(order, self.batch_size, drop_last=True)
+        else:  # every sample exactly once across ranks, so no DistributedSampler padding
+            batches = BatchSampler(range(self.rank, len(dataset), self.world), self.batch_size, drop_last=False)
+        return DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers, pin_memory=pin,
+                          collate_fn=collate, generator=generator)

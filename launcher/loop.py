@@ -3,7 +3,9 @@
 DDP over all processes (gloo on CPU), mixed precision, gradient accumulation through
 `accelerator.accumulate` (non-final micro-batches skip the all-reduce), clipping, the LR
 scheduler stepped once per optimizer step, evaluation each epoch with every validation sample
-counted once, checkpoints at epoch ends, metrics to metrics.jsonl and wandb, final weights.
+counted once, checkpoints at epoch ends and every `checkpoint_every` steps (with each rank's
+data position, so a resume continues mid-epoch exactly), unreadable samples counted across
+ranks (stop above `max_corrupt_fraction`), metrics to metrics.jsonl and wandb, final weights.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import time
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from launcher.config import ConfigError, TrainConfig
-from launcher.data import SplitLoader, derive_seed
+from launcher.data import DataError, Position, SplitLoader, derive_seed
 from launcher.params import (ParamGroup, Schedule, apply_freezing, assign_groups, build_optimizer,
                              frozen_batchnorms)
 from launcher.plan import Plan, format_plan, make_plan
@@ -50,6 +52,7 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int) -> RunP
     val_data = (SplitLoader(data.val, batch_size=cfg.eval_batch_size, training=False, **loader_args)
                 if data.val is not None else None)
     plan = make_plan(cfg, train_data, val_data, world)
+    train_data.batches_per_epoch = plan.micro_batches_per_epoch
     model = recipe.build_model(cfg)
     schedule = recipe.build_schedule(cfg, model)
     groups = assign_groups(model, schedule, cfg.lr, cfg.weight_decay)
@@ -106,6 +109,9 @@ class Trainer:
         acc.register_for_checkpointing(self.scheduler)
         torch.manual_seed(derive_seed(cfg.seed, "rank", self.rank))  # dropout/augmentation differ per rank
         self.step, self.epoch = 0, 0
+        self.position = Position(0)  # this rank's place in the current epoch's data
+        self.saved_step = -1
+        self.errors_shown = 0
         self.best: dict = {}
         self.metrics = MetricsLog(cfg.output_dir, acc.is_main_process)
         self.wandb_run_id: str | None = None
@@ -119,13 +125,30 @@ class Trainer:
             print(format_plan(cfg, self.plan, self.groups, self.recipe.name), flush=True)
             save_run_files(cfg, self.recipe, self.world)
         if resume_from:
-            state = checkpoints.load(acc, resume_from)
-            self.step, self.epoch = state["step"], state["epoch"] + 1
+            state, rank_state = checkpoints.load(acc, resume_from)
+            self.step, self.epoch = state["step"], state["epoch"]
             self.best, self.wandb_run_id = state.get("best", {}), state.get("wandb_run_id")
+            self.position = Position.from_dict(rank_state) if rank_state else Position(self.epoch)
+            self.saved_step = self.step
+            self._check_resumable(resume_from, state)
             if acc.is_main_process:
-                print(f"resumed from {resume_from} at step {self.step}, epoch {self.epoch}", flush=True)
+                where = (f", {self.position.batches} of {self.plan.micro_batches_per_epoch} batches into it"
+                         if self.position.batches else "")
+                print(f"resumed from {resume_from} at step {self.step}, epoch {self.epoch}{where}", flush=True)
         self._init_tracker()
         acc.wait_for_everyone()
+
+    def _check_resumable(self, path: str, state: dict) -> None:
+        """A mid-epoch position is only meaningful for the same ranks x workers and epoch size."""
+        if not self.position.batches:
+            return
+        then = (state.get("world_size"), state.get("num_workers"), state.get("batches_per_epoch"))
+        now = (self.world, self.cfg.num_workers, self.plan.micro_batches_per_epoch)
+        if then != now:
+            raise ConfigError(
+                f"checkpoint {path} was taken mid-epoch with {then[0]} processes x {then[1]} workers and "
+                f"{then[2]} batches per epoch, this run has {now[0]} x {now[1]} and {now[2]}; resume with "
+                "the same --num_processes, --num_workers and --batch_size, or from an epoch-end checkpoint")
 
     def _init_tracker(self) -> None:
         cfg = self.cfg
@@ -149,28 +172,42 @@ class Trainer:
                              disable=not acc.is_main_process, dynamic_ncols=True)
         while self.epoch < self.cfg.epochs and self.step < self.plan.total_steps:
             self.train_epoch()
+            if self.position.batches < self.plan.micro_batches_per_epoch:  # cut short by max_steps
+                self.evaluate()
+                break
+            self._report_epoch_data()
             self.evaluate()
-            if self.step % self.plan.steps_per_epoch == 0:  # a whole epoch (not cut by max_steps)
-                checkpoints.save(acc, self.cfg.output_dir, self._state())
             self.epoch += 1
+            self.position = Position(self.epoch)
+            self._save()
+        if self.saved_step != self.step:
+            self._save()  # where max_steps stopped: `--resume=auto` continues from here
         self.progress.close()
         return self.finish()
+
+    def _save(self) -> None:
+        checkpoints.save(self.accelerator, self.cfg.output_dir, self._state(), self.position.to_dict())
+        self.saved_step = self.step
 
     def train_epoch(self) -> None:
         acc, cfg, plan = self.accelerator, self.cfg, self.plan
         self.model.train()
         for module in self.frozen_norms:
             module.eval()  # frozen BatchNorm keeps its running statistics
+        if self.position.epoch != self.epoch:
+            self.position = Position(self.epoch)
         remaining = (plan.total_steps - self.step) * cfg.grad_accum_steps
-        micro_batches = min(plan.micro_batches_per_epoch, remaining)
-        batches = itertools.islice(self.train_data.loader(self.epoch), micro_batches)
+        micro_batches = min(plan.micro_batches_per_epoch - self.position.batches, remaining)
+        batches = itertools.islice(self.train_data.loader(self.epoch, self.position), micro_batches)
         window = _Window(acc.device)
         fetch_start = time.perf_counter()
-        for inputs, targets, keys in batches:
+        for batch in batches:
             window.data_time += time.perf_counter() - fetch_start
-            inputs = inputs.to(acc.device, non_blocking=True)
-            targets = targets.to(acc.device, non_blocking=True)
-            self._trace(keys)
+            self.position.advance(batch)
+            self._note_errors(batch["errors"], "train")
+            inputs = batch["inputs"].to(acc.device, non_blocking=True)
+            targets = batch["targets"].to(acc.device, non_blocking=True)
+            self._trace(batch["keys"])
             with acc.accumulate(self.model):
                 loss = self.loss_fn(self.model(inputs), targets)
                 acc.backward(loss)
@@ -186,6 +223,9 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == plan.total_steps:
                     self._log_train(window)
                     window = _Window(acc.device)
+                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
+                        and self.position.batches < plan.micro_batches_per_epoch):  # epoch ends save anyway
+                    self._save()
             fetch_start = time.perf_counter()
 
     def _clip_gradients(self):
@@ -198,7 +238,11 @@ class Trainer:
 
     def _log_train(self, window: "_Window") -> None:
         acc = self.accelerator
-        loss = acc.reduce(window.loss_sum / max(window.batches, 1), "mean").item()
+        corrupt = float(sum(self.position.corrupt.values()))
+        mine = torch.stack([window.loss_sum / max(window.batches, 1), torch.tensor(corrupt, device=acc.device)])
+        loss_sum, corrupt_total = acc.reduce(mine, "sum").tolist()  # one collective for both
+        loss = loss_sum / self.world
+        self._check_corrupt(int(corrupt_total), "train")
         elapsed = time.perf_counter() - window.start
         record = {"step": self.step, "epoch": self.epoch, "train/loss": loss,
                   "train/samples_per_s": window.samples * self.world / elapsed,
@@ -215,6 +259,56 @@ class Trainer:
         self.metrics.write(record)
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
 
+    # ---- data problems ------------------------------------------------------------------------
+
+    def _note_errors(self, errors: list[dict], split: str) -> None:
+        """Every unreadable sample or shard: one JSON line per rank file, the first few printed."""
+        if not errors:
+            return
+        path = os.path.join(self.cfg.output_dir, "data_errors", f"rank{self.rank}.jsonl")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as f:
+            for error in errors:
+                f.write(json.dumps({"split": split, "epoch": self.epoch, "step": self.step, **error}) + "\n")
+        for error in errors:
+            self.errors_shown += 1
+            if self.errors_shown <= 10:
+                what = f"sample {error['key']}" if error["key"] else f"{error['samples']} samples (rest of shard)"
+                tqdm.write(f"rank {self.rank}: skipped unreadable {what} in {error['shard']}: {error['reason']}")
+            elif self.errors_shown == 11:
+                tqdm.write(f"rank {self.rank}: more unreadable samples; all are listed in {path}")
+
+    def _check_corrupt(self, total: int, split: str, counts: dict[str, int] | None = None) -> None:
+        """Stop, on every rank at once (`total` is already summed), above the allowed fraction."""
+        samples = self.plan.train_samples if split == "train" else self.plan.val_samples
+        if total <= self.cfg.max_corrupt_fraction * samples:
+            return
+        merged: dict[str, int] = {}
+        for per_rank in gather_object([counts if counts is not None else self.position.corrupt]):
+            for shard, n in per_rank.items():
+                merged[shard] = merged.get(shard, 0) + n
+        worst = sorted(merged.items(), key=lambda kv: -kv[1])[:3]
+        raise DataError(
+            f"{total} of {samples} {split} samples in epoch {self.epoch} are unreadable, more than "
+            f"--max_corrupt_fraction={self.cfg.max_corrupt_fraction}; worst shards: "
+            + ", ".join(f"{shard} ({n})" for shard, n in worst)
+            + f"; details in {os.path.join(self.cfg.output_dir, 'data_errors')}/. Rewrite or drop those shards")
+
+    def _report_epoch_data(self) -> None:
+        """Samples dropped or repeated to give every rank the same batches, and unreadable ones."""
+        acc = self.accelerator
+        mine = torch.tensor([self.position.repeated, sum(self.position.corrupt.values())],
+                            dtype=torch.float64, device=acc.device)
+        repeated, corrupt = (int(x) for x in acc.reduce(mine, "sum").tolist())
+        self._check_corrupt(corrupt, "train")
+        dropped = self.train_data.planned_dropped(self.epoch)
+        self._record({"step": self.step, "epoch": self.epoch, "data/dropped": dropped,
+                      "data/repeated": repeated, "data/unreadable": corrupt})
+        if acc.is_main_process and (dropped or repeated or corrupt):
+            tqdm.write(f"epoch {self.epoch} data: {self.plan.train_samples} samples, "
+                       f"{self.plan.micro_batches_per_epoch} batches of {self.cfg.batch_size} per rank: "
+                       f"{dropped} dropped, {repeated} repeated, {corrupt} unreadable")
+
     def _trace(self, keys) -> None:
         if not self.cfg.trace_samples:
             return
@@ -230,18 +324,27 @@ class Trainer:
         acc = self.accelerator
         model = acc.unwrap_model(self.model)  # no DDP collectives: ranks may hold unequal shares
         model.eval()
-        totals = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss sum, correct, count
-        for inputs, targets, _ in self.val_data.loader(self.epoch):
-            inputs, targets = inputs.to(acc.device), targets.to(acc.device)
+        totals = torch.zeros(4, dtype=torch.float64, device=acc.device)  # loss sum, correct, count, unreadable
+        unreadable: dict[str, int] = {}
+        for batch in self.val_data.loader(self.epoch):
+            self._note_errors(batch["errors"], "val")
+            for error in batch["errors"]:
+                unreadable[error["shard"]] = unreadable.get(error["shard"], 0) + error["samples"]
+            totals[3] += sum(error["samples"] for error in batch["errors"])
+            if batch["inputs"] is None:
+                continue
+            inputs, targets = batch["inputs"].to(acc.device), batch["targets"].to(acc.device)
             with acc.autocast():
                 logits = model(inputs)
             loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
-            totals += torch.stack([loss.double(), (logits.argmax(1) == targets).sum().double(),
-                                   torch.tensor(float(len(targets)), device=acc.device, dtype=torch.float64)])
+            totals[:3] += torch.stack([loss.double(), (logits.argmax(1) == targets).sum().double(),
+                                       torch.tensor(float(len(targets)), device=acc.device, dtype=torch.float64)])
         totals = acc.reduce(totals, "sum")
         count = int(totals[2].item())
+        self._check_corrupt(int(totals[3].item()), "val", unreadable)
         result = {"val/loss": (totals[0] / max(count, 1)).item(),
-                  "val/top1": (totals[1] / max(count, 1)).item(), "val/samples": count}
+                  "val/top1": (totals[1] / max(count, 1)).item(), "val/samples": count,
+                  "val/unreadable": int(totals[3].item())}
         if result["val/top1"] >= self.best.get("val/top1", -1.0):
             self.best = {"val/top1": result["val/top1"], "step": self.step}
         self._record({"step": self.step, "epoch": self.epoch, **result})
@@ -252,7 +355,9 @@ class Trainer:
 
     def _state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "best": self.best,
-                "wandb_run_id": self.wandb_run_id, "config": dataclasses.asdict(self.cfg)}
+                "wandb_run_id": self.wandb_run_id, "config": dataclasses.asdict(self.cfg),
+                "world_size": self.world, "num_workers": self.cfg.num_workers,
+                "batches_per_epoch": self.plan.micro_batches_per_epoch}
 
     # ---- the end ----------------------------------------------------------------------------
 

@@ -64,4 +64,4 @@ def test_a_saved_checkpoint_loads_back(tmp_path):
     accelerator = prepared_accelerator()
     path = checkpoints.save(accelerator, str(tmp_path / "run"), {"step": 7, "epoch": 1})
     assert path.endswith("step-00000007") and not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
-    assert checkpoints.load(prepared_accelerator(), path)["step"] == 7
+    assert checkpoints.load(prepared_accelerator(), path)[0]["step"] == 7

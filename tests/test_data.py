@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import tarfile
 from collections import Counter
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 from PIL import Image
 
 from launcher.config import ConfigError
-from launcher.data import SplitLoader, Shards, read_index, shuffle_buffer
+from launcher.data import Position, SplitLoader, Shards, read_index, shuffle_buffer
 from launcher.shards import write_shards
 
 
@@ -44,21 +46,12 @@ def make_shards(directory, sizes: list[int]) -> str:
 
 
 def keys_of(loader) -> list[str]:
-    return [key for _, _, batch_keys in loader for key in batch_keys]
+    return [key for batch in loader for key in batch["keys"]]
 
 
-def split(source, *, rank=0, world=1, seed=0, workers=0, training=True, batch=4):
+def split(source, *, rank=0, world=1, seed=0, workers=0, training=True, batch=4, batches=None):
     return SplitLoader(Shards(source, to_tensor, shuffle_buffer=8), rank=rank, world=world, seed=seed,
-                       batch_size=batch, num_workers=workers, training=training)
-
-
-def take(split_loader, epoch, batches):
-    keys = []
-    for _, _, batch_keys in split_loader.loader(epoch):
-        keys += batch_keys
-        if len(keys) >= batches * split_loader.batch_size:
-            break
-    return keys
+                       batch_size=batch, num_workers=workers, training=training, batches_per_epoch=batches)
 
 
 def test_index_gives_sizes_and_classes(tmp_path):
@@ -74,29 +67,142 @@ def test_brace_patterns_expand_and_missing_shards_are_named(tmp_path):
         read_index(str(tmp_path / "part{0..2}-000000.tar"))
 
 
+def test_unreadable_shard_files_are_named_before_training(tmp_path):
+    source = make_shards(tmp_path, [4, 4])
+    (tmp_path / "part1-000000.tar").write_bytes(b"this is not a tar file" * 40)
+    with pytest.raises(ConfigError, match=r"1 of 2 shard files unreadable, first .*part1-000000.tar"):
+        read_index(source)
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_ranks_and_workers_read_disjoint_shards_that_cover_the_epoch(tmp_path, workers):
-    # Shard sizes a multiple of the batch: per-worker batches never straddle a repeat. (Uneven
-    # splits are balanced and counted by the exact-epoch streaming, not here.)
     source = make_shards(tmp_path, [8, 8, 8, 8])
-    per_rank = [take(split(source, rank=r, world=2, workers=workers), epoch=0, batches=4) for r in range(2)]
+    per_rank = [keys_of(split(source, rank=r, world=2, workers=workers, batches=4).loader(0)) for r in range(2)]
     assert not set(per_rank[0]) & set(per_rank[1])
     assert len(set(per_rank[0]) | set(per_rank[1])) == 32
-    assert all(len(set(keys)) == 16 for keys in per_rank)  # no sample twice within an epoch
+    assert all(len(keys) == len(set(keys)) == 16 for keys in per_rank)  # no sample twice within an epoch
+
+
+@pytest.mark.parametrize("sizes", [[5, 9, 4], [1, 13, 2, 7, 3], [20, 1, 1]])
+def test_uneven_shards_give_every_rank_the_same_batches_and_count_what_evens_them(tmp_path, sizes):
+    source = make_shards(tmp_path, sizes)  # e.g. 3 shards for 2 ranks x 2 workers
+    total, world, batch = sum(sizes), 2, 2
+    batches = total // (world * batch)
+    consumed = []
+    for rank in range(world):
+        position = Position(0)
+        for b in split(source, rank=rank, world=world, workers=2, batch=batch, batches=batches).loader(0):
+            assert len(b["keys"]) == batch
+            position.advance(b)
+            consumed += b["keys"]
+        assert position.batches == batches
+    layout = split(source, world=world, workers=2, batch=batch, batches=batches).layout(0)
+    duplicates = len(consumed) - len(set(consumed))
+    assert duplicates == layout.repeated
+    assert len(set(consumed)) == total - layout.dropped
+    assert len(consumed) == total - layout.dropped + layout.repeated == world * batches * batch
+
+
+def test_layout_balances_samples_not_shard_counts():
+    from launcher.data import ShardIndex, layout_epoch
+    index = ShardIndex([f"s{i}" for i in range(6)], [30, 10, 10, 10, 1, 1])
+    layout = layout_epoch(index, epoch=0, seed=0, world=2, workers=1, batch_size=1, batches_per_rank=31)
+    assert sorted(layout.rank_samples()) == [31, 31]
+    assert layout.dropped == layout.repeated == 0
 
 
 def test_each_epoch_has_a_new_order_and_a_rerun_the_same(tmp_path):
     source = make_shards(tmp_path, [8, 8, 8])
-    first, second = take(split(source), 0, 6), take(split(source), 1, 6)
+
+    def epoch(e, seed=0):
+        return keys_of(split(source, seed=seed, batches=6).loader(e))
+
+    first, second = epoch(0), epoch(1)
     assert sorted(first) == sorted(second) and first != second
-    assert take(split(source), 0, 6) == first
-    assert take(split(source, seed=1), 0, 6) != first
+    assert epoch(0) == first
+    assert epoch(0, seed=1) != first
 
 
-def test_training_stream_cycles_so_a_short_rank_never_runs_dry(tmp_path):
-    source = make_shards(tmp_path, [2, 10])  # rank 0 or 1 gets only 2 samples
-    for rank in range(2):
-        assert len(take(split(source, rank=rank, world=2), 0, 3)) == 12
+@pytest.mark.parametrize("world,workers", [(1, 0), (1, 2), (2, 2), (2, 3)])
+def test_a_position_taken_after_any_batch_resumes_the_exact_sequence(tmp_path, world, workers):
+    source = make_shards(tmp_path, [5, 9, 4, 6])  # uneven: quotas differ, some workers repeat
+    batches = 24 // (world * 2)
+    for rank in range(world):
+        def loader(start=None):
+            return split(source, rank=rank, world=world, workers=workers, batch=2, batches=batches).loader(1, start)
+
+        full = [b["keys"] for b in loader()]
+        assert len(full) == batches
+        for cut in range(batches + 1):
+            position = Position(1)
+            for b in itertools.islice(loader(), cut):
+                position.advance(b)
+            position = Position.from_dict(json.loads(json.dumps(position.to_dict())))  # as checkpointed
+            rest = [b["keys"] for b in loader(position)]
+            assert full[:cut] + rest == full, f"rank {rank}, cut after {cut} batches"
+
+
+def test_random_augmentation_is_seeded_per_sample_and_leaves_the_main_rng_alone(tmp_path):
+    source = make_shards(tmp_path, [6, 6])
+
+    def noisy(image):
+        return to_tensor(image) + torch.rand(1)
+
+    def values(workers):
+        loader = SplitLoader(Shards(source, noisy, shuffle_buffer=8), rank=0, world=1, seed=0, batch_size=3,
+                             num_workers=workers, training=True, batches_per_epoch=4)
+        return {k: float(x[0]) for b in loader.loader(0) for x, k in zip(b["inputs"], b["keys"])}
+
+    torch.manual_seed(123)
+    in_process = values(0)
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), after)  # reading data did not consume the model's RNG
+    assert values(2) == in_process  # same noise per sample whichever process decoded it
+    assert len(set(in_process.values())) == len(in_process)  # and different across samples
+
+
+def corrupt_sample(directory, shard: str, key: str) -> None:
+    """Replace one sample's PNG bytes inside a shard by garbage (same length keeps the tar valid)."""
+    path = directory / shard
+    data = bytearray(path.read_bytes())
+    with tarfile.open(path) as tar:
+        member = tar.getmember(f"{key}.png")
+        data[member.offset_data:member.offset_data + member.size] = b"x" * member.size
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_sample_and_truncated_tar_are_skipped_counted_and_named(tmp_path):
+    source = make_shards(tmp_path, [6, 6, 6])
+    corrupt_sample(tmp_path, "part0-000000.tar", "s0002")
+    truncated = tmp_path / "part2-000000.tar"
+    with tarfile.open(truncated) as tar:
+        cut = tar.getmember("s0014.png").offset_data + 10  # inside sample s0014's image
+    truncated.write_bytes(truncated.read_bytes()[:cut])
+    for workers in (0, 2):
+        position = Position(0)
+        keys = []
+        for b in split(source, workers=workers, batch=3, batches=6).loader(0):
+            assert len(b["keys"]) == 3  # quotas still filled, from repeats
+            position.advance(b)
+            keys += b["keys"]
+        assert "s0002" not in keys and not {f"s{i:04d}" for i in range(14, 18)} & set(keys)
+        assert position.corrupt[str(tmp_path / "part0-000000.tar")] == 1
+        # s0014 is cut inside its image (one bad sample), s0015..s0017 are lost with the tail
+        assert position.corrupt[str(truncated)] == 4
+        assert position.repeated == 5
+    val = split(source, workers=2, training=False)
+    errors = [e for b in val.loader(0) for e in b["errors"]]
+    assert sum(e["samples"] for e in errors) == 5
+    assert {"shard": str(tmp_path / "part0-000000.tar"), "key": "s0002"}.items() <= next(
+        e for e in errors if e["key"] == "s0002").items()
+    assert len(keys_of(val.loader(0))) == 13
+
+
+def test_fewer_training_shards_than_processes_is_an_error(tmp_path):
+    source = make_shards(tmp_path, [4])
+    with pytest.raises(ConfigError, match="1 training shards for 2 processes"):
+        split(source, world=2)
 
 
 def test_validation_reads_every_sample_exactly_once_across_ranks_and_workers(tmp_path):
@@ -107,12 +213,6 @@ def test_validation_reads_every_sample_exactly_once_across_ranks_and_workers(tmp
     assert len(seen) == 18 and set(seen.values()) == {1}
 
 
-def test_fewer_training_shards_than_processes_is_an_error(tmp_path):
-    source = make_shards(tmp_path, [4])
-    with pytest.raises(ConfigError, match="1 training shards for 2 processes"):
-        split(source, world=2)
-
-
 def test_shuffle_buffer_is_a_permutation():
     import random
     out = list(shuffle_buffer(range(100), 10, random.Random(0)))
@@ -121,8 +221,8 @@ def test_shuffle_buffer_is_a_permutation():
 
 def test_labels_and_pixels_survive_the_round_trip(tmp_path):
     source = make_shards(tmp_path, [6])
-    for inputs, labels, keys in split(source, training=False).loader(0):
-        for x, y, key in zip(inputs, labels, keys):
+    for batch in split(source, training=False).loader(0):
+        for x, y, key in zip(batch["inputs"], batch["targets"], batch["keys"]):
             i = int(key[1:])
             assert int(y) == i % 3 and torch.all(x == i % 256)
 

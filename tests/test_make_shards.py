@@ -82,8 +82,8 @@ def test_the_loader_reads_what_was_written_using_the_index(folder, tmp_path):
     split = SplitLoader(Shards(str(out), to_tensor), rank=0, world=1, seed=0, batch_size=4,
                         num_workers=0, training=False)
     assert split.total == 12 and split.classes == ["cat", "dog"]
-    for pixels, labels, _ in split.loader(0):
-        for pixel, label in zip(pixels, labels):
+    for batch in split.loader(0):
+        for pixel, label in zip(batch["inputs"], batch["targets"]):
             assert (pixel[0] > 100) == (label == 0)  # red cats, green dogs
 
 
