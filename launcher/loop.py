@@ -51,8 +51,7 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int) -> RunP
     train_data = SplitLoader(data.train, batch_size=cfg.batch_size, training=True, **loader_args)
     val_data = (SplitLoader(data.val, batch_size=cfg.eval_batch_size, training=False, **loader_args)
                 if data.val is not None else None)
-    plan = make_plan(cfg, train_data, val_data, world)
-    train_data.batches_per_epoch = plan.micro_batches_per_epoch
+    plan = make_plan(cfg, train_data, val_data, world)  # also sets train_data.batches_per_epoch
     model = recipe.build_model(cfg)
     schedule = recipe.build_schedule(cfg, model)
     groups = assign_groups(model, schedule, cfg.lr, cfg.weight_decay)
@@ -170,19 +169,21 @@ class Trainer:
         acc = self.accelerator
         self.progress = tqdm(total=self.plan.total_steps, initial=self.step, unit="step",
                              disable=not acc.is_main_process, dynamic_ncols=True)
-        while self.epoch < self.cfg.epochs and self.step < self.plan.total_steps:
-            self.train_epoch()
-            if self.position.batches < self.plan.micro_batches_per_epoch:  # cut short by max_steps
+        try:
+            while self.epoch < self.cfg.epochs and self.step < self.plan.total_steps:
+                self.train_epoch()
+                if self.position.batches < self.plan.micro_batches_per_epoch:  # cut short by max_steps
+                    self.evaluate()
+                    break
+                self._report_epoch_data()
                 self.evaluate()
-                break
-            self._report_epoch_data()
-            self.evaluate()
-            self.epoch += 1
-            self.position = Position(self.epoch)
-            self._save()
-        if self.saved_step != self.step:
-            self._save()  # where max_steps stopped: `--resume=auto` continues from here
-        self.progress.close()
+                self.epoch += 1
+                self.position = Position(self.epoch)
+                self._save()
+            if self.saved_step != self.step:
+                self._save()  # where max_steps stopped: `--resume=auto` continues from here
+        finally:
+            self.progress.close()  # an error message then starts on a line of its own
         return self.finish()
 
     def _save(self) -> None:
@@ -289,7 +290,7 @@ class Trainer:
                 merged[shard] = merged.get(shard, 0) + n
         worst = sorted(merged.items(), key=lambda kv: -kv[1])[:3]
         raise DataError(
-            f"{total} of {samples} {split} samples in epoch {self.epoch} are unreadable, more than "
+            f"{total} of {samples} {'training' if split == 'train' else 'validation'} samples in epoch {self.epoch} are unreadable, more than "
             f"--max_corrupt_fraction={self.cfg.max_corrupt_fraction}; worst shards: "
             + ", ".join(f"{shard} ({n})" for shard, n in worst)
             + f"; details in {os.path.join(self.cfg.output_dir, 'data_errors')}/. Rewrite or drop those shards")

@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 
 from launcher.config import ConfigError, TrainConfig
 from launcher.data import SplitLoader
@@ -26,6 +27,7 @@ class Plan:
     total_steps: int  # optimizer steps this process will run (max_steps stops early)
     train_shards: int | None
     val_shards: int | None
+    data_report: list[str] = field(default_factory=list)  # pre-flight lines about the shards
 
     @property
     def global_batch(self) -> int:
@@ -46,12 +48,40 @@ def make_plan(cfg: TrainConfig, train: SplitLoader, val: SplitLoader | None, wor
             f"accumulation = {global_batch}); lower --batch_size or --grad_accum_steps")
     schedule_steps = steps_per_epoch * cfg.epochs
     total = min(schedule_steps, cfg.max_steps) if cfg.max_steps else schedule_steps
+    train.batches_per_epoch = steps_per_epoch * cfg.grad_accum_steps
+    report = data_report(train, "training") + (data_report(val, "validation") if val else [])
     return Plan(world_size=world_size, batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps,
                 train_samples=train.total, val_samples=val.total if val else 0,
                 steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, schedule_steps=schedule_steps,
                 total_steps=total,
                 train_shards=len(train.index.urls) if train.index else None,
-                val_shards=len(val.index.urls) if val and val.index else None)
+                val_shards=len(val.index.urls) if val and val.index else None, data_report=report)
+
+
+def data_report(split: SplitLoader, name: str) -> list[str]:
+    """Pre-flight facts about a split's shards: how they divide among ranks x workers."""
+    if split.index is None:
+        return [f"  {name + ' data':<22}{split.total} samples (map-style dataset, split by DistributedSampler)"]
+    index, world, workers = split.index, split.world, split.workers_per_rank
+    counts = index.counts
+    local = sum(not u.startswith("pipe:") for u in index.urls)
+    layout = split.layout(0)
+    lines = [f"  {name + ' shards':<22}{len(counts)} for {world} process(es) x {workers} worker(s); "
+             f"{local} local file(s) checked" + (f", {len(counts) - local} pipe: not checked" if local < len(counts) else ""),
+             f"  {'shard sizes':<22}min {min(counts)}, median {statistics.median(counts):g}, max {max(counts)} "
+             f"samples (largest / mean {max(counts) / (sum(counts) / len(counts)):.2f})"]
+    idle = layout.idle_workers()
+    if idle:
+        lines.append(f"  {'':<22}WARNING: {idle} of {world * workers} workers get no shard each epoch; "
+                     f"write at least {world * workers} shards to use them all")
+    shares = layout.rank_samples()
+    if split.training:
+        lines.append(f"  {'per-rank samples':<22}{min(shares)} to {max(shares)} (epoch 0); each rank takes "
+                     f"{split.batches_per_epoch} batches of {split.batch_size}: {layout.dropped} dropped, "
+                     f"{layout.repeated} repeated to even them out")
+    else:
+        lines.append(f"  {'per-rank samples':<22}{min(shares)} to {max(shares)}; each evaluated once")
+    return lines
 
 
 def format_config(cfg: TrainConfig) -> str:
@@ -71,13 +101,13 @@ def format_plan(cfg: TrainConfig, plan: Plan, groups: list[ParamGroup], recipe_n
         f"  batch                 {plan.batch_size} per device x {plan.world_size} processes x "
         f"{plan.grad_accum_steps} accumulation = {plan.global_batch} global",
         f"  training samples      {plan.train_samples}"
-        + (f" in {plan.train_shards} shards" if plan.train_shards else "")
-        + f" ({dropped} left over per epoch)",
+        + (f" in {plan.train_shards} shards" if plan.train_shards else f" ({dropped} left over per epoch)"),
         f"  validation samples    {plan.val_samples}"
         + (f" in {plan.val_shards} shards" if plan.val_shards else ""),
         f"  optimizer steps       {plan.steps_per_epoch} per epoch x {plan.epochs} epochs"
         + f" -> {plan.schedule_steps} total"
         + (f" (stops after {plan.total_steps}: max_steps)" if plan.total_steps < plan.schedule_steps else ""),
+        *plan.data_report,
         f"  mixed precision       {cfg.mixed_precision}",
         f"  outputs               {cfg.output_dir} (metrics.jsonl, config.json, recipe.py, "
         "checkpoints/, model.safetensors)",
