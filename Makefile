@@ -36,6 +36,7 @@ test-fast: setup
 
 bench: setup
 	$(PY) scripts/bench_overhead.py
+	$(PY) scripts/bench_data.py
 
 clean:
 	rm -rf runs data .pytest_cache

@@ -24,8 +24,9 @@ usage: python -m launcher RECIPE [--field=value ...]          train
 RECIPE is a recipe file (recipes/resnet_finetune or recipes/resnet_finetune.py) or a dotted
 module name (recipes.resnet_finetune). Every field of the recipe's Config can be set with
 --field=value; common to all recipes: output_dir, seed, epochs, max_steps, batch_size (per
-device), grad_accum_steps, mixed_precision (no/fp16/bf16), resume (""/auto/PATH), wandb_mode
-(auto/online/offline/disabled). Errors exit with code 2."""
+device), grad_accum_steps, mixed_precision (no/fp16/bf16), resume (""/auto/PATH),
+checkpoint_every, num_workers, max_corrupt_fraction, wandb_mode (auto/online/offline/disabled).
+Errors exit with code 2."""
 
 COMMANDS = ("train", "plan", "shards")
 

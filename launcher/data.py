@@ -30,23 +30,19 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
-import json
-import os
+import math
 import random
-import tarfile
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, default_collate
 from torch.utils.data.distributed import DistributedSampler
-from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tarfile_samples
 
 from launcher.config import ConfigError
-
-INDEX_NAME = "index.json"
+from launcher.shard_index import ShardIndex, read_index  # noqa: F401 - read_index re-exported
 
 
 class DataError(ConfigError):
@@ -58,7 +54,8 @@ class Shards:
     """A split stored as WebDataset tar shards, each sample an image and its `cls` label."""
 
     urls: str | Sequence[str]  # paths, brace patterns, `pipe:` commands, or a directory with index.json
-    transform: Callable[[Image.Image], torch.Tensor]  # decoded PIL image -> input tensor
+    transform: Callable[[Image.Image], torch.Tensor]  # decoded PIL image -> input tensor (uint8 keeps batches small)
+    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None  # on the device, per batch (e.g. uint8 -> normalized float)
     shuffle_buffer: int = 1000  # samples held for shuffling (training only)
     image_keys: Sequence[str] = ("png", "jpg", "jpeg", "webp")  # first present one is the image
     index: str = ""  # index.json for remote (`pipe:`) shards; local shards use the one beside them
@@ -73,96 +70,10 @@ class DataSpec:
     classes: Sequence[str] | None = None  # class names; None: from the shard index
 
 
-@dataclass
-class ShardIndex:
-    urls: list[str]
-    counts: list[int]
-    classes: list[str] = field(default_factory=list)
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts)
-
-
 def derive_seed(*parts) -> int:
     """A 63-bit seed from any parts, the same in every process (unlike hash())."""
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-# ---- index ---------------------------------------------------------------------------------
-
-
-def read_index(urls: str | Sequence[str], index_file: str = "") -> ShardIndex:
-    """Resolve a shard source to its shard URLs and sample counts (from index.json, else a scan).
-
-    Local shard files are checked before anything trains: missing or unreadable ones are an error.
-    """
-    if isinstance(urls, str) and os.path.isdir(urls):
-        path = os.path.join(urls, INDEX_NAME)
-        if not os.path.isfile(path):
-            raise ConfigError(f"shard directory {urls} has no {INDEX_NAME}; write shards with "
-                              "scripts/make_shards.py or list the .tar files instead")
-        index = _load_index_file(path)
-        names = list(index["shards"])
-        found = ShardIndex([os.path.join(urls, n) for n in names], [index["shards"][n] for n in names],
-                           list(index.get("classes", [])))
-        check_shard_files(found.urls)
-        return found
-    expanded = []
-    for url in [urls] if isinstance(urls, str) else list(urls):
-        expanded.extend(expand_urls(url))
-    if not expanded:
-        raise ConfigError(f"no shards in {urls!r}")
-    local = [u for u in expanded if not u.startswith("pipe:")]
-    check_shard_files(local)
-    index_path = index_file or (os.path.join(os.path.dirname(local[0]), INDEX_NAME) if local else None)
-    index = _load_index_file(index_path) if index_path and os.path.isfile(index_path) else {"shards": {}}
-    counts = []
-    for url in expanded:
-        name = os.path.basename(url)
-        if name in index["shards"]:
-            counts.append(index["shards"][name])
-        elif url.startswith("pipe:"):
-            raise ConfigError(f"no sample count for {url}: pipe: sources need an index; pass "
-                              f"Shards(..., index=PATH/{INDEX_NAME}) with the one written beside the shards")
-        else:
-            counts.append(_count_samples(url))
-    return ShardIndex(expanded, counts, list(index.get("classes", [])))
-
-
-def check_shard_files(paths: Sequence[str]) -> None:
-    """Every local shard exists and starts with a tar header (one 512-byte read each, no scan)."""
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise ConfigError(f"{len(missing)} of {len(paths)} shard files missing, first {missing[0]}; "
-                          "build them (e.g. `make demo` writes data/digits) or fix the path")
-    unreadable = []
-    for path in paths:
-        try:
-            with open(path, "rb") as f:
-                tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), tarfile.ENCODING, "surrogateescape")
-        except (OSError, tarfile.TarError) as error:
-            unreadable.append((path, error))
-    if unreadable:
-        path, error = unreadable[0]
-        raise ConfigError(f"{len(unreadable)} of {len(paths)} shard files unreadable, first {path} ({error}); "
-                          "rewrite them with scripts/make_shards.py or remove them from the index")
-
-
-def _load_index_file(path: str) -> dict:
-    try:
-        with open(path) as f:
-            index = json.load(f)
-        assert isinstance(index.get("shards"), dict)
-        return index
-    except (OSError, ValueError, AssertionError) as error:
-        raise ConfigError(f"unreadable shard index {path} ({error}); rewrite it with the shard writer")
-
-
-def _count_samples(path: str) -> int:
-    with tarfile.open(path) as tar:
-        return len({m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()})
 
 
 # ---- epoch layout ---------------------------------------------------------------------------
@@ -333,7 +244,7 @@ class ShardStream(IterableDataset):
                     continue
                 usable += 1
                 batch.add(item, repeated=repeat > 0)
-                if len(batch.items) == self.batch_size:
+                if batch.count == self.batch_size:
                     done += 1
                     yield batch.emit(done, [repeat, n + 1])
                     if self.training and done == share.batches:
@@ -342,7 +253,7 @@ class ShardStream(IterableDataset):
                 shown = ", ".join(share.shards[:3]) + (" ..." if len(share.shards) > 3 else "")
                 raise DataError(f"no readable sample in {shown} (rank {self.rank}, worker {worker}); "
                                 "check or rewrite these shards")
-        if batch.items or batch.errors:  # validation: the last, partial batch
+        if batch.count or batch.errors:  # validation: the last, partial batch
             yield batch.emit(done, [0, 0])
 
     def _pass(self, share: WorkerShare, worker: int, repeat: int) -> Iterator[tuple[int, dict | None, list]]:
@@ -395,7 +306,9 @@ def _reason(error: Exception) -> str:
 
 
 class _seeded:
-    """Seed torch and random for one sample's augmentation; in the main process, restore after."""
+    """Seed torch's CPU generator and `random` for one sample's augmentation; in the main process,
+    restore them after. (Not torch.manual_seed: it also queues a seed call, with a formatted stack,
+    for each uninitialised accelerator backend: slow, and a list that grows per sample.)"""
 
     def __init__(self, seed: int):
         self.seed = seed
@@ -403,43 +316,70 @@ class _seeded:
 
     def __enter__(self):
         if torch.utils.data.get_worker_info() is None:  # don't disturb the model's dropout stream
-            self.saved = (torch.get_rng_state(), random.getstate())
-        torch.manual_seed(self.seed)
+            self.saved = (torch.default_generator.get_state(), random.getstate())
+        torch.default_generator.manual_seed(self.seed)
         random.seed(self.seed)
 
     def __exit__(self, *exc):
         if self.saved is not None:
-            torch.set_rng_state(self.saved[0])
+            torch.default_generator.set_state(self.saved[0])
             random.setstate(self.saved[1])
 
 
 class _BatchBuilder:
+    """A batch filled sample by sample into one buffer, allocated in shared memory when in a
+    DataLoader worker (so it crosses to the main process without another copy). Each sample's
+    tensor is freed as soon as it is copied: fresh memory is costly (page faults), reused is not."""
+
     def __init__(self, worker: int, size: int):
         self.worker, self.size = worker, size
-        self.items: list[tuple[torch.Tensor, int, str]] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.inputs: torch.Tensor | None = None
+        self.count = 0
+        self.labels: list[int] = []
+        self.keys: list[str] = []
         self.errors: list[dict] = []
         self.repeated = 0
 
-    def add(self, item, repeated: bool) -> None:
-        self.items.append(item)
+    def add(self, item: tuple[torch.Tensor, int, str], repeated: bool) -> None:
+        x, label, key = item
+        if self.inputs is None:
+            self.inputs = _batch_buffer(x, self.size)
+        elif x.shape != self.inputs.shape[1:] or x.dtype != self.inputs.dtype:
+            raise DataError(f"sample {key} is a {x.dtype} {tuple(x.shape)} tensor, others in its batch "
+                            f"{self.inputs.dtype} {tuple(self.inputs.shape[1:])}; make the transform "
+                            "resize or crop every image to one size")
+        self.inputs[self.count].copy_(x)
+        self.count += 1
+        self.labels.append(label)
+        self.keys.append(key)
         self.repeated += repeated
 
     def emit(self, worker_batches: int, position: list[int]) -> dict:
-        batch = collate(self.items, self.errors, self.repeated)
-        batch.update(worker=self.worker, worker_batches=worker_batches, position=position)
-        self.items, self.errors, self.repeated = [], [], 0
+        batch = {"inputs": self.inputs[:self.count] if self.count else None,
+                 "targets": torch.tensor(self.labels, dtype=torch.long) if self.count else None,
+                 "keys": self.keys, "errors": self.errors, "repeated": self.repeated,
+                 "worker": self.worker, "worker_batches": worker_batches, "position": position}
+        self._reset()
         return batch
 
 
-def collate(items: list, errors: list | None = None, repeated: int = 0) -> dict:
-    """A batch as the trainer takes it: inputs, targets, keys, and what reading it ran into."""
-    if items:
-        inputs = torch.stack([x for x, _, _ in items])
-        targets = torch.tensor([int(y) for _, y, _ in items], dtype=torch.long)
-    else:
-        inputs = targets = None
-    return {"inputs": inputs, "targets": targets, "keys": [k for _, _, k in items],
-            "errors": errors or [], "repeated": repeated}
+def _batch_buffer(first: torch.Tensor, size: int) -> torch.Tensor:
+    shape = (size, *first.shape)
+    if torch.utils.data.get_worker_info() is None:
+        return first.new_empty(shape)
+    # As torch's default_collate does in workers: a new tensor whose storage is shared memory.
+    storage = first._typed_storage()._new_shared(math.prod(shape), device=first.device)
+    return first.new(storage).resize_(shape)
+
+
+def collate(items: list) -> dict:
+    """A map-style dataset's batch in the form the trainer takes (as shard streams yield it)."""
+    return {"inputs": default_collate([x for x, _, _ in items]),
+            "targets": torch.tensor([int(y) for _, y, _ in items], dtype=torch.long),
+            "keys": [k for _, _, k in items], "errors": [], "repeated": 0}
 
 
 def shuffle_buffer(samples: Iterable, size: int, rng: random.Random) -> Iterator:
@@ -500,6 +440,10 @@ class SplitLoader:
     @property
     def classes(self) -> list[str]:
         return self.index.classes if self.index else list(getattr(self.source, "classes", []))
+
+    @property
+    def batch_transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return getattr(self.source, "batch_transform", None)
 
     @property
     def workers_per_rank(self) -> int:

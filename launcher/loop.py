@@ -206,7 +206,7 @@ class Trainer:
             window.data_time += time.perf_counter() - fetch_start
             self.position.advance(batch)
             self._note_errors(batch["errors"], "train")
-            inputs = batch["inputs"].to(acc.device, non_blocking=True)
+            inputs = self._device_inputs(batch, self.train_data)
             targets = batch["targets"].to(acc.device, non_blocking=True)
             self._trace(batch["keys"])
             with acc.accumulate(self.model):
@@ -228,6 +228,10 @@ class Trainer:
                         and self.position.batches < plan.micro_batches_per_epoch):  # epoch ends save anyway
                     self._save()
             fetch_start = time.perf_counter()
+
+    def _device_inputs(self, batch: dict, split: SplitLoader) -> torch.Tensor:
+        inputs = batch["inputs"].to(self.accelerator.device, non_blocking=True)
+        return split.batch_transform(inputs) if split.batch_transform else inputs
 
     def _clip_gradients(self):
         norm = self.cfg.max_grad_norm
@@ -334,7 +338,7 @@ class Trainer:
             totals[3] += sum(error["samples"] for error in batch["errors"])
             if batch["inputs"] is None:
                 continue
-            inputs, targets = batch["inputs"].to(acc.device), batch["targets"].to(acc.device)
+            inputs, targets = self._device_inputs(batch, self.val_data), batch["targets"].to(acc.device)
             with acc.autocast():
                 logits = model(inputs)
             loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")

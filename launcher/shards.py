@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from launcher.config import ConfigError
-from launcher.data import INDEX_NAME
+from launcher.shard_index import INDEX_NAME
 
 
 def write_shards(samples: Iterable[dict], out_dir: str, *, max_count: int,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -12,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from webdataset.tariterators import tarfile_samples
 
-from conftest import MLP_RECIPE, launcher
+from conftest import MLP_RECIPE, ROOT, launcher
 from launcher.data import Shards, SplitLoader, read_index
 from launcher.shards import write_shards
 
@@ -135,3 +137,13 @@ def test_unreadable_samples_are_skipped_and_counted_across_ranks(digits, tmp_pat
     assert line.startswith("launcher: error: 3 of 1438 training samples in epoch 0 are unreadable, more than "
                            "--max_corrupt_fraction=0.002; worst shards: ")
     assert "part0-000000.tar (2), " in line and "part1-000000.tar (1)" in line
+
+
+def test_data_benchmark_runs_and_reports_ratios_per_core():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_data.py"), "--images=96", "--size=64",
+                             "--crop=32", "--batch_size=8", "--rounds=1", "--workers=0,2"],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "tight loop, 1 process" in result.stdout
+    for line in ("pipeline, 0 worker(s)", "pipeline / (1 x tight) = ", "pipeline / (2 x tight) = "):
+        assert line in result.stdout

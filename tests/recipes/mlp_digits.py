@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from launcher import DataSpec, Shards, TrainConfig
-from recipes.digits import eval_transform
+from recipes.digits import eval_transform, normalize
 
 
 @dataclass
@@ -30,5 +30,5 @@ def build_model(cfg: Config):
 
 def build_data(cfg: Config):
     transform = eval_transform(8)  # no random augmentation: the data order alone decides the result
-    return DataSpec(train=Shards(os.path.join(cfg.data_dir, "train"), transform),
-                    val=Shards(os.path.join(cfg.data_dir, "val"), transform))
+    return DataSpec(train=Shards(os.path.join(cfg.data_dir, "train"), transform, batch_transform=normalize()),
+                    val=Shards(os.path.join(cfg.data_dir, "val"), transform, batch_transform=normalize()))

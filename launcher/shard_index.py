@@ -1,0 +1,103 @@
+"""Shard indexes: which tar files a source names, how many samples each holds, and whether the
+local ones are there and readable, all before anything trains.
+
+`index.json` beside the shards (written by the shard writer) gives the counts without scanning;
+`pipe:` sources must name one; local shards without an entry are scanned once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from webdataset.shardlists import expand_urls
+
+from launcher.config import ConfigError
+
+INDEX_NAME = "index.json"
+
+
+@dataclass
+class ShardIndex:
+    urls: list[str]
+    counts: list[int]
+    classes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
+def read_index(urls: str | Sequence[str], index_file: str = "") -> ShardIndex:
+    """Resolve a shard source to its shard URLs and sample counts (from index.json, else a scan).
+
+    Local shard files are checked before anything trains: missing or unreadable ones are an error.
+    """
+    if isinstance(urls, str) and os.path.isdir(urls):
+        path = os.path.join(urls, INDEX_NAME)
+        if not os.path.isfile(path):
+            raise ConfigError(f"shard directory {urls} has no {INDEX_NAME}; write shards with "
+                              "scripts/make_shards.py or list the .tar files instead")
+        index = _load_index_file(path)
+        names = list(index["shards"])
+        found = ShardIndex([os.path.join(urls, n) for n in names], [index["shards"][n] for n in names],
+                           list(index.get("classes", [])))
+        check_shard_files(found.urls)
+        return found
+    expanded = []
+    for url in [urls] if isinstance(urls, str) else list(urls):
+        expanded.extend(expand_urls(url))
+    if not expanded:
+        raise ConfigError(f"no shards in {urls!r}")
+    local = [u for u in expanded if not u.startswith("pipe:")]
+    check_shard_files(local)
+    index_path = index_file or (os.path.join(os.path.dirname(local[0]), INDEX_NAME) if local else None)
+    index = _load_index_file(index_path) if index_path and os.path.isfile(index_path) else {"shards": {}}
+    counts = []
+    for url in expanded:
+        name = os.path.basename(url)
+        if name in index["shards"]:
+            counts.append(index["shards"][name])
+        elif url.startswith("pipe:"):
+            raise ConfigError(f"no sample count for {url}: pipe: sources need an index; pass "
+                              f"Shards(..., index=PATH/{INDEX_NAME}) with the one written beside the shards")
+        else:
+            counts.append(_count_samples(url))
+    return ShardIndex(expanded, counts, list(index.get("classes", [])))
+
+
+def check_shard_files(paths: Sequence[str]) -> None:
+    """Every local shard exists and starts with a tar header (one 512-byte read each, no scan)."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise ConfigError(f"{len(missing)} of {len(paths)} shard files missing, first {missing[0]}; "
+                          "build them (e.g. `make demo` writes data/digits) or fix the path")
+    unreadable = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), tarfile.ENCODING, "surrogateescape")
+        except (OSError, tarfile.TarError) as error:
+            unreadable.append((path, error))
+    if unreadable:
+        path, error = unreadable[0]
+        raise ConfigError(f"{len(unreadable)} of {len(paths)} shard files unreadable, first {path} ({error}); "
+                          "rewrite them with scripts/make_shards.py or remove them from the index")
+
+
+def _load_index_file(path: str) -> dict:
+    try:
+        with open(path) as f:
+            index = json.load(f)
+        assert isinstance(index.get("shards"), dict)
+        return index
+    except (OSError, ValueError, AssertionError) as error:
+        raise ConfigError(f"unreadable shard index {path} ({error}); rewrite it with the shard writer")
+
+
+def _count_samples(path: str) -> int:
+    with tarfile.open(path) as tar:
+        return len({m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()})
