@@ -28,6 +28,7 @@ ranks (no padding, no drop).
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
 import itertools
 import math
@@ -96,6 +97,7 @@ class EpochLayout:
 
     epoch: int
     batch_size: int
+    batches_per_rank: int | None  # None: validation
     ranks: list[list[WorkerShare]]  # [rank][worker]
 
     def _planned(self) -> list[tuple[int, int]]:
@@ -136,18 +138,18 @@ def layout_epoch(index: ShardIndex, *, epoch: int, seed: int, world: int, worker
             for share, quota in zip(shares, _apportion(batches_per_rank, [s.samples for s in shares])):
                 share.batches = quota
         ranks.append(shares)
-    return EpochLayout(epoch, batch_size, ranks)
+    return EpochLayout(epoch, batch_size, batches_per_rank, ranks)
 
 
 def _balance(items: list[int], counts: list[int], bins: int) -> list[list[int]]:
     """Largest first, each to the bin holding the fewest samples (then fewest items, then lowest).
     The sort is stable, so equal-sized shards keep the epoch's shuffled order."""
     out: list[list[int]] = [[] for _ in range(bins)]
-    loads = [0] * bins
+    heap = [(0, 0, b) for b in range(bins)]  # (samples, items, bin): a heap, O(log bins) per shard
     for item in sorted(items, key=lambda i: -counts[i]):
-        target = min(range(bins), key=lambda b: (loads[b], len(out[b]), b))
+        load, size, target = heap[0]
         out[target].append(item)
-        loads[target] += counts[item]
+        heapq.heapreplace(heap, (load + counts[item], size + 1, target))
     return out
 
 
@@ -182,8 +184,7 @@ class Position:
             self.last_worker = batch["worker"]
         self.batches += 1
         self.repeated += batch["repeated"]
-        for error in batch["errors"]:
-            self.corrupt[error["shard"]] = self.corrupt.get(error["shard"], 0) + error["samples"]
+        tally_errors(batch["errors"], self.corrupt)
 
     def next_worker(self, quotas: list[int]) -> int:
         """The worker the DataLoader's round-robin serves next."""
@@ -202,6 +203,12 @@ class Position:
         state = dict(state)
         state["workers"] = {int(w): list(p) for w, p in state.get("workers", {}).items()}
         return cls(**state)
+
+
+def tally_errors(errors: list[dict], counts: dict[str, int]) -> None:
+    """Add error records' lost samples to per-shard counts."""
+    for error in errors:
+        counts[error["shard"]] = counts.get(error["shard"], 0) + error["samples"]
 
 
 # ---- streaming ------------------------------------------------------------------------------
@@ -294,9 +301,7 @@ class ShardStream(IterableDataset):
         except Exception as error:  # noqa: BLE001 - PIL raises many types for bad bytes
             errors.append({"shard": url, "key": key, "reason": _reason(error), "samples": 1})
             return None
-        if not self.training:
-            return self.spec.transform(image), label, key
-        with _seeded(derive_seed(self.seed, "augment", self.epoch, key, repeat)):
+        with _seeded(derive_seed(self.seed, "augment", self.epoch, key, repeat) if self.training else None):
             return self.spec.transform(image), label, key
 
 
@@ -307,14 +312,17 @@ def _reason(error: Exception) -> str:
 
 class _seeded:
     """Seed torch's CPU generator and `random` for one sample's augmentation; in the main process,
-    restore them after. (Not torch.manual_seed: it also queues a seed call, with a formatted stack,
-    for each uninitialised accelerator backend: slow, and a list that grows per sample.)"""
+    restore them after; None: leave them alone. (Not torch.manual_seed: it also queues a seed call,
+    with a formatted stack, for each uninitialised accelerator backend: slow, and a list that grows
+    per sample.)"""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int | None):
         self.seed = seed
         self.saved = None
 
     def __enter__(self):
+        if self.seed is None:
+            return
         if torch.utils.data.get_worker_info() is None:  # don't disturb the model's dropout stream
             self.saved = (torch.default_generator.get_state(), random.getstate())
         torch.default_generator.manual_seed(self.seed)
@@ -407,10 +415,7 @@ class KeyedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        if not self.training:
-            x, y = self.dataset[i][:2]
-            return x, y, str(i)
-        with _seeded(derive_seed(self.seed, "augment", self.epoch, i)):
+        with _seeded(derive_seed(self.seed, "augment", self.epoch, i) if self.training else None):
             x, y = self.dataset[i][:2]
         return x, y, str(i)
 
@@ -427,6 +432,7 @@ class SplitLoader:
         self.rank, self.world, self.seed = rank, world, seed
         self.batch_size, self.num_workers = batch_size, num_workers
         self.batches_per_epoch = batches_per_epoch  # training, per rank; the trainer sets it from the plan
+        self._layout: EpochLayout | None = None  # the last one computed (loader and report share it)
         if isinstance(source, Shards):
             self.index = read_index(source.urls, source.index)
             self.total = self.index.total
@@ -453,9 +459,13 @@ class SplitLoader:
     def layout(self, epoch: int) -> EpochLayout:
         if self.training and self.batches_per_epoch is None:
             raise RuntimeError("SplitLoader.batches_per_epoch must be set (from the plan) before training")
-        return layout_epoch(self.index, epoch=epoch, seed=self.seed, world=self.world,
-                            workers=self.workers_per_rank, batch_size=self.batch_size,
-                            batches_per_rank=self.batches_per_epoch if self.training else None)
+        batches = self.batches_per_epoch if self.training else None
+        cached = self._layout
+        if cached is None or cached.epoch != epoch or cached.batches_per_rank != batches:
+            self._layout = layout_epoch(self.index, epoch=epoch, seed=self.seed, world=self.world,
+                                        workers=self.workers_per_rank, batch_size=self.batch_size,
+                                        batches_per_rank=batches)
+        return self._layout
 
     def planned_dropped(self, epoch: int) -> int:
         """Training samples an epoch leaves unread so every rank takes the same whole batches."""

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 
 import torch
 from accelerate import Accelerator
@@ -24,7 +25,7 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from launcher.config import ConfigError, TrainConfig
-from launcher.data import DataError, Position, SplitLoader, derive_seed
+from launcher.data import DataError, Position, SplitLoader, derive_seed, tally_errors
 from launcher.params import (ParamGroup, Schedule, apply_freezing, assign_groups, build_optimizer,
                              frozen_batchnorms)
 from launcher.plan import Plan, format_plan, make_plan
@@ -288,13 +289,13 @@ class Trainer:
         samples = self.plan.train_samples if split == "train" else self.plan.val_samples
         if total <= self.cfg.max_corrupt_fraction * samples:
             return
-        merged: dict[str, int] = {}
+        merged: Counter[str] = Counter()
         for per_rank in gather_object([counts if counts is not None else self.position.corrupt]):
-            for shard, n in per_rank.items():
-                merged[shard] = merged.get(shard, 0) + n
-        worst = sorted(merged.items(), key=lambda kv: -kv[1])[:3]
+            merged.update(per_rank)
+        worst = merged.most_common(3)
+        name = "training" if split == "train" else "validation"
         raise DataError(
-            f"{total} of {samples} {'training' if split == 'train' else 'validation'} samples in epoch {self.epoch} are unreadable, more than "
+            f"{total} of {samples} {name} samples in epoch {self.epoch} are unreadable, more than "
             f"--max_corrupt_fraction={self.cfg.max_corrupt_fraction}; worst shards: "
             + ", ".join(f"{shard} ({n})" for shard, n in worst)
             + f"; details in {os.path.join(self.cfg.output_dir, 'data_errors')}/. Rewrite or drop those shards")
@@ -330,12 +331,10 @@ class Trainer:
         model = acc.unwrap_model(self.model)  # no DDP collectives: ranks may hold unequal shares
         model.eval()
         totals = torch.zeros(4, dtype=torch.float64, device=acc.device)  # loss sum, correct, count, unreadable
-        unreadable: dict[str, int] = {}
+        unreadable: dict[str, int] = {}  # shard -> samples
         for batch in self.val_data.loader(self.epoch):
             self._note_errors(batch["errors"], "val")
-            for error in batch["errors"]:
-                unreadable[error["shard"]] = unreadable.get(error["shard"], 0) + error["samples"]
-            totals[3] += sum(error["samples"] for error in batch["errors"])
+            tally_errors(batch["errors"], unreadable)
             if batch["inputs"] is None:
                 continue
             inputs, targets = self._device_inputs(batch, self.val_data), batch["targets"].to(acc.device)
@@ -344,6 +343,7 @@ class Trainer:
             loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
             totals[:3] += torch.stack([loss.double(), (logits.argmax(1) == targets).sum().double(),
                                        torch.tensor(float(len(targets)), device=acc.device, dtype=torch.float64)])
+        totals[3] = sum(unreadable.values())
         totals = acc.reduce(totals, "sum")
         count = int(totals[2].item())
         self._check_corrupt(int(totals[3].item()), "val", unreadable)

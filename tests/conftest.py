@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -20,6 +21,11 @@ def digits(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), "--out", str(out)],
                    check=True, cwd=ROOT, capture_output=True)
     return out
+
+
+def metrics(run_dir) -> list[dict]:
+    """A run's metrics.jsonl, one dict per logged record."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def free_port() -> int:

@@ -11,14 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MLP_RECIPE, ROOT, launcher
+from conftest import MLP_RECIPE, ROOT, launcher, metrics
 from launcher.schedules import warmup_cosine
 
 pytestmark = pytest.mark.e2e
-
-
-def metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def val_losses(run_dir) -> list[float]:

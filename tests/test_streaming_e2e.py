@@ -14,15 +14,11 @@ import torch
 from safetensors.torch import load_file
 from webdataset.tariterators import tarfile_samples
 
-from conftest import MLP_RECIPE, ROOT, launcher
+from conftest import MLP_RECIPE, ROOT, launcher, metrics
 from launcher.data import Shards, SplitLoader, read_index
 from launcher.shards import write_shards
 
 pytestmark = pytest.mark.e2e
-
-
-def metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def reshard(digits, out, sizes: list[int], unreadable: frozenset = frozenset()):
