@@ -2,11 +2,12 @@
 
 DDP over all processes (gloo on CPU), mixed precision, gradient accumulation through
 `accelerator.accumulate` (non-final micro-batches skip the all-reduce), clipping, the LR
-scheduler stepped once per optimizer step, evaluation each epoch with every validation sample
-counted once, checkpoints at epoch ends and every `checkpoint_every` steps (with each rank's
-data position, so a resume continues mid-epoch exactly), unreadable samples counted across
-ranks (stop above `max_corrupt_fraction`), metrics to metrics.jsonl and wandb, final weights.
-"""
+scheduler stepped once per optimizer step (every group's LR logged each step), scheduled
+unfreezing (DDP rebuilt to include the unfrozen parameters), evaluation each epoch with every
+validation sample counted once, checkpoints at epoch ends and every `checkpoint_every` steps
+(with each rank's data position, so a resume continues mid-epoch exactly), unreadable samples
+counted across ranks (stop above `max_corrupt_fraction`), metrics to metrics.jsonl and wandb,
+final weights."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from launcher.config import ConfigError, TrainConfig
 from launcher.data import DataError, Position, SplitLoader, derive_seed, tally_errors
 from launcher.params import (ParamGroup, Schedule, apply_freezing, assign_groups, build_optimizer,
-                             frozen_batchnorms)
+                             frozen_batchnorms, lr_multipliers)
 from launcher.plan import Plan, format_plan, make_plan
 from launcher.recipe import Recipe
 from launcher.tracking import MetricsLog, save_run_files
@@ -55,7 +56,7 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int) -> RunP
     plan = make_plan(cfg, train_data, val_data, world)  # also sets train_data.batches_per_epoch
     model = recipe.build_model(cfg)
     schedule = recipe.build_schedule(cfg, model)
-    groups = assign_groups(model, schedule, cfg.lr, cfg.weight_decay)
+    groups = assign_groups(model, schedule, cfg.lr, cfg.weight_decay, plan.steps_per_epoch)
     return RunParts(train_data, val_data, plan, model, schedule, groups)
 
 
@@ -98,12 +99,11 @@ class Trainer:
         parts = build_parts(cfg, recipe, self.rank, self.world)
         self.train_data, self.val_data, self.plan = parts.train_data, parts.val_data, parts.plan
         model, schedule, self.groups = parts.model, parts.schedule, parts.groups
-        apply_freezing(model, self.groups)
-        self.frozen_norms = frozen_batchnorms(model)
+        apply_freezing(self.groups, step=0)
+        self.frozen_norms = frozen_batchnorms(model, self.groups)
         optimizer = build_optimizer(schedule, self.groups)
-        lr_at = schedule.lr_at
         total = self.plan.schedule_steps  # max_steps stops early; it does not shorten the schedule
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, total))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multipliers(self.groups, schedule.lr_at, total))
         self.loss_fn = recipe.build_loss(cfg)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(self.scheduler)
@@ -131,6 +131,7 @@ class Trainer:
             self.position = Position.from_dict(rank_state) if rank_state else Position(self.epoch)
             self.saved_step = self.step
             self._check_resumable(resume_from, state)
+            self._update_frozen()
             if acc.is_main_process:
                 where = (f", {self.position.batches} of {self.plan.micro_batches_per_epoch} batches into it"
                          if self.position.batches else "")
@@ -193,9 +194,7 @@ class Trainer:
 
     def train_epoch(self) -> None:
         acc, cfg, plan = self.accelerator, self.cfg, self.plan
-        self.model.train()
-        for module in self.frozen_norms:
-            module.eval()  # frozen BatchNorm keeps its running statistics
+        self._train_mode()
         if self.position.epoch != self.epoch:
             self.position = Position(self.epoch)
         remaining = (plan.total_steps - self.step) * cfg.grad_accum_steps
@@ -219,16 +218,37 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
             window.add(loss.detach(), inputs.shape[0])
             if acc.sync_gradients:
+                lrs = {f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups}  # this step's
                 self.scheduler.step()
                 self.step += 1
                 self.progress.update(1)
+                self._update_frozen()
                 if self.step % cfg.log_every == 0 or self.step == plan.total_steps:
-                    self._log_train(window)
+                    self._log_train(window, lrs)
                     window = _Window(acc.device)
+                else:
+                    self._record({"step": self.step, "epoch": self.epoch, **lrs})
                 if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
                         and self.position.batches < plan.micro_batches_per_epoch):  # epoch ends save anyway
                     self._save()
             fetch_start = time.perf_counter()
+
+    def _train_mode(self) -> None:
+        self.model.train()
+        for module in self.frozen_norms:
+            module.eval()  # frozen BatchNorm keeps its running statistics
+
+    def _update_frozen(self) -> None:
+        """Unfreeze the groups whose step has come (after a resume too): gradients on, BatchNorm
+        statistics updating again, DDP rebuilt so it all-reduces their gradients."""
+        unfrozen = apply_freezing(self.groups, self.step)
+        if not unfrozen:
+            return
+        self.frozen_norms = frozen_batchnorms(self.model, self.groups)
+        self.model = rewrap_ddp(self.accelerator, self.model)
+        self._train_mode()
+        if self.accelerator.is_main_process:
+            tqdm.write(f"step {self.step}: training {', '.join(unfrozen)} from now on")
 
     def _device_inputs(self, batch: dict, split: SplitLoader) -> torch.Tensor:
         inputs = batch["inputs"].to(self.accelerator.device, non_blocking=True)
@@ -242,7 +262,7 @@ class Trainer:
             return self.accelerator.clip_grad_norm_(self.model.parameters(), math.inf)
         return None
 
-    def _log_train(self, window: "_Window") -> None:
+    def _log_train(self, window: "_Window", lrs: dict[str, float]) -> None:
         acc = self.accelerator
         corrupt = float(sum(self.position.corrupt.values()))
         mine = torch.stack([window.loss_sum / max(window.batches, 1), torch.tensor(corrupt, device=acc.device)])
@@ -255,9 +275,7 @@ class Trainer:
                   "train/data_wait": window.data_time / elapsed}
         if window.grad_norm is not None:
             record["train/grad_norm"] = float(window.grad_norm)
-        for group in self.optimizer.param_groups:
-            record[f"lr/{group['name']}"] = group["lr"]
-        self._record(record)
+        self._record({**record, **lrs})
         self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.3g}",
                                   samples_s=f"{record['train/samples_per_s']:.0f}")
 
@@ -400,6 +418,25 @@ class Trainer:
             run_dir = os.path.dirname(self.accelerator.get_tracker("wandb", unwrap=True).dir)
             lines.append(f"  wandb run       {run_dir} ({cfg.wandb_mode}; `wandb sync {run_dir}` uploads it)")
         print("\n".join(lines), flush=True)
+
+
+def rewrap_ddp(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """DDP all-reduces only the parameters that required grad when it was built: after an unfreeze,
+    build it again as Accelerate does (its kwargs and comm hook), and put it where Accelerate's
+    checkpoints look for the model. A collective: every rank calls it at the same step."""
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model
+    handler = accelerator.ddp_handler
+    wrapped = torch.nn.parallel.DistributedDataParallel(
+        model.module, device_ids=model.device_ids, output_device=model.output_device,
+        **(handler.to_kwargs() if handler else {}))
+    if handler:
+        handler.register_comm_hook(wrapped)
+    models = accelerator._models  # no public API swaps a prepared model; on CPU it holds the bare module
+    for i, held in enumerate(models):
+        if held is model:
+            models[i] = wrapped
+    return wrapped
 
 
 def replica_tensors(model: torch.nn.Module) -> list[torch.Tensor]:

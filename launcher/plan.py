@@ -119,14 +119,25 @@ def format_plan(cfg: TrainConfig, plan: Plan, groups: list[ParamGroup], recipe_n
 
 
 def format_groups(groups: list[ParamGroup]) -> str:
-    rows = [("name", "params", "lr", "weight_decay", "state")]
+    rows = [("name", "params", "lr", "weight_decay", "trains")]
     for pg in groups:
-        rows.append((pg.group.name, f"{pg.num_params:,}", "-" if pg.group.frozen else f"{pg.lr:.3g}",
-                     "-" if pg.group.frozen else f"{pg.weight_decay:.3g}",
-                     "frozen" if pg.group.frozen else "trainable"))
-    trainable = sum(pg.num_params for pg in groups if not pg.group.frozen)
+        rows.append((pg.name, f"{pg.num_params:,}", f"{pg.lr:.3g}" if pg.in_optimizer else "-",
+                     f"{pg.weight_decay:.3g}" if pg.in_optimizer else "-", _when(pg)))
+    now = sum(pg.num_params for pg in groups if pg.trains_at(0))
+    later = sum(pg.num_params for pg in groups if pg.in_optimizer) - now
     total = sum(pg.num_params for pg in groups)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.append(f"  {trainable:,} of {total:,} parameters trainable")
+    lines.append(f"  {now:,} of {total:,} parameters trainable" + (f", {later:,} more after unfreezing" if later else ""))
     return "\n".join(lines)
+
+
+def _when(pg: ParamGroup) -> str:
+    if pg.starts_at is None:
+        return "never (frozen)"
+    if pg.starts_at == 0:
+        return "always"
+    group = pg.group
+    epoch = f" (epoch {group.unfreeze_epoch})" if group.unfreeze_epoch is not None else ""
+    warmup = f", LR warm-up {group.unfreeze_warmup_steps} steps" if group.unfreeze_warmup_steps else ""
+    return f"from step {pg.starts_at}{epoch}{warmup}"

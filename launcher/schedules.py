@@ -27,3 +27,15 @@ def warmup_cosine(warmup_steps: int, min_ratio: float = 0.0) -> LRFunction:
 
 def constant() -> LRFunction:
     return lambda step, total_steps: 1.0
+
+
+def unfreeze_warmup(start_step: int, warmup_steps: int) -> Callable[[int], float]:
+    """A group unfrozen at `start_step`: 1. LR 0 before it; 2. linear warm-up over `warmup_steps`
+    (the first update after the unfreeze at 1/(warmup_steps + 1)); 3. 1 after."""
+
+    def multiplier(step: int) -> float:
+        if step < start_step:  # phase 1
+            return 0.0
+        return min(1.0, (step - start_step + 1) / (warmup_steps + 1))  # phases 2 and 3
+
+    return multiplier

@@ -3,8 +3,10 @@
     python -m launcher recipes/resnet_finetune --weights=runs/demo/pretrain
     accelerate launch -m launcher recipes/resnet_finetune --weights=...
 
-The stem and the first stages stay frozen (BatchNorm statistics fixed), the last stage trains
-at the base LR and the new 10-class head at `head_lr_scale` times it.
+The stem and the first stages stay frozen (BatchNorm statistics fixed). Below the new 10-class
+head (at `head_lr_scale` x lr) each stage trains at lr x layer_decay^depth, depth 1 for layer4;
+the `unfreeze` stages start frozen and join at `unfreeze_epoch` with their LR warming up from 0.
+Biases and BatchNorm weights get no weight decay.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ from dataclasses import dataclass
 
 import torchvision
 
-from launcher import Group, Schedule, TrainConfig, load_weights, warmup_cosine
+from launcher import ConfigError, Group, Schedule, TrainConfig, layer_decay, load_weights, warmup_cosine
 from recipes.digits import digit_shards
+
+STAGES = {"layer4": ["layer4"], "layer3": ["layer3"], "layer2": ["layer2"], "layer1": ["layer1"],
+          "stem": ["conv1", "bn1"]}  # a torchvision ResNet's stages, from the head down
 
 
 @dataclass
@@ -24,8 +29,14 @@ class Config(TrainConfig):
     arch: str = "resnet18"  # a torchvision ResNet name
     weights: str = ""  # initial weights: a launcher run's output_dir, a .pth/.pt/.safetensors file, or a torchvision name (IMAGENET1K_V1) from the hub cache; "" = random
     num_classes: int = 10  # the head is replaced to this many classes
-    frozen: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2", "layer3")  # modules kept frozen
+    frozen: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2")  # modules (name patterns) frozen for the whole run
+    unfreeze: tuple[str, ...] = ("layer3",)  # stages (layer1-4, stem) frozen at first, trained from unfreeze_epoch
+    unfreeze_epoch: int = 2  # the epoch at which the unfreeze stages start training
+    unfreeze_step: int = 0  # > 0: unfreeze at this optimizer step instead of unfreeze_epoch
+    unfreeze_warmup_steps: int = 10  # optimizer steps over which an unfrozen stage's LR rises from 0
+    layer_decay: float = 0.5  # stage at depth d below the head trains at lr x layer_decay^d
     head_lr_scale: float = 10.0  # the head's LR = lr x this
+    no_decay_norm_bias: bool = True  # biases and BatchNorm weights get no weight decay
     output_dir: str = "runs/resnet_finetune"
     epochs: int = 4
     batch_size: int = 64
@@ -47,9 +58,15 @@ def build_data(cfg: Config):
 
 
 def build_schedule(cfg: Config, model) -> Schedule:
-    frozen = [pattern for name in cfg.frozen for pattern in (name, f"{name}.*")]
+    unknown = sorted(set(cfg.unfreeze) - set(STAGES))
+    if unknown:
+        raise ConfigError(f"--unfreeze names {', '.join(unknown)}; stages are {', '.join(STAGES)}")
+    when = dict(unfreeze_step=cfg.unfreeze_step) if cfg.unfreeze_step else dict(unfreeze_epoch=cfg.unfreeze_epoch)
+    stages = [Group(name, patterns, frozen=True, unfreeze_warmup_steps=cfg.unfreeze_warmup_steps, **when)
+              if name in cfg.unfreeze else Group(name, patterns) for name, patterns in STAGES.items()]
     return Schedule(
-        groups=[Group("frozen", frozen, frozen=True),
-                Group("head", ["fc.*"], lr_scale=cfg.head_lr_scale),
-                Group("backbone", ["*"])],
-        lr_at=warmup_cosine(cfg.warmup_steps, cfg.min_lr_ratio))
+        groups=[Group("frozen", cfg.frozen, frozen=True),  # first match wins: these never train
+                Group("head", ["fc"], lr_scale=cfg.head_lr_scale),
+                *layer_decay(stages, cfg.layer_decay)],
+        lr_at=warmup_cosine(cfg.warmup_steps, cfg.min_lr_ratio),
+        no_decay_norm_bias=cfg.no_decay_norm_bias)

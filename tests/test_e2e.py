@@ -41,8 +41,13 @@ def test_plan_prints_batch_arithmetic_groups_and_outputs(digits):
     assert "world size            4 process(es)" in text
     assert "8 per device x 4 processes x 2 accumulation = 64 global" in text
     assert "1438 in 8 shards" in text and "22 per epoch x 4 epochs -> 88 total" in text
-    for row in ("frozen    2,782,784  -", "head      5,130      0.01", "backbone  8,393,728  0.001"):
-        assert row in text
+    rows = {line.split()[0]: line.split()[1:] for line in text.split("parameter groups:")[1].splitlines()[2:-1]}
+    assert rows["frozen"] == ["683,072", "-", "-", "never", "(frozen)"]  # conv1, bn1, layer1, layer2
+    assert rows["head"] == ["5,120", "0.01", "0.05", "always"] and rows["head/no_decay"][:3] == ["10", "0.01", "0"]
+    assert rows["layer4"] == ["8,388,608", "0.0005", "0.05", "always"]  # lr x layer_decay
+    assert rows["layer3"][:4] == ["2,097,152", "0.00025", "0.05", "from"]
+    assert "from step 44 (epoch 2), LR warm-up 10 steps" in text  # 22 steps per epoch
+    assert "8,398,858 of 11,181,642 parameters trainable, 2,099,712 more after unfreezing" in text
     assert "outputs               runs/resnet_finetune" in text
 
 
@@ -93,12 +98,13 @@ def test_gradient_accumulation_matches_a_larger_batch(digits, tmp_path):
         runs[batch] = load_file(str(out / "model.safetensors"))
     for key in runs[8]:
         torch.testing.assert_close(runs[8][key], runs[16][key], rtol=1e-5, atol=1e-6)
-    # The scheduler steps once per optimizer step, not per micro-batch: 89 steps in the epoch.
+    # The scheduler steps once per optimizer step, not per micro-batch: 89 steps in the epoch,
+    # each logging the LR its update used.
     logged = [m for m in metrics(tmp_path / "b8") if "lr/all" in m]
     lr_at = warmup_cosine(5)
-    assert logged[-1]["step"] == 89
+    assert [m["step"] for m in logged] == list(range(1, 90))
     for record in logged:
-        assert record["lr/all"] == pytest.approx(3e-3 * lr_at(record["step"], 89))
+        assert record["lr/all"] == pytest.approx(3e-3 * lr_at(record["step"] - 1, 89))
 
 
 def test_bf16_trains_on_cpu_and_fp16_without_a_gpu_is_refused(digits, tmp_path):
@@ -142,8 +148,10 @@ def test_finetune_loads_a_pretraining_run_and_logs_to_offline_wandb(digits, tmp_
                              capture_output=True, text=True, timeout=120, check=True)
     history = [json.loads(line) for line in inspect.stdout.splitlines() if '"history"' in line]
     logged = json.dumps(history)
-    for key in ("train/loss", "lr/head", "lr/backbone", "val/top1", "val/loss"):
+    for key in ("train/loss", "val/top1", "val/loss"):
         assert key in logged, key
+    lr_steps = [h["history"]["item"]["_step"] for h in history if "lr/layer3" in h["history"]["item"]]
+    assert lr_steps == [1, 2, 3, 4, 5, 6]  # every group's LR at every optimizer step
 
 
 def test_overhead_benchmark_runs_and_reports_a_ratio(tmp_path):

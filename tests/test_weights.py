@@ -83,3 +83,14 @@ def test_missing_or_unreadable_files(tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="cannot be read"):
         load_weights(resnet(10), str(tmp_path / "bad.pth"))
+
+
+def test_missing_and_unexpected_keys_are_reported(tmp_path, source):
+    state = source.state_dict()
+    del state["layer1.0.bn1.running_mean"]
+    state["aux.weight"] = torch.zeros(3)
+    torch.save(state, tmp_path / "w.pth")
+    lines = []
+    report = load_weights(resnet(10), str(tmp_path / "w.pth"), log=lines.append)
+    assert report["missing"] == ["layer1.0.bn1.running_mean"] and report["unexpected"] == ["aux.weight"]
+    assert "missing: layer1.0.bn1.running_mean; unexpected: aux.weight" in lines[0]
