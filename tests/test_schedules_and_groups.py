@@ -185,3 +185,11 @@ def test_everything_frozen_at_the_start_is_an_error():
     groups = assign_groups(model, Schedule(groups=[Group("all", ["*"], frozen=True, unfreeze_step=5)]), 0.1, 0.0)
     with pytest.raises(ConfigError, match="every parameter is frozen at the start"):
         build_optimizer(Schedule(), groups)
+
+
+def test_everything_but_the_head_frozen():
+    model = Tiny()
+    groups = assign_groups(model, Schedule(groups=[Group("head", ["head"]), Group("body", ["*"], frozen=True)]), 0.1, 0.0)
+    apply_freezing(groups, step=0)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
+    assert [g["name"] for g in build_optimizer(Schedule(), groups).param_groups] == ["head"]
