@@ -2,24 +2,29 @@
 
 Each is written by all ranks into a hidden temporary directory (Accelerate's save_state: model,
 optimizer, LR scheduler, grad scaler, every rank's RNG states; each rank's data position in
-rank-N.json) plus trainer_state.json, and is
-renamed into place by the main process only once every rank has finished. A crash mid-save
-leaves the previous checkpoints as they were; a directory without trainer_state.json is never
-picked for resuming.
+rank-N.json) plus trainer_state.json (step, epoch, best metric, tracker run id, resolved config,
+world size), and is renamed into place by the main process only once every rank has finished.
+A crash mid-save leaves the previous checkpoints as they were; a directory without
+trainer_state.json is never picked for resuming. Only after a new checkpoint is in place are old
+ones pruned: the newest `keep_checkpoints` stay, and the best one (best.json names it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
 import shutil
+import signal
 
 from accelerate import Accelerator
 
 from launcher.config import ConfigError
 
 STATE_FILE = "trainer_state.json"
+BEST_FILE = "best.json"
+KILL_DURING_SAVE = "LAUNCHER_TEST_KILL_DURING_SAVE"  # fault injection for the tests: SIGKILL mid-save at this step
 
 
 def checkpoint_dirs(output_dir: str) -> list[str]:
@@ -28,7 +33,7 @@ def checkpoint_dirs(output_dir: str) -> list[str]:
     return sorted(found)
 
 
-def find_resume(cfg) -> str | None:
+def find_resume(cfg, log=print) -> str | None:
     """The checkpoint to resume from, or None; refuses to overwrite an earlier run by accident."""
     existing = checkpoint_dirs(cfg.output_dir)
     if cfg.resume == "":
@@ -38,7 +43,7 @@ def find_resume(cfg) -> str | None:
         return None
     if cfg.resume == "auto":
         if not existing:
-            print(f"--resume=auto: no checkpoint in {cfg.output_dir}/checkpoints, starting fresh", flush=True)
+            log(f"--resume=auto: no checkpoint in {cfg.output_dir}/checkpoints, starting fresh")
             return None
         return existing[-1]
     if not os.path.isfile(os.path.join(cfg.resume, STATE_FILE)):
@@ -56,6 +61,8 @@ def save(accelerator: Accelerator, output_dir: str, state: dict, rank_state: dic
         os.makedirs(temporary)
     accelerator.wait_for_everyone()
     accelerator.save_state(temporary)
+    if os.environ.get(KILL_DURING_SAVE) == str(state["step"]):
+        os.kill(os.getpid(), signal.SIGKILL)  # model and optimizer written, the rest not: a torn save
     if rank_state is not None:
         with open(os.path.join(temporary, f"rank-{accelerator.process_index}.json"), "w") as f:
             json.dump(rank_state, f)
@@ -73,6 +80,63 @@ def save(accelerator: Accelerator, output_dir: str, state: dict, rank_state: dic
             os.replace(temporary, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def prune(output_dir: str, keep: int, best_step: int | None) -> None:
+    """Main process, after a save is complete: drop all but the newest `keep` (0: all) and the
+    best, and what crashed saves left behind."""
+    root = os.path.join(output_dir, "checkpoints")
+    for leftover in glob.glob(os.path.join(root, ".tmp-*")) + glob.glob(os.path.join(root, ".old-*")):
+        shutil.rmtree(leftover, ignore_errors=True)
+    complete = checkpoint_dirs(output_dir)
+    if keep == 0:
+        return
+    best = os.path.join(root, f"step-{best_step:08d}") if best_step is not None else None
+    for path in complete[:-keep]:
+        if path != best:
+            shutil.rmtree(path)
+
+
+def write_best(output_dir: str, best: dict) -> None:
+    """checkpoints/best.json: the best evaluation so far and its checkpoint directory."""
+    root = os.path.join(output_dir, "checkpoints")
+    record = {**best, "checkpoint": os.path.join(root, f"step-{best['step']:08d}")}
+    temporary = os.path.join(root, f".{BEST_FILE}.tmp")
+    with open(temporary, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(temporary, os.path.join(root, BEST_FILE))
+
+
+def read_state(path: str) -> dict:
+    try:
+        with open(os.path.join(path, STATE_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"checkpoint {path} cannot be loaded ({STATE_FILE}: {type(error).__name__}); "
+                          "resume from another checkpoint or start a new --output_dir") from error
+
+
+def keep_global_batch(cfg, path: str, world_size: int) -> tuple[object, str]:
+    """Resuming on a different number of processes: recompute grad_accum_steps so the global batch
+    (per-device batch x processes x accumulation) stays the checkpoint's. Returns (cfg, note)."""
+    state = read_state(path)
+    then_world = state.get("world_size", world_size)
+    if then_world == world_size:
+        return cfg, ""
+    then = state["config"]
+    global_batch = then["batch_size"] * then_world * then["grad_accum_steps"]
+    per_step = cfg.batch_size * world_size
+    if global_batch % per_step:
+        fix = (f"choose a --batch_size that divides {global_batch // world_size}" if global_batch % world_size == 0
+               else f"resume on a number of processes that divides {global_batch}")
+        raise ConfigError(
+            f"checkpoint {path} trained with a global batch of {global_batch} ({then['batch_size']} per device x "
+            f"{then_world} processes x {then['grad_accum_steps']} accumulation), which {world_size} processes x "
+            f"--batch_size={cfg.batch_size} do not divide; {fix}")
+    accum = global_batch // per_step
+    note = (f"resuming on {world_size} process(es) instead of {then_world}: grad_accum_steps "
+            f"{cfg.grad_accum_steps} -> {accum} keeps the global batch of {global_batch}")
+    return dataclasses.replace(cfg, grad_accum_steps=accum), note
 
 
 def load(accelerator: Accelerator, path: str) -> tuple[dict, dict | None]:

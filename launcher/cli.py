@@ -12,7 +12,7 @@ import sys
 
 import fire
 
-from launcher.config import ConfigError, apply_overrides, field_help, type_name
+from launcher.config import ConfigError, RunStopped, apply_overrides, field_help, type_name
 
 USAGE = """\
 usage: python -m launcher RECIPE [--field=value ...]          train
@@ -25,8 +25,12 @@ RECIPE is a recipe file (recipes/resnet_finetune or recipes/resnet_finetune.py) 
 module name (recipes.resnet_finetune). Every field of the recipe's Config can be set with
 --field=value; common to all recipes: output_dir, seed, epochs, max_steps, batch_size (per
 device), grad_accum_steps, mixed_precision (no/fp16/bf16), resume (""/auto/PATH),
-checkpoint_every, num_workers, max_corrupt_fraction, wandb_mode (auto/online/offline/disabled).
-Errors exit with code 2."""
+checkpoint_every, checkpoint_epoch_end, keep_checkpoints, best_metric, best_mode, nonfinite
+(stop/skip), num_workers, max_corrupt_fraction, wandb_mode (auto/online/offline/disabled).
+
+Exit codes: 0 done; 2 bad input (one line on stderr); 1 stopped on a non-finite loss
+(--nonfinite=stop); 75 preempted by SIGUSR1/SIGTERM after saving a checkpoint (under Slurm a
+SIGUSR1 also requeues the job; elsewhere rerun with --resume=auto)."""
 
 COMMANDS = ("train", "plan", "shards")
 
@@ -39,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launcher: error: {one_line(error)}", file=sys.stderr)
         _leave_process_group()
         sys.exit(2)
+    except RunStopped as error:  # a non-finite loss (1), a preemption (75)
+        if str(error):
+            print(f"launcher: stopped: {one_line(error)}", file=sys.stderr)
+        _leave_process_group()
+        sys.exit(error.exit_code)
 
 
 def one_line(error: Exception) -> str:

@@ -24,6 +24,12 @@ class ConfigError(ValueError):
     """Bad user input. The CLI prints it as one line on stderr and exits with code 2."""
 
 
+class RunStopped(RuntimeError):
+    """A run that cannot or should not go on (non-finite loss, preemption): one line, `exit_code`."""
+
+    exit_code = 1
+
+
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/default"  # where metrics, config, checkpoints and final weights go
@@ -45,6 +51,11 @@ class TrainConfig:
     eval_batch_size: int = 0  # samples per device per evaluation batch (0: batch_size)
     log_every: int = 10  # optimizer steps between logged training metrics
     checkpoint_every: int = 0  # also checkpoint every N optimizer steps, mid-epoch included (0: epoch ends only)
+    checkpoint_epoch_end: bool = True  # checkpoint at each epoch end (after evaluation)
+    keep_checkpoints: int = 3  # keep the newest K checkpoints, plus the best one (0: keep all)
+    best_metric: str = "val/top1"  # evaluation metric that picks the best checkpoint (val/top1 or val/loss)
+    best_mode: Literal["max", "min"] = "max"  # whether a higher or lower best_metric is better
+    nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/Inf loss or gradient: stop with an error, or skip the step and count it
     max_corrupt_fraction: float = 0.01  # stop when more than this fraction of an epoch's samples is unreadable
     trace_samples: bool = False  # write each rank's training sample keys to output_dir/samples/ (debugging, tests)
 
@@ -53,7 +64,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "num_workers", "eval_batch_size", "seed", "checkpoint_every"):
+        for name in ("max_steps", "warmup_steps", "num_workers", "eval_batch_size", "seed", "checkpoint_every",
+                     "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "max_grad_norm", "min_lr_ratio", "max_corrupt_fraction"):

@@ -17,6 +17,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import time
 from collections import Counter
 
@@ -25,11 +26,12 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from launcher.config import ConfigError, TrainConfig
+from launcher.config import ConfigError, RunStopped, TrainConfig
 from launcher.data import DataError, Position, SplitLoader, derive_seed, tally_errors
 from launcher.params import (ParamGroup, Schedule, apply_freezing, assign_groups, build_optimizer,
                              frozen_batchnorms, lr_multipliers)
 from launcher.plan import Plan, format_plan, make_plan
+from launcher.preemption import Preempted, StopSignals, requeue_slurm_job
 from launcher.recipe import Recipe
 from launcher.tracking import MetricsLog, save_run_files
 from launcher import checkpoints
@@ -61,7 +63,12 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int) -> RunP
 
 
 def print_plan(cfg: TrainConfig, recipe: Recipe, world_size: int) -> None:
+    resume_from = checkpoints.find_resume(cfg, log=lambda _: None) if cfg.resume else None
+    note = ""
+    if resume_from:
+        cfg, note = checkpoints.keep_global_batch(cfg, resume_from, world_size)
     parts = build_parts(cfg, recipe, rank=0, world=world_size)
+    parts.plan.notes.append(note)
     print(format_plan(cfg, parts.plan, parts.groups, recipe.name))
 
 
@@ -92,11 +99,18 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator | None = None):
-        self.cfg, self.recipe = cfg, recipe
         self.accelerator = accelerator or build_accelerator(cfg)
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
+        log = print if acc.is_main_process else (lambda _: None)
+        self.resume_from = checkpoints.find_resume(cfg, log)  # raises before anything is written
+        note = ""
+        if self.resume_from:
+            cfg, note = checkpoints.keep_global_batch(cfg, self.resume_from, self.world)
+            acc.gradient_accumulation_steps = cfg.grad_accum_steps
+        self.cfg, self.recipe = cfg, recipe
         parts = build_parts(cfg, recipe, self.rank, self.world)
+        parts.plan.notes.append(note)
         self.train_data, self.val_data, self.plan = parts.train_data, parts.val_data, parts.plan
         model, schedule, self.groups = parts.model, parts.schedule, parts.groups
         apply_freezing(self.groups, step=0)
@@ -112,15 +126,17 @@ class Trainer:
         self.position = Position(0)  # this rank's place in the current epoch's data
         self.saved_step = -1
         self.errors_shown = 0
-        self.best: dict = {}
+        self.best: dict = {}  # {"metric", "value", "step"} of the best evaluation so far
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient (nonfinite=skip)
         self.metrics = MetricsLog(cfg.output_dir, acc.is_main_process)
         self.wandb_run_id: str | None = None
+        self.signals = StopSignals(self.world)
 
     # ---- setup ------------------------------------------------------------------------------
 
     def start(self) -> None:
         acc, cfg = self.accelerator, self.cfg
-        resume_from = checkpoints.find_resume(cfg)  # raises before anything is written
+        resume_from = self.resume_from
         if acc.is_main_process:
             print(format_plan(cfg, self.plan, self.groups, self.recipe.name), flush=True)
             save_run_files(cfg, self.recipe, self.world)
@@ -128,6 +144,8 @@ class Trainer:
             state, rank_state = checkpoints.load(acc, resume_from)
             self.step, self.epoch = state["step"], state["epoch"]
             self.best, self.wandb_run_id = state.get("best", {}), state.get("wandb_run_id")
+            self.skipped_steps = state.get("skipped_steps", 0)
+            self.metrics.drop_after(self.step)  # what the lost steps logged is logged again
             self.position = Position.from_dict(rank_state) if rank_state else Position(self.epoch)
             self.saved_step = self.step
             self._check_resumable(resume_from, state)
@@ -178,19 +196,46 @@ class Trainer:
                     self.evaluate()
                     break
                 self._report_epoch_data()
-                self.evaluate()
+                improved = self.evaluate()
                 self.epoch += 1
                 self.position = Position(self.epoch)
-                self._save()
+                if self.cfg.checkpoint_epoch_end or improved:
+                    self._save()
+                self._check_signals()
             if self.saved_step != self.step:
                 self._save()  # where max_steps stopped: `--resume=auto` continues from here
         finally:
             self.progress.close()  # an error message then starts on a line of its own
+            self.signals.restore()
         return self.finish()
 
     def _save(self) -> None:
-        checkpoints.save(self.accelerator, self.cfg.output_dir, self._state(), self.position.to_dict())
+        acc, cfg = self.accelerator, self.cfg
+        path = checkpoints.save(acc, cfg.output_dir, self._state(), self.position.to_dict())
         self.saved_step = self.step
+        if acc.is_main_process:
+            if self.best.get("step") == self.step:
+                checkpoints.write_best(cfg.output_dir, self.best)
+            checkpoints.prune(cfg.output_dir, cfg.keep_checkpoints, self.best.get("step"))
+        acc.wait_for_everyone()
+        return path
+
+    def _check_signals(self) -> None:
+        """At a step boundary: if any rank got SIGUSR1/SIGTERM, checkpoint here, close the tracker,
+        requeue under Slurm (SIGUSR1), and stop with exit code 75."""
+        signum = self.signals.agreed()
+        if not signum:
+            return
+        if self.saved_step != self.step:
+            self._save()
+        self.progress.close()
+        self.accelerator.end_training()  # the tracker's files are complete before a requeue
+        requeued = requeue_slurm_job(signum) if self.accelerator.is_main_process else ""
+        if not self.accelerator.is_main_process:
+            raise Preempted("")  # the main process says it
+        path = checkpoints.checkpoint_dirs(self.cfg.output_dir)[-1]
+        raise Preempted(f"{signal.Signals(signum).name} at step {self.step}: checkpoint {path} saved; "
+                        + (requeued or "rerun with --resume=auto to continue"))
 
     def train_epoch(self) -> None:
         acc, cfg, plan = self.accelerator, self.cfg, self.plan
@@ -212,26 +257,55 @@ class Trainer:
             with acc.accumulate(self.model):
                 loss = self.loss_fn(self.model(inputs), targets)
                 acc.backward(loss)
+                skip = False
                 if acc.sync_gradients:
                     window.grad_norm = self._clip_gradients()
-                self.optimizer.step()
+                    skip = not self._finite(window.grad_norm, loss)
+                if not skip:
+                    self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             window.add(loss.detach(), inputs.shape[0])
             if acc.sync_gradients:
-                lrs = {f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups}  # this step's
-                self.scheduler.step()
-                self.step += 1
-                self.progress.update(1)
-                self._update_frozen()
+                self._after_step(window)
                 if self.step % cfg.log_every == 0 or self.step == plan.total_steps:
-                    self._log_train(window, lrs)
                     window = _Window(acc.device)
-                else:
-                    self._record({"step": self.step, "epoch": self.epoch, **lrs})
-                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0
-                        and self.position.batches < plan.micro_batches_per_epoch):  # epoch ends save anyway
-                    self._save()
             fetch_start = time.perf_counter()
+
+    def _after_step(self, window: "_Window") -> None:
+        """An optimizer step is done: schedule, unfreezing, logging, checkpoint, signals."""
+        cfg, plan = self.cfg, self.plan
+        lrs = {f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups}  # this step's
+        self.scheduler.step()
+        self.step += 1
+        self.progress.update(1)
+        self._update_frozen()
+        if self.step % cfg.log_every == 0 or self.step == plan.total_steps:
+            self._log_train(window, lrs)
+        else:
+            self._record({"step": self.step, "epoch": self.epoch, **lrs})
+        epoch_end = self.position.batches == plan.micro_batches_per_epoch
+        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not (epoch_end and cfg.checkpoint_epoch_end):
+            self._save()  # an epoch end saves after evaluation
+        self._check_signals()
+
+    def _finite(self, grad_norm, loss) -> bool:
+        """False if this step's update must be skipped. The gradient norm is the same on every rank
+        after DDP's all-reduce, so all ranks decide alike. Under fp16 the grad scaler owns overflow."""
+        if grad_norm is None or self.accelerator.mixed_precision == "fp16":
+            return True
+        if bool(torch.isfinite(grad_norm)):  # one device sync per optimizer step
+            return True
+        if self.cfg.nonfinite == "stop":
+            last = checkpoints.checkpoint_dirs(self.cfg.output_dir)
+            raise RunStopped(
+                f"step {self.step + 1}: loss {float(loss):.4g}, gradient norm {float(grad_norm):.4g} (non-finite); "
+                f"stopped before the update; last checkpoint: {last[-1] if last else 'none'}. Lower --lr, "
+                "set --max_grad_norm, or pass --nonfinite=skip to skip such steps")
+        self.skipped_steps += 1
+        if self.accelerator.is_main_process:
+            tqdm.write(f"step {self.step + 1}: non-finite loss or gradient, update skipped "
+                       f"({self.skipped_steps} so far)")
+        return False
 
     def _train_mode(self) -> None:
         self.model.train()
@@ -255,12 +329,9 @@ class Trainer:
         return split.batch_transform(inputs) if split.batch_transform else inputs
 
     def _clip_gradients(self):
+        """The gradient norm (before clipping to max_grad_norm, if set): logged, and checked for NaN/Inf."""
         norm = self.cfg.max_grad_norm
-        if norm > 0:
-            return self.accelerator.clip_grad_norm_(self.model.parameters(), norm)
-        if (self.step + 1) % self.cfg.log_every == 0:  # measured only when it will be logged
-            return self.accelerator.clip_grad_norm_(self.model.parameters(), math.inf)
-        return None
+        return self.accelerator.clip_grad_norm_(self.model.parameters(), norm if norm > 0 else math.inf)
 
     def _log_train(self, window: "_Window", lrs: dict[str, float]) -> None:
         acc = self.accelerator
@@ -275,6 +346,8 @@ class Trainer:
                   "train/data_wait": window.data_time / elapsed}
         if window.grad_norm is not None:
             record["train/grad_norm"] = float(window.grad_norm)
+        if self.skipped_steps:
+            record["train/skipped_steps"] = self.skipped_steps
         self._record({**record, **lrs})
         self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.3g}",
                                   samples_s=f"{record['train/samples_per_s']:.0f}")
@@ -342,9 +415,10 @@ class Trainer:
             f.writelines(f"{self.epoch} {self.step} {key}\n" for key in keys)
 
     @torch.no_grad()
-    def evaluate(self) -> dict | None:
+    def evaluate(self) -> bool:
+        """Evaluate on the validation split; True if `best_metric` improved."""
         if self.val_data is None:
-            return None
+            return False
         acc = self.accelerator
         model = acc.unwrap_model(self.model)  # no DDP collectives: ranks may hold unequal shares
         model.eval()
@@ -368,16 +442,32 @@ class Trainer:
         result = {"val/loss": (totals[0] / max(count, 1)).item(),
                   "val/top1": (totals[1] / max(count, 1)).item(), "val/samples": count,
                   "val/unreadable": int(totals[3].item())}
-        if result["val/top1"] >= self.best.get("val/top1", -1.0):
-            self.best = {"val/top1": result["val/top1"], "step": self.step}
+        improved = self._note_best(result)
         self._record({"step": self.step, "epoch": self.epoch, **result})
         if acc.is_main_process:
             tqdm.write(f"epoch {self.epoch} step {self.step}: val loss {result['val/loss']:.4f}, "
                        f"top-1 {100 * result['val/top1']:.2f} % of {count}")
-        return result
+        return improved
+
+    def _note_best(self, result: dict) -> bool:
+        metric, value = self.cfg.best_metric, result.get(self.cfg.best_metric)
+        if value is None:
+            raise ConfigError(f"--best_metric={metric} is not an evaluation metric; "
+                              f"choose one of {', '.join(k for k in result if k != 'val/samples')}")
+        if not self.best:
+            better = True
+        elif self.cfg.best_mode == "max":
+            better = value > self.best["value"]
+        else:
+            better = value < self.best["value"]
+        if better:
+            self.best = {"metric": metric, "value": value, "step": self.step}
+            if self.saved_step == self.step and self.accelerator.is_main_process:  # saved just before evaluating
+                checkpoints.write_best(self.cfg.output_dir, self.best)
+        return better
 
     def _state(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "best": self.best,
+        return {"step": self.step, "epoch": self.epoch, "best": self.best, "skipped_steps": self.skipped_steps,
                 "wandb_run_id": self.wandb_run_id, "config": dataclasses.asdict(self.cfg),
                 "world_size": self.world, "num_workers": self.cfg.num_workers,
                 "batches_per_epoch": self.plan.micro_batches_per_epoch}
@@ -411,7 +501,10 @@ class Trainer:
         cfg = self.cfg
         lines = [f"done: {summary['steps']} optimizer steps"]
         if self.best:
-            lines.append(f"  best val top-1  {100 * self.best['val/top1']:.2f} % (step {self.best['step']})")
+            value = self.best["value"]
+            shown = f"{100 * value:.2f} %" if self.best["metric"] == "val/top1" else f"{value:.4g}"
+            lines.append(f"  best {self.best['metric']:<10} {shown} (step {self.best['step']}; "
+                         f"{os.path.join(cfg.output_dir, 'checkpoints', checkpoints.BEST_FILE)})")
         lines += [f"  metrics         {os.path.join(cfg.output_dir, 'metrics.jsonl')}",
                   f"  weights         {os.path.join(cfg.output_dir, 'model.safetensors')}"]
         if cfg.wandb_mode != "disabled":

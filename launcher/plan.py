@@ -28,6 +28,7 @@ class Plan:
     train_shards: int | None
     val_shards: int | None
     data_report: list[str] = field(default_factory=list)  # pre-flight lines about the shards
+    notes: list[str] = field(default_factory=list)  # changes made to the config, e.g. on resume
 
     @property
     def global_batch(self) -> int:
@@ -104,6 +105,7 @@ def format_plan(cfg: TrainConfig, plan: Plan, groups: list[ParamGroup], recipe_n
         + (f" in {plan.train_shards} shards" if plan.train_shards else f" ({dropped} left over per epoch)"),
         f"  validation samples    {plan.val_samples}"
         + (f" in {plan.val_shards} shards" if plan.val_shards else ""),
+        *(f"  {'note':<22}{note}" for note in plan.notes if note),
         f"  optimizer steps       {plan.steps_per_epoch} per epoch x {plan.epochs} epochs"
         + f" -> {plan.schedule_steps} total"
         + (f" (stops after {plan.total_steps}: max_steps)" if plan.total_steps < plan.schedule_steps else ""),

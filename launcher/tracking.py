@@ -44,6 +44,17 @@ class MetricsLog:
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.enabled = enabled
 
+    def drop_after(self, step: int) -> None:
+        """On resume: forget records of steps after the checkpoint (they are logged again)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        temporary = self.path + ".tmp"
+        with open(temporary, "w") as f:
+            f.writelines(kept)
+        os.replace(temporary, self.path)
+
     def write(self, record: dict) -> None:
         if not self.enabled:
             return

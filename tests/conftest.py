@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_env() -> dict:
+def child_env() -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true")
     env.pop("WANDB_API_KEY", None)
     return env
@@ -42,16 +43,40 @@ def test_env() -> dict:
 
 def launcher(*args, processes: int = 1, timeout: float = 300, check: bool = True, env=None):
     """Run `python -m launcher ARGS` (or under `accelerate launch` for processes > 1)."""
-    if processes == 1:
-        command = [sys.executable, "-m", "launcher", *map(str, args)]
-    else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                   "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-                   "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-                   "-m", "launcher", *map(str, args)]
+    command = launcher_command(*args, processes=processes)
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                            env=env or test_env())
+                            env=env or child_env())
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-3000:]}")
     return result
+
+
+def launcher_command(*args, processes: int = 1) -> list[str]:
+    if processes == 1:
+        return [sys.executable, "-m", "launcher", *map(str, args)]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), "-m", "launcher", *map(str, args)]
+
+
+def start_launcher(*args, log: Path, processes: int = 1, env=None) -> subprocess.Popen:
+    """The CLI in the background, in a session of its own (so a test can signal or kill all of it);
+    stdout and stderr go to `log` (a pipe would fill up and block it)."""
+    with open(log, "w") as out:
+        return subprocess.Popen(launcher_command(*args, processes=processes), cwd=ROOT, env=env or child_env(),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Until metrics.jsonl has a record at or past `step` (every optimizer step logs its LR)."""
+    deadline = time.monotonic() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if path.exists() and any(json.loads(line).get("step", 0) >= step
+                                 for line in path.read_text().splitlines() if line.endswith("}")):
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (exit {process.returncode}) before step {step}")
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} in {path} after {timeout} s")

@@ -1,0 +1,66 @@
+"""Preemption: SIGUSR1 and SIGTERM stop a run cleanly at the next optimizer step.
+
+The signal handler only records the signal. At each optimizer-step boundary the loop asks
+`agreed()`: one all-reduce (MAX) over a CPU (gloo) group, so every rank sees the signal at the
+same step even if only one received it, and a GPU run pays no device sync for it. The loop then
+checkpoints, closes the tracker and raises `Preempted` (exit code 75, EX_TEMPFAIL: "try again").
+Under Slurm, a SIGUSR1 (the `--signal=USR1@SECONDS` warning before the time limit) also requeues
+the job with `scontrol requeue $SLURM_JOB_ID`, and the requeued job's `--resume=auto` continues
+it. A SIGTERM (scancel, node shutdown) checkpoints and exits without requeueing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import torch
+import torch.distributed as dist
+
+from launcher.config import RunStopped
+
+PREEMPTED_EXIT_CODE = 75
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class Preempted(RunStopped):
+    exit_code = PREEMPTED_EXIT_CODE
+
+
+class StopSignals:
+    """Records SIGUSR1/SIGTERM; `agreed()` is a collective: every rank calls it at the same step."""
+
+    def __init__(self, world_size: int):
+        self.received = 0  # the signal number, 0 for none
+        self.previous = {sig: signal.signal(sig, self._record) for sig in SIGNALS}
+        self.group = None
+        if world_size > 1 and dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo")  # CPU flag: no device sync per step
+        self.world_size = world_size
+
+    def _record(self, signum, frame) -> None:
+        self.received = signum  # nothing else: the loop acts at a step boundary
+
+    def agreed(self) -> int:
+        """The signal any rank received (0: none)."""
+        if self.world_size == 1:
+            return self.received
+        flag = torch.tensor([self.received], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def requeue_slurm_job(signum: int) -> str:
+    """Requeue this Slurm batch job after a SIGUSR1; returns what happened, for the log."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if signum != signal.SIGUSR1 or not job:
+        return ""
+    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if result.returncode != 0:
+        return f"scontrol requeue {job} failed: {(result.stderr or result.stdout).strip()}"
+    return f"Slurm job {job} requeued; it resumes from this checkpoint when it starts again"

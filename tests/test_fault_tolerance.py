@@ -1,0 +1,154 @@
+"""Fault tolerance end to end: a crash mid-save, SIGKILL at an arbitrary step, SIGUSR1/SIGTERM
+preemption, non-finite losses, pruning, and resuming on a different number of processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import MLP_RECIPE, ROOT, launcher, metrics, start_launcher, child_env, wait_for_step
+
+pytestmark = pytest.mark.e2e
+
+NAN_RECIPE = str(ROOT / "tests" / "recipes" / "nan_digits.py")
+STEPS_PER_EPOCH = {1: 89, 2: 44}  # digits train split (1438) // (batch 16 x processes)
+
+
+def same_weights(a, b) -> bool:
+    x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def launcher_children(pid: int) -> list[int]:
+    """The training processes accelerate launch started (its children running `-m launcher`)."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(c) for c in children if b"\0-m\0launcher\0" in open(f"/proc/{c}/cmdline", "rb").read()]
+
+
+def steps(run_dir) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(digits, tmp_path_factory):
+    """The reference runs, uninterrupted: 2 epochs with 2 DataLoader workers, 1 and 2 processes."""
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path_factory.mktemp("reference") / f"p{processes}"
+        launcher(MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", "--num_workers=2",
+                 "--checkpoint_every=10", processes=processes)
+        runs[processes] = out
+    return runs
+
+
+def test_checkpoints_are_pruned_to_the_newest_k_plus_the_best(uninterrupted):
+    out = uninterrupted[1]
+    best = json.loads((out / "checkpoints" / "best.json").read_text())
+    top1 = {m["step"]: m["val/top1"] for m in metrics(out) if "val/top1" in m}
+    assert best["step"] == max(top1, key=lambda s: (top1[s], -s)) and best["value"] == top1[best["step"]]
+    newest = [f"step-{s:08d}" for s in (160, 170, 178)]  # every 10 steps and each epoch end (89, 178)
+    assert steps(out) == sorted({*newest, f"step-{best['step']:08d}", "best.json"})
+
+
+def test_a_crash_mid_save_keeps_the_previous_checkpoint_and_resume_matches(digits, tmp_path, uninterrupted):
+    out = tmp_path / "crashed"
+    args = [MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", "--num_workers=2", "--checkpoint_every=10"]
+    env = dict(child_env(), LAUNCHER_TEST_KILL_DURING_SAVE="30")
+    crashed = launcher(*args, env=env, check=False)
+    assert crashed.returncode == -signal.SIGKILL
+    assert steps(out) == [".tmp-step-00000030", "step-00000010", "step-00000020"]
+    assert (out / "checkpoints" / ".tmp-step-00000030" / "model.safetensors").exists()  # torn: no trainer_state
+    resumed = launcher(*args, "--resume=auto")
+    assert "resumed from" in resumed.stdout and "step-00000020 at step 20" in resumed.stdout
+    assert ".tmp-step-00000030" not in steps(out)  # swept once a new checkpoint was complete
+    assert same_weights(out, uninterrupted[1])
+    logged = [m["step"] for m in metrics(out) if "lr/all" in m]
+    assert logged == list(range(1, 179))  # steps 21-30, logged before the crash, logged once
+
+
+@pytest.mark.parametrize("processes, kill_after", [(1, 37), (2, 23)])
+def test_sigkill_at_any_step_then_resume_auto_is_bitwise_identical(digits, tmp_path, uninterrupted,
+                                                                    processes, kill_after):
+    out = tmp_path / "killed"
+    args = [MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", "--num_workers=2", "--checkpoint_every=10"]
+    run = start_launcher(*args, processes=processes, log=tmp_path / "killed.log")
+    wait_for_step(out, kill_after, run)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    resumed = launcher(*args, "--resume=auto", processes=processes)
+    assert "resumed from" in resumed.stdout
+    assert same_weights(out, uninterrupted[processes])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_signal_to_one_rank_checkpoints_every_rank_at_the_same_step_and_exits_75(digits, tmp_path, uninterrupted,
+                                                                                    signum):
+    out = tmp_path / "preempted"
+    args = [MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", "--num_workers=2", "--checkpoint_every=10"]
+    run = start_launcher(*args, processes=2, log=tmp_path / "preempted.log")
+    wait_for_step(out, 15, run)
+    rank_pids = launcher_children(run.pid)
+    assert len(rank_pids) == 2
+    os.kill(rank_pids[1], signum)  # only one rank hears it
+    run.wait(timeout=120)
+    log = (tmp_path / "preempted.log").read_text()
+    assert "exitcode  : 75" in log and f"launcher: stopped: {signum.name} at step" in log
+    stopped_at = int(log.split(f"{signum.name} at step ")[1].split(":")[0])
+    assert 15 <= stopped_at < 2 * STEPS_PER_EPOCH[2] and f"step-{stopped_at:08d}" in steps(out)
+    for rank in range(2):  # both ranks saved their data position at that step
+        position = json.loads((out / "checkpoints" / f"step-{stopped_at:08d}" / f"rank-{rank}.json").read_text())
+        assert position["batches"] == stopped_at % STEPS_PER_EPOCH[2] or position["batches"] == STEPS_PER_EPOCH[2]
+    launcher(*args, "--resume=auto", processes=2)
+    assert same_weights(out, uninterrupted[2])
+
+
+def test_sigusr1_outside_slurm_exits_75_with_a_line_saying_how_to_continue(digits, tmp_path):
+    out = tmp_path / "single"
+    run = start_launcher(MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", log=tmp_path / "single.log")
+    wait_for_step(out, 5, run)
+    run.send_signal(signal.SIGUSR1)
+    assert run.wait(timeout=60) == 75
+    last = (tmp_path / "single.log").read_text().strip().splitlines()[-1]
+    assert last.startswith("launcher: stopped: SIGUSR1 at step") and last.endswith("rerun with --resume=auto to continue")
+
+
+def test_a_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(digits, tmp_path):
+    out = tmp_path / "nan"
+    result = launcher(NAN_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", "--nan_step=7",
+                      "--checkpoint_every=3", check=False)
+    assert result.returncode == 1
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("launcher: stopped: step 7: loss nan") and "step-00000006" in message
+    assert steps(out) == ["step-00000003", "step-00000006"] and not (out / "model.safetensors").exists()
+
+
+def test_a_nonfinite_loss_can_be_skipped_and_counted(digits, tmp_path):
+    out = tmp_path / "skip"
+    launcher(NAN_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", "--nan_step=7", "--nonfinite=skip",
+             "--epochs=1")
+    logged = metrics(out)
+    assert [m["train/skipped_steps"] for m in logged if "train/skipped_steps" in m][-1] == 1
+    weights = load_file(str(out / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert [m["val/top1"] for m in logged if "val/top1" in m][0] > 0.8
+
+
+def test_resuming_on_fewer_processes_keeps_the_global_batch(digits, tmp_path):
+    out = tmp_path / "shrink"
+    args = [MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", "--batch_size=8"]
+    launcher(*args, "--epochs=1", processes=2)
+    note = "resuming on 1 process(es) instead of 2: grad_accum_steps 1 -> 2 keeps the global batch of 16"
+    plan = launcher("plan", *args, "--epochs=2", "--resume=auto", "--world_size=1")
+    assert note in plan.stdout and "8 per device x 1 processes x 2 accumulation = 16 global" in plan.stdout
+    odd = launcher(*args, "--epochs=2", "--resume=auto", "--batch_size=5", check=False)
+    assert odd.returncode == 2 and len(odd.stderr.strip().splitlines()) == 1
+    assert "global batch of 16" in odd.stderr and "choose a --batch_size that divides 16" in odd.stderr
+    resumed = launcher(*args, "--epochs=2", "--resume=auto")
+    assert note in resumed.stdout
+    assert [m["step"] for m in metrics(out) if "val/loss" in m] == [89, 178]  # the same steps per epoch
