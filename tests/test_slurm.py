@@ -1,0 +1,85 @@
+"""scripts/slurm/train.sbatch on a real two-node Slurm cluster (tests/slurm_cluster.py): a job
+trains to the end; the same job signalled with USR1 mid-run checkpoints, requeues itself, resumes
+and ends with the same final weights, in the same wandb run."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import MLP_RECIPE, ROOT, child_env
+from slurm_cluster import SlurmCluster
+
+pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+def submit(cluster: SlurmCluster, digits, out, *args) -> str:
+    env = dict(child_env(), SLURM_CONF=str(cluster.conf),
+               LAUNCHER_PYTHON=sys.executable)
+    result = cluster.run("sbatch", "--parsable", "--nodes=2", f"--chdir={ROOT}", f"--output={out}.log",
+                         str(ROOT / "scripts" / "slurm" / "train.sbatch"), MLP_RECIPE, f"--data_dir={digits}",
+                         f"--output_dir={out}", "--epochs=6", "--num_workers=1", "--wandb_mode=offline", *args,
+                         env=env)
+    return result.stdout.strip().split(";")[0]
+
+
+def wandb_run_ids(out) -> set[str]:
+    return {path.name.rsplit("-", 1)[-1] for path in (out / "wandb").glob("offline-run-*")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("jobs") / "whole"
+    job = submit(cluster, digits, out)
+    return out, job, cluster.wait_for_job(job)
+
+
+def test_a_two_node_job_trains_to_the_end(uninterrupted):
+    out, job, info = uninterrupted
+    log = (out.parent / "whole.log").read_text(errors="replace")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    assert "world size            2 process(es)" in log and "done: 264 optimizer steps" in log
+    replicas = json.loads((out / "replicas.json").read_text())
+    assert len(replicas["parameter_checksums"]) == 2 and replicas["identical"] is True
+    environment = json.loads((out / "environment.json").read_text())
+    assert environment["world_size"] == 2
+
+
+def test_usr1_checkpoints_requeues_resumes_and_matches_the_uninterrupted_job(cluster, digits, uninterrupted,
+                                                                             tmp_path):
+    out = tmp_path / "preempted"
+    job = submit(cluster, digits, out)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and any(json.loads(line).get("step", 0) >= 30
+                                        for line in metrics.read_text().splitlines() if line.endswith("}"))):
+        assert time.monotonic() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING")
+        time.sleep(0.05)
+    cluster.run("scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@120 does before the limit
+    while cluster.job(job).get("Restarts", "0") == "0":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    # Slurm holds a requeued job back for a while (Reason=BeginTime); let it start now.
+    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+    info = cluster.wait_for_job(job)
+    log = (tmp_path / "preempted.log").read_text(errors="replace")
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    assert "train.sbatch: SIGUSR1, passing it to the training processes" in log
+    stopped_at = int(log.split("launcher: stopped: SIGUSR1 at step ")[1].split(":")[0])
+    assert f"Slurm job {job} requeued" in log and f"at step {stopped_at}, epoch" in log.split("resumed from")[1]
+    whole = load_file(str(uninterrupted[0] / "model.safetensors"))
+    resumed = load_file(str(out / "model.safetensors"))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 2 and len(wandb_run_ids(out)) == 1
