@@ -27,6 +27,7 @@ demo: setup $(DATA_DIR)/train/index.json
 	$(PY) -m launcher recipes/resnet_pretrain --output_dir=$(DEMO_DIR)/pretrain --data_dir=$(DATA_DIR)
 	$(PY) -m launcher recipes/resnet_finetune --output_dir=$(DEMO_DIR)/finetune --data_dir=$(DATA_DIR) \
 		--weights=$(DEMO_DIR)/pretrain
+	$(PY) -m launcher report $(DEMO_DIR)/pretrain $(DEMO_DIR)/finetune --out=$(DEMO_DIR)/report.html
 
 test: setup
 	$(PY) -m pytest

@@ -20,6 +20,7 @@ usage: python -m launcher RECIPE [--field=value ...]          train
        python -m launcher plan RECIPE [--world_size=N] [...]   print the resolved config and plan
        python -m launcher RECIPE --help                        list the recipe's fields
        python -m launcher shards SOURCE OUT [--max_count=N ...] write WebDataset shards (see --help)
+       python -m launcher report RUN_DIR [RUN_DIR ...] [--out=FILE]  one HTML page: curves, config differences
 
 RECIPE is a recipe file (recipes/resnet_finetune or recipes/resnet_finetune.py) or a dotted
 module name (recipes.resnet_finetune). Every field of the recipe's Config can be set with
@@ -32,7 +33,7 @@ Exit codes: 0 done; 2 bad input (one line on stderr); 1 stopped on a non-finite 
 (--nonfinite=stop); 75 preempted by SIGUSR1/SIGTERM after saving a checkpoint (under Slurm a
 SIGUSR1 also requeues the job; elsewhere rerun with --resume=auto)."""
 
-COMMANDS = ("train", "plan", "shards")
+COMMANDS = ("train", "plan", "shards", "report")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +73,8 @@ def run_command(argv: list[str]) -> int:
 
         fire.Fire(make_shards, command=argv, name="launcher shards")
         return 0
+    if command == "report":
+        return report(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
@@ -94,6 +97,24 @@ def run_command(argv: list[str]) -> int:
         from launcher.loop import train
 
         train(cfg, recipe)
+    return 0
+
+
+def report(argv: list[str]) -> int:
+    from launcher.report import make_report
+
+    if any(arg in ("-h", "--help") for arg in argv):
+        print("usage: python -m launcher report RUN_DIR [RUN_DIR ...] [--out=FILE]\n"
+              "One self-contained HTML file from the runs' own files (no network, no server): loss, accuracy,\n"
+              "LR per group, throughput, confusion matrices, and the config fields that differ.\n"
+              "--out defaults to RUN_DIR/report.html for one run, ./report.html for several.")
+        return 0
+    flags = parse_flags([a for a in argv if a.startswith("--")])
+    unknown = sorted(set(flags) - {"out"})
+    if unknown:
+        raise ConfigError(f"report has no option --{unknown[0]}; usage: python -m launcher report RUN_DIR ... [--out=FILE]")
+    path = make_report([a for a in argv if not a.startswith("--")], str(flags.get("out", "")))
+    print(f"report: {path}")
     return 0
 
 

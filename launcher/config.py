@@ -42,6 +42,12 @@ class TrainConfig:
     resume: str = ""  # "" starts fresh, "auto" takes the newest checkpoint in output_dir, or a checkpoint path
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with credentials, else offline
     wandb_project: str = "launcher"  # wandb project name
+    wandb_entity: str = ""  # wandb team or user ("" = your default entity)
+    wandb_name: str = ""  # wandb run name ("" = the output_dir's name)
+    wandb_group: str = ""  # wandb group, to compare related runs together
+    wandb_tags: tuple[str, ...] = ()  # wandb tags
+    wandb_notes: str = ""  # wandb notes: what this run tries
+    log_images: int = 16  # validation images (with prediction and label) logged to wandb per evaluation
     lr: float = 1e-3  # base learning rate; each parameter group scales it
     weight_decay: float = 0.0  # decoupled weight decay, unless a parameter group sets its own
     warmup_steps: int = 0  # optimizer steps of linear LR warm-up from 0
@@ -65,7 +71,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "num_workers", "eval_batch_size", "seed", "checkpoint_every",
-                     "keep_checkpoints"):
+                     "keep_checkpoints", "log_images"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "weight_decay", "max_grad_norm", "min_lr_ratio", "max_corrupt_fraction"):

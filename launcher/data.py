@@ -405,19 +405,39 @@ def shuffle_buffer(samples: Iterable, size: int, rng: random.Random) -> Iterator
 
 
 class KeyedDataset(Dataset):
-    """A map-style dataset whose items carry their index as the sample key, augmentations seeded
-    per (seed, epoch, index) so a resumed run sees the same inputs."""
+    """A map-style dataset whose items carry their index as the sample key. Training augmentations
+    are seeded from (seed, epoch, index), so a resumed run sees the same inputs: torch's CPU
+    generator per sample, Python's `random` per batch (seeded from its first index; seeding it
+    per sample costs more than a small sample does). In the main process the RNG states are
+    saved and restored once per batch, so the model's dropout stream is left alone."""
 
     def __init__(self, dataset: Dataset, seed: int, epoch: int, training: bool):
         self.dataset, self.seed, self.epoch, self.training = dataset, seed, epoch, training
+        self.base_seed = derive_seed(seed, "augment", epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int):
-        with _seeded(derive_seed(self.seed, "augment", self.epoch, i) if self.training else None):
-            x, y = self.dataset[i][:2]
+    def _item(self, i: int):
+        x, y = self.dataset[i][:2]
         return x, y, str(i)
+
+    def _seed(self, i: int) -> int:
+        return (self.base_seed + (i + 1) * 0x9E3779B97F4A7C15) & (2**63 - 1)  # golden-ratio stride
+
+    def __getitem__(self, i: int):
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """One batch (the DataLoader calls this with a batch's indices)."""
+        if not self.training:
+            return [self._item(i) for i in indices]
+        items = []
+        with _seeded(self._seed(indices[0])):
+            for i in indices:
+                torch.default_generator.manual_seed(self._seed(i))
+                items.append(self._item(i))
+        return items
 
 
 # ---- loaders ----------------------------------------------------------------------------------

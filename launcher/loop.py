@@ -3,16 +3,16 @@
 DDP over all processes (gloo on CPU), mixed precision, gradient accumulation through
 `accelerator.accumulate` (non-final micro-batches skip the all-reduce), clipping, the LR
 scheduler stepped once per optimizer step (every group's LR logged each step), scheduled
-unfreezing (DDP rebuilt to include the unfrozen parameters), evaluation each epoch with every
-validation sample counted once, checkpoints at epoch ends and every `checkpoint_every` steps
-(with each rank's data position, so a resume continues mid-epoch exactly), unreadable samples
-counted across ranks (stop above `max_corrupt_fraction`), metrics to metrics.jsonl and wandb,
-final weights."""
+unfreezing (DDP rebuilt to include the unfrozen parameters), a non-finite gradient stopping the
+run or skipping the step, evaluation each epoch with every validation sample counted once,
+checkpoints at epoch ends and every `checkpoint_every` steps (with each rank's data position, so
+a resume continues mid-epoch exactly), SIGUSR1/SIGTERM acted on at step boundaries, unreadable
+samples counted across ranks (stop above `max_corrupt_fraction`), metrics to metrics.jsonl and
+wandb, final weights and a summary."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import math
@@ -27,13 +27,15 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from launcher.config import ConfigError, RunStopped, TrainConfig
+from launcher.distributed import build_accelerator, replica_checksums, rewrap_ddp
 from launcher.data import DataError, Position, SplitLoader, derive_seed, tally_errors
 from launcher.params import (ParamGroup, Schedule, apply_freezing, assign_groups, build_optimizer,
                              frozen_batchnorms, lr_multipliers)
 from launcher.plan import Plan, format_plan, make_plan
 from launcher.preemption import Preempted, StopSignals, requeue_slurm_job
 from launcher.recipe import Recipe
-from launcher.tracking import MetricsLog, save_run_files
+from launcher.evaluation import EvalTotals
+from launcher.tracking import MetricsLog, Tracker, save_run_files, write_json
 from launcher import checkpoints
 
 
@@ -72,31 +74,6 @@ def print_plan(cfg: TrainConfig, recipe: Recipe, world_size: int) -> None:
     print(format_plan(cfg, parts.plan, parts.groups, recipe.name))
 
 
-def has_accelerator() -> bool:
-    if torch.cuda.is_available():
-        return True
-    xpu = getattr(torch, "xpu", None)
-    return bool(xpu and xpu.is_available()) or torch.backends.mps.is_available()
-
-
-def build_accelerator(cfg: TrainConfig) -> Accelerator:
-    on_cpu = not has_accelerator()
-    if on_cpu and cfg.mixed_precision == "fp16":
-        raise ConfigError("--mixed_precision=fp16 needs a GPU; use --mixed_precision=bf16 on CPU")
-    accelerator = Accelerator(
-        cpu=on_cpu,  # DDP with gloo over CPU processes when no GPU is present
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.grad_accum_steps,
-        log_with=None if cfg.wandb_mode == "disabled" else "wandb",
-        project_dir=cfg.output_dir,
-    )
-    if on_cpu and accelerator.num_processes > 1 and "OMP_NUM_THREADS" not in os.environ:
-        # N CPU processes on one machine must share its cores, not each take all of them.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-    return accelerator
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator | None = None):
         self.accelerator = accelerator or build_accelerator(cfg)
@@ -130,7 +107,11 @@ class Trainer:
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient (nonfinite=skip)
         self.metrics = MetricsLog(cfg.output_dir, acc.is_main_process)
         self.wandb_run_id: str | None = None
+        self.tracker = Tracker(acc, cfg)
         self.signals = StopSignals(self.world)
+        self.unreadable_total = 0  # training and validation samples skipped as unreadable, all ranks
+        self.elapsed_before = 0.0  # seconds of training before this process (earlier runs, when resumed)
+        self.started = time.perf_counter()
 
     # ---- setup ------------------------------------------------------------------------------
 
@@ -145,6 +126,8 @@ class Trainer:
             self.step, self.epoch = state["step"], state["epoch"]
             self.best, self.wandb_run_id = state.get("best", {}), state.get("wandb_run_id")
             self.skipped_steps = state.get("skipped_steps", 0)
+            self.unreadable_total = state.get("unreadable_total", 0)
+            self.elapsed_before = state.get("elapsed_s", 0.0)
             self.metrics.drop_after(self.step)  # what the lost steps logged is logged again
             self.position = Position.from_dict(rank_state) if rank_state else Position(self.epoch)
             self.saved_step = self.step
@@ -170,17 +153,7 @@ class Trainer:
                 "the same --num_processes, --num_workers and --batch_size, or from an epoch-end checkpoint")
 
     def _init_tracker(self) -> None:
-        cfg = self.cfg
-        if cfg.wandb_mode == "disabled":
-            return
-        init = {"mode": cfg.wandb_mode, "dir": os.path.abspath(cfg.output_dir),
-                "name": os.path.basename(os.path.normpath(cfg.output_dir)), "resume": "allow"}
-        if self.wandb_run_id:
-            init["id"] = self.wandb_run_id
-        self.accelerator.init_trackers(cfg.wandb_project, config=dataclasses.asdict(cfg),
-                                       init_kwargs={"wandb": init})
-        if self.accelerator.is_main_process:
-            self.wandb_run_id = self.accelerator.get_tracker("wandb", unwrap=True).id
+        self.wandb_run_id = self.tracker.start(self.wandb_run_id)
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -229,7 +202,7 @@ class Trainer:
         if self.saved_step != self.step:
             self._save()
         self.progress.close()
-        self.accelerator.end_training()  # the tracker's files are complete before a requeue
+        self.tracker.finish(self._summary())  # the tracker's files are complete before a requeue
         requeued = requeue_slurm_job(signum) if self.accelerator.is_main_process else ""
         if not self.accelerator.is_main_process:
             raise Preempted("")  # the main process says it
@@ -348,13 +321,16 @@ class Trainer:
             record["train/grad_norm"] = float(window.grad_norm)
         if self.skipped_steps:
             record["train/skipped_steps"] = self.skipped_steps
+        if torch.cuda.is_available():
+            record["train/gpu_memory_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30  # peak since last log
+            torch.cuda.reset_peak_memory_stats(acc.device)
         self._record({**record, **lrs})
         self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.3g}",
                                   samples_s=f"{record['train/samples_per_s']:.0f}")
 
     def _record(self, record: dict) -> None:
         self.metrics.write(record)
-        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
+        self.tracker.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
 
     # ---- data problems ------------------------------------------------------------------------
 
@@ -397,6 +373,7 @@ class Trainer:
         mine = torch.tensor([self.position.repeated, sum(self.position.corrupt.values())],
                             dtype=torch.float64, device=acc.device)
         repeated, corrupt = (int(x) for x in acc.reduce(mine, "sum").tolist())
+        self.unreadable_total += corrupt
         self._check_corrupt(corrupt, "train")
         dropped = self.train_data.planned_dropped(self.epoch)
         self._record({"step": self.step, "epoch": self.epoch, "data/dropped": dropped,
@@ -422,8 +399,9 @@ class Trainer:
         acc = self.accelerator
         model = acc.unwrap_model(self.model)  # no DDP collectives: ranks may hold unequal shares
         model.eval()
-        totals = torch.zeros(4, dtype=torch.float64, device=acc.device)  # loss sum, correct, count, unreadable
+        totals = EvalTotals(acc.device)
         unreadable: dict[str, int] = {}  # shard -> samples
+        examples = None  # (image, prediction, label) from the main process's first batch
         for batch in self.val_data.loader(self.epoch):
             self._note_errors(batch["errors"], "val")
             tally_errors(batch["errors"], unreadable)
@@ -432,21 +410,23 @@ class Trainer:
             inputs, targets = self._device_inputs(batch, self.val_data), batch["targets"].to(acc.device)
             with acc.autocast():
                 logits = model(inputs)
-            loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
-            totals[:3] += torch.stack([loss.double(), (logits.argmax(1) == targets).sum().double(),
-                                       torch.tensor(float(len(targets)), device=acc.device, dtype=torch.float64)])
-        totals[3] = sum(unreadable.values())
-        totals = acc.reduce(totals, "sum")
-        count = int(totals[2].item())
-        self._check_corrupt(int(totals[3].item()), "val", unreadable)
-        result = {"val/loss": (totals[0] / max(count, 1)).item(),
-                  "val/top1": (totals[1] / max(count, 1)).item(), "val/samples": count,
-                  "val/unreadable": int(totals[3].item())}
+            predictions = totals.add(logits, targets)
+            if examples is None and acc.is_main_process and self.cfg.log_images:
+                examples = _examples(batch, predictions, self.cfg.log_images)
+        result, confusion = totals.reduce(acc)
+        skipped = int(acc.reduce(torch.tensor(float(sum(unreadable.values())), device=acc.device), "sum").item())
+        self._check_corrupt(skipped, "val", unreadable)
+        self.unreadable_total += skipped
+        result["val/unreadable"] = skipped
         improved = self._note_best(result)
         self._record({"step": self.step, "epoch": self.epoch, **result})
         if acc.is_main_process:
+            names = self.val_data.index.classes if self.val_data.index else []
+            write_json(self.cfg.output_dir, "confusion.json", {"step": self.step, "classes": names, "matrix": confusion})
+            self.tracker.log_evaluation(self.step, confusion, names, examples)
             tqdm.write(f"epoch {self.epoch} step {self.step}: val loss {result['val/loss']:.4f}, "
-                       f"top-1 {100 * result['val/top1']:.2f} % of {count}")
+                       f"top-1 {100 * result['val/top1']:.2f} %, top-5 {100 * result['val/top5']:.2f} % of "
+                       f"{result['val/samples']}")
         return improved
 
     def _note_best(self, result: dict) -> bool:
@@ -468,34 +448,41 @@ class Trainer:
 
     def _state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "best": self.best, "skipped_steps": self.skipped_steps,
+                "unreadable_total": self.unreadable_total, "elapsed_s": self._elapsed(),
                 "wandb_run_id": self.wandb_run_id, "config": dataclasses.asdict(self.cfg),
                 "world_size": self.world, "num_workers": self.cfg.num_workers,
                 "batches_per_epoch": self.plan.micro_batches_per_epoch}
 
     # ---- the end ----------------------------------------------------------------------------
 
+    def _elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def _summary(self) -> dict:
+        """What the run's end (or a preemption) reports: to wandb's summary and summary.json."""
+        summary = {"steps": self.step, "samples_seen": self.step * self.plan.global_batch,
+                   "total_time_s": round(self._elapsed(), 1), "unreadable_skipped": self.unreadable_total,
+                   "skipped_steps": self.skipped_steps}
+        if self.best:
+            summary.update({"best/metric": self.best["metric"], "best/value": self.best["value"],
+                            "best/step": self.best["step"]})
+        return summary
+
     def finish(self) -> dict:
         acc, cfg = self.accelerator, self.cfg
         acc.wait_for_everyone()
         acc.save_model(self.model, cfg.output_dir)  # model.safetensors, main process only
-        checksums = self._replica_checksums()
-        summary = {"steps": self.step, "best": self.best, "replicas_identical": len(set(checksums)) == 1}
+        checksums = replica_checksums(self.accelerator, self.model)
+        summary = {**self._summary(), "replicas_identical": len(set(checksums)) == 1}
         if acc.is_main_process:
-            with open(os.path.join(cfg.output_dir, "replicas.json"), "w") as f:
-                json.dump({"parameter_checksums": checksums, "identical": summary["replicas_identical"]}, f)
+            write_json(cfg.output_dir, "replicas.json",
+                       {"parameter_checksums": checksums, "identical": summary["replicas_identical"]})
+            write_json(cfg.output_dir, "summary.json", summary)
             if not summary["replicas_identical"]:
                 print("WARNING: model parameters differ across ranks (see replicas.json)", flush=True)
             self._print_outputs(summary)
-        acc.end_training()
+        self.tracker.finish(summary)
         return summary
-
-    def _replica_checksums(self) -> list[str]:
-        digest = hashlib.sha256()
-        for tensor in replica_tensors(self.accelerator.unwrap_model(self.model)):
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        mine = torch.tensor(list(digest.digest()[:8]), dtype=torch.int64, device=self.accelerator.device)
-        everyone = self.accelerator.gather(mine.unsqueeze(0)).cpu().tolist()
-        return [bytes(row).hex() for row in everyone]
 
     def _print_outputs(self, summary: dict) -> None:
         cfg = self.cfg
@@ -507,35 +494,20 @@ class Trainer:
                          f"{os.path.join(cfg.output_dir, 'checkpoints', checkpoints.BEST_FILE)})")
         lines += [f"  metrics         {os.path.join(cfg.output_dir, 'metrics.jsonl')}",
                   f"  weights         {os.path.join(cfg.output_dir, 'model.safetensors')}"]
-        if cfg.wandb_mode != "disabled":
-            run_dir = os.path.dirname(self.accelerator.get_tracker("wandb", unwrap=True).dir)
+        run_dir = self.tracker.run_dir
+        if run_dir:
             lines.append(f"  wandb run       {run_dir} ({cfg.wandb_mode}; `wandb sync {run_dir}` uploads it)")
         print("\n".join(lines), flush=True)
 
 
-def rewrap_ddp(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """DDP all-reduces only the parameters that required grad when it was built: after an unfreeze,
-    build it again as Accelerate does (its kwargs and comm hook), and put it where Accelerate's
-    checkpoints look for the model. A collective: every rank calls it at the same step."""
-    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return model
-    handler = accelerator.ddp_handler
-    wrapped = torch.nn.parallel.DistributedDataParallel(
-        model.module, device_ids=model.device_ids, output_device=model.output_device,
-        **(handler.to_kwargs() if handler else {}))
-    if handler:
-        handler.register_comm_hook(wrapped)
-    models = accelerator._models  # no public API swaps a prepared model; on CPU it holds the bare module
-    for i, held in enumerate(models):
-        if held is model:
-            models[i] = wrapped
-    return wrapped
-
-
-def replica_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
-    """Parameters in a fixed order: what DDP keeps identical on every rank. (Buffers such as
-    BatchNorm running statistics are rank-local after the last forward, by DDP's design.)"""
-    return [p for _, p in sorted(model.named_parameters())]
+def _examples(batch: dict, predictions: torch.Tensor, count: int) -> list[tuple]:
+    """Up to `count` (HWC uint8 image, prediction, label) from a batch, as the workers delivered it."""
+    images = batch["inputs"][:count]
+    if images.dtype != torch.uint8:  # float input: show it rescaled to 0-255
+        low, high = images.amin(), images.amax()
+        images = ((images - low) / (high - low + 1e-12) * 255).to(torch.uint8)
+    return [(image.permute(1, 2, 0).numpy(), int(p), int(t))
+            for image, p, t in zip(images, predictions[:count].tolist(), batch["targets"][:count].tolist())]
 
 
 class _Window:

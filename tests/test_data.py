@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import random
 import tarfile
 from collections import Counter
 
@@ -237,3 +238,26 @@ def test_pipe_sources_stream_through_a_command_with_an_explicit_index(tmp_path):
                          batch_size=4, num_workers=0, training=False)
     assert loader.total == 10
     assert sorted(keys_of(loader.loader(0))) == [f"s{i:04d}" for i in range(10)]
+
+
+def test_map_style_augmentation_is_seeded_per_sample_and_leaves_the_main_rng_alone():
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 24
+
+        def __getitem__(self, i):
+            return torch.rand(1) + random.random(), i % 3
+
+    def values(workers):
+        loader = SplitLoader(Noisy(), rank=0, world=1, seed=0, batch_size=4, num_workers=workers, training=True)
+        return {k: float(x[0]) for b in loader.loader(0) for x, k in zip(b["inputs"], b["keys"])}
+
+    torch.manual_seed(123)
+    random.seed(5)
+    in_process = values(0)
+    after = (torch.rand(1), random.random())
+    torch.manual_seed(123)
+    random.seed(5)
+    assert (torch.rand(1), random.random()) == after  # reading data did not consume the model's RNGs
+    assert values(2) == in_process and len(in_process) == 24  # same noise whichever process fetched it
+    assert len(set(in_process.values())) == 24

@@ -152,3 +152,12 @@ def test_resuming_on_fewer_processes_keeps_the_global_batch(digits, tmp_path):
     resumed = launcher(*args, "--epochs=2", "--resume=auto")
     assert note in resumed.stdout
     assert [m["step"] for m in metrics(out) if "val/loss" in m] == [89, 178]  # the same steps per epoch
+
+
+def test_an_incompatible_checkpoint_is_a_one_line_error(digits, tmp_path, uninterrupted):
+    checkpoint = sorted((uninterrupted[1] / "checkpoints").glob("step-*"))[-1]
+    result = launcher(MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={tmp_path / 'other'}", "--hidden=32",
+                      f"--resume={checkpoint}", check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"checkpoint {checkpoint} cannot be loaded" in lines[0]

@@ -1,0 +1,80 @@
+"""Processes and devices: the Accelerator (DDP over GPUs, or gloo over CPU processes), rebuilding
+DDP after an unfreeze, and checking that every rank holds the same parameters."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+
+import accelerate.optimizer
+import torch
+from accelerate import Accelerator
+
+from launcher.config import ConfigError, TrainConfig
+
+
+def has_accelerator() -> bool:
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return bool(xpu and xpu.is_available()) or torch.backends.mps.is_available()
+
+
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
+    on_cpu = not has_accelerator()
+    if on_cpu and cfg.mixed_precision == "fp16":
+        raise ConfigError("--mixed_precision=fp16 needs a GPU; use --mixed_precision=bf16 on CPU")
+    accelerator = Accelerator(
+        cpu=on_cpu,  # DDP with gloo over CPU processes when no GPU is present
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        log_with=None if cfg.wandb_mode == "disabled" else "wandb",
+        project_dir=cfg.output_dir,
+    )
+    if on_cpu and accelerator.num_processes > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # N CPU processes on one machine must share its cores, not each take all of them.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    return accelerator
+
+
+# AcceleratedOptimizer.step asks is_lomo_available() (an importlib lookup, ~0.3 ms on a CPU) on
+# every optimizer step; the answer cannot change within a process, so ask once.
+if hasattr(accelerate.optimizer, "is_lomo_available"):
+    accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
+
+
+def replica_checksums(accelerator: Accelerator, model: torch.nn.Module) -> list[str]:
+    """A short hash of this rank's parameters, gathered from every rank (a collective)."""
+    digest = hashlib.sha256()
+    for tensor in replica_tensors(accelerator.unwrap_model(model)):
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    mine = torch.tensor(list(digest.digest()[:8]), dtype=torch.int64, device=accelerator.device)
+    everyone = accelerator.gather(mine.unsqueeze(0)).cpu().tolist()
+    return [bytes(row).hex() for row in everyone]
+
+
+def rewrap_ddp(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """DDP all-reduces only the parameters that required grad when it was built: after an unfreeze,
+    build it again as Accelerate does (its kwargs and comm hook), and put it where Accelerate's
+    checkpoints look for the model. A collective: every rank calls it at the same step."""
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model
+    handler = accelerator.ddp_handler
+    wrapped = torch.nn.parallel.DistributedDataParallel(
+        model.module, device_ids=model.device_ids, output_device=model.output_device,
+        **(handler.to_kwargs() if handler else {}))
+    if handler:
+        handler.register_comm_hook(wrapped)
+    models = accelerator._models  # no public API swaps a prepared model; on CPU it holds the bare module
+    for i, held in enumerate(models):
+        if held is model:
+            models[i] = wrapped
+    return wrapped
+
+
+def replica_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters in a fixed order: what DDP keeps identical on every rank. (Buffers such as
+    BatchNorm running statistics are rank-local after the last forward, by DDP's design.)"""
+    return [p for _, p in sorted(model.named_parameters())]
