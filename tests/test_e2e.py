@@ -28,10 +28,10 @@ def val_losses(run_dir) -> list[float]:
     (["recipes/resnet_finetune_tiny", "stray"], "unexpected argument 'stray'"),
     (["plan", "recipes/resnet_finetune_tiny", "--data_dir=/nonexistent"], "1 of 1 shard files missing, first /nonexistent/train"),
     (["report", "/nonexistent"], "/nonexistent is not a run directory (no metrics.jsonl)"),
-    (["recipes/resnet_finetune_tiny", "--unfreeze=[layer9]"], "--unfreeze names layer9; stages are layer4"),
+    (["recipes/resnet_finetune_tiny", "--data_dir={digits}", "--unfreeze=[layer9]"], "--unfreeze names layer9; stages are layer4"),
 ])
-def test_bad_input_is_one_line_on_stderr_and_exit_2(args, message):
-    result = launcher(*args, check=False)
+def test_bad_input_is_one_line_on_stderr_and_exit_2(args, message, digits):
+    result = launcher(*[arg.format(digits=digits) for arg in args], check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
