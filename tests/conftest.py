@@ -14,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP_RECIPE = str(ROOT / "tests" / "recipes" / "mlp_digits.py")
+WANDB = str(Path(sys.executable).with_name("wandb"))  # the CLI installed beside this Python
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MLP_RECIPE, ROOT, launcher, metrics
+from conftest import MLP_RECIPE, ROOT, WANDB, launcher, metrics
 from launcher.schedules import warmup_cosine
 
 pytestmark = pytest.mark.e2e
@@ -145,8 +145,7 @@ def test_finetune_loads_a_pretraining_run_and_logs_to_offline_wandb(digits, tmp_
     assert not torch.equal(pretrained["layer4.1.conv2.weight"], tuned["layer4.1.conv2.weight"])
     run_dirs = list((fine / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1
-    inspect = subprocess.run([str(ROOT / ".venv/bin/wandb") if (ROOT / ".venv/bin/wandb").exists() else "wandb",
-                              "leet", "inspect", "--json", str(run_dirs[0])],
+    inspect = subprocess.run([WANDB, "leet", "inspect", "--json", str(run_dirs[0])],
                              capture_output=True, text=True, timeout=120, check=True)
     history = [json.loads(line) for line in inspect.stdout.splitlines() if '"history"' in line]
     logged = json.dumps(history)

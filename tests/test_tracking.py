@@ -10,15 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MLP_RECIPE, ROOT, launcher
+from conftest import MLP_RECIPE, ROOT, WANDB, launcher
 from launcher.report import Run, config_differences
 
 ARTIFACTS = ROOT / "test-artifacts"
 
 
 def wandb_records(run_dir: Path) -> list[dict]:
-    wandb = ROOT / ".venv" / "bin" / "wandb"
-    result = subprocess.run([str(wandb) if wandb.exists() else "wandb", "leet", "inspect", "--json", str(run_dir)],
+    result = subprocess.run([WANDB, "leet", "inspect", "--json", str(run_dir)],
                             capture_output=True, text=True, timeout=120, check=True)
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
