@@ -17,17 +17,22 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/uv pip install --python $(PY) -q -e '.[dev]'
 	touch $@
 
-$(DATA_DIR)/train/index.json: scripts/make_demo_data.py | setup
+$(DATA_DIR)/.built: scripts/make_demo_data.py | setup
 	$(PY) scripts/make_demo_data.py --out $(DATA_DIR)
+	touch $@
 
 # Pretrain a ResNet-18 on digits 0-4, then fine-tune it on all ten digits with a frozen
-# stem and early stages, offline wandb, and print where everything went.
-demo: setup $(DATA_DIR)/train/index.json
+# stem and early stages, offline wandb, and print where everything went; then evaluate the
+# fine-tuned model and predict a few held-out images from the ImageFolder copy of the digits.
+demo: setup $(DATA_DIR)/.built
 	rm -rf $(DEMO_DIR)
 	$(PY) -m launcher recipes/resnet_pretrain --output_dir=$(DEMO_DIR)/pretrain --data_dir=$(DATA_DIR)
 	$(PY) -m launcher recipes/resnet_finetune --output_dir=$(DEMO_DIR)/finetune --data_dir=$(DATA_DIR) \
 		--weights=$(DEMO_DIR)/pretrain
 	$(PY) -m launcher report $(DEMO_DIR)/pretrain $(DEMO_DIR)/finetune --out=$(DEMO_DIR)/report.html
+	$(PY) -m launcher evaluate recipes/resnet_finetune --checkpoint=$(DEMO_DIR)/finetune --data_dir=$(DATA_DIR)
+	$(PY) -m launcher predict recipes/resnet_finetune --checkpoint=$(DEMO_DIR)/finetune --data_dir=$(DATA_DIR) \
+		--top_k=3 $(DATA_DIR)/folder/val/7
 
 test: setup
 	$(PY) -m pytest

@@ -2,9 +2,13 @@
 
 from launcher.config import ConfigError, TrainConfig, variant
 from launcher.data import DataSpec, Shards
-from launcher.params import Group, Schedule, layer_decay, sgd
+from launcher.losses import loss
+from launcher.optimizers import optimizer, sgd
+from launcher.params import Group, Schedule, layer_decay
 from launcher.weights import load_weights
-from launcher.schedules import constant, warmup_cosine
+from launcher.schedules import (CosineAnnealingLR, ExponentialLR, LambdaLR, MultiStepLR, Plateau, StepLR, constant,
+                                warmup, warmup_cosine)
 
 __all__ = ["ConfigError", "TrainConfig", "variant", "DataSpec", "Shards", "Group", "Schedule", "layer_decay", "sgd",
-           "constant", "warmup_cosine", "load_weights"]
+           "optimizer", "loss", "constant", "warmup_cosine", "warmup", "StepLR", "MultiStepLR", "ExponentialLR",
+           "CosineAnnealingLR", "LambdaLR", "Plateau", "load_weights"]

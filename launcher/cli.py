@@ -21,19 +21,26 @@ usage: python -m launcher RECIPE [--field=value ...]          train
        python -m launcher RECIPE --help                        list the recipe's fields
        python -m launcher shards SOURCE OUT [--max_count=N ...] write WebDataset shards (see --help)
        python -m launcher report RUN_DIR [RUN_DIR ...] [--out=FILE]  one HTML page: curves, config differences
+       python -m launcher evaluate RECIPE --checkpoint=PATH [--out=DIR] [...]   metrics, per-class accuracy, confusion
+       python -m launcher predict RECIPE --checkpoint=PATH IMAGE_OR_DIR ... [--top_k=5] [--out=FILE.jsonl]
 
 RECIPE is a recipe file (recipes/resnet_finetune or recipes/resnet_finetune.py) or a dotted
 module name (recipes.resnet_finetune). Every field of the recipe's Config can be set with
 --field=value; common to all recipes: output_dir, seed, epochs, max_steps, batch_size (per
-device), grad_accum_steps, mixed_precision (no/fp16/bf16), resume (""/auto/PATH),
-checkpoint_every, checkpoint_epoch_end, keep_checkpoints, best_metric, best_mode, nonfinite
-(stop/skip), num_workers, max_corrupt_fraction, wandb_mode (auto/online/offline/disabled).
+device), grad_accum_steps, mixed_precision (no/fp16/bf16), optimizer, lr, lr_schedule,
+warmup_steps, loss, label_smoothing, mixup_alpha, cutmix_alpha, ema_decay, early_stop_patience,
+resume (""/auto/PATH), checkpoint_every, keep_checkpoints, best_metric, nonfinite (stop/skip),
+num_workers, deterministic, wandb_mode (auto/online/offline/disabled); RECIPE --help lists all.
+
+evaluate and predict take a run's output_dir, a checkpoints/step-N directory or a weights file
+as --checkpoint; predict prints the top-k classes per image (class names from the training index).
 
 Exit codes: 0 done; 2 bad input (one line on stderr); 1 stopped on a non-finite loss
 (--nonfinite=stop); 75 preempted by SIGUSR1/SIGTERM after saving a checkpoint (under Slurm a
 SIGUSR1 also requeues the job; elsewhere rerun with --resume=auto)."""
 
-COMMANDS = ("train", "plan", "shards", "report")
+COMMANDS = ("train", "plan", "shards", "report", "evaluate", "predict")
+EXTRA_FLAGS = {"plan": ("world_size",), "evaluate": ("checkpoint", "out"), "predict": ("checkpoint", "out", "top_k")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,13 +93,27 @@ def run_command(argv: list[str]) -> int:
     if any(arg in ("-h", "--help") for arg in argv[1:]):
         print(recipe_help(recipe))
         return 0
-    overrides = parse_flags(argv[1:])
-    world_size = overrides.pop("world_size", None) if command == "plan" else None
+    positional = [a for a in argv[1:] if not a.startswith("-")] if command == "predict" else []
+    overrides = parse_flags([a for a in argv[1:] if a not in positional])
+    extra = {name: overrides.pop(name) for name in EXTRA_FLAGS.get(command, ()) if name in overrides}
     cfg = apply_overrides(recipe.default_config(), overrides).resolved()
     if command == "plan":
         from launcher.loop import print_plan
 
-        print_plan(cfg, recipe, _world_size(world_size))
+        print_plan(cfg, recipe, _world_size(extra.get("world_size")))
+    elif command == "evaluate":
+        from launcher.inference import evaluate
+
+        evaluate(cfg, recipe, str(extra.get("checkpoint", "")), str(extra.get("out", "")))
+    elif command == "predict":
+        from launcher.inference import predict
+
+        if not positional:
+            raise ConfigError("predict needs images: python -m launcher predict RECIPE --checkpoint=PATH IMAGE_OR_DIR ...")
+        top_k = extra.get("top_k", 5)
+        if not isinstance(top_k, int) or isinstance(top_k, bool):
+            raise ConfigError(f"--top_k expects int, got {top_k!r}")
+        predict(cfg, recipe, str(extra.get("checkpoint", "")), positional, top_k, str(extra.get("out", "")))
     else:
         from launcher.loop import train
 

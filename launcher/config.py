@@ -48,11 +48,31 @@ class TrainConfig:
     wandb_tags: tuple[str, ...] = ()  # wandb tags
     wandb_notes: str = ""  # wandb notes: what this run tries
     log_images: int = 16  # validation images (with prediction and label) logged to wandb per evaluation
+    optimizer: Literal["adamw", "adam", "sgd", "rmsprop", "adagrad"] = "adamw"  # torch.optim optimizer, unless the recipe's schedule names one
+    momentum: float = 0.9  # sgd and rmsprop momentum
+    nesterov: bool = False  # sgd: Nesterov momentum
     lr: float = 1e-3  # base learning rate; each parameter group scales it
-    weight_decay: float = 0.0  # decoupled weight decay, unless a parameter group sets its own
-    warmup_steps: int = 0  # optimizer steps of linear LR warm-up from 0
+    weight_decay: float = 0.0  # weight decay (adamw: decoupled; others: L2), unless a parameter group sets its own
+    lr_schedule: Literal["cosine", "constant", "step", "multistep", "exponential", "plateau"] = "cosine"  # LR schedule, unless the recipe's schedule sets one; step/multistep/exponential change at epoch ends, plateau after evaluations
+    warmup_steps: int = 0  # optimizer steps of linear LR warm-up from 0, in front of any lr_schedule
     min_lr_ratio: float = 0.0  # cosine decay ends at lr x this
+    lr_gamma: float = 0.1  # step/multistep/exponential: LR x this per decay; plateau: x this on a plateau
+    lr_step_size: int = 30  # step: epochs between decays
+    lr_milestones: tuple[int, ...] = ()  # multistep: epochs at which the LR decays
+    lr_patience: int = 10  # plateau: evaluations without improvement before the LR decays
+    lr_plateau_metric: str = "val/loss"  # plateau: the evaluation metric watched (losses: lower is better)
+    loss: Literal["cross_entropy", "nll", "bce_with_logits", "mse", "l1"] = "cross_entropy"  # training loss, unless the recipe defines build_loss
+    label_smoothing: float = 0.0  # cross_entropy label smoothing
+    class_weights: tuple[float, ...] = ()  # per-class loss weights (cross_entropy, nll; bce_with_logits: pos_weight)
+    mixup_alpha: float = 0.0  # MixUp Beta(alpha, alpha) on training batches (0: off)
+    cutmix_alpha: float = 0.0  # CutMix Beta(alpha, alpha) on training batches (0: off; with MixUp, one of the two per batch)
+    ema_decay: float = 0.0  # keep an EMA of the weights with this decay (e.g. 0.999), evaluated as val_ema/* (0: off)
+    ema_warmup: bool = True  # EMA decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates
+    early_stop_patience: int = 0  # stop after this many evaluations without a better best_metric (0: never)
     max_grad_norm: float = 0.0  # clip the global gradient norm to this (0: no clipping)
+    weight_init: Literal["default", "kaiming_normal", "kaiming_uniform", "xavier_normal", "xavier_uniform", "trunc_normal"] = "default"  # re-initialise conv and linear layers of a model trained from scratch
+    deterministic: bool = False  # deterministic algorithms and cuDNN (slower; ops without a deterministic version raise)
+    cudnn_benchmark: bool = False  # let cuDNN pick the fastest convolution per input shape (fixed shapes; not with deterministic)
     num_workers: int = 2  # DataLoader worker processes per rank
     eval_batch_size: int = 0  # samples per device per evaluation batch (0: batch_size)
     log_every: int = 10  # optimizer steps between logged training metrics
@@ -74,9 +94,17 @@ class TrainConfig:
                      "keep_checkpoints", "log_images"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay", "max_grad_norm", "min_lr_ratio", "max_corrupt_fraction"):
+        for name in ("lr", "weight_decay", "max_grad_norm", "min_lr_ratio", "max_corrupt_fraction", "momentum",
+                     "lr_gamma", "label_smoothing", "mixup_alpha", "cutmix_alpha", "lr_patience",
+                     "early_stop_patience"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"--ema_decay must be in [0, 1) (e.g. 0.999; 0 turns EMA off), got {self.ema_decay}")
+        if self.lr_step_size < 1:
+            raise ConfigError(f"--lr_step_size must be >= 1 (epochs), got {self.lr_step_size}")
+        if self.deterministic and self.cudnn_benchmark:
+            raise ConfigError("--deterministic and --cudnn_benchmark contradict each other; keep one")
         if not self.output_dir:
             raise ConfigError("--output_dir must not be empty")
         # Choices are checked by value too, so a recipe that re-declares a field as `str` keeps them.

@@ -68,7 +68,20 @@ class DataSpec:
 
     train: Shards | Dataset
     val: Shards | Dataset | None = None
-    classes: Sequence[str] | None = None  # class names; None: from the shard index
+    classes: Sequence[str] | None = None  # class names; None: from the shard index or the dataset's .classes
+    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None  # per batch on the device, for Dataset splits
+
+
+def image_folder(root: str, transform: Callable | None = None) -> Dataset:
+    """torchvision's ImageFolder (ROOT/CLASS/IMAGE, classes sorted), with a clear error when ROOT
+    is missing or empty. Split across ranks like any map-style dataset (DistributedSampler)."""
+    from torchvision.datasets import ImageFolder
+
+    try:
+        return ImageFolder(root, transform=transform)
+    except (FileNotFoundError, NotADirectoryError) as error:
+        raise ConfigError(f"image folder {root}: {str(error).splitlines()[0]}; it must hold one sub-directory of "
+                          "images per class (`make demo` writes data/digits/folder)") from None
 
 
 def derive_seed(*parts) -> int:
@@ -386,7 +399,7 @@ def _batch_buffer(first: torch.Tensor, size: int) -> torch.Tensor:
 def collate(items: list) -> dict:
     """A map-style dataset's batch in the form the trainer takes (as shard streams yield it)."""
     return {"inputs": default_collate([x for x, _, _ in items]),
-            "targets": torch.tensor([int(y) for _, y, _ in items], dtype=torch.long),
+            "targets": default_collate([y for _, y, _ in items]),  # class indices -> int64; or float/multi-label
             "keys": [k for _, _, k in items], "errors": [], "repeated": 0}
 
 
@@ -447,8 +460,10 @@ class SplitLoader:
     """One split of a recipe's data as seen by one rank: sizes, layout, and a DataLoader per epoch."""
 
     def __init__(self, source: Shards | Dataset, *, rank: int, world: int, seed: int,
-                 batch_size: int, num_workers: int, training: bool, batches_per_epoch: int | None = None):
+                 batch_size: int, num_workers: int, training: bool, batches_per_epoch: int | None = None,
+                 batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.source, self.training = source, training
+        self._batch_transform = batch_transform  # for a Dataset (Shards carry their own)
         self.rank, self.world, self.seed = rank, world, seed
         self.batch_size, self.num_workers = batch_size, num_workers
         self.batches_per_epoch = batches_per_epoch  # training, per rank; the trainer sets it from the plan
@@ -469,7 +484,7 @@ class SplitLoader:
 
     @property
     def batch_transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        return getattr(self.source, "batch_transform", None)
+        return self.source.batch_transform if isinstance(self.source, Shards) else self._batch_transform
 
     @property
     def workers_per_rank(self) -> int:
@@ -486,6 +501,20 @@ class SplitLoader:
                                         workers=self.workers_per_rank, batch_size=self.batch_size,
                                         batches_per_rank=batches)
         return self._layout
+
+    def example_input(self) -> torch.Tensor | None:
+        """One input as a batch holds it (per-sample transform done, batch_transform not), for the plan.
+        The global RNGs are left as they were."""
+        with _seeded(derive_seed(self.seed, "example")):
+            if not isinstance(self.source, Shards):
+                return self.source[0][0] if len(self.source) else None
+            stream = ShardStream(self.layout(0), self.source, rank=0, seed=self.seed, training=False)
+            for url in self.index.urls[:3]:
+                for sample in tarfile_samples([{"url": url}], handler=lambda error: True):
+                    item = stream._decode(sample, 0, [])
+                    if item is not None:
+                        return item[0]
+        return None
 
     def planned_dropped(self, epoch: int) -> int:
         """Training samples an epoch leaves unread so every rank takes the same whole batches."""

@@ -21,7 +21,19 @@ def has_accelerator() -> bool:
     return bool(xpu and xpu.is_available()) or torch.backends.mps.is_available()
 
 
+def configure_backends(cfg: TrainConfig) -> None:
+    """--deterministic: deterministic algorithms everywhere (an op without one raises), cuDNN's
+    deterministic kernels without autotuning, and the cuBLAS workspace setting CUDA asks for;
+    --cudnn_benchmark: cuDNN autotunes per input shape."""
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    torch.backends.cudnn.deterministic = cfg.deterministic
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark and not cfg.deterministic
+
+
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
+    configure_backends(cfg)
     on_cpu = not has_accelerator()
     if on_cpu and cfg.mixed_precision == "fp16":
         raise ConfigError("--mixed_precision=fp16 needs a GPU; use --mixed_precision=bf16 on CPU")

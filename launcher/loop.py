@@ -21,6 +21,7 @@ import signal
 import time
 from collections import Counter
 
+import safetensors.torch
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
@@ -29,9 +30,12 @@ from tqdm.auto import tqdm
 from launcher.config import ConfigError, RunStopped, TrainConfig
 from launcher.distributed import build_accelerator, replica_checksums, rewrap_ddp
 from launcher.data import DataError, Position, SplitLoader, derive_seed, tally_errors
+from launcher.modeling import init_weights, model_summary
 from launcher.params import (ParamGroup, Schedule, apply_freezing, assign_groups, build_optimizer,
                              frozen_batchnorms, lr_multipliers)
-from launcher.plan import Plan, format_plan, make_plan
+from launcher.plan import Plan, format_plan, make_plan, training_lines
+from launcher.regularization import EMA, batch_mix
+from launcher.schedules import LRSchedule
 from launcher.preemption import Preempted, StopSignals, requeue_slurm_job
 from launcher.recipe import Recipe
 from launcher.evaluation import EvalTotals
@@ -47,21 +51,44 @@ class RunParts:
     model: torch.nn.Module
     schedule: Schedule
     groups: list[ParamGroup]
+    loss_fn: object
+    num_classes: int | None
 
 
 def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int) -> RunParts:
     """Everything a run is made of, before Accelerate wraps it (shared by `plan` and training)."""
     set_seed(cfg.seed)  # the same initial weights on every rank
     data = recipe.build_data(cfg)
-    loader_args = dict(rank=rank, world=world, seed=cfg.seed, num_workers=cfg.num_workers)
+    loader_args = dict(rank=rank, world=world, seed=cfg.seed, num_workers=cfg.num_workers,
+                       batch_transform=data.batch_transform)
     train_data = SplitLoader(data.train, batch_size=cfg.batch_size, training=True, **loader_args)
     val_data = (SplitLoader(data.val, batch_size=cfg.eval_batch_size, training=False, **loader_args)
                 if data.val is not None else None)
     plan = make_plan(cfg, train_data, val_data, world)  # also sets train_data.batches_per_epoch
+    if cfg.weight_init != "default" and getattr(cfg, "weights", ""):
+        raise ConfigError(f"--weight_init={cfg.weight_init} would overwrite the loaded --weights; use one or the other")
     model = recipe.build_model(cfg)
-    schedule = recipe.build_schedule(cfg, model)
+    init_weights(model, cfg.weight_init)
+    schedule = recipe.build_schedule(cfg, model).resolved(cfg)
     groups = assign_groups(model, schedule, cfg.lr, cfg.weight_decay, plan.steps_per_epoch)
-    return RunParts(train_data, val_data, plan, model, schedule, groups)
+    apply_freezing(groups, step=0)
+    loss_fn = recipe.build_loss(cfg)
+    classes = list(data.classes or train_data.classes)
+    num_classes = len(classes) or getattr(cfg, "num_classes", None)
+    if (cfg.mixup_alpha or cfg.cutmix_alpha) and not getattr(loss_fn, "soft_targets", True):
+        raise ConfigError(f"MixUp/CutMix make soft targets, which --loss={cfg.loss} cannot take; "
+                          "use --loss=cross_entropy or bce_with_logits")
+    plan.training = training_lines(cfg, schedule, loss_fn)
+    plan.model = model_summary(model, _example_batch(val_data or train_data))
+    return RunParts(train_data, val_data, plan, model, schedule, groups, loss_fn, num_classes)
+
+
+def _example_batch(split: SplitLoader) -> torch.Tensor | None:
+    example = split.example_input()
+    if not isinstance(example, torch.Tensor):
+        return None
+    batch = example[None]
+    return split.batch_transform(batch) if split.batch_transform else batch
 
 
 def print_plan(cfg: TrainConfig, recipe: Recipe, world_size: int) -> None:
@@ -90,21 +117,30 @@ class Trainer:
         parts.plan.notes.append(note)
         self.train_data, self.val_data, self.plan = parts.train_data, parts.val_data, parts.plan
         model, schedule, self.groups = parts.model, parts.schedule, parts.groups
-        apply_freezing(self.groups, step=0)
         self.frozen_norms = frozen_batchnorms(model, self.groups)
         optimizer = build_optimizer(schedule, self.groups)
         total = self.plan.schedule_steps  # max_steps stops early; it does not shorten the schedule
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multipliers(self.groups, schedule.lr_at, total))
-        self.loss_fn = recipe.build_loss(cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_multipliers(self.groups, schedule.lr_at, total, self.plan.steps_per_epoch))
+        self.lr_schedule = schedule.lr_at
+        self.loss_fn = parts.loss_fn
+        self.mix = batch_mix(cfg.mixup_alpha, cfg.cutmix_alpha, parts.num_classes)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(self.scheduler)
-        torch.manual_seed(derive_seed(cfg.seed, "rank", self.rank))  # dropout/augmentation differ per rank
+        if isinstance(self.lr_schedule, LRSchedule) and self.lr_schedule.state_dict():
+            acc.register_for_checkpointing(self.lr_schedule)  # ReduceLROnPlateau's state
+        self.ema = EMA(acc.unwrap_model(self.model), cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay else None
+        if self.ema is not None:
+            acc.register_for_checkpointing(self.ema)
+        set_seed(derive_seed(cfg.seed, "rank", self.rank) % 2**32)  # python, numpy, torch: dropout/augmentation differ per rank
         self.step, self.epoch = 0, 0
         self.position = Position(0)  # this rank's place in the current epoch's data
         self.saved_step = -1
         self.errors_shown = 0
         self.best: dict = {}  # {"metric", "value", "step"} of the best evaluation so far
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient (nonfinite=skip)
+        self.evals_without_improvement = 0  # for early stopping
+        self.stopped_early = False
         self.metrics = MetricsLog(cfg.output_dir, acc.is_main_process)
         self.wandb_run_id: str | None = None
         self.tracker = Tracker(acc, cfg)
@@ -126,6 +162,7 @@ class Trainer:
             self.step, self.epoch = state["step"], state["epoch"]
             self.best, self.wandb_run_id = state.get("best", {}), state.get("wandb_run_id")
             self.skipped_steps = state.get("skipped_steps", 0)
+            self.evals_without_improvement = state.get("evals_without_improvement", 0)
             self.unreadable_total = state.get("unreadable_total", 0)
             self.elapsed_before = state.get("elapsed_s", 0.0)
             self.metrics.drop_after(self.step)  # what the lost steps logged is logged again
@@ -166,7 +203,7 @@ class Trainer:
             while self.epoch < self.cfg.epochs and self.step < self.plan.total_steps:
                 self.train_epoch()
                 if self.position.batches < self.plan.micro_batches_per_epoch:  # cut short by max_steps
-                    self.evaluate()
+                    self.evaluate(epoch_end=False)
                     break
                 self._report_epoch_data()
                 improved = self.evaluate()
@@ -174,6 +211,8 @@ class Trainer:
                 self.position = Position(self.epoch)
                 if self.cfg.checkpoint_epoch_end or improved:
                     self._save()
+                if self._stop_early():
+                    break
                 self._check_signals()
             if self.saved_step != self.step:
                 self._save()  # where max_steps stopped: `--resume=auto` continues from here
@@ -181,6 +220,17 @@ class Trainer:
             self.progress.close()  # an error message then starts on a line of its own
             self.signals.restore()
         return self.finish()
+
+    def _stop_early(self) -> bool:
+        """Every rank decides alike: the metrics it compares are already all-reduced."""
+        patience = self.cfg.early_stop_patience
+        if not patience or self.evals_without_improvement < patience:
+            return False
+        self.stopped_early = True
+        if self.accelerator.is_main_process:
+            tqdm.write(f"early stop at step {self.step}: {self.cfg.best_metric} has not improved for {patience} "
+                       f"evaluations (best {self.best['value']:.4g} at step {self.best['step']})")
+        return True
 
     def _save(self) -> None:
         acc, cfg = self.accelerator, self.cfg
@@ -226,6 +276,8 @@ class Trainer:
             self._note_errors(batch["errors"], "train")
             inputs = self._device_inputs(batch, self.train_data)
             targets = batch["targets"].to(acc.device, non_blocking=True)
+            if self.mix is not None:
+                inputs, targets = self.mix(inputs, targets)
             self._trace(batch["keys"])
             with acc.accumulate(self.model):
                 loss = self.loss_fn(self.model(inputs), targets)
@@ -236,6 +288,8 @@ class Trainer:
                     skip = not self._finite(window.grad_norm, loss)
                 if not skip:
                     self.optimizer.step()
+                    if self.ema is not None and acc.sync_gradients and not self.optimizer.step_was_skipped:
+                        self.ema.update_parameters(acc.unwrap_model(self.model))
                 self.optimizer.zero_grad(set_to_none=True)
             window.add(loss.detach(), inputs.shape[0])
             if acc.sync_gradients:
@@ -392,42 +446,67 @@ class Trainer:
             f.writelines(f"{self.epoch} {self.step} {key}\n" for key in keys)
 
     @torch.no_grad()
-    def evaluate(self) -> bool:
-        """Evaluate on the validation split; True if `best_metric` improved."""
+    def evaluate(self, epoch_end: bool = True) -> bool:
+        """Evaluate on the validation split (and the EMA weights, if kept); True if `best_metric` improved.
+        Only epoch-end evaluations step a plateau schedule and count towards early stopping, so a
+        run stopped mid-epoch by max_steps resumes as if it had not stopped."""
         if self.val_data is None:
             return False
         acc = self.accelerator
-        model = acc.unwrap_model(self.model)  # no DDP collectives: ranks may hold unequal shares
-        model.eval()
-        totals = EvalTotals(acc.device)
+        result, confusion, examples = self._evaluate(acc.unwrap_model(self.model), "val")
+        if self.ema is not None:
+            result.update(self._evaluate(self.ema.module, "val_ema")[0])
+        improved = self._note_best(result)
+        self._record({"step": self.step, "epoch": self.epoch, **result})
+        if epoch_end:
+            self.evals_without_improvement = 0 if improved else self.evals_without_improvement + 1
+            if isinstance(self.lr_schedule, LRSchedule) and self.lr_schedule.after_evaluation(result):
+                self._refresh_lr()
+        if acc.is_main_process:
+            names = self.val_data.classes
+            if confusion is not None:
+                write_json(self.cfg.output_dir, "confusion.json", {"step": self.step, "classes": names, "matrix": confusion})
+            self.tracker.log_evaluation(self.step, confusion, names, examples)
+            tqdm.write(f"epoch {self.epoch} step {self.step}: {_format_metrics(result, 'val')}"
+                       + (f"; EMA {_format_metrics(result, 'val_ema')}" if self.ema is not None else ""))
+        return improved
+
+    def _evaluate(self, model: torch.nn.Module, prefix: str) -> tuple[dict, list | None, list | None]:
+        """One pass over the validation split: (metrics, confusion matrix, example predictions)."""
+        acc, raw = self.accelerator, prefix == "val"  # the raw weights' pass also counts unreadable samples
+        model.eval()  # unwrapped: no DDP collectives, ranks may hold unequal shares
+        totals = EvalTotals(acc.device, self.loss_fn)
         unreadable: dict[str, int] = {}  # shard -> samples
         examples = None  # (image, prediction, label) from the main process's first batch
         for batch in self.val_data.loader(self.epoch):
-            self._note_errors(batch["errors"], "val")
-            tally_errors(batch["errors"], unreadable)
+            if raw:
+                self._note_errors(batch["errors"], "val")
+                tally_errors(batch["errors"], unreadable)
             if batch["inputs"] is None:
                 continue
             inputs, targets = self._device_inputs(batch, self.val_data), batch["targets"].to(acc.device)
             with acc.autocast():
-                logits = model(inputs)
-            predictions = totals.add(logits, targets)
-            if examples is None and acc.is_main_process and self.cfg.log_images:
+                outputs = model(inputs)
+            predictions = totals.add(outputs, targets)
+            if raw and examples is None and acc.is_main_process and self.cfg.log_images and totals.classification:
                 examples = _examples(batch, predictions, self.cfg.log_images)
-        result, confusion = totals.reduce(acc)
-        skipped = int(acc.reduce(torch.tensor(float(sum(unreadable.values())), device=acc.device), "sum").item())
-        self._check_corrupt(skipped, "val", unreadable)
-        self.unreadable_total += skipped
-        result["val/unreadable"] = skipped
-        improved = self._note_best(result)
-        self._record({"step": self.step, "epoch": self.epoch, **result})
-        if acc.is_main_process:
-            names = self.val_data.index.classes if self.val_data.index else []
-            write_json(self.cfg.output_dir, "confusion.json", {"step": self.step, "classes": names, "matrix": confusion})
-            self.tracker.log_evaluation(self.step, confusion, names, examples)
-            tqdm.write(f"epoch {self.epoch} step {self.step}: val loss {result['val/loss']:.4f}, "
-                       f"top-1 {100 * result['val/top1']:.2f} %, top-5 {100 * result['val/top5']:.2f} % of "
-                       f"{result['val/samples']}")
-        return improved
+        result, confusion = totals.reduce(acc, prefix)
+        if raw:
+            skipped = int(acc.reduce(torch.tensor(float(sum(unreadable.values())), device=acc.device), "sum").item())
+            self._check_corrupt(skipped, "val", unreadable)
+            self.unreadable_total += skipped
+            result["val/unreadable"] = skipped
+        return result, confusion, examples
+
+    def _refresh_lr(self) -> None:
+        """The schedule changed between steps (a plateau): apply it to the next step's LR now."""
+        sched = self.scheduler
+        for group, base, fn in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * fn(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        if self.accelerator.is_main_process:
+            tqdm.write(f"step {self.step}: {self.cfg.lr_plateau_metric} plateaued, LR now "
+                       f"{self.optimizer.param_groups[0]['lr']:.3g}")
 
     def _note_best(self, result: dict) -> bool:
         metric, value = self.cfg.best_metric, result.get(self.cfg.best_metric)
@@ -448,6 +527,7 @@ class Trainer:
 
     def _state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "best": self.best, "skipped_steps": self.skipped_steps,
+                "evals_without_improvement": self.evals_without_improvement,
                 "unreadable_total": self.unreadable_total, "elapsed_s": self._elapsed(),
                 "wandb_run_id": self.wandb_run_id, "config": dataclasses.asdict(self.cfg),
                 "world_size": self.world, "num_workers": self.cfg.num_workers,
@@ -463,6 +543,8 @@ class Trainer:
         summary = {"steps": self.step, "samples_seen": self.step * self.plan.global_batch,
                    "total_time_s": round(self._elapsed(), 1), "unreadable_skipped": self.unreadable_total,
                    "skipped_steps": self.skipped_steps}
+        if self.stopped_early:
+            summary["stopped_early"] = True
         if self.best:
             summary.update({"best/metric": self.best["metric"], "best/value": self.best["value"],
                             "best/step": self.best["step"]})
@@ -472,6 +554,8 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         acc.wait_for_everyone()
         acc.save_model(self.model, cfg.output_dir)  # model.safetensors, main process only
+        if self.ema is not None and acc.is_main_process:
+            safetensors.torch.save_model(self.ema.module, os.path.join(cfg.output_dir, "model_ema.safetensors"))
         checksums = replica_checksums(self.accelerator, self.model)
         summary = {**self._summary(), "replicas_identical": len(set(checksums)) == 1}
         if acc.is_main_process:
@@ -494,10 +578,19 @@ class Trainer:
                          f"{os.path.join(cfg.output_dir, 'checkpoints', checkpoints.BEST_FILE)})")
         lines += [f"  metrics         {os.path.join(cfg.output_dir, 'metrics.jsonl')}",
                   f"  weights         {os.path.join(cfg.output_dir, 'model.safetensors')}"]
+        if self.ema is not None:
+            lines.append(f"  EMA weights     {os.path.join(cfg.output_dir, 'model_ema.safetensors')}")
         run_dir = self.tracker.run_dir
         if run_dir:
             lines.append(f"  wandb run       {run_dir} ({cfg.wandb_mode}; `wandb sync {run_dir}` uploads it)")
         print("\n".join(lines), flush=True)
+
+
+def _format_metrics(result: dict, prefix: str) -> str:
+    text = f"loss {result[prefix + '/loss']:.4f}"
+    if prefix + "/top1" in result:
+        text += f", top-1 {100 * result[prefix + '/top1']:.2f} %, top-5 {100 * result[prefix + '/top5']:.2f} %"
+    return text + f" of {result[prefix + '/samples']}"
 
 
 def _examples(batch: dict, predictions: torch.Tensor, count: int) -> list[tuple]:

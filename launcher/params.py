@@ -19,14 +19,15 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from launcher import optimizers, schedules
 from launcher.config import ConfigError
-from launcher.schedules import LRFunction, unfreeze_warmup, warmup_cosine
+from launcher.optimizers import OptimizerFactory
+from launcher.schedules import LRFunction, LRSchedule, unfreeze_warmup
 
 
 @dataclass
@@ -57,13 +58,18 @@ class Group:
 @dataclass
 class Schedule:
     groups: Sequence[Group] = (Group("all"),)
-    optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW  # called as optimizer(param_groups)
-    lr_at: LRFunction | None = None  # (step, total_steps) -> LR multiplier; None: warm-up + cosine
+    optimizer: OptimizerFactory | None = None  # called as optimizer(param_groups); None: the config's --optimizer
+    lr_at: LRSchedule | LRFunction | None = None  # a schedules.* object or (step, total_steps) -> LR multiplier; None: the config's --lr_schedule
     no_decay_norm_bias: bool = False  # biases and norm weights (ndim <= 1) get weight decay 0
+
+    def resolved(self, cfg) -> "Schedule":
+        """A copy with what the recipe left to the config (optimizer, LR schedule) filled in."""
+        return dataclasses.replace(self, optimizer=self.optimizer or optimizers.from_config(cfg),
+                                   lr_at=self.lr_at if self.lr_at is not None else schedules.from_config(cfg))
 
 
 def default_schedule(cfg) -> Schedule:
-    return Schedule(lr_at=warmup_cosine(cfg.warmup_steps, cfg.min_lr_ratio))
+    return Schedule().resolved(cfg)
 
 
 def layer_decay(stages: Sequence[Group], decay: float, first_depth: int = 1) -> list[Group]:
@@ -153,17 +159,23 @@ def build_optimizer(schedule: Schedule, groups: list[ParamGroup]) -> torch.optim
     if not any(pg.trains_at(0) for pg in groups):
         raise ConfigError("every parameter is frozen at the start: nothing to train; "
                           "leave at least one group (e.g. the head) unfrozen in the recipe")
-    return schedule.optimizer([dict(params=pg.params, lr=pg.lr, weight_decay=pg.weight_decay, name=pg.name)
-                               for pg in groups if pg.in_optimizer])
+    make = schedule.optimizer or torch.optim.AdamW
+    try:
+        return make([dict(params=pg.params, lr=pg.lr, weight_decay=pg.weight_decay, name=pg.name)
+                     for pg in groups if pg.in_optimizer])
+    except ValueError as error:  # torch's own argument checks (a negative momentum, ...)
+        raise ConfigError(f"the optimizer rejects its settings: {error}") from None
 
 
-def lr_multipliers(groups: list[ParamGroup], lr_at: LRFunction, total_steps: int) -> list[Callable[[int], float]]:
+def lr_multipliers(groups: list[ParamGroup], lr_at: LRSchedule | LRFunction, total_steps: int,
+                   steps_per_epoch: int = 1) -> list[Callable[[int], float]]:
     """One LambdaLR function per optimizer group: the schedule, times the warm-up after an unfreeze."""
     def for_group(pg: ParamGroup) -> Callable[[int], float]:
+        at = schedules.bind(lr_at, steps_per_epoch=steps_per_epoch, total_steps=total_steps, base_lr=pg.lr)
         if not pg.starts_at:  # trains from step 0
-            return lambda step: lr_at(step, total_steps)
+            return at
         after = unfreeze_warmup(pg.starts_at, pg.group.unfreeze_warmup_steps)
-        return lambda step: lr_at(step, total_steps) * after(step)
+        return lambda step: at(step) * after(step)
 
     return [for_group(pg) for pg in groups if pg.in_optimizer]
 
@@ -177,7 +189,3 @@ def frozen_batchnorms(model: nn.Module, groups: list[ParamGroup]) -> list[nn.Mod
             if isinstance(m, norms) and any(True for _ in m.parameters(recurse=False))
             and all(id(p) in fixed for p in m.parameters(recurse=False))]
 
-
-def sgd(momentum: float = 0.9, nesterov: bool = False) -> Callable[..., torch.optim.Optimizer]:
-    """An SGD factory for Schedule.optimizer (the group dicts carry lr and weight decay)."""
-    return partial(torch.optim.SGD, momentum=momentum, nesterov=nesterov)

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import statistics
 from dataclasses import dataclass, field
 
@@ -29,6 +31,8 @@ class Plan:
     val_shards: int | None
     data_report: list[str] = field(default_factory=list)  # pre-flight lines about the shards
     notes: list[str] = field(default_factory=list)  # changes made to the config, e.g. on resume
+    training: list[str] = field(default_factory=list)  # optimizer, schedule, loss, regularisation, determinism
+    model: list[str] = field(default_factory=list)  # the model summary
 
     @property
     def global_batch(self) -> int:
@@ -114,6 +118,9 @@ def format_plan(cfg: TrainConfig, plan: Plan, groups: list[ParamGroup], recipe_n
         f"  outputs               {cfg.output_dir} (metrics.jsonl, config.json, recipe.py, "
         "checkpoints/, model.safetensors)",
         f"  wandb                 {cfg.wandb_mode}, project {cfg.wandb_project}",
+        *plan.training,
+        "model:",
+        *plan.model,
         "parameter groups:",
         format_groups(groups),
     ]
@@ -143,3 +150,33 @@ def _when(pg: ParamGroup) -> str:
     epoch = f" (epoch {group.unfreeze_epoch})" if group.unfreeze_epoch is not None else ""
     warmup = f", LR warm-up {group.unfreeze_warmup_steps} steps" if group.unfreeze_warmup_steps else ""
     return f"from step {pg.starts_at}{epoch}{warmup}"
+
+
+def training_lines(cfg: TrainConfig, schedule, loss_fn) -> list[str]:
+    """How the run trains: optimizer, LR schedule, loss, regularisation, determinism."""
+    lines = [f"  {'optimizer':<22}{describe(schedule.optimizer)}",
+             f"  {'LR schedule':<22}{describe(schedule.lr_at)}",
+             f"  {'loss':<22}{describe(loss_fn)}"]
+    extras = [f"EMA decay {cfg.ema_decay} (evaluated as val_ema/*)" if cfg.ema_decay else "",
+              f"MixUp alpha {cfg.mixup_alpha}" if cfg.mixup_alpha else "",
+              f"CutMix alpha {cfg.cutmix_alpha}" if cfg.cutmix_alpha else "",
+              f"early stop after {cfg.early_stop_patience} evaluations without a better {cfg.best_metric}"
+              if cfg.early_stop_patience else ""]
+    lines.append(f"  {'regularisation':<22}{'; '.join(e for e in extras if e) or 'none beyond weight decay'}")
+    if cfg.deterministic:
+        lines.append(f"  {'determinism':<22}deterministic algorithms: cuDNN autotuning off and deterministic "
+                     "kernels (often 10-30 % slower on GPUs); an op without a deterministic version raises")
+    elif cfg.cudnn_benchmark:
+        lines.append(f"  {'determinism':<22}cuDNN benchmark on: fastest kernels per shape, not bitwise reproducible")
+    return lines
+
+
+def describe(thing) -> str:
+    """A readable name for an optimizer factory, a schedule or a loss."""
+    if isinstance(thing, functools.partial):
+        args = ", ".join(f"{k}={v!r}" for k, v in thing.keywords.items())
+        return f"{describe(thing.func)}({args})"
+    if isinstance(thing, type) or inspect.isfunction(thing):
+        name = thing.__qualname__
+        return name.split(".<locals>")[0] if "<locals>" in name else name
+    return repr(thing)

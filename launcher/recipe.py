@@ -4,8 +4,8 @@ A recipe module defines:
   Config                      a dataclass subclassing launcher.TrainConfig
   build_model(cfg)            -> torch.nn.Module
   build_data(cfg)             -> launcher.DataSpec
-  build_schedule(cfg, model)  -> launcher.Schedule   (optional: AdamW + warm-up/cosine on one group)
-  build_loss(cfg)             -> callable(logits, targets) (optional: cross-entropy)
+  build_schedule(cfg, model)  -> launcher.Schedule   (optional: one group; --optimizer, --lr_schedule)
+  build_loss(cfg)             -> callable(outputs, targets) (optional: --loss, --label_smoothing, --class_weights)
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
-import torch.nn.functional as F
-
+from launcher import losses
 from launcher.config import ConfigError, TrainConfig
 from launcher.params import Schedule, default_schedule
 
@@ -48,7 +47,7 @@ class Recipe:
 
     def build_loss(self, cfg) -> Callable:
         build = getattr(self.module, "build_loss", None)
-        return build(cfg) if build else F.cross_entropy
+        return build(cfg) if build else losses.from_config(cfg)
 
     @property
     def source_path(self) -> str | None:

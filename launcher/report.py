@@ -148,11 +148,19 @@ def _lr_curves(runs: list[Run]) -> str:
 
 
 def _confusion(run: Run) -> str:
+    return _png(confusion_figure(run.confusion["matrix"], run.confusion.get("classes")))
+
+
+def confusion_figure(matrix: list[list[int]], names: list[str] | None):
+    """A matplotlib figure of a confusion matrix (rows: true class, columns: predicted)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    matrix = np.array(run.confusion["matrix"])
-    names = run.confusion.get("classes") or [str(i) for i in range(len(matrix))]
+    matrix = np.array(matrix)
+    names = names or [str(i) for i in range(len(matrix))]
     size = min(12, 3 + 0.4 * len(matrix))
     figure, axes = plt.subplots(figsize=(size, size * 0.85))
     image = axes.imshow(matrix, cmap="Blues")
@@ -165,7 +173,7 @@ def _confusion(run: Run) -> str:
                 axes.text(col, row, str(count), ha="center", va="center", fontsize=7,
                           color="white" if count > matrix.max() / 2 else "black")
     axes.set(xlabel="predicted class", ylabel="true class")
-    return _png(figure)
+    return figure
 
 
 def _summary_table(runs: list[Run]) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torchvision
 
-from launcher import ConfigError, Group, Schedule, TrainConfig, layer_decay, load_weights, warmup_cosine
+from launcher import ConfigError, Group, Schedule, TrainConfig, layer_decay, load_weights
 from recipes.digits import digit_shards
 
 STAGES = {"layer4": ["layer4"], "layer3": ["layer3"], "layer2": ["layer2"], "layer1": ["layer1"],
@@ -68,5 +68,4 @@ def build_schedule(cfg: Config, model) -> Schedule:
         groups=[Group("frozen", cfg.frozen, frozen=True),  # first match wins: these never train
                 Group("head", ["fc"], lr_scale=cfg.head_lr_scale),
                 *layer_decay(stages, cfg.layer_decay)],
-        lr_at=warmup_cosine(cfg.warmup_steps, cfg.min_lr_ratio),
         no_decay_norm_bias=cfg.no_decay_norm_bias)

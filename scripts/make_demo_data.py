@@ -7,7 +7,9 @@
   OUT/val/       the held-out 20 %, 2 shards
   OUT/pretrain/  the training images of digits 0-4 only (the pretraining task), 4 shards
   OUT/pretrain_val/  the held-out images of digits 0-4, 1 shard
-Each split directory holds an index.json (shard -> sample count, class names).
+Each split directory holds an index.json (shard -> sample count, class names). The same train
+and val images are also written as an ImageFolder tree, OUT/folder/{train,val}/CLASS/KEY.png
+(for recipes/alexnet_folder and the other map-style examples).
 """
 
 from __future__ import annotations
@@ -64,6 +66,17 @@ def main(out: str = "data/digits", val_fraction: float = 0.2, seed: int = 0) -> 
                              max_count=per_shard, classes=classes)
         print(f"{name}: {sum(index['shards'].values())} samples in {len(index['shards'])} shards "
               f"-> {os.path.join(out, name)}")
+    for name, indices in (("train", train), ("val", val)):
+        write_folder(images, labels, indices, os.path.join(out, "folder", name))
+    print(f"folder: {len(train)} + {len(val)} PNG files -> {os.path.join(out, 'folder')}")
+
+
+def write_folder(images: np.ndarray, labels: np.ndarray, indices: list[int], root: str) -> None:
+    for i in indices:
+        directory = os.path.join(root, CLASSES[labels[i]])
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, f"digits-{i:04d}.png"), "wb") as f:
+            f.write(encode_png(images[i]))
 
 
 if __name__ == "__main__":

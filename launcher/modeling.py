@@ -1,0 +1,76 @@
+"""Model-level helpers: weight initialisation for training from scratch, and the plan's model summary."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from launcher.config import ConfigError
+
+INITS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "kaiming_normal": lambda w: nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu"),
+    "kaiming_uniform": lambda w: nn.init.kaiming_uniform_(w, nonlinearity="relu"),
+    "xavier_normal": nn.init.xavier_normal_,
+    "xavier_uniform": nn.init.xavier_uniform_,
+    "trunc_normal": lambda w: nn.init.trunc_normal_(w, std=0.02),
+}
+
+
+def init_weights(model: nn.Module, scheme: str) -> int:
+    """Re-initialise every convolution and linear layer's weight with `scheme` (biases to 0, norms
+    to weight 1 and bias 0); returns the number of layers initialised."""
+    if scheme == "default":
+        return 0
+    init = INITS.get(scheme)
+    if init is None:
+        raise ConfigError(f"unknown --weight_init={scheme}; choose one of default, {', '.join(INITS)}")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            init(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+            count += 1
+        elif isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) and getattr(
+                module, "weight", None) is not None:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return count
+
+
+def model_summary(model: nn.Module, example: torch.Tensor | None) -> list[str]:
+    """Parameters per top-level module (trainable now / frozen), size in MB, and the output shape
+    for one example input (run on the CPU in eval mode, no gradients)."""
+    rows = []
+    for name, child in [*model.named_children(), ("(own)", None)]:
+        params = list(child.parameters()) if child is not None else list(model.parameters(recurse=False))
+        if not params:
+            continue
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        total = sum(p.numel() for p in params)
+        size = sum(p.numel() * p.element_size() for p in params) / 2**20
+        rows.append((name, total, trainable, total - trainable, size))
+    total = sum(r[1] for r in rows)
+    trainable = sum(r[2] for r in rows)
+    size = sum(r[4] for r in rows)
+    width = max([len(r[0]) for r in rows] + [5])
+    lines = [f"  {'module':<{width}}  {'params':>12}  {'trainable':>12}  {'frozen':>12}  {'MB':>8}"]
+    lines += [f"  {n:<{width}}  {t:>12,}  {tr:>12,}  {f:>12,}  {mb:>8.2f}" for n, t, tr, f, mb in rows]
+    lines.append(f"  {'total':<{width}}  {total:>12,}  {trainable:>12,}  {total - trainable:>12,}  {size:>8.2f}")
+    if example is not None:
+        shape = output_shape(model, example)
+        lines.append(f"  input (N, {', '.join(map(str, example.shape[1:]))}) -> output ({', '.join(map(str, shape))})")
+    return lines
+
+
+@torch.no_grad()
+def output_shape(model: nn.Module, example: torch.Tensor) -> list:
+    training = model.training
+    model.eval()
+    try:
+        out = model(example)
+    finally:
+        model.train(training)
+    return ["N", *out.shape[1:]] if isinstance(out, torch.Tensor) else [type(out).__name__]
