@@ -43,6 +43,7 @@ test-fast: setup
 bench: setup
 	$(PY) scripts/bench_overhead.py
 	$(PY) scripts/bench_data.py
+	$(PY) scripts/bench_ddp_cpu.py
 
 clean:
 	rm -rf runs data .pytest_cache

@@ -30,7 +30,8 @@ module name (recipes.resnet_finetune). Every field of the recipe's Config can be
 device), grad_accum_steps, mixed_precision (no/fp16/bf16), optimizer, lr, lr_schedule,
 warmup_steps, loss, label_smoothing, mixup_alpha, cutmix_alpha, ema_decay, early_stop_patience,
 resume (""/auto/PATH), checkpoint_every, keep_checkpoints, best_metric, nonfinite (stop/skip),
-num_workers, deterministic, wandb_mode (auto/online/offline/disabled); RECIPE --help lists all.
+num_workers, deterministic, channels_last, compile, synthetic_data, wandb_mode
+(auto/online/offline/disabled); RECIPE --help lists all.
 
 evaluate and predict take a run's output_dir, a checkpoints/step-N directory or a weights file
 as --checkpoint; predict prints the top-k classes per image (class names from the training index).

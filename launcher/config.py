@@ -83,6 +83,11 @@ class TrainConfig:
     best_mode: Literal["max", "min"] = "max"  # whether a higher or lower best_metric is better
     nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/Inf loss or gradient: stop with an error, or skip the step and count it
     max_corrupt_fraction: float = 0.01  # stop when more than this fraction of an epoch's samples is unreadable
+    channels_last: bool = False  # model weights and input batches in channels-last memory layout (faster convolutions on GPUs)
+    compile: bool = False  # torch.compile the model (before DDP wraps it); the first steps are slow while it compiles
+    pin_memory: bool = True  # page-locked host batches and non-blocking copies to the GPU (no effect without one)
+    prefetch_factor: int = 2  # batches each DataLoader worker prepares ahead
+    synthetic_data: bool = False  # replace the data with random inputs of its shape (generated once, no I/O): measures the step alone
     trace_samples: bool = False  # write each rank's training sample keys to output_dir/samples/ (debugging, tests)
 
     def validate(self) -> None:
@@ -101,6 +106,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"--ema_decay must be in [0, 1) (e.g. 0.999; 0 turns EMA off), got {self.ema_decay}")
+        if self.prefetch_factor < 1:
+            raise ConfigError(f"--prefetch_factor must be >= 1, got {self.prefetch_factor}")
         if self.lr_step_size < 1:
             raise ConfigError(f"--lr_step_size must be >= 1 (epochs), got {self.lr_step_size}")
         if self.deterministic and self.cudnn_benchmark:

@@ -63,6 +63,26 @@ class Shards:
 
 
 @dataclass
+class Synthetic:
+    """Random inputs of one shape, generated once and served every batch: no files, no decoding, so a
+    run measures the training step alone (`--synthetic_data` swaps a recipe's splits for these)."""
+
+    shape: Sequence[int]  # one input, e.g. (3, 224, 224)
+    num_classes: int
+    length: int  # samples per epoch
+    dtype: torch.dtype = torch.uint8
+    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None  # on the device, per batch
+
+    def batch(self, size: int, seed: int) -> dict:
+        generator = torch.Generator().manual_seed(seed)
+        shape = (size, *self.shape)
+        inputs = (torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8).to(self.dtype)
+                  if self.dtype == torch.uint8 else torch.randn(shape, generator=generator).to(self.dtype))
+        targets = torch.randint(0, self.num_classes, (size,), generator=generator)
+        return {"inputs": inputs, "targets": targets, "keys": [], "errors": [], "repeated": 0}
+
+
+@dataclass
 class DataSpec:
     """What a recipe's build_data returns."""
 
@@ -461,14 +481,20 @@ class SplitLoader:
 
     def __init__(self, source: Shards | Dataset, *, rank: int, world: int, seed: int,
                  batch_size: int, num_workers: int, training: bool, batches_per_epoch: int | None = None,
-                 batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 pin_memory: bool = True, prefetch_factor: int = 2):
         self.source, self.training = source, training
+        self.pin_memory = pin_memory and torch.cuda.is_available()  # page-locked batches: async copies to the GPU
+        self.prefetch_factor = prefetch_factor  # batches each worker prepares ahead
         self._batch_transform = batch_transform  # for a Dataset (Shards carry their own)
         self.rank, self.world, self.seed = rank, world, seed
         self.batch_size, self.num_workers = batch_size, num_workers
         self.batches_per_epoch = batches_per_epoch  # training, per rank; the trainer sets it from the plan
         self._layout: EpochLayout | None = None  # the last one computed (loader and report share it)
-        if isinstance(source, Shards):
+        if isinstance(source, Synthetic):
+            self.index = None
+            self.total = source.length
+        elif isinstance(source, Shards):
             self.index = read_index(source.urls, source.index)
             self.total = self.index.total
             if training and len(self.index.urls) < world:
@@ -484,7 +510,7 @@ class SplitLoader:
 
     @property
     def batch_transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        return self.source.batch_transform if isinstance(self.source, Shards) else self._batch_transform
+        return self.source.batch_transform if isinstance(self.source, (Shards, Synthetic)) else self._batch_transform
 
     @property
     def workers_per_rank(self) -> int:
@@ -505,10 +531,14 @@ class SplitLoader:
     def example_input(self) -> torch.Tensor | None:
         """One input as a batch holds it (per-sample transform done, batch_transform not), for the plan.
         The global RNGs are left as they were."""
+        if isinstance(self.source, Synthetic):
+            return self.source.batch(1, 0)["inputs"][0]
         with _seeded(derive_seed(self.seed, "example")):
             if not isinstance(self.source, Shards):
                 return self.source[0][0] if len(self.source) else None
-            stream = ShardStream(self.layout(0), self.source, rank=0, seed=self.seed, training=False)
+            layout = layout_epoch(self.index, epoch=0, seed=self.seed, world=1, workers=1, batch_size=1,
+                                  batches_per_rank=None)
+            stream = ShardStream(layout, self.source, rank=0, seed=self.seed, training=False)
             for url in self.index.urls[:3]:
                 for sample in tarfile_samples([{"url": url}], handler=lambda error: True):
                     item = stream._decode(sample, 0, [])
@@ -522,17 +552,19 @@ class SplitLoader:
             return self.layout(epoch).dropped
         return self.total - self.batches_per_epoch * self.batch_size * self.world
 
-    def loader(self, epoch: int, start: Position | None = None) -> DataLoader:
+    def loader(self, epoch: int, start: Position | None = None) -> Iterable[dict]:
         """This rank's batches for `epoch`, from `start` (a position taken earlier) or the beginning."""
         start = start if start is not None and start.epoch == epoch else Position(epoch)
-        pin = torch.cuda.is_available()
-        # The DataLoader draws its workers' base seed from this, not from the model's global RNG.
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, "loader", epoch, self.rank))
+        if isinstance(self.source, Synthetic):
+            return self._synthetic(start)
+        options = dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
+                       prefetch_factor=self.prefetch_factor if self.num_workers else None,
+                       # The DataLoader draws its workers' base seed from this, not from the model's global RNG.
+                       generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader", epoch, self.rank)))
         if isinstance(self.source, Shards):
             stream = ShardStream(self.layout(epoch), self.source, rank=self.rank, seed=self.seed,
                                  training=self.training, start=start)
-            return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=pin,
-                              generator=generator)
+            return DataLoader(stream, batch_size=None, **options)
         dataset = KeyedDataset(self.source, self.seed, epoch, self.training)
         if self.training:
             sampler = DistributedSampler(dataset, num_replicas=self.world, rank=self.rank,
@@ -542,5 +574,20 @@ class SplitLoader:
             batches = BatchSampler(order, self.batch_size, drop_last=True)
         else:  # every sample exactly once across ranks, so no DistributedSampler padding
             batches = BatchSampler(range(self.rank, len(dataset), self.world), self.batch_size, drop_last=False)
-        return DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers, pin_memory=pin,
-                          collate_fn=collate, generator=generator)
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, **options)
+
+    def _synthetic(self, start: Position) -> Iterator[dict]:
+        """The same random batch again and again (pinned once on a GPU machine)."""
+        source = self.source
+        batch = source.batch(self.batch_size, derive_seed(self.seed, "synthetic", self.rank))
+        if self.pin_memory:
+            batch["inputs"], batch["targets"] = batch["inputs"].pin_memory(), batch["targets"].pin_memory()
+        if self.training:
+            count = self.batches_per_epoch - start.batches
+            yield from itertools.repeat(batch, count)
+            return
+        mine = len(range(self.rank, source.length, self.world))  # each sample once across ranks
+        for first in range(0, mine, self.batch_size):
+            size = min(self.batch_size, mine - first)
+            yield batch if size == self.batch_size else {**batch, "inputs": batch["inputs"][:size],
+                                                         "targets": batch["targets"][:size]}

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from launcher.config import ConfigError, RunStopped, TrainConfig
 from launcher.distributed import build_accelerator, replica_checksums, rewrap_ddp
-from launcher.data import DataError, Position, SplitLoader, derive_seed, tally_errors
+from launcher.data import DataError, Position, SplitLoader, Synthetic, derive_seed, tally_errors
 from launcher.modeling import init_weights, model_summary
 from launcher.params import (ParamGroup, Schedule, apply_freezing, assign_groups, build_optimizer,
                              frozen_batchnorms, lr_multipliers)
@@ -60,27 +60,43 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int) -> RunP
     set_seed(cfg.seed)  # the same initial weights on every rank
     data = recipe.build_data(cfg)
     loader_args = dict(rank=rank, world=world, seed=cfg.seed, num_workers=cfg.num_workers,
-                       batch_transform=data.batch_transform)
+                       batch_transform=data.batch_transform, pin_memory=cfg.pin_memory,
+                       prefetch_factor=cfg.prefetch_factor)
     train_data = SplitLoader(data.train, batch_size=cfg.batch_size, training=True, **loader_args)
     val_data = (SplitLoader(data.val, batch_size=cfg.eval_batch_size, training=False, **loader_args)
                 if data.val is not None else None)
+    classes = list(data.classes or train_data.classes)
+    num_classes = len(classes) or getattr(cfg, "num_classes", None)
+    if cfg.synthetic_data:
+        train_data, val_data = (_synthetic(split, num_classes, loader_args) if split else None
+                                for split in (train_data, val_data))
     plan = make_plan(cfg, train_data, val_data, world)  # also sets train_data.batches_per_epoch
     if cfg.weight_init != "default" and getattr(cfg, "weights", ""):
         raise ConfigError(f"--weight_init={cfg.weight_init} would overwrite the loaded --weights; use one or the other")
     model = recipe.build_model(cfg)
     init_weights(model, cfg.weight_init)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     schedule = recipe.build_schedule(cfg, model).resolved(cfg)
     groups = assign_groups(model, schedule, cfg.lr, cfg.weight_decay, plan.steps_per_epoch)
     apply_freezing(groups, step=0)
     loss_fn = recipe.build_loss(cfg)
-    classes = list(data.classes or train_data.classes)
-    num_classes = len(classes) or getattr(cfg, "num_classes", None)
     if (cfg.mixup_alpha or cfg.cutmix_alpha) and not getattr(loss_fn, "soft_targets", True):
         raise ConfigError(f"MixUp/CutMix make soft targets, which --loss={cfg.loss} cannot take; "
                           "use --loss=cross_entropy or bce_with_logits")
     plan.training = training_lines(cfg, schedule, loss_fn)
     plan.model = model_summary(model, _example_batch(val_data or train_data))
     return RunParts(train_data, val_data, plan, model, schedule, groups, loss_fn, num_classes)
+
+
+def _synthetic(split: SplitLoader, num_classes: int | None, loader_args: dict) -> SplitLoader:
+    """The split as random inputs of its first sample's shape and dtype, with its sizes and batch transform."""
+    example = split.example_input()
+    if not isinstance(example, torch.Tensor) or not num_classes:
+        raise ConfigError("--synthetic_data needs a split whose samples are tensors and known classes "
+                          "(class names in the data or a num_classes field)")
+    source = Synthetic(tuple(example.shape), num_classes, split.total, example.dtype, split.batch_transform)
+    return SplitLoader(source, batch_size=split.batch_size, training=split.training, **loader_args)
 
 
 def _example_batch(split: SplitLoader) -> torch.Tensor | None:
@@ -125,6 +141,8 @@ class Trainer:
         self.lr_schedule = schedule.lr_at
         self.loss_fn = parts.loss_fn
         self.mix = batch_mix(cfg.mixup_alpha, cfg.cutmix_alpha, parts.num_classes)
+        if cfg.compile:
+            model.compile()  # in place: DDP then wraps the compiled module, state_dict keys unchanged
         self.model, self.optimizer = acc.prepare(model, optimizer)
         acc.register_for_checkpointing(self.scheduler)
         if isinstance(self.lr_schedule, LRSchedule) and self.lr_schedule.state_dict():
@@ -353,6 +371,8 @@ class Trainer:
 
     def _device_inputs(self, batch: dict, split: SplitLoader) -> torch.Tensor:
         inputs = batch["inputs"].to(self.accelerator.device, non_blocking=True)
+        if self.cfg.channels_last and inputs.ndim == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
         return split.batch_transform(inputs) if split.batch_transform else inputs
 
     def _clip_gradients(self):
@@ -484,7 +504,8 @@ class Trainer:
                 tally_errors(batch["errors"], unreadable)
             if batch["inputs"] is None:
                 continue
-            inputs, targets = self._device_inputs(batch, self.val_data), batch["targets"].to(acc.device)
+            inputs = self._device_inputs(batch, self.val_data)
+            targets = batch["targets"].to(acc.device, non_blocking=True)
             with acc.autocast():
                 outputs = model(inputs)
             predictions = totals.add(outputs, targets)

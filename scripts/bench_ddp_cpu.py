@@ -1,0 +1,81 @@
+"""Data-parallel scaling on CPU: 2 processes (gloo, 1 thread each) against twice one process.
+
+    python scripts/bench_ddp_cpu.py [--arch=resnet18 --image_size=64 --batch_size=32 --steps=40 --rounds=3]
+
+Both run the real CLI (`recipes/resnet_bench` with `--synthetic_data`, so no input pipeline is
+timed) with OMP_NUM_THREADS=1, one right after the other in each round; img/s is the median of
+the launcher's logged windows after the warm-up, summed over processes for the 2-process run.
+Prints the median over rounds of 2-process img/s / (2 x 1-process img/s); target >= 0.85.
+The gap is what DDP costs: the gradient all-reduce over gloo and the wait for the slower rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import fire
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from scripts.bench_gpu import make_shards  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(processes: int, args: dict, out: str) -> float:
+    launch = ([sys.executable, "-m", "launcher"] if processes == 1 else
+              [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "launcher"])
+    command = launch + [os.path.join(ROOT, "recipes", "resnet_bench.py"), f"--data_dir={args['data_dir']}",
+                        f"--arch={args['arch']}", f"--image_size={args['image_size']}", "--num_classes=10",
+                        f"--batch_size={args['batch_size']}", "--num_workers=0", "--synthetic_data=True",
+                        f"--max_steps={args['warmup'] + args['steps']}", "--epochs=1000",
+                        f"--log_every={max(1, args['steps'] // 4)}", f"--output_dir={out}", "--wandb_mode=disabled",
+                        "--checkpoint_epoch_end=False", "--keep_checkpoints=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"launcher failed:\n{result.stderr[-3000:]}")
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        windows = [json.loads(line) for line in f]
+    # train/samples_per_s is already global (per-rank samples x world size).
+    return statistics.median(w["train/samples_per_s"] for w in windows
+                             if "train/samples_per_s" in w and w["step"] > args["warmup"])
+
+
+def main(arch: str = "resnet18", image_size: int = 64, batch_size: int = 32, steps: int = 40, warmup: int = 10,
+         rounds: int = 3, out: str = "") -> None:
+    data_dir = make_shards(os.path.join(tempfile.gettempdir(), f"bench_ddp_{image_size}"), 64,
+                           round(image_size * 1.15), 10)
+    args = dict(arch=arch, image_size=image_size, batch_size=batch_size, steps=steps, warmup=warmup, data_dir=data_dir)
+    ratios, ones, twos = [], [], []
+    with tempfile.TemporaryDirectory() as scratch:
+        for i in range(rounds):
+            one = run(1, args, os.path.join(scratch, f"one{i}"))
+            two = run(2, args, os.path.join(scratch, f"two{i}"))
+            ones.append(one)
+            twos.append(two)
+            ratios.append(two / (2 * one))
+            print(f"round {i}: 1 process {one:.1f} img/s, 2 processes {two:.1f} img/s, ratio {ratios[-1]:.3f}",
+                  flush=True)
+    ratio = statistics.median(ratios)
+    print(f"{arch} {image_size}px batch {batch_size}/process, synthetic, gloo, 1 thread each: "
+          f"2 processes / (2 x 1 process) = {ratio:.3f} (median of {rounds}; target >= 0.85)")
+    if out:
+        with open(out, "w") as f:
+            json.dump({"one": ones, "two": twos, "ratios": ratios, "median": ratio}, f)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

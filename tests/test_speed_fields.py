@@ -1,0 +1,87 @@
+"""The GPU-speed fields, checked for correctness on CPU: each on or off trains to the same loss;
+synthetic data feeds the step with no I/O; the GPU benchmark runs end to end at a CPU size."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, launcher, metrics
+from launcher.data import SplitLoader, Synthetic
+
+pytestmark = pytest.mark.e2e
+
+TINY = ["recipes/convnet_digits_tiny", "--max_steps=8", "--log_every=8", "--epochs=1",
+        "--dropout=0"]  # compiled dropout draws from another RNG (inductor's), so masks would differ
+
+
+def last_loss(run_dir) -> float:
+    return [m["train/loss"] for m in metrics(run_dir) if "train/loss" in m][-1]
+
+
+@pytest.mark.parametrize("flags, baseline", [
+    (["--channels_last=True"], []),
+    (["--compile=True"], []),
+    (["--pin_memory=False"], []),
+    (["--num_workers=2", "--prefetch_factor=4"], ["--num_workers=2", "--prefetch_factor=2"]),
+])
+def test_each_speed_field_trains_to_the_same_loss(flags, baseline, digits, tmp_path):
+    plain, fast = tmp_path / "plain", tmp_path / "fast"
+    launcher(*TINY, f"--data_dir={digits}", f"--output_dir={plain}", *baseline)
+    launcher(*TINY, f"--data_dir={digits}", f"--output_dir={fast}", *flags, timeout=900)
+    assert last_loss(fast) == pytest.approx(last_loss(plain), rel=1e-3, abs=1e-4)
+
+
+def test_synthetic_data_trains_on_random_inputs_of_the_data_shape(digits, tmp_path):
+    out = tmp_path / "synthetic"
+    result = launcher(*TINY, f"--data_dir={digits}", f"--output_dir={out}", "--synthetic_data=True",
+                      "--max_steps=30", "--log_every=10")
+    assert "training data         synthetic: 1438 random torch.uint8 samples of shape (3, 8, 8), no I/O" in result.stdout
+    losses = [m["train/loss"] for m in metrics(out) if "train/loss" in m]
+    assert losses[-1] < losses[0] - 0.3  # one fixed batch, learnt step after step
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_synthetic_validation_serves_every_sample_once_across_ranks(world):
+    source = Synthetic((3, 4, 4), num_classes=5, length=23)
+    sizes = [len(b["targets"]) for rank in range(world)
+             for b in SplitLoader(source, rank=rank, world=world, seed=0, batch_size=4, num_workers=0,
+                                  training=False).loader(0)]
+    assert sum(sizes) == 23 and max(sizes) <= 4
+    train = SplitLoader(source, rank=0, world=world, seed=0, batch_size=4, num_workers=0, training=True,
+                        batches_per_epoch=5)
+    batches = list(train.loader(0))
+    assert len(batches) == 5 and batches[0]["inputs"].dtype == torch.uint8 and batches[0]["inputs"].shape == (4, 3, 4, 4)
+
+
+def test_gpu_benchmark_runs_at_a_cpu_size(tmp_path):
+    import subprocess
+
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--arch=resnet18", "--image_size=32",
+                             "--batch_size=8", "--steps=4", "--warmup=2", "--images=64", "--classes=10",
+                             "--compile=False", "--precision=no", "--workers=1", f"--data_dir={tmp_path / 'shards'}",
+                             f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["data"], r["channels_last"]) for r in rows] == [
+        ("synthetic", False), ("synthetic", True), ("shards", False), ("shards", True)]
+    for row in rows:
+        assert row["launcher"] > 0 and row["plain"] > 0 and row["ratio"] == pytest.approx(row["launcher"] / row["plain"])
+    assert "shards / synthetic (compile=False, no, channels_last=True): launcher" in result.stdout
+
+
+def test_cpu_scaling_benchmark_runs_both_sides(tmp_path):
+    import subprocess
+
+    out = tmp_path / "ddp.json"
+    result = subprocess.run([sys.executable, "scripts/bench_ddp_cpu.py", "--arch=resnet18", "--image_size=32",
+                             "--batch_size=8", "--steps=4", "--warmup=2", "--rounds=1", f"--out={out}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["ratios"][0] == pytest.approx(report["two"][0] / (2 * report["one"][0]))
+    assert f"= {report['median']:.3f} (median of 1; target >= 0.85)" in result.stdout
