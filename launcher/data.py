@@ -17,7 +17,7 @@ Workers assemble whole batches and tag each with where the worker stands (batche
 samples read in the pass). The DataLoader returns workers' batches round-robin, so a rank's
 position (`Position`: those tags plus the last worker served) is enough to restart the stream
 mid-epoch exactly where it stopped: workers skip what was read without decoding it, and the
-round-robin restarts at the worker that was next.
+round-robin restarts at the worker that was next. (Layouts and positions: launcher/layout.py.)
 
 Undecodable samples and unreadable or truncated tars are skipped, never retried or slept on,
 and travel with the batch as error records (shard, key, reason, samples lost) for the trainer
@@ -27,15 +27,14 @@ ranks (no padding, no drop).
 
 from __future__ import annotations
 
-import hashlib
-import heapq
 import io
 import itertools
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
+import numpy
 import torch
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, default_collate
@@ -43,7 +42,8 @@ from torch.utils.data.distributed import DistributedSampler
 from webdataset.tariterators import tarfile_samples
 
 from launcher.config import ConfigError
-from launcher.shard_index import ShardIndex, read_index  # noqa: F401 - read_index re-exported
+from launcher.layout import EpochLayout, EpochLayouts, Position, WorkerShare, derive_seed
+from launcher.shard_index import read_index  # noqa: F401 - re-exported
 
 
 class DataError(ConfigError):
@@ -104,169 +104,37 @@ def image_folder(root: str, transform: Callable | None = None) -> Dataset:
                           "images per class (`make demo` writes data/digits/folder)") from None
 
 
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from any parts, the same in every process (unlike hash())."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-# ---- epoch layout ---------------------------------------------------------------------------
-
-
-@dataclass
-class WorkerShare:
-    shards: list[str]
-    counts: list[int]
-    batches: int | None = None  # training: whole batches this worker yields; validation: None (all)
-
-    @property
-    def samples(self) -> int:
-        return sum(self.counts)
-
-
-@dataclass
-class EpochLayout:
-    """Which shards each rank's workers read in one epoch, and how many batches each yields."""
-
-    epoch: int
-    batch_size: int
-    batches_per_rank: int | None  # None: validation
-    ranks: list[list[WorkerShare]]  # [rank][worker]
-
-    def _planned(self) -> list[tuple[int, int]]:
-        return [(s.samples, s.batches * self.batch_size) for shares in self.ranks for s in shares
-                if s.batches is not None]
-
-    @property
-    def dropped(self) -> int:
-        """Samples left unread this epoch because their worker's quota was full."""
-        return sum(max(have - used, 0) for have, used in self._planned())
-
-    @property
-    def repeated(self) -> int:
-        """Samples read a second time this epoch to fill a short worker's quota."""
-        return sum(max(used - have, 0) for have, used in self._planned())
-
-    def rank_samples(self) -> list[int]:
-        return [sum(s.samples for s in shares) for shares in self.ranks]
-
-    def idle_workers(self) -> int:
-        return sum(not s.shards for shares in self.ranks for s in shares)
-
-
-def layout_epoch(index: ShardIndex, *, epoch: int, seed: int, world: int, workers: int, batch_size: int,
-                 batches_per_rank: int | None) -> EpochLayout:
-    """The epoch's assignment; `batches_per_rank` None lays out validation (in order, read fully)."""
-    order = list(range(len(index.urls)))
-    if batches_per_rank is not None:
-        random.Random(derive_seed(seed, "shards", epoch)).shuffle(order)
-    ranks = []
-    for rank, rank_shards in enumerate(_balance(order, index.counts, world)):
-        shares = [WorkerShare([index.urls[i] for i in mine], [index.counts[i] for i in mine])
-                  for mine in _balance(rank_shards, index.counts, workers)]
-        if batches_per_rank is not None:
-            if not any(s.samples for s in shares):
-                raise ConfigError(f"rank {rank} has no training samples in epoch {epoch} (its shards are empty); "
-                                  "write fewer empty shards or use fewer processes")
-            for share, quota in zip(shares, _apportion(batches_per_rank, [s.samples for s in shares])):
-                share.batches = quota
-        ranks.append(shares)
-    return EpochLayout(epoch, batch_size, batches_per_rank, ranks)
-
-
-def _balance(items: list[int], counts: list[int], bins: int) -> list[list[int]]:
-    """Largest first, each to the bin holding the fewest samples (then fewest items, then lowest).
-    The sort is stable, so equal-sized shards keep the epoch's shuffled order."""
-    out: list[list[int]] = [[] for _ in range(bins)]
-    heap = [(0, 0, b) for b in range(bins)]  # (samples, items, bin): a heap, O(log bins) per shard
-    for item in sorted(items, key=lambda i: -counts[i]):
-        load, size, target = heap[0]
-        out[target].append(item)
-        heapq.heapreplace(heap, (load + counts[item], size + 1, target))
-    return out
-
-
-def _apportion(total: int, weights: list[int]) -> list[int]:
-    """Split `total` into integers proportional to `weights` (largest remainders get the rest)."""
-    whole = sum(weights)
-    exact = [total * w / whole for w in weights]
-    shares = [int(x) for x in exact]
-    by_remainder = sorted(range(len(weights)), key=lambda i: (-(exact[i] - shares[i]), i))
-    for i in by_remainder[:total - sum(shares)]:
-        shares[i] += 1
-    return shares
-
-
-# ---- position -------------------------------------------------------------------------------
-
-
-@dataclass
-class Position:
-    """Where one rank stands in an epoch: all a mid-epoch checkpoint needs to resume exactly."""
-
-    epoch: int = 0
-    batches: int = 0  # micro-batches this rank has consumed in the epoch
-    workers: dict[int, list[int]] = field(default_factory=dict)  # worker -> [batches, pass, samples read in pass]
-    last_worker: int = -1  # the worker whose batch came last (the round-robin goes on after it)
-    repeated: int = 0  # samples seen a second time this epoch
-    corrupt: dict[str, int] = field(default_factory=dict)  # shard -> samples skipped this epoch
-
-    def advance(self, batch: dict) -> None:
-        if batch.get("worker") is not None:
-            self.workers[batch["worker"]] = [batch["worker_batches"], *batch["position"]]
-            self.last_worker = batch["worker"]
-        self.batches += 1
-        self.repeated += batch["repeated"]
-        tally_errors(batch["errors"], self.corrupt)
-
-    def next_worker(self, quotas: list[int]) -> int:
-        """The worker the DataLoader's round-robin serves next."""
-        for i in range(1, len(quotas) + 1):
-            worker = (self.last_worker + i) % len(quotas)
-            if self.workers.get(worker, [0])[0] < quotas[worker]:
-                return worker
-        return 0
-
-    def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.batches, "workers": self.workers,
-                "last_worker": self.last_worker, "repeated": self.repeated, "corrupt": self.corrupt}
-
-    @classmethod
-    def from_dict(cls, state: dict) -> "Position":
-        state = dict(state)
-        state["workers"] = {int(w): list(p) for w, p in state.get("workers", {}).items()}
-        return cls(**state)
-
-
-def tally_errors(errors: list[dict], counts: dict[str, int]) -> None:
-    """Add error records' lost samples to per-shard counts."""
-    for error in errors:
-        counts[error["shard"]] = counts.get(error["shard"], 0) + error["samples"]
-
-
 # ---- streaming ------------------------------------------------------------------------------
 
 
 class ShardStream(IterableDataset):
-    """One rank's batches for one epoch: each DataLoader worker reads its share of the layout."""
+    """One rank's batches for one epoch: each DataLoader worker reads its share of the layout.
 
-    def __init__(self, layout: EpochLayout, spec: Shards, *, rank: int, seed: int, training: bool,
-                 start: Position | None = None):
-        self.shares, self.spec, self.batch_size = layout.ranks[rank], spec, layout.batch_size
-        self.epoch, self.rank, self.seed, self.training = layout.epoch, rank, seed, training
-        self.start = start or Position(layout.epoch)
+    `epoch` is an int, or a shared one-element tensor that the main process sets before each
+    epoch (persistent workers keep their copy of this object across epochs); each worker then
+    computes that epoch's layout itself, a pure function of the epoch."""
+
+    def __init__(self, layouts: Callable[[int], EpochLayout], spec: Shards, *, rank: int, seed: int,
+                 training: bool, epoch: int | torch.Tensor, start: Position | None = None):
+        self.layouts, self.spec, self.epoch_source = layouts, spec, epoch
+        self.rank, self.seed, self.training = rank, seed, training
+        self.start = start
 
     def __iter__(self) -> Iterator[dict]:
+        layout = self.layouts(int(self.epoch_source))
+        self.shares, self.batch_size, self.epoch = layout.ranks[self.rank], layout.batch_size, layout.epoch
+        start = self.start if self.start is not None and self.start.epoch == self.epoch else Position(self.epoch)
         info = torch.utils.data.get_worker_info()
         slot = info.id if info else 0
         # Rotate worker ids so the DataLoader's round-robin (which starts at slot 0) continues
         # with the worker that was next when the position was taken.
-        offset = self.start.next_worker([s.batches for s in self.shares]) if self.training else 0
-        yield from self._batches((slot + offset) % len(self.shares))
+        offset = start.next_worker([s.batches for s in self.shares]) if self.training else 0
+        batches = self._batches((slot + offset) % len(self.shares), start)
+        yield from batches if info else _keeping_rngs(batches)
 
-    def _batches(self, worker: int) -> Iterator[dict]:
+    def _batches(self, worker: int, start: Position) -> Iterator[dict]:
         share = self.shares[worker]
-        done, first_pass, skip = self.start.workers.get(worker, [0, 0, 0])
+        done, first_pass, skip = start.workers.get(worker, [0, 0, 0])
         if self.training and done >= share.batches:
             return
         batch = _BatchBuilder(worker, self.batch_size)
@@ -334,8 +202,9 @@ class ShardStream(IterableDataset):
         except Exception as error:  # noqa: BLE001 - PIL raises many types for bad bytes
             errors.append({"shard": url, "key": key, "reason": _reason(error), "samples": 1})
             return None
-        with _seeded(derive_seed(self.seed, "augment", self.epoch, key, repeat) if self.training else None):
-            return self.spec.transform(image), label, key
+        if self.training:
+            seed_augmentation(derive_seed(self.seed, "augment", self.epoch, key, repeat))
+        return self.spec.transform(image), label, key
 
 
 def _reason(error: Exception) -> str:
@@ -343,28 +212,40 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {text}"[:200]
 
 
-class _seeded:
-    """Seed torch's CPU generator and `random` for one sample's augmentation; in the main process,
-    restore them after; None: leave them alone. (Not torch.manual_seed: it also queues a seed call,
-    with a formatted stack, for each uninitialised accelerator backend: slow, and a list that grows
-    per sample.)"""
+def seed_augmentation(seed: int) -> None:
+    """Seed torch's CPU generator, `random` and numpy's global RNG for one sample's (or batch's)
+    augmentation. (Not torch.manual_seed: it also queues a seed call, with a formatted stack, for
+    each uninitialised accelerator backend: slow, and a list that grows per sample.)"""
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    numpy.random.seed(seed % 2**32)
 
-    def __init__(self, seed: int | None):
-        self.seed = seed
-        self.saved = None
+
+class _kept_rngs:
+    """In the main process, restore torch's CPU generator, `random` and numpy's RNG on exit, so
+    seeding augmentations leaves the model's dropout stream alone. Saving them costs ~30 us, so
+    callers keep them once per batch, not per sample. In a DataLoader worker: nothing to keep."""
 
     def __enter__(self):
-        if self.seed is None:
-            return
-        if torch.utils.data.get_worker_info() is None:  # don't disturb the model's dropout stream
-            self.saved = (torch.default_generator.get_state(), random.getstate())
-        torch.default_generator.manual_seed(self.seed)
-        random.seed(self.seed)
+        self.saved = None
+        if torch.utils.data.get_worker_info() is None:
+            self.saved = (torch.default_generator.get_state(), random.getstate(), numpy.random.get_state())
 
     def __exit__(self, *exc):
         if self.saved is not None:
             torch.default_generator.set_state(self.saved[0])
             random.setstate(self.saved[1])
+            numpy.random.set_state(self.saved[2])
+
+
+def _keeping_rngs(batches: Iterator[dict]) -> Iterator[dict]:
+    """`batches`, each made inside `_kept_rngs` (a generator in the main process runs between training steps)."""
+    while True:
+        with _kept_rngs():
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
 
 
 class _BatchBuilder:
@@ -437,16 +318,40 @@ def shuffle_buffer(samples: Iterable, size: int, rng: random.Random) -> Iterator
     yield from buffer
 
 
+class _EpochBatches:
+    """A batch sampler whose batches the loader replaces each epoch (a persistent DataLoader keeps it)."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+
+    def set(self, batches: list[list[int]]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class KeyedDataset(Dataset):
     """A map-style dataset whose items carry their index as the sample key. Training augmentations
     are seeded from (seed, epoch, index), so a resumed run sees the same inputs: torch's CPU
-    generator per sample, Python's `random` per batch (seeded from its first index; seeding it
-    per sample costs more than a small sample does). In the main process the RNG states are
+    generator per sample, Python's `random` and numpy per batch (seeded from its first index;
+    seeding them per sample costs more than a small sample does). In the main process the RNG states are
     saved and restored once per batch, so the model's dropout stream is left alone."""
 
-    def __init__(self, dataset: Dataset, seed: int, epoch: int, training: bool):
-        self.dataset, self.seed, self.epoch, self.training = dataset, seed, epoch, training
-        self.base_seed = derive_seed(seed, "augment", epoch)
+    def __init__(self, dataset: Dataset, seed: int, epoch: int | torch.Tensor, training: bool):
+        self.dataset, self.seed, self.training = dataset, seed, training
+        self.epoch_source = epoch  # an int, or a shared tensor the main process sets (persistent workers)
+        self._base_seed: tuple[int, int] | None = None  # (epoch, its seed)
+
+    @property
+    def base_seed(self) -> int:
+        epoch = int(self.epoch_source)
+        if self._base_seed is None or self._base_seed[0] != epoch:
+            self._base_seed = (epoch, derive_seed(self.seed, "augment", epoch))
+        return self._base_seed[1]
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -455,8 +360,9 @@ class KeyedDataset(Dataset):
         x, y = self.dataset[i][:2]
         return x, y, str(i)
 
-    def _seed(self, i: int) -> int:
-        return (self.base_seed + (i + 1) * 0x9E3779B97F4A7C15) & (2**63 - 1)  # golden-ratio stride
+    @staticmethod
+    def _seed(i: int, base_seed: int) -> int:
+        return (base_seed + (i + 1) * 0x9E3779B97F4A7C15) & (2**63 - 1)  # golden-ratio stride
 
     def __getitem__(self, i: int):
         return self.__getitems__([i])[0]
@@ -466,9 +372,11 @@ class KeyedDataset(Dataset):
         if not self.training:
             return [self._item(i) for i in indices]
         items = []
-        with _seeded(self._seed(indices[0])):
+        base_seed = self.base_seed
+        with _kept_rngs():
+            seed_augmentation(self._seed(indices[0], base_seed))  # `random` and numpy: once per batch
             for i in indices:
-                torch.default_generator.manual_seed(self._seed(i))
+                torch.default_generator.manual_seed(self._seed(i, base_seed))
                 items.append(self._item(i))
         return items
 
@@ -482,7 +390,7 @@ class SplitLoader:
     def __init__(self, source: Shards | Dataset, *, rank: int, world: int, seed: int,
                  batch_size: int, num_workers: int, training: bool, batches_per_epoch: int | None = None,
                  batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 pin_memory: bool = True, prefetch_factor: int = 2):
+                 pin_memory: bool = True, prefetch_factor: int = 2, persistent_workers: bool = False):
         self.source, self.training = source, training
         self.pin_memory = pin_memory and torch.cuda.is_available()  # page-locked batches: async copies to the GPU
         self.prefetch_factor = prefetch_factor  # batches each worker prepares ahead
@@ -490,7 +398,10 @@ class SplitLoader:
         self.rank, self.world, self.seed = rank, world, seed
         self.batch_size, self.num_workers = batch_size, num_workers
         self.batches_per_epoch = batches_per_epoch  # training, per rank; the trainer sets it from the plan
-        self._layout: EpochLayout | None = None  # the last one computed (loader and report share it)
+        self._layout_maker: EpochLayouts | None = None  # keeps the last layout (loader and report share it)
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # read by persistent workers
+        self._kept: tuple[DataLoader, _EpochBatches | None] | None = None  # the persistent loader
         if isinstance(source, Synthetic):
             self.index = None
             self.total = source.length
@@ -518,27 +429,27 @@ class SplitLoader:
         return max(self.num_workers, 1)
 
     def layout(self, epoch: int) -> EpochLayout:
+        return self._layouts()(epoch)
+
+    def _layouts(self) -> EpochLayouts:
         if self.training and self.batches_per_epoch is None:
             raise RuntimeError("SplitLoader.batches_per_epoch must be set (from the plan) before training")
         batches = self.batches_per_epoch if self.training else None
-        cached = self._layout
-        if cached is None or cached.epoch != epoch or cached.batches_per_rank != batches:
-            self._layout = layout_epoch(self.index, epoch=epoch, seed=self.seed, world=self.world,
-                                        workers=self.workers_per_rank, batch_size=self.batch_size,
-                                        batches_per_rank=batches)
-        return self._layout
+        if self._layout_maker is None or self._layout_maker.batches_per_rank != batches:
+            self._layout_maker = EpochLayouts(self.index, self.seed, self.world, self.workers_per_rank,
+                                              self.batch_size, batches)
+        return self._layout_maker
 
     def example_input(self) -> torch.Tensor | None:
         """One input as a batch holds it (per-sample transform done, batch_transform not), for the plan.
         The global RNGs are left as they were."""
         if isinstance(self.source, Synthetic):
             return self.source.batch(1, 0)["inputs"][0]
-        with _seeded(derive_seed(self.seed, "example")):
+        with _kept_rngs():
+            seed_augmentation(derive_seed(self.seed, "example"))
             if not isinstance(self.source, Shards):
                 return self.source[0][0] if len(self.source) else None
-            layout = layout_epoch(self.index, epoch=0, seed=self.seed, world=1, workers=1, batch_size=1,
-                                  batches_per_rank=None)
-            stream = ShardStream(layout, self.source, rank=0, seed=self.seed, training=False)
+            stream = ShardStream(self.layout, self.source, rank=0, seed=self.seed, training=False, epoch=0)
             for url in self.index.urls[:3]:
                 for sample in tarfile_samples([{"url": url}], handler=lambda error: True):
                     item = stream._decode(sample, 0, [])
@@ -553,28 +464,55 @@ class SplitLoader:
         return self.total - self.batches_per_epoch * self.batch_size * self.world
 
     def loader(self, epoch: int, start: Position | None = None) -> Iterable[dict]:
-        """This rank's batches for `epoch`, from `start` (a position taken earlier) or the beginning."""
+        """This rank's batches for `epoch`, from `start` (a position taken earlier) or the beginning.
+
+        With persistent workers, every epoch that starts at its beginning reuses one DataLoader
+        whose workers stay alive and read the epoch from shared memory; an epoch resumed midway
+        gets a DataLoader of its own, once."""
         start = start if start is not None and start.epoch == epoch else Position(epoch)
         if isinstance(self.source, Synthetic):
             return self._synthetic(start)
-        options = dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
+        if not self.persistent_workers or start.batches:
+            loader, batches = self._data_loader(epoch, start)
+            if batches is not None:
+                batches.set(self._batches(epoch, start))
+            return loader
+        if self._kept is None:
+            self._kept = self._data_loader(self._epoch, None)
+        self._epoch.fill_(epoch)
+        loader, batches = self._kept
+        if batches is not None:
+            batches.set(self._batches(epoch, start))
+        return loader
+
+    def close(self) -> None:
+        """Stop persistent workers (they also stop when the loader is garbage-collected)."""
+        self._kept = None
+
+    def _data_loader(self, epoch: int | torch.Tensor, start: Position | None) -> tuple[DataLoader, _EpochBatches | None]:
+        """A DataLoader for one epoch from `start`, or (start None) a persistent one following `epoch`, a shared cell."""
+        options = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=start is None,
                        prefetch_factor=self.prefetch_factor if self.num_workers else None,
                        # The DataLoader draws its workers' base seed from this, not from the model's global RNG.
-                       generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader", epoch, self.rank)))
+                       generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader", int(epoch), self.rank)))
         if isinstance(self.source, Shards):
-            stream = ShardStream(self.layout(epoch), self.source, rank=self.rank, seed=self.seed,
-                                 training=self.training, start=start)
-            return DataLoader(stream, batch_size=None, **options)
+            stream = ShardStream(self._layouts(), self.source, rank=self.rank, seed=self.seed,
+                                 training=self.training, epoch=epoch, start=start)
+            return DataLoader(stream, batch_size=None, **options), None
+        batches = _EpochBatches()
         dataset = KeyedDataset(self.source, self.seed, epoch, self.training)
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, **options), batches
+
+    def _batches(self, epoch: int, start: Position) -> list[list[int]]:
+        """A map-style dataset's batches of indices for this rank in `epoch`, from `start`."""
         if self.training:
-            sampler = DistributedSampler(dataset, num_replicas=self.world, rank=self.rank,
+            sampler = DistributedSampler(range(self.total), num_replicas=self.world, rank=self.rank,
                                          shuffle=True, seed=self.seed, drop_last=True)
             sampler.set_epoch(epoch)
             order = list(sampler)[start.batches * self.batch_size:]
-            batches = BatchSampler(order, self.batch_size, drop_last=True)
-        else:  # every sample exactly once across ranks, so no DistributedSampler padding
-            batches = BatchSampler(range(self.rank, len(dataset), self.world), self.batch_size, drop_last=False)
-        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, **options)
+            return list(BatchSampler(order, self.batch_size, drop_last=True))
+        # every sample exactly once across ranks, so no DistributedSampler padding
+        return list(BatchSampler(range(self.rank, self.total, self.world), self.batch_size, drop_last=False))
 
     def _synthetic(self, start: Position) -> Iterator[dict]:
         """The same random batch again and again (pinned once on a GPU machine)."""

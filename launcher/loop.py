@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from launcher.config import ConfigError, RunStopped, TrainConfig
 from launcher.distributed import build_accelerator, replica_checksums, rewrap_ddp
-from launcher.data import DataError, Position, SplitLoader, Synthetic, derive_seed, tally_errors
+from launcher.data import DataError, SplitLoader, Synthetic
+from launcher.layout import Position, derive_seed, tally_errors
 from launcher.modeling import init_weights, model_summary
 from launcher.params import (ParamGroup, Schedule, apply_freezing, assign_groups, build_optimizer,
                              frozen_batchnorms, lr_multipliers)
@@ -61,7 +62,7 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int) -> RunP
     data = recipe.build_data(cfg)
     loader_args = dict(rank=rank, world=world, seed=cfg.seed, num_workers=cfg.num_workers,
                        batch_transform=data.batch_transform, pin_memory=cfg.pin_memory,
-                       prefetch_factor=cfg.prefetch_factor)
+                       prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers)
     train_data = SplitLoader(data.train, batch_size=cfg.batch_size, training=True, **loader_args)
     val_data = (SplitLoader(data.val, batch_size=cfg.eval_batch_size, training=False, **loader_args)
                 if data.val is not None else None)
@@ -237,6 +238,9 @@ class Trainer:
         finally:
             self.progress.close()  # an error message then starts on a line of its own
             self.signals.restore()
+            for split in (self.train_data, self.val_data):
+                if split is not None:
+                    split.close()  # persistent workers end here, not at interpreter exit
         return self.finish()
 
     def _stop_early(self) -> bool:

@@ -5,16 +5,19 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import random
 import tarfile
 from collections import Counter
 
+import numpy
 import pytest
 import torch
 from PIL import Image
 
 from launcher.config import ConfigError
-from launcher.data import Position, SplitLoader, Shards, read_index, shuffle_buffer
+from launcher.data import SplitLoader, Shards, read_index, shuffle_buffer
+from launcher.layout import Position
 from launcher.shards import write_shards
 
 
@@ -105,7 +108,7 @@ def test_uneven_shards_give_every_rank_the_same_batches_and_count_what_evens_the
 
 
 def test_layout_balances_samples_not_shard_counts():
-    from launcher.data import ShardIndex, layout_epoch
+    from launcher.layout import ShardIndex, layout_epoch
     index = ShardIndex([f"s{i}" for i in range(6)], [30, 10, 10, 10, 1, 1])
     layout = layout_epoch(index, epoch=0, seed=0, world=2, workers=1, batch_size=1, batches_per_rank=31)
     assert sorted(layout.rank_samples()) == [31, 31]
@@ -146,19 +149,19 @@ def test_a_position_taken_after_any_batch_resumes_the_exact_sequence(tmp_path, w
 def test_random_augmentation_is_seeded_per_sample_and_leaves_the_main_rng_alone(tmp_path):
     source = make_shards(tmp_path, [6, 6])
 
-    def noisy(image):
-        return to_tensor(image) + torch.rand(1)
+    def noisy(image):  # torch's, Python's and numpy's global RNGs, as hand-written transforms use them
+        return to_tensor(image) + torch.rand(1) + random.random() + float(numpy.random.rand())
 
     def values(workers):
         loader = SplitLoader(Shards(source, noisy, shuffle_buffer=8), rank=0, world=1, seed=0, batch_size=3,
                              num_workers=workers, training=True, batches_per_epoch=4)
         return {k: float(x[0]) for b in loader.loader(0) for x, k in zip(b["inputs"], b["keys"])}
 
-    torch.manual_seed(123)
+    torch.manual_seed(123), random.seed(123), numpy.random.seed(123)
     in_process = values(0)
-    after = torch.rand(1)
-    torch.manual_seed(123)
-    assert torch.equal(torch.rand(1), after)  # reading data did not consume the model's RNG
+    after = torch.rand(1), random.random(), numpy.random.rand()
+    torch.manual_seed(123), random.seed(123), numpy.random.seed(123)
+    assert (torch.rand(1), random.random(), numpy.random.rand()) == after  # the main process's RNGs untouched
     assert values(2) == in_process  # same noise per sample whichever process decoded it
     assert len(set(in_process.values())) == len(in_process)  # and different across samples
 
@@ -246,18 +249,70 @@ def test_map_style_augmentation_is_seeded_per_sample_and_leaves_the_main_rng_alo
             return 24
 
         def __getitem__(self, i):
-            return torch.rand(1) + random.random(), i % 3
+            return torch.rand(1) + random.random() + float(numpy.random.rand()), i % 3
 
     def values(workers):
         loader = SplitLoader(Noisy(), rank=0, world=1, seed=0, batch_size=4, num_workers=workers, training=True)
         return {k: float(x[0]) for b in loader.loader(0) for x, k in zip(b["inputs"], b["keys"])}
 
-    torch.manual_seed(123)
-    random.seed(5)
+    torch.manual_seed(123), random.seed(5), numpy.random.seed(7)
     in_process = values(0)
-    after = (torch.rand(1), random.random())
-    torch.manual_seed(123)
-    random.seed(5)
-    assert (torch.rand(1), random.random()) == after  # reading data did not consume the model's RNGs
+    after = (torch.rand(1), random.random(), numpy.random.rand())
+    torch.manual_seed(123), random.seed(5), numpy.random.seed(7)
+    assert (torch.rand(1), random.random(), numpy.random.rand()) == after  # reading data did not consume the model's RNGs
     assert values(2) == in_process and len(in_process) == 24  # same noise whichever process fetched it
     assert len(set(in_process.values())) == 24
+
+
+# ---- persistent workers -----------------------------------------------------------------------
+
+
+class PidDataset(torch.utils.data.Dataset):
+    """Items are (the decoding process's pid, 0): shows which processes served a batch."""
+
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        return torch.tensor([float(os.getpid()), float(i)]), i % 3
+
+
+def persistent_split(source, persistent: bool, training: bool = True) -> SplitLoader:
+    dataset = source if isinstance(source, PidDataset) else Shards(source, to_tensor, shuffle_buffer=8)
+    return SplitLoader(dataset, rank=0, world=1, seed=0, batch_size=2, num_workers=2, training=training,
+                       batches_per_epoch=5, persistent_workers=persistent)
+
+
+@pytest.mark.parametrize("kind", ["shards", "dataset"])
+def test_persistent_workers_serve_each_epoch_as_fresh_ones_would(tmp_path, kind):
+    source = make_shards(tmp_path, [5, 9, 4, 6]) if kind == "shards" else PidDataset()
+    fresh, kept = persistent_split(source, False), persistent_split(source, True)
+    epochs = {name: [keys_of(s.loader(e)) for e in range(3)] for name, s in (("fresh", fresh), ("kept", kept))}
+    assert epochs["kept"] == epochs["fresh"]
+    assert epochs["kept"][0] != epochs["kept"][1]  # the workers followed the epoch, not their first one
+    val_fresh, val_kept = persistent_split(source, False, training=False), persistent_split(source, True, training=False)
+    assert [keys_of(val_kept.loader(e)) for e in range(2)] == [keys_of(val_fresh.loader(e)) for e in range(2)]
+
+
+def test_persistent_workers_stay_alive_across_epochs():
+    def worker_pids(split) -> list[set[int]]:
+        return [{int(pid) for b in split.loader(e) for pid in b["inputs"][:, 0]} for e in range(2)]
+
+    kept, fresh = worker_pids(persistent_split(PidDataset(), True)), worker_pids(persistent_split(PidDataset(), False))
+    assert kept[0] == kept[1] and len(kept[0]) == 2 and os.getpid() not in kept[0]
+    assert not fresh[0] & fresh[1]  # without: new processes each epoch
+
+
+@pytest.mark.parametrize("kind", ["shards", "dataset"])
+def test_persistent_workers_resume_mid_epoch_exactly(tmp_path, kind):
+    source = make_shards(tmp_path, [5, 9, 4, 6]) if kind == "shards" else PidDataset()
+    full = [keys_of(persistent_split(source, True).loader(e)) for e in range(3)]
+    resumed = persistent_split(source, True)
+    position = Position(1)
+    for b in itertools.islice(resumed.loader(1), 3):
+        position.advance(b)
+    position = Position.from_dict(json.loads(json.dumps(position.to_dict())))
+    rest = keys_of(resumed.loader(1, position))
+    assert full[1][:6] + rest == full[1]
+    assert keys_of(resumed.loader(2)) == full[2]
+    resumed.close()

@@ -35,6 +35,15 @@ def test_each_speed_field_trains_to_the_same_loss(flags, baseline, digits, tmp_p
     assert last_loss(fast) == pytest.approx(last_loss(plain), rel=1e-3, abs=1e-4)
 
 
+def test_persistent_workers_train_and_evaluate_exactly_as_fresh_ones(digits, tmp_path):
+    args = ["recipes/convnet_digits_tiny", "--epochs=2", "--log_every=11", "--num_workers=2", f"--data_dir={digits}"]
+    plain, kept = tmp_path / "plain", tmp_path / "kept"
+    launcher(*args, f"--output_dir={plain}")
+    launcher(*args, f"--output_dir={kept}", "--persistent_workers=True")
+    logged = [[(m["step"], m.get("train/loss"), m.get("val/top1")) for m in metrics(run)] for run in (plain, kept)]
+    assert logged[0] == logged[1] and len([v for *_, v in logged[1] if v is not None]) == 2
+
+
 def test_synthetic_data_trains_on_random_inputs_of_the_data_shape(digits, tmp_path):
     out = tmp_path / "synthetic"
     result = launcher(*TINY, f"--data_dir={digits}", f"--output_dir={out}", "--synthetic_data=True",
