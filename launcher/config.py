@@ -87,6 +87,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (before DDP wraps it); the first steps are slow while it compiles
     pin_memory: bool = True  # page-locked host batches and non-blocking copies to the GPU (no effect without one)
     prefetch_factor: int = 2  # batches each DataLoader worker prepares ahead
+    data_on_gpu: bool = False  # workers only read shards; JPEGs are decoded on the training device (nvJPEG on a GPU) and transformed there
     persistent_workers: bool = False  # keep DataLoader workers alive across epochs and evaluations (the same batches, no start-up each time)
     synthetic_data: bool = False  # replace the data with random inputs of its shape (generated once, no I/O): measures the step alone
     trace_samples: bool = False  # write each rank's training sample keys to output_dir/samples/ (debugging, tests)

@@ -42,6 +42,7 @@ from torch.utils.data.distributed import DistributedSampler
 from webdataset.tariterators import tarfile_samples
 
 from launcher.config import ConfigError
+from launcher.device_decode import EncodedBatch, decode_batch
 from launcher.layout import EpochLayout, EpochLayouts, Position, WorkerShare, derive_seed
 from launcher.shard_index import read_index  # noqa: F401 - re-exported
 
@@ -115,10 +116,11 @@ class ShardStream(IterableDataset):
     computes that epoch's layout itself, a pure function of the epoch."""
 
     def __init__(self, layouts: Callable[[int], EpochLayout], spec: Shards, *, rank: int, seed: int,
-                 training: bool, epoch: int | torch.Tensor, start: Position | None = None):
+                 training: bool, epoch: int | torch.Tensor, start: Position | None = None, encoded: bool = False):
         self.layouts, self.spec, self.epoch_source = layouts, spec, epoch
         self.rank, self.seed, self.training = rank, seed, training
         self.start = start
+        self.encoded = encoded  # pass images on undecoded (decoded on the device: launcher/device_decode.py)
 
     def __iter__(self) -> Iterator[dict]:
         layout = self.layouts(int(self.epoch_source))
@@ -137,7 +139,7 @@ class ShardStream(IterableDataset):
         done, first_pass, skip = start.workers.get(worker, [0, 0, 0])
         if self.training and done >= share.batches:
             return
-        batch = _BatchBuilder(worker, self.batch_size)
+        batch = (EncodedBatch if self.encoded else _BatchBuilder)(worker, self.batch_size)
         for repeat in itertools.count(first_pass) if self.training else range(1):
             usable = 0
             for n, sample, errors in self._pass(share, worker, repeat):
@@ -190,13 +192,17 @@ class ShardStream(IterableDataset):
         if pending:
             yield n + 1, None, list(pending)
 
-    def _decode(self, sample: dict, repeat: int, errors: list) -> tuple[torch.Tensor, int, str] | None:
+    def _decode(self, sample: dict, repeat: int, errors: list) -> tuple | None:
+        """(input, label, key), or with `encoded` (bytes, label, key, shard, augmentation seed); None if unreadable."""
         key, url = sample.get("__key__"), sample.get("__url__")
         image_key = next((k for k in self.spec.image_keys if k in sample), None)
         try:
             if image_key is None or "cls" not in sample:
                 raise ValueError(f"no image ({'/'.join(self.spec.image_keys)}) or no cls")
             label = int(sample["cls"])
+            if self.encoded:
+                seed = derive_seed(self.seed, "augment", self.epoch, key, repeat) if self.training else None
+                return sample[image_key], label, key, url, seed
             image = Image.open(io.BytesIO(sample[image_key]))
             image.load()
         except Exception as error:  # noqa: BLE001 - PIL raises many types for bad bytes
@@ -390,8 +396,15 @@ class SplitLoader:
     def __init__(self, source: Shards | Dataset, *, rank: int, world: int, seed: int,
                  batch_size: int, num_workers: int, training: bool, batches_per_epoch: int | None = None,
                  batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 pin_memory: bool = True, prefetch_factor: int = 2, persistent_workers: bool = False):
+                 pin_memory: bool = True, prefetch_factor: int = 2, persistent_workers: bool = False,
+                 decode_on_device: bool = False):
         self.source, self.training = source, training
+        if decode_on_device and not isinstance(source, (Shards, Synthetic)):
+            raise ConfigError("--data_on_gpu decodes shard images on the device, but this recipe's "
+                              f"{'training' if training else 'validation'} data is a {type(source).__name__} "
+                              "(it decodes in __getitem__); write it to shards (`launcher shards`) or drop the flag")
+        self.decode_on_device = decode_on_device and isinstance(source, Shards)
+        self.device = torch.device("cpu")  # where --data_on_gpu decodes: the trainer sets its device
         self.pin_memory = pin_memory and torch.cuda.is_available()  # page-locked batches: async copies to the GPU
         self.prefetch_factor = prefetch_factor  # batches each worker prepares ahead
         self._batch_transform = batch_transform  # for a Dataset (Shards carry their own)
@@ -474,16 +487,21 @@ class SplitLoader:
             return self._synthetic(start)
         if not self.persistent_workers or start.batches:
             loader, batches = self._data_loader(epoch, start)
-            if batches is not None:
-                batches.set(self._batches(epoch, start))
-            return loader
-        if self._kept is None:
-            self._kept = self._data_loader(self._epoch, None)
-        self._epoch.fill_(epoch)
-        loader, batches = self._kept
+        else:
+            if self._kept is None:
+                self._kept = self._data_loader(self._epoch, None)
+            self._epoch.fill_(epoch)
+            loader, batches = self._kept
         if batches is not None:
             batches.set(self._batches(epoch, start))
-        return loader
+        return self._decoded(loader) if self.decode_on_device else loader
+
+    def _decoded(self, batches: Iterable[dict]) -> Iterator[dict]:
+        """Batches of encoded images, decoded and transformed on `self.device`."""
+        for batch in batches:
+            with _kept_rngs():  # seeding each sample's augmentation leaves the model's RNG alone
+                batch = decode_batch(batch, self.source.transform, self.device, seed_augmentation)
+            yield batch
 
     def close(self) -> None:
         """Stop persistent workers (they also stop when the loader is garbage-collected)."""
@@ -497,7 +515,7 @@ class SplitLoader:
                        generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader", int(epoch), self.rank)))
         if isinstance(self.source, Shards):
             stream = ShardStream(self._layouts(), self.source, rank=self.rank, seed=self.seed,
-                                 training=self.training, epoch=epoch, start=start)
+                                 training=self.training, epoch=epoch, start=start, encoded=self.decode_on_device)
             return DataLoader(stream, batch_size=None, **options), None
         batches = _EpochBatches()
         dataset = KeyedDataset(self.source, self.seed, epoch, self.training)

@@ -62,7 +62,8 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int) -> RunP
     data = recipe.build_data(cfg)
     loader_args = dict(rank=rank, world=world, seed=cfg.seed, num_workers=cfg.num_workers,
                        batch_transform=data.batch_transform, pin_memory=cfg.pin_memory,
-                       prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers)
+                       prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers,
+                       decode_on_device=cfg.data_on_gpu)
     train_data = SplitLoader(data.train, batch_size=cfg.batch_size, training=True, **loader_args)
     val_data = (SplitLoader(data.val, batch_size=cfg.eval_batch_size, training=False, **loader_args)
                 if data.val is not None else None)
@@ -133,6 +134,9 @@ class Trainer:
         parts = build_parts(cfg, recipe, self.rank, self.world)
         parts.plan.notes.append(note)
         self.train_data, self.val_data, self.plan = parts.train_data, parts.val_data, parts.plan
+        for split in (self.train_data, self.val_data):
+            if split is not None:
+                split.device = acc.device  # where --data_on_gpu decodes
         model, schedule, self.groups = parts.model, parts.schedule, parts.groups
         self.frozen_norms = frozen_batchnorms(model, self.groups)
         optimizer = build_optimizer(schedule, self.groups)

@@ -19,8 +19,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    return image.convert("RGB")
+def to_rgb(image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+    """PIL image -> RGB; a tensor (decoded on the device as RGB, `--data_on_gpu`) passes through."""
+    return image.convert("RGB") if isinstance(image, Image.Image) else image
 
 
 def train_transform(size: int, *, scale: Sequence[float] = (0.08, 1.0), hflip: float = 0.5,

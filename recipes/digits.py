@@ -8,16 +8,12 @@ from __future__ import annotations
 import os
 
 import torch
-from PIL import Image
 from torchvision.transforms import v2
 
 from launcher import DataSpec, Shards
+from launcher.presets import to_rgb  # PIL -> RGB; tensors decoded on the device (--data_on_gpu) pass through
 
 MEAN, STD = [0.5] * 3, [0.5] * 3  # digits are grey on black: map [0, 1] to [-1, 1]
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    return image.convert("RGB")
 
 
 # Per sample, in the DataLoader workers: uint8 tensors (4x less to stack and move than float).

@@ -4,14 +4,16 @@
     python scripts/bench_gpu.py --arch=resnet18 --image_size=32 --batch_size=8 --steps=6 --warmup=2 \\
         --images=64 --compile=False --precision=no    # small enough for a CPU (the test runs this)
 
-For every combination of --data (synthetic, shards), --compile, --precision (no, bf16) and
---channels_last, it runs, one right after the other:
+For every combination of --data (synthetic, shards, gpu_decode), --compile, --precision (no,
+bf16) and --channels_last, it runs, one right after the other:
 - the launcher: `python -m launcher recipes/resnet_bench` (subprocess, the real CLI) with the
-  matching fields (`--synthetic_data`, `--compile`, `--mixed_precision`, `--channels_last`),
-  img/s from its metrics.jsonl windows after the warm-up steps;
+  matching fields (`--synthetic_data`, `--data_on_gpu` for gpu_decode, `--compile`,
+  `--mixed_precision`, `--channels_last`), img/s from its metrics.jsonl windows after the warm-up;
 - a plain loop: the same model, AdamW, cross-entropy, autocast, channels_last and
-  `model.compile()`, fed by a plain webdataset + DataLoader pipeline with the same transforms (or,
-  synthetic, one fixed pinned batch copied to the device each step, as the launcher does).
+  `model.compile()`, fed by a plain webdataset + DataLoader pipeline with the same transforms in
+  the workers (shards), or with workers reading bytes only and `decode_jpeg(device=...)` plus the
+  transforms on the device (gpu_decode), or, synthetic, one fixed pinned batch copied to the
+  device each step, as the launcher does.
 It prints img/s of both, launcher / plain, real shards / synthetic, and model FLOPs utilisation
 (3 x forward FLOPs per image, counted by torch.utils.flop_counter, over the device's peak; pass
 --peak_tflops where the device is not in PEAK_TFLOPS). The shards are `images` JPEG crops of
@@ -98,7 +100,8 @@ def launcher_run(setting: dict, args: dict, out: str) -> float:
                f"--num_classes={args['classes']}", f"--batch_size={args['batch_size']}",
                f"--num_workers={args['workers']}", f"--max_steps={args['warmup'] + args['steps']}",
                "--epochs=1000", f"--log_every={log_every}", f"--output_dir={out}",
-               f"--synthetic_data={setting['data'] == 'synthetic'}", f"--compile={setting['compile']}",
+               f"--synthetic_data={setting['data'] == 'synthetic'}", f"--data_on_gpu={setting['data'] == 'gpu_decode'}",
+               f"--compile={setting['compile']}",
                f"--mixed_precision={setting['precision']}", f"--channels_last={setting['channels_last']}",
                "--checkpoint_epoch_end=False", "--keep_checkpoints=1", "--wandb_mode=disabled"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
@@ -122,7 +125,8 @@ def plain_run(setting: dict, args: dict) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     norm = normalize()
     dtype = torch.bfloat16 if setting["precision"] == "bf16" else None
-    batches = synthetic_batches(args) if setting["data"] == "synthetic" else shard_batches(args)
+    batches = {"synthetic": synthetic_batches, "shards": shard_batches,
+               "gpu_decode": lambda a: gpu_decoded_batches(a, device)}[setting["data"]](args)
     model.train()
     start = None
     for step, (images, labels) in enumerate(itertools.islice(batches, args["warmup"] + args["steps"])):
@@ -167,6 +171,26 @@ def shard_batches(args: dict):
     return itertools.chain.from_iterable(itertools.repeat(loader))  # epochs back to back
 
 
+def gpu_decoded_batches(args: dict, device: torch.device):
+    """Workers read bytes only; JPEGs decoded on `device` in one call per batch, then augmented there."""
+    import glob
+
+    import webdataset as wds
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    transform = train_transform(args["image_size"])
+    urls = sorted(glob.glob(os.path.join(args["data_dir"], "*.tar")))
+    dataset = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, empty_check=False)
+               .shuffle(256).to_tuple("jpg", "cls")
+               .map_tuple(lambda data: torch.frombuffer(bytearray(data), dtype=torch.uint8), int)
+               .batched(args["batch_size"], partial=False,
+                        collation_fn=lambda samples: ([s[0] for s in samples], torch.tensor([s[1] for s in samples]))))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=args["workers"])
+    for encoded, labels in itertools.chain.from_iterable(itertools.repeat(loader)):
+        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        yield torch.stack([transform(image) for image in images]), labels
+
+
 def settings(data, compile, precision, channels_last) -> list[dict]:
     as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else [v]  # noqa: E731 - fire gives a value or a tuple
     return [dict(data=d, compile=c, precision=p, channels_last=cl)
@@ -174,7 +198,7 @@ def settings(data, compile, precision, channels_last) -> list[dict]:
 
 
 def main(arch: str = "resnet50", image_size: int = 224, batch_size: int = 256, steps: int = 40, warmup: int = 15,
-         images: int = 8192, classes: int = 1000, workers: int = 0, data=("synthetic", "shards"),
+         images: int = 8192, classes: int = 1000, workers: int = 0, data=("synthetic", "shards", "gpu_decode"),
          compile=(False, True), precision=("no", "bf16"), channels_last=(False, True), data_dir: str = "",
          peak_tflops: float = 0.0, out: str = "") -> None:
     workers = workers or max(1, min(16, (os.cpu_count() or 2) - 2))
@@ -200,11 +224,11 @@ def main(arch: str = "resnet50", image_size: int = 224, batch_size: int = 256, s
                   f"{str(setting['channels_last']):<8} {ours:>15.1f} {plain:>12.1f} {ours / plain:>6.3f} "
                   + (f"{100 * mfu:>5.1f}%" if mfu is not None else f"{'-':>6}"), flush=True)
     for row in rows:
-        if row["data"] == "shards":
+        if row["data"] != "synthetic":
             twin = next((r for r in rows if r["data"] == "synthetic" and all(
                 r[k] == row[k] for k in ("compile", "precision", "channels_last"))), None)
             if twin:
-                print(f"shards / synthetic (compile={row['compile']}, {row['precision']}, channels_last="
+                print(f"{row['data']} / synthetic (compile={row['compile']}, {row['precision']}, channels_last="
                       f"{row['channels_last']}): launcher {row['launcher'] / twin['launcher']:.3f}, "
                       f"plain {row['plain'] / twin['plain']:.3f}")
     if out:

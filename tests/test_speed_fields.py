@@ -27,6 +27,8 @@ def last_loss(run_dir) -> float:
     (["--compile=True"], []),
     (["--pin_memory=False"], []),
     (["--num_workers=2", "--prefetch_factor=4"], ["--num_workers=2", "--prefetch_factor=2"]),
+    (["--data_on_gpu=True"], []),  # PNGs: decoded in the main process instead of by PIL, losslessly
+    (["--data_on_gpu=True", "--num_workers=2"], ["--num_workers=2"]),
 ])
 def test_each_speed_field_trains_to_the_same_loss(flags, baseline, digits, tmp_path):
     plain, fast = tmp_path / "plain", tmp_path / "fast"
@@ -77,10 +79,12 @@ def test_gpu_benchmark_runs_at_a_cpu_size(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(r["data"], r["channels_last"]) for r in rows] == [
-        ("synthetic", False), ("synthetic", True), ("shards", False), ("shards", True)]
+        ("synthetic", False), ("synthetic", True), ("shards", False), ("shards", True),
+        ("gpu_decode", False), ("gpu_decode", True)]
     for row in rows:
         assert row["launcher"] > 0 and row["plain"] > 0 and row["ratio"] == pytest.approx(row["launcher"] / row["plain"])
     assert "shards / synthetic (compile=False, no, channels_last=True): launcher" in result.stdout
+    assert "gpu_decode / synthetic (compile=False, no, channels_last=False): launcher" in result.stdout
 
 
 def test_cpu_scaling_benchmark_runs_both_sides(tmp_path):

@@ -1,0 +1,117 @@
+"""Image decoding on the training device (`--data_on_gpu`): DataLoader workers only read shards and
+pass each batch's encoded bytes on; the main process decodes the JPEGs with torchvision's
+`decode_jpeg(device=...)` (nvJPEG on a GPU, one batched call), then runs the split's per-sample
+transform on the decoded uint8 tensors where they are. This frees the host CPUs, which on a
+GPU node with few cores per GPU are what keep the device waiting.
+
+The per-sample transform gets a uint8 CHW tensor on the device instead of a PIL image:
+torchvision v2 transforms (and `launcher.presets`) take either. Augmentations draw their
+parameters from torch's CPU generator, seeded per sample exactly as the workers seed it, so a
+run or a resume sees the same crops and flips either way. Images other than JPEG are decoded on
+the host (`decode_image`); an undecodable one is skipped and counted like a bad sample in a worker.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+class EncodedBatch:
+    """A batch of encoded images, gathered in a worker: one flat byte tensor (one shared-memory
+    segment to cross to the main process, not one per image) and where each image starts."""
+
+    def __init__(self, worker: int, size: int):
+        self.worker, self.size = worker, size
+        self._reset()
+
+    def _reset(self) -> None:
+        self.chunks: list[bytes] = []
+        self.labels: list[int] = []
+        self.keys: list[str] = []
+        self.urls: list[str] = []
+        self.seeds: list[int | None] = []
+        self.errors: list[dict] = []
+        self.repeated = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.chunks)
+
+    def add(self, item: tuple[bytes, int, str, str, int | None], repeated: bool) -> None:
+        data, label, key, url, seed = item
+        self.chunks.append(data)
+        self.labels.append(label)
+        self.keys.append(key)
+        self.urls.append(url)
+        self.seeds.append(seed)
+        self.repeated += repeated
+
+    def emit(self, worker_batches: int, position: list[int]) -> dict:
+        offsets = [0]
+        for chunk in self.chunks:
+            offsets.append(offsets[-1] + len(chunk))
+        batch = {"encoded": torch.frombuffer(bytearray(b"".join(self.chunks)), dtype=torch.uint8)
+                 if self.chunks else None,
+                 "offsets": offsets, "seeds": self.seeds, "urls": self.urls, "inputs": None,
+                 "targets": torch.tensor(self.labels, dtype=torch.long) if self.chunks else None,
+                 "keys": self.keys, "errors": self.errors, "repeated": self.repeated,
+                 "worker": self.worker, "worker_batches": worker_batches, "position": position}
+        self._reset()
+        return batch
+
+
+def decode_batch(batch: dict, transform, device: torch.device, seed_sample) -> dict:
+    """`batch` with `inputs` decoded and transformed on `device`; undecodable images dropped (with
+    their targets and keys) and added to the batch's error records. `seed_sample(seed)` seeds one
+    sample's augmentation (None: validation, no seeding)."""
+    if batch.get("encoded") is None:
+        return batch
+    flat, offsets = batch["encoded"], batch["offsets"]
+    data = [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+    images = _decode(data, device)
+    keep, inputs = [], []
+    for i, image in enumerate(images):
+        if isinstance(image, Exception):
+            batch["errors"].append({"shard": batch["urls"][i], "key": batch["keys"][i],
+                                    "reason": f"{type(image).__name__}: {image}"[:200], "samples": 1})
+            continue
+        if batch["seeds"][i] is not None:
+            seed_sample(batch["seeds"][i])
+        inputs.append(transform(image))
+        keep.append(i)
+    batch = {**batch, "encoded": None}
+    if len(keep) < len(images):
+        batch["keys"] = [batch["keys"][i] for i in keep]
+        batch["targets"] = batch["targets"][keep]
+    batch["inputs"] = torch.stack(inputs) if inputs else None
+    if not keep:
+        batch["targets"] = None
+    return batch
+
+
+def _decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | Exception]:
+    """RGB uint8 CHW tensors on `device`, or the exception for an image that would not decode.
+    JPEGs go in one batched call (nvJPEG on a GPU); if it fails, one by one to find the bad ones."""
+    jpegs = [i for i, d in enumerate(data) if bytes(d[:3].tolist()) == JPEG_MAGIC]
+    images: list = [None] * len(data)
+    try:
+        decoded = decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=device) if jpegs else []
+        for i, image in zip(jpegs, decoded):
+            images[i] = image
+    except RuntimeError:
+        for i in jpegs:
+            images[i] = _one(lambda d: decode_jpeg(d, mode=ImageReadMode.RGB, device=device), data[i])
+    for i, image in enumerate(images):
+        if image is None:  # PNG, WebP, ... or not an image: decoded on the host
+            images[i] = _one(lambda d: decode_image(d, mode=ImageReadMode.RGB).to(device, non_blocking=True), data[i])
+    return images
+
+
+def _one(decode, data: torch.Tensor) -> torch.Tensor | Exception:
+    try:
+        return decode(data)
+    except RuntimeError as error:  # torchvision reports undecodable bytes as RuntimeError
+        return error

@@ -1,0 +1,112 @@
+"""`--data_on_gpu`: workers pass encoded bytes, the main process decodes (torchvision decode_jpeg) and
+augments on the device. CI has no GPU, so the device here is the CPU: the checks are that the
+batches match decoding in the workers, that bad images are skipped and counted, and that it
+composes with workers, persistence and resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import itertools
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+from launcher.config import ConfigError
+from launcher.data import Shards, SplitLoader
+from launcher.layout import Position
+from launcher.presets import eval_transform, train_transform
+from launcher.shards import write_shards
+
+
+def bench_gpu():
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "scripts" / "bench_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def jpegs(tmp_path_factory) -> str:
+    """48 JPEGs of 40 px in 3 shards (cut from scikit-learn's sample photos)."""
+    return bench_gpu().make_shards(str(tmp_path_factory.mktemp("jpegs")), images=48, size=40, classes=4)
+
+
+def loader(source, *, on_device: bool, training=True, workers=0, persistent=False, transform=None) -> SplitLoader:
+    transform = transform or (train_transform(24, scale=(0.3, 1.0)) if training else eval_transform(24))
+    return SplitLoader(Shards(source, transform, shuffle_buffer=16), rank=0, world=1, seed=3, batch_size=8,
+                       num_workers=workers, training=training, batches_per_epoch=6, persistent_workers=persistent,
+                       decode_on_device=on_device)
+
+
+def batches(split: SplitLoader, epoch: int = 0, start=None) -> list[dict]:
+    return list(split.loader(epoch, start))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_decoding_on_the_device_gives_the_batches_workers_give(jpegs, training):
+    host, device = batches(loader(jpegs, on_device=False, training=training)), \
+        batches(loader(jpegs, on_device=True, training=training))
+    assert [b["keys"] for b in device] == [b["keys"] for b in host]
+    for h, d in zip(host, device):
+        assert d["inputs"].dtype == torch.uint8 and d["inputs"].shape == h["inputs"].shape
+        assert torch.equal(d["targets"], h["targets"])
+        # Same crops and flips (seeded per sample alike); pixels differ only by the JPEG decoders' rounding.
+        assert (d["inputs"].float() - h["inputs"].float()).abs().mean() < 2.0
+
+
+def test_device_decoding_with_persistent_workers_and_a_mid_epoch_resume(jpegs):
+    def keys(**options) -> list[list[list[str]]]:
+        split = loader(jpegs, workers=2, **options)
+        return [[b["keys"] for b in batches(split, e)] for e in range(2)]
+
+    full = keys(on_device=True, persistent=True)
+    assert full == keys(on_device=False) and full[0] != full[1]
+    split = loader(jpegs, on_device=True, workers=2, persistent=True)
+    position = Position(1)
+    for b in itertools.islice(split.loader(1), 2):
+        position.advance(b)
+    position = Position.from_dict(json.loads(json.dumps(position.to_dict())))
+    assert full[1][:2] + [b["keys"] for b in batches(split, 1, position)] == full[1]
+    split.close()
+
+
+def jpeg(color: int, size: int = 20) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (color, 255 - color, 128)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def png(color: int, size: int = 20) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (color, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_bad_images_are_skipped_and_counted_and_other_formats_decoded(tmp_path):
+    good = [{"__key__": f"j{i}", "jpg": jpeg(10 * i), "cls": i % 2} for i in range(6)]
+    broken = jpeg(99)
+    samples = good[:2] + [{"__key__": "broken", "jpg": broken[:40] + b"\x00" * 200, "cls": 0},
+                          {"__key__": "p0", "png": png(50), "cls": 1},
+                          {"__key__": "garbage", "png": b"not an image", "cls": 1}] + good[2:]
+    write_shards(samples, str(tmp_path), max_count=20, classes=["a", "b"])
+    split = loader(str(tmp_path), on_device=True, training=False, transform=eval_transform(16))
+    got = batches(split)
+    keys = [k for b in got for k in b["keys"]]
+    assert sorted(keys) == sorted([f"j{i}" for i in range(6)] + ["p0"])
+    errors = [e for b in got for e in b["errors"]]
+    assert sorted(e["key"] for e in errors) == ["broken", "garbage"]
+    assert all(e["shard"].endswith(".tar") and e["samples"] == 1 and e["reason"] for e in errors)
+    assert sum(len(b["targets"]) for b in got) == 7 and all(len(b["targets"]) == len(b["keys"]) for b in got)
+    red = next(b["inputs"][b["keys"].index("p0")] for b in got if "p0" in b["keys"])
+    assert red.shape == (3, 16, 16) and red[0].float().mean() == pytest.approx(50, abs=2) and red[1].max() == 0
+
+
+def test_data_on_gpu_with_a_map_style_dataset_is_a_clear_error():
+    dataset = torch.utils.data.TensorDataset(torch.zeros(4, 3), torch.zeros(4))
+    with pytest.raises(ConfigError, match="--data_on_gpu decodes shard images on the device.*TensorDataset"):
+        SplitLoader(dataset, rank=0, world=1, seed=0, batch_size=2, num_workers=0, training=True,
+                    decode_on_device=True)
