@@ -33,6 +33,7 @@ class EncodedBatch:
         self.keys: list[str] = []
         self.urls: list[str] = []
         self.seeds: list[int | None] = []
+        self.repeats: list[bool] = []  # read in a repeat pass: an error there was counted in the first
         self.errors: list[dict] = []
         self.repeated = 0
 
@@ -47,6 +48,7 @@ class EncodedBatch:
         self.keys.append(key)
         self.urls.append(url)
         self.seeds.append(seed)
+        self.repeats.append(repeated)
         self.repeated += repeated
 
     def emit(self, worker_batches: int, position: list[int]) -> dict:
@@ -55,7 +57,7 @@ class EncodedBatch:
             offsets.append(offsets[-1] + len(chunk))
         batch = {"encoded": torch.frombuffer(bytearray(b"".join(self.chunks)), dtype=torch.uint8)
                  if self.chunks else None,
-                 "offsets": offsets, "seeds": self.seeds, "urls": self.urls, "inputs": None,
+                 "offsets": offsets, "seeds": self.seeds, "urls": self.urls, "repeats": self.repeats, "inputs": None,
                  "targets": torch.tensor(self.labels, dtype=torch.long) if self.chunks else None,
                  "keys": self.keys, "errors": self.errors, "repeated": self.repeated,
                  "worker": self.worker, "worker_batches": worker_batches, "position": position}
@@ -65,7 +67,7 @@ class EncodedBatch:
 
 def decode_batch(batch: dict, transform, device: torch.device, seed_sample) -> dict:
     """`batch` with `inputs` decoded and transformed on `device`; undecodable images dropped (with
-    their targets and keys) and added to the batch's error records. `seed_sample(seed)` seeds one
+    their targets and keys) and added to the batch's error records (once per epoch). `seed_sample(seed)` seeds one
     sample's augmentation (None: validation, no seeding)."""
     if batch.get("encoded") is None:
         return batch
@@ -75,6 +77,8 @@ def decode_batch(batch: dict, transform, device: torch.device, seed_sample) -> d
     keep, inputs = [], []
     for i, image in enumerate(images):
         if isinstance(image, Exception):
+            if batch["repeats"][i]:  # errors count once per epoch, as in the workers
+                continue
             batch["errors"].append({"shard": batch["urls"][i], "key": batch["keys"][i],
                                     "reason": f"{type(image).__name__}: {image}"[:200], "samples": 1})
             continue

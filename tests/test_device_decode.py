@@ -110,3 +110,14 @@ def test_data_on_gpu_with_a_map_style_dataset_is_a_clear_error():
     with pytest.raises(ConfigError, match="--data_on_gpu decodes shard images on the device.*TensorDataset"):
         SplitLoader(dataset, rank=0, world=1, seed=0, batch_size=2, num_workers=0, training=True,
                     decode_on_device=True)
+
+
+def test_a_bad_image_read_again_in_a_repeat_pass_is_counted_once(tmp_path):
+    samples = [{"__key__": f"j{i}", "jpg": jpeg(30 * i), "cls": i % 2} for i in range(5)]
+    samples.insert(2, {"__key__": "broken", "jpg": jpeg(1)[:40] + b"\x00" * 200, "cls": 0})
+    write_shards(samples, str(tmp_path), max_count=20, classes=["a", "b"])
+    split = SplitLoader(Shards(str(tmp_path), train_transform(8), shuffle_buffer=4), rank=0, world=1, seed=0,
+                        batch_size=2, num_workers=0, training=True, batches_per_epoch=6, decode_on_device=True)
+    got = batches(split)
+    assert sum(b["repeated"] for b in got) > 5  # the shard was read more than twice
+    assert [e["key"] for b in got for e in b["errors"]] == ["broken"]
