@@ -5,8 +5,11 @@
 Both run the real CLI (`recipes/resnet_bench` with `--synthetic_data`, so no input pipeline is
 timed) with OMP_NUM_THREADS=1, one right after the other in each round; img/s is the median of
 the launcher's logged windows after the warm-up, summed over processes for the 2-process run.
-Prints the median over rounds of 2-process img/s / (2 x 1-process img/s); target >= 0.85.
-The gap is what DDP costs: the gradient all-reduce over gloo and the wait for the slower rank.
+Each round also runs a plain hand-written DDP loop (torch.multiprocessing, gloo, the same model,
+batch, AdamW and normalisation, one thread) on 1 and 2 processes, to tell the launcher's share of
+the gap from what DDP over gloo costs on this machine. Prints the median over rounds of
+2-process img/s / (2 x 1-process img/s) for both; target >= 0.85. The gap is the gradient
+all-reduce over gloo and the wait for the slower rank.
 """
 
 from __future__ import annotations
@@ -54,27 +57,83 @@ def run(processes: int, args: dict, out: str) -> float:
                              if "train/samples_per_s" in w and w["step"] > args["warmup"])
 
 
+def plain_worker(rank: int, world: int, port: int, args: dict, results) -> None:
+    """One process of a hand-written DDP loop: the same model, batch, AdamW and normalisation."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    import torchvision
+
+    from launcher.presets import normalize
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(args["arch"], weights=None, num_classes=10)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    size = (args["batch_size"], 3, args["image_size"], args["image_size"])
+    images, labels = torch.randint(0, 256, size, dtype=torch.uint8), torch.randint(0, 10, (args["batch_size"],))
+    norm = normalize()
+    for step in range(args["warmup"] + args["steps"]):
+        if step == args["warmup"]:
+            start = time.perf_counter()
+        loss = F.cross_entropy(model(norm(images)), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    results.put(time.perf_counter() - start)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def plain_run(processes: int, args: dict) -> float:
+    """img/s of the hand-written loop on `processes` processes (the slowest rank's time)."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    port = free_port()
+    workers = [context.Process(target=plain_worker, args=(rank, processes, port, args, results))
+               for rank in range(processes)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+        if worker.exitcode:
+            raise SystemExit(f"plain DDP process exited {worker.exitcode}")
+    elapsed = max(results.get() for _ in workers)
+    return processes * args["steps"] * args["batch_size"] / elapsed
+
+
 def main(arch: str = "resnet18", image_size: int = 64, batch_size: int = 32, steps: int = 40, warmup: int = 10,
          rounds: int = 3, out: str = "") -> None:
     data_dir = make_shards(os.path.join(tempfile.gettempdir(), f"bench_ddp_{image_size}"), 64,
                            round(image_size * 1.15), 10)
     args = dict(arch=arch, image_size=image_size, batch_size=batch_size, steps=steps, warmup=warmup, data_dir=data_dir)
-    ratios, ones, twos = [], [], []
+    rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for i in range(rounds):
-            one = run(1, args, os.path.join(scratch, f"one{i}"))
-            two = run(2, args, os.path.join(scratch, f"two{i}"))
-            ones.append(one)
-            twos.append(two)
-            ratios.append(two / (2 * one))
-            print(f"round {i}: 1 process {one:.1f} img/s, 2 processes {two:.1f} img/s, ratio {ratios[-1]:.3f}",
-                  flush=True)
-    ratio = statistics.median(ratios)
+            row = {"one": run(1, args, os.path.join(scratch, f"one{i}")),
+                   "two": run(2, args, os.path.join(scratch, f"two{i}")),
+                   "plain_one": plain_run(1, args), "plain_two": plain_run(2, args)}
+            row["ratio"] = row["two"] / (2 * row["one"])
+            row["plain_ratio"] = row["plain_two"] / (2 * row["plain_one"])
+            rows.append(row)
+            print(f"round {i}: launcher 1 process {row['one']:.1f} img/s, 2 processes {row['two']:.1f}, "
+                  f"ratio {row['ratio']:.3f}; plain DDP 1 process {row['plain_one']:.1f}, "
+                  f"2 processes {row['plain_two']:.1f}, ratio {row['plain_ratio']:.3f}", flush=True)
+    ratio = statistics.median(r["ratio"] for r in rows)
+    plain_ratio = statistics.median(r["plain_ratio"] for r in rows)
     print(f"{arch} {image_size}px batch {batch_size}/process, synthetic, gloo, 1 thread each: "
-          f"2 processes / (2 x 1 process) = {ratio:.3f} (median of {rounds}; target >= 0.85)")
+          f"2 processes / (2 x 1 process) = {ratio:.3f} through the launcher, {plain_ratio:.3f} in a plain "
+          f"DDP loop (medians of {rounds}; target >= 0.85)")
     if out:
         with open(out, "w") as f:
-            json.dump({"one": ones, "two": twos, "ratios": ratios, "median": ratio}, f)
+            json.dump({"rounds": rows, "median": ratio, "plain_median": plain_ratio}, f)
 
 
 if __name__ == "__main__":
