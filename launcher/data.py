@@ -27,6 +27,7 @@ ranks (no padding, no drop).
 
 from __future__ import annotations
 
+import collections
 import io
 import itertools
 import math
@@ -37,6 +38,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy
 import torch
 from PIL import Image
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, default_collate
 from torch.utils.data.distributed import DistributedSampler
 from webdataset.tariterators import tarfile_samples
@@ -116,11 +118,14 @@ class ShardStream(IterableDataset):
     computes that epoch's layout itself, a pure function of the epoch."""
 
     def __init__(self, layouts: Callable[[int], EpochLayout], spec: Shards, *, rank: int, seed: int,
-                 training: bool, epoch: int | torch.Tensor, start: Position | None = None, encoded: bool = False):
+                 training: bool, epoch: int | torch.Tensor, start: Position | None = None, encoded: bool = False,
+                 released: torch.Tensor | None = None, ring: int = 0):
         self.layouts, self.spec, self.epoch_source = layouts, spec, epoch
         self.rank, self.seed, self.training = rank, seed, training
         self.start = start
         self.encoded = encoded  # pass images on undecoded (decoded on the device: launcher/device_decode.py)
+        self.released, self.ring = released, ring  # see _BufferRing; ring 0: a new buffer per batch
+        self._buffers: _BufferRing | None = None  # made in each worker, kept by persistent ones
 
     def __iter__(self) -> Iterator[dict]:
         layout = self.layouts(int(self.epoch_source))
@@ -131,6 +136,8 @@ class ShardStream(IterableDataset):
         # Rotate worker ids so the DataLoader's round-robin (which starts at slot 0) continues
         # with the worker that was next when the position was taken.
         offset = start.next_worker([s.batches for s in self.shares]) if self.training else 0
+        if info and self.ring and self.released is not None and self._buffers is None:
+            self._buffers = _BufferRing(self.ring, self.released, slot)
         batches = self._batches((slot + offset) % len(self.shares), start)
         yield from batches if info else _keeping_rngs(batches)
 
@@ -139,7 +146,7 @@ class ShardStream(IterableDataset):
         done, first_pass, skip = start.workers.get(worker, [0, 0, 0])
         if self.training and done >= share.batches:
             return
-        batch = (EncodedBatch if self.encoded else _BatchBuilder)(worker, self.batch_size)
+        batch = EncodedBatch(worker, self.batch_size) if self.encoded else _BatchBuilder(worker, self.batch_size, self._buffers)
         for repeat in itertools.count(first_pass) if self.training else range(1):
             usable = 0
             for n, sample, errors in self._pass(share, worker, repeat):
@@ -255,16 +262,17 @@ def _keeping_rngs(batches: Iterator[dict]) -> Iterator[dict]:
 
 
 class _BatchBuilder:
-    """A batch filled sample by sample into one buffer, allocated in shared memory when in a
-    DataLoader worker (so it crosses to the main process without another copy). Each sample's
-    tensor is freed as soon as it is copied: fresh memory is costly (page faults), reused is not."""
+    """A batch filled sample by sample into one buffer, in shared memory when in a DataLoader
+    worker (so it crosses to the main process without another copy), taken from the worker's
+    `_BufferRing` when it has one. Each sample's tensor is freed as soon as it is copied."""
 
-    def __init__(self, worker: int, size: int):
-        self.worker, self.size = worker, size
+    def __init__(self, worker: int, size: int, buffers: "_BufferRing | None" = None):
+        self.worker, self.size, self.buffers = worker, size, buffers
         self._reset()
 
     def _reset(self) -> None:
         self.inputs: torch.Tensor | None = None
+        self.ticket: tuple[int, int] | None = None  # (DataLoader worker, batch number) of a ring buffer
         self.count = 0
         self.labels: list[int] = []
         self.keys: list[str] = []
@@ -274,7 +282,11 @@ class _BatchBuilder:
     def add(self, item: tuple[torch.Tensor, int, str], repeated: bool) -> None:
         x, label, key = item
         if self.inputs is None:
-            self.inputs = _batch_buffer(x, self.size)
+            shape = (self.size, *x.shape)
+            if self.buffers is not None:
+                self.inputs, self.ticket = self.buffers.take(shape, x)
+            else:
+                self.inputs = _shared_empty(shape, x) if torch.utils.data.get_worker_info() else x.new_empty(shape)
         elif x.shape != self.inputs.shape[1:] or x.dtype != self.inputs.dtype:
             raise DataError(f"sample {key} is a {x.dtype} {tuple(x.shape)} tensor, others in its batch "
                             f"{self.inputs.dtype} {tuple(self.inputs.shape[1:])}; make the transform "
@@ -290,17 +302,44 @@ class _BatchBuilder:
                  "targets": torch.tensor(self.labels, dtype=torch.long) if self.count else None,
                  "keys": self.keys, "errors": self.errors, "repeated": self.repeated,
                  "worker": self.worker, "worker_batches": worker_batches, "position": position}
+        if self.ticket is not None:
+            batch["buffer"] = self.ticket
         self._reset()
         return batch
 
 
-def _batch_buffer(first: torch.Tensor, size: int) -> torch.Tensor:
-    shape = (size, *first.shape)
-    if torch.utils.data.get_worker_info() is None:
-        return first.new_empty(shape)
-    # As torch's default_collate does in workers: a new tensor whose storage is shared memory.
-    storage = first._typed_storage()._new_shared(math.prod(shape), device=first.device)
-    return first.new(storage).resize_(shape)
+def _shared_empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """As torch's default_collate does in workers: a new tensor whose storage is shared memory."""
+    storage = like._typed_storage()._new_shared(math.prod(shape), device=like.device)
+    return like.new(storage).resize_(shape)
+
+
+class _BufferRing:
+    """A DataLoader worker's batch buffers in shared memory, reused once the main process is done
+    with them. A new shared segment per batch costs the worker a kernel zero-fill of every page
+    (about 7 ms for 64 images of 224 px on a 2-core VM) and the main process a new mapping; a
+    reused one costs neither. The main process counts in `released` (shared memory, one cell per
+    worker) the batches it has finished with, in order: this worker's batch k goes into slot
+    k % len only when batch k - len has been released, and into a new buffer otherwise, so reuse
+    never waits and never overwrites a batch in use. (The ring's length is chosen in
+    `SplitLoader._data_loader` so that a consumer that drops each batch at the next one never
+    meets the fallback.)"""
+
+    def __init__(self, length: int, released: torch.Tensor, worker_id: int):
+        self.slots: list[torch.Tensor | None] = [None] * length
+        self.released, self.worker_id = released, worker_id
+        self.made = 0  # batches started over the worker's life (all epochs, with persistent workers)
+
+    def take(self, shape: tuple[int, ...], like: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        number, length = self.made, len(self.slots)
+        self.made += 1
+        slot = number % length
+        buffer = self.slots[slot]
+        if number >= length and int(self.released[self.worker_id]) <= number - length:
+            return _shared_empty(shape, like), (self.worker_id, number)  # slot still in use: once, a new one
+        if buffer is None or buffer.shape != shape or buffer.dtype != like.dtype:
+            buffer = self.slots[slot] = _shared_empty(shape, like)
+        return buffer, (self.worker_id, number)
 
 
 def collate(items: list) -> dict:
@@ -385,6 +424,23 @@ class KeyedDataset(Dataset):
                 torch.default_generator.manual_seed(self._seed(i, base_seed))
                 items.append(self._item(i))
         return items
+
+
+def _releasing(batches: Iterable[dict], released: torch.Tensor) -> Iterator[dict]:
+    """`batches` whose inputs are workers' ring buffers (`_BufferRing`). A buffer goes back to its
+    worker once nothing in this process refers to its memory (a kept batch, a view or a numpy
+    array of it all hold it), in each worker's order; so a consumer may keep batches (`list()`),
+    at the cost of new buffers while it does."""
+    waiting: dict[int, collections.deque] = collections.defaultdict(collections.deque)  # oldest first
+    for batch in batches:
+        ticket = batch.pop("buffer", None)
+        if ticket is not None:
+            worker, number = ticket
+            waiting[worker].append((number, StorageWeakRef(batch["inputs"].untyped_storage())))
+        for worker, queue in waiting.items():
+            while queue and queue[0][1].expired():
+                released[worker] = queue.popleft()[0] + 1
+        yield batch
 
 
 # ---- loaders ----------------------------------------------------------------------------------
@@ -494,7 +550,10 @@ class SplitLoader:
             loader, batches = self._kept
         if batches is not None:
             batches.set(self._batches(epoch, start))
-        return self._decoded(loader) if self.decode_on_device else loader
+        if self.decode_on_device:
+            return self._decoded(loader)
+        released = getattr(loader.dataset, "released", None)
+        return loader if released is None else _releasing(loader, released)
 
     def _decoded(self, batches: Iterable[dict]) -> Iterator[dict]:
         """Batches of encoded images, decoded and transformed on `self.device`."""
@@ -514,8 +573,15 @@ class SplitLoader:
                        # The DataLoader draws its workers' base seed from this, not from the model's global RNG.
                        generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader", int(epoch), self.rank)))
         if isinstance(self.source, Shards):
+            reuse = self.num_workers > 0 and not self.decode_on_device  # workers' batch buffers: _BufferRing
+            released = torch.zeros(self.num_workers, dtype=torch.int64).share_memory_() if reuse else None
+            # A worker gets its task k + prefetch_factor when the main process takes its batch k; the
+            # consumer drops batch k when it takes the next one, and `_releasing` sees that one batch
+            # later: 2 slots beyond prefetch_factor cover that with 2+ workers, 3 with one.
+            ring = self.prefetch_factor + (3 if self.num_workers == 1 else 2)
             stream = ShardStream(self._layouts(), self.source, rank=self.rank, seed=self.seed,
-                                 training=self.training, epoch=epoch, start=start, encoded=self.decode_on_device)
+                                 training=self.training, epoch=epoch, start=start, encoded=self.decode_on_device,
+                                 released=released, ring=ring)
             return DataLoader(stream, batch_size=None, **options), None
         batches = _EpochBatches()
         dataset = KeyedDataset(self.source, self.seed, epoch, self.training)

@@ -628,7 +628,7 @@ def _examples(batch: dict, predictions: torch.Tensor, count: int) -> list[tuple]
     if images.dtype != torch.uint8:  # float input: show it rescaled to 0-255
         low, high = images.amin(), images.amax()
         images = ((images - low) / (high - low + 1e-12) * 255).to(torch.uint8)
-    return [(image.permute(1, 2, 0).numpy(), int(p), int(t))
+    return [(image.permute(1, 2, 0).numpy().copy(), int(p), int(t))  # a copy: the batch's buffer is reused
             for image, p, t in zip(images, predictions[:count].tolist(), batch["targets"][:count].tolist())]
 
 

@@ -316,3 +316,39 @@ def test_persistent_workers_resume_mid_epoch_exactly(tmp_path, kind):
     assert full[1][:6] + rest == full[1]
     assert keys_of(resumed.loader(2)) == full[2]
     resumed.close()
+
+
+def pixels_match_keys(batch) -> bool:
+    """make_shards' sample s{i} has pixel value i % 256: the inputs still hold the keys' images."""
+    return [int(x[0]) for x in batch["inputs"]] == [int(k[1:]) % 256 for k in batch["keys"]]
+
+
+def shared_segment(tensor: torch.Tensor) -> int:
+    """The shared-memory file behind a tensor a worker sent (its inode)."""
+    fd, _ = tensor.untyped_storage()._share_fd_cpu_()
+    return os.fstat(fd).st_ino
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_workers_reuse_their_batch_buffers(tmp_path, persistent):
+    source = make_shards(tmp_path, [40, 40])
+    loader = SplitLoader(Shards(source, to_tensor, shuffle_buffer=8), rank=0, world=1, seed=0, batch_size=4,
+                         num_workers=2, training=True, batches_per_epoch=20, persistent_workers=persistent)
+    segments, batches = set(), 0
+    for epoch in range(2):
+        for batch in loader.loader(epoch):
+            assert pixels_match_keys(batch)
+            segments.add(shared_segment(batch["inputs"]))
+            batches += 1
+    ring = loader.prefetch_factor + 2  # per worker
+    assert batches == 40 and len(segments) <= 2 * ring * (1 if persistent else 2)  # not one per batch
+    loader.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batches_a_consumer_keeps_are_never_overwritten(tmp_path, workers):
+    source = make_shards(tmp_path, [30, 30])
+    kept = list(split(source, workers=workers, batch=3, batches=20).loader(0))  # every batch held
+    assert len(kept) == 20 and all(pixels_match_keys(b) for b in kept)
+    views = [(b["inputs"][:1], b["keys"][:1]) for b in split(source, workers=workers, batch=3, batches=20).loader(0)]
+    assert all(pixels_match_keys({"inputs": x, "keys": k}) for x, k in views)  # a view holds its buffer too
