@@ -89,6 +89,7 @@ class TrainConfig:
     prefetch_factor: int = 2  # batches each DataLoader worker prepares ahead
     data_on_gpu: bool = False  # workers only read shards; JPEGs are decoded on the training device (nvJPEG on a GPU) and transformed there
     persistent_workers: bool = False  # keep DataLoader workers alive across epochs and evaluations (the same batches, no start-up each time)
+    ddp_comm_hook: Literal["no", "fp16", "bf16"] = "no"  # all-reduce gradients as 16-bit floats across processes (half the bytes; gradients rounded to 16 bits)
     synthetic_data: bool = False  # replace the data with random inputs of its shape (generated once, no I/O): measures the step alone
     trace_samples: bool = False  # write each rank's training sample keys to output_dir/samples/ (debugging, tests)
 

@@ -10,6 +10,7 @@ import os
 import accelerate.optimizer
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
 
 from launcher.config import ConfigError, TrainConfig
 
@@ -43,12 +44,20 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         gradient_accumulation_steps=cfg.grad_accum_steps,
         log_with=None if cfg.wandb_mode == "disabled" else "wandb",
         project_dir=cfg.output_dir,
+        kwargs_handlers=ddp_kwargs(cfg),
     )
     if on_cpu and accelerator.num_processes > 1 and "OMP_NUM_THREADS" not in os.environ:
         # N CPU processes on one machine must share its cores, not each take all of them.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     return accelerator
+
+
+def ddp_kwargs(cfg: TrainConfig) -> list:
+    """Accelerate's DDP settings: --ddp_comm_hook registers torch's fp16/bf16 compression hook."""
+    if cfg.ddp_comm_hook == "no":
+        return []
+    return [DistributedDataParallelKwargs(comm_hook=DDPCommunicationHookType(cfg.ddp_comm_hook))]
 
 
 # AcceleratedOptimizer.step asks is_lomo_available() (an importlib lookup, ~0.3 ms on a CPU) on

@@ -1,6 +1,7 @@
 """Data-parallel scaling on CPU: 2 processes (gloo, 1 thread each) against twice one process.
 
     python scripts/bench_ddp_cpu.py [--arch=resnet18 --image_size=64 --batch_size=32 --steps=40 --rounds=3]
+                                    [--comm_hook=no|fp16|bf16]
 
 Both run the real CLI (`recipes/resnet_bench` with `--synthetic_data`, so no input pipeline is
 timed) with OMP_NUM_THREADS=1, one right after the other in each round; img/s is the median of
@@ -9,7 +10,9 @@ Each round also runs a plain hand-written DDP loop (torch.multiprocessing, gloo,
 batch, AdamW and normalisation, one thread) on 1 and 2 processes, to tell the launcher's share of
 the gap from what DDP over gloo costs on this machine. Prints the median over rounds of
 2-process img/s / (2 x 1-process img/s) for both; target >= 0.85. The gap is the gradient
-all-reduce over gloo and the wait for the slower rank.
+all-reduce over gloo and the wait for the slower rank. `--comm_hook=fp16|bf16` compresses the
+gradients for the all-reduce on both sides (the launcher's `--ddp_comm_hook`, torch's hook in the
+plain loop).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def run(processes: int, args: dict, out: str) -> float:
                         f"--batch_size={args['batch_size']}", "--num_workers=0", "--synthetic_data=True",
                         f"--max_steps={args['warmup'] + args['steps']}", "--epochs=1000",
                         f"--log_every={max(1, args['steps'] // 4)}", f"--output_dir={out}", "--wandb_mode=disabled",
-                        "--checkpoint_epoch_end=False", "--keep_checkpoints=1"]
+                        "--checkpoint_epoch_end=False", "--keep_checkpoints=1", f"--ddp_comm_hook={args['comm_hook']}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -74,6 +77,10 @@ def plain_worker(rank: int, world: int, port: int, args: dict, results) -> None:
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         model = torch.nn.parallel.DistributedDataParallel(model)
+        if args["comm_hook"] != "no":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            model.register_comm_hook(None, getattr(default_hooks, f"{args['comm_hook']}_compress_hook"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     size = (args["batch_size"], 3, args["image_size"], args["image_size"])
     images, labels = torch.randint(0, 256, size, dtype=torch.uint8), torch.randint(0, 10, (args["batch_size"],))
@@ -110,10 +117,11 @@ def plain_run(processes: int, args: dict) -> float:
 
 
 def main(arch: str = "resnet18", image_size: int = 64, batch_size: int = 32, steps: int = 40, warmup: int = 10,
-         rounds: int = 3, out: str = "") -> None:
+         rounds: int = 3, comm_hook: str = "no", out: str = "") -> None:
     data_dir = make_shards(os.path.join(tempfile.gettempdir(), f"bench_ddp_{image_size}"), 64,
                            round(image_size * 1.15), 10)
-    args = dict(arch=arch, image_size=image_size, batch_size=batch_size, steps=steps, warmup=warmup, data_dir=data_dir)
+    args = dict(arch=arch, image_size=image_size, batch_size=batch_size, steps=steps, warmup=warmup, data_dir=data_dir,
+                comm_hook=comm_hook)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for i in range(rounds):
@@ -128,7 +136,8 @@ def main(arch: str = "resnet18", image_size: int = 64, batch_size: int = 32, ste
                   f"2 processes {row['plain_two']:.1f}, ratio {row['plain_ratio']:.3f}", flush=True)
     ratio = statistics.median(r["ratio"] for r in rows)
     plain_ratio = statistics.median(r["plain_ratio"] for r in rows)
-    print(f"{arch} {image_size}px batch {batch_size}/process, synthetic, gloo, 1 thread each: "
+    print(f"{arch} {image_size}px batch {batch_size}/process, synthetic, gloo, 1 thread each, "
+          f"comm hook {comm_hook}: "
           f"2 processes / (2 x 1 process) = {ratio:.3f} through the launcher, {plain_ratio:.3f} in a plain "
           f"DDP loop (medians of {rounds}; target >= 0.85)")
     if out:
