@@ -262,9 +262,9 @@ def _keeping_rngs(batches: Iterator[dict]) -> Iterator[dict]:
 
 
 class _BatchBuilder:
-    """A batch filled sample by sample into one buffer, in shared memory when in a DataLoader
-    worker (so it crosses to the main process without another copy), taken from the worker's
-    `_BufferRing` when it has one. Each sample's tensor is freed as soon as it is copied."""
+    """A batch filled sample by sample into one buffer: in a DataLoader worker, a shared-memory
+    buffer from the worker's `_BufferRing` (so it crosses to the main process without another
+    copy). Each sample's tensor is freed as soon as it is copied."""
 
     def __init__(self, worker: int, size: int, buffers: "_BufferRing | None" = None):
         self.worker, self.size, self.buffers = worker, size, buffers
@@ -283,10 +283,10 @@ class _BatchBuilder:
         x, label, key = item
         if self.inputs is None:
             shape = (self.size, *x.shape)
-            if self.buffers is not None:
+            if self.buffers is not None:  # in a DataLoader worker
                 self.inputs, self.ticket = self.buffers.take(shape, x)
-            else:
-                self.inputs = _shared_empty(shape, x) if torch.utils.data.get_worker_info() else x.new_empty(shape)
+            else:  # in the main process (num_workers 0)
+                self.inputs = x.new_empty(shape)
         elif x.shape != self.inputs.shape[1:] or x.dtype != self.inputs.dtype:
             raise DataError(f"sample {key} is a {x.dtype} {tuple(x.shape)} tensor, others in its batch "
                             f"{self.inputs.dtype} {tuple(self.inputs.shape[1:])}; make the transform "
