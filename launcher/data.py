@@ -426,24 +426,40 @@ class KeyedDataset(Dataset):
         return items
 
 
-def _releasing(batches: Iterable[dict], released: torch.Tensor) -> Iterator[dict]:
-    """`batches` whose inputs are workers' ring buffers (`_BufferRing`). A buffer goes back to its
-    worker once nothing in this process refers to its memory (a kept batch, a view or a numpy
-    array of it all hold it), in each worker's order; so a consumer may keep batches (`list()`),
-    at the cost of new buffers while it does."""
-    waiting: dict[int, collections.deque] = collections.defaultdict(collections.deque)  # oldest first
-    for batch in batches:
-        ticket = batch.pop("buffer", None)
-        if ticket is not None:
-            worker, number = ticket
-            waiting[worker].append((number, StorageWeakRef(batch["inputs"].untyped_storage())))
-        for worker, queue in waiting.items():
-            while queue and queue[0][1].expired():
-                released[worker] = queue.popleft()[0] + 1
-        yield batch
+class _BufferReturns:
+    """Hands workers' ring buffers (`_BufferRing`) back: a buffer goes back to its worker once
+    nothing in this process refers to its memory (a kept batch, a view or a numpy array of it all
+    hold it), in each worker's order; so a consumer may keep batches (`list()`), at the cost of new
+    buffers while it does. It lives as long as its DataLoader: a persistent one's last batches of
+    an epoch are handed back during the next epoch."""
+
+    def __init__(self, workers: int):
+        self.released = torch.zeros(workers, dtype=torch.int64).share_memory_()  # per worker, read by it
+        self.waiting: dict[int, collections.deque] = collections.defaultdict(collections.deque)  # oldest first
+
+    def track(self, batches: Iterable[dict]) -> Iterator[dict]:
+        for batch in batches:
+            ticket = batch.pop("buffer", None)
+            if ticket is not None:
+                worker, number = ticket
+                self.waiting[worker].append((number, StorageWeakRef(batch["inputs"].untyped_storage())))
+            for worker, queue in self.waiting.items():
+                while queue and queue[0][1].expired():
+                    self.released[worker] = queue.popleft()[0] + 1
+            yield batch
 
 
 # ---- loaders ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Loader:
+    """A DataLoader and what lives as long as it: a map-style dataset's per-epoch batches, or
+    the shard workers' buffer returns."""
+
+    data_loader: DataLoader
+    batches: _EpochBatches | None = None
+    returns: _BufferReturns | None = None
 
 
 class SplitLoader:
@@ -470,7 +486,7 @@ class SplitLoader:
         self._layout_maker: EpochLayouts | None = None  # keeps the last layout (loader and report share it)
         self.persistent_workers = persistent_workers and num_workers > 0
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # read by persistent workers
-        self._kept: tuple[DataLoader, _EpochBatches | None] | None = None  # the persistent loader
+        self._kept: _Loader | None = None  # the persistent loader
         if isinstance(source, Synthetic):
             self.index = None
             self.total = source.length
@@ -542,18 +558,17 @@ class SplitLoader:
         if isinstance(self.source, Synthetic):
             return self._synthetic(start)
         if not self.persistent_workers or start.batches:
-            loader, batches = self._data_loader(epoch, start)
+            loader = self._data_loader(epoch, start)
         else:
             if self._kept is None:
                 self._kept = self._data_loader(self._epoch, None)
             self._epoch.fill_(epoch)
-            loader, batches = self._kept
-        if batches is not None:
-            batches.set(self._batches(epoch, start))
+            loader = self._kept
+        if loader.batches is not None:
+            loader.batches.set(self._batches(epoch, start))
         if self.decode_on_device:
-            return self._decoded(loader)
-        released = getattr(loader.dataset, "released", None)
-        return loader if released is None else _releasing(loader, released)
+            return self._decoded(loader.data_loader)
+        return loader.data_loader if loader.returns is None else loader.returns.track(loader.data_loader)
 
     def _decoded(self, batches: Iterable[dict]) -> Iterator[dict]:
         """Batches of encoded images, decoded and transformed on `self.device`."""
@@ -566,7 +581,7 @@ class SplitLoader:
         """Stop persistent workers (they also stop when the loader is garbage-collected)."""
         self._kept = None
 
-    def _data_loader(self, epoch: int | torch.Tensor, start: Position | None) -> tuple[DataLoader, _EpochBatches | None]:
+    def _data_loader(self, epoch: int | torch.Tensor, start: Position | None) -> "_Loader":
         """A DataLoader for one epoch from `start`, or (start None) a persistent one following `epoch`, a shared cell."""
         options = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=start is None,
                        prefetch_factor=self.prefetch_factor if self.num_workers else None,
@@ -574,18 +589,18 @@ class SplitLoader:
                        generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader", int(epoch), self.rank)))
         if isinstance(self.source, Shards):
             reuse = self.num_workers > 0 and not self.decode_on_device  # workers' batch buffers: _BufferRing
-            released = torch.zeros(self.num_workers, dtype=torch.int64).share_memory_() if reuse else None
+            returns = _BufferReturns(self.num_workers) if reuse else None
             # A worker gets its task k + prefetch_factor when the main process takes its batch k; the
-            # consumer drops batch k when it takes the next one, and `_releasing` sees that one batch
-            # later: 2 slots beyond prefetch_factor cover that with 2+ workers, 3 with one.
+            # consumer drops batch k when it takes the next one, and `_BufferReturns` sees that one
+            # batch later: 2 slots beyond prefetch_factor cover that with 2+ workers, 3 with one.
             ring = self.prefetch_factor + (3 if self.num_workers == 1 else 2)
             stream = ShardStream(self._layouts(), self.source, rank=self.rank, seed=self.seed,
                                  training=self.training, epoch=epoch, start=start, encoded=self.decode_on_device,
-                                 released=released, ring=ring)
-            return DataLoader(stream, batch_size=None, **options), None
+                                 released=returns.released if returns else None, ring=ring)
+            return _Loader(DataLoader(stream, batch_size=None, **options), returns=returns)
         batches = _EpochBatches()
         dataset = KeyedDataset(self.source, self.seed, epoch, self.training)
-        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, **options), batches
+        return _Loader(DataLoader(dataset, batch_sampler=batches, collate_fn=collate, **options), batches=batches)
 
     def _batches(self, epoch: int, start: Position) -> list[list[int]]:
         """A map-style dataset's batches of indices for this rank in `epoch`, from `start`."""
