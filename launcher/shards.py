@@ -26,6 +26,9 @@ from launcher.config import ConfigError
 from launcher.shard_index import INDEX_NAME
 
 
+SHARD_MTIME = 946684800  # 2000-01-01 UTC: fixed, and not so old that `tar x` warns about it
+
+
 def write_shards(samples: Iterable[dict], out_dir: str, *, max_count: int,
                  max_bytes: int = 1 << 30, classes: Sequence[str] = (),
                  prefix: str = "shard") -> dict:
@@ -36,7 +39,10 @@ def write_shards(samples: Iterable[dict], out_dir: str, *, max_count: int,
     os.makedirs(out_dir, exist_ok=True)
     counts: dict[str, int] = {}
     pattern = os.path.join(out_dir, f"{prefix}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=max_count, maxsize=max_bytes, verbose=0) as writer:
+    # A fixed, whole-second mtime: the same samples give byte-identical shards, and no member needs a
+    # pax header (webdataset 1.0 writes tarfile's pax format, which adds one, 1 KiB and a second
+    # header to parse, for every member whose mtime is a float, as time.time() is).
+    with wds.ShardWriter(pattern, maxcount=max_count, maxsize=max_bytes, verbose=0, mtime=SHARD_MTIME) as writer:
         for sample in samples:
             writer.write(sample)
             name = os.path.basename(writer.fname)

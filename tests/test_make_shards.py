@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import ROOT
 from launcher.config import ConfigError
 from launcher.data import Shards, SplitLoader
-from launcher.shards import dataset_samples, shard_image_folder, write_shards
+from launcher.shards import SHARD_MTIME, dataset_samples, shard_image_folder, write_shards
 
 
 @pytest.fixture
@@ -68,11 +68,16 @@ def test_keys_are_unique_even_when_sanitised_names_collide(tmp_path):
     assert len(keys) == 2
 
 
-def test_output_is_the_same_with_one_or_several_workers(folder, tmp_path):
+def test_output_is_byte_identical_with_one_or_several_workers_and_has_no_pax_headers(folder, tmp_path):
     for workers in (1, 2):
         shard_image_folder(str(folder), str(tmp_path / f"w{workers}"), max_count=4, max_bytes=1 << 30,
                            workers=workers, log=quiet)
     assert members(tmp_path / "w1") == members(tmp_path / "w2")
+    shards = sorted(p.name for p in (tmp_path / "w1").glob("*.tar"))
+    assert len(shards) == 3
+    assert all((tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes() for name in shards)
+    with tarfile.open(tmp_path / "w1" / shards[0]) as tar:
+        assert all(member.pax_headers == {} and member.mtime == SHARD_MTIME for member in tar.getmembers())
 
 
 def test_the_loader_reads_what_was_written_using_the_index(folder, tmp_path):
