@@ -41,12 +41,12 @@ from PIL import Image
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, default_collate
 from torch.utils.data.distributed import DistributedSampler
-from webdataset.tariterators import tarfile_samples
 
 from launcher.config import ConfigError
 from launcher.device_decode import EncodedBatch, decode_batch
 from launcher.layout import EpochLayout, EpochLayouts, Position, WorkerShare, derive_seed
 from launcher.shard_index import read_index  # noqa: F401 - re-exported
+from launcher.tar_reader import shard_samples
 
 
 class DataError(ConfigError):
@@ -181,7 +181,7 @@ class ShardStream(IterableDataset):
             for url, count in zip(share.shards, share.counts):
                 failures: list[Exception] = []
                 seen = 0
-                for sample in tarfile_samples([{"url": url}], handler=lambda e: failures.append(e) or True):
+                for sample in shard_samples(url, handler=lambda e: failures.append(e) or True):
                     seen += 1
                     yield sample
                 if failures:  # truncated or unreadable tar: the rest of the shard is lost
@@ -536,7 +536,7 @@ class SplitLoader:
                 return self.source[0][0] if len(self.source) else None
             stream = ShardStream(self.layout, self.source, rank=0, seed=self.seed, training=False, epoch=0)
             for url in self.index.urls[:3]:
-                for sample in tarfile_samples([{"url": url}], handler=lambda error: True):
+                for sample in shard_samples(url, handler=lambda error: True):
                     item = stream._decode(sample, 0, [])
                     if item is not None:
                         return item[0]

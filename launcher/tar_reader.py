@@ -1,0 +1,135 @@
+"""Reading a local tar shard's files fast, with every truncation or bad header an error.
+
+Python's `tarfile` (which WebDataset's tar iterator uses) spends about 35 us of pure-Python
+header parsing per member, and a shard holds two members per sample: 70 us of a worker's
+~800 us per 320 px JPEG, more than the pipeline's other overheads together. This reader
+parses the few header fields a shard needs (name, size, type, checksum) in about 4 us a
+member and reads each file's bytes with one `read`. It understands what tar writers put in
+shards: POSIX ustar (with its name prefix), pax extended headers (`path`, `size`) and GNU
+long names; other member types (directories, links) are skipped, as WebDataset skips them.
+
+It is also stricter than `tarfile`, which ends iteration without a word at a corrupt header or
+a file cut at a member boundary: here a bad checksum, a cut header or member, and a file that
+ends without its end-of-archive block raise `TarReadError`, so the loader counts what was lost.
+`pipe:` commands and URLs still go through WebDataset (`shard_samples`).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Callable, Iterator
+
+from webdataset.tariterators import group_by_keys, tarfile_samples
+
+BLOCK = 512
+_REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular, contiguous file
+_POSIX_MAGIC = b"ustar\x0000"
+
+
+class TarReadError(Exception):
+    """The tar file is cut short or has a corrupt header."""
+
+
+def shard_samples(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict]:
+    """WebDataset samples (`__key__`, `__url__`, one entry per extension) of the shard at `url`.
+    A local file is read by `tar_files`; `pipe:` commands and URLs by WebDataset's tar iterator.
+    An error that ends the shard early (missing file, truncation) goes to `handler`; so do
+    WebDataset's per-sample errors (a duplicate file name)."""
+    if url.startswith("pipe:") or "://" in url:
+        yield from tarfile_samples([{"url": url}], handler=handler)
+        return
+
+    def files() -> Iterator[dict]:
+        try:
+            for name, data in tar_files(url):
+                if "/" not in name and name.startswith("__") and name.endswith("__"):
+                    continue  # WebDataset's convention: top-level __meta__ files are not samples
+                yield {"fname": name, "data": data, "__url__": url}
+        except (OSError, TarReadError) as error:
+            handler(error)
+
+    yield from group_by_keys(files(), handler=handler)
+
+
+def tar_files(path: str) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file in the tar at `path`, in order."""
+    with open(path, "rb") as f:
+        long_name: str | None = None
+        pax: dict[str, str] = {}
+        offset = 0
+        while True:
+            header = f.read(BLOCK)
+            if len(header) < BLOCK:
+                what = "has no end-of-archive block" if not header else "is cut inside a header"
+                raise TarReadError(f"tar {what} at byte {offset} (truncated file?)")
+            if header.count(0) == BLOCK:
+                return  # end of archive
+            _check(header, offset)
+            kind = header[156:157]
+            size = _number(header[124:136], offset)
+            if "size" in pax and kind in _REGULAR:
+                size = int(pax["size"])
+            padded = size + (-size % BLOCK)
+            offset += BLOCK
+            if kind in _REGULAR or kind in (b"x", b"L"):
+                data = f.read(size)
+                if len(data) < size:
+                    raise TarReadError(f"tar is cut inside member {_name(header)!r} at byte {offset + len(data)} "
+                                       "(truncated file?)")
+                f.seek(padded - size, 1)
+            else:  # directory, link, global pax header, ...: nothing a sample needs
+                f.seek(padded, 1)
+                data = b""
+            offset += padded
+            if kind == b"x":  # pax extended header: applies to the next member only
+                try:
+                    pax = _pax_records(data)
+                except ValueError:
+                    raise TarReadError(f"tar has a malformed pax header at byte {offset - padded - BLOCK}") from None
+                continue
+            if kind == b"L":  # GNU long name of the next member
+                long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                continue
+            if kind in _REGULAR:
+                yield pax.get("path") or long_name or _name(header), data
+            long_name, pax = None, {}
+
+
+def _check(header: bytes, offset: int) -> None:
+    stored = _number(header[148:156], offset)
+    unsigned = sum(header) - sum(header[148:156]) + 8 * 32  # the checksum field counts as spaces
+    if stored != unsigned:
+        signed = sum(struct.unpack_from("148b8x356b", header)) + 8 * 32  # some old writers
+        if stored != signed:
+            raise TarReadError(f"tar header at byte {offset} fails its checksum (corrupt file?)")
+
+
+def _number(field: bytes, offset: int) -> int:
+    if field[0] in (0o200, 0o377):  # GNU base-256
+        value = int.from_bytes(field[1:], "big")
+        return value - 256 ** (len(field) - 1) if field[0] == 0o377 else value
+    try:
+        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise TarReadError(f"tar header at byte {offset} has a non-numeric field (corrupt file?)") from None
+
+
+def _name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0]
+    if header[257:265] == _POSIX_MAGIC:
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    return name.decode("utf-8", "surrogateescape")
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """`LENGTH KEY=VALUE\\n` records."""
+    records, position = {}, 0
+    while position < len(data) and data[position:position + 1] != b"\0":
+        space = data.index(b" ", position)
+        length = int(data[position:space])
+        key, _, value = data[space + 1:position + length - 1].partition(b"=")
+        records[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
+        position += length
+    return records
