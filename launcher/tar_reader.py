@@ -1,12 +1,14 @@
 """Reading a local tar shard's files fast, with every truncation or bad header an error.
 
-Python's `tarfile` (which WebDataset's tar iterator uses) spends about 35 us of pure-Python
-header parsing per member, and a shard holds two members per sample: 70 us of a worker's
-~800 us per 320 px JPEG, more than the pipeline's other overheads together. This reader
-parses the few header fields a shard needs (name, size, type, checksum) in about 4 us a
-member and reads each file's bytes with one `read`. It understands what tar writers put in
-shards: POSIX ustar (with its name prefix), pax extended headers (`path`, `size`) and GNU
-long names; other member types (directories, links) are skipped, as WebDataset skips them.
+WebDataset's tar iterator reads through Python's `tarfile`, whose pure-Python header parsing
+costs about 48 us a sample (a JPEG and its label) here, 87 us when every member also carries a
+pax header (as shards written by webdataset 1.0 with the default float mtime do): 6-12 % of a
+DataLoader worker's time per 320 px JPEG. This reader parses only the header fields a shard
+needs (name, size, type, checksum) and reads each file's bytes with one `read`: 14 us a sample
+(21 with pax headers), WebDataset's grouping into samples included. It understands what tar
+writers put in shards: POSIX ustar (with its name prefix), pax extended headers (`path`,
+`size`) and GNU long names; other member types (directories, links) are skipped, as WebDataset
+skips them.
 
 It is also stricter than `tarfile`, which ends iteration without a word at a corrupt header or
 a file cut at a member boundary: here a bad checksum, a cut header or member, and a file that

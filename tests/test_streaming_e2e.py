@@ -4,6 +4,7 @@ keys, unreadable samples counted across ranks, and the plan's pre-flight."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -140,6 +141,9 @@ def test_data_benchmark_runs_and_reports_ratios_per_core():
                              "--crop=32", "--batch_size=8", "--rounds=1", "--workers=0,2"],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "tight loop, 1 process" in result.stdout
-    for line in ("pipeline, 0 worker(s)", "pipeline / (1 x tight) = ", "pipeline / (2 x tight) = "):
-        assert line in result.stdout
+    assert "tight loop, 1 process, tarfile" in result.stdout
+    assert "tight loop, 1 process, launcher's reader" in result.stdout
+    for workers in (1, 2):  # 0 workers: one process, so its ratio is to 1 x tight
+        found = re.search(rf"pipeline / \({workers} x tight\) = (\d+\.\d+) \(tarfile\), (\d+\.\d+) \(launcher's reader\)",
+                          result.stdout)
+        assert found and all(float(value) > 0 for value in found.groups()), result.stdout
