@@ -93,7 +93,9 @@ def tar_files(path: str) -> Iterator[tuple[str, bytes]]:
                 long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
                 continue
             if kind in _REGULAR:
-                yield pax.get("path") or long_name or _name(header), data
+                name = pax.get("path") or long_name or _name(header)
+                if not (kind == b"\0" and name.endswith("/")):  # an old-style directory entry
+                    yield name, data
             long_name, pax = None, {}
 
 
@@ -131,6 +133,8 @@ def _pax_records(data: bytes) -> dict[str, str]:
     while position < len(data) and data[position:position + 1] != b"\0":
         space = data.index(b" ", position)
         length = int(data[position:space])
+        if length <= space - position:
+            raise ValueError(f"pax record length {length}")
         key, _, value = data[space + 1:position + length - 1].partition(b"=")
         records[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
         position += length

@@ -16,6 +16,9 @@ def write_tar(path, files: list[tuple[str, bytes]], fmt: int, directories: bool 
             info = tarfile.TarInfo("a_directory")
             info.type = tarfile.DIRTYPE
             tar.addfile(info)
+            info = tarfile.TarInfo("old_style_directory/")
+            info.type = tarfile.AREGTYPE  # a regular-file type with a trailing slash: a directory
+            tar.addfile(info)
         for name, data in files:
             info = tarfile.TarInfo(name)
             info.size, info.mtime = len(data), 1700000000.5  # a float mtime: pax format adds headers
@@ -98,3 +101,20 @@ def test_shard_samples_groups_by_key_and_hands_errors_over(tmp_path):
     assert len(errors) == 1 and "cut inside member 's3.jpg'" in str(errors[0])
     assert list(shard_samples(str(tmp_path / "missing.tar"), handler=errors.append)) == []
     assert isinstance(errors[-1], FileNotFoundError)
+
+
+def test_a_malformed_pax_header_is_an_error(tmp_path):
+    path = tmp_path / "shard.tar"
+    write_tar(path, FILES[:2], tarfile.PAX_FORMAT, directories=False)  # a pax header before each member
+    data = bytearray(path.read_bytes())
+    with tarfile.open(path) as tar:
+        second = tar.getmembers()[1]
+    pax_header = second.offset  # tarfile's offset is where the member's first (pax) header starts
+    assert data[pax_header + 156:pax_header + 157] == b"x"
+    data[pax_header + 512:pax_header + 515] = b"0 x"  # a record claiming length 0 (must not loop forever)
+    path.write_bytes(bytes(data))
+    read = []
+    with pytest.raises(TarReadError, match=f"malformed pax header at byte {pax_header}"):
+        for item in tar_files(str(path)):
+            read.append(item)
+    assert read == FILES[:1]
