@@ -13,7 +13,7 @@ skips them.
 It is also stricter than `tarfile`, which ends iteration without a word at a corrupt header or
 a file cut at a member boundary: here a bad checksum, a cut header or member, and a file that
 ends without its end-of-archive block raise `TarReadError`, so the loader counts what was lost.
-`pipe:` commands and URLs still go through WebDataset (`shard_samples`).
+`pipe:` commands still go through WebDataset (`shard_samples`).
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ class TarReadError(Exception):
 
 def shard_samples(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict]:
     """WebDataset samples (`__key__`, `__url__`, one entry per extension) of the shard at `url`.
-    A local file is read by `tar_files`; `pipe:` commands and URLs by WebDataset's tar iterator.
+    A local file is read by `tar_files`, a `pipe:` command by WebDataset's tar iterator (any other
+    source is a local path, as for the pre-flight checks in launcher/shard_index.py).
     An error that ends the shard early (missing file, truncation) goes to `handler`; so do
     WebDataset's per-sample errors (a duplicate file name)."""
-    if url.startswith("pipe:") or "://" in url:
+    if url.startswith("pipe:"):
         yield from tarfile_samples([{"url": url}], handler=handler)
         return
 
