@@ -13,12 +13,14 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 NODES = ("node1", "node2")
 CTLD_PORT, FIRST_NODE_PORT = 16817, 16821
+PY_SPY = str(Path(sys.executable).with_name("py-spy"))  # a dev dependency
 
 
 class ClusterUnavailable(RuntimeError):
@@ -89,6 +91,7 @@ class SlurmCluster:
         for name in NODES:
             self._daemon(["slurmd", "-D", "-N", name, "-f", str(self.conf)], f"slurmd-{name}.out")
         self._wait_for_idle_nodes()
+        self._check_launch()
         return self
 
     def _start_munge(self) -> None:
@@ -121,9 +124,40 @@ class SlurmCluster:
         raise ClusterUnavailable(f"nodes not idle after {timeout} s: {result.stdout} {result.stderr} "
                                  f"{self._tail('slurmctld.log')}")
 
-    def _tail(self, name: str) -> str:
+    def _check_launch(self, attempts: int = 3) -> None:
+        """Idle nodes are not yet proof that a job step starts on both: run one before the tests do
+        (a batch job whose launch fails is requeued and held, and would wait forever)."""
+        for attempt in range(attempts):
+            try:
+                result = self.run("srun", "--nodes=2", "--ntasks-per-node=1", "--time=2", "hostname",
+                                  check=False, timeout=120)
+            except subprocess.TimeoutExpired as error:
+                result = error
+            if getattr(result, "returncode", None) == 0 and len(result.stdout.split()) == 2:
+                return
+            time.sleep(5)
+        raise ClusterUnavailable(f"a two-node srun did not run in {attempts} attempts: {result}\n"
+                                 f"{self.diagnostics()}")
+
+    def _tail(self, name: str, chars: int = 1500) -> str:
         path = self.root / name
-        return path.read_text()[-1500:] if path.exists() else ""
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def diagnostics(self, job_id: str | None = None, job_log: Path | None = None) -> str:
+        """What to read when a job does not end: its record, the nodes and queue, the daemons' logs,
+        and given the job's --output file `job_log` (the tests write OUT.log beside output
+        directory OUT), its tail and the Python stacks of the job's processes."""
+        parts = []
+        if job_id is not None:
+            parts.append(self.run("scontrol", "show", "job", job_id, check=False).stdout)
+        parts.append(self.run("sinfo", "-N", "-l", check=False).stdout)
+        parts.append(self.run("squeue", "-l", check=False).stdout)
+        if job_log is not None and job_log.exists():
+            parts.append(f"--- {job_log.name} ---\n{job_log.read_text(errors='replace')[-4000:]}")
+            parts.append(stacks(str(job_log.with_suffix(""))))  # the output directory beside it
+        for name in ("slurmctld.log", *(f"slurmd-{node}.log" for node in NODES)):
+            parts.append(f"--- {name} ---\n{self._tail(name, 2500)}")
+        return "\n".join(parts)
 
     def run(self, *command: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(command, env=kwargs.pop("env", self.env), capture_output=True, text=True,
@@ -135,16 +169,28 @@ class SlurmCluster:
         return dict(item.split("=", 1) for item in text.split() if "=" in item)
 
     def wait_for_job(self, job_id: str, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
-                     timeout: float = 600) -> dict[str, str]:
+                     timeout: float = 400, job_log: Path | None = None) -> dict[str, str]:
+        """The job's record once it reaches one of `states`. A job held by Slurm (its launch failed)
+        or still unfinished after `timeout` s (below pytest's own limit, so this message is the one
+        printed) fails with the diagnostics."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             info = self.job(job_id)
             if info.get("JobState") in states:
                 return info
+            held = "held" in info.get("Reason", "").lower() or info.get("Priority") == "0"
+            if held or time.monotonic() > deadline:
+                what = f"held ({info.get('Reason')})" if held else f"still {info.get('JobState')} after {timeout} s"
+                raise AssertionError(f"job {job_id} {what}\n{self.diagnostics(job_id, job_log)}")
             time.sleep(1)
-        raise AssertionError(f"job {job_id} still {info.get('JobState')} after {timeout} s")
 
     def stop(self) -> None:
+        """Cancel what is still queued or running (a failed test's job would go on using the CPUs
+        after the daemons are gone), then stop the daemons."""
+        self.run("scancel", "--partition=test", check=False)
+        deadline = time.monotonic() + 45  # KillWait=30: SIGTERM, then SIGKILL
+        while self.run("squeue", "-h", check=False).stdout.strip() and time.monotonic() < deadline:
+            time.sleep(1)
         for daemon in reversed(self.daemons):
             daemon.terminate()
         for daemon in reversed(self.daemons):
@@ -154,3 +200,20 @@ class SlurmCluster:
                 daemon.kill()
                 daemon.wait()
         self.daemons.clear()
+
+
+def stacks(word: str) -> str:
+    """py-spy's dump of the Python stacks of every process whose command line has `word` (a job's
+    output directory names all of its processes, DataLoader workers included)."""
+    dumps = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            python = "python" in os.readlink(proc / "exe")
+        except OSError:
+            continue
+        if proc.name.isdigit() and python and word in command and "pytest" not in command:
+            dump = subprocess.run([PY_SPY, "dump", "--pid", proc.name],
+                                  capture_output=True, text=True, timeout=60)
+            dumps.append(f"--- pid {proc.name}: {command[:200]}\n{dump.stdout[-3000:]}{dump.stderr[-500:]}")
+    return "\n".join(dumps) or f"(no process has {word!r} in its command line)"

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from conftest import MLP_RECIPE, ROOT, child_env
 from slurm_cluster import SlurmCluster
 
-pytestmark = [pytest.mark.slurm, pytest.mark.e2e]
+# Above wait_for_job's own limits, so a job that does not end fails with its diagnostics.
+pytestmark = [pytest.mark.slurm, pytest.mark.e2e, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def wandb_run_ids(out) -> set[str]:
 def uninterrupted(cluster, digits, tmp_path_factory):
     out = tmp_path_factory.mktemp("jobs") / "whole"
     job = submit(cluster, digits, out)
-    return out, job, cluster.wait_for_job(job)
+    return out, job, cluster.wait_for_job(job, job_log=out.parent / "whole.log")
 
 
 def test_a_two_node_job_trains_to_the_end(uninterrupted):
@@ -63,18 +64,20 @@ def test_usr1_checkpoints_requeues_resumes_and_matches_the_uninterrupted_job(clu
     job = submit(cluster, digits, out)
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 240
+    job_log = tmp_path / "preempted.log"
     while not (metrics.exists() and any(json.loads(line).get("step", 0) >= 30
                                         for line in metrics.read_text().splitlines() if line.endswith("}"))):
-        assert time.monotonic() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING")
+        assert time.monotonic() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), \
+            cluster.diagnostics(job, job_log)
         time.sleep(0.05)
     cluster.run("scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@120 does before the limit
-    while cluster.job(job).get("Restarts", "0") == "0":
-        assert time.monotonic() < deadline
+    while (info := cluster.job(job)).get("Restarts", "0") == "0" or info["JobState"] != "PENDING":
+        assert time.monotonic() < deadline, cluster.diagnostics(job, job_log)
         time.sleep(0.2)
     # Slurm holds a requeued job back for a while (Reason=BeginTime); let it start now.
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
-    info = cluster.wait_for_job(job)
-    log = (tmp_path / "preempted.log").read_text(errors="replace")
+    info = cluster.wait_for_job(job, job_log=job_log)
+    log = job_log.read_text(errors="replace")
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
     assert "train.sbatch: SIGUSR1, passing it to the training processes" in log
     stopped_at = int(log.split("launcher: stopped: SIGUSR1 at step ")[1].split(":")[0])
