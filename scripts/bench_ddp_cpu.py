@@ -118,7 +118,8 @@ def plain_run(processes: int, args: dict) -> float:
 
 def main(arch: str = "resnet18", image_size: int = 64, batch_size: int = 32, steps: int = 40, warmup: int = 10,
          rounds: int = 3, comm_hook: str = "no", out: str = "") -> None:
-    data_dir = make_shards(os.path.join(tempfile.gettempdir(), f"bench_ddp_{image_size}"), 64,
+    images = max(64, 2 * batch_size)  # --synthetic_data reads none, but the split must hold a global batch
+    data_dir = make_shards(os.path.join(tempfile.gettempdir(), f"bench_ddp_{image_size}_{images}"), images,
                            round(image_size * 1.15), 10)
     args = dict(arch=arch, image_size=image_size, batch_size=batch_size, steps=steps, warmup=warmup, data_dir=data_dir,
                 comm_hook=comm_hook)
