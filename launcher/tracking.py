@@ -91,6 +91,13 @@ class Tracker:
                            ("tags", list(cfg.wandb_tags)), ("notes", cfg.wandb_notes), ("id", run_id)):
             if value:
                 init[key] = value
+        if cfg.wandb_mode == "offline" and self.accelerator.is_main_process:
+            import wandb
+
+            # wandb.init(mode="offline") alone still starts wandb's usage telemetry (OpenTelemetry
+            # exporters bound for its servers), which reads the process-wide settings: an offline
+            # run, e.g. on a cluster with no route out, must open no connection.
+            wandb.setup(settings=wandb.Settings(mode="offline"))
         self.accelerator.init_trackers(cfg.wandb_project, config=dataclasses.asdict(cfg),
                                        init_kwargs={"wandb": init})
         if self.accelerator.is_main_process:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
-from conftest import MLP_RECIPE, ROOT, WANDB, launcher
+from conftest import MLP_RECIPE, ROOT, WANDB, child_env, launcher
 from launcher.report import Run, config_differences
 
 ARTIFACTS = ROOT / "test-artifacts"
@@ -34,12 +36,41 @@ def summary(records: list[dict]) -> dict:
     return merged
 
 
+class ProxyWatch:
+    """A local socket named as every process's HTTP(S) proxy (Python's requests and wandb's Go
+    service both honour these variables), recording the first bytes of each connection made to it:
+    what a process tried to reach over the network."""
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.requests: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            connection, _ = self.server.accept()
+            with connection:
+                connection.settimeout(5)
+                try:
+                    self.requests.append(connection.recv(300))
+                except OSError as error:
+                    self.requests.append(repr(error).encode())
+
+    def env(self) -> dict:
+        proxy = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        env = {k: v for k, v in child_env().items() if k.lower() != "no_proxy"}
+        return dict(env, **{name: proxy for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")})
+
+
 @pytest.mark.e2e
 def test_wandb_gets_per_step_and_per_evaluation_metrics_from_the_main_process_only(digits, tmp_path):
     out = tmp_path / "tracked"
+    network = ProxyWatch()
     launcher("recipes/resnet_finetune_tiny", f"--data_dir={digits}", f"--output_dir={out}", "--wandb_mode=offline",
              "--wandb_name=tiny-ft", "--wandb_group=tests", "--wandb_tags=[a,b]", "--wandb_notes=checking logs",
-             "--log_every=1", "--log_images=8", processes=2)
+             "--log_every=1", "--log_images=8", processes=2, env=network.env())
+    # Offline means no connection at all (wandb's own usage telemetry included).
+    assert network.requests == []
     run_dirs = list((out / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1  # rank 1 created none
     records = wandb_records(run_dirs[0])
