@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import inspect
 import statistics
+import sys
 from dataclasses import dataclass, field
 
 from launcher.config import ConfigError, TrainConfig
@@ -60,7 +61,21 @@ def make_plan(cfg: TrainConfig, train: SplitLoader, val: SplitLoader | None, wor
                 steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, schedule_steps=schedule_steps,
                 total_steps=total,
                 train_shards=len(train.index.urls) if train.index else None,
-                val_shards=len(val.index.urls) if val and val.index else None, data_report=report)
+                val_shards=len(val.index.urls) if val and val.index else None, data_report=report,
+                notes=[fork_hang_warning(sys.version_info, world_size, cfg.num_workers)])
+
+
+def fork_hang_warning(version: tuple, world_size: int, num_workers: int) -> str:
+    """A warning for a multi-process run with DataLoader workers on a CPython that can hang a worker
+    as it is forked: the collective threads (gloo's, NCCL's) take the interpreter's thread-state lock
+    when they touch Python objects, and before 3.12, 3.11.10 and 3.10.15 a fork at that moment
+    copies the lock held into the child, which then never starts (CPython gh-112275). Empty if not."""
+    minor, fixed_in = tuple(version[:2]), {(3, 10): 15, (3, 11): 10}
+    if world_size < 2 or num_workers == 0 or minor >= (3, 12) or version[2] >= fixed_in.get(minor, 0):
+        return ""
+    return (f"WARNING: Python {'.'.join(map(str, version[:3]))} can hang a DataLoader worker as it starts in a "
+            "multi-process run (CPython bug gh-112275, fixed in 3.10.15, 3.11.10 and 3.12): use a newer "
+            "Python, or --num_workers=0")
 
 
 def data_report(split: SplitLoader, name: str) -> list[str]:

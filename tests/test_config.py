@@ -9,6 +9,7 @@ import pytest
 
 from launcher.cli import parse_flags, recipe_help
 from launcher.config import ConfigError, TrainConfig, apply_overrides, coerce, field_help, variant
+from launcher.plan import fork_hang_warning
 from launcher.recipe import load_recipe
 
 
@@ -114,3 +115,17 @@ def test_recipe_help_lists_fields_with_their_comments():
     text = recipe_help(load_recipe("recipes/resnet_finetune"))
     assert "--head_lr_scale=10.0" in text and "the head's LR = lr x this" in text
     assert "--batch_size=64" in text and "samples per device per micro-batch" in text
+
+
+@pytest.mark.parametrize("version, world, workers, warned", [
+    ((3, 11, 7), 2, 1, True), ((3, 10, 14), 8, 4, True),
+    ((3, 11, 10), 2, 1, False), ((3, 10, 15), 2, 1, False), ((3, 12, 1), 2, 1, False), ((3, 13, 0), 8, 4, False),
+    ((3, 11, 7), 1, 4, False), ((3, 11, 7), 2, 0, False),
+])
+def test_a_python_that_can_hang_forked_workers_is_named_for_multi_process_runs_with_workers(version, world, workers,
+                                                                                           warned):
+    text = fork_hang_warning(version, world, workers)
+    assert bool(text) == warned
+    if warned:
+        assert text.startswith(f"WARNING: Python {'.'.join(map(str, version))} can hang a DataLoader worker")
+        assert "gh-112275" in text and "--num_workers=0" in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import MLP_RECIPE, ROOT, WANDB, launcher, metrics
+from launcher.plan import fork_hang_warning
 from launcher.schedules import warmup_cosine
 
 pytestmark = pytest.mark.e2e
@@ -51,6 +53,8 @@ def test_plan_prints_batch_arithmetic_groups_and_outputs(digits):
     assert "from step 44 (epoch 2), LR warm-up 10 steps" in text  # 22 steps per epoch
     assert "8,398,858 of 11,181,642 parameters trainable, 2,099,712 more after unfreezing" in text
     assert "outputs               runs/resnet_finetune" in text
+    workers = int(re.search(r"num_workers\s+(\d+)", text).group(1))
+    assert ("gh-112275" in text) == bool(fork_hang_warning(sys.version_info, 4, workers))  # this Python's
 
 
 def test_one_process_trains_and_validation_loss_falls(digits, tmp_path):
