@@ -3,6 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 DATA_DIR ?= data/digits
+# The venv's Python: a 3.12 or 3.13 where the machine has one (CPython before 3.11.10 can hang a
+# DataLoader worker as it forks; README, "Known problems"), else python3; `make PYTHON=...` overrides.
+PYTHON ?= $(shell sh scripts/find_python.sh)
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -12,7 +15,7 @@ DATA_DIR ?= data/digits
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check uv
 	$(VENV)/bin/uv pip install --python $(PY) -q -e '.[dev]'
 	touch $@
