@@ -60,7 +60,16 @@ def requeue_slurm_job(signum: int) -> str:
     job = os.environ.get("SLURM_JOB_ID")
     if signum != signal.SIGUSR1 or not job:
         return ""
-    result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    # The requeue sends SIGTERM to every process of the job, this scontrol included, and on a busy
+    # node that can land before it exits: the job is requeued but the log said it failed. A blocked
+    # signal stays blocked across fork and exec, so scontrol finishes; here the SIGTERM waits for
+    # the unblock and reaches the handler that records it.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     if result.returncode != 0:
-        return f"scontrol requeue {job} failed: {(result.stderr or result.stdout).strip()}"
+        why = (result.stderr or result.stdout).strip() or f"exit code {result.returncode}"
+        return f"scontrol requeue {job} failed: {why}"
     return f"Slurm job {job} requeued; it resumes from this checkpoint when it starts again"

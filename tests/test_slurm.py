@@ -5,6 +5,8 @@ and ends with the same final weights, in the same wandb run."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 import time
 
@@ -80,9 +82,48 @@ def test_usr1_checkpoints_requeues_resumes_and_matches_the_uninterrupted_job(clu
     log = job_log.read_text(errors="replace")
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
     assert "train.sbatch: SIGUSR1, passing it to the training processes" in log
-    stopped_at = int(log.split("launcher: stopped: SIGUSR1 at step ")[1].split(":")[0])
-    assert f"Slurm job {job} requeued" in log and f"at step {stopped_at}, epoch" in log.split("resumed from")[1]
+    stopped = log.split("launcher: stopped: SIGUSR1 at step ")[1].split("\n")[0]
+    assert f"Slurm job {job} requeued" in stopped, stopped
+    stopped_at = int(stopped.split(":")[0])
+    assert f"at step {stopped_at}, epoch" in log.split("resumed from")[1], log[-3000:]
     whole = load_file(str(uninterrupted[0] / "model.safetensors"))
     resumed = load_file(str(out / "model.safetensors"))
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert len(list((out / "wandb").glob("offline-run-*"))) == 2 and len(wandb_run_ids(out)) == 1
+
+
+REQUEUE_JOB = """#!/bin/bash
+#SBATCH --requeue
+#SBATCH --open-mode=append
+if [ "${SLURM_RESTART_COUNT:-0}" != 0 ]; then echo restarted; exit 0; fi
+srun --ntasks=1 "$LAUNCHER_PYTHON" -c '
+import signal
+from launcher.preemption import StopSignals, requeue_slurm_job
+signals = StopSignals(world_size=1)
+said = requeue_slurm_job(signal.SIGUSR1)
+print("said:", said, "| recorded:", signal.Signals(signals.received).name, flush=True)
+'
+"""
+
+
+def test_the_requeue_is_reported_even_when_its_sigterm_reaches_scontrol_first(cluster, tmp_path):
+    # A requeue sends SIGTERM to every process of the job, the scontrol that asked for it included.
+    # This scontrol stays alive 3 s after the real one returns, so that SIGTERM always lands first
+    # (on a busy CI node it did now and then, and the log said the requeue had failed).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\n{shutil.which("scontrol")} "$@"\nstatus=$?\nsleep 3\nexit $status\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    script, log = tmp_path / "requeue.sh", tmp_path / "requeue.log"
+    script.write_text(REQUEUE_JOB)
+    env = dict(child_env(), SLURM_CONF=str(cluster.conf), LAUNCHER_PYTHON=sys.executable,
+               PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=str(ROOT))
+    job = cluster.run("sbatch", "--parsable", "--nodes=1", f"--output={log}", str(script),
+                      env=env).stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 120
+    while (info := cluster.job(job)).get("Restarts", "0") == "0" or info["JobState"] != "PENDING":
+        assert time.monotonic() < deadline, cluster.diagnostics(job, log)
+        time.sleep(0.2)
+    cluster.run("scancel", job, check=False)
+    said = log.read_text(errors="replace").split("said: ")[1].split("\n")[0]
+    assert said == f"Slurm job {job} requeued; it resumes from this checkpoint when it starts again | recorded: SIGTERM"
