@@ -236,7 +236,8 @@ class Trainer:
                     self._save()
                 if self._stop_early():
                     break
-                self._check_signals()
+                self._check_signals(now=True)  # a signal that came during evaluation stops here
+            self.signals.drain()  # the run is done: a signal that came at its last step changes nothing
             if self.saved_step != self.step:
                 self._save()  # where max_steps stopped: `--resume=auto` continues from here
         finally:
@@ -269,10 +270,11 @@ class Trainer:
         acc.wait_for_everyone()
         return path
 
-    def _check_signals(self) -> None:
-        """At a step boundary: if any rank got SIGUSR1/SIGTERM, checkpoint here, close the tracker,
-        requeue under Slurm (SIGUSR1), and stop with exit code 75."""
-        signum = self.signals.agreed()
+    def _check_signals(self, now: bool = False) -> None:
+        """At a step boundary: if any rank got SIGUSR1/SIGTERM (by the previous boundary, or by
+        this one with `now`), checkpoint here, close the tracker, requeue under Slurm (SIGUSR1),
+        and stop with exit code 75."""
+        signum = self.signals.agreed(now)
         if not signum:
             return
         if self.saved_step != self.step:

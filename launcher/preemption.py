@@ -1,9 +1,11 @@
 """Preemption: SIGUSR1 and SIGTERM stop a run cleanly at the next optimizer step.
 
 The signal handler only records the signal. At each optimizer-step boundary the loop asks
-`agreed()`: one all-reduce (MAX) over a CPU (gloo) group, so every rank sees the signal at the
-same step even if only one received it, and a GPU run pays no device sync for it. The loop then
-checkpoints, closes the tracker and raises `Preempted` (exit code 75, EX_TEMPFAIL: "try again").
+`agreed()`: an all-reduce (MAX) over a CPU (gloo) group, so every rank sees the signal at the
+same step even if only one received it, and a GPU run pays no device sync for it. The all-reduce
+started at one step is waited on at the next, so no step blocks the host on a network round
+trip; a signal is acted on one step later. The loop then checkpoints, closes the tracker and
+raises `Preempted` (exit code 75, EX_TEMPFAIL: "try again").
 Under Slurm, a SIGUSR1 (the `--signal=USR1@SECONDS` warning before the time limit) also requeues
 the job with `scontrol requeue $SLURM_JOB_ID`, and the requeued job's `--resume=auto` continues
 it. A SIGTERM (scancel, node shutdown) checkpoints and exits without requeueing.
@@ -38,16 +40,33 @@ class StopSignals:
         if world_size > 1 and dist.get_backend() != "gloo":
             self.group = dist.new_group(backend="gloo")  # CPU flag: no device sync per step
         self.world_size = world_size
+        self.pending = None  # (work, flag): the all-reduce the previous call started
 
     def _record(self, signum, frame) -> None:
         self.received = signum  # nothing else: the loop acts at a step boundary
 
-    def agreed(self) -> int:
-        """The signal any rank received (0: none)."""
+    def agreed(self, now: bool = False) -> int:
+        """The signal any rank had received by the previous call (0: none), or by this one with
+        `now`, which waits for a fresh all-reduce. A collective: every rank calls it at the same
+        points, with the same `now`."""
         if self.world_size == 1:
             return self.received
+        signum = self.drain()
+        if signum:
+            return signum
         flag = torch.tensor([self.received], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        self.pending = (work, flag)
+        return self.drain() if now else signum
+
+    def drain(self) -> int:
+        """Wait for the all-reduce in flight, if any: its signal (0: none). Call it on every rank
+        before the process group goes away."""
+        if self.pending is None:
+            return 0
+        work, flag = self.pending
+        self.pending = None
+        work.wait()
         return int(flag.item())
 
     def restore(self) -> None:

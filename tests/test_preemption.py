@@ -1,0 +1,58 @@
+"""StopSignals across two real gloo processes: a signal one rank receives reaches every rank at the
+same call; the per-step check lags one call (its all-reduce overlaps the next step), the
+epoch-end check (`now`) does not."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from launcher.preemption import StopSignals
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank(rank: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    seen = {}
+    signals = StopSignals(world_size=2)
+    seen["before"] = signals.agreed()
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGTERM)  # only rank 1 hears it, between two step boundaries
+    seen["first boundary after"] = signals.agreed()
+    seen["second boundary after"] = signals.agreed()
+    seen["drained"] = signals.drain()
+    signals.restore()
+
+    signals = StopSignals(world_size=2)
+    signals.agreed()  # a step boundary: its all-reduce is in flight during the evaluation
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGUSR1)  # heard during the evaluation
+    seen["epoch end (now)"] = signals.agreed(now=True)
+    seen["drained after now"] = signals.drain()
+    signals.restore()
+    dist.destroy_process_group()
+    with open(os.path.join(out, f"rank-{rank}.json"), "w") as f:
+        json.dump(seen, f)
+
+
+def test_every_rank_sees_one_ranks_signal_at_the_same_boundary(tmp_path):
+    mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=2)
+    seen = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(2)]
+    assert seen[0] == seen[1] == {
+        "before": 0,
+        "first boundary after": 0,  # its all-reduce started before the signal came
+        "second boundary after": signal.SIGTERM,
+        "drained": 0,  # a boundary that reports a signal starts no new all-reduce
+        "epoch end (now)": signal.SIGUSR1,
+        "drained after now": 0,
+    }
