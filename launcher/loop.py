@@ -162,6 +162,10 @@ class Trainer:
         self.errors_shown = 0
         self.best: dict = {}  # {"metric", "value", "step"} of the best evaluation so far
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient (nonfinite=skip)
+        # nonfinite=stop: the first optimizer step with a NaN/Inf gradient norm (0: none), its loss
+        # and norm, noted on the device and read where the host waits anyway (`_stop_if_nonfinite`).
+        self.nonfinite_step = torch.zeros((), dtype=torch.int64, device=acc.device)
+        self.nonfinite_values = torch.zeros(2, device=acc.device)
         self.evals_without_improvement = 0  # for early stopping
         self.stopped_early = False
         self.metrics = MetricsLog(cfg.output_dir, acc.is_main_process)
@@ -260,6 +264,7 @@ class Trainer:
         return True
 
     def _save(self) -> None:
+        self._stop_if_nonfinite()
         acc, cfg = self.accelerator, self.cfg
         path = checkpoints.save(acc, cfg.output_dir, self._state(), self.position.to_dict())
         self.saved_step = self.step
@@ -345,22 +350,39 @@ class Trainer:
 
     def _finite(self, grad_norm, loss) -> bool:
         """False if this step's update must be skipped. The gradient norm is the same on every rank
-        after DDP's all-reduce, so all ranks decide alike. Under fp16 the grad scaler owns overflow."""
+        after DDP's all-reduce, so all ranks decide alike. Under fp16 the grad scaler owns overflow.
+        nonfinite=stop only notes the step on the device: the host does not wait for the backward
+        here, and `_stop_if_nonfinite` stops the run before anything after it is saved or logged.
+        nonfinite=skip must know before the update: one device sync per optimizer step."""
         if grad_norm is None or self.accelerator.mixed_precision == "fp16":
             return True
-        if bool(torch.isfinite(grad_norm)):  # one device sync per optimizer step
-            return True
         if self.cfg.nonfinite == "stop":
-            last = checkpoints.checkpoint_dirs(self.cfg.output_dir)
-            raise RunStopped(
-                f"step {self.step + 1}: loss {float(loss):.4g}, gradient norm {float(grad_norm):.4g} (non-finite); "
-                f"stopped before the update; last checkpoint: {last[-1] if last else 'none'}. Lower --lr, "
-                "set --max_grad_norm, or pass --nonfinite=skip to skip such steps")
+            first = ~torch.isfinite(grad_norm) & (self.nonfinite_step == 0)
+            self.nonfinite_step = torch.where(first, self.step + 1, self.nonfinite_step)
+            here = torch.stack([loss.detach().float(), grad_norm.float()])
+            self.nonfinite_values = torch.where(first, here, self.nonfinite_values)
+            return True
+        if bool(torch.isfinite(grad_norm)):
+            return True
         self.skipped_steps += 1
         if self.accelerator.is_main_process:
             tqdm.write(f"step {self.step + 1}: non-finite loss or gradient, update skipped "
                        f"({self.skipped_steps} so far)")
         return False
+
+    def _stop_if_nonfinite(self) -> None:
+        """nonfinite=stop: raise if an optimizer step since the last check had a NaN/Inf gradient
+        norm. Called before every checkpoint, log line and evaluation, so the weights it spoilt are
+        never saved; every rank holds the same step (the norm is all-reduced) and stops alike."""
+        step = int(self.nonfinite_step)
+        if not step:
+            return
+        loss, norm = self.nonfinite_values.tolist()
+        last = checkpoints.checkpoint_dirs(self.cfg.output_dir)
+        raise RunStopped(
+            f"step {step}: loss {loss:.4g}, gradient norm {norm:.4g} (non-finite); stopped at step {self.step} "
+            f"with nothing saved since; last checkpoint: {last[-1] if last else 'none'}. Lower --lr, "
+            "set --max_grad_norm, or pass --nonfinite=skip to skip such steps")
 
     def _train_mode(self) -> None:
         self.model.train()
@@ -391,6 +413,7 @@ class Trainer:
         return self.accelerator.clip_grad_norm_(self.model.parameters(), norm if norm > 0 else math.inf)
 
     def _log_train(self, window: "_Window", lrs: dict[str, float]) -> None:
+        self._stop_if_nonfinite()
         acc = self.accelerator
         corrupt = float(sum(self.position.corrupt.values()))
         mine = torch.stack([window.loss_sum / max(window.batches, 1), torch.tensor(corrupt, device=acc.device)])
@@ -480,6 +503,7 @@ class Trainer:
         """Evaluate on the validation split (and the EMA weights, if kept); True if `best_metric` improved.
         Only epoch-end evaluations step a plateau schedule and count towards early stopping, so a
         run stopped mid-epoch by max_steps resumes as if it had not stopped."""
+        self._stop_if_nonfinite()  # a spoilt model would step the plateau schedule and early stopping
         if self.val_data is None:
             return False
         acc = self.accelerator
