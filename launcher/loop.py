@@ -43,6 +43,10 @@ from launcher.evaluation import EvalTotals
 from launcher.tracking import MetricsLog, Tracker, save_run_files, write_json
 from launcher import checkpoints
 
+# nonfinite=stop checks the gradient norms it kept at least this often (one host sync), so a run
+# that logs, checkpoints and evaluates rarely does not pile them up.
+UNCHECKED_STEPS = 1000
+
 
 @dataclasses.dataclass
 class RunParts:
@@ -162,10 +166,9 @@ class Trainer:
         self.errors_shown = 0
         self.best: dict = {}  # {"metric", "value", "step"} of the best evaluation so far
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient (nonfinite=skip)
-        # nonfinite=stop: the first optimizer step with a NaN/Inf gradient norm (0: none), its loss
-        # and norm, noted on the device and read where the host waits anyway (`_stop_if_nonfinite`).
-        self.nonfinite_step = torch.zeros((), dtype=torch.int64, device=acc.device)
-        self.nonfinite_values = torch.zeros(2, device=acc.device)
+        # nonfinite=stop: (step, loss, gradient norm) of the optimizer steps not checked yet, as
+        # device tensors; `_stop_if_nonfinite` reads them where the host waits anyway.
+        self.unchecked: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.evals_without_improvement = 0  # for early stopping
         self.stopped_early = False
         self.metrics = MetricsLog(cfg.output_dir, acc.is_main_process)
@@ -351,16 +354,15 @@ class Trainer:
     def _finite(self, grad_norm, loss) -> bool:
         """False if this step's update must be skipped. The gradient norm is the same on every rank
         after DDP's all-reduce, so all ranks decide alike. Under fp16 the grad scaler owns overflow.
-        nonfinite=stop only notes the step on the device: the host does not wait for the backward
-        here, and `_stop_if_nonfinite` stops the run before anything after it is saved or logged.
+        nonfinite=stop only keeps the norm: the host does not wait for the backward here, and
+        `_stop_if_nonfinite` stops the run before anything after it is saved or logged.
         nonfinite=skip must know before the update: one device sync per optimizer step."""
         if grad_norm is None or self.accelerator.mixed_precision == "fp16":
             return True
         if self.cfg.nonfinite == "stop":
-            first = ~torch.isfinite(grad_norm) & (self.nonfinite_step == 0)
-            self.nonfinite_step = torch.where(first, self.step + 1, self.nonfinite_step)
-            here = torch.stack([loss.detach().float(), grad_norm.float()])
-            self.nonfinite_values = torch.where(first, here, self.nonfinite_values)
+            self.unchecked.append((self.step + 1, loss.detach(), grad_norm))
+            if len(self.unchecked) >= UNCHECKED_STEPS:
+                self._stop_if_nonfinite()
             return True
         if bool(torch.isfinite(grad_norm)):
             return True
@@ -374,14 +376,17 @@ class Trainer:
         """nonfinite=stop: raise if an optimizer step since the last check had a NaN/Inf gradient
         norm. Called before every checkpoint, log line and evaluation, so the weights it spoilt are
         never saved; every rank holds the same step (the norm is all-reduced) and stops alike."""
-        step = int(self.nonfinite_step)
-        if not step:
+        if not self.unchecked:
             return
-        loss, norm = self.nonfinite_values.tolist()
+        unchecked, self.unchecked = self.unchecked, []
+        bad = (~torch.isfinite(torch.stack([norm for _, _, norm in unchecked]))).nonzero()  # one sync
+        if not len(bad):
+            return
+        step, loss, norm = unchecked[int(bad[0])]
         last = checkpoints.checkpoint_dirs(self.cfg.output_dir)
         raise RunStopped(
-            f"step {step}: loss {loss:.4g}, gradient norm {norm:.4g} (non-finite); stopped at step {self.step} "
-            f"with nothing saved since; last checkpoint: {last[-1] if last else 'none'}. Lower --lr, "
+            f"step {step}: loss {float(loss):.4g}, gradient norm {float(norm):.4g} (non-finite); stopped at step "
+            f"{self.step} with nothing saved since; last checkpoint: {last[-1] if last else 'none'}. Lower --lr, "
             "set --max_grad_norm, or pass --nonfinite=skip to skip such steps")
 
     def _train_mode(self) -> None:
