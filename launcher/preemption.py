@@ -57,7 +57,7 @@ class StopSignals:
         flag = torch.tensor([self.received], dtype=torch.int64)
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         self.pending = (work, flag)
-        return self.drain() if now else signum
+        return self.drain() if now else 0
 
     def drain(self) -> int:
         """Wait for the all-reduce in flight, if any: its signal (0: none). Call it on every rank

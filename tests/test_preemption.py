@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -15,14 +14,8 @@ import torch.multiprocessing as mp
 from launcher.preemption import StopSignals
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _rank(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _rank(rank: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
     seen = {}
     signals = StopSignals(world_size=2)
     seen["before"] = signals.agreed()
@@ -46,7 +39,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 def test_every_rank_sees_one_ranks_signal_at_the_same_boundary(tmp_path):
-    mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_rank, args=(str(tmp_path),), nprocs=2)
     seen = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(2)]
     assert seen[0] == seen[1] == {
         "before": 0,
