@@ -18,6 +18,11 @@ It prints img/s of both, launcher / plain, real shards / synthetic, and model FL
 (3 x forward FLOPs per image, counted by torch.utils.flop_counter, over the device's peak; pass
 --peak_tflops where the device is not in PEAK_TFLOPS). The shards are `images` JPEG crops of
 scikit-learn's two sample photos (real JPEG decoding, offline), written once to --data_dir.
+`--out=FILE` writes the rows as JSON after each one, so a job stopped by its time limit keeps
+what it measured. All 24 settings take long on a GPU (each compiled run compiles twice: launcher
+and plain loop); the targets need only bf16 with channels-last, which one job can run first:
+
+    python scripts/bench_gpu.py --precision=bf16 --channels_last=True --out=gpu.json
 """
 
 from __future__ import annotations
@@ -191,6 +196,13 @@ def gpu_decoded_batches(args: dict, device: torch.device):
         yield torch.stack([transform(image) for image in images]), labels
 
 
+def save(path: str, report: dict) -> None:
+    """Write `report` as JSON through a temporary file, so `path` always holds a whole report."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def settings(data, compile, precision, channels_last) -> list[dict]:
     as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else [v]  # noqa: E731 - fire gives a value or a tuple
     return [dict(data=d, compile=c, precision=p, channels_last=cl)
@@ -220,6 +232,9 @@ def main(arch: str = "resnet50", image_size: int = 224, batch_size: int = 256, s
             peak = peak_flops(device, setting["precision"], peak_tflops)
             mfu = ours * train_flops / peak if peak else None
             rows.append({**setting, "launcher": ours, "plain": plain, "ratio": ours / plain, "mfu": mfu})
+            if out:  # after every row: a run stopped by a job's time limit keeps what it measured
+                save(out, {"device": name, "arch": arch, "image_size": image_size, "batch_size": batch_size,
+                           "rows": rows})
             print(f"{setting['data']:<10} {str(setting['compile']):<8} {setting['precision']:<9} "
                   f"{str(setting['channels_last']):<8} {ours:>15.1f} {plain:>12.1f} {ours / plain:>6.3f} "
                   + (f"{100 * mfu:>5.1f}%" if mfu is not None else f"{'-':>6}"), flush=True)
@@ -231,10 +246,6 @@ def main(arch: str = "resnet50", image_size: int = 224, batch_size: int = 256, s
                 print(f"{row['data']} / synthetic (compile={row['compile']}, {row['precision']}, channels_last="
                       f"{row['channels_last']}): launcher {row['launcher'] / twin['launcher']:.3f}, "
                       f"plain {row['plain'] / twin['plain']:.3f}")
-    if out:
-        with open(out, "w") as f:
-            json.dump({"device": name, "arch": arch, "image_size": image_size, "batch_size": batch_size, "rows": rows}, f,
-                      indent=1)
 
 
 if __name__ == "__main__":

@@ -70,14 +70,21 @@ def test_synthetic_validation_serves_every_sample_once_across_ranks(world):
 
 def test_gpu_benchmark_runs_at_a_cpu_size(tmp_path):
     import subprocess
+    import time
 
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--arch=resnet18", "--image_size=32",
-                             "--batch_size=8", "--steps=4", "--warmup=2", "--images=64", "--classes=10",
-                             "--compile=False", "--precision=no", "--workers=1", f"--data_dir={tmp_path / 'shards'}",
-                             f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    bench = subprocess.Popen([sys.executable, "scripts/bench_gpu.py", "--arch=resnet18", "--image_size=32",
+                              "--batch_size=8", "--steps=4", "--warmup=2", "--images=64", "--classes=10",
+                              "--compile=False", "--precision=no", "--workers=1", f"--data_dir={tmp_path / 'shards'}",
+                              f"--out={out}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not out.exists() and bench.poll() is None:  # the first row is written before the second is run
+        time.sleep(0.05)
+    first = json.loads(out.read_text())["rows"] if out.exists() else []
+    stdout, stderr = bench.communicate(timeout=900)
+    result = subprocess.CompletedProcess(bench.args, bench.returncode, stdout, stderr)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
+    assert first == rows[:1] and not list(tmp_path.glob("*.tmp"))
     assert [(r["data"], r["channels_last"]) for r in rows] == [
         ("synthetic", False), ("synthetic", True), ("shards", False), ("shards", True),
         ("gpu_decode", False), ("gpu_decode", True)]
