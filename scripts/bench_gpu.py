@@ -192,7 +192,10 @@ def gpu_decoded_batches(args: dict, device: torch.device):
                         collation_fn=lambda samples: ([s[0] for s in samples], torch.tensor([s[1] for s in samples]))))
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=args["workers"])
     for encoded, labels in itertools.chain.from_iterable(itertools.repeat(loader)):
-        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        if device.type == "cuda":  # nvJPEG, one call per batch
+            images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        else:  # torchvision 0.19 decodes a list of JPEGs on the GPU only
+            images = [decode_jpeg(data, mode=ImageReadMode.RGB) for data in encoded]
         yield torch.stack([transform(image) for image in images]), labels
 
 
