@@ -7,7 +7,12 @@ DATA_DIR ?= data/digits
 # DataLoader worker as it forks; README, "Known problems"), else python3; `make PYTHON=...` overrides.
 PYTHON ?= $(shell sh scripts/find_python.sh)
 
-.PHONY: setup demo test test-fast bench clean
+# A second venv with the oldest versions pyproject.toml allows (uv's lowest-direct resolution:
+# torch 2.4.0, torchvision 0.19.0, accelerate 1.0.0, wandb 0.19.5, numpy 1.26, ...):
+# `make test-lowest` keeps those lower bounds true.
+LOWEST ?= .venv-lowest
+
+.PHONY: setup demo test test-fast test-lowest bench clean
 
 # torch and torchvision are resolved together from the registry by uv (a CPU-only torch wheel
 # from a local find-links would break torchvision's compiled ops). The stamp makes a second
@@ -42,6 +47,15 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not e2e"
+
+$(LOWEST)/.installed: pyproject.toml | setup
+	test -x $(LOWEST)/bin/python || $(PYTHON) -m venv $(LOWEST)
+	$(VENV)/bin/uv pip install --python $(LOWEST)/bin/python -q --resolution lowest-direct -e '.[dev]'
+	touch $@
+
+# wandb 0.19.5 has no `wandb leet`; the tests read its runs back with .venv's newer CLI.
+test-lowest: $(LOWEST)/.installed
+	LAUNCHER_TEST_WANDB=$(abspath $(VENV))/bin/wandb $(LOWEST)/bin/python -m pytest
 
 bench: setup
 	$(PY) scripts/bench_overhead.py

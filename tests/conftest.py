@@ -14,7 +14,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP_RECIPE = str(ROOT / "tests" / "recipes" / "mlp_digits.py")
-WANDB = str(Path(sys.executable).with_name("wandb"))  # the CLI installed beside this Python
+# The wandb CLI that reads runs back (`wandb leet inspect`): the one beside this Python, or
+# $LAUNCHER_TEST_WANDB. `make test-lowest` runs with wandb 0.19.5, which has no `leet`, so it
+# points this at .venv's newer CLI; it reads the older runs' files the same way.
+WANDB = os.environ.get("LAUNCHER_TEST_WANDB") or str(Path(sys.executable).with_name("wandb"))
 
 
 @pytest.fixture(scope="session")
