@@ -184,6 +184,14 @@ class SlurmCluster:
                 raise AssertionError(f"job {job_id} {what}\n{self.diagnostics(job_id, job_log)}")
             time.sleep(1)
 
+    def start_requeued(self, job_id: str) -> None:
+        """Start a requeued, PENDING job now rather than after Slurm's hold (Reason=BeginTime), but
+        not within the second of its requeue. slurmd compares whole seconds and refuses a job
+        credential issued in the same second as the one the requeue revoked: the job then fails
+        without running a line ("Killing non-startable batch JobId=N: Job credential revoked")."""
+        time.sleep(1)  # the revocation came before the caller saw the job PENDING
+        self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+
     def stop(self) -> None:
         """Cancel what is still queued or running (a failed test's job would go on using the CPUs
         after the daemons are gone), then stop the daemons."""
