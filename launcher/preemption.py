@@ -40,7 +40,13 @@ class StopSignals:
         if world_size > 1 and dist.get_backend() != "gloo":
             self.group = dist.new_group(backend="gloo")  # CPU flag: no device sync per step
         self.world_size = world_size
-        self.pending = None  # (work, flag): the all-reduce the previous call started
+        # One flag for every all-reduce, held here for the life of this object. gloo's worker
+        # thread drops its reference to a finished all-reduce a moment after wait() returns; a
+        # tensor whose last reference goes there needs the GIL to free, and older torch (2.4 here;
+        # pytorch#154976 changed it in 2025) holds the GIL while destroy_process_group joins that
+        # thread: both wait forever.
+        self.flag = torch.zeros(1, dtype=torch.int64)
+        self.pending = None  # the all-reduce the previous call started
 
     def _record(self, signum, frame) -> None:
         self.received = signum  # nothing else: the loop acts at a step boundary
@@ -54,9 +60,8 @@ class StopSignals:
         signum = self.drain()
         if signum:
             return signum
-        flag = torch.tensor([self.received], dtype=torch.int64)
-        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
-        self.pending = (work, flag)
+        self.flag.fill_(self.received)
+        self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         return self.drain() if now else 0
 
     def drain(self) -> int:
@@ -64,10 +69,9 @@ class StopSignals:
         before the process group goes away."""
         if self.pending is None:
             return 0
-        work, flag = self.pending
-        self.pending = None
+        work, self.pending = self.pending, None
         work.wait()
-        return int(flag.item())
+        return int(self.flag.item())
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():

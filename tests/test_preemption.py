@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -49,3 +51,25 @@ def test_every_rank_sees_one_ranks_signal_at_the_same_boundary(tmp_path):
         "epoch end (now)": signal.SIGUSR1,
         "drained after now": 0,
     }
+
+
+def _check_then_leave(rank: int, out: str, rounds: int) -> None:
+    for i in range(rounds):
+        dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous-{i}", rank=rank, world_size=2)
+        signals = StopSignals(world_size=2)
+        signals.agreed(now=True)  # its all-reduce has just finished...
+        signals.restore()
+        dist.destroy_process_group()  # ...when the process group goes away
+
+
+def test_the_process_group_can_go_away_right_after_a_check(tmp_path):
+    # With a new flag tensor per check, torch 2.4 (make test-lowest) froze here within a few rounds:
+    # gloo's worker thread freed the last tensor, waiting for the GIL that destroy_process_group held
+    # while it joined that thread.
+    ranks = mp.spawn(_check_then_leave, args=(str(tmp_path), 40), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    while not ranks.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("a rank still hangs in destroy_process_group after 120 s")
