@@ -9,6 +9,7 @@ import os
 
 import accelerate.optimizer
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
 
@@ -66,14 +67,28 @@ if hasattr(accelerate.optimizer, "is_lomo_available"):
     accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
 
 
-def replica_checksums(accelerator: Accelerator, model: torch.nn.Module) -> list[str]:
-    """A short hash of this rank's parameters, gathered from every rank (a collective)."""
-    digest = hashlib.sha256()
-    for tensor in replica_tensors(accelerator.unwrap_model(model)):
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    mine = torch.tensor(list(digest.digest()[:8]), dtype=torch.int64, device=accelerator.device)
-    everyone = accelerator.gather(mine.unsqueeze(0)).cpu().tolist()
-    return [bytes(row).hex() for row in everyone]
+class ReplicaChecksums:
+    """A short hash of each rank's parameters, from every rank: what `replicas.json` records."""
+
+    def __init__(self, device: torch.device, world_size: int):
+        # Gathered into tensors held for the life of this object, not temporaries, as in
+        # StopSignals: on older torch (2.4 here), a tensor that gloo's worker thread frees just as
+        # the process group goes away (the run's end, right after this gather) deadlocks the rank.
+        self.world_size = world_size
+        self.mine = torch.zeros(8, dtype=torch.int64, device=device)
+        self.everyone = [torch.zeros_like(self.mine) for _ in range(world_size)]
+
+    def __call__(self, model: torch.nn.Module) -> list[str]:
+        """A collective: every rank calls it with its (unwrapped) model."""
+        digest = hashlib.sha256()
+        for tensor in replica_tensors(model):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        self.mine.copy_(torch.tensor(list(digest.digest()[:8]), dtype=torch.int64))
+        if self.world_size > 1:
+            dist.all_gather(self.everyone, self.mine)
+        else:
+            self.everyone[0].copy_(self.mine)
+        return [bytes(row.tolist()).hex() for row in self.everyone]
 
 
 def rewrap_ddp(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:

@@ -28,7 +28,7 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from launcher.config import ConfigError, RunStopped, TrainConfig
-from launcher.distributed import build_accelerator, replica_checksums, rewrap_ddp
+from launcher.distributed import ReplicaChecksums, build_accelerator, rewrap_ddp
 from launcher.data import DataError, SplitLoader, Synthetic
 from launcher.layout import Position, derive_seed, tally_errors
 from launcher.modeling import init_weights, model_summary
@@ -175,6 +175,7 @@ class Trainer:
         self.wandb_run_id: str | None = None
         self.tracker = Tracker(acc, cfg)
         self.signals = StopSignals(self.world)
+        self.replica_checksums = ReplicaChecksums(acc.device, self.world)
         self.unreadable_total = 0  # training and validation samples skipped as unreadable, all ranks
         self.elapsed_before = 0.0  # seconds of training before this process (earlier runs, when resumed)
         self.started = time.perf_counter()
@@ -616,7 +617,7 @@ class Trainer:
         acc.save_model(self.model, cfg.output_dir)  # model.safetensors, main process only
         if self.ema is not None and acc.is_main_process:
             safetensors.torch.save_model(self.ema.module, os.path.join(cfg.output_dir, "model_ema.safetensors"))
-        checksums = replica_checksums(self.accelerator, self.model)
+        checksums = self.replica_checksums(acc.unwrap_model(self.model))
         summary = {**self._summary(), "replicas_identical": len(set(checksums)) == 1}
         if acc.is_main_process:
             write_json(cfg.output_dir, "replicas.json",

@@ -39,6 +39,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_or_fail(fn, args: tuple, nprocs: int = 2, timeout: float = 120) -> None:
+    """torch.multiprocessing.spawn, killing every rank and failing if they are not done in `timeout`
+    seconds (a hang in a collective or in destroy_process_group would otherwise hold the suite)."""
+    import torch.multiprocessing as mp
+
+    ranks = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
+    while not ranks.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"a rank of {fn.__name__} still runs after {timeout} s")
+
+
 def child_env() -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true")
     env.pop("WANDB_API_KEY", None)

@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
-import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import spawn_or_fail
 from launcher.preemption import StopSignals
 
 
@@ -66,10 +65,4 @@ def test_the_process_group_can_go_away_right_after_a_check(tmp_path):
     # With a new flag tensor per check, torch 2.4 (make test-lowest) froze here within a few rounds:
     # gloo's worker thread freed the last tensor, waiting for the GIL that destroy_process_group held
     # while it joined that thread.
-    ranks = mp.spawn(_check_then_leave, args=(str(tmp_path), 40), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not ranks.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in ranks.processes:
-                process.kill()
-            pytest.fail("a rank still hangs in destroy_process_group after 120 s")
+    spawn_or_fail(_check_then_leave, (str(tmp_path), 40))
