@@ -63,8 +63,7 @@ def run(processes: int, args: dict, out: str) -> float:
 
 
 def plain_worker(rank: int, world: int, port: int, args: dict, results) -> None:
-    """One process of a hand-written DDP loop: the same model, batch, AdamW and normalisation.
-    `world` 0: a process on its own, no process group (run beside others, it shares only the machine)."""
+    """One process of a hand-written DDP loop: the same model, batch, AdamW and normalisation."""
     import time
 
     import torch
@@ -108,7 +107,7 @@ def plain_run(processes: int, args: dict, ddp: bool = True) -> float:
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
     port = free_port()
-    world = processes if ddp else 0
+    world = processes if ddp else 1  # each process a world of its own: no process group
     workers = [context.Process(target=plain_worker, args=(rank, world, port, args, results))
                for rank in range(processes)]
     for worker in workers:

@@ -108,7 +108,8 @@ def test_cpu_scaling_benchmark_runs_both_sides(tmp_path):
     assert row["plain_ratio"] == pytest.approx(row["plain_two"] / (2 * row["plain_one"])) and row["plain_one"] > 0
     assert row["apart_ratio"] == pytest.approx(row["apart_two"] / (2 * row["plain_one"])) and row["apart_two"] > 0
     assert (f"= {report['median']:.3f} through the launcher, {report['plain_median']:.3f} in a plain DDP loop, "
-            f"{report['apart_median']:.3f} for two independent plain loops side by side") in result.stdout
+            f"{report['apart_median']:.3f} for two independent plain loops side by side, no communication "
+            "(this machine's ceiling; medians of 1; target >= 0.85)") in result.stdout
 
 
 @pytest.mark.parametrize("hook", ["fp16", "bf16"])
