@@ -1,23 +1,31 @@
 """Training throughput on one device: the launcher side by side with a plain hand-written loop.
 
     python scripts/bench_gpu.py                       # ResNet-50, 224 px, batch 256: for a GPU
+    python scripts/bench_gpu.py --recipe=recipes/resnet_pretrain --data_dir=data/digits   # the demo's recipe
     python scripts/bench_gpu.py --arch=resnet18 --image_size=32 --batch_size=8 --steps=6 --warmup=2 \\
         --images=64 --compile=False --precision=no    # small enough for a CPU (the test runs this)
 
-For every combination of --data (synthetic, shards, gpu_decode), --compile, --precision (no,
-bf16) and --channels_last, it runs, one right after the other:
-- the launcher: `python -m launcher recipes/resnet_bench` (subprocess, the real CLI) with the
-  matching fields (`--synthetic_data`, `--data_on_gpu` for gpu_decode, `--compile`,
-  `--mixed_precision`, `--channels_last`), img/s from its metrics.jsonl windows after the warm-up;
-- a plain loop: the same model, AdamW, cross-entropy, autocast, channels_last and
-  `model.compile()`, fed by a plain webdataset + DataLoader pipeline with the same transforms in
-  the workers (shards), or with workers reading bytes only and `decode_jpeg(device=...)` plus the
-  transforms on the device (gpu_decode), or, synthetic, one fixed pinned batch copied to the
-  device each step, as the launcher does.
+--recipe is any recipe whose training split is `Shards` (default recipes/resnet_bench: a
+torchvision model on JPEG shards); --arch, --image_size, --batch_size, --classes and --data_dir
+override its fields of those names (num_classes for --classes) and, left out, keep the
+recipe's. For every combination of --data (synthetic, shards, gpu_decode), --compile,
+--precision (no, bf16) and --channels_last, it runs, one right after the other:
+- the launcher: `python -m launcher RECIPE` (subprocess, the real CLI) with the matching fields
+  (`--synthetic_data`, `--data_on_gpu` for gpu_decode, `--compile`, `--mixed_precision`,
+  `--channels_last`), img/s from its metrics.jsonl windows after the warm-up;
+- a plain loop: the recipe's model, AdamW, cross-entropy (gradients clipped where the recipe
+  sets max_grad_norm), autocast, channels_last and `model.compile()`, fed by a plain webdataset
+  + DataLoader pipeline over the same shards with the recipe's per-sample transform in the
+  workers (shards), or with workers reading bytes only and the images decoded on the device
+  (`decode_jpeg(device=...)`; other formats on the host, as the launcher does) and transformed
+  there (gpu_decode), or, synthetic, one batch read once and copied to the device each step
+  from pinned memory; the recipe's batch transform on the device in all three.
 It prints img/s of both, launcher / plain, real shards / synthetic, and model FLOPs utilisation
 (3 x forward FLOPs per image, counted by torch.utils.flop_counter, over the device's peak; pass
---peak_tflops where the device is not in PEAK_TFLOPS). The shards are `images` JPEG crops of
-scikit-learn's two sample photos (real JPEG decoding, offline), written once to --data_dir.
+--peak_tflops where the device is not in PEAK_TFLOPS). For recipes/resnet_bench, the shards are
+`images` JPEG crops of scikit-learn's two sample photos (real JPEG decoding, offline), written
+once to --data_dir (default: a temporary directory); the demo's shards come from
+`python scripts/make_demo_data.py --out data/digits` (or `make demo`).
 `--out=FILE` writes the rows as JSON after each one, so a job stopped by its time limit keeps
 what it measured. All 24 settings take long on a GPU (each compiled run compiles twice: launcher
 and plain loop); the targets need only bf16 with channels-last, which one job can run first:
@@ -41,12 +49,17 @@ import fire
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from launcher.presets import normalize, train_transform  # noqa: E402
+from launcher.config import ConfigError, TrainConfig, apply_overrides  # noqa: E402
+from launcher.data import Shards  # noqa: E402
+from launcher.device_decode import JPEG_MAGIC  # noqa: E402
+from launcher.recipe import Recipe, load_recipe  # noqa: E402
+from launcher.shard_index import read_index  # noqa: E402
 from launcher.shards import write_shards  # noqa: E402
+
+DEFAULT_RECIPE = os.path.join(ROOT, "recipes", "resnet_bench.py")
 
 # Dense peak TFLOP/s by device name fragment: (bf16 tensor cores, fp32 with TF32 convolutions).
 PEAK_TFLOPS = {"H200": (989.0, 494.0), "H100": (989.0, 494.0), "A100": (312.0, 156.0), "L4": (121.0, 60.0)}
@@ -76,12 +89,13 @@ def make_shards(out: str, images: int, size: int, classes: int, seed: int = 0) -
     return out
 
 
-def forward_flops(arch: str, image_size: int, classes: int) -> float:
+def forward_flops(recipe: Recipe, cfg: TrainConfig, shape: tuple[int, ...]) -> float:
+    """FLOPs of one forward pass of the recipe's model on one input of `shape`."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = torchvision.models.get_model(arch, weights=None, num_classes=classes).eval()
+    model = recipe.build_model(cfg).eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.zeros(1, 3, image_size, image_size))
+        model(torch.zeros(1, *shape))
     return float(counter.get_total_flops())
 
 
@@ -100,9 +114,8 @@ def peak_flops(device: torch.device, precision: str, override: float) -> float |
 def launcher_run(setting: dict, args: dict, out: str) -> float:
     """img/s of the real CLI: the median of its logged windows after the warm-up."""
     log_every = max(1, args["steps"] // 4)
-    command = [sys.executable, "-m", "launcher", os.path.join(ROOT, "recipes", "resnet_bench.py"),
-               f"--data_dir={args['data_dir']}", f"--arch={args['arch']}", f"--image_size={args['image_size']}",
-               f"--num_classes={args['classes']}", f"--batch_size={args['batch_size']}",
+    command = [sys.executable, "-m", "launcher", args["recipe"],
+               *[f"--{name}={value}" for name, value in args["overrides"].items()],
                f"--num_workers={args['workers']}", f"--max_steps={args['warmup'] + args['steps']}",
                "--epochs=1000", f"--log_every={log_every}", f"--output_dir={out}",
                f"--synthetic_data={setting['data'] == 'synthetic'}", f"--data_on_gpu={setting['data'] == 'gpu_decode'}",
@@ -118,23 +131,26 @@ def launcher_run(setting: dict, args: dict, out: str) -> float:
     return statistics.median(rates)
 
 
-def plain_run(setting: dict, args: dict) -> float:
-    """img/s of a loop written by hand: the same work, no launcher."""
+def plain_run(setting: dict, recipe: Recipe, cfg: TrainConfig, args: dict) -> float:
+    """img/s of a loop written by hand: the recipe's model and data, no launcher."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    model = torchvision.models.get_model(args["arch"], weights=None, num_classes=args["classes"]).to(device)
+    model = recipe.build_model(cfg).to(device)
     memory = torch.channels_last if setting["channels_last"] else torch.contiguous_format
     model = model.to(memory_format=memory)
     if setting["compile"]:
         model.compile()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    norm = normalize()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    shards = recipe.build_data(cfg).train
+    batch_transform = shards.batch_transform or (lambda images: images)
     dtype = torch.bfloat16 if setting["precision"] == "bf16" else None
-    batches = {"synthetic": synthetic_batches, "shards": shard_batches,
-               "gpu_decode": lambda a: gpu_decoded_batches(a, device)}[setting["data"]](args)
+    batches = {"synthetic": lambda: synthetic_batches(shards, cfg.batch_size),
+               "shards": lambda: shard_batches(shards, cfg.batch_size, args["workers"]),
+               "gpu_decode": lambda: gpu_decoded_batches(shards, cfg.batch_size, args["workers"], device)}
     model.train()
     start = None
-    for step, (images, labels) in enumerate(itertools.islice(batches, args["warmup"] + args["steps"])):
+    for step, (images, labels) in enumerate(itertools.islice(batches[setting["data"]](),
+                                                             args["warmup"] + args["steps"])):
         if step == args["warmup"]:
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -142,61 +158,66 @@ def plain_run(setting: dict, args: dict) -> float:
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory)
         labels = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(model(norm(images)), labels)
+            loss = F.cross_entropy(model(batch_transform(images)), labels)
         loss.backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return args["steps"] * args["batch_size"] / (time.perf_counter() - start)
+    return args["steps"] * cfg.batch_size / (time.perf_counter() - start)
 
 
-def synthetic_batches(args: dict):
-    generator = torch.Generator().manual_seed(0)
-    size = (args["batch_size"], 3, args["image_size"], args["image_size"])
-    images = torch.randint(0, 256, size, dtype=torch.uint8, generator=generator)
-    labels = torch.randint(0, args["classes"], (args["batch_size"],), generator=generator)
+def sample_pipeline(shards: Shards, batch_size: int, decode: bool):
+    """webdataset over the split's shards: batches of transformed images (decode) or of encoded bytes."""
+    import webdataset as wds
+
+    urls = read_index(shards.urls, shards.index).urls
+    images = ";".join(shards.image_keys)  # the first of these keys a sample has
+    dataset = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, empty_check=False)
+               .shuffle(shards.shuffle_buffer))
+    if decode:
+        return (dataset.decode("pil").to_tuple(images, "cls").map_tuple(shards.transform, int)
+                .batched(batch_size, partial=False))
+    as_tensor = lambda data: torch.frombuffer(bytearray(data), dtype=torch.uint8)  # noqa: E731
+    return (dataset.to_tuple(images, "cls").map_tuple(as_tensor, int)
+            .batched(batch_size, partial=False,
+                     collation_fn=lambda samples: ([s[0] for s in samples], torch.tensor([s[1] for s in samples]))))
+
+
+def repeated(loader):
+    return itertools.chain.from_iterable(itertools.repeat(loader))  # epochs back to back
+
+
+def synthetic_batches(shards: Shards, batch_size: int):
+    """One batch read once, fed every step: no I/O in the loop (pinned, so copied as the launcher's)."""
+    images, labels = next(iter(sample_pipeline(shards, batch_size, decode=True)))
+    labels = torch.as_tensor(labels)  # webdataset collates ints to numpy (a DataLoader converts them)
     if torch.cuda.is_available():
         images, labels = images.pin_memory(), labels.pin_memory()
     return itertools.repeat((images, labels))
 
 
-def shard_batches(args: dict):
-    import glob
-
-    import webdataset as wds
-
-    transform = train_transform(args["image_size"])
-    urls = sorted(glob.glob(os.path.join(args["data_dir"], "*.tar")))
-    dataset = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, empty_check=False)
-               .shuffle(256).decode("pil").to_tuple("jpg", "cls").map_tuple(transform, int)
-               .batched(args["batch_size"], partial=False))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=args["workers"],
-                                         pin_memory=torch.cuda.is_available())
-    return itertools.chain.from_iterable(itertools.repeat(loader))  # epochs back to back
+def shard_batches(shards: Shards, batch_size: int, workers: int):
+    loader = torch.utils.data.DataLoader(sample_pipeline(shards, batch_size, decode=True), batch_size=None,
+                                         num_workers=workers, pin_memory=torch.cuda.is_available())
+    return repeated(loader)
 
 
-def gpu_decoded_batches(args: dict, device: torch.device):
-    """Workers read bytes only; JPEGs decoded on `device` in one call per batch, then augmented there."""
-    import glob
+def gpu_decoded_batches(shards: Shards, batch_size: int, workers: int, device: torch.device):
+    """Workers read bytes only; the images are decoded on `device` (JPEGs in one call per batch on a
+    GPU), then transformed there."""
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-    import webdataset as wds
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    transform = train_transform(args["image_size"])
-    urls = sorted(glob.glob(os.path.join(args["data_dir"], "*.tar")))
-    dataset = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, empty_check=False)
-               .shuffle(256).to_tuple("jpg", "cls")
-               .map_tuple(lambda data: torch.frombuffer(bytearray(data), dtype=torch.uint8), int)
-               .batched(args["batch_size"], partial=False,
-                        collation_fn=lambda samples: ([s[0] for s in samples], torch.tensor([s[1] for s in samples]))))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=args["workers"])
-    for encoded, labels in itertools.chain.from_iterable(itertools.repeat(loader)):
-        if device.type == "cuda":  # nvJPEG, one call per batch
-            images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-        else:  # torchvision 0.19 decodes a list of JPEGs on the GPU only
-            images = [decode_jpeg(data, mode=ImageReadMode.RGB) for data in encoded]
-        yield torch.stack([transform(image) for image in images]), labels
+    loader = torch.utils.data.DataLoader(sample_pipeline(shards, batch_size, decode=False), batch_size=None,
+                                         num_workers=workers)
+    for encoded, labels in repeated(loader):
+        if device.type == "cuda" and all(bytes(data[:3].tolist()) == JPEG_MAGIC for data in encoded):
+            images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)  # nvJPEG, one call per batch
+        else:  # on the host, one by one: other formats, and a CPU (torchvision 0.19 batches JPEGs on a GPU only)
+            images = [decode_image(data, mode=ImageReadMode.RGB).to(device, non_blocking=True) for data in encoded]
+        yield torch.stack([shards.transform(image) for image in images]), labels
 
 
 def save(path: str, report: dict) -> None:
@@ -212,32 +233,61 @@ def settings(data, compile, precision, channels_last) -> list[dict]:
             for d, c, p, cl in itertools.product(as_list(data), as_list(compile), as_list(precision), as_list(channels_last))]
 
 
-def main(arch: str = "resnet50", image_size: int = 224, batch_size: int = 256, steps: int = 40, warmup: int = 15,
-         images: int = 8192, classes: int = 1000, workers: int = 0, data=("synthetic", "shards", "gpu_decode"),
+def configure(recipe_spec: str, overrides: dict, images: int) -> tuple[Recipe, TrainConfig, dict]:
+    """The recipe, its config with `overrides` applied as the CLI applies them, and the overrides to
+    pass on; for recipes/resnet_bench, JPEG shards are written to its data_dir unless already there."""
+    try:
+        recipe = load_recipe(recipe_spec)
+        cfg = apply_overrides(recipe.default_config(), overrides)
+        if recipe.name == "resnet_bench":  # its JPEG shards, written once where they go
+            directory = overrides.get("data_dir") or os.path.join(tempfile.gettempdir(),
+                                                                  f"bench_gpu_{cfg.image_size}_{images}")
+            overrides = {**overrides, "data_dir": make_shards(directory, images, round(cfg.image_size * 1.15),
+                                                                cfg.num_classes)}
+            cfg = apply_overrides(cfg, {"data_dir": overrides["data_dir"]})
+        train = recipe.build_data(cfg).train
+        if not isinstance(train, Shards):
+            raise ConfigError(f"recipe {recipe.name}'s training split is a {type(train).__name__} dataset, not Shards; "
+                              "the plain loop reads WebDataset shards, so pick a recipe whose build_data gives Shards")
+        read_index(train.urls, train.index)  # missing shards: one line here, before anything runs
+    except ConfigError as error:
+        raise SystemExit(f"bench_gpu.py: {error}") from None
+    return recipe, cfg, overrides
+
+
+def main(recipe: str = DEFAULT_RECIPE, arch: str | None = None, image_size: int | None = None,
+         batch_size: int | None = None, classes: int | None = None, steps: int = 40, warmup: int = 15,
+         images: int = 8192, workers: int = 0, data=("synthetic", "shards", "gpu_decode"),
          compile=(False, True), precision=("no", "bf16"), channels_last=(False, True), data_dir: str = "",
          peak_tflops: float = 0.0, out: str = "") -> None:
     workers = workers or max(1, min(16, (os.cpu_count() or 2) - 2))
-    data_dir = make_shards(data_dir or os.path.join(tempfile.gettempdir(), f"bench_gpu_{image_size}_{images}"),
-                           images, round(image_size * 1.15), classes)
-    args = dict(arch=arch, image_size=image_size, batch_size=batch_size, steps=steps, warmup=warmup,
-                classes=classes, workers=workers, data_dir=data_dir)
+    given = {"arch": arch, "image_size": image_size, "batch_size": batch_size, "num_classes": classes,
+             "data_dir": data_dir and os.path.abspath(data_dir)}
+    out = out and os.path.abspath(out)
+    recipe = os.path.abspath(recipe) if "/" in recipe or recipe.endswith(".py") else recipe
+    os.chdir(ROOT)  # both sides read a recipe's relative paths (data/digits) from the repository, as `make demo`
+    found, cfg, overrides = configure(recipe, {k: v for k, v in given.items() if v not in (None, "")}, images)
+    args = dict(recipe=found.source_path, overrides=overrides, steps=steps, warmup=warmup, workers=workers)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    train_flops = 3 * forward_flops(arch, image_size, classes)
-    print(f"{arch} {image_size}px, batch {batch_size}, {steps} timed steps after {warmup}, {workers} workers, on {name}")
+    shape = tuple(next(iter(sample_pipeline(found.build_data(cfg).train, 1, decode=True)))[0].shape[1:])
+    train_flops = 3 * forward_flops(found, cfg, shape)
+    model_name = getattr(cfg, "arch", found.name)
+    print(f"{found.name} ({model_name}, inputs {shape}), batch {cfg.batch_size}, {steps} timed steps after "
+          f"{warmup}, {workers} workers, on {name}")
     print(f"{'data':<10} {'compile':<8} {'precision':<9} {'ch_last':<8} {'launcher img/s':>15} {'plain img/s':>12} "
           f"{'ratio':>6} {'MFU':>6}")
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for i, setting in enumerate(settings(data, compile, precision, channels_last)):
             ours = launcher_run(setting, args, os.path.join(scratch, f"run{i}"))
-            plain = plain_run(setting, args)
+            plain = plain_run(setting, found, cfg, args)
             peak = peak_flops(device, setting["precision"], peak_tflops)
             mfu = ours * train_flops / peak if peak else None
             rows.append({**setting, "launcher": ours, "plain": plain, "ratio": ours / plain, "mfu": mfu})
             if out:  # after every row: a run stopped by a job's time limit keeps what it measured
-                save(out, {"device": name, "arch": arch, "image_size": image_size, "batch_size": batch_size,
-                           "rows": rows})
+                save(out, {"device": name, "recipe": found.name, "arch": model_name, "input_shape": list(shape),
+                           "batch_size": cfg.batch_size, "rows": rows})
             print(f"{setting['data']:<10} {str(setting['compile']):<8} {setting['precision']:<9} "
                   f"{str(setting['channels_last']):<8} {ours:>15.1f} {plain:>12.1f} {ours / plain:>6.3f} "
                   + (f"{100 * mfu:>5.1f}%" if mfu is not None else f"{'-':>6}"), flush=True)

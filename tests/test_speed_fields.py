@@ -94,6 +94,36 @@ def test_gpu_benchmark_runs_at_a_cpu_size(tmp_path):
     assert "gpu_decode / synthetic (compile=False, no, channels_last=False): launcher" in result.stdout
 
 
+def test_gpu_benchmark_times_the_demo_recipe_on_its_own_shards(digits, tmp_path):
+    import subprocess
+
+    out = tmp_path / "demo.json"
+    result = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--recipe=recipes/resnet_pretrain",
+                             f"--data_dir={digits}", "--image_size=16", "--batch_size=16", "--steps=4", "--warmup=2",
+                             "--compile=False", "--precision=no", "--channels_last=False", "--workers=1",
+                             f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    # the recipe's model and transforms on the demo's digits: ResNet-18, greyscale PNGs made RGB at 16 px
+    assert (report["recipe"], report["arch"], report["input_shape"], report["batch_size"]) == (
+        "resnet_pretrain", "resnet18", [3, 16, 16], 16)
+    assert [r["data"] for r in report["rows"]] == ["synthetic", "shards", "gpu_decode"]
+    for row in report["rows"]:
+        assert row["launcher"] > 0 and row["plain"] > 0 and row["ratio"] == pytest.approx(row["launcher"] / row["plain"])
+    assert "resnet_pretrain (resnet18, inputs (3, 16, 16)), batch 16, 4 timed steps after 2" in result.stdout
+
+
+def test_gpu_benchmark_refuses_a_recipe_that_does_not_train_on_shards(digits):
+    import subprocess
+
+    result = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--recipe=recipes/alexnet_folder_tiny",
+                             f"--data_dir={digits / 'folder'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "bench_gpu.py: recipe alexnet_folder_tiny's training split is a ImageFolder dataset, not Shards; the plain "
+        "loop reads WebDataset shards, so pick a recipe whose build_data gives Shards")
+
+
 def test_cpu_scaling_benchmark_runs_both_sides(tmp_path):
     import subprocess
 
