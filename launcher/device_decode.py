@@ -19,6 +19,11 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
+def is_jpeg(data: torch.Tensor) -> bool:
+    """Whether encoded image bytes (a uint8 tensor) are a JPEG, by its first three bytes."""
+    return bytes(data[:3].tolist()) == JPEG_MAGIC
+
+
 class EncodedBatch:
     """A batch of encoded images, gathered in a worker: one flat byte tensor (one shared-memory
     segment to cross to the main process, not one per image) and where each image starts."""
@@ -99,7 +104,7 @@ def decode_batch(batch: dict, transform, device: torch.device, seed_sample) -> d
 def _decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | Exception]:
     """RGB uint8 CHW tensors on `device`, or the exception for an image that would not decode.
     JPEGs go in one batched call (nvJPEG on a GPU); if it fails, one by one to find the bad ones."""
-    jpegs = [i for i, d in enumerate(data) if bytes(d[:3].tolist()) == JPEG_MAGIC]
+    jpegs = [i for i, d in enumerate(data) if is_jpeg(d)]
     images: list = [None] * len(data)
     try:
         decoded = decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=device) if jpegs else []

@@ -31,7 +31,7 @@ import fire
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from scripts.bench_gpu import make_shards  # noqa: E402
+from scripts.bench_gpu import DEFAULT_RECIPE, make_shards  # noqa: E402
 
 
 def free_port() -> int:
@@ -45,7 +45,7 @@ def run(processes: int, args: dict, out: str) -> float:
               [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(free_port()), "-m", "launcher"])
-    command = launch + [os.path.join(ROOT, "recipes", "resnet_bench.py"), f"--data_dir={args['data_dir']}",
+    command = launch + [DEFAULT_RECIPE, f"--data_dir={args['data_dir']}",
                         f"--arch={args['arch']}", f"--image_size={args['image_size']}", "--num_classes=10",
                         f"--batch_size={args['batch_size']}", "--num_workers=0", "--synthetic_data=True",
                         f"--max_steps={args['warmup'] + args['steps']}", "--epochs=1000",

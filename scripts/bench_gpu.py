@@ -54,7 +54,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from launcher.config import ConfigError, TrainConfig, apply_overrides  # noqa: E402
 from launcher.data import Shards  # noqa: E402
-from launcher.device_decode import JPEG_MAGIC  # noqa: E402
+from launcher.device_decode import is_jpeg  # noqa: E402
 from launcher.recipe import Recipe, load_recipe  # noqa: E402
 from launcher.shard_index import read_index  # noqa: E402
 from launcher.shards import write_shards  # noqa: E402
@@ -131,8 +131,8 @@ def launcher_run(setting: dict, args: dict, out: str) -> float:
     return statistics.median(rates)
 
 
-def plain_run(setting: dict, recipe: Recipe, cfg: TrainConfig, args: dict) -> float:
-    """img/s of a loop written by hand: the recipe's model and data, no launcher."""
+def plain_run(setting: dict, recipe: Recipe, cfg: TrainConfig, shards: Shards, args: dict) -> float:
+    """img/s of a loop written by hand: the recipe's model and its training `shards`, no launcher."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = recipe.build_model(cfg).to(device)
@@ -141,7 +141,6 @@ def plain_run(setting: dict, recipe: Recipe, cfg: TrainConfig, args: dict) -> fl
     if setting["compile"]:
         model.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    shards = recipe.build_data(cfg).train
     batch_transform = shards.batch_transform or (lambda images: images)
     dtype = torch.bfloat16 if setting["precision"] == "bf16" else None
     batches = {"synthetic": lambda: synthetic_batches(shards, cfg.batch_size),
@@ -213,7 +212,7 @@ def gpu_decoded_batches(shards: Shards, batch_size: int, workers: int, device: t
     loader = torch.utils.data.DataLoader(sample_pipeline(shards, batch_size, decode=False), batch_size=None,
                                          num_workers=workers)
     for encoded, labels in repeated(loader):
-        if device.type == "cuda" and all(bytes(data[:3].tolist()) == JPEG_MAGIC for data in encoded):
+        if device.type == "cuda" and all(map(is_jpeg, encoded)):
             images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)  # nvJPEG, one call per batch
         else:  # on the host, one by one: other formats, and a CPU (torchvision 0.19 batches JPEGs on a GPU only)
             images = [decode_image(data, mode=ImageReadMode.RGB).to(device, non_blocking=True) for data in encoded]
@@ -233,9 +232,10 @@ def settings(data, compile, precision, channels_last) -> list[dict]:
             for d, c, p, cl in itertools.product(as_list(data), as_list(compile), as_list(precision), as_list(channels_last))]
 
 
-def configure(recipe_spec: str, overrides: dict, images: int) -> tuple[Recipe, TrainConfig, dict]:
-    """The recipe, its config with `overrides` applied as the CLI applies them, and the overrides to
-    pass on; for recipes/resnet_bench, JPEG shards are written to its data_dir unless already there."""
+def configure(recipe_spec: str, overrides: dict, images: int) -> tuple[Recipe, TrainConfig, dict, Shards]:
+    """The recipe, its config with `overrides` applied as the CLI applies them, the overrides to pass
+    on, and its training split; for recipes/resnet_bench, JPEG shards are written to its data_dir
+    unless already there."""
     try:
         recipe = load_recipe(recipe_spec)
         cfg = apply_overrides(recipe.default_config(), overrides)
@@ -252,7 +252,7 @@ def configure(recipe_spec: str, overrides: dict, images: int) -> tuple[Recipe, T
         read_index(train.urls, train.index)  # missing shards: one line here, before anything runs
     except ConfigError as error:
         raise SystemExit(f"bench_gpu.py: {error}") from None
-    return recipe, cfg, overrides
+    return recipe, cfg, overrides, train
 
 
 def main(recipe: str = DEFAULT_RECIPE, arch: str | None = None, image_size: int | None = None,
@@ -266,11 +266,11 @@ def main(recipe: str = DEFAULT_RECIPE, arch: str | None = None, image_size: int 
     out = out and os.path.abspath(out)
     recipe = os.path.abspath(recipe) if "/" in recipe or recipe.endswith(".py") else recipe
     os.chdir(ROOT)  # both sides read a recipe's relative paths (data/digits) from the repository, as `make demo`
-    found, cfg, overrides = configure(recipe, {k: v for k, v in given.items() if v not in (None, "")}, images)
+    found, cfg, overrides, shards = configure(recipe, {k: v for k, v in given.items() if v not in (None, "")}, images)
     args = dict(recipe=found.source_path, overrides=overrides, steps=steps, warmup=warmup, workers=workers)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    shape = tuple(next(iter(sample_pipeline(found.build_data(cfg).train, 1, decode=True)))[0].shape[1:])
+    shape = tuple(next(iter(sample_pipeline(shards, 1, decode=True)))[0].shape[1:])
     train_flops = 3 * forward_flops(found, cfg, shape)
     model_name = getattr(cfg, "arch", found.name)
     print(f"{found.name} ({model_name}, inputs {shape}), batch {cfg.batch_size}, {steps} timed steps after "
@@ -281,7 +281,7 @@ def main(recipe: str = DEFAULT_RECIPE, arch: str | None = None, image_size: int 
     with tempfile.TemporaryDirectory() as scratch:
         for i, setting in enumerate(settings(data, compile, precision, channels_last)):
             ours = launcher_run(setting, args, os.path.join(scratch, f"run{i}"))
-            plain = plain_run(setting, found, cfg, args)
+            plain = plain_run(setting, found, cfg, shards, args)
             peak = peak_flops(device, setting["precision"], peak_tflops)
             mfu = ours * train_flops / peak if peak else None
             rows.append({**setting, "launcher": ours, "plain": plain, "ratio": ours / plain, "mfu": mfu})
