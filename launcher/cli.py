@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_command(argv)
     except ConfigError as error:
+        frames = getattr(error, "frames", "")  # a recipe function's own traceback (launcher/preflight.py)
+        if frames:
+            print("Traceback of the recipe's code (most recent call last):\n" + frames.rstrip(), file=sys.stderr)
         print(f"launcher: error: {one_line(error)}", file=sys.stderr)
         _leave_process_group()
         sys.exit(2)

@@ -47,7 +47,8 @@ class TrainConfig:
     wandb_group: str = ""  # wandb group, to compare related runs together
     wandb_tags: tuple[str, ...] = ()  # wandb tags
     wandb_notes: str = ""  # wandb notes: what this run tries
-    log_images: int = 16  # validation images (with prediction and label) logged to wandb per evaluation
+    trackers: tuple[str, ...] = ("wandb",)  # experiment trackers: wandb, tensorboard (OUTPUT_DIR/tensorboard); metrics.jsonl always
+    log_images: int = 16  # validation images (with prediction and label) logged to wandb per evaluation (image classifiers)
     optimizer: Literal["adamw", "adam", "sgd", "rmsprop", "adagrad"] = "adamw"  # torch.optim optimizer, unless the recipe's schedule names one
     momentum: float = 0.9  # sgd and rmsprop momentum
     nesterov: bool = False  # sgd: Nesterov momentum
@@ -79,8 +80,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # also checkpoint every N optimizer steps, mid-epoch included (0: epoch ends only)
     checkpoint_epoch_end: bool = True  # checkpoint at each epoch end (after evaluation)
     keep_checkpoints: int = 3  # keep the newest K checkpoints, plus the best one (0: keep all)
-    best_metric: str = "val/top1"  # evaluation metric that picks the best checkpoint (val/top1 or val/loss)
-    best_mode: Literal["max", "min"] = "max"  # whether a higher or lower best_metric is better
+    best_metric: str = ""  # evaluation metric that picks the best checkpoint ("": the task's, val/top1 for classifiers, else val/loss)
+    best_mode: Literal["auto", "max", "min"] = "auto"  # whether a higher or lower best_metric is better (auto: max for accuracies and r2, min otherwise)
     nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/Inf loss or gradient: stop with an error, or skip the step and count it
     max_corrupt_fraction: float = 0.01  # stop when more than this fraction of an epoch's samples is unreadable
     channels_last: bool = False  # model weights and input batches in channels-last memory layout (faster convolutions on GPUs)

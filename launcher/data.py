@@ -28,61 +28,84 @@ ranks (no padding, no drop).
 from __future__ import annotations
 
 import collections
-import io
 import itertools
-import math
 import random
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy
 import torch
-from PIL import Image
+import torch.utils._pytree as pytree
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, default_collate
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset
 from torch.utils.data.distributed import DistributedSampler
 
+from launcher.batch import Batch, BatchBuilder, BufferRing, Collate, DataError, collate  # noqa: F401 - DataError re-exported
 from launcher.config import ConfigError
+from launcher.decoders import IMAGE_EXTENSIONS, image_label
 from launcher.device_decode import EncodedBatch, decode_batch
 from launcher.layout import EpochLayout, EpochLayouts, Position, WorkerShare, derive_seed
 from launcher.shard_index import read_index  # noqa: F401 - re-exported
 from launcher.tar_reader import shard_samples
 
 
-class DataError(ConfigError):
-    """The data cannot be trained on (too many corrupt samples, a share with nothing readable)."""
-
-
 @dataclass
 class Shards:
-    """A split stored as WebDataset tar shards, each sample an image and its `cls` label."""
+    """A split stored as WebDataset tar shards. By default each sample is an image and its `cls`
+    label, `(transform(image), label)`; `decode` reads any other sample (launcher.decoders)."""
 
     urls: str | Sequence[str]  # paths, brace patterns, `pipe:` commands, or a directory with index.json
-    transform: Callable[[Image.Image], torch.Tensor]  # decoded PIL image -> input tensor (uint8 keeps batches small)
-    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None  # on the device, per batch (e.g. uint8 -> normalized float)
+    transform: Callable | None = None  # per sample in the workers: the image (default decode; uint8 keeps batches small), or the decoded sample
+    batch_transform: Callable | None = None  # on the device, per batch (e.g. uint8 -> normalized float): a pair's inputs, else the batch
     shuffle_buffer: int = 1000  # samples held for shuffling (training only)
-    image_keys: Sequence[str] = ("png", "jpg", "jpeg", "webp")  # first present one is the image
+    image_keys: Sequence[str] = IMAGE_EXTENSIONS  # default decode: the first present one is the image
     index: str = ""  # index.json for remote (`pipe:`) shards; local shards use the one beside them
+    decode: Callable[[dict], Any] | None = None  # raw sample (extension -> bytes) -> sample; None: image and cls
+
+    @property
+    def decoder(self) -> Callable[[dict], Any]:
+        return self.decode or image_label(self.image_keys)
+
+    @property
+    def images(self) -> bool:
+        """Samples are (image, label) pairs from the default decoder (what --data_on_gpu decodes)."""
+        return self.decode is None or getattr(self.decode, "is_image", False)
+
+    def prepare(self, sample: dict) -> Any:
+        """The decoded, transformed sample of a raw one (raises what decode or transform raise)."""
+        value = self.decoder(sample)
+        if self.transform is None:
+            return value
+        if self.images:
+            image, label = value
+            return self.transform(image), label
+        return self.transform(value)
 
 
 @dataclass
 class Synthetic:
-    """Random inputs of one shape, generated once and served every batch: no files, no decoding, so a
-    run measures the training step alone (`--synthetic_data` swaps a recipe's splits for these)."""
+    """Random batches with the structure, shapes and dtypes of a real batch, generated once and
+    served every step: no files, no decoding, so a run measures the training step alone
+    (`--synthetic_data` swaps a recipe's splits for these). Integer fields (labels, token ids) are
+    drawn between the real batch's least and greatest values, so they stay valid."""
 
-    shape: Sequence[int]  # one input, e.g. (3, 224, 224)
-    num_classes: int
+    example: Any  # a collated real batch
     length: int  # samples per epoch
-    dtype: torch.dtype = torch.uint8
-    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None  # on the device, per batch
+    batch_transform: Callable | None = None  # on the device, per batch
 
-    def batch(self, size: int, seed: int) -> dict:
+    def batch(self, size: int, seed: int) -> Batch:
         generator = torch.Generator().manual_seed(seed)
-        shape = (size, *self.shape)
-        inputs = (torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8).to(self.dtype)
-                  if self.dtype == torch.uint8 else torch.randn(shape, generator=generator).to(self.dtype))
-        targets = torch.randint(0, self.num_classes, (size,), generator=generator)
-        return {"inputs": inputs, "targets": targets, "keys": [], "errors": [], "repeated": 0}
+
+        def draw(leaf):
+            if not isinstance(leaf, torch.Tensor):
+                return leaf
+            shape = (size, *leaf.shape[1:])
+            if leaf.is_floating_point():
+                return torch.randn(shape, generator=generator).to(leaf.dtype)
+            low, high = (int(leaf.min()), int(leaf.max())) if leaf.numel() else (0, 1)
+            return torch.randint(low, high + 1, shape, generator=generator).to(leaf.dtype)
+
+        return Batch(data=pytree.tree_map(draw, self.example), size=size)
 
 
 @dataclass
@@ -92,7 +115,8 @@ class DataSpec:
     train: Shards | Dataset
     val: Shards | Dataset | None = None
     classes: Sequence[str] | None = None  # class names; None: from the shard index or the dataset's .classes
-    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None  # per batch on the device, for Dataset splits
+    batch_transform: Callable | None = None  # per batch on the device, for Dataset splits: a pair's inputs, else the batch
+    collate: Collate | None = None  # list of samples -> batch, in the workers (e.g. padding); None: default_collate
 
 
 def image_folder(root: str, transform: Callable | None = None) -> Dataset:
@@ -119,15 +143,16 @@ class ShardStream(IterableDataset):
 
     def __init__(self, layouts: Callable[[int], EpochLayout], spec: Shards, *, rank: int, seed: int,
                  training: bool, epoch: int | torch.Tensor, start: Position | None = None, encoded: bool = False,
-                 released: torch.Tensor | None = None, ring: int = 0):
+                 released: torch.Tensor | None = None, ring: int = 0, collate_fn: Collate | None = None):
         self.layouts, self.spec, self.epoch_source = layouts, spec, epoch
+        self.collate_fn = collate_fn
         self.rank, self.seed, self.training = rank, seed, training
         self.start = start
         self.encoded = encoded  # pass images on undecoded (decoded on the device: launcher/device_decode.py)
-        self.released, self.ring = released, ring  # see _BufferRing; ring 0: a new buffer per batch
-        self._buffers: _BufferRing | None = None  # made in each worker, kept by persistent ones
+        self.released, self.ring = released, ring  # see BufferRing; ring 0: a new buffer per batch
+        self._buffers: BufferRing | None = None  # made in each worker, kept by persistent ones
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[Batch]:
         layout = self.layouts(int(self.epoch_source))
         self.shares, self.batch_size, self.epoch = layout.ranks[self.rank], layout.batch_size, layout.epoch
         start = self.start if self.start is not None and self.start.epoch == self.epoch else Position(self.epoch)
@@ -137,16 +162,18 @@ class ShardStream(IterableDataset):
         # with the worker that was next when the position was taken.
         offset = start.next_worker([s.batches for s in self.shares]) if self.training else 0
         if info and self.ring and self.released is not None and self._buffers is None:
-            self._buffers = _BufferRing(self.ring, self.released, slot)
+            self._buffers = BufferRing(self.ring, self.released, slot)
         batches = self._batches((slot + offset) % len(self.shares), start)
         yield from batches if info else _keeping_rngs(batches)
 
-    def _batches(self, worker: int, start: Position) -> Iterator[dict]:
+    def _batches(self, worker: int, start: Position) -> Iterator[Batch]:
         share = self.shares[worker]
         done, first_pass, skip = start.workers.get(worker, [0, 0, 0])
         if self.training and done >= share.batches:
             return
-        batch = EncodedBatch(worker, self.batch_size) if self.encoded else _BatchBuilder(worker, self.batch_size, self._buffers)
+        batch = (EncodedBatch(worker, self.batch_size) if self.encoded else
+                 BatchBuilder(worker, self.batch_size, self._buffers, self.collate_fn))
+        reasons: list[str] = []  # the first few, for the error when nothing is readable
         for repeat in itertools.count(first_pass) if self.training else range(1):
             usable = 0
             for n, sample, errors in self._pass(share, worker, repeat):
@@ -158,9 +185,11 @@ class ShardStream(IterableDataset):
                 reported += errors
                 item = self._decode(sample, repeat, reported) if sample is not None else None
                 if item is None:
+                    if reported and len(reasons) < 3:
+                        reasons.append(reported[-1]["reason"])
                     continue
                 usable += 1
-                batch.add(item, repeated=repeat > 0)
+                batch.add(*item, repeated=repeat > 0)
                 if batch.count == self.batch_size:
                     done += 1
                     yield batch.emit(done, [repeat, n + 1])
@@ -168,8 +197,9 @@ class ShardStream(IterableDataset):
                         return
             if self.training and usable == 0:
                 shown = ", ".join(share.shards[:3]) + (" ..." if len(share.shards) > 3 else "")
-                raise DataError(f"no readable sample in {shown} (rank {self.rank}, worker {worker}); "
-                                "check or rewrite these shards")
+                raise DataError(f"no readable sample in {shown} (rank {self.rank}, worker {worker}); first "
+                                f"reasons: {'; '.join(dict.fromkeys(reasons)) or 'none given'}. Check the "
+                                "shards, or the split's decode and transform")
         if batch.count or batch.errors:  # validation: the last, partial batch
             yield batch.emit(done, [0, 0])
 
@@ -200,24 +230,21 @@ class ShardStream(IterableDataset):
             yield n + 1, None, list(pending)
 
     def _decode(self, sample: dict, repeat: int, errors: list) -> tuple | None:
-        """(input, label, key), or with `encoded` (bytes, label, key, shard, augmentation seed); None if unreadable."""
+        """(sample, key), or with `encoded` ((bytes, label, key, shard, augmentation seed),); None if unreadable.
+        A sample whose decode or transform raises is unreadable: skipped and counted."""
         key, url = sample.get("__key__"), sample.get("__url__")
-        image_key = next((k for k in self.spec.image_keys if k in sample), None)
         try:
-            if image_key is None or "cls" not in sample:
-                raise ValueError(f"no image ({'/'.join(self.spec.image_keys)}) or no cls")
-            label = int(sample["cls"])
             if self.encoded:
+                decoder = self.spec.decoder
+                image_key = decoder.image_key(sample)
                 seed = derive_seed(self.seed, "augment", self.epoch, key, repeat) if self.training else None
-                return sample[image_key], label, key, url, seed
-            image = Image.open(io.BytesIO(sample[image_key]))
-            image.load()
-        except Exception as error:  # noqa: BLE001 - PIL raises many types for bad bytes
+                return ((sample[image_key], int(sample[decoder.label]), key, url, seed),)
+            if self.training:
+                seed_augmentation(derive_seed(self.seed, "augment", self.epoch, key, repeat))
+            return self.spec.prepare(sample), key
+        except Exception as error:  # noqa: BLE001 - PIL and recipes' decoders raise many types for bad bytes
             errors.append({"shard": url, "key": key, "reason": _reason(error), "samples": 1})
             return None
-        if self.training:
-            seed_augmentation(derive_seed(self.seed, "augment", self.epoch, key, repeat))
-        return self.spec.transform(image), label, key
 
 
 def _reason(error: Exception) -> str:
@@ -251,7 +278,7 @@ class _kept_rngs:
             numpy.random.set_state(self.saved[2])
 
 
-def _keeping_rngs(batches: Iterator[dict]) -> Iterator[dict]:
+def _keeping_rngs(batches: Iterator[Batch]) -> Iterator[Batch]:
     """`batches`, each made inside `_kept_rngs` (a generator in the main process runs between training steps)."""
     while True:
         with _kept_rngs():
@@ -259,94 +286,6 @@ def _keeping_rngs(batches: Iterator[dict]) -> Iterator[dict]:
         if batch is None:
             return
         yield batch
-
-
-class _BatchBuilder:
-    """A batch filled sample by sample into one buffer: in a DataLoader worker, a shared-memory
-    buffer from the worker's `_BufferRing` (so it crosses to the main process without another
-    copy). Each sample's tensor is freed as soon as it is copied."""
-
-    def __init__(self, worker: int, size: int, buffers: "_BufferRing | None" = None):
-        self.worker, self.size, self.buffers = worker, size, buffers
-        self._reset()
-
-    def _reset(self) -> None:
-        self.inputs: torch.Tensor | None = None
-        self.ticket: tuple[int, int] | None = None  # (DataLoader worker, batch number) of a ring buffer
-        self.count = 0
-        self.labels: list[int] = []
-        self.keys: list[str] = []
-        self.errors: list[dict] = []
-        self.repeated = 0
-
-    def add(self, item: tuple[torch.Tensor, int, str], repeated: bool) -> None:
-        x, label, key = item
-        if self.inputs is None:
-            shape = (self.size, *x.shape)
-            if self.buffers is not None:  # in a DataLoader worker
-                self.inputs, self.ticket = self.buffers.take(shape, x)
-            else:  # in the main process (num_workers 0)
-                self.inputs = x.new_empty(shape)
-        elif x.shape != self.inputs.shape[1:] or x.dtype != self.inputs.dtype:
-            raise DataError(f"sample {key} is a {x.dtype} {tuple(x.shape)} tensor, others in its batch "
-                            f"{self.inputs.dtype} {tuple(self.inputs.shape[1:])}; make the transform "
-                            "resize or crop every image to one size")
-        self.inputs[self.count].copy_(x)
-        self.count += 1
-        self.labels.append(label)
-        self.keys.append(key)
-        self.repeated += repeated
-
-    def emit(self, worker_batches: int, position: list[int]) -> dict:
-        batch = {"inputs": self.inputs[:self.count] if self.count else None,
-                 "targets": torch.tensor(self.labels, dtype=torch.long) if self.count else None,
-                 "keys": self.keys, "errors": self.errors, "repeated": self.repeated,
-                 "worker": self.worker, "worker_batches": worker_batches, "position": position}
-        if self.ticket is not None:
-            batch["buffer"] = self.ticket
-        self._reset()
-        return batch
-
-
-def _shared_empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """As torch's default_collate does in workers: a new tensor whose storage is shared memory."""
-    storage = like._typed_storage()._new_shared(math.prod(shape), device=like.device)
-    return like.new(storage).resize_(shape)
-
-
-class _BufferRing:
-    """A DataLoader worker's batch buffers in shared memory, reused once the main process is done
-    with them. A new shared segment per batch costs the worker a kernel zero-fill of every page
-    (about 7 ms for 64 images of 224 px on a 2-core VM) and the main process a new mapping; a
-    reused one costs neither. The main process counts in `released` (shared memory, one cell per
-    worker) the batches it has finished with, in order: this worker's batch k goes into slot
-    k % len only when batch k - len has been released, and into a new buffer otherwise, so reuse
-    never waits and never overwrites a batch in use. (The ring's length is chosen in
-    `SplitLoader._data_loader` so that a consumer that drops each batch at the next one never
-    meets the fallback.)"""
-
-    def __init__(self, length: int, released: torch.Tensor, worker_id: int):
-        self.slots: list[torch.Tensor | None] = [None] * length
-        self.released, self.worker_id = released, worker_id
-        self.made = 0  # batches started over the worker's life (all epochs, with persistent workers)
-
-    def take(self, shape: tuple[int, ...], like: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        number, length = self.made, len(self.slots)
-        self.made += 1
-        slot = number % length
-        buffer = self.slots[slot]
-        if number >= length and int(self.released[self.worker_id]) <= number - length:
-            return _shared_empty(shape, like), (self.worker_id, number)  # slot still in use: once, a new one
-        if buffer is None or buffer.shape != shape or buffer.dtype != like.dtype:
-            buffer = self.slots[slot] = _shared_empty(shape, like)
-        return buffer, (self.worker_id, number)
-
-
-def collate(items: list) -> dict:
-    """A map-style dataset's batch in the form the trainer takes (as shard streams yield it)."""
-    return {"inputs": default_collate([x for x, _, _ in items]),
-            "targets": default_collate([y for _, y, _ in items]),  # class indices -> int64; or float/multi-label
-            "keys": [k for _, _, k in items], "errors": [], "repeated": 0}
 
 
 def shuffle_buffer(samples: Iterable, size: int, rng: random.Random) -> Iterator:
@@ -402,8 +341,7 @@ class KeyedDataset(Dataset):
         return len(self.dataset)
 
     def _item(self, i: int):
-        x, y = self.dataset[i][:2]
-        return x, y, str(i)
+        return self.dataset[i], str(i)
 
     @staticmethod
     def _seed(i: int, base_seed: int) -> int:
@@ -426,8 +364,20 @@ class KeyedDataset(Dataset):
         return items
 
 
+class MapCollate:
+    """A map-style dataset's batch: its (sample, key) items collated (by the recipe's function, or
+    default_collate) into a `Batch`, as shard streams yield it."""
+
+    def __init__(self, collate_fn: Collate | None = None):
+        self.collate_fn = collate_fn
+
+    def __call__(self, items: list) -> Batch:
+        return Batch(data=collate([sample for sample, _ in items], self.collate_fn), size=len(items),
+                     keys=[key for _, key in items])
+
+
 class _BufferReturns:
-    """Hands workers' ring buffers (`_BufferRing`) back: a buffer goes back to its worker once
+    """Hands workers' ring buffers (`BufferRing`) back: a buffer goes back to its worker once
     nothing in this process refers to its memory (a kept batch, a view or a numpy array of it all
     hold it), in each worker's order; so a consumer may keep batches (`list()`), at the cost of new
     buffers while it does. It lives as long as its DataLoader: a persistent one's last batches of
@@ -437,14 +387,15 @@ class _BufferReturns:
         self.released = torch.zeros(workers, dtype=torch.int64).share_memory_()  # per worker, read by it
         self.waiting: dict[int, collections.deque] = collections.defaultdict(collections.deque)  # oldest first
 
-    def track(self, batches: Iterable[dict]) -> Iterator[dict]:
+    def track(self, batches: Iterable[Batch]) -> Iterator[Batch]:
         for batch in batches:
-            ticket = batch.pop("buffer", None)
+            ticket, batch.buffer = batch.buffer, None
             if ticket is not None:
                 worker, number = ticket
-                self.waiting[worker].append((number, StorageWeakRef(batch["inputs"].untyped_storage())))
+                storages = [StorageWeakRef(t.untyped_storage()) for t in batch.tensors()]
+                self.waiting[worker].append((number, storages))
             for worker, queue in self.waiting.items():
-                while queue and queue[0][1].expired():
+                while queue and all(ref.expired() for ref in queue[0][1]):
                     self.released[worker] = queue.popleft()[0] + 1
             yield batch
 
@@ -469,12 +420,17 @@ class SplitLoader:
                  batch_size: int, num_workers: int, training: bool, batches_per_epoch: int | None = None,
                  batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  pin_memory: bool = True, prefetch_factor: int = 2, persistent_workers: bool = False,
-                 decode_on_device: bool = False):
+                 decode_on_device: bool = False, collate_fn: Collate | None = None):
         self.source, self.training = source, training
+        self.collate_fn = collate_fn  # the recipe's (DataSpec.collate), or None: default_collate
+        split = "training" if training else "validation"
         if decode_on_device and not isinstance(source, (Shards, Synthetic)):
-            raise ConfigError("--data_on_gpu decodes shard images on the device, but this recipe's "
-                              f"{'training' if training else 'validation'} data is a {type(source).__name__} "
-                              "(it decodes in __getitem__); write it to shards (`launcher shards`) or drop the flag")
+            raise ConfigError(f"--data_on_gpu decodes shard images on the device, but this recipe's {split} data is "
+                              f"a {type(source).__name__} (it decodes in __getitem__); write it to shards "
+                              "(`launcher shards`) or drop the flag")
+        if decode_on_device and isinstance(source, Shards) and (not source.images or collate_fn is not None):
+            raise ConfigError(f"--data_on_gpu decodes (image, cls) samples, but this recipe's {split} shards have "
+                              "their own decode or collate; drop the flag")
         self.decode_on_device = decode_on_device and isinstance(source, Shards)
         self.device = torch.device("cpu")  # where --data_on_gpu decodes: the trainer sets its device
         self.pin_memory = pin_memory and torch.cuda.is_available()  # page-locked batches: async copies to the GPU
@@ -525,22 +481,29 @@ class SplitLoader:
                                               self.batch_size, batches)
         return self._layout_maker
 
-    def example_input(self) -> torch.Tensor | None:
-        """One input as a batch holds it (per-sample transform done, batch_transform not), for the plan.
-        The global RNGs are left as they were."""
-        if isinstance(self.source, Synthetic):
-            return self.source.batch(1, 0)["inputs"][0]
+    def example_samples(self, count: int) -> list:
+        """The split's first `count` readable samples (per-sample decode and transform done, not
+        collated), read in this process, for the pre-flight check and the plan. The global RNGs
+        are left as they were. What the recipe's dataset or transform raises propagates."""
         with _kept_rngs():
             seed_augmentation(derive_seed(self.seed, "example"))
             if not isinstance(self.source, Shards):
-                return self.source[0][0] if len(self.source) else None
-            stream = ShardStream(self.layout, self.source, rank=0, seed=self.seed, training=False, epoch=0)
+                return [self.source[i] for i in range(min(count, len(self.source)))]
+            samples, reasons = [], []
             for url in self.index.urls[:3]:
-                for sample in shard_samples(url, handler=lambda error: True):
-                    item = stream._decode(sample, 0, [])
-                    if item is not None:
-                        return item[0]
-        return None
+                for raw in shard_samples(url, handler=lambda error: True):
+                    if len(samples) == count:
+                        return samples
+                    try:
+                        samples.append(self.source.prepare(raw))
+                    except Exception as error:  # noqa: BLE001 - an unreadable sample is skipped, as in training
+                        reasons.append(_reason(error))
+            if not samples:
+                shown = ", ".join(self.index.urls[:3])
+                raise DataError(f"no readable sample in the first shards ({shown}); first reasons: "
+                                f"{'; '.join(dict.fromkeys(reasons[:3])) or 'none (empty shards)'}. Check the "
+                                "shards, or the split's decode and transform")
+            return samples
 
     def planned_dropped(self, epoch: int) -> int:
         """Training samples an epoch leaves unread so every rank takes the same whole batches."""
@@ -548,7 +511,7 @@ class SplitLoader:
             return self.layout(epoch).dropped
         return self.total - self.batches_per_epoch * self.batch_size * self.world
 
-    def loader(self, epoch: int, start: Position | None = None) -> Iterable[dict]:
+    def loader(self, epoch: int, start: Position | None = None) -> Iterable[Batch]:
         """This rank's batches for `epoch`, from `start` (a position taken earlier) or the beginning.
 
         With persistent workers, every epoch that starts at its beginning reuses one DataLoader
@@ -570,7 +533,7 @@ class SplitLoader:
             return self._decoded(loader.data_loader)
         return loader.data_loader if loader.returns is None else loader.returns.track(loader.data_loader)
 
-    def _decoded(self, batches: Iterable[dict]) -> Iterator[dict]:
+    def _decoded(self, batches: Iterable[Batch]) -> Iterator[Batch]:
         """Batches of encoded images, decoded and transformed on `self.device`."""
         for batch in batches:
             with _kept_rngs():  # seeding each sample's augmentation leaves the model's RNG alone
@@ -588,7 +551,7 @@ class SplitLoader:
                        # The DataLoader draws its workers' base seed from this, not from the model's global RNG.
                        generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader", int(epoch), self.rank)))
         if isinstance(self.source, Shards):
-            reuse = self.num_workers > 0 and not self.decode_on_device  # workers' batch buffers: _BufferRing
+            reuse = self.num_workers > 0 and not self.decode_on_device  # workers' batch buffers: BufferRing
             returns = _BufferReturns(self.num_workers) if reuse else None
             # A worker gets its task k + prefetch_factor when the main process takes its batch k; the
             # consumer drops batch k when it takes the next one, and `_BufferReturns` sees that one
@@ -596,11 +559,12 @@ class SplitLoader:
             ring = self.prefetch_factor + (3 if self.num_workers == 1 else 2)
             stream = ShardStream(self._layouts(), self.source, rank=self.rank, seed=self.seed,
                                  training=self.training, epoch=epoch, start=start, encoded=self.decode_on_device,
-                                 released=returns.released if returns else None, ring=ring)
+                                 released=returns.released if returns else None, ring=ring, collate_fn=self.collate_fn)
             return _Loader(DataLoader(stream, batch_size=None, **options), returns=returns)
         batches = _EpochBatches()
         dataset = KeyedDataset(self.source, self.seed, epoch, self.training)
-        return _Loader(DataLoader(dataset, batch_sampler=batches, collate_fn=collate, **options), batches=batches)
+        return _Loader(DataLoader(dataset, batch_sampler=batches, collate_fn=MapCollate(self.collate_fn), **options),
+                       batches=batches)
 
     def _batches(self, epoch: int, start: Position) -> list[list[int]]:
         """A map-style dataset's batches of indices for this rank in `epoch`, from `start`."""
@@ -613,12 +577,12 @@ class SplitLoader:
         # every sample exactly once across ranks, so no DistributedSampler padding
         return list(BatchSampler(range(self.rank, self.total, self.world), self.batch_size, drop_last=False))
 
-    def _synthetic(self, start: Position) -> Iterator[dict]:
+    def _synthetic(self, start: Position) -> Iterator[Batch]:
         """The same random batch again and again (pinned once on a GPU machine)."""
         source = self.source
         batch = source.batch(self.batch_size, derive_seed(self.seed, "synthetic", self.rank))
         if self.pin_memory:
-            batch["inputs"], batch["targets"] = batch["inputs"].pin_memory(), batch["targets"].pin_memory()
+            batch = batch.pin_memory()
         if self.training:
             count = self.batches_per_epoch - start.batches
             yield from itertools.repeat(batch, count)
@@ -626,5 +590,5 @@ class SplitLoader:
         mine = len(range(self.rank, source.length, self.world))  # each sample once across ranks
         for first in range(0, mine, self.batch_size):
             size = min(self.batch_size, mine - first)
-            yield batch if size == self.batch_size else {**batch, "inputs": batch["inputs"][:size],
-                                                         "targets": batch["targets"][:size]}
+            yield batch if size == self.batch_size else Batch(
+                data=pytree.tree_map(lambda x: x[:size] if isinstance(x, torch.Tensor) else x, batch.data), size=size)

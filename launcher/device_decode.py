@@ -13,8 +13,12 @@ the host (`decode_image`); an undecodable one is skipped and counted like a bad 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+from launcher.batch import Batch
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -56,49 +60,43 @@ class EncodedBatch:
         self.repeats.append(repeated)
         self.repeated += repeated
 
-    def emit(self, worker_batches: int, position: list[int]) -> dict:
+    def emit(self, worker_batches: int, position: list[int]) -> Batch:
         offsets = [0]
         for chunk in self.chunks:
             offsets.append(offsets[-1] + len(chunk))
-        batch = {"encoded": torch.frombuffer(bytearray(b"".join(self.chunks)), dtype=torch.uint8)
-                 if self.chunks else None,
-                 "offsets": offsets, "seeds": self.seeds, "urls": self.urls, "repeats": self.repeats, "inputs": None,
-                 "targets": torch.tensor(self.labels, dtype=torch.long) if self.chunks else None,
-                 "keys": self.keys, "errors": self.errors, "repeated": self.repeated,
-                 "worker": self.worker, "worker_batches": worker_batches, "position": position}
+        encoded = {"bytes": torch.frombuffer(bytearray(b"".join(self.chunks)), dtype=torch.uint8),
+                   "offsets": offsets, "seeds": self.seeds, "urls": self.urls, "repeats": self.repeats,
+                   "targets": torch.tensor(self.labels, dtype=torch.long)} if self.chunks else None
+        batch = Batch(size=self.count, keys=self.keys, errors=self.errors, repeated=self.repeated, worker=self.worker,
+                      worker_batches=worker_batches, position=position, encoded=encoded)
         self._reset()
         return batch
 
 
-def decode_batch(batch: dict, transform, device: torch.device, seed_sample) -> dict:
-    """`batch` with `inputs` decoded and transformed on `device`; undecodable images dropped (with
-    their targets and keys) and added to the batch's error records (once per epoch). `seed_sample(seed)` seeds one
-    sample's augmentation (None: validation, no seeding)."""
-    if batch.get("encoded") is None:
+def decode_batch(batch: Batch, transform, device: torch.device, seed_sample) -> Batch:
+    """`batch` with its data, (images, targets), decoded and transformed on `device`; undecodable
+    images dropped (with their targets and keys) and added to the batch's error records (once per
+    epoch). `seed_sample(seed)` seeds one sample's augmentation (None: validation, no seeding)."""
+    encoded = batch.encoded
+    if encoded is None:
         return batch
-    flat, offsets = batch["encoded"], batch["offsets"]
+    flat, offsets = encoded["bytes"], encoded["offsets"]
     data = [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
     images = _decode(data, device)
-    keep, inputs = [], []
+    keep, inputs, errors = [], [], list(batch.errors)
     for i, image in enumerate(images):
         if isinstance(image, Exception):
-            if batch["repeats"][i]:  # errors count once per epoch, as in the workers
+            if encoded["repeats"][i]:  # errors count once per epoch, as in the workers
                 continue
-            batch["errors"].append({"shard": batch["urls"][i], "key": batch["keys"][i],
-                                    "reason": f"{type(image).__name__}: {image}"[:200], "samples": 1})
+            errors.append({"shard": encoded["urls"][i], "key": batch.keys[i],
+                           "reason": f"{type(image).__name__}: {image}"[:200], "samples": 1})
             continue
-        if batch["seeds"][i] is not None:
-            seed_sample(batch["seeds"][i])
-        inputs.append(transform(image))
+        if encoded["seeds"][i] is not None:
+            seed_sample(encoded["seeds"][i])
+        inputs.append(transform(image) if transform is not None else image)
         keep.append(i)
-    batch = {**batch, "encoded": None}
-    if len(keep) < len(images):
-        batch["keys"] = [batch["keys"][i] for i in keep]
-        batch["targets"] = batch["targets"][keep]
-    batch["inputs"] = torch.stack(inputs) if inputs else None
-    if not keep:
-        batch["targets"] = None
-    return batch
+    data = (torch.stack(inputs), encoded["targets"][keep] if len(keep) < len(images) else encoded["targets"]) if keep else None
+    return replace(batch, data=data, size=len(keep), keys=[batch.keys[i] for i in keep], errors=errors, encoded=None)
 
 
 def _decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | Exception]:

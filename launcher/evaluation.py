@@ -1,65 +1,60 @@
-"""Validation metrics summed over a rank's batches, then over all ranks.
+"""One pass over a validation split, shared by training's evaluations and `launcher evaluate`.
 
-Classification (class-index targets for (N, classes) outputs): cross-entropy, top-1 and top-5
-hits and the sample count are one all-reduce, so the metrics equal a single process's; the
-confusion matrix (rows: true class, columns: predicted) is gathered as an object, because a rank
-that saw no validation batch does not know the number of classes. Other targets (multi-label,
-regression): the run's own loss, averaged over samples.
+Each batch goes through the run's own step, so `loss` is the training loss on the validation
+data, normalised the same way: a mean step's losses weighted by the samples of each batch, a
+counted step's sums divided by the summed count (tokens), over every rank (one all-reduce). The
+task metrics (launcher/metrics.py) are torchmetrics, synced on compute. Every validation sample is
+read exactly once across ranks and workers, so the metrics equal a single process's.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import gather_object
 
-from launcher.losses import is_classification
+from launcher.batch import Batch
+from launcher.layout import tally_errors
+from launcher.metrics import TaskMetrics
+from launcher.step import Step
 
 
-class EvalTotals:
-    def __init__(self, device: torch.device, loss_fn: Callable | None = None):
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, count
-        self.loss_fn = loss_fn
-        self.classification = True
-        self.confusion: torch.Tensor | None = None  # classes x classes, int64
+@dataclass
+class EvalResult:
+    metrics: dict  # PREFIX/loss, the task's PREFIX/*, PREFIX/samples
+    confusion: list[list[int]] | None = None
+    unreadable: dict[str, int] = field(default_factory=dict)  # this rank's: shard -> samples
+    first: tuple[Batch, Any, Any] | None = None  # (batch, data on the device, predictions) of the first batch
 
-    def add(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Add one batch; returns its predictions (classification) or the outputs."""
-        outputs = outputs.float()
-        count = torch.tensor(float(len(targets)), device=outputs.device, dtype=torch.float64)
-        if not is_classification(outputs, targets):
-            self.classification = False
-            loss = (self.loss_fn or F.mse_loss)(outputs, targets).double() * count
-            self.sums += torch.stack([loss, torch.zeros_like(loss), torch.zeros_like(loss), count])
-            return outputs
-        classes = outputs.shape[1]
-        top = outputs.topk(min(5, classes), dim=1).indices
-        predictions = top[:, 0]
-        hits5 = (top == targets[:, None]).any(1).sum()
-        self.sums += torch.stack([F.cross_entropy(outputs, targets, reduction="sum").double(),
-                                  (predictions == targets).sum().double(), hits5.double(), count])
-        pairs = torch.bincount(targets * classes + predictions, minlength=classes * classes)
-        batch_confusion = pairs.view(classes, classes)
-        self.confusion = batch_confusion if self.confusion is None else self.confusion + batch_confusion
-        return predictions
 
-    def reduce(self, accelerator: Accelerator, prefix: str = "val") -> tuple[dict, list[list[int]] | None]:
-        """({PREFIX/loss, PREFIX/top1, PREFIX/top5, PREFIX/samples}, the confusion matrix) over all ranks."""
-        sums = accelerator.reduce(self.sums, "sum")
-        count = int(sums[3].item())
-        per = max(count, 1)
-        metrics = {f"{prefix}/loss": (sums[0] / per).item()}
-        mine = self.confusion.cpu() if self.confusion is not None else None
-        parts = [m for m in gather_object([mine]) if m is not None]
-        if parts or count == 0:  # some rank classified (a rank without batches knows nothing)
-            metrics.update({f"{prefix}/top1": (sums[1] / per).item(), f"{prefix}/top5": (sums[2] / per).item()})
-        metrics[f"{prefix}/samples"] = count
-        return metrics, (sum(parts[1:], parts[0]).tolist() if parts else None)
-
-    @staticmethod
-    def per_class_accuracy(confusion: list[list[int]]) -> list[float | None]:
-        """Recall per true class (None for a class with no sample)."""
-        return [row[i] / sum(row) if sum(row) else None for i, row in enumerate(confusion)]
+@torch.no_grad()
+def evaluate_split(model: torch.nn.Module, batches, step: Step, metrics: TaskMetrics, accelerator, prefix: str,
+                   channels_last: bool = False, on_errors: Callable[[list[dict]], None] | None = None) -> EvalResult:
+    """The metrics of `model` (in eval mode, unwrapped: no DDP collectives, ranks may hold unequal
+    shares) over `batches`; every rank must call it."""
+    device = accelerator.device
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, its weight (samples or count), samples
+    result = EvalResult({})
+    for batch in batches:
+        if on_errors is not None:
+            on_errors(batch.errors)
+        tally_errors(batch.errors, result.unreadable)
+        if batch.data is None:
+            continue
+        data = step.prepare(batch.data, device, channels_last)
+        with accelerator.autocast():
+            out = step(model, data)
+        weight = out.count if out.count is not None else batch.size
+        loss = out.loss.detach().double() * (1 if out.count is not None else batch.size)
+        sums += torch.stack([loss.reshape(()), torch.as_tensor(weight, device=device, dtype=torch.float64).reshape(()),
+                             torch.tensor(float(batch.size), device=device, dtype=torch.float64)])
+        predictions = metrics.update(out.outputs, out.targets)
+        if result.first is None:
+            result.first = (batch, data, predictions)
+    loss_sum, weight, samples = accelerator.reduce(sums, "sum").tolist()
+    loss = loss_sum / weight if weight else float("nan")
+    values, result.confusion = metrics.compute(loss, prefix)
+    result.metrics = {f"{prefix}/loss": loss, **values, f"{prefix}/samples": int(samples)}
+    return result

@@ -1,12 +1,15 @@
 """`evaluate` and `predict`: a trained model, loaded from a run, a checkpoint or a weights file.
 
     python -m launcher evaluate RECIPE --checkpoint=RUN_DIR [--out=DIR] [--field=value ...]
-    python -m launcher predict RECIPE --checkpoint=RUN_DIR IMAGE_OR_DIR ... [--top_k=5] [--out=FILE]
+    python -m launcher predict RECIPE --checkpoint=RUN_DIR INPUT ... [--top_k=5] [--out=FILE]
 
 The checkpoint is a run's output_dir (its final model.safetensors), one of its
 checkpoints/step-N directories, or a .safetensors/.pth file (model_ema.safetensors for the EMA
 weights). It must fit the recipe's model exactly. `evaluate` runs on every process of an
-`accelerate launch` (each sample counted once); `predict` on one device (a GPU if present).
+`accelerate launch` (each sample counted once) and reports the task's metrics; `predict` runs on
+one device (a GPU if present). Its inputs are images or image directories, or, for a recipe with
+`predict_sample(cfg, text)`, any text that function turns into a sample (a line of code, a row of
+features); it prints the top-k classes of a classifier, or the predicted values of a regression.
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ import torch
 from accelerate import PartialState
 from PIL import Image
 
+from launcher.batch import collate
 from launcher.config import ConfigError, TrainConfig
 from launcher.data import Shards, SplitLoader
-from launcher.evaluation import EvalTotals
+from launcher.evaluation import evaluate_split
+from launcher.metrics import TaskMetrics, is_accuracy, per_class_accuracy
+from launcher.preflight import blame, preflight
 from launcher.recipe import Recipe
 from launcher.weights import read_state_dict
 
@@ -46,8 +52,9 @@ def load_model(cfg: TrainConfig, recipe: Recipe, checkpoint: str) -> torch.nn.Mo
 
 
 def evaluate(cfg: TrainConfig, recipe: Recipe, checkpoint: str, out: str = "") -> dict:
-    """Validation loss, top-1/top-5, per-class accuracy and the confusion matrix: printed, and
-    saved as OUT/evaluation.json and OUT/confusion.png (OUT defaults to CHECKPOINT/evaluation)."""
+    """The task's validation metrics (classifiers: also per-class accuracy and the confusion
+    matrix): printed, and saved as OUT/evaluation.json and OUT/confusion.png (OUT defaults to
+    CHECKPOINT/evaluation)."""
     from accelerate import Accelerator
 
     from launcher.distributed import has_accelerator
@@ -58,28 +65,21 @@ def evaluate(cfg: TrainConfig, recipe: Recipe, checkpoint: str, out: str = "") -
         raise ConfigError(f"recipe {recipe.name} has no validation split to evaluate on")
     split = SplitLoader(data.val, rank=accelerator.process_index, world=accelerator.num_processes, seed=cfg.seed,
                         batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers, training=False,
-                        batch_transform=data.batch_transform)
+                        batch_transform=data.batch_transform, collate_fn=data.collate)
     model = load_model(cfg, recipe, checkpoint).to(accelerator.device)
-    totals = EvalTotals(accelerator.device, recipe.build_loss(cfg))
-    unreadable = 0
-    with torch.no_grad():
-        for batch in split.loader(0):
-            unreadable += sum(e["samples"] for e in batch["errors"])
-            if batch["inputs"] is None:
-                continue
-            inputs = batch["inputs"].to(accelerator.device)
-            inputs = split.batch_transform(inputs) if split.batch_transform else inputs
-            with accelerator.autocast():
-                outputs = model(inputs)
-            totals.add(outputs, batch["targets"].to(accelerator.device))
-    metrics, confusion = totals.reduce(accelerator)
-    metrics["val/unreadable"] = int(accelerator.reduce(torch.tensor(float(unreadable), device=accelerator.device),
-                                                       "sum").item())
-    classes = list(data.classes or split.classes)
-    result = {"checkpoint": checkpoint, "recipe": recipe.name, **metrics}
+    checked = preflight(cfg, recipe, None, split, model, accelerator.device, recipe.build_loss(cfg),
+                        recipe.build_metrics(cfg))
+    metrics = TaskMetrics(checked.task, checked.num_classes, accelerator.device, recipe.build_metrics(cfg))
+    passed = evaluate_split(model, split.loader(0), checked.step, metrics, accelerator, "val", cfg.channels_last)
+    unreadable = float(sum(passed.unreadable.values()))
+    result = {"checkpoint": checkpoint, "recipe": recipe.name, "task": checked.task, **passed.metrics,
+              "val/unreadable": int(accelerator.reduce(torch.tensor(unreadable, device=accelerator.device),
+                                                       "sum").item())}
+    confusion = passed.confusion
     if confusion is not None:
+        classes = list(data.classes or split.classes)
         names = classes if len(classes) == len(confusion) else [str(i) for i in range(len(confusion))]
-        result.update(classes=names, per_class_accuracy=EvalTotals.per_class_accuracy(confusion), confusion=confusion)
+        result.update(classes=names, per_class_accuracy=per_class_accuracy(confusion), confusion=confusion)
     if accelerator.is_main_process:
         out = out or os.path.join(checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint) or ".",
                                   "evaluation")
@@ -97,11 +97,12 @@ def evaluate(cfg: TrainConfig, recipe: Recipe, checkpoint: str, out: str = "") -
 
 
 def format_evaluation(result: dict, out: str) -> str:
-    lines = [f"evaluated {result['checkpoint']} on {result['val/samples']} validation samples"
-             + (f" ({result['val/unreadable']} unreadable, skipped)" if result["val/unreadable"] else ""),
-             f"  loss   {result['val/loss']:.4f}"]
-    if "val/top1" in result:
-        lines += [f"  top-1  {100 * result['val/top1']:.2f} %", f"  top-5  {100 * result['val/top5']:.2f} %"]
+    lines = [f"evaluated {result['checkpoint']} ({result['task']}) on {result['val/samples']} validation samples"
+             + (f" ({result['val/unreadable']} unreadable, skipped)" if result["val/unreadable"] else "")]
+    for key, value in result.items():
+        if key.startswith("val/") and key not in ("val/samples", "val/unreadable") and isinstance(value, float):
+            name = key[4:]
+            lines.append(f"  {name:<14} {100 * value:.2f} %" if is_accuracy(key) else f"  {name:<14} {value:.4f}")
     if "confusion" in result:
         names, matrix = result["classes"], result["confusion"]
         width = max(len(n) for n in names)
@@ -133,59 +134,87 @@ def image_paths(inputs: list[str]) -> list[str]:
 
 def predict(cfg: TrainConfig, recipe: Recipe, checkpoint: str, inputs: list[str], top_k: int = 5,
             out: str = "") -> list[dict]:
-    """Top-k classes with probabilities per image, in batches of eval_batch_size; unreadable
-    images are reported on stderr and skipped. Prints one line per image; --out writes JSON lines."""
+    """A classifier's top-k classes with probabilities, or a regression's values, per input, in
+    batches of eval_batch_size; unreadable inputs are reported on stderr and skipped. Prints one
+    line per input; --out writes JSON lines."""
     import sys
 
     if top_k < 1:
         raise ConfigError(f"--top_k must be >= 1, got {top_k}")
-    paths = image_paths(inputs)
     data = recipe.build_data(cfg)
-    transform, batch_transform = _eval_transforms(data, recipe)
-    classes = list(data.classes or SplitLoader(data.train, rank=0, world=1, seed=0, batch_size=1, num_workers=0,
-                                               training=False).classes)
+    make_sample, key = _sample_maker(cfg, recipe, data)
+    items = inputs if key == "input" else image_paths(inputs)
+    split = SplitLoader(data.val if data.val is not None else data.train, rank=0, world=1, seed=cfg.seed,
+                        batch_size=1, num_workers=0, training=False, batch_transform=data.batch_transform,
+                        collate_fn=data.collate)
+    classes = list(data.classes or split.classes)
     device = PartialState(cpu=False).device
     model = load_model(cfg, recipe, checkpoint).to(device)
+    checked = preflight(cfg, recipe, None, split, model, device, recipe.build_loss(cfg), None)
+    if checked.task not in ("classification", "regression"):
+        raise ConfigError(f"predict prints a classifier's classes or a regression's values; {recipe.name} is a "
+                          f"{checked.task} task (use evaluate for its metrics)")
     results, skipped = [], 0
-    for start in range(0, len(paths), cfg.eval_batch_size):
-        batch, kept = [], []
-        for path in paths[start:start + cfg.eval_batch_size]:
+    for start in range(0, len(items), cfg.eval_batch_size):
+        samples, kept = [], []
+        for item in items[start:start + cfg.eval_batch_size]:
             try:
-                with Image.open(path) as image:
-                    image.load()
-                    batch.append(transform(image))
-                kept.append(path)
-            except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
+                samples.append(make_sample(item))
+                kept.append(item)
+            except Exception as error:  # noqa: BLE001 - PIL and the recipe's function raise many types
                 skipped += 1
-                print(f"skipped unreadable image {path}: {type(error).__name__}: {error}", file=sys.stderr)
-        if not batch:
+                print(f"skipped unreadable {key} {item}: {type(error).__name__}: {error}", file=sys.stderr)
+        if not samples:
             continue
-        inputs_ = torch.stack(batch).to(device)
+        with blame("DataSpec.collate" if data.collate else "default_collate"):
+            batch = checked.step.prepare(collate(samples, data.collate), device, cfg.channels_last)
         with torch.no_grad():
-            logits = model(batch_transform(inputs_) if batch_transform else inputs_).float()
-        probabilities = logits.softmax(dim=1)
-        top = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
-        for path, values, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
-            names = [classes[i] if i < len(classes) else str(i) for i in indices]
-            results.append({"image": path, "top": [{"class": n, "index": i, "probability": round(p, 6)}
-                                                   for n, i, p in zip(names, indices, values)]})
-            print(f"{path}: " + ", ".join(f"{n} {100 * p:.1f} %" for n, p in zip(names, values)), flush=True)
+            outputs = checked.step(model, batch).outputs.float()
+        results += _predictions(kept, outputs, checked.task, classes, top_k, key)
     if not results:
-        raise ConfigError(f"none of the {len(paths)} images could be read")
+        raise ConfigError(f"none of the {len(items)} inputs could be read")
     if out:
         with open(out, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in results)
-    print(f"predicted {len(results)} images" + (f", skipped {skipped} unreadable" if skipped else "")
+    print(f"predicted {len(results)} inputs" + (f", skipped {skipped} unreadable" if skipped else "")
           + (f"; written to {out}" if out else ""), file=sys.stderr)
     return results
 
 
-def _eval_transforms(data, recipe: Recipe):
-    """The validation split's per-image transform and per-batch transform."""
-    if isinstance(data.val, Shards):
-        return data.val.transform, data.val.batch_transform
-    transform = getattr(data.val, "transform", None)
-    if transform is None:
-        raise ConfigError(f"recipe {recipe.name}'s validation data has no per-image transform to apply to images "
-                          "(use Shards or a dataset with a .transform, e.g. ImageFolder)")
-    return transform, data.batch_transform
+def _predictions(items: list[str], outputs: torch.Tensor, task: str, classes: list[str], top_k: int,
+                 key: str) -> list[dict]:
+    results = []
+    if task == "regression":
+        for item, value in zip(items, outputs.reshape(len(items), -1).tolist()):
+            value = value[0] if len(value) == 1 else value
+            results.append({key: item, "prediction": value})
+            print(f"{item}: {value if isinstance(value, list) else f'{value:.6g}'}", flush=True)
+        return results
+    probabilities = outputs.softmax(dim=1)
+    top = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
+    for item, values, indices in zip(items, top.values.tolist(), top.indices.tolist()):
+        names = [classes[i] if i < len(classes) else str(i) for i in indices]
+        results.append({key: item, "top": [{"class": n, "index": i, "probability": round(p, 6)}
+                                           for n, i, p in zip(names, indices, values)]})
+        print(f"{item}: " + ", ".join(f"{n} {100 * p:.1f} %" for n, p in zip(names, values)), flush=True)
+    return results
+
+
+def _sample_maker(cfg, recipe: Recipe, data) -> tuple:
+    """(input -> sample, what an input is): the recipe's predict_sample(cfg, text), or an image file
+    through the split's per-image transform (with a placeholder label)."""
+    make = getattr(recipe.module, "predict_sample", None)
+    if make is not None:
+        return (lambda text: make(cfg, text)), "input"
+    split = data.val if data.val is not None else data.train
+    transform = split.transform if isinstance(split, Shards) and split.images else getattr(split, "transform", None)
+    if transform is None or (isinstance(split, Shards) and not split.images):
+        raise ConfigError(f"recipe {recipe.name}'s samples are not images predict can read; define "
+                          "predict_sample(cfg, text) in the recipe to turn an input into a sample")
+
+    def image_sample(path: str):
+        with Image.open(path) as image:
+            image.load()
+            return transform(image), 0
+
+    return image_sample, "image"

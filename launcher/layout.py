@@ -141,13 +141,14 @@ class Position:
     repeated: int = 0  # samples seen a second time this epoch
     corrupt: dict[str, int] = field(default_factory=dict)  # shard -> samples skipped this epoch
 
-    def advance(self, batch: dict) -> None:
-        if batch.get("worker") is not None:
-            self.workers[batch["worker"]] = [batch["worker_batches"], *batch["position"]]
-            self.last_worker = batch["worker"]
+    def advance(self, batch) -> None:
+        """Past one `launcher.batch.Batch`."""
+        if batch.worker is not None:
+            self.workers[batch.worker] = [batch.worker_batches, *batch.position]
+            self.last_worker = batch.worker
         self.batches += 1
-        self.repeated += batch["repeated"]
-        tally_errors(batch["errors"], self.corrupt)
+        self.repeated += batch.repeated
+        tally_errors(batch.errors, self.corrupt)
 
     def next_worker(self, quotas: list[int]) -> int:
         """The worker the DataLoader's round-robin serves next."""

@@ -27,10 +27,13 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
+from launcher.batch import Batch
 from launcher.config import ConfigError, RunStopped, TrainConfig
 from launcher.distributed import ReplicaChecksums, build_accelerator, rewrap_ddp
 from launcher.data import DataError, SplitLoader, Synthetic
-from launcher.layout import Position, derive_seed, tally_errors
+from launcher.evaluation import evaluate_split
+from launcher.layout import Position, derive_seed
+from launcher.metrics import TaskMetrics, is_accuracy
 from launcher.modeling import init_weights, model_summary
 from launcher.params import (ParamGroup, Schedule, apply_freezing, assign_groups, build_optimizer,
                              frozen_batchnorms, lr_multipliers)
@@ -38,8 +41,8 @@ from launcher.plan import Plan, format_plan, make_plan, training_lines
 from launcher.regularization import EMA, batch_mix
 from launcher.schedules import LRSchedule
 from launcher.preemption import Preempted, StopSignals, requeue_slurm_job
+from launcher.preflight import Checked, preflight
 from launcher.recipe import Recipe
-from launcher.evaluation import EvalTotals
 from launcher.tracking import MetricsLog, Tracker, save_run_files, write_json
 from launcher import checkpoints
 
@@ -50,67 +53,63 @@ UNCHECKED_STEPS = 1000
 
 @dataclasses.dataclass
 class RunParts:
+    cfg: TrainConfig  # with the task's best metric and mode filled in
     train_data: SplitLoader
     val_data: SplitLoader | None
     plan: Plan
     model: torch.nn.Module
     schedule: Schedule
     groups: list[ParamGroup]
-    loss_fn: object
-    num_classes: int | None
+    checked: Checked  # step style, task, classes, metrics (launcher/preflight.py)
+    classes: list[str]
+    extra_metrics: dict | None  # the recipe's build_metrics
 
 
-def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int) -> RunParts:
-    """Everything a run is made of, before Accelerate wraps it (shared by `plan` and training)."""
+def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
+                device: torch.device = torch.device("cpu")) -> RunParts:
+    """Everything a run is made of, before Accelerate wraps it (shared by `plan` and training),
+    checked by pushing one real batch of each split through it on `device`."""
     set_seed(cfg.seed)  # the same initial weights on every rank
     data = recipe.build_data(cfg)
     loader_args = dict(rank=rank, world=world, seed=cfg.seed, num_workers=cfg.num_workers,
                        batch_transform=data.batch_transform, pin_memory=cfg.pin_memory,
                        prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers,
-                       decode_on_device=cfg.data_on_gpu)
+                       decode_on_device=cfg.data_on_gpu, collate_fn=data.collate)
     train_data = SplitLoader(data.train, batch_size=cfg.batch_size, training=True, **loader_args)
     val_data = (SplitLoader(data.val, batch_size=cfg.eval_batch_size, training=False, **loader_args)
                 if data.val is not None else None)
     classes = list(data.classes or train_data.classes)
-    num_classes = len(classes) or getattr(cfg, "num_classes", None)
-    if cfg.synthetic_data:
-        train_data, val_data = (_synthetic(split, num_classes, loader_args) if split else None
-                                for split in (train_data, val_data))
-    plan = make_plan(cfg, train_data, val_data, world)  # also sets train_data.batches_per_epoch
     if cfg.weight_init != "default" and getattr(cfg, "weights", ""):
         raise ConfigError(f"--weight_init={cfg.weight_init} would overwrite the loaded --weights; use one or the other")
     model = recipe.build_model(cfg)
     init_weights(model, cfg.weight_init)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    model.to(device)
+    loss_fn = recipe.build_loss(cfg)
+    extra_metrics = recipe.build_metrics(cfg)
+    checked = preflight(cfg, recipe, train_data, val_data, model, device, loss_fn, extra_metrics)
+    cfg = dataclasses.replace(cfg, best_metric=checked.best_metric, best_mode=checked.best_mode)
+    if cfg.synthetic_data:
+        train_data, val_data = (_synthetic(split, checked, loader_args) if split else None
+                                for split in (train_data, val_data))
+    plan = make_plan(cfg, train_data, val_data, world)  # also sets train_data.batches_per_epoch
     schedule = recipe.build_schedule(cfg, model).resolved(cfg)
     groups = assign_groups(model, schedule, cfg.lr, cfg.weight_decay, plan.steps_per_epoch)
     apply_freezing(groups, step=0)
-    loss_fn = recipe.build_loss(cfg)
     if (cfg.mixup_alpha or cfg.cutmix_alpha) and not getattr(loss_fn, "soft_targets", True):
         raise ConfigError(f"MixUp/CutMix make soft targets, which --loss={cfg.loss} cannot take; "
                           "use --loss=cross_entropy or bce_with_logits")
-    plan.training = training_lines(cfg, schedule, loss_fn)
-    plan.model = model_summary(model, _example_batch(val_data or train_data))
-    return RunParts(train_data, val_data, plan, model, schedule, groups, loss_fn, num_classes)
+    plan.training = training_lines(cfg, schedule, loss_fn, checked)
+    plan.model = model_summary(model, checked.summary)
+    return RunParts(cfg, train_data, val_data, plan, model, schedule, groups, checked, classes, extra_metrics)
 
 
-def _synthetic(split: SplitLoader, num_classes: int | None, loader_args: dict) -> SplitLoader:
-    """The split as random inputs of its first sample's shape and dtype, with its sizes and batch transform."""
-    example = split.example_input()
-    if not isinstance(example, torch.Tensor) or not num_classes:
-        raise ConfigError("--synthetic_data needs a split whose samples are tensors and known classes "
-                          "(class names in the data or a num_classes field)")
-    source = Synthetic(tuple(example.shape), num_classes, split.total, example.dtype, split.batch_transform)
-    return SplitLoader(source, batch_size=split.batch_size, training=split.training, **loader_args)
-
-
-def _example_batch(split: SplitLoader) -> torch.Tensor | None:
-    example = split.example_input()
-    if not isinstance(example, torch.Tensor):
-        return None
-    batch = example[None]
-    return split.batch_transform(batch) if split.batch_transform else batch
+def _synthetic(split: SplitLoader, checked: Checked, loader_args: dict) -> SplitLoader:
+    """The split as random batches with the structure of its first real one, with its sizes and batch transform."""
+    source = Synthetic(checked.example, split.total, split.batch_transform)
+    return SplitLoader(source, batch_size=split.batch_size, training=split.training,
+                       **{**loader_args, "collate_fn": None})
 
 
 def print_plan(cfg: TrainConfig, recipe: Recipe, world_size: int) -> None:
@@ -134,9 +133,11 @@ class Trainer:
         if self.resume_from:
             cfg, note = checkpoints.keep_global_batch(cfg, self.resume_from, self.world)
             acc.gradient_accumulation_steps = cfg.grad_accum_steps
-        self.cfg, self.recipe = cfg, recipe
-        parts = build_parts(cfg, recipe, self.rank, self.world)
+        parts = build_parts(cfg, recipe, self.rank, self.world, acc.device)
+        self.cfg, self.recipe = cfg, recipe = parts.cfg, recipe
         parts.plan.notes.append(note)
+        self.checked, self.step_fn = parts.checked, parts.checked.step
+        self.classes, self.extra_metrics = parts.classes, parts.extra_metrics
         self.train_data, self.val_data, self.plan = parts.train_data, parts.val_data, parts.plan
         for split in (self.train_data, self.val_data):
             if split is not None:
@@ -148,8 +149,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_multipliers(self.groups, schedule.lr_at, total, self.plan.steps_per_epoch))
         self.lr_schedule = schedule.lr_at
-        self.loss_fn = parts.loss_fn
-        self.mix = batch_mix(cfg.mixup_alpha, cfg.cutmix_alpha, parts.num_classes)
+        self.mix = batch_mix(cfg.mixup_alpha, cfg.cutmix_alpha, parts.checked.num_classes)
         if cfg.compile:
             model.compile()  # in place: DDP then wraps the compiled module, state_dict keys unchanged
         self.model, self.optimizer = acc.prepare(model, optimizer)
@@ -188,6 +188,11 @@ class Trainer:
         if acc.is_main_process:
             print(format_plan(cfg, self.plan, self.groups, self.recipe.name), flush=True)
             save_run_files(cfg, self.recipe, self.world)
+            checked = self.checked
+            write_json(cfg.output_dir, "task.json", {
+                "task": checked.task, "step": checked.step.style, "loss": checked.loss_name,
+                "metrics": checked.metric_names, "best_metric": cfg.best_metric, "best_mode": cfg.best_mode,
+                "classes": self.classes if checked.task == "classification" else []})
         if resume_from:
             state, rank_state = checkpoints.load(acc, resume_from)
             self.step, self.epoch = state["step"], state["epoch"]
@@ -310,25 +315,30 @@ class Trainer:
         for batch in batches:
             window.data_time += time.perf_counter() - fetch_start
             self.position.advance(batch)
-            self._note_errors(batch["errors"], "train")
-            inputs = self._device_inputs(batch, self.train_data)
-            targets = batch["targets"].to(acc.device, non_blocking=True)
+            self._note_errors(batch.errors, "train")
+            if batch.data is None:  # every sample of it was unreadable
+                raise DataError(f"rank {self.rank}: a training batch with no readable sample ({len(batch.errors)} "
+                                "unreadable); check the shards and the split's decode")
+            data = self.step_fn.prepare(batch.data, acc.device, cfg.channels_last)
             if self.mix is not None:
-                inputs, targets = self.mix(inputs, targets)
-            self._trace(batch["keys"])
+                data = type(data)(self.mix(*data))
+            self._trace(batch.keys)
             with acc.accumulate(self.model):
-                loss = self.loss_fn(self.model(inputs), targets)
-                acc.backward(loss)
+                out = self.step_fn(self.model, data)
+                acc.backward(out.loss)
+                counted = self._count(out, window)
                 skip = False
                 if acc.sync_gradients:
+                    if counted:
+                        self._normalise_by_count(window)
                     window.grad_norm = self._clip_gradients()
-                    skip = not self._finite(window.grad_norm, loss)
+                    skip = not self._finite(window.grad_norm, out.loss)
                 if not skip:
                     self.optimizer.step()
                     if self.ema is not None and acc.sync_gradients and not self.optimizer.step_was_skipped:
                         self.ema.update_parameters(acc.unwrap_model(self.model))
                 self.optimizer.zero_grad(set_to_none=True)
-            window.add(loss.detach(), inputs.shape[0])
+            window.add(out.loss.detach(), out.count if counted else 1, batch.size)
             if acc.sync_gradients:
                 self._after_step(window)
                 if self.step % cfg.log_every == 0 or self.step == plan.total_steps:
@@ -407,11 +417,29 @@ class Trainer:
         if self.accelerator.is_main_process:
             tqdm.write(f"step {self.step}: training {', '.join(unfrozen)} from now on")
 
-    def _device_inputs(self, batch: dict, split: SplitLoader) -> torch.Tensor:
-        inputs = batch["inputs"].to(self.accelerator.device, non_blocking=True)
-        if self.cfg.channels_last and inputs.ndim == 4:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        return split.batch_transform(inputs) if split.batch_transform else inputs
+    def _count(self, out, window: "_Window") -> bool:
+        """Whether this step's loss is a sum over `out.count` items; adds the count to the optimizer
+        step's total. A step must always or never return a count (checked here, where it is cheap)."""
+        counted = out.count is not None
+        if counted != self.checked.counted:
+            raise ConfigError("compute_loss returned a count in some steps and not in others; return "
+                              "(loss_sum, count) always, or a mean always")
+        if counted:
+            window.step_count = window.step_count + torch.as_tensor(out.count, device=self.accelerator.device,
+                                                                    dtype=torch.float64)
+        return counted
+
+    def _normalise_by_count(self, window: "_Window") -> None:
+        """The gradients of summed losses, divided by the count summed over this optimizer step's
+        micro-batches and all ranks. DDP averaged them over the ranks and `backward` divided each
+        micro-batch's by the accumulation steps, so both are multiplied back; no host sync."""
+        acc = self.accelerator
+        total = acc.reduce(window.step_count, "sum") if self.world > 1 else window.step_count
+        scale = (self.world * acc.gradient_accumulation_steps / total.clamp(min=1)).float()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale)
+        window.step_count = torch.zeros((), dtype=torch.float64, device=acc.device)
 
     def _clip_gradients(self):
         """The gradient norm (before clipping to max_grad_norm, if set): logged, and checked for NaN/Inf."""
@@ -422,9 +450,9 @@ class Trainer:
         self._stop_if_nonfinite()
         acc = self.accelerator
         corrupt = float(sum(self.position.corrupt.values()))
-        mine = torch.stack([window.loss_sum / max(window.batches, 1), torch.tensor(corrupt, device=acc.device)])
-        loss_sum, corrupt_total = acc.reduce(mine, "sum").tolist()  # one collective for both
-        loss = loss_sum / self.world
+        mine = torch.stack([window.loss_sum, window.weight, torch.tensor(corrupt, dtype=torch.float64, device=acc.device)])
+        loss_sum, weight, corrupt_total = acc.reduce(mine, "sum").tolist()  # one collective for all
+        loss = loss_sum / max(weight, 1e-12)
         self._check_corrupt(int(corrupt_total), "train")
         elapsed = time.perf_counter() - window.start
         record = {"step": self.step, "epoch": self.epoch, "train/loss": loss,
@@ -523,7 +551,7 @@ class Trainer:
             if isinstance(self.lr_schedule, LRSchedule) and self.lr_schedule.after_evaluation(result):
                 self._refresh_lr()
         if acc.is_main_process:
-            names = self.val_data.classes
+            names = self.classes
             if confusion is not None:
                 write_json(self.cfg.output_dir, "confusion.json", {"step": self.step, "classes": names, "matrix": confusion})
             self.tracker.log_evaluation(self.step, confusion, names, examples)
@@ -534,30 +562,20 @@ class Trainer:
     def _evaluate(self, model: torch.nn.Module, prefix: str) -> tuple[dict, list | None, list | None]:
         """One pass over the validation split: (metrics, confusion matrix, example predictions)."""
         acc, raw = self.accelerator, prefix == "val"  # the raw weights' pass also counts unreadable samples
-        model.eval()  # unwrapped: no DDP collectives, ranks may hold unequal shares
-        totals = EvalTotals(acc.device, self.loss_fn)
-        unreadable: dict[str, int] = {}  # shard -> samples
+        metrics = TaskMetrics(self.checked.task, self.checked.num_classes, acc.device, self.extra_metrics)
+        passed = evaluate_split(model, self.val_data.loader(self.epoch), self.step_fn, metrics, acc, prefix,
+                                self.cfg.channels_last, (lambda errors: self._note_errors(errors, "val")) if raw else None)
+        result = passed.metrics
         examples = None  # (image, prediction, label) from the main process's first batch
-        for batch in self.val_data.loader(self.epoch):
-            if raw:
-                self._note_errors(batch["errors"], "val")
-                tally_errors(batch["errors"], unreadable)
-            if batch["inputs"] is None:
-                continue
-            inputs = self._device_inputs(batch, self.val_data)
-            targets = batch["targets"].to(acc.device, non_blocking=True)
-            with acc.autocast():
-                outputs = model(inputs)
-            predictions = totals.add(outputs, targets)
-            if raw and examples is None and acc.is_main_process and self.cfg.log_images and totals.classification:
-                examples = _examples(batch, predictions, self.cfg.log_images)
-        result, confusion = totals.reduce(acc, prefix)
+        if raw and passed.first is not None and acc.is_main_process and self.cfg.log_images:
+            examples = _examples(*passed.first, self.cfg.log_images)
         if raw:
+            unreadable = passed.unreadable
             skipped = int(acc.reduce(torch.tensor(float(sum(unreadable.values())), device=acc.device), "sum").item())
             self._check_corrupt(skipped, "val", unreadable)
             self.unreadable_total += skipped
             result["val/unreadable"] = skipped
-        return result, confusion, examples
+        return result, passed.confusion, examples
 
     def _refresh_lr(self) -> None:
         """The schedule changed between steps (a plateau): apply it to the next step's LR now."""
@@ -570,10 +588,7 @@ class Trainer:
                        f"{self.optimizer.param_groups[0]['lr']:.3g}")
 
     def _note_best(self, result: dict) -> bool:
-        metric, value = self.cfg.best_metric, result.get(self.cfg.best_metric)
-        if value is None:
-            raise ConfigError(f"--best_metric={metric} is not an evaluation metric; "
-                              f"choose one of {', '.join(k for k in result if k != 'val/samples')}")
+        metric, value = self.cfg.best_metric, result.get(self.cfg.best_metric)  # checked by the pre-flight
         if not self.best:
             better = True
         elif self.cfg.best_mode == "max":
@@ -634,7 +649,7 @@ class Trainer:
         lines = [f"done: {summary['steps']} optimizer steps"]
         if self.best:
             value = self.best["value"]
-            shown = f"{100 * value:.2f} %" if self.best["metric"] == "val/top1" else f"{value:.4g}"
+            shown = f"{100 * value:.2f} %" if is_accuracy(self.best["metric"]) else f"{value:.4g}"
             lines.append(f"  best {self.best['metric']:<10} {shown} (step {self.best['step']}; "
                          f"{os.path.join(cfg.output_dir, 'checkpoints', checkpoints.BEST_FILE)})")
         lines += [f"  metrics         {os.path.join(cfg.output_dir, 'metrics.jsonl')}",
@@ -648,37 +663,48 @@ class Trainer:
 
 
 def _format_metrics(result: dict, prefix: str) -> str:
-    text = f"loss {result[prefix + '/loss']:.4f}"
-    if prefix + "/top1" in result:
-        text += f", top-1 {100 * result[prefix + '/top1']:.2f} %, top-5 {100 * result[prefix + '/top5']:.2f} %"
-    return text + f" of {result[prefix + '/samples']}"
+    parts = []
+    for key, value in result.items():
+        name = key.split("/", 1)[1] if key.startswith(prefix + "/") else None
+        if name is None or name in ("samples", "unreadable") or not isinstance(value, float):
+            continue
+        parts.append(f"{name} {100 * value:.2f} %" if is_accuracy(key) else f"{name} {value:.4g}")
+    return ", ".join(parts) + f" of {result[prefix + '/samples']}"
 
 
-def _examples(batch: dict, predictions: torch.Tensor, count: int) -> list[tuple]:
-    """Up to `count` (HWC uint8 image, prediction, label) from a batch, as the workers delivered it."""
-    images = batch["inputs"][:count]
+def _examples(batch: Batch, data, predictions: torch.Tensor | None, count: int) -> list[tuple] | None:
+    """Up to `count` (HWC uint8 image, prediction, label) from a classifier's batch of images, as the
+    workers delivered it; None for inputs that are not images or outputs that are not classes."""
+    if predictions is None or not isinstance(batch.data, (tuple, list)) or len(batch.data) != 2:
+        return None
+    images, targets = batch.data
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):
+        return None
+    images = images[:count]
     if images.dtype != torch.uint8:  # float input: show it rescaled to 0-255
         low, high = images.amin(), images.amax()
-        images = ((images - low) / (high - low + 1e-12) * 255).to(torch.uint8)
+        images = ((images.float() - low) / (high - low + 1e-12) * 255).to(torch.uint8)
     return [(image.permute(1, 2, 0).numpy().copy(), int(p), int(t))  # a copy: the batch's buffer is reused
-            for image, p, t in zip(images, predictions[:count].tolist(), batch["targets"][:count].tolist())]
+            for image, p, t in zip(images, predictions[:count].tolist(), targets[:count].tolist())]
 
 
 class _Window:
     """Training statistics accumulated between two logged steps (kept on device: no syncs)."""
 
     def __init__(self, device):
-        self.loss_sum = torch.zeros((), device=device)
-        self.batches = 0
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # mean losses, or summed ones
+        self.weight = torch.zeros((), dtype=torch.float64, device=device)  # batches, or summed counts
+        self.step_count = torch.zeros((), dtype=torch.float64, device=device)  # this optimizer step's count so far
         self.samples = 0
         self.data_time = 0.0
         self.grad_norm = None
         self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, batch: int) -> None:
-        self.loss_sum += loss.float()
-        self.batches += 1
-        self.samples += batch
+    def add(self, loss: torch.Tensor, weight, samples: int) -> None:
+        """A micro-batch: its mean loss (weight 1), or its loss sum over `weight` items."""
+        self.loss_sum += loss.double()
+        self.weight += weight
+        self.samples += samples
 
 
 def train(cfg: TrainConfig, recipe: Recipe) -> dict:

@@ -103,7 +103,3 @@ def loss(name: str, *, class_weights: Sequence[float] | None = None, label_smoot
 def from_config(cfg) -> LossFunction:
     return loss(cfg.loss, class_weights=cfg.class_weights, label_smoothing=cfg.label_smoothing)
 
-
-def is_classification(outputs: torch.Tensor, targets: torch.Tensor) -> bool:
-    """Class-index targets for (N, classes) outputs: accuracy and a confusion matrix make sense."""
-    return outputs.ndim == 2 and targets.ndim == 1 and not targets.is_floating_point()

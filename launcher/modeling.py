@@ -40,9 +40,9 @@ def init_weights(model: nn.Module, scheme: str) -> int:
     return count
 
 
-def model_summary(model: nn.Module, example: torch.Tensor | None) -> list[str]:
-    """Parameters per top-level module (trainable now / frozen), size in MB, and the output shape
-    for one example input (run on the CPU in eval mode, no gradients)."""
+def model_summary(model: nn.Module, io_line: str = "") -> list[str]:
+    """Parameters per top-level module (trainable now / frozen), size in MB, and the input -> output
+    line the pre-flight check saw (launcher/preflight.py)."""
     rows = []
     for name, child in [*model.named_children(), ("(own)", None)]:
         params = list(child.parameters()) if child is not None else list(model.parameters(recurse=False))
@@ -59,18 +59,6 @@ def model_summary(model: nn.Module, example: torch.Tensor | None) -> list[str]:
     lines = [f"  {'module':<{width}}  {'params':>12}  {'trainable':>12}  {'frozen':>12}  {'MB':>8}"]
     lines += [f"  {n:<{width}}  {t:>12,}  {tr:>12,}  {f:>12,}  {mb:>8.2f}" for n, t, tr, f, mb in rows]
     lines.append(f"  {'total':<{width}}  {total:>12,}  {trainable:>12,}  {total - trainable:>12,}  {size:>8.2f}")
-    if example is not None:
-        shape = output_shape(model, example)
-        lines.append(f"  input (N, {', '.join(map(str, example.shape[1:]))}) -> output ({', '.join(map(str, shape))})")
+    if io_line:
+        lines.append(f"  {io_line}")
     return lines
-
-
-@torch.no_grad()
-def output_shape(model: nn.Module, example: torch.Tensor) -> list:
-    training = model.training
-    model.eval()
-    try:
-        out = model(example)
-    finally:
-        model.train(training)
-    return ["N", *out.shape[1:]] if isinstance(out, torch.Tensor) else [type(out).__name__]

@@ -12,6 +12,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 
+from launcher.batch import describe as describe_batch
 from launcher.config import ConfigError, TrainConfig
 from launcher.data import SplitLoader, Synthetic
 from launcher.params import ParamGroup
@@ -81,8 +82,8 @@ def fork_hang_warning(version: tuple, world_size: int, num_workers: int) -> str:
 def data_report(split: SplitLoader, name: str) -> list[str]:
     """Pre-flight facts about a split's shards: how they divide among ranks x workers."""
     if isinstance(split.source, Synthetic):
-        return [f"  {name + ' data':<22}synthetic: {split.total} random {split.source.dtype} samples of shape "
-                f"{tuple(split.source.shape)}, no I/O"]
+        return [f"  {name + ' data':<22}synthetic: {split.total} random samples like {describe_batch(split.source.example)}, "
+                "no I/O"]
     if split.index is None:
         return [f"  {name + ' data':<22}{split.total} samples (map-style dataset, split by DistributedSampler)"]
     index, world, workers = split.index, split.world, split.workers_per_rank
@@ -170,11 +171,20 @@ def _when(pg: ParamGroup) -> str:
     return f"from step {pg.starts_at}{epoch}{warmup}"
 
 
-def training_lines(cfg: TrainConfig, schedule, loss_fn) -> list[str]:
-    """How the run trains: optimizer, LR schedule, loss, regularisation, determinism."""
+def training_lines(cfg: TrainConfig, schedule, loss_fn, checked) -> list[str]:
+    """How the run trains: optimizer, LR schedule, step and loss, task metrics, regularisation, determinism.
+    `checked` is the pre-flight's finding (launcher/preflight.py)."""
+    style = {"pair": f"(inputs, targets) pairs, loss {describe(loss_fn)}",
+             "model_loss": "model(**batch) returns its own loss",
+             "compute_loss": "the recipe's compute_loss(model, batch)"}[checked.step.style]
+    if checked.counted:
+        style += ", a sum normalised by the count over each optimizer step and all ranks"
+    classes = f", {checked.num_classes} classes" if checked.task == "classification" else ""
     lines = [f"  {'optimizer':<22}{describe(schedule.optimizer)}",
              f"  {'LR schedule':<22}{describe(schedule.lr_at)}",
-             f"  {'loss':<22}{describe(loss_fn)}"]
+             f"  {'step':<22}{style}",
+             f"  {'task':<22}{checked.task}{classes}: {', '.join(checked.metric_names)}; best "
+             f"{cfg.best_metric} ({cfg.best_mode})"]
     extras = [f"EMA decay {cfg.ema_decay} (evaluated as val_ema/*)" if cfg.ema_decay else "",
               f"MixUp alpha {cfg.mixup_alpha}" if cfg.mixup_alpha else "",
               f"CutMix alpha {cfg.cutmix_alpha}" if cfg.cutmix_alpha else "",

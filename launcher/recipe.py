@@ -6,6 +6,9 @@ A recipe module defines:
   build_data(cfg)             -> launcher.DataSpec
   build_schedule(cfg, model)  -> launcher.Schedule   (optional: one group; --optimizer, --lr_schedule)
   build_loss(cfg)             -> callable(outputs, targets) (optional: --loss, --label_smoothing, --class_weights)
+  compute_loss(model, batch)  -> loss | (loss_sum, count) | launcher.StepOutput  (optional: the step itself)
+  build_metrics(cfg)          -> {name: torchmetrics.Metric} updated with (outputs, targets) (optional)
+  predict_sample(cfg, text)   -> a sample, for `launcher predict` on inputs that are not images (optional)
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ class Recipe:
     def build_loss(self, cfg) -> Callable:
         build = getattr(self.module, "build_loss", None)
         return build(cfg) if build else losses.from_config(cfg)
+
+    def build_metrics(self, cfg) -> dict | None:
+        build = getattr(self.module, "build_metrics", None)
+        return dict(build(cfg)) if build else None
 
     @property
     def source_path(self) -> str | None:

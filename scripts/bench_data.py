@@ -106,7 +106,7 @@ def pipeline(directory: str, transform, workers: int, batch_size: int, epoch: in
     split.batches_per_epoch = split.total // batch_size
     start, count = time.perf_counter(), 0
     for batch in split.loader(epoch):
-        count += len(batch["keys"])
+        count += len(batch.keys)
     return count / (time.perf_counter() - start)
 
 

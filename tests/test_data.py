@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from launcher.config import ConfigError
+from launcher.batch import Batch
 from launcher.data import SplitLoader, Shards, read_index, shuffle_buffer
 from launcher.layout import Position
 from launcher.shards import write_shards
@@ -50,7 +51,7 @@ def make_shards(directory, sizes: list[int]) -> str:
 
 
 def keys_of(loader) -> list[str]:
-    return [key for batch in loader for key in batch["keys"]]
+    return [key for batch in loader for key in batch.keys]
 
 
 def split(source, *, rank=0, world=1, seed=0, workers=0, training=True, batch=4, batches=None):
@@ -96,9 +97,9 @@ def test_uneven_shards_give_every_rank_the_same_batches_and_count_what_evens_the
     for rank in range(world):
         position = Position(0)
         for b in split(source, rank=rank, world=world, workers=2, batch=batch, batches=batches).loader(0):
-            assert len(b["keys"]) == batch
+            assert len(b.keys) == batch
             position.advance(b)
-            consumed += b["keys"]
+            consumed += b.keys
         assert position.batches == batches
     layout = split(source, world=world, workers=2, batch=batch, batches=batches).layout(0)
     duplicates = len(consumed) - len(set(consumed))
@@ -135,14 +136,14 @@ def test_a_position_taken_after_any_batch_resumes_the_exact_sequence(tmp_path, w
         def loader(start=None):
             return split(source, rank=rank, world=world, workers=workers, batch=2, batches=batches).loader(1, start)
 
-        full = [b["keys"] for b in loader()]
+        full = [b.keys for b in loader()]
         assert len(full) == batches
         for cut in range(batches + 1):
             position = Position(1)
             for b in itertools.islice(loader(), cut):
                 position.advance(b)
             position = Position.from_dict(json.loads(json.dumps(position.to_dict())))  # as checkpointed
-            rest = [b["keys"] for b in loader(position)]
+            rest = [b.keys for b in loader(position)]
             assert full[:cut] + rest == full, f"rank {rank}, cut after {cut} batches"
 
 
@@ -155,7 +156,7 @@ def test_random_augmentation_is_seeded_per_sample_and_leaves_the_main_rng_alone(
     def values(workers):
         loader = SplitLoader(Shards(source, noisy, shuffle_buffer=8), rank=0, world=1, seed=0, batch_size=3,
                              num_workers=workers, training=True, batches_per_epoch=4)
-        return {k: float(x[0]) for b in loader.loader(0) for x, k in zip(b["inputs"], b["keys"])}
+        return {k: float(x[0]) for b in loader.loader(0) for x, k in zip(b.data[0], b.keys)}
 
     torch.manual_seed(123), random.seed(123), numpy.random.seed(123)
     in_process = values(0)
@@ -187,16 +188,16 @@ def test_corrupt_sample_and_truncated_tar_are_skipped_counted_and_named(tmp_path
         position = Position(0)
         keys = []
         for b in split(source, workers=workers, batch=3, batches=6).loader(0):
-            assert len(b["keys"]) == 3  # quotas still filled, from repeats
+            assert len(b.keys) == 3  # quotas still filled, from repeats
             position.advance(b)
-            keys += b["keys"]
+            keys += b.keys
         assert "s0002" not in keys and not {f"s{i:04d}" for i in range(14, 18)} & set(keys)
         assert position.corrupt[str(tmp_path / "part0-000000.tar")] == 1
         # s0014 is cut inside its image (one bad sample), s0015..s0017 are lost with the tail
         assert position.corrupt[str(truncated)] == 4
         assert position.repeated == 5
     val = split(source, workers=2, training=False)
-    errors = [e for b in val.loader(0) for e in b["errors"]]
+    errors = [e for b in val.loader(0) for e in b.errors]
     assert sum(e["samples"] for e in errors) == 5
     assert {"shard": str(tmp_path / "part0-000000.tar"), "key": "s0002"}.items() <= next(
         e for e in errors if e["key"] == "s0002").items()
@@ -226,7 +227,7 @@ def test_shuffle_buffer_is_a_permutation():
 def test_labels_and_pixels_survive_the_round_trip(tmp_path):
     source = make_shards(tmp_path, [6])
     for batch in split(source, training=False).loader(0):
-        for x, y, key in zip(batch["inputs"], batch["targets"], batch["keys"]):
+        for x, y, key in zip(batch.data[0], batch.data[1], batch.keys):
             i = int(key[1:])
             assert int(y) == i % 3 and torch.all(x == i % 256)
 
@@ -253,7 +254,7 @@ def test_map_style_augmentation_is_seeded_per_sample_and_leaves_the_main_rng_alo
 
     def values(workers):
         loader = SplitLoader(Noisy(), rank=0, world=1, seed=0, batch_size=4, num_workers=workers, training=True)
-        return {k: float(x[0]) for b in loader.loader(0) for x, k in zip(b["inputs"], b["keys"])}
+        return {k: float(x[0]) for b in loader.loader(0) for x, k in zip(b.data[0], b.keys)}
 
     torch.manual_seed(123), random.seed(5), numpy.random.seed(7)
     in_process = values(0)
@@ -296,7 +297,7 @@ def test_persistent_workers_serve_each_epoch_as_fresh_ones_would(tmp_path, kind)
 
 def test_persistent_workers_stay_alive_across_epochs():
     def worker_pids(split) -> list[set[int]]:
-        return [{int(pid) for b in split.loader(e) for pid in b["inputs"][:, 0]} for e in range(2)]
+        return [{int(pid) for b in split.loader(e) for pid in b.data[0][:, 0]} for e in range(2)]
 
     kept, fresh = worker_pids(persistent_split(PidDataset(), True)), worker_pids(persistent_split(PidDataset(), False))
     assert kept[0] == kept[1] and len(kept[0]) == 2 and os.getpid() not in kept[0]
@@ -320,7 +321,7 @@ def test_persistent_workers_resume_mid_epoch_exactly(tmp_path, kind):
 
 def pixels_match_keys(batch) -> bool:
     """make_shards' sample s{i} has pixel value i % 256: the inputs still hold the keys' images."""
-    return [int(x[0]) for x in batch["inputs"]] == [int(k[1:]) % 256 for k in batch["keys"]]
+    return [int(x[0]) for x in batch.data[0]] == [int(k[1:]) % 256 for k in batch.keys]
 
 
 def shared_segment(tensor: torch.Tensor) -> int:
@@ -338,7 +339,7 @@ def test_workers_reuse_their_batch_buffers(tmp_path, persistent):
     for epoch in range(2):
         for batch in loader.loader(epoch):
             assert pixels_match_keys(batch)
-            segments.add(shared_segment(batch["inputs"]))
+            segments.add(shared_segment(batch.data[0]))
             batches += 1
     ring = loader.prefetch_factor + 2  # per worker
     assert batches == 40 and len(segments) <= 2 * ring * (1 if persistent else 2)  # not one per batch
@@ -350,5 +351,5 @@ def test_batches_a_consumer_keeps_are_never_overwritten(tmp_path, workers):
     source = make_shards(tmp_path, [30, 30])
     kept = list(split(source, workers=workers, batch=3, batches=20).loader(0))  # every batch held
     assert len(kept) == 20 and all(pixels_match_keys(b) for b in kept)
-    views = [(b["inputs"][:1], b["keys"][:1]) for b in split(source, workers=workers, batch=3, batches=20).loader(0)]
-    assert all(pixels_match_keys({"inputs": x, "keys": k}) for x, k in views)  # a view holds its buffer too
+    views = [(b.data[0][:1], b.keys[:1]) for b in split(source, workers=workers, batch=3, batches=20).loader(0)]
+    assert all(pixels_match_keys(Batch(data=(x, None), keys=k)) for x, k in views)  # a view holds its buffer too

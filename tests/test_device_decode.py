@@ -50,18 +50,18 @@ def batches(split: SplitLoader, epoch: int = 0, start=None) -> list[dict]:
 def test_decoding_on_the_device_gives_the_batches_workers_give(jpegs, training):
     host, device = batches(loader(jpegs, on_device=False, training=training)), \
         batches(loader(jpegs, on_device=True, training=training))
-    assert [b["keys"] for b in device] == [b["keys"] for b in host]
+    assert [b.keys for b in device] == [b.keys for b in host]
     for h, d in zip(host, device):
-        assert d["inputs"].dtype == torch.uint8 and d["inputs"].shape == h["inputs"].shape
-        assert torch.equal(d["targets"], h["targets"])
+        assert d.data[0].dtype == torch.uint8 and d.data[0].shape == h.data[0].shape
+        assert torch.equal(d.data[1], h.data[1])
         # Same crops and flips (seeded per sample alike); pixels differ only by the JPEG decoders' rounding.
-        assert (d["inputs"].float() - h["inputs"].float()).abs().mean() < 2.0
+        assert (d.data[0].float() - h.data[0].float()).abs().mean() < 2.0
 
 
 def test_device_decoding_with_persistent_workers_and_a_mid_epoch_resume(jpegs):
     def keys(**options) -> list[list[list[str]]]:
         split = loader(jpegs, workers=2, **options)
-        return [[b["keys"] for b in batches(split, e)] for e in range(2)]
+        return [[b.keys for b in batches(split, e)] for e in range(2)]
 
     full = keys(on_device=True, persistent=True)
     assert full == keys(on_device=False) and full[0] != full[1]
@@ -70,7 +70,7 @@ def test_device_decoding_with_persistent_workers_and_a_mid_epoch_resume(jpegs):
     for b in itertools.islice(split.loader(1), 2):
         position.advance(b)
     position = Position.from_dict(json.loads(json.dumps(position.to_dict())))
-    assert full[1][:2] + [b["keys"] for b in batches(split, 1, position)] == full[1]
+    assert full[1][:2] + [b.keys for b in batches(split, 1, position)] == full[1]
     split.close()
 
 
@@ -95,13 +95,13 @@ def test_bad_images_are_skipped_and_counted_and_other_formats_decoded(tmp_path):
     write_shards(samples, str(tmp_path), max_count=20, classes=["a", "b"])
     split = loader(str(tmp_path), on_device=True, training=False, transform=eval_transform(16))
     got = batches(split)
-    keys = [k for b in got for k in b["keys"]]
+    keys = [k for b in got for k in b.keys]
     assert sorted(keys) == sorted([f"j{i}" for i in range(6)] + ["p0"])
-    errors = [e for b in got for e in b["errors"]]
+    errors = [e for b in got for e in b.errors]
     assert sorted(e["key"] for e in errors) == ["broken", "garbage"]
     assert all(e["shard"].endswith(".tar") and e["samples"] == 1 and e["reason"] for e in errors)
-    assert sum(len(b["targets"]) for b in got) == 7 and all(len(b["targets"]) == len(b["keys"]) for b in got)
-    red = next(b["inputs"][b["keys"].index("p0")] for b in got if "p0" in b["keys"])
+    assert sum(len(b.data[1]) for b in got) == 7 and all(len(b.data[1]) == len(b.keys) for b in got)
+    red = next(b.data[0][b.keys.index("p0")] for b in got if "p0" in b.keys)
     assert red.shape == (3, 16, 16) and red[0].float().mean() == pytest.approx(50, abs=2) and red[1].max() == 0
 
 
@@ -119,5 +119,5 @@ def test_a_bad_image_read_again_in_a_repeat_pass_is_counted_once(tmp_path):
     split = SplitLoader(Shards(str(tmp_path), train_transform(8), shuffle_buffer=4), rank=0, world=1, seed=0,
                         batch_size=2, num_workers=0, training=True, batches_per_epoch=6, decode_on_device=True)
     got = batches(split)
-    assert sum(b["repeated"] for b in got) > 5  # the shard was read more than twice
-    assert [e["key"] for b in got for e in b["errors"]] == ["broken"]
+    assert sum(b.repeated for b in got) > 5  # the shard was read more than twice
+    assert [e["key"] for b in got for e in b.errors] == ["broken"]

@@ -88,7 +88,7 @@ def test_the_loader_reads_what_was_written_using_the_index(folder, tmp_path):
                         num_workers=0, training=False)
     assert split.total == 12 and split.classes == ["cat", "dog"]
     for batch in split.loader(0):
-        for pixel, label in zip(batch["inputs"], batch["targets"]):
+        for pixel, label in zip(batch.data[0], batch.data[1]):
             assert (pixel[0] > 100) == (label == 0)  # red cats, green dogs
 
 

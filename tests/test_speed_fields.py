@@ -50,22 +50,25 @@ def test_synthetic_data_trains_on_random_inputs_of_the_data_shape(digits, tmp_pa
     out = tmp_path / "synthetic"
     result = launcher(*TINY, f"--data_dir={digits}", f"--output_dir={out}", "--synthetic_data=True",
                       "--max_steps=30", "--log_every=10")
-    assert "training data         synthetic: 1438 random torch.uint8 samples of shape (3, 8, 8), no I/O" in result.stdout
+    assert "training data         synthetic: 1438 random samples like ((N, 3, 8, 8), (N,)), no I/O" in result.stdout
     losses = [m["train/loss"] for m in metrics(out) if "train/loss" in m]
     assert losses[-1] < losses[0] - 0.3  # one fixed batch, learnt step after step
 
 
 @pytest.mark.parametrize("world", [1, 3])
 def test_synthetic_validation_serves_every_sample_once_across_ranks(world):
-    source = Synthetic((3, 4, 4), num_classes=5, length=23)
-    sizes = [len(b["targets"]) for rank in range(world)
+    example = (torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([0, 4]))
+    source = Synthetic(example, length=23)
+    sizes = [len(b.data[1]) for rank in range(world)
              for b in SplitLoader(source, rank=rank, world=world, seed=0, batch_size=4, num_workers=0,
                                   training=False).loader(0)]
     assert sum(sizes) == 23 and max(sizes) <= 4
     train = SplitLoader(source, rank=0, world=world, seed=0, batch_size=4, num_workers=0, training=True,
                         batches_per_epoch=5)
     batches = list(train.loader(0))
-    assert len(batches) == 5 and batches[0]["inputs"].dtype == torch.uint8 and batches[0]["inputs"].shape == (4, 3, 4, 4)
+    inputs, labels = batches[0].data
+    assert len(batches) == 5 and inputs.dtype == torch.uint8 and inputs.shape == (4, 3, 4, 4)
+    assert labels.dtype == torch.int64 and labels.shape == (4,) and 0 <= labels.min() and labels.max() <= 4
 
 
 def test_gpu_benchmark_runs_at_a_cpu_size(tmp_path):

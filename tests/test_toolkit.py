@@ -17,6 +17,7 @@ from launcher import losses, optimizers, schedules
 from launcher.config import ConfigError, TrainConfig
 from launcher.data import SplitLoader, image_folder
 from launcher.distributed import configure_backends
+from launcher.batch import describe
 from launcher.modeling import init_weights, model_summary
 from launcher.params import Group, Schedule, assign_groups, build_optimizer, lr_multipliers
 from launcher.presets import eval_transform, normalize, train_transform
@@ -244,7 +245,7 @@ def write_folder(root, classes=("cat", "dog", "fox"), per_class=6):
 
 
 def keys_of(split: SplitLoader, epoch: int) -> list[str]:
-    return [k for batch in split.loader(epoch) for k in batch["keys"]]
+    return [k for batch in split.loader(epoch) for k in batch.keys]
 
 
 def test_image_folder_is_split_across_ranks_and_reshuffled_each_epoch(tmp_path):
@@ -267,8 +268,8 @@ def test_a_torchvision_dataset_class_is_a_data_source():
     dataset = FakeData(size=20, image_size=(3, 8, 8), num_classes=4, transform=v2.PILToTensor())
     ranks = [SplitLoader(dataset, rank=r, world=2, seed=0, batch_size=5, num_workers=0, training=False) for r in (0, 1)]
     batches = [b for r in ranks for b in r.loader(0)]
-    assert sum(len(b["keys"]) for b in batches) == 20 and batches[0]["inputs"].shape == (5, 3, 8, 8)
-    assert batches[0]["targets"].dtype == torch.int64
+    assert sum(len(b.keys) for b in batches) == 20 and batches[0].data[0].shape == (5, 3, 8, 8)
+    assert batches[0].data[1].dtype == torch.int64
 
 
 class NumpyNoise(Dataset):
@@ -289,7 +290,7 @@ def test_seed_fixes_numpy_augmentation_in_workers_and_main_process(workers):
         set_seed(seed)
         split = SplitLoader(NumpyNoise(), rank=0, world=1, seed=seed, batch_size=4, num_workers=workers,
                             training=True, batches_per_epoch=4)
-        return torch.cat([b["inputs"] for b in split.loader(0)]).flatten().tolist()
+        return torch.cat([b.data[0] for b in split.loader(0)]).flatten().tolist()
 
     assert draws(3) == draws(3) and draws(3) != draws(4)
 
@@ -338,9 +339,11 @@ def test_model_summary_counts_trainable_and_frozen_per_module_and_the_output_sha
     model.add_module("flat", nn.Flatten())
     model.add_module("head", nn.Linear(8, 5))
     model.stem.requires_grad_(False)
-    lines = model_summary(model, torch.zeros(1, 3, 12, 12))
+    lines = model_summary(model, "input (N, 3, 12, 12) -> output (N, 5)")
     rows = {line.split()[0]: line.split()[1:] for line in lines[1:-1]}
     assert rows["stem"] == ["224", "0", "224", f"{224 * 4 / 2**20:.2f}"]
     assert rows["head"] == ["45", "45", "0", "0.00"] and "pool" not in rows
     assert rows["total"] == ["269", "45", "224", f"{269 * 4 / 2**20:.2f}"]
     assert lines[-1] == "  input (N, 3, 12, 12) -> output (N, 5)"
+    assert describe(torch.zeros(1, 3, 12, 12)) == "(N, 3, 12, 12)" and describe(torch.zeros(4)) == "(N,)"
+    assert describe({"ids": torch.zeros(2, 7), "pair": (torch.zeros(2), [1, 2])}) == "{ids: (N, 7), pair: ((N,), (int, int))}"

@@ -1,0 +1,199 @@
+"""Pre-flight: one real batch of each split through collate, the device move, the model, the loss
+and the metrics, before DDP wraps the model and before any DataLoader worker starts, so that a
+recipe that would crash at step 1 or at the first evaluation fails in seconds. Nothing is updated:
+the model runs in eval mode, no backward, and the random generators are restored.
+
+It also decides what the run is: the step style (launcher/step.py), the task and its metrics
+(launcher/metrics.py), the number of classes, the default best metric, and the model summary's
+input -> output line. Mistakes that can be seen here are refused with the fix: cross-entropy on
+float targets, MixUp/CutMix without class labels, a best metric the task does not produce.
+
+A recipe function that raises is named in a one-line error; the traceback of the recipe's own
+code is printed above it (the user's code), the launcher's and torch's frames are not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sysconfig
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from launcher.batch import collate, describe
+from launcher.config import ConfigError
+from launcher.losses import CrossEntropy
+from launcher.metrics import TaskMetrics, better_direction, default_best, infer_task, loss_name
+from launcher.step import Step, StepOutput, call_model, choose_style
+
+EXAMPLE_SAMPLES = 2  # samples per split pushed through the model
+_SKIP = tuple(os.path.realpath(p) + os.sep for p in
+              {os.path.dirname(__file__), sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
+               sysconfig.get_paths()["platlib"]})
+
+
+class RecipeError(ConfigError):
+    """A recipe function raised in the pre-flight check; `frames` is the recipe code's traceback."""
+
+    def __init__(self, message: str, frames: str = ""):
+        super().__init__(message)
+        self.frames = frames
+
+
+def user_frames(error: BaseException) -> str:
+    """The traceback lines of `error` in the user's own files (not the launcher's, the standard library's or
+    an installed package's)."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not os.path.realpath(f.filename).startswith(_SKIP) and not f.filename.startswith("<")]
+    return "".join(traceback.format_list(frames))
+
+
+@contextlib.contextmanager
+def blame(what: str):
+    """Turn an exception raised inside into a RecipeError naming `what` raised it."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any error of the recipe's code
+        text = " ".join(str(error).split()) or "(no message)"
+        raise RecipeError(f"pre-flight: {what} raised {type(error).__name__}: {text[:400]}",
+                          user_frames(error)) from None
+
+
+@dataclass
+class Checked:
+    """What the pre-flight found out about the run."""
+
+    step: Step
+    task: str
+    num_classes: int | None
+    counted: bool  # the step returns (loss_sum, count): normalised by the count over a whole optimizer step
+    loss_name: str
+    metric_names: list[str]  # PREFIX-less names are "val/..."
+    best_metric: str
+    best_mode: str
+    example: Any  # a collated training batch (on the host), what --synthetic_data imitates
+    summary: str  # input -> output
+
+
+def preflight(cfg, recipe, train, val, model: torch.nn.Module, device: torch.device, loss_fn: Callable,
+              extra_metrics: dict | None = None) -> Checked:
+    """Check both splits (`launcher.data.SplitLoader`); raise ConfigError/RecipeError, or return what was found."""
+    checked = None
+    for split, name in ((train, "training"), (val, "validation")):
+        if split is None:
+            continue
+        found = _check_split(cfg, recipe, split, name, model, device, loss_fn, extra_metrics)
+        if checked is None:
+            checked = found
+        elif (found.task, found.num_classes, found.step.style) != (checked.task, checked.num_classes,
+                                                                   checked.step.style):
+            raise ConfigError(f"the validation batches make a {found.task} step ({found.step.style}) but the "
+                              f"training batches a {checked.task} one ({checked.step.style}); give both splits "
+                              "samples of one kind")
+    _check_best(cfg, checked)
+    if cfg.best_metric:
+        checked.best_metric = cfg.best_metric
+        checked.best_mode = cfg.best_mode if cfg.best_mode != "auto" else better_direction(cfg.best_metric)
+    elif cfg.best_mode != "auto":
+        checked.best_mode = cfg.best_mode
+    return checked
+
+
+def _check_split(cfg, recipe, split, name: str, model, device, loss_fn, extra_metrics) -> Checked:
+    with blame(f"build_data's {name} split (its dataset, decode or transform)"):
+        samples = split.example_samples(EXAMPLE_SAMPLES)
+    if not samples:
+        raise ConfigError(f"the {name} split has no samples")
+    with blame("DataSpec.collate" if split.collate_fn else
+               "default_collate (samples of different sizes need DataSpec(collate=...), e.g. padding)"):
+        data = collate(samples, split.collate_fn)
+    compute_loss = getattr(recipe.module, "compute_loss", None)
+    try:
+        style = choose_style(data, compute_loss is not None, hasattr(recipe.module, "build_loss"))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    step = Step(style, loss_fn if style == "pair" else None, compute_loss, split.batch_transform)
+    with blame("the split's batch_transform"):
+        prepared = step.prepare(data, device, cfg.channels_last)
+    what = {"pair": "build_model's model or the loss", "model_loss": "build_model's model (forward(**batch))",
+            "compute_loss": "compute_loss(model, batch)"}[style]
+    training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), blame(what):
+            if style == "pair":  # name the model and the loss apart
+                inputs, targets = prepared
+                with blame("build_model's model (its forward)"):
+                    outputs = call_model(model, inputs)
+                with blame(f"the loss ({describe_loss(recipe, cfg)})"):
+                    _refuse_float_targets_for_cross_entropy(loss_fn, targets)
+                    out = StepOutput(loss_fn(outputs, targets), None, outputs, targets)
+            else:
+                out = step(model, prepared)
+    finally:
+        model.train(training)
+    loss = out.loss
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+        raise ConfigError(f"the step's loss must be a floating-point scalar tensor, got {_shape_of(loss)}; "
+                          "reduce it to one number (mean, or a sum with a count)")
+    if not loss.requires_grad and any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("the step's loss does not depend on any trainable parameter (was it detached, or "
+                          "computed under no_grad?); return the loss the model's outputs give")
+    task = infer_task(out.outputs, out.targets)
+    num_classes = int(out.outputs.shape[-1]) if task in ("classification", "language_model") else None
+    if (cfg.mixup_alpha or cfg.cutmix_alpha) and not (style == "pair" and task == "classification"):
+        raise ConfigError(f"--mixup_alpha/--cutmix_alpha mix class labels, but this run's step ({style}) gives a "
+                          f"{task} task without (inputs, class label) pairs; drop them")
+    metrics = TaskMetrics(task, num_classes, device, _fresh(extra_metrics), sync=False)
+    with blame("the metrics (build_metrics, or the task's)"):
+        metrics.update(out.outputs.detach() if isinstance(out.outputs, torch.Tensor) else out.outputs, out.targets)
+        metrics.compute(float(loss.detach()))
+    best_metric, best_mode = default_best(task)
+    counted = out.count is not None
+    return Checked(step, task, num_classes, counted, loss_name(loss_fn if style == "pair" else None, style, counted, task),
+                   ["val/loss", *metrics.names()], best_metric, best_mode, data,
+                   f"input {describe(inputs if style == 'pair' else data)} -> output {describe(_detach(out.outputs))}"
+                   if out.outputs is not None else f"input {describe(data)} -> loss")
+
+
+def describe_loss(recipe, cfg) -> str:
+    return "build_loss" if hasattr(recipe.module, "build_loss") else f"--loss={cfg.loss}"
+
+
+def _refuse_float_targets_for_cross_entropy(loss_fn, targets) -> None:
+    if isinstance(loss_fn, CrossEntropy) and isinstance(targets, torch.Tensor) and targets.is_floating_point():
+        raise ConfigError(f"--loss=cross_entropy takes class indices, but the targets are {targets.dtype} "
+                          f"{describe(targets)} (a regression?); set --loss=mse or --loss=l1, or give integer labels")
+
+
+def _check_best(cfg, checked: Checked) -> None:
+    names = list(checked.metric_names)
+    if cfg.ema_decay:
+        names += [n.replace("val/", "val_ema/", 1) for n in checked.metric_names]
+    if cfg.best_metric and cfg.best_metric not in names:
+        raise ConfigError(f"--best_metric={cfg.best_metric} is not a metric of this {checked.task} task; "
+                          f"choose one of {', '.join(names)}")
+    if cfg.lr_schedule == "plateau" and cfg.lr_plateau_metric not in names:
+        raise ConfigError(f"--lr_plateau_metric={cfg.lr_plateau_metric} is not a metric of this {checked.task} task; "
+                          f"choose one of {', '.join(names)}")
+
+
+def _fresh(extra: dict | None) -> dict | None:
+    """Copies of the recipe's metrics for the check (their states stay clean for the run)."""
+    return {name: metric.clone() for name, metric in extra.items()} if extra else None
+
+
+def _detach(outputs: Any) -> Any:
+    return outputs.detach() if isinstance(outputs, torch.Tensor) else outputs
+
+
+def _shape_of(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
