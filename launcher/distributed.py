@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
 
 from launcher.config import ConfigError, TrainConfig
+from launcher.tracking import check_trackers, tracker_names, tracker_project
 
 
 def has_accelerator() -> bool:
@@ -35,6 +36,7 @@ def configure_backends(cfg: TrainConfig) -> None:
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
+    check_trackers(cfg)
     configure_backends(cfg)
     on_cpu = not has_accelerator()
     if on_cpu and cfg.mixed_precision == "fp16":
@@ -43,8 +45,8 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         cpu=on_cpu,  # DDP with gloo over CPU processes when no GPU is present
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
-        log_with=None if cfg.wandb_mode == "disabled" else "wandb",
-        project_dir=cfg.output_dir,
+        log_with=tracker_names(cfg) or None,  # wandb and/or tensorboard (launcher.tracking)
+        project_config=tracker_project(cfg),  # output_dir; TensorBoard writes under OUTPUT_DIR/tensorboard
         kwargs_handlers=ddp_kwargs(cfg),
     )
     if on_cpu and accelerator.num_processes > 1 and "OMP_NUM_THREADS" not in os.environ:

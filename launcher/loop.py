@@ -226,7 +226,7 @@ class Trainer:
                 "the same --num_processes, --num_workers and --batch_size, or from an epoch-end checkpoint")
 
     def _init_tracker(self) -> None:
-        self.wandb_run_id = self.tracker.start(self.wandb_run_id)
+        self.wandb_run_id = self.tracker.start(self.wandb_run_id, resume_step=self.step)
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -659,6 +659,8 @@ class Trainer:
         run_dir = self.tracker.run_dir
         if run_dir:
             lines.append(f"  wandb run       {run_dir} ({cfg.wandb_mode}; `wandb sync {run_dir}` uploads it)")
+        if self.tracker.tensorboard_dir:
+            lines.append(f"  tensorboard     {self.tracker.tensorboard_dir} (`tensorboard --logdir {self.tracker.tensorboard_dir}`)")
         print("\n".join(lines), flush=True)
 
 

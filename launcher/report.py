@@ -1,10 +1,12 @@
 """`python -m launcher report RUN_DIR [RUN_DIR ...] [--out=FILE]`: one self-contained HTML page.
 
-Built only from each run directory's own files (metrics.jsonl, config.json, confusion.json,
-summary.json), so it works for offline runs and needs no server: plots are matplotlib PNGs
-embedded as data URIs, the page has no scripts and loads nothing from the network. It shows
-training and validation loss, validation accuracy, the LR of every parameter group, throughput,
-each run's latest confusion matrix, a summary per run, and the config fields that differ.
+Built only from each run directory's own files (metrics.jsonl, config.json, task.json,
+confusion.json, summary.json), so it works for offline runs and needs no server: plots are
+matplotlib PNGs embedded as data URIs, the page has no scripts and loads nothing from the network.
+It shows training and validation loss (labelled with each run's loss, from task.json), one plot per
+validation metric the runs logged (accuracies in %, others as they are), the LR of every parameter
+group, throughput, each classification run's latest confusion matrix, a summary per run, and the
+config fields that differ.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from dataclasses import dataclass, field
 
 from launcher.config import ConfigError
 
+ACCURACY_ENDINGS = ("top1", "top5", "accuracy", "acc")  # metrics shown as percentages
+NOT_PLOTTED = ("loss", "samples", "unreadable")  # val/loss has its own plot; the others are counts
+METRIC_NAMES = {"top1": "top-1 accuracy", "top5": "top-5 accuracy", "token_accuracy": "token accuracy",
+                "mse": "mean squared error", "mae": "mean absolute error", "r2": "R² (coefficient of determination)"}
+
 
 @dataclass
 class Run:
@@ -27,13 +34,39 @@ class Run:
     metrics: list[dict]
     summary: dict = field(default_factory=dict)
     confusion: dict | None = None
+    task: dict = field(default_factory=dict)  # task.json: task, loss, metrics, best_metric, best_mode
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
-        points = [(m["step"], m[key]) for m in self.metrics if key in m]
+        points = [(m["step"], m[key]) for m in self.metrics if _is_number(m.get(key))]
         return [s for s, _ in points], [v for _, v in points]
 
     def keys(self, prefix: str) -> list[str]:
         return sorted({k for m in self.metrics for k in m if k.startswith(prefix)})
+
+    @property
+    def loss_label(self) -> str:
+        """The loss's name from task.json, else from config.json's `loss` (runs from before task.json)."""
+        name = self.task.get("loss") or str(self.config.get("loss", "")).replace("_", "-")
+        if not name:
+            return "loss"
+        return name if name.endswith("loss") else f"{name} loss"
+
+
+@dataclass
+class Figure:
+    """One plot of the report: its caption, y-axis label, and (legend label, steps, values) per line."""
+    title: str
+    ylabel: str
+    lines: list[tuple[str, list[int], list[float]]]
+    legend_columns: int = 1
+
+
+def is_accuracy(metric: str) -> bool:
+    return metric.endswith(ACCURACY_ENDINGS)
+
+
+def format_value(metric: str, value: float) -> str:
+    return f"{100 * value:.2f} %" if is_accuracy(metric) else f"{value:.4g}"
 
 
 def load_run(path: str) -> Run:
@@ -51,7 +84,8 @@ def load_run(path: str) -> Run:
     with open(metrics_path) as f:
         metrics = [json.loads(line) for line in f if line.strip()]
     return Run(name=os.path.basename(os.path.normpath(path)), path=path, config=read("config.json", {}),
-               metrics=metrics, summary=read("summary.json", {}), confusion=read("confusion.json", None))
+               metrics=metrics, summary=read("summary.json", {}), confusion=read("confusion.json", None),
+               task=read("task.json", {}))
 
 
 def config_differences(runs: list[Run]) -> list[tuple[str, list]]:
@@ -63,6 +97,57 @@ def config_differences(runs: list[Run]) -> list[tuple[str, list]]:
         if len({json.dumps(v, sort_keys=True) for v in values}) > 1:
             rows.append((name, values))
     return rows
+
+
+def validation_metrics(runs: list[Run]) -> list[str]:
+    """The validation metrics any run logged (val/NAME and its EMA twin val_ema/NAME give NAME), in
+    the order they first appear, less val/loss and the sample counts."""
+    names: dict[str, None] = {}
+    for run in runs:
+        for record in run.metrics:
+            for key, value in record.items():
+                prefix, _, name = key.partition("/")
+                if prefix in ("val", "val_ema") and name not in NOT_PLOTTED and _is_number(value):
+                    names[name] = None
+    return list(names)
+
+
+def figure_specs(runs: list[Run]) -> list[Figure]:
+    """Every curve plot of the report, without the ones no run has data for."""
+    figures = [_loss_figure("Training loss", runs, ["train/loss"]),
+               _loss_figure("Validation loss", runs, ["val/loss", "val_ema/loss"])]
+    for name in validation_metrics(runs):
+        label = METRIC_NAMES.get(name, name)
+        scale = 100 if is_accuracy(name) else 1
+        figures.append(Figure(f"Validation {label}", f"{label} (%)" if scale == 100 else label,
+                              _lines(runs, [f"val/{name}", f"val_ema/{name}"], scale)))
+    lr_lines = [(f"{run.name}: {key[3:]}", *run.series(key)) for run in runs for key in run.keys("lr/")]
+    figures += [Figure("Learning rate per parameter group", "learning rate", lr_lines, legend_columns=2),
+                Figure("Throughput", "samples / s (all processes)", _lines(runs, ["train/samples_per_s"]))]
+    return [figure for figure in figures if figure.lines]
+
+
+def _loss_figure(title: str, runs: list[Run], keys: list[str]) -> Figure:
+    """The runs' loss curves; with losses of different kinds, the legend names each run's."""
+    labels = {run.loss_label for run in runs if _lines([run], keys)}
+    if len(labels) <= 1:
+        return Figure(title, labels.pop() if labels else "loss", _lines(runs, keys))
+    return Figure(title, "loss", [(f"{label} ({run.loss_label})", steps, values)
+                                  for run in runs for label, steps, values in _lines([run], keys)])
+
+
+def _lines(runs: list[Run], keys: list[str], scale: float = 1) -> list[tuple[str, list[int], list[float]]]:
+    lines = []
+    for run in runs:
+        for key in keys:
+            steps, values = run.series(key)
+            if steps:
+                lines.append((f"{run.name}: {key}", steps, [v * scale for v in values]))
+    return lines
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def make_report(run_dirs: list[str], out: str = "") -> str:
@@ -81,18 +166,14 @@ def render(runs: list[Run]) -> str:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
-    figures = [("Training loss", _curves(runs, ["train/loss"], "cross-entropy loss")),
-               ("Validation loss", _curves(runs, ["val/loss"], "cross-entropy loss")),
-               ("Validation accuracy", _curves(runs, ["val/top1", "val/top5"], "accuracy (%)", scale=100)),
-               ("Learning rate per parameter group", _lr_curves(runs)),
-               ("Throughput", _curves(runs, ["train/samples_per_s"], "samples / s (all processes)"))]
+    figures = [(figure.title, _png(_draw(figure))) for figure in figure_specs(runs)]
     figures += [(f"Confusion matrix: {run.name} (step {run.confusion['step']})", _confusion(run))
                 for run in runs if run.confusion and run.confusion.get("matrix")]
     parts = [f"<h1>launcher report: {html.escape(', '.join(run.name for run in runs))}</h1>",
              _summary_table(runs), _config_table(runs)]
     parts += [f'<figure><figcaption>{html.escape(title)}</figcaption>'
               f'<img alt="{html.escape(title)}" src="data:image/png;base64,{png}"></figure>'
-              for title, png in figures if png]
+              for title, png in figures]
     style = ("body{font-family:sans-serif;margin:2em;max-width:1100px} table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:14px}"
              "figure{margin:1.5em 0} figcaption{font-weight:bold;margin-bottom:.4em} img{max-width:100%}")
@@ -109,42 +190,16 @@ def _png(figure) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _curves(runs: list[Run], keys: list[str], ylabel: str, scale: float = 1.0) -> str:
+def _draw(spec: Figure):
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(9, 3.6))
-    drawn = 0
-    for run in runs:
-        for key in keys:
-            steps, values = run.series(key)
-            if steps:
-                axes.plot(steps, [v * scale for v in values], marker="o" if len(steps) < 30 else None,
-                          label=f"{run.name}: {key}")
-                drawn += 1
-    if not drawn:
-        plt.close(figure)
-        return ""
-    axes.set(xlabel="optimizer step", ylabel=ylabel)
+    for label, steps, values in spec.lines:
+        axes.plot(steps, values, marker="o" if len(steps) < 30 else None, label=label)
+    axes.set(xlabel="optimizer step", ylabel=spec.ylabel)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
-    return _png(figure)
-
-
-def _lr_curves(runs: list[Run]) -> str:
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(9, 3.6))
-    for run in runs:
-        for key in run.keys("lr/"):
-            steps, values = run.series(key)
-            axes.plot(steps, values, label=f"{run.name}: {key[3:]}")
-    if not axes.lines:
-        plt.close(figure)
-        return ""
-    axes.set(xlabel="optimizer step", ylabel="learning rate")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8, ncol=2)
-    return _png(figure)
+    axes.legend(fontsize=8, ncol=spec.legend_columns)
+    return figure
 
 
 def _confusion(run: Run) -> str:
@@ -177,12 +232,14 @@ def confusion_figure(matrix: list[list[int]], names: list[str] | None):
 
 
 def _summary_table(runs: list[Run]) -> str:
-    rows = ["<tr><th>run</th><th>directory</th><th>steps</th><th>best</th><th>samples seen</th>"
+    rows = ["<tr><th>run</th><th>directory</th><th>task</th><th>steps</th><th>best</th><th>samples seen</th>"
             "<th>time (s)</th><th>unreadable skipped</th></tr>"]
     for run in runs:
         s = run.summary
-        best = (f"{s['best/metric']} {s['best/value']:.4g} (step {s['best/step']})" if "best/metric" in s else "-")
-        cells = [run.name, run.path, s.get("steps", "-"), best, s.get("samples_seen", "-"),
+        best = "-"
+        if "best/metric" in s:
+            best = f"{s['best/metric']} {format_value(s['best/metric'], s['best/value'])} (step {s['best/step']})"
+        cells = [run.name, run.path, run.task.get("task", "-"), s.get("steps", "-"), best, s.get("samples_seen", "-"),
                  s.get("total_time_s", "-"), s.get("unreadable_skipped", "-")]
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return "<h2>Runs</h2><table>" + "".join(rows) + "</table>"

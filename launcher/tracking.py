@@ -3,7 +3,9 @@
 config.json (the resolved config), recipe.py (the recipe's source), environment.json (versions,
 command, world size), metrics.jsonl (one JSON object per optimizer step or evaluation),
 confusion.json (the latest evaluation's confusion matrix), summary.json (at the end). Only the
-main process writes. wandb goes through Accelerate's tracker (main process only).
+main process writes. The trackers (--trackers: wandb, tensorboard) go through Accelerate's tracker
+API, main process only: every logged scalar goes to each; TensorBoard's event files land in
+OUTPUT_DIR/tensorboard/<wandb_project>/ (`tensorboard --logdir OUTPUT_DIR/tensorboard`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,45 @@ import sys
 import time
 from importlib import metadata
 
+from accelerate.utils import ProjectConfiguration
+
+from launcher.config import ConfigError
+
+TRACKERS = ("wandb", "tensorboard")
+
+
+def configured_trackers(cfg) -> tuple[str, ...]:
+    return tuple(getattr(cfg, "trackers", ("wandb",)))
+
+
+def check_trackers(cfg) -> None:
+    unknown = [name for name in configured_trackers(cfg) if name not in TRACKERS]
+    if unknown:
+        raise ConfigError(f"--trackers names {', '.join(unknown)}; choose from {', '.join(TRACKERS)}")
+
+
+def tracker_names(cfg) -> list[str]:
+    """Accelerate's `log_with`: the --trackers, less wandb under --wandb_mode=disabled."""
+    names = dict.fromkeys(configured_trackers(cfg))  # in order, each once
+    return [name for name in names if name != "wandb" or cfg.wandb_mode != "disabled"]
+
+
+def tracker_project(cfg) -> ProjectConfiguration:
+    """Accelerate's directories: the run's output_dir, and OUTPUT_DIR/tensorboard as the logging
+    directory, under which its TensorBoard tracker writes to a folder named after the project."""
+    return ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "tensorboard"))
+
+
+def tensorboard_dir(cfg) -> str:
+    """Where the TensorBoard event files go: OUTPUT_DIR/tensorboard/<wandb_project>."""
+    return os.path.join(tracker_project(cfg).logging_dir, cfg.wandb_project)
+
+
+def hyperparameters(config: dict) -> dict:
+    """The config as TensorBoard's hparams takes it: numbers, strings and booleans as they are,
+    anything else (tuples, lists, dicts, None) as JSON text."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in config.items()}
+
 
 def save_run_files(cfg, recipe, world_size: int) -> None:
     os.makedirs(cfg.output_dir, exist_ok=True)
@@ -26,7 +67,7 @@ def save_run_files(cfg, recipe, world_size: int) -> None:
     if recipe.source_path:
         shutil.copyfile(recipe.source_path, os.path.join(cfg.output_dir, "recipe.py"))
     versions = {}
-    for package in ("torch", "torchvision", "accelerate", "webdataset", "wandb", "launcher"):
+    for package in ("torch", "torchvision", "accelerate", "webdataset", "wandb", "tensorboard", "launcher"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -72,19 +113,43 @@ class MetricsLog:
 
 
 class Tracker:
-    """wandb through Accelerate's tracker: only the main process has a run. With
-    `wandb_mode=disabled` every method does nothing, so the loop has no `if wandb:` branches."""
+    """The run's trackers through Accelerate: only the main process has them. With none (no
+    --trackers, or only wandb under --wandb_mode=disabled) every method does nothing, so the loop
+    has no `if wandb:` branches. Scalars go to every tracker; evaluation tables to wandb only."""
 
     def __init__(self, accelerator, cfg):
         self.accelerator, self.cfg = accelerator, cfg
-        self.enabled = cfg.wandb_mode != "disabled"
+        self.names = tracker_names(cfg)
+        self.enabled = bool(self.names)
         self.run = None  # the wandb Run on the main process
 
-    def start(self, run_id: str | None) -> str | None:
-        """Start, or with a stored `run_id` continue, the run; returns its id."""
-        cfg = self.cfg
+    def start(self, run_id: str | None, resume_step: int = 0) -> str | None:
+        """Start, or with a stored `run_id` continue, the run; returns the wandb run's id (with no
+        wandb, `run_id` unchanged). `resume_step`: the checkpoint's step when resuming, so that
+        TensorBoard drops the events of later steps, which are logged again."""
+        cfg, accelerator = self.cfg, self.accelerator
         if not self.enabled:
             return run_id
+        init_kwargs = {}
+        if "wandb" in self.names:
+            init_kwargs["wandb"] = self._wandb_init(run_id)
+        if "tensorboard" in self.names:
+            init_kwargs["tensorboard"] = {"purge_step": resume_step + 1} if resume_step else {}
+        # The config is stored per tracker below: TensorBoard's hparams refuse tuples and lists.
+        accelerator.init_trackers(cfg.wandb_project, init_kwargs=init_kwargs)
+        if not accelerator.is_main_process:
+            return run_id
+        config = dataclasses.asdict(cfg)
+        for tracker in accelerator.trackers:
+            tracker.store_init_configuration(config if tracker.name == "wandb" else hyperparameters(config))
+        if "wandb" in self.names:
+            self.run = accelerator.get_tracker("wandb", unwrap=True)
+            return self.run.id
+        return run_id
+
+    def _wandb_init(self, run_id: str | None) -> dict:
+        """wandb.init's arguments, passed through Accelerate."""
+        cfg = self.cfg
         init = {"mode": cfg.wandb_mode, "dir": os.path.abspath(cfg.output_dir), "resume": "allow",
                 "name": cfg.wandb_name or os.path.basename(os.path.normpath(cfg.output_dir))}
         for key, value in (("entity", cfg.wandb_entity), ("group", cfg.wandb_group),
@@ -98,12 +163,7 @@ class Tracker:
             # exporters bound for its servers), which reads the process-wide settings: an offline
             # run, e.g. on a cluster with no route out, must open no connection.
             wandb.setup(settings=wandb.Settings(mode="offline"))
-        self.accelerator.init_trackers(cfg.wandb_project, config=dataclasses.asdict(cfg),
-                                       init_kwargs={"wandb": init})
-        if self.accelerator.is_main_process:
-            self.run = self.accelerator.get_tracker("wandb", unwrap=True)
-            return self.run.id
-        return run_id
+        return init
 
     def log(self, values: dict, step: int) -> None:
         if self.enabled:
@@ -111,13 +171,14 @@ class Tracker:
 
     def log_evaluation(self, step: int, confusion: list[list[int]] | None, class_names: list[str],
                        examples: list[tuple] | None) -> None:
-        """A confusion matrix and a table of validation images (image, prediction, label)."""
-        if self.run is None:
+        """To wandb only: a confusion matrix and a table of validation images (image, prediction,
+        label). Either may be None (a task without classes or images): then it is left out."""
+        if self.run is None or not (confusion or examples):
             return
         import wandb
 
         values = {}
-        names = class_names or [str(i) for i in range(len(confusion or []))]
+        names = list(class_names or [str(i) for i in range(len(confusion or []))])
         if confusion:
             truth = [t for t, row in enumerate(confusion) for p, n in enumerate(row) for _ in range(n)]
             predicted = [p for t, row in enumerate(confusion) for p, n in enumerate(row) for _ in range(n)]
@@ -126,12 +187,14 @@ class Tracker:
         if examples:
             table = wandb.Table(columns=["image", "prediction", "label", "correct"])  # images: HWC uint8
             for image, prediction, label in examples:
-                table.add_data(wandb.Image(image), names[prediction], names[label], prediction == label)
+                table.add_data(wandb.Image(image), _class_name(names, prediction), _class_name(names, label),
+                               prediction == label)
             values["val/examples"] = table
         self.run.log(values, step=step)
 
     def finish(self, summary: dict) -> None:
-        """Write the summary, close the run, and (Accelerate's end_training) leave the process group."""
+        """Write the summary (wandb), close the trackers, and (Accelerate's end_training) leave the
+        process group."""
         if self.run is not None:
             self.run.summary.update(summary)
         self.accelerator.end_training()
@@ -139,4 +202,16 @@ class Tracker:
 
     @property
     def run_dir(self) -> str | None:
+        """The wandb run's directory (None without wandb, and on other processes)."""
         return os.path.dirname(self.run.dir) if self.run is not None else None
+
+    @property
+    def tensorboard_dir(self) -> str | None:
+        """The TensorBoard event files' directory (None without TensorBoard, and on other processes)."""
+        if "tensorboard" not in self.names or not self.accelerator.is_main_process:
+            return None
+        return tensorboard_dir(self.cfg)
+
+
+def _class_name(names: list[str], index: int) -> str:
+    return names[index] if 0 <= index < len(names) else str(index)

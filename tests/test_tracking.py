@@ -1,5 +1,6 @@
-"""What a run logs to wandb (read back with `wandb leet inspect --json`), one run across restarts,
-and the HTML report checked in a real headless Chromium."""
+"""What a run logs to wandb (read back with `wandb leet inspect --json`) and to TensorBoard (read
+back with TensorBoard's EventAccumulator), one run across restarts, and the HTML report checked in a
+real headless Chromium."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MLP_RECIPE, ROOT, WANDB, child_env, launcher
-from launcher.report import Run, config_differences
+from conftest import MLP_RECIPE, ROOT, WANDB, child_env, launcher, metrics
+from launcher.config import ConfigError, TrainConfig
+from launcher.distributed import build_accelerator
+from launcher.report import Run, config_differences, figure_specs, load_run, render
+from launcher.tracking import Tracker, check_trackers, tracker_names
 
 ARTIFACTS = ROOT / "test-artifacts"
 
@@ -34,6 +38,25 @@ def summary(records: list[dict]) -> dict:
         if r.get("type") == "summary":
             merged.update(r["summary"]["update"])
     return merged
+
+
+def tensorboard_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in a TensorBoard run directory's event files: (step, value) per tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory), size_guidance={"scalars": 0})  # 0: keep every point
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def logged_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """metrics.jsonl as (step, value) per key."""
+    series: dict = {}
+    for record in records:
+        for key, value in record.items():
+            if key != "step":
+                series.setdefault(key, []).append((record["step"], value))
+    return series
 
 
 class ProxyWatch:
@@ -63,14 +86,24 @@ class ProxyWatch:
 
 
 @pytest.mark.e2e
-def test_wandb_gets_per_step_and_per_evaluation_metrics_from_the_main_process_only(digits, tmp_path):
+def test_wandb_and_tensorboard_get_per_step_and_per_evaluation_metrics_from_the_main_process_only(digits, tmp_path):
     out = tmp_path / "tracked"
     network = ProxyWatch()
     launcher("recipes/resnet_finetune_tiny", f"--data_dir={digits}", f"--output_dir={out}", "--wandb_mode=offline",
-             "--wandb_name=tiny-ft", "--wandb_group=tests", "--wandb_tags=[a,b]", "--wandb_notes=checking logs",
-             "--log_every=1", "--log_images=8", processes=2, env=network.env())
+             "--trackers=[wandb,tensorboard]", "--wandb_name=tiny-ft", "--wandb_group=tests", "--wandb_tags=[a,b]",
+             "--wandb_notes=checking logs", "--log_every=1", "--log_images=8", processes=2, env=network.env())
     # Offline means no connection at all (wandb's own usage telemetry included).
     assert network.requests == []
+    # TensorBoard: one event file (rank 1 wrote none) with every scalar of metrics.jsonl, at its
+    # steps, with its values (stored as float32).
+    tensorboard = out / "tensorboard" / "launcher"
+    assert len(list(tensorboard.glob("events.out.tfevents.*"))) == 1
+    scalars, logged = tensorboard_scalars(tensorboard), logged_series(metrics(out))
+    assert scalars.keys() == logged.keys() and {"val/loss", "val/top1", "lr/head", "lr/layer3"} <= scalars.keys()
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4, 5, 6]
+    for key, points in logged.items():
+        assert [step for step, _ in scalars[key]] == [step for step, _ in points], key
+        assert [value for _, value in scalars[key]] == pytest.approx([value for _, value in points], rel=1e-6), key
     run_dirs = list((out / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1  # rank 1 created none
     records = wandb_records(run_dirs[0])
@@ -108,6 +141,28 @@ def test_a_resumed_run_continues_the_same_wandb_run_with_steps_going_forward(dig
     assert first == list(range(1, 51)) and second == list(range(51, 179))
 
 
+def test_an_unknown_tracker_is_refused_in_one_line_naming_the_flag():
+    with pytest.raises(ConfigError) as refused:
+        check_trackers(TrainConfig(trackers=("wandb", "mlflow")))
+    assert str(refused.value) == "--trackers names mlflow; choose from wandb, tensorboard"
+    assert tracker_names(TrainConfig(trackers=("wandb", "tensorboard"), wandb_mode="disabled")) == ["tensorboard"]
+    assert tracker_names(TrainConfig(trackers=("wandb",), wandb_mode="offline")) == ["wandb"]
+
+
+def test_tensorboard_alone_keeps_the_run_id_and_a_resume_replaces_the_steps_after_the_checkpoint(tmp_path):
+    # tuples in the config: TensorBoard's hparams take none, the tracker must turn them into text
+    cfg = TrainConfig(output_dir=str(tmp_path), trackers=("tensorboard",), wandb_tags=("a", "b"))
+    for resume_step, losses in ((0, {1: 1.0, 2: 2.0, 3: 3.0}), (1, {2: 20.0, 3: 30.0})):
+        tracker = Tracker(build_accelerator(cfg), cfg)
+        assert tracker.start("stored-id", resume_step=resume_step) == "stored-id"
+        for step, loss in losses.items():
+            tracker.log({"train/loss": loss}, step=step)
+        tracker.log_evaluation(3, confusion=None, class_names=[], examples=None)  # nothing for wandb: no-op
+        tracker.finish({"steps": 3})
+    assert tracker.run_dir is None and tracker.tensorboard_dir == str(tmp_path / "tensorboard" / "launcher")
+    assert tensorboard_scalars(Path(tracker.tensorboard_dir)) == {"train/loss": [(1, 1.0), (2, 20.0), (3, 30.0)]}
+
+
 def run(name: str, **config) -> Run:
     return Run(name=name, path=name, config=config, metrics=[])
 
@@ -115,6 +170,65 @@ def run(name: str, **config) -> Run:
 def test_config_differences_list_only_the_fields_that_differ():
     runs = [run("a", lr=0.1, epochs=2, tags=["x"]), run("b", lr=0.2, epochs=2, tags=["x"], extra=1)]
     assert config_differences(runs) == [("extra", ["-", 1]), ("lr", [0.1, 0.2])]
+
+
+def write_run(directory: Path, records: list[dict], config: dict, **files) -> Path:
+    """A run directory as the trainer leaves it: metrics.jsonl, config.json, and NAME.json per keyword."""
+    directory.mkdir()
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for name, value in {"config": config, **files}.items():
+        (directory / f"{name}.json").write_text(json.dumps(value))
+    return directory
+
+
+def test_the_report_plots_each_runs_own_metrics_under_its_own_loss_with_only_accuracies_in_percent(tmp_path):
+    train = [{"step": 1, "epoch": 0, "train/loss": 2.0, "train/samples_per_s": 100.0, "lr/all": 0.1}]
+    counts = {"val/samples": 10, "val/unreadable": 0}
+    classifier = write_run(
+        tmp_path / "cls", train + [{"step": 2, "val/loss": 1.5, "val/top1": 0.5, "val/top5": 0.75, **counts}],
+        {"loss": "cross_entropy"}, task={"task": "classification", "loss": "cross-entropy"},
+        summary={"best/metric": "val/top1", "best/value": 0.5, "best/step": 2},
+        confusion={"step": 2, "classes": ["a", "b"], "matrix": [[3, 1], [0, 4]]})
+    language = write_run(
+        tmp_path / "lm", train + [{"step": 2, "val/loss": 1.2, "val/perplexity": 3.25, "val/token_accuracy": 0.25,
+                                   **counts}],
+        {"loss": "cross_entropy"}, task={"task": "language_model", "loss": "per-token cross-entropy"},
+        summary={"best/metric": "val/perplexity", "best/value": 3.25, "best/step": 2})
+    # from before task.json: config.json's loss names the loss
+    regression = write_run(tmp_path / "reg", train + [{"step": 2, "val/loss": 0.3, "val/mse": 0.25, "val/r2": 0.5}],
+                           {"loss": "mse"})
+    runs = [load_run(str(path)) for path in (classifier, language, regression)]
+
+    lm = {f.title: f for f in figure_specs([runs[1]])}
+    assert list(lm) == ["Training loss", "Validation loss", "Validation perplexity", "Validation token accuracy",
+                        "Learning rate per parameter group", "Throughput"]
+    assert lm["Training loss"].ylabel == lm["Validation loss"].ylabel == "per-token cross-entropy loss"
+    assert (lm["Validation perplexity"].ylabel, lm["Validation perplexity"].lines) == (
+        "perplexity", [("lm: val/perplexity", [2], [3.25])])
+    assert (lm["Validation token accuracy"].ylabel, lm["Validation token accuracy"].lines) == (
+        "token accuracy (%)", [("lm: val/token_accuracy", [2], [25.0])])
+    regression_figures = figure_specs([runs[2]])
+    assert regression_figures[0].ylabel == "mse loss"
+    assert not [f for f in regression_figures + list(lm.values())
+                if "cross-entropy" in f.ylabel and "per-token" not in f.ylabel]
+    assert {f.title: f.lines for f in regression_figures}["Validation R² (coefficient of determination)"] == [
+        ("reg: val/r2", [2], [0.5])]
+
+    together = {f.title: f for f in figure_specs(runs)}
+    assert together["Training loss"].ylabel == "loss"  # the losses differ: the legend names each
+    assert [label for label, _, _ in together["Training loss"].lines] == [
+        "cls: train/loss (cross-entropy loss)", "lm: train/loss (per-token cross-entropy loss)",
+        "reg: train/loss (mse loss)"]
+    assert together["Validation top-1 accuracy"].lines == [("cls: val/top1", [2], [50.0])]  # the others lack it
+    assert together["Validation perplexity"].lines == [("lm: val/perplexity", [2], [3.25])]
+
+    page = render(runs)
+    for title in together:
+        assert f"<figcaption>{title}</figcaption>" in page, title
+    assert "Confusion matrix: cls" in page and "Confusion matrix: lm" not in page
+    assert "val/top1 50.00 % (step 2)" in page and "val/perplexity 3.25 (step 2)" in page
+    assert "<td>language_model</td>" in page
+    assert not re.search(r'(src|href)="(?!data:)', page)
 
 
 @pytest.mark.e2e
@@ -138,7 +252,8 @@ def test_the_report_for_two_runs_shows_their_plots_and_config_differences_in_a_b
         driver.get(page.as_uri())
         figures = driver.find_elements("tag name", "figcaption")
         captions = [f.text for f in figures]
-        for title in ("Training loss", "Validation loss", "Validation accuracy", "Learning rate per parameter group",
+        for title in ("Training loss", "Validation loss", "Validation top-1 accuracy", "Validation top-5 accuracy",
+                      "Learning rate per parameter group",
                       "Throughput", f"Confusion matrix: {runs[0].name}", f"Confusion matrix: {runs[1].name}"):
             assert any(c.startswith(title) for c in captions), title
         widths = driver.execute_script("return [...document.images].map(i => i.complete && i.naturalWidth)")
