@@ -112,7 +112,7 @@ def _check_split(cfg, recipe, split, name: str, model, device, loss_fn, extra_me
     with blame("DataSpec.collate" if split.collate_fn else
                "default_collate (samples of different sizes need DataSpec(collate=...), e.g. padding)"):
         data = collate(samples, split.collate_fn)
-    compute_loss = getattr(recipe.module, "compute_loss", None)
+    compute_loss = recipe.compute_loss(cfg)
     try:
         style = choose_style(data, compute_loss is not None, hasattr(recipe.module, "build_loss"))
     except ValueError as error:

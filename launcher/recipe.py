@@ -6,7 +6,7 @@ A recipe module defines:
   build_data(cfg)             -> launcher.DataSpec
   build_schedule(cfg, model)  -> launcher.Schedule   (optional: one group; --optimizer, --lr_schedule)
   build_loss(cfg)             -> callable(outputs, targets) (optional: --loss, --label_smoothing, --class_weights)
-  compute_loss(model, batch)  -> loss | (loss_sum, count) | launcher.StepOutput  (optional: the step itself)
+  compute_loss(model, batch[, cfg]) -> loss | (loss_sum, count) | launcher.StepOutput  (optional: the step itself)
   build_metrics(cfg)          -> {name: torchmetrics.Metric} updated with (outputs, targets) (optional)
   predict_sample(cfg, text)   -> a sample, for `launcher predict` on inputs that are not images (optional)
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,13 @@ class Recipe:
     def build_loss(self, cfg) -> Callable:
         build = getattr(self.module, "build_loss", None)
         return build(cfg) if build else losses.from_config(cfg)
+
+    def compute_loss(self, cfg) -> Callable | None:
+        """The recipe's compute_loss as (model, batch) -> result; one taking a third argument gets cfg."""
+        fn = getattr(self.module, "compute_loss", None)
+        if fn is None or len(inspect.signature(fn).parameters) < 3:
+            return fn
+        return lambda model, batch: fn(model, batch, cfg)
 
     def build_metrics(self, cfg) -> dict | None:
         build = getattr(self.module, "build_metrics", None)

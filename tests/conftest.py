@@ -28,6 +28,15 @@ def digits(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def text_shards(tmp_path_factory) -> Path:
+    """Byte-level text shards of standard-library source, for recipes/char_lm (built once per session)."""
+    out = tmp_path_factory.mktemp("text")
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_text_shards.py"), "--out", str(out)],
+                   check=True, cwd=ROOT, capture_output=True)
+    return out
+
+
 def metrics(run_dir) -> list[dict]:
     """A run's metrics.jsonl, one dict per logged record."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
