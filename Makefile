@@ -16,13 +16,15 @@ LOWEST ?= .venv-lowest
 
 # torch and torchvision are resolved together from the registry by uv (a CPU-only torch wheel
 # from a local find-links would break torchvision's compiled ops). The stamp makes a second
-# `make setup` with nothing changed take milliseconds.
+# `make setup` with nothing changed take milliseconds. --compile-bytecode writes every package's
+# .pyc once: where PYTHONDONTWRITEBYTECODE is set (as on CI's machines) Python would otherwise
+# compile torch and torchvision again in every process, about 15 s per start.
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check uv
-	$(VENV)/bin/uv pip install --python $(PY) -q -e '.[dev]'
+	$(VENV)/bin/uv pip install --python $(PY) -q --compile-bytecode -e '.[dev]'
 	touch $@
 
 $(DATA_DIR)/.built: scripts/make_demo_data.py | setup
@@ -50,7 +52,7 @@ test-fast: setup
 
 $(LOWEST)/.installed: pyproject.toml | setup
 	test -x $(LOWEST)/bin/python || $(PYTHON) -m venv $(LOWEST)
-	$(VENV)/bin/uv pip install --python $(LOWEST)/bin/python -q --resolution lowest-direct -e '.[dev]'
+	$(VENV)/bin/uv pip install --python $(LOWEST)/bin/python -q --compile-bytecode --resolution lowest-direct -e '.[dev]'
 	touch $@
 
 # wandb 0.19.5 has no `wandb leet`; the tests read its runs back with .venv's newer CLI.
