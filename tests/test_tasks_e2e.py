@@ -1,0 +1,215 @@
+"""Any task end to end: the regression, GRU and language-model recipes trained in 1 and 2
+processes, a model that returns its own loss, exact resume of the LM on shards after SIGKILL,
+token-weighted losses equal across batch sizes, accumulation and processes, the pre-flight
+errors, and evaluate, predict, plan and the report for these tasks."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, launcher, metrics, start_launcher, wait_for_step
+
+pytestmark = pytest.mark.e2e
+
+TOKEN_COUNTS = str(ROOT / "tests" / "recipes" / "token_counts.py")
+HF_STYLE = str(ROOT / "tests" / "recipes" / "hf_style_digits.py")
+CRASHING = str(ROOT / "tests" / "recipes" / "crashing.py")
+
+
+def weights(run_dir) -> dict:
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def evaluations(run_dir) -> list[dict]:
+    return [m for m in metrics(run_dir) if "val/loss" in m]
+
+
+def train_losses(run_dir) -> list[float]:
+    return [m["train/loss"] for m in metrics(run_dir) if "train/loss" in m]
+
+
+def identical_replicas(run_dir) -> bool:
+    return json.loads((run_dir / "replicas.json").read_text())["identical"]
+
+
+# ---- the recipes, each trained once in 1 and once in 2 processes -----------------------------
+
+RECIPES = {  # recipe -> (extra args, the metric that must beat an untrained model's, that model's value)
+    "regression_tiny": ([], "val/r2", 0.0),  # predicting the mean: R2 0
+    "gru_classifier_tiny": ([], "val/top1", 1 / 6),  # 6 balanced classes
+    "char_lm_tiny": (["--max_steps=30", "--checkpoint_every=5"], "val/loss", math.log(256)),  # uniform bytes
+    HF_STYLE: ([], "val/top1", 1 / 10),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, text_shards) -> dict:
+    """(recipe, processes) -> run dir, each trained once."""
+    done = {}
+    for recipe, (extra, _, _) in RECIPES.items():
+        for processes in (1, 2):
+            out = tmp_path_factory.mktemp("task") / f"{os.path.basename(recipe)}-p{processes}"
+            path = recipe if recipe.endswith(".py") else f"recipes/{recipe}"
+            data = [f"--data_dir={text_shards}"] if recipe == "char_lm_tiny" else []
+            result = launcher(path, *data, *extra, f"--output_dir={out}", processes=processes, timeout=400)
+            (out / "stdout.txt").write_text(result.stdout)
+            done[recipe, processes] = out
+    return done
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_each_task_trains_its_loss_falls_and_its_metric_improves(runs, recipe, processes):
+    out = runs[recipe, processes]
+    _, metric, untrained = RECIPES[recipe]
+    losses = train_losses(out)
+    assert losses[-1] < 0.9 * losses[0]
+    higher = json.loads((out / "task.json").read_text())["best_mode"] == "max" or metric.endswith("r2")
+    values = [m[metric] for m in evaluations(out)]
+    assert values[-1] > untrained + 0.05 if higher else values[-1] < 0.8 * untrained, values
+    assert evaluations(out)[-1]["val/loss"] <= evaluations(out)[0]["val/loss"]
+    assert identical_replicas(out)
+
+
+def test_each_task_logs_its_own_metrics_and_picks_its_own_best(runs):
+    tasks = {"regression_tiny": ("regression", {"val/mse", "val/mae", "val/r2"}, "val/loss", "min"),
+             "gru_classifier_tiny": ("classification", {"val/top1", "val/top5"}, "val/top1", "max"),
+             "char_lm_tiny": ("language_model", {"val/perplexity", "val/token_accuracy"}, "val/loss", "min"),
+             HF_STYLE: ("classification", {"val/top1", "val/top5"}, "val/top1", "max")}
+    for recipe, (task, names, best, mode) in tasks.items():
+        out = runs[recipe, 1]
+        described = json.loads((out / "task.json").read_text())
+        assert (described["task"], described["best_metric"], described["best_mode"]) == (task, best, mode), recipe
+        last = evaluations(out)[-1]
+        assert names <= set(last), recipe
+        assert ("val/top1" in last) == (task == "classification"), recipe
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["best/metric"] == best
+    lm = evaluations(runs["char_lm_tiny", 1])[-1]
+    assert lm["val/perplexity"] == pytest.approx(2.718281828 ** lm["val/loss"], rel=1e-9)
+    assert 0 < lm["val/token_accuracy"] < 1
+    regression = evaluations(runs["regression_tiny", 1])[-1]
+    assert regression["val/r2"] < 1 and regression["val/mse"] > 0 and regression["val/mae"] > 0
+    stdout = (runs["char_lm_tiny", 1] / "stdout.txt").read_text()
+    assert "step                  the recipe's compute_loss(model, batch), a sum normalised by the count" in stdout
+    assert "input {input_ids: (N, " in stdout and "-> output (N, " in stdout
+    assert "step                  model(**batch) returns its own loss" in (runs[HF_STYLE, 1] / "stdout.txt").read_text()
+    gru = (runs["gru_classifier_tiny", 1] / "stdout.txt").read_text()
+    assert "input ((N, " in gru and "(N,)) -> output (N, 6)" in gru
+
+
+def test_validation_counts_every_sample_once_in_two_processes(runs):
+    for recipe in RECIPES:
+        one, two = (evaluations(runs[recipe, p])[-1]["val/samples"] for p in (1, 2))
+        assert one == two > 0, recipe
+
+
+def test_a_killed_language_model_resumes_to_bitwise_the_same_weights(runs, text_shards, tmp_path):
+    out = tmp_path / "killed"
+    args = ["recipes/char_lm_tiny", f"--data_dir={text_shards}", "--max_steps=30", "--checkpoint_every=5",
+            f"--output_dir={out}"]
+    run = start_launcher(*args, log=tmp_path / "killed.log")
+    wait_for_step(out, 13, run)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    resumed = launcher(*args, "--resume=auto")
+    assert "resumed from" in resumed.stdout
+    reference, mine = weights(runs["char_lm_tiny", 1]), weights(out)
+    assert reference.keys() == mine.keys() and all(torch.equal(reference[k], mine[k]) for k in reference)
+
+
+def test_evaluate_and_predict_report_each_task(runs, text_shards):
+    lm = launcher("evaluate", "recipes/char_lm_tiny", f"--checkpoint={runs['char_lm_tiny', 1]}",
+                  f"--data_dir={text_shards}").stdout
+    last = evaluations(runs["char_lm_tiny", 1])[-1]
+    assert "(language_model)" in lm and f"perplexity     {last['val/perplexity']:.4f}" in lm
+    regression = launcher("predict", "recipes/regression_tiny", f"--checkpoint={runs['regression_tiny', 1]}",
+                          "59,2,32.1,101,157,93.2,38,4,4.8598,87", "48,1,21.6,87,183,103.2,70,3,3.8918,69")
+    values = re.findall(r"^59,2,.*: (-?[\d.e+-]+)$", regression.stdout, re.MULTILINE)
+    assert len(values) == 1 and "predicted 2 inputs" in regression.stderr
+    gru = launcher("predict", "recipes/gru_classifier_tiny", f"--checkpoint={runs['gru_classifier_tiny', 1]}",
+                   "--top_k=2", "parser.add_argument('--verbose', action='store_true')")
+    assert re.search(r"parser\.add_argument.*: \w[\w.]* \d+\.\d %, \w[\w.]* \d+\.\d %$", gru.stdout.strip())
+    refused = launcher("predict", "recipes/char_lm_tiny", f"--checkpoint={runs['char_lm_tiny', 1]}",
+                       f"--data_dir={text_shards}", "some text", check=False)
+    assert refused.returncode == 2 and "define predict_sample(cfg, text)" in refused.stderr
+
+
+def test_the_report_of_a_language_model_run_opens_in_a_browser(runs, tmp_path):
+    from browser import chromium
+
+    page = tmp_path / "lm.html"
+    launcher("report", runs["char_lm_tiny", 1], runs["regression_tiny", 1], f"--out={page}")
+    text = page.read_text()
+    assert "cross-entropy loss" not in text.split("Training loss")[0]  # no classifier's axis for these runs
+    driver = chromium()
+    try:
+        driver.get(page.as_uri())
+        captions = [f.text for f in driver.find_elements("tag name", "figcaption")]
+        for title in ("Training loss", "Validation loss", "Validation perplexity", "Validation token accuracy",
+                      "Validation mean squared error", "Validation R²"):
+            assert any(c.startswith(title) for c in captions), (title, captions)
+        assert not any(c.startswith("Confusion matrix") for c in captions)
+        widths = driver.execute_script("return [...document.images].map(i => i.complete && i.naturalWidth)")
+        assert len(widths) == len(captions) and all(w > 100 for w in widths)
+    finally:
+        driver.quit()
+
+
+# ---- the loss normalised by tokens over micro-batches and ranks ------------------------------
+
+
+def test_a_token_weighted_loss_is_the_same_for_any_batch_split_across_accumulation_and_processes(tmp_path):
+    def run(name, *args, processes=1):  # plain SGD: the update is the gradient, rounding is not amplified
+        out = tmp_path / name
+        launcher(TOKEN_COUNTS, f"--output_dir={out}", "--optimizer=sgd", "--momentum=0", "--lr=1.0", *args,
+                 processes=processes)
+        return weights(out)
+
+    whole = run("b16")
+    accumulated = run("b8x2", "--batch_size=8", "--grad_accum_steps=2")
+    processes = run("p2b4x2", "--batch_size=4", "--grad_accum_steps=2", processes=2)
+    wrong = run("b8x2-mean", "--batch_size=8", "--grad_accum_steps=2", "--per_batch_mean=True")
+
+    def gap(a, b):
+        return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+    gaps = gap(whole, accumulated), gap(whole, processes), gap(whole, wrong)
+    assert gaps[0] < 1e-6 and gaps[1] < 1e-6 and gaps[2] > 100 * max(gaps[0], gaps[1], 1e-8), gaps
+
+
+# ---- what the pre-flight check refuses ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message, frame", [
+    ([CRASHING, "--fail=forward"], "pre-flight: build_model's model (its forward) raised RuntimeError: shape",
+     "crashing.py\", line"),
+    ([CRASHING, "--fail=collate"], "pre-flight: default_collate (samples of different sizes need "
+     "DataSpec(collate=...), e.g. padding) raised RuntimeError: stack expects each tensor to be equal size", None),
+    ([CRASHING, "--fail=loss"], "pre-flight: the loss (build_loss) raised IndexError", "outputs[\"loss\"]"),
+    (["recipes/regression_tiny", "--loss=cross_entropy"], "--loss=cross_entropy takes class indices, but the "
+     "targets are torch.float32 (N,) (a regression?); set --loss=mse or --loss=l1", None),
+    (["recipes/regression_tiny", "--mixup_alpha=0.2"], "--mixup_alpha/--cutmix_alpha mix class labels, but this "
+     "run's step (pair) gives a regression task", None),
+    (["recipes/regression_tiny", "--best_metric=val/top1"], "--best_metric=val/top1 is not a metric of this "
+     "regression task; choose one of val/loss, val/mse, val/mae, val/r2", None),
+])
+def test_a_recipe_that_would_fail_is_refused_before_training_in_one_line(args, message, frame, tmp_path):
+    result = launcher(*args, f"--output_dir={tmp_path / 'run'}", check=False)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("launcher: error: ") and message in lines[-1], lines[-1]
+    assert not (tmp_path / "run").exists()  # found before anything was written
+    assert "/launcher/" not in result.stderr and "site-packages" not in result.stderr  # only the recipe's frames
+    if frame:
+        assert frame in result.stderr
+    else:
+        assert len(lines) == 1
