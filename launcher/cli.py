@@ -21,8 +21,8 @@ usage: python -m launcher RECIPE [--field=value ...]          train
        python -m launcher RECIPE --help                        list the recipe's fields
        python -m launcher shards SOURCE OUT [--max_count=N ...] write WebDataset shards (see --help)
        python -m launcher report RUN_DIR [RUN_DIR ...] [--out=FILE]  one HTML page: curves, config differences
-       python -m launcher evaluate RECIPE --checkpoint=PATH [--out=DIR] [...]   metrics, per-class accuracy, confusion
-       python -m launcher predict RECIPE --checkpoint=PATH IMAGE_OR_DIR ... [--top_k=5] [--out=FILE.jsonl]
+       python -m launcher evaluate RECIPE --checkpoint=PATH [--out=DIR] [...]   the task's validation metrics
+       python -m launcher predict RECIPE --checkpoint=PATH INPUT ... [--top_k=5] [--out=FILE.jsonl]
 
 RECIPE is a recipe file (recipes/resnet_finetune or recipes/resnet_finetune.py) or a dotted
 module name (recipes.resnet_finetune). Every field of the recipe's Config can be set with
@@ -30,11 +30,15 @@ module name (recipes.resnet_finetune). Every field of the recipe's Config can be
 device), grad_accum_steps, mixed_precision (no/fp16/bf16), optimizer, lr, lr_schedule,
 warmup_steps, loss, label_smoothing, mixup_alpha, cutmix_alpha, ema_decay, early_stop_patience,
 resume (""/auto/PATH), checkpoint_every, keep_checkpoints, best_metric, nonfinite (stop/skip),
-num_workers, deterministic, channels_last, compile, synthetic_data, wandb_mode
-(auto/online/offline/disabled); RECIPE --help lists all.
+num_workers, deterministic, channels_last, compile, synthetic_data, trackers ([wandb],
+[wandb,tensorboard]), wandb_mode (auto/online/offline/disabled); RECIPE --help lists all.
 
 evaluate and predict take a run's output_dir, a checkpoints/step-N directory or a weights file
-as --checkpoint; predict prints the top-k classes per image (class names from the training index).
+as --checkpoint; predict prints a classifier's top-k classes or a regression's values per input:
+image files or directories, or any text for a recipe with predict_sample(cfg, text).
+
+Before training (and in plan) one real batch of each split goes through collate, the model, the
+loss and the metrics: a recipe that would crash is one line naming the function that raised.
 
 Exit codes: 0 done; 2 bad input (one line on stderr); 1 stopped on a non-finite loss
 (--nonfinite=stop); 75 preempted by SIGUSR1/SIGTERM after saving a checkpoint (under Slurm a
