@@ -86,8 +86,8 @@ class Shards:
 class Synthetic:
     """Random batches with the structure, shapes and dtypes of a real batch, generated once and
     served every step: no files, no decoding, so a run measures the training step alone
-    (`--synthetic_data` swaps a recipe's splits for these). Integer fields (labels, token ids) are
-    drawn between the real batch's least and greatest values, so they stay valid."""
+    (`--synthetic_data` swaps a recipe's splits for these). Integer fields (labels, token ids,
+    padding markers) are drawn from the real batch's own values, so they stay valid."""
 
     example: Any  # a collated real batch
     length: int  # samples per epoch
@@ -102,8 +102,8 @@ class Synthetic:
             shape = (size, *leaf.shape[1:])
             if leaf.is_floating_point():
                 return torch.randn(shape, generator=generator).to(leaf.dtype)
-            low, high = (int(leaf.min()), int(leaf.max())) if leaf.numel() else (0, 1)
-            return torch.randint(low, high + 1, shape, generator=generator).to(leaf.dtype)
+            values = leaf.flatten() if leaf.numel() else torch.zeros(1, dtype=leaf.dtype)
+            return values[torch.randint(0, len(values), shape, generator=generator)]
 
         return Batch(data=pytree.tree_map(draw, self.example), size=size)
 

@@ -126,6 +126,16 @@ def test_a_killed_language_model_resumes_to_bitwise_the_same_weights(runs, text_
     assert reference.keys() == mine.keys() and all(torch.equal(reference[k], mine[k]) for k in reference)
 
 
+def test_synthetic_data_imitates_a_dict_batch_of_tokens(text_shards, tmp_path):
+    out = tmp_path / "synthetic"
+    result = launcher("recipes/char_lm_tiny", f"--data_dir={text_shards}", "--synthetic_data=True", "--max_steps=10",
+                      "--log_every=2", f"--output_dir={out}")
+    assert re.search(r"training data +synthetic: \d+ random samples like \{input_ids: \(N, \d+\), labels: \(N, \d+\)\}",
+                     result.stdout)
+    losses = train_losses(out)
+    assert len(losses) == 5 and losses[-1] < losses[0]  # one fixed batch, learnt step after step
+
+
 def test_evaluate_and_predict_report_each_task(runs, text_shards):
     lm = launcher("evaluate", "recipes/char_lm_tiny", f"--checkpoint={runs['char_lm_tiny', 1]}",
                   f"--data_dir={text_shards}").stdout
