@@ -119,7 +119,7 @@ def print_plan(cfg: TrainConfig, recipe: Recipe, world_size: int) -> None:
         cfg, note = checkpoints.keep_global_batch(cfg, resume_from, world_size)
     parts = build_parts(cfg, recipe, rank=0, world=world_size)
     parts.plan.notes.append(note)
-    print(format_plan(cfg, parts.plan, parts.groups, recipe.name))
+    print(format_plan(parts.cfg, parts.plan, parts.groups, recipe.name))
 
 
 class Trainer:
@@ -425,8 +425,7 @@ class Trainer:
             raise ConfigError("compute_loss returned a count in some steps and not in others; return "
                               "(loss_sum, count) always, or a mean always")
         if counted:
-            window.step_count = window.step_count + torch.as_tensor(out.count, device=self.accelerator.device,
-                                                                    dtype=torch.float64)
+            window.step_count += out.count  # in place on the device: an int or a tensor, no host sync
         return counted
 
     def _normalise_by_count(self, window: "_Window") -> None:
