@@ -1,22 +1,46 @@
 """Launcher overhead: the same model and in-memory batches through the launcher and a plain loop.
 
-    python scripts/bench_overhead.py [--steps=300 --repeats=5 --hidden=1024 --batch_size=128]
+    python scripts/bench_overhead.py [--setting=both --steps=300 --repeats=5]
+    python scripts/bench_overhead.py --setting=mlp [--hidden=1024 --batch_size=128]
+    python scripts/bench_overhead.py --setting=lm [--n_layer=2 --n_embd=64 --block_size=64 --lm_batch_size=16]
 
-Both sides: an MLP, AdamW, an LR scheduler stepped per optimizer step, a DataLoader over the same
-in-memory TensorDataset (shuffled, no workers). Timed rounds alternate between the two, after a
-warm-up round each, and the median of each is reported with their ratio (target >= 0.97).
-Startup (building the Accelerator, writing run files) is outside the timed region.
+`--setting` picks what is timed: `mlp`, `lm` or `both` (the default, so `make bench` and the test
+cover both); `--steps`, `--warmup` and `--repeats` apply to each.
+
+mlp: an MLP, AdamW, an LR scheduler stepped per optimizer step, a DataLoader over the same
+in-memory TensorDataset (shuffled, no workers). Reported in steps/s.
+
+lm: recipes/char_lm's causal Transformer on variable-length lines of standard-library source (in
+memory, `--steps` x `--lm_batch_size` of them), padded per batch by char_lm's `collate`; both sides
+take the summed per-token cross-entropy over the batch's real tokens (the launcher through
+char_lm's `compute_loss` and its count, the plain loop dividing by hand: the same for 1 process
+and no accumulation), AdamW, clipping to char_lm's max_grad_norm, its warm-up-cosine LR schedule
+stepped per optimizer step. Both run on the launcher's device (a GPU if there is one; a round
+ends with the device synchronised). Reported in tokens/s: the real (non-padding) labels of one
+epoch over the elapsed time.
+
+Timed rounds alternate between the two, after `--warmup` rounds each, and the median of each is
+reported with their ratio (target >= 0.97). A round is one epoch of the in-memory data
+(`--steps` optimizer steps): the launcher's `train_epoch` alone, so no evaluation or checkpoint
+falls inside it. Startup (building the Accelerator, writing run files) is outside the timed region.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
+import inspect
+import itertools
+import json.decoder
 import os
 import statistics
 import sys
 import tempfile
 import time
 import types
+import typing
+from typing import Callable
 
 import fire
 import torch
@@ -25,11 +49,17 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from launcher import DataSpec, TrainConfig  # noqa: E402
+from launcher import ConfigError, DataSpec, TrainConfig  # noqa: E402
 from launcher.loop import Trainer  # noqa: E402
 from launcher.recipe import Recipe  # noqa: E402
 from launcher.schedules import warmup_cosine  # noqa: E402
+from recipes import char_lm  # noqa: E402
 
+SETTINGS = ("mlp", "lm", "both")
+TEXT_MODULES = (argparse, dataclasses, inspect, json.decoder, typing)  # the LM's text: their source lines
+
+
+# ---- mlp ------------------------------------------------------------------------------------
 
 def build_model(hidden: int) -> nn.Module:
     torch.manual_seed(0)
@@ -83,27 +113,149 @@ def launcher_round(trainer: Trainer, steps: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
-def main(steps: int = 300, warmup: int = 1, repeats: int = 5, hidden: int = 1024, batch_size: int = 128,
-         threads: int = 0) -> None:
-    if threads:
-        torch.set_num_threads(threads)
+def run_mlp(steps: int, warmup: int, repeats: int, hidden: int, batch_size: int) -> None:
     dataset = make_dataset(steps * batch_size)
     plain_model = build_model(hidden)
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = launcher_trainer(dataset, hidden, batch_size, output_dir)
-        for _ in range(warmup):
-            plain_round(plain_model, dataset, batch_size, steps)
-            launcher_round(trainer, steps)
-        plain, ours = [], []
-        for _ in range(repeats):  # alternate, so drift in machine speed hits both alike
-            plain.append(plain_round(plain_model, dataset, batch_size, steps))
-            ours.append(launcher_round(trainer, steps))
+        plain, ours = interleave(lambda: plain_round(plain_model, dataset, batch_size, steps),
+                                 lambda: launcher_round(trainer, steps), warmup, repeats)
+    report(f"model: MLP 256-{hidden}-{hidden}-10, batch {batch_size}, {steps} steps x {repeats} rounds, "
+           f"{torch.get_num_threads()} threads, device cpu", "steps/s", plain, ours)
+
+
+# ---- lm -------------------------------------------------------------------------------------
+
+def make_text_samples(count: int) -> list[dict]:
+    """`count` lines of standard-library source as {"tokens": (L,) uint8} byte samples, the
+    lines taken in order (cycled if there are fewer): 4 bytes and longer, mostly 20 to 80."""
+    lines = [line.encode() for module in TEXT_MODULES for line in inspect.getsource(module).splitlines()
+             if len(line.strip()) > 3]
+    return [{"tokens": torch.tensor(list(line), dtype=torch.uint8)}
+            for line in itertools.islice(itertools.cycle(lines), count)]
+
+
+def real_tokens(samples: list[dict], max_tokens: int) -> int:
+    """Non-ignored labels of one pass over `samples`: collate cuts each to max_tokens and predicts all but the first."""
+    return sum(min(len(sample["tokens"]), max_tokens) - 1 for sample in samples)
+
+
+def lm_config(output_dir: str, n_layer: int, n_embd: int, block_size: int, batch_size: int) -> char_lm.Config:
+    return char_lm.Config(output_dir=output_dir, n_layer=n_layer, n_embd=n_embd, block_size=block_size,
+                          batch_size=batch_size, epochs=10_000, max_steps=0, num_workers=0,
+                          wandb_mode="disabled", log_every=100, resume="").resolved()
+
+
+def lm_trainer(cfg: char_lm.Config, samples: list[dict], steps: int) -> Trainer:
+    module = types.SimpleNamespace(
+        Config=type(cfg), build_model=char_lm.build_model, compute_loss=char_lm.compute_loss,
+        build_data=lambda cfg: DataSpec(train=samples, collate=functools.partial(
+            char_lm.collate, max_tokens=cfg.block_size + 1)),
+        __name__="bench_lm")
+    trainer = Trainer(cfg, Recipe("bench_lm", module))
+    if trainer.plan.micro_batches_per_epoch != steps:  # tokens/s assumes every sample once per round
+        raise RuntimeError(f"the launcher's epoch has {trainer.plan.micro_batches_per_epoch} batches, not {steps}")
+    trainer.start()
+    trainer.progress = types.SimpleNamespace(update=lambda n: None, set_postfix=lambda **k: None)
+    return trainer
+
+
+def synchronize(device: torch.device) -> None:
+    """A round ends when the device has finished its work (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plain_lm_round(model: nn.Module, samples: list[dict], cfg: char_lm.Config, device: torch.device,
+                   steps: int, tokens: int) -> float:
+    """The char LM's step written by hand: summed cross-entropy / the batch's real tokens, AdamW,
+    clipping, the LR schedule. Returns tokens/s."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr_at = warmup_cosine(cfg.warmup_steps, cfg.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, steps))
+    loader = DataLoader(samples, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                        collate_fn=functools.partial(char_lm.collate, max_tokens=cfg.block_size + 1),
+                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+    model.train()
+    start = time.perf_counter()
+    for batch in loader:
+        input_ids = batch["input_ids"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        logits = model(input_ids)
+        loss_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=char_lm.IGNORE,
+                                   reduction="sum")
+        (loss_sum / (labels != char_lm.IGNORE).sum()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+    synchronize(device)
+    return tokens / (time.perf_counter() - start)
+
+
+def launcher_lm_round(trainer: Trainer, tokens: int) -> float:
+    start = time.perf_counter()
+    trainer.train_epoch()  # one epoch of the in-memory samples = `steps` optimizer steps
+    trainer.epoch += 1
+    synchronize(trainer.accelerator.device)
+    return tokens / (time.perf_counter() - start)
+
+
+def run_lm(steps: int, warmup: int, repeats: int, n_layer: int, n_embd: int, block_size: int,
+           batch_size: int) -> None:
+    samples = make_text_samples(steps * batch_size)
+    tokens = real_tokens(samples, block_size + 1)
+    with tempfile.TemporaryDirectory() as output_dir:
+        cfg = lm_config(output_dir, n_layer, n_embd, block_size, batch_size)
+        trainer = lm_trainer(cfg, samples, steps)
+        device = trainer.accelerator.device  # the plain loop runs where the launcher does
+        torch.manual_seed(cfg.seed)  # the launcher's initial weights too
+        plain_model = char_lm.build_model(cfg).to(device)
+        plain, ours = interleave(lambda: plain_lm_round(plain_model, samples, cfg, device, steps, tokens),
+                                 lambda: launcher_lm_round(trainer, tokens), warmup, repeats)
+    report(f"model: char LM n_layer {n_layer}, n_embd {n_embd}, block {block_size}, batch {batch_size}, "
+           f"{steps} steps x {repeats} rounds, {tokens} tokens per round, {torch.get_num_threads()} threads, "
+           f"device {device.type}", "tokens/s", plain, ours)
+
+
+# ---- both -----------------------------------------------------------------------------------
+
+def interleave(plain_round: Callable[[], float], launcher_round: Callable[[], float], warmup: int,
+               repeats: int) -> tuple[list[float], list[float]]:
+    """Rates of `repeats` rounds of each, alternating, after `warmup` rounds of each."""
+    for _ in range(warmup):
+        plain_round()
+        launcher_round()
+    plain, ours = [], []
+    for _ in range(repeats):  # alternate, so drift in machine speed hits both alike
+        plain.append(plain_round())
+        ours.append(launcher_round())
+    return plain, ours
+
+
+def report(model_line: str, unit: str, plain: list[float], ours: list[float]) -> None:
     plain_rate, our_rate = statistics.median(plain), statistics.median(ours)
-    print(f"model: MLP 256-{hidden}-{hidden}-10, batch {batch_size}, {steps} steps x {repeats} rounds, "
-          f"{torch.get_num_threads()} threads, device cpu")
-    print(f"plain loop        {plain_rate:8.1f} steps/s   (rounds: {', '.join(f'{r:.1f}' for r in plain)})")
-    print(f"launcher          {our_rate:8.1f} steps/s   (rounds: {', '.join(f'{r:.1f}' for r in ours)})")
-    print(f"launcher / plain  {our_rate / plain_rate:8.3f}   (target >= 0.97)")
+    print(model_line)
+    print(f"plain loop        {plain_rate:8.1f} {unit}   (rounds: {', '.join(f'{r:.1f}' for r in plain)})")
+    print(f"launcher          {our_rate:8.1f} {unit}   (rounds: {', '.join(f'{r:.1f}' for r in ours)})")
+    print(f"launcher / plain  {our_rate / plain_rate:8.3f}   (target >= 0.97)", flush=True)
+
+
+def main(setting: str = "both", steps: int = 300, warmup: int = 1, repeats: int = 5, hidden: int = 1024,
+         batch_size: int = 128, threads: int = 0, n_layer: int = 2, n_embd: int = 64, block_size: int = 64,
+         lm_batch_size: int = 16) -> None:
+    """--hidden and --batch_size size the MLP; --n_layer, --n_embd, --block_size (tokens) and
+    --lm_batch_size (sequences) the char LM; --threads: torch's CPU threads (0: torch's default)."""
+    if setting not in SETTINGS:
+        raise ConfigError(f"--setting must be one of {', '.join(SETTINGS)}, got {setting!r}")
+    if steps < 1 or repeats < 1 or warmup < 0:
+        raise ConfigError(f"--steps and --repeats must be >= 1 and --warmup >= 0, got {steps}, {repeats}, {warmup}")
+    if threads:
+        torch.set_num_threads(threads)
+    if setting in ("mlp", "both"):
+        run_mlp(steps, warmup, repeats, hidden, batch_size)
+    if setting in ("lm", "both"):
+        run_lm(steps, warmup, repeats, n_layer, n_embd, block_size, lm_batch_size)
 
 
 if __name__ == "__main__":

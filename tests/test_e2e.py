@@ -159,8 +159,27 @@ def test_finetune_loads_a_pretraining_run_and_logs_to_offline_wandb(digits, tmp_
     assert lr_steps == [1, 2, 3, 4, 5, 6]  # every group's LR at every optimizer step
 
 
+def _overhead_rates(stdout: str, model: str, unit: str) -> tuple[float, float, float]:
+    """(plain rate, launcher rate, ratio) from the three lines under the setting's `model: ...` line."""
+    lines = stdout.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(f"model: {model}")), None)
+    assert start is not None, stdout[-2000:]
+    plain = re.fullmatch(rf"plain loop +([\d.]+) {unit}   \(rounds: [\d., ]+\)", lines[start + 1])
+    ours = re.fullmatch(rf"launcher +([\d.]+) {unit}   \(rounds: [\d., ]+\)", lines[start + 2])
+    ratio = re.fullmatch(r"launcher / plain +([\d.]+)   \(target >= 0\.97\)", lines[start + 3])
+    assert plain and ours and ratio, lines[start:start + 4]
+    return float(plain[1]), float(ours[1]), float(ratio[1])
+
+
 def test_overhead_benchmark_runs_and_reports_a_ratio(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_overhead.py"), "--steps=30",
-                             "--warmup=5", "--repeats=1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                             "--warmup=5", "--repeats=1", "--n_layer=1", "--n_embd=16", "--block_size=16",
+                             "--lm_batch_size=8"],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "launcher / plain" in result.stdout
+    for model, unit in (("MLP 256-", "steps/s"), ("char LM n_layer 1, n_embd 16, block 16, batch 8", "tokens/s")):
+        plain, ours, ratio = _overhead_rates(result.stdout, model, unit)
+        assert plain > 0 and ours > 0
+        # the rates are printed to 0.05 and the ratio to 0.0005 of what was divided
+        assert ratio == pytest.approx(ours / plain, abs=5e-4 + 0.05 * (1 + ours / plain) / plain + 1e-9)
