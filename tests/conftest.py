@@ -20,21 +20,24 @@ MLP_RECIPE = str(ROOT / "tests" / "recipes" / "mlp_digits.py")
 WANDB = os.environ.get("LAUNCHER_TEST_WANDB") or str(Path(sys.executable).with_name("wandb"))
 
 
-@pytest.fixture(scope="session")
-def digits(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), "--out", str(out)],
+def built_data(tmp_path_factory, script: str, name: str) -> Path:
+    """The data a script of scripts/ writes (`--out DIR`), in a fresh temporary directory."""
+    out = tmp_path_factory.mktemp(name)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--out", str(out)],
                    check=True, cwd=ROOT, capture_output=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> Path:
+    """The demo's digits shards (built once per session)."""
+    return built_data(tmp_path_factory, "make_demo_data.py", "digits")
 
 
 @pytest.fixture(scope="session")
 def text_shards(tmp_path_factory) -> Path:
     """Byte-level text shards of standard-library source, for recipes/char_lm (built once per session)."""
-    out = tmp_path_factory.mktemp("text")
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_text_shards.py"), "--out", str(out)],
-                   check=True, cwd=ROOT, capture_output=True)
-    return out
+    return built_data(tmp_path_factory, "make_text_shards.py", "text")
 
 
 def metrics(run_dir) -> list[dict]:
