@@ -22,6 +22,7 @@ def last_loss(run_dir) -> float:
     return [m["train/loss"] for m in metrics(run_dir) if "train/loss" in m][-1]
 
 
+@pytest.mark.lowest  # torch.compile and channels-last in torch 2.4
 @pytest.mark.parametrize("flags, baseline", [
     (["--channels_last=True"], []),
     (["--compile=True"], []),
@@ -145,6 +146,7 @@ def test_cpu_scaling_benchmark_runs_both_sides(tmp_path):
             "(this machine's ceiling; medians of 1; target >= 0.85)") in result.stdout
 
 
+@pytest.mark.lowest  # Accelerate 1.0's comm hooks
 @pytest.mark.parametrize("hook", ["fp16", "bf16"])
 def test_ddp_comm_hook_all_reduces_16_bit_gradients_and_keeps_replicas_identical(hook, digits, tmp_path):
     plain, compressed = tmp_path / "plain", tmp_path / hook

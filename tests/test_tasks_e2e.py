@@ -126,6 +126,7 @@ def test_a_killed_language_model_resumes_to_bitwise_the_same_weights(runs, text_
     assert reference.keys() == mine.keys() and all(torch.equal(reference[k], mine[k]) for k in reference)
 
 
+@pytest.mark.lowest  # torch 2.4's pytree
 def test_synthetic_data_imitates_a_dict_batch_of_tokens(text_shards, tmp_path):
     out = tmp_path / "synthetic"
     result = launcher("recipes/char_lm_tiny", f"--data_dir={text_shards}", "--synthetic_data=True", "--max_steps=10",
@@ -177,6 +178,7 @@ def test_the_report_of_a_language_model_run_opens_in_a_browser(runs, tmp_path):
 # ---- the loss normalised by tokens over micro-batches and ranks ------------------------------
 
 
+@pytest.mark.lowest  # torch 2.4's foreach ops and Accelerate 1.0's backward
 def test_a_token_weighted_loss_is_the_same_for_any_batch_split_across_accumulation_and_processes(tmp_path):
     def run(name, *args, processes=1):  # plain SGD: the update is the gradient, rounding is not amplified
         out = tmp_path / name
@@ -199,6 +201,7 @@ def test_a_token_weighted_loss_is_the_same_for_any_batch_split_across_accumulati
 # ---- what the pre-flight check refuses ---------------------------------------------------------
 
 
+@pytest.mark.lowest  # torch 2.4's fork_rng and tracebacks
 @pytest.mark.parametrize("args, message, frame", [
     ([CRASHING, "--fail=forward"], "pre-flight: build_model's model (its forward) raised RuntimeError: shape",
      "crashing.py\", line"),
