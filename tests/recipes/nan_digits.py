@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 
 from mlp_digits import Config as Base
@@ -20,9 +21,12 @@ def build_loss(cfg: Config):
     calls = 0
 
     def loss(logits, targets):
+        """Training steps counted: not the pre-flight check's batch of 2, nor evaluations (no gradients)."""
         nonlocal calls
-        calls += 1
         value = F.cross_entropy(logits, targets)
+        if not torch.is_grad_enabled() or len(targets) != cfg.batch_size:
+            return value
+        calls += 1
         return value * float("nan") if calls == cfg.nan_step else value
 
     return loss
