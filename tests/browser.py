@@ -19,6 +19,9 @@ def install() -> None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     command = ["apt-get", "install", "-y", "--no-install-recommends", "chromium", "chromium-driver"]
     if subprocess.run(command, env=env, capture_output=True).returncode != 0:
+        # An install killed midway (a test's timeout) leaves dpkg "interrupted", refusing every
+        # later install until it is finished.
+        subprocess.run(["dpkg", "--configure", "-a"], env=env, capture_output=True)
         subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=True)
         subprocess.run(command, env=env, capture_output=True, check=True)
 

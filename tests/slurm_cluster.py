@@ -35,6 +35,9 @@ def install() -> None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     install = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
     if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+        # An install killed midway (a test's timeout) leaves dpkg "interrupted", refusing every
+        # later install until it is finished.
+        subprocess.run(["dpkg", "--configure", "-a"], env=env, capture_output=True)
         subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=True)
         subprocess.run(install, env=env, capture_output=True, check=True)
 
