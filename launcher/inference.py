@@ -32,6 +32,7 @@ from launcher.preflight import blame, preflight
 from launcher.recipe import Recipe
 from launcher.weights import read_state_dict
 
+LABELS = {"top1": "top-1", "top5": "top-5", "token_accuracy": "token accuracy"}  # evaluate's printed names
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -99,10 +100,12 @@ def evaluate(cfg: TrainConfig, recipe: Recipe, checkpoint: str, out: str = "") -
 def format_evaluation(result: dict, out: str) -> str:
     lines = [f"evaluated {result['checkpoint']} ({result['task']}) on {result['val/samples']} validation samples"
              + (f" ({result['val/unreadable']} unreadable, skipped)" if result["val/unreadable"] else "")]
-    for key, value in result.items():
-        if key.startswith("val/") and key not in ("val/samples", "val/unreadable") and isinstance(value, float):
-            name = key[4:]
-            lines.append(f"  {name:<14} {100 * value:.2f} %" if is_accuracy(key) else f"  {name:<14} {value:.4f}")
+    shown = {key: LABELS.get(key[4:], key[4:]) for key, value in result.items()
+             if key.startswith("val/") and key not in ("val/samples", "val/unreadable") and isinstance(value, float)}
+    width = max(map(len, shown.values()))
+    for key, label in shown.items():
+        value = result[key]
+        lines.append(f"  {label:<{width}}  {100 * value:.2f} %" if is_accuracy(key) else f"  {label:<{width}}  {value:.4f}")
     if "confusion" in result:
         names, matrix = result["classes"], result["confusion"]
         width = max(len(n) for n in names)

@@ -141,7 +141,8 @@ def test_evaluate_and_predict_report_each_task(runs, text_shards):
     lm = launcher("evaluate", "recipes/char_lm_tiny", f"--checkpoint={runs['char_lm_tiny', 1]}",
                   f"--data_dir={text_shards}").stdout
     last = evaluations(runs["char_lm_tiny", 1])[-1]
-    assert "(language_model)" in lm and f"perplexity     {last['val/perplexity']:.4f}" in lm
+    assert "(language_model)" in lm and re.search(rf"^  perplexity +{last['val/perplexity']:.4f}$", lm, re.MULTILINE)
+    assert re.search(r"^  token accuracy +\d+\.\d\d %$", lm, re.MULTILINE)
     regression = launcher("predict", "recipes/regression_tiny", f"--checkpoint={runs['regression_tiny', 1]}",
                           "59,2,32.1,101,157,93.2,38,4,4.8598,87", "48,1,21.6,87,183,103.2,70,3,3.8918,69")
     values = re.findall(r"^59,2,.*: (-?[\d.e+-]+)$", regression.stdout, re.MULTILINE)
