@@ -72,16 +72,6 @@ def collate(samples: list, collate_fn: Collate | None = None) -> Any:
     return (collate_fn or default_collate)(samples)
 
 
-def sample_count(data: Any) -> int:
-    """Samples in collated `data`: the first dimension of its first tensor (or its first list's length)."""
-    for leaf in pytree.tree_leaves(data):
-        if isinstance(leaf, torch.Tensor):
-            return int(leaf.shape[0]) if leaf.ndim else 1
-    if isinstance(data, (list, tuple)) and data and isinstance(data[0], (list, tuple)):
-        return len(data[0])
-    return len(data) if isinstance(data, (list, tuple)) else 1
-
-
 def describe(data: Any, batch_dim: bool = True) -> str:
     """The structure of `data` with tensor shapes, `N` for the batch dimension: `((N, 3, 8, 8), (N,))`."""
     if isinstance(data, torch.Tensor):

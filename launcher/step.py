@@ -100,10 +100,6 @@ class Step:
                 self.batch_transform(inputs), targets]
         return self.batch_transform(data)
 
-    def forward(self, model: torch.nn.Module, data: Any) -> Any:
-        """The model's outputs alone (predict)."""
-        return call_model(model, data[0] if self.style == "pair" else data)
-
     def __call__(self, model: torch.nn.Module, data: Any) -> StepOutput:
         if self.style == "pair":
             inputs, targets = data
@@ -118,7 +114,3 @@ class Step:
             return StepOutput(loss, None, _field(output, "logits"), data.get("labels"))
         return as_step_output(self.compute_loss(model, data))
 
-    @property
-    def pair_targets(self) -> bool:
-        """Targets are the second item of each batch (what MixUp/CutMix can mix)."""
-        return self.style == "pair"
