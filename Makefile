@@ -47,8 +47,9 @@ demo: setup $(DATA_DIR)/.built
 test: setup
 	$(PY) -m pytest
 
+# The unit tier (tests/unit): no training run, no subprocess of the launcher; under 2 minutes.
 test-fast: setup
-	$(PY) -m pytest -m "not e2e"
+	$(PY) -m pytest tests/unit
 
 $(LOWEST)/.installed: pyproject.toml | setup
 	test -x $(LOWEST)/bin/python || $(PYTHON) -m venv $(LOWEST)

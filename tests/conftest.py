@@ -20,6 +20,18 @@ MLP_RECIPE = str(ROOT / "tests" / "recipes" / "mlp_digits.py")
 WANDB = os.environ.get("LAUNCHER_TEST_WANDB") or str(Path(sys.executable).with_name("wandb"))
 
 
+TIERS = {"unit": (), "e2e": ("e2e",), "slurm": ("e2e", "slurm")}  # tests/<tier>/: the marks its tests get
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """A test's tier is its directory: tests/e2e and tests/slurm are marked `e2e` (and `slurm`), so
+    `-m "not e2e or lowest"` (make test-lowest) selects by tier."""
+    for item in items:
+        tier = item.path.parent.name
+        for mark in TIERS.get(tier, ()):
+            item.add_marker(mark)
+
+
 def built_data(tmp_path_factory, script: str, name: str) -> Path:
     """The data a script of scripts/ writes (`--out DIR`), in a fresh temporary directory."""
     out = tmp_path_factory.mktemp(name)
@@ -110,3 +122,20 @@ def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: 
             raise AssertionError(f"the run ended (exit {process.returncode}) before step {step}")
         time.sleep(0.05)
     raise AssertionError(f"no step {step} in {path} after {timeout} s")
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """An ImageFolder: cat (jpg) and dog (png), 6 images each with one in a subfolder, one unreadable
+    dog and a text file that is not an image."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for name, colour, suffix in [("cat", (200, 0, 0), "jpg"), ("dog", (0, 200, 0), "png")]:
+        (root / name / "sub").mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (6, 6), colour).save(root / name / f"{name}.{i}.{suffix}")
+        Image.new("RGB", (6, 6), colour).save(root / name / "sub" / f"{name}_0.{suffix}")
+    (root / "dog" / "broken.png").write_bytes(b"\x89PNG not really")
+    (root / "cat" / "notes.txt").write_text("not an image")
+    return root

@@ -27,11 +27,20 @@ class ClusterUnavailable(RuntimeError):
     """Slurm cannot be installed or started here (not root, no apt-get)."""
 
 
+def cannot_install() -> str:
+    """Why Slurm can be neither found nor installed here ("" if it can)."""
+    if all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged")):
+        return ""
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return "Slurm is not installed, and installing it needs root and apt-get"
+    return ""
+
+
 def install() -> None:
     if all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged")):
         return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise ClusterUnavailable("Slurm is not installed and apt-get as root is not available")
+    if cannot_install():
+        raise ClusterUnavailable(cannot_install())
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     install = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
     if subprocess.run(install, env=env, capture_output=True).returncode != 0:

@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 from conftest import MLP_RECIPE, ROOT, launcher, metrics, start_launcher, child_env, wait_for_step
 
-pytestmark = pytest.mark.e2e
 
 NAN_RECIPE = str(ROOT / "tests" / "recipes" / "nan_digits.py")
 STEPS_PER_EPOCH = {1: 89, 2: 44}  # digits train split (1438) // (batch 16 x processes)

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from conftest import launcher, metrics
 from launcher.schedules import warmup_cosine
 
-pytestmark = pytest.mark.e2e
 
 RECIPE = "recipes/resnet_finetune_tiny"
 FROZEN = ("conv1.", "bn1.", "layer1.", "layer2.")  # the recipe's `frozen`, parameters and BN statistics

@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 
 from conftest import MLP_RECIPE, launcher, metrics
 
-pytestmark = pytest.mark.e2e
 
 
 def val_losses(run_dir, key="val/loss") -> list[float]:

@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, launcher, metrics, start_launcher, wait_for_step
 
-pytestmark = pytest.mark.e2e
 
 TOKEN_COUNTS = str(ROOT / "tests" / "recipes" / "token_counts.py")
 HF_STYLE = str(ROOT / "tests" / "recipes" / "hf_style_digits.py")

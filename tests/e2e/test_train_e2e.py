@@ -16,7 +16,6 @@ from conftest import MLP_RECIPE, ROOT, WANDB, launcher, metrics
 from launcher.plan import fork_hang_warning
 from launcher.schedules import warmup_cosine
 
-pytestmark = pytest.mark.e2e
 
 
 def val_losses(run_dir) -> list[float]:
@@ -178,7 +177,7 @@ def _overhead_rates(stdout: str, model: str, unit: str) -> tuple[float, float, f
 def test_overhead_benchmark_runs_and_reports_a_ratio(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_overhead.py"), "--steps=30",
                              "--warmup=5", "--repeats=1", "--n_layer=1", "--n_embd=16", "--block_size=16",
-                             "--lm_batch_size=8"],
+                             "--lm_batch_size=8", "--noise_floor"],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "launcher / plain" in result.stdout
@@ -187,3 +186,5 @@ def test_overhead_benchmark_runs_and_reports_a_ratio(tmp_path):
         assert plain > 0 and ours > 0
         # the rates are printed to 0.05 and the ratio to 0.0005 of what was divided
         assert ratio == pytest.approx(ours / plain, abs=5e-4 + 0.05 * (1 + ours / plain) / plain + 1e-9)
+    floors = re.findall(r"noise floor: plain / plain ([\d.]+) \(per-round ratios within ([\d.]+)% of 1\)", result.stdout)
+    assert len(floors) == 2 and all(float(ratio) > 0 for ratio, _ in floors), result.stdout[-2000:]

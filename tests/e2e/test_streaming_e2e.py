@@ -19,7 +19,6 @@ from conftest import MLP_RECIPE, ROOT, launcher, metrics
 from launcher.data import Shards, SplitLoader, read_index
 from launcher.shards import write_shards
 
-pytestmark = pytest.mark.e2e
 
 
 def reshard(digits, out, sizes: list[int], unreadable: frozenset = frozenset()):

@@ -1,0 +1,123 @@
+"""The trackers (TensorBoard read back with its EventAccumulator), metrics.jsonl and the HTML report's
+figures and config differences, without a training run."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import metrics
+from launcher.config import ConfigError, TrainConfig
+from launcher.distributed import build_accelerator
+from launcher.report import Run, config_differences, figure_specs, load_run, render
+from launcher.tracking import MetricsLog, Tracker, check_trackers, tracker_names
+from readers import tensorboard_scalars
+
+
+def test_an_unknown_tracker_is_refused_in_one_line_naming_the_flag():
+    with pytest.raises(ConfigError) as refused:
+        check_trackers(TrainConfig(trackers=("wandb", "mlflow")))
+    assert str(refused.value) == "--trackers names mlflow; choose from wandb, tensorboard"
+    assert tracker_names(TrainConfig(trackers=("wandb", "tensorboard"), wandb_mode="disabled")) == ["tensorboard"]
+    assert tracker_names(TrainConfig(trackers=("wandb",), wandb_mode="offline")) == ["wandb"]
+
+
+def test_tensorboard_alone_keeps_the_run_id_and_a_resume_replaces_the_steps_after_the_checkpoint(tmp_path):
+    # tuples in the config: TensorBoard's hparams take none, the tracker must turn them into text
+    cfg = TrainConfig(output_dir=str(tmp_path), trackers=("tensorboard",), wandb_tags=("a", "b"))
+    for resume_step, losses in ((0, {1: 1.0, 2: 2.0, 3: 3.0}), (1, {2: 20.0, 3: 30.0})):
+        tracker = Tracker(build_accelerator(cfg), cfg)
+        assert tracker.start("stored-id", resume_step=resume_step) == "stored-id"
+        for step, loss in losses.items():
+            tracker.log({"train/loss": loss}, step=step)
+        tracker.log_evaluation(3, confusion=None, class_names=[], examples=None)  # nothing for wandb: no-op
+        tracker.finish({"steps": 3})
+    assert tracker.run_dir is None and tracker.tensorboard_dir == str(tmp_path / "tensorboard" / "launcher")
+    assert tensorboard_scalars(Path(tracker.tensorboard_dir)) == {"train/loss": [(1, 1.0), (2, 20.0), (3, 30.0)]}
+
+
+def run(name: str, **config) -> Run:
+    return Run(name=name, path=name, config=config, metrics=[])
+
+
+def test_metrics_log_holds_unflushed_records_until_the_next_flushed_one_and_drops_steps_after_a_resume(tmp_path):
+    log = MetricsLog(str(tmp_path), enabled=True)
+    log.write({"step": 1, "lr/all": 0.1}, flush=False)  # every step's learning rates wait in memory
+    log.write({"step": 2, "lr/all": 0.2}, flush=False)
+    assert not (tmp_path / "metrics.jsonl").exists()
+    log.write({"step": 3, "train/loss": 1.5})  # a logged step writes them all, in order
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3]
+    log.write({"step": 4, "lr/all": 0.4}, flush=False)
+    log.flush()  # before a checkpoint and at the end of a run
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2, 3, 4]
+    log.drop_after(2)  # a resume from step 2 logs steps 3 and 4 again
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
+    MetricsLog(str(tmp_path / "other"), enabled=False).write({"step": 1})  # not the main process: nothing
+    assert not (tmp_path / "other").exists()
+
+
+def test_config_differences_list_only_the_fields_that_differ():
+    runs = [run("a", lr=0.1, epochs=2, tags=["x"]), run("b", lr=0.2, epochs=2, tags=["x"], extra=1)]
+    assert config_differences(runs) == [("extra", ["-", 1]), ("lr", [0.1, 0.2])]
+
+
+def write_run(directory: Path, records: list[dict], config: dict, **files) -> Path:
+    """A run directory as the trainer leaves it: metrics.jsonl, config.json, and NAME.json per keyword."""
+    directory.mkdir()
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for name, value in {"config": config, **files}.items():
+        (directory / f"{name}.json").write_text(json.dumps(value))
+    return directory
+
+
+def test_the_report_plots_each_runs_own_metrics_under_its_own_loss_with_only_accuracies_in_percent(tmp_path):
+    train = [{"step": 1, "epoch": 0, "train/loss": 2.0, "train/samples_per_s": 100.0, "lr/all": 0.1}]
+    counts = {"val/samples": 10, "val/unreadable": 0}
+    classifier = write_run(
+        tmp_path / "cls", train + [{"step": 2, "val/loss": 1.5, "val/top1": 0.5, "val/top5": 0.75, **counts}],
+        {"loss": "cross_entropy"}, task={"task": "classification", "loss": "cross-entropy"},
+        summary={"best/metric": "val/top1", "best/value": 0.5, "best/step": 2},
+        confusion={"step": 2, "classes": ["a", "b"], "matrix": [[3, 1], [0, 4]]})
+    language = write_run(
+        tmp_path / "lm", train + [{"step": 2, "val/loss": 1.2, "val/perplexity": 3.25, "val/token_accuracy": 0.25,
+                                   **counts}],
+        {"loss": "cross_entropy"}, task={"task": "language_model", "loss": "per-token cross-entropy"},
+        summary={"best/metric": "val/perplexity", "best/value": 3.25, "best/step": 2})
+    # from before task.json: config.json's loss names the loss
+    regression = write_run(tmp_path / "reg", train + [{"step": 2, "val/loss": 0.3, "val/mse": 0.25, "val/r2": 0.5}],
+                           {"loss": "mse"})
+    runs = [load_run(str(path)) for path in (classifier, language, regression)]
+
+    lm = {f.title: f for f in figure_specs([runs[1]])}
+    assert list(lm) == ["Training loss", "Validation loss", "Validation perplexity", "Validation token accuracy",
+                        "Learning rate per parameter group", "Throughput"]
+    assert lm["Training loss"].ylabel == lm["Validation loss"].ylabel == "per-token cross-entropy loss"
+    assert (lm["Validation perplexity"].ylabel, lm["Validation perplexity"].lines) == (
+        "perplexity", [("lm: val/perplexity", [2], [3.25])])
+    assert (lm["Validation token accuracy"].ylabel, lm["Validation token accuracy"].lines) == (
+        "token accuracy (%)", [("lm: val/token_accuracy", [2], [25.0])])
+    regression_figures = figure_specs([runs[2]])
+    assert regression_figures[0].ylabel == "mse loss"
+    assert not [f for f in regression_figures + list(lm.values())
+                if "cross-entropy" in f.ylabel and "per-token" not in f.ylabel]
+    assert {f.title: f.lines for f in regression_figures}["Validation R² (coefficient of determination)"] == [
+        ("reg: val/r2", [2], [0.5])]
+
+    together = {f.title: f for f in figure_specs(runs)}
+    assert together["Training loss"].ylabel == "loss"  # the losses differ: the legend names each
+    assert [label for label, _, _ in together["Training loss"].lines] == [
+        "cls: train/loss (cross-entropy loss)", "lm: train/loss (per-token cross-entropy loss)",
+        "reg: train/loss (mse loss)"]
+    assert together["Validation top-1 accuracy"].lines == [("cls: val/top1", [2], [50.0])]  # the others lack it
+    assert together["Validation perplexity"].lines == [("lm: val/perplexity", [2], [3.25])]
+
+    page = render(runs)
+    for title in together:
+        assert f"<figcaption>{title}</figcaption>" in page, title
+    assert "Confusion matrix: cls" in page and "Confusion matrix: lm" not in page
+    assert "val/top1 50.00 % (step 2)" in page and "val/perplexity 3.25 (step 2)" in page
+    assert "<td>language_model</td>" in page
+    assert not re.search(r'(src|href)="(?!data:)', page)
