@@ -49,6 +49,7 @@ from launcher import checkpoints
 # nonfinite=stop checks the gradient norms it kept at least this often (one host sync), so a run
 # that logs, checkpoints and evaluates rarely does not pile them up.
 UNCHECKED_STEPS = 1000
+TOTAL_NORM = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6: the norm without clipping
 
 
 @dataclasses.dataclass
@@ -144,6 +145,7 @@ class Trainer:
                 split.device = acc.device  # where --data_on_gpu decodes
         model, schedule, self.groups = parts.model, parts.schedule, parts.groups
         self.frozen_norms = frozen_batchnorms(model, self.groups)
+        self.unfreeze_steps = {pg.starts_at for pg in self.groups if pg.starts_at}  # steps that change requires_grad
         optimizer = build_optimizer(schedule, self.groups)
         total = self.plan.schedule_steps  # max_steps stops early; it does not shorten the schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -153,6 +155,7 @@ class Trainer:
         if cfg.compile:
             model.compile()  # in place: DDP then wraps the compiled module, state_dict keys unchanged
         self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.parameters = list(self.model.parameters())  # the same tensors under any DDP rewrap
         acc.register_for_checkpointing(self.scheduler)
         if isinstance(self.lr_schedule, LRSchedule) and self.lr_schedule.state_dict():
             acc.register_for_checkpointing(self.lr_schedule)  # ReduceLROnPlateau's state
@@ -254,6 +257,7 @@ class Trainer:
             if self.saved_step != self.step:
                 self._save()  # where max_steps stopped: `--resume=auto` continues from here
         finally:
+            self.metrics.flush()
             self.progress.close()  # an error message then starts on a line of its own
             self.signals.restore()
             for split in (self.train_data, self.val_data):
@@ -274,6 +278,7 @@ class Trainer:
 
     def _save(self) -> None:
         self._stop_if_nonfinite()
+        self.metrics.flush()  # a resume from this checkpoint finds every record up to it
         acc, cfg = self.accelerator, self.cfg
         path = checkpoints.save(acc, cfg.output_dir, self._state(), self.position.to_dict())
         self.saved_step = self.step
@@ -352,11 +357,12 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self.progress.update(1)
-        self._update_frozen()
+        if self.step in self.unfreeze_steps:
+            self._update_frozen()
         if self.step % cfg.log_every == 0 or self.step == plan.total_steps:
             self._log_train(window, lrs)
         else:
-            self._record({"step": self.step, "epoch": self.epoch, **lrs})
+            self._record({"step": self.step, "epoch": self.epoch, **lrs}, flush=False)
         epoch_end = self.position.batches == plan.micro_batches_per_epoch
         if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not (epoch_end and cfg.checkpoint_epoch_end):
             self._save()  # an epoch end saves after evaluation
@@ -435,15 +441,21 @@ class Trainer:
         acc = self.accelerator
         total = acc.reduce(window.step_count, "sum") if self.world > 1 else window.step_count
         scale = (self.world * acc.gradient_accumulation_steps / total.clamp(min=1)).float()
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.parameters if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, scale)
         window.step_count = torch.zeros((), dtype=torch.float64, device=acc.device)
 
     def _clip_gradients(self):
-        """The gradient norm (before clipping to max_grad_norm, if set): logged, and checked for NaN/Inf."""
-        norm = self.cfg.max_grad_norm
-        return self.accelerator.clip_grad_norm_(self.model.parameters(), norm if norm > 0 else math.inf)
+        """The gradient norm (before clipping to max_grad_norm, if set): logged, and checked for NaN/Inf.
+        Without clipping only the norm is computed: no pass that multiplies every gradient by 1."""
+        acc, norm = self.accelerator, self.cfg.max_grad_norm
+        if norm > 0:
+            return acc.clip_grad_norm_(self.parameters, norm)
+        if TOTAL_NORM is None:  # torch < 2.6
+            return acc.clip_grad_norm_(self.parameters, math.inf)
+        acc.unscale_gradients()  # fp16: the norm of the true gradients (a no-op otherwise)
+        return TOTAL_NORM([p.grad for p in self.parameters if p.grad is not None])
 
     def _log_train(self, window: "_Window", lrs: dict[str, float]) -> None:
         self._stop_if_nonfinite()
@@ -468,8 +480,8 @@ class Trainer:
         self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.3g}",
                                   samples_s=f"{record['train/samples_per_s']:.0f}")
 
-    def _record(self, record: dict) -> None:
-        self.metrics.write(record)
+    def _record(self, record: dict, flush: bool = True) -> None:
+        self.metrics.write(record, flush)
         self.tracker.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
 
     # ---- data problems ------------------------------------------------------------------------

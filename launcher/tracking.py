@@ -88,11 +88,15 @@ def write_json(output_dir: str, name: str, value) -> None:
 
 
 class MetricsLog:
-    """Appends one JSON line per record to OUTPUT_DIR/metrics.jsonl (main process only)."""
+    """Appends one JSON line per record to OUTPUT_DIR/metrics.jsonl (main process only). Records
+    written with `flush=False` (every step's learning rates) wait in memory for the next flushed
+    one, so a step does not open the file; the loop flushes before every checkpoint, so a resume
+    finds every record up to its step."""
 
     def __init__(self, output_dir: str, enabled: bool):
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.enabled = enabled
+        self.pending: list[str] = []
 
     def drop_after(self, step: int) -> None:
         """On resume: forget records of steps after the checkpoint (they are logged again)."""
@@ -105,11 +109,18 @@ class MetricsLog:
             f.writelines(kept)
         os.replace(temporary, self.path)
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict, flush: bool = True) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.pending.append(json.dumps(record) + "\n")
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            with open(self.path, "a") as f:
+                f.writelines(self.pending)
+            self.pending = []
 
 
 class Tracker:
