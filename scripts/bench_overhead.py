@@ -1,8 +1,9 @@
 """Launcher overhead: the same model and in-memory batches through the launcher and a plain loop.
 
-    python scripts/bench_overhead.py [--setting=both --steps=300 --repeats=5]
+    python scripts/bench_overhead.py [--setting=both --steps=100 --repeats=15]
     python scripts/bench_overhead.py --setting=mlp [--hidden=1024 --batch_size=128]
     python scripts/bench_overhead.py --setting=lm [--n_layer=2 --n_embd=64 --block_size=64 --lm_batch_size=16]
+    python scripts/bench_overhead.py --noise_floor   # also: the plain loop against a copy of itself
 
 `--setting` picks what is timed: `mlp`, `lm` or `both` (the default, so `make bench` and the test
 cover both); `--steps`, `--warmup` and `--repeats` apply to each.
@@ -19,10 +20,13 @@ stepped per optimizer step. Both run on the launcher's device (a GPU if there is
 ends with the device synchronised). Reported in tokens/s: the real (non-padding) labels of one
 epoch over the elapsed time.
 
-Timed rounds alternate between the two, after `--warmup` rounds each, and the median of each is
-reported with their ratio (target >= 0.97). A round is one epoch of the in-memory data
-(`--steps` optimizer steps): the launcher's `train_epoch` alone, so no evaluation or checkpoint
-falls inside it. Startup (building the Accelerator, writing run files) is outside the timed region.
+Timed rounds alternate between the two, after `--warmup` rounds each. The median of each is
+reported, and the median of the per-round ratios, launcher over the plain round just before it
+(target >= 0.97): short rounds, paired, so that a machine whose speed drifts moves both sides of
+a ratio alike. A round is one epoch of the in-memory data (`--steps` optimizer steps): the
+launcher's `train_epoch` alone, so no evaluation or checkpoint falls inside it. On both sides
+the optimizer and the LR schedule carry on from round to round, over the launcher's total steps.
+Startup (building the Accelerator, writing run files) is outside the timed region.
 """
 
 from __future__ import annotations
@@ -73,21 +77,27 @@ def make_dataset(samples: int) -> TensorDataset:
                          torch.randint(0, 10, (samples,), generator=generator))
 
 
-def plain_round(model, dataset, batch_size: int, steps: int) -> float:
-    """A hand-written loop: what a user would write without the launcher. Returns steps/s."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+def plain_mlp(model, dataset, batch_size: int, steps: int, total_steps: int) -> Callable[[], float]:
+    """A hand-written loop: what a user would write without the launcher. Each call runs one
+    epoch and returns steps/s; the optimizer and LR schedule carry on across epochs, as the
+    launcher's do (the schedule over the same total)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)  # the launcher's defaults
     lr_at = warmup_cosine(10)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
-    model.train()
-    start = time.perf_counter()
-    for x, y in loader:
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-    return steps / (time.perf_counter() - start)
+
+    def epoch() -> float:
+        model.train()
+        start = time.perf_counter()
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        return steps / (time.perf_counter() - start)
+
+    return epoch
 
 
 def launcher_trainer(dataset, hidden: int, batch_size: int, output_dir: str) -> Trainer:
@@ -113,13 +123,16 @@ def launcher_round(trainer: Trainer, steps: int) -> float:
     return steps / (time.perf_counter() - start)
 
 
-def run_mlp(steps: int, warmup: int, repeats: int, hidden: int, batch_size: int) -> None:
+def run_mlp(steps: int, warmup: int, repeats: int, hidden: int, batch_size: int, noise_floor: bool) -> None:
     dataset = make_dataset(steps * batch_size)
     plain_model = build_model(hidden)
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = launcher_trainer(dataset, hidden, batch_size, output_dir)
-        plain, ours = interleave(lambda: plain_round(plain_model, dataset, batch_size, steps),
-                                 lambda: launcher_round(trainer, steps), warmup, repeats)
+        plain_round = plain_mlp(plain_model, dataset, batch_size, steps, trainer.plan.schedule_steps)
+        plain, ours = interleave(plain_round, lambda: launcher_round(trainer, steps), warmup, repeats)
+        if noise_floor:
+            twin = plain_mlp(build_model(hidden), dataset, batch_size, steps, trainer.plan.schedule_steps)
+            report_noise_floor(*interleave(plain_round, twin, 0, repeats))
     report(f"model: MLP 256-{hidden}-{hidden}-10, batch {batch_size}, {steps} steps x {repeats} rounds, "
            f"{torch.get_num_threads()} threads, device cpu", "steps/s", plain, ours)
 
@@ -166,31 +179,36 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def plain_lm_round(model: nn.Module, samples: list[dict], cfg: char_lm.Config, device: torch.device,
-                   steps: int, tokens: int) -> float:
+def plain_lm(model: nn.Module, samples: list[dict], cfg: char_lm.Config, device: torch.device,
+             tokens: int, total_steps: int) -> Callable[[], float]:
     """The char LM's step written by hand: summed cross-entropy / the batch's real tokens, AdamW,
-    clipping, the LR schedule. Returns tokens/s."""
+    clipping, the LR schedule. Each call runs one epoch and returns tokens/s; the optimizer and
+    schedule carry on across epochs, as the launcher's do."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_at = warmup_cosine(cfg.warmup_steps, cfg.min_lr_ratio)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps))
     loader = DataLoader(samples, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                         collate_fn=functools.partial(char_lm.collate, max_tokens=cfg.block_size + 1),
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
-    model.train()
-    start = time.perf_counter()
-    for batch in loader:
-        input_ids = batch["input_ids"].to(device, non_blocking=True)
-        labels = batch["labels"].to(device, non_blocking=True)
-        logits = model(input_ids)
-        loss_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=char_lm.IGNORE,
-                                   reduction="sum")
-        (loss_sum / (labels != char_lm.IGNORE).sum()).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-    synchronize(device)
-    return tokens / (time.perf_counter() - start)
+
+    def epoch() -> float:
+        model.train()
+        start = time.perf_counter()
+        for batch in loader:
+            input_ids = batch["input_ids"].to(device, non_blocking=True)
+            labels = batch["labels"].to(device, non_blocking=True)
+            logits = model(input_ids)
+            loss_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=char_lm.IGNORE,
+                                       reduction="sum")
+            (loss_sum / (labels != char_lm.IGNORE).sum()).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        synchronize(device)
+        return tokens / (time.perf_counter() - start)
+
+    return epoch
 
 
 def launcher_lm_round(trainer: Trainer, tokens: int) -> float:
@@ -202,7 +220,7 @@ def launcher_lm_round(trainer: Trainer, tokens: int) -> float:
 
 
 def run_lm(steps: int, warmup: int, repeats: int, n_layer: int, n_embd: int, block_size: int,
-           batch_size: int) -> None:
+           batch_size: int, noise_floor: bool) -> None:
     samples = make_text_samples(steps * batch_size)
     tokens = real_tokens(samples, block_size + 1)
     with tempfile.TemporaryDirectory() as output_dir:
@@ -211,8 +229,13 @@ def run_lm(steps: int, warmup: int, repeats: int, n_layer: int, n_embd: int, blo
         device = trainer.accelerator.device  # the plain loop runs where the launcher does
         torch.manual_seed(cfg.seed)  # the launcher's initial weights too
         plain_model = char_lm.build_model(cfg).to(device)
-        plain, ours = interleave(lambda: plain_lm_round(plain_model, samples, cfg, device, steps, tokens),
-                                 lambda: launcher_lm_round(trainer, tokens), warmup, repeats)
+        plain_round = plain_lm(plain_model, samples, cfg, device, tokens, trainer.plan.schedule_steps)
+        plain, ours = interleave(plain_round, lambda: launcher_lm_round(trainer, tokens), warmup, repeats)
+        if noise_floor:
+            torch.manual_seed(cfg.seed)
+            twin = plain_lm(char_lm.build_model(cfg).to(device), samples, cfg, device, tokens,
+                            trainer.plan.schedule_steps)
+            report_noise_floor(*interleave(plain_round, twin, 0, repeats))
     report(f"model: char LM n_layer {n_layer}, n_embd {n_embd}, block {block_size}, batch {batch_size}, "
            f"{steps} steps x {repeats} rounds, {tokens} tokens per round, {torch.get_num_threads()} threads, "
            f"device {device.type}", "tokens/s", plain, ours)
@@ -234,18 +257,29 @@ def interleave(plain_round: Callable[[], float], launcher_round: Callable[[], fl
 
 
 def report(model_line: str, unit: str, plain: list[float], ours: list[float]) -> None:
-    plain_rate, our_rate = statistics.median(plain), statistics.median(ours)
+    """The medians of each, and the median of the per-round ratios (each launcher round over the
+    plain round just before it): a machine whose speed drifts over seconds moves both of a pair."""
+    ratio = statistics.median(o / p for p, o in zip(plain, ours))
     print(model_line)
-    print(f"plain loop        {plain_rate:8.1f} {unit}   (rounds: {', '.join(f'{r:.1f}' for r in plain)})")
-    print(f"launcher          {our_rate:8.1f} {unit}   (rounds: {', '.join(f'{r:.1f}' for r in ours)})")
-    print(f"launcher / plain  {our_rate / plain_rate:8.3f}   (target >= 0.97)", flush=True)
+    print(f"plain loop        {statistics.median(plain):8.1f} {unit}   (rounds: {', '.join(f'{r:.1f}' for r in plain)})")
+    print(f"launcher          {statistics.median(ours):8.1f} {unit}   (rounds: {', '.join(f'{r:.1f}' for r in ours)})")
+    print(f"launcher / plain  {ratio:8.3f}   (target >= 0.97)", flush=True)
 
 
-def main(setting: str = "both", steps: int = 300, warmup: int = 1, repeats: int = 5, hidden: int = 1024,
+def report_noise_floor(plain: list[float], twin: list[float]) -> None:
+    """The same median of per-round ratios for the plain loop against a second copy of itself: what
+    this machine gives for no difference at all."""
+    ratio = statistics.median(t / p for p, t in zip(plain, twin))
+    spread = max(abs(t / p - 1) for p, t in zip(plain, twin))
+    print(f"noise floor: plain / plain {ratio:.3f} (per-round ratios within {spread:.1%} of 1)", flush=True)
+
+
+def main(setting: str = "both", steps: int = 100, warmup: int = 1, repeats: int = 15, hidden: int = 1024,
          batch_size: int = 128, threads: int = 0, n_layer: int = 2, n_embd: int = 64, block_size: int = 64,
-         lm_batch_size: int = 16) -> None:
+         lm_batch_size: int = 16, noise_floor: bool = False) -> None:
     """--hidden and --batch_size size the MLP; --n_layer, --n_embd, --block_size (tokens) and
-    --lm_batch_size (sequences) the char LM; --threads: torch's CPU threads (0: torch's default)."""
+    --lm_batch_size (sequences) the char LM; --threads: torch's CPU threads (0: torch's default);
+    --noise_floor also times the plain loop against a second copy of itself, the same way."""
     if setting not in SETTINGS:
         raise ConfigError(f"--setting must be one of {', '.join(SETTINGS)}, got {setting!r}")
     if steps < 1 or repeats < 1 or warmup < 0:
@@ -253,9 +287,9 @@ def main(setting: str = "both", steps: int = 300, warmup: int = 1, repeats: int 
     if threads:
         torch.set_num_threads(threads)
     if setting in ("mlp", "both"):
-        run_mlp(steps, warmup, repeats, hidden, batch_size)
+        run_mlp(steps, warmup, repeats, hidden, batch_size, noise_floor)
     if setting in ("lm", "both"):
-        run_lm(steps, warmup, repeats, n_layer, n_embd, block_size, lm_batch_size)
+        run_lm(steps, warmup, repeats, n_layer, n_embd, block_size, lm_batch_size, noise_floor)
 
 
 if __name__ == "__main__":
