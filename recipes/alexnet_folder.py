@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 
 import torchvision
+from torch import nn
 
 from launcher import ConfigError, DataSpec, TrainConfig
 from launcher.data import image_folder
@@ -32,6 +33,7 @@ class Config(TrainConfig):
     std: tuple[float, ...] = (0.5, 0.5, 0.5)  # Normalize std per channel (ImageNet: 0.229, 0.224, 0.225)
     num_classes: int = 10  # classes (sub-directories) in the folder
     dropout: float = 0.5  # AlexNet classifier dropout
+    classifier_width: int = 4096  # units of the classifier's two hidden layers (torchvision's AlexNet: 4096)
     output_dir: str = "runs/alexnet_folder"
     epochs: int = 8
     batch_size: int = 64
@@ -43,7 +45,15 @@ class Config(TrainConfig):
 
 
 def build_model(cfg: Config):
-    return torchvision.models.alexnet(weights=None, num_classes=cfg.num_classes, dropout=cfg.dropout)
+    if cfg.classifier_width < 1:
+        raise ConfigError(f"--classifier_width must be >= 1, got {cfg.classifier_width}")
+    model = torchvision.models.alexnet(weights=None, num_classes=cfg.num_classes, dropout=cfg.dropout)
+    if cfg.classifier_width != 4096:  # the same layers, narrower
+        width, features = cfg.classifier_width, model.classifier[1].in_features
+        model.classifier = nn.Sequential(
+            nn.Dropout(cfg.dropout), nn.Linear(features, width), nn.ReLU(inplace=True),
+            nn.Dropout(cfg.dropout), nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, cfg.num_classes))
+    return model
 
 
 def build_data(cfg: Config):
