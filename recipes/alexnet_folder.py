@@ -48,8 +48,9 @@ def build_model(cfg: Config):
     if cfg.classifier_width < 1:
         raise ConfigError(f"--classifier_width must be >= 1, got {cfg.classifier_width}")
     model = torchvision.models.alexnet(weights=None, num_classes=cfg.num_classes, dropout=cfg.dropout)
-    if cfg.classifier_width != 4096:  # the same layers, narrower
-        width, features = cfg.classifier_width, model.classifier[1].in_features
+    hidden = model.classifier[1]  # the first of the classifier's two hidden layers
+    if cfg.classifier_width != hidden.out_features:  # the same layers, narrower or wider
+        width, features = cfg.classifier_width, hidden.in_features
         model.classifier = nn.Sequential(
             nn.Dropout(cfg.dropout), nn.Linear(features, width), nn.ReLU(inplace=True),
             nn.Dropout(cfg.dropout), nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, cfg.num_classes))

@@ -27,20 +27,23 @@ class ClusterUnavailable(RuntimeError):
     """Slurm cannot be installed or started here (not root, no apt-get)."""
 
 
+def installed() -> bool:
+    return all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged"))
+
+
 def cannot_install() -> str:
     """Why Slurm can be neither found nor installed here ("" if it can)."""
-    if all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged")):
+    if installed() or (os.geteuid() == 0 and shutil.which("apt-get")):
         return ""
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return "Slurm is not installed, and installing it needs root and apt-get"
-    return ""
+    return "Slurm is not installed, and installing it needs root and apt-get"
 
 
 def install() -> None:
-    if all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged")):
+    if installed():
         return
-    if cannot_install():
-        raise ClusterUnavailable(cannot_install())
+    reason = cannot_install()
+    if reason:
+        raise ClusterUnavailable(reason)
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     install = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
     if subprocess.run(install, env=env, capture_output=True).returncode != 0:
