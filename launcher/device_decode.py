@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
 from launcher.batch import Batch
 
@@ -102,6 +101,8 @@ def decode_batch(batch: Batch, transform, device: torch.device, seed_sample) -> 
 def _decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | Exception]:
     """RGB uint8 CHW tensors on `device`, or the exception for an image that would not decode.
     JPEGs go in one batched call (nvJPEG on a GPU); if it fails, one by one to find the bad ones."""
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg  # only with --data_on_gpu (launcher.presets)
+
     jpegs = [i for i, d in enumerate(data) if is_jpeg(d)]
     images: list = [None] * len(data)
     try:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torchmetrics
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
-from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
+
+if TYPE_CHECKING:
+    import torchmetrics
 
 TASKS = ("classification", "regression", "language_model", "custom")
 IGNORE_INDEX = -100  # targets the language-model metrics skip (padding)
@@ -55,6 +55,11 @@ class TaskMetrics:
 
     def __init__(self, task: str, num_classes: int | None, device: torch.device, extra: dict | None = None,
                  sync: bool = True):
+        # torchmetrics is imported here, where metrics are built: it imports torchvision, scipy and
+        # matplotlib (about 5 s), which a run refused at its start never needs.
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+        from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
+
         self.task, self.num_classes = task, num_classes
         kwargs = {"sync_on_compute": sync}
         built: dict[str, torchmetrics.Metric] = {}

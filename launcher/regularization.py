@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
-from torchvision.transforms import v2
 
 from launcher.config import ConfigError
 
@@ -44,6 +43,8 @@ def batch_mix(mixup_alpha: float, cutmix_alpha: float, num_classes: int | None):
     if not num_classes:
         raise ConfigError("MixUp/CutMix need the number of classes: give the data class names "
                           "(the shard index, or a dataset with .classes) or the recipe a num_classes field")
+    from torchvision.transforms import v2  # only where MixUp/CutMix is on (see launcher.presets)
+
     mixes = ([v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha else []) + (
         [v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha else [])
     return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
