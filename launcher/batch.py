@@ -24,13 +24,9 @@ import torch.utils._pytree as pytree
 from torch.utils.data import default_collate
 from torch.utils.data._utils.pin_memory import pin_memory as _pin
 
-from launcher.config import ConfigError
+from launcher.config import DataError
 
 Collate = Callable[[list], Any]
-
-
-class DataError(ConfigError):
-    """The data cannot be trained on (too many corrupt samples, a share with nothing readable)."""
 
 
 @dataclass

@@ -12,7 +12,8 @@ import sys
 
 import fire
 
-from launcher.config import ConfigError, RunStopped, apply_overrides, field_help, type_name
+from launcher.config import (ConfigError, DataError, RunStopped, TrainConfig, apply_overrides, field_help, field_ranges,
+                             sections, type_name)
 
 USAGE = """\
 usage: python -m launcher RECIPE [--field=value ...]          train
@@ -26,12 +27,9 @@ usage: python -m launcher RECIPE [--field=value ...]          train
 
 RECIPE is a recipe file (recipes/resnet_finetune or recipes/resnet_finetune.py) or a dotted
 module name (recipes.resnet_finetune). Every field of the recipe's Config can be set with
---field=value; common to all recipes: output_dir, seed, epochs, max_steps, batch_size (per
-device), grad_accum_steps, mixed_precision (no/fp16/bf16), optimizer, lr, lr_schedule,
-warmup_steps, loss, label_smoothing, mixup_alpha, cutmix_alpha, ema_decay, early_stop_patience,
-resume (""/auto/PATH), checkpoint_every, keep_checkpoints, best_metric, nonfinite (stop/skip),
-num_workers, deterministic, channels_last, compile, synthetic_data, trackers ([wandb],
-[wandb,tensorboard]), wandb_mode (auto/online/offline/disabled); RECIPE --help lists all.
+--field=value; RECIPE --help lists them with their types, ranges and meaning. Common to all
+recipes, by section:
+{sections}
 
 evaluate and predict take a run's output_dir, a checkpoints/step-N directory or a weights file
 as --checkpoint; predict prints a classifier's top-k classes or a regression's values per input:
@@ -41,8 +39,18 @@ Before training (and in plan) one real batch of each split goes through collate,
 loss and the metrics: a recipe that would crash is one line naming the function that raised.
 
 Exit codes: 0 done; 2 bad input (one line on stderr); 1 stopped on a non-finite loss
-(--nonfinite=stop); 75 preempted by SIGUSR1/SIGTERM after saving a checkpoint (under Slurm a
-SIGUSR1 also requeues the job; elsewhere rerun with --resume=auto)."""
+(--nonfinite=stop); 65 the data cannot be trained on (a share with no readable sample, more
+unreadable samples than --max_corrupt_fraction, samples that do not batch); 75 preempted by
+SIGUSR1/SIGTERM after saving a checkpoint (under Slurm a SIGUSR1 also requeues the job;
+elsewhere rerun with --resume=auto)."""
+
+
+def usage() -> str:
+    import textwrap
+
+    listed = "\n".join(textwrap.fill(f"{title}: {', '.join(names)}", 96, initial_indent="  ", subsequent_indent="    ")
+                       for title, names in sections(TrainConfig).items())
+    return USAGE.format(sections=listed)
 
 COMMANDS = ("train", "plan", "shards", "report", "evaluate", "predict")
 EXTRA_FLAGS = {"plan": ("world_size",), "evaluate": ("checkpoint", "out"), "predict": ("checkpoint", "out", "top_k")}
@@ -59,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launcher: error: {one_line(error)}", file=sys.stderr)
         _leave_process_group()
         sys.exit(2)
-    except RunStopped as error:  # a non-finite loss (1), a preemption (75)
+    except RunStopped as error:  # a non-finite loss (1), unusable data (65), a preemption (75)
         if str(error):
-            print(f"launcher: stopped: {one_line(error)}", file=sys.stderr)
+            kind = "data error" if isinstance(error, DataError) else "stopped"
+            print(f"launcher: {kind}: {one_line(error)}", file=sys.stderr)
         _leave_process_group()
         sys.exit(error.exit_code)
 
@@ -91,7 +100,7 @@ def run_command(argv: list[str]) -> int:
     if command == "report":
         return report(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(usage())
         return 0
     if argv[0].startswith("-"):
         raise ConfigError(f"expected a RECIPE before {argv[0]}; usage: python -m launcher [plan] RECIPE [--field=value ...]")
@@ -172,16 +181,19 @@ def _world_size(value) -> int:
 
 
 def recipe_help(recipe) -> str:
-    import dataclasses
+    """Every field of the recipe's Config by section, with its default, meaning, type and range."""
     import typing
 
     cfg = recipe.default_config()
-    hints = typing.get_type_hints(type(cfg))
-    helps = field_help(type(cfg))
-    rows = [(f"--{f.name}={getattr(cfg, f.name)!r}", f"{helps.get(f.name, '')} [{type_name(hints[f.name])}]")
-            for f in dataclasses.fields(cfg)]
-    width = max(len(flag) for flag, _ in rows)
+    hints, helps, ranges = typing.get_type_hints(type(cfg)), field_help(type(cfg)), field_ranges(type(cfg))
+    grouped = sections(type(cfg))
+    flags = {name: f"--{name}={getattr(cfg, name)!r}" for names in grouped.values() for name in names}
+    width = max(map(len, flags.values()))
     lines = [f"usage: python -m launcher [plan] {recipe.name} [--field=value ...]",
-             f"fields of {recipe.module.__name__}.Config (defaults shown):"]
-    lines += [f"  {flag:<{width}}  {text}" for flag, text in rows]
+             f"fields of {recipe.module.__name__}.Config by section (defaults shown):"]
+    for title, names in grouped.items():
+        lines.append(f"{title}:")
+        for name in names:
+            accepted = f", {ranges[name]}" if name in ranges else ""
+            lines.append(f"  {flags[name]:<{width}}  {helps.get(name, '')} [{type_name(hints[name])}{accepted}]")
     return "\n".join(lines)

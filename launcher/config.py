@@ -1,7 +1,9 @@
 """The fields every recipe shares, and turning CLI overrides into a validated config.
 
-A recipe's `Config` subclasses `TrainConfig`. Each field carries a trailing `# comment` that is
-its help text (shown by `python -m launcher RECIPE --help`). Overrides from the command line are
+A recipe's `Config` subclasses `TrainConfig`, whose fields come in sections (run, data,
+optimisation, checkpoints, tracking, speed: one dataclass each). Each field carries a trailing
+`# comment` that is its help text, and a numeric one its range (`ranged`), declared once: validation,
+`python -m launcher RECIPE --help` and the usage text read both from here. Overrides from the command line are
 checked against the fields here: unknown names get close matches, wrong types name the field and
 the type expected. Every problem is a `ConfigError`, which the CLI prints as one line (exit 2).
 """
@@ -24,22 +26,125 @@ class ConfigError(ValueError):
     """Bad user input. The CLI prints it as one line on stderr and exits with code 2."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field accepts: at_least <= value (<= at_most, or < below)."""
+
+    at_least: float | None = None
+    at_most: float | None = None
+    below: float | None = None
+
+    def __contains__(self, value: float) -> bool:
+        return ((self.at_least is None or value >= self.at_least) and (self.at_most is None or value <= self.at_most)
+                and (self.below is None or value < self.below))
+
+    def __str__(self) -> str:
+        high = self.at_most if self.below is None else self.below
+        if high is None:
+            return f">= {_number(self.at_least)}"
+        return f"in [{_number(self.at_least)}, {_number(high)}{']' if self.below is None else ')'}"
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def ranged(default: float, *, at_least: float, at_most: float | None = None, below: float | None = None):
+    """A numeric field with its range, declared once: validation and --help read it from here."""
+    return dataclasses.field(default=default, metadata={"range": Range(at_least, at_most, below)})
+
+
 class RunStopped(RuntimeError):
     """A run that cannot or should not go on (non-finite loss, preemption): one line, `exit_code`."""
 
     exit_code = 1
 
 
+class DataError(RunStopped):
+    """The data cannot be trained on: a share with no readable sample, more unreadable samples than
+    --max_corrupt_fraction allows, samples that do not collate. Exit code 65 (sysexits' EX_DATAERR),
+    apart from bad input (2), since it is often found epochs into a run."""
+
+    exit_code = 65
+
+
 @dataclass
-class TrainConfig:
+class RunFields:
+    """What the run is: where it writes, its length, its seed and how it resumes."""
+
     output_dir: str = "runs/default"  # where metrics, config, checkpoints and final weights go
-    seed: int = 0  # one seed for the run; per-rank and per-worker seeds derive from it
-    epochs: int = 1  # passes over the training split
-    max_steps: int = 0  # stop after this many optimizer steps (0: no limit); for debugging
-    batch_size: int = 32  # samples per device per micro-batch
-    grad_accum_steps: int = 1  # micro-batches per optimizer step
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast dtype for forward passes
+    seed: int = ranged(0, at_least=0)  # one seed for the run; per-rank and per-worker seeds derive from it
+    epochs: int = ranged(1, at_least=1)  # passes over the training split
+    max_steps: int = ranged(0, at_least=0)  # stop after this many optimizer steps (0: no limit); for debugging
     resume: str = ""  # "" starts fresh, "auto" takes the newest checkpoint in output_dir, or a checkpoint path
+    deterministic: bool = False  # deterministic algorithms and cuDNN (slower; ops without a deterministic version raise)
+    trace_samples: bool = False  # write each rank's training sample keys to output_dir/samples/ (debugging, tests)
+
+
+@dataclass
+class DataFields:
+    """How batches are made and fed: sizes, DataLoader workers, unreadable samples."""
+
+    batch_size: int = ranged(32, at_least=1)  # samples per device per micro-batch
+    eval_batch_size: int = ranged(0, at_least=0)  # samples per device per evaluation batch (0: batch_size)
+    num_workers: int = ranged(2, at_least=0)  # DataLoader worker processes per rank
+    prefetch_factor: int = ranged(2, at_least=1)  # batches each DataLoader worker prepares ahead
+    persistent_workers: bool = False  # keep DataLoader workers alive across epochs and evaluations (the same batches, no start-up each time)
+    pin_memory: bool = True  # page-locked host batches and non-blocking copies to the GPU (no effect without one)
+    data_on_gpu: bool = False  # workers only read shards; JPEGs are decoded on the training device (nvJPEG on a GPU) and transformed there
+    synthetic_data: bool = False  # replace the data with random inputs of its shape (generated once, no I/O): measures the step alone
+    max_corrupt_fraction: float = ranged(0.01, at_least=0, at_most=1)  # stop when more than this fraction of an epoch's samples is unreadable
+
+
+@dataclass
+class OptimisationFields:
+    """What an optimizer step does: accumulation, optimizer, LR schedule, loss, regularisation, guards."""
+
+    grad_accum_steps: int = ranged(1, at_least=1)  # micro-batches per optimizer step
+    optimizer: Literal["adamw", "adam", "sgd", "rmsprop", "adagrad"] = "adamw"  # torch.optim optimizer, unless the recipe's schedule names one
+    momentum: float = ranged(0.9, at_least=0)  # sgd and rmsprop momentum
+    nesterov: bool = False  # sgd: Nesterov momentum
+    lr: float = ranged(1e-3, at_least=0)  # base learning rate; each parameter group scales it
+    weight_decay: float = ranged(0.0, at_least=0)  # weight decay (adamw: decoupled; others: L2), unless a parameter group sets its own
+    lr_schedule: Literal["cosine", "constant", "step", "multistep", "exponential", "plateau"] = "cosine"  # LR schedule, unless the recipe's schedule sets one; step/multistep/exponential change at epoch ends, plateau after evaluations
+    warmup_steps: int = ranged(0, at_least=0)  # optimizer steps of linear LR warm-up from 0, in front of any lr_schedule
+    min_lr_ratio: float = ranged(0.0, at_least=0, at_most=1)  # cosine decay ends at lr x this
+    lr_gamma: float = ranged(0.1, at_least=0)  # step/multistep/exponential: LR x this per decay; plateau: x this on a plateau
+    lr_step_size: int = ranged(30, at_least=1)  # step: epochs between decays
+    lr_milestones: tuple[int, ...] = ()  # multistep: epochs at which the LR decays
+    lr_patience: int = ranged(10, at_least=0)  # plateau: evaluations without improvement before the LR decays
+    lr_plateau_metric: str = "val/loss"  # plateau: the evaluation metric watched (losses: lower is better)
+    loss: Literal["cross_entropy", "nll", "bce_with_logits", "mse", "l1"] = "cross_entropy"  # training loss, unless the recipe defines build_loss
+    label_smoothing: float = ranged(0.0, at_least=0, below=1)  # cross_entropy label smoothing
+    class_weights: tuple[float, ...] = ()  # per-class loss weights (cross_entropy, nll; bce_with_logits: pos_weight)
+    mixup_alpha: float = ranged(0.0, at_least=0)  # MixUp Beta(alpha, alpha) on training batches (0: off)
+    cutmix_alpha: float = ranged(0.0, at_least=0)  # CutMix Beta(alpha, alpha) on training batches (0: off; with MixUp, one of the two per batch)
+    ema_decay: float = ranged(0.0, at_least=0, below=1)  # keep an EMA of the weights with this decay (e.g. 0.999), evaluated as val_ema/* (0: off)
+    ema_warmup: bool = True  # EMA decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates
+    max_grad_norm: float = ranged(0.0, at_least=0)  # clip the global gradient norm to this (0: no clipping)
+    nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/Inf loss or gradient: stop with an error, or skip the step and count it
+    weight_init: Literal["default", "kaiming_normal", "kaiming_uniform", "xavier_normal", "xavier_uniform", "trunc_normal"] = "default"  # re-initialise conv and linear layers of a model trained from scratch
+
+
+@dataclass
+class CheckpointFields:
+    """When checkpoints are written and kept, and which one is best."""
+
+    checkpoint_every: int = ranged(0, at_least=0)  # also checkpoint every N optimizer steps, mid-epoch included (0: epoch ends only)
+    checkpoint_epoch_end: bool = True  # checkpoint at each epoch end (after evaluation)
+    keep_checkpoints: int = ranged(3, at_least=0)  # keep the newest K checkpoints, plus the best one (0: keep all)
+    best_metric: str = ""  # evaluation metric that picks the best checkpoint ("": the task's, val/top1 for classifiers, else val/loss)
+    best_mode: Literal["auto", "max", "min"] = "auto"  # whether a higher or lower best_metric is better (auto: max for accuracies and r2, min otherwise)
+    early_stop_patience: int = ranged(0, at_least=0)  # stop after this many evaluations without a better best_metric (0: never)
+
+
+@dataclass
+class TrackingFields:
+    """What is logged, and where (metrics.jsonl always; wandb, TensorBoard)."""
+
+    log_every: int = ranged(10, at_least=1)  # optimizer steps between logged training metrics
+    trackers: tuple[str, ...] = ("wandb",)  # experiment trackers: wandb, tensorboard (OUTPUT_DIR/tensorboard); metrics.jsonl always
+    log_images: int = ranged(16, at_least=0)  # validation images (with prediction and label) logged to wandb per evaluation (image classifiers)
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with credentials, else offline
     wandb_project: str = "launcher"  # wandb project name
     wandb_entity: str = ""  # wandb team or user ("" = your default entity)
@@ -47,79 +152,34 @@ class TrainConfig:
     wandb_group: str = ""  # wandb group, to compare related runs together
     wandb_tags: tuple[str, ...] = ()  # wandb tags
     wandb_notes: str = ""  # wandb notes: what this run tries
-    trackers: tuple[str, ...] = ("wandb",)  # experiment trackers: wandb, tensorboard (OUTPUT_DIR/tensorboard); metrics.jsonl always
-    log_images: int = 16  # validation images (with prediction and label) logged to wandb per evaluation (image classifiers)
-    optimizer: Literal["adamw", "adam", "sgd", "rmsprop", "adagrad"] = "adamw"  # torch.optim optimizer, unless the recipe's schedule names one
-    momentum: float = 0.9  # sgd and rmsprop momentum
-    nesterov: bool = False  # sgd: Nesterov momentum
-    lr: float = 1e-3  # base learning rate; each parameter group scales it
-    weight_decay: float = 0.0  # weight decay (adamw: decoupled; others: L2), unless a parameter group sets its own
-    lr_schedule: Literal["cosine", "constant", "step", "multistep", "exponential", "plateau"] = "cosine"  # LR schedule, unless the recipe's schedule sets one; step/multistep/exponential change at epoch ends, plateau after evaluations
-    warmup_steps: int = 0  # optimizer steps of linear LR warm-up from 0, in front of any lr_schedule
-    min_lr_ratio: float = 0.0  # cosine decay ends at lr x this
-    lr_gamma: float = 0.1  # step/multistep/exponential: LR x this per decay; plateau: x this on a plateau
-    lr_step_size: int = 30  # step: epochs between decays
-    lr_milestones: tuple[int, ...] = ()  # multistep: epochs at which the LR decays
-    lr_patience: int = 10  # plateau: evaluations without improvement before the LR decays
-    lr_plateau_metric: str = "val/loss"  # plateau: the evaluation metric watched (losses: lower is better)
-    loss: Literal["cross_entropy", "nll", "bce_with_logits", "mse", "l1"] = "cross_entropy"  # training loss, unless the recipe defines build_loss
-    label_smoothing: float = 0.0  # cross_entropy label smoothing
-    class_weights: tuple[float, ...] = ()  # per-class loss weights (cross_entropy, nll; bce_with_logits: pos_weight)
-    mixup_alpha: float = 0.0  # MixUp Beta(alpha, alpha) on training batches (0: off)
-    cutmix_alpha: float = 0.0  # CutMix Beta(alpha, alpha) on training batches (0: off; with MixUp, one of the two per batch)
-    ema_decay: float = 0.0  # keep an EMA of the weights with this decay (e.g. 0.999), evaluated as val_ema/* (0: off)
-    ema_warmup: bool = True  # EMA decay ramps up as min(decay, (1 + n) / (10 + n)) over the first updates
-    early_stop_patience: int = 0  # stop after this many evaluations without a better best_metric (0: never)
-    max_grad_norm: float = 0.0  # clip the global gradient norm to this (0: no clipping)
-    weight_init: Literal["default", "kaiming_normal", "kaiming_uniform", "xavier_normal", "xavier_uniform", "trunc_normal"] = "default"  # re-initialise conv and linear layers of a model trained from scratch
-    deterministic: bool = False  # deterministic algorithms and cuDNN (slower; ops without a deterministic version raise)
-    cudnn_benchmark: bool = False  # let cuDNN pick the fastest convolution per input shape (fixed shapes; not with deterministic)
-    num_workers: int = 2  # DataLoader worker processes per rank
-    eval_batch_size: int = 0  # samples per device per evaluation batch (0: batch_size)
-    log_every: int = 10  # optimizer steps between logged training metrics
-    checkpoint_every: int = 0  # also checkpoint every N optimizer steps, mid-epoch included (0: epoch ends only)
-    checkpoint_epoch_end: bool = True  # checkpoint at each epoch end (after evaluation)
-    keep_checkpoints: int = 3  # keep the newest K checkpoints, plus the best one (0: keep all)
-    best_metric: str = ""  # evaluation metric that picks the best checkpoint ("": the task's, val/top1 for classifiers, else val/loss)
-    best_mode: Literal["auto", "max", "min"] = "auto"  # whether a higher or lower best_metric is better (auto: max for accuracies and r2, min otherwise)
-    nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/Inf loss or gradient: stop with an error, or skip the step and count it
-    max_corrupt_fraction: float = 0.01  # stop when more than this fraction of an epoch's samples is unreadable
+
+
+@dataclass
+class SpeedFields:
+    """Speed settings that leave the result unchanged (up to rounding)."""
+
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast dtype for forward passes
     channels_last: bool = False  # model weights and input batches in channels-last memory layout (faster convolutions on GPUs)
     compile: bool = False  # torch.compile the model (before DDP wraps it); the first steps are slow while it compiles
-    pin_memory: bool = True  # page-locked host batches and non-blocking copies to the GPU (no effect without one)
-    prefetch_factor: int = 2  # batches each DataLoader worker prepares ahead
-    data_on_gpu: bool = False  # workers only read shards; JPEGs are decoded on the training device (nvJPEG on a GPU) and transformed there
-    persistent_workers: bool = False  # keep DataLoader workers alive across epochs and evaluations (the same batches, no start-up each time)
+    cudnn_benchmark: bool = False  # let cuDNN pick the fastest convolution per input shape (fixed shapes; not with deterministic)
     ddp_comm_hook: Literal["no", "fp16", "bf16"] = "no"  # all-reduce gradients as 16-bit floats across processes (half the bytes; gradients rounded to 16 bits)
-    synthetic_data: bool = False  # replace the data with random inputs of its shape (generated once, no I/O): measures the step alone
-    trace_samples: bool = False  # write each rank's training sample keys to output_dir/samples/ (debugging, tests)
+
+@dataclass
+class TrainConfig(SpeedFields, TrackingFields, CheckpointFields, OptimisationFields, DataFields, RunFields):
+    """The fields every recipe shares, in sections (run first); a recipe's Config adds its own."""
 
     def validate(self) -> None:
-        """Checks that need no data or model; raise ConfigError naming the flag."""
-        for name in ("epochs", "batch_size", "grad_accum_steps", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "num_workers", "eval_batch_size", "seed", "checkpoint_every",
-                     "keep_checkpoints", "log_images"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay", "max_grad_norm", "min_lr_ratio", "max_corrupt_fraction", "momentum",
-                     "lr_gamma", "label_smoothing", "mixup_alpha", "cutmix_alpha", "lr_patience",
-                     "early_stop_patience"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"--ema_decay must be in [0, 1) (e.g. 0.999; 0 turns EMA off), got {self.ema_decay}")
-        if self.prefetch_factor < 1:
-            raise ConfigError(f"--prefetch_factor must be >= 1, got {self.prefetch_factor}")
-        if self.lr_step_size < 1:
-            raise ConfigError(f"--lr_step_size must be >= 1 (epochs), got {self.lr_step_size}")
+        """Checks that need no data or model; raise ConfigError naming the flag. Ranges and choices are
+        TrainConfig's (so a recipe that re-declares a field keeps them) plus the recipe's own."""
+        hints = typing.get_type_hints(TrainConfig)
+        for name, accepted in field_ranges(type(self)).items():
+            if getattr(self, name) not in accepted:
+                raise ConfigError(f"--{name} must be {accepted}, got {getattr(self, name)}")
         if self.deterministic and self.cudnn_benchmark:
             raise ConfigError("--deterministic and --cudnn_benchmark contradict each other; keep one")
         if not self.output_dir:
             raise ConfigError("--output_dir must not be empty")
-        # Choices are checked by value too, so a recipe that re-declares a field as `str` keeps them.
-        for name, tp in typing.get_type_hints(TrainConfig).items():
+        for name, tp in hints.items():
             if typing.get_origin(tp) is Literal and getattr(self, name) not in typing.get_args(tp):
                 raise ConfigError(f"--{name} must be {type_name(tp)}, got {getattr(self, name)!r}")
 
@@ -131,6 +191,27 @@ class TrainConfig:
         if self.eval_batch_size == 0:
             changes["eval_batch_size"] = self.batch_size
         return dataclasses.replace(self, **changes)
+
+
+SECTIONS = {RunFields: "run", DataFields: "data", OptimisationFields: "optimisation",
+            CheckpointFields: "checkpoints", TrackingFields: "tracking", SpeedFields: "speed"}
+
+
+def field_ranges(config_cls: type) -> dict[str, Range]:
+    """Field name -> its declared range: TrainConfig's, and those of the recipe's own fields."""
+    ranges = {f.name: f.metadata["range"] for f in dataclasses.fields(TrainConfig) if "range" in f.metadata}
+    ranges.update({f.name: f.metadata["range"] for f in dataclasses.fields(config_cls) if "range" in f.metadata})
+    return ranges
+
+
+def sections(config_cls: type) -> dict[str, list[str]]:
+    """Section -> its field names, in declaration order: the recipe's own fields first, then TrainConfig's."""
+    shared = {name: title for klass, title in SECTIONS.items() for name in klass.__dataclass_fields__}
+    grouped: dict[str, list[str]] = {"recipe": []}
+    grouped.update((title, []) for title in SECTIONS.values())
+    for f in dataclasses.fields(config_cls):
+        grouped[shared.get(f.name, "recipe")].append(f.name)
+    return {title: names for title, names in grouped.items() if names}
 
 
 def has_wandb_credentials() -> bool:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from launcher.batch import collate, describe
-from launcher.config import ConfigError
+from launcher.config import ConfigError, DataError
 from launcher.losses import CrossEntropy
 from launcher.metrics import TaskMetrics, better_direction, default_best, infer_task, loss_name
 from launcher.step import Step, StepOutput, call_model, choose_style
@@ -56,7 +56,7 @@ def blame(what: str):
     """Turn an exception raised inside into a RecipeError naming `what` raised it."""
     try:
         yield
-    except ConfigError:
+    except (ConfigError, DataError):
         raise
     except Exception as error:  # noqa: BLE001 - any error of the recipe's code
         text = " ".join(str(error).split()) or "(no message)"

@@ -129,9 +129,9 @@ def test_unreadable_samples_are_skipped_and_counted_across_ranks(digits, tmp_pat
     # Above --max_corrupt_fraction the run stops, naming the worst shards.
     stopped = launcher(MLP_RECIPE, f"--data_dir={data}", f"--output_dir={tmp_path / 'strict'}", "--epochs=1",
                        "--max_corrupt_fraction=0.002", check=False)  # 2 of 1438 allowed
-    assert stopped.returncode == 2
+    assert stopped.returncode == 65  # a data error, not bad input
     line = stopped.stderr.strip().splitlines()[-1]
-    assert line.startswith("launcher: error: 3 of 1438 training samples in epoch 0 are unreadable, more than "
+    assert line.startswith("launcher: data error: 3 of 1438 training samples in epoch 0 are unreadable, more than "
                            "--max_corrupt_fraction=0.002; worst shards: ")
     assert "part0-000000.tar (2), " in line and "part1-000000.tar (1)" in line
 

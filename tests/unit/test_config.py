@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Literal
 
 import pytest
 
-from launcher.cli import parse_flags, recipe_help
-from launcher.config import ConfigError, TrainConfig, apply_overrides, coerce, field_help, variant
+from launcher.cli import parse_flags, recipe_help, usage
+from launcher.config import (ConfigError, TrainConfig, apply_overrides, coerce, field_help, ranged, sections,
+                             variant)
 from launcher.plan import fork_hang_warning
 from launcher.recipe import load_recipe
 
@@ -56,6 +58,40 @@ def test_choices_hold_even_when_a_recipe_redeclares_the_field_as_str():
 
     with pytest.raises(ConfigError, match="--wandb_mode must be one of"):
         apply_overrides(Loose(), {"wandb_mode": "sometimes"})
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"ema_decay": 1.0}, "--ema_decay must be in [0, 1), got 1.0"),
+    ({"min_lr_ratio": 1.5}, "--min_lr_ratio must be in [0, 1], got 1.5"),
+    ({"prefetch_factor": 0}, "--prefetch_factor must be >= 1, got 0"),
+    ({"label_smoothing": -0.1}, "--label_smoothing must be in [0, 1), got -0.1"),
+])
+def test_declared_ranges_hold_for_a_variant_a_redeclared_field_and_the_recipes_own(override, message):
+    @dataclasses.dataclass
+    class Recipe(TrainConfig):
+        ema_decay: float = 0.5  # redeclared without its range
+        width: int = ranged(8, at_least=2)  # the recipe's own
+
+    for config in (Recipe(), variant(Recipe, min_lr_ratio=0.5, prefetch_factor=3)()):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            apply_overrides(config, override)
+        with pytest.raises(ConfigError, match=re.escape("--width must be >= 2, got 1")):
+            apply_overrides(config, {"width": 1})
+    assert apply_overrides(Recipe(), {"ema_decay": 0.0, "min_lr_ratio": 1.0, "width": 2}).width == 2
+
+
+def test_every_shared_field_has_one_section_and_the_usage_and_help_list_them_by_section():
+    grouped = sections(TrainConfig)
+    assert list(grouped) == ["run", "data", "optimisation", "checkpoints", "tracking", "speed"]
+    names = [name for section in grouped.values() for name in section]
+    assert sorted(names) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+    listed = " ".join(usage().split("by section:\n", 1)[1].split("\n\n")[0].split())
+    assert listed == " ".join(f"{title}: {', '.join(section)}" for title, section in grouped.items())
+    help_text = recipe_help(load_recipe("recipes/resnet_finetune"))
+    order = [help_text.index(f"\n{title}:\n") for title in ["recipe", *grouped]]
+    assert order == sorted(order)
+    assert "--batch_size=64" in help_text.split("\ndata:\n")[1].split("\noptimisation:\n")[0]
+    assert "[float, in [0, 1)]" in help_text.split("--ema_decay=")[1].split("\n")[0]
 
 
 @pytest.mark.parametrize("value, tp, expected", [

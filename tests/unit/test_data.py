@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from launcher.config import ConfigError
+from launcher.config import ConfigError, DataError
 from launcher.batch import Batch
 from launcher.data import SplitLoader, Shards, read_index, shuffle_buffer
 from launcher.layout import Position
@@ -77,6 +77,20 @@ def test_unreadable_shard_files_are_named_before_training(tmp_path):
     (tmp_path / "part1-000000.tar").write_bytes(b"this is not a tar file" * 40)
     with pytest.raises(ConfigError, match=r"1 of 2 shard files unreadable, first .*part1-000000.tar"):
         read_index(source)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_shards_with_nothing_readable_are_a_data_error_that_gives_the_first_reasons(tmp_path, workers):
+    make_shards(tmp_path, [4])
+
+    def refuse(image):
+        raise ValueError(f"no pixels wanted, got {image.size}")
+
+    loader = SplitLoader(Shards(str(tmp_path), refuse), rank=0, world=1, seed=0, batch_size=2, num_workers=workers,
+                         training=True, batches_per_epoch=2)
+    with pytest.raises(DataError, match=r"no readable sample in .*part0-000000.tar.*first reasons: .*no pixels wanted"):
+        loader.example_samples(2) if workers == 0 else next(iter(loader.loader(0)))
+    assert DataError.exit_code == 65 and not issubclass(DataError, ConfigError)  # not "bad input" (2)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
