@@ -418,9 +418,10 @@ class SplitLoader:
 
     def __init__(self, source: Shards | Dataset, *, rank: int, world: int, seed: int,
                  batch_size: int, num_workers: int, training: bool, batches_per_epoch: int | None = None,
-                 batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 grad_accum_steps: int = 1, batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  pin_memory: bool = True, prefetch_factor: int = 2, persistent_workers: bool = False,
-                 decode_on_device: bool = False, collate_fn: Collate | None = None):
+                 decode_on_device: bool = False, collate_fn: Collate | None = None,
+                 device: torch.device = torch.device("cpu")):
         self.source, self.training = source, training
         self.collate_fn = collate_fn  # the recipe's (DataSpec.collate), or None: default_collate
         split = "training" if training else "validation"
@@ -432,13 +433,12 @@ class SplitLoader:
             raise ConfigError(f"--data_on_gpu decodes (image, cls) samples, but this recipe's {split} shards have "
                               "their own decode or collate; drop the flag")
         self.decode_on_device = decode_on_device and isinstance(source, Shards)
-        self.device = torch.device("cpu")  # where --data_on_gpu decodes: the trainer sets its device
+        self.device = device  # where --data_on_gpu decodes: the training device
         self.pin_memory = pin_memory and torch.cuda.is_available()  # page-locked batches: async copies to the GPU
         self.prefetch_factor = prefetch_factor  # batches each worker prepares ahead
         self._batch_transform = batch_transform  # for a Dataset (Shards carry their own)
         self.rank, self.world, self.seed = rank, world, seed
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.batches_per_epoch = batches_per_epoch  # training, per rank; the trainer sets it from the plan
         self._layout_maker: EpochLayouts | None = None  # keeps the last layout (loader and report share it)
         self.persistent_workers = persistent_workers and num_workers > 0
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # read by persistent workers
@@ -455,6 +455,11 @@ class SplitLoader:
         else:
             self.index = None
             self.total = len(source)
+        # Training, per rank: whole optimizer steps of batch_size x world x grad_accum_steps samples
+        # (0 when the split is smaller than one; the plan refuses that); unless given.
+        steps = self.total // (batch_size * world * grad_accum_steps)
+        self.batches_per_epoch = (batches_per_epoch if batches_per_epoch is not None else steps * grad_accum_steps
+                                  ) if training else None
 
     @property
     def classes(self) -> list[str]:
@@ -473,8 +478,6 @@ class SplitLoader:
         return self._layouts()(epoch)
 
     def _layouts(self) -> EpochLayouts:
-        if self.training and self.batches_per_epoch is None:
-            raise RuntimeError("SplitLoader.batches_per_epoch must be set (from the plan) before training")
         batches = self.batches_per_epoch if self.training else None
         if self._layout_maker is None or self._layout_maker.batches_per_rank != batches:
             self._layout_maker = EpochLayouts(self.index, self.seed, self.world, self.workers_per_rank,

@@ -8,18 +8,20 @@ run or skipping the step, evaluation each epoch with every validation sample cou
 checkpoints at epoch ends and every `checkpoint_every` steps (with each rank's data position, so
 a resume continues mid-epoch exactly), SIGUSR1/SIGTERM acted on at step boundaries, unreadable
 samples counted across ranks (stop above `max_corrupt_fraction`), metrics to metrics.jsonl and
-wandb, final weights and a summary."""
+wandb, final weights and a summary.
+
+The run's progress is one `RunState` (launcher/run_state.py); the policies that decide when to
+act (the NaN/Inf guard, data health, best metric and early stopping, checkpoint cadence) are
+components of their own (launcher/guards.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import os
 import signal
 import time
-from collections import Counter
 
 import safetensors.torch
 import torch
@@ -28,10 +30,11 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from launcher.batch import Batch
-from launcher.config import ConfigError, RunStopped, TrainConfig
+from launcher.config import ConfigError, TrainConfig
 from launcher.distributed import ReplicaChecksums, build_accelerator, rewrap_ddp
 from launcher.data import DataError, SplitLoader, Synthetic
 from launcher.evaluation import evaluate_split
+from launcher.guards import BestMetric, CheckpointCadence, DataHealth, NonFiniteGuard
 from launcher.layout import Position, derive_seed
 from launcher.metrics import TaskMetrics, is_accuracy
 from launcher.modeling import init_weights, model_summary
@@ -39,6 +42,7 @@ from launcher.params import (ParamGroup, Schedule, apply_freezing, assign_groups
                              frozen_batchnorms, lr_multipliers)
 from launcher.plan import Plan, format_plan, make_plan, training_lines
 from launcher.regularization import EMA, batch_mix
+from launcher.run_state import RunState
 from launcher.schedules import LRSchedule
 from launcher.preemption import Preempted, StopSignals, requeue_slurm_job
 from launcher.preflight import Checked, preflight
@@ -46,9 +50,6 @@ from launcher.recipe import Recipe
 from launcher.tracking import MetricsLog, Tracker, save_run_files, write_json
 from launcher import checkpoints
 
-# nonfinite=stop checks the gradient norms it kept at least this often (one host sync), so a run
-# that logs, checkpoints and evaluates rarely does not pile them up.
-UNCHECKED_STEPS = 1000
 TOTAL_NORM = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6: the norm without clipping
 
 
@@ -75,8 +76,9 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
     loader_args = dict(rank=rank, world=world, seed=cfg.seed, num_workers=cfg.num_workers,
                        batch_transform=data.batch_transform, pin_memory=cfg.pin_memory,
                        prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers,
-                       decode_on_device=cfg.data_on_gpu, collate_fn=data.collate)
-    train_data = SplitLoader(data.train, batch_size=cfg.batch_size, training=True, **loader_args)
+                       decode_on_device=cfg.data_on_gpu, collate_fn=data.collate, device=device)
+    train_data = SplitLoader(data.train, batch_size=cfg.batch_size, training=True,
+                             grad_accum_steps=cfg.grad_accum_steps, **loader_args)
     val_data = (SplitLoader(data.val, batch_size=cfg.eval_batch_size, training=False, **loader_args)
                 if data.val is not None else None)
     classes = list(data.classes or train_data.classes)
@@ -94,7 +96,7 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
     if cfg.synthetic_data:
         train_data, val_data = (_synthetic(split, checked, loader_args) if split else None
                                 for split in (train_data, val_data))
-    plan = make_plan(cfg, train_data, val_data, world)  # also sets train_data.batches_per_epoch
+    plan = make_plan(cfg, train_data, val_data, world)
     schedule = recipe.build_schedule(cfg, model).resolved(cfg)
     groups = assign_groups(model, schedule, cfg.lr, cfg.weight_decay, plan.steps_per_epoch)
     apply_freezing(groups, step=0)
@@ -110,6 +112,7 @@ def _synthetic(split: SplitLoader, checked: Checked, loader_args: dict) -> Split
     """The split as random batches with the structure of its first real one, with its sizes and batch transform."""
     source = Synthetic(checked.example, split.total, split.batch_transform)
     return SplitLoader(source, batch_size=split.batch_size, training=split.training,
+                       batches_per_epoch=split.batches_per_epoch,
                        **{**loader_args, "collate_fn": None})
 
 
@@ -140,9 +143,6 @@ class Trainer:
         self.checked, self.step_fn = parts.checked, parts.checked.step
         self.classes, self.extra_metrics = parts.classes, parts.extra_metrics
         self.train_data, self.val_data, self.plan = parts.train_data, parts.val_data, parts.plan
-        for split in (self.train_data, self.val_data):
-            if split is not None:
-                split.device = acc.device  # where --data_on_gpu decodes
         model, schedule, self.groups = parts.model, parts.schedule, parts.groups
         self.frozen_norms = frozen_batchnorms(model, self.groups)
         self.unfreeze_steps = {pg.starts_at for pg in self.groups if pg.starts_at}  # steps that change requires_grad
@@ -163,25 +163,19 @@ class Trainer:
         if self.ema is not None:
             acc.register_for_checkpointing(self.ema)
         set_seed(derive_seed(cfg.seed, "rank", self.rank) % 2**32)  # python, numpy, torch: dropout/augmentation differ per rank
-        self.step, self.epoch = 0, 0
+        self.state = RunState()  # step, epoch, best, counters: what a checkpoint keeps
         self.position = Position(0)  # this rank's place in the current epoch's data
         self.saved_step = -1
-        self.errors_shown = 0
-        self.best: dict = {}  # {"metric", "value", "step"} of the best evaluation so far
-        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss or gradient (nonfinite=skip)
-        # nonfinite=stop: (step, loss, gradient norm) of the optimizer steps not checked yet, as
-        # device tensors; `_stop_if_nonfinite` reads them where the host waits anyway.
-        self.unchecked: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        self.evals_without_improvement = 0  # for early stopping
-        self.stopped_early = False
+        last_checkpoint = lambda: (checkpoints.checkpoint_dirs(cfg.output_dir) or [None])[-1]  # noqa: E731
+        self.guard = NonFiniteGuard(cfg.nonfinite, acc.mixed_precision == "fp16", self.state, last_checkpoint,
+                                    acc.is_main_process)
+        self.data_health = DataHealth(cfg.output_dir, self.rank, cfg.max_corrupt_fraction, gather_object)
+        self.best_metric = BestMetric(cfg.best_metric, cfg.best_mode, cfg.early_stop_patience, self.state)
+        self.cadence = CheckpointCadence(cfg.checkpoint_every, cfg.checkpoint_epoch_end)
         self.metrics = MetricsLog(cfg.output_dir, acc.is_main_process)
-        self.wandb_run_id: str | None = None
         self.tracker = Tracker(acc, cfg)
         self.signals = StopSignals(self.world)
         self.replica_checksums = ReplicaChecksums(acc.device, self.world)
-        self.unreadable_total = 0  # training and validation samples skipped as unreadable, all ranks
-        self.elapsed_before = 0.0  # seconds of training before this process (earlier runs, when resumed)
-        self.started = time.perf_counter()
 
     # ---- setup ------------------------------------------------------------------------------
 
@@ -198,21 +192,16 @@ class Trainer:
                 "classes": self.classes if checked.task == "classification" else []})
         if resume_from:
             state, rank_state = checkpoints.load(acc, resume_from)
-            self.step, self.epoch = state["step"], state["epoch"]
-            self.best, self.wandb_run_id = state.get("best", {}), state.get("wandb_run_id")
-            self.skipped_steps = state.get("skipped_steps", 0)
-            self.evals_without_improvement = state.get("evals_without_improvement", 0)
-            self.unreadable_total = state.get("unreadable_total", 0)
-            self.elapsed_before = state.get("elapsed_s", 0.0)
-            self.metrics.drop_after(self.step)  # what the lost steps logged is logged again
-            self.position = Position.from_dict(rank_state) if rank_state else Position(self.epoch)
-            self.saved_step = self.step
+            self.state.load_state_dict(state)
+            self.metrics.drop_after(self.state.step)  # what the lost steps logged is logged again
+            self.position = Position.from_dict(rank_state) if rank_state else Position(self.state.epoch)
+            self.saved_step = self.state.step
             self._check_resumable(resume_from, state)
             self._update_frozen()
             if acc.is_main_process:
                 where = (f", {self.position.batches} of {self.plan.micro_batches_per_epoch} batches into it"
                          if self.position.batches else "")
-                print(f"resumed from {resume_from} at step {self.step}, epoch {self.epoch}{where}", flush=True)
+                print(f"resumed from {resume_from} at step {self.state.step}, epoch {self.state.epoch}{where}", flush=True)
         self._init_tracker()
         acc.wait_for_everyone()
 
@@ -229,32 +218,33 @@ class Trainer:
                 "the same --num_processes, --num_workers and --batch_size, or from an epoch-end checkpoint")
 
     def _init_tracker(self) -> None:
-        self.wandb_run_id = self.tracker.start(self.wandb_run_id, resume_step=self.step)
+        self.state.wandb_run_id = self.tracker.start(self.state.wandb_run_id, resume_step=self.state.step)
 
     # ---- the loop ---------------------------------------------------------------------------
 
     def fit(self) -> dict:
         self.start()
         acc = self.accelerator
-        self.progress = tqdm(total=self.plan.total_steps, initial=self.step, unit="step",
+        self.progress = tqdm(total=self.plan.total_steps, initial=self.state.step, unit="step",
                              disable=not acc.is_main_process, dynamic_ncols=True)
         try:
-            while self.epoch < self.cfg.epochs and self.step < self.plan.total_steps:
+            while self.state.epoch < self.cfg.epochs and self.state.step < self.plan.total_steps:
                 self.train_epoch()
                 if self.position.batches < self.plan.micro_batches_per_epoch:  # cut short by max_steps
                     self.evaluate(epoch_end=False)
                     break
                 self._report_epoch_data()
                 improved = self.evaluate()
-                self.epoch += 1
-                self.position = Position(self.epoch)
-                if self.cfg.checkpoint_epoch_end or improved:
+                self.state.epoch += 1
+                self.position = Position(self.state.epoch)
+                if self.cadence.after_epoch(improved):
                     self._save()
-                if self._stop_early():
+                if self.best_metric.stop_early():
+                    self._say_stopped_early()
                     break
                 self._check_signals(now=True)  # a signal that came during evaluation stops here
             self.signals.drain()  # the run is done: a signal that came at its last step changes nothing
-            if self.saved_step != self.step:
+            if self.saved_step != self.state.step:
                 self._save()  # where max_steps stopped: `--resume=auto` continues from here
         finally:
             self.metrics.flush()
@@ -265,27 +255,22 @@ class Trainer:
                     split.close()  # persistent workers end here, not at interpreter exit
         return self.finish()
 
-    def _stop_early(self) -> bool:
-        """Every rank decides alike: the metrics it compares are already all-reduced."""
-        patience = self.cfg.early_stop_patience
-        if not patience or self.evals_without_improvement < patience:
-            return False
-        self.stopped_early = True
+    def _say_stopped_early(self) -> None:
         if self.accelerator.is_main_process:
-            tqdm.write(f"early stop at step {self.step}: {self.cfg.best_metric} has not improved for {patience} "
-                       f"evaluations (best {self.best['value']:.4g} at step {self.best['step']})")
-        return True
+            best = self.state.best
+            tqdm.write(f"early stop at step {self.state.step}: {self.cfg.best_metric} has not improved for "
+                       f"{self.cfg.early_stop_patience} evaluations (best {best['value']:.4g} at step {best['step']})")
 
     def _save(self) -> None:
-        self._stop_if_nonfinite()
+        self.guard.check(self.state.step)
         self.metrics.flush()  # a resume from this checkpoint finds every record up to it
         acc, cfg = self.accelerator, self.cfg
         path = checkpoints.save(acc, cfg.output_dir, self._state(), self.position.to_dict())
-        self.saved_step = self.step
+        self.saved_step = self.state.step
         if acc.is_main_process:
-            if self.best.get("step") == self.step:
-                checkpoints.write_best(cfg.output_dir, self.best)
-            checkpoints.prune(cfg.output_dir, cfg.keep_checkpoints, self.best.get("step"))
+            if self.state.best.get("step") == self.state.step:
+                checkpoints.write_best(cfg.output_dir, self.state.best)
+            checkpoints.prune(cfg.output_dir, cfg.keep_checkpoints, self.state.best.get("step"))
         acc.wait_for_everyone()
         return path
 
@@ -296,7 +281,7 @@ class Trainer:
         signum = self.signals.agreed(now)
         if not signum:
             return
-        if self.saved_step != self.step:
+        if self.saved_step != self.state.step:
             self._save()
         self.progress.close()
         self.tracker.finish(self._summary())  # the tracker's files are complete before a requeue
@@ -304,23 +289,23 @@ class Trainer:
         if not self.accelerator.is_main_process:
             raise Preempted("")  # the main process says it
         path = checkpoints.checkpoint_dirs(self.cfg.output_dir)[-1]
-        raise Preempted(f"{signal.Signals(signum).name} at step {self.step}: checkpoint {path} saved; "
+        raise Preempted(f"{signal.Signals(signum).name} at step {self.state.step}: checkpoint {path} saved; "
                         + (requeued or "rerun with --resume=auto to continue"))
 
     def train_epoch(self) -> None:
         acc, cfg, plan = self.accelerator, self.cfg, self.plan
         self._train_mode()
-        if self.position.epoch != self.epoch:
-            self.position = Position(self.epoch)
-        remaining = (plan.total_steps - self.step) * cfg.grad_accum_steps
+        if self.position.epoch != self.state.epoch:
+            self.position = Position(self.state.epoch)
+        remaining = (plan.total_steps - self.state.step) * cfg.grad_accum_steps
         micro_batches = min(plan.micro_batches_per_epoch - self.position.batches, remaining)
-        batches = itertools.islice(self.train_data.loader(self.epoch, self.position), micro_batches)
+        batches = itertools.islice(self.train_data.loader(self.state.epoch, self.position), micro_batches)
         window = _Window(acc.device)
         fetch_start = time.perf_counter()
         for batch in batches:
             window.data_time += time.perf_counter() - fetch_start
             self.position.advance(batch)
-            self._note_errors(batch.errors, "train")
+            self.data_health.note(batch.errors, "train", self.state.epoch, self.state.step)
             if batch.data is None:  # every sample of it was unreadable
                 raise DataError(f"rank {self.rank}: a training batch with no readable sample ({len(batch.errors)} "
                                 "unreadable); check the shards and the split's decode")
@@ -337,7 +322,7 @@ class Trainer:
                     if counted:
                         self._normalise_by_count(window)
                     window.grad_norm = self._clip_gradients()
-                    skip = not self._finite(window.grad_norm, out.loss)
+                    skip = not self.guard.allows(self.state.step + 1, out.loss, window.grad_norm)
                 if not skip:
                     self.optimizer.step()
                     if self.ema is not None and acc.sync_gradients and not self.optimizer.step_was_skipped:
@@ -346,7 +331,7 @@ class Trainer:
             window.add(out.loss.detach(), out.count if counted else 1, batch.size)
             if acc.sync_gradients:
                 self._after_step(window)
-                if self.step % cfg.log_every == 0 or self.step == plan.total_steps:
+                if self.state.step % cfg.log_every == 0 or self.state.step == plan.total_steps:
                     window = _Window(acc.device)
             fetch_start = time.perf_counter()
 
@@ -355,56 +340,17 @@ class Trainer:
         cfg, plan = self.cfg, self.plan
         lrs = {f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups}  # this step's
         self.scheduler.step()
-        self.step += 1
+        self.state.step += 1
         self.progress.update(1)
-        if self.step in self.unfreeze_steps:
+        if self.state.step in self.unfreeze_steps:
             self._update_frozen()
-        if self.step % cfg.log_every == 0 or self.step == plan.total_steps:
+        if self.state.step % cfg.log_every == 0 or self.state.step == plan.total_steps:
             self._log_train(window, lrs)
         else:
-            self._record({"step": self.step, "epoch": self.epoch, **lrs}, flush=False)
-        epoch_end = self.position.batches == plan.micro_batches_per_epoch
-        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not (epoch_end and cfg.checkpoint_epoch_end):
-            self._save()  # an epoch end saves after evaluation
+            self._record({"step": self.state.step, "epoch": self.state.epoch, **lrs}, flush=False)
+        if self.cadence.after_step(self.state.step, self.position.batches == plan.micro_batches_per_epoch):
+            self._save()
         self._check_signals()
-
-    def _finite(self, grad_norm, loss) -> bool:
-        """False if this step's update must be skipped. The gradient norm is the same on every rank
-        after DDP's all-reduce, so all ranks decide alike. Under fp16 the grad scaler owns overflow.
-        nonfinite=stop only keeps the norm: the host does not wait for the backward here, and
-        `_stop_if_nonfinite` stops the run before anything after it is saved or logged.
-        nonfinite=skip must know before the update: one device sync per optimizer step."""
-        if grad_norm is None or self.accelerator.mixed_precision == "fp16":
-            return True
-        if self.cfg.nonfinite == "stop":
-            self.unchecked.append((self.step + 1, loss.detach(), grad_norm))
-            if len(self.unchecked) >= UNCHECKED_STEPS:
-                self._stop_if_nonfinite()
-            return True
-        if bool(torch.isfinite(grad_norm)):
-            return True
-        self.skipped_steps += 1
-        if self.accelerator.is_main_process:
-            tqdm.write(f"step {self.step + 1}: non-finite loss or gradient, update skipped "
-                       f"({self.skipped_steps} so far)")
-        return False
-
-    def _stop_if_nonfinite(self) -> None:
-        """nonfinite=stop: raise if an optimizer step since the last check had a NaN/Inf gradient
-        norm. Called before every checkpoint, log line and evaluation, so the weights it spoilt are
-        never saved; every rank holds the same step (the norm is all-reduced) and stops alike."""
-        if not self.unchecked:
-            return
-        unchecked, self.unchecked = self.unchecked, []
-        bad = (~torch.isfinite(torch.stack([norm for _, _, norm in unchecked]))).nonzero()  # one sync
-        if not len(bad):
-            return
-        step, loss, norm = unchecked[int(bad[0])]
-        last = checkpoints.checkpoint_dirs(self.cfg.output_dir)
-        raise RunStopped(
-            f"step {step}: loss {float(loss):.4g}, gradient norm {float(norm):.4g} (non-finite); stopped at step "
-            f"{self.step} with nothing saved since; last checkpoint: {last[-1] if last else 'none'}. Lower --lr, "
-            "set --max_grad_norm, or pass --nonfinite=skip to skip such steps")
 
     def _train_mode(self) -> None:
         self.model.train()
@@ -414,14 +360,14 @@ class Trainer:
     def _update_frozen(self) -> None:
         """Unfreeze the groups whose step has come (after a resume too): gradients on, BatchNorm
         statistics updating again, DDP rebuilt so it all-reduces their gradients."""
-        unfrozen = apply_freezing(self.groups, self.step)
+        unfrozen = apply_freezing(self.groups, self.state.step)
         if not unfrozen:
             return
         self.frozen_norms = frozen_batchnorms(self.model, self.groups)
         self.model = rewrap_ddp(self.accelerator, self.model)
         self._train_mode()
         if self.accelerator.is_main_process:
-            tqdm.write(f"step {self.step}: training {', '.join(unfrozen)} from now on")
+            tqdm.write(f"step {self.state.step}: training {', '.join(unfrozen)} from now on")
 
     def _count(self, out, window: "_Window") -> bool:
         """Whether this step's loss is a sum over `out.count` items; adds the count to the optimizer
@@ -458,21 +404,21 @@ class Trainer:
         return TOTAL_NORM([p.grad for p in self.parameters if p.grad is not None])
 
     def _log_train(self, window: "_Window", lrs: dict[str, float]) -> None:
-        self._stop_if_nonfinite()
+        self.guard.check(self.state.step)
         acc = self.accelerator
         corrupt = float(sum(self.position.corrupt.values()))
         mine = torch.stack([window.loss_sum, window.weight, torch.tensor(corrupt, dtype=torch.float64, device=acc.device)])
         loss_sum, weight, corrupt_total = acc.reduce(mine, "sum").tolist()  # one collective for all
         loss = loss_sum / max(weight, 1e-12)
-        self._check_corrupt(int(corrupt_total), "train")
+        self._check_corrupt(int(corrupt_total), "train", self.position.corrupt)
         elapsed = time.perf_counter() - window.start
-        record = {"step": self.step, "epoch": self.epoch, "train/loss": loss,
+        record = {"step": self.state.step, "epoch": self.state.epoch, "train/loss": loss,
                   "train/samples_per_s": window.samples * self.world / elapsed,
                   "train/data_wait": window.data_time / elapsed}
         if window.grad_norm is not None:
             record["train/grad_norm"] = float(window.grad_norm)
-        if self.skipped_steps:
-            record["train/skipped_steps"] = self.skipped_steps
+        if self.state.skipped_steps:
+            record["train/skipped_steps"] = self.state.skipped_steps
         if torch.cuda.is_available():
             record["train/gpu_memory_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30  # peak since last log
             torch.cuda.reset_peak_memory_stats(acc.device)
@@ -482,42 +428,13 @@ class Trainer:
 
     def _record(self, record: dict, flush: bool = True) -> None:
         self.metrics.write(record, flush)
-        self.tracker.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
+        self.tracker.log({k: v for k, v in record.items() if k != "step"}, step=self.state.step)
 
     # ---- data problems ------------------------------------------------------------------------
 
-    def _note_errors(self, errors: list[dict], split: str) -> None:
-        """Every unreadable sample or shard: one JSON line per rank file, the first few printed."""
-        if not errors:
-            return
-        path = os.path.join(self.cfg.output_dir, "data_errors", f"rank{self.rank}.jsonl")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a") as f:
-            for error in errors:
-                f.write(json.dumps({"split": split, "epoch": self.epoch, "step": self.step, **error}) + "\n")
-        for error in errors:
-            self.errors_shown += 1
-            if self.errors_shown <= 10:
-                what = f"sample {error['key']}" if error["key"] else f"{error['samples']} samples (rest of shard)"
-                tqdm.write(f"rank {self.rank}: skipped unreadable {what} in {error['shard']}: {error['reason']}")
-            elif self.errors_shown == 11:
-                tqdm.write(f"rank {self.rank}: more unreadable samples; all are listed in {path}")
-
-    def _check_corrupt(self, total: int, split: str, counts: dict[str, int] | None = None) -> None:
-        """Stop, on every rank at once (`total` is already summed), above the allowed fraction."""
+    def _check_corrupt(self, total: int, split: str, counts: dict[str, int]) -> None:
         samples = self.plan.train_samples if split == "train" else self.plan.val_samples
-        if total <= self.cfg.max_corrupt_fraction * samples:
-            return
-        merged: Counter[str] = Counter()
-        for per_rank in gather_object([counts if counts is not None else self.position.corrupt]):
-            merged.update(per_rank)
-        worst = merged.most_common(3)
-        name = "training" if split == "train" else "validation"
-        raise DataError(
-            f"{total} of {samples} {name} samples in epoch {self.epoch} are unreadable, more than "
-            f"--max_corrupt_fraction={self.cfg.max_corrupt_fraction}; worst shards: "
-            + ", ".join(f"{shard} ({n})" for shard, n in worst)
-            + f"; details in {os.path.join(self.cfg.output_dir, 'data_errors')}/. Rewrite or drop those shards")
+        self.data_health.check(total, samples, split, self.state.epoch, counts)
 
     def _report_epoch_data(self) -> None:
         """Samples dropped or repeated to give every rank the same batches, and unreadable ones."""
@@ -525,13 +442,13 @@ class Trainer:
         mine = torch.tensor([self.position.repeated, sum(self.position.corrupt.values())],
                             dtype=torch.float64, device=acc.device)
         repeated, corrupt = (int(x) for x in acc.reduce(mine, "sum").tolist())
-        self.unreadable_total += corrupt
-        self._check_corrupt(corrupt, "train")
-        dropped = self.train_data.planned_dropped(self.epoch)
-        self._record({"step": self.step, "epoch": self.epoch, "data/dropped": dropped,
+        self.state.unreadable_total += corrupt
+        self._check_corrupt(corrupt, "train", self.position.corrupt)
+        dropped = self.train_data.planned_dropped(self.state.epoch)
+        self._record({"step": self.state.step, "epoch": self.state.epoch, "data/dropped": dropped,
                       "data/repeated": repeated, "data/unreadable": corrupt})
         if acc.is_main_process and (dropped or repeated or corrupt):
-            tqdm.write(f"epoch {self.epoch} data: {self.plan.train_samples} samples, "
+            tqdm.write(f"epoch {self.state.epoch} data: {self.plan.train_samples} samples, "
                        f"{self.plan.micro_batches_per_epoch} batches of {self.cfg.batch_size} per rank: "
                        f"{dropped} dropped, {repeated} repeated, {corrupt} unreadable")
 
@@ -541,32 +458,33 @@ class Trainer:
         path = os.path.join(self.cfg.output_dir, "samples", f"rank{self.rank}.txt")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "a") as f:
-            f.writelines(f"{self.epoch} {self.step} {key}\n" for key in keys)
+            f.writelines(f"{self.state.epoch} {self.state.step} {key}\n" for key in keys)
 
     @torch.no_grad()
     def evaluate(self, epoch_end: bool = True) -> bool:
         """Evaluate on the validation split (and the EMA weights, if kept); True if `best_metric` improved.
         Only epoch-end evaluations step a plateau schedule and count towards early stopping, so a
         run stopped mid-epoch by max_steps resumes as if it had not stopped."""
-        self._stop_if_nonfinite()  # a spoilt model would step the plateau schedule and early stopping
+        self.guard.check(self.state.step)  # a spoilt model would step the plateau schedule and early stopping
         if self.val_data is None:
             return False
         acc = self.accelerator
         result, confusion, examples = self._evaluate(acc.unwrap_model(self.model), "val")
         if self.ema is not None:
             result.update(self._evaluate(self.ema.module, "val_ema")[0])
-        improved = self._note_best(result)
-        self._record({"step": self.step, "epoch": self.epoch, **result})
+        improved = self.best_metric.update(result, epoch_end)
+        if improved and self.saved_step == self.state.step and acc.is_main_process:  # saved just before evaluating
+            checkpoints.write_best(self.cfg.output_dir, self.state.best)
+        self._record({"step": self.state.step, "epoch": self.state.epoch, **result})
         if epoch_end:
-            self.evals_without_improvement = 0 if improved else self.evals_without_improvement + 1
             if isinstance(self.lr_schedule, LRSchedule) and self.lr_schedule.after_evaluation(result):
                 self._refresh_lr()
         if acc.is_main_process:
             names = self.classes
             if confusion is not None:
-                write_json(self.cfg.output_dir, "confusion.json", {"step": self.step, "classes": names, "matrix": confusion})
-            self.tracker.log_evaluation(self.step, confusion, names, examples)
-            tqdm.write(f"epoch {self.epoch} step {self.step}: {_format_metrics(result, 'val')}"
+                write_json(self.cfg.output_dir, "confusion.json", {"step": self.state.step, "classes": names, "matrix": confusion})
+            self.tracker.log_evaluation(self.state.step, confusion, names, examples)
+            tqdm.write(f"epoch {self.state.epoch} step {self.state.step}: {_format_metrics(result, 'val')}"
                        + (f"; EMA {_format_metrics(result, 'val_ema')}" if self.ema is not None else ""))
         return improved
 
@@ -574,8 +492,8 @@ class Trainer:
         """One pass over the validation split: (metrics, confusion matrix, example predictions)."""
         acc, raw = self.accelerator, prefix == "val"  # the raw weights' pass also counts unreadable samples
         metrics = TaskMetrics(self.checked.task, self.checked.num_classes, acc.device, self.extra_metrics)
-        passed = evaluate_split(model, self.val_data.loader(self.epoch), self.step_fn, metrics, acc, prefix,
-                                self.cfg.channels_last, (lambda errors: self._note_errors(errors, "val")) if raw else None)
+        passed = evaluate_split(model, self.val_data.loader(self.state.epoch), self.step_fn, metrics, acc, prefix,
+                                self.cfg.channels_last, (lambda errors: self.data_health.note(errors, "val", self.state.epoch, self.state.step)) if raw else None)
         result = passed.metrics
         examples = None  # (image, prediction, label) from the main process's first batch
         if raw and passed.first is not None and acc.is_main_process and self.cfg.log_images:
@@ -584,58 +502,28 @@ class Trainer:
             unreadable = passed.unreadable
             skipped = int(acc.reduce(torch.tensor(float(sum(unreadable.values())), device=acc.device), "sum").item())
             self._check_corrupt(skipped, "val", unreadable)
-            self.unreadable_total += skipped
+            self.state.unreadable_total += skipped
             result["val/unreadable"] = skipped
         return result, passed.confusion, examples
 
     def _refresh_lr(self) -> None:
-        """The schedule changed between steps (a plateau): apply it to the next step's LR now."""
+        """The schedule changed between steps (a plateau): apply it to the next step's LR now. The LR
+        is read from the optimizer's groups everywhere (never from the scheduler's get_last_lr())."""
         sched = self.scheduler
         for group, base, fn in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["lr"] = base * fn(sched.last_epoch)
-        sched._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         if self.accelerator.is_main_process:
-            tqdm.write(f"step {self.step}: {self.cfg.lr_plateau_metric} plateaued, LR now "
+            tqdm.write(f"step {self.state.step}: {self.cfg.lr_plateau_metric} plateaued, LR now "
                        f"{self.optimizer.param_groups[0]['lr']:.3g}")
 
-    def _note_best(self, result: dict) -> bool:
-        metric, value = self.cfg.best_metric, result.get(self.cfg.best_metric)  # checked by the pre-flight
-        if not self.best:
-            better = True
-        elif self.cfg.best_mode == "max":
-            better = value > self.best["value"]
-        else:
-            better = value < self.best["value"]
-        if better:
-            self.best = {"metric": metric, "value": value, "step": self.step}
-            if self.saved_step == self.step and self.accelerator.is_main_process:  # saved just before evaluating
-                checkpoints.write_best(self.cfg.output_dir, self.best)
-        return better
-
     def _state(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "best": self.best, "skipped_steps": self.skipped_steps,
-                "evals_without_improvement": self.evals_without_improvement,
-                "unreadable_total": self.unreadable_total, "elapsed_s": self._elapsed(),
-                "wandb_run_id": self.wandb_run_id, "config": dataclasses.asdict(self.cfg),
-                "world_size": self.world, "num_workers": self.cfg.num_workers,
-                "batches_per_epoch": self.plan.micro_batches_per_epoch}
+        return {**self.state.state_dict(), "config": dataclasses.asdict(self.cfg), "world_size": self.world,
+                "num_workers": self.cfg.num_workers, "batches_per_epoch": self.plan.micro_batches_per_epoch}
 
     # ---- the end ----------------------------------------------------------------------------
 
-    def _elapsed(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self.started
-
     def _summary(self) -> dict:
-        """What the run's end (or a preemption) reports: to wandb's summary and summary.json."""
-        summary = {"steps": self.step, "samples_seen": self.step * self.plan.global_batch,
-                   "total_time_s": round(self._elapsed(), 1), "unreadable_skipped": self.unreadable_total,
-                   "skipped_steps": self.skipped_steps}
-        if self.stopped_early:
-            summary["stopped_early"] = True
-        if self.best:
-            summary.update({"best/metric": self.best["metric"], "best/value": self.best["value"],
-                            "best/step": self.best["step"]})
-        return summary
+        return self.state.summary(self.plan.global_batch)
 
     def finish(self) -> dict:
         acc, cfg = self.accelerator, self.cfg
@@ -658,10 +546,10 @@ class Trainer:
     def _print_outputs(self, summary: dict) -> None:
         cfg = self.cfg
         lines = [f"done: {summary['steps']} optimizer steps"]
-        if self.best:
-            value = self.best["value"]
-            shown = f"{100 * value:.2f} %" if is_accuracy(self.best["metric"]) else f"{value:.4g}"
-            lines.append(f"  best {self.best['metric']:<10} {shown} (step {self.best['step']}; "
+        if self.state.best:
+            value = self.state.best["value"]
+            shown = f"{100 * value:.2f} %" if is_accuracy(self.state.best["metric"]) else f"{value:.4g}"
+            lines.append(f"  best {self.state.best['metric']:<10} {shown} (step {self.state.best['step']}; "
                          f"{os.path.join(cfg.output_dir, 'checkpoints', checkpoints.BEST_FILE)})")
         lines += [f"  metrics         {os.path.join(cfg.output_dir, 'metrics.jsonl')}",
                   f"  weights         {os.path.join(cfg.output_dir, 'model.safetensors')}"]

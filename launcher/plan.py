@@ -47,7 +47,7 @@ class Plan:
 
 def make_plan(cfg: TrainConfig, train: SplitLoader, val: SplitLoader | None, world_size: int) -> Plan:
     global_batch = cfg.batch_size * world_size * cfg.grad_accum_steps
-    steps_per_epoch = train.total // global_batch
+    steps_per_epoch = train.batches_per_epoch // cfg.grad_accum_steps  # the loader's whole optimizer steps
     if steps_per_epoch == 0:
         raise ConfigError(
             f"the training split has {train.total} samples, fewer than one optimizer step takes "
@@ -55,7 +55,6 @@ def make_plan(cfg: TrainConfig, train: SplitLoader, val: SplitLoader | None, wor
             f"accumulation = {global_batch}); lower --batch_size or --grad_accum_steps")
     schedule_steps = steps_per_epoch * cfg.epochs
     total = min(schedule_steps, cfg.max_steps) if cfg.max_steps else schedule_steps
-    train.batches_per_epoch = steps_per_epoch * cfg.grad_accum_steps
     report = data_report(train, "training") + (data_report(val, "validation") if val else [])
     return Plan(world_size=world_size, batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps,
                 train_samples=train.total, val_samples=val.total if val else 0,

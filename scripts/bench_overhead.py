@@ -119,7 +119,7 @@ def launcher_trainer(dataset, hidden: int, batch_size: int, output_dir: str) -> 
 def launcher_round(trainer: Trainer, steps: int) -> float:
     start = time.perf_counter()
     trainer.train_epoch()  # one epoch of the in-memory dataset = `steps` optimizer steps
-    trainer.epoch += 1
+    trainer.state.epoch += 1
     return steps / (time.perf_counter() - start)
 
 
@@ -214,7 +214,7 @@ def plain_lm(model: nn.Module, samples: list[dict], cfg: char_lm.Config, device:
 def launcher_lm_round(trainer: Trainer, tokens: int) -> float:
     start = time.perf_counter()
     trainer.train_epoch()  # one epoch of the in-memory samples = `steps` optimizer steps
-    trainer.epoch += 1
+    trainer.state.epoch += 1
     synchronize(trainer.accelerator.device)
     return tokens / (time.perf_counter() - start)
 

@@ -1,0 +1,155 @@
+"""The run's policies, each deciding for itself when to act, so that the trainer's loop only asks:
+
+- `NonFiniteGuard`: a NaN/Inf loss or gradient (--nonfinite): stop before anything it spoilt is
+  saved or logged, or skip the update and count it;
+- `DataHealth`: unreadable samples: a JSON line each, the first ten printed, and the
+  --max_corrupt_fraction threshold;
+- `BestMetric`: the best evaluation so far, and early stopping (--early_stop_patience);
+- `CheckpointCadence`: whether a checkpoint is due (--checkpoint_every, --checkpoint_epoch_end).
+
+Their counters live in the run's `RunState`, which checkpoints keep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from launcher.config import DataError, RunStopped
+from launcher.run_state import RunState
+
+# nonfinite=stop checks the gradient norms it kept at least this often (one host sync), so a run that
+# logs, checkpoints and evaluates rarely does not pile them up.
+UNCHECKED_STEPS = 1000
+SHOWN_ERRORS = 10  # unreadable samples printed per rank; all are in data_errors/rankN.jsonl
+
+
+class NonFiniteGuard:
+    """`allows` runs at each optimizer step, before the update; `check` wherever the host waits
+    anyway (before every checkpoint, log line and evaluation). The gradient norm is the same on every
+    rank after the all-reduce, so every rank decides alike. Under fp16 the grad scaler owns overflow."""
+
+    def __init__(self, mode: str, fp16: bool, state: RunState, last_checkpoint: Callable[[], str | None],
+                 is_main: bool):
+        self.mode, self.fp16, self.state = mode, fp16, state
+        self.last_checkpoint, self.is_main = last_checkpoint, is_main
+        # nonfinite=stop: (step, loss, gradient norm) of the steps not checked yet, as device tensors
+        self.unchecked: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def allows(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+        """False if optimizer step `step`'s update must be skipped. nonfinite=stop only keeps the norm
+        (the host does not wait for the backward here); nonfinite=skip must know before the update:
+        one device sync per optimizer step."""
+        if grad_norm is None or self.fp16:
+            return True
+        if self.mode == "stop":
+            self.unchecked.append((step, loss.detach(), grad_norm))
+            if len(self.unchecked) >= UNCHECKED_STEPS:
+                self.check(step)
+            return True
+        if bool(torch.isfinite(grad_norm)):
+            return True
+        self.state.skipped_steps += 1
+        if self.is_main:
+            tqdm.write(f"step {step}: non-finite loss or gradient, update skipped ({self.state.skipped_steps} so far)")
+        return False
+
+    def check(self, current_step: int) -> None:
+        """nonfinite=stop: raise if a step since the last check had a NaN/Inf gradient norm."""
+        if not self.unchecked:
+            return
+        unchecked, self.unchecked = self.unchecked, []
+        bad = (~torch.isfinite(torch.stack([norm for _, _, norm in unchecked]))).nonzero()  # one sync
+        if not len(bad):
+            return
+        step, loss, norm = unchecked[int(bad[0])]
+        raise RunStopped(
+            f"step {step}: loss {float(loss):.4g}, gradient norm {float(norm):.4g} (non-finite); stopped at step "
+            f"{current_step} with nothing saved since; last checkpoint: {self.last_checkpoint() or 'none'}. Lower "
+            "--lr, set --max_grad_norm, or pass --nonfinite=skip to skip such steps")
+
+
+class DataHealth:
+    """Every unreadable sample or shard of this rank: one JSON line in OUTPUT_DIR/data_errors/rankN.jsonl,
+    the first few printed; and the run stopped, on every rank at once, above --max_corrupt_fraction."""
+
+    def __init__(self, output_dir: str, rank: int, max_fraction: float, gather: Callable[[list], list]):
+        self.path = os.path.join(output_dir, "data_errors", f"rank{rank}.jsonl")
+        self.directory = os.path.dirname(self.path)
+        self.rank, self.max_fraction, self.gather = rank, max_fraction, gather
+        self.shown = 0
+
+    def note(self, errors: list[dict], split: str, epoch: int, step: int) -> None:
+        if not errors:
+            return
+        os.makedirs(self.directory, exist_ok=True)
+        with open(self.path, "a") as f:
+            for error in errors:
+                f.write(json.dumps({"split": split, "epoch": epoch, "step": step, **error}) + "\n")
+        for error in errors:
+            self.shown += 1
+            if self.shown <= SHOWN_ERRORS:
+                what = f"sample {error['key']}" if error["key"] else f"{error['samples']} samples (rest of shard)"
+                tqdm.write(f"rank {self.rank}: skipped unreadable {what} in {error['shard']}: {error['reason']}")
+            elif self.shown == SHOWN_ERRORS + 1:
+                tqdm.write(f"rank {self.rank}: more unreadable samples; all are listed in {self.path}")
+
+    def check(self, total: int, samples: int, split: str, epoch: int, counts: dict[str, int]) -> None:
+        """`total` unreadable of `samples` (already summed over the ranks; every rank calls this alike);
+        `counts` is this rank's per-shard tally, gathered to name the worst shards."""
+        if total <= self.max_fraction * samples:
+            return
+        merged: Counter[str] = Counter()
+        for per_rank in self.gather([counts]):
+            merged.update(per_rank)
+        name = "training" if split == "train" else "validation"
+        raise DataError(
+            f"{total} of {samples} {name} samples in epoch {epoch} are unreadable, more than "
+            f"--max_corrupt_fraction={self.max_fraction}; worst shards: "
+            + ", ".join(f"{shard} ({n})" for shard, n in merged.most_common(3))
+            + f"; details in {self.directory}/. Rewrite or drop those shards")
+
+
+class BestMetric:
+    """The best evaluation so far (in the run's state) and early stopping. The metrics compared are
+    already all-reduced, so every rank decides alike."""
+
+    def __init__(self, metric: str, mode: str, patience: int, state: RunState):
+        self.metric, self.mode, self.patience, self.state = metric, mode, patience, state
+
+    def update(self, result: dict, epoch_end: bool) -> bool:
+        """True if `result` is the best so far. Only epoch-end evaluations count towards early
+        stopping, so a run stopped mid-epoch by max_steps resumes as if it had not stopped."""
+        value, best = result.get(self.metric), self.state.best  # the metric is checked by the pre-flight
+        better = not best or (value > best["value"] if self.mode == "max" else value < best["value"])
+        if better:
+            self.state.best = {"metric": self.metric, "value": value, "step": self.state.step}
+        if epoch_end:
+            self.state.evals_without_improvement = 0 if better else self.state.evals_without_improvement + 1
+        return better
+
+    def stop_early(self) -> bool:
+        if not self.patience or self.state.evals_without_improvement < self.patience:
+            return False
+        self.state.stopped_early = True
+        return True
+
+
+class CheckpointCadence:
+    """When a checkpoint is due: every `every` optimizer steps (mid-epoch too; 0: never), and at
+    epoch ends (after the evaluation) if `epoch_end` or the best metric improved."""
+
+    def __init__(self, every: int, epoch_end: bool):
+        self.every, self.epoch_end = every, epoch_end
+
+    def after_step(self, step: int, at_epoch_end: bool) -> bool:
+        """An epoch's last step leaves it to `after_epoch` when that saves anyway."""
+        return bool(self.every) and step % self.every == 0 and not (at_epoch_end and self.epoch_end)
+
+    def after_epoch(self, improved: bool) -> bool:
+        return self.epoch_end or improved

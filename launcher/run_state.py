@@ -1,0 +1,52 @@
+"""A run's progress: what a checkpoint keeps and a resume restores, and what the run's end reports.
+
+One object, so that a new counter is declared once: `state_dict` saves every field (a checkpoint
+from an older version, lacking one, loads it at its default) and `summary` reports them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RunState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch under way
+    best: dict = field(default_factory=dict)  # {"metric", "value", "step"} of the best evaluation so far
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient (nonfinite=skip)
+    evals_without_improvement: int = 0  # epoch-end evaluations since the best metric improved
+    unreadable_total: int = 0  # training and validation samples skipped as unreadable, all ranks
+    elapsed_s: float = 0.0  # seconds of training before this process (earlier runs, when resumed)
+    wandb_run_id: str | None = None
+    stopped_early: bool = False  # by early stopping
+    started: float = field(default_factory=time.perf_counter, compare=False)  # this process's start (not saved)
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, this process and the ones it resumed from."""
+        return self.elapsed_s + time.perf_counter() - self.started
+
+    def state_dict(self) -> dict:
+        saved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "started"}
+        return {**saved, "elapsed_s": self.elapsed()}
+
+    def load_state_dict(self, state: dict) -> None:
+        defaults = RunState()
+        for f in dataclasses.fields(self):
+            if f.name != "started":
+                setattr(self, f.name, state.get(f.name, getattr(defaults, f.name)))
+        self.started = time.perf_counter()
+
+    def summary(self, global_batch: int) -> dict:
+        """What the run's end (or a preemption) reports: to the trackers' summary and summary.json."""
+        summary = {"steps": self.step, "samples_seen": self.step * global_batch,
+                   "total_time_s": round(self.elapsed(), 1), "unreadable_skipped": self.unreadable_total,
+                   "skipped_steps": self.skipped_steps}
+        if self.stopped_early:
+            summary["stopped_early"] = True
+        if self.best:
+            summary.update({"best/metric": self.best["metric"], "best/value": self.best["value"],
+                            "best/step": self.best["step"]})
+        return summary

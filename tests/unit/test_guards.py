@@ -1,0 +1,71 @@
+"""The run's policies on their own: the NaN/Inf guard, data health, best metric and early stopping,
+checkpoint cadence (the e2e tier checks them inside real runs)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from launcher.config import DataError, RunStopped
+from launcher.guards import BestMetric, CheckpointCadence, DataHealth, NonFiniteGuard
+from launcher.run_state import RunState
+
+
+def norm(value: float) -> torch.Tensor:
+    return torch.tensor(value)
+
+
+def test_stop_keeps_the_norms_until_a_check_then_names_the_first_bad_step():
+    guard = NonFiniteGuard("stop", fp16=False, state=RunState(), last_checkpoint=lambda: "ckpt/step-2",
+                           is_main=False)
+    assert all(guard.allows(step, norm(1.0), norm(v)) for step, v in [(3, 1.0), (4, math.nan), (5, math.inf)])
+    with pytest.raises(RunStopped, match=r"step 4: loss 1, gradient norm nan .*stopped at step 5 .*ckpt/step-2"):
+        guard.check(5)
+    guard.check(6)  # nothing left unchecked
+
+
+def test_skip_counts_skipped_updates_in_the_state_and_fp16_leaves_overflow_to_the_scaler():
+    state = RunState()
+    guard = NonFiniteGuard("skip", fp16=False, state=state, last_checkpoint=lambda: None, is_main=False)
+    assert [guard.allows(s, norm(1.0), norm(v)) for s, v in [(1, 1.0), (2, math.nan), (3, 2.0)]] == [True, False, True]
+    assert state.skipped_steps == 1
+    fp16 = NonFiniteGuard("skip", fp16=True, state=state, last_checkpoint=lambda: None, is_main=False)
+    assert fp16.allows(4, norm(1.0), norm(math.inf)) and state.skipped_steps == 1
+
+
+def test_data_health_logs_every_error_and_stops_above_the_fraction_naming_the_worst_shards(tmp_path):
+    health = DataHealth(str(tmp_path), rank=1, max_fraction=0.1, gather=lambda local: local + [{"b.tar": 5}])
+    errors = [{"key": f"k{i}", "shard": "a.tar", "samples": 1, "reason": "bad"} for i in range(12)]
+    health.note(errors, "train", epoch=2, step=7)
+    logged = [json.loads(line) for line in (tmp_path / "data_errors" / "rank1.jsonl").read_text().splitlines()]
+    assert len(logged) == 12 and logged[0] == {"split": "train", "epoch": 2, "step": 7, **errors[0]}
+    health.check(10, samples=100, split="train", epoch=2, counts={"a.tar": 12})  # 10 % is allowed
+    with pytest.raises(DataError, match=r"17 of 100 training samples in epoch 2 .* worst shards: a.tar \(12\), b.tar \(5\)"):
+        health.check(17, samples=100, split="train", epoch=2, counts={"a.tar": 12})
+
+
+@pytest.mark.parametrize("mode, values, best", [("max", [0.5, 0.7, 0.6], 0.7), ("min", [0.5, 0.7, 0.4], 0.4)])
+def test_best_metric_follows_its_mode_and_only_epoch_ends_count_for_early_stopping(mode, values, best):
+    state = RunState()
+    tracker = BestMetric("val/m", mode, patience=2, state=state)
+    improved = []
+    for step, value in enumerate(values):
+        state.step = step
+        improved.append(tracker.update({"val/m": value}, epoch_end=True))
+    assert state.best == {"metric": "val/m", "value": best, "step": values.index(best)}
+    assert improved[0] and improved.count(True) == 2
+    assert not tracker.update({"val/m": values[0]}, epoch_end=False)  # mid-epoch: not counted
+    assert state.evals_without_improvement == (1 if mode == "max" else 0) and not tracker.stop_early()
+    tracker.update({"val/m": values[0]}, epoch_end=True)
+    assert tracker.stop_early() == (mode == "max") == state.stopped_early
+
+
+def test_checkpoint_cadence():
+    cadence = CheckpointCadence(every=5, epoch_end=True)
+    assert [s for s in range(1, 16) if cadence.after_step(s, at_epoch_end=s == 10)] == [5, 15]
+    assert cadence.after_epoch(improved=False)
+    only_best = CheckpointCadence(every=0, epoch_end=False)
+    assert not only_best.after_step(5, False) and not only_best.after_epoch(False) and only_best.after_epoch(True)
