@@ -21,8 +21,23 @@ def last_loss(run_dir) -> float:
     return [m["train/loss"] for m in metrics(run_dir) if "train/loss" in m][-1]
 
 
+@pytest.fixture(scope="module")
+def baseline(digits, tmp_path_factory):
+    """The TINY run with the given extra flags and processes, trained once for all the tests that
+    compare against it."""
+    done: dict = {}
+
+    def run(*flags: str, processes: int = 1):
+        if (flags, processes) not in done:
+            out = tmp_path_factory.mktemp("baseline")
+            launcher(*TINY, f"--data_dir={digits}", f"--output_dir={out}", *flags, processes=processes)
+            done[flags, processes] = out
+        return done[flags, processes]
+    return run
+
+
 @pytest.mark.lowest  # torch.compile and channels-last in torch 2.4
-@pytest.mark.parametrize("flags, baseline", [
+@pytest.mark.parametrize("flags, without", [
     (["--channels_last=True"], []),
     (["--compile=True"], []),
     (["--pin_memory=False"], []),
@@ -30,11 +45,10 @@ def last_loss(run_dir) -> float:
     (["--data_on_gpu=True"], []),  # PNGs: decoded in the main process instead of by PIL, losslessly
     (["--data_on_gpu=True", "--num_workers=2"], ["--num_workers=2"]),
 ])
-def test_each_speed_field_trains_to_the_same_loss(flags, baseline, digits, tmp_path):
-    plain, fast = tmp_path / "plain", tmp_path / "fast"
-    launcher(*TINY, f"--data_dir={digits}", f"--output_dir={plain}", *baseline)
+def test_each_speed_field_trains_to_the_same_loss(flags, without, baseline, digits, tmp_path):
+    fast = tmp_path / "fast"
     launcher(*TINY, f"--data_dir={digits}", f"--output_dir={fast}", *flags, timeout=900)
-    assert last_loss(fast) == pytest.approx(last_loss(plain), rel=1e-3, abs=1e-4)
+    assert last_loss(fast) == pytest.approx(last_loss(baseline(*without)), rel=1e-3, abs=1e-4)
 
 
 def test_persistent_workers_train_and_evaluate_exactly_as_fresh_ones(digits, tmp_path):
@@ -76,8 +90,8 @@ def test_gpu_benchmark_runs_at_a_cpu_size(tmp_path):
     import time
 
     out = tmp_path / "bench.json"
-    bench = subprocess.Popen([sys.executable, "scripts/bench_gpu.py", "--arch=resnet18", "--image_size=32",
-                              "--batch_size=8", "--steps=4", "--warmup=2", "--images=64", "--classes=10",
+    bench = subprocess.Popen([sys.executable, "scripts/bench_gpu.py", "--arch=resnet18", "--image_size=16",
+                              "--batch_size=4", "--steps=2", "--warmup=1", "--images=32", "--classes=10",
                               "--compile=False", "--precision=no", "--channels_last=True", "--workers=1",
                               f"--data_dir={tmp_path / 'shards'}",
                               f"--out={out}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -132,8 +146,8 @@ def test_cpu_scaling_benchmark_runs_both_sides(tmp_path):
     import subprocess
 
     out = tmp_path / "ddp.json"
-    result = subprocess.run([sys.executable, "scripts/bench_ddp_cpu.py", "--arch=resnet18", "--image_size=32",
-                             "--batch_size=8", "--steps=4", "--warmup=2", "--rounds=1", f"--out={out}"],
+    result = subprocess.run([sys.executable, "scripts/bench_ddp_cpu.py", "--arch=resnet18", "--image_size=16",
+                             "--batch_size=4", "--steps=2", "--warmup=1", "--rounds=1", f"--out={out}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -148,9 +162,8 @@ def test_cpu_scaling_benchmark_runs_both_sides(tmp_path):
 
 @pytest.mark.lowest  # Accelerate 1.0's comm hooks
 @pytest.mark.parametrize("hook", ["fp16", "bf16"])
-def test_ddp_comm_hook_all_reduces_16_bit_gradients_and_keeps_replicas_identical(hook, digits, tmp_path):
-    plain, compressed = tmp_path / "plain", tmp_path / hook
-    launcher(*TINY, f"--data_dir={digits}", f"--output_dir={plain}", processes=2)
+def test_ddp_comm_hook_all_reduces_16_bit_gradients_and_keeps_replicas_identical(hook, baseline, digits, tmp_path):
+    plain, compressed = baseline(processes=2), tmp_path / hook
     launcher(*TINY, f"--data_dir={digits}", f"--output_dir={compressed}", f"--ddp_comm_hook={hook}", processes=2)
     assert json.loads((compressed / "replicas.json").read_text())["identical"] is True
     # Rounded gradients: a slightly different run (so the hook was in use), but the same training.

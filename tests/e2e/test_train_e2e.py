@@ -175,13 +175,13 @@ def _overhead_rates(stdout: str, model: str, unit: str) -> tuple[float, float, f
 
 
 def test_overhead_benchmark_runs_and_reports_a_ratio(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_overhead.py"), "--steps=30",
-                             "--warmup=5", "--repeats=1", "--n_layer=1", "--n_embd=16", "--block_size=16",
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_overhead.py"), "--steps=10",
+                             "--warmup=0", "--repeats=1", "--hidden=64", "--n_layer=1", "--n_embd=16", "--block_size=16",
                              "--lm_batch_size=8", "--noise_floor"],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "launcher / plain" in result.stdout
-    for model, unit in (("MLP 256-", "steps/s"), ("char LM n_layer 1, n_embd 16, block 16, batch 8", "tokens/s")):
+    for model, unit in (("MLP 256-64-64-10", "steps/s"), ("char LM n_layer 1, n_embd 16, block 16, batch 8", "tokens/s")):
         plain, ours, ratio = _overhead_rates(result.stdout, model, unit)
         assert plain > 0 and ours > 0
         # the rates are printed to 0.05 and the ratio to 0.0005 of what was divided
