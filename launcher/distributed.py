@@ -74,7 +74,7 @@ class ReplicaChecksums:
 
     def __init__(self, device: torch.device, world_size: int):
         # Gathered into tensors held for the life of this object, not temporaries, as in
-        # StopSignals: on older torch (2.4 here), a tensor that gloo's worker thread frees just as
+        # StopSignals: with torch 2.4, a tensor that gloo's worker thread frees just as
         # the process group goes away (the run's end, right after this gather) deadlocks the rank.
         self.world_size = world_size
         self.mine = torch.zeros(8, dtype=torch.int64, device=device)

@@ -42,9 +42,9 @@ class StopSignals:
         self.world_size = world_size
         # One flag for every all-reduce, held here for the life of this object. gloo's worker
         # thread drops its reference to a finished all-reduce a moment after wait() returns; a
-        # tensor whose last reference goes there needs the GIL to free, and older torch (2.4 here;
-        # pytorch#154976 changed it in 2025) holds the GIL while destroy_process_group joins that
-        # thread: both wait forever.
+        # tensor whose last reference goes there needs the GIL to free, and torch from 2.4 until
+        # pytorch#154976 (2025) holds the GIL while destroy_process_group joins that thread: both
+        # wait forever.
         self.flag = torch.zeros(1, dtype=torch.int64)
         self.pending = None  # the all-reduce the previous call started
 
