@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_command(argv)
     except ConfigError as error:
-        frames = getattr(error, "frames", "")  # a recipe function's own traceback (launcher/preflight.py)
+        frames = getattr(error, "frames", "")  # a recipe function's own traceback (launcher/train/preflight.py)
         if frames:
             print("Traceback of the recipe's code (most recent call last):\n" + frames.rstrip(), file=sys.stderr)
         print(f"launcher: error: {one_line(error)}", file=sys.stderr)
@@ -93,7 +93,7 @@ def _leave_process_group() -> None:
 def run_command(argv: list[str]) -> int:
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     if command == "shards":
-        from launcher.shards import make_shards
+        from launcher.commands.shards import make_shards
 
         fire.Fire(make_shards, command=argv, name="launcher shards")
         return 0
@@ -115,15 +115,15 @@ def run_command(argv: list[str]) -> int:
     extra = {name: overrides.pop(name) for name in EXTRA_FLAGS.get(command, ()) if name in overrides}
     cfg = apply_overrides(recipe.default_config(), overrides).resolved()
     if command == "plan":
-        from launcher.loop import print_plan
+        from launcher.train.build import print_plan
 
         print_plan(cfg, recipe, _world_size(extra.get("world_size")))
     elif command == "evaluate":
-        from launcher.inference import evaluate
+        from launcher.commands.inference import evaluate
 
         evaluate(cfg, recipe, str(extra.get("checkpoint", "")), str(extra.get("out", "")))
     elif command == "predict":
-        from launcher.inference import predict
+        from launcher.commands.inference import predict
 
         if not positional:
             raise ConfigError("predict needs images: python -m launcher predict RECIPE --checkpoint=PATH IMAGE_OR_DIR ...")
@@ -132,14 +132,14 @@ def run_command(argv: list[str]) -> int:
             raise ConfigError(f"--top_k expects int, got {top_k!r}")
         predict(cfg, recipe, str(extra.get("checkpoint", "")), positional, top_k, str(extra.get("out", "")))
     else:
-        from launcher.loop import train
+        from launcher.train.trainer import train
 
         train(cfg, recipe)
     return 0
 
 
 def report(argv: list[str]) -> int:
-    from launcher.report import make_report
+    from launcher.track.report import make_report
 
     if any(arg in ("-h", "--help") for arg in argv):
         print("usage: python -m launcher report RUN_DIR [RUN_DIR ...] [--out=FILE]\n"

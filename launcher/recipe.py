@@ -22,9 +22,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
-from launcher import losses
 from launcher.config import ConfigError, TrainConfig
-from launcher.params import Schedule, default_schedule
+from launcher.optim import losses
+from launcher.optim.groups import Schedule, default_schedule
 
 
 @dataclass

@@ -8,7 +8,7 @@ so the ratio compares runs seconds apart on a machine whose speed drifts):
 - tight loop: one process reading the same tar files (with Python's tarfile, as a hand-written
   loop would) and running the same decode + transforms on each sample, no batching, no
   DataLoader: what one core can do;
-- the same tight loop reading the tars with the launcher's own reader (launcher/tar_reader.py),
+- the same tight loop reading the tars with the launcher's own reader (launcher/data/tar_reader.py),
   so the pipeline's remaining overhead shows apart from its faster tar reading;
 - the launcher's pipeline (`SplitLoader`, training mode: shard layout, shuffle buffer, per-sample
   seeded augmentation, whole batches assembled in the workers) with 0, 1 and 2 DataLoader workers,
@@ -37,9 +37,10 @@ from PIL import Image
 from torchvision.transforms import v2
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from launcher.data import Shards, SplitLoader  # noqa: E402
-from launcher.shards import write_shards  # noqa: E402
-from launcher.tar_reader import tar_files  # noqa: E402
+from launcher.data.spec import Shards  # noqa: E402
+from launcher.data.loader import SplitLoader  # noqa: E402
+from launcher.data.writer import write_shards  # noqa: E402
+from launcher.data.tar_reader import tar_files  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

@@ -54,9 +54,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from launcher import ConfigError, DataSpec, TrainConfig  # noqa: E402
-from launcher.loop import Trainer  # noqa: E402
+from launcher.train.trainer import Trainer  # noqa: E402
 from launcher.recipe import Recipe  # noqa: E402
-from launcher.schedules import warmup_cosine  # noqa: E402
+from launcher.optim.schedules import warmup_cosine  # noqa: E402
 from recipes import char_lm  # noqa: E402
 
 SETTINGS = ("mlp", "lm", "both")

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from launcher.shards import encode_image, write_shards  # noqa: E402
+from launcher.data.writer import encode_image, write_shards  # noqa: E402
 
 CLASSES = [str(d) for d in range(10)]
 

@@ -3,7 +3,7 @@
     python scripts/make_shards.py data/flowers data/flowers-shards --max_count=1000 --workers=4
     python scripts/make_shards.py torchvision.datasets.CIFAR10 out/ --root=data/cifar --train=True
 
-The same as `python -m launcher shards ...`; see launcher.shards.make_shards for every flag.
+The same as `python -m launcher shards ...`; see launcher.commands.shards.make_shards for every flag.
 """
 
 import os

@@ -23,7 +23,7 @@ import fire
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from launcher.shards import write_shards  # noqa: E402
+from launcher.data.writer import write_shards  # noqa: E402
 
 # Long, prose-rich modules present in CPython 3.10 to 3.13, in a fixed order.
 MODULES = ("argparse", "typing", "dataclasses", "inspect", "logging", "textwrap", "difflib", "functools",

@@ -12,7 +12,7 @@ import torchvision
 from safetensors.torch import load_file
 
 from conftest import launcher, metrics
-from launcher.schedules import warmup_cosine
+from launcher.optim.schedules import warmup_cosine
 
 
 RECIPE = "recipes/resnet_finetune_tiny"

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import ROOT, launcher, metrics
-from launcher.data import SplitLoader, Synthetic
+from launcher.data.loader import SplitLoader
+from launcher.data.spec import Synthetic
 
 
 TINY = ["recipes/convnet_digits_tiny", "--max_steps=8", "--log_every=8", "--epochs=1",

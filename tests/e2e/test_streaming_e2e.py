@@ -16,8 +16,10 @@ from safetensors.torch import load_file
 from webdataset.tariterators import tarfile_samples
 
 from conftest import MLP_RECIPE, ROOT, launcher, metrics
-from launcher.data import Shards, SplitLoader, read_index
-from launcher.shards import write_shards
+from launcher.data.spec import Shards
+from launcher.data.loader import SplitLoader
+from launcher.data.index import read_index
+from launcher.data.writer import write_shards
 
 
 

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import MLP_RECIPE, ROOT, WANDB, launcher, metrics
-from launcher.plan import fork_hang_warning
-from launcher.schedules import warmup_cosine
+from launcher.train.plan import fork_hang_warning
+from launcher.optim.schedules import warmup_cosine
 
 
 

@@ -102,7 +102,7 @@ REQUEUE_JOB = """#!/bin/bash
 if [ "${SLURM_RESTART_COUNT:-0}" != 0 ]; then echo restarted; exit 0; fi
 srun --ntasks=1 "$LAUNCHER_PYTHON" -c '
 import signal
-from launcher.preemption import StopSignals, requeue_slurm_job
+from launcher.runtime.preemption import StopSignals, requeue_slurm_job
 signals = StopSignals(world_size=1)
 said = requeue_slurm_job(signal.SIGUSR1)
 print("said:", said, "| recorded:", signal.Signals(signals.received).name, flush=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from launcher import checkpoints
+from launcher.runtime import checkpoints
 from launcher.config import ConfigError, TrainConfig
 
 

@@ -11,7 +11,7 @@ import pytest
 from launcher.cli import parse_flags, recipe_help, usage
 from launcher.config import (ConfigError, TrainConfig, apply_overrides, coerce, field_help, ranged, sections,
                              variant)
-from launcher.plan import fork_hang_warning
+from launcher.train.plan import fork_hang_warning
 from launcher.recipe import load_recipe
 
 

@@ -16,10 +16,13 @@ import torch
 from PIL import Image
 
 from launcher.config import ConfigError, DataError
-from launcher.batch import Batch
-from launcher.data import SplitLoader, Shards, read_index, shuffle_buffer
-from launcher.layout import Position
-from launcher.shards import write_shards
+from launcher.data.batch import Batch
+from launcher.data.loader import SplitLoader
+from launcher.data.spec import Shards
+from launcher.data.index import read_index
+from launcher.data.stream import shuffle_buffer
+from launcher.data.layout import Position
+from launcher.data.writer import write_shards
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -123,7 +126,7 @@ def test_uneven_shards_give_every_rank_the_same_batches_and_count_what_evens_the
 
 
 def test_layout_balances_samples_not_shard_counts():
-    from launcher.layout import ShardIndex, layout_epoch
+    from launcher.data.layout import ShardIndex, layout_epoch
     index = ShardIndex([f"s{i}" for i in range(6)], [30, 10, 10, 10, 1, 1])
     layout = layout_epoch(index, epoch=0, seed=0, world=2, workers=1, batch_size=1, batches_per_rank=31)
     assert sorted(layout.rank_samples()) == [31, 31]

@@ -16,10 +16,11 @@ from PIL import Image
 
 from conftest import ROOT
 from launcher.config import ConfigError
-from launcher.data import Shards, SplitLoader
-from launcher.layout import Position
+from launcher.data.spec import Shards
+from launcher.data.loader import SplitLoader
+from launcher.data.layout import Position
 from launcher.presets import eval_transform, train_transform
-from launcher.shards import write_shards
+from launcher.data.writer import write_shards
 
 
 def bench_gpu():

@@ -1,6 +1,7 @@
 """ReplicaChecksums across two real gloo processes: each rank's entry is the hash of that rank's
 parameters, equal on every rank exactly when the parameters are; and the process group can be
-destroyed right after the gather (the end of every run)."""
+destroyed right after the gather (the end of every run). The backends' configuration imports
+torch's compiler only where determinism is switched on."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import spawn_or_fail
-from launcher.distributed import ReplicaChecksums
+from launcher.runtime.distributed import ReplicaChecksums
 
 
 def _model(rank: int, differ: bool) -> torch.nn.Module:
@@ -59,3 +60,20 @@ def test_the_process_group_can_go_away_right_after_the_checksums(tmp_path):
     # freed before the destroy, torch 2.4 (make test-lowest) froze here within a few rounds; see
     # StopSignals.
     spawn_or_fail(_gather_then_leave, (str(tmp_path), 40))
+
+
+def test_backends_are_configured_without_importing_the_compiler_unless_determinism_changes():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    script = ("import sys, torch\n"
+              "from launcher.config import TrainConfig\n"
+              "from launcher.runtime.distributed import configure_backends\n"
+              "configure_backends(TrainConfig())\n"
+              "before = 'torch._inductor' in sys.modules\n"
+              "configure_backends(TrainConfig(deterministic=True))\n"
+              "print(before, torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "True", "True"]

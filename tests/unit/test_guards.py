@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from launcher.config import DataError, RunStopped
-from launcher.guards import BestMetric, CheckpointCadence, DataHealth, NonFiniteGuard
-from launcher.run_state import RunState
+from launcher.train.guards import BestMetric, CheckpointCadence, DataHealth, NonFiniteGuard
+from launcher.train.state import RunState
 
 
 def norm(value: float) -> torch.Tensor:

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 
 from launcher.config import ConfigError
-from launcher.data import Shards, SplitLoader
-from launcher.shards import SHARD_MTIME, dataset_samples, shard_image_folder, write_shards
+from launcher.data.spec import Shards
+from launcher.data.loader import SplitLoader
+from launcher.data.writer import SHARD_MTIME, dataset_samples, shard_image_folder, write_shards
 
 
 def members(shard_dir) -> dict[str, bytes]:

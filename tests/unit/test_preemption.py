@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import spawn_or_fail
-from launcher.preemption import StopSignals
+from launcher.runtime.preemption import StopSignals
 
 
 def _rank(rank: int, out: str) -> None:

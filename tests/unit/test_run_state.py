@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from launcher.run_state import RunState
+from launcher.train.state import RunState
 
 
 def test_every_field_survives_a_checkpoint_and_an_older_checkpoint_loads_with_defaults():

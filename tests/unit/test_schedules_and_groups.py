@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from launcher.config import ConfigError
-from launcher.params import (Group, Schedule, apply_freezing, assign_groups, build_optimizer, frozen_batchnorms,
-                             layer_decay, lr_multipliers)
-from launcher.schedules import constant, unfreeze_warmup, warmup_cosine
+from launcher.optim.groups import (Group, Schedule, apply_freezing, assign_groups, build_optimizer,
+                                   frozen_batchnorms, layer_decay, lr_multipliers)
+from launcher.optim.schedules import constant, unfreeze_warmup, warmup_cosine
 
 
 @pytest.mark.parametrize("warmup, total, min_ratio", [(0, 20, 0.0), (5, 30, 0.0), (4, 25, 0.1)])

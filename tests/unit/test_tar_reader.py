@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from launcher.tar_reader import TarReadError, shard_samples, tar_files
+from launcher.data.tar_reader import TarReadError, shard_samples, tar_files
 
 
 def write_tar(path, files: list[tuple[str, bytes]], fmt: int, directories: bool = True) -> None:

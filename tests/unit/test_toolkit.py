@@ -13,15 +13,16 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from launcher import losses, optimizers, schedules
+from launcher.optim import losses, optimizers, schedules
 from launcher.config import ConfigError, TrainConfig
-from launcher.data import SplitLoader, image_folder
-from launcher.distributed import configure_backends
-from launcher.batch import describe
-from launcher.modeling import init_weights, model_summary
-from launcher.params import Group, Schedule, assign_groups, build_optimizer, lr_multipliers
+from launcher.data.loader import SplitLoader
+from launcher.data.spec import image_folder
+from launcher.runtime.distributed import configure_backends
+from launcher.data.batch import describe
+from launcher.train.modeling import init_weights, model_summary
+from launcher.optim.groups import Group, Schedule, assign_groups, build_optimizer, lr_multipliers
 from launcher.presets import eval_transform, normalize, train_transform
-from launcher.regularization import EMA, batch_mix
+from launcher.optim.regularization import EMA, batch_mix
 
 # ---- schedules: ours (stepped per optimizer step) vs torch's (stepped as a script would) ----------
 

@@ -11,9 +11,9 @@ import pytest
 
 from conftest import metrics
 from launcher.config import ConfigError, TrainConfig
-from launcher.distributed import build_accelerator
-from launcher.report import Run, config_differences, figure_specs, load_run, render
-from launcher.tracking import MetricsLog, Tracker, check_trackers, tracker_names
+from launcher.runtime.distributed import build_accelerator
+from launcher.track.report import Run, config_differences, figure_specs, load_run, render
+from launcher.track.trackers import MetricsLog, Tracker, check_trackers, tracker_names
 from readers import tensorboard_scalars
 
 

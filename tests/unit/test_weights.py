@@ -8,7 +8,7 @@ import torchvision
 from safetensors.torch import save_file
 
 from launcher.config import ConfigError
-from launcher.weights import load_weights
+from launcher.runtime.weights import load_weights
 
 
 def resnet(classes: int):

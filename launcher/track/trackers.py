@@ -24,6 +24,7 @@ from accelerate.utils import ProjectConfiguration
 
 from launcher.config import ConfigError
 
+
 TRACKERS = ("wandb", "tensorboard")
 
 

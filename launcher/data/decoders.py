@@ -25,6 +25,7 @@ import numpy
 import torch
 from PIL import Image
 
+
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 
 

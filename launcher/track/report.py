@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from launcher.config import ConfigError
 
+
 ACCURACY_ENDINGS = ("top1", "top5", "accuracy", "acc")  # metrics shown as percentages
 NOT_PLOTTED = ("loss", "samples", "unreadable")  # val/loss has its own plot; the others are counts
 METRIC_NAMES = {"top1": "top-1 accuracy", "top5": "top-5 accuracy", "token_accuracy": "token accuracy",

@@ -12,10 +12,11 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 
-from launcher.batch import describe as describe_batch
 from launcher.config import ConfigError, TrainConfig
-from launcher.data import SplitLoader, Synthetic
-from launcher.params import ParamGroup
+from launcher.data.batch import describe as describe_batch
+from launcher.data.loader import SplitLoader
+from launcher.data.spec import Synthetic
+from launcher.optim.groups import ParamGroup
 
 
 @dataclass
@@ -172,7 +173,7 @@ def _when(pg: ParamGroup) -> str:
 
 def training_lines(cfg: TrainConfig, schedule, loss_fn, checked) -> list[str]:
     """How the run trains: optimizer, LR schedule, step and loss, task metrics, regularisation, determinism.
-    `checked` is the pre-flight's finding (launcher/preflight.py)."""
+    `checked` is the pre-flight's finding (launcher/train/preflight.py)."""
     style = {"pair": f"(inputs, targets) pairs, loss {describe(loss_fn)}",
              "model_loss": "model(**batch) returns its own loss",
              "compute_loss": "the recipe's compute_loss(model, batch)"}[checked.step.style]

@@ -23,14 +23,16 @@ import torch
 from accelerate import PartialState
 from PIL import Image
 
-from launcher.batch import collate
 from launcher.config import ConfigError, TrainConfig
-from launcher.data import Shards, SplitLoader
-from launcher.evaluation import evaluate_split
-from launcher.metrics import TaskMetrics, is_accuracy, per_class_accuracy
-from launcher.preflight import blame, preflight
+from launcher.data.batch import collate
+from launcher.data.loader import SplitLoader
+from launcher.data.spec import Shards
 from launcher.recipe import Recipe
-from launcher.weights import read_state_dict
+from launcher.runtime.weights import read_state_dict
+from launcher.train.evaluation import evaluate_split
+from launcher.train.metrics import TaskMetrics, is_accuracy, per_class_accuracy
+from launcher.train.preflight import blame, preflight
+
 
 LABELS = {"top1": "top-1", "top5": "top-5", "token_accuracy": "token accuracy"}  # evaluate's printed names
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -58,7 +60,7 @@ def evaluate(cfg: TrainConfig, recipe: Recipe, checkpoint: str, out: str = "") -
     CHECKPOINT/evaluation)."""
     from accelerate import Accelerator
 
-    from launcher.distributed import has_accelerator
+    from launcher.runtime.distributed import has_accelerator
 
     accelerator = Accelerator(cpu=not has_accelerator(), mixed_precision=cfg.mixed_precision)
     data = recipe.build_data(cfg)
@@ -88,7 +90,7 @@ def evaluate(cfg: TrainConfig, recipe: Recipe, checkpoint: str, out: str = "") -
         with open(os.path.join(out, "evaluation.json"), "w") as f:
             json.dump(result, f, indent=1)
         if confusion is not None:
-            from launcher.report import confusion_figure
+            from launcher.track.report import confusion_figure
 
             confusion_figure(confusion, result["classes"]).savefig(os.path.join(out, "confusion.png"), dpi=100,
                                                                    bbox_inches="tight")

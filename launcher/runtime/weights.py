@@ -18,6 +18,7 @@ from torch import nn
 
 from launcher.config import ConfigError
 
+
 PREFIXES = ("module.", "model.", "_orig_mod.")
 CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict", "module")
 

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from launcher.config import DataError, RunStopped
-from launcher.run_state import RunState
+from launcher.train.state import RunState
 
 # nonfinite=stop checks the gradient norms it kept at least this often (one host sync), so a run that
 # logs, checkpoints and evaluates rarely does not pile them up.

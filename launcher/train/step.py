@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 import torch
 
-from launcher.batch import to_device
+from launcher.data.batch import to_device
+
 
 STYLES = ("pair", "model_loss", "compute_loss")
 

@@ -12,6 +12,10 @@ the start with no gradient, so the optimizer's groups never change and a checkpo
 side of the unfreeze resumes; at the unfreeze the loop re-wraps DDP to include it, and its LR
 warms up from 0. With `Schedule.no_decay_norm_bias`, each group's biases and norm weights (every
 parameter of one dimension or less, as in timm) form a sibling group `NAME/no_decay`.
+
+Names: a recipe's `Schedule` is the bundle of its groups, its optimizer and its LR curve
+(`Schedule.lr_at`, an `LRSchedule` from launcher.optim.schedules or a function of the step); the
+trainer applies the curve through torch's `LambdaLR`, its `lr_scheduler`.
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from launcher import optimizers, schedules
 from launcher.config import ConfigError
-from launcher.optimizers import OptimizerFactory
-from launcher.schedules import LRFunction, LRSchedule, unfreeze_warmup
+from launcher.optim import optimizers, schedules
+from launcher.optim.optimizers import OptimizerFactory
+from launcher.optim.schedules import LRFunction, LRSchedule, unfreeze_warmup
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""A run's progress: what a checkpoint keeps and a resume restores, and what the run's end reports.
+"""A run's progress: what a checkpoint keeps and a resume restores, and what the run's end reports;
+and the training statistics of the steps since the last logged one (`LogWindow`).
 
 One object, so that a new counter is declared once: `state_dict` saves every field (a checkpoint
 from an older version, lacking one, loads it at its default) and `summary` reports them.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+
+import torch
 
 
 @dataclass
@@ -50,3 +53,22 @@ class RunState:
             summary.update({"best/metric": self.best["metric"], "best/value": self.best["value"],
                             "best/step": self.best["step"]})
         return summary
+
+
+class LogWindow:
+    """Training statistics accumulated between two logged steps (kept on device: no syncs)."""
+
+    def __init__(self, device):
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # mean losses, or summed ones
+        self.weight = torch.zeros((), dtype=torch.float64, device=device)  # batches, or summed counts
+        self.step_count = torch.zeros((), dtype=torch.float64, device=device)  # this optimizer step's count so far
+        self.samples = 0
+        self.data_time = 0.0
+        self.grad_norm = None
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, weight, samples: int) -> None:
+        """A micro-batch: its mean loss (weight 1), or its loss sum over `weight` items."""
+        self.loss_sum += loss.double()
+        self.weight += weight
+        self.samples += samples

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
 
 from launcher.config import ConfigError, TrainConfig
-from launcher.tracking import check_trackers, tracker_names, tracker_project
+from launcher.track.trackers import check_trackers, tracker_names, tracker_project
 
 
 def has_accelerator() -> bool:
@@ -30,7 +30,9 @@ def configure_backends(cfg: TrainConfig) -> None:
     --cudnn_benchmark: cuDNN autotunes per input shape."""
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(cfg.deterministic)
+    # Only when it changes anything: the call imports torch._inductor (2-4 s on a 2-core machine).
+    if cfg.deterministic != torch.are_deterministic_algorithms_enabled():
+        torch.use_deterministic_algorithms(cfg.deterministic)
     torch.backends.cudnn.deterministic = cfg.deterministic
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark and not cfg.deterministic
 
@@ -45,7 +47,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         cpu=on_cpu,  # DDP with gloo over CPU processes when no GPU is present
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
-        log_with=tracker_names(cfg) or None,  # wandb and/or tensorboard (launcher.tracking)
+        log_with=tracker_names(cfg) or None,  # wandb and/or tensorboard (launcher.track.trackers)
         project_config=tracker_project(cfg),  # output_dir; TensorBoard writes under OUTPUT_DIR/tensorboard
         kwargs_handlers=ddp_kwargs(cfg),
     )

@@ -3,8 +3,8 @@ and the metrics, before DDP wraps the model and before any DataLoader worker sta
 recipe that would crash at step 1 or at the first evaluation fails in seconds. Nothing is updated:
 the model runs in eval mode, no backward, and the random generators are restored.
 
-It also decides what the run is: the step style (launcher/step.py), the task and its metrics
-(launcher/metrics.py), the number of classes, the default best metric, and the model summary's
+It also decides what the run is: the step style (launcher/train/step.py), the task and its metrics
+(launcher/train/metrics.py), the number of classes, the default best metric, and the model summary's
 input -> output line. Mistakes that can be seen here are refused with the fix: cross-entropy on
 float targets, MixUp/CutMix without class labels, a best metric the task does not produce.
 
@@ -23,15 +23,17 @@ from typing import Any, Callable
 
 import torch
 
-from launcher.batch import collate, describe
 from launcher.config import ConfigError, DataError
-from launcher.losses import CrossEntropy
-from launcher.metrics import TaskMetrics, better_direction, default_best, infer_task, loss_name
-from launcher.step import Step, StepOutput, call_model, choose_style
+from launcher.data.batch import collate, describe
+from launcher.optim.losses import CrossEntropy
+from launcher.train.metrics import TaskMetrics, better_direction, default_best, infer_task, loss_name
+from launcher.train.step import Step, StepOutput, call_model, choose_style
+
 
 EXAMPLE_SAMPLES = 2  # samples per split pushed through the model
+_LAUNCHER = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package: its frames are not shown
 _SKIP = tuple(os.path.realpath(p) + os.sep for p in
-              {os.path.dirname(__file__), sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
+              {_LAUNCHER, sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
                sysconfig.get_paths()["platlib"]})
 
 

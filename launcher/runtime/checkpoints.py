@@ -22,6 +22,7 @@ from accelerate import Accelerator
 
 from launcher.config import ConfigError
 
+
 STATE_FILE = "trainer_state.json"
 BEST_FILE = "best.json"
 KILL_DURING_SAVE = "LAUNCHER_TEST_KILL_DURING_SAVE"  # fault injection for the tests: SIGKILL mid-save at this step

@@ -42,7 +42,7 @@ def init_weights(model: nn.Module, scheme: str) -> int:
 
 def model_summary(model: nn.Module, io_line: str = "") -> list[str]:
     """Parameters per top-level module (trainable now / frozen), size in MB, and the input -> output
-    line the pre-flight check saw (launcher/preflight.py)."""
+    line the pre-flight check saw (launcher/train/preflight.py)."""
     rows = []
     for name, child in [*model.named_children(), ("(own)", None)]:
         params = list(child.parameters()) if child is not None else list(model.parameters(recurse=False))

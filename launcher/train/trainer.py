@@ -10,9 +10,9 @@ a resume continues mid-epoch exactly), SIGUSR1/SIGTERM acted on at step boundari
 samples counted across ranks (stop above `max_corrupt_fraction`), metrics to metrics.jsonl and
 wandb, final weights and a summary.
 
-The run's progress is one `RunState` (launcher/run_state.py); the policies that decide when to
+The run's progress is one `RunState` (launcher/train/state.py); the policies that decide when to
 act (the NaN/Inf guard, data health, best metric and early stopping, checkpoint cadence) are
-components of their own (launcher/guards.py)."""
+components of their own (launcher/train/guards.py)."""
 
 from __future__ import annotations
 
@@ -29,101 +29,25 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from launcher.batch import Batch
-from launcher.config import ConfigError, TrainConfig
-from launcher.distributed import ReplicaChecksums, build_accelerator, rewrap_ddp
-from launcher.data import DataError, SplitLoader, Synthetic
-from launcher.evaluation import evaluate_split
-from launcher.guards import BestMetric, CheckpointCadence, DataHealth, NonFiniteGuard
-from launcher.layout import Position, derive_seed
-from launcher.metrics import TaskMetrics, is_accuracy
-from launcher.modeling import init_weights, model_summary
-from launcher.params import (ParamGroup, Schedule, apply_freezing, assign_groups, build_optimizer,
-                             frozen_batchnorms, lr_multipliers)
-from launcher.plan import Plan, format_plan, make_plan, training_lines
-from launcher.regularization import EMA, batch_mix
-from launcher.run_state import RunState
-from launcher.schedules import LRSchedule
-from launcher.preemption import Preempted, StopSignals, requeue_slurm_job
-from launcher.preflight import Checked, preflight
+from launcher.config import ConfigError, DataError, TrainConfig
+from launcher.data.layout import Position, derive_seed
+from launcher.optim.groups import apply_freezing, build_optimizer, frozen_batchnorms, lr_multipliers
+from launcher.optim.regularization import EMA, batch_mix
+from launcher.optim.schedules import LRSchedule
 from launcher.recipe import Recipe
-from launcher.tracking import MetricsLog, Tracker, save_run_files, write_json
-from launcher import checkpoints
+from launcher.runtime import checkpoints
+from launcher.runtime.distributed import ReplicaChecksums, build_accelerator, rewrap_ddp
+from launcher.runtime.preemption import Preempted, StopSignals, requeue_slurm_job
+from launcher.track.trackers import MetricsLog, Tracker, save_run_files, write_json
+from launcher.train.build import build_parts
+from launcher.train.evaluation import evaluate_split, example_images, format_metrics
+from launcher.train.guards import BestMetric, CheckpointCadence, DataHealth, NonFiniteGuard
+from launcher.train.metrics import TaskMetrics, is_accuracy
+from launcher.train.plan import format_plan
+from launcher.train.state import LogWindow, RunState
+
 
 TOTAL_NORM = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6: the norm without clipping
-
-
-@dataclasses.dataclass
-class RunParts:
-    cfg: TrainConfig  # with the task's best metric and mode filled in
-    train_data: SplitLoader
-    val_data: SplitLoader | None
-    plan: Plan
-    model: torch.nn.Module
-    schedule: Schedule
-    groups: list[ParamGroup]
-    checked: Checked  # step style, task, classes, metrics (launcher/preflight.py)
-    classes: list[str]
-    extra_metrics: dict | None  # the recipe's build_metrics
-
-
-def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
-                device: torch.device = torch.device("cpu")) -> RunParts:
-    """Everything a run is made of, before Accelerate wraps it (shared by `plan` and training),
-    checked by pushing one real batch of each split through it on `device`."""
-    set_seed(cfg.seed)  # the same initial weights on every rank
-    data = recipe.build_data(cfg)
-    loader_args = dict(rank=rank, world=world, seed=cfg.seed, num_workers=cfg.num_workers,
-                       batch_transform=data.batch_transform, pin_memory=cfg.pin_memory,
-                       prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers,
-                       decode_on_device=cfg.data_on_gpu, collate_fn=data.collate, device=device)
-    train_data = SplitLoader(data.train, batch_size=cfg.batch_size, training=True,
-                             grad_accum_steps=cfg.grad_accum_steps, **loader_args)
-    val_data = (SplitLoader(data.val, batch_size=cfg.eval_batch_size, training=False, **loader_args)
-                if data.val is not None else None)
-    classes = list(data.classes or train_data.classes)
-    if cfg.weight_init != "default" and getattr(cfg, "weights", ""):
-        raise ConfigError(f"--weight_init={cfg.weight_init} would overwrite the loaded --weights; use one or the other")
-    model = recipe.build_model(cfg)
-    init_weights(model, cfg.weight_init)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.to(device)
-    loss_fn = recipe.build_loss(cfg)
-    extra_metrics = recipe.build_metrics(cfg)
-    checked = preflight(cfg, recipe, train_data, val_data, model, device, loss_fn, extra_metrics)
-    cfg = dataclasses.replace(cfg, best_metric=checked.best_metric, best_mode=checked.best_mode)
-    if cfg.synthetic_data:
-        train_data, val_data = (_synthetic(split, checked, loader_args) if split else None
-                                for split in (train_data, val_data))
-    plan = make_plan(cfg, train_data, val_data, world)
-    schedule = recipe.build_schedule(cfg, model).resolved(cfg)
-    groups = assign_groups(model, schedule, cfg.lr, cfg.weight_decay, plan.steps_per_epoch)
-    apply_freezing(groups, step=0)
-    if (cfg.mixup_alpha or cfg.cutmix_alpha) and not getattr(loss_fn, "soft_targets", True):
-        raise ConfigError(f"MixUp/CutMix make soft targets, which --loss={cfg.loss} cannot take; "
-                          "use --loss=cross_entropy or bce_with_logits")
-    plan.training = training_lines(cfg, schedule, loss_fn, checked)
-    plan.model = model_summary(model, checked.summary)
-    return RunParts(cfg, train_data, val_data, plan, model, schedule, groups, checked, classes, extra_metrics)
-
-
-def _synthetic(split: SplitLoader, checked: Checked, loader_args: dict) -> SplitLoader:
-    """The split as random batches with the structure of its first real one, with its sizes and batch transform."""
-    source = Synthetic(checked.example, split.total, split.batch_transform)
-    return SplitLoader(source, batch_size=split.batch_size, training=split.training,
-                       batches_per_epoch=split.batches_per_epoch,
-                       **{**loader_args, "collate_fn": None})
-
-
-def print_plan(cfg: TrainConfig, recipe: Recipe, world_size: int) -> None:
-    resume_from = checkpoints.find_resume(cfg, log=lambda _: None) if cfg.resume else None
-    note = ""
-    if resume_from:
-        cfg, note = checkpoints.keep_global_batch(cfg, resume_from, world_size)
-    parts = build_parts(cfg, recipe, rank=0, world=world_size)
-    parts.plan.notes.append(note)
-    print(format_plan(parts.cfg, parts.plan, parts.groups, recipe.name))
 
 
 class Trainer:
@@ -148,17 +72,17 @@ class Trainer:
         self.unfreeze_steps = {pg.starts_at for pg in self.groups if pg.starts_at}  # steps that change requires_grad
         optimizer = build_optimizer(schedule, self.groups)
         total = self.plan.schedule_steps  # max_steps stops early; it does not shorten the schedule
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_multipliers(self.groups, schedule.lr_at, total, self.plan.steps_per_epoch))
-        self.lr_schedule = schedule.lr_at
+        self.lr_at = schedule.lr_at
         self.mix = batch_mix(cfg.mixup_alpha, cfg.cutmix_alpha, parts.checked.num_classes)
         if cfg.compile:
             model.compile()  # in place: DDP then wraps the compiled module, state_dict keys unchanged
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.parameters = list(self.model.parameters())  # the same tensors under any DDP rewrap
-        acc.register_for_checkpointing(self.scheduler)
-        if isinstance(self.lr_schedule, LRSchedule) and self.lr_schedule.state_dict():
-            acc.register_for_checkpointing(self.lr_schedule)  # ReduceLROnPlateau's state
+        acc.register_for_checkpointing(self.lr_scheduler)
+        if isinstance(self.lr_at, LRSchedule) and self.lr_at.state_dict():
+            acc.register_for_checkpointing(self.lr_at)  # ReduceLROnPlateau's state
         self.ema = EMA(acc.unwrap_model(self.model), cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay else None
         if self.ema is not None:
             acc.register_for_checkpointing(self.ema)
@@ -300,46 +224,52 @@ class Trainer:
         remaining = (plan.total_steps - self.state.step) * cfg.grad_accum_steps
         micro_batches = min(plan.micro_batches_per_epoch - self.position.batches, remaining)
         batches = itertools.islice(self.train_data.loader(self.state.epoch, self.position), micro_batches)
-        window = _Window(acc.device)
+        window = LogWindow(acc.device)
         fetch_start = time.perf_counter()
         for batch in batches:
             window.data_time += time.perf_counter() - fetch_start
-            self.position.advance(batch)
-            self.data_health.note(batch.errors, "train", self.state.epoch, self.state.step)
-            if batch.data is None:  # every sample of it was unreadable
-                raise DataError(f"rank {self.rank}: a training batch with no readable sample ({len(batch.errors)} "
-                                "unreadable); check the shards and the split's decode")
-            data = self.step_fn.prepare(batch.data, acc.device, cfg.channels_last)
-            if self.mix is not None:
-                data = type(data)(self.mix(*data))
-            self._trace(batch.keys)
-            with acc.accumulate(self.model):
-                out = self.step_fn(self.model, data)
-                acc.backward(out.loss)
-                counted = self._count(out, window)
-                skip = False
-                if acc.sync_gradients:
-                    if counted:
-                        self._normalise_by_count(window)
-                    window.grad_norm = self._clip_gradients()
-                    skip = not self.guard.allows(self.state.step + 1, out.loss, window.grad_norm)
-                if not skip:
-                    self.optimizer.step()
-                    if self.ema is not None and acc.sync_gradients and not self.optimizer.step_was_skipped:
-                        self.ema.update_parameters(acc.unwrap_model(self.model))
-                self.optimizer.zero_grad(set_to_none=True)
-            window.add(out.loss.detach(), out.count if counted else 1, batch.size)
+            self._micro_batch(batch, window)
             if acc.sync_gradients:
                 self._after_step(window)
                 if self.state.step % cfg.log_every == 0 or self.state.step == plan.total_steps:
-                    window = _Window(acc.device)
+                    window = LogWindow(acc.device)
             fetch_start = time.perf_counter()
 
-    def _after_step(self, window: "_Window") -> None:
+    def _micro_batch(self, batch, window: LogWindow) -> None:
+        """Forward and backward of one micro-batch; on the last of an optimizer step, the count
+        normalisation, clipping, the NaN/Inf guard, the update and EMA."""
+        acc = self.accelerator
+        self.position.advance(batch)
+        self.data_health.note(batch.errors, "train", self.state.epoch, self.state.step)
+        if batch.data is None:  # every sample of it was unreadable
+            raise DataError(f"rank {self.rank}: a training batch with no readable sample ({len(batch.errors)} "
+                            "unreadable); check the shards and the split's decode")
+        data = self.step_fn.prepare(batch.data, acc.device, self.cfg.channels_last)
+        if self.mix is not None:
+            data = type(data)(self.mix(*data))
+        self._trace(batch.keys)
+        with acc.accumulate(self.model):
+            out = self.step_fn(self.model, data)
+            acc.backward(out.loss)
+            counted = self._count(out, window)
+            skip = False
+            if acc.sync_gradients:
+                if counted:
+                    self._normalise_by_count(window)
+                window.grad_norm = self._clip_gradients()
+                skip = not self.guard.allows(self.state.step + 1, out.loss, window.grad_norm)
+            if not skip:
+                self.optimizer.step()
+                if self.ema is not None and acc.sync_gradients and not self.optimizer.step_was_skipped:
+                    self.ema.update_parameters(acc.unwrap_model(self.model))
+            self.optimizer.zero_grad(set_to_none=True)
+        window.add(out.loss.detach(), out.count if counted else 1, batch.size)
+
+    def _after_step(self, window: LogWindow) -> None:
         """An optimizer step is done: schedule, unfreezing, logging, checkpoint, signals."""
         cfg, plan = self.cfg, self.plan
         lrs = {f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups}  # this step's
-        self.scheduler.step()
+        self.lr_scheduler.step()
         self.state.step += 1
         self.progress.update(1)
         if self.state.step in self.unfreeze_steps:
@@ -369,7 +299,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             tqdm.write(f"step {self.state.step}: training {', '.join(unfrozen)} from now on")
 
-    def _count(self, out, window: "_Window") -> bool:
+    def _count(self, out, window: LogWindow) -> bool:
         """Whether this step's loss is a sum over `out.count` items; adds the count to the optimizer
         step's total. A step must always or never return a count (checked here, where it is cheap)."""
         counted = out.count is not None
@@ -380,7 +310,7 @@ class Trainer:
             window.step_count += out.count  # in place on the device: an int or a tensor, no host sync
         return counted
 
-    def _normalise_by_count(self, window: "_Window") -> None:
+    def _normalise_by_count(self, window: LogWindow) -> None:
         """The gradients of summed losses, divided by the count summed over this optimizer step's
         micro-batches and all ranks. DDP averaged them over the ranks and `backward` divided each
         micro-batch's by the accumulation steps, so both are multiplied back; no host sync."""
@@ -403,7 +333,7 @@ class Trainer:
         acc.unscale_gradients()  # fp16: the norm of the true gradients (a no-op otherwise)
         return TOTAL_NORM([p.grad for p in self.parameters if p.grad is not None])
 
-    def _log_train(self, window: "_Window", lrs: dict[str, float]) -> None:
+    def _log_train(self, window: LogWindow, lrs: dict[str, float]) -> None:
         self.guard.check(self.state.step)
         acc = self.accelerator
         corrupt = float(sum(self.position.corrupt.values()))
@@ -477,15 +407,15 @@ class Trainer:
             checkpoints.write_best(self.cfg.output_dir, self.state.best)
         self._record({"step": self.state.step, "epoch": self.state.epoch, **result})
         if epoch_end:
-            if isinstance(self.lr_schedule, LRSchedule) and self.lr_schedule.after_evaluation(result):
+            if isinstance(self.lr_at, LRSchedule) and self.lr_at.after_evaluation(result):
                 self._refresh_lr()
         if acc.is_main_process:
             names = self.classes
             if confusion is not None:
                 write_json(self.cfg.output_dir, "confusion.json", {"step": self.state.step, "classes": names, "matrix": confusion})
             self.tracker.log_evaluation(self.state.step, confusion, names, examples)
-            tqdm.write(f"epoch {self.state.epoch} step {self.state.step}: {_format_metrics(result, 'val')}"
-                       + (f"; EMA {_format_metrics(result, 'val_ema')}" if self.ema is not None else ""))
+            tqdm.write(f"epoch {self.state.epoch} step {self.state.step}: {format_metrics(result, 'val')}"
+                       + (f"; EMA {format_metrics(result, 'val_ema')}" if self.ema is not None else ""))
         return improved
 
     def _evaluate(self, model: torch.nn.Module, prefix: str) -> tuple[dict, list | None, list | None]:
@@ -497,7 +427,7 @@ class Trainer:
         result = passed.metrics
         examples = None  # (image, prediction, label) from the main process's first batch
         if raw and passed.first is not None and acc.is_main_process and self.cfg.log_images:
-            examples = _examples(*passed.first, self.cfg.log_images)
+            examples = example_images(*passed.first, self.cfg.log_images)
         if raw:
             unreadable = passed.unreadable
             skipped = int(acc.reduce(torch.tensor(float(sum(unreadable.values())), device=acc.device), "sum").item())
@@ -509,7 +439,7 @@ class Trainer:
     def _refresh_lr(self) -> None:
         """The schedule changed between steps (a plateau): apply it to the next step's LR now. The LR
         is read from the optimizer's groups everywhere (never from the scheduler's get_last_lr())."""
-        sched = self.scheduler
+        sched = self.lr_scheduler
         for group, base, fn in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["lr"] = base * fn(sched.last_epoch)
         if self.accelerator.is_main_process:
@@ -561,51 +491,6 @@ class Trainer:
         if self.tracker.tensorboard_dir:
             lines.append(f"  tensorboard     {self.tracker.tensorboard_dir} (`tensorboard --logdir {self.tracker.tensorboard_dir}`)")
         print("\n".join(lines), flush=True)
-
-
-def _format_metrics(result: dict, prefix: str) -> str:
-    parts = []
-    for key, value in result.items():
-        name = key.split("/", 1)[1] if key.startswith(prefix + "/") else None
-        if name is None or name in ("samples", "unreadable") or not isinstance(value, float):
-            continue
-        parts.append(f"{name} {100 * value:.2f} %" if is_accuracy(key) else f"{name} {value:.4g}")
-    return ", ".join(parts) + f" of {result[prefix + '/samples']}"
-
-
-def _examples(batch: Batch, data, predictions: torch.Tensor | None, count: int) -> list[tuple] | None:
-    """Up to `count` (HWC uint8 image, prediction, label) from a classifier's batch of images, as the
-    workers delivered it; None for inputs that are not images or outputs that are not classes."""
-    if predictions is None or not isinstance(batch.data, (tuple, list)) or len(batch.data) != 2:
-        return None
-    images, targets = batch.data
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):
-        return None
-    images = images[:count]
-    if images.dtype != torch.uint8:  # float input: show it rescaled to 0-255
-        low, high = images.amin(), images.amax()
-        images = ((images.float() - low) / (high - low + 1e-12) * 255).to(torch.uint8)
-    return [(image.permute(1, 2, 0).numpy().copy(), int(p), int(t))  # a copy: the batch's buffer is reused
-            for image, p, t in zip(images, predictions[:count].tolist(), targets[:count].tolist())]
-
-
-class _Window:
-    """Training statistics accumulated between two logged steps (kept on device: no syncs)."""
-
-    def __init__(self, device):
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # mean losses, or summed ones
-        self.weight = torch.zeros((), dtype=torch.float64, device=device)  # batches, or summed counts
-        self.step_count = torch.zeros((), dtype=torch.float64, device=device)  # this optimizer step's count so far
-        self.samples = 0
-        self.data_time = 0.0
-        self.grad_norm = None
-        self.start = time.perf_counter()
-
-    def add(self, loss: torch.Tensor, weight, samples: int) -> None:
-        """A micro-batch: its mean loss (weight 1), or its loss sum over `weight` items."""
-        self.loss_sum += loss.double()
-        self.weight += weight
-        self.samples += samples
 
 
 def train(cfg: TrainConfig, recipe: Recipe) -> dict:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from launcher.config import RunStopped
 
+
 PREEMPTED_EXIT_CODE = 75
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 

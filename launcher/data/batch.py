@@ -40,7 +40,7 @@ class Batch:
     worker_batches: int = 0  # its batches done this epoch,
     position: list[int] = field(default_factory=list)  # [pass, samples read in the pass]
     buffer: tuple[int, int] | None = None  # (worker, batch number) of a reused shared-memory buffer
-    encoded: dict | None = None  # --data_on_gpu: encoded images, decoded on the device (launcher/device_decode.py)
+    encoded: dict | None = None  # --data_on_gpu: encoded images, decoded on the device (launcher/data/device_decode.py)
 
     def pin_memory(self) -> "Batch":
         """The DataLoader's pinning thread calls this: page-locked copies of every tensor."""

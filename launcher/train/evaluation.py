@@ -3,7 +3,7 @@
 Each batch goes through the run's own step, so `loss` is the training loss on the validation
 data, normalised the same way: a mean step's losses weighted by the samples of each batch, a
 counted step's sums divided by the summed count (tokens), over every rank (one all-reduce). The
-task metrics (launcher/metrics.py) are torchmetrics, synced on compute. Every validation sample is
+task metrics (launcher/train/metrics.py) are torchmetrics, synced on compute. Every validation sample is
 read exactly once across ranks and workers, so the metrics equal a single process's.
 """
 
@@ -14,10 +14,10 @@ from typing import Any, Callable
 
 import torch
 
-from launcher.batch import Batch
-from launcher.layout import tally_errors
-from launcher.metrics import TaskMetrics
-from launcher.step import Step
+from launcher.data.batch import Batch
+from launcher.data.layout import tally_errors
+from launcher.train.metrics import TaskMetrics, is_accuracy
+from launcher.train.step import Step
 
 
 @dataclass
@@ -58,3 +58,29 @@ def evaluate_split(model: torch.nn.Module, batches, step: Step, metrics: TaskMet
     values, result.confusion = metrics.compute(loss, prefix)
     result.metrics = {f"{prefix}/loss": loss, **values, f"{prefix}/samples": int(samples)}
     return result
+
+
+def format_metrics(result: dict, prefix: str) -> str:
+    parts = []
+    for key, value in result.items():
+        name = key.split("/", 1)[1] if key.startswith(prefix + "/") else None
+        if name is None or name in ("samples", "unreadable") or not isinstance(value, float):
+            continue
+        parts.append(f"{name} {100 * value:.2f} %" if is_accuracy(key) else f"{name} {value:.4g}")
+    return ", ".join(parts) + f" of {result[prefix + '/samples']}"
+
+
+def example_images(batch: Batch, data, predictions: torch.Tensor | None, count: int) -> list[tuple] | None:
+    """Up to `count` (HWC uint8 image, prediction, label) from a classifier's batch of images, as the
+    workers delivered it; None for inputs that are not images or outputs that are not classes."""
+    if predictions is None or not isinstance(batch.data, (tuple, list)) or len(batch.data) != 2:
+        return None
+    images, targets = batch.data
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):
+        return None
+    images = images[:count]
+    if images.dtype != torch.uint8:  # float input: show it rescaled to 0-255
+        low, high = images.amin(), images.amax()
+        images = ((images.float() - low) / (high - low + 1e-12) * 255).to(torch.uint8)
+    return [(image.permute(1, 2, 0).numpy().copy(), int(p), int(t))  # a copy: the batch's buffer is reused
+            for image, p, t in zip(images, predictions[:count].tolist(), targets[:count].tolist())]

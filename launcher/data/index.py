@@ -17,6 +17,7 @@ from webdataset.shardlists import expand_urls
 
 from launcher.config import ConfigError
 
+
 INDEX_NAME = "index.json"
 
 

@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 
 from webdataset.tariterators import group_by_keys, tarfile_samples
 
+
 BLOCK = 512
 _REGULAR = (b"0", b"\0", b"7")  # regular file, old-style regular, contiguous file
 _POSIX_MAGIC = b"ustar\x0000"
@@ -35,7 +36,7 @@ class TarReadError(Exception):
 def shard_samples(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict]:
     """WebDataset samples (`__key__`, `__url__`, one entry per extension) of the shard at `url`.
     A local file is read by `tar_files`, a `pipe:` command by WebDataset's tar iterator (any other
-    source is a local path, as for the pre-flight checks in launcher/shard_index.py).
+    source is a local path, as for the pre-flight checks in launcher/data/index.py).
     An error that ends the shard early (missing file, truncation) goes to `handler`; so do
     WebDataset's per-sample errors (a duplicate file name)."""
     if url.startswith("pipe:"):

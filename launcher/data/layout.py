@@ -1,7 +1,7 @@
 """Epoch layouts and stream positions: which shards each rank and worker reads in an epoch, and
 where a rank stands in it. Pure functions of (index, seed, epoch, ranks, workers), so every
 process (and every DataLoader worker) computes the same layout on its own, and a position is a
-few integers per worker (see launcher/data.py for how the stream uses them)."""
+few integers per worker (see launcher/data/loader.py for how the stream uses them)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field
 
 from launcher.config import ConfigError
-from launcher.shard_index import ShardIndex
+from launcher.data.index import ShardIndex
 
 
 def derive_seed(*parts) -> int:
@@ -142,7 +142,7 @@ class Position:
     corrupt: dict[str, int] = field(default_factory=dict)  # shard -> samples skipped this epoch
 
     def advance(self, batch) -> None:
-        """Past one `launcher.batch.Batch`."""
+        """Past one `launcher.data.batch.Batch`."""
         if batch.worker is not None:
             self.workers[batch.worker] = [batch.worker_batches, *batch.position]
             self.last_worker = batch.worker

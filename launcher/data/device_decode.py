@@ -17,7 +17,8 @@ from dataclasses import replace
 
 import torch
 
-from launcher.batch import Batch
+from launcher.data.batch import Batch
+
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 

@@ -1,0 +1,1 @@
+"""The commands beside training: evaluate and predict (inference), and writing shards."""

@@ -1,0 +1,2 @@
+"""The processes a run lives in: distribution (Accelerate, DDP), checkpoints, preemption and
+requeue, initial weights."""

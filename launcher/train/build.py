@@ -1,0 +1,92 @@
+"""Everything a run is made of, before Accelerate wraps it: data loaders, model, loss, metrics, the
+pre-flight check, the plan, parameter groups (shared by `plan` and training)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from accelerate.utils import set_seed
+
+from launcher.config import ConfigError, TrainConfig
+from launcher.data.loader import SplitLoader
+from launcher.data.spec import Synthetic
+from launcher.optim.groups import ParamGroup, Schedule, apply_freezing, assign_groups
+from launcher.recipe import Recipe
+from launcher.runtime import checkpoints
+from launcher.train.modeling import init_weights, model_summary
+from launcher.train.plan import Plan, format_plan, make_plan, training_lines
+from launcher.train.preflight import Checked, preflight
+
+
+@dataclasses.dataclass
+class RunParts:
+    cfg: TrainConfig  # with the task's best metric and mode filled in
+    train_data: SplitLoader
+    val_data: SplitLoader | None
+    plan: Plan
+    model: torch.nn.Module
+    schedule: Schedule
+    groups: list[ParamGroup]
+    checked: Checked  # step style, task, classes, metrics (launcher/train/preflight.py)
+    classes: list[str]
+    extra_metrics: dict | None  # the recipe's build_metrics
+
+
+def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
+                device: torch.device = torch.device("cpu")) -> RunParts:
+    """Everything a run is made of, before Accelerate wraps it (shared by `plan` and training),
+    checked by pushing one real batch of each split through it on `device`."""
+    set_seed(cfg.seed)  # the same initial weights on every rank
+    data = recipe.build_data(cfg)
+    loader_args = dict(rank=rank, world=world, seed=cfg.seed, num_workers=cfg.num_workers,
+                       batch_transform=data.batch_transform, pin_memory=cfg.pin_memory,
+                       prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers,
+                       decode_on_device=cfg.data_on_gpu, collate_fn=data.collate, device=device)
+    train_data = SplitLoader(data.train, batch_size=cfg.batch_size, training=True,
+                             grad_accum_steps=cfg.grad_accum_steps, **loader_args)
+    val_data = (SplitLoader(data.val, batch_size=cfg.eval_batch_size, training=False, **loader_args)
+                if data.val is not None else None)
+    classes = list(data.classes or train_data.classes)
+    if cfg.weight_init != "default" and getattr(cfg, "weights", ""):
+        raise ConfigError(f"--weight_init={cfg.weight_init} would overwrite the loaded --weights; use one or the other")
+    model = recipe.build_model(cfg)
+    init_weights(model, cfg.weight_init)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.to(device)
+    loss_fn = recipe.build_loss(cfg)
+    extra_metrics = recipe.build_metrics(cfg)
+    checked = preflight(cfg, recipe, train_data, val_data, model, device, loss_fn, extra_metrics)
+    cfg = dataclasses.replace(cfg, best_metric=checked.best_metric, best_mode=checked.best_mode)
+    if cfg.synthetic_data:
+        train_data, val_data = (_synthetic(split, checked, loader_args) if split else None
+                                for split in (train_data, val_data))
+    plan = make_plan(cfg, train_data, val_data, world)
+    schedule = recipe.build_schedule(cfg, model).resolved(cfg)
+    groups = assign_groups(model, schedule, cfg.lr, cfg.weight_decay, plan.steps_per_epoch)
+    apply_freezing(groups, step=0)
+    if (cfg.mixup_alpha or cfg.cutmix_alpha) and not getattr(loss_fn, "soft_targets", True):
+        raise ConfigError(f"MixUp/CutMix make soft targets, which --loss={cfg.loss} cannot take; "
+                          "use --loss=cross_entropy or bce_with_logits")
+    plan.training = training_lines(cfg, schedule, loss_fn, checked)
+    plan.model = model_summary(model, checked.summary)
+    return RunParts(cfg, train_data, val_data, plan, model, schedule, groups, checked, classes, extra_metrics)
+
+
+def _synthetic(split: SplitLoader, checked: Checked, loader_args: dict) -> SplitLoader:
+    """The split as random batches with the structure of its first real one, with its sizes and batch transform."""
+    source = Synthetic(checked.example, split.total, split.batch_transform)
+    return SplitLoader(source, batch_size=split.batch_size, training=split.training,
+                       batches_per_epoch=split.batches_per_epoch,
+                       **{**loader_args, "collate_fn": None})
+
+
+def print_plan(cfg: TrainConfig, recipe: Recipe, world_size: int) -> None:
+    resume_from = checkpoints.find_resume(cfg, log=lambda _: None) if cfg.resume else None
+    note = ""
+    if resume_from:
+        cfg, note = checkpoints.keep_global_batch(cfg, resume_from, world_size)
+    parts = build_parts(cfg, recipe, rank=0, world=world_size)
+    parts.plan.notes.append(note)
+    print(format_plan(parts.cfg, parts.plan, parts.groups, recipe.name))
