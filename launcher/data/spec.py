@@ -1,0 +1,101 @@
+"""What a split of a recipe's data is: WebDataset tar shards (`Shards`, decoded per sample by
+launcher.data.decoders), random batches with a real batch's structure (`Synthetic`), or any
+map-style torch Dataset; and the recipe's `DataSpec` of its splits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+from torch.utils.data import Dataset
+
+from launcher.config import ConfigError
+from launcher.data.batch import Batch, Collate
+from launcher.data.decoders import IMAGE_EXTENSIONS, image_label
+
+
+@dataclass
+class Shards:
+    """A split stored as WebDataset tar shards. By default each sample is an image and its `cls`
+    label, `(transform(image), label)`; `decode` reads any other sample (launcher.data.decoders)."""
+
+    urls: str | Sequence[str]  # paths, brace patterns, `pipe:` commands, or a directory with index.json
+    transform: Callable | None = None  # per sample in the workers: the image (default decode; uint8 keeps batches small), or the decoded sample
+    batch_transform: Callable | None = None  # on the device, per batch (e.g. uint8 -> normalized float): a pair's inputs, else the batch
+    shuffle_buffer: int = 1000  # samples held for shuffling (training only)
+    image_keys: Sequence[str] = IMAGE_EXTENSIONS  # default decode: the first present one is the image
+    index: str = ""  # index.json for remote (`pipe:`) shards; local shards use the one beside them
+    decode: Callable[[dict], Any] | None = None  # raw sample (extension -> bytes) -> sample; None: image and cls
+
+    @property
+    def decoder(self) -> Callable[[dict], Any]:
+        return self.decode or image_label(self.image_keys)
+
+    @property
+    def images(self) -> bool:
+        """Samples are (image, label) pairs from the default decoder (what --data_on_gpu decodes)."""
+        return self.decode is None or getattr(self.decode, "is_image", False)
+
+    def prepare(self, sample: dict) -> Any:
+        """The decoded, transformed sample of a raw one (raises what decode or transform raise)."""
+        value = self.decoder(sample)
+        if self.transform is None:
+            return value
+        if self.images:
+            image, label = value
+            return self.transform(image), label
+        return self.transform(value)
+
+
+@dataclass
+class Synthetic:
+    """Random batches with the structure, shapes and dtypes of a real batch, generated once and
+    served every step: no files, no decoding, so a run measures the training step alone
+    (`--synthetic_data` swaps a recipe's splits for these). Integer fields (labels, token ids,
+    padding markers) are drawn from the real batch's own values, so they stay valid."""
+
+    example: Any  # a collated real batch
+    length: int  # samples per epoch
+    batch_transform: Callable | None = None  # on the device, per batch
+
+    def batch(self, size: int, seed: int) -> Batch:
+        generator = torch.Generator().manual_seed(seed)
+
+        def draw(leaf):
+            if not isinstance(leaf, torch.Tensor):
+                return leaf
+            shape = (size, *leaf.shape[1:])
+            if leaf.is_floating_point():
+                return torch.randn(shape, generator=generator).to(leaf.dtype)
+            values = leaf.flatten() if leaf.numel() else torch.zeros(1, dtype=leaf.dtype)
+            return values[torch.randint(0, len(values), shape, generator=generator)]
+
+        return Batch(data=pytree.tree_map(draw, self.example), size=size)
+
+
+@dataclass
+class DataSpec:
+    """What a recipe's build_data returns."""
+
+    train: Shards | Dataset
+    val: Shards | Dataset | None = None
+    classes: Sequence[str] | None = None  # class names; None: from the shard index or the dataset's .classes
+    batch_transform: Callable | None = None  # per batch on the device, for Dataset splits: a pair's inputs, else the batch
+    collate: Collate | None = None  # list of samples -> batch, in the workers (e.g. padding); None: default_collate
+
+
+def image_folder(root: str, transform: Callable | None = None) -> Dataset:
+    """torchvision's ImageFolder (ROOT/CLASS/IMAGE, classes sorted), with a clear error when ROOT
+    is missing or empty. Split across ranks like any map-style dataset (DistributedSampler)."""
+    from torchvision.datasets import ImageFolder
+
+    try:
+        return ImageFolder(root, transform=transform)
+    except (FileNotFoundError, NotADirectoryError) as error:
+        raise ConfigError(f"image folder {root}: {str(error).splitlines()[0]}; it must hold one sub-directory of "
+                          "images per class (`make demo` writes data/digits/folder)") from None
+
+
+# ---- streaming ------------------------------------------------------------------------------
