@@ -1,4 +1,5 @@
-"""Shared fixtures: the digits shards (built once per session), and running the CLI for real."""
+"""Shared fixtures: the digits shards (built once per session), and running the CLI for real (in
+processes of its own: forked from a zygote that has imported everything, or started afresh)."""
 
 from __future__ import annotations
 
@@ -84,14 +85,84 @@ def child_env() -> dict:
 
 
 def launcher(*args, processes: int = 1, timeout: float = 300, check: bool = True, env=None):
-    """Run `python -m launcher ARGS` (or under `accelerate launch` for processes > 1)."""
+    """Run `python -m launcher ARGS` (or under `accelerate launch` for processes > 1). A
+    single-process run with the default environment is forked from this worker's zygote
+    (tests/zygote.py), which has imported everything once: the same CLI in a process of its own,
+    seconds sooner. LAUNCHER_TEST_ZYGOTE=0 starts every run as `python -m launcher`."""
     command = launcher_command(*args, processes=processes)
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                            env=env or child_env())
+    zygote = _zygote() if processes == 1 and env is None else None
+    if zygote is not None:
+        result = zygote.run(command, [str(a) for a in args], timeout)
+    else:
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                                env=env or child_env())
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-3000:]}")
     return result
+
+
+class Zygote:
+    """This worker's tests/zygote.py: one forked child per run, its output through files."""
+
+    def __init__(self):
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "zygote.py")], cwd=ROOT,
+                                        env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.pending = b""
+        self.ready = self._line(timeout=300) == "ready"
+
+    def _line(self, timeout: float) -> str | None:
+        """The zygote's next line, or None if none came within `timeout` seconds."""
+        import select
+
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.process.stdout], [], [], left)[0]:
+                return None
+            chunk = os.read(self.process.stdout.fileno(), 4096)
+            if not chunk:
+                return None  # the zygote ended
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return line.decode()
+
+    def run(self, command: list[str], argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+        import signal
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as directory:
+            out, err = Path(directory) / "stdout", Path(directory) / "stderr"
+            request = {"argv": argv, "cwd": str(ROOT), "env": child_env(), "stdout": str(out), "stderr": str(err)}
+            self.process.stdin.write((json.dumps(request) + "\n").encode())
+            self.process.stdin.flush()
+            pid = json.loads(self._line(timeout=60))["pid"]
+            reply = self._line(timeout)
+            if reply is None:
+                os.killpg(pid, signal.SIGKILL)
+                self._line(timeout=60)
+                raise subprocess.TimeoutExpired(command, timeout, out.read_text(), err.read_text())
+            return subprocess.CompletedProcess(command, json.loads(reply)["code"], out.read_text(), err.read_text())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+_ZYGOTE: list = []
+
+
+def _zygote() -> Zygote | None:
+    if os.environ.get("LAUNCHER_TEST_ZYGOTE") == "0":
+        return None
+    if not _ZYGOTE:
+        _ZYGOTE.append(Zygote())
+    return _ZYGOTE[0] if _ZYGOTE[0].ready else None
+
+
+def pytest_sessionfinish(session) -> None:
+    for zygote in _ZYGOTE:
+        zygote.close()
 
 
 def launcher_command(*args, processes: int = 1) -> list[str]:
