@@ -30,7 +30,7 @@ def configure_backends(cfg: TrainConfig) -> None:
     --cudnn_benchmark: cuDNN autotunes per input shape."""
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    # Only when it changes anything: the call imports torch._inductor (2-4 s on a 2-core machine).
+    # Only when it changes anything: the call imports torch._inductor, seconds of start-up.
     if cfg.deterministic != torch.are_deterministic_algorithms_enabled():
         torch.use_deterministic_algorithms(cfg.deterministic)
     torch.backends.cudnn.deterministic = cfg.deterministic

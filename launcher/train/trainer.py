@@ -229,10 +229,8 @@ class Trainer:
         for batch in batches:
             window.data_time += time.perf_counter() - fetch_start
             self._micro_batch(batch, window)
-            if acc.sync_gradients:
-                self._after_step(window)
-                if self.state.step % cfg.log_every == 0 or self.state.step == plan.total_steps:
-                    window = LogWindow(acc.device)
+            if acc.sync_gradients and self._after_step(window):
+                window = LogWindow(acc.device)  # the next logged step reports the steps from here
             fetch_start = time.perf_counter()
 
     def _micro_batch(self, batch, window: LogWindow) -> None:
@@ -265,8 +263,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         window.add(out.loss.detach(), out.count if counted else 1, batch.size)
 
-    def _after_step(self, window: LogWindow) -> None:
-        """An optimizer step is done: schedule, unfreezing, logging, checkpoint, signals."""
+    def _after_step(self, window: LogWindow) -> bool:
+        """An optimizer step is done: schedule, unfreezing, logging, checkpoint, signals. True if it
+        logged the window's training metrics."""
         cfg, plan = self.cfg, self.plan
         lrs = {f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups}  # this step's
         self.lr_scheduler.step()
@@ -274,13 +273,15 @@ class Trainer:
         self.progress.update(1)
         if self.state.step in self.unfreeze_steps:
             self._update_frozen()
-        if self.state.step % cfg.log_every == 0 or self.state.step == plan.total_steps:
+        logged = self.state.step % cfg.log_every == 0 or self.state.step == plan.total_steps
+        if logged:
             self._log_train(window, lrs)
         else:
             self._record({"step": self.state.step, "epoch": self.state.epoch, **lrs}, flush=False)
         if self.cadence.after_step(self.state.step, self.position.batches == plan.micro_batches_per_epoch):
             self._save()
         self._check_signals()
+        return logged
 
     def _train_mode(self) -> None:
         self.model.train()
