@@ -8,7 +8,7 @@ DATA_DIR ?= data/digits
 PYTHON ?= $(shell sh scripts/find_python.sh)
 
 # A second venv with the oldest versions pyproject.toml allows (uv's lowest-direct resolution:
-# torch 2.4.0, torchvision 0.19.0, accelerate 1.0.0, wandb 0.19.5, numpy 1.26, ...):
+# torch 2.7.0, torchvision 0.22.0, accelerate 1.1.0, wandb 0.19.5, numpy 1.26, ...):
 # `make test-lowest` keeps those lower bounds true.
 LOWEST ?= .venv-lowest
 
@@ -63,7 +63,7 @@ $(LOWEST)/.installed: pyproject.toml | setup
 	touch $@
 
 # The unit tests and the end-to-end tests marked `lowest`: those whose path depends on the
-# versions installed (each mark says which: gloo shutdown and DDP in torch 2.4, Accelerate 1.0's
+# versions installed (each mark says which: gloo shutdown, DDP and FSDP in torch 2.7, Accelerate 1.1's
 # accumulation, checkpoint and tracker code, wandb 0.19.5 offline and resume, ...). The rest of
 # the end-to-end tier exercises the launcher's own logic, which `make test` covers.
 # wandb 0.19.5 has no `wandb leet`; the tests read its runs back with .venv's newer CLI.

@@ -1,7 +1,7 @@
 """The fields every recipe shares, and turning CLI overrides into a validated config.
 
 A recipe's `Config` subclasses `TrainConfig`, whose fields come in sections (run, data,
-optimisation, checkpoints, tracking, speed: one dataclass each). Each field carries a trailing
+optimisation, checkpoints, tracking, parallelism, speed: one dataclass each). Each field carries a trailing
 `# comment` that is its help text, and a numeric one its range (`ranged`), declared once: validation,
 `python -m launcher RECIPE --help` and the usage text read both from here. Overrides from the command line are
 checked against the fields here: unknown names get close matches, wrong types name the field and
@@ -136,6 +136,7 @@ class CheckpointFields:
     best_metric: str = ""  # evaluation metric that picks the best checkpoint ("": the task's, val/top1 for classifiers, else val/loss)
     best_mode: Literal["auto", "max", "min"] = "auto"  # whether a higher or lower best_metric is better (auto: max for accuracies and r2, min otherwise)
     early_stop_patience: int = ranged(0, at_least=0)  # stop after this many evaluations without a better best_metric (0: never)
+    async_checkpoint: bool = False  # fsdp: write checkpoints in the background (DCP async_save); a step waits only for the copy to host memory
 
 
 @dataclass
@@ -155,17 +156,27 @@ class TrackingFields:
 
 
 @dataclass
+class ParallelFields:
+    """How the model is spread over the processes."""
+
+    data_parallel: Literal["ddp", "fsdp"] = "ddp"  # ddp: a whole copy of the model per process; fsdp: parameters, gradients and optimizer state sharded over the processes (FSDP2, torch >= 2.7)
+    fsdp_unit_params: int = ranged(10_000_000, at_least=0)  # fsdp default policy: besides the repeated blocks, a module with this many parameters outside smaller units becomes a shard unit (0: blocks only)
+    fsdp_reshard_after_forward: bool = True  # fsdp: free each unit's gathered parameters after its forward and gather them again for the backward (False: more memory, less communication)
+    activation_checkpointing: bool = False  # recompute each shard unit's activations in the backward instead of keeping them (less memory, about a third more compute)
+
+
+@dataclass
 class SpeedFields:
     """Speed settings that leave the result unchanged (up to rounding)."""
 
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast dtype for forward passes
     channels_last: bool = False  # model weights and input batches in channels-last memory layout (faster convolutions on GPUs)
-    compile: bool = False  # torch.compile the model (before DDP wraps it); the first steps are slow while it compiles
+    compile: bool = False  # torch.compile the model before DDP wraps it (fsdp: each shard unit before sharding); the first steps are slow while it compiles
     cudnn_benchmark: bool = False  # let cuDNN pick the fastest convolution per input shape (fixed shapes; not with deterministic)
     ddp_comm_hook: Literal["no", "fp16", "bf16"] = "no"  # all-reduce gradients as 16-bit floats across processes (half the bytes; gradients rounded to 16 bits)
 
 @dataclass
-class TrainConfig(SpeedFields, TrackingFields, CheckpointFields, OptimisationFields, DataFields, RunFields):
+class TrainConfig(SpeedFields, ParallelFields, TrackingFields, CheckpointFields, OptimisationFields, DataFields, RunFields):
     """The fields every recipe shares, in sections (run first); a recipe's Config adds its own."""
 
     def validate(self) -> None:
@@ -194,7 +205,8 @@ class TrainConfig(SpeedFields, TrackingFields, CheckpointFields, OptimisationFie
 
 
 SECTIONS = {RunFields: "run", DataFields: "data", OptimisationFields: "optimisation",
-            CheckpointFields: "checkpoints", TrackingFields: "tracking", SpeedFields: "speed"}
+            CheckpointFields: "checkpoints", TrackingFields: "tracking", ParallelFields: "parallelism",
+            SpeedFields: "speed"}
 
 
 def field_ranges(config_cls: type) -> dict[str, Range]:

@@ -9,6 +9,8 @@ A recipe module defines:
   compute_loss(model, batch[, cfg]) -> loss | (loss_sum, count) | launcher.StepOutput  (optional: the step itself)
   build_metrics(cfg)          -> {name: torchmetrics.Metric} updated with (outputs, targets) (optional)
   predict_sample(cfg, text)   -> a sample, for `launcher predict` on inputs that are not images (optional)
+  shard_units(cfg, model)     -> the modules (or their names) that become FSDP shard units and
+                                 activation-checkpointing units (optional: the repeated blocks)
 """
 
 from __future__ import annotations
@@ -63,6 +65,10 @@ class Recipe:
     def build_metrics(self, cfg) -> dict | None:
         build = getattr(self.module, "build_metrics", None)
         return dict(build(cfg)) if build else None
+
+    def shard_units(self, cfg, model) -> list | None:
+        build = getattr(self.module, "shard_units", None)
+        return list(build(cfg, model)) if build else None
 
     @property
     def source_path(self) -> str | None:

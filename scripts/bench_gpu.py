@@ -31,6 +31,13 @@ what it measured. All 24 settings take long on a GPU (each compiled run compiles
 and plain loop); the targets need only bf16 with channels-last, which one job can run first:
 
     python scripts/bench_gpu.py --precision=bf16 --channels_last=True --out=gpu.json
+
+`--fsdp` measures sharding instead, on every GPU of the node: scripts/bench_fsdp.py's FSDP against
+DDP comparison with a char LM of --fsdp_layers blocks x --fsdp_width (default 24 x 2048, about
+1.2 B parameters; 1024 tokens, batch 4 per GPU, bf16), --steps timed after --warmup, on the
+text shards in --data_dir (written there, or in a temporary directory, when absent):
+
+    python scripts/bench_gpu.py --fsdp --steps=20 --warmup=5 --out=fsdp.json
 """
 
 from __future__ import annotations
@@ -259,7 +266,20 @@ def main(recipe: str = DEFAULT_RECIPE, arch: str | None = None, image_size: int 
          batch_size: int | None = None, classes: int | None = None, steps: int = 40, warmup: int = 15,
          images: int = 8192, workers: int = 0, data=("synthetic", "shards", "gpu_decode"),
          compile=(False, True), precision=("no", "bf16"), channels_last=(False, True), data_dir: str = "",
-         peak_tflops: float = 0.0, out: str = "") -> None:
+         peak_tflops: float = 0.0, out: str = "", fsdp: bool = False, fsdp_processes: int = 0,
+         fsdp_layers: int = 24, fsdp_width: int = 2048, fsdp_block: int = 1024, fsdp_batch: int = 4,
+         fsdp_precision: str = "bf16") -> None:
+    if fsdp:  # the node's GPUs: FSDP against DDP on the char LM (scripts/bench_fsdp.py)
+        from scripts.bench_fsdp import main as bench_fsdp
+
+        processes = fsdp_processes or torch.cuda.device_count()
+        if processes < 2:
+            raise SystemExit("bench_gpu.py --fsdp compares sharding over 2 or more GPUs; this node has "
+                             f"{torch.cuda.device_count()}: pass --fsdp_processes=N to use CPU processes")
+        bench_fsdp(processes=processes, n_layer=fsdp_layers, n_embd=fsdp_width, n_head=max(1, fsdp_width // 128),
+                   block_size=fsdp_block, batch_size=fsdp_batch, precision=fsdp_precision, steps=steps,
+                   warmup=warmup, data_dir=data_dir, out=out)
+        return
     workers = workers or max(1, min(16, (os.cpu_count() or 2) - 2))
     given = {"arch": arch, "image_size": image_size, "batch_size": batch_size, "num_classes": classes,
              "data_dir": data_dir and os.path.abspath(data_dir)}

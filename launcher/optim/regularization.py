@@ -30,10 +30,16 @@ class EMA(AveragedModel):
 
     @torch.no_grad()
     def _average(self, averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
+        # FSDP: parameters are DTensors, buffers plain tensors; each rank averages its own shards.
+        averaged, current = [_local(t) for t in averaged], [_local(t) for t in current]
         if averaged[0].is_floating_point():
             torch._foreach_lerp_(averaged, current, 1 - self.decay_at(int(updates)))
         else:  # integer buffers (BatchNorm's num_batches_tracked): follow the model
             torch._foreach_copy_(averaged, current)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def batch_mix(mixup_alpha: float, cutmix_alpha: float, num_classes: int | None):

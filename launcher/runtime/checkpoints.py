@@ -4,6 +4,9 @@ Each is written by all ranks into a hidden temporary directory (Accelerate's sav
 optimizer, LR scheduler, grad scaler, every rank's RNG states; each rank's data position in
 rank-N.json) plus trainer_state.json (step, epoch, best metric, tracker run id, resolved config,
 world size), and is renamed into place by the main process only once every rank has finished.
+Under FSDP the model, optimizer and EMA are in `sharded/` instead, a torch.distributed.checkpoint
+directory that loads on any number of processes; with --async_checkpoint it is written in the
+background, and the rename waits until every rank's write is done.
 A crash mid-save leaves the previous checkpoints as they were; a directory without
 trainer_state.json is never picked for resuming. Only after a new checkpoint is in place are old
 ones pruned: the newest `keep_checkpoints` stay, and the best one (best.json names it).
@@ -24,6 +27,7 @@ from launcher.config import ConfigError
 
 
 STATE_FILE = "trainer_state.json"
+SHARDED_DIR = "sharded"  # an FSDP checkpoint's DCP files (model, optimizer, EMA), reshardable
 BEST_FILE = "best.json"
 KILL_DURING_SAVE = "LAUNCHER_TEST_KILL_DURING_SAVE"  # fault injection for the tests: SIGKILL mid-save at this step
 
@@ -53,34 +57,60 @@ def find_resume(cfg, log=print) -> str | None:
     return cfg.resume
 
 
-def save(accelerator: Accelerator, output_dir: str, state: dict, rank_state: dict | None = None) -> str:
+class PendingSave:
+    """A checkpoint written into its temporary directory; `finish()` (a collective) waits for every
+    rank's files, the asynchronous ones included, and renames it into place."""
+
+    def __init__(self, accelerator: Accelerator, root: str, name: str, writing):
+        self.accelerator, self.root, self.name, self.writing = accelerator, root, name, writing
+        self.step = int(name.split("-")[1])
+
+    @property
+    def written(self) -> bool:
+        """This rank's files are all on disk (no asynchronous write left)."""
+        return self.writing is None or self.writing.done()
+
+    def finish(self) -> str:
+        acc, root, name = self.accelerator, self.root, self.name
+        if self.writing is not None:
+            self.writing.result()  # raises what the background write raised
+        final, temporary = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
+        acc.wait_for_everyone()  # every rank's files are complete
+        if acc.is_main_process:
+            if os.path.exists(final):  # the same step saved again (after a resume): swap, then drop
+                stale = os.path.join(root, f".old-{name}")
+                os.replace(final, stale)
+                os.replace(temporary, final)
+                shutil.rmtree(stale)
+            else:
+                os.replace(temporary, final)
+        acc.wait_for_everyone()
+        return final
+
+
+def save(accelerator: Accelerator, output_dir: str, state: dict, rank_state: dict | None = None,
+         write_shards=None) -> PendingSave:
+    """Write a checkpoint into its temporary directory: Accelerate's state, then `write_shards(path)`
+    (FSDP's DCP files; it may return a future of a background write), each rank's data position,
+    trainer_state.json. Call `finish()` on the result to put it in place."""
     root = os.path.join(output_dir, "checkpoints")
     name = f"step-{state['step']:08d}"
-    final, temporary = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
+    temporary = os.path.join(root, f".tmp-{name}")
     if accelerator.is_main_process:
         shutil.rmtree(temporary, ignore_errors=True)
         os.makedirs(temporary)
     accelerator.wait_for_everyone()
     accelerator.save_state(temporary)
+    writing = write_shards(temporary) if write_shards is not None else None
     if os.environ.get(KILL_DURING_SAVE) == str(state["step"]):
-        os.kill(os.getpid(), signal.SIGKILL)  # model and optimizer written, the rest not: a torn save
+        os.kill(os.getpid(), signal.SIGKILL)  # model and optimizer written (or being written), the rest not: a torn save
     if rank_state is not None:
         with open(os.path.join(temporary, f"rank-{accelerator.process_index}.json"), "w") as f:
             json.dump(rank_state, f)
     if accelerator.is_main_process:
         with open(os.path.join(temporary, STATE_FILE), "w") as f:
             json.dump(state, f, indent=1)
-    accelerator.wait_for_everyone()  # every rank's files are complete
-    if accelerator.is_main_process:
-        if os.path.exists(final):  # the same step saved again (after a resume): swap, then drop
-            stale = os.path.join(root, f".old-{name}")
-            os.replace(final, stale)
-            os.replace(temporary, final)
-            shutil.rmtree(stale)
-        else:
-            os.replace(temporary, final)
-    accelerator.wait_for_everyone()
-    return final
+    return PendingSave(accelerator, root, name, writing)
 
 
 def prune(output_dir: str, keep: int, best_step: int | None) -> None:
@@ -140,8 +170,14 @@ def keep_global_batch(cfg, path: str, world_size: int) -> tuple[object, str]:
     return dataclasses.replace(cfg, grad_accum_steps=accum), note
 
 
-def load(accelerator: Accelerator, path: str) -> tuple[dict, dict | None]:
-    """(trainer state, this rank's state or None if the checkpoint has none for it)."""
+def load(accelerator: Accelerator, path: str, sharded: bool = False, read_shards=None) -> tuple[dict, dict | None]:
+    """(trainer state, this rank's state or None if the checkpoint has none for it); then
+    `read_shards(path)` loads an FSDP checkpoint's DCP files."""
+    has_shards = os.path.isdir(os.path.join(path, SHARDED_DIR))
+    if has_shards != sharded:
+        written, wanted = ("fsdp", "ddp") if has_shards else ("ddp", "fsdp")
+        raise ConfigError(f"checkpoint {path} was written with --data_parallel={written}, this run has "
+                          f"--data_parallel={wanted}; resume with --data_parallel={written}")
     try:
         with open(os.path.join(path, STATE_FILE)) as f:
             state = json.load(f)
@@ -151,6 +187,8 @@ def load(accelerator: Accelerator, path: str) -> tuple[dict, dict | None]:
             with open(rank_file) as f:
                 rank_state = json.load(f)
         accelerator.load_state(path)
+        if read_shards is not None:
+            read_shards(path)
     except Exception as error:  # noqa: BLE001 - any failure here means an unusable checkpoint
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"checkpoint {path} cannot be loaded ({reason}); "

@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
 
 from launcher.config import ConfigError, TrainConfig
+from launcher.runtime.sharding import check_fsdp
 from launcher.track.trackers import check_trackers, tracker_names, tracker_project
 
 
@@ -51,6 +52,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         project_config=tracker_project(cfg),  # output_dir; TensorBoard writes under OUTPUT_DIR/tensorboard
         kwargs_handlers=ddp_kwargs(cfg),
     )
+    check_fsdp(cfg, accelerator.device)
     if on_cpu and accelerator.num_processes > 1 and "OMP_NUM_THREADS" not in os.environ:
         # N CPU processes on one machine must share its cores, not each take all of them.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))

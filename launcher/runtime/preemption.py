@@ -46,22 +46,26 @@ class StopSignals:
         # tensor whose last reference goes there needs the GIL to free, and torch from 2.4 until
         # pytorch#154976 (2025) holds the GIL while destroy_process_group joins that thread: both
         # wait forever.
-        self.flag = torch.zeros(1, dtype=torch.int64)
+        self.flag = torch.zeros(2, dtype=torch.int64)  # [signal, -(the step of a checkpoint written)]
         self.pending = None  # the all-reduce the previous call started
+        self.all_ready = -1  # the step of the checkpoint every rank had finished writing, by the previous call
 
     def _record(self, signum, frame) -> None:
         self.received = signum  # nothing else: the loop acts at a step boundary
 
-    def agreed(self, now: bool = False) -> int:
+    def agreed(self, now: bool = False, ready: int = -1) -> int:
         """The signal any rank had received by the previous call (0: none), or by this one with
         `now`, which waits for a fresh all-reduce. A collective: every rank calls it at the same
-        points, with the same `now`."""
+        points, with the same `now`. Each rank also reports `ready`, the step of a checkpoint whose
+        background write it has finished (-1: none); `all_ready` is then that step once every rank
+        has reported it (one call later), for the asynchronous saves to be put in place."""
         if self.world_size == 1:
+            self.all_ready = ready
             return self.received
         signum = self.drain()
         if signum:
             return signum
-        self.flag.fill_(self.received)
+        self.flag[0], self.flag[1] = self.received, -ready  # one MAX: the signal, and the least ready step
         self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         return self.drain() if now else 0
 
@@ -72,7 +76,8 @@ class StopSignals:
             return 0
         work, self.pending = self.pending, None
         work.wait()
-        return int(self.flag.item())
+        self.all_ready = -int(self.flag[1])
+        return int(self.flag[0])
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():

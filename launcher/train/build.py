@@ -14,8 +14,9 @@ from launcher.data.spec import Synthetic
 from launcher.optim.groups import ParamGroup, Schedule, apply_freezing, assign_groups
 from launcher.recipe import Recipe
 from launcher.runtime import checkpoints
+from launcher.runtime.sharding import find_units
 from launcher.train.modeling import init_weights, model_summary
-from launcher.train.plan import Plan, format_plan, make_plan, training_lines
+from launcher.train.plan import Plan, format_plan, make_plan, parallel_lines, training_lines
 from launcher.train.preflight import Checked, preflight
 
 
@@ -31,6 +32,13 @@ class RunParts:
     checked: Checked  # step style, task, classes, metrics (launcher/train/preflight.py)
     classes: list[str]
     extra_metrics: dict | None  # the recipe's build_metrics
+    units: list[tuple[str, torch.nn.Module]]  # shard (and activation-checkpointing) units, innermost first
+
+    def regroup(self, model: torch.nn.Module) -> list[ParamGroup]:
+        """The parameter groups again, over `model`'s parameters now (FSDP replaces them by shards)."""
+        groups = assign_groups(model, self.schedule, self.cfg.lr, self.cfg.weight_decay, self.plan.steps_per_epoch)
+        apply_freezing(groups, step=0)
+        return groups
 
 
 def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
@@ -71,7 +79,9 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
                           "use --loss=cross_entropy or bce_with_logits")
     plan.training = training_lines(cfg, schedule, loss_fn, checked)
     plan.model = model_summary(model, checked.summary)
-    return RunParts(cfg, train_data, val_data, plan, model, schedule, groups, checked, classes, extra_metrics)
+    units = find_units(model, recipe.shard_units(cfg, model), cfg.fsdp_unit_params)
+    plan.parallel = parallel_lines(cfg, model, groups, schedule.optimizer, world, units)
+    return RunParts(cfg, train_data, val_data, plan, model, schedule, groups, checked, classes, extra_metrics, units)
 
 
 def _synthetic(split: SplitLoader, checked: Checked, loader_args: dict) -> SplitLoader:

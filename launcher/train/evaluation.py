@@ -30,22 +30,29 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate_split(model: torch.nn.Module, batches, step: Step, metrics: TaskMetrics, accelerator, prefix: str,
-                   channels_last: bool = False, on_errors: Callable[[list[dict]], None] | None = None) -> EvalResult:
+                   channels_last: bool = False, on_errors: Callable[[list[dict]], None] | None = None,
+                   lockstep: Any = None) -> EvalResult:
     """The metrics of `model` (in eval mode, unwrapped: no DDP collectives, ranks may hold unequal
-    shares) over `batches`; every rank must call it."""
+    shares) over `batches`; every rank must call it. FSDP (`lockstep`: a collated batch to fill
+    with): every forward gathers parameters, a collective, so ranks run as many forwards as the one
+    with the most batches, repeating one uncounted."""
     device = accelerator.device
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, its weight (samples or count), samples
     result = EvalResult({})
-    for batch in batches:
-        if on_errors is not None:
+    for batch, counted in (in_lockstep(batches, lockstep, accelerator) if lockstep is not None
+                           else ((batch, True) for batch in batches)):
+        if on_errors is not None and counted:
             on_errors(batch.errors)
-        tally_errors(batch.errors, result.unreadable)
+        if counted:
+            tally_errors(batch.errors, result.unreadable)
         if batch.data is None:
             continue
         data = step.prepare(batch.data, device, channels_last)
         with accelerator.autocast():
             out = step(model, data)
+        if not counted:
+            continue
         weight = out.count if out.count is not None else batch.size
         loss = out.loss.detach().double() * (1 if out.count is not None else batch.size)
         sums += torch.stack([loss.reshape(()), torch.as_tensor(weight, device=device, dtype=torch.float64).reshape(()),
@@ -58,6 +65,22 @@ def evaluate_split(model: torch.nn.Module, batches, step: Step, metrics: TaskMet
     values, result.confusion = metrics.compute(loss, prefix)
     result.metrics = {f"{prefix}/loss": loss, **values, f"{prefix}/samples": int(samples)}
     return result
+
+
+def in_lockstep(batches, filler: Any, accelerator):
+    """(batch, counted) until every rank has run out: a rank that has, or whose batch has no readable
+    sample, runs `filler`, uncounted. One all-reduce of a flag per batch."""
+    flag = torch.zeros(1, device=accelerator.device)
+    batches = iter(batches)
+    while True:
+        batch = next(batches, None)
+        flag.fill_(batch is not None)
+        if not accelerator.reduce(flag, "sum").item():
+            return
+        if batch is not None:
+            yield batch, True
+        if batch is None or batch.data is None:
+            yield Batch(data=filler), False
 
 
 def format_metrics(result: dict, prefix: str) -> str:

@@ -17,6 +17,8 @@ from launcher.data.batch import describe as describe_batch
 from launcher.data.loader import SplitLoader
 from launcher.data.spec import Synthetic
 from launcher.optim.groups import ParamGroup
+from launcher.runtime.parallel import memory_per_rank, optimizer_slots
+from launcher.runtime.sharding import describe_units
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)  # changes made to the config, e.g. on resume
     training: list[str] = field(default_factory=list)  # optimizer, schedule, loss, regularisation, determinism
     model: list[str] = field(default_factory=list)  # the model summary
+    parallel: list[str] = field(default_factory=list)  # DDP or FSDP: shard units, memory per rank
 
     @property
     def global_batch(self) -> int:
@@ -134,6 +137,7 @@ def format_plan(cfg: TrainConfig, plan: Plan, groups: list[ParamGroup], recipe_n
         + (f" (stops after {plan.total_steps}: max_steps)" if plan.total_steps < plan.schedule_steps else ""),
         *plan.data_report,
         f"  mixed precision       {cfg.mixed_precision}",
+        *plan.parallel,
         f"  outputs               {cfg.output_dir} (metrics.jsonl, config.json, recipe.py, "
         "checkpoints/, model.safetensors)",
         f"  wandb                 {cfg.wandb_mode}, project {cfg.wandb_project}",
@@ -144,6 +148,24 @@ def format_plan(cfg: TrainConfig, plan: Plan, groups: list[ParamGroup], recipe_n
         format_groups(groups),
     ]
     return "\n".join(lines)
+
+
+def parallel_lines(cfg: TrainConfig, model, groups: list[ParamGroup], optimizer_factory, world: int,
+                   units: list) -> list[str]:
+    """The data-parallel mode, its shard units, and the bytes each process holds under DDP and FSDP."""
+    trained = [p for pg in groups if pg.in_optimizer for p in pg.params]
+    slots = optimizer_slots(optimizer_factory)
+    ddp, fsdp = (memory_per_rank(model, trained, slots, world, sharded) for sharded in (False, True))
+
+    def mb(memory: dict) -> str:
+        return ", ".join(f"{name} {memory[name] / 2**20:.1f} MB" for name in ("params", "grads", "optimizer"))
+
+    modes = [("ddp", ddp), (f"fsdp over {world} process(es)", fsdp)]
+    if cfg.data_parallel == "fsdp":
+        modes.reverse()
+    units = f", shard units {describe_units(units)}" if cfg.data_parallel == "fsdp" else ""
+    return [f"  data parallel         {cfg.data_parallel}{units}",
+            "  memory per process    " + "; ".join(f"{name}: {mb(memory)}" for name, memory in modes)]
 
 
 def format_groups(groups: list[ParamGroup]) -> str:

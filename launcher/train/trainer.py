@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import os
 import signal
 import time
 
-import safetensors.torch
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
@@ -36,7 +34,9 @@ from launcher.optim.regularization import EMA, batch_mix
 from launcher.optim.schedules import LRSchedule
 from launcher.recipe import Recipe
 from launcher.runtime import checkpoints
-from launcher.runtime.distributed import ReplicaChecksums, build_accelerator, rewrap_ddp
+from launcher.runtime.distributed import build_accelerator
+from launcher.runtime.parallel import build_parallel
+from launcher.runtime.sharding import local
 from launcher.runtime.preemption import Preempted, StopSignals, requeue_slurm_job
 from launcher.track.trackers import MetricsLog, Tracker, save_run_files, write_json
 from launcher.train.build import build_parts
@@ -45,9 +45,6 @@ from launcher.train.guards import BestMetric, CheckpointCadence, DataHealth, Non
 from launcher.train.metrics import TaskMetrics, is_accuracy
 from launcher.train.plan import format_plan
 from launcher.train.state import LogWindow, RunState
-
-
-TOTAL_NORM = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6: the norm without clipping
 
 
 class Trainer:
@@ -67,7 +64,11 @@ class Trainer:
         self.checked, self.step_fn = parts.checked, parts.checked.step
         self.classes, self.extra_metrics = parts.classes, parts.extra_metrics
         self.train_data, self.val_data, self.plan = parts.train_data, parts.val_data, parts.plan
-        model, schedule, self.groups = parts.model, parts.schedule, parts.groups
+        model, schedule = parts.model, parts.schedule
+        self.ema = EMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay else None
+        self.parallel = build_parallel(cfg, acc, parts.units)  # DDP or FSDP (launcher/runtime/parallel.py)
+        self.parallel.setup(model, self.ema)  # FSDP: the model and the EMA sharded in place
+        self.groups = parts.regroup(model) if self.parallel.sharded else parts.groups
         self.frozen_norms = frozen_batchnorms(model, self.groups)
         self.unfreeze_steps = {pg.starts_at for pg in self.groups if pg.starts_at}  # steps that change requires_grad
         optimizer = build_optimizer(schedule, self.groups)
@@ -76,20 +77,17 @@ class Trainer:
             optimizer, lr_multipliers(self.groups, schedule.lr_at, total, self.plan.steps_per_epoch))
         self.lr_at = schedule.lr_at
         self.mix = batch_mix(cfg.mixup_alpha, cfg.cutmix_alpha, parts.checked.num_classes)
-        if cfg.compile:
-            model.compile()  # in place: DDP then wraps the compiled module, state_dict keys unchanged
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.model, self.optimizer = self.parallel.prepare(model, optimizer)
         self.parameters = list(self.model.parameters())  # the same tensors under any DDP rewrap
         acc.register_for_checkpointing(self.lr_scheduler)
         if isinstance(self.lr_at, LRSchedule) and self.lr_at.state_dict():
             acc.register_for_checkpointing(self.lr_at)  # ReduceLROnPlateau's state
-        self.ema = EMA(acc.unwrap_model(self.model), cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay else None
-        if self.ema is not None:
-            acc.register_for_checkpointing(self.ema)
+        self.parallel.register_ema(self.ema)  # DDP: in Accelerate's state; FSDP: in the sharded one
         set_seed(derive_seed(cfg.seed, "rank", self.rank) % 2**32)  # python, numpy, torch: dropout/augmentation differ per rank
         self.state = RunState()  # step, epoch, best, counters: what a checkpoint keeps
         self.position = Position(0)  # this rank's place in the current epoch's data
         self.saved_step = -1
+        self.pending_save: checkpoints.PendingSave | None = None  # written, not yet in place (--async_checkpoint)
         last_checkpoint = lambda: (checkpoints.checkpoint_dirs(cfg.output_dir) or [None])[-1]  # noqa: E731
         self.guard = NonFiniteGuard(cfg.nonfinite, acc.mixed_precision == "fp16", self.state, last_checkpoint,
                                     acc.is_main_process)
@@ -99,7 +97,6 @@ class Trainer:
         self.metrics = MetricsLog(cfg.output_dir, acc.is_main_process)
         self.tracker = Tracker(acc, cfg)
         self.signals = StopSignals(self.world)
-        self.replica_checksums = ReplicaChecksums(acc.device, self.world)
 
     # ---- setup ------------------------------------------------------------------------------
 
@@ -115,13 +112,13 @@ class Trainer:
                 "metrics": checked.metric_names, "best_metric": cfg.best_metric, "best_mode": cfg.best_mode,
                 "classes": self.classes if checked.task == "classification" else []})
         if resume_from:
-            state, rank_state = checkpoints.load(acc, resume_from)
-            self.state.load_state_dict(state)
+            self.state.load_state_dict(checkpoints.read_state(resume_from))
+            self._update_frozen()  # before the optimizer state loads: FSDP's covers what trains then
+            state, rank_state = checkpoints.load(acc, resume_from, self.parallel.sharded, self._read_shards)
             self.metrics.drop_after(self.state.step)  # what the lost steps logged is logged again
             self.position = Position.from_dict(rank_state) if rank_state else Position(self.state.epoch)
             self.saved_step = self.state.step
             self._check_resumable(resume_from, state)
-            self._update_frozen()
             if acc.is_main_process:
                 where = (f", {self.position.batches} of {self.plan.micro_batches_per_epoch} batches into it"
                          if self.position.batches else "")
@@ -170,6 +167,7 @@ class Trainer:
             self.signals.drain()  # the run is done: a signal that came at its last step changes nothing
             if self.saved_step != self.state.step:
                 self._save()  # where max_steps stopped: `--resume=auto` continues from here
+            self._finish_save()
         finally:
             self.metrics.flush()
             self.progress.close()  # an error message then starts on a line of its own
@@ -188,25 +186,46 @@ class Trainer:
     def _save(self) -> None:
         self.guard.check(self.state.step)
         self.metrics.flush()  # a resume from this checkpoint finds every record up to it
-        acc, cfg = self.accelerator, self.cfg
-        path = checkpoints.save(acc, cfg.output_dir, self._state(), self.position.to_dict())
+        self._finish_save()  # the previous background write first
+        self.pending_save = checkpoints.save(self.accelerator, self.cfg.output_dir, self._state(), self.position.to_dict(),
+                                             self._write_shards)
         self.saved_step = self.state.step
+        if not self.cfg.async_checkpoint:
+            self._finish_save()
+
+    def _finish_save(self) -> None:
+        """Put the pending checkpoint in place (once every rank's files are written), then best.json
+        and pruning. A collective."""
+        pending, self.pending_save = self.pending_save, None
+        if pending is None:
+            return
+        acc, cfg = self.accelerator, self.cfg
+        pending.finish()
         if acc.is_main_process:
-            if self.state.best.get("step") == self.state.step:
+            if self.state.best.get("step") == pending.step:
                 checkpoints.write_best(cfg.output_dir, self.state.best)
             checkpoints.prune(cfg.output_dir, cfg.keep_checkpoints, self.state.best.get("step"))
         acc.wait_for_everyone()
-        return path
+
+    def _write_shards(self, path: str):
+        return self.parallel.write_shards(path, self.model, self.optimizer, self.ema)
+
+    def _read_shards(self, path: str) -> None:
+        self.parallel.read_shards(path, self.model, self.optimizer, self.ema)
 
     def _check_signals(self, now: bool = False) -> None:
         """At a step boundary: if any rank got SIGUSR1/SIGTERM (by the previous boundary, or by
         this one with `now`), checkpoint here, close the tracker, requeue under Slurm (SIGUSR1),
         and stop with exit code 75."""
-        signum = self.signals.agreed(now)
+        pending = self.pending_save
+        signum = self.signals.agreed(now, ready=pending.step if pending is not None and pending.written else -1)
+        if pending is not None and self.signals.all_ready == pending.step:
+            self._finish_save()  # every rank's background write is done
         if not signum:
             return
         if self.saved_step != self.state.step:
             self._save()
+        self._finish_save()
         self.progress.close()
         self.tracker.finish(self._summary())  # the tracker's files are complete before a requeue
         requeued = requeue_slurm_job(signum) if self.accelerator.is_main_process else ""
@@ -246,7 +265,7 @@ class Trainer:
         if self.mix is not None:
             data = type(data)(self.mix(*data))
         self._trace(batch.keys)
-        with acc.accumulate(self.model):
+        with acc.accumulate(self.model), self.parallel.gradient_sync(self.model, acc.sync_gradients):
             out = self.step_fn(self.model, data)
             acc.backward(out.loss)
             counted = self._count(out, window)
@@ -295,7 +314,7 @@ class Trainer:
         if not unfrozen:
             return
         self.frozen_norms = frozen_batchnorms(self.model, self.groups)
-        self.model = rewrap_ddp(self.accelerator, self.model)
+        self.model = self.parallel.after_unfreeze(self.model)  # DDP rebuilt
         self._train_mode()
         if self.accelerator.is_main_process:
             tqdm.write(f"step {self.state.step}: training {', '.join(unfrozen)} from now on")
@@ -318,21 +337,14 @@ class Trainer:
         acc = self.accelerator
         total = acc.reduce(window.step_count, "sum") if self.world > 1 else window.step_count
         scale = (self.world * acc.gradient_accumulation_steps / total.clamp(min=1)).float()
-        grads = [p.grad for p in self.parameters if p.grad is not None]
+        grads = [local(p.grad) for p in self.parameters if p.grad is not None]  # FSDP: this rank's shards
         if grads:
             torch._foreach_mul_(grads, scale)
         window.step_count = torch.zeros((), dtype=torch.float64, device=acc.device)
 
     def _clip_gradients(self):
-        """The gradient norm (before clipping to max_grad_norm, if set): logged, and checked for NaN/Inf.
-        Without clipping only the norm is computed: no pass that multiplies every gradient by 1."""
-        acc, norm = self.accelerator, self.cfg.max_grad_norm
-        if norm > 0:
-            return acc.clip_grad_norm_(self.parameters, norm)
-        if TOTAL_NORM is None:  # torch < 2.6
-            return acc.clip_grad_norm_(self.parameters, math.inf)
-        acc.unscale_gradients()  # fp16: the norm of the true gradients (a no-op otherwise)
-        return TOTAL_NORM([p.grad for p in self.parameters if p.grad is not None])
+        """The gradient norm (before clipping to max_grad_norm, if set): logged, and checked for NaN/Inf."""
+        return self.parallel.grad_norm(self.parameters, self.cfg.max_grad_norm)
 
     def _log_train(self, window: LogWindow, lrs: dict[str, float]) -> None:
         self.guard.check(self.state.step)
@@ -400,6 +412,7 @@ class Trainer:
         if self.val_data is None:
             return False
         acc = self.accelerator
+        self.parallel.before_evaluation(self.model, self.ema)
         result, confusion, examples = self._evaluate(acc.unwrap_model(self.model), "val")
         if self.ema is not None:
             result.update(self._evaluate(self.ema.module, "val_ema")[0])
@@ -424,7 +437,8 @@ class Trainer:
         acc, raw = self.accelerator, prefix == "val"  # the raw weights' pass also counts unreadable samples
         metrics = TaskMetrics(self.checked.task, self.checked.num_classes, acc.device, self.extra_metrics)
         passed = evaluate_split(model, self.val_data.loader(self.state.epoch), self.step_fn, metrics, acc, prefix,
-                                self.cfg.channels_last, (lambda errors: self.data_health.note(errors, "val", self.state.epoch, self.state.step)) if raw else None)
+                                self.cfg.channels_last, (lambda errors: self.data_health.note(errors, "val", self.state.epoch, self.state.step)) if raw else None,
+                                lockstep=self.checked.example if self.parallel.sharded else None)
         result = passed.metrics
         examples = None  # (image, prediction, label) from the main process's first batch
         if raw and passed.first is not None and acc.is_main_process and self.cfg.log_images:
@@ -459,19 +473,25 @@ class Trainer:
     def finish(self) -> dict:
         acc, cfg = self.accelerator, self.cfg
         acc.wait_for_everyone()
-        acc.save_model(self.model, cfg.output_dir)  # model.safetensors, main process only
-        if self.ema is not None and acc.is_main_process:
-            safetensors.torch.save_model(self.ema.module, os.path.join(cfg.output_dir, "model_ema.safetensors"))
-        checksums = self.replica_checksums(acc.unwrap_model(self.model))
-        summary = {**self._summary(), "replicas_identical": len(set(checksums)) == 1}
+        self.parallel.export(self.model, self.ema)  # model.safetensors (and the EMA's), main process only
+        summary = {**self._summary(), "memory_per_process": self.parallel.memory(self.model, self.optimizer)}
+        checksums = self.parallel.replica_checksums(self.model)  # FSDP: none, each rank holds other shards
+        if checksums is not None:
+            summary["replicas_identical"] = len(set(checksums)) == 1
         if acc.is_main_process:
-            write_json(cfg.output_dir, "replicas.json",
-                       {"parameter_checksums": checksums, "identical": summary["replicas_identical"]})
+            if checksums is not None:
+                write_json(cfg.output_dir, "replicas.json",
+                           {"parameter_checksums": checksums, "identical": summary["replicas_identical"]})
+                if not summary["replicas_identical"]:
+                    print("WARNING: model parameters differ across ranks (see replicas.json)", flush=True)
             write_json(cfg.output_dir, "summary.json", summary)
-            if not summary["replicas_identical"]:
-                print("WARNING: model parameters differ across ranks (see replicas.json)", flush=True)
             self._print_outputs(summary)
-        self.tracker.finish(summary)
+        # The wrapped model (DDP's reducer, FSDP's mesh) holds the process group: let go of it while
+        # the group lives. Freed after end_training destroyed it, ~ProcessGroupGloo can hang (torch 2.7).
+        self.model = self.optimizer = self.ema = None
+        self.parallel.release()
+        self.tracker.finish(summary)  # Accelerate's end_training destroys the process group
+        self.parallel.close()
         return summary
 
     def _print_outputs(self, summary: dict) -> None:

@@ -72,7 +72,7 @@ def test_a_crash_mid_save_keeps_the_previous_checkpoint_and_resume_matches(digit
     assert logged == list(range(1, 179))  # steps 21-30, logged before the crash, logged once
 
 
-@pytest.mark.lowest  # Accelerate 1.0's save/load_state and RNG states
+@pytest.mark.lowest  # Accelerate 1.1's save/load_state and RNG states
 @pytest.mark.parametrize("processes, kill_after", [(1, 37), (2, 23)])
 def test_sigkill_at_any_step_then_resume_auto_is_bitwise_identical(digits, tmp_path, uninterrupted,
                                                                     processes, kill_after):
@@ -87,7 +87,7 @@ def test_sigkill_at_any_step_then_resume_auto_is_bitwise_identical(digits, tmp_p
     assert same_weights(out, uninterrupted[processes])
 
 
-@pytest.mark.lowest  # gloo shutdown in torch 2.4 (it deadlocked there)
+@pytest.mark.lowest  # gloo shutdown (it deadlocked in torch 2.4)
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
 def test_a_signal_to_one_rank_checkpoints_every_rank_at_the_same_step_and_exits_75(digits, tmp_path, uninterrupted,
                                                                                     signum):

@@ -83,7 +83,7 @@ def test_resume_on_either_side_of_the_unfreeze_matches_the_uninterrupted_run(who
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.lowest  # rebuilding DDP reaches into Accelerate 1.0's wrapper
+@pytest.mark.lowest  # rebuilding DDP reaches into Accelerate 1.1's wrapper
 def test_two_process_ddp_with_frozen_parts_keeps_replicas_identical_across_the_unfreeze(digits, pretrained,
                                                                                        tmp_path):
     out = tmp_path / "ddp"

@@ -37,7 +37,7 @@ def baseline(digits, tmp_path_factory):
     return run
 
 
-@pytest.mark.lowest  # torch.compile and channels-last in torch 2.4
+@pytest.mark.lowest  # torch.compile and channels-last in torch 2.7
 @pytest.mark.parametrize("flags, without", [
     (["--channels_last=True"], []),
     (["--compile=True"], []),
@@ -161,7 +161,7 @@ def test_cpu_scaling_benchmark_runs_both_sides(tmp_path):
             "(this machine's ceiling; medians of 1; target >= 0.85)") in result.stdout
 
 
-@pytest.mark.lowest  # Accelerate 1.0's comm hooks
+@pytest.mark.lowest  # Accelerate 1.1's comm hooks
 @pytest.mark.parametrize("hook", ["fp16", "bf16"])
 def test_ddp_comm_hook_all_reduces_16_bit_gradients_and_keeps_replicas_identical(hook, baseline, digits, tmp_path):
     plain, compressed = baseline(processes=2), tmp_path / hook

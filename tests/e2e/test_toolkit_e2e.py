@@ -71,7 +71,7 @@ def plateau_lrs(run_dir) -> dict[int, float]:
     return expected
 
 
-@pytest.mark.lowest  # torch 2.4's ReduceLROnPlateau and AveragedModel; torchvision 0.19's MixUp
+@pytest.mark.lowest  # torch 2.7's ReduceLROnPlateau and AveragedModel; torchvision 0.22's MixUp
 def test_ema_mixup_and_plateau_resume_exactly_where_they_stopped(digits, tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
     result = launcher(MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={whole}", *REGULARISED)
@@ -88,7 +88,7 @@ def test_ema_mixup_and_plateau_resume_exactly_where_they_stopped(digits, tmp_pat
     assert val_losses(split, "val_ema/loss")[-1] == val_losses(whole, "val_ema/loss")[-1]
 
 
-@pytest.mark.lowest  # collectives on gloo in torch 2.4
+@pytest.mark.lowest  # collectives on gloo in torch 2.7
 def test_early_stopping_stops_every_rank_together(digits, tmp_path):
     out = tmp_path / "early"
     result = launcher(MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", "--epochs=6", "--lr=0",

@@ -43,7 +43,7 @@ class ProxyWatch:
         return dict(env, **{name: proxy for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")})
 
 
-@pytest.mark.lowest  # wandb 0.19.5 and tensorboard 2.18 through Accelerate 1.0's trackers
+@pytest.mark.lowest  # wandb 0.19.5 and tensorboard 2.18 through Accelerate 1.1's trackers
 def test_wandb_and_tensorboard_get_per_step_and_per_evaluation_metrics_from_the_main_process_only(digits, tmp_path):
     out = tmp_path / "tracked"
     network = ProxyWatch()

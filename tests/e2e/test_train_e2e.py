@@ -93,7 +93,7 @@ def test_resume_across_an_epoch_boundary_matches_an_uninterrupted_run(digits, tm
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.lowest  # Accelerate 1.0's accumulate and loss scaling
+@pytest.mark.lowest  # Accelerate 1.1's accumulate and loss scaling
 def test_gradient_accumulation_matches_a_larger_batch(digits, tmp_path):
     runs = {}
     for batch, accum in [(8, 2), (16, 1)]:
@@ -113,7 +113,7 @@ def test_gradient_accumulation_matches_a_larger_batch(digits, tmp_path):
         assert record["lr/all"] == pytest.approx(3e-3 * lr_at(record["step"] - 1, 89))
 
 
-@pytest.mark.lowest  # CPU autocast in torch 2.4
+@pytest.mark.lowest  # CPU autocast in torch 2.7
 def test_bf16_trains_on_cpu_and_fp16_without_a_gpu_is_refused(digits, tmp_path):
     launcher(MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={tmp_path / 'bf16'}", "--epochs=1",
              "--mixed_precision=bf16")
@@ -123,7 +123,7 @@ def test_bf16_trains_on_cpu_and_fp16_without_a_gpu_is_refused(digits, tmp_path):
         assert result.returncode == 2 and "fp16 needs a GPU; use --mixed_precision=bf16" in result.stderr
 
 
-@pytest.mark.lowest  # DDP over gloo in torch 2.4
+@pytest.mark.lowest  # DDP over gloo in torch 2.7
 def test_two_processes_see_disjoint_shards_and_keep_identical_weights(digits, tmp_path):
     out = tmp_path / "ddp"
     result = launcher("recipes/resnet_finetune_tiny", f"--data_dir={digits}", f"--output_dir={out}",

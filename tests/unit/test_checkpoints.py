@@ -62,6 +62,6 @@ def test_a_corrupt_checkpoint_is_a_one_line_error(tmp_path):
 
 def test_a_saved_checkpoint_loads_back(tmp_path):
     accelerator = prepared_accelerator()
-    path = checkpoints.save(accelerator, str(tmp_path / "run"), {"step": 7, "epoch": 1})
+    path = checkpoints.save(accelerator, str(tmp_path / "run"), {"step": 7, "epoch": 1}).finish()
     assert path.endswith("step-00000007") and not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
     assert checkpoints.load(prepared_accelerator(), path)[0]["step"] == 7

@@ -82,7 +82,7 @@ def test_declared_ranges_hold_for_a_variant_a_redeclared_field_and_the_recipes_o
 
 def test_every_shared_field_has_one_section_and_the_usage_and_help_list_them_by_section():
     grouped = sections(TrainConfig)
-    assert list(grouped) == ["run", "data", "optimisation", "checkpoints", "tracking", "speed"]
+    assert list(grouped) == ["run", "data", "optimisation", "checkpoints", "tracking", "parallelism", "speed"]
     names = [name for section in grouped.values() for name in section]
     assert sorted(names) == sorted(f.name for f in dataclasses.fields(TrainConfig))
     listed = " ".join(usage().split("by section:\n", 1)[1].split("\n\n")[0].split())

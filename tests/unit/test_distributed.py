@@ -57,7 +57,7 @@ def _gather_then_leave(rank: int, out: str, rounds: int) -> None:
 
 def test_the_process_group_can_go_away_right_after_the_checksums(tmp_path):
     # Gathered into temporaries (as accelerator.gather does on gloo), or with the ReplicaChecksums
-    # freed before the destroy, torch 2.4 (make test-lowest) froze here within a few rounds; see
+    # freed before the destroy, torch 2.4 froze here within a few rounds; see
     # StopSignals.
     spawn_or_fail(_gather_then_leave, (str(tmp_path), 40))
 

@@ -62,7 +62,7 @@ def _check_then_leave(rank: int, out: str, rounds: int) -> None:
 
 
 def test_the_process_group_can_go_away_right_after_a_check(tmp_path):
-    # With a new flag tensor per check, torch 2.4 (make test-lowest) froze here within a few rounds:
+    # With a new flag tensor per check, torch 2.4 froze here within a few rounds:
     # gloo's worker thread freed the last tensor, waiting for the GIL that destroy_process_group held
     # while it joined that thread.
     spawn_or_fail(_check_then_leave, (str(tmp_path), 40))

@@ -1,0 +1,222 @@
+"""How the model is spread over the processes (--data_parallel): `Replicated` (DDP, Accelerate's:
+a whole copy of the model, its gradients and optimizer state on each process) or `Sharded`
+(FSDP2, launcher/runtime/sharding.py: 1/N of each). The trainer calls the same methods on
+either, so the loop has no `if fsdp:` branches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import safetensors.torch
+import torch
+from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
+from torch import nn
+
+from launcher.config import TrainConfig
+from launcher.runtime import sharding
+from launcher.runtime.distributed import ReplicaChecksums, rewrap_ddp
+
+
+class Replicated:
+    """DDP through Accelerate: its checkpoints (save_state) hold the model and optimizer."""
+
+    sharded = False
+
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, units):
+        self.cfg, self.accelerator, self.units = cfg, accelerator, units
+        self.checksums = ReplicaChecksums(accelerator.device, accelerator.num_processes)
+        self.memory = MemoryReport(accelerator.device, accelerator.num_processes)
+
+    def setup(self, model: nn.Module, ema: nn.Module | None) -> None:
+        """Before the optimizer exists: activation checkpointing and compilation, in place."""
+        if self.cfg.activation_checkpointing:
+            sharding.checkpoint_activations(self.units)
+        if self.cfg.compile:
+            model.compile()  # in place: DDP then wraps the compiled module, state_dict keys unchanged
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        return self.accelerator.prepare(model, optimizer)
+
+    def register_ema(self, ema: nn.Module | None) -> None:
+        if ema is not None:
+            self.accelerator.register_for_checkpointing(ema)
+
+    def gradient_sync(self, model: nn.Module, sync: bool):
+        return contextlib.nullcontext()  # Accelerate's accumulate() holds DDP's all-reduce (no_sync)
+
+    def grad_norm(self, parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """The gradient norm, clipped when max_norm > 0; without clipping no pass multiplies every
+        gradient by 1. fp16: the norm of the unscaled gradients."""
+        if max_norm > 0:
+            return self.accelerator.clip_grad_norm_(parameters, max_norm)
+        self.accelerator.unscale_gradients()
+        return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+
+    def after_unfreeze(self, model: nn.Module) -> nn.Module:
+        return rewrap_ddp(self.accelerator, model)
+
+    def before_evaluation(self, model: nn.Module, ema: nn.Module | None) -> None:
+        pass  # DDP broadcasts rank 0's buffers at each forward
+
+    def write_shards(self, path: str, model, optimizer, ema):
+        return None  # Accelerate's save_state wrote everything
+
+    def read_shards(self, path: str, model, optimizer, ema) -> None:
+        pass
+
+    def export(self, model: nn.Module, ema: nn.Module | None) -> None:
+        """model.safetensors (and model_ema.safetensors), written by the main process."""
+        acc, out = self.accelerator, self.cfg.output_dir
+        acc.save_model(model, out)
+        if ema is not None and acc.is_main_process:
+            safetensors.torch.save_model(ema.module, os.path.join(out, "model_ema.safetensors"))
+
+    def replica_checksums(self, model: nn.Module) -> list[str] | None:
+        return self.checksums(self.accelerator.unwrap_model(model))
+
+    def release(self) -> None:
+        """Drop every reference to the prepared model and optimizer (Accelerate's too), now."""
+        self.units = []
+        self.accelerator.free_memory()  # its lists of models and optimizers, then gc.collect()
+
+    def close(self) -> None:
+        pass
+
+
+class Sharded(Replicated):
+    """FSDP2: the model and the EMA sharded in place, the optimizer built over the shards, DCP
+    checkpoints beside Accelerate's (which then hold the LR schedule, RNG states and the rest)."""
+
+    sharded = True
+
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, units):
+        super().__init__(cfg, accelerator, units)
+        self.own_group = sharding.ensure_process_group(accelerator.device)
+        self.checkpointer = sharding.ShardedCheckpointer(cfg.async_checkpoint)
+        self.summed = sharding.summed_gradients(accelerator.device)  # then divided here (README, "Known problems")
+
+    def setup(self, model: nn.Module, ema: nn.Module | None) -> None:
+        if self.cfg.activation_checkpointing:
+            sharding.checkpoint_activations(self.units)
+        if self.cfg.compile:  # per unit, before sharding (as torchtitan compiles each block); else the root
+            for unit in [unit for _, unit in self.units] or [model]:
+                unit.compile()
+        sharding.shard(model, self.units, self.cfg, self.accelerator.device)
+        if ema is not None:  # the same units, by name, in the EMA's copy of the model
+            ema_units = [(name, ema.module.get_submodule(name)) for name, _ in self.units]
+            sharding.shard(ema.module, ema_units, self.cfg, self.accelerator.device)
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        # Not accelerator.prepare: that would wrap the model in DDP, and save_state would pickle
+        # one rank's optimizer shards. The wrapper still steps only on the last micro-batch.
+        return model, AcceleratedOptimizer(optimizer, device_placement=False)
+
+    def register_ema(self, ema: nn.Module | None) -> None:
+        pass  # its shards are in the DCP checkpoint (sharding.sharded_state)
+
+    def gradient_sync(self, model: nn.Module, sync: bool):
+        model.set_requires_gradient_sync(sync)  # no reduce-scatter on non-final micro-batches
+        return contextlib.nullcontext()
+
+    def grad_norm(self, parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        if self.summed:  # the average, as DDP's
+            grads = [sharding.local(p.grad) for p in parameters if p.grad is not None]
+            if grads:
+                torch._foreach_div_(grads, float(self.accelerator.num_processes))
+        return sharding.grad_norm(parameters, max_norm)
+
+    def after_unfreeze(self, model: nn.Module) -> nn.Module:
+        return model  # FSDP2 reduces whatever requires grad at each backward
+
+    def before_evaluation(self, model: nn.Module, ema: nn.Module | None) -> None:
+        sharding.sync_buffers(model)
+        if ema is not None:
+            sharding.sync_buffers(ema)
+
+    def write_shards(self, path: str, model, optimizer, ema):
+        self.before_evaluation(model, ema)  # one rank's buffers are saved: make them everyone's
+        return self.checkpointer.save(path, sharding.sharded_state(model, optimizer.optimizer, ema))
+
+    def read_shards(self, path: str, model, optimizer, ema) -> None:
+        self.checkpointer.load(path, model, optimizer.optimizer, ema)
+
+    def export(self, model: nn.Module, ema: nn.Module | None) -> None:
+        acc, out = self.accelerator, self.cfg.output_dir
+        for module, name in ((model, "model.safetensors"), (ema.module if ema is not None else None, "model_ema.safetensors")):
+            if module is None:
+                continue
+            state = sharding.full_state_dict(module)
+            if acc.is_main_process:
+                safetensors.torch.save_file(state, os.path.join(out, name), metadata={"format": "pt"})
+
+    def replica_checksums(self, model: nn.Module) -> list[str] | None:
+        return None  # each rank holds different shards by design
+
+    def close(self) -> None:
+        if self.own_group and torch.distributed.is_initialized():  # Accelerate's end_training may have
+            torch.distributed.destroy_process_group()
+
+
+def build_parallel(cfg: TrainConfig, accelerator: Accelerator, units) -> Replicated:
+    return (Sharded if cfg.data_parallel == "fsdp" else Replicated)(cfg, accelerator, units)
+
+
+def optimizer_slots(factory) -> float:
+    """Optimizer state per trained parameter element, in elements (AdamW: 2, SGD with momentum: 1),
+    measured by one step of the optimizer on a tiny parameter."""
+    param = nn.Parameter(torch.zeros(64))
+    optimizer = factory([{"params": [param], "lr": 0.0}])
+    param.grad = torch.zeros_like(param)
+    optimizer.step()
+    return sum(t.numel() for state in optimizer.state.values() for t in state.values()
+               if isinstance(t, torch.Tensor) and t.numel() == param.numel()) / param.numel()
+
+
+def memory_per_rank(model: nn.Module, trained: list[nn.Parameter], slots: float, world: int,
+                    sharded: bool) -> dict[str, int]:
+    """Bytes of parameters, gradients and optimizer state on each process (FSDP: its shards, each
+    parameter split on its first dimension into `world` equal, padded parts)."""
+    def size(p: torch.Tensor) -> int:
+        if not sharded or p.ndim == 0:
+            return p.numel() * p.element_size()
+        per_row = p.numel() // max(p.shape[0], 1)
+        return -(-p.shape[0] // world) * per_row * p.element_size()
+
+    trained_bytes = sum(size(p) for p in trained)
+    return {"params": sum(size(p) for p in model.parameters()), "grads": trained_bytes,
+            "optimizer": int(trained_bytes * slots)}
+
+
+MEMORY_FIELDS = ("params_mb", "optimizer_mb", "peak_rss_mb", "peak_gpu_mb")
+
+
+class MemoryReport:
+    """Each process's MB of parameters (its shards under FSDP) and optimizer state, its peak
+    resident memory and, on a GPU, its peak allocated GPU memory, from every rank. The gathered
+    tensors are held for the life of this object, as in ReplicaChecksums (a temporary freed by
+    gloo's thread as the process group goes away deadlocks the rank)."""
+
+    def __init__(self, device: torch.device, world_size: int):
+        self.device, self.world_size = device, world_size
+        self.mine = torch.zeros(len(MEMORY_FIELDS), dtype=torch.float64, device=device)
+        self.everyone = [torch.zeros_like(self.mine) for _ in range(world_size)]
+
+    def __call__(self, model: nn.Module, optimizer) -> list[dict[str, float]]:
+        """A collective: every rank calls it."""
+        import resource
+
+        def mb(tensors) -> float:
+            return sum(sharding.local(t).numel() * t.element_size() for t in tensors) / 2**20
+
+        state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+        gpu = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else 0.0
+        self.mine.copy_(torch.tensor([mb(model.parameters()), mb(state),
+                                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, gpu]))
+        if self.world_size > 1:
+            torch.distributed.all_gather(self.everyone, self.mine)
+        else:
+            self.everyone[0].copy_(self.mine)
+        return [dict(zip(MEMORY_FIELDS, row.tolist())) for row in self.everyone]
