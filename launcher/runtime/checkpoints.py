@@ -10,6 +10,10 @@ background, and the rename waits until every rank's write is done.
 A crash mid-save leaves the previous checkpoints as they were; a directory without
 trainer_state.json is never picked for resuming. Only after a new checkpoint is in place are old
 ones pruned: the newest `keep_checkpoints` stay, and the best one (best.json names it).
+The main process writes manifest.json last, before the rename: each file's size and CRC-32.
+`--resume=auto` takes the newest checkpoint that matches it, with a warning naming any newer one
+that does not (a truncated or flipped block on shared storage); `--resume=PATH` to one that does
+not is a one-line error.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import os
 import shutil
 import signal
+import zlib
 
 from accelerate import Accelerator
 
@@ -27,6 +32,7 @@ from launcher.config import ConfigError
 
 
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"  # every file's size and CRC-32, written last, inside the atomic rename
 SHARDED_DIR = "sharded"  # an FSDP checkpoint's DCP files (model, optimizer, EMA), reshardable
 BEST_FILE = "best.json"
 KILL_DURING_SAVE = "LAUNCHER_TEST_KILL_DURING_SAVE"  # fault injection for the tests: SIGKILL mid-save at this step
@@ -39,7 +45,9 @@ def checkpoint_dirs(output_dir: str) -> list[str]:
 
 
 def find_resume(cfg, log=print) -> str | None:
-    """The checkpoint to resume from, or None; refuses to overwrite an earlier run by accident."""
+    """The checkpoint to resume from, or None; refuses to overwrite an earlier run by accident.
+    `auto` takes the newest checkpoint that matches its manifest, warning about any newer one
+    that does not; a given path that does not match is an error."""
     existing = checkpoint_dirs(cfg.output_dir)
     if cfg.resume == "":
         if existing or os.path.exists(os.path.join(cfg.output_dir, "model.safetensors")):
@@ -47,14 +55,65 @@ def find_resume(cfg, log=print) -> str | None:
                               "or choose another --output_dir")
         return None
     if cfg.resume == "auto":
-        if not existing:
-            log(f"--resume=auto: no checkpoint in {cfg.output_dir}/checkpoints, starting fresh")
-            return None
-        return existing[-1]
+        for path in reversed(existing):
+            problem = verify(path)
+            if problem is None:
+                return path
+            log(f"WARNING: --resume=auto skips checkpoint {path}: {problem}")
+        log(f"--resume=auto: no {'intact ' if existing else ''}checkpoint in {cfg.output_dir}/checkpoints, starting fresh")
+        return None
     if not os.path.isfile(os.path.join(cfg.resume, STATE_FILE)):
         raise ConfigError(f"--resume={cfg.resume} is not a complete checkpoint (no {STATE_FILE}); "
                           "pass a checkpoints/step-* directory or --resume=auto")
+    problem = verify(cfg.resume)
+    if problem is not None:
+        raise ConfigError(f"checkpoint {cfg.resume} is damaged ({problem}); resume from another checkpoint "
+                          "or with --resume=auto, which takes the newest intact one")
     return cfg.resume
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _files(root: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, name), root) for d, _, names in os.walk(root) for name in names
+                  if name != MANIFEST_FILE)
+
+
+def write_manifest(path: str) -> None:
+    """path/manifest.json: each file's size and CRC-32 (the checkpoint's last file)."""
+    files = {name: {"bytes": os.path.getsize(os.path.join(path, name)), "crc32": _crc32(os.path.join(path, name))}
+             for name in _files(path)}
+    with open(os.path.join(path, MANIFEST_FILE), "w") as f:
+        json.dump({"files": files}, f, indent=1)
+
+
+def verify(path: str) -> str | None:
+    """None if every file of the checkpoint is as its manifest says, else what is wrong. A checkpoint
+    written before manifests existed passes unchecked."""
+    manifest_path = os.path.join(path, MANIFEST_FILE)
+    if not os.path.isfile(manifest_path):
+        return None
+    try:
+        with open(manifest_path) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as error:
+        return f"{MANIFEST_FILE} unreadable ({type(error).__name__})"
+    for name, expected in files.items():
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            return f"{name} is missing"
+        size = os.path.getsize(full)
+        if size != expected["bytes"]:
+            return f"{name} has {size} bytes, the manifest says {expected['bytes']}"
+        if _crc32(full) != expected["crc32"]:
+            return f"{name} does not match its checksum"
+    return None
 
 
 class PendingSave:
@@ -77,6 +136,7 @@ class PendingSave:
         final, temporary = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
         acc.wait_for_everyone()  # every rank's files are complete
         if acc.is_main_process:
+            write_manifest(temporary)
             if os.path.exists(final):  # the same step saved again (after a resume): swap, then drop
                 stale = os.path.join(root, f".old-{name}")
                 os.replace(final, stale)

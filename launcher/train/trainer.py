@@ -38,6 +38,7 @@ from launcher.runtime.distributed import build_accelerator
 from launcher.runtime.parallel import build_parallel
 from launcher.runtime.sharding import local
 from launcher.runtime.preemption import Preempted, StopSignals, requeue_slurm_job
+from launcher.runtime.run_lock import RunLock
 from launcher.track.trackers import MetricsLog, Tracker, save_run_files, write_json
 from launcher.train.build import build_parts
 from launcher.train.evaluation import evaluate_split, example_images, format_metrics
@@ -97,6 +98,8 @@ class Trainer:
         self.metrics = MetricsLog(cfg.output_dir, acc.is_main_process)
         self.tracker = Tracker(acc, cfg)
         self.signals = StopSignals(self.world)
+        # Last, before anything is written: one run per output_dir (the main process holds it for all).
+        self.lock = RunLock(cfg.output_dir, log) if acc.is_main_process else None
 
     # ---- setup ------------------------------------------------------------------------------
 
@@ -515,4 +518,9 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, recipe: Recipe) -> dict:
-    return Trainer(cfg, recipe).fit()
+    trainer = Trainer(cfg, recipe)
+    try:
+        return trainer.fit()
+    finally:
+        if trainer.lock is not None:
+            trainer.lock.release()

@@ -80,10 +80,23 @@ def test_sigkill_at_any_step_then_resume_auto_is_bitwise_identical(digits, tmp_p
     args = [MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", "--num_workers=2", "--checkpoint_every=10"]
     run = start_launcher(*args, processes=processes, log=tmp_path / "killed.log")
     wait_for_step(out, kill_after, run)
+    holder = json.loads((out / "run.lock").read_text())
+    if processes == 1:  # a second run into the same output_dir, while the first trains, is refused
+        second = launcher(*args, "--resume=auto", check=False)
+        assert second.returncode == 2 and f"is in use by another run (pid {holder['pid']} on" in second.stderr
+    for rank in launcher_children(run.pid):  # torchrun starts its ranks in sessions of their own
+        os.kill(rank, signal.SIGKILL)
     os.killpg(run.pid, signal.SIGKILL)
     run.wait()
+    # and the newest checkpoint torn on disk (a lost block): resume=auto falls back to the one before
+    complete = [p for p in steps(out) if p.startswith("step-")]
+    torn = out / "checkpoints" / complete[-1] / "model.safetensors"
+    torn.write_bytes(torn.read_bytes()[:-64])
     resumed = launcher(*args, "--resume=auto", processes=processes)
-    assert "resumed from" in resumed.stdout
+    assert f"skips checkpoint {torn.parent}: model.safetensors has" in resumed.stdout
+    assert f"resumed from {out / 'checkpoints' / complete[-2]}" in resumed.stdout
+    assert f"note: taking over {out / 'run.lock'} from pid {holder['pid']}" in resumed.stdout  # the killed run's
+    assert not (out / "run.lock").exists()  # released at the end
     assert same_weights(out, uninterrupted[processes])
 
 

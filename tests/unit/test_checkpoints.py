@@ -65,3 +65,27 @@ def test_a_saved_checkpoint_loads_back(tmp_path):
     path = checkpoints.save(accelerator, str(tmp_path / "run"), {"step": 7, "epoch": 1}).finish()
     assert path.endswith("step-00000007") and not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
     assert checkpoints.load(prepared_accelerator(), path)[0]["step"] == 7
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_by_auto_and_refused_by_path(tmp_path):
+    accelerator = prepared_accelerator()
+    out = str(tmp_path / "run")
+    older = checkpoints.save(accelerator, out, {"step": 5, "epoch": 0}).finish()
+    newest = checkpoints.save(accelerator, out, {"step": 9, "epoch": 0}).finish()
+    manifest = json.loads((tmp_path / "run" / "checkpoints" / "step-00000009" / checkpoints.MANIFEST_FILE).read_text())
+    assert "model.safetensors" in manifest["files"] and checkpoints.STATE_FILE in manifest["files"]
+    assert checkpoints.verify(newest) is None and checkpoints.find_resume(config(tmp_path, "auto")) == newest
+
+    weights = tmp_path / "run" / "checkpoints" / "step-00000009" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte, the size unchanged
+    weights.write_bytes(bytes(data))
+    warnings = []
+    assert checkpoints.find_resume(config(tmp_path, "auto"), log=warnings.append) == older
+    assert warnings == [f"WARNING: --resume=auto skips checkpoint {newest}: model.safetensors does not match its checksum"]
+    weights.write_bytes(bytes(data[:-100]))  # a lost block
+    assert checkpoints.verify(newest) == f"model.safetensors has {len(data) - 100} bytes, the manifest says {len(data)}"
+    with pytest.raises(ConfigError, match=r"checkpoint .*step-00000009 is damaged \(model.safetensors has") as error:
+        checkpoints.find_resume(config(tmp_path, newest))
+    assert "\n" not in str(error.value)
+    assert checkpoints.load(prepared_accelerator(), older)[0]["step"] == 5  # the previous one loads
