@@ -69,12 +69,20 @@ class KeyedDataset(Dataset):
     are seeded from (seed, epoch, index), so a resumed run sees the same inputs: torch's CPU
     generator per sample, Python's `random` and numpy per batch (seeded from its first index;
     seeding them per sample costs more than a small sample does). In the main process the RNG states are
-    saved and restored once per batch, so the model's dropout stream is left alone."""
+    saved and restored once per batch, so the model's dropout stream is left alone.
+
+    Seeding torch's generator costs about 1 us a sample, as much as reading a row of an in-memory
+    tensor. A batch is therefore first read with its first sample's seed alone; if torch's
+    generator is then where that seed left it, no sample drew from it, and the items are what
+    per-sample seeds would have given. Otherwise the batch is read again with a seed per sample,
+    and so is every later batch (`draws_random`). Either way a sample's augmentation depends only
+    on (seed, epoch, index), never on the batch it lands in."""
 
     def __init__(self, dataset: Dataset, seed: int, epoch: int | torch.Tensor, training: bool):
         self.dataset, self.seed, self.training = dataset, seed, training
         self.epoch_source = epoch  # an int, or a shared tensor the main process sets (persistent workers)
         self._base_seed: tuple[int, int] | None = None  # (epoch, its seed)
+        self.draws_random = False  # a sample drew from torch's generator: seed each one from now on
 
     @property
     def base_seed(self) -> int:
@@ -86,9 +94,6 @@ class KeyedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def _item(self, i: int):
-        return self.dataset[i], str(i)
-
     @staticmethod
     def _seed(i: int, base_seed: int) -> int:
         return (base_seed + (i + 1) * 0x9E3779B97F4A7C15) & (2**63 - 1)  # golden-ratio stride
@@ -96,30 +101,46 @@ class KeyedDataset(Dataset):
     def __getitem__(self, i: int):
         return self.__getitems__([i])[0]
 
-    def __getitems__(self, indices: list[int]) -> list:
+    def __getitems__(self, indices: list[int]) -> "KeyedItems":
         """One batch (the DataLoader calls this with a batch's indices)."""
+        dataset = self.dataset
         if not self.training:
-            return [self._item(i) for i in indices]
-        items = []
+            return KeyedItems([dataset[i] for i in indices], indices)
         base_seed = self.base_seed
+        first = self._seed(indices[0], base_seed)
         with kept_rngs():
-            seed_augmentation(self._seed(indices[0], base_seed))  # `random` and numpy: once per batch
+            seed_augmentation(first)  # `random` and numpy: once per batch
+            if not self.draws_random:
+                seeded = torch.default_generator.get_state()
+                items = [dataset[i] for i in indices]
+                if torch.equal(torch.default_generator.get_state(), seeded):
+                    return KeyedItems(items, indices)
+                self.draws_random = True
+                seed_augmentation(first)  # `random` and numpy as the first read found them
+            items = []
             for i in indices:
                 torch.default_generator.manual_seed(self._seed(i, base_seed))
-                items.append(self._item(i))
-        return items
+                items.append(dataset[i])
+        return KeyedItems(items, indices)
+
+
+class KeyedItems(list):
+    """A batch's samples from a `KeyedDataset`, with their dataset indices (the sample keys)."""
+
+    def __init__(self, samples: list, indices: list[int]):
+        super().__init__(samples)
+        self.indices = indices
 
 
 class MapCollate:
-    """A map-style dataset's batch: its (sample, key) items collated (by the recipe's function, or
+    """A map-style dataset's batch: its keyed items collated (by the recipe's function, or
     default_collate) into a `Batch`, as shard streams yield it."""
 
     def __init__(self, collate_fn: Collate | None = None):
         self.collate_fn = collate_fn
 
-    def __call__(self, items: list) -> Batch:
-        return Batch(data=collate([sample for sample, _ in items], self.collate_fn), size=len(items),
-                     keys=[key for _, key in items])
+    def __call__(self, items: KeyedItems) -> Batch:
+        return Batch(data=collate(items, self.collate_fn), size=len(items), keys=[str(i) for i in items.indices])
 
 
 class BufferReturns:

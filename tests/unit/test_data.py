@@ -17,7 +17,7 @@ from PIL import Image
 
 from launcher.config import ConfigError, DataError
 from launcher.data.batch import Batch
-from launcher.data.loader import SplitLoader
+from launcher.data.loader import KeyedDataset, SplitLoader
 from launcher.data.spec import Shards
 from launcher.data.index import read_index
 from launcher.data.stream import shuffle_buffer
@@ -280,6 +280,27 @@ def test_map_style_augmentation_is_seeded_per_sample_and_leaves_the_main_rng_alo
     assert (torch.rand(1), random.random(), numpy.random.rand()) == after  # reading data did not consume the model's RNGs
     assert values(2) == in_process and len(in_process) == 24  # same noise whichever process fetched it
     assert len(set(in_process.values())) == 24
+
+
+def test_a_map_style_sample_draws_the_same_noise_in_any_batch_and_unseeded_batches_need_no_seeds():
+    class SometimesNoisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return float(torch.rand(1)) if i % 5 == 3 else float(i)
+
+    def read(batches):
+        dataset = KeyedDataset(SometimesNoisy(), seed=0, epoch=0, training=True)
+        items = [dataset.__getitems__(batch) for batch in batches]
+        return {str(i): value for batch in items for i, value in zip(batch.indices, batch)}, dataset.draws_random
+
+    alone, _ = read([[i] for i in range(12)])
+    grouped, drew = read([[0, 1, 2], [4, 5, 6, 7, 8], [3, 9, 10, 11]])  # 8 draws, but 4's seed comes first
+    assert grouped == alone and drew
+    assert len({alone["3"], alone["8"]}) == 2
+    clean, clean_drew = read([[0, 1, 2], [4, 5, 6, 7]])
+    assert not clean_drew and clean == {str(i): float(i) for i in (0, 1, 2, 4, 5, 6, 7)}
 
 
 # ---- persistent workers -----------------------------------------------------------------------
