@@ -179,10 +179,14 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The norm of all these tensors together, sharded (a collective under FSDP) or not."""
+    return full(torch.nn.utils.get_total_norm(tensors))
+
+
 def grad_norm(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """The global norm of the (sharded) gradients, clipped to max_norm when it is > 0."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    norm = full(torch.nn.utils.get_total_norm(grads))
+    norm = global_norm([p.grad for p in parameters if p.grad is not None])
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
     return norm

@@ -32,27 +32,39 @@ SHOWN_ERRORS = 10  # unreadable samples printed per rank; all are in data_errors
 class NonFiniteGuard:
     """`allows` runs at each optimizer step, before the update; `check` wherever the host waits
     anyway (before every checkpoint, log line and evaluation). The gradient norm is the same on every
-    rank after the all-reduce, so every rank decides alike. Under fp16 the grad scaler owns overflow."""
+    rank after the all-reduce, so every rank decides alike. Under fp16 the grad scaler owns overflow.
+
+    nonfinite=stop needs no gradient norm of its own: it keeps each step's loss, and the norm on the
+    steps that compute one anyway (clipping, logged steps). A non-finite gradient behind a finite
+    loss spoils the weights, which the next loss shows, and which `check` looks at itself (one
+    pass over them, `weights_norm`) when a step since the last check had no norm: nothing it
+    spoilt is saved, logged or evaluated."""
 
     def __init__(self, mode: str, fp16: bool, state: RunState, last_checkpoint: Callable[[], str | None],
-                 is_main: bool):
+                 is_main: bool, weights_norm: Callable[[], torch.Tensor] | None = None):
         self.mode, self.fp16, self.state = mode, fp16, state
         self.last_checkpoint, self.is_main = last_checkpoint, is_main
-        # nonfinite=stop: (step, loss, gradient norm) of the steps not checked yet, as device tensors
-        self.unchecked: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.weights_norm = weights_norm  # the parameters' global norm (a collective under FSDP)
+        # nonfinite=stop: (step, loss, gradient norm or None) of the steps not checked yet, on the device
+        self.unchecked: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
+
+    @property
+    def needs_norm(self) -> bool:
+        """Whether every optimizer step must compute the gradient norm for this guard."""
+        return self.mode == "skip" and not self.fp16
 
     def allows(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
-        """False if optimizer step `step`'s update must be skipped. nonfinite=stop only keeps the norm
-        (the host does not wait for the backward here); nonfinite=skip must know before the update:
-        one device sync per optimizer step."""
-        if grad_norm is None or self.fp16:
+        """False if optimizer step `step`'s update must be skipped. nonfinite=stop only keeps the loss
+        and norm (the host does not wait for the backward here); nonfinite=skip must know before the
+        update: one device sync per optimizer step."""
+        if self.fp16:
             return True
         if self.mode == "stop":
             self.unchecked.append((step, loss.detach(), grad_norm))
             if len(self.unchecked) >= UNCHECKED_STEPS:
                 self.check(step)
             return True
-        if bool(torch.isfinite(grad_norm)):
+        if grad_norm is None or bool(torch.isfinite(grad_norm)):
             return True
         self.state.skipped_steps += 1
         if self.is_main:
@@ -60,17 +72,29 @@ class NonFiniteGuard:
         return False
 
     def check(self, current_step: int) -> None:
-        """nonfinite=stop: raise if a step since the last check had a NaN/Inf gradient norm."""
+        """nonfinite=stop: raise if a step since the last check had a NaN/Inf loss or gradient norm,
+        or left NaN/Inf weights."""
         if not self.unchecked:
             return
         unchecked, self.unchecked = self.unchecked, []
-        bad = (~torch.isfinite(torch.stack([norm for _, _, norm in unchecked]))).nonzero()  # one sync
+        values = [value for _, loss, norm in unchecked for value in (loss.float(), norm if norm is not None else loss.float())]
+        normless = self.weights_norm is not None and any(norm is None for _, _, norm in unchecked)
+        if normless:
+            values.append(self.weights_norm().float())
+        bad = (~torch.isfinite(torch.stack([v.to(values[0].device) for v in values]))).nonzero()  # one sync
         if not len(bad):
             return
-        step, loss, norm = unchecked[int(bad[0])]
+        first = int(bad[0])
+        saved = f"stopped at step {current_step} with nothing saved since; last checkpoint: {self.last_checkpoint() or 'none'}"
+        if first == 2 * len(unchecked):  # only the weights
+            raise RunStopped(
+                f"the weights are NaN/Inf after step {current_step}: a gradient was non-finite at step "
+                f"{unchecked[0][0]} or after, with finite losses; {saved}. Lower --lr, set --max_grad_norm, or "
+                "pass --nonfinite=skip to skip such steps")
+        step, loss, norm = unchecked[first // 2]
+        shown = f", gradient norm {float(norm):.4g}" if norm is not None else ""
         raise RunStopped(
-            f"step {step}: loss {float(loss):.4g}, gradient norm {float(norm):.4g} (non-finite); stopped at step "
-            f"{current_step} with nothing saved since; last checkpoint: {self.last_checkpoint() or 'none'}. Lower "
+            f"step {step}: loss {float(loss):.4g}{shown} (non-finite); {saved}. Lower "
             "--lr, set --max_grad_norm, or pass --nonfinite=skip to skip such steps")
 
 

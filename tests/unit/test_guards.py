@@ -27,9 +27,36 @@ def test_stop_keeps_the_norms_until_a_check_then_names_the_first_bad_step():
     guard.check(6)  # nothing left unchecked
 
 
+def test_stop_without_norms_checks_the_losses_then_the_weights_once_per_check():
+    weights = [norm(2.0)]
+    calls = []
+
+    def weights_norm():
+        calls.append(1)
+        return weights[0]
+
+    guard = NonFiniteGuard("stop", fp16=False, state=RunState(), last_checkpoint=lambda: None, is_main=False,
+                           weights_norm=weights_norm)
+    assert not guard.needs_norm and guard.allows(1, norm(1.0), None) and guard.allows(2, norm(1.5), None)
+    guard.check(2)
+    assert len(calls) == 1
+    guard.allows(3, norm(math.inf), None)
+    with pytest.raises(RunStopped, match=r"^step 3: loss inf \(non-finite\); stopped at step 3 .*last checkpoint: none"):
+        guard.check(3)
+    weights[0] = norm(math.nan)  # a non-finite gradient behind finite losses spoilt them
+    guard.allows(4, norm(1.0), None), guard.allows(5, norm(1.0), None)
+    with pytest.raises(RunStopped, match=r"^the weights are NaN/Inf after step 5: a gradient was non-finite at step 4 or after"):
+        guard.check(5)
+    guard.allows(6, norm(1.0), norm(1.0))  # a step with its norm needs no look at the weights
+    calls.clear()
+    guard.check(6)
+    assert not calls
+
+
 def test_skip_counts_skipped_updates_in_the_state_and_fp16_leaves_overflow_to_the_scaler():
     state = RunState()
     guard = NonFiniteGuard("skip", fp16=False, state=state, last_checkpoint=lambda: None, is_main=False)
+    assert guard.needs_norm
     assert [guard.allows(s, norm(1.0), norm(v)) for s, v in [(1, 1.0), (2, math.nan), (3, 2.0)]] == [True, False, True]
     assert state.skipped_steps == 1
     fp16 = NonFiniteGuard("skip", fp16=True, state=state, last_checkpoint=lambda: None, is_main=False)
