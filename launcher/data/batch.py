@@ -52,6 +52,8 @@ class Batch:
 
 def to_device(data: Any, device: torch.device, channels_last: bool = False) -> Any:
     """Every tensor of `data` on `device` (non-blocking: pinned batches copy asynchronously)."""
+    if device.type == "cpu" and not channels_last:
+        return data  # already there (DataLoaders give CPU tensors)
 
     def move(leaf):
         if not isinstance(leaf, torch.Tensor):

@@ -49,11 +49,10 @@ class Replicated:
 
     def grad_norm(self, parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         """The gradient norm, clipped when max_norm > 0; without clipping no pass multiplies every
-        gradient by 1. fp16: the norm of the unscaled gradients."""
-        if max_norm > 0:
-            return self.accelerator.clip_grad_norm_(parameters, max_norm)
+        gradient by 1. fp16: the norm of the unscaled gradients. (torch's own functions: Accelerate's
+        clip_grad_norm_ sorts every parameter by device mesh at every call, for DTensors DDP has none.)"""
         self.accelerator.unscale_gradients()
-        return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+        return sharding.grad_norm(parameters, max_norm)
 
     def after_unfreeze(self, model: nn.Module) -> nn.Module:
         return rewrap_ddp(self.accelerator, model)

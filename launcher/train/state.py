@@ -59,16 +59,28 @@ class LogWindow:
     """Training statistics accumulated between two logged steps (kept on device: no syncs)."""
 
     def __init__(self, device):
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # mean losses, or summed ones
-        self.weight = torch.zeros((), dtype=torch.float64, device=device)  # batches, or summed counts
-        self.step_count = torch.zeros((), dtype=torch.float64, device=device)  # this optimizer step's count so far
+        self.device = device
+        self.losses: list[torch.Tensor] = []  # each micro-batch's mean loss, or summed one
+        self.weights: list = []  # 1 each, or their counts (ints or device tensors)
+        self.step_counts: list = []  # the counts of this optimizer step's micro-batches so far
         self.samples = 0
         self.data_time = 0.0
         self.grad_norm = None
         self.start = time.perf_counter()
 
     def add(self, loss: torch.Tensor, weight, samples: int) -> None:
-        """A micro-batch: its mean loss (weight 1), or its loss sum over `weight` items."""
-        self.loss_sum += loss.double()
-        self.weight += weight
+        """A micro-batch: its mean loss (weight 1), or its loss sum over `weight` items. Kept as they
+        are until the window is logged: no device work per micro-batch."""
+        self.losses.append(loss)
+        self.weights.append(weight)
         self.samples += samples
+
+    def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed losses, summed weights) as float64 tensors on the device."""
+        def total(values: list) -> torch.Tensor:
+            tensors = [v for v in values if isinstance(v, torch.Tensor)]
+            numbers = sum(v for v in values if not isinstance(v, torch.Tensor))
+            result = torch.tensor(float(numbers), dtype=torch.float64, device=self.device)
+            return result + torch.stack(tensors).double().sum() if tensors else result
+
+        return total(self.losses), total(self.weights)

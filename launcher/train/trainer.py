@@ -36,7 +36,7 @@ from launcher.recipe import Recipe
 from launcher.runtime import checkpoints
 from launcher.runtime.distributed import build_accelerator
 from launcher.runtime.parallel import build_parallel
-from launcher.runtime.sharding import local
+from launcher.runtime.sharding import global_norm, local
 from launcher.runtime.preemption import Preempted, StopSignals, requeue_slurm_job
 from launcher.runtime.run_lock import RunLock
 from launcher.track.trackers import MetricsLog, Tracker, save_run_files, write_json
@@ -91,7 +91,7 @@ class Trainer:
         self.pending_save: checkpoints.PendingSave | None = None  # written, not yet in place (--async_checkpoint)
         last_checkpoint = lambda: (checkpoints.checkpoint_dirs(cfg.output_dir) or [None])[-1]  # noqa: E731
         self.guard = NonFiniteGuard(cfg.nonfinite, acc.mixed_precision == "fp16", self.state, last_checkpoint,
-                                    acc.is_main_process)
+                                    acc.is_main_process, lambda: global_norm(self.parameters))
         self.data_health = DataHealth(cfg.output_dir, self.rank, cfg.max_corrupt_fraction, gather_object)
         self.best_metric = BestMetric(cfg.best_metric, cfg.best_mode, cfg.early_stop_patience, self.state)
         self.cadence = CheckpointCadence(cfg.checkpoint_every, cfg.checkpoint_epoch_end)
@@ -270,20 +270,28 @@ class Trainer:
         self._trace(batch.keys)
         with acc.accumulate(self.model), self.parallel.gradient_sync(self.model, acc.sync_gradients):
             out = self.step_fn(self.model, data)
-            acc.backward(out.loss)
             counted = self._count(out, window)
-            skip = False
+            acc.backward(self._normalised_loss(out) if counted else out.loss)
             if acc.sync_gradients:
-                if counted:
+                if counted and acc.gradient_accumulation_steps > 1:
                     self._normalise_by_count(window)
-                window.grad_norm = self._clip_gradients()
-                skip = not self.guard.allows(self.state.step + 1, out.loss, window.grad_norm)
-            if not skip:
-                self.optimizer.step()
-                if self.ema is not None and acc.sync_gradients and not self.optimizer.step_was_skipped:
-                    self.ema.update_parameters(acc.unwrap_model(self.model))
-            self.optimizer.zero_grad(set_to_none=True)
+                window.grad_norm = self._clip_gradients(self._logs_at(self.state.step + 1))
+                if self.guard.allows(self.state.step + 1, out.loss, window.grad_norm) and self._update():
+                    if self.ema is not None:
+                        self.ema.update_parameters(acc.unwrap_model(self.model))
+                # the wrapped optimizer's own: Accelerate's inspects its signature at every call
+                self.optimizer.optimizer.zero_grad(set_to_none=True)
         window.add(out.loss.detach(), out.count if counted else 1, batch.size)
+
+    def _update(self) -> bool:
+        """The optimizer step; False if fp16's grad scaler skipped it (overflow). Without a scaler,
+        the wrapped optimizer's own step: Accelerate's wrapper looks two optional packages up on
+        disk at every call (about 0.1 ms)."""
+        if self.accelerator.scaler is None:
+            self.optimizer.optimizer.step()
+            return True
+        self.optimizer.step()
+        return not self.optimizer.step_was_skipped
 
     def _after_step(self, window: LogWindow) -> bool:
         """An optimizer step is done: schedule, unfreezing, logging, checkpoint, signals. True if it
@@ -295,7 +303,7 @@ class Trainer:
         self.progress.update(1)
         if self.state.step in self.unfreeze_steps:
             self._update_frozen()
-        logged = self.state.step % cfg.log_every == 0 or self.state.step == plan.total_steps
+        logged = self._logs_at(self.state.step)
         if logged:
             self._log_train(window, lrs)
         else:
@@ -330,30 +338,51 @@ class Trainer:
             raise ConfigError("compute_loss returned a count in some steps and not in others; return "
                               "(loss_sum, count) always, or a mean always")
         if counted:
-            window.step_count += out.count  # in place on the device: an int or a tensor, no host sync
+            window.step_counts.append(out.count)  # an int or a device tensor: no host sync
         return counted
+
+    def _count_total(self, counts: list) -> torch.Tensor:
+        """The count of an optimizer step: its micro-batches' summed over all ranks (a collective)."""
+        device = self.accelerator.device
+        total = torch.stack([torch.as_tensor(c, dtype=torch.float64, device=device) for c in counts]).sum()
+        return self.accelerator.reduce(total, "sum") if self.world > 1 else total
+
+    def _normalised_loss(self, out) -> torch.Tensor:
+        """With one micro-batch per optimizer step its count is the step's (over the ranks): the
+        summed loss is divided before the backward, times the ranks that DDP averages over. With
+        accumulation the later micro-batches' counts are not known yet: `_normalise_by_count`."""
+        if self.accelerator.gradient_accumulation_steps > 1:
+            return out.loss
+        scale = self.world / self._count_total([out.count]).clamp(min=1)
+        return out.loss * scale.to(out.loss.dtype)
 
     def _normalise_by_count(self, window: LogWindow) -> None:
         """The gradients of summed losses, divided by the count summed over this optimizer step's
         micro-batches and all ranks. DDP averaged them over the ranks and `backward` divided each
         micro-batch's by the accumulation steps, so both are multiplied back; no host sync."""
         acc = self.accelerator
-        total = acc.reduce(window.step_count, "sum") if self.world > 1 else window.step_count
-        scale = (self.world * acc.gradient_accumulation_steps / total.clamp(min=1)).float()
+        scale = (self.world * acc.gradient_accumulation_steps / self._count_total(window.step_counts).clamp(min=1)).float()
         grads = [local(p.grad) for p in self.parameters if p.grad is not None]  # FSDP: this rank's shards
         if grads:
             torch._foreach_mul_(grads, scale)
-        window.step_count = torch.zeros((), dtype=torch.float64, device=acc.device)
+        window.step_counts = []
 
-    def _clip_gradients(self):
-        """The gradient norm (before clipping to max_grad_norm, if set): logged, and checked for NaN/Inf."""
-        return self.parallel.grad_norm(self.parameters, self.cfg.max_grad_norm)
+    def _logs_at(self, step: int) -> bool:
+        """Whether optimizer step `step` logs the training metrics."""
+        return step % self.cfg.log_every == 0 or step == self.plan.total_steps
+
+    def _clip_gradients(self, logged: bool):
+        """The gradient norm (before clipping to max_grad_norm, if set): logged, and checked for NaN/Inf.
+        None where nothing needs it: no clipping, a step that does not log, and a guard that does not ask."""
+        if self.cfg.max_grad_norm > 0 or logged or self.guard.needs_norm:
+            return self.parallel.grad_norm(self.parameters, self.cfg.max_grad_norm)
+        return None
 
     def _log_train(self, window: LogWindow, lrs: dict[str, float]) -> None:
         self.guard.check(self.state.step)
         acc = self.accelerator
         corrupt = float(sum(self.position.corrupt.values()))
-        mine = torch.stack([window.loss_sum, window.weight, torch.tensor(corrupt, dtype=torch.float64, device=acc.device)])
+        mine = torch.stack([*window.totals(), torch.tensor(corrupt, dtype=torch.float64, device=acc.device)])
         loss_sum, weight, corrupt_total = acc.reduce(mine, "sum").tolist()  # one collective for all
         loss = loss_sum / max(weight, 1e-12)
         self._check_corrupt(int(corrupt_total), "train", self.position.corrupt)

@@ -189,6 +189,8 @@ def test_a_token_weighted_loss_is_the_same_for_any_batch_split_across_accumulati
     whole = run("b16")
     accumulated = run("b8x2", "--batch_size=8", "--grad_accum_steps=2")
     processes = run("p2b4x2", "--batch_size=4", "--grad_accum_steps=2", processes=2)
+    # one micro-batch per step: the count, summed over the ranks, divides the loss before the backward
+    unaccumulated = run("p2b8", "--batch_size=8", processes=2)
     # FSDP: no reduce-scatter on the first micro-batch, the count summed over both and both ranks
     sharded = run("p2b4x2-fsdp", "--batch_size=4", "--grad_accum_steps=2", "--data_parallel=fsdp", processes=2)
     wrong = run("b8x2-mean", "--batch_size=8", "--grad_accum_steps=2", "--per_batch_mean=True")
@@ -196,8 +198,8 @@ def test_a_token_weighted_loss_is_the_same_for_any_batch_split_across_accumulati
     def gap(a, b):
         return max(float((a[k] - b[k]).abs().max()) for k in a)
 
-    gaps = gap(whole, accumulated), gap(whole, processes), gap(whole, sharded), gap(whole, wrong)
-    assert max(gaps[:3]) < 1e-6 and gaps[3] > 100 * max(*gaps[:3], 1e-8), gaps
+    gaps = gap(whole, accumulated), gap(whole, processes), gap(whole, unaccumulated), gap(whole, sharded), gap(whole, wrong)
+    assert max(gaps[:4]) < 1e-6 and gaps[4] > 100 * max(*gaps[:4], 1e-8), gaps
 
 
 # ---- what the pre-flight check refuses ---------------------------------------------------------
