@@ -16,16 +16,19 @@ memory, `--steps` x `--lm_batch_size` of them), padded per batch by char_lm's `c
 take the summed per-token cross-entropy over the batch's real tokens (the launcher through
 char_lm's `compute_loss` and its count, the plain loop dividing by hand: the same for 1 process
 and no accumulation), AdamW, clipping to char_lm's max_grad_norm, its warm-up-cosine LR schedule
-stepped per optimizer step. Both run on the launcher's device (a GPU if there is one; a round
-ends with the device synchronised). Reported in tokens/s: the real (non-padding) labels of one
-epoch over the elapsed time.
+stepped per optimizer step. Both run on the launcher's device (a GPU if there is one). Reported
+in tokens/s: the real (non-padding) labels of one epoch over each side's time.
 
-Timed rounds alternate between the two, after `--warmup` rounds each. The median of each is
-reported, and the median of the per-round ratios, launcher over the plain round just before it
-(target >= 0.97): short rounds, paired, so that a machine whose speed drifts moves both sides of
-a ratio alike. A round is one epoch of the in-memory data (`--steps` optimizer steps): the
-launcher's `train_epoch` alone, so no evaluation or checkpoint falls inside it. On both sides
-the optimizer and the LR schedule carry on from round to round, over the launcher's total steps.
+Each round is one epoch of the in-memory data (`--steps` optimizer steps) through the launcher's
+`train_epoch` alone (no evaluation or checkpoint falls inside it), with one step of the plain loop
+run before each of its batches: the plain steps are timed one by one and taken out of the epoch's
+time, and the rest is the launcher's. Pairing every step with one of the other side, rather than
+whole rounds, puts the two a few milliseconds apart, so a machine whose speed drifts by 10-20 %
+over seconds moves both alike. The ratio reported is the median of the per-round ratios, after
+`--warmup` rounds (target >= 0.97). On both sides the optimizer and the LR schedule carry on from
+round to round, over the launcher's total steps. On a GPU each plain step is timed between two
+device synchronisations, and the launcher's queued work is waited for at the first: counted as
+the launcher's.
 Startup (building the Accelerator, writing run files) is outside the timed region.
 """
 
@@ -44,7 +47,7 @@ import tempfile
 import time
 import types
 import typing
-from typing import Callable
+from typing import Iterator
 
 import fire
 import torch
@@ -77,27 +80,22 @@ def make_dataset(samples: int) -> TensorDataset:
                          torch.randint(0, 10, (samples,), generator=generator))
 
 
-def plain_mlp(model, dataset, batch_size: int, steps: int, total_steps: int) -> Callable[[], float]:
-    """A hand-written loop: what a user would write without the launcher. Each call runs one
-    epoch and returns steps/s; the optimizer and LR schedule carry on across epochs, as the
-    launcher's do (the schedule over the same total)."""
+def plain_mlp(model, dataset, batch_size: int, total_steps: int) -> Iterator[None]:
+    """A hand-written loop: what a user would write without the launcher, one optimizer step per
+    `next()`, epoch after epoch; the LR schedule runs over the launcher's total steps."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)  # the launcher's defaults
     lr_at = warmup_cosine(10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True)
-
-    def epoch() -> float:
-        model.train()
-        start = time.perf_counter()
+    model.train()
+    while True:
         for x, y in loader:
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        return steps / (time.perf_counter() - start)
-
-    return epoch
+            yield
 
 
 def launcher_trainer(dataset, hidden: int, batch_size: int, output_dir: str) -> Trainer:
@@ -116,25 +114,63 @@ def launcher_trainer(dataset, hidden: int, batch_size: int, output_dir: str) -> 
     return trainer
 
 
-def launcher_round(trainer: Trainer, steps: int) -> float:
+def paired_round(trainer: Trainer, plain_steps: Iterator[None]) -> tuple[float, float]:
+    """One epoch of the launcher with one plain step before each of its batches: (plain seconds,
+    launcher seconds). The launcher's epoch takes exactly its batches (islice), so no plain step
+    runs past them."""
+    device = trainer.accelerator.device
+    original, plain = trainer.train_data.loader, 0.0
+
+    def loader(epoch, position):
+        nonlocal plain
+        batches = iter(original(epoch, position))
+        while True:  # each plain step just before the launcher fetches a batch: both fetch after an update
+            synchronize(device)  # the launcher's queued work, counted as its own
+            start = time.perf_counter()
+            next(plain_steps)
+            synchronize(device)
+            plain += time.perf_counter() - start
+            batch = next(batches, None)
+            if batch is None:
+                return
+            yield batch
+
+    trainer.train_data.loader = loader
     start = time.perf_counter()
-    trainer.train_epoch()  # one epoch of the in-memory dataset = `steps` optimizer steps
+    try:
+        trainer.train_epoch()
+        synchronize(device)
+    finally:
+        del trainer.train_data.loader  # the method again
     trainer.state.epoch += 1
-    return steps / (time.perf_counter() - start)
+    return plain, time.perf_counter() - start - plain
+
+
+def twin_round(plain_steps: Iterator[None], twin_steps: Iterator[None], steps: int, device) -> tuple[float, float]:
+    """The noise floor's round: the plain loop and a copy of it, step by step, as `paired_round` pairs them."""
+    spent = [0.0, 0.0]
+    for _ in range(steps):
+        for side, stepper in enumerate((plain_steps, twin_steps)):
+            synchronize(device)
+            start = time.perf_counter()
+            next(stepper)
+            synchronize(device)
+            spent[side] += time.perf_counter() - start
+    return spent[0], spent[1]
 
 
 def run_mlp(steps: int, warmup: int, repeats: int, hidden: int, batch_size: int, noise_floor: bool) -> None:
     dataset = make_dataset(steps * batch_size)
-    plain_model = build_model(hidden)
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = launcher_trainer(dataset, hidden, batch_size, output_dir)
-        plain_round = plain_mlp(plain_model, dataset, batch_size, steps, trainer.plan.schedule_steps)
-        plain, ours = interleave(plain_round, lambda: launcher_round(trainer, steps), warmup, repeats)
+        total = trainer.plan.schedule_steps
+        plain_steps = plain_mlp(build_model(hidden), dataset, batch_size, total)
+        rounds = [paired_round(trainer, plain_steps) for _ in range(warmup + repeats)][warmup:]
         if noise_floor:
-            twin = plain_mlp(build_model(hidden), dataset, batch_size, steps, trainer.plan.schedule_steps)
-            report_noise_floor(*interleave(plain_round, twin, 0, repeats))
+            twin = plain_mlp(build_model(hidden), dataset, batch_size, total)
+            report_noise_floor([twin_round(plain_steps, twin, steps, torch.device("cpu")) for _ in range(repeats)])
     report(f"model: MLP 256-{hidden}-{hidden}-10, batch {batch_size}, {steps} steps x {repeats} rounds, "
-           f"{torch.get_num_threads()} threads, device cpu", "steps/s", plain, ours)
+           f"{torch.get_num_threads()} threads, device cpu", "steps/s", steps, rounds)
 
 
 # ---- lm -------------------------------------------------------------------------------------
@@ -174,26 +210,23 @@ def lm_trainer(cfg: char_lm.Config, samples: list[dict], steps: int) -> Trainer:
 
 
 def synchronize(device: torch.device) -> None:
-    """A round ends when the device has finished its work (a no-op on CPU)."""
+    """Wait for the device's queued work (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def plain_lm(model: nn.Module, samples: list[dict], cfg: char_lm.Config, device: torch.device,
-             tokens: int, total_steps: int) -> Callable[[], float]:
-    """The char LM's step written by hand: summed cross-entropy / the batch's real tokens, AdamW,
-    clipping, the LR schedule. Each call runs one epoch and returns tokens/s; the optimizer and
-    schedule carry on across epochs, as the launcher's do."""
+             total_steps: int) -> Iterator[None]:
+    """The char LM's step written by hand, one optimizer step per `next()`: summed cross-entropy /
+    the batch's real tokens, AdamW, clipping, the LR schedule over the launcher's total steps."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_at = warmup_cosine(cfg.warmup_steps, cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps))
     loader = DataLoader(samples, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                         collate_fn=functools.partial(char_lm.collate, max_tokens=cfg.block_size + 1),
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
-
-    def epoch() -> float:
-        model.train()
-        start = time.perf_counter()
+    model.train()
+    while True:
         for batch in loader:
             input_ids = batch["input_ids"].to(device, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)
@@ -205,18 +238,7 @@ def plain_lm(model: nn.Module, samples: list[dict], cfg: char_lm.Config, device:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        synchronize(device)
-        return tokens / (time.perf_counter() - start)
-
-    return epoch
-
-
-def launcher_lm_round(trainer: Trainer, tokens: int) -> float:
-    start = time.perf_counter()
-    trainer.train_epoch()  # one epoch of the in-memory samples = `steps` optimizer steps
-    trainer.state.epoch += 1
-    synchronize(trainer.accelerator.device)
-    return tokens / (time.perf_counter() - start)
+            yield
 
 
 def run_lm(steps: int, warmup: int, repeats: int, n_layer: int, n_embd: int, block_size: int,
@@ -227,51 +249,43 @@ def run_lm(steps: int, warmup: int, repeats: int, n_layer: int, n_embd: int, blo
         cfg = lm_config(output_dir, n_layer, n_embd, block_size, batch_size)
         trainer = lm_trainer(cfg, samples, steps)
         device = trainer.accelerator.device  # the plain loop runs where the launcher does
-        torch.manual_seed(cfg.seed)  # the launcher's initial weights too
-        plain_model = char_lm.build_model(cfg).to(device)
-        plain_round = plain_lm(plain_model, samples, cfg, device, tokens, trainer.plan.schedule_steps)
-        plain, ours = interleave(plain_round, lambda: launcher_lm_round(trainer, tokens), warmup, repeats)
+        total = trainer.plan.schedule_steps
+
+        def plain_model():
+            torch.manual_seed(cfg.seed)  # the launcher's initial weights too
+            return char_lm.build_model(cfg).to(device)
+
+        plain_steps = plain_lm(plain_model(), samples, cfg, device, total)
+        rounds = [paired_round(trainer, plain_steps) for _ in range(warmup + repeats)][warmup:]
         if noise_floor:
-            torch.manual_seed(cfg.seed)
-            twin = plain_lm(char_lm.build_model(cfg).to(device), samples, cfg, device, tokens,
-                            trainer.plan.schedule_steps)
-            report_noise_floor(*interleave(plain_round, twin, 0, repeats))
+            twin = plain_lm(plain_model(), samples, cfg, device, total)
+            report_noise_floor([twin_round(plain_steps, twin, steps, device) for _ in range(repeats)])
     report(f"model: char LM n_layer {n_layer}, n_embd {n_embd}, block {block_size}, batch {batch_size}, "
            f"{steps} steps x {repeats} rounds, {tokens} tokens per round, {torch.get_num_threads()} threads, "
-           f"device {device.type}", "tokens/s", plain, ours)
+           f"device {device.type}", "tokens/s", tokens, rounds)
 
 
 # ---- both -----------------------------------------------------------------------------------
 
-def interleave(plain_round: Callable[[], float], launcher_round: Callable[[], float], warmup: int,
-               repeats: int) -> tuple[list[float], list[float]]:
-    """Rates of `repeats` rounds of each, alternating, after `warmup` rounds of each."""
-    for _ in range(warmup):
-        plain_round()
-        launcher_round()
-    plain, ours = [], []
-    for _ in range(repeats):  # alternate, so drift in machine speed hits both alike
-        plain.append(plain_round())
-        ours.append(launcher_round())
-    return plain, ours
-
-
-def report(model_line: str, unit: str, plain: list[float], ours: list[float]) -> None:
-    """The medians of each, and the median of the per-round ratios (each launcher round over the
-    plain round just before it): a machine whose speed drifts over seconds moves both of a pair."""
-    ratio = statistics.median(o / p for p, o in zip(plain, ours))
+def report(model_line: str, unit: str, work: int, rounds: list[tuple[float, float]]) -> None:
+    """Each side's median rate (`work` per round over its seconds), and the median of the per-round
+    ratios, launcher over plain."""
+    plain = [work / p for p, _ in rounds]
+    ours = [work / o for _, o in rounds]
+    ratio = statistics.median(p / o for p, o in rounds)
     print(model_line)
     print(f"plain loop        {statistics.median(plain):8.1f} {unit}   (rounds: {', '.join(f'{r:.1f}' for r in plain)})")
     print(f"launcher          {statistics.median(ours):8.1f} {unit}   (rounds: {', '.join(f'{r:.1f}' for r in ours)})")
     print(f"launcher / plain  {ratio:8.3f}   (target >= 0.97)", flush=True)
 
 
-def report_noise_floor(plain: list[float], twin: list[float]) -> None:
-    """The same median of per-round ratios for the plain loop against a second copy of itself: what
-    this machine gives for no difference at all."""
-    ratio = statistics.median(t / p for p, t in zip(plain, twin))
-    spread = max(abs(t / p - 1) for p, t in zip(plain, twin))
-    print(f"noise floor: plain / plain {ratio:.3f} (per-round ratios within {spread:.1%} of 1)", flush=True)
+def report_noise_floor(rounds: list[tuple[float, float]]) -> None:
+    """The same median of per-round ratios for the plain loop against a second copy of itself, step
+    by step: what this machine gives for no difference at all."""
+    ratios = [p / t for p, t in rounds]
+    spread = max(abs(r - 1) for r in ratios)
+    print(f"noise floor: plain / plain {statistics.median(ratios):.3f} (per-round ratios within {spread:.1%} of 1)",
+          flush=True)
 
 
 def main(setting: str = "both", steps: int = 100, warmup: int = 1, repeats: int = 15, hidden: int = 1024,
