@@ -120,15 +120,16 @@ def paired_round(trainer: Trainer, plain_steps: Iterator[None]) -> tuple[float, 
     runs past them."""
     device = trainer.accelerator.device
     original, plain = trainer.train_data.loader, 0.0
+    wait = synchronize if device.type == "cuda" else (lambda device: None)  # nothing to wait for on CPU
 
     def loader(epoch, position):
         nonlocal plain
         batches = iter(original(epoch, position))
         while True:  # each plain step just before the launcher fetches a batch: both fetch after an update
-            synchronize(device)  # the launcher's queued work, counted as its own
+            wait(device)  # the launcher's queued work, counted as its own
             start = time.perf_counter()
             next(plain_steps)
-            synchronize(device)
+            wait(device)
             plain += time.perf_counter() - start
             batch = next(batches, None)
             if batch is None:
@@ -139,7 +140,7 @@ def paired_round(trainer: Trainer, plain_steps: Iterator[None]) -> tuple[float, 
     start = time.perf_counter()
     try:
         trainer.train_epoch()
-        synchronize(device)
+        wait(device)
     finally:
         del trainer.train_data.loader  # the method again
     trainer.state.epoch += 1
@@ -149,12 +150,13 @@ def paired_round(trainer: Trainer, plain_steps: Iterator[None]) -> tuple[float, 
 def twin_round(plain_steps: Iterator[None], twin_steps: Iterator[None], steps: int, device) -> tuple[float, float]:
     """The noise floor's round: the plain loop and a copy of it, step by step, as `paired_round` pairs them."""
     spent = [0.0, 0.0]
+    wait = synchronize if device.type == "cuda" else (lambda device: None)
     for _ in range(steps):
         for side, stepper in enumerate((plain_steps, twin_steps)):
-            synchronize(device)
+            wait(device)
             start = time.perf_counter()
             next(stepper)
-            synchronize(device)
+            wait(device)
             spent[side] += time.perf_counter() - start
     return spent[0], spent[1]
 
@@ -210,9 +212,8 @@ def lm_trainer(cfg: char_lm.Config, samples: list[dict], steps: int) -> Trainer:
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (a no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    """Wait for the device's queued work."""
+    torch.cuda.synchronize(device)
 
 
 def plain_lm(model: nn.Module, samples: list[dict], cfg: char_lm.Config, device: torch.device,

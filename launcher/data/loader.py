@@ -68,8 +68,9 @@ class KeyedDataset(Dataset):
     """A map-style dataset whose items carry their index as the sample key. Training augmentations
     are seeded from (seed, epoch, index), so a resumed run sees the same inputs: torch's CPU
     generator per sample, Python's `random` and numpy per batch (seeded from its first index;
-    seeding them per sample costs more than a small sample does). In the main process the RNG states are
-    saved and restored once per batch, so the model's dropout stream is left alone.
+    seeding them per sample costs more than a small sample does). In the main process torch's
+    generator is saved and restored once per batch, so the model's dropout stream is left alone
+    (`kept_rngs`).
 
     Seeding torch's generator costs about 1 us a sample, as much as reading a row of an in-memory
     tensor. A batch is therefore first read with its first sample's seed alone; if torch's
@@ -255,7 +256,7 @@ class SplitLoader:
         """The split's first `count` readable samples (per-sample decode and transform done, not
         collated), read in this process, for the pre-flight check and the plan. The global RNGs
         are left as they were. What the recipe's dataset or transform raises propagates."""
-        with kept_rngs():
+        with kept_rngs(everything=True):
             seed_augmentation(derive_seed(self.seed, "example"))
             if not isinstance(self.source, Shards):
                 return [self.source[i] for i in range(min(count, len(self.source)))]

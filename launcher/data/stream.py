@@ -149,20 +149,28 @@ def seed_augmentation(seed: int) -> None:
 
 
 class kept_rngs:
-    """In the main process, restore torch's CPU generator, `random` and numpy's RNG on exit, so
-    seeding augmentations leaves the model's dropout stream alone. Saving them costs ~30 us, so
-    callers keep them once per batch, not per sample. In a DataLoader worker: nothing to keep."""
+    """In the main process, restore torch's CPU generator on exit, so seeding augmentations leaves
+    the model's stream (dropout, initialisation on the CPU) alone; with `everything`, Python's
+    `random` and numpy's global generator too. Training batches read in the main process
+    (--num_workers=0) leave those two re-seeded for each batch, as every DataLoader worker's are:
+    saving and restoring them (numpy's above all) would cost about 0.1 ms a batch, and neither the
+    launcher nor torch draws from them. In a DataLoader worker: nothing to keep."""
+
+    def __init__(self, everything: bool = False):
+        self.everything = everything
 
     def __enter__(self):
         self.saved = None
         if torch.utils.data.get_worker_info() is None:
-            self.saved = (torch.default_generator.get_state(), random.getstate(), numpy.random.get_state())
+            self.saved = (torch.default_generator.get_state(),
+                          *((random.getstate(), numpy.random.get_state()) if self.everything else ()))
 
     def __exit__(self, *exc):
         if self.saved is not None:
             torch.default_generator.set_state(self.saved[0])
-            random.setstate(self.saved[1])
-            numpy.random.set_state(self.saved[2])
+            if self.everything:
+                random.setstate(self.saved[1])
+                numpy.random.set_state(self.saved[2])
 
 
 def keeping_rngs(batches: Iterator[Batch]) -> Iterator[Batch]:

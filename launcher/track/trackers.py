@@ -97,7 +97,7 @@ class MetricsLog:
     def __init__(self, output_dir: str, enabled: bool):
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.enabled = enabled
-        self.pending: list[str] = []
+        self.pending: list[dict] = []
 
     def drop_after(self, step: int) -> None:
         """On resume: forget records of steps after the checkpoint (they are logged again)."""
@@ -113,14 +113,14 @@ class MetricsLog:
     def write(self, record: dict, flush: bool = True) -> None:
         if not self.enabled:
             return
-        self.pending.append(json.dumps(record) + "\n")
+        self.pending.append(record)  # serialised when flushed: a step only appends
         if flush:
             self.flush()
 
     def flush(self) -> None:
         if self.pending:
             with open(self.path, "a") as f:
-                f.writelines(self.pending)
+                f.writelines(json.dumps(record) + "\n" for record in self.pending)
             self.pending = []
 
 

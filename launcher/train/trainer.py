@@ -271,7 +271,7 @@ class Trainer:
         with acc.accumulate(self.model), self.parallel.gradient_sync(self.model, acc.sync_gradients):
             out = self.step_fn(self.model, data)
             counted = self._count(out, window)
-            acc.backward(self._normalised_loss(out) if counted else out.loss)
+            self._backward(self._normalised_loss(out) if counted else out.loss)
             if acc.sync_gradients:
                 if counted and acc.gradient_accumulation_steps > 1:
                     self._normalise_by_count(window)
@@ -282,6 +282,14 @@ class Trainer:
                 # the wrapped optimizer's own: Accelerate's inspects its signature at every call
                 self.optimizer.optimizer.zero_grad(set_to_none=True)
         window.add(out.loss.detach(), out.count if counted else 1, batch.size)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Accelerate's backward (the grad scaler, the division by the accumulation steps), or with
+        neither to do the loss's own: Accelerate's divides by 1 too, a node in every step's graph."""
+        if self.accelerator.scaler is None and self.accelerator.gradient_accumulation_steps == 1:
+            loss.backward()
+        else:
+            self.accelerator.backward(loss)
 
     def _update(self) -> bool:
         """The optimizer step; False if fp16's grad scaler skipped it (overflow). Without a scaler,
