@@ -3,6 +3,7 @@ DDP after an unfreeze, and checking that every rank holds the same parameters.""
 
 from __future__ import annotations
 
+import datetime
 import functools
 import hashlib
 import os
@@ -44,6 +45,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     on_cpu = not has_accelerator()
     if on_cpu and cfg.mixed_precision == "fp16":
         raise ConfigError("--mixed_precision=fp16 needs a GPU; use --mixed_precision=bf16 on CPU")
+    init_restarted_process_group()
     accelerator = Accelerator(
         cpu=on_cpu,  # DDP with gloo over CPU processes when no GPU is present
         mixed_precision=cfg.mixed_precision,
@@ -58,6 +60,28 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     return accelerator
+
+
+def init_restarted_process_group() -> None:
+    """After a restart by torchrun (`--max_restarts`, also through `accelerate launch`), the process
+    group in a namespace of the store of its own. torchrun's static rendezvous (the default, and
+    accelerate launch's) keeps one TCP store for all its attempts, while torch's env:// init takes
+    it that each attempt gets a new one: the ranks of a restart then read the addresses that the
+    previous attempt's ranks published under the same keys, and gloo's connectFullMesh (NCCL's
+    bootstrap likewise) connects to ports nobody listens on ("Connection refused") or waits on a
+    barrier count that has already passed. Accelerate uses a group that is already initialised.
+    The first attempt (TORCHELASTIC_RESTART_COUNT 0) is left to Accelerate."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if attempt == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo" if not has_accelerator() else None
+    if backend is None:
+        return  # another accelerator's backend: Accelerate's own start-up
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=datetime.timedelta(minutes=30))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"launcher/attempt-{attempt}", store), rank=rank,
+                            world_size=world)
 
 
 def ddp_kwargs(cfg: TrainConfig) -> list:
