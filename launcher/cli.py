@@ -40,9 +40,12 @@ loss and the metrics: a recipe that would crash is one line naming the function 
 
 Exit codes: 0 done; 2 bad input (one line on stderr); 1 stopped on a non-finite loss
 (--nonfinite=stop); 65 the data cannot be trained on (a share with no readable sample, more
-unreadable samples than --max_corrupt_fraction, samples that do not batch); 75 preempted by
-SIGUSR1/SIGTERM after saving a checkpoint (under Slurm a SIGUSR1 also requeues the job;
-elsewhere rerun with --resume=auto)."""
+unreadable samples than --max_corrupt_fraction, samples that do not batch); 74 the disk filled
+up during a checkpoint (the earlier ones are intact); 75 preempted by SIGUSR1/SIGTERM after
+saving a checkpoint (under Slurm a SIGUSR1 also requeues the job; elsewhere rerun with
+--resume=auto); 76 another process or a DataLoader worker ended (restart: torchrun's
+--max_restarts, or rerun with --resume=auto); 124 no progress for --hang_timeout_s (every
+thread's stack in OUTPUT_DIR/hangs/)."""
 
 
 def usage() -> str:
@@ -67,10 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launcher: error: {one_line(error)}", file=sys.stderr)
         _leave_process_group()
         sys.exit(2)
-    except RunStopped as error:  # a non-finite loss (1), unusable data (65), a preemption (75)
+    except RunStopped as error:  # non-finite loss (1), bad data (65), full disk (74), preempted (75), lost peer (76)
         if str(error):
             kind = "data error" if isinstance(error, DataError) else "stopped"
             print(f"launcher: {kind}: {one_line(error)}", file=sys.stderr)
+        if getattr(error, "hard_exit", False):  # the peers are gone: tearing the group down would wait on them
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(error.exit_code)
         _leave_process_group()
         sys.exit(error.exit_code)
 

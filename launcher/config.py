@@ -79,6 +79,7 @@ class RunFields:
     resume: str = ""  # "" starts fresh, "auto" takes the newest checkpoint in output_dir, or a checkpoint path
     deterministic: bool = False  # deterministic algorithms and cuDNN (slower; ops without a deterministic version raise)
     trace_samples: bool = False  # write each rank's training sample keys to output_dir/samples/ (debugging, tests)
+    hang_timeout_s: float = ranged(1800.0, at_least=0)  # end a rank (exit 124, its stacks in output_dir/hangs/) when no step, evaluation batch or save progressed for this long (0: off)
 
 
 @dataclass

@@ -165,20 +165,22 @@ def pytest_sessionfinish(session) -> None:
         zygote.close()
 
 
-def launcher_command(*args, processes: int = 1) -> list[str]:
+def launcher_command(*args, processes: int = 1, restarts: int = 0) -> list[str]:
     if processes == 1:
         return [sys.executable, "-m", "launcher", *map(str, args)]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port()), "-m", "launcher", *map(str, args)]
+            "--main_process_port", str(free_port()), *(["--max_restarts", str(restarts)] if restarts else []),
+            "-m", "launcher", *map(str, args)]
 
 
-def start_launcher(*args, log: Path, processes: int = 1, env=None) -> subprocess.Popen:
+def start_launcher(*args, log: Path, processes: int = 1, env=None, restarts: int = 0) -> subprocess.Popen:
     """The CLI in the background, in a session of its own (so a test can signal or kill all of it);
-    stdout and stderr go to `log` (a pipe would fill up and block it)."""
+    stdout and stderr go to `log` (a pipe would fill up and block it). `restarts`: torchrun's
+    --max_restarts, through accelerate launch."""
     with open(log, "w") as out:
-        return subprocess.Popen(launcher_command(*args, processes=processes), cwd=ROOT, env=env or child_env(),
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(launcher_command(*args, processes=processes, restarts=restarts), cwd=ROOT,
+                                env=env or child_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:

@@ -211,6 +211,7 @@ class SplitLoader:
         self.persistent_workers = persistent_workers and num_workers > 0
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # read by persistent workers
         self._kept: EpochLoader | None = None  # the persistent loader
+        self.worker_pids: dict[int, int] = {}  # the running DataLoader's workers: pid -> worker index
         if isinstance(source, Synthetic):
             self.index = None
             self.total = source.length
@@ -300,9 +301,17 @@ class SplitLoader:
             loader = self._kept
         if loader.batches is not None:
             loader.batches.set(self._batches(epoch, start))
+        batches = self._watched(loader.data_loader) if self.num_workers else loader.data_loader
         if self.decode_on_device:
-            return self._decoded(loader.data_loader)
-        return loader.data_loader if loader.returns is None else loader.returns.track(loader.data_loader)
+            return self._decoded(batches)
+        return batches if loader.returns is None else loader.returns.track(batches)
+
+    def _watched(self, data_loader: DataLoader) -> Iterator[Batch]:
+        """The DataLoader's batches, noting its workers' pids -> worker index while they run: a
+        worker's death is reported by pid (launcher/runtime/failures.py names the worker)."""
+        iterator = iter(data_loader)
+        self.worker_pids = {worker.pid: index for index, worker in enumerate(getattr(iterator, "_workers", ()))}
+        yield from iterator
 
     def _decoded(self, batches: Iterable[Batch]) -> Iterator[Batch]:
         """Batches of encoded images, decoded and transformed on `self.device`."""

@@ -18,6 +18,7 @@ not is a one-line error.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -29,6 +30,7 @@ import zlib
 from accelerate import Accelerator
 
 from launcher.config import ConfigError
+from launcher.runtime.failures import disk_full, inject_disk_full
 
 
 STATE_FILE = "trainer_state.json"
@@ -131,12 +133,14 @@ class PendingSave:
 
     def finish(self) -> str:
         acc, root, name = self.accelerator, self.root, self.name
-        if self.writing is not None:
-            self.writing.result()  # raises what the background write raised
         final, temporary = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
+        if self.writing is not None:
+            with space_checked(temporary, final):
+                self.writing.result()  # raises what the background write raised
         acc.wait_for_everyone()  # every rank's files are complete
         if acc.is_main_process:
-            write_manifest(temporary)
+            with space_checked(temporary, final):
+                write_manifest(temporary)
             if os.path.exists(final):  # the same step saved again (after a resume): swap, then drop
                 stale = os.path.join(root, f".old-{name}")
                 os.replace(final, stale)
@@ -160,17 +164,33 @@ def save(accelerator: Accelerator, output_dir: str, state: dict, rank_state: dic
         shutil.rmtree(temporary, ignore_errors=True)
         os.makedirs(temporary)
     accelerator.wait_for_everyone()
-    accelerator.save_state(temporary)
-    writing = write_shards(temporary) if write_shards is not None else None
-    if os.environ.get(KILL_DURING_SAVE) == str(state["step"]):
-        os.kill(os.getpid(), signal.SIGKILL)  # model and optimizer written (or being written), the rest not: a torn save
-    if rank_state is not None:
-        with open(os.path.join(temporary, f"rank-{accelerator.process_index}.json"), "w") as f:
-            json.dump(rank_state, f)
-    if accelerator.is_main_process:
-        with open(os.path.join(temporary, STATE_FILE), "w") as f:
-            json.dump(state, f, indent=1)
+    with space_checked(temporary, os.path.join(root, name)):
+        accelerator.save_state(temporary)
+        writing = write_shards(temporary) if write_shards is not None else None
+        if os.environ.get(KILL_DURING_SAVE) == str(state["step"]):
+            os.kill(os.getpid(), signal.SIGKILL)  # model and optimizer written (or being written), the rest not: a torn save
+        inject_disk_full(state["step"])
+        if rank_state is not None:
+            with open(os.path.join(temporary, f"rank-{accelerator.process_index}.json"), "w") as f:
+                json.dump(rank_state, f)
+        if accelerator.is_main_process:
+            with open(os.path.join(temporary, STATE_FILE), "w") as f:
+                json.dump(state, f, indent=1)
     return PendingSave(accelerator, root, name, writing)
+
+
+@contextlib.contextmanager
+def space_checked(temporary: str, final: str):
+    """A write that finds the disk full: the temporary directory removed, one line naming the
+    checkpoint and the space left (`DiskFull`, exit 74); the checkpoints before it untouched."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - torch.save and safetensors raise their own kinds
+        full = disk_full(error, final)
+        if full is None:
+            raise
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise full from None
 
 
 def prune(output_dir: str, keep: int, best_step: int | None) -> None:

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from launcher.config import ConfigError, DataError, TrainConfig
+from launcher.config import ConfigError, DataError, RunStopped, TrainConfig
 from launcher.data.layout import Position, derive_seed
 from launcher.optim.groups import apply_freezing, build_optimizer, frozen_batchnorms, lr_multipliers
 from launcher.optim.regularization import EMA, batch_mix
@@ -38,7 +38,9 @@ from launcher.runtime.distributed import build_accelerator
 from launcher.runtime.parallel import build_parallel
 from launcher.runtime.sharding import global_norm, local
 from launcher.runtime.preemption import Preempted, StopSignals, requeue_slurm_job
+from launcher.runtime.failures import lost_contact, worker_lost
 from launcher.runtime.run_lock import RunLock
+from launcher.runtime.watchdog import Watchdog, injected_hang
 from launcher.track.trackers import MetricsLog, Tracker, save_run_files, write_json
 from launcher.train.build import build_parts
 from launcher.train.evaluation import evaluate_split, example_images, format_metrics
@@ -100,6 +102,9 @@ class Trainer:
         self.signals = StopSignals(self.world)
         # Last, before anything is written: one run per output_dir (the main process holds it for all).
         self.lock = RunLock(cfg.output_dir, log) if acc.is_main_process else None
+        self.watchdog = Watchdog(cfg.hang_timeout_s, cfg.output_dir, self.rank, lambda: self.state.step,
+                                 before_exit=self.lock.release if self.lock is not None else lambda: None)
+        self.hang_at = injected_hang(self.rank)  # tests: the step this rank sleeps in (-1: none)
 
     # ---- setup ------------------------------------------------------------------------------
 
@@ -147,6 +152,7 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------
 
     def fit(self) -> dict:
+        self.watchdog.start()  # from here on, a rank that makes no progress for --hang_timeout_s ends
         self.start()
         acc = self.accelerator
         self.progress = tqdm(total=self.plan.total_steps, initial=self.state.step, unit="step",
@@ -171,7 +177,14 @@ class Trainer:
             if self.saved_step != self.state.step:
                 self._save()  # where max_steps stopped: `--resume=auto` continues from here
             self._finish_save()
+        except (RuntimeError, ConnectionError, EOFError) as error:
+            try:
+                failure = self._failure(error)
+            except RuntimeError as later:  # torch's SIGCHLD handler naming a dead worker, raised meanwhile
+                failure = self._failure(later)
+            raise failure or error
         finally:
+            self.watchdog.stop()
             self.metrics.flush()
             self.progress.close()  # an error message then starts on a line of its own
             self.signals.restore()
@@ -186,10 +199,19 @@ class Trainer:
             tqdm.write(f"early stop at step {self.state.step}: {self.cfg.best_metric} has not improved for "
                        f"{self.cfg.early_stop_patience} evaluations (best {best['value']:.4g} at step {best['step']})")
 
+    def _failure(self, error: Exception):
+        """A lost peer or DataLoader worker as its one-line `RunStopped`, or None for any other error."""
+        if isinstance(error, RunStopped):
+            return None
+        workers = {pid: ("training" if split.training else "validation", index) for split in (self.train_data, self.val_data) if split is not None
+                   for pid, index in split.worker_pids.items()}
+        return worker_lost(error, self.rank, self.state.step, workers) or lost_contact(error, self.rank, self.state.step)
+
     def _save(self) -> None:
         self.guard.check(self.state.step)
         self.metrics.flush()  # a resume from this checkpoint finds every record up to it
         self._finish_save()  # the previous background write first
+        self.watchdog.beat()  # a save in progress
         self.pending_save = checkpoints.save(self.accelerator, self.cfg.output_dir, self._state(), self.position.to_dict(),
                                              self._write_shards)
         self.saved_step = self.state.step
@@ -203,7 +225,9 @@ class Trainer:
         if pending is None:
             return
         acc, cfg = self.accelerator, self.cfg
+        self.watchdog.beat()
         pending.finish()
+        self.watchdog.beat()
         if acc.is_main_process:
             if self.state.best.get("step") == pending.step:
                 checkpoints.write_best(cfg.output_dir, self.state.best)
@@ -308,6 +332,9 @@ class Trainer:
         lrs = {f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups}  # this step's
         self.lr_scheduler.step()
         self.state.step += 1
+        self.watchdog.beat()
+        if self.state.step == self.hang_at:  # tests: a rank frozen in a step, its connections open
+            os.kill(os.getpid(), signal.SIGSTOP)
         self.progress.update(1)
         if self.state.step in self.unfreeze_steps:
             self._update_frozen()
@@ -476,7 +503,7 @@ class Trainer:
         """One pass over the validation split: (metrics, confusion matrix, example predictions)."""
         acc, raw = self.accelerator, prefix == "val"  # the raw weights' pass also counts unreadable samples
         metrics = TaskMetrics(self.checked.task, self.checked.num_classes, acc.device, self.extra_metrics)
-        passed = evaluate_split(model, self.val_data.loader(self.state.epoch), self.step_fn, metrics, acc, prefix,
+        passed = evaluate_split(model, self._beating(self.val_data.loader(self.state.epoch)), self.step_fn, metrics, acc, prefix,
                                 self.cfg.channels_last, (lambda errors: self.data_health.note(errors, "val", self.state.epoch, self.state.step)) if raw else None,
                                 lockstep=self.checked.example if self.parallel.sharded else None)
         result = passed.metrics
@@ -490,6 +517,12 @@ class Trainer:
             self.state.unreadable_total += skipped
             result["val/unreadable"] = skipped
         return result, passed.confusion, examples
+
+    def _beating(self, batches):
+        """Evaluation batches, each one progress for the hang watchdog."""
+        for batch in batches:
+            self.watchdog.beat()
+            yield batch
 
     def _refresh_lr(self) -> None:
         """The schedule changed between steps (a plateau): apply it to the next step's LR now. The LR

@@ -1,5 +1,6 @@
 """Fault tolerance end to end: a crash mid-save, SIGKILL at an arbitrary step, SIGUSR1/SIGTERM
-preemption, non-finite losses, pruning, and resuming on a different number of processes."""
+preemption, non-finite losses, pruning, resuming on a different number of processes, restarts
+under torchrun after a rank or a DataLoader worker dies, the hang watchdog, and a full disk."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import math
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MLP_RECIPE, ROOT, launcher, metrics, start_launcher, child_env, wait_for_step
+from conftest import MLP_RECIPE, ROOT, child_env, launcher, launcher_command, metrics, start_launcher, wait_for_step
+from launcher.runtime import checkpoints
 
 
 NAN_RECIPE = str(ROOT / "tests" / "recipes" / "nan_digits.py")
@@ -182,3 +185,94 @@ def test_an_incompatible_checkpoint_is_a_one_line_error(digits, tmp_path, uninte
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"checkpoint {checkpoint} cannot be loaded" in lines[0]
+
+
+def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (exit {process.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} after {timeout} s")
+        time.sleep(0.05)
+
+
+def test_a_killed_rank_then_a_killed_worker_restart_under_max_restarts_to_bitwise_the_same_weights(
+        digits, tmp_path, uninterrupted):
+    out, log = tmp_path / "restarted", tmp_path / "restarted.log"
+    args = [MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", "--num_workers=2", "--checkpoint_every=10",
+            "--resume=auto"]
+    run = start_launcher(*args, processes=2, restarts=2, log=log)
+    wait_for_step(out, 13, run)
+    first = launcher_children(run.pid)
+    os.kill(first[1], signal.SIGKILL)  # a rank
+    # torchrun restarts both ranks; they resume from step 10 and train on
+    wait_for(lambda: (ranks := launcher_children(run.pid)) and not set(ranks) & set(first)
+             and log.read_text().count("resumed from") == 1, run, "restart")
+    wait_for_step(out, 30, run)
+    rank = launcher_children(run.pid)[0]
+    workers = subprocess.run(["pgrep", "-P", str(rank)], capture_output=True, text=True).stdout.split()
+    os.kill(int(workers[-1]), signal.SIGKILL)  # a DataLoader worker, as the OOM killer would
+    assert run.wait(timeout=240) == 0
+    text = log.read_text()
+    # Each time the rank that was left says why in one line: its peer is gone, or torchrun's SIGTERM
+    # to its process group ended its workers first; then the killed worker's rank names it.
+    stopped = [line.split("launcher: stopped: ", 1)[1] for line in text.splitlines() if "launcher: stopped: " in line]
+    assert len(stopped) == 3 and all(line.startswith("rank ") for line in stopped)
+    assert ("lost contact with the other processes at step 1" in stopped[0]
+            or "ended by SIGTERM, sent to all of its rank's processes" in stopped[0])
+    assert any(f"(pid {workers[-1]}) of the training data ended at step" in line
+               and "most likely by the kernel's out-of-memory killer" in line for line in stopped), stopped
+    assert not any(marker in text for marker in ("gloo/transport", "ProcessGroupGloo", "connectFullMesh"))
+    assert text.count("resumed from") == 2
+    assert same_weights(out, uninterrupted[2])
+
+
+def test_a_frozen_rank_is_ended_by_the_watchdog_of_the_rank_waiting_for_it(digits, tmp_path):
+    out, log = tmp_path / "hung", tmp_path / "hung.log"
+    env = dict(child_env(), LAUNCHER_TEST_HANG_AT="1:4")  # rank 1 stops itself (SIGSTOP) after step 4
+    run = start_launcher(MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", "--hang_timeout_s=2",
+                         processes=2, log=log, env=env)
+    stacks = out / "hangs" / "rank0-step4.txt"
+    wait_for(stacks.exists, run, stacks.name)
+    wait_for(lambda: len(launcher_children(run.pid)) == 1, run, "rank 0's exit")
+    os.kill(launcher_children(run.pid)[0], signal.SIGCONT)  # rank 1 goes on, and finds rank 0 gone
+    run.wait(timeout=120)
+    text = log.read_text()
+    hung = ["launcher: hung:" + line.split("launcher: hung:", 1)[1] for line in text.splitlines() if "launcher: hung:" in line]
+    assert len(hung) == 1  # rank 1, stopped and then resumed, is not taken for hung
+    line = hung[0]
+    assert line.startswith("launcher: hung: rank 0: no optimizer step, evaluation or save progressed for")
+    assert line.endswith(f"at step 4 (--hang_timeout_s=2); every thread's stack is in {stacks}")
+    dump = stacks.read_text()
+    assert "Current thread" in dump and "launcher/train/trainer.py" in dump and "_micro_batch" in dump
+    assert "exitcode  : 124" in text
+    assert "launcher: stopped: rank 1: lost contact with the other processes at step 4" in text
+
+
+def test_a_full_disk_during_a_save_ends_in_one_line_and_keeps_the_checkpoints_before(digits, tmp_path, uninterrupted):
+    """On a tmpfs made for the test (in a user and mount namespace of its own) with room for the
+    run's files and one checkpoint, the second save fills it. Where no namespace can mount one,
+    the save fails as a full disk would (LAUNCHER_TEST_DISK_FULL_AT)."""
+    checkpoint = sorted((uninterrupted[1] / "checkpoints").glob("step-*"))[-1]
+    size = sum(f.stat().st_blocks * 512 for f in checkpoint.iterdir()) * 3 // 2 + 64 * 1024  # tmpfs counts pages
+    mount, kept, code, err = tmp_path / "small", tmp_path / "kept", tmp_path / "code", tmp_path / "err"
+    mount.mkdir()
+    train = launcher_command(MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={mount / 'run'}",
+                             "--checkpoint_every=10", "--max_steps=25")
+    script = (f"mount -t tmpfs -o size={size} tmpfs {mount} || exit 99; {' '.join(map(str, train))} 2> {err}; "
+              f"echo $? > {code}; cp -a {mount / 'run'} {kept}")
+    mounted = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=ROOT,
+                             env=child_env(), timeout=180, stderr=subprocess.DEVNULL).returncode == 0
+    if not mounted:
+        result = subprocess.run(train, cwd=ROOT, env=dict(child_env(), LAUNCHER_TEST_DISK_FULL_AT="20"),
+                                capture_output=True, text=True, timeout=180)
+        code.write_text(str(result.returncode))
+        err.write_text(result.stderr)
+        kept = mount / "run"
+    assert code.read_text().strip() == "74"
+    error = err.read_text().strip().splitlines()
+    assert error[-1].startswith(f"launcher: stopped: no space left writing checkpoint {mount / 'run'}/checkpoints/"
+                                "step-00000020 (") and "MiB free there); the checkpoints before it are intact" in error[-1]
+    assert steps(kept) == ["step-00000010"]  # no temporary directory left
+    assert checkpoints.verify(str(kept / "checkpoints" / "step-00000010")) is None

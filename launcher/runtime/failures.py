@@ -1,0 +1,128 @@
+"""What clusters do to unattended runs, each turned into one line and an exit code.
+
+- A peer process ended (its connection reset or closed under a collective): `LostPeer`, exit 76.
+- A DataLoader worker killed (the kernel's OOM killer, most often) or gone: `WorkerLost`, exit 76.
+- No space left while writing a checkpoint: `DiskFull`, exit 74 (sysexits' EX_IOERR); the
+  temporary directory is removed, and the checkpoints before it stay as they were.
+
+76 is the restart path: under `accelerate launch --max_restarts=N` (torchrun) any failed rank
+restarts them all, and `--resume=auto` continues from the newest intact checkpoint; a Slurm batch
+script can requeue on it. A process that lost its peers does not tear its process group down (that
+waits on the dead peer too): it prints its line and leaves with `os._exit` (`hard_exit`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import signal
+
+from launcher.config import RunStopped
+
+
+RESTART_EXIT_CODE = 76  # sysexits' EX_PROTOCOL: a peer or a worker went away; restarting helps
+DISK_FULL_EXIT_CODE = 74  # sysexits' EX_IOERR
+DISK_FULL_AT = "LAUNCHER_TEST_DISK_FULL_AT"  # fault injection for the tests: ENOSPC in the save at this step
+
+# What gloo, NCCL and the TCP store say when the process at the other end is gone.
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Socket closed",
+             "ECONNRESET", "EPIPE", "remote process exited", "NCCL communicator was aborted",
+             "ncclRemoteError", "failed to recv, got 0 bytes")
+WORKER_GONE = re.compile(r"DataLoader worker \(pid\(?s?\)? ([\d, ]+)\) (?:is killed by signal: ([^.]+)|exited unexpectedly)")
+
+
+class LostPeer(RunStopped):
+    exit_code = RESTART_EXIT_CODE
+    hard_exit = True  # destroying the process group would wait on the dead peer
+
+
+class WorkerLost(RunStopped):
+    exit_code = RESTART_EXIT_CODE
+    hard_exit = True  # the other ranks wait in a collective: they see a lost peer, and restart with this one
+
+
+class DiskFull(RunStopped):
+    exit_code = DISK_FULL_EXIT_CODE
+
+
+def lost_contact(error: BaseException, rank: int, step: int) -> LostPeer | None:
+    """The one-line error for a collective whose peer went away, or None for any other error."""
+    text = str(error)
+    if not isinstance(error, RuntimeError) or not any(marker in text for marker in PEER_GONE):
+        return None
+    why = next(marker for marker in PEER_GONE if marker in text).lower()
+    return LostPeer(f"rank {rank}: lost contact with the other processes at step {step} ({why}): another "
+                    "process ended; see its log")
+
+
+def worker_lost(error: BaseException, rank: int, step: int, workers: dict[int, tuple[str, int]]) -> WorkerLost | None:
+    """The one-line error for a DataLoader worker that died, or None. `workers`: pid -> (split, worker
+    index) of the loaders alive (launcher/data/loader.py). torch reports a dead worker by its pid;
+    a worker that dies while handing a batch over (its tensors' file descriptors) leaves the main
+    process a ConnectionResetError or EOFError from the DataLoader instead: then the worker is the
+    one no longer running."""
+    found = WORKER_GONE.search(str(error)) if isinstance(error, RuntimeError) else None
+    if found is not None:
+        pid, description = int(found.group(1).split(",")[0]), found.group(2)
+    elif isinstance(error, (ConnectionError, EOFError)) and _raised_in_dataloader(error):
+        pid, description = next((p for p in workers if not _running(p)), 0), None
+    else:
+        return None
+    split, index = workers.get(pid, ("", -1))
+    worker = (f"DataLoader worker {index} (pid {pid}) of the {split} data" if index >= 0
+              else "a DataLoader worker")
+    if description is None:
+        cause = ("it ended unexpectedly: killed, most likely by the kernel's out-of-memory killer (`dmesg` says), or "
+                 "exited (its traceback, if any, is above)" if found is not None else
+                 f"it ended while handing a batch over ({type(error).__name__}), most likely killed by the kernel's "
+                 "out-of-memory killer (`dmesg` says); lower --num_workers, --prefetch_factor or --batch_size, or "
+                 "give the job more memory")
+    else:
+        name = next((s.name for s in signal.Signals if signal.strsignal(s) == description.strip()), description.strip())
+        cause = (f"killed by {name}, most likely by the kernel's out-of-memory killer (`dmesg` says); lower "
+                 "--num_workers, --prefetch_factor or --batch_size, or give the job more memory" if name == "SIGKILL"
+                 else f"ended by {name}, sent to all of its rank's processes (torchrun stopping the ranks after "
+                 "another one failed, or the job ending); see the first error above" if name in ("SIGTERM", "SIGINT")
+                 else f"killed by {name}: a crash in the dataset's code or a library it calls")
+    return WorkerLost(f"rank {rank}: {worker} ended at step {step}: {cause}")
+
+
+def _raised_in_dataloader(error: BaseException) -> bool:
+    tb, where = error.__traceback__, os.path.join("torch", "utils", "data", "dataloader.py")
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(where):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def disk_full(error: BaseException, path: str) -> DiskFull | None:
+    """The one-line error for a write under `path` that found no space (or quota) left, or None.
+    torch.save's zip writer says only "file write failed" or "unexpected pos", and safetensors wraps
+    the OS error in its own: any error counts when the filesystem has under 1 MiB left."""
+    where = next((p for p in (path, os.path.dirname(path)) if os.path.exists(p)), ".")
+    free = shutil.disk_usage(where).free / 2**20
+    text = str(error)
+    said = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
+        marker in text for marker in ("No space left on device", "Disk quota exceeded", "StorageFull"))
+    if not said and free >= 1:
+        return None
+    return DiskFull(f"no space left writing checkpoint {path} ({free:.1f} MiB free there); the checkpoints "
+                    "before it are intact; free some space or move --output_dir, then rerun with --resume=auto")
+
+
+def inject_disk_full(step: int) -> None:
+    """Tests: the save at step LAUNCHER_TEST_DISK_FULL_AT fails as a full disk would, midway."""
+    if os.environ.get(DISK_FULL_AT) == str(step):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
