@@ -1,6 +1,6 @@
 """Launcher overhead: the same model and in-memory batches through the launcher and a plain loop.
 
-    python scripts/bench_overhead.py [--setting=both --steps=100 --repeats=15]
+    python scripts/bench_overhead.py [--setting=both --steps=100 --repeats=15 --block=10]
     python scripts/bench_overhead.py --setting=mlp [--hidden=1024 --batch_size=128]
     python scripts/bench_overhead.py --setting=lm [--n_layer=2 --n_embd=64 --block_size=64 --lm_batch_size=16]
     python scripts/bench_overhead.py --noise_floor   # also: the plain loop against a copy of itself
@@ -20,15 +20,18 @@ stepped per optimizer step. Both run on the launcher's device (a GPU if there is
 in tokens/s: the real (non-padding) labels of one epoch over each side's time.
 
 Each round is one epoch of the in-memory data (`--steps` optimizer steps) through the launcher's
-`train_epoch` alone (no evaluation or checkpoint falls inside it), with one step of the plain loop
-run before each of its batches: the plain steps are timed one by one and taken out of the epoch's
-time, and the rest is the launcher's. Pairing every step with one of the other side, rather than
-whole rounds, puts the two a few milliseconds apart, so a machine whose speed drifts by 10-20 %
-over seconds moves both alike. The ratio reported is the median of the per-round ratios, after
-`--warmup` rounds (target >= 0.97). On both sides the optimizer and the LR schedule carry on from
-round to round, over the launcher's total steps. On a GPU each plain step is timed between two
-device synchronisations, and the launcher's queued work is waited for at the first: counted as
-the launcher's.
+`train_epoch` alone (no evaluation or checkpoint falls inside it), with `--block` steps of the
+plain loop run before each `--block` of its batches: the plain blocks are timed and taken out of
+the epoch's time, and the rest is the launcher's. Blocks of 10 steps put the two sides a fraction
+of a second apart, so a machine whose speed drifts by 10-20 % over seconds moves both alike (whole
+rounds in turn do not), while each side runs with its own model and data warm in the caches: with
+`--block=1` every step starts where the other loop's step has just evicted them, which costs the
+launcher's step, whose batch passes through more Python, about 3 % more than the plain one's on
+a 2-core VM. The ratio reported is the median of the per-round ratios, after `--warmup` rounds
+(target >= 0.97). On both sides the optimizer and the LR schedule carry on from round to round,
+over the launcher's total steps. On a GPU each plain block is timed between two device
+synchronisations, and the launcher's queued work is waited for at the first: counted as the
+launcher's.
 Startup (building the Accelerator, writing run files) is outside the timed region.
 """
 
@@ -114,10 +117,10 @@ def launcher_trainer(dataset, hidden: int, batch_size: int, output_dir: str) -> 
     return trainer
 
 
-def paired_round(trainer: Trainer, plain_steps: Iterator[None]) -> tuple[float, float]:
-    """One epoch of the launcher with one plain step before each of its batches: (plain seconds,
-    launcher seconds). The launcher's epoch takes exactly its batches (islice), so no plain step
-    runs past them."""
+def paired_round(trainer: Trainer, plain_steps: Iterator[None], block: int) -> tuple[float, float]:
+    """One epoch of the launcher with `block` plain steps before each `block` of its batches: (plain
+    seconds, launcher seconds). The launcher's epoch takes exactly its batches (islice); its step
+    count is a multiple of `block`, so both sides run as many steps."""
     device = trainer.accelerator.device
     original, plain = trainer.train_data.loader, 0.0
     wait = synchronize if device.type == "cuda" else (lambda device: None)  # nothing to wait for on CPU
@@ -125,12 +128,14 @@ def paired_round(trainer: Trainer, plain_steps: Iterator[None]) -> tuple[float, 
     def loader(epoch, position):
         nonlocal plain
         batches = iter(original(epoch, position))
-        while True:  # each plain step just before the launcher fetches a batch: both fetch after an update
-            wait(device)  # the launcher's queued work, counted as its own
-            start = time.perf_counter()
-            next(plain_steps)
-            wait(device)
-            plain += time.perf_counter() - start
+        for taken in itertools.count():  # plain steps just before the launcher fetches a batch: both fetch after an update
+            if taken % block == 0:
+                wait(device)  # the launcher's queued work, counted as its own
+                start = time.perf_counter()
+                for _ in range(block):
+                    next(plain_steps)
+                wait(device)
+                plain += time.perf_counter() - start
             batch = next(batches, None)
             if batch is None:
                 return
@@ -147,31 +152,34 @@ def paired_round(trainer: Trainer, plain_steps: Iterator[None]) -> tuple[float, 
     return plain, time.perf_counter() - start - plain
 
 
-def twin_round(plain_steps: Iterator[None], twin_steps: Iterator[None], steps: int, device) -> tuple[float, float]:
-    """The noise floor's round: the plain loop and a copy of it, step by step, as `paired_round` pairs them."""
+def twin_round(plain_steps: Iterator[None], twin_steps: Iterator[None], steps: int, block: int,
+               device) -> tuple[float, float]:
+    """The noise floor's round: the plain loop and a copy of it, `block` steps each in turn, as
+    `paired_round` pairs them."""
     spent = [0.0, 0.0]
     wait = synchronize if device.type == "cuda" else (lambda device: None)
-    for _ in range(steps):
+    for _ in range(steps // block):
         for side, stepper in enumerate((plain_steps, twin_steps)):
             wait(device)
             start = time.perf_counter()
-            next(stepper)
+            for _ in range(block):
+                next(stepper)
             wait(device)
             spent[side] += time.perf_counter() - start
     return spent[0], spent[1]
 
 
-def run_mlp(steps: int, warmup: int, repeats: int, hidden: int, batch_size: int, noise_floor: bool) -> None:
+def run_mlp(steps: int, warmup: int, repeats: int, block: int, hidden: int, batch_size: int, noise_floor: bool) -> None:
     dataset = make_dataset(steps * batch_size)
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = launcher_trainer(dataset, hidden, batch_size, output_dir)
         total = trainer.plan.schedule_steps
         plain_steps = plain_mlp(build_model(hidden), dataset, batch_size, total)
-        rounds = [paired_round(trainer, plain_steps) for _ in range(warmup + repeats)][warmup:]
+        rounds = [paired_round(trainer, plain_steps, block) for _ in range(warmup + repeats)][warmup:]
         if noise_floor:
             twin = plain_mlp(build_model(hidden), dataset, batch_size, total)
-            report_noise_floor([twin_round(plain_steps, twin, steps, torch.device("cpu")) for _ in range(repeats)])
-    report(f"model: MLP 256-{hidden}-{hidden}-10, batch {batch_size}, {steps} steps x {repeats} rounds, "
+            report_noise_floor([twin_round(plain_steps, twin, steps, block, torch.device("cpu")) for _ in range(repeats)])
+    report(f"model: MLP 256-{hidden}-{hidden}-10, batch {batch_size}, {steps} steps x {repeats} rounds in blocks of {block}, "
            f"{torch.get_num_threads()} threads, device cpu", "steps/s", steps, rounds)
 
 
@@ -242,7 +250,7 @@ def plain_lm(model: nn.Module, samples: list[dict], cfg: char_lm.Config, device:
             yield
 
 
-def run_lm(steps: int, warmup: int, repeats: int, n_layer: int, n_embd: int, block_size: int,
+def run_lm(steps: int, warmup: int, repeats: int, block: int, n_layer: int, n_embd: int, block_size: int,
            batch_size: int, noise_floor: bool) -> None:
     samples = make_text_samples(steps * batch_size)
     tokens = real_tokens(samples, block_size + 1)
@@ -257,12 +265,12 @@ def run_lm(steps: int, warmup: int, repeats: int, n_layer: int, n_embd: int, blo
             return char_lm.build_model(cfg).to(device)
 
         plain_steps = plain_lm(plain_model(), samples, cfg, device, total)
-        rounds = [paired_round(trainer, plain_steps) for _ in range(warmup + repeats)][warmup:]
+        rounds = [paired_round(trainer, plain_steps, block) for _ in range(warmup + repeats)][warmup:]
         if noise_floor:
             twin = plain_lm(plain_model(), samples, cfg, device, total)
-            report_noise_floor([twin_round(plain_steps, twin, steps, device) for _ in range(repeats)])
+            report_noise_floor([twin_round(plain_steps, twin, steps, block, device) for _ in range(repeats)])
     report(f"model: char LM n_layer {n_layer}, n_embd {n_embd}, block {block_size}, batch {batch_size}, "
-           f"{steps} steps x {repeats} rounds, {tokens} tokens per round, {torch.get_num_threads()} threads, "
+           f"{steps} steps x {repeats} rounds in blocks of {block}, {tokens} tokens per round, {torch.get_num_threads()} threads, "
            f"device {device.type}", "tokens/s", tokens, rounds)
 
 
@@ -289,22 +297,25 @@ def report_noise_floor(rounds: list[tuple[float, float]]) -> None:
           flush=True)
 
 
-def main(setting: str = "both", steps: int = 100, warmup: int = 1, repeats: int = 15, hidden: int = 1024,
+def main(setting: str = "both", steps: int = 100, warmup: int = 1, repeats: int = 15, block: int = 10, hidden: int = 1024,
          batch_size: int = 128, threads: int = 0, n_layer: int = 2, n_embd: int = 64, block_size: int = 64,
          lm_batch_size: int = 16, noise_floor: bool = False) -> None:
     """--hidden and --batch_size size the MLP; --n_layer, --n_embd, --block_size (tokens) and
     --lm_batch_size (sequences) the char LM; --threads: torch's CPU threads (0: torch's default);
-    --noise_floor also times the plain loop against a second copy of itself, the same way."""
+    --noise_floor also times the plain loop against a second copy of itself, the same way; --block:
+    steps each side runs in turn (a divisor of --steps)."""
     if setting not in SETTINGS:
         raise ConfigError(f"--setting must be one of {', '.join(SETTINGS)}, got {setting!r}")
     if steps < 1 or repeats < 1 or warmup < 0:
         raise ConfigError(f"--steps and --repeats must be >= 1 and --warmup >= 0, got {steps}, {repeats}, {warmup}")
+    if block < 1 or steps % block:
+        raise ConfigError(f"--block must divide --steps ({steps}), got {block}")
     if threads:
         torch.set_num_threads(threads)
     if setting in ("mlp", "both"):
-        run_mlp(steps, warmup, repeats, hidden, batch_size, noise_floor)
+        run_mlp(steps, warmup, repeats, block, hidden, batch_size, noise_floor)
     if setting in ("lm", "both"):
-        run_lm(steps, warmup, repeats, n_layer, n_embd, block_size, lm_batch_size, noise_floor)
+        run_lm(steps, warmup, repeats, block, n_layer, n_embd, block_size, lm_batch_size, noise_floor)
 
 
 if __name__ == "__main__":

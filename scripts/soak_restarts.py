@@ -64,13 +64,19 @@ def ranks(launcher_pid: int) -> list[int]:
 
 
 def kill_one(launcher_pid: int, rng: random.Random) -> str:
-    rank = rng.choice(ranks(launcher_pid))
-    workers = children(rank)
-    if rng.random() < 0.5 or not workers:
-        os.kill(rank, signal.SIGKILL)
-        return "rank"
-    os.kill(rng.choice(workers), signal.SIGKILL)
-    return "worker"
+    """SIGKILL a rank or one of its DataLoader workers: which kind was killed ("" if none could be)."""
+    kind = "rank" if rng.random() < 0.5 else "worker"
+    for _ in range(100):  # a worker may end as it is picked (an epoch's end): pick again
+        running = ranks(launcher_pid)
+        targets = running if kind == "rank" else [w for rank in running for w in children(rank)]
+        if targets:
+            try:
+                os.kill(rng.choice(targets), signal.SIGKILL)
+                return kind
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+    return ""
 
 
 def free_port() -> int:
@@ -93,7 +99,7 @@ def one_run(out: Path, data_dir: Path, kills: int, rng: random.Random, reference
             time.sleep(0.05)
         if run.poll() is not None or not ranks(run.pid):
             break
-        killed.append(kill_one(run.pid, rng))
+        killed.append(kill_one(run.pid, rng) or "none")
         time.sleep(2)  # the restart begins: metrics.jsonl loses the steps after the checkpoint
     try:
         code = run.wait(timeout=max(1.0, 400 - (time.monotonic() - started)))

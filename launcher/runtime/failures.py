@@ -47,6 +47,19 @@ class DiskFull(RunStopped):
     exit_code = DISK_FULL_EXIT_CODE
 
 
+def failure_of(error: BaseException, rank: int, step: int, splits) -> RunStopped | None:
+    """A lost peer or DataLoader worker as its one-line error, or None for any other error. `splits`:
+    the run's SplitLoaders (None for a missing split), whose `worker_pids` name a dead worker."""
+    if isinstance(error, RunStopped):
+        return None
+    workers = {pid: ("training" if split.training else "validation", index) for split in splits if split is not None
+               for pid, index in split.worker_pids.items()}
+    try:
+        return worker_lost(error, rank, step, workers) or lost_contact(error, rank, step)
+    except RuntimeError as later:  # torch's SIGCHLD handler naming a dead worker, raised meanwhile
+        return worker_lost(later, rank, step, workers) or lost_contact(later, rank, step)
+
+
 def lost_contact(error: BaseException, rank: int, step: int) -> LostPeer | None:
     """The one-line error for a collective whose peer went away, or None for any other error."""
     text = str(error)

@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from launcher.config import ConfigError, DataError, RunStopped, TrainConfig
+from launcher.config import ConfigError, DataError, TrainConfig
 from launcher.data.layout import Position, derive_seed
 from launcher.optim.groups import apply_freezing, build_optimizer, frozen_batchnorms, lr_multipliers
 from launcher.optim.regularization import EMA, batch_mix
@@ -38,7 +38,7 @@ from launcher.runtime.distributed import build_accelerator
 from launcher.runtime.parallel import build_parallel
 from launcher.runtime.sharding import global_norm, local
 from launcher.runtime.preemption import Preempted, StopSignals, requeue_slurm_job
-from launcher.runtime.failures import lost_contact, worker_lost
+from launcher.runtime.failures import failure_of
 from launcher.runtime.run_lock import RunLock
 from launcher.runtime.watchdog import Watchdog, injected_hang
 from launcher.track.trackers import MetricsLog, Tracker, save_run_files, write_json
@@ -47,6 +47,7 @@ from launcher.train.evaluation import evaluate_split, example_images, format_met
 from launcher.train.guards import BestMetric, CheckpointCadence, DataHealth, NonFiniteGuard
 from launcher.train.metrics import TaskMetrics, is_accuracy
 from launcher.train.plan import format_plan
+from launcher.train.saving import Saver
 from launcher.train.state import LogWindow, RunState
 
 
@@ -89,8 +90,6 @@ class Trainer:
         set_seed(derive_seed(cfg.seed, "rank", self.rank) % 2**32)  # python, numpy, torch: dropout/augmentation differ per rank
         self.state = RunState()  # step, epoch, best, counters: what a checkpoint keeps
         self.position = Position(0)  # this rank's place in the current epoch's data
-        self.saved_step = -1
-        self.pending_save: checkpoints.PendingSave | None = None  # written, not yet in place (--async_checkpoint)
         last_checkpoint = lambda: (checkpoints.checkpoint_dirs(cfg.output_dir) or [None])[-1]  # noqa: E731
         self.guard = NonFiniteGuard(cfg.nonfinite, acc.mixed_precision == "fp16", self.state, last_checkpoint,
                                     acc.is_main_process, lambda: global_norm(self.parameters))
@@ -104,6 +103,8 @@ class Trainer:
         self.lock = RunLock(cfg.output_dir, log) if acc.is_main_process else None
         self.watchdog = Watchdog(cfg.hang_timeout_s, cfg.output_dir, self.rank, lambda: self.state.step,
                                  before_exit=self.lock.release if self.lock is not None else lambda: None)
+        self.saver = Saver(acc, cfg.output_dir, cfg.keep_checkpoints, cfg.async_checkpoint, self.state,
+                           progress=self.watchdog.beat)
         self.hang_at = injected_hang(self.rank)  # tests: the step this rank sleeps in (-1: none)
 
     # ---- setup ------------------------------------------------------------------------------
@@ -125,7 +126,7 @@ class Trainer:
             state, rank_state = checkpoints.load(acc, resume_from, self.parallel.sharded, self._read_shards)
             self.metrics.drop_after(self.state.step)  # what the lost steps logged is logged again
             self.position = Position.from_dict(rank_state) if rank_state else Position(self.state.epoch)
-            self.saved_step = self.state.step
+            self.saver.saved_step = self.state.step
             self._check_resumable(resume_from, state)
             if acc.is_main_process:
                 where = (f", {self.position.batches} of {self.plan.micro_batches_per_epoch} batches into it"
@@ -174,15 +175,11 @@ class Trainer:
                     break
                 self._check_signals(now=True)  # a signal that came during evaluation stops here
             self.signals.drain()  # the run is done: a signal that came at its last step changes nothing
-            if self.saved_step != self.state.step:
+            if self.saver.saved_step != self.state.step:
                 self._save()  # where max_steps stopped: `--resume=auto` continues from here
-            self._finish_save()
+            self.saver.finish()
         except (RuntimeError, ConnectionError, EOFError) as error:
-            try:
-                failure = self._failure(error)
-            except RuntimeError as later:  # torch's SIGCHLD handler naming a dead worker, raised meanwhile
-                failure = self._failure(later)
-            raise failure or error
+            raise failure_of(error, self.rank, self.state.step, (self.train_data, self.val_data)) or error
         finally:
             self.watchdog.stop()
             self.metrics.flush()
@@ -199,40 +196,10 @@ class Trainer:
             tqdm.write(f"early stop at step {self.state.step}: {self.cfg.best_metric} has not improved for "
                        f"{self.cfg.early_stop_patience} evaluations (best {best['value']:.4g} at step {best['step']})")
 
-    def _failure(self, error: Exception):
-        """A lost peer or DataLoader worker as its one-line `RunStopped`, or None for any other error."""
-        if isinstance(error, RunStopped):
-            return None
-        workers = {pid: ("training" if split.training else "validation", index) for split in (self.train_data, self.val_data) if split is not None
-                   for pid, index in split.worker_pids.items()}
-        return worker_lost(error, self.rank, self.state.step, workers) or lost_contact(error, self.rank, self.state.step)
-
     def _save(self) -> None:
         self.guard.check(self.state.step)
         self.metrics.flush()  # a resume from this checkpoint finds every record up to it
-        self._finish_save()  # the previous background write first
-        self.watchdog.beat()  # a save in progress
-        self.pending_save = checkpoints.save(self.accelerator, self.cfg.output_dir, self._state(), self.position.to_dict(),
-                                             self._write_shards)
-        self.saved_step = self.state.step
-        if not self.cfg.async_checkpoint:
-            self._finish_save()
-
-    def _finish_save(self) -> None:
-        """Put the pending checkpoint in place (once every rank's files are written), then best.json
-        and pruning. A collective."""
-        pending, self.pending_save = self.pending_save, None
-        if pending is None:
-            return
-        acc, cfg = self.accelerator, self.cfg
-        self.watchdog.beat()
-        pending.finish()
-        self.watchdog.beat()
-        if acc.is_main_process:
-            if self.state.best.get("step") == pending.step:
-                checkpoints.write_best(cfg.output_dir, self.state.best)
-            checkpoints.prune(cfg.output_dir, cfg.keep_checkpoints, self.state.best.get("step"))
-        acc.wait_for_everyone()
+        self.saver.save(self._state(), self.position.to_dict(), self._write_shards)
 
     def _write_shards(self, path: str):
         return self.parallel.write_shards(path, self.model, self.optimizer, self.ema)
@@ -244,15 +211,15 @@ class Trainer:
         """At a step boundary: if any rank got SIGUSR1/SIGTERM (by the previous boundary, or by
         this one with `now`), checkpoint here, close the tracker, requeue under Slurm (SIGUSR1),
         and stop with exit code 75."""
-        pending = self.pending_save
-        signum = self.signals.agreed(now, ready=pending.step if pending is not None and pending.written else -1)
-        if pending is not None and self.signals.all_ready == pending.step:
-            self._finish_save()  # every rank's background write is done
+        saver = self.saver
+        signum = self.signals.agreed(now, ready=saver.ready_step)
+        if saver.pending is not None and self.signals.all_ready == saver.pending.step:
+            saver.finish()  # every rank's background write is done
         if not signum:
             return
-        if self.saved_step != self.state.step:
+        if saver.saved_step != self.state.step:
             self._save()
-        self._finish_save()
+        saver.finish()
         self.progress.close()
         self.tracker.finish(self._summary())  # the tracker's files are complete before a requeue
         requeued = requeue_slurm_job(signum) if self.accelerator.is_main_process else ""
@@ -484,7 +451,7 @@ class Trainer:
         if self.ema is not None:
             result.update(self._evaluate(self.ema.module, "val_ema")[0])
         improved = self.best_metric.update(result, epoch_end)
-        if improved and self.saved_step == self.state.step and acc.is_main_process:  # saved just before evaluating
+        if improved and self.saver.saved_step == self.state.step and acc.is_main_process:  # saved just before evaluating
             checkpoints.write_best(self.cfg.output_dir, self.state.best)
         self._record({"step": self.state.step, "epoch": self.state.epoch, **result})
         if epoch_end:
