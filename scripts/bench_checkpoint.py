@@ -1,14 +1,17 @@
 """What checking a checkpoint against its manifest costs, next to loading it.
 
-    python scripts/bench_checkpoint.py [--width=4096 --layers=3 --repeats=5]
+    python scripts/bench_checkpoint.py [--width=4096 --layers=3 --repeats=5 --out=DIR]
 
 An MLP of `layers` width x width linear layers (3 x 4096: 50M parameters) and its AdamW state after
-one step are saved as the trainer saves them (Accelerate's save_state, then manifest.json), in a
-temporary directory. Then, `repeats` times in turn: `checkpoints.verify` (every file's size and
-CRC-32 against the manifest, what `--resume` does first) and `checkpoints.load` (Accelerate's
-load_state into the model and optimizer). The files were just written, so both read them from the
-page cache: the ratio is the CPU cost of the check against the cost of loading. Reported: the
-checkpoint's size, the median seconds of each, and verify / load.
+one step are saved as the trainer saves them (Accelerate's save_state, then manifest.json), under
+`--out` (default: a temporary directory; it must not be a tmpfs). Then, `repeats` times:
+- from the page cache: `checkpoints.verify` (every file's size and CRC-32 against the manifest,
+  what `--resume` does first) against `checkpoints.load` (Accelerate's load_state into the model
+  and optimizer): the CPU cost of the check against that of loading;
+- from the disk (each file's pages dropped from the cache first, posix_fadvise DONTNEED): a load
+  alone against a verify followed by a load, as a resume does it: the check reads the files from
+  the disk and the load then finds them in the cache, so the check adds its CPU time only.
+Medians are reported.
 """
 
 from __future__ import annotations
@@ -28,31 +31,57 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from launcher.runtime import checkpoints  # noqa: E402
 
 
-def main(width: int = 4096, layers: int = 3, repeats: int = 5) -> None:
+def evict(path: str) -> None:
+    """Drop the checkpoint's files from the page cache (written back first)."""
+    for name in os.listdir(path):
+        fd = os.open(os.path.join(path, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(width: int = 4096, layers: int = 3, repeats: int = 5, out: str = "") -> None:
     accelerator = Accelerator(cpu=True)
     model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model, optimizer = accelerator.prepare(model, optimizer)
     model(torch.randn(2, width)).sum().backward()
     optimizer.step()  # AdamW's two moments exist
-    with tempfile.TemporaryDirectory() as output_dir:
+    with tempfile.TemporaryDirectory(dir=out or None) as output_dir:
         checkpoints.save(accelerator, output_dir, {"step": 1}).finish()
         path = checkpoints.checkpoint_dirs(output_dir)[-1]
         size = sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
-        verify, load = [], []
-        for _ in range(repeats):
-            start = time.perf_counter()
+
+        def verify():
             assert checkpoints.verify(path) is None
-            verify.append(time.perf_counter() - start)
-            start = time.perf_counter()
+
+        def load():
             checkpoints.load(accelerator, path)
-            load.append(time.perf_counter() - start)
+
+        warm_verify, warm_load, cold_load, cold_both = [], [], [], []
+        for _ in range(repeats):
+            warm_verify.append(timed(verify))
+            warm_load.append(timed(load))
+            evict(path)
+            cold_load.append(timed(load))
+            evict(path)
+            cold_both.append(timed(lambda: (verify(), load())))
+    median = statistics.median
     params = sum(p.numel() for p in model.parameters())
     print(f"checkpoint: MLP {layers} x {width}x{width} ({params / 1e6:.1f}M parameters) and AdamW state, "
-          f"{size / 2**20:.0f} MiB, {repeats} repeats, page cache warm, {torch.get_num_threads()} threads")
-    print(f"verify (size and CRC-32 of every file)  {statistics.median(verify):.3f} s")
-    print(f"load (Accelerate's load_state)           {statistics.median(load):.3f} s")
-    print(f"verify / load                            {statistics.median(verify) / statistics.median(load):.3f}")
+          f"{size / 2**20:.0f} MiB, {repeats} repeats, {torch.get_num_threads()} threads")
+    print(f"page cache: verify {median(warm_verify):.3f} s, load {median(warm_load):.3f} s, "
+          f"verify / load {median(warm_verify) / median(warm_load):.3f}")
+    print(f"disk: load {median(cold_load):.3f} s, verify then load {median(cold_both):.3f} s, "
+          f"(verify then load) / load {median(cold_both) / median(cold_load):.3f}")
 
 
 if __name__ == "__main__":

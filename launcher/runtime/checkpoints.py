@@ -10,7 +10,7 @@ background, and the rename waits until every rank's write is done.
 A crash mid-save leaves the previous checkpoints as they were; a directory without
 trainer_state.json is never picked for resuming. Only after a new checkpoint is in place are old
 ones pruned: the newest `keep_checkpoints` stay, and the best one (best.json names it).
-The main process writes manifest.json last, before the rename: each file's size and CRC-32.
+The main process writes manifest.json last, before the rename: each file's size and xxh3-64 hash.
 `--resume=auto` takes the newest checkpoint that matches it, with a warning naming any newer one
 that does not (a truncated or flipped block on shared storage); `--resume=PATH` to one that does
 not is a one-line error.
@@ -18,6 +18,7 @@ not is a one-line error.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import glob
@@ -27,14 +28,16 @@ import shutil
 import signal
 import zlib
 
+import xxhash
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from launcher.config import ConfigError
 from launcher.runtime.failures import disk_full, inject_disk_full
 
 
 STATE_FILE = "trainer_state.json"
-MANIFEST_FILE = "manifest.json"  # every file's size and CRC-32, written last, inside the atomic rename
+MANIFEST_FILE = "manifest.json"  # every file's size and xxh3-64 hash, written last, inside the atomic rename
 SHARDED_DIR = "sharded"  # an FSDP checkpoint's DCP files (model, optimizer, EMA), reshardable
 BEST_FILE = "best.json"
 KILL_DURING_SAVE = "LAUNCHER_TEST_KILL_DURING_SAVE"  # fault injection for the tests: SIGKILL mid-save at this step
@@ -44,6 +47,23 @@ def checkpoint_dirs(output_dir: str) -> list[str]:
     """Complete checkpoints, oldest first."""
     found = [os.path.dirname(p) for p in glob.glob(os.path.join(output_dir, "checkpoints", "step-*", STATE_FILE))]
     return sorted(found)
+
+
+def agreed_resume(accelerator: Accelerator, cfg, log=print) -> str | None:
+    """`find_resume` on the main process alone (checking a checkpoint reads all of its files; the
+    ranks of a node would each read them again), its answer or its error given to every rank."""
+    outcome = [None]
+    if accelerator.is_main_process:
+        try:
+            outcome[0] = ("path", find_resume(cfg, log))
+        except ConfigError as error:
+            outcome[0] = ("error", str(error))
+    if accelerator.num_processes > 1:
+        broadcast_object_list(outcome, from_process=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise ConfigError(value)
+    return value
 
 
 def find_resume(cfg, log=print) -> str | None:
@@ -74,12 +94,18 @@ def find_resume(cfg, log=print) -> str | None:
     return cfg.resume
 
 
-def _crc32(path: str) -> int:
+def _digest(path: str, kind: str) -> str:
+    """A file's hash: xxh3-64 (about 20 GB/s on one core, 7 x zlib's CRC-32: checking a checkpoint
+    costs little next to loading it), or the CRC-32 that manifests before it hold."""
+    digest = xxhash.xxh3_64() if kind == "xxh3_64" else None
     crc = 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
-    return crc
+            if digest is not None:
+                digest.update(chunk)
+            else:
+                crc = zlib.crc32(chunk, crc)
+    return digest.hexdigest() if digest is not None else f"{crc:08x}"
 
 
 def _files(root: str) -> list[str]:
@@ -87,10 +113,17 @@ def _files(root: str) -> list[str]:
                   if name != MANIFEST_FILE)
 
 
+def _digests(path: str, names: list[str], kinds: list[str]) -> list[str]:
+    """The files' hashes, several files at a time (the hashing releases the GIL over each chunk)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1, 8))) as pool:
+        return list(pool.map(lambda name, kind: _digest(os.path.join(path, name), kind), names, kinds))
+
+
 def write_manifest(path: str) -> None:
-    """path/manifest.json: each file's size and CRC-32 (the checkpoint's last file)."""
-    files = {name: {"bytes": os.path.getsize(os.path.join(path, name)), "crc32": _crc32(os.path.join(path, name))}
-             for name in _files(path)}
+    """path/manifest.json: each file's size and xxh3-64 hash (the checkpoint's last file)."""
+    names = _files(path)
+    files = {name: {"bytes": os.path.getsize(os.path.join(path, name)), "xxh3_64": digest}
+             for name, digest in zip(names, _digests(path, names, ["xxh3_64"] * len(names)))}
     with open(os.path.join(path, MANIFEST_FILE), "w") as f:
         json.dump({"files": files}, f, indent=1)
 
@@ -113,7 +146,9 @@ def verify(path: str) -> str | None:
         size = os.path.getsize(full)
         if size != expected["bytes"]:
             return f"{name} has {size} bytes, the manifest says {expected['bytes']}"
-        if _crc32(full) != expected["crc32"]:
+    kinds = ["xxh3_64" if "xxh3_64" in expected else "crc32" for expected in files.values()]
+    for (name, expected), kind, digest in zip(files.items(), kinds, _digests(path, list(files), kinds)):
+        if digest != (expected[kind] if kind == "xxh3_64" else f"{expected[kind]:08x}"):
             return f"{name} does not match its checksum"
     return None
 

@@ -57,7 +57,7 @@ class Trainer:
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
         log = print if acc.is_main_process else (lambda _: None)
-        self.resume_from = checkpoints.find_resume(cfg, log)  # raises before anything is written
+        self.resume_from = checkpoints.agreed_resume(acc, cfg, log)  # raises before anything is written
         note = ""
         if self.resume_from:
             cfg, note = checkpoints.keep_global_batch(cfg, self.resume_from, self.world)
