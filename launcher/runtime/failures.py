@@ -45,6 +45,7 @@ class WorkerLost(RunStopped):
 
 class DiskFull(RunStopped):
     exit_code = DISK_FULL_EXIT_CODE
+    hard_exit = True  # another rank may wait for this one's files in a collective
 
 
 def failure_of(error: BaseException, rank: int, step: int, splits) -> RunStopped | None:

@@ -62,7 +62,6 @@ class LogWindow:
         self.device = device
         self.losses: list[torch.Tensor] = []  # each micro-batch's mean loss, or summed one
         self.weights: list = []  # 1 each, or their counts (ints or device tensors)
-        self.step_counts: list = []  # the counts of this optimizer step's micro-batches so far
         self.samples = 0
         self.data_time = 0.0
         self.grad_norm = None

@@ -36,13 +36,14 @@ from launcher.recipe import Recipe
 from launcher.runtime import checkpoints
 from launcher.runtime.distributed import build_accelerator
 from launcher.runtime.parallel import build_parallel
-from launcher.runtime.sharding import global_norm, local
+from launcher.runtime.sharding import global_norm
 from launcher.runtime.preemption import Preempted, StopSignals, requeue_slurm_job
 from launcher.runtime.failures import failure_of
 from launcher.runtime.run_lock import RunLock
 from launcher.runtime.watchdog import Watchdog, injected_hang
 from launcher.track.trackers import MetricsLog, Tracker, save_run_files, write_json
 from launcher.train.build import build_parts
+from launcher.train.counting import CountedLoss
 from launcher.train.evaluation import evaluate_split, example_images, format_metrics
 from launcher.train.guards import BestMetric, CheckpointCadence, DataHealth, NonFiniteGuard
 from launcher.train.metrics import TaskMetrics, is_accuracy
@@ -83,6 +84,7 @@ class Trainer:
         self.mix = batch_mix(cfg.mixup_alpha, cfg.cutmix_alpha, parts.checked.num_classes)
         self.model, self.optimizer = self.parallel.prepare(model, optimizer)
         self.parameters = list(self.model.parameters())  # the same tensors under any DDP rewrap
+        self.counted_loss = CountedLoss(acc, self.world, parts.checked.counted, self.parameters)
         acc.register_for_checkpointing(self.lr_scheduler)
         if isinstance(self.lr_at, LRSchedule) and self.lr_at.state_dict():
             acc.register_for_checkpointing(self.lr_at)  # ReduceLROnPlateau's state
@@ -261,11 +263,11 @@ class Trainer:
         self._trace(batch.keys)
         with acc.accumulate(self.model), self.parallel.gradient_sync(self.model, acc.sync_gradients):
             out = self.step_fn(self.model, data)
-            counted = self._count(out, window)
-            self._backward(self._normalised_loss(out) if counted else out.loss)
+            counted = self.counted_loss.check(out)
+            self._backward(self.counted_loss.loss(out) if counted else out.loss)
             if acc.sync_gradients:
-                if counted and acc.gradient_accumulation_steps > 1:
-                    self._normalise_by_count(window)
+                if counted:
+                    self.counted_loss.normalise()
                 window.grad_norm = self._clip_gradients(self._logs_at(self.state.step + 1))
                 if self.guard.allows(self.state.step + 1, out.loss, window.grad_norm) and self._update():
                     if self.ema is not None:
@@ -331,43 +333,6 @@ class Trainer:
         self._train_mode()
         if self.accelerator.is_main_process:
             tqdm.write(f"step {self.state.step}: training {', '.join(unfrozen)} from now on")
-
-    def _count(self, out, window: LogWindow) -> bool:
-        """Whether this step's loss is a sum over `out.count` items; adds the count to the optimizer
-        step's total. A step must always or never return a count (checked here, where it is cheap)."""
-        counted = out.count is not None
-        if counted != self.checked.counted:
-            raise ConfigError("compute_loss returned a count in some steps and not in others; return "
-                              "(loss_sum, count) always, or a mean always")
-        if counted:
-            window.step_counts.append(out.count)  # an int or a device tensor: no host sync
-        return counted
-
-    def _count_total(self, counts: list) -> torch.Tensor:
-        """The count of an optimizer step: its micro-batches' summed over all ranks (a collective)."""
-        device = self.accelerator.device
-        total = torch.stack([torch.as_tensor(c, dtype=torch.float64, device=device) for c in counts]).sum()
-        return self.accelerator.reduce(total, "sum") if self.world > 1 else total
-
-    def _normalised_loss(self, out) -> torch.Tensor:
-        """With one micro-batch per optimizer step its count is the step's (over the ranks): the
-        summed loss is divided before the backward, times the ranks that DDP averages over. With
-        accumulation the later micro-batches' counts are not known yet: `_normalise_by_count`."""
-        if self.accelerator.gradient_accumulation_steps > 1:
-            return out.loss
-        scale = self.world / self._count_total([out.count]).clamp(min=1)
-        return out.loss * scale.to(out.loss.dtype)
-
-    def _normalise_by_count(self, window: LogWindow) -> None:
-        """The gradients of summed losses, divided by the count summed over this optimizer step's
-        micro-batches and all ranks. DDP averaged them over the ranks and `backward` divided each
-        micro-batch's by the accumulation steps, so both are multiplied back; no host sync."""
-        acc = self.accelerator
-        scale = (self.world * acc.gradient_accumulation_steps / self._count_total(window.step_counts).clamp(min=1)).float()
-        grads = [local(p.grad) for p in self.parameters if p.grad is not None]  # FSDP: this rank's shards
-        if grads:
-            torch._foreach_mul_(grads, scale)
-        window.step_counts = []
 
     def _logs_at(self, step: int) -> bool:
         """Whether optimizer step `step` logs the training metrics."""
