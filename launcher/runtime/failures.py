@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import signal
+import time
 
 from launcher.config import RunStopped
 
@@ -81,7 +82,7 @@ def worker_lost(error: BaseException, rank: int, step: int, workers: dict[int, t
     if found is not None:
         pid, description = int(found.group(1).split(",")[0]), found.group(2)
     elif isinstance(error, (ConnectionError, EOFError)) and _raised_in_dataloader(error):
-        pid, description = next((p for p in workers if not _running(p)), 0), None
+        pid, description = _ended(workers), None
     else:
         return None
     split, index = workers.get(pid, ("", -1))
@@ -110,6 +111,17 @@ def _raised_in_dataloader(error: BaseException) -> bool:
             return True
         tb = tb.tb_next
     return False
+
+
+def _ended(workers: dict[int, tuple[str, int]]) -> int:
+    """The pid of a worker no longer running (0: none). A dying process closes its sockets before it
+    becomes a zombie, so the reset may come first: look again for up to a second."""
+    for _ in range(20):
+        ended = next((pid for pid in workers if not _running(pid)), 0)
+        if ended or not workers:
+            return ended
+        time.sleep(0.05)
+    return 0
 
 
 def _running(pid: int) -> bool:

@@ -221,7 +221,7 @@ def test_a_killed_rank_then_a_killed_worker_restart_under_max_restarts_to_bitwis
     assert len(stopped) == 3 and all(line.startswith("rank ") for line in stopped)
     assert ("lost contact with the other processes at step 1" in stopped[0]
             or "ended by SIGTERM, sent to all of its rank's processes" in stopped[0])
-    assert any(f"(pid {workers[-1]}) of the training data ended at step" in line
+    assert any((f"(pid {workers[-1]}) of the training data ended at step" in line or "a DataLoader worker ended" in line)
                and "the kernel's out-of-memory killer" in line for line in stopped), stopped
     assert not any(marker in text for marker in ("gloo/transport", "ProcessGroupGloo", "connectFullMesh"))
     assert text.count("resumed from") == 2
