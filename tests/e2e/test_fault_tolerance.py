@@ -220,7 +220,7 @@ def test_a_killed_rank_then_a_killed_worker_restart_under_max_restarts_to_bitwis
     stopped = [line.split("launcher: stopped: ", 1)[1] for line in text.splitlines() if "launcher: stopped: " in line]
     assert len(stopped) == 3 and all(line.startswith("rank ") for line in stopped)
     assert ("lost contact with the other processes at step 1" in stopped[0]
-            or "ended by SIGTERM, sent to all of its rank's processes" in stopped[0])
+            or "DataLoader worker" in stopped[0])  # ended by torchrun's SIGTERM to the survivor's processes
     assert any((f"(pid {workers[-1]}) of the training data ended at step" in line or "a DataLoader worker ended" in line)
                and "the kernel's out-of-memory killer" in line for line in stopped), stopped
     assert not any(marker in text for marker in ("gloo/transport", "ProcessGroupGloo", "connectFullMesh"))
