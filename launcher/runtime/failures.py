@@ -49,17 +49,18 @@ class DiskFull(RunStopped):
     hard_exit = True  # another rank may wait for this one's files in a collective
 
 
-def failure_of(error: BaseException, rank: int, step: int, splits) -> RunStopped | None:
+def failure_of(error: BaseException, rank: int, step: int, splits, terminated: bool = False) -> RunStopped | None:
     """A lost peer or DataLoader worker as its one-line error, or None for any other error. `splits`:
-    the run's SplitLoaders (None for a missing split), whose `worker_pids` name a dead worker."""
+    the run's SplitLoaders (None for a missing split), whose `worker_pids` name a dead worker;
+    `terminated`: this rank has received a SIGTERM (which its workers got too)."""
     if isinstance(error, RunStopped):
         return None
     workers = {pid: ("training" if split.training else "validation", index) for split in splits if split is not None
                for pid, index in split.worker_pids.items()}
     try:
-        return worker_lost(error, rank, step, workers) or lost_contact(error, rank, step)
+        return worker_lost(error, rank, step, workers, terminated) or lost_contact(error, rank, step)
     except RuntimeError as later:  # torch's SIGCHLD handler naming a dead worker, raised meanwhile
-        return worker_lost(later, rank, step, workers) or lost_contact(later, rank, step)
+        return worker_lost(later, rank, step, workers, terminated) or lost_contact(later, rank, step)
 
 
 def lost_contact(error: BaseException, rank: int, step: int) -> LostPeer | None:
@@ -72,7 +73,8 @@ def lost_contact(error: BaseException, rank: int, step: int) -> LostPeer | None:
                     "process ended; see its log")
 
 
-def worker_lost(error: BaseException, rank: int, step: int, workers: dict[int, tuple[str, int]]) -> WorkerLost | None:
+def worker_lost(error: BaseException, rank: int, step: int, workers: dict[int, tuple[str, int]],
+                terminated: bool = False) -> WorkerLost | None:
     """The one-line error for a DataLoader worker that died, or None. `workers`: pid -> (split, worker
     index) of the loaders alive (launcher/data/loader.py). torch reports a dead worker by its pid;
     a worker that dies while handing a batch over (its tensors' file descriptors) leaves the main
@@ -88,6 +90,8 @@ def worker_lost(error: BaseException, rank: int, step: int, workers: dict[int, t
     split, index = workers.get(pid, ("", -1))
     worker = (f"DataLoader worker {index} (pid {pid}) of the {split} data" if index >= 0
               else "a DataLoader worker")
+    if description is None and terminated:
+        description = signal.strsignal(signal.SIGTERM)  # the worker got the rank's SIGTERM too
     if description is None:
         cause = ("it ended unexpectedly: killed, most likely by the kernel's out-of-memory killer (`dmesg` says), or "
                  "exited (its traceback, if any, is above)" if found is not None else

@@ -181,7 +181,8 @@ class Trainer:
                 self._save()  # where max_steps stopped: `--resume=auto` continues from here
             self.saver.finish()
         except (RuntimeError, ConnectionError, EOFError) as error:
-            raise failure_of(error, self.rank, self.state.step, (self.train_data, self.val_data)) or error
+            raise failure_of(error, self.rank, self.state.step, (self.train_data, self.val_data),
+                             terminated=self.signals.received == signal.SIGTERM) or error
         finally:
             self.watchdog.stop()
             self.metrics.flush()

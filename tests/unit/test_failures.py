@@ -46,3 +46,23 @@ def test_a_full_disk_is_recognised_from_the_os_and_from_safetensors(tmp_path):
     assert disk_full(wrapped, path) is not None
     assert disk_full(OSError(errno.EACCES, "Permission denied"), path) is None
     assert disk_full(RuntimeError("file write failed"), path) is None  # torch.save's words, with space left
+
+
+def test_a_worker_lost_mid_handover_after_this_rank_got_sigterm_is_put_down_to_the_sigterm():
+    try:
+        raise ConnectionResetError(104, "Connection reset by peer")
+    except ConnectionResetError as error:
+        raised = error
+    assert worker_lost(raised, 0, 5, {}) is None  # not from a DataLoader: some other connection
+    from torch.utils.data import DataLoader
+
+    def broken(_):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    try:
+        next(iter(DataLoader([0], collate_fn=broken)))
+    except ConnectionResetError as error:
+        raised = error
+    assert "most likely killed by the kernel's out-of-memory killer" in str(worker_lost(raised, 0, 5, {}))
+    assert "ended by SIGTERM, sent to all of its rank's processes" in str(worker_lost(raised, 0, 5, {}, terminated=True))
+
