@@ -18,6 +18,16 @@ from launcher.config import ConfigError, TrainConfig
 from launcher.runtime.sharding import check_fsdp
 from launcher.track.trackers import check_trackers, tracker_names, tracker_project
 
+if dist.is_available():
+    # Before any process group exists. torch.distributed.nn.functional binds `group.WORLD` as the
+    # default argument of its collectives when it is imported; DDP imports it (through
+    # torch._dynamo) after the group is made, and the default group is then held for the life of
+    # the process: destroy_process_group leaves gloo's worker threads running into interpreter
+    # shutdown, where a thread that takes the GIL aborts the rank after a complete run ("terminate
+    # called without an active exception", exit -6; pytorch#179291). Imported first, the default
+    # is None and destroy_process_group frees the group and its threads (README, "Known problems").
+    import torch.distributed.nn.functional  # noqa: F401
+
 
 def has_accelerator() -> bool:
     if torch.cuda.is_available():

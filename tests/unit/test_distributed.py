@@ -1,10 +1,12 @@
 """ReplicaChecksums across two real gloo processes: each rank's entry is the hash of that rank's
 parameters, equal on every rank exactly when the parameters are; and the process group can be
-destroyed right after the gather (the end of every run). The backends' configuration imports
-torch's compiler only where determinism is switched on."""
+destroyed right after the gather (the end of every run), and destroying it after DDP ends gloo's
+threads. The backends' configuration imports torch's compiler only where determinism is switched
+on."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -60,6 +62,33 @@ def test_the_process_group_can_go_away_right_after_the_checksums(tmp_path):
     # freed before the destroy, torch 2.4 froze here within a few rounds; see
     # StopSignals.
     spawn_or_fail(_gather_then_leave, (str(tmp_path), 40))
+
+
+def _ddp_then_leave(rank: int, out: str) -> None:
+    torch.set_num_threads(1)  # no intra-op pool threads to count
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))  # imports torch._dynamo
+    model(torch.ones(2, 4)).sum().backward()
+    del model
+    before = _thread_names()
+    dist.destroy_process_group()
+    with open(os.path.join(out, f"rank-{rank}.json"), "w") as f:
+        json.dump({"before": before, "after": _thread_names()}, f)
+
+
+def _thread_names() -> list[str]:
+    return sorted(open(path).read().strip() for path in glob.glob("/proc/self/task/*/comm"))
+
+
+def test_destroying_the_group_after_ddp_ends_gloos_threads(tmp_path):
+    # With the default group held elsewhere (torch.distributed.nn.functional's default arguments,
+    # imported by DDP after the group was made), gloo's worker threads outlived the group and ran on
+    # into interpreter shutdown, where one that takes the GIL aborts the process.
+    spawn_or_fail(_ddp_then_leave, (str(tmp_path),))
+    for rank in range(2):
+        seen = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert len(seen["after"]) < len(seen["before"]), seen
+        assert not [name for name in seen["after"] if "gloo" in name], seen
 
 
 def test_backends_are_configured_without_importing_the_compiler_unless_determinism_changes():
