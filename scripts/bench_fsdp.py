@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,12 +29,8 @@ import tempfile
 import fire
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, ROOT)
+from scripts.processes import free_port  # noqa: E402
 
 
 def text_shards(data_dir: str) -> str:
@@ -101,4 +96,4 @@ def main(processes: int = 2, n_layer: int = 8, n_embd: int = 704, n_head: int = 
 
 
 if __name__ == "__main__":
-    fire.Fire(lambda **kwargs: main(**kwargs) and None)
+    fire.Fire(main, serialize=lambda _: None)  # the table is printed; the returned dict is for callers

@@ -28,6 +28,8 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from scripts.processes import children, free_port, launcher_children  # noqa: E402
 RECIPE = ROOT / "tests" / "recipes" / "mlp_digits.py"
 
 
@@ -46,28 +48,11 @@ def newest_step(out: Path) -> int:
                default=-1)
 
 
-def children(pid: int) -> list[int]:
-    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [int(child) for child in found]
-
-
-def ranks(launcher_pid: int) -> list[int]:
-    """The training processes torchrun started (its children running `-m launcher`)."""
-    found = []
-    for child in children(launcher_pid):
-        try:
-            if b"\0-m\0launcher\0" in Path(f"/proc/{child}/cmdline").read_bytes():
-                found.append(child)
-        except OSError:
-            pass
-    return found
-
-
 def kill_one(launcher_pid: int, rng: random.Random) -> str:
     """SIGKILL a rank or one of its DataLoader workers: which kind was killed ("" if none could be)."""
     kind = "rank" if rng.random() < 0.5 else "worker"
     for _ in range(100):  # a worker may end as it is picked (an epoch's end): pick again
-        running = ranks(launcher_pid)
+        running = launcher_children(launcher_pid)
         targets = running if kind == "rank" else [w for rank in running for w in children(rank)]
         if targets:
             try:
@@ -77,14 +62,6 @@ def kill_one(launcher_pid: int, rng: random.Random) -> str:
                 pass
         time.sleep(0.05)
     return ""
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def one_run(out: Path, data_dir: Path, kills: int, rng: random.Random, reference: dict) -> dict:
@@ -97,7 +74,7 @@ def one_run(out: Path, data_dir: Path, kills: int, rng: random.Random, reference
     for step in at:
         while newest_step(out) < step and run.poll() is None and time.monotonic() - started < 400:
             time.sleep(0.05)
-        if run.poll() is not None or not ranks(run.pid):
+        if run.poll() is not None or not launcher_children(run.pid):
             break
         killed.append(kill_one(run.pid, rng) or "none")
         time.sleep(2)  # the restart begins: metrics.jsonl loses the steps after the checkpoint
@@ -105,7 +82,7 @@ def one_run(out: Path, data_dir: Path, kills: int, rng: random.Random, reference
         code = run.wait(timeout=max(1.0, 400 - (time.monotonic() - started)))
     except subprocess.TimeoutExpired:
         code = "hung"
-        for pid in ranks(run.pid):
+        for pid in launcher_children(run.pid):
             os.kill(pid, signal.SIGKILL)
         os.killpg(run.pid, signal.SIGKILL)
         run.wait()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # scripts/processes.py, shared with the scripts that start launches
+from scripts.processes import children, free_port, launcher_children  # noqa: E402,F401
 MLP_RECIPE = str(ROOT / "tests" / "recipes" / "mlp_digits.py")
 # The wandb CLI that reads runs back (`wandb leet inspect`): the one beside this Python, or
 # $LAUNCHER_TEST_WANDB. `make test-lowest` runs with wandb 0.19.5, which has no `leet`, so it
@@ -56,12 +57,6 @@ def text_shards(tmp_path_factory) -> Path:
 def metrics(run_dir) -> list[dict]:
     """A run's metrics.jsonl, one dict per logged record."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn_or_fail(fn, args: tuple, nprocs: int = 2, timeout: float = 120) -> None:

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MLP_RECIPE, ROOT, child_env, launcher, launcher_command, metrics, start_launcher, wait_for_step
+from conftest import (MLP_RECIPE, ROOT, child_env, children, launcher, launcher_children, launcher_command,
+                      metrics, start_launcher, wait_for_step)
 from launcher.runtime import checkpoints
 
 
@@ -26,12 +27,6 @@ STEPS_PER_EPOCH = {1: 89, 2: 44}  # digits train split (1438) // (batch 16 x pro
 def same_weights(a, b) -> bool:
     x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-
-
-def launcher_children(pid: int) -> list[int]:
-    """The training processes accelerate launch started (its children running `-m launcher`)."""
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [int(c) for c in children if b"\0-m\0launcher\0" in open(f"/proc/{c}/cmdline", "rb").read()]
 
 
 def steps(run_dir) -> list[str]:
@@ -211,8 +206,8 @@ def test_a_killed_rank_then_a_killed_worker_restart_under_max_restarts_to_bitwis
              and log.read_text().count("resumed from") == 1, run, "restart")
     wait_for_step(out, 30, run)
     rank = launcher_children(run.pid)[0]
-    workers = subprocess.run(["pgrep", "-P", str(rank)], capture_output=True, text=True).stdout.split()
-    os.kill(int(workers[-1]), signal.SIGKILL)  # a DataLoader worker, as the OOM killer would
+    workers = children(rank)
+    os.kill(workers[-1], signal.SIGKILL)  # a DataLoader worker, as the OOM killer would
     assert run.wait(timeout=240) == 0
     text = log.read_text()
     # Each time the rank that was left says why in one line: its peer is gone, or torchrun's SIGTERM
