@@ -1,6 +1,7 @@
-"""The plan of a run: batch arithmetic, steps, parameter groups and outputs, before any training.
+"""The plan of a run: batch arithmetic, steps, parameter groups and outputs, before any training;
+and, at its end, where everything went.
 
-`python -m launcher plan RECIPE` prints it; training prints it too, from the main process.
+`python -m launcher plan RECIPE` prints the plan; training prints it too, from the main process.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -17,8 +19,10 @@ from launcher.data.batch import describe as describe_batch
 from launcher.data.loader import SplitLoader
 from launcher.data.spec import Synthetic
 from launcher.optim.groups import ParamGroup
+from launcher.runtime import checkpoints
 from launcher.runtime.parallel import memory_per_rank, optimizer_slots
 from launcher.runtime.sharding import describe_units
+from launcher.train.metrics import is_accuracy
 
 
 @dataclass
@@ -220,6 +224,27 @@ def training_lines(cfg: TrainConfig, schedule, loss_fn, checked) -> list[str]:
     elif cfg.cudnn_benchmark:
         lines.append(f"  {'determinism':<22}cuDNN benchmark on: fastest kernels per shape, not bitwise reproducible")
     return lines
+
+
+def done_lines(cfg: TrainConfig, summary: dict, best: dict | None, ema: bool, wandb_dir: str | None,
+               tensorboard_dir: str | None) -> str:
+    """What training prints at its end: the steps, the best evaluation, and where everything went."""
+    out = cfg.output_dir
+    lines = [f"done: {summary['steps']} optimizer steps"]
+    if best:
+        value = best["value"]
+        shown = f"{100 * value:.2f} %" if is_accuracy(best["metric"]) else f"{value:.4g}"
+        lines.append(f"  best {best['metric']:<10} {shown} (step {best['step']}; "
+                     f"{os.path.join(out, 'checkpoints', checkpoints.BEST_FILE)})")
+    lines += [f"  metrics         {os.path.join(out, 'metrics.jsonl')}",
+              f"  weights         {os.path.join(out, 'model.safetensors')}"]
+    if ema:
+        lines.append(f"  EMA weights     {os.path.join(out, 'model_ema.safetensors')}")
+    if wandb_dir:
+        lines.append(f"  wandb run       {wandb_dir} ({cfg.wandb_mode}; `wandb sync {wandb_dir}` uploads it)")
+    if tensorboard_dir:
+        lines.append(f"  tensorboard     {tensorboard_dir} (`tensorboard --logdir {tensorboard_dir}`)")
+    return "\n".join(lines)
 
 
 def describe(thing) -> str:

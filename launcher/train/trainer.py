@@ -46,8 +46,8 @@ from launcher.train.build import build_parts
 from launcher.train.counting import CountedLoss
 from launcher.train.evaluation import evaluate_split, example_images, format_metrics
 from launcher.train.guards import BestMetric, CheckpointCadence, DataHealth, NonFiniteGuard
-from launcher.train.metrics import TaskMetrics, is_accuracy
-from launcher.train.plan import format_plan
+from launcher.train.metrics import TaskMetrics
+from launcher.train.plan import done_lines, format_plan
 from launcher.train.saving import Saver
 from launcher.train.state import LogWindow, RunState
 
@@ -491,7 +491,8 @@ class Trainer:
                 if not summary["replicas_identical"]:
                     print("WARNING: model parameters differ across ranks (see replicas.json)", flush=True)
             write_json(cfg.output_dir, "summary.json", summary)
-            self._print_outputs(summary)
+            print(done_lines(cfg, summary, self.state.best, self.ema is not None, self.tracker.run_dir,
+                             self.tracker.tensorboard_dir), flush=True)
         # The wrapped model (DDP's reducer, FSDP's mesh) holds the process group: let go of it while
         # the group lives. Freed after end_training destroyed it, ~ProcessGroupGloo can hang (torch 2.7).
         self.model = self.optimizer = self.ema = None
@@ -499,25 +500,6 @@ class Trainer:
         self.tracker.finish(summary)  # Accelerate's end_training destroys the process group
         self.parallel.close()
         return summary
-
-    def _print_outputs(self, summary: dict) -> None:
-        cfg = self.cfg
-        lines = [f"done: {summary['steps']} optimizer steps"]
-        if self.state.best:
-            value = self.state.best["value"]
-            shown = f"{100 * value:.2f} %" if is_accuracy(self.state.best["metric"]) else f"{value:.4g}"
-            lines.append(f"  best {self.state.best['metric']:<10} {shown} (step {self.state.best['step']}; "
-                         f"{os.path.join(cfg.output_dir, 'checkpoints', checkpoints.BEST_FILE)})")
-        lines += [f"  metrics         {os.path.join(cfg.output_dir, 'metrics.jsonl')}",
-                  f"  weights         {os.path.join(cfg.output_dir, 'model.safetensors')}"]
-        if self.ema is not None:
-            lines.append(f"  EMA weights     {os.path.join(cfg.output_dir, 'model_ema.safetensors')}")
-        run_dir = self.tracker.run_dir
-        if run_dir:
-            lines.append(f"  wandb run       {run_dir} ({cfg.wandb_mode}; `wandb sync {run_dir}` uploads it)")
-        if self.tracker.tensorboard_dir:
-            lines.append(f"  tensorboard     {self.tracker.tensorboard_dir} (`tensorboard --logdir {self.tracker.tensorboard_dir}`)")
-        print("\n".join(lines), flush=True)
 
 
 def train(cfg: TrainConfig, recipe: Recipe) -> dict:
