@@ -61,7 +61,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from launcher.config import ConfigError, TrainConfig, apply_overrides  # noqa: E402
 from launcher.data.spec import Shards  # noqa: E402
-from launcher.data.device_decode import is_jpeg  # noqa: E402
+from launcher.data.device_decode import decoding_stream, is_jpeg  # noqa: E402
 from launcher.recipe import Recipe, load_recipe  # noqa: E402
 from launcher.data.index import read_index  # noqa: E402
 from launcher.data.writer import write_shards  # noqa: E402
@@ -220,7 +220,9 @@ def gpu_decoded_batches(shards: Shards, batch_size: int, workers: int, device: t
                                          num_workers=workers)
     for encoded, labels in repeated(loader):
         if device.type == "cuda" and all(map(is_jpeg, encoded)):
-            images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)  # nvJPEG, one call per batch
+            with decoding_stream(device) as settle:  # as the launcher does: nvJPEG may write blocks still in use
+                images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)  # nvJPEG, one call per batch
+                settle(images)
         else:  # on the host, one by one: other formats, and a CPU (torchvision 0.19 batches JPEGs on a GPU only)
             images = [decode_image(data, mode=ImageReadMode.RGB).to(device, non_blocking=True) for data in encoded]
         yield torch.stack([shards.transform(image) for image in images]), labels

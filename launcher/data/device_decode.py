@@ -13,6 +13,7 @@ the host (`decode_image`); an undecodable one is skipped and counted like a bad 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
 import torch
@@ -106,17 +107,47 @@ def _decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor
 
     jpegs = [i for i, d in enumerate(data) if is_jpeg(d)]
     images: list = [None] * len(data)
-    try:
-        decoded = decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=device) if jpegs else []
-        for i, image in zip(jpegs, decoded):
-            images[i] = image
-    except RuntimeError:
-        for i in jpegs:
-            images[i] = _one(lambda d: decode_jpeg(d, mode=ImageReadMode.RGB, device=device), data[i])
+    with decoding_stream(device) as settle:
+        try:
+            decoded = decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=device) if jpegs else []
+            for i, image in zip(jpegs, decoded):
+                images[i] = image
+        except RuntimeError:
+            for i in jpegs:
+                images[i] = _one(lambda d: decode_jpeg(d, mode=ImageReadMode.RGB, device=device), data[i])
+        settle(images)
     for i, image in enumerate(images):
         if image is None:  # PNG, WebP, ... or not an image: decoded on the host
             images[i] = _one(lambda d: decode_image(d, mode=ImageReadMode.RGB).to(device, non_blocking=True), data[i])
     return images
+
+
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+@contextlib.contextmanager
+def decoding_stream(device: torch.device):
+    """On a GPU, nvJPEG decodes into tensors allocated from a stream of their own. torchvision
+    allocates the outputs on the caller's current stream and nvJPEG writes them from another one
+    without waiting (pytorch/vision#9606): from the training stream's pool the decoder is handed
+    blocks that the previous step's queued kernels still read, and overwrites them (wrong numbers,
+    a NaN loss a few steps in). Yields `settle(images)`, which marks each decoded image as used by
+    the training stream (its block is not reused before that stream is past it) and makes the
+    training stream wait for the decoding one."""
+    if device.type != "cuda":
+        yield lambda images: None
+        return
+    main = torch.cuda.current_stream(device)
+    stream = _STREAMS.setdefault(device, torch.cuda.Stream(device))
+
+    def settle(images: list) -> None:
+        for image in images:
+            if isinstance(image, torch.Tensor):
+                image.record_stream(main)
+        main.wait_stream(stream)
+
+    with torch.cuda.stream(stream):
+        yield settle
 
 
 def _one(decode, data: torch.Tensor) -> torch.Tensor | Exception:
