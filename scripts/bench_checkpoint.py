@@ -5,7 +5,7 @@
 An MLP of `layers` width x width linear layers (3 x 4096: 50M parameters) and its AdamW state after
 one step are saved as the trainer saves them (Accelerate's save_state, then manifest.json), under
 `--out` (default: a temporary directory; it must not be a tmpfs). Then, `repeats` times:
-- from the page cache: `checkpoints.verify` (every file's size and CRC-32 against the manifest,
+- from the page cache: `checkpoints.verify` (every file's size and xxh3-64 hash against the manifest,
   what `--resume` does first) against `checkpoints.load` (Accelerate's load_state into the model
   and optimizer): the CPU cost of the check against that of loading;
 - from the disk (each file's pages dropped from the cache first, posix_fadvise DONTNEED): a load

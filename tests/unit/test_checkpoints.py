@@ -89,3 +89,18 @@ def test_a_damaged_newest_checkpoint_is_skipped_by_auto_and_refused_by_path(tmp_
         checkpoints.find_resume(config(tmp_path, newest))
     assert "\n" not in str(error.value)
     assert checkpoints.load(prepared_accelerator(), older)[0]["step"] == 5  # the previous one loads
+
+
+def test_a_manifest_of_crc32s_from_before_xxh3_still_checks_its_files(tmp_path):
+    import zlib
+
+    path = complete_checkpoint(tmp_path, 3, body='{"step": 3}')
+    (path / "model.bin").write_bytes(bytes(range(256)) * 64)
+    files = {name: {"bytes": (path / name).stat().st_size, "crc32": zlib.crc32((path / name).read_bytes())}
+             for name in (checkpoints.STATE_FILE, "model.bin")}
+    (path / checkpoints.MANIFEST_FILE).write_text(json.dumps({"files": files}))
+    assert checkpoints.verify(str(path)) is None
+    data = bytearray((path / "model.bin").read_bytes())
+    data[7] ^= 0x01  # one flipped bit, the size unchanged
+    (path / "model.bin").write_bytes(bytes(data))
+    assert checkpoints.verify(str(path)) == "model.bin does not match its checksum"
