@@ -79,15 +79,18 @@ def child_env() -> dict:
     return env
 
 
-def launcher(*args, processes: int = 1, timeout: float = 300, check: bool = True, env=None):
+def launcher(*args, processes: int = 1, timeout: float = 300, check: bool = True, env=None, extra_env=None):
     """Run `python -m launcher ARGS` (or under `accelerate launch` for processes > 1). A
-    single-process run with the default environment is forked from this worker's zygote
-    (tests/zygote.py), which has imported everything once: the same CLI in a process of its own,
-    seconds sooner. LAUNCHER_TEST_ZYGOTE=0 starts every run as `python -m launcher`."""
+    single-process run with the default environment (plus `extra_env`, read by the run, not at
+    import: fault injection) is forked from this worker's zygote (tests/zygote.py), which has
+    imported everything once: the same CLI in a process of its own, seconds sooner.
+    LAUNCHER_TEST_ZYGOTE=0 starts every run as `python -m launcher`."""
     command = launcher_command(*args, processes=processes)
     zygote = _zygote() if processes == 1 and env is None else None
+    if extra_env:
+        env = dict(env or child_env(), **extra_env)
     if zygote is not None:
-        result = zygote.run(command, [str(a) for a in args], timeout)
+        result = zygote.run(command, [str(a) for a in args], timeout, env)
     else:
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                                 env=env or child_env())
@@ -122,13 +125,13 @@ class Zygote:
         line, self.pending = self.pending.split(b"\n", 1)
         return line.decode()
 
-    def run(self, command: list[str], argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+    def run(self, command: list[str], argv: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
         import signal
         import tempfile
 
         with tempfile.TemporaryDirectory() as directory:
             out, err = Path(directory) / "stdout", Path(directory) / "stderr"
-            request = {"argv": argv, "cwd": str(ROOT), "env": child_env(), "stdout": str(out), "stderr": str(err)}
+            request = {"argv": argv, "cwd": str(ROOT), "env": env or child_env(), "stdout": str(out), "stderr": str(err)}
             self.process.stdin.write((json.dumps(request) + "\n").encode())
             self.process.stdin.flush()
             pid = json.loads(self._line(timeout=60))["pid"]

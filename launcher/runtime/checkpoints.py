@@ -33,14 +33,26 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from launcher.config import ConfigError
-from launcher.runtime.failures import disk_full, inject_disk_full
+from launcher.runtime import durable
+from launcher.runtime.failures import disk_full, first_cause, inject_disk_full
+
+try:  # DCP wraps every rank's failure in it, a BaseException that `except Exception` misses
+    from torch.distributed.checkpoint.api import CheckpointException
+except ImportError:  # a torch built without distributed support
+    class CheckpointException(BaseException):
+        pass
 
 
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"  # every file's size and xxh3-64 hash, written last, inside the atomic rename
 SHARDED_DIR = "sharded"  # an FSDP checkpoint's DCP files (model, optimizer, EMA), reshardable
 BEST_FILE = "best.json"
+ABANDONED_DIR = "abandoned"  # checkpoints after the step a run resumed from: another branch of its history
 KILL_DURING_SAVE = "LAUNCHER_TEST_KILL_DURING_SAVE"  # fault injection for the tests: SIGKILL mid-save at this step
+# Fault injection for the tests: "STEP:POINT", SIGKILL at that point of step STEP's save protocol:
+# `unsynced` (every file written, none fsynced, no manifest), `renamed` (in place, nothing pruned),
+# `pruning` (after the first older checkpoint is deleted).
+KILL_AT = "LAUNCHER_TEST_KILL_AT"
 
 
 def checkpoint_dirs(output_dir: str) -> list[str]:
@@ -58,6 +70,9 @@ def agreed_resume(accelerator: Accelerator, cfg, log=print) -> str | None:
             outcome[0] = ("path", find_resume(cfg, log))
         except ConfigError as error:
             outcome[0] = ("error", str(error))
+        except Exception as error:  # noqa: BLE001 - the other ranks wait for an answer: give them one
+            outcome[0] = ("error", f"cannot choose a checkpoint in {cfg.output_dir}/checkpoints to resume from "
+                                   f"({type(error).__name__}: {error}); pass --resume=PATH to one")
     if accelerator.num_processes > 1:
         broadcast_object_list(outcome, from_process=0)
     kind, value = outcome[0]
@@ -94,6 +109,11 @@ def find_resume(cfg, log=print) -> str | None:
     return cfg.resume
 
 
+def _injected_kill(step: int, point: str) -> None:
+    if os.environ.get(KILL_AT) == f"{step}:{point}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _digest(path: str, kind: str) -> str | int:
     """A file's hash as a manifest holds it: xxh3-64 in hex (about 20 GB/s on one core, 7 x zlib's
     CRC-32: checking a checkpoint costs little next to loading it), or the integer CRC-32 that
@@ -125,21 +145,20 @@ def write_manifest(path: str) -> None:
     names = _files(path)
     files = {name: {"bytes": os.path.getsize(os.path.join(path, name)), "xxh3_64": digest}
              for name, digest in zip(names, _digests(path, names, ["xxh3_64"] * len(names)))}
-    with open(os.path.join(path, MANIFEST_FILE), "w") as f:
-        json.dump({"files": files}, f, indent=1)
+    durable.write_json(os.path.join(path, MANIFEST_FILE), {"files": files}, indent=1)
 
 
 def verify(path: str) -> str | None:
     """None if every file of the checkpoint is as its manifest says, else what is wrong. A checkpoint
-    written before manifests existed passes unchecked."""
+    written before manifests existed passes unchecked, if its trainer_state.json reads."""
     manifest_path = os.path.join(path, MANIFEST_FILE)
     if not os.path.isfile(manifest_path):
-        return None
+        return _state_problem(path)
     try:
-        with open(manifest_path) as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError) as error:
-        return f"{MANIFEST_FILE} unreadable ({type(error).__name__})"
+        with open(manifest_path, "rb") as f:
+            files = _manifest_files(json.load(f))
+    except (OSError, ValueError) as error:
+        return f"{MANIFEST_FILE} unreadable ({error})"
     for name, expected in files.items():
         full = os.path.join(path, name)
         if not os.path.isfile(full):
@@ -151,6 +170,29 @@ def verify(path: str) -> str | None:
     for (name, expected), kind, digest in zip(files.items(), kinds, _digests(path, list(files), kinds)):
         if digest != expected[kind]:
             return f"{name} does not match its checksum"
+    return _state_problem(path)
+
+
+def _manifest_files(manifest) -> dict:
+    """The manifest's {name: {"bytes", "xxh3_64" or "crc32"}}, or ValueError naming what is malformed
+    (a flipped bit in a key, a name outside the checkpoint)."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or STATE_FILE not in files:
+        raise ValueError(f"no file list naming {STATE_FILE}")
+    for name, entry in files.items():
+        if os.path.isabs(name) or ".." in name.split("/") or not isinstance(entry, dict):
+            raise ValueError(f"malformed entry {name!r}")
+        size, xxh3, crc = entry.get("bytes"), entry.get("xxh3_64"), entry.get("crc32")
+        if not (isinstance(size, int) and size >= 0 and (isinstance(xxh3, str) or isinstance(crc, int))):
+            raise ValueError(f"malformed entry {name!r}")
+    return files
+
+
+def _state_problem(path: str) -> str | None:
+    try:
+        read_state(path)
+    except ConfigError as error:
+        return str(error).split("; ")[0]
     return None
 
 
@@ -168,22 +210,28 @@ class PendingSave:
         return self.writing is None or self.writing.done()
 
     def finish(self) -> str:
+        """Every rank's files on disk (fsynced), then the manifest, then the rename: after a power
+        loss the checkpoint is whole or absent, and pruning (after this) never runs ahead of it."""
         acc, root, name = self.accelerator, self.root, self.name
         final, temporary = os.path.join(root, name), os.path.join(root, f".tmp-{name}")
-        if self.writing is not None:
-            with space_checked(temporary, final):
+        with space_checked(temporary, final):
+            if self.writing is not None:
                 self.writing.result()  # raises what the background write raised
-        acc.wait_for_everyone()  # every rank's files are complete
+            _injected_kill(self.step, "unsynced")
+            durable.sync_tree(temporary)  # what this rank wrote (the rest costs a system call each)
+        acc.wait_for_everyone()  # every rank's files are complete and on disk
         if acc.is_main_process:
             with space_checked(temporary, final):
                 write_manifest(temporary)
+                durable.fsync_path(temporary)
             if os.path.exists(final):  # the same step saved again (after a resume): swap, then drop
                 stale = os.path.join(root, f".old-{name}")
                 os.replace(final, stale)
-                os.replace(temporary, final)
+                durable.replace(temporary, final)
                 shutil.rmtree(stale)
             else:
-                os.replace(temporary, final)
+                durable.replace(temporary, final)
+            _injected_kill(self.step, "renamed")
         acc.wait_for_everyone()
         return final
 
@@ -221,7 +269,7 @@ def space_checked(temporary: str, final: str):
     checkpoint and the space left (`DiskFull`, exit 74); the checkpoints before it untouched."""
     try:
         yield
-    except Exception as error:  # noqa: BLE001 - torch.save and safetensors raise their own kinds
+    except (Exception, CheckpointException) as error:  # noqa: BLE001 - torch.save, safetensors, DCP raise their own kinds
         full = disk_full(error, final)
         if full is None:
             raise
@@ -229,38 +277,95 @@ def space_checked(temporary: str, final: str):
         raise full from None
 
 
-def prune(output_dir: str, keep: int, best_step: int | None) -> None:
-    """Main process, after a save is complete: drop all but the newest `keep` (0: all) and the
-    best, and what crashed saves left behind."""
+def prune(output_dir: str, keep: int, protected: set[str], trusted: set[str], step: int = -1) -> None:
+    """Main process, after a save is in place: drop what crashed saves left behind, and every
+    checkpoint older than the newest `keep` (0: all) trusted ones, except the `protected` (the one
+    just written, the one the run resumed from, the best). Trusted: verified at the resume, or
+    written by this run; a checkpoint that is neither is never counted towards `keep`, so a damaged
+    one cannot push the last intact ones out. `step`: the save this follows."""
     root = os.path.join(output_dir, "checkpoints")
     for leftover in glob.glob(os.path.join(root, ".tmp-*")) + glob.glob(os.path.join(root, ".old-*")):
         shutil.rmtree(leftover, ignore_errors=True)
-    complete = checkpoint_dirs(output_dir)
     if keep == 0:
         return
-    best = os.path.join(root, f"step-{best_step:08d}") if best_step is not None else None
-    for path in complete[:-keep]:
-        if path != best:
+    counted = 0
+    for path in reversed(checkpoint_dirs(output_dir)):  # newest first
+        path = os.path.abspath(path)
+        if counted >= keep and path not in protected:
             shutil.rmtree(path)
+            _injected_kill(step, "pruning")
+        elif path in trusted:
+            counted += 1
+    durable.fsync_path(root)
+
+
+def set_aside_after(output_dir: str, resumed: str, step: int, best: dict, log=print) -> None:
+    """Main process, resuming from step `step`: the checkpoints after it (and the torn ones a crash
+    left) belong to an abandoned branch of the run's history. They move to checkpoints/abandoned/,
+    so that `--resume=auto` never returns to them and pruning never counts them; best.json is
+    rewritten from the resumed state (or removed) so that it names a checkpoint of this branch."""
+    root = os.path.join(output_dir, "checkpoints")
+    later = [path for path in glob.glob(os.path.join(root, "step-*"))
+             if _step_of(path) is not None and _step_of(path) > step and os.path.abspath(path) != os.path.abspath(resumed)]
+    if later:
+        aside = os.path.join(root, ABANDONED_DIR)
+        os.makedirs(aside, exist_ok=True)
+        for path in sorted(later, key=_step_of):
+            target = os.path.join(aside, os.path.basename(path))
+            suffix = 1
+            while os.path.exists(target):
+                target, suffix = os.path.join(aside, f"{os.path.basename(path)}.{suffix}"), suffix + 1
+            os.replace(path, target)
+        durable.fsync_path(root)
+        log(f"note: resuming from step {step}: {len(later)} later checkpoint(s) ("
+            + ", ".join(os.path.basename(p) for p in sorted(later, key=_step_of))
+            + f") moved to {os.path.join(root, ABANDONED_DIR)}; --resume=auto continues this run's new branch")
+    best_file = os.path.join(root, BEST_FILE)
+    if os.path.exists(best_file):
+        best_step = best.get("step") if isinstance(best, dict) else None
+        if isinstance(best_step, int) and os.path.isdir(os.path.join(root, f"step-{best_step:08d}")):
+            write_best(output_dir, best)
+        else:
+            os.remove(best_file)
+
+
+def _step_of(path: str) -> int | None:
+    digits = os.path.basename(path).removeprefix("step-")
+    return int(digits) if digits.isdigit() else None
 
 
 def write_best(output_dir: str, best: dict) -> None:
-    """checkpoints/best.json: the best evaluation so far and its checkpoint directory."""
+    """checkpoints/best.json: the best evaluation so far and its checkpoint directory (durable)."""
     root = os.path.join(output_dir, "checkpoints")
     record = {**best, "checkpoint": os.path.join(root, f"step-{best['step']:08d}")}
-    temporary = os.path.join(root, f".{BEST_FILE}.tmp")
-    with open(temporary, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(temporary, os.path.join(root, BEST_FILE))
+    durable.write_json(os.path.join(root, BEST_FILE), record, indent=1)
+
+
+def read_best(path: str) -> dict:
+    """A best.json, validated: {"metric", "value", "step", "checkpoint"}; ConfigError if damaged."""
+    try:
+        with open(path, "rb") as f:
+            best = json.load(f)
+        if not (isinstance(best, dict) and isinstance(best.get("step"), int) and isinstance(best.get("checkpoint"), str)
+                and isinstance(best.get("metric"), str) and isinstance(best.get("value"), (int, float))):
+            raise ValueError("not a best.json record")
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path} is damaged ({error}); pass a checkpoints/step-* directory instead") from None
+    return best
 
 
 def read_state(path: str) -> dict:
+    """A checkpoint's trainer_state.json, validated (a dict with an integer step and epoch)."""
     try:
-        with open(os.path.join(path, STATE_FILE)) as f:
-            return json.load(f)
+        with open(os.path.join(path, STATE_FILE), "rb") as f:
+            state = json.load(f)
+        if not (isinstance(state, dict) and isinstance(state.get("step"), int) and state["step"] >= 0
+                and isinstance(state.get("epoch", 0), int) and isinstance(state.get("config", {}), dict)):
+            raise ValueError("not a launcher trainer state")
     except (OSError, ValueError) as error:
-        raise ConfigError(f"checkpoint {path} cannot be loaded ({STATE_FILE}: {type(error).__name__}); "
-                          "resume from another checkpoint or start a new --output_dir") from error
+        raise ConfigError(f"checkpoint {path} cannot be loaded ({STATE_FILE}: {error}); "
+                          "resume from another checkpoint or start a new --output_dir") from None
+    return state
 
 
 def keep_global_batch(cfg, path: str, world_size: int) -> tuple[object, str]:
@@ -294,9 +399,8 @@ def load(accelerator: Accelerator, path: str, sharded: bool = False, read_shards
         written, wanted = ("fsdp", "ddp") if has_shards else ("ddp", "fsdp")
         raise ConfigError(f"checkpoint {path} was written with --data_parallel={written}, this run has "
                           f"--data_parallel={wanted}; resume with --data_parallel={written}")
+    state = read_state(path)
     try:
-        with open(os.path.join(path, STATE_FILE)) as f:
-            state = json.load(f)
         rank_file = os.path.join(path, f"rank-{accelerator.process_index}.json")
         rank_state = None
         if os.path.isfile(rank_file):
@@ -305,8 +409,9 @@ def load(accelerator: Accelerator, path: str, sharded: bool = False, read_shards
         accelerator.load_state(path)
         if read_shards is not None:
             read_shards(path)
-    except Exception as error:  # noqa: BLE001 - any failure here means an unusable checkpoint
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except (Exception, CheckpointException) as error:  # noqa: BLE001 - any failure here means an unusable checkpoint
+        cause = first_cause(error)  # DCP's CheckpointException wraps each rank's error
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise ConfigError(f"checkpoint {path} cannot be loaded ({reason}); "
                           "resume from another checkpoint or start a new --output_dir") from error
     return state, rank_state

@@ -3,7 +3,8 @@
 - A peer process ended (its connection reset or closed under a collective): `LostPeer`, exit 76.
 - A DataLoader worker killed (the kernel's OOM killer, most often) or gone: `WorkerLost`, exit 76.
 - No space left while writing a checkpoint: `DiskFull`, exit 74 (sysexits' EX_IOERR); the
-  temporary directory is removed, and the checkpoints before it stay as they were.
+  temporary directory is removed, and the checkpoints before it stay as they were. Any other write
+  that finds the disk full (metrics, best.json, the final weights) is 74 too, naming the file.
 
 76 is the restart path: under `accelerate launch --max_restarts=N` (torchrun) any failed rank
 restarts them all, and `--resume=auto` continues from the newest intact checkpoint; a Slurm batch
@@ -137,19 +138,51 @@ def _running(pid: int) -> bool:
         return False
 
 
-def disk_full(error: BaseException, path: str) -> DiskFull | None:
-    """The one-line error for a write under `path` that found no space (or quota) left, or None.
-    torch.save's zip writer says only "file write failed" or "unexpected pos", and safetensors wraps
-    the OS error in its own: any error counts when the filesystem has under 1 MiB left."""
-    where = next((p for p in (path, os.path.dirname(path)) if os.path.exists(p)), ".")
+def _no_space(error: BaseException, path: str) -> float | None:
+    """The MiB left under `path` if `error` is a write that found no space (or quota) left, else
+    None. torch.save's zip writer says only "file write failed" or "unexpected pos", and
+    safetensors wraps the OS error in its own: any error counts when the filesystem has under 1 MiB
+    left. DCP wraps every rank's error in a `CheckpointException` (a BaseException): its causes count."""
+    causes = [error, *_wrapped(error)]
+    where = next((p for p in (path, os.path.dirname(path)) if p and os.path.exists(p)), ".")
     free = shutil.disk_usage(where).free / 2**20
-    text = str(error)
-    said = (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
-        marker in text for marker in ("No space left on device", "Disk quota exceeded", "StorageFull"))
-    if not said and free >= 1:
+    said = any((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
+        marker in str(e) for marker in ("No space left on device", "Disk quota exceeded", "StorageFull"))
+        for e in causes)
+    return free if said or free < 1 else None
+
+
+def _wrapped(error: BaseException) -> list[BaseException]:
+    """The errors inside a torch.distributed.checkpoint `CheckpointException` (rank -> (error, traceback))."""
+    failures = getattr(error, "failures", None)
+    if not isinstance(failures, dict):
+        return []
+    return [value[0] if isinstance(value, tuple) else value for value in failures.values()
+            if isinstance(value, BaseException) or (isinstance(value, tuple) and value and isinstance(value[0], BaseException))]
+
+
+def first_cause(error: BaseException) -> BaseException:
+    """The error itself, or the first one a `CheckpointException` wraps."""
+    return next(iter(_wrapped(error)), error)
+
+
+def disk_full(error: BaseException, path: str) -> DiskFull | None:
+    """The one-line error for a checkpoint write under `path` that found no space left, or None."""
+    free = _no_space(error, path)
+    if free is None:
         return None
     return DiskFull(f"no space left writing checkpoint {path} ({free:.1f} MiB free there); the checkpoints "
                     "before it are intact; free some space or move --output_dir, then rerun with --resume=auto")
+
+
+def disk_full_writing(error: BaseException, path: str) -> DiskFull | None:
+    """The one-line error for any other write (metrics, best.json, the final weights) that found no
+    space left, or None."""
+    free = _no_space(error, path)
+    if free is None:
+        return None
+    return DiskFull(f"no space left writing {path} ({free:.1f} MiB free there); free some space or move "
+                    "--output_dir, then rerun with --resume=auto, which continues from the newest checkpoint")
 
 
 def inject_disk_full(step: int) -> None:

@@ -16,8 +16,11 @@ from accelerate.optimizer import AcceleratedOptimizer
 from torch import nn
 
 from launcher.config import TrainConfig
-from launcher.runtime import sharding
+from launcher.runtime import durable, sharding
 from launcher.runtime.distributed import ReplicaChecksums, rewrap_ddp
+
+
+EXPORT_STAGING = ".export"  # OUTPUT_DIR/.export: the final weights written in full before they are moved in place
 
 
 class Replicated:
@@ -69,9 +72,14 @@ class Replicated:
     def export(self, model: nn.Module, ema: nn.Module | None) -> None:
         """model.safetensors (and model_ema.safetensors), written by the main process."""
         acc, out = self.accelerator, self.cfg.output_dir
-        acc.save_model(model, out)
-        if ema is not None and acc.is_main_process:
-            safetensors.torch.save_model(ema.module, os.path.join(out, "model_ema.safetensors"))
+        if not acc.is_main_process:
+            return  # DDP: every rank holds the same weights
+        staging = os.path.join(out, EXPORT_STAGING)
+        with durable.no_space_left(out):
+            acc.save_model(model, staging)  # one file, or shards and an index above 10 GB
+            if ema is not None:
+                safetensors.torch.save_model(ema.module, os.path.join(staging, "model_ema.safetensors"))
+        durable.publish_files(staging, out)
 
     def replica_checksums(self, model: nn.Module) -> list[str] | None:
         return self.checksums(self.accelerator.unwrap_model(model))
@@ -149,7 +157,8 @@ class Sharded(Replicated):
                 continue
             state = sharding.full_state_dict(module)
             if acc.is_main_process:
-                safetensors.torch.save_file(state, os.path.join(out, name), metadata={"format": "pt"})
+                with durable.atomic_path(os.path.join(out, name)) as temporary:
+                    safetensors.torch.save_file(state, temporary, metadata={"format": "pt"})
 
     def replica_checksums(self, model: nn.Module) -> list[str] | None:
         return None  # each rank holds different shards by design

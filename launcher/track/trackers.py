@@ -10,6 +10,7 @@ OUTPUT_DIR/tensorboard/<wandb_project>/ (`tensorboard --logdir OUTPUT_DIR/tensor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,6 +24,9 @@ from importlib import metadata
 from accelerate.utils import ProjectConfiguration
 
 from launcher.config import ConfigError
+from launcher.runtime import durable
+from launcher.runtime.durable import atomic_file
+from launcher.runtime.failures import disk_full_writing
 
 
 TRACKERS = ("wandb", "tensorboard")
@@ -81,11 +85,9 @@ def save_run_files(cfg, recipe, world_size: int) -> None:
 
 
 def write_json(output_dir: str, name: str, value) -> None:
-    """OUTPUT_DIR/NAME, replaced atomically (a reader never sees half a file)."""
-    path = os.path.join(output_dir, name)
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f)
-    os.replace(path + ".tmp", path)
+    """OUTPUT_DIR/NAME, replaced atomically and durably (a reader never sees half a file, also after
+    a power loss); a full disk is one line (exit 74)."""
+    durable.write_json(os.path.join(output_dir, name), value)
 
 
 class MetricsLog:
@@ -100,15 +102,23 @@ class MetricsLog:
         self.pending: list[dict] = []
 
     def drop_after(self, step: int) -> None:
-        """On resume: forget records of steps after the checkpoint (they are logged again)."""
+        """On resume: forget records of steps after the checkpoint (they are logged again). A line
+        that does not parse (the last one torn by a SIGKILL or a full disk mid-write) is dropped
+        with a warning."""
         if not self.enabled or not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        temporary = self.path + ".tmp"
-        with open(temporary, "w") as f:
+        kept, torn = [], 0
+        with open(self.path, "rb") as f:
+            for line in f:
+                record = _record(line)
+                if record is None:
+                    torn += bool(line.strip())
+                elif not isinstance(record.get("step", 0), int) or record.get("step", 0) <= step:
+                    kept.append(line if line.endswith(b"\n") else line + b"\n")
+        if torn:
+            print(f"WARNING: {self.path}: dropped {torn} damaged line(s) (a write cut short)", flush=True)
+        with atomic_file(self.path, "wb") as f:
             f.writelines(kept)
-        os.replace(temporary, self.path)
 
     def write(self, record: dict, flush: bool = True) -> None:
         if not self.enabled:
@@ -118,10 +128,29 @@ class MetricsLog:
             self.flush()
 
     def flush(self) -> None:
-        if self.pending:
-            with open(self.path, "a") as f:
-                f.writelines(json.dumps(record) + "\n" for record in self.pending)
-            self.pending = []
+        """Append the pending records in one write. A write that fails (a full disk) is cut back to
+        where it began, so a retry never writes a record twice; then `DiskFull` (exit 74) names the file."""
+        if not self.pending:
+            return
+        text = "".join(json.dumps(record) + "\n" for record in self.pending).encode()
+        self.pending = []
+        with open(self.path, "ab") as f:
+            start = f.tell()
+            try:
+                f.write(text)
+                f.flush()
+            except OSError as error:
+                with contextlib.suppress(OSError):
+                    f.truncate(start)
+                raise disk_full_writing(error, self.path) or error
+
+
+def _record(line: bytes) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class Tracker:

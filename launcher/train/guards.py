@@ -13,6 +13,7 @@ Their counters live in the run's `RunState`, which checkpoints keep.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from typing import Callable
@@ -150,7 +151,8 @@ class BestMetric:
         """True if `result` is the best so far. Only epoch-end evaluations count towards early
         stopping, so a run stopped mid-epoch by max_steps resumes as if it had not stopped."""
         value, best = result.get(self.metric), self.state.best  # the metric is checked by the pre-flight
-        better = not best or (value > best["value"] if self.mode == "max" else value < best["value"])
+        better = math.isfinite(value) and (not best or not math.isfinite(best["value"]) or (
+            value > best["value"] if self.mode == "max" else value < best["value"]))  # NaN is never the best
         if better:
             self.state.best = {"metric": self.metric, "value": value, "step": self.state.step}
         if epoch_end:

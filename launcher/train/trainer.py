@@ -128,7 +128,7 @@ class Trainer:
             state, rank_state = checkpoints.load(acc, resume_from, self.parallel.sharded, self._read_shards)
             self.metrics.drop_after(self.state.step)  # what the lost steps logged is logged again
             self.position = Position.from_dict(rank_state) if rank_state else Position(self.state.epoch)
-            self.saver.saved_step = self.state.step
+            self.saver.start_from(resume_from, print)  # later checkpoints set aside: another branch
             self._check_resumable(resume_from, state)
             if acc.is_main_process:
                 where = (f", {self.position.batches} of {self.plan.micro_batches_per_epoch} batches into it"
@@ -417,8 +417,8 @@ class Trainer:
         if self.ema is not None:
             result.update(self._evaluate(self.ema.module, "val_ema")[0])
         improved = self.best_metric.update(result, epoch_end)
-        if improved and self.saver.saved_step == self.state.step and acc.is_main_process:  # saved just before evaluating
-            checkpoints.write_best(self.cfg.output_dir, self.state.best)
+        if improved and acc.is_main_process:
+            self.saver.best_improved()  # best.json, if this step's checkpoint is in place already
         self._record({"step": self.state.step, "epoch": self.state.epoch, **result})
         if epoch_end:
             if isinstance(self.lr_at, LRSchedule) and self.lr_at.after_evaluation(result):

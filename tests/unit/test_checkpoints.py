@@ -17,10 +17,10 @@ def config(tmp_path, resume: str) -> TrainConfig:
     return dataclasses.replace(TrainConfig(), output_dir=str(tmp_path / "run"), resume=resume)
 
 
-def complete_checkpoint(tmp_path, step: int, body: str = "{}"):
+def complete_checkpoint(tmp_path, step: int, body: str | None = None):
     path = tmp_path / "run" / "checkpoints" / f"step-{step:08d}"
     path.mkdir(parents=True)
-    (path / checkpoints.STATE_FILE).write_text(body)
+    (path / checkpoints.STATE_FILE).write_text(body or json.dumps({"step": step, "epoch": 0}))
     return path
 
 
