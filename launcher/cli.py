@@ -7,6 +7,7 @@ stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -70,6 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"launcher: error: {one_line(error)}", file=sys.stderr)
         _leave_process_group()
         sys.exit(2)
+    except OSError as error:  # a write anywhere else that found the disk full: 74 too, naming the file
+        from launcher.runtime.failures import disk_full_writing
+
+        full = disk_full_writing(error, str(error.filename or ".")) if error.errno in (errno.ENOSPC, errno.EDQUOT) else None
+        if full is None:
+            raise
+        print(f"launcher: stopped: {full}", file=sys.stderr, flush=True)
+        os._exit(full.exit_code)  # another rank may wait in a collective for this one
     except RunStopped as error:  # non-finite loss (1), bad data (65), full disk (74), preempted (75), lost peer (76)
         if str(error):
             kind = "data error" if isinstance(error, DataError) else "stopped"

@@ -134,15 +134,14 @@ class MetricsLog:
             return
         text = "".join(json.dumps(record) + "\n" for record in self.pending).encode()
         self.pending = []
-        with open(self.path, "ab") as f:
-            start = f.tell()
-            try:
+        start = os.path.getsize(self.path) if os.path.isfile(self.path) else 0
+        try:
+            with open(self.path, "ab") as f:
                 f.write(text)
-                f.flush()
-            except OSError as error:
-                with contextlib.suppress(OSError):
-                    f.truncate(start)
-                raise disk_full_writing(error, self.path) or error
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, start)
+            raise disk_full_writing(error, self.path) or error
 
 
 def _record(line: bytes) -> dict | None:

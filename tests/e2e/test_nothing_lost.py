@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MLP_RECIPE, launcher, launcher_children, start_launcher, wait_for_step
+from conftest import (MLP_RECIPE, ROOT, child_env, launcher, launcher_children, launcher_command, start_launcher,
+                      wait_for_step)
 from launcher.config import TrainConfig
 from launcher.runtime import checkpoints
 
@@ -99,3 +102,37 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
+
+
+def test_fsdp_a_failing_sharded_load_is_2_and_a_full_disk_inside_dcp_is_74(digits, tmp_path):
+    """DCP wraps every failure in CheckpointException, a BaseException: unwrapped, a sharded load that
+    fails is exit 2 in one line, and a sharded save that fills the disk is exit 74 (on a tmpfs made for
+    the test in a user and mount namespace of its own, with room for the run and one checkpoint)."""
+    run = [MLP_RECIPE, f"--data_dir={digits}", "--data_parallel=fsdp", "--checkpoint_every=10"]
+    first = tmp_path / "first"
+    launcher(*run, f"--output_dir={first}", "--max_steps=10")
+    saved = first / "checkpoints" / "step-00000010"
+    shard = next((saved / checkpoints.SHARDED_DIR).glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    os.remove(saved / checkpoints.MANIFEST_FILE)
+    checkpoints.write_manifest(str(saved))  # the manifest agrees: only loading finds the damage
+    failed = launcher(*run, f"--output_dir={first}", "--max_steps=12", "--resume=auto", check=False)
+    assert failed.returncode == 2, failed.stderr[-2000:]
+    error = failed.stderr.strip().splitlines()
+    assert error[-1].startswith(f"launcher: error: checkpoint {saved} cannot be loaded (")
+    assert "Traceback" not in failed.stderr
+
+    size = sum(f.stat().st_blocks * 512 for f in saved.rglob("*") if f.is_file()) * 3 // 2 + 64 * 1024
+    mount, code, err = tmp_path / "small", tmp_path / "code", tmp_path / "err"
+    mount.mkdir()
+    train = launcher_command(*run, f"--output_dir={mount / 'run'}", "--max_steps=25")
+    script = (f"mount -t tmpfs -o size={size} tmpfs {mount} || exit 99; {' '.join(map(str, train))} 2> {err}; "
+              f"echo $? > {code}; ls {mount / 'run' / 'checkpoints'} > {tmp_path / 'left'}")
+    mounted = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=ROOT,
+                             env=child_env(), timeout=180, stderr=subprocess.DEVNULL).returncode == 0
+    if not mounted:
+        pytest.skip("no user and mount namespace here to make a small tmpfs in")
+    assert code.read_text().strip() == "74", err.read_text()[-2000:]
+    assert err.read_text().strip().splitlines()[-1].startswith(
+        f"launcher: stopped: no space left writing checkpoint {mount / 'run'}/checkpoints/step-00000020 (")
+    assert (tmp_path / "left").read_text().split() == ["step-00000010"]  # no temporary directory left
