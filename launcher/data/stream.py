@@ -98,9 +98,12 @@ class ShardStream(IterableDataset):
             for url, count in zip(share.shards, share.counts):
                 failures: list[Exception] = []
                 seen = 0
-                for sample in shard_samples(url, handler=lambda e: failures.append(e) or True):
-                    seen += 1
-                    yield sample
+                try:  # shard_samples hands its errors over; this also catches what grouping raises
+                    for sample in shard_samples(url, handler=lambda e: failures.append(e) or True):
+                        seen += 1
+                        yield sample
+                except Exception as error:  # noqa: BLE001 - the shard's rest is counted, the stream goes on
+                    failures.append(error)
                 if failures:  # truncated or unreadable tar: the rest of the shard is lost
                     pending.append({"shard": url, "key": None, "reason": error_reason(failures[0]),
                                     "samples": max(count - seen, 0)})
