@@ -27,6 +27,7 @@ from launcher.config import ConfigError, TrainConfig
 from launcher.data.batch import collate
 from launcher.data.loader import SplitLoader
 from launcher.data.spec import Shards
+from launcher.data.tar_reader import printable
 from launcher.recipe import Recipe
 from launcher.runtime.weights import read_state_dict
 from launcher.train.evaluation import evaluate_split
@@ -193,7 +194,7 @@ def _predictions(items: list[str], outputs: torch.Tensor, task: str, classes: li
         for item, value in zip(items, outputs.reshape(len(items), -1).tolist()):
             value = value[0] if len(value) == 1 else value
             results.append({key: item, "prediction": value})
-            print(f"{item}: {value if isinstance(value, list) else f'{value:.6g}'}", flush=True)
+            print(f"{printable(item)}: {value if isinstance(value, list) else f'{value:.6g}'}", flush=True)
         return results
     probabilities = outputs.softmax(dim=1)
     top = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
@@ -201,7 +202,7 @@ def _predictions(items: list[str], outputs: torch.Tensor, task: str, classes: li
         names = [classes[i] if i < len(classes) else str(i) for i in indices]
         results.append({key: item, "top": [{"class": n, "index": i, "probability": round(p, 6)}
                                            for n, i, p in zip(names, indices, values)]})
-        print(f"{item}: " + ", ".join(f"{n} {100 * p:.1f} %" for n, p in zip(names, values)), flush=True)
+        print(f"{printable(item)}: " + ", ".join(f"{n} {100 * p:.1f} %" for n, p in zip(names, values)), flush=True)
     return results
 
 
