@@ -73,6 +73,7 @@ def evaluate(cfg: TrainConfig, recipe: Recipe, checkpoint: str, out: str = "") -
     model = load_model(cfg, recipe, checkpoint).to(accelerator.device)
     checked = preflight(cfg, recipe, None, split, model, accelerator.device, recipe.build_loss(cfg),
                         recipe.build_metrics(cfg))
+    split.num_classes = checked.label_classes  # labels out of range: unreadable samples, counted
     metrics = TaskMetrics(checked.task, checked.num_classes, accelerator.device, recipe.build_metrics(cfg))
     passed = evaluate_split(model, split.loader(0), checked.step, metrics, accelerator, "val", cfg.channels_last)
     unreadable = float(sum(passed.unreadable.values()))
