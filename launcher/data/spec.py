@@ -24,10 +24,15 @@ class Shards:
     urls: str | Sequence[str]  # paths, brace patterns, `pipe:` commands, or a directory with index.json
     transform: Callable | None = None  # per sample in the workers: the image (default decode; uint8 keeps batches small), or the decoded sample
     batch_transform: Callable | None = None  # on the device, per batch (e.g. uint8 -> normalized float): a pair's inputs, else the batch
-    shuffle_buffer: int = 1000  # samples held for shuffling (training only)
+    shuffle_buffer: int = 1000  # samples held for shuffling (training only); 0: read in order
     image_keys: Sequence[str] = IMAGE_EXTENSIONS  # default decode: the first present one is the image
     index: str = ""  # index.json for remote (`pipe:`) shards; local shards use the one beside them
     decode: Callable[[dict], Any] | None = None  # raw sample (extension -> bytes) -> sample; None: image and cls
+
+    def __post_init__(self):
+        if isinstance(self.shuffle_buffer, bool) or not isinstance(self.shuffle_buffer, int) or self.shuffle_buffer < 0:
+            raise ConfigError(f"Shards(shuffle_buffer=...) must be an integer >= 0 (0: no shuffle), "
+                              f"got {self.shuffle_buffer!r}")
 
     @property
     def decoder(self) -> Callable[[dict], Any]:

@@ -213,7 +213,11 @@ def keeping_rngs(batches: Iterator[Batch]) -> Iterator[Batch]:
 
 
 def shuffle_buffer(samples: Iterable, size: int, rng: random.Random) -> Iterator:
-    """Reservoir-style shuffle: fill `size` items, then emit a random one per new item."""
+    """Reservoir-style shuffle: fill `size` items, then emit a random one per new item; `size` 0
+    (or 1): the samples in order."""
+    if size <= 1:
+        yield from samples
+        return
     buffer = []
     for sample in samples:
         if len(buffer) < size:
