@@ -5,6 +5,7 @@ map-style torch Dataset; and the recipe's `DataSpec` of its splits."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any, Callable, Sequence
 
 import torch
@@ -30,7 +31,8 @@ class Shards:
     decode: Callable[[dict], Any] | None = None  # raw sample (extension -> bytes) -> sample; None: image and cls
 
     def __post_init__(self):
-        if isinstance(self.shuffle_buffer, bool) or not isinstance(self.shuffle_buffer, int) or self.shuffle_buffer < 0:
+        size = self.shuffle_buffer
+        if isinstance(size, bool) or not isinstance(size, Integral) or size < 0:
             raise ConfigError(f"Shards(shuffle_buffer=...) must be an integer >= 0 (0: no shuffle), "
                               f"got {self.shuffle_buffer!r}")
 
