@@ -27,6 +27,7 @@ from launcher.config import ConfigError, TrainConfig
 from launcher.data.batch import collate
 from launcher.data.loader import SplitLoader
 from launcher.data.spec import Shards
+from launcher.data.tar_reader import printable
 from launcher.recipe import Recipe
 from launcher.runtime.weights import read_state_dict
 from launcher.train.evaluation import evaluate_split
@@ -72,6 +73,7 @@ def evaluate(cfg: TrainConfig, recipe: Recipe, checkpoint: str, out: str = "") -
     model = load_model(cfg, recipe, checkpoint).to(accelerator.device)
     checked = preflight(cfg, recipe, None, split, model, accelerator.device, recipe.build_loss(cfg),
                         recipe.build_metrics(cfg))
+    split.num_classes = checked.label_classes  # labels out of range: unreadable samples, counted
     metrics = TaskMetrics(checked.task, checked.num_classes, accelerator.device, recipe.build_metrics(cfg))
     passed = evaluate_split(model, split.loader(0), checked.step, metrics, accelerator, "val", cfg.channels_last)
     unreadable = float(sum(passed.unreadable.values()))
@@ -193,7 +195,7 @@ def _predictions(items: list[str], outputs: torch.Tensor, task: str, classes: li
         for item, value in zip(items, outputs.reshape(len(items), -1).tolist()):
             value = value[0] if len(value) == 1 else value
             results.append({key: item, "prediction": value})
-            print(f"{item}: {value if isinstance(value, list) else f'{value:.6g}'}", flush=True)
+            print(f"{printable(item)}: {value if isinstance(value, list) else f'{value:.6g}'}", flush=True)
         return results
     probabilities = outputs.softmax(dim=1)
     top = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
@@ -201,7 +203,7 @@ def _predictions(items: list[str], outputs: torch.Tensor, task: str, classes: li
         names = [classes[i] if i < len(classes) else str(i) for i in indices]
         results.append({key: item, "top": [{"class": n, "index": i, "probability": round(p, 6)}
                                            for n, i, p in zip(names, indices, values)]})
-        print(f"{item}: " + ", ".join(f"{n} {100 * p:.1f} %" for n, p in zip(names, values)), flush=True)
+        print(f"{printable(item)}: " + ", ".join(f"{n} {100 * p:.1f} %" for n, p in zip(names, values)), flush=True)
     return results
 
 

@@ -15,7 +15,8 @@ from typing import Sequence
 
 from webdataset.shardlists import expand_urls
 
-from launcher.config import ConfigError
+from launcher.config import ConfigError, DataError
+from launcher.data.tar_reader import TarReadError, count_samples
 
 
 INDEX_NAME = "index.json"
@@ -81,7 +82,7 @@ def check_shard_files(paths: Sequence[str]) -> None:
         try:
             with open(path, "rb") as f:
                 tarfile.TarInfo.frombuf(f.read(tarfile.BLOCKSIZE), tarfile.ENCODING, "surrogateescape")
-        except (OSError, tarfile.TarError) as error:
+        except (OSError, ValueError, tarfile.TarError) as error:
             unreadable.append((path, error))
     if unreadable:
         path, error = unreadable[0]
@@ -90,15 +91,48 @@ def check_shard_files(paths: Sequence[str]) -> None:
 
 
 def _load_index_file(path: str) -> dict:
+    """index.json, checked: {"shards": {NAME: COUNT >= 0, ...}, "classes": [NAME, ...] (optional)}.
+    Anything else is refused in one line, before a count reaches the layout's arithmetic."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             index = json.load(f)
-        assert isinstance(index.get("shards"), dict)
-        return index
-    except (OSError, ValueError, AssertionError) as error:
-        raise ConfigError(f"unreadable shard index {path} ({error}); rewrite it with the shard writer")
+    except (OSError, ValueError) as error:  # ValueError: invalid JSON or not UTF-8
+        raise ConfigError(f"unreadable shard index {path} ({one_line(error)}); {_INDEX_FIX}") from None
+    problem = _index_problem(index)
+    if problem:
+        raise ConfigError(f"shard index {path} {problem}; {_INDEX_FIX}")
+    return index
+
+
+_INDEX_FIX = ("rewrite it with `launcher shards` (or scripts/make_shards.py), or delete it and list the .tar "
+              "files, which are then counted by a scan")
+
+
+def _index_problem(index) -> str:
+    """What is wrong with a parsed index.json, or ""."""
+    if not isinstance(index, dict):
+        return f"holds a JSON {type(index).__name__}, not an object with \"shards\""
+    shards = index.get("shards")
+    if not isinstance(shards, dict):
+        return "has no \"shards\" object (shard file name -> sample count)"
+    for name, count in shards.items():
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            return f"gives shard {name!r} the count {json.dumps(count)[:40]}, not an integer >= 0"
+    classes = index.get("classes", [])
+    if not isinstance(classes, list) or not all(isinstance(c, (str, int, float)) for c in classes):
+        return "has \"classes\" that are not a list of names"
+    return ""
+
+
+def one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:200]
 
 
 def _count_samples(path: str) -> int:
-    with tarfile.open(path) as tar:
-        return len({m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()})
+    """A local shard with no index entry, counted from its headers; a damaged one is refused here,
+    since without a count its samples cannot be laid out (nor its losses counted)."""
+    try:
+        return count_samples(path)
+    except (OSError, TarReadError) as error:
+        raise DataError(f"shard {path} is damaged ({one_line(error)}) and has no count in an {INDEX_NAME}; "
+                        "rewrite it (`launcher shards`), or remove it from the list") from None

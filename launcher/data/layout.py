@@ -15,8 +15,10 @@ from launcher.data.index import ShardIndex
 
 
 def derive_seed(*parts) -> int:
-    """A 63-bit seed from any parts, the same in every process (unlike hash())."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    """A 63-bit seed from any parts, the same in every process (unlike hash()). A tar member name
+    that is not UTF-8 reaches here with its bytes as surrogates (surrogateescape), and is encoded
+    back to those bytes: its sample is seeded like any other, and valid UTF-8 seeds are unchanged."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 

@@ -19,7 +19,8 @@ position (`Position`: those tags plus the last worker served) is enough to resta
 mid-epoch exactly where it stopped: workers skip what was read without decoding it, and the
 round-robin restarts at the worker that was next. (Layouts and positions: launcher/data/layout.py.)
 
-Undecodable samples and unreadable or truncated tars are skipped, never retried or slept on,
+Undecodable samples, class labels outside the task's classes, and unreadable or truncated tars
+(any error while reading one ends it) are skipped, never retried or slept on,
 and travel with the batch as error records (shard, key, reason, samples lost) for the trainer
 to count, log, and stop on above a threshold. Validation reads each sample exactly once across
 ranks (no padding, no drop).
@@ -44,7 +45,7 @@ from launcher.data.device_decode import decode_batch
 from launcher.data.index import read_index
 from launcher.data.layout import EpochLayout, EpochLayouts, Position, derive_seed
 from launcher.data.spec import Shards, Synthetic
-from launcher.data.stream import ShardStream, error_reason, kept_rngs, seed_augmentation
+from launcher.data.stream import ShardStream, check_label, error_reason, kept_rngs, seed_augmentation
 from launcher.data.tar_reader import shard_samples
 
 
@@ -135,13 +136,24 @@ class KeyedItems(list):
 
 class MapCollate:
     """A map-style dataset's batch: its keyed items collated (by the recipe's function, or
-    default_collate) into a `Batch`, as shard streams yield it."""
+    default_collate) into a `Batch`, as shard streams yield it. Items whose class label is out of
+    range (`check_label`) are left out and travel as error records, named by `source` and index
+    (a map-style batch is one read of fixed indices: it is not refilled, so it is smaller)."""
 
-    def __init__(self, collate_fn: Collate | None = None):
-        self.collate_fn = collate_fn
+    def __init__(self, collate_fn: Collate | None = None, num_classes: int | None = None, source: str = "dataset"):
+        self.collate_fn, self.num_classes, self.source = collate_fn, num_classes, source
 
     def __call__(self, items: KeyedItems) -> Batch:
-        return Batch(data=collate(items, self.collate_fn), size=len(items), keys=[str(i) for i in items.indices])
+        kept, keys, errors = [], [], []
+        for item, index in zip(items, items.indices):
+            try:
+                check_label(item, self.num_classes)
+            except ValueError as error:
+                errors.append({"shard": self.source, "key": str(index), "reason": error_reason(error), "samples": 1})
+                continue
+            kept.append(item)
+            keys.append(str(index))
+        return Batch(data=collate(kept, self.collate_fn) if kept else None, size=len(kept), keys=keys, errors=errors)
 
 
 class BufferReturns:
@@ -212,6 +224,9 @@ class SplitLoader:
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # read by persistent workers
         self._kept: EpochLoader | None = None  # the persistent loader
         self.worker_pids: dict[int, int] = {}  # the running DataLoader's workers: pid -> worker index
+        # Set once the pre-flight knows the task (launcher/train/build.py): the classes an (input, label)
+        # sample's label must lie in; samples outside are unreadable (check_label). None: unchecked.
+        self.num_classes: int | None = None
         if isinstance(source, Synthetic):
             self.index = None
             self.total = source.length
@@ -339,12 +354,14 @@ class SplitLoader:
             ring = self.prefetch_factor + (3 if self.num_workers == 1 else 2)
             stream = ShardStream(self._layouts(), self.source, rank=self.rank, seed=self.seed,
                                  training=self.training, epoch=epoch, start=start, encoded=self.decode_on_device,
-                                 released=returns.released if returns else None, ring=ring, collate_fn=self.collate_fn)
+                                 released=returns.released if returns else None, ring=ring, collate_fn=self.collate_fn,
+                                 num_classes=self.num_classes)
             return EpochLoader(DataLoader(stream, batch_size=None, **options), returns=returns)
         batches = EpochBatches()
         dataset = KeyedDataset(self.source, self.seed, epoch, self.training)
-        return EpochLoader(DataLoader(dataset, batch_sampler=batches, collate_fn=MapCollate(self.collate_fn), **options),
-                       batches=batches)
+        collate_items = MapCollate(self.collate_fn, self.num_classes, type(self.source).__name__)
+        return EpochLoader(DataLoader(dataset, batch_sampler=batches, collate_fn=collate_items, **options),
+                           batches=batches)
 
     def _batches(self, epoch: int, start: Position) -> list[list[int]]:
         """A map-style dataset's batches of indices for this rank in `epoch`, from `start`."""

@@ -5,6 +5,7 @@ map-style torch Dataset; and the recipe's `DataSpec` of its splits."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral
 from typing import Any, Callable, Sequence
 
 import torch
@@ -24,10 +25,16 @@ class Shards:
     urls: str | Sequence[str]  # paths, brace patterns, `pipe:` commands, or a directory with index.json
     transform: Callable | None = None  # per sample in the workers: the image (default decode; uint8 keeps batches small), or the decoded sample
     batch_transform: Callable | None = None  # on the device, per batch (e.g. uint8 -> normalized float): a pair's inputs, else the batch
-    shuffle_buffer: int = 1000  # samples held for shuffling (training only)
+    shuffle_buffer: int = 1000  # samples held for shuffling (training only); 0: read in order
     image_keys: Sequence[str] = IMAGE_EXTENSIONS  # default decode: the first present one is the image
     index: str = ""  # index.json for remote (`pipe:`) shards; local shards use the one beside them
     decode: Callable[[dict], Any] | None = None  # raw sample (extension -> bytes) -> sample; None: image and cls
+
+    def __post_init__(self):
+        size = self.shuffle_buffer
+        if isinstance(size, bool) or not isinstance(size, Integral) or size < 0:
+            raise ConfigError(f"Shards(shuffle_buffer=...) must be an integer >= 0 (0: no shuffle), "
+                              f"got {self.shuffle_buffer!r}")
 
     @property
     def decoder(self) -> Callable[[dict], Any]:

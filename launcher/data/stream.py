@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy
 import torch
@@ -30,8 +30,10 @@ class ShardStream(IterableDataset):
 
     def __init__(self, layouts: Callable[[int], EpochLayout], spec: Shards, *, rank: int, seed: int,
                  training: bool, epoch: int | torch.Tensor, start: Position | None = None, encoded: bool = False,
-                 released: torch.Tensor | None = None, ring: int = 0, collate_fn: Collate | None = None):
+                 released: torch.Tensor | None = None, ring: int = 0, collate_fn: Collate | None = None,
+                 num_classes: int | None = None):
         self.layouts, self.spec, self.epoch_source = layouts, spec, epoch
+        self.num_classes = num_classes  # class labels outside 0..num_classes-1 make a sample unreadable (check_label)
         self.collate_fn = collate_fn
         self.rank, self.seed, self.training = rank, seed, training
         self.start = start
@@ -98,9 +100,12 @@ class ShardStream(IterableDataset):
             for url, count in zip(share.shards, share.counts):
                 failures: list[Exception] = []
                 seen = 0
-                for sample in shard_samples(url, handler=lambda e: failures.append(e) or True):
-                    seen += 1
-                    yield sample
+                try:  # shard_samples hands its errors over; this also catches what grouping raises
+                    for sample in shard_samples(url, handler=lambda e: failures.append(e) or True):
+                        seen += 1
+                        yield sample
+                except Exception as error:  # noqa: BLE001 - the shard's rest is counted, the stream goes on
+                    failures.append(error)
                 if failures:  # truncated or unreadable tar: the rest of the shard is lost
                     pending.append({"shard": url, "key": None, "reason": error_reason(failures[0]),
                                     "samples": max(count - seen, 0)})
@@ -118,20 +123,44 @@ class ShardStream(IterableDataset):
 
     def _decode(self, sample: dict, repeat: int, errors: list) -> tuple | None:
         """(sample, key), or with `encoded` ((bytes, label, key, shard, augmentation seed),); None if unreadable.
-        A sample whose decode or transform raises is unreadable: skipped and counted."""
+        A sample whose decode or transform raises, or whose class label is out of range, is unreadable:
+        skipped and counted."""
         key, url = sample.get("__key__"), sample.get("__url__")
         try:
             if self.encoded:
                 decoder = self.spec.decoder
                 image_key = decoder.image_key(sample)
                 seed = derive_seed(self.seed, "augment", self.epoch, key, repeat) if self.training else None
-                return ((sample[image_key], int(sample[decoder.label]), key, url, seed),)
+                label = int(sample[decoder.label])
+                check_label((None, label), self.num_classes)
+                return ((sample[image_key], label, key, url, seed),)
             if self.training:
                 seed_augmentation(derive_seed(self.seed, "augment", self.epoch, key, repeat))
-            return self.spec.prepare(sample), key
+            prepared = self.spec.prepare(sample)
+            check_label(prepared, self.num_classes)
+            return prepared, key
         except Exception as error:  # noqa: BLE001 - PIL and recipes' decoders raise many types for bad bytes
             errors.append({"shard": url, "key": key, "reason": error_reason(error), "samples": 1})
             return None
+
+
+def check_label(sample: Any, num_classes: int | None) -> None:
+    """Raise ValueError if `sample` is an (input, integer class label) pair whose label is outside
+    0..num_classes-1. The loss would index past its logits with it (an IndexError on the CPU, a
+    device-side assert that ends the process on CUDA), so it is checked here, per sample, where the
+    sample can still be skipped and counted like any unreadable one: one comparison a sample, in
+    the DataLoader workers. Other samples (dicts, float labels, sequences) pass unchecked."""
+    if num_classes is None or not isinstance(sample, (tuple, list)) or len(sample) != 2:
+        return
+    label = sample[1]
+    if isinstance(label, torch.Tensor):
+        if label.ndim != 0 or label.is_floating_point() or label.is_complex() or label.dtype == torch.bool:
+            return
+        label = int(label)
+    elif isinstance(label, bool) or not isinstance(label, int):
+        return
+    if not 0 <= label < num_classes:
+        raise ValueError(f"class label {label} is outside the task's {num_classes} classes (0..{num_classes - 1})")
 
 
 def error_reason(error: Exception) -> str:
@@ -184,7 +213,11 @@ def keeping_rngs(batches: Iterator[Batch]) -> Iterator[Batch]:
 
 
 def shuffle_buffer(samples: Iterable, size: int, rng: random.Random) -> Iterator:
-    """Reservoir-style shuffle: fill `size` items, then emit a random one per new item."""
+    """Reservoir-style shuffle: fill `size` items, then emit a random one per new item; `size` 0
+    (or 1): the samples in order."""
+    if size <= 1:
+        yield from samples
+        return
     buffer = []
     for sample in samples:
         if len(buffer) < size:

@@ -11,17 +11,21 @@ writers put in shards: POSIX ustar (with its name prefix), pax extended headers 
 skips them.
 
 It is also stricter than `tarfile`, which ends iteration without a word at a corrupt header or
-a file cut at a member boundary: here a bad checksum, a cut header or member, and a file that
-ends without its end-of-archive block raise `TarReadError`, so the loader counts what was lost.
-`pipe:` commands still go through WebDataset (`shard_samples`).
+a file cut at a member boundary: here a bad checksum, a cut header or member, a size that is
+negative or larger than what is left of the file (checked before anything is allocated: a
+damaged base-256 size once made a member of 2^40 bytes or a loop seeking backwards), a malformed
+pax record, and a file that ends without its end-of-archive block raise `TarReadError`; any
+other error while reading a local shard ends it too, and all go to the handler, so the loader
+counts what was lost. `pipe:` commands still go through WebDataset (`shard_samples`).
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Callable, Iterator
 
-from webdataset.tariterators import group_by_keys, tarfile_samples
+from webdataset.tariterators import base_plus_ext, group_by_keys, tarfile_samples
 
 
 BLOCK = 512
@@ -37,8 +41,9 @@ def shard_samples(url: str, handler: Callable[[Exception], bool]) -> Iterator[di
     """WebDataset samples (`__key__`, `__url__`, one entry per extension) of the shard at `url`.
     A local file is read by `tar_files`, a `pipe:` command by WebDataset's tar iterator (any other
     source is a local path, as for the pre-flight checks in launcher/data/index.py).
-    An error that ends the shard early (missing file, truncation) goes to `handler`; so do
-    WebDataset's per-sample errors (a duplicate file name)."""
+    An error that ends the shard early (missing file, truncation, a damaged header, or anything
+    else raised while reading it) goes to `handler`; so do WebDataset's per-sample errors (a
+    duplicate file name). KeyboardInterrupt and SystemExit are not errors of the shard: they pass."""
     if url.startswith("pipe:"):
         yield from tarfile_samples([{"url": url}], handler=handler)
         return
@@ -46,18 +51,42 @@ def shard_samples(url: str, handler: Callable[[Exception], bool]) -> Iterator[di
     def files() -> Iterator[dict]:
         try:
             for name, data in tar_files(url):
-                if "/" not in name and name.startswith("__") and name.endswith("__"):
-                    continue  # WebDataset's convention: top-level __meta__ files are not samples
+                if _is_meta(name):
+                    continue
                 yield {"fname": name, "data": data, "__url__": url}
-        except (OSError, TarReadError) as error:
+        except Exception as error:  # noqa: BLE001 - whatever damaged bytes raise, the rest of the shard is lost
             handler(error)
 
     yield from group_by_keys(files(), handler=handler)
 
 
-def tar_files(path: str) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each regular file in the tar at `path`, in order."""
+def count_samples(path: str) -> int:
+    """The samples `shard_samples` gives for the local tar at `path`, from its headers alone (file
+    contents are skipped, not read); raises TarReadError or OSError as `tar_files` does."""
+    count, last = 0, None
+    for name, _ in tar_files(path, contents=False):
+        key = None if _is_meta(name) else base_plus_ext(name)[0]
+        if key is not None and key != last:  # WebDataset starts a sample where the key changes
+            count, last = count + 1, key
+    return count
+
+
+def _is_meta(name: str) -> bool:
+    """WebDataset's convention: top-level __meta__ files are not samples."""
+    return "/" not in name and name.startswith("__") and name.endswith("__")
+
+
+def printable(text: str) -> str:
+    """`text` with the bytes of a name that is not UTF-8 (kept as surrogates by surrogateescape) shown
+    as `\\udcXX` escapes: printing a lone surrogate to a UTF-8 stdout raises UnicodeEncodeError."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def tar_files(path: str, contents: bool = True) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file in the tar at `path`, in order; with `contents` False the
+    bytes are skipped and each comes with b"" (the sizes are checked all the same)."""
     with open(path, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
         long_name: str | None = None
         pax: dict[str, str] = {}
         offset = 0
@@ -72,16 +101,22 @@ def tar_files(path: str) -> Iterator[tuple[str, bytes]]:
             kind = header[156:157]
             size = _number(header[124:136], offset)
             if "size" in pax and kind in _REGULAR:
-                size = int(pax["size"])
-            padded = size + (-size % BLOCK)
+                size = _pax_size(pax["size"], offset)
             offset += BLOCK
-            if kind in _REGULAR or kind in (b"x", b"L"):
+            if size < 0:  # a damaged base-256 size: seeking back by it would loop forever
+                raise TarReadError(f"tar header at byte {offset - BLOCK} gives member {_name(header)!r} the negative "
+                                   f"size {size} (corrupt file?)")
+            if size > file_size - offset:  # before reading: no buffer of a damaged size (2^40 bytes, say)
+                raise TarReadError(f"tar is cut inside member {_name(header)!r} at byte {file_size}: it claims {size} "
+                                   f"bytes, {file_size - offset} are left (truncated file, or a corrupt size?)")
+            padded = size + (-size % BLOCK)
+            if (kind in _REGULAR and contents) or kind in (b"x", b"L"):
                 data = f.read(size)
                 if len(data) < size:
                     raise TarReadError(f"tar is cut inside member {_name(header)!r} at byte {offset + len(data)} "
                                        "(truncated file?)")
                 f.seek(padded - size, 1)
-            else:  # directory, link, global pax header, ...: nothing a sample needs
+            else:  # directory, link, global pax header, ... (or contents not wanted): nothing a sample needs
                 f.seek(padded, 1)
                 data = b""
             offset += padded
@@ -120,6 +155,12 @@ def _number(field: bytes, offset: int) -> int:
         raise TarReadError(f"tar header at byte {offset} has a non-numeric field (corrupt file?)") from None
 
 
+def _pax_size(value: str, offset: int) -> int:
+    if not (value.isascii() and value.isdigit()):
+        raise TarReadError(f"tar pax header before byte {offset} has a non-numeric size {value[:20]!r} (corrupt file?)")
+    return int(value)
+
+
 def _name(header: bytes) -> str:
     name = header[:100].split(b"\0", 1)[0]
     if header[257:265] == _POSIX_MAGIC:
@@ -130,12 +171,16 @@ def _name(header: bytes) -> str:
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
-    """`LENGTH KEY=VALUE\\n` records."""
+    """`LENGTH KEY=VALUE\\n` records; ValueError for a length that is not a number, too short for
+    its own digits, or past the header's end, or a record not ending in a newline."""
     records, position = {}, 0
     while position < len(data) and data[position:position + 1] != b"\0":
         space = data.index(b" ", position)
-        length = int(data[position:space])
-        if length <= space - position:
+        digits = data[position:space]
+        if not digits.isdigit():
+            raise ValueError(f"pax record length {digits[:20]!r}")
+        length = int(digits)
+        if length <= space - position or position + length > len(data) or data[position + length - 1] != 0x0A:
             raise ValueError(f"pax record length {length}")
         key, _, value = data[space + 1:position + length - 1].partition(b"=")
         records[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")

@@ -191,13 +191,19 @@ def _png(figure) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def plain(text: str) -> str:
+    """`text` (a run, class, metric or parameter group name) as matplotlib shows it literally: a pair
+    of `$` would start mathtext, which renders the text between as maths or raises on it."""
+    return str(text).replace("$", r"\$")
+
+
 def _draw(spec: Figure):
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(9, 3.6))
     for label, steps, values in spec.lines:
-        axes.plot(steps, values, marker="o" if len(steps) < 30 else None, label=label)
-    axes.set(xlabel="optimizer step", ylabel=spec.ylabel)
+        axes.plot(steps, values, marker="o" if len(steps) < 30 else None, label=plain(label))
+    axes.set(xlabel="optimizer step", ylabel=plain(spec.ylabel))
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, ncol=spec.legend_columns)
     return figure
@@ -216,7 +222,7 @@ def confusion_figure(matrix: list[list[int]], names: list[str] | None):
     import numpy as np
 
     matrix = np.array(matrix)
-    names = names or [str(i) for i in range(len(matrix))]
+    names = [plain(name) for name in names] if names else [str(i) for i in range(len(matrix))]
     size = min(12, 3 + 0.4 * len(matrix))
     figure, axes = plt.subplots(figsize=(size, size * 0.85))
     image = axes.imshow(matrix, cmap="Blues")

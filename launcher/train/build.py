@@ -66,6 +66,9 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
     loss_fn = recipe.build_loss(cfg)
     extra_metrics = recipe.build_metrics(cfg)
     checked = preflight(cfg, recipe, train_data, val_data, model, device, loss_fn, extra_metrics)
+    for split in (train_data, val_data):
+        if split is not None:
+            split.num_classes = checked.label_classes  # labels out of range: unreadable samples
     cfg = dataclasses.replace(cfg, best_metric=checked.best_metric, best_mode=checked.best_mode)
     if cfg.synthetic_data:
         train_data, val_data = (_synthetic(split, checked, loader_args) if split else None

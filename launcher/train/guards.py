@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from launcher.config import DataError, RunStopped
+from launcher.data.tar_reader import printable
 from launcher.train.state import RunState
 
 # nonfinite=stop checks the gradient norms it kept at least this often (one host sync), so a run that
@@ -120,7 +121,8 @@ class DataHealth:
             self.shown += 1
             if self.shown <= SHOWN_ERRORS:
                 what = f"sample {error['key']}" if error["key"] else f"{error['samples']} samples (rest of shard)"
-                tqdm.write(f"rank {self.rank}: skipped unreadable {what} in {error['shard']}: {error['reason']}")
+                tqdm.write(printable(f"rank {self.rank}: skipped unreadable {what} in {error['shard']}: "
+                                     f"{error['reason']}"))  # a key that is not UTF-8 is escaped, not a crash
             elif self.shown == SHOWN_ERRORS + 1:
                 tqdm.write(f"rank {self.rank}: more unreadable samples; all are listed in {self.path}")
 

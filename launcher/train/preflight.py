@@ -81,6 +81,12 @@ class Checked:
     example: Any  # a collated training batch (on the host), what --synthetic_data imitates
     summary: str  # input -> output
 
+    @property
+    def label_classes(self) -> int | None:
+        """The classes an (input, class label) sample's label must lie in, for the loaders to check
+        per sample (launcher/data/stream.py, check_label); None when samples are not such pairs."""
+        return self.num_classes if self.task == "classification" and self.step.style == "pair" else None
+
 
 def preflight(cfg, recipe, train, val, model: torch.nn.Module, device: torch.device, loss_fn: Callable,
               extra_metrics: dict | None = None) -> Checked:
@@ -134,6 +140,7 @@ def _check_split(cfg, recipe, split, name: str, model, device, loss_fn, extra_me
                     outputs = call_model(model, inputs)
                 with blame(f"the loss ({describe_loss(recipe, cfg)})"):
                     _refuse_float_targets_for_cross_entropy(loss_fn, targets)
+                    _refuse_labels_outside_the_outputs(outputs, targets, name)
                     out = StepOutput(loss_fn(outputs, targets), None, outputs, targets)
             else:
                 out = step(model, prepared)
@@ -171,6 +178,22 @@ def _refuse_float_targets_for_cross_entropy(loss_fn, targets) -> None:
     if isinstance(loss_fn, CrossEntropy) and isinstance(targets, torch.Tensor) and targets.is_floating_point():
         raise ConfigError(f"--loss=cross_entropy takes class indices, but the targets are {targets.dtype} "
                           f"{describe(targets)} (a regression?); set --loss=mse or --loss=l1, or give integer labels")
+
+
+def _refuse_labels_outside_the_outputs(outputs, targets, split: str) -> None:
+    """The pre-flight samples' class labels against the model's outputs, before the loss indexes with
+    them (on CUDA a label out of range is a device-side assert that ends the process); most often the
+    model was built for fewer classes than the data has. During the run each sample is checked in the
+    loaders instead, and one out of range is skipped and counted (check_label)."""
+    if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor) and outputs.ndim == 2
+            and targets.ndim == 1 and not targets.is_floating_point() and targets.dtype != torch.bool):
+        return
+    classes = outputs.shape[-1]
+    outside = sorted({int(t) for t in targets.cpu() if not 0 <= int(t) < classes})
+    if outside:
+        raise DataError(f"pre-flight: the first {len(targets)} {split} samples include class labels {outside[:5]} "
+                        f"outside the model's {classes} outputs (0..{classes - 1}); build the model for the data's "
+                        "classes, or fix the labels")
 
 
 def _check_best(cfg, checked: Checked) -> None:

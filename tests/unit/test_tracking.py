@@ -121,3 +121,18 @@ def test_the_report_plots_each_runs_own_metrics_under_its_own_loss_with_only_acc
     assert "val/top1 50.00 % (step 2)" in page and "val/perplexity 3.25 (step 2)" in page
     assert "<td>language_model</td>" in page
     assert not re.search(r'(src|href)="(?!data:)', page)
+
+
+def test_dollar_signs_in_run_class_and_group_names_are_drawn_as_text(tmp_path):
+    """Two `$` in a text matplotlib draws start mathtext, which raises on `$1_$` (a run name) or `$x^$`."""
+    import io
+
+    from launcher.track.report import confusion_figure
+
+    names = ["cost $x^$", "run_$1_$2"]
+    run = write_run(tmp_path / "run_$1_$2", [{"step": 1, "train/loss": 2.0, "lr/a$_$b": 0.1, "val/loss": 1.0}],
+                    {"loss": "cross_entropy", "note": "$_$"}, task={"task": "classification", "loss": "$_$ loss"},
+                    confusion={"step": 1, "classes": names, "matrix": [[3, 1], [0, 4]]})
+    page = render([load_run(str(run))])
+    assert "run_$1_$2" in page and "Confusion matrix: run_$1_$2" in page
+    confusion_figure([[1, 0], [0, 1]], names).savefig(io.BytesIO(), format="png")  # what evaluate saves
