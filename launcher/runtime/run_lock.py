@@ -5,7 +5,7 @@ at which it started, /proc/PID/stat field 22), a random nonce, the Slurm job id 
 and the wall-clock start. It is written whole to a draft beside it, fsynced, and hard-linked into
 place: the link is atomic (also on NFS), so a lock in place is never half written, and an
 existing one (EEXIST) means another run holds it. A second run into the same directory is refused
-in one line naming the holder.
+in one line naming the holder; `agreed_lock` raises that refusal on every rank.
 
 A lock is stale, and taken over with a note, when its holder is gone:
 - on this host: its pid has ended; its pid is now a process that started at another time (pid
@@ -38,6 +38,8 @@ import secrets
 import socket
 import time
 from typing import NamedTuple
+
+from accelerate.utils import broadcast_object_list
 
 from launcher.config import ConfigError
 
@@ -251,3 +253,20 @@ class RunLock:
             if _older(path, self.grace_s):
                 _remove(path)
 
+
+def agreed_lock(accelerator, output_dir: str, log=print) -> RunLock | None:
+    """RunLock on the main process alone (the other ranks run under it), its refusal raised on every
+    rank: each prints the same one line and exits 2, none waits in a collective for the main one."""
+    lock, refusal = None, [""]
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock(output_dir, log)
+        except ConfigError as error:
+            refusal[0] = str(error)
+        except OSError as error:
+            refusal[0] = f"cannot take {os.path.join(output_dir, LOCK_FILE)}: {error}; choose a writable --output_dir"
+    if accelerator.num_processes > 1:
+        broadcast_object_list(refusal, from_process=0)
+    if refusal[0]:
+        raise ConfigError(refusal[0])
+    return lock

@@ -1,7 +1,8 @@
 """One run per output_dir: the lock refuses a live holder in one line, takes over a gone one's
 (this host's ended or reused pid, this process's own pid from a restarted container, an unreadable
 lock past its grace period, the same Slurm job requeued), releases only its own, and holds under
-races: of many runs starting at once, exactly one gets it."""
+races: of many runs starting at once, exactly one gets it. `agreed_lock` raises the main process's
+refusal on every rank of a real two-process gloo group."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ import sys
 import time
 
 import pytest
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
+from conftest import free_port, spawn_or_fail
 from launcher.config import ConfigError
-from launcher.runtime.run_lock import LOCK_FILE, RunLock, process_start
+from launcher.runtime.run_lock import LOCK_FILE, RunLock, agreed_lock, process_start
 
 needs_proc = pytest.mark.skipif(not process_start(os.getpid()), reason="no /proc: process start times unknown")
 
@@ -169,3 +173,36 @@ def test_of_many_runs_starting_at_once_exactly_one_holds_the_lock(tmp_path, star
                 process.kill()
     assert [process.exitcode for process in contenders] == [0] * CONTENDERS
 
+
+# ---- agreement across ranks ---------------------------------------------------------------------
+
+def _agree(rank: int, run_dir: str, port: int) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    # Forked: Accelerate's state, shared within a process, may be an earlier test's single process
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator, seen = Accelerator(cpu=True), {}
+    try:
+        agreed_lock(accelerator, run_dir)
+    except ConfigError as error:
+        seen["refused"] = str(error)
+    if rank == 0:
+        os.remove(os.path.join(run_dir, LOCK_FILE))  # the holder's run is gone, its lock removed by hand
+    accelerator.wait_for_everyone()
+    lock = agreed_lock(accelerator, run_dir)
+    seen["held"] = lock is not None and json.loads(open(os.path.join(run_dir, LOCK_FILE)).read())["pid"] == os.getpid()
+    accelerator.wait_for_everyone()
+    if lock is not None:
+        lock.release()
+    accelerator.end_training()
+    with open(os.path.join(run_dir, f"rank-{rank}.json"), "w") as f:
+        json.dump(seen, f)
+
+
+def test_every_rank_raises_the_main_processs_refusal(tmp_path):
+    holder = RunLock(str(tmp_path))  # this test's process: alive, on this host
+    spawn_or_fail(_agree, (str(tmp_path), free_port()), timeout=60, start_method="fork")
+    seen = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(2)]
+    assert seen[0]["refused"] == seen[1]["refused"] and f"(pid {os.getpid()} on " in seen[0]["refused"]
+    assert [s["held"] for s in seen] == [True, False]  # once free: the main process holds it for both
+    holder.release()  # its file is gone: nothing to remove
