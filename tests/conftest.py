@@ -59,12 +59,13 @@ def metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def spawn_or_fail(fn, args: tuple, nprocs: int = 2, timeout: float = 120) -> None:
+def spawn_or_fail(fn, args: tuple, nprocs: int = 2, timeout: float = 120, start_method: str = "spawn") -> None:
     """torch.multiprocessing.spawn, killing every rank and failing if they are not done in `timeout`
-    seconds (a hang in a collective or in destroy_process_group would otherwise hold the suite)."""
+    seconds (a hang in a collective or in destroy_process_group would otherwise hold the suite).
+    start_method="fork": ranks that start in milliseconds, having imported nothing again."""
     import torch.multiprocessing as mp
 
-    ranks = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    ranks = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method=start_method)
     deadline = time.monotonic() + timeout
     while not ranks.join(timeout=1):
         if time.monotonic() > deadline:

@@ -39,7 +39,7 @@ from launcher.runtime.parallel import build_parallel
 from launcher.runtime.sharding import global_norm
 from launcher.runtime.preemption import Preempted, StopSignals, requeue_slurm_job
 from launcher.runtime.failures import failure_of
-from launcher.runtime.run_lock import RunLock
+from launcher.runtime.run_lock import agreed_lock
 from launcher.runtime.watchdog import Watchdog, injected_hang
 from launcher.track.trackers import MetricsLog, Tracker, save_run_files, write_json
 from launcher.train.build import build_parts
@@ -102,7 +102,7 @@ class Trainer:
         self.tracker = Tracker(acc, cfg)
         self.signals = StopSignals(self.world)
         # Last, before anything is written: one run per output_dir (the main process holds it for all).
-        self.lock = RunLock(cfg.output_dir, log) if acc.is_main_process else None
+        self.lock = agreed_lock(acc, cfg.output_dir, log)  # None on the other ranks; a refusal raised on all
         self.watchdog = Watchdog(cfg.hang_timeout_s, cfg.output_dir, self.rank, lambda: self.state.step,
                                  before_exit=self.lock.release if self.lock is not None else lambda: None)
         self.saver = Saver(acc, cfg.output_dir, cfg.keep_checkpoints, cfg.async_checkpoint, self.state,
