@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         _leave_process_group()
         sys.exit(2)
     except OSError as error:  # a write anywhere else that found the disk full: 74 too, naming the file
-        from launcher.runtime.failures import disk_full_writing
+        from launcher.durable import disk_full_writing
 
         full = disk_full_writing(error, str(error.filename or ".")) if error.errno in (errno.ENOSPC, errno.EDQUOT) else None
         if full is None:

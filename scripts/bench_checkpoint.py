@@ -11,6 +11,9 @@ one step are saved as the trainer saves them (Accelerate's save_state, then mani
 - from the disk (each file's pages dropped from the cache first, posix_fadvise DONTNEED): a load
   alone against a verify followed by a load, as a resume does it: the check reads the files from
   the disk and the load then finds them in the cache, so the check adds its CPU time only.
+Then, `repeats` times each, a whole save (written, put in place, older ones pruned) as the trainer
+makes it, durable (every file fsynced before the rename, the directories after) against the same
+save with the fsyncs left out: what durability costs on this disk.
 Medians are reported.
 """
 
@@ -28,6 +31,7 @@ from accelerate import Accelerator
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from launcher import durable  # noqa: E402
 from launcher.runtime import checkpoints  # noqa: E402
 
 
@@ -74,6 +78,11 @@ def main(width: int = 4096, layers: int = 3, repeats: int = 5, out: str = "") ->
             cold_load.append(timed(load))
             evict(path)
             cold_both.append(timed(lambda: (verify(), load())))
+        synced, unsynced = [], []
+        for step in range(2, 2 + 2 * repeats, 2):
+            synced.append(timed(lambda: saved(accelerator, output_dir, step)))
+            with fsyncs_skipped():
+                unsynced.append(timed(lambda: saved(accelerator, output_dir, step + 1)))
     median = statistics.median
     params = sum(p.numel() for p in model.parameters())
     print(f"checkpoint: MLP {layers} x {width}x{width} ({params / 1e6:.1f}M parameters) and AdamW state, "
@@ -82,6 +91,25 @@ def main(width: int = 4096, layers: int = 3, repeats: int = 5, out: str = "") ->
           f"verify / load {median(warm_verify) / median(warm_load):.3f}")
     print(f"disk: load {median(cold_load):.3f} s, verify then load {median(cold_both):.3f} s, "
           f"(verify then load) / load {median(cold_both) / median(cold_load):.3f}")
+    print(f"save: durable {median(synced):.3f} s, without fsync {median(unsynced):.3f} s, "
+          f"durable / without {median(synced) / median(unsynced):.3f}")
+
+
+def saved(accelerator, output_dir: str, step: int) -> None:
+    """A save as the trainer's: written, put in place, then the older ones pruned (one kept)."""
+    final = checkpoints.save(accelerator, output_dir, {"step": step}).finish()
+    checkpoints.prune(output_dir, 1, {os.path.abspath(final)}, {os.path.abspath(final)})
+
+
+class fsyncs_skipped:
+    """The launcher's fsyncs turned into nothing, for the comparison."""
+
+    def __enter__(self):
+        self.kept = durable.fsync_path
+        durable.fsync_path = lambda path: None
+
+    def __exit__(self, *exc):
+        durable.fsync_path = self.kept
 
 
 if __name__ == "__main__":

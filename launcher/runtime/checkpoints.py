@@ -33,7 +33,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from launcher.config import ConfigError
-from launcher.runtime import durable
+from launcher import durable
 from launcher.runtime.failures import disk_full, first_cause, inject_disk_full
 
 try:  # DCP wraps every rank's failure in it, a BaseException that `except Exception` misses

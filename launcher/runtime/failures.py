@@ -17,15 +17,14 @@ from __future__ import annotations
 import errno
 import os
 import re
-import shutil
 import signal
 import time
 
 from launcher.config import RunStopped
+from launcher.durable import DISK_FULL_EXIT_CODE, DiskFull, first_cause, no_space  # noqa: F401 - the failures' vocabulary
 
 
 RESTART_EXIT_CODE = 76  # sysexits' EX_PROTOCOL: a peer or a worker went away; restarting helps
-DISK_FULL_EXIT_CODE = 74  # sysexits' EX_IOERR
 DISK_FULL_AT = "LAUNCHER_TEST_DISK_FULL_AT"  # fault injection for the tests: ENOSPC in the save at this step
 
 # What gloo, NCCL and the TCP store say when the process at the other end is gone.
@@ -43,11 +42,6 @@ class LostPeer(RunStopped):
 class WorkerLost(RunStopped):
     exit_code = RESTART_EXIT_CODE
     hard_exit = True  # the other ranks wait in a collective: they see a lost peer, and restart with this one
-
-
-class DiskFull(RunStopped):
-    exit_code = DISK_FULL_EXIT_CODE
-    hard_exit = True  # another rank may wait for this one's files in a collective
 
 
 def failure_of(error: BaseException, rank: int, step: int, splits, terminated: bool = False) -> RunStopped | None:
@@ -138,51 +132,13 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _no_space(error: BaseException, path: str) -> float | None:
-    """The MiB left under `path` if `error` is a write that found no space (or quota) left, else
-    None. torch.save's zip writer says only "file write failed" or "unexpected pos", and
-    safetensors wraps the OS error in its own: any error counts when the filesystem has under 1 MiB
-    left. DCP wraps every rank's error in a `CheckpointException` (a BaseException): its causes count."""
-    causes = [error, *_wrapped(error)]
-    where = next((p for p in (path, os.path.dirname(path)) if p and os.path.exists(p)), ".")
-    free = shutil.disk_usage(where).free / 2**20
-    said = any((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
-        marker in str(e) for marker in ("No space left on device", "Disk quota exceeded", "StorageFull"))
-        for e in causes)
-    return free if said or free < 1 else None
-
-
-def _wrapped(error: BaseException) -> list[BaseException]:
-    """The errors inside a torch.distributed.checkpoint `CheckpointException` (rank -> (error, traceback))."""
-    failures = getattr(error, "failures", None)
-    if not isinstance(failures, dict):
-        return []
-    return [value[0] if isinstance(value, tuple) else value for value in failures.values()
-            if isinstance(value, BaseException) or (isinstance(value, tuple) and value and isinstance(value[0], BaseException))]
-
-
-def first_cause(error: BaseException) -> BaseException:
-    """The error itself, or the first one a `CheckpointException` wraps."""
-    return next(iter(_wrapped(error)), error)
-
-
 def disk_full(error: BaseException, path: str) -> DiskFull | None:
     """The one-line error for a checkpoint write under `path` that found no space left, or None."""
-    free = _no_space(error, path)
+    free = no_space(error, path)
     if free is None:
         return None
     return DiskFull(f"no space left writing checkpoint {path} ({free:.1f} MiB free there); the checkpoints "
                     "before it are intact; free some space or move --output_dir, then rerun with --resume=auto")
-
-
-def disk_full_writing(error: BaseException, path: str) -> DiskFull | None:
-    """The one-line error for any other write (metrics, best.json, the final weights) that found no
-    space left, or None."""
-    free = _no_space(error, path)
-    if free is None:
-        return None
-    return DiskFull(f"no space left writing {path} ({free:.1f} MiB free there); free some space or move "
-                    "--output_dir, then rerun with --resume=auto, which continues from the newest checkpoint")
 
 
 def inject_disk_full(step: int) -> None:

@@ -16,7 +16,8 @@ from accelerate.optimizer import AcceleratedOptimizer
 from torch import nn
 
 from launcher.config import TrainConfig
-from launcher.runtime import durable, sharding
+from launcher import durable
+from launcher.runtime import sharding
 from launcher.runtime.distributed import ReplicaChecksums, rewrap_ddp
 
 

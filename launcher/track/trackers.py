@@ -24,9 +24,8 @@ from importlib import metadata
 from accelerate.utils import ProjectConfiguration
 
 from launcher.config import ConfigError
-from launcher.runtime import durable
-from launcher.runtime.durable import atomic_file
-from launcher.runtime.failures import disk_full_writing
+from launcher import durable
+from launcher.durable import atomic_file, disk_full_writing
 
 
 TRACKERS = ("wandb", "tensorboard")

@@ -12,7 +12,7 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "launcher"
 # Each part may import only from parts of a lower layer (and from itself).
-LAYERS = [{"config"}, {"data", "optim", "track", "presets"}, {"recipe", "runtime"}, {"train"}, {"commands"},
+LAYERS = [{"config"}, {"durable"}, {"data", "optim", "track", "presets"}, {"recipe", "runtime"}, {"train"}, {"commands"},
           {"cli", "__init__"}, {"__main__"}]
 
 

@@ -15,7 +15,8 @@ import pytest
 from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
 
 from launcher.config import ConfigError, TrainConfig
-from launcher.runtime import checkpoints, durable
+from launcher import durable
+from launcher.runtime import checkpoints
 from launcher.runtime.failures import DISK_FULL_EXIT_CODE, DiskFull, disk_full
 from launcher.track.trackers import MetricsLog, write_json
 from launcher.train.guards import BestMetric

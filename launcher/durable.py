@@ -11,10 +11,19 @@ A write that finds no space left is one line naming the file (`DiskFull`, exit 7
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 
-from launcher.runtime.failures import disk_full_writing
+from launcher.config import RunStopped
+
+DISK_FULL_EXIT_CODE = 74  # sysexits' EX_IOERR
+
+
+class DiskFull(RunStopped):
+    exit_code = DISK_FULL_EXIT_CODE
+    hard_exit = True  # another rank may wait for this one's files in a collective
 
 
 def fsync_path(path: str) -> None:
@@ -87,3 +96,41 @@ def write_json(path: str, value, indent: int | None = None) -> None:
     """`value` as JSON at `path`, atomically and durably."""
     with atomic_file(path) as f:
         json.dump(value, f, indent=indent)
+
+
+def no_space(error: BaseException, path: str) -> float | None:
+    """The MiB left under `path` if `error` is a write that found no space (or quota) left, else
+    None. torch.save's zip writer says only "file write failed" or "unexpected pos", and
+    safetensors wraps the OS error in its own: any error counts when the filesystem has under 1 MiB
+    left. DCP wraps every rank's error in a `CheckpointException` (a BaseException): its causes count."""
+    causes = [error, *_wrapped(error)]
+    where = next((p for p in (path, os.path.dirname(path)) if p and os.path.exists(p)), ".")
+    free = shutil.disk_usage(where).free / 2**20
+    said = any((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
+        marker in str(e) for marker in ("No space left on device", "Disk quota exceeded", "StorageFull"))
+        for e in causes)
+    return free if said or free < 1 else None
+
+
+def _wrapped(error: BaseException) -> list[BaseException]:
+    """The errors inside a torch.distributed.checkpoint `CheckpointException` (rank -> (error, traceback))."""
+    failures = getattr(error, "failures", None)
+    if not isinstance(failures, dict):
+        return []
+    return [value[0] if isinstance(value, tuple) else value for value in failures.values()
+            if isinstance(value, BaseException) or (isinstance(value, tuple) and value and isinstance(value[0], BaseException))]
+
+
+def first_cause(error: BaseException) -> BaseException:
+    """The error itself, or the first one a `CheckpointException` wraps."""
+    return next(iter(_wrapped(error)), error)
+
+
+def disk_full_writing(error: BaseException, path: str) -> DiskFull | None:
+    """The one-line error for any other write (metrics, best.json, the final weights) that found no
+    space left, or None."""
+    free = no_space(error, path)
+    if free is None:
+        return None
+    return DiskFull(f"no space left writing {path} ({free:.1f} MiB free there); free some space or move "
+                    "--output_dir, then rerun with --resume=auto, which continues from the newest checkpoint")
