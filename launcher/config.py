@@ -137,6 +137,7 @@ class CheckpointFields:
     best_metric: str = ""  # evaluation metric that picks the best checkpoint ("": the task's, val/top1 for classifiers, else val/loss)
     best_mode: Literal["auto", "max", "min"] = "auto"  # whether a higher or lower best_metric is better (auto: max for accuracies and r2, min otherwise)
     early_stop_patience: int = ranged(0, at_least=0)  # stop after this many evaluations without a better best_metric (0: never)
+    early_stop_min_delta: float = ranged(0.0, at_least=0)  # early stopping counts an evaluation as better only if it beats the best by more than this, in best_metric's units (the best checkpoint still follows any gain)
     async_checkpoint: bool = False  # fsdp: write checkpoints in the background (DCP async_save); a step waits only for the copy to host memory
 
 

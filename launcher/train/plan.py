@@ -215,6 +215,7 @@ def training_lines(cfg: TrainConfig, schedule, loss_fn, checked) -> list[str]:
               f"MixUp alpha {cfg.mixup_alpha}" if cfg.mixup_alpha else "",
               f"CutMix alpha {cfg.cutmix_alpha}" if cfg.cutmix_alpha else "",
               f"early stop after {cfg.early_stop_patience} evaluations without a better {cfg.best_metric}"
+              + (f" (by more than {cfg.early_stop_min_delta:g})" if cfg.early_stop_min_delta else "")
               if cfg.early_stop_patience else ""]
     lines.append(f"  {'regularisation':<22}{'; '.join(e for e in extras if e) or 'none beyond weight decay'}")
     if cfg.deterministic:

@@ -96,7 +96,8 @@ class Trainer:
         self.guard = NonFiniteGuard(cfg.nonfinite, acc.mixed_precision == "fp16", self.state, last_checkpoint,
                                     acc.is_main_process, lambda: global_norm(self.parameters))
         self.data_health = DataHealth(cfg.output_dir, self.rank, cfg.max_corrupt_fraction, gather_object)
-        self.best_metric = BestMetric(cfg.best_metric, cfg.best_mode, cfg.early_stop_patience, self.state)
+        self.best_metric = BestMetric(cfg.best_metric, cfg.best_mode, cfg.early_stop_patience, self.state,
+                                      cfg.early_stop_min_delta)
         self.cadence = CheckpointCadence(cfg.checkpoint_every, cfg.checkpoint_epoch_end)
         self.metrics = MetricsLog(cfg.output_dir, acc.is_main_process)
         self.tracker = Tracker(acc, cfg)
@@ -196,7 +197,8 @@ class Trainer:
     def _say_stopped_early(self) -> None:
         if self.accelerator.is_main_process:
             best = self.state.best
-            tqdm.write(f"early stop at step {self.state.step}: {self.cfg.best_metric} has not improved for "
+            by = f" by more than {self.cfg.early_stop_min_delta:g}" if self.cfg.early_stop_min_delta else ""
+            tqdm.write(f"early stop at step {self.state.step}: {self.cfg.best_metric} has not improved{by} for "
                        f"{self.cfg.early_stop_patience} evaluations (best {best['value']:.4g} at step {best['step']})")
 
     def _save(self) -> None:
