@@ -238,7 +238,8 @@ def done_lines(cfg: TrainConfig, summary: dict, best: dict | None, ema: bool, wa
         lines.append(f"  best {best['metric']:<10} {shown} (step {best['step']}; "
                      f"{os.path.join(out, 'checkpoints', checkpoints.BEST_FILE)})")
     lines += [f"  metrics         {os.path.join(out, 'metrics.jsonl')}",
-              f"  weights         {os.path.join(out, 'model.safetensors')}"]
+              f"  weights         {os.path.join(out, 'model.safetensors')}"
+              + (f" (step {summary['final_weights_step']}, the best)" if summary.get("final_weights") == "best" else "")]
     if ema:
         lines.append(f"  EMA weights     {os.path.join(out, 'model_ema.safetensors')}")
     if wandb_dir:
