@@ -188,3 +188,9 @@ def test_predict_inputs_are_the_arguments_that_are_not_flags_and_all_after_doubl
     argv = ["recipes/r", "--checkpoint=best", "1,2", "-", "--top_k=2", "--", "-0.5,1", "--out=x"]
     assert split_inputs(argv) == (["recipes/r", "--checkpoint=best", "--top_k=2"], ["1,2", "-", "-0.5,1", "--out=x"])
     assert split_inputs(["--help"]) == (["--help"], [])
+
+
+def test_final_weights_best_under_fsdp_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match=r"--final_weights=best needs --data_parallel=ddp .*--checkpoint=RUN_DIR/best"):
+        apply_overrides(TrainConfig(), {"final_weights": "best", "data_parallel": "fsdp"})
+    assert apply_overrides(TrainConfig(), {"final_weights": "best"}).final_weights == "best"
