@@ -24,7 +24,8 @@ usage: python -m launcher RECIPE [--field=value ...]          train
        python -m launcher shards SOURCE OUT [--max_count=N ...] write WebDataset shards (see --help)
        python -m launcher report RUN_DIR [RUN_DIR ...] [--out=FILE]  one HTML page: curves, config differences
        python -m launcher evaluate RECIPE --checkpoint=PATH [--out=DIR] [...]   the task's validation metrics
-       python -m launcher predict RECIPE --checkpoint=PATH INPUT ... [--top_k=5] [--out=FILE.jsonl]
+       python -m launcher predict RECIPE --checkpoint=PATH [--top_k=5] [--out=FILE.jsonl] [INPUT ...] [-- INPUT ...]
+       python -m launcher COMMAND --help                       a command's own options (evaluate, predict, shards, report)
 
 RECIPE is a recipe file (recipes/resnet_finetune or recipes/resnet_finetune.py) or a dotted
 module name (recipes.resnet_finetune). Every field of the recipe's Config can be set with
@@ -32,9 +33,10 @@ module name (recipes.resnet_finetune). Every field of the recipe's Config can be
 recipes, by section:
 {sections}
 
-evaluate and predict take a run's output_dir, a checkpoints/step-N directory or a weights file
-as --checkpoint; predict prints a classifier's top-k classes or a regression's values per input:
-image files or directories, or any text for a recipe with predict_sample(cfg, text).
+evaluate and predict take a run's output_dir, RUN_DIR/best (its best checkpoint; `best` alone:
+--output_dir's), a checkpoints/step-N directory or a weights file as --checkpoint; predict prints a
+classifier's top-k classes or a regression's values per input: image files or directories, or any
+text for a recipe with predict_sample(cfg, text); --inputs=FILE or - (stdin) give one per line.
 
 Before training (and in plan) one real batch of each split goes through collate, the model, the
 loss and the metrics: a recipe that would crash is one line naming the function that raised.
@@ -56,8 +58,54 @@ def usage() -> str:
                        for title, names in sections(TrainConfig).items())
     return USAGE.format(sections=listed)
 
+CHECKPOINT_HELP = """\
+  --checkpoint=PATH  the weights: a run's output_dir (its final model.safetensors); RUN_DIR/best,
+                     the run's best checkpoint (checkpoints/best.json names it; `best` alone: the
+                     best of --output_dir's run) or a best.json; a checkpoints/step-N directory;
+                     or a .safetensors/.pth file (model_ema.safetensors: the EMA weights)"""
+FIELDS_HELP = """\
+  --field=value      any field of the recipe's Config, as in training (--data_dir=..., --output_dir=...,
+                     --eval_batch_size=...): `python -m launcher RECIPE --help` lists them
+Options are written --name=value."""
+COMMAND_HELP = {
+    "evaluate": f"""\
+usage: python -m launcher evaluate RECIPE --checkpoint=PATH [--out=DIR] [--field=value ...]
+       accelerate launch [ACCELERATE ARGS] -m launcher evaluate RECIPE --checkpoint=PATH [...]
+
+The task's validation metrics of a trained model (classifiers: also per-class accuracy and the
+confusion matrix), printed with the step whose weights they are, and saved as OUT/evaluation.json
+(and OUT/confusion.png). Under accelerate launch each process evaluates its share, each sample once.
+
+options:
+{CHECKPOINT_HELP}
+  --out=DIR          where evaluation.json goes (default: CHECKPOINT/evaluation)
+{FIELDS_HELP}""",
+    "predict": f"""\
+usage: python -m launcher predict RECIPE --checkpoint=PATH [--top_k=5] [--out=FILE.jsonl] [--inputs=FILE]
+                                  [INPUT ...] [-] [-- INPUT ...]
+
+A classifier's top-k classes with probabilities, or a regression's values, one line per input on
+stdout (or JSON lines in --out), on one device (a GPU if there is one). Unreadable inputs are
+reported on stderr and skipped.
+
+inputs (in this order: INPUTs, then --inputs=FILE's lines):
+  INPUT              an image file or a directory of images; for a recipe with predict_sample(cfg, text),
+                     any text that function reads (a file that exists: its lines, one input each)
+  -- INPUT ...       everything after -- is an input, text starting with - too (-0.04,0.05,...)
+  -                  standard input, one input per line
+  --inputs=FILE      a file of inputs, one per line (blank lines skipped)
+
+options:
+{CHECKPOINT_HELP}
+  --top_k=N          classes shown per input, most probable first (classifiers; default 5)
+  --out=FILE         write one JSON object per input instead of printing: {{"input": ..., "prediction":
+                     value}} (regression) or {{"input": ..., "top": [{{"class", "index", "probability"}}]}}
+{FIELDS_HELP}""",
+}
 COMMANDS = ("train", "plan", "shards", "report", "evaluate", "predict")
-EXTRA_FLAGS = {"plan": ("world_size",), "evaluate": ("checkpoint", "out"), "predict": ("checkpoint", "out", "top_k")}
+EXTRA_FLAGS = {"plan": ("world_size",), "evaluate": ("checkpoint", "out"),
+               "predict": ("checkpoint", "out", "top_k", "inputs")}
+HELP = ("-h", "--help")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,20 +163,25 @@ def run_command(argv: list[str]) -> int:
         return 0
     if command == "report":
         return report(argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
+    args, inputs = split_inputs(argv) if command == "predict" else (argv, [])
+    if not args or args[0] in (*HELP, "help"):
+        print(COMMAND_HELP.get(command) or usage())
         return 0
-    if argv[0].startswith("-"):
-        raise ConfigError(f"expected a RECIPE before {argv[0]}; usage: python -m launcher [plan] RECIPE [--field=value ...]")
+    if args[0].startswith("-"):
+        usage_line = COMMAND_HELP[command].splitlines()[0] if command in COMMAND_HELP else (
+            "usage: python -m launcher [plan] RECIPE [--field=value ...]")
+        raise ConfigError(f"expected a RECIPE before {args[0]}; {usage_line}")
     from launcher.recipe import load_recipe
 
-    recipe = load_recipe(argv[0])
-    if any(arg in ("-h", "--help") for arg in argv[1:]):
-        print(recipe_help(recipe))
+    recipe = load_recipe(args[0])
+    if any(arg in HELP for arg in args[1:]):
+        print("\n\n".join(filter(None, (COMMAND_HELP.get(command), recipe_help(recipe)))))
         return 0
-    positional = [a for a in argv[1:] if not a.startswith("-")] if command == "predict" else []
-    overrides = parse_flags([a for a in argv[1:] if a not in positional])
+    overrides = parse_flags(args[1:])
     extra = {name: overrides.pop(name) for name in EXTRA_FLAGS.get(command, ()) if name in overrides}
+    for name, value in extra.items():
+        if value is True:  # `--checkpoint PATH`: PATH was taken for an input
+            raise ConfigError(f"--{name} needs a value: write --{name}=VALUE")
     cfg = apply_overrides(recipe.default_config(), overrides).resolved()
     if command == "plan":
         from launcher.train.build import print_plan
@@ -137,21 +190,44 @@ def run_command(argv: list[str]) -> int:
     elif command == "evaluate":
         from launcher.commands.inference import evaluate
 
-        evaluate(cfg, recipe, str(extra.get("checkpoint", "")), str(extra.get("out", "")))
+        evaluate(cfg, recipe, _checkpoint(extra, cfg), str(extra.get("out", "")))
     elif command == "predict":
-        from launcher.commands.inference import predict
-
-        if not positional:
-            raise ConfigError("predict needs images: python -m launcher predict RECIPE --checkpoint=PATH IMAGE_OR_DIR ...")
-        top_k = extra.get("top_k", 5)
-        if not isinstance(top_k, int) or isinstance(top_k, bool):
-            raise ConfigError(f"--top_k expects int, got {top_k!r}")
-        predict(cfg, recipe, str(extra.get("checkpoint", "")), positional, top_k, str(extra.get("out", "")))
+        _predict(cfg, recipe, extra, inputs)
     else:
         from launcher.train.trainer import train
 
         train(cfg, recipe)
     return 0
+
+
+def split_inputs(argv: list[str]) -> tuple[list[str], list[str]]:
+    """predict's arguments: (RECIPE and flags, inputs). Every argument after `--` is an input, and
+    before it each one that is `-` (stdin) or does not start with `-`."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    before, after = argv[:cut], argv[cut + 1:]
+    inputs = [a for a in before[1:] if a == "-" or not a.startswith("-")]
+    return before[:1] + [a for a in before[1:] if a != "-" and a.startswith("-")], inputs + after
+
+
+def _checkpoint(extra: dict, cfg: TrainConfig) -> str:
+    """--checkpoint, with `best`, RUN_DIR/best and best.json resolved to the best checkpoint's directory."""
+    from launcher.runtime.checkpoints import resolve_best
+
+    checkpoint = str(extra.get("checkpoint", ""))
+    return resolve_best(checkpoint, cfg.output_dir) if checkpoint else checkpoint
+
+
+def _predict(cfg: TrainConfig, recipe, extra: dict, inputs: list[str]) -> None:
+    from launcher.commands.inference import predict
+
+    inputs_file = str(extra.get("inputs", ""))
+    if not inputs and not inputs_file:
+        raise ConfigError("predict needs inputs: python -m launcher predict RECIPE --checkpoint=PATH INPUT ... "
+                          "(or -- INPUT ..., --inputs=FILE, - for stdin); see predict --help")
+    top_k = extra.get("top_k", 5)
+    if not isinstance(top_k, int) or isinstance(top_k, bool):
+        raise ConfigError(f"--top_k expects int, got {top_k!r}")
+    predict(cfg, recipe, _checkpoint(extra, cfg), inputs, top_k, str(extra.get("out", "")), inputs_file)
 
 
 def report(argv: list[str]) -> int:

@@ -137,6 +137,8 @@ class CheckpointFields:
     best_metric: str = ""  # evaluation metric that picks the best checkpoint ("": the task's, val/top1 for classifiers, else val/loss)
     best_mode: Literal["auto", "max", "min"] = "auto"  # whether a higher or lower best_metric is better (auto: max for accuracies and r2, min otherwise)
     early_stop_patience: int = ranged(0, at_least=0)  # stop after this many evaluations without a better best_metric (0: never)
+    early_stop_min_delta: float = ranged(0.0, at_least=0)  # early stopping counts an evaluation as better only if it beats the best by more than this, in best_metric's units (the best checkpoint still follows any gain)
+    final_weights: Literal["last", "best"] = "last"  # what the run's model.safetensors holds: the last step's weights, or the best checkpoint's (ddp)
     async_checkpoint: bool = False  # fsdp: write checkpoints in the background (DCP async_save); a step waits only for the copy to host memory
 
 
@@ -191,6 +193,9 @@ class TrainConfig(SpeedFields, ParallelFields, TrackingFields, CheckpointFields,
             raise ConfigError("--deterministic and --cudnn_benchmark contradict each other; keep one")
         if not self.output_dir:
             raise ConfigError("--output_dir must not be empty")
+        if self.final_weights == "best" and self.data_parallel == "fsdp":
+            raise ConfigError("--final_weights=best needs --data_parallel=ddp (FSDP checkpoints are sharded); under "
+                              "fsdp keep --final_weights=last and evaluate or predict with --checkpoint=RUN_DIR/best")
         for name, tp in hints.items():
             if typing.get_origin(tp) is Literal and getattr(self, name) not in typing.get_args(tp):
                 raise ConfigError(f"--{name} must be {type_name(tp)}, got {getattr(self, name)!r}")

@@ -8,7 +8,8 @@ A recipe module defines:
   build_loss(cfg)             -> callable(outputs, targets) (optional: --loss, --label_smoothing, --class_weights)
   compute_loss(model, batch[, cfg]) -> loss | (loss_sum, count) | launcher.StepOutput  (optional: the step itself)
   build_metrics(cfg)          -> {name: torchmetrics.Metric} updated with (outputs, targets) (optional)
-  predict_sample(cfg, text)   -> a sample, for `launcher predict` on inputs that are not images (optional)
+  predict_sample(cfg, text)   -> a sample, or its inputs alone (predict adds a placeholder target), for
+                                 `launcher predict` on inputs that are not images (optional)
   shard_units(cfg, model)     -> the modules (or their names) that become FSDP shard units and
                                  activation-checkpointing units (optional: the repeated blocks)
 """

@@ -138,8 +138,9 @@ def build_data(cfg: Config) -> DataSpec:
 
 
 def predict_sample(cfg: Config, text: str):
-    """A line of Python -> ((tokens, length), 0), encoded as the training lines are."""
+    """A line of Python -> (tokens, length), encoded as the training lines are (the launcher adds a
+    placeholder label)."""
     tokens = encode(text.strip(), cfg.max_len)
     if len(tokens) == 0:
         raise ConfigError("expected a line of Python source, got an empty string")
-    return (tokens, len(tokens)), 0
+    return tokens, len(tokens)

@@ -73,8 +73,9 @@ def build_data(cfg: Config) -> DataSpec:
                     val=TensorDataset(split["val_x"], split["val_y"]))
 
 
-def predict_sample(cfg: Config, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """'59,2,32.1,...': ten raw feature values, in load_diabetes() order -> (standardised features, 0.0)."""
+def predict_sample(cfg: Config, text: str) -> torch.Tensor:
+    """'59,2,32.1,...': ten raw feature values, in load_diabetes() order -> the standardised features
+    (the launcher adds a placeholder target)."""
     try:
         values = [float(v) for v in text.split(",")]
     except ValueError:
@@ -84,4 +85,4 @@ def predict_sample(cfg: Config, text: str) -> tuple[torch.Tensor, torch.Tensor]:
                           f"(age, sex, bmi, bp, s1..s6), got {len(values)}")
     split = diabetes_split(cfg.val_fraction, cfg.split_seed)
     features = (torch.tensor(values) - split["feature_mean"]) / split["feature_std"]
-    return features, torch.tensor(0.0)  # a placeholder target, float32 like the dataset's
+    return features

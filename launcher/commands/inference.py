@@ -4,12 +4,15 @@
     python -m launcher predict RECIPE --checkpoint=RUN_DIR INPUT ... [--top_k=5] [--out=FILE]
 
 The checkpoint is a run's output_dir (its final model.safetensors), one of its
-checkpoints/step-N directories, or a .safetensors/.pth file (model_ema.safetensors for the EMA
-weights). It must fit the recipe's model exactly. `evaluate` runs on every process of an
-`accelerate launch` (each sample counted once) and reports the task's metrics; `predict` runs on
-one device (a GPU if present). Its inputs are images or image directories, or, for a recipe with
+checkpoints/step-N directories (RUN_DIR/best: the one checkpoints/best.json names, resolved by the
+CLI), or a .safetensors/.pth file (model_ema.safetensors for the EMA weights). It must fit the
+recipe's model exactly. `evaluate` runs on every process of an `accelerate launch` (each sample
+counted once) and reports the task's metrics and which step's weights it evaluated; `predict` runs
+on one device (a GPU if present). Its inputs are images or image directories, or, for a recipe with
 `predict_sample(cfg, text)`, any text that function turns into a sample (a line of code, a row of
-features); it prints the top-k classes of a classifier, or the predicted values of a regression.
+features), a file that exists giving one input per line; `-` and --inputs=FILE are read one input
+per line. It prints the top-k classes of a classifier, or the predicted values of a regression, or
+writes them as JSON lines to --out.
 """
 
 from __future__ import annotations
@@ -77,7 +80,9 @@ def evaluate(cfg: TrainConfig, recipe: Recipe, checkpoint: str, out: str = "") -
     metrics = TaskMetrics(checked.task, checked.num_classes, accelerator.device, recipe.build_metrics(cfg))
     passed = evaluate_split(model, split.loader(0), checked.step, metrics, accelerator, "val", cfg.channels_last)
     unreadable = float(sum(passed.unreadable.values()))
-    result = {"checkpoint": checkpoint, "recipe": recipe.name, "task": checked.task, **passed.metrics,
+    weights, step = describe_weights(checkpoint)
+    result = {"checkpoint": checkpoint, "weights": weights, "step": step, "recipe": recipe.name, "task": checked.task,
+              **passed.metrics,
               "val/unreadable": int(accelerator.reduce(torch.tensor(unreadable, device=accelerator.device),
                                                        "sum").item())}
     confusion = passed.confusion
@@ -102,7 +107,7 @@ def evaluate(cfg: TrainConfig, recipe: Recipe, checkpoint: str, out: str = "") -
 
 
 def format_evaluation(result: dict, out: str) -> str:
-    lines = [f"evaluated {result['checkpoint']} ({result['task']}) on {result['val/samples']} validation samples"
+    lines = [f"evaluated {result['weights']} on {result['val/samples']} validation samples ({result['task']})"
              + (f" ({result['val/unreadable']} unreadable, skipped)" if result["val/unreadable"] else "")]
     shown = {key: LABELS.get(key[4:], key[4:]) for key, value in result.items()
              if key.startswith("val/") and key not in ("val/samples", "val/unreadable") and isinstance(value, float)}
@@ -120,6 +125,36 @@ def format_evaluation(result: dict, out: str) -> str:
     files = ["evaluation.json"] + (["confusion.png"] if "confusion" in result else [])
     lines.append(f"  saved  {', '.join(os.path.join(out, f) for f in files)}")
     return "\n".join(lines)
+
+
+def describe_weights(checkpoint: str) -> tuple[str, int | None]:
+    """(which weights `checkpoint` holds, their optimizer step or None): a checkpoint's step from its
+    trainer_state.json, a run's final weights' from its summary.json."""
+    from launcher.runtime.checkpoints import STATE_FILE
+
+    directory = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint) or "."
+    if os.path.isfile(os.path.join(directory, STATE_FILE)):
+        step = _read_json(os.path.join(directory, STATE_FILE)).get("step")
+        return f"checkpoint {directory} (step {step})", step if isinstance(step, int) else None
+    summary = _read_json(os.path.join(directory, "summary.json"))
+    name = "model.safetensors" if os.path.isdir(checkpoint) else os.path.basename(checkpoint)
+    if name == "model.safetensors":  # --final_weights=best: the best step's
+        what, step = "final weights", summary.get("final_weights_step", summary.get("steps"))
+    else:
+        what, step = "final EMA weights", summary.get("steps") if name == "model_ema.safetensors" else None
+    if isinstance(step, int):
+        best = ", the best" if name == "model.safetensors" and summary.get("final_weights") == "best" else ""
+        return f"{what} of {directory} (step {step}{best})", step
+    return f"weights file {checkpoint}", None
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            found = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 # ---- predict ----------------------------------------------------------------------------------
@@ -140,20 +175,21 @@ def image_paths(inputs: list[str]) -> list[str]:
 
 
 def predict(cfg: TrainConfig, recipe: Recipe, checkpoint: str, inputs: list[str], top_k: int = 5,
-            out: str = "") -> list[dict]:
+            out: str = "", inputs_file: str = "") -> list[dict]:
     """A classifier's top-k classes with probabilities, or a regression's values, per input, in
     batches of eval_batch_size; unreadable inputs are reported on stderr and skipped. Prints one
-    line per input; --out writes JSON lines."""
+    line per input, or with `out` writes one JSON object per input there instead."""
     import sys
 
     if top_k < 1:
         raise ConfigError(f"--top_k must be >= 1, got {top_k}")
     data = recipe.build_data(cfg)
-    make_sample, key = _sample_maker(cfg, recipe, data)
-    items = inputs if key == "input" else image_paths(inputs)
     split = SplitLoader(data.val if data.val is not None else data.train, rank=0, world=1, seed=cfg.seed,
                         batch_size=1, num_workers=0, training=False, batch_transform=data.batch_transform,
                         collate_fn=data.collate)
+    make_sample, key = _sample_maker(cfg, recipe, data, split)
+    given = gather_inputs(inputs, inputs_file, files_of_inputs=key == "input")
+    items = given if key == "input" else image_paths(given)
     classes = list(data.classes or split.classes)
     device = PartialState(cpu=False).device
     model = load_model(cfg, recipe, checkpoint).to(device)
@@ -177,7 +213,7 @@ def predict(cfg: TrainConfig, recipe: Recipe, checkpoint: str, inputs: list[str]
             batch = checked.step.prepare(collate(samples, data.collate), device, cfg.channels_last)
         with torch.no_grad():
             outputs = checked.step(model, batch).outputs.float()
-        results += _predictions(kept, outputs, checked.task, classes, top_k, key)
+        results += _predictions(kept, outputs, checked.task, classes, top_k, printed=not out)
     if not results:
         raise ConfigError(f"none of the {len(items)} inputs could be read")
     if out:
@@ -188,34 +224,68 @@ def predict(cfg: TrainConfig, recipe: Recipe, checkpoint: str, inputs: list[str]
     return results
 
 
+def gather_inputs(inputs: list[str], inputs_file: str = "", files_of_inputs: bool = False) -> list[str]:
+    """The inputs in order: each given one (`-`: standard input's lines; with `files_of_inputs`, an
+    existing file's lines), then the lines of `inputs_file`. Blank lines are skipped."""
+    import sys
+
+    gathered = []
+    for item, listed in [(item, files_of_inputs and os.path.isfile(item)) for item in inputs] + (
+            [(inputs_file, True)] if inputs_file else []):
+        if item == "-":
+            gathered += _lines(sys.stdin.read())
+        elif listed:
+            try:
+                with open(item, encoding="utf-8") as f:
+                    gathered += _lines(f.read())
+            except (OSError, UnicodeDecodeError) as error:
+                raise ConfigError(f"cannot read the inputs in {item} ({type(error).__name__}: {error}); pass a text "
+                                  "file with one input per line") from None
+        else:
+            gathered.append(item)
+    if not gathered:
+        raise ConfigError(f"no inputs in {', '.join('stdin' if i == '-' else i for i in inputs + [inputs_file] if i)}; "
+                          "give one input per line")
+    return gathered
+
+
+def _lines(text: str) -> list[str]:
+    return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+
+
 def _predictions(items: list[str], outputs: torch.Tensor, task: str, classes: list[str], top_k: int,
-                 key: str) -> list[dict]:
+                 printed: bool) -> list[dict]:
     results = []
     if task == "regression":
         for item, value in zip(items, outputs.reshape(len(items), -1).tolist()):
             value = value[0] if len(value) == 1 else value
-            results.append({key: item, "prediction": value})
-            print(f"{printable(item)}: {value if isinstance(value, list) else f'{value:.6g}'}", flush=True)
+            results.append({"input": item, "prediction": value})
+            if printed:
+                print(f"{printable(item)}: {value if isinstance(value, list) else f'{value:.6g}'}", flush=True)
         return results
     probabilities = outputs.softmax(dim=1)
     top = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
     for item, values, indices in zip(items, top.values.tolist(), top.indices.tolist()):
         names = [classes[i] if i < len(classes) else str(i) for i in indices]
-        results.append({key: item, "top": [{"class": n, "index": i, "probability": round(p, 6)}
-                                           for n, i, p in zip(names, indices, values)]})
-        print(f"{printable(item)}: " + ", ".join(f"{n} {100 * p:.1f} %" for n, p in zip(names, values)), flush=True)
+        results.append({"input": item, "top": [{"class": n, "index": i, "probability": round(p, 6)}
+                                               for n, i, p in zip(names, indices, values)]})
+        if printed:
+            print(f"{printable(item)}: " + ", ".join(f"{n} {100 * p:.1f} %" for n, p in zip(names, values)), flush=True)
     return results
 
 
-def _sample_maker(cfg, recipe: Recipe, data) -> tuple:
-    """(input -> sample, what an input is): the recipe's predict_sample(cfg, text), or an image file
-    through the split's per-image transform (with a placeholder label)."""
+def _sample_maker(cfg, recipe: Recipe, data, split: SplitLoader) -> tuple:
+    """(input -> sample, what an input is): the recipe's predict_sample(cfg, text), given a
+    placeholder target where it returned the inputs alone, or an image file through the split's
+    per-image transform (with a placeholder label)."""
     make = getattr(recipe.module, "predict_sample", None)
     if make is not None:
-        return (lambda text: make(cfg, text)), "input"
-    split = data.val if data.val is not None else data.train
-    transform = split.transform if isinstance(split, Shards) and split.images else getattr(split, "transform", None)
-    if transform is None or (isinstance(split, Shards) and not split.images):
+        with blame(f"build_data's {'validation' if data.val is not None else 'training'} split"):
+            template = split.example_samples(1)[0]
+        return (lambda text: with_placeholder_target(make(cfg, text), template)), "input"
+    source = data.val if data.val is not None else data.train
+    transform = source.transform if isinstance(source, Shards) and source.images else getattr(source, "transform", None)
+    if transform is None or (isinstance(source, Shards) and not source.images):
         raise ConfigError(f"recipe {recipe.name}'s samples are not images predict can read; define "
                           "predict_sample(cfg, text) in the recipe to turn an input into a sample")
 
@@ -225,3 +295,26 @@ def _sample_maker(cfg, recipe: Recipe, data) -> tuple:
             return transform(image), 0
 
     return image_sample, "image"
+
+
+def with_placeholder_target(sample, template):
+    """`sample` shaped as the training sample `template`: an (inputs, target) pair for inputs alone
+    (the structure of the template's inputs), a dict with `labels` for one without; the placeholder
+    is zeros like the template's target (its shape, dtype or Python type). Anything else unchanged."""
+    import torch.utils._pytree as pytree
+
+    if isinstance(template, dict) and isinstance(sample, dict):
+        if "labels" in template and "labels" not in sample:
+            return {**sample, "labels": _zeros_like(template["labels"])}
+        return sample
+    if isinstance(template, (tuple, list)) and len(template) == 2:
+        shape = pytree.tree_structure(sample)
+        if shape != pytree.tree_structure(template) and shape == pytree.tree_structure(template[0]):
+            return type(template)((sample, _zeros_like(template[1])))
+    return sample
+
+
+def _zeros_like(target):
+    if isinstance(target, torch.Tensor):
+        return torch.zeros_like(target)
+    return type(target)(0) if isinstance(target, (int, float)) else target

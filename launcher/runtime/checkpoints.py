@@ -354,6 +354,36 @@ def read_best(path: str) -> dict:
     return best
 
 
+def resolve_best(source: str, output_dir: str = "") -> str:
+    """The checkpoint directory a best.json names, for `best` (output_dir's run), `RUN_DIR/best` or a
+    path to a best.json; any other source unchanged. The directory is the step-N beside the
+    best.json (a run moved elsewhere still resolves), checked against its manifest."""
+    if source == "best":
+        if not output_dir:
+            raise ConfigError("'best' names the best checkpoint of a run: pass RUN_DIR/best")
+        path, run = os.path.join(output_dir, "checkpoints", BEST_FILE), output_dir
+    elif os.path.basename(source.rstrip("/")) == "best" and not os.path.exists(source):
+        run = os.path.dirname(source.rstrip("/")) or "."
+        path = os.path.join(run, "checkpoints", BEST_FILE)
+    elif os.path.basename(source) == BEST_FILE:
+        path, run = source, os.path.dirname(os.path.dirname(os.path.abspath(source)))
+    else:
+        return source
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path} not found: {run} has no best checkpoint (no launcher run there, or it never "
+                          "evaluated); pass the run's directory or one of its checkpoints/step-* directories")
+    best = read_best(path)
+    checkpoint = os.path.join(os.path.dirname(path), f"step-{best['step']:08d}")
+    if not os.path.isdir(checkpoint):
+        raise ConfigError(f"{path} names step {best['step']}, whose checkpoint {checkpoint} is gone; pass the run's "
+                          "directory or another checkpoints/step-* directory")
+    problem = verify(checkpoint)
+    if problem is not None:
+        raise ConfigError(f"the best checkpoint {checkpoint} is damaged ({problem}); pass the run's directory or "
+                          "another checkpoints/step-* directory")
+    return checkpoint
+
+
 def read_state(path: str) -> dict:
     """A checkpoint's trainer_state.json, validated (a dict with an integer step and epoch)."""
     try:

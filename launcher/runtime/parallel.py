@@ -15,8 +15,8 @@ from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from torch import nn
 
-from launcher.config import TrainConfig
 from launcher import durable
+from launcher.config import ConfigError, TrainConfig
 from launcher.runtime import sharding
 from launcher.runtime.distributed import ReplicaChecksums, rewrap_ddp
 
@@ -81,6 +81,15 @@ class Replicated:
             if ema is not None:
                 safetensors.torch.save_model(ema.module, os.path.join(staging, "model_ema.safetensors"))
         durable.publish_files(staging, out)
+
+    def load_checkpoint_weights(self, model: nn.Module, path: str) -> None:
+        """The model's weights from checkpoint `path` (its model.safetensors, as save_state wrote it:
+        `module.` in front under DDP), on every rank: --final_weights=best."""
+        state = safetensors.torch.load_file(os.path.join(path, "model.safetensors"), device="cpu")
+        state = {key.removeprefix("module."): value for key, value in state.items()}
+        result = self.accelerator.unwrap_model(model).load_state_dict(state, strict=False)  # tied weights: saved once
+        if result.unexpected_keys:
+            raise ConfigError(f"checkpoint {path} does not fit the model (unexpected {', '.join(result.unexpected_keys[:3])})")
 
     def replica_checksums(self, model: nn.Module) -> list[str] | None:
         return self.checksums(self.accelerator.unwrap_model(model))
@@ -160,6 +169,9 @@ class Sharded(Replicated):
             if acc.is_main_process:
                 with durable.atomic_path(os.path.join(out, name)) as temporary:
                     safetensors.torch.save_file(state, temporary, metadata={"format": "pt"})
+
+    def load_checkpoint_weights(self, model: nn.Module, path: str) -> None:
+        raise ConfigError("--final_weights=best needs --data_parallel=ddp")  # refused by TrainConfig.validate
 
     def replica_checksums(self, model: nn.Module) -> list[str] | None:
         return None  # each rank holds different shards by design

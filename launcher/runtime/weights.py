@@ -1,6 +1,7 @@
 """Initial weights for a model: a launcher run, a local file, or a torchvision weights name.
 
     load_weights(model, "runs/pretrain")              # OUTPUT_DIR/model.safetensors of a run
+    load_weights(model, "runs/pretrain/best")         # its best checkpoint (checkpoints/best.json)
     load_weights(model, "resnet18.pth")               # .pth/.pt/.safetensors, state_dict or checkpoint
     load_weights(model, "IMAGENET1K_V1", arch="resnet18")   # from the local torch hub cache
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from launcher.config import ConfigError
+from launcher.runtime.checkpoints import resolve_best
 
 
 PREFIXES = ("module.", "model.", "_orig_mod.")
@@ -48,6 +50,7 @@ def load_weights(model: nn.Module, source: str, *, arch: str = "", head: str = "
 
 
 def read_state_dict(source: str, arch: str = "") -> dict[str, torch.Tensor]:
+    source = resolve_best(source)  # RUN_DIR/best or a best.json: the best checkpoint's directory
     if os.path.isdir(source):
         path = os.path.join(source, "model.safetensors")
         if not os.path.isfile(path):

@@ -4,7 +4,8 @@
   saved or logged, or skip the update and count it;
 - `DataHealth`: unreadable samples: a JSON line each, the first ten printed, and the
   --max_corrupt_fraction threshold;
-- `BestMetric`: the best evaluation so far, and early stopping (--early_stop_patience);
+- `BestMetric`: the best evaluation so far, and early stopping (--early_stop_patience,
+  --early_stop_min_delta);
 - `CheckpointCadence`: whether a checkpoint is due (--checkpoint_every, --checkpoint_epoch_end).
 
 Their counters live in the run's `RunState`, which checkpoints keep.
@@ -144,21 +145,36 @@ class DataHealth:
 
 class BestMetric:
     """The best evaluation so far (in the run's state) and early stopping. The metrics compared are
-    already all-reduced, so every rank decides alike."""
+    already all-reduced, so every rank decides alike. The best (best.json, --final_weights=best)
+    follows any gain; early stopping counts an evaluation as an improvement only if it beats the
+    value it last counted by more than `min_delta` (in the metric's units)."""
 
-    def __init__(self, metric: str, mode: str, patience: int, state: RunState):
+    def __init__(self, metric: str, mode: str, patience: int, state: RunState, min_delta: float = 0.0):
         self.metric, self.mode, self.patience, self.state = metric, mode, patience, state
+        self.min_delta = min_delta
+
+    def _beats(self, value: float, reference: float | None, margin: float) -> bool:
+        if not math.isfinite(value):
+            return False  # NaN is never the best
+        if reference is None or not math.isfinite(reference):
+            return True
+        return value > reference + margin if self.mode == "max" else value < reference - margin
 
     def update(self, result: dict, epoch_end: bool) -> bool:
         """True if `result` is the best so far. Only epoch-end evaluations count towards early
         stopping, so a run stopped mid-epoch by max_steps resumes as if it had not stopped."""
         value, best = result.get(self.metric), self.state.best  # the metric is checked by the pre-flight
-        better = math.isfinite(value) and (not best or not math.isfinite(best["value"]) or (
-            value > best["value"] if self.mode == "max" else value < best["value"]))  # NaN is never the best
+        better = self._beats(value, best["value"] if best else None, 0.0)
         if better:
             self.state.best = {"metric": self.metric, "value": value, "step": self.state.step}
         if epoch_end:
-            self.state.evals_without_improvement = 0 if better else self.state.evals_without_improvement + 1
+            reference = self.state.early_stop_value
+            if reference is None and best:  # a checkpoint from before early_stop_value
+                reference = best["value"]
+            if self._beats(value, reference, self.min_delta):
+                self.state.early_stop_value, self.state.evals_without_improvement = value, 0
+            else:
+                self.state.evals_without_improvement += 1
         return better
 
     def stop_early(self) -> bool:

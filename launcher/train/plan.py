@@ -215,6 +215,7 @@ def training_lines(cfg: TrainConfig, schedule, loss_fn, checked) -> list[str]:
               f"MixUp alpha {cfg.mixup_alpha}" if cfg.mixup_alpha else "",
               f"CutMix alpha {cfg.cutmix_alpha}" if cfg.cutmix_alpha else "",
               f"early stop after {cfg.early_stop_patience} evaluations without a better {cfg.best_metric}"
+              + (f" (by more than {cfg.early_stop_min_delta:g})" if cfg.early_stop_min_delta else "")
               if cfg.early_stop_patience else ""]
     lines.append(f"  {'regularisation':<22}{'; '.join(e for e in extras if e) or 'none beyond weight decay'}")
     if cfg.deterministic:
@@ -237,7 +238,8 @@ def done_lines(cfg: TrainConfig, summary: dict, best: dict | None, ema: bool, wa
         lines.append(f"  best {best['metric']:<10} {shown} (step {best['step']}; "
                      f"{os.path.join(out, 'checkpoints', checkpoints.BEST_FILE)})")
     lines += [f"  metrics         {os.path.join(out, 'metrics.jsonl')}",
-              f"  weights         {os.path.join(out, 'model.safetensors')}"]
+              f"  weights         {os.path.join(out, 'model.safetensors')}"
+              + (f" (step {summary['final_weights_step']}, the best)" if summary.get("final_weights") == "best" else "")]
     if ema:
         lines.append(f"  EMA weights     {os.path.join(out, 'model_ema.safetensors')}")
     if wandb_dir:

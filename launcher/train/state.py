@@ -20,7 +20,8 @@ class RunState:
     epoch: int = 0  # the epoch under way
     best: dict = field(default_factory=dict)  # {"metric", "value", "step"} of the best evaluation so far
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient (nonfinite=skip)
-    evals_without_improvement: int = 0  # epoch-end evaluations since the best metric improved
+    evals_without_improvement: int = 0  # epoch-end evaluations since the best metric improved (by more than early_stop_min_delta)
+    early_stop_value: float | None = None  # the best metric's value early stopping last counted as an improvement
     unreadable_total: int = 0  # training and validation samples skipped as unreadable, all ranks
     elapsed_s: float = 0.0  # seconds of training before this process (earlier runs, when resumed)
     wandb_run_id: str | None = None

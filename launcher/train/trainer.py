@@ -96,7 +96,8 @@ class Trainer:
         self.guard = NonFiniteGuard(cfg.nonfinite, acc.mixed_precision == "fp16", self.state, last_checkpoint,
                                     acc.is_main_process, lambda: global_norm(self.parameters))
         self.data_health = DataHealth(cfg.output_dir, self.rank, cfg.max_corrupt_fraction, gather_object)
-        self.best_metric = BestMetric(cfg.best_metric, cfg.best_mode, cfg.early_stop_patience, self.state)
+        self.best_metric = BestMetric(cfg.best_metric, cfg.best_mode, cfg.early_stop_patience, self.state,
+                                      cfg.early_stop_min_delta)
         self.cadence = CheckpointCadence(cfg.checkpoint_every, cfg.checkpoint_epoch_end)
         self.metrics = MetricsLog(cfg.output_dir, acc.is_main_process)
         self.tracker = Tracker(acc, cfg)
@@ -196,7 +197,8 @@ class Trainer:
     def _say_stopped_early(self) -> None:
         if self.accelerator.is_main_process:
             best = self.state.best
-            tqdm.write(f"early stop at step {self.state.step}: {self.cfg.best_metric} has not improved for "
+            by = f" by more than {self.cfg.early_stop_min_delta:g}" if self.cfg.early_stop_min_delta else ""
+            tqdm.write(f"early stop at step {self.state.step}: {self.cfg.best_metric} has not improved{by} for "
                        f"{self.cfg.early_stop_patience} evaluations (best {best['value']:.4g} at step {best['step']})")
 
     def _save(self) -> None:
@@ -476,11 +478,30 @@ class Trainer:
     def _summary(self) -> dict:
         return self.state.summary(self.plan.global_batch)
 
+    def _final_weights(self) -> dict:
+        """What model.safetensors will hold: the last step's weights, or with --final_weights=best the
+        best checkpoint's model weights, loaded on every rank (the replicas stay identical; the EMA
+        stays the last step's)."""
+        best_step = self.state.best.get("step")
+        last = {"final_weights": "last", "final_weights_step": self.state.step}
+        if self.cfg.final_weights == "last":
+            return last
+        path = os.path.join(self.cfg.output_dir, "checkpoints", f"step-{best_step or 0:08d}")
+        if best_step is None or not os.path.isfile(os.path.join(path, "model.safetensors")):
+            if self.accelerator.is_main_process:
+                print(f"WARNING: --final_weights=best: {'no evaluation ran' if best_step is None else f'{path} is gone'}; "
+                      "model.safetensors holds the last step's weights", flush=True)
+            return last
+        if best_step != self.state.step:
+            self.parallel.load_checkpoint_weights(self.model, path)
+        return {"final_weights": "best", "final_weights_step": best_step}
+
     def finish(self) -> dict:
         acc, cfg = self.accelerator, self.cfg
         acc.wait_for_everyone()
+        final = self._final_weights()
         self.parallel.export(self.model, self.ema)  # model.safetensors (and the EMA's), main process only
-        summary = {**self._summary(), "memory_per_process": self.parallel.memory(self.model, self.optimizer)}
+        summary = {**self._summary(), **final, "memory_per_process": self.parallel.memory(self.model, self.optimizer)}
         checksums = self.parallel.replica_checksums(self.model)  # FSDP: none, each rank holds other shards
         if checksums is not None:
             summary["replicas_identical"] = len(set(checksums)) == 1

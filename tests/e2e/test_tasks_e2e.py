@@ -230,3 +230,61 @@ def test_a_recipe_that_would_fail_is_refused_before_training_in_one_line(args, m
         assert frame in result.stderr
     else:
         assert len(lines) == 1
+
+
+# ---- the best weights by name, and predict's inputs ---------------------------------------------
+
+FEATURES = "-0.04,0.05,0.06,0.02,-0.04,-0.03,-0.04,0.0,0.02,-0.01"  # standardised already: starts with -
+RAW = "59,2,32.1,101,157,93.2,38,4,4.8598,87"
+
+
+@pytest.fixture(scope="module")
+def best_run(tmp_path_factory):
+    """regression_tiny whose best is its first epoch (the highest val/loss counts as best), its
+    final weights the best checkpoint's."""
+    out = tmp_path_factory.mktemp("best") / "run"
+    launcher("recipes/regression_tiny", "--epochs=3", "--best_metric=val/loss", "--best_mode=max",
+             "--final_weights=best", f"--output_dir={out}")
+    return out
+
+
+def test_final_weights_best_are_the_best_checkpoints_and_evaluate_names_their_step(best_run):
+    best = json.loads((best_run / "checkpoints" / "best.json").read_text())
+    summary = json.loads((best_run / "summary.json").read_text())
+    assert best["step"] == summary["final_weights_step"] < summary["steps"] and summary["final_weights"] == "best"
+    final = weights(best_run)
+    checkpoint = {k.removeprefix("module."): v for k, v in
+                  load_file(str(best_run / "checkpoints" / f"step-{best['step']:08d}" / "model.safetensors")).items()}
+    last = load_file(str(best_run / "checkpoints" / f"step-{summary['steps']:08d}" / "model.safetensors"))
+    assert final.keys() == checkpoint.keys() and all(torch.equal(final[k], checkpoint[k]) for k in final)
+    assert not all(torch.equal(final[k], last[k]) for k in final)
+    by_name = launcher("evaluate", "recipes/regression_tiny", "--checkpoint=best", f"--output_dir={best_run}").stdout
+    checkpoint_dir = best_run / "checkpoints" / f"step-{best['step']:08d}"
+    assert f"evaluated checkpoint {checkpoint_dir} (step {best['step']}) on 88 validation samples" in by_name
+    assert re.search(rf"^  loss +{best['value']:.4f}$", by_name, re.MULTILINE)
+    final_run = launcher("evaluate", "recipes/regression_tiny", f"--checkpoint={best_run}", "--out=" + str(best_run / "e")).stdout
+    assert f"evaluated final weights of {best_run} (step {best['step']}, the best)" in final_run
+    assert re.search(rf"^  loss +{best['value']:.4f}$", final_run, re.MULTILINE)
+
+
+def test_predict_reads_inputs_after_double_dash_from_files_and_stdin(best_run, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, child_env
+
+    printed = launcher("predict", "recipes/regression_tiny", f"--checkpoint={best_run}/best", RAW, "--", FEATURES).stdout
+    values = dict(line.rsplit(": ", 1) for line in printed.splitlines())
+    assert list(values) == [RAW, FEATURES]
+    listed = tmp_path / "inputs.txt"
+    listed.write_text(f"{FEATURES}\n\n{RAW}\n")
+    out = tmp_path / "predictions.jsonl"
+    result = subprocess.run([sys.executable, "-m", "launcher", "predict", "recipes/regression_tiny",
+                             f"--checkpoint={best_run}/checkpoints/best.json", f"--inputs={listed}", f"--out={out}",
+                             str(listed), "-", "--", FEATURES], input=f"{RAW}\n", cwd=ROOT, env=child_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout == "", result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["input"] for r in rows] == [FEATURES, RAW, RAW, FEATURES, FEATURES, RAW]  # INPUTs in order, then --inputs
+    assert all(f"{r['prediction']:.6g}" == values[r["input"]] for r in rows)
+    assert "predicted 6 inputs; written to" in result.stderr

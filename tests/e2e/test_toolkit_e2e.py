@@ -133,18 +133,18 @@ def test_evaluate_and_predict_read_a_trained_run(digits, tmp_path):
                       "--top_k=3", f"--out={predictions}")
     assert f"skipped unreadable image {images / 'broken.png'}" in result.stderr
     rows = [json.loads(line) for line in predictions.read_text().splitlines()]
-    assert len(rows) == len(labels) == len(result.stdout.splitlines())
+    assert len(rows) == len(labels) and result.stdout == ""  # the predictions are in --out
     correct = 0
     for row in rows:
         probabilities = [t["probability"] for t in row["top"]]
         assert len(row["top"]) == 3 and probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1
-        correct += row["top"][0]["class"] == labels[row["image"].rsplit("/", 1)[-1]]
+        correct += row["top"][0]["class"] == labels[row["input"].rsplit("/", 1)[-1]]
     assert correct / len(rows) >= trained["val/top1"] - 0.15  # the trained model's accuracy, on these images
 
 
 @pytest.mark.parametrize("args, message", [
     (["evaluate", MLP_RECIPE, "--checkpoint=/nonexistent/model.safetensors"], "weights file /nonexistent/model.safetensors not found"),
-    (["predict", MLP_RECIPE, "--checkpoint={out}"], "predict needs images"),
+    (["predict", MLP_RECIPE, "--checkpoint={out}"], "predict needs inputs"),
     (["predict", MLP_RECIPE, "--checkpoint={out}", "/nonexistent.png"], "/nonexistent.png does not exist"),
     ([MLP_RECIPE, "--mixup_alpha=0.2", "--loss=nll"], "MixUp/CutMix make soft targets, which --loss=nll cannot take"),
     (["recipes/resnet_finetune_tiny", "--weights={out}", "--weight_init=xavier_uniform"], "would overwrite the loaded --weights"),

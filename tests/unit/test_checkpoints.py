@@ -104,3 +104,25 @@ def test_a_manifest_of_crc32s_from_before_xxh3_still_checks_its_files(tmp_path):
     data[7] ^= 0x01  # one flipped bit, the size unchanged
     (path / "model.bin").write_bytes(bytes(data))
     assert checkpoints.verify(str(path)) == "model.bin does not match its checksum"
+
+
+def test_best_resolves_to_the_checkpoint_best_json_names_and_refuses_a_damaged_or_missing_one(tmp_path):
+    run = tmp_path / "run"
+    best = complete_checkpoint(tmp_path, 7)
+    checkpoints.write_best(str(run), {"metric": "val/loss", "value": 0.5, "step": 7})
+    best_json = run / "checkpoints" / checkpoints.BEST_FILE
+    for source, output_dir in [("best", str(run)), (f"{run}/best", ""), (str(best_json), "")]:
+        assert checkpoints.resolve_best(source, output_dir) == str(best)
+    assert checkpoints.resolve_best(str(run), str(run)) == str(run)  # anything else is left as it is
+    with pytest.raises(ConfigError, match="has no best checkpoint"):
+        checkpoints.resolve_best(f"{tmp_path}/elsewhere/best")
+    best_json.write_text('{"step": 7, "checkp')
+    with pytest.raises(ConfigError, match=r"best.json is damaged \("):
+        checkpoints.resolve_best("best", str(run))
+    checkpoints.write_best(str(run), {"metric": "val/loss", "value": 0.5, "step": 9})
+    with pytest.raises(ConfigError, match=r"names step 9, whose checkpoint .*step-00000009 is gone"):
+        checkpoints.resolve_best(f"{run}/best")
+    (best / checkpoints.STATE_FILE).write_text("{not json")
+    checkpoints.write_best(str(run), {"metric": "val/loss", "value": 0.5, "step": 7})
+    with pytest.raises(ConfigError, match=r"the best checkpoint .*step-00000007 is damaged"):
+        checkpoints.resolve_best(f"{run}/best")

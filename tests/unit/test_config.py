@@ -165,3 +165,32 @@ def test_a_python_that_can_hang_forked_workers_is_named_for_multi_process_runs_w
     if warned:
         assert text.startswith(f"WARNING: Python {'.'.join(map(str, version))} can hang a DataLoader worker")
         assert "gh-112275" in text and "--num_workers=0" in text
+
+
+@pytest.mark.parametrize("argv, own", [
+    (["evaluate", "--help"], "usage: python -m launcher evaluate RECIPE --checkpoint=PATH"),
+    (["predict", "-h"], "-- INPUT ...       everything after -- is an input"),
+    (["predict", "recipes/regression_tiny", "--help"], "--inputs=FILE      a file of inputs, one per line"),
+    (["--help"], "python -m launcher COMMAND --help"),
+])
+def test_each_command_prints_its_own_help_and_exits_0(argv, own, capsys):
+    from launcher.cli import main
+
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert own in text and ("--checkpoint=PATH  the weights" in text) == (argv[0] != "--help")
+    assert ("fields of recipes.regression_tiny.Config" in text) == ("recipes/regression_tiny" in argv)
+
+
+def test_predict_inputs_are_the_arguments_that_are_not_flags_and_all_after_double_dash():
+    from launcher.cli import split_inputs
+
+    argv = ["recipes/r", "--checkpoint=best", "1,2", "-", "--top_k=2", "--", "-0.5,1", "--out=x"]
+    assert split_inputs(argv) == (["recipes/r", "--checkpoint=best", "--top_k=2"], ["1,2", "-", "-0.5,1", "--out=x"])
+    assert split_inputs(["--help"]) == (["--help"], [])
+
+
+def test_final_weights_best_under_fsdp_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match=r"--final_weights=best needs --data_parallel=ddp .*--checkpoint=RUN_DIR/best"):
+        apply_overrides(TrainConfig(), {"final_weights": "best", "data_parallel": "fsdp"})
+    assert apply_overrides(TrainConfig(), {"final_weights": "best"}).final_weights == "best"

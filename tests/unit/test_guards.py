@@ -96,3 +96,19 @@ def test_checkpoint_cadence():
     assert cadence.after_epoch(improved=False)
     only_best = CheckpointCadence(every=0, epoch_end=False)
     assert not only_best.after_step(5, False) and not only_best.after_epoch(False) and only_best.after_epoch(True)
+
+
+def test_early_stopping_counts_only_gains_above_min_delta_while_the_best_follows_any_gain():
+    state = RunState()
+    tracker = BestMetric("val/loss", "min", patience=3, state=state, min_delta=0.01)
+    for step, value in enumerate([1.0, 0.995, 0.992, 0.9905], start=1):  # each better, none by more than 0.01
+        state.step = step
+        assert tracker.update({"val/loss": value}, epoch_end=True)
+    assert state.best["step"] == 4 and state.early_stop_value == 1.0 and tracker.stop_early()
+    state = RunState()
+    maximising = BestMetric("val/top1", "max", patience=2, state=state, min_delta=0.01)
+    for step, value in enumerate([0.5, 0.505, 0.52, 0.515], start=1):
+        state.step = step
+        maximising.update({"val/top1": value}, epoch_end=True)
+    assert state.early_stop_value == 0.52 and state.evals_without_improvement == 1 and not maximising.stop_early()
+    assert state.best == {"metric": "val/top1", "value": 0.52, "step": 3}

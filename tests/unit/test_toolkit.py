@@ -348,3 +348,31 @@ def test_model_summary_counts_trainable_and_frozen_per_module_and_the_output_sha
     assert lines[-1] == "  input (N, 3, 12, 12) -> output (N, 5)"
     assert describe(torch.zeros(1, 3, 12, 12)) == "(N, 3, 12, 12)" and describe(torch.zeros(4)) == "(N,)"
     assert describe({"ids": torch.zeros(2, 7), "pair": (torch.zeros(2), [1, 2])}) == "{ids: (N, 7), pair: ((N,), (int, int))}"
+
+
+def test_predict_adds_a_placeholder_target_where_a_sample_has_only_its_inputs():
+    from launcher.commands.inference import with_placeholder_target
+
+    tokens = torch.tensor([3, 4])
+    pair = with_placeholder_target((tokens, 2), ((torch.tensor([1]), 1), 5))  # ((tokens, length), label)
+    assert pair[0] == (tokens, 2) and pair[1] == 0 and type(pair[1]) is int
+    features = with_placeholder_target(torch.ones(3), (torch.zeros(3), torch.tensor(2.5)))
+    assert torch.equal(features[1], torch.tensor(0.0)) and features[1].dtype == torch.float32
+    complete = (torch.ones(3), torch.tensor(1.0))
+    assert with_placeholder_target(complete, (torch.zeros(3), torch.tensor(2.5))) is complete
+    labelled = with_placeholder_target({"input_ids": tokens}, {"input_ids": tokens, "labels": torch.tensor([7, 8])})
+    assert torch.equal(labelled["labels"], torch.tensor([0, 0])) and labelled["input_ids"] is tokens
+
+
+def test_predict_reads_files_of_inputs_one_per_line(tmp_path):
+    from launcher.commands.inference import gather_inputs
+
+    lines = tmp_path / "inputs.txt"
+    lines.write_text("-1,2\n\n3,4\r\n")
+    assert gather_inputs(["5,6", str(lines)], str(lines), files_of_inputs=True) == ["5,6", "-1,2", "3,4", "-1,2", "3,4"]
+    assert gather_inputs([str(lines)], files_of_inputs=False) == [str(lines)]  # an image recipe's path
+    with pytest.raises(ConfigError, match="cannot read the inputs in .*missing.txt"):
+        gather_inputs([], str(tmp_path / "missing.txt"))
+    (tmp_path / "blank.txt").write_text("\n \n")
+    with pytest.raises(ConfigError, match="no inputs in .*blank.txt; give one input per line"):
+        gather_inputs([], str(tmp_path / "blank.txt"))

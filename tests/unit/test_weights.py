@@ -94,3 +94,16 @@ def test_missing_and_unexpected_keys_are_reported(tmp_path, source):
     report = load_weights(resnet(10), str(tmp_path / "w.pth"), log=lines.append)
     assert report["missing"] == ["layer1.0.bn1.running_mean"] and report["unexpected"] == ["aux.weight"]
     assert "missing: layer1.0.bn1.running_mean; unexpected: aux.weight" in lines[0]
+
+
+def test_from_a_runs_best_checkpoint(tmp_path, source):
+    from launcher.runtime.checkpoints import STATE_FILE, write_best
+
+    best = tmp_path / "run" / "checkpoints" / "step-00000004"
+    best.mkdir(parents=True)
+    (best / STATE_FILE).write_text('{"step": 4, "epoch": 1}')
+    save_file({f"module.{k}": v for k, v in source.state_dict().items()}, str(best / "model.safetensors"))
+    write_best(str(tmp_path / "run"), {"metric": "val/top1", "value": 0.9, "step": 4})
+    model = resnet(10)
+    load_weights(model, str(tmp_path / "run" / "best"), log=lambda _: None)
+    check_loaded(model, source)
