@@ -79,10 +79,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"launcher: stopped: {full}", file=sys.stderr, flush=True)
         os._exit(full.exit_code)  # another rank may wait in a collective for this one
-    except RunStopped as error:  # non-finite loss (1), bad data (65), full disk (74), preempted (75), lost peer (76)
+    except KeyboardInterrupt:  # Ctrl-C before training (or after it) began: nothing to save
+        print("launcher: interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # another rank may wait in a collective for this one
+    except RunStopped as error:  # non-finite loss (1), bad data (65), full disk (74), preempted (75), Ctrl-C (130), lost peer (76)
         if str(error):
-            kind = "data error" if isinstance(error, DataError) else "stopped"
-            print(f"launcher: {kind}: {one_line(error)}", file=sys.stderr)
+            kind = getattr(error, "heading", "data error" if isinstance(error, DataError) else "stopped")
+            print(f"launcher: {kind + ': ' if kind else ''}{one_line(error)}", file=sys.stderr)
         if getattr(error, "hard_exit", False):  # the peers are gone: tearing the group down would wait on them
             sys.stdout.flush()
             sys.stderr.flush()

@@ -6,7 +6,7 @@ scheduler stepped once per optimizer step (every group's LR logged each step), s
 unfreezing (DDP rebuilt to include the unfrozen parameters), a non-finite gradient stopping the
 run or skipping the step, evaluation each epoch with every validation sample counted once,
 checkpoints at epoch ends and every `checkpoint_every` steps (with each rank's data position, so
-a resume continues mid-epoch exactly), SIGUSR1/SIGTERM acted on at step boundaries, unreadable
+a resume continues mid-epoch exactly), SIGUSR1/SIGTERM/SIGINT acted on at step boundaries, unreadable
 samples counted across ranks (stop above `max_corrupt_fraction`), metrics to metrics.jsonl and
 wandb, progress as a bar or plain lines (launcher/track/progress.py), final weights and a summary.
 
@@ -36,7 +36,7 @@ from launcher.runtime import checkpoints
 from launcher.runtime.distributed import build_accelerator
 from launcher.runtime.parallel import build_parallel
 from launcher.runtime.sharding import global_norm
-from launcher.runtime.preemption import Preempted, StopSignals, requeue_slurm_job
+from launcher.runtime.preemption import Interrupted, Preempted, StopSignals, requeue_slurm_job
 from launcher.runtime.failures import failure_of
 from launcher.runtime.run_lock import RunLock
 from launcher.runtime.watchdog import Watchdog, injected_hang
@@ -100,9 +100,11 @@ class Trainer:
         self.cadence = CheckpointCadence(cfg.checkpoint_every, cfg.checkpoint_epoch_end)
         self.metrics = MetricsLog(cfg.output_dir, acc.is_main_process)
         self.tracker = Tracker(acc, cfg)
-        self.signals = StopSignals(self.world)
+        self.signals = StopSignals(self.world, before_exit=lambda: self.lock is not None and self.lock.release(),
+                                   says=acc.is_main_process)
         self.progress = Progress(progress_style(cfg.progress, cfg.quiet), cfg.quiet, self.plan.total_steps,
                                  acc.is_main_process)
+        self.lock = None  # until it is taken, below: a second Ctrl-C releases it if held
         # Last, before anything is written: one run per output_dir (the main process holds it for all).
         self.lock = RunLock(cfg.output_dir, log) if acc.is_main_process else None
         self.watchdog = Watchdog(cfg.hang_timeout_s, cfg.output_dir, self.rank, lambda: self.state.step,
@@ -212,9 +214,9 @@ class Trainer:
         self.parallel.read_shards(path, self.model, self.optimizer, self.ema)
 
     def _check_signals(self, now: bool = False) -> None:
-        """At a step boundary: if any rank got SIGUSR1/SIGTERM (by the previous boundary, or by
-        this one with `now`), checkpoint here, close the tracker, requeue under Slurm (SIGUSR1),
-        and stop with exit code 75."""
+        """At a step boundary: if any rank got SIGUSR1/SIGTERM/SIGINT (by the previous boundary, or
+        by this one with `now`), checkpoint here, close the tracker, requeue under Slurm (SIGUSR1),
+        and stop with exit code 75 (130 for a SIGINT: Ctrl-C)."""
         saver = self.saver
         signum = self.signals.agreed(now, ready=saver.ready_step)
         if saver.pending is not None and self.signals.all_ready == saver.pending.step:
@@ -228,8 +230,11 @@ class Trainer:
         self.tracker.finish(self._summary())  # the tracker's files are complete before a requeue
         requeued = requeue_slurm_job(signum) if self.accelerator.is_main_process else ""
         if not self.accelerator.is_main_process:
-            raise Preempted("")  # the main process says it
+            raise (Interrupted if signum == signal.SIGINT else Preempted)("")  # the main process says it
         path = checkpoints.checkpoint_dirs(self.cfg.output_dir)[-1]
+        if signum == signal.SIGINT:
+            raise Interrupted(f"interrupted at step {self.state.step} (checkpoint {path}); "
+                              "continue with --resume=auto")
         raise Preempted(f"{signal.Signals(signum).name} at step {self.state.step}: checkpoint {path} saved; "
                         + (requeued or "rerun with --resume=auto to continue"))
 
