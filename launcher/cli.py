@@ -46,7 +46,9 @@ up during a checkpoint (the earlier ones are intact); 75 preempted by SIGUSR1/SI
 saving a checkpoint (under Slurm a SIGUSR1 also requeues the job; elsewhere rerun with
 --resume=auto); 76 another process or a DataLoader worker ended (restart: torchrun's
 --max_restarts, or rerun with --resume=auto); 124 no progress for --hang_timeout_s (every
-thread's stack in OUTPUT_DIR/hangs/)."""
+thread's stack in OUTPUT_DIR/hangs/); 130 interrupted by Ctrl-C (SIGINT) after saving a
+checkpoint at the end of the step (continue with --resume=auto); a second Ctrl-C stops at once,
+without one."""
 
 
 def usage() -> str:
