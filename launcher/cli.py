@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"launcher: stopped: {full}", file=sys.stderr, flush=True)
         os._exit(full.exit_code)  # another rank may wait in a collective for this one
-    except KeyboardInterrupt:  # Ctrl-C before training (or after it) began: nothing to save
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (before its first step, after its last): nothing to save
         print("launcher: interrupted", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(130)  # another rank may wait in a collective for this one
