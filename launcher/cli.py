@@ -48,7 +48,9 @@ up during a checkpoint (the earlier ones are intact); 75 preempted by SIGUSR1/SI
 saving a checkpoint (under Slurm a SIGUSR1 also requeues the job; elsewhere rerun with
 --resume=auto); 76 another process or a DataLoader worker ended (restart: torchrun's
 --max_restarts, or rerun with --resume=auto); 124 no progress for --hang_timeout_s (every
-thread's stack in OUTPUT_DIR/hangs/)."""
+thread's stack in OUTPUT_DIR/hangs/); 130 interrupted by Ctrl-C (SIGINT) after saving a
+checkpoint at the end of the step (continue with --resume=auto); a second Ctrl-C stops at once,
+without one."""
 
 
 def usage() -> str:
@@ -127,10 +129,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"launcher: stopped: {full}", file=sys.stderr, flush=True)
         os._exit(full.exit_code)  # another rank may wait in a collective for this one
-    except RunStopped as error:  # non-finite loss (1), bad data (65), full disk (74), preempted (75), lost peer (76)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (before its first step, after its last): nothing to save
+        print("launcher: interrupted", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # another rank may wait in a collective for this one
+    except RunStopped as error:  # non-finite loss (1), bad data (65), full disk (74), preempted (75), Ctrl-C (130), lost peer (76)
         if str(error):
-            kind = "data error" if isinstance(error, DataError) else "stopped"
-            print(f"launcher: {kind}: {one_line(error)}", file=sys.stderr)
+            kind = getattr(error, "heading", "data error" if isinstance(error, DataError) else "stopped")
+            print(f"launcher: {kind + ': ' if kind else ''}{one_line(error)}", file=sys.stderr)
         if getattr(error, "hard_exit", False):  # the peers are gone: tearing the group down would wait on them
             sys.stdout.flush()
             sys.stderr.flush()

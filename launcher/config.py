@@ -147,6 +147,8 @@ class TrackingFields:
     """What is logged, and where (metrics.jsonl always; wandb, TensorBoard)."""
 
     log_every: int = ranged(10, at_least=1)  # optimizer steps between logged training metrics
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"  # training progress: a tqdm bar, a plain line every log_every steps (step, loss, LR, samples/s, time left) or none; auto: the bar when stderr is a terminal, lines otherwise (Slurm, a redirected log)
+    quiet: bool = False  # print only warnings, errors, where a resume continues and the final lines: no plan, progress or evaluation lines
     trackers: tuple[str, ...] = ("wandb",)  # experiment trackers: wandb, tensorboard (OUTPUT_DIR/tensorboard); metrics.jsonl always
     log_images: int = ranged(16, at_least=0)  # validation images (with prediction and label) logged to wandb per evaluation (image classifiers)
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online with credentials, else offline

@@ -1,4 +1,4 @@
-"""Preemption: SIGUSR1 and SIGTERM stop a run cleanly at the next optimizer step.
+"""Preemption and Ctrl-C: SIGUSR1, SIGTERM and SIGINT stop a run cleanly at the next optimizer step.
 
 The signal handler only records the signal. At each optimizer-step boundary the loop asks
 `agreed()`: an all-reduce (MAX) over a CPU (gloo) group, so every rank sees the signal at the
@@ -9,6 +9,18 @@ raises `Preempted` (exit code 75, EX_TEMPFAIL: "try again").
 Under Slurm, a SIGUSR1 (the `--signal=USR1@SECONDS` warning before the time limit) also requeues
 the job with `scontrol requeue $SLURM_JOB_ID`, and the requeued job's `--resume=auto` continues
 it. A SIGTERM (scancel, node shutdown) checkpoints and exits without requeueing.
+
+A SIGINT (Ctrl-C) does the same and raises `Interrupted` (exit code 130, 128 + SIGINT: the shell's
+code for a run a person stopped, and what `accelerate launch` itself exits with after a Ctrl-C, so
+one process and several end alike; 75 would tell a requeueing wrapper to try again). A second
+SIGINT, or a SIGTERM after it, exits at once: one line, no checkpoint. The terminal sends a Ctrl-C
+to its foreground process group: a single process and its DataLoader workers, or under `accelerate
+launch` torchrun's agent alone (it starts each rank in a session of its own), which sends SIGINT to
+each rank's process group (the rank and its workers), waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds
+(30) and then sends SIGKILL; a second Ctrl-C interrupts that wait, and the agent sends SIGTERM. A worker forked from a rank inherits this handler and ignores the signal: its
+rank decides (torch's workers exit quietly on a KeyboardInterrupt, and the rank would then lose
+them before it could checkpoint). A process started with SIGINT ignored (a script's background
+job) keeps ignoring it.
 """
 
 from __future__ import annotations
@@ -16,6 +28,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -24,19 +38,35 @@ from launcher.config import RunStopped
 
 
 PREEMPTED_EXIT_CODE = 75
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+SECOND_INTERRUPT = ("launcher: interrupted again: stopped at once, without a checkpoint; --resume=auto continues "
+                    "from the newest one\n")
 
 
 class Preempted(RunStopped):
     exit_code = PREEMPTED_EXIT_CODE
 
 
-class StopSignals:
-    """Records SIGUSR1/SIGTERM; `agreed()` is a collective: every rank calls it at the same step."""
+class Interrupted(RunStopped):
+    """Ctrl-C: the checkpoint is written; the message is the whole line ("launcher: interrupted at ...")."""
 
-    def __init__(self, world_size: int):
+    exit_code = INTERRUPTED_EXIT_CODE
+    heading = ""
+
+
+class StopSignals:
+    """Records SIGUSR1/SIGTERM/SIGINT; `agreed()` is a collective: every rank calls it at the same step.
+    `before_exit` runs before a second SIGINT ends the process (the run lock's release); the main
+    process (`says`) prints the line."""
+
+    def __init__(self, world_size: int, before_exit: Callable[[], None] = lambda: None, says: bool = True):
         self.received = 0  # the signal number, 0 for none
-        self.previous = {sig: signal.signal(sig, self._record) for sig in SIGNALS}
+        self.interrupts = 0  # SIGINTs received
+        self.pid = os.getpid()  # a forked DataLoader worker runs the inherited handler in another process
+        self.before_exit, self.says = before_exit, says
+        self.previous = {sig: signal.signal(sig, self._record) for sig in SIGNALS
+                         if not (sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN)}
         self.group = None
         if world_size > 1 and dist.get_backend() != "gloo":
             self.group = dist.new_group(backend="gloo")  # CPU flag: no device sync per step
@@ -51,7 +81,24 @@ class StopSignals:
         self.all_ready = -1  # the step of the checkpoint every rank had finished writing, by the previous call
 
     def _record(self, signum, frame) -> None:
-        self.received = signum  # nothing else: the loop acts at a step boundary
+        if os.getpid() != self.pid:
+            return  # a DataLoader worker: its rank acts on the signal
+        if self.interrupts and signum in (signal.SIGINT, signal.SIGTERM):  # torchrun's, after a second Ctrl-C
+            self._exit_now()
+        self.interrupts += signum == signal.SIGINT
+        if signum != signal.SIGINT or not self.received:  # preemption outranks a Ctrl-C (as in agreed's MAX)
+            self.received = signum  # nothing else: the loop acts at a step boundary
+
+    def _exit_now(self) -> None:
+        """os.write and os._exit: safe wherever the main thread was (even in a checkpoint's write)."""
+        try:
+            sys.stdout.flush()  # the lines printed so far
+        except (RuntimeError, OSError, ValueError):
+            pass  # the main thread was writing to it (a reentrant flush raises)
+        if self.says:
+            os.write(2, SECOND_INTERRUPT.encode())
+        self.before_exit()
+        os._exit(INTERRUPTED_EXIT_CODE)
 
     def agreed(self, now: bool = False, ready: int = -1) -> int:
         """The signal any rank had received by the previous call (0: none), or by this one with

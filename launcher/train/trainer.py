@@ -6,9 +6,9 @@ scheduler stepped once per optimizer step (every group's LR logged each step), s
 unfreezing (DDP rebuilt to include the unfrozen parameters), a non-finite gradient stopping the
 run or skipping the step, evaluation each epoch with every validation sample counted once,
 checkpoints at epoch ends and every `checkpoint_every` steps (with each rank's data position, so
-a resume continues mid-epoch exactly), SIGUSR1/SIGTERM acted on at step boundaries, unreadable
+a resume continues mid-epoch exactly), SIGUSR1/SIGTERM/SIGINT acted on at step boundaries, unreadable
 samples counted across ranks (stop above `max_corrupt_fraction`), metrics to metrics.jsonl and
-wandb, final weights and a summary.
+wandb, progress as a bar or plain lines (launcher/track/progress.py), final weights and a summary.
 
 The run's progress is one `RunState` (launcher/train/state.py); the policies that decide when to
 act (the NaN/Inf guard, data health, best metric and early stopping, checkpoint cadence) are
@@ -25,7 +25,6 @@ import time
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from tqdm.auto import tqdm
 
 from launcher.config import ConfigError, DataError, TrainConfig
 from launcher.data.layout import Position, derive_seed
@@ -37,10 +36,11 @@ from launcher.runtime import checkpoints
 from launcher.runtime.distributed import build_accelerator
 from launcher.runtime.parallel import build_parallel
 from launcher.runtime.sharding import global_norm
-from launcher.runtime.preemption import Preempted, StopSignals, requeue_slurm_job
+from launcher.runtime.preemption import Interrupted, Preempted, StopSignals, requeue_slurm_job
 from launcher.runtime.failures import failure_of
 from launcher.runtime.run_lock import agreed_lock
 from launcher.runtime.watchdog import Watchdog, injected_hang
+from launcher.track.progress import Progress, progress_style
 from launcher.track.trackers import MetricsLog, Tracker, save_run_files, write_json
 from launcher.train.build import build_parts
 from launcher.train.counting import CountedLoss
@@ -101,7 +101,11 @@ class Trainer:
         self.cadence = CheckpointCadence(cfg.checkpoint_every, cfg.checkpoint_epoch_end)
         self.metrics = MetricsLog(cfg.output_dir, acc.is_main_process)
         self.tracker = Tracker(acc, cfg)
-        self.signals = StopSignals(self.world)
+        self.signals = StopSignals(self.world, before_exit=lambda: self.lock is not None and self.lock.release(),
+                                   says=acc.is_main_process)
+        self.progress = Progress(progress_style(cfg.progress, cfg.quiet), cfg.quiet, self.plan.total_steps,
+                                 acc.is_main_process)
+        self.lock = None  # until it is taken, below: a second Ctrl-C releases it if held
         # Last, before anything is written: one run per output_dir (the main process holds it for all).
         self.lock = agreed_lock(acc, cfg.output_dir, log)  # None on the other ranks; a refusal raised on all
         self.watchdog = Watchdog(cfg.hang_timeout_s, cfg.output_dir, self.rank, lambda: self.state.step,
@@ -116,7 +120,7 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         resume_from = self.resume_from
         if acc.is_main_process:
-            print(format_plan(cfg, self.plan, self.groups, self.recipe.name), flush=True)
+            self.progress.say(format_plan(cfg, self.plan, self.groups, self.recipe.name))
             save_run_files(cfg, self.recipe, self.world)
             checked = self.checked
             write_json(cfg.output_dir, "task.json", {
@@ -159,8 +163,7 @@ class Trainer:
         self.watchdog.start()  # from here on, a rank that makes no progress for --hang_timeout_s ends
         self.start()
         acc = self.accelerator
-        self.progress = tqdm(total=self.plan.total_steps, initial=self.state.step, unit="step",
-                             disable=not acc.is_main_process, dynamic_ncols=True)
+        self.progress.start(self.state.step)
         try:
             while self.state.epoch < self.cfg.epochs and self.state.step < self.plan.total_steps:
                 self.train_epoch()
@@ -198,8 +201,8 @@ class Trainer:
         if self.accelerator.is_main_process:
             best = self.state.best
             by = f" by more than {self.cfg.early_stop_min_delta:g}" if self.cfg.early_stop_min_delta else ""
-            tqdm.write(f"early stop at step {self.state.step}: {self.cfg.best_metric} has not improved{by} for "
-                       f"{self.cfg.early_stop_patience} evaluations (best {best['value']:.4g} at step {best['step']})")
+            self.progress.warn(f"early stop at step {self.state.step}: {self.cfg.best_metric} has not improved{by} for "
+                               f"{self.cfg.early_stop_patience} evaluations (best {best['value']:.4g} at step {best['step']})")
 
     def _save(self) -> None:
         self.guard.check(self.state.step)
@@ -213,9 +216,9 @@ class Trainer:
         self.parallel.read_shards(path, self.model, self.optimizer, self.ema)
 
     def _check_signals(self, now: bool = False) -> None:
-        """At a step boundary: if any rank got SIGUSR1/SIGTERM (by the previous boundary, or by
-        this one with `now`), checkpoint here, close the tracker, requeue under Slurm (SIGUSR1),
-        and stop with exit code 75."""
+        """At a step boundary: if any rank got SIGUSR1/SIGTERM/SIGINT (by the previous boundary, or
+        by this one with `now`), checkpoint here, close the tracker, requeue under Slurm (SIGUSR1),
+        and stop with exit code 75 (130 for a SIGINT: Ctrl-C)."""
         saver = self.saver
         signum = self.signals.agreed(now, ready=saver.ready_step)
         if saver.pending is not None and self.signals.all_ready == saver.pending.step:
@@ -229,8 +232,11 @@ class Trainer:
         self.tracker.finish(self._summary())  # the tracker's files are complete before a requeue
         requeued = requeue_slurm_job(signum) if self.accelerator.is_main_process else ""
         if not self.accelerator.is_main_process:
-            raise Preempted("")  # the main process says it
+            raise (Interrupted if signum == signal.SIGINT else Preempted)("")  # the main process says it
         path = checkpoints.checkpoint_dirs(self.cfg.output_dir)[-1]
+        if signum == signal.SIGINT:
+            raise Interrupted(f"interrupted at step {self.state.step} (checkpoint {path}); "
+                              "continue with --resume=auto")
         raise Preempted(f"{signal.Signals(signum).name} at step {self.state.step}: checkpoint {path} saved; "
                         + (requeued or "rerun with --resume=auto to continue"))
 
@@ -307,7 +313,7 @@ class Trainer:
         self.watchdog.beat()
         if self.state.step == self.hang_at:  # tests: a rank frozen in a step, its connections open
             os.kill(os.getpid(), signal.SIGSTOP)
-        self.progress.update(1)
+        self.progress.advance()
         if self.state.step in self.unfreeze_steps:
             self._update_frozen()
         logged = self._logs_at(self.state.step)
@@ -335,7 +341,7 @@ class Trainer:
         self.model = self.parallel.after_unfreeze(self.model)  # DDP rebuilt
         self._train_mode()
         if self.accelerator.is_main_process:
-            tqdm.write(f"step {self.state.step}: training {', '.join(unfrozen)} from now on")
+            self.progress.say(f"step {self.state.step}: training {', '.join(unfrozen)} from now on")
 
     def _logs_at(self, step: int) -> bool:
         """Whether optimizer step `step` logs the training metrics."""
@@ -368,8 +374,7 @@ class Trainer:
             record["train/gpu_memory_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30  # peak since last log
             torch.cuda.reset_peak_memory_stats(acc.device)
         self._record({**record, **lrs})
-        self.progress.set_postfix(loss=f"{loss:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.3g}",
-                                  samples_s=f"{record['train/samples_per_s']:.0f}")
+        self.progress.logged(loss, self.optimizer.param_groups[0]["lr"], record["train/samples_per_s"])
 
     def _record(self, record: dict, flush: bool = True) -> None:
         self.metrics.write(record, flush)
@@ -393,9 +398,9 @@ class Trainer:
         self._record({"step": self.state.step, "epoch": self.state.epoch, "data/dropped": dropped,
                       "data/repeated": repeated, "data/unreadable": corrupt})
         if acc.is_main_process and (dropped or repeated or corrupt):
-            tqdm.write(f"epoch {self.state.epoch} data: {self.plan.train_samples} samples, "
-                       f"{self.plan.micro_batches_per_epoch} batches of {self.cfg.batch_size} per rank: "
-                       f"{dropped} dropped, {repeated} repeated, {corrupt} unreadable")
+            self.progress.warn(f"epoch {self.state.epoch} data: {self.plan.train_samples} samples, "
+                               f"{self.plan.micro_batches_per_epoch} batches of {self.cfg.batch_size} per rank: "
+                               f"{dropped} dropped, {repeated} repeated, {corrupt} unreadable")
 
     def _trace(self, keys) -> None:
         if not self.cfg.trace_samples:
@@ -430,8 +435,8 @@ class Trainer:
             if confusion is not None:
                 write_json(self.cfg.output_dir, "confusion.json", {"step": self.state.step, "classes": names, "matrix": confusion})
             self.tracker.log_evaluation(self.state.step, confusion, names, examples)
-            tqdm.write(f"epoch {self.state.epoch} step {self.state.step}: {format_metrics(result, 'val')}"
-                       + (f"; EMA {format_metrics(result, 'val_ema')}" if self.ema is not None else ""))
+            self.progress.say(f"epoch {self.state.epoch} step {self.state.step}: {format_metrics(result, 'val')}"
+                              + (f"; EMA {format_metrics(result, 'val_ema')}" if self.ema is not None else ""))
         return improved
 
     def _evaluate(self, model: torch.nn.Module, prefix: str) -> tuple[dict, list | None, list | None]:
@@ -466,8 +471,8 @@ class Trainer:
         for group, base, fn in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["lr"] = base * fn(sched.last_epoch)
         if self.accelerator.is_main_process:
-            tqdm.write(f"step {self.state.step}: {self.cfg.lr_plateau_metric} plateaued, LR now "
-                       f"{self.optimizer.param_groups[0]['lr']:.3g}")
+            self.progress.say(f"step {self.state.step}: {self.cfg.lr_plateau_metric} plateaued, LR now "
+                              f"{self.optimizer.param_groups[0]['lr']:.3g}")
 
     def _state(self) -> dict:
         return {**self.state.state_dict(), "config": dataclasses.asdict(self.cfg), "world_size": self.world,

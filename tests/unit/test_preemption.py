@@ -1,6 +1,7 @@
 """StopSignals across two real gloo processes: a signal one rank receives reaches every rank at the
 same call; the per-step check lags one call (its all-reduce overlaps the next step), the
-epoch-end check (`now`) does not."""
+epoch-end check (`now`) does not. A second Ctrl-C ends a real process at once, in one line; a
+forked DataLoader worker ignores the Ctrl-C its rank acts on."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import os
 import signal
 
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -66,3 +68,36 @@ def test_the_process_group_can_go_away_right_after_a_check(tmp_path):
     # gloo's worker thread freed the last tensor, waiting for the GIL that destroy_process_group held
     # while it joined that thread.
     spawn_or_fail(_check_then_leave, (str(tmp_path), 40))
+
+
+SECOND_INTERRUPT = """
+import os, signal, sys
+from launcher.runtime.preemption import StopSignals
+signals = StopSignals(world_size=1, before_exit=lambda: print("lock released", flush=True))
+worker = os.fork()
+if worker == 0:  # as a DataLoader worker forked from the rank: the terminal's Ctrl-C reaches it too
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGINT)
+    os._exit(0)
+print("worker", os.waitstatus_to_exitcode(os.waitpid(worker, 0)[1]), flush=True)
+os.kill(os.getpid(), signal.SIGINT)
+print("first", signals.received, flush=True)
+os.kill(os.getpid(), signal.SECOND)
+print("still running", flush=True)
+"""
+
+
+@pytest.mark.parametrize("second", ["SIGINT", "SIGTERM"])  # SIGTERM: torchrun's, after a second Ctrl-C reached it
+def test_a_second_interrupt_exits_at_once_in_one_line_and_a_worker_ignores_both(second):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, child_env
+    from launcher.runtime.preemption import SECOND_INTERRUPT as LINE
+
+    done = subprocess.run([sys.executable, "-c", SECOND_INTERRUPT.replace("SECOND", second)], cwd=ROOT,
+                          env=dict(child_env(), PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130
+    assert done.stdout.splitlines() == ["worker 0", f"first {int(signal.SIGINT)}", "lock released"]
+    assert done.stderr == LINE  # one line, no traceback
+
