@@ -104,15 +104,35 @@ def data_report(split: SplitLoader, name: str) -> list[str]:
     idle = layout.idle_workers()
     if idle:
         lines.append(f"  {'':<22}WARNING: {idle} of {world * workers} workers get no shard each epoch; "
-                     f"write at least {world * workers} shards to use them all")
+                     f"write at least {world * workers} shards to use them all (`launcher shards "
+                     f"--num_shards={world * workers}`), or lower --num_workers")
     shares = layout.rank_samples()
     if split.training:
+        uneven = layout.dropped > 0.02 * split.total and len(counts) % (world * workers)
         lines.append(f"  {'per-rank samples':<22}{min(shares)} to {max(shares)} (epoch 0); each rank takes "
                      f"{split.batches_per_epoch} batches of {split.batch_size}: {layout.dropped} dropped, "
-                     f"{layout.repeated} repeated to even them out")
+                     f"{layout.repeated} repeated to even them out"
+                     + (f"; shards of even sizes in a multiple of {world * workers} drop less "
+                        f"(`launcher shards --num_shards={world * workers}`)" if uneven else ""))
+        lines += single_class_warning(index, name)
     else:
         lines.append(f"  {'per-rank samples':<22}{min(shares)} to {max(shares)}; each evaluated once")
     return lines
+
+
+def single_class_warning(index, name: str, share: float = 0.9) -> list[str]:
+    """A warning when most shards hold over `share` of one class (from index.json's class counts):
+    each worker reads whole shards, so its batches would hold few classes (shards written in class
+    order; `launcher shards` shuffles)."""
+    counts = [c for c in index.class_counts or [] if sum(c)]
+    if len({label for c in counts for label, n in enumerate(c) if n}) < 2:
+        return []
+    mostly_one = sum(max(c) > share * sum(c) for c in counts)
+    if mostly_one <= len(counts) / 2:
+        return []
+    return [f"  {'':<22}WARNING: {mostly_one} of {len(counts)} {name} shards hold over {share:.0%} one class: "
+            "each worker's batches will hold few classes; rewrite them shuffled (`launcher shards` shuffles by "
+            "default) or raise Shards(shuffle_buffer=...)"]
 
 
 def format_config(cfg: TrainConfig) -> str:
