@@ -1,6 +1,6 @@
 """Writing shards from an ImageFolder tree: original bytes, index, unreadable files, workers; the
 shuffled order, shard counts, train/val/test roots, class counts and what the plan makes of them,
-`shards --help`."""
+`shards --help`, and a model whose outputs do not match the shards' classes refused before step 1."""
 
 from __future__ import annotations
 
@@ -11,14 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import MLP_RECIPE
 from launcher.cli import main
 from launcher.commands.shards import OPTIONS, make_shards
-from launcher.config import ConfigError
+from launcher.config import ConfigError, apply_overrides
 from launcher.data.index import read_index
 from launcher.data.spec import Shards
 from launcher.data.loader import SplitLoader
 from launcher.data.writer import (SHARD_MTIME, dataset_samples, default_num_shards, shard_image_folder, shard_sizes,
                                   write_shards)
+from launcher.recipe import load_recipe
+from launcher.train.build import build_parts
 from launcher.train.plan import data_report, single_class_warning
 
 CLASSES = ["a", "b", "c", "d"]
@@ -228,3 +231,23 @@ def test_shards_help_lists_every_flag_on_stdout_and_a_wrong_flag_is_one_line(fol
         err = capsys.readouterr().err
         assert stopped.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
 
+
+def test_a_model_whose_outputs_differ_from_the_shards_classes_is_refused_before_step_1(tmp_path):
+    root = tmp_path / "images"
+    sorted_folder(root / "train", 12)
+    sorted_folder(root / "val", 2)
+    data = tmp_path / "data"
+    make_shards(str(root), str(data), workers=1, num_shards=2)
+    (data / "pretrain").symlink_to(data / "train")  # the directories recipes/resnet_pretrain reads
+    (data / "pretrain_val").symlink_to(data / "val")
+
+    def parts(recipe_name: str, **overrides):
+        recipe = load_recipe(recipe_name)
+        cfg = apply_overrides(recipe.default_config(), {"data_dir": str(data), "batch_size": 8, **overrides})
+        return build_parts(cfg.resolved(), recipe, rank=0, world=1)
+
+    with pytest.raises(ConfigError, match=r"^the shards have 4 classes \(index.json\), the model outputs 2: "
+                                          r"set --num_classes=4$"):
+        parts("recipes/resnet_pretrain", num_classes=2)
+    with pytest.raises(ConfigError, match=r"the model outputs 10: make build_model output 4 classes$"):
+        parts(MLP_RECIPE)  # no num_classes field to name
