@@ -120,19 +120,29 @@ def data_report(split: SplitLoader, name: str) -> list[str]:
     return lines
 
 
-def single_class_warning(index, name: str, share: float = 0.9) -> list[str]:
-    """A warning when most shards hold over `share` of one class (from index.json's class counts):
-    each worker reads whole shards, so its batches would hold few classes (shards written in class
-    order; `launcher shards` shuffles)."""
+def single_class_warning(index, name: str) -> list[str]:
+    """A warning when most shards hold mostly one class, or a few (index.json's class counts), as
+    shards written in class order do: each worker reads whole shards, so its batches would hold
+    few classes. A shard counts when its majority class is over 90 % of it (unless one class is
+    90 % of the split), or, holding 4+ samples per class, when over half its samples would have to
+    change class for it to match the split's class shares (total variation distance over 0.5)."""
     counts = [c for c in index.class_counts or [] if sum(c)]
-    if len({label for c in counts for label, n in enumerate(c) if n}) < 2:
+    totals = [sum(column) for column in zip(*counts)]
+    present = sum(t > 0 for t in totals)
+    if present < 2:
         return []
-    mostly_one = sum(max(c) > share * sum(c) for c in counts)
-    if mostly_one <= len(counts) / 2:
+    shares = [t / sum(totals) for t in totals]
+
+    def apart(c: list[int]) -> float:
+        return 0.5 * sum(abs(n / sum(c) - share) for n, share in zip(c, shares))
+
+    skewed = sum((max(c) > 0.9 * sum(c) and max(shares) < 0.9) or (sum(c) >= 4 * present and apart(c) > 0.5)
+                 for c in counts)
+    if skewed <= len(counts) / 2:
         return []
-    return [f"  {'':<22}WARNING: {mostly_one} of {len(counts)} {name} shards hold over {share:.0%} one class: "
-            "each worker's batches will hold few classes; rewrite them shuffled (`launcher shards` shuffles by "
-            "default) or raise Shards(shuffle_buffer=...)"]
+    return [f"  {'':<22}WARNING: {skewed} of {len(counts)} {name} shards hold mostly one class or a few (written in "
+            "class order?): each worker's batches will hold few classes; rewrite them shuffled (`launcher shards` "
+            "shuffles by default) or raise Shards(shuffle_buffer=...)"]
 
 
 def format_config(cfg: TrainConfig) -> str:

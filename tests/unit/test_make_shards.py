@@ -15,7 +15,7 @@ from conftest import MLP_RECIPE
 from launcher.cli import main
 from launcher.commands.shards import OPTIONS, make_shards
 from launcher.config import ConfigError, apply_overrides
-from launcher.data.index import read_index
+from launcher.data.index import ShardIndex, read_index
 from launcher.data.spec import Shards
 from launcher.data.loader import SplitLoader
 from launcher.data.writer import (SHARD_MTIME, dataset_samples, default_num_shards, shard_image_folder, shard_sizes,
@@ -163,8 +163,21 @@ def test_shards_of_a_class_sorted_folder_mix_the_classes_in_every_batch(tmp_path
     assert json.loads((ordered / "index.json").read_text())["class_counts"] == labels_in_shards(ordered)
     # the plan warns about the class-ordered shards, from index.json's class counts
     warning = single_class_warning(read_index(str(ordered)), "training")
-    assert len(warning) == 1 and "4 of 4 training shards hold over 90% one class" in warning[0]
+    assert len(warning) == 1 and "4 of 4 training shards hold mostly one class or a few" in warning[0]
     assert single_class_warning(read_index(str(mixed)), "training") == []
+
+
+def test_the_plan_warns_about_shards_of_a_few_classes_from_their_class_counts():
+    def warned(class_counts: list[list[int]]) -> bool:
+        urls = [f"s{i}.tar" for i in range(len(class_counts))]
+        return bool(single_class_warning(ShardIndex(urls, list(map(sum, class_counts)), [], class_counts), "training"))
+
+    assert warned([[16, 0, 0, 0], [0, 16, 0, 0], [0, 0, 16, 16]])  # 4 classes in 3 shards, class order
+    assert warned([[40, 40, 40, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 40, 40, 40, 0, 0, 0, 0],
+                   [0, 0, 0, 0, 0, 0, 40, 40, 40, 40]])  # no shard over 90 % one class, each a few classes
+    assert not warned([[5, 3, 4, 4], [3, 5, 4, 4], [4, 4, 3, 5]])  # shuffled
+    assert not warned([[95, 5], [96, 4], [94, 6]])  # one class is 95 % of the data: every shard is so
+    assert not warned([[8], [8]])  # one class in all
 
 
 def test_too_few_or_uneven_shards_for_the_processes_name_the_flag_that_fixes_them(tmp_path):
