@@ -17,7 +17,7 @@ from launcher.runtime import checkpoints
 from launcher.runtime.sharding import find_units
 from launcher.train.modeling import init_weights, model_summary
 from launcher.train.plan import Plan, format_plan, make_plan, parallel_lines, training_lines
-from launcher.train.preflight import Checked, preflight
+from launcher.train.preflight import Checked, preflight, unused_outputs_note
 
 
 @dataclasses.dataclass
@@ -76,6 +76,7 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
         train_data, val_data = (_synthetic(split, checked, loader_args) if split else None
                                 for split in (train_data, val_data))
     plan = make_plan(cfg, train_data, val_data, world)
+    plan.notes.append(unused_outputs_note(cfg, checked, classes, classes_from))
     schedule = recipe.build_schedule(cfg, model).resolved(cfg)
     groups = assign_groups(model, schedule, cfg.lr, cfg.weight_decay, plan.steps_per_epoch)
     apply_freezing(groups, step=0)

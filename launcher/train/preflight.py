@@ -7,7 +7,7 @@ It also decides what the run is: the step style (launcher/train/step.py), the ta
 (launcher/train/metrics.py), the number of classes, the default best metric, and the model summary's
 input -> output line. Mistakes that can be seen here are refused with the fix: cross-entropy on
 float targets, MixUp/CutMix without class labels, a best metric the task does not produce, a
-classifier with more or fewer outputs than the data's classes.
+classifier with fewer outputs than the data's classes (more: a warning in the plan).
 
 A recipe function that raises is named in a one-line error; the traceback of the recipe's own
 code is printed above it (the user's code), the launcher's and torch's frames are not.
@@ -176,15 +176,29 @@ def _check_split(cfg, recipe, split, name: str, model, device, loss_fn, extra_me
 
 
 def check_classes(cfg, outputs, targets, classes: Sequence[str], source: str) -> None:
-    """Refuse a classifier whose outputs are not one per class of the data (`source` names where the
-    class list came from): fewer fail at the first label past them ("Target 3 is out of bounds"),
-    possibly many steps in; more are never trained."""
-    if not classes or infer_task(outputs, targets) != "classification" or outputs.shape[-1] == len(classes):
+    """Refuse a classifier with fewer outputs than the data has classes (`source` names where the
+    class list came from): its first label past them would fail the loss ("Target 3 is out of
+    bounds"), possibly many steps in (more outputs train: `unused_outputs_note`)."""
+    if not classes or infer_task(outputs, targets) != "classification" or outputs.shape[-1] >= len(classes):
         return
-    data = "shards" if source == "index.json" else "data"
-    fix = (f"set --num_classes={len(classes)}" if hasattr(cfg, "num_classes")
-           else f"make build_model output {len(classes)} classes")
-    raise ConfigError(f"the {data} have {len(classes)} classes ({source}), the model outputs {outputs.shape[-1]}: {fix}")
+    raise ConfigError(f"the {_data(source)} have {len(classes)} classes ({source}), the model outputs "
+                      f"{outputs.shape[-1]}: {_fix(cfg, len(classes))}")
+
+
+def unused_outputs_note(cfg, checked: Checked, classes: Sequence[str], source: str) -> str:
+    """A warning for the plan when a classifier has more outputs than the data has classes, or ""."""
+    if checked.task != "classification" or not classes or checked.num_classes <= len(classes):
+        return ""
+    return (f"WARNING: the model outputs {checked.num_classes} classes, the {_data(source)} have {len(classes)} "
+            f"({source}): {checked.num_classes - len(classes)} outputs are never a target; {_fix(cfg, len(classes))}")
+
+
+def _data(source: str) -> str:
+    return "shards" if source == "index.json" else "data"
+
+
+def _fix(cfg, classes: int) -> str:
+    return f"set --num_classes={classes}" if hasattr(cfg, "num_classes") else f"make build_model output {classes} classes"
 
 
 def describe_loss(recipe, cfg) -> str:

@@ -5,6 +5,7 @@ shuffled order, shard counts, train/val/test roots, class counts and what the pl
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 
 import pytest
@@ -125,7 +126,7 @@ def sorted_folder(root, per_class: int, classes=CLASSES):
     for label, name in enumerate(classes):
         (root / name).mkdir(parents=True)
         for i in range(per_class):
-            Image.new("RGB", (8, 8), (60 * label, 200 - 40 * label, 9 * i)).save(root / name / f"{name}{i:02d}.png")
+            Image.new("RGB", (8, 8), (60 * label % 256, (200 - 40 * label) % 256, 9 * i)).save(root / name / f"{name}{i:02d}.png")
     return root
 
 
@@ -245,22 +246,29 @@ def test_shards_help_lists_every_flag_on_stdout_and_a_wrong_flag_is_one_line(fol
         assert stopped.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_model_whose_outputs_differ_from_the_shards_classes_is_refused_before_step_1(tmp_path):
-    root = tmp_path / "images"
-    sorted_folder(root / "train", 12)
-    sorted_folder(root / "val", 2)
-    data = tmp_path / "data"
-    make_shards(str(root), str(data), workers=1, num_shards=2)
-    (data / "pretrain").symlink_to(data / "train")  # the directories recipes/resnet_pretrain reads
-    (data / "pretrain_val").symlink_to(data / "val")
+def test_a_model_with_fewer_outputs_than_the_shards_classes_is_refused_before_step_1(tmp_path):
+    def shards(name: str, classes: list[str]) -> str:
+        root = tmp_path / name
+        sorted_folder(root / "train", 48 // len(classes), classes)
+        sorted_folder(root / "val", 1, classes)
+        make_shards(str(root), str(tmp_path / f"{name}-shards"), workers=1, num_shards=2)
+        return str(tmp_path / f"{name}-shards")
 
-    def parts(recipe_name: str, **overrides):
+    def parts(recipe_name: str, data: str, **overrides):
         recipe = load_recipe(recipe_name)
-        cfg = apply_overrides(recipe.default_config(), {"data_dir": str(data), "batch_size": 8, **overrides})
+        cfg = apply_overrides(recipe.default_config(), {"data_dir": data, "batch_size": 8, **overrides})
         return build_parts(cfg.resolved(), recipe, rank=0, world=1)
 
+    four = shards("four", CLASSES)
+    os.symlink(os.path.join(four, "train"), os.path.join(four, "pretrain"))  # what recipes/resnet_pretrain reads
+    os.symlink(os.path.join(four, "val"), os.path.join(four, "pretrain_val"))
     with pytest.raises(ConfigError, match=r"^the shards have 4 classes \(index.json\), the model outputs 2: "
                                           r"set --num_classes=4$"):
-        parts("recipes/resnet_pretrain", num_classes=2)
-    with pytest.raises(ConfigError, match=r"the model outputs 10: make build_model output 4 classes$"):
-        parts(MLP_RECIPE)  # no num_classes field to name
+        parts("recipes/resnet_pretrain", four, num_classes=2)  # without the check: IndexError at the loss
+    twelve = shards("twelve", [f"k{i:02d}" for i in range(12)])
+    with pytest.raises(ConfigError, match=r"the shards have 12 classes \(index.json\), the model outputs 10: "
+                                          r"make build_model output 12 classes$"):
+        parts(MLP_RECIPE, twelve)  # no num_classes field to name
+    notes = parts(MLP_RECIPE, four).plan.notes  # more outputs than classes train, with a warning
+    assert ("WARNING: the model outputs 10 classes, the shards have 4 (index.json): 6 outputs are never a target; "
+            "make build_model output 4 classes") in notes
