@@ -30,6 +30,7 @@ OPTIONS = {
     "prefix": (str, "shard", "shard file names: PREFIX-000000.tar, ..."),
 }
 
+SHORT_USAGE = "python -m launcher shards SOURCE OUT [--flag=value ...]"
 USAGE = """\
 usage: python -m launcher shards SOURCE OUT [--flag=value ...]
 
@@ -82,11 +83,11 @@ def shards_command(argv: list[str]) -> int:
             else:
                 value = next(args, None)
                 if value is None:
-                    raise ConfigError(f"--{name} needs a value; usage: python -m launcher shards SOURCE OUT [--flag=value ...]")
+                    raise ConfigError(f"--{name} needs a value; usage: {SHORT_USAGE}")
         flags[name] = _parse(name, value)
     if len(positional) != 2:
         raise ConfigError(f"shards takes SOURCE and OUT, got {len(positional)} argument(s) "
-                          f"{' '.join(positional)}; usage: python -m launcher shards SOURCE OUT [--flag=value ...] (see --help)")
+                          f"{' '.join(positional)}; usage: {SHORT_USAGE} (see --help)")
     make_shards(*positional, **flags)
     return 0
 

@@ -211,8 +211,9 @@ def folder_splits(root: str) -> list[str]:
     splits = [name for name in SPLITS if name in folders]
     others = [name for name in folders if name not in SPLITS]
     if splits and others:
-        raise ConfigError(f"{root} holds split folders ({', '.join(splits)}) and other folders ({', '.join(others[:3])}); "
-                          "give it only train/, val/ and test/ (each ROOT/SPLIT/CLASS/IMAGE), or only class folders")
+        raise ConfigError(f"{root} holds split folders ({', '.join(splits)}) and other folders "
+                          f"({', '.join(others[:3])}); give it only train/, val/ and test/ (each ROOT/SPLIT/CLASS/IMAGE), "
+                          "or only class folders")
     return splits
 
 

@@ -198,7 +198,8 @@ def _data(source: str) -> str:
 
 
 def _fix(cfg, classes: int) -> str:
-    return f"set --num_classes={classes}" if hasattr(cfg, "num_classes") else f"make build_model output {classes} classes"
+    return (f"set --num_classes={classes}" if hasattr(cfg, "num_classes")
+            else f"make build_model output {classes} classes")
 
 
 def describe_loss(recipe, cfg) -> str:
