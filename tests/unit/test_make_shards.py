@@ -226,6 +226,18 @@ def test_a_root_of_train_val_test_writes_each_split_with_one_class_list(tmp_path
         make_shards(str(root), str(tmp_path / "again"), workers=1)
 
 
+def test_a_torchvision_dataset_is_shuffled_into_num_shards_with_its_own_flags(tmp_path, capsys):
+    out = tmp_path / "fake"
+    assert main(["shards", "torchvision.datasets.FakeData", str(out), "--size=40", "--image_size=(3, 8, 8)",
+                 "--num_classes", "4", "--num_shards=4", "--seed=3"]) == 0
+    assert "wrote 40 samples in 4 shards" in capsys.readouterr().out
+    index = json.loads((out / "index.json").read_text())
+    assert list(index["shards"].values()) == [10, 10, 10, 10]
+    assert index["class_counts"] == labels_in_shards(out) and sum(map(sum, index["class_counts"].values())) == 40
+    keys = [name.split(".")[0] for name in members_of(out / "shard-000000.tar") if name.endswith(".png")]
+    assert keys != sorted(keys)  # a shuffled order; keys still name the dataset's indices
+
+
 def test_sub_folders_inside_class_folders_are_warned_about(folder, tmp_path):
     lines = []
     shard_image_folder(str(folder), str(tmp_path / "out"), max_count=100, max_bytes=1 << 30, workers=1,
