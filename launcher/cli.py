@@ -163,10 +163,9 @@ def _leave_process_group() -> None:
 def run_command(argv: list[str]) -> int:
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     if command == "shards":
-        from launcher.commands.shards import make_shards
+        from launcher.commands.shards import shards_command
 
-        fire.Fire(make_shards, command=argv, name="launcher shards")
-        return 0
+        return shards_command(argv)
     if command == "report":
         return report(argv)
     args, inputs = split_inputs(argv) if command == "predict" else (argv, [])

@@ -1,9 +1,9 @@
 """Write an ImageFolder tree or a torchvision-style dataset as WebDataset shards + index.json.
 
-    python scripts/make_shards.py data/flowers data/flowers-shards --max_count=1000 --workers=4
+    python scripts/make_shards.py data/flowers data/flowers-shards --num_shards=64 --workers=4
     python scripts/make_shards.py torchvision.datasets.CIFAR10 out/ --root=data/cifar --train=True
 
-The same as `python -m launcher shards ...`; see launcher.commands.shards.make_shards for every flag.
+The same as `python -m launcher shards ...`; `--help` lists every flag.
 """
 
 import os

@@ -27,6 +27,7 @@ class ShardIndex:
     urls: list[str]
     counts: list[int]
     classes: list[str] = field(default_factory=list)
+    class_counts: list[list[int]] | None = None  # per shard, samples of each label (index.json's "class_counts")
 
     @property
     def total(self) -> int:
@@ -46,7 +47,7 @@ def read_index(urls: str | Sequence[str], index_file: str = "") -> ShardIndex:
         index = _load_index_file(path)
         names = list(index["shards"])
         found = ShardIndex([os.path.join(urls, n) for n in names], [index["shards"][n] for n in names],
-                           list(index.get("classes", [])))
+                           list(index.get("classes", [])), shard_class_counts(index, names))
         check_shard_files(found.urls)
         return found
     expanded = []
@@ -68,7 +69,20 @@ def read_index(urls: str | Sequence[str], index_file: str = "") -> ShardIndex:
                               f"Shards(..., index=PATH/{INDEX_NAME}) with the one written beside the shards")
         else:
             counts.append(_count_samples(url))
-    return ShardIndex(expanded, counts, list(index.get("classes", [])))
+    return ShardIndex(expanded, counts, list(index.get("classes", [])),
+                      shard_class_counts(index, [os.path.basename(url) for url in expanded]))
+
+
+def shard_class_counts(index: dict, names: Sequence[str]) -> list[list[int]] | None:
+    """Each named shard's samples per label from an index's "class_counts", or None when the index
+    has none for some shard (an older or hand-written index: they are only reported, never needed)."""
+    table = index.get("class_counts")
+    if not isinstance(table, dict):
+        return None
+    counts = [table.get(name) for name in names]
+    if not all(isinstance(c, list) and all(isinstance(n, int) and n >= 0 for n in c) for c in counts):
+        return None
+    return counts
 
 
 def check_shard_files(paths: Sequence[str]) -> None:

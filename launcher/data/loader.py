@@ -234,8 +234,9 @@ class SplitLoader:
             self.index = read_index(source.urls, source.index)
             self.total = self.index.total
             if training and len(self.index.urls) < world:
-                raise ConfigError(f"{len(self.index.urls)} training shards for {world} processes: "
-                                  "each process needs at least one; write more, smaller shards")
+                raise ConfigError(f"{len(self.index.urls)} training shards for {world} processes: each process "
+                                  f"needs at least one; rewrite them with `launcher shards SOURCE OUT "
+                                  f"--num_shards={world * max(num_workers, 1)}` or use fewer processes")
         else:
             self.index = None
             self.total = len(source)

@@ -17,7 +17,7 @@ from launcher.runtime import checkpoints
 from launcher.runtime.sharding import find_units
 from launcher.train.modeling import init_weights, model_summary
 from launcher.train.plan import Plan, format_plan, make_plan, parallel_lines, training_lines
-from launcher.train.preflight import Checked, preflight
+from launcher.train.preflight import Checked, preflight, unused_outputs_note
 
 
 @dataclasses.dataclass
@@ -56,6 +56,8 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
     val_data = (SplitLoader(data.val, batch_size=cfg.eval_batch_size, training=False, **loader_args)
                 if data.val is not None else None)
     classes = list(data.classes or train_data.classes)
+    classes_from = ("DataSpec.classes" if data.classes else "index.json" if train_data.index is not None
+                    else "the dataset's .classes")
     if cfg.weight_init != "default" and getattr(cfg, "weights", ""):
         raise ConfigError(f"--weight_init={cfg.weight_init} would overwrite the loaded --weights; use one or the other")
     model = recipe.build_model(cfg)
@@ -65,7 +67,7 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
     model.to(device)
     loss_fn = recipe.build_loss(cfg)
     extra_metrics = recipe.build_metrics(cfg)
-    checked = preflight(cfg, recipe, train_data, val_data, model, device, loss_fn, extra_metrics)
+    checked = preflight(cfg, recipe, train_data, val_data, model, device, loss_fn, extra_metrics, classes, classes_from)
     for split in (train_data, val_data):
         if split is not None:
             split.num_classes = checked.label_classes  # labels out of range: unreadable samples
@@ -74,6 +76,7 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
         train_data, val_data = (_synthetic(split, checked, loader_args) if split else None
                                 for split in (train_data, val_data))
     plan = make_plan(cfg, train_data, val_data, world)
+    plan.notes.append(unused_outputs_note(cfg, checked, classes, classes_from))
     schedule = recipe.build_schedule(cfg, model).resolved(cfg)
     groups = assign_groups(model, schedule, cfg.lr, cfg.weight_decay, plan.steps_per_epoch)
     apply_freezing(groups, step=0)

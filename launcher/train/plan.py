@@ -104,15 +104,45 @@ def data_report(split: SplitLoader, name: str) -> list[str]:
     idle = layout.idle_workers()
     if idle:
         lines.append(f"  {'':<22}WARNING: {idle} of {world * workers} workers get no shard each epoch; "
-                     f"write at least {world * workers} shards to use them all")
+                     f"write at least {world * workers} shards to use them all (`launcher shards "
+                     f"--num_shards={world * workers}`), or lower --num_workers")
     shares = layout.rank_samples()
     if split.training:
+        uneven = layout.dropped > 0.02 * split.total and len(counts) % (world * workers)
         lines.append(f"  {'per-rank samples':<22}{min(shares)} to {max(shares)} (epoch 0); each rank takes "
                      f"{split.batches_per_epoch} batches of {split.batch_size}: {layout.dropped} dropped, "
-                     f"{layout.repeated} repeated to even them out")
+                     f"{layout.repeated} repeated to even them out"
+                     + (f"; shards of even sizes in a multiple of {world * workers} drop less "
+                        f"(`launcher shards --num_shards={world * workers}`)" if uneven else ""))
+        lines += single_class_warning(index, name)
     else:
         lines.append(f"  {'per-rank samples':<22}{min(shares)} to {max(shares)}; each evaluated once")
     return lines
+
+
+def single_class_warning(index, name: str) -> list[str]:
+    """A warning when most shards hold mostly one class, or a few (index.json's class counts), as
+    shards written in class order do: each worker reads whole shards, so its batches would hold
+    few classes. A shard counts when its majority class is over 90 % of it (unless one class is
+    90 % of the split), or, holding 4+ samples per class, when over half its samples would have to
+    change class for it to match the split's class shares (total variation distance over 0.5)."""
+    counts = [c for c in index.class_counts or [] if sum(c)]
+    totals = [sum(column) for column in zip(*counts)]
+    present = sum(t > 0 for t in totals)
+    if present < 2:
+        return []
+    shares = [t / sum(totals) for t in totals]
+
+    def apart(c: list[int]) -> float:
+        return 0.5 * sum(abs(n / sum(c) - share) for n, share in zip(c, shares))
+
+    skewed = sum((max(c) > 0.9 * sum(c) and max(shares) < 0.9) or (sum(c) >= 4 * present and apart(c) > 0.5)
+                 for c in counts)
+    if skewed <= len(counts) / 2:
+        return []
+    return [f"  {'':<22}WARNING: {skewed} of {len(counts)} {name} shards hold mostly one class or a few (written in "
+            "class order?): each worker's batches will hold few classes; rewrite them shuffled (`launcher shards` "
+            "shuffles by default) or raise Shards(shuffle_buffer=...)"]
 
 
 def format_config(cfg: TrainConfig) -> str:

@@ -6,7 +6,8 @@ the model runs in eval mode, no backward, and the random generators are restored
 It also decides what the run is: the step style (launcher/train/step.py), the task and its metrics
 (launcher/train/metrics.py), the number of classes, the default best metric, and the model summary's
 input -> output line. Mistakes that can be seen here are refused with the fix: cross-entropy on
-float targets, MixUp/CutMix without class labels, a best metric the task does not produce.
+float targets, MixUp/CutMix without class labels, a best metric the task does not produce, a
+classifier with fewer outputs than the data's classes (more: a warning in the plan).
 
 A recipe function that raises is named in a one-line error; the traceback of the recipe's own
 code is printed above it (the user's code), the launcher's and torch's frames are not.
@@ -19,7 +20,7 @@ import os
 import sysconfig
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -89,13 +90,15 @@ class Checked:
 
 
 def preflight(cfg, recipe, train, val, model: torch.nn.Module, device: torch.device, loss_fn: Callable,
-              extra_metrics: dict | None = None) -> Checked:
-    """Check both splits (`launcher.data.SplitLoader`); raise ConfigError/RecipeError, or return what was found."""
+              extra_metrics: dict | None = None, classes: Sequence[str] = (), classes_from: str = "") -> Checked:
+    """Check both splits (`launcher.data.SplitLoader`); raise ConfigError/RecipeError, or return what was found.
+    `classes`: the data's class names (from `classes_from`), checked against a classifier's outputs."""
+    known = (list(classes), classes_from)
     checked = None
     for split, name in ((train, "training"), (val, "validation")):
         if split is None:
             continue
-        found = _check_split(cfg, recipe, split, name, model, device, loss_fn, extra_metrics)
+        found = _check_split(cfg, recipe, split, name, model, device, loss_fn, extra_metrics, known)
         if checked is None:
             checked = found
         elif (found.task, found.num_classes, found.step.style) != (checked.task, checked.num_classes,
@@ -112,7 +115,7 @@ def preflight(cfg, recipe, train, val, model: torch.nn.Module, device: torch.dev
     return checked
 
 
-def _check_split(cfg, recipe, split, name: str, model, device, loss_fn, extra_metrics) -> Checked:
+def _check_split(cfg, recipe, split, name: str, model, device, loss_fn, extra_metrics, known: tuple) -> Checked:
     with blame(f"build_data's {name} split (its dataset, decode or transform)"):
         samples = split.example_samples(EXAMPLE_SAMPLES)
     if not samples:
@@ -138,6 +141,7 @@ def _check_split(cfg, recipe, split, name: str, model, device, loss_fn, extra_me
                 inputs, targets = prepared
                 with blame("build_model's model (its forward)"):
                     outputs = call_model(model, inputs)
+                check_classes(cfg, outputs, targets, *known)  # before the loss: a label past the outputs fails there
                 with blame(f"the loss ({describe_loss(recipe, cfg)})"):
                     _refuse_float_targets_for_cross_entropy(loss_fn, targets)
                     _refuse_labels_outside_the_outputs(outputs, targets, name)
@@ -153,6 +157,7 @@ def _check_split(cfg, recipe, split, name: str, model, device, loss_fn, extra_me
     if not loss.requires_grad and any(p.requires_grad for p in model.parameters()):
         raise ConfigError("the step's loss does not depend on any trainable parameter (was it detached, or "
                           "computed under no_grad?); return the loss the model's outputs give")
+    check_classes(cfg, out.outputs, out.targets, *known)
     task = infer_task(out.outputs, out.targets)
     num_classes = int(out.outputs.shape[-1]) if task in ("classification", "language_model") else None
     if (cfg.mixup_alpha or cfg.cutmix_alpha) and not (style == "pair" and task == "classification"):
@@ -168,6 +173,33 @@ def _check_split(cfg, recipe, split, name: str, model, device, loss_fn, extra_me
                    ["val/loss", *metrics.names()], best_metric, best_mode, data,
                    f"input {describe(inputs if style == 'pair' else data)} -> output {describe(_detach(out.outputs))}"
                    if out.outputs is not None else f"input {describe(data)} -> loss")
+
+
+def check_classes(cfg, outputs, targets, classes: Sequence[str], source: str) -> None:
+    """Refuse a classifier with fewer outputs than the data has classes (`source` names where the
+    class list came from): its first label past them would fail the loss ("Target 3 is out of
+    bounds"), possibly many steps in (more outputs train: `unused_outputs_note`)."""
+    if not classes or infer_task(outputs, targets) != "classification" or outputs.shape[-1] >= len(classes):
+        return
+    raise ConfigError(f"the {_data(source)} have {len(classes)} classes ({source}), the model outputs "
+                      f"{outputs.shape[-1]}: {_fix(cfg, len(classes))}")
+
+
+def unused_outputs_note(cfg, checked: Checked, classes: Sequence[str], source: str) -> str:
+    """A warning for the plan when a classifier has more outputs than the data has classes, or ""."""
+    if checked.task != "classification" or not classes or checked.num_classes <= len(classes):
+        return ""
+    return (f"WARNING: the model outputs {checked.num_classes} classes, the {_data(source)} have {len(classes)} "
+            f"({source}): {checked.num_classes - len(classes)} outputs are never a target; {_fix(cfg, len(classes))}")
+
+
+def _data(source: str) -> str:
+    return "shards" if source == "index.json" else "data"
+
+
+def _fix(cfg, classes: int) -> str:
+    return (f"set --num_classes={classes}" if hasattr(cfg, "num_classes")
+            else f"make build_model output {classes} classes")
 
 
 def describe_loss(recipe, cfg) -> str:
