@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.utils._pytree as pytree
+from PIL import Image
 
 from launcher.config import ConfigError, DataError
 from launcher.data.batch import collate, describe
+from launcher.data.spec import Shards
 from launcher.optim.losses import CrossEntropy
 from launcher.train.metrics import TaskMetrics, better_direction, default_best, infer_task, loss_name
 from launcher.train.step import Step, StepOutput, call_model, choose_style
@@ -111,6 +114,8 @@ def _check_split(cfg, recipe, split, name: str, model, device, loss_fn, extra_me
         samples = split.example_samples(EXAMPLE_SAMPLES)
     if not samples:
         raise ConfigError(f"the {name} split has no samples")
+    if split.collate_fn is None:  # the recipe's own collate may take anything
+        _refuse_non_tensors(samples, *_sample_maker(split, name))
     with blame("DataSpec.collate" if split.collate_fn else
                "default_collate (samples of different sizes need DataSpec(collate=...), e.g. padding)"):
         data = collate(samples, split.collate_fn)
@@ -120,8 +125,13 @@ def _check_split(cfg, recipe, split, name: str, model, device, loss_fn, extra_me
     except ValueError as error:
         raise ConfigError(str(error)) from None
     step = Step(style, loss_fn if style == "pair" else None, compute_loss, split.batch_transform)
-    with blame("the split's batch_transform"):
+    transform_name = (f"the {name} split's batch_transform ({_name_of(split.batch_transform)})"
+                      if split.batch_transform is not None else f"moving the {name} batch to {device}")
+    with blame(transform_name):
         prepared = step.prepare(data, device, cfg.channels_last)
+    if split.batch_transform is not None:
+        _refuse_non_tensors(prepared[0] if style == "pair" else prepared, transform_name, split.batch_transform,
+                            "return a tensor, or tuples/lists/dicts of tensors")
     what = {"pair": "build_model's model or the loss", "model_loss": "build_model's model (forward(**batch))",
             "compute_loss": "compute_loss(model, batch)"}[style]
     training = model.training
@@ -161,6 +171,46 @@ def _check_split(cfg, recipe, split, name: str, model, device, loss_fn, extra_me
                    ["val/loss", *metrics.names()], best_metric, best_mode, data,
                    f"input {describe(inputs if style == 'pair' else data)} -> output {describe(_detach(out.outputs))}"
                    if out.outputs is not None else f"input {describe(data)} -> loss")
+
+
+def _sample_maker(split, name: str) -> tuple[str, Callable | None, str]:
+    """What made the split's samples (named in errors), the function that did, and how to make tensors of images."""
+    source = split.source
+    to_tensor = "end it with a ToTensor/PILToTensor or use launcher.presets (train_transform, eval_transform)"
+    transform = getattr(source, "transform", None)
+    if isinstance(source, Shards):
+        if transform is not None:
+            return f"the {name} split's transform ({_name_of(transform)})", transform, to_tensor
+        return (f"the {name} split's decode ({_name_of(source.decoder)})", source.decoder,
+                "give Shards a transform that ends with a ToTensor/PILToTensor, or one of launcher.presets")
+    if transform is not None:
+        return f"the {name} split's dataset ({type(source).__name__}, its transform {_name_of(transform)})", \
+            transform, to_tensor
+    return (f"the {name} split's dataset ({type(source).__name__})", None,
+            "give it a transform that ends with a ToTensor/PILToTensor, or one of launcher.presets")
+
+
+def _refuse_non_tensors(data: Any, what: str, fn: Callable | None, fix: str) -> None:
+    """Refuse samples or batches holding a PIL image, a transform or a function (something that
+    returned one was passed uncalled, or ends before its ToTensor), naming `what` made them."""
+    if data is None:
+        raise ConfigError(f"pre-flight: {what} returned None, not a tensor: {fix}")
+    wrong = next((leaf for leaf in pytree.tree_leaves(data) if isinstance(leaf, Image.Image) or callable(leaf)), None)
+    if wrong is None:
+        return
+    if isinstance(wrong, Image.Image) or fn is None:
+        raise ConfigError(f"pre-flight: {what} returned {_kind(wrong)}, not a tensor: {fix}")
+    name = _name_of(fn)
+    raise ConfigError(f"pre-flight: {what} returned a {type(wrong).__name__}, not a tensor: "
+                      f"was it passed uncalled? call it ({name}() not {name})")
+
+
+def _kind(value: Any) -> str:
+    return f"a PIL image ({type(value).__name__})" if isinstance(value, Image.Image) else f"a {type(value).__name__}"
+
+
+def _name_of(fn: Any) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
 
 
 def describe_loss(recipe, cfg) -> str:
