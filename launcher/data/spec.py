@@ -11,7 +11,6 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils.data import Dataset
 
-from launcher import presets
 from launcher.config import ConfigError
 from launcher.data.batch import Batch, Collate
 from launcher.data.decoders import IMAGE_EXTENSIONS, fields, image_label
@@ -100,10 +99,7 @@ class DataSpec:
 def _refuse_uncalled(fn: Any, what: str) -> None:
     """A ConfigError when `fn` makes a transform or decoder rather than being one: a launcher
     preset (launcher.presets, fields, image_label) or a torch/torchvision transform class, uncalled."""
-    try:
-        call = _PRESET_CALLS.get(fn)
-    except TypeError:  # unhashable: an object, so not a preset
-        call = None
+    call = _PRESET_CALLS.get((getattr(fn, "__module__", None), getattr(fn, "__name__", None)))
     if call is None and isinstance(fn, type) and (issubclass(fn, torch.nn.Module)
                                                    or fn.__module__.startswith("torchvision.")):
         call = f"{fn.__name__}(...)"
@@ -113,8 +109,13 @@ def _refuse_uncalled(fn: Any, what: str) -> None:
                           f"({call} not {fn.__name__})")
 
 
-_PRESET_CALLS = {presets.train_transform: "train_transform(224)", presets.eval_transform: "eval_transform(224)",
-                 presets.normalize: "normalize()", fields: 'fields("x.npy")', image_label: "image_label()"}
+_PRESET_CALLS = {  # (module, name) -> how to call it; launcher.presets is beside data, so not imported
+    ("launcher.presets", "train_transform"): "train_transform(224)",
+    ("launcher.presets", "eval_transform"): "eval_transform(224)",
+    ("launcher.presets", "normalize"): "normalize()",
+    (fields.__module__, "fields"): 'fields("x.npy")',
+    (image_label.__module__, "image_label"): "image_label()",
+}
 
 
 def image_folder(root: str, transform: Callable | None = None) -> Dataset:
