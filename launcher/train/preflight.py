@@ -15,12 +15,15 @@ code is printed above it (the user's code), the launcher's and torch's frames ar
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import sysconfig
 import traceback
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy
 import torch
 import torch.utils._pytree as pytree
 from PIL import Image
@@ -34,6 +37,7 @@ from launcher.train.step import Step, StepOutput, call_model, choose_style
 
 
 EXAMPLE_SAMPLES = 2  # samples per split pushed through the model
+COLLATABLE = (torch.Tensor, numpy.ndarray, numpy.generic, numbers.Number, str, bytes, Mapping, Sequence)  # default_collate's
 _LAUNCHER = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package: its frames are not shown
 _SKIP = tuple(os.path.realpath(p) + os.sep for p in
               {_LAUNCHER, sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
@@ -115,7 +119,7 @@ def _check_split(cfg, recipe, split, name: str, model, device, loss_fn, extra_me
     if not samples:
         raise ConfigError(f"the {name} split has no samples")
     if split.collate_fn is None:  # the recipe's own collate may take anything
-        _refuse_non_tensors(samples, *_sample_maker(split, name))
+        _refuse_non_tensors(samples, *_sample_source(split, name), collatable=True)
     with blame("DataSpec.collate" if split.collate_fn else
                "default_collate (samples of different sizes need DataSpec(collate=...), e.g. padding)"):
         data = collate(samples, split.collate_fn)
@@ -173,7 +177,7 @@ def _check_split(cfg, recipe, split, name: str, model, device, loss_fn, extra_me
                    if out.outputs is not None else f"input {describe(data)} -> loss")
 
 
-def _sample_maker(split, name: str) -> tuple[str, Callable | None, str]:
+def _sample_source(split, name: str) -> tuple[str, Callable | None, str]:
     """What made the split's samples (named in errors), the function that did, and how to make tensors of images."""
     source = split.source
     to_tensor = "end it with a ToTensor/PILToTensor or use launcher.presets (train_transform, eval_transform)"
@@ -190,15 +194,21 @@ def _sample_maker(split, name: str) -> tuple[str, Callable | None, str]:
             "give it a transform that ends with a ToTensor/PILToTensor, or one of launcher.presets")
 
 
-def _refuse_non_tensors(data: Any, what: str, fn: Callable | None, fix: str) -> None:
-    """Refuse samples or batches holding a PIL image, a transform or a function (something that
-    returned one was passed uncalled, or ends before its ToTensor), naming `what` made them."""
+def _refuse_non_tensors(data: Any, what: str, fn: Callable | None, fix: str, collatable: bool = False) -> None:
+    """Refuse samples or batches holding a PIL image, a transform or a function (what returned it
+    ends before its ToTensor, or was passed uncalled), naming `what` made them; with `collatable`,
+    also anything else torch's default_collate cannot take."""
     if data is None:
         raise ConfigError(f"pre-flight: {what} returned None, not a tensor: {fix}")
-    wrong = next((leaf for leaf in pytree.tree_leaves(data) if isinstance(leaf, Image.Image) or callable(leaf)), None)
-    if wrong is None:
+    leaves = pytree.tree_leaves(data, is_leaf=lambda node: node is None)  # None is an empty node to pytree
+    found = [leaf for leaf in leaves if isinstance(leaf, Image.Image) or callable(leaf)
+             or (collatable and not isinstance(leaf, COLLATABLE))]
+    if not found:
         return
-    if isinstance(wrong, Image.Image) or fn is None:
+    wrong = found[0]
+    if isinstance(wrong, Image.Image) or not callable(wrong) or fn is None:
+        if not isinstance(wrong, Image.Image):
+            fix = "return tensors, numbers or strings (in tuples, lists or dicts)"
         raise ConfigError(f"pre-flight: {what} returned {_kind(wrong)}, not a tensor: {fix}")
     name = _name_of(fn)
     raise ConfigError(f"pre-flight: {what} returned a {type(wrong).__name__}, not a tensor: "
@@ -206,6 +216,8 @@ def _refuse_non_tensors(data: Any, what: str, fn: Callable | None, fix: str) -> 
 
 
 def _kind(value: Any) -> str:
+    if value is None:
+        return "None"
     return f"a PIL image ({type(value).__name__})" if isinstance(value, Image.Image) else f"a {type(value).__name__}"
 
 

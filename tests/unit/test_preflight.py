@@ -80,3 +80,10 @@ def test_pre_flight_names_a_transform_that_returns_a_pil_image(folder, tmp_path)
     with pytest.raises(ConfigError, match=r"^pre-flight: the training split's dataset \(ImageFolder\) returned a PIL "
                                           r"image \(\w+\), not a tensor: give it a transform"):
         build(DataSpec(train=image_folder(str(folder))), tmp_path)
+
+
+def test_pre_flight_names_a_dataset_whose_samples_default_collate_cannot_take(tmp_path):
+    samples = [(torch.zeros(3, 6, 6), None)] * 4  # a label left out
+    with pytest.raises(ConfigError, match=r"^pre-flight: the training split's dataset \(list\) returned None, not a "
+                                          r"tensor: return tensors, numbers or strings \(in tuples, lists or dicts\)$"):
+        build(DataSpec(train=samples), tmp_path)
