@@ -239,16 +239,20 @@ def report(argv: list[str]) -> int:
     from launcher.track.report import make_report
 
     if any(arg in ("-h", "--help") for arg in argv):
-        print("usage: python -m launcher report RUN_DIR [RUN_DIR ...] [--out=FILE]\n"
+        print("usage: python -m launcher report RUN_DIR [RUN_DIR ...] [--out=FILE] [--x=step|samples|epoch]\n"
               "One self-contained HTML file from the runs' own files (no network, no server): loss, accuracy,\n"
-              "LR per group, throughput, confusion matrices, and the config fields that differ.\n"
-              "--out defaults to RUN_DIR/report.html for one run, ./report.html for several.")
+              "LR per group, throughput, confusion matrices, and the config fields that differ (with the\n"
+              "processes, the global batch, the launcher's version and commit).\n"
+              "--out defaults to RUN_DIR/report.html for one run, ./report.html for several.\n"
+              "--x: the curves' x-axis, optimizer steps (default), samples seen, or epochs.")
         return 0
     flags = parse_flags([a for a in argv if a.startswith("--")])
-    unknown = sorted(set(flags) - {"out"})
+    unknown = sorted(set(flags) - {"out", "x"})
     if unknown:
-        raise ConfigError(f"report has no option --{unknown[0]}; usage: python -m launcher report RUN_DIR ... [--out=FILE]")
-    path = make_report([a for a in argv if not a.startswith("--")], str(flags.get("out", "")))
+        raise ConfigError(f"report has no option --{unknown[0]}; usage: python -m launcher report RUN_DIR ... "
+                          "[--out=FILE] [--x=step|samples|epoch]")
+    path = make_report([a for a in argv if not a.startswith("--")], str(flags.get("out", "")),
+                       str(flags.get("x", "step")))
     print(f"report: {path}")
     return 0
 

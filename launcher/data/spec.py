@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from launcher.config import ConfigError
 from launcher.data.batch import Batch, Collate
-from launcher.data.decoders import IMAGE_EXTENSIONS, image_label
+from launcher.data.decoders import IMAGE_EXTENSIONS, fields, image_label
 
 
 @dataclass
@@ -91,6 +91,38 @@ class DataSpec:
     classes: Sequence[str] | None = None  # class names; None: from the shard index or the dataset's .classes
     batch_transform: Callable | None = None  # per batch on the device, for Dataset splits: a pair's inputs, else the batch
     collate: Collate | None = None  # list of samples -> batch, in the workers (e.g. padding); None: default_collate
+
+    def __post_init__(self):
+        """Refuse a transform passed uncalled (`normalize` for `normalize()`): it would be called
+        with each image or batch and give back a transform, found only as a confusing error later."""
+        for split, source in (("training", self.train), ("validation", self.val)):
+            pieces = {"transform": getattr(source, "transform", None), "decode": getattr(source, "decode", None),
+                      "batch_transform": getattr(source, "batch_transform", None)}
+            for piece, fn in pieces.items():
+                _refuse_uncalled(fn, f"the {split} split's {piece}")
+        _refuse_uncalled(self.batch_transform, "DataSpec's batch_transform")
+
+
+def _refuse_uncalled(fn: Any, what: str) -> None:
+    """A ConfigError when `fn` makes a transform or decoder rather than being one: a launcher
+    preset (launcher.presets, fields, image_label) or a torch/torchvision transform class, uncalled."""
+    call = _PRESET_CALLS.get((getattr(fn, "__module__", None), getattr(fn, "__name__", None)))
+    if call is None and isinstance(fn, type) and (issubclass(fn, torch.nn.Module)
+                                                   or fn.__module__.startswith("torchvision.")):
+        call = f"{fn.__name__}(...)"
+    if call is not None:
+        kind = "decoder" if what.endswith("decode") else "transform"
+        raise ConfigError(f"{what} is {fn.__name__}, which makes a {kind} rather than being one: call it "
+                          f"({call} not {fn.__name__})")
+
+
+_PRESET_CALLS = {  # (module, name) -> how to call it; launcher.presets is beside data, so not imported
+    ("launcher.presets", "train_transform"): "train_transform(224)",
+    ("launcher.presets", "eval_transform"): "eval_transform(224)",
+    ("launcher.presets", "normalize"): "normalize()",
+    (fields.__module__, "fields"): 'fields("x.npy")',
+    (image_label.__module__, "image_label"): "image_label()",
+}
 
 
 def image_folder(root: str, transform: Callable | None = None) -> Dataset:

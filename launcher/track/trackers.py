@@ -1,7 +1,7 @@
 """What a run leaves in its output_dir to be reproduced and reviewed, and what goes to wandb.
 
 config.json (the resolved config), recipe.py (the recipe's source), environment.json (versions,
-command, world size), metrics.jsonl (one JSON object per optimizer step or evaluation),
+the launcher's git commit, command, world size), metrics.jsonl (one JSON object per optimizer step or evaluation),
 confusion.json (the latest evaluation's confusion matrix), summary.json (at the end). Only the
 main process writes. The trackers (--trackers: wandb, tensorboard) go through Accelerate's tracker
 API, main process only: every logged scalar goes to each; TensorBoard's event files land in
@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from importlib import metadata
@@ -77,10 +78,28 @@ def save_run_files(cfg, recipe, world_size: int) -> None:
         except metadata.PackageNotFoundError:
             versions[package] = None
     env = {"command": sys.argv, "python": platform.python_version(), "host": socket.gethostname(),
-           "world_size": world_size, "versions": versions,
+           "world_size": world_size, "versions": versions, "launcher_commit": launcher_commit(),
            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     with open(os.path.join(cfg.output_dir, "environment.json"), "w") as f:
         json.dump(env, f, indent=1)
+
+
+def launcher_commit(root: str = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))) -> str:
+    """The git commit of the checkout at `root` (by default the one holding this launcher/ package),
+    with `+changes` when launcher/'s files differ from it; "unknown" when `root` is not the top of a
+    git checkout (an installed wheel, a copy, a folder inside some other repository)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=5,
+                              check=True).stdout.strip()
+
+    try:
+        if os.path.realpath(git("rev-parse", "--show-toplevel")) != os.path.realpath(root):
+            return "unknown"  # launcher/ lies inside some other repository
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", "launcher")
+        return git("rev-parse", "HEAD") + ("+changes" if changed else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def write_json(output_dir: str, name: str, value) -> None:

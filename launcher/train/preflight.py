@@ -16,22 +16,29 @@ code is printed above it (the user's code), the launcher's and torch's frames ar
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import sysconfig
 import traceback
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
+import numpy
 import torch
+import torch.utils._pytree as pytree
+from PIL import Image
 
 from launcher.config import ConfigError, DataError
 from launcher.data.batch import collate, describe
+from launcher.data.spec import Shards
 from launcher.optim.losses import CrossEntropy
 from launcher.train.metrics import TaskMetrics, better_direction, default_best, infer_task, loss_name
 from launcher.train.step import Step, StepOutput, call_model, choose_style
 
 
 EXAMPLE_SAMPLES = 2  # samples per split pushed through the model
+COLLATABLE = (torch.Tensor, numpy.ndarray, numpy.generic, numbers.Number, str, bytes, Mapping, Sequence)  # default_collate's
 _LAUNCHER = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package: its frames are not shown
 _SKIP = tuple(os.path.realpath(p) + os.sep for p in
               {_LAUNCHER, sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
@@ -120,6 +127,8 @@ def _check_split(cfg, recipe, split, name: str, model, device, loss_fn, extra_me
         samples = split.example_samples(EXAMPLE_SAMPLES)
     if not samples:
         raise ConfigError(f"the {name} split has no samples")
+    if split.collate_fn is None:  # the recipe's own collate may take anything
+        _refuse_non_tensors(samples, *_sample_source(split, name), collatable=True)
     with blame("DataSpec.collate" if split.collate_fn else
                "default_collate (samples of different sizes need DataSpec(collate=...), e.g. padding)"):
         data = collate(samples, split.collate_fn)
@@ -129,8 +138,13 @@ def _check_split(cfg, recipe, split, name: str, model, device, loss_fn, extra_me
     except ValueError as error:
         raise ConfigError(str(error)) from None
     step = Step(style, loss_fn if style == "pair" else None, compute_loss, split.batch_transform)
-    with blame("the split's batch_transform"):
+    transform_name = (f"the {name} split's batch_transform ({_name_of(split.batch_transform)})"
+                      if split.batch_transform is not None else f"moving the {name} batch to {device}")
+    with blame(transform_name):
         prepared = step.prepare(data, device, cfg.channels_last)
+    if split.batch_transform is not None:
+        _refuse_non_tensors(prepared[0] if style == "pair" else prepared, transform_name, split.batch_transform,
+                            "return a tensor, or tuples/lists/dicts of tensors")
     what = {"pair": "build_model's model or the loss", "model_loss": "build_model's model (forward(**batch))",
             "compute_loss": "compute_loss(model, batch)"}[style]
     training = model.training
@@ -200,6 +214,54 @@ def _data(source: str) -> str:
 def _fix(cfg, classes: int) -> str:
     return (f"set --num_classes={classes}" if hasattr(cfg, "num_classes")
             else f"make build_model output {classes} classes")
+
+
+def _sample_source(split, name: str) -> tuple[str, Callable | None, str]:
+    """What made the split's samples (named in errors), the function that did, and how to make tensors of images."""
+    source = split.source
+    to_tensor = "end it with a ToTensor/PILToTensor or use launcher.presets (train_transform, eval_transform)"
+    transform = getattr(source, "transform", None)
+    if isinstance(source, Shards):
+        if transform is not None:
+            return f"the {name} split's transform ({_name_of(transform)})", transform, to_tensor
+        return (f"the {name} split's decode ({_name_of(source.decoder)})", source.decoder,
+                "give Shards a transform that ends with a ToTensor/PILToTensor, or one of launcher.presets")
+    if transform is not None:
+        return f"the {name} split's dataset ({type(source).__name__}, its transform {_name_of(transform)})", \
+            transform, to_tensor
+    return (f"the {name} split's dataset ({type(source).__name__})", None,
+            "give it a transform that ends with a ToTensor/PILToTensor, or one of launcher.presets")
+
+
+def _refuse_non_tensors(data: Any, what: str, fn: Callable | None, fix: str, collatable: bool = False) -> None:
+    """Refuse samples or batches holding a PIL image, a transform or a function (what returned it
+    ends before its ToTensor, or was passed uncalled), naming `what` made them; with `collatable`,
+    also anything else torch's default_collate cannot take."""
+    if data is None:
+        raise ConfigError(f"pre-flight: {what} returned None, not a tensor: {fix}")
+    leaves = pytree.tree_leaves(data, is_leaf=lambda node: node is None)  # None is an empty node to pytree
+    found = [leaf for leaf in leaves if isinstance(leaf, Image.Image) or callable(leaf)
+             or (collatable and not isinstance(leaf, COLLATABLE))]
+    if not found:
+        return
+    wrong = found[0]
+    if isinstance(wrong, Image.Image) or not callable(wrong) or fn is None:
+        if not isinstance(wrong, Image.Image):
+            fix = "return tensors, numbers or strings (in tuples, lists or dicts)"
+        raise ConfigError(f"pre-flight: {what} returned {_kind(wrong)}, not a tensor: {fix}")
+    name = _name_of(fn)
+    raise ConfigError(f"pre-flight: {what} returned a {type(wrong).__name__}, not a tensor: "
+                      f"was it passed uncalled? call it ({name}() not {name})")
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "None"
+    return f"a PIL image ({type(value).__name__})" if isinstance(value, Image.Image) else f"a {type(value).__name__}"
+
+
+def _name_of(fn: Any) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
 
 
 def describe_loss(recipe, cfg) -> str:

@@ -126,7 +126,8 @@ class Trainer:
             write_json(cfg.output_dir, "task.json", {
                 "task": checked.task, "step": checked.step.style, "loss": checked.loss_name,
                 "metrics": checked.metric_names, "best_metric": cfg.best_metric, "best_mode": cfg.best_mode,
-                "classes": self.classes if checked.task == "classification" else []})
+                "classes": self.classes if checked.task == "classification" else [],
+                "steps_per_epoch": self.plan.steps_per_epoch})  # the report's --x=epoch
         if resume_from:
             self.state.load_state_dict(checkpoints.read_state(resume_from))
             self._update_frozen()  # before the optimizer state loads: FSDP's covers what trains then

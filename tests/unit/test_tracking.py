@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import types
 from pathlib import Path
 
 import pytest
 
-from conftest import metrics
+from conftest import ROOT, metrics
+from launcher.cli import report
 from launcher.config import ConfigError, TrainConfig
+from launcher.recipe import Recipe
 from launcher.runtime.distributed import build_accelerator
 from launcher.track.report import Run, config_differences, figure_specs, load_run, render
-from launcher.track.trackers import MetricsLog, Tracker, check_trackers, tracker_names
+from launcher.track.trackers import (MetricsLog, Tracker, check_trackers, launcher_commit, save_run_files,
+                                     tracker_names)
 from readers import tensorboard_scalars
 
 
@@ -136,3 +141,57 @@ def test_dollar_signs_in_run_class_and_group_names_are_drawn_as_text(tmp_path):
     page = render([load_run(str(run))])
     assert "run_$1_$2" in page and "Confusion matrix: run_$1_$2" in page
     confusion_figure([[1, 0], [0, 1]], names).savefig(io.BytesIO(), format="png")  # what evaluate saves
+
+
+def two_runs_of_one_and_two_processes(tmp_path) -> list[Run]:
+    """Run directories as a run starts them (save_run_files) with batch 8 and 2 accumulation steps,
+    in 1 and in 2 processes, and 2 epochs of 4 optimizer steps each logged."""
+    records = [{"step": step, "epoch": (step - 1) // 4, "train/loss": 1 / step} for step in range(1, 9)]
+    records += [{"step": 4, "epoch": 0, "data/dropped": 0, "data/repeated": 0, "data/unreadable": 0},
+                {"step": 4, "epoch": 0, "val/loss": 0.5, "val/top1": 0.75}]
+    paths = []
+    for name, world in (("one", 1), ("two", 2)):
+        cfg = TrainConfig(output_dir=str(tmp_path / name), batch_size=8, grad_accum_steps=2)
+        save_run_files(cfg, Recipe("mlp", types.ModuleType("mlp")), world)
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        paths.append(tmp_path / name)
+    (paths[0] / "task.json").write_text(json.dumps({"task": "classification", "steps_per_epoch": 4}))
+    return [load_run(str(path)) for path in paths]  # the second without task.json: its epochs from metrics.jsonl
+
+
+def test_config_differences_show_the_processes_and_the_global_batch_first(tmp_path):
+    runs = two_runs_of_one_and_two_processes(tmp_path)
+    assert config_differences(runs) == [("world_size", [1, 2]), ("global_batch", [16, 32]),
+                                        ("output_dir", [str(tmp_path / "one"), str(tmp_path / "two")])]
+    facts = runs[0].facts()
+    assert facts["launcher version"] == runs[0].environment["versions"]["launcher"] != "-"
+    assert facts["launcher commit"] == launcher_commit()
+    if (ROOT / ".git").exists():  # a checkout (a worktree's .git is a file)
+        assert re.fullmatch(r"[0-9a-f]{40}(\+changes)?", facts["launcher commit"])
+    runs[1].environment["launcher_commit"] = "0" * 40
+    assert ("launcher commit", [facts["launcher commit"], "0" * 40]) in config_differences(runs)
+
+
+def test_the_launcher_commit_is_unknown_outside_a_checkout_of_its_own(tmp_path):
+    assert launcher_commit(str(tmp_path)) == "unknown"  # not a git repository
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "site-packages").mkdir()
+    assert launcher_commit(str(tmp_path / "site-packages")) == "unknown"  # inside another repository
+
+
+def test_the_report_draws_curves_against_steps_samples_seen_or_epochs(tmp_path):
+    runs = two_runs_of_one_and_two_processes(tmp_path)
+    for x, label, one, two in [("step", "optimizer step", [1, 8], [1, 8]),
+                               ("samples", "samples seen", [16, 128], [32, 256]),  # 16 and 32 per step
+                               ("epoch", "epoch", [0.25, 2.0], [0.25, 2.0])]:  # 4 steps per epoch
+        loss = {f.title: f for f in figure_specs(runs, x)}["Training loss"]
+        assert loss.xlabel == label
+        assert [(xs[0], xs[-1]) for _, xs, _ in loss.lines] == [tuple(one), tuple(two)], x
+    with pytest.raises(ConfigError, match=r"^--x must be one of step, samples, epoch, got 'time'$"):
+        figure_specs(runs, "time")
+    (tmp_path / "two" / "environment.json").unlink()
+    with pytest.raises(ConfigError, match=r"^--x=samples needs the world size .* use --x=step$"):
+        figure_specs([load_run(str(tmp_path / "two"))], "samples")
+    assert report([str(tmp_path / "one"), "--x=epoch", f"--out={tmp_path / 'report.html'}"]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert "<td>global_batch</td><td>16</td>" in page and "<figcaption>Validation top-1 accuracy</figcaption>" in page
