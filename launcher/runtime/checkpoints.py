@@ -1,8 +1,8 @@
 """Checkpoints in OUTPUT_DIR/checkpoints/step-NNNNNNNN, written atomically.
 
-Each is written by all ranks into a hidden temporary directory (Accelerate's save_state: model,
-optimizer, LR scheduler, grad scaler, every rank's RNG states; each rank's data position in
-rank-N.json) plus trainer_state.json (step, epoch, best metric, tracker run id, resolved config,
+Each is written by all ranks into a hidden temporary directory (launcher/runtime/state_files.py,
+without pickle: model, optimizer, LR scheduler, grad scaler, every rank's RNG states; each rank's
+data position in rank-N.json) plus trainer_state.json (step, epoch, best metric, tracker run id, resolved config,
 world size), and is renamed into place by the main process only once every rank has finished.
 Under FSDP the model, optimizer and EMA are in `sharded/` instead, a torch.distributed.checkpoint
 directory that loads on any number of processes; with --async_checkpoint it is written in the
@@ -33,6 +33,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from launcher.config import ConfigError
+from launcher.runtime import state_files
 from launcher.runtime.failures import disk_full, inject_disk_full
 
 
@@ -190,7 +191,7 @@ class PendingSave:
 
 def save(accelerator: Accelerator, output_dir: str, state: dict, rank_state: dict | None = None,
          write_shards=None) -> PendingSave:
-    """Write a checkpoint into its temporary directory: Accelerate's state, then `write_shards(path)`
+    """Write a checkpoint into its temporary directory: the training state (state_files), then `write_shards(path)`
     (FSDP's DCP files; it may return a future of a background write), each rank's data position,
     trainer_state.json. Call `finish()` on the result to put it in place."""
     root = os.path.join(output_dir, "checkpoints")
@@ -201,7 +202,7 @@ def save(accelerator: Accelerator, output_dir: str, state: dict, rank_state: dic
         os.makedirs(temporary)
     accelerator.wait_for_everyone()
     with space_checked(temporary, os.path.join(root, name)):
-        accelerator.save_state(temporary)
+        state_files.write(accelerator, temporary)
         writing = write_shards(temporary) if write_shards is not None else None
         if os.environ.get(KILL_DURING_SAVE) == str(state["step"]):
             os.kill(os.getpid(), signal.SIGKILL)  # model and optimizer written (or being written), the rest not: a torn save
@@ -255,6 +256,7 @@ def write_best(output_dir: str, best: dict) -> None:
 
 
 def read_state(path: str) -> dict:
+    state_files.refuse_pickled(path)  # an older launcher's checkpoint: refused before the run builds anything
     try:
         with open(os.path.join(path, STATE_FILE)) as f:
             return json.load(f)
@@ -302,9 +304,11 @@ def load(accelerator: Accelerator, path: str, sharded: bool = False, read_shards
         if os.path.isfile(rank_file):
             with open(rank_file) as f:
                 rank_state = json.load(f)
-        accelerator.load_state(path)
+        state_files.read(accelerator, path)
         if read_shards is not None:
             read_shards(path)
+    except ConfigError:
+        raise  # one line already, naming the checkpoint
     except Exception as error:  # noqa: BLE001 - any failure here means an unusable checkpoint
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"checkpoint {path} cannot be loaded ({reason}); "
