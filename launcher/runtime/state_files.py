@@ -22,7 +22,7 @@ someone else: nothing in it may run code):
 
 JSON tags what it has no type for: {"__tuple__": [...]}, {"__items__": [[key, value], ...]} (a dict
 whose keys are not all strings) and {"__tensor__": name, "__stride__": [...]} (a tensor in the
-.safetensors beside it; the stride only where it is not contiguous, channels_last optimizer state).
+.safetensors beside it; the stride only for a dense layout other than contiguous: channels_last).
 Python's floats are written as the shortest text that reads back to the same bits.
 
 A checkpoint holding Accelerate's pickles (*.pkl, *.bin, scaler.pt) was written by an older
@@ -65,7 +65,7 @@ def _encode(value, tensors: dict[str, torch.Tensor], where: str):
     if isinstance(value, torch.Tensor):
         name = str(len(tensors))
         tensors[name] = value
-        return {TENSOR: name} if value.is_contiguous() else {TENSOR: name, STRIDE: list(value.stride())}
+        return {TENSOR: name, STRIDE: list(value.stride())} if _permuted(value) else {TENSOR: name}
     if isinstance(value, (list, tuple)):
         items = [_encode(item, tensors, f"{where}[{i}]") for i, item in enumerate(value)]
         return {TUPLE: items} if isinstance(value, tuple) else items
@@ -76,6 +76,19 @@ def _encode(value, tensors: dict[str, torch.Tensor], where: str):
                         for key, item in value.items()]}
     raise ConfigError(f"{where} is a {type(value).__name__}; a checkpoint keeps tensors, numbers, strings, "
                       "lists, tuples and dicts (it is written without pickle)")
+
+
+def _permuted(tensor: torch.Tensor) -> bool:
+    """Dense in memory but not contiguous (channels_last): the strides are worth keeping. Other
+    layouts (views with gaps or overlaps) are stored and read back contiguous."""
+    if tensor.is_contiguous():
+        return False
+    expected = 1
+    for dim in sorted(range(tensor.dim()), key=lambda d: (tensor.stride(d), tensor.size(d))):
+        if tensor.size(dim) != 1 and tensor.stride(dim) != expected:
+            return False
+        expected *= tensor.size(dim)
+    return True
 
 
 def _decode(value, tensors: dict[str, torch.Tensor]):
@@ -287,6 +300,7 @@ def _dcp_classes():
     """(reader, planner): DCP's FileSystemReader and DefaultLoadPlanner, without pickle's freedom."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint import default_planner
+    from torch.distributed.checkpoint._traverse import set_element
 
     class MetadataCheckedReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
@@ -324,7 +338,7 @@ def _dcp_classes():
                 raise ConfigError(f"{fqn} holds a disallowed type {named[1] if named else '(not plain data)'}; "
                                   "it was not written by the launcher") from None
             if self.flatten_state_dict:
-                default_planner.set_element(self.original_state_dict, self.mappings[fqn], loaded)
+                set_element(self.original_state_dict, self.mappings[fqn], loaded)
             else:
                 self.state_dict[fqn] = loaded
 
