@@ -274,11 +274,11 @@ def test_dcp_values_that_are_not_tensors_are_read_weights_only(tmp_path, one_ran
     import torch.distributed.checkpoint as dcp
 
     target = str(tmp_path / "sharded")
-    dcp.save({"weight": torch.ones(2), "groups": [{"lr": Planted(tmp_path / "ran-dcp")}]}, checkpoint_id=target)
-    state = {"weight": torch.zeros(2), "groups": [{"lr": 0.1}]}
-    with pytest.raises(ConfigError, match=r"checkpoint .*sharded: groups\.0\.lr holds a disallowed type posix\.system; it was not written by the launcher"):
+    dcp.save({"weight": torch.ones(2), "lr": Planted(tmp_path / "ran-dcp")}, checkpoint_id=target)
+    state = {"weight": torch.zeros(2), "lr": 0.1}
+    with pytest.raises(ConfigError, match=r"checkpoint .*sharded: lr holds a disallowed type posix\.system; it was not written by the launcher"):
         state_files.load_sharded(state, target)
     assert not (tmp_path / "ran-dcp").exists()
     dcp.load(state, checkpoint_id=target)  # torch's own planner: the control
     assert (tmp_path / "ran-dcp").exists()
-    assert state_files.read_metadata(target).state_dict_metadata.keys() == {"weight", "groups.0.lr"}
+    assert state_files.read_metadata(target).state_dict_metadata.keys() == {"weight", "lr"}
