@@ -1,8 +1,8 @@
 """Checkpoints in OUTPUT_DIR/checkpoints/step-NNNNNNNN, written atomically.
 
-Each is written by all ranks into a hidden temporary directory (launcher/runtime/state_files.py,
-without pickle: model, optimizer, LR scheduler, grad scaler, every rank's RNG states; each rank's
-data position in rank-N.json) plus trainer_state.json (step, epoch, best metric, tracker run id, resolved config,
+Each is written by all ranks into a hidden temporary directory (state_files.py, without pickle: model,
+optimizer, LR scheduler, grad scaler, every rank's RNG states; each rank's data position in
+rank-N.json) plus trainer_state.json (step, epoch, best metric, tracker run id, resolved config,
 world size), and is renamed into place by the main process only once every rank has finished.
 Under FSDP the model, optimizer and EMA are in `sharded/` instead, a torch.distributed.checkpoint
 directory that loads on any number of processes; with --async_checkpoint it is written in the
@@ -191,9 +191,9 @@ class PendingSave:
 
 def save(accelerator: Accelerator, output_dir: str, state: dict, rank_state: dict | None = None,
          write_shards=None) -> PendingSave:
-    """Write a checkpoint into its temporary directory: the training state (state_files), then `write_shards(path)`
-    (FSDP's DCP files; it may return a future of a background write), each rank's data position,
-    trainer_state.json. Call `finish()` on the result to put it in place."""
+    """Write a checkpoint into its temporary directory: the training state (state_files), then
+    `write_shards(path)` (FSDP's DCP files; it may return a future of a background write), each
+    rank's data position, trainer_state.json. Call `finish()` on the result to put it in place."""
     root = os.path.join(output_dir, "checkpoints")
     name = f"step-{state['step']:08d}"
     temporary = os.path.join(root, f".tmp-{name}")
