@@ -368,7 +368,8 @@ def load_sharded(state: dict, directory: str) -> None:
         planted = next((failure for failure in failures if isinstance(failure, ConfigError)), None)
         if planted is not None:
             raise ConfigError(f"checkpoint {directory}: {planted}") from None
-        raise RuntimeError("; ".join(f"{type(failure).__name__}: {_first_line(failure)}" for failure in failures[:2])) from None
+        reasons = [f"{type(failure).__name__}: {_first_line(failure)}" for failure in failures[:2]]
+        raise RuntimeError("; ".join(reasons)) from None
 
 
 def _first_line(error: BaseException) -> str:

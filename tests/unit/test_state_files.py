@@ -41,7 +41,7 @@ def same(a, b) -> bool:
     return a == b
 
 
-class Callable:
+class Multiplier:
     """A multiplier object: LambdaLR keeps its __dict__ (functions give None)."""
 
     def __init__(self):
@@ -57,7 +57,8 @@ def test_values_round_trip_through_json_and_safetensors_bitwise(tmp_path):
     value = {"floats": [0.1, -0.0, float("inf"), float("-inf"), 1e-310, 2**53 + 1], "pair": (0.9, 0.999),
              "keys": {0: {"step": torch.tensor(3.0), "exp_avg": channels_last}, (1, "a"): None},
              "tagged": {"__tuple__": "a dict whose key is a tag"}, "bool": True, "none": None, "text": "é",
-             "tied": [shared, shared[:3]], "gaps": shared[::2], "permuted": torch.randn(3, 4).t(), "big": 2**70, "bf16": torch.randn(4, dtype=torch.bfloat16)}
+             "tied": [shared, shared[:3]], "gaps": shared[::2], "permuted": torch.randn(3, 4).t(), "big": 2**70,
+             "bf16": torch.randn(4, dtype=torch.bfloat16)}
     state_files.write_tree(str(tmp_path / "tree"), value, "a test value")
     back = state_files.read_tree(str(tmp_path / "tree"))
     gaps = back.pop("gaps")  # a view with gaps comes back contiguous, its values the same
@@ -71,8 +72,9 @@ def test_values_round_trip_through_json_and_safetensors_bitwise(tmp_path):
 
 def test_scheduler_optimizer_scaler_and_plateau_states_round_trip_bitwise(tmp_path):
     model = nn.Linear(3, 2)
-    for optimizer in (torch.optim.AdamW(model.parameters(), lr=0.01), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)):
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [Callable()])
+    adamw, sgd = torch.optim.AdamW(model.parameters(), lr=0.01), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for optimizer in (adamw, sgd):
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [Multiplier()])
         for _ in range(3):
             model(torch.randn(4, 3)).square().sum().backward()
             optimizer.step()
@@ -254,8 +256,8 @@ def fsdp_load(path: str) -> dict:
 def test_a_pickle_planted_in_any_file_of_an_fsdp_checkpoint_runs_nothing(tmp_path, one_rank_group):
     acc, model, optimizer, ema = build_fsdp()
     saver = sharding.ShardedCheckpointer(False)
-    path = checkpoints.save(acc, str(tmp_path / "run"), {"step": 1, "epoch": 0},
-                            write_shards=lambda p: saver.save(p, sharding.sharded_state(model, optimizer.optimizer, ema))).finish()
+    write_shards = lambda p: saver.save(p, sharding.sharded_state(model, optimizer.optimizer, ema))  # noqa: E731
+    path = checkpoints.save(acc, str(tmp_path / "run"), {"step": 1, "epoch": 0}, write_shards=write_shards).finish()
     written = {k: v.full_tensor() for k, v in model.state_dict().items()}
     assert same(fsdp_load(path), written)  # a real .metadata passes the checked unpickler
     files = sorted(os.path.relpath(os.path.join(d, n), path) for d, _, names in os.walk(path) for n in names)
@@ -276,7 +278,8 @@ def test_dcp_values_that_are_not_tensors_are_read_weights_only(tmp_path, one_ran
     target = str(tmp_path / "sharded")
     dcp.save({"weight": torch.ones(2), "lr": Planted(tmp_path / "ran-dcp")}, checkpoint_id=target)
     state = {"weight": torch.zeros(2), "lr": 0.1}
-    with pytest.raises(ConfigError, match=r"checkpoint .*sharded: lr holds a disallowed type posix\.system; it was not written by the launcher"):
+    refused = r"checkpoint .*sharded: lr holds a disallowed type posix\.system; it was not written by the launcher"
+    with pytest.raises(ConfigError, match=refused):
         state_files.load_sharded(state, target)
     assert not (tmp_path / "ran-dcp").exists()
     dcp.load(state, checkpoint_id=target)  # torch's own planner: the control
