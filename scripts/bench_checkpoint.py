@@ -3,11 +3,11 @@
     python scripts/bench_checkpoint.py [--width=4096 --layers=3 --repeats=5 --out=DIR]
 
 An MLP of `layers` width x width linear layers (3 x 4096: 50M parameters) and its AdamW state after
-one step are saved as the trainer saves them (Accelerate's save_state, then manifest.json), under
+one step are saved as the trainer saves them (state_files.write, then manifest.json), under
 `--out` (default: a temporary directory; it must not be a tmpfs). Then, `repeats` times:
 - from the page cache: `checkpoints.verify` (every file's size and xxh3-64 hash against the manifest,
-  what `--resume` does first) against `checkpoints.load` (Accelerate's load_state into the model
-  and optimizer): the CPU cost of the check against that of loading;
+  what `--resume` does first) against `checkpoints.load` (state_files.read into the model and
+  optimizer): the CPU cost of the check against that of loading;
 - from the disk (each file's pages dropped from the cache first, posix_fadvise DONTNEED): a load
   alone against a verify followed by a load, as a resume does it: the check reads the files from
   the disk and the load then finds them in the cache, so the check adds its CPU time only.

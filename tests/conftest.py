@@ -59,6 +59,22 @@ def metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+class Planted:
+    """Unpickled, it creates the file `marker`: a planted pickle runs anything so."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def planted_pickle(marker) -> bytes:
+    import pickle
+
+    return pickle.dumps(Planted(marker))
+
+
 def spawn_or_fail(fn, args: tuple, nprocs: int = 2, timeout: float = 120, start_method: str = "spawn") -> None:
     """torch.multiprocessing.spawn, killing every rank and failing if they are not done in `timeout`
     seconds (a hang in a collective or in destroy_process_group would otherwise hold the suite).

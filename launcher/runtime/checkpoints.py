@@ -1,6 +1,6 @@
 """Checkpoints in OUTPUT_DIR/checkpoints/step-NNNNNNNN, written atomically.
 
-Each is written by all ranks into a hidden temporary directory (Accelerate's save_state: model,
+Each is written by all ranks into a hidden temporary directory (state_files.py, without pickle: model,
 optimizer, LR scheduler, grad scaler, every rank's RNG states; each rank's data position in
 rank-N.json) plus trainer_state.json (step, epoch, best metric, tracker run id, resolved config,
 world size), and is renamed into place by the main process only once every rank has finished.
@@ -34,6 +34,7 @@ from accelerate.utils import broadcast_object_list
 
 from launcher.config import ConfigError
 from launcher import durable
+from launcher.runtime import state_files
 from launcher.runtime.failures import disk_full, first_cause, inject_disk_full
 
 try:  # DCP wraps every rank's failure in it, a BaseException that `except Exception` misses
@@ -190,7 +191,7 @@ def _manifest_files(manifest) -> dict:
 
 def _state_problem(path: str) -> str | None:
     try:
-        read_state(path)
+        _read_state_json(path)
     except ConfigError as error:
         return str(error).split("; ")[0]
     return None
@@ -238,9 +239,9 @@ class PendingSave:
 
 def save(accelerator: Accelerator, output_dir: str, state: dict, rank_state: dict | None = None,
          write_shards=None) -> PendingSave:
-    """Write a checkpoint into its temporary directory: Accelerate's state, then `write_shards(path)`
-    (FSDP's DCP files; it may return a future of a background write), each rank's data position,
-    trainer_state.json. Call `finish()` on the result to put it in place."""
+    """Write a checkpoint into its temporary directory: the training state (state_files), then
+    `write_shards(path)` (FSDP's DCP files; it may return a future of a background write), each
+    rank's data position, trainer_state.json. Call `finish()` on the result to put it in place."""
     root = os.path.join(output_dir, "checkpoints")
     name = f"step-{state['step']:08d}"
     temporary = os.path.join(root, f".tmp-{name}")
@@ -249,7 +250,7 @@ def save(accelerator: Accelerator, output_dir: str, state: dict, rank_state: dic
         os.makedirs(temporary)
     accelerator.wait_for_everyone()
     with space_checked(temporary, os.path.join(root, name)):
-        accelerator.save_state(temporary)
+        state_files.write(accelerator, temporary)
         writing = write_shards(temporary) if write_shards is not None else None
         if os.environ.get(KILL_DURING_SAVE) == str(state["step"]):
             os.kill(os.getpid(), signal.SIGKILL)  # model and optimizer written (or being written), the rest not: a torn save
@@ -385,7 +386,13 @@ def resolve_best(source: str, output_dir: str = "") -> str:
 
 
 def read_state(path: str) -> dict:
-    """A checkpoint's trainer_state.json, validated (a dict with an integer step and epoch)."""
+    """A checkpoint's trainer_state.json, validated (a dict with an integer step and epoch). A
+    checkpoint of an older launcher (pickled states) is refused here, before the run builds anything."""
+    state_files.refuse_pickled(path)
+    return _read_state_json(path)
+
+
+def _read_state_json(path: str) -> dict:
     try:
         with open(os.path.join(path, STATE_FILE), "rb") as f:
             state = json.load(f)
@@ -436,9 +443,11 @@ def load(accelerator: Accelerator, path: str, sharded: bool = False, read_shards
         if os.path.isfile(rank_file):
             with open(rank_file) as f:
                 rank_state = json.load(f)
-        accelerator.load_state(path)
+        state_files.read(accelerator, path)
         if read_shards is not None:
             read_shards(path)
+    except ConfigError:
+        raise  # one line already, naming the checkpoint
     except (Exception, CheckpointException) as error:  # noqa: BLE001 - any failure here means an unusable checkpoint
         cause = first_cause(error)  # DCP's CheckpointException wraps each rank's error
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__

@@ -25,7 +25,7 @@ EXPORT_STAGING = ".export"  # OUTPUT_DIR/.export: the final weights written in f
 
 
 class Replicated:
-    """DDP through Accelerate: its checkpoints (save_state) hold the model and optimizer."""
+    """DDP through Accelerate: checkpoints (state_files.write) hold the prepared model and optimizer."""
 
     sharded = False
 
@@ -65,7 +65,7 @@ class Replicated:
         pass  # DDP broadcasts rank 0's buffers at each forward
 
     def write_shards(self, path: str, model, optimizer, ema):
-        return None  # Accelerate's save_state wrote everything
+        return None  # state_files.write wrote everything
 
     def read_shards(self, path: str, model, optimizer, ema) -> None:
         pass
@@ -105,7 +105,7 @@ class Replicated:
 
 class Sharded(Replicated):
     """FSDP2: the model and the EMA sharded in place, the optimizer built over the shards, DCP
-    checkpoints beside Accelerate's (which then hold the LR schedule, RNG states and the rest)."""
+    checkpoints beside the state files (which then hold the LR schedule, RNG states and the rest)."""
 
     sharded = True
 
@@ -127,8 +127,8 @@ class Sharded(Replicated):
             sharding.shard(ema.module, ema_units, self.cfg, self.accelerator.device)
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        # Not accelerator.prepare: that would wrap the model in DDP, and save_state would pickle
-        # one rank's optimizer shards. The wrapper still steps only on the last micro-batch.
+        # Not accelerator.prepare: that would wrap the model in DDP, and state_files.write would
+        # write one rank's optimizer shards. The wrapper still steps only on the last micro-batch.
         return model, AcceleratedOptimizer(optimizer, device_placement=False)
 
     def register_ema(self, ema: nn.Module | None) -> None:

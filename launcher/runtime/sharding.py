@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from launcher.config import ConfigError, TrainConfig
+from launcher.runtime import state_files
 from launcher.runtime.checkpoints import SHARDED_DIR
 
 
@@ -236,11 +237,10 @@ class ShardedCheckpointer:
 
     @staticmethod
     def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None) -> None:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         state = sharded_state(model, optimizer, ema)
-        dcp.load(state, checkpoint_id=os.path.join(path, SHARDED_DIR))
+        state_files.load_sharded(state, os.path.join(path, SHARDED_DIR))  # nothing unpickled but DCP's metadata
         model.load_state_dict(state["model"])
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
         if ema is not None:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import (MLP_RECIPE, ROOT, child_env, children, launcher, launcher_children, launcher_command,
-                      metrics, start_launcher, wait_for_step)
+                      metrics, planted_pickle, start_launcher, wait_for_step)
 from launcher.runtime import checkpoints
 
 
@@ -70,7 +70,7 @@ def test_a_crash_mid_save_keeps_the_previous_checkpoint_and_resume_matches(digit
     assert logged == list(range(1, 179))  # steps 21-30, logged before the crash, logged once
 
 
-@pytest.mark.lowest  # Accelerate 1.1's save/load_state and RNG states
+@pytest.mark.lowest  # Accelerate 1.1's prepared objects and step counter, numpy 1.26's RNG state (state_files)
 @pytest.mark.parametrize("processes, kill_after", [(1, 37), (2, 23)])
 def test_sigkill_at_any_step_then_resume_auto_is_bitwise_identical(digits, tmp_path, uninterrupted,
                                                                     processes, kill_after):
@@ -180,6 +180,26 @@ def test_an_incompatible_checkpoint_is_a_one_line_error(digits, tmp_path, uninte
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"checkpoint {checkpoint} cannot be loaded" in lines[0]
+
+
+def test_a_pickle_planted_in_the_newest_checkpoint_runs_nothing_and_is_refused_in_one_line(digits, tmp_path,
+                                                                                             uninterrupted):
+    """Accelerate's custom_checkpoint_0.pkl (loaded with weights_only=False), put into the newest
+    checkpoint with its manifest rewritten to match: --resume=auto refuses the checkpoint as an older
+    launcher's, and nothing in it runs."""
+    import shutil
+
+    out, marker = tmp_path / "planted", tmp_path / "ran"
+    shutil.copytree(uninterrupted[1], out)
+    newest = sorted((out / "checkpoints").glob("step-*"))[-1]
+    (newest / "custom_checkpoint_0.pkl").write_bytes(planted_pickle(marker))
+    checkpoints.write_manifest(str(newest))
+    result = launcher(MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", "--num_workers=2", "--epochs=3",
+                      "--resume=auto", check=False)
+    assert result.returncode == 2 and not marker.exists()
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"checkpoint {newest} was written by an older launcher: its states are pickled" in lines[0]
+    assert f"start a new --output_dir with --weights={newest}/model.safetensors" in lines[0]
 
 
 def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 120) -> None:

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, child_env, launcher, metrics
+from conftest import ROOT, child_env, launcher, metrics, planted_pickle
+from launcher.runtime import checkpoints
 
 
 LM = "recipes/char_lm_tiny"
@@ -80,6 +81,23 @@ def test_an_async_checkpoint_killed_mid_write_leaves_the_previous_one_and_resume
         a, b = load_file(str(out / name)), load_file(str(lm["fsdp"] / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert [m["step"] for m in metrics(out) if "train/loss" in m] == list(range(1, 21))
+
+
+def test_a_pickle_planted_in_an_fsdp_checkpoints_dcp_metadata_runs_nothing(lm, text_shards, tmp_path):
+    """DCP's .metadata is a pickle: replaced by one that runs code (the manifest rewritten to match),
+    the resume stops in one line and nothing runs."""
+    import shutil
+
+    out, marker = tmp_path / "planted", tmp_path / "ran"
+    shutil.copytree(lm["fsdp"], out)
+    newest = sorted((out / "checkpoints").glob("step-*"))[-1]
+    (newest / "sharded" / ".metadata").write_bytes(planted_pickle(marker))
+    checkpoints.write_manifest(str(newest))
+    result = launcher(LM, f"--data_dir={text_shards}", f"--output_dir={out}", *LM_ARGS, "--max_steps=25",
+                      "--data_parallel=fsdp", "--resume=auto", check=False)
+    assert result.returncode == 2 and not marker.exists() and "Traceback" not in result.stderr
+    assert (f"checkpoint {newest}/sharded: .metadata holds a disallowed type posix.system; it was not written by "
+            "the launcher") in result.stderr.strip().splitlines()[-1]
 
 
 def test_fsdp_fine_tunes_the_resnet_like_ddp_and_leaves_frozen_parameters_bit_identical(resnet, digits):

@@ -43,7 +43,7 @@ def test_a_path_that_is_not_a_checkpoint_is_refused(tmp_path):
 
 
 def prepared_accelerator() -> Accelerator:
-    """As in training: a model and optimizer registered, so load_state has files to read."""
+    """As in training: a model and optimizer prepared, so a checkpoint has their files to read."""
     accelerator = Accelerator(cpu=True)
     model = torch.nn.Linear(2, 2)
     accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
