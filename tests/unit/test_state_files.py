@@ -175,7 +175,8 @@ def planted_copies(checkpoint: str, tmp_path, names: list[str]):
         marker = tmp_path / f"ran-{name.replace('/', '-')}"
         (copy / name).write_bytes(planted_pickle(marker))
         checkpoints.write_manifest(str(copy))
-        assert checkpoints.verify(str(copy)) is None
+        if name != checkpoints.STATE_FILE:  # a trainer_state.json that is no JSON fails the check itself
+            assert checkpoints.verify(str(copy)) is None
         yield name, str(copy), marker
 
 
