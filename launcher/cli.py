@@ -1,6 +1,8 @@
 """`python -m launcher [plan] RECIPE [--field=value ...]`: the whole command-line surface.
 
-Flags are parsed by fire; each must name a field of the recipe's Config. Bad input (unknown
+Flags are parsed by fire; each must name a field of the recipe's Config, as must each key of a
+--config file (flags override it). A resume, evaluate and predict take the fields set by neither
+from the run's saved config (`configure`). Bad input (unknown
 recipe, unknown field, wrong type, impossible batch arithmetic, missing shards) is one line on
 stderr and exit code 2, never a traceback.
 """
@@ -14,17 +16,18 @@ import sys
 import fire
 
 from launcher.config import (ConfigError, DataError, RunStopped, TrainConfig, apply_overrides, field_help, field_ranges,
-                             sections, type_name)
+                             inherit, read_config_file, sections, type_name)
 
 USAGE = """\
 usage: python -m launcher RECIPE [--field=value ...]          train
+       python -m launcher [RECIPE] --config=FILE [--field=value ...]   train from a YAML or JSON file
        accelerate launch [ACCELERATE ARGS] -m launcher RECIPE [...]   train on several processes
        python -m launcher plan RECIPE [--world_size=N] [...]   print the resolved config and plan
        python -m launcher RECIPE --help                        list the recipe's fields
        python -m launcher shards SOURCE OUT [--max_count=N ...] write WebDataset shards (see --help)
        python -m launcher report RUN_DIR [RUN_DIR ...] [--out=FILE]  one HTML page: curves, config differences
-       python -m launcher evaluate RECIPE --checkpoint=PATH [--out=DIR] [...]   the task's validation metrics
-       python -m launcher predict RECIPE --checkpoint=PATH INPUT ... [--top_k=5] [--out=FILE.jsonl]
+       python -m launcher evaluate [RECIPE] --checkpoint=PATH [--out=DIR] [...]   the task's validation metrics
+       python -m launcher predict [RECIPE] --checkpoint=PATH INPUT ... [--top_k=5] [--out=FILE.jsonl]
 
 RECIPE is a recipe file (recipes/resnet_finetune or recipes/resnet_finetune.py) or a dotted
 module name (recipes.resnet_finetune). Every field of the recipe's Config can be set with
@@ -32,9 +35,22 @@ module name (recipes.resnet_finetune). Every field of the recipe's Config can be
 recipes, by section:
 {sections}
 
+--config=FILE sets fields from a YAML or JSON file (`field: value` lines; `recipe: PATH` names the
+recipe); flags override it. A run's OUTPUT_DIR/config.json re-runs that run (its recipe.py with it):
+python -m launcher --config=runs/x/config.json --output_dir=runs/x2.
+
+A run's own config: --resume (auto or a path), evaluate and predict take every field not set by a
+flag or --config from the config the run saved (output_dir, resume, resume_changes and max_steps
+excepted); evaluate and predict may leave RECIPE out (the run's saved recipe.py is used). On
+--resume, a flag that changes the result (model, data, batch, schedule, precision: all but where the
+run writes and stops, logging, tracking, checkpoints, workers, parallelism and kernel choices;
+RESULT_NEUTRAL in launcher/config.py) set otherwise than in the checkpoint is refused, naming each
+with its old value, unless --resume_changes=allow.
+
 evaluate and predict take a run's output_dir, a checkpoints/step-N directory or a weights file
-as --checkpoint; predict prints a classifier's top-k classes or a regression's values per input:
-image files or directories, or any text for a recipe with predict_sample(cfg, text).
+as --checkpoint (a run's directory may stand in place of RECIPE: evaluate RUN_DIR); predict prints
+a classifier's top-k classes or a regression's values per input: image files or directories, or
+any text for a recipe with predict_sample(cfg, text).
 
 Before training (and in plan) one real batch of each split goes through collate, the model, the
 loss and the metrics: a recipe that would crash is one line naming the function that raised.
@@ -118,18 +134,19 @@ def run_command(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
-    if argv[0].startswith("-"):
-        raise ConfigError(f"expected a RECIPE before {argv[0]}; usage: python -m launcher [plan] RECIPE [--field=value ...]")
-    from launcher.recipe import load_recipe
-
-    recipe = load_recipe(argv[0])
-    if any(arg in ("-h", "--help") for arg in argv[1:]):
+    named = "" if argv[0].startswith("-") else argv[0]
+    args = argv[1:] if named else argv
+    positional = [a for a in args if not a.startswith("-")] if command == "predict" else []
+    overrides = parse_flags([a for a in args if a not in positional and a not in ("-h", "--help")])
+    extra = {name: overrides.pop(name) for name in EXTRA_FLAGS.get(command, ()) if name in overrides}
+    if command in ("evaluate", "predict") and named and os.path.isdir(named):  # `evaluate RUN_DIR`
+        extra.setdefault("checkpoint", named)
+        named = ""
+    recipe, cfg = configure(command, named, argv[0], overrides, str(extra.get("checkpoint", "")))
+    if any(arg in ("-h", "--help") for arg in args):
         print(recipe_help(recipe))
         return 0
-    positional = [a for a in argv[1:] if not a.startswith("-")] if command == "predict" else []
-    overrides = parse_flags([a for a in argv[1:] if a not in positional])
-    extra = {name: overrides.pop(name) for name in EXTRA_FLAGS.get(command, ()) if name in overrides}
-    cfg = apply_overrides(recipe.default_config(), overrides).resolved()
+    cfg = cfg.resolved()
     if command == "plan":
         from launcher.train.build import print_plan
 
@@ -152,6 +169,45 @@ def run_command(argv: list[str]) -> int:
 
         train(cfg, recipe)
     return 0
+
+
+def configure(command: str, named: str, first: str, overrides: dict, checkpoint: str) -> tuple:
+    """(recipe, config): the recipe's defaults, then a --config file, then the flags. A --resume, or
+    the run that evaluate/predict read, gives every field set in neither (launcher/config.py's
+    `inherit`). The recipe: RECIPE, else the one the --config file or the run names."""
+    from launcher.recipe import load_recipe, recipe_named_in
+    from launcher.runtime import checkpoints
+
+    source = str(overrides.pop("config", "") or "")
+    from_file = read_config_file(source) if source else {}
+    run = checkpoints.run_dir_of(checkpoint) if checkpoint and command in ("evaluate", "predict") else None
+    if named:
+        recipe = load_recipe(named)
+    elif source and ("recipe" in from_file or not run):
+        recipe = recipe_named_in(source, from_file.get("recipe"))
+    elif run:
+        recipe = recipe_named_in(os.path.join(run, checkpoints.RUN_CONFIG), checkpoints.saved_config(run)[0].get("recipe"))
+    else:
+        raise ConfigError(f"expected a RECIPE before {first}, or --config=FILE naming one; "
+                          "usage: python -m launcher [plan] RECIPE [--field=value ...]")
+    from_file = {key: value for key, value in from_file.items() if key != "recipe"}
+    cfg = apply_overrides(recipe.default_config(), from_file, source) if from_file else recipe.default_config()
+    cfg = apply_overrides(cfg, overrides)
+    given = {key.replace("-", "_") for key in [*from_file, *overrides]}
+    if command in ("train", "plan") and cfg.resume:
+        cfg = checkpoints.resume_config(cfg, given, _note)
+    elif checkpoint and command in ("evaluate", "predict"):
+        saved, origin = checkpoints.saved_config(checkpoint)
+        if saved:
+            cfg, note = inherit(cfg, saved, given, origin)
+            _note(note, file=sys.stderr)  # stdout holds the results
+    return recipe, cfg
+
+
+def _note(text: str, file=None) -> None:
+    """A note from the main process only (every rank of a launch configures), with the run's log."""
+    if text and os.environ.get("RANK", "0") == "0":
+        print(text, file=file or sys.stdout, flush=True)
 
 
 def report(argv: list[str]) -> int:

@@ -60,7 +60,9 @@ class Trainer:
         log = print if acc.is_main_process else (lambda _: None)
         self.resume_from = checkpoints.agreed_resume(acc, cfg, log)  # raises before anything is written
         note = ""
-        if self.resume_from:
+        if self.resume_from:  # the CLI took the config of the newest; --resume=auto may have skipped it
+            checkpoints.refuse_changes(cfg, checkpoints.read_state(self.resume_from).get("config") or {},
+                                       self.resume_from)
             cfg, note = checkpoints.keep_global_batch(cfg, self.resume_from, self.world)
             acc.gradient_accumulation_steps = cfg.grad_accum_steps
         parts = build_parts(cfg, recipe, self.rank, self.world, acc.device)
@@ -114,6 +116,8 @@ class Trainer:
     def start(self) -> None:
         acc, cfg = self.accelerator, self.cfg
         resume_from = self.resume_from
+        if resume_from and not self.parallel.sharded:  # before anything is written (FSDP's DCP names its own misfits)
+            checkpoints.check_model_fits(resume_from, self.model, cfg)
         if acc.is_main_process:
             print(format_plan(cfg, self.plan, self.groups, self.recipe.name), flush=True)
             save_run_files(cfg, self.recipe, self.world)
