@@ -406,7 +406,8 @@ def resume_config(cfg: TrainConfig, given: set[str] | frozenset[str], log=print)
     cfg, note = inherit(cfg, saved, given, f"checkpoint {path}")
     if note:
         log(note)
-    changed = refuse_changes(cfg, saved, path, given)
+    # grad_accum_steps: the trainer's check, which knows the world size (on another, keep_global_batch sets it)
+    changed = refuse_changes(cfg, saved, path, set(given) - {"grad_accum_steps"})
     if changed:
         log(f"note: --resume_changes=allow: {changed}")
     return cfg
@@ -424,6 +425,17 @@ def refuse_changes(cfg: TrainConfig, saved: dict, path: str, names=None) -> str:
     them = "it" if len(changed) == 1 else "them"
     raise ConfigError(f"checkpoint {path} was trained otherwise: {listed}; drop {them} to resume as trained, "
                       f"or pass --resume_changes=allow to resume with {them} anyway")
+
+
+def check_resumed_config(cfg: TrainConfig, path: str, world_size: int) -> None:
+    """The config (every field) against the checkpoint the run resumes from: the CLI took the fields
+    of the newest, which --resume=auto may have skipped as damaged; and grad_accum_steps, which
+    only here meets the world size: on the checkpoint's it must be the same (the global batch), on
+    another keep_global_batch sets it."""
+    state = read_state(path)
+    rescaled = state.get("world_size", world_size) != world_size
+    names = [f.name for f in dataclasses.fields(cfg) if not (rescaled and f.name == "grad_accum_steps")]
+    refuse_changes(cfg, state.get("config") or {}, path, names)
 
 
 def _resume_candidate(cfg) -> str | None:

@@ -60,9 +60,8 @@ class Trainer:
         log = print if acc.is_main_process else (lambda _: None)
         self.resume_from = checkpoints.agreed_resume(acc, cfg, log)  # raises before anything is written
         note = ""
-        if self.resume_from:  # the CLI took the config of the newest; --resume=auto may have skipped it
-            checkpoints.refuse_changes(cfg, checkpoints.read_state(self.resume_from).get("config") or {},
-                                       self.resume_from)
+        if self.resume_from:
+            checkpoints.check_resumed_config(cfg, self.resume_from, self.world)
             cfg, note = checkpoints.keep_global_batch(cfg, self.resume_from, self.world)
             acc.gradient_accumulation_steps = cfg.grad_accum_steps
         parts = build_parts(cfg, recipe, self.rank, self.world, acc.device)

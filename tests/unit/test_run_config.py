@@ -116,3 +116,12 @@ def test_weights_that_do_not_fit_name_the_first_differences_and_the_flags_that_d
     assert misfit(shapes(deeper.state_dict()), shapes(trained.state_dict())) == (
         "missing from the checkpoint: 5.weight, 5.bias")
     assert misfit(shapes(trained.state_dict()), shapes(deeper.state_dict())) == "not in the model: 5.weight, 5.bias"
+
+
+def test_grad_accum_steps_is_refused_on_the_checkpoints_world_size_and_rescaled_on_another(tmp_path):
+    checkpoint = saved_checkpoint(tmp_path, TrainConfig(grad_accum_steps=4))  # written by 1 process
+    asked = TrainConfig(grad_accum_steps=2)
+    checkpoints.check_resumed_config(asked, str(checkpoint), world_size=2)  # keep_global_batch sets it
+    with pytest.raises(ConfigError, match="--grad_accum_steps=2 differs from the checkpoint's 4; drop it"):
+        checkpoints.check_resumed_config(asked, str(checkpoint), world_size=1)
+    assert checkpoints.keep_global_batch(asked, str(checkpoint), 2)[0].grad_accum_steps == 2  # 32 x 1 x 4 = 32 x 2 x 2
