@@ -10,7 +10,7 @@ as one line (exit 2).
 
 A run's own config: resuming, `evaluate` and `predict` take every field not given on the command line
 from the config the run saved (`inherit`), except the PER_COMMAND ones. On a resume, a given field
-that changes the result and differs from the checkpoint's is refused (`changed_fields`); the
+that changes the result and differs from the checkpoint's is refused (`result_changes`); the
 RESULT_NEUTRAL fields apply freely.
 """
 
