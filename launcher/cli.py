@@ -21,6 +21,7 @@ from launcher.config import (ConfigError, DataError, RunStopped, TrainConfig, ap
 USAGE = """\
 usage: python -m launcher RECIPE [--field=value ...]          train
        python -m launcher [RECIPE] --config=FILE [--field=value ...]   train from a YAML or JSON file
+       python -m launcher RUN_DIR --resume=auto [--field=value ...]   continue a run with its own config
        accelerate launch [ACCELERATE ARGS] -m launcher RECIPE [...]   train on several processes
        python -m launcher plan RECIPE [--world_size=N] [...]   print the resolved config and plan
        python -m launcher RECIPE --help                        list the recipe's fields
@@ -41,7 +42,8 @@ python -m launcher --config=runs/x/config.json --output_dir=runs/x2.
 
 A run's own config: --resume (auto or a path), evaluate and predict take every field not set by a
 flag or --config from the config the run saved (output_dir, resume, resume_changes and max_steps
-excepted); evaluate and predict may leave RECIPE out (the run's saved recipe.py is used). On
+excepted). A run's directory may stand in place of RECIPE (its saved recipe.py is used; for
+training it is the output_dir too: python -m launcher runs/x --resume=auto). On
 --resume, a flag that changes the result (model, data, batch, schedule, precision: all but where the
 run writes and stops, logging, tracking, checkpoints, workers, parallelism and kernel choices;
 RESULT_NEUTRAL in launcher/config.py) set otherwise than in the checkpoint is refused, naming each
@@ -174,13 +176,17 @@ def run_command(argv: list[str]) -> int:
 def configure(command: str, named: str, first: str, overrides: dict, checkpoint: str) -> tuple:
     """(recipe, config): the recipe's defaults, then a --config file, then the flags. A --resume, or
     the run that evaluate/predict read, gives every field set in neither (launcher/config.py's
-    `inherit`). The recipe: RECIPE, else the one the --config file or the run names."""
+    `inherit`). The recipe: RECIPE, else the one the --config file or the run names (a run
+    directory in place of RECIPE is also the output_dir)."""
     from launcher.recipe import load_recipe, recipe_named_in
     from launcher.runtime import checkpoints
 
     source = str(overrides.pop("config", "") or "")
     from_file = read_config_file(source) if source else {}
     run = checkpoints.run_dir_of(checkpoint) if checkpoint and command in ("evaluate", "predict") else None
+    if named and os.path.isfile(os.path.join(named, checkpoints.RUN_CONFIG)):  # `launcher RUN_DIR --resume=auto`
+        run, named = named, ""
+        overrides.setdefault("output_dir", run)
     if named:
         recipe = load_recipe(named)
     elif source and ("recipe" in from_file or not run):
@@ -261,7 +267,7 @@ def recipe_help(recipe) -> str:
     grouped = sections(type(cfg))
     flags = {name: f"--{name}={getattr(cfg, name)!r}" for names in grouped.values() for name in names}
     width = max(map(len, flags.values()))
-    lines = [f"usage: python -m launcher [plan] {recipe.name} [--field=value ...]",
+    lines = [f"usage: python -m launcher [plan] {recipe.name} [--config=FILE] [--field=value ...]",
              f"fields of {recipe.module.__name__}.Config by section (defaults shown):"]
     for title, names in grouped.items():
         lines.append(f"{title}:")

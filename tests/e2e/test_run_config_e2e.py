@@ -57,9 +57,9 @@ def test_a_resume_takes_the_checkpoints_config_and_refuses_a_changed_model(run, 
     assert one_line_error(unfit).startswith(f"launcher: error: checkpoint {checkpoint} does not fit the model "
                                             "(1.weight is (32, 192) in the checkpoint, (64, 192) in the model")
     assert (out / "config.json").read_text() == config  # refused before anything is written
-    # No model or data flag: the checkpoint's; a neutral flag applies; an allowed change too.
-    resumed = launcher(MLP_RECIPE, f"--output_dir={out}", "--resume=auto", "--max_steps=6", "--log_every=1",
-                       "--lr=0.006", "--resume_changes=allow")
+    # The run in place of RECIPE, no model or data flag: the checkpoint's; a neutral flag applies;
+    # an allowed change too.
+    resumed = launcher(out, "--resume=auto", "--max_steps=6", "--log_every=1", "--lr=0.006", "--resume_changes=allow")
     assert f"resumed from {checkpoint} at step 4" in resumed.stdout
     assert "note: --resume_changes=allow: --lr=0.006 differs from the checkpoint's 0.003" in resumed.stdout
     saved = json.loads((out / "config.json").read_text())
