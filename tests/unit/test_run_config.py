@@ -125,3 +125,17 @@ def test_grad_accum_steps_is_refused_on_the_checkpoints_world_size_and_rescaled_
     with pytest.raises(ConfigError, match="--grad_accum_steps=2 differs from the checkpoint's 4; drop it"):
         checkpoints.check_resumed_config(asked, str(checkpoint), world_size=1)
     assert checkpoints.keep_global_batch(asked, str(checkpoint), 2)[0].grad_accum_steps == 2  # 32 x 1 x 4 = 32 x 2 x 2
+
+
+def test_every_recipes_saved_config_reads_back_as_it_was():
+    from pathlib import Path
+
+    from conftest import ROOT
+
+    for path in sorted((ROOT / "recipes").glob("*.py")) + [Path(MLP_RECIPE)]:
+        if "build_model" not in path.read_text():  # a shared module (recipes/digits.py), not a recipe
+            continue
+        cfg = load_recipe(str(path)).default_config()
+        saved = json.loads(json.dumps({"recipe": path.stem, **dataclasses.asdict(cfg)}))
+        assert inherit(cfg, saved, set(), "config.json") == (cfg, ""), path.name
+        assert checkpoints.refuse_changes(cfg, saved, "step") == "", path.name
