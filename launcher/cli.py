@@ -1,6 +1,8 @@
 """`python -m launcher [plan] RECIPE [--field=value ...]`: the whole command-line surface.
 
-Flags are parsed by fire; each must name a field of the recipe's Config. Bad input (unknown
+Flags are parsed by fire; each must name a field of the recipe's Config, as must each key of a
+--config file (flags override it). A resume, evaluate and predict take the fields set by neither
+from the run's saved config (`configure`). Bad input (unknown
 recipe, unknown field, wrong type, impossible batch arithmetic, missing shards) is one line on
 stderr and exit code 2, never a traceback.
 """
@@ -14,17 +16,19 @@ import sys
 import fire
 
 from launcher.config import (ConfigError, DataError, RunStopped, TrainConfig, apply_overrides, field_help, field_ranges,
-                             sections, type_name)
+                             inherit, read_config_file, sections, type_name)
 
 USAGE = """\
 usage: python -m launcher RECIPE [--field=value ...]          train
+       python -m launcher [RECIPE] --config=FILE [--field=value ...]   train from a YAML or JSON file
+       python -m launcher RUN_DIR --resume=auto [--field=value ...]   continue a run with its own config
        accelerate launch [ACCELERATE ARGS] -m launcher RECIPE [...]   train on several processes
        python -m launcher plan RECIPE [--world_size=N] [...]   print the resolved config and plan
        python -m launcher RECIPE --help                        list the recipe's fields
        python -m launcher shards SOURCE OUT [--max_count=N ...] write WebDataset shards (see --help)
        python -m launcher report RUN_DIR [RUN_DIR ...] [--out=FILE]  one HTML page: curves, config differences
-       python -m launcher evaluate RECIPE --checkpoint=PATH [--out=DIR] [...]   the task's validation metrics
-       python -m launcher predict RECIPE --checkpoint=PATH [--top_k=5] [--out=FILE.jsonl] [INPUT ...] [-- INPUT ...]
+       python -m launcher evaluate [RECIPE] --checkpoint=PATH [--out=DIR] [...]   the task's validation metrics
+       python -m launcher predict [RECIPE] --checkpoint=PATH [--top_k=5] [--out=FILE.jsonl] [INPUT ...] [-- INPUT ...]
        python -m launcher COMMAND --help                       a command's own options (evaluate, predict, shards, report)
 
 RECIPE is a recipe file (recipes/resnet_finetune or recipes/resnet_finetune.py) or a dotted
@@ -33,10 +37,24 @@ module name (recipes.resnet_finetune). Every field of the recipe's Config can be
 recipes, by section:
 {sections}
 
+--config=FILE sets fields from a YAML or JSON file (`field: value` lines; `recipe: PATH` names the
+recipe); flags override it. A run's OUTPUT_DIR/config.json re-runs that run (its recipe.py with it):
+python -m launcher --config=runs/x/config.json --output_dir=runs/x2.
+
+A run's own config: --resume (auto or a path), evaluate and predict take every field not set by a
+flag or --config from the config the run saved (output_dir, resume, resume_changes and max_steps
+excepted). A run's directory may stand in place of RECIPE (its saved recipe.py is used; for
+training it is the output_dir too: python -m launcher runs/x --resume=auto). On
+--resume, a flag that changes the result (model, data, batch, schedule, precision: all but where the
+run writes and stops, logging, tracking, checkpoints, workers, parallelism and kernel choices;
+RESULT_NEUTRAL in launcher/config.py) set otherwise than in the checkpoint is refused, naming each
+with its old value, unless --resume_changes=allow.
+
 evaluate and predict take a run's output_dir, RUN_DIR/best (its best checkpoint; `best` alone:
---output_dir's), a checkpoints/step-N directory or a weights file as --checkpoint; predict prints a
-classifier's top-k classes or a regression's values per input: image files or directories, or any
-text for a recipe with predict_sample(cfg, text); --inputs=FILE or - (stdin) give one per line.
+--output_dir's), a checkpoints/step-N directory or a weights file as --checkpoint (a run's
+directory may stand in place of RECIPE: evaluate RUN_DIR); predict prints a classifier's top-k
+classes or a regression's values per input: image files or directories, or any text for a recipe
+with predict_sample(cfg, text); --inputs=FILE or - (stdin) give one per line.
 
 Before training (and in plan) one real batch of each split goes through collate, the model, the
 loss and the metrics: a recipe that would crash is one line naming the function that raised.
@@ -172,22 +190,23 @@ def run_command(argv: list[str]) -> int:
     if not args or args[0] in (*HELP, "help"):
         print(COMMAND_HELP.get(command) or usage())
         return 0
-    if args[0].startswith("-"):
-        usage_line = COMMAND_HELP[command].splitlines()[0] if command in COMMAND_HELP else (
-            "usage: python -m launcher [plan] RECIPE [--field=value ...]")
-        raise ConfigError(f"expected a RECIPE before {args[0]}; {usage_line}")
-    from launcher.recipe import load_recipe
-
-    recipe = load_recipe(args[0])
-    if any(arg in HELP for arg in args[1:]):
-        print("\n\n".join(filter(None, (COMMAND_HELP.get(command), recipe_help(recipe)))))
-        return 0
-    overrides = parse_flags(args[1:])
+    named = "" if args[0].startswith("-") else args[0]
+    flags = args[1:] if named else args
+    overrides = parse_flags([a for a in flags if a not in HELP])
     extra = {name: overrides.pop(name) for name in EXTRA_FLAGS.get(command, ()) if name in overrides}
     for name, value in extra.items():
         if value is True:  # `--checkpoint PATH`: PATH was taken for an input
             raise ConfigError(f"--{name} needs a value: write --{name}=VALUE")
-    cfg = apply_overrides(recipe.default_config(), overrides).resolved()
+    if command in ("evaluate", "predict") and named and os.path.isdir(named):  # `evaluate RUN_DIR`
+        extra.setdefault("checkpoint", named)
+        named = ""
+    if extra.get("checkpoint"):  # before configure reads the run's config from it
+        extra["checkpoint"] = _best_resolved(str(extra["checkpoint"]), named, overrides)
+    recipe, cfg = configure(command, named, args[0], overrides, str(extra.get("checkpoint", "")))
+    if any(arg in HELP for arg in flags):
+        print("\n\n".join(filter(None, (COMMAND_HELP.get(command), recipe_help(recipe)))))
+        return 0
+    cfg = cfg.resolved()
     if command == "plan":
         from launcher.train.build import print_plan
 
@@ -195,7 +214,7 @@ def run_command(argv: list[str]) -> int:
     elif command == "evaluate":
         from launcher.commands.inference import evaluate
 
-        evaluate(cfg, recipe, _checkpoint(extra, cfg), str(extra.get("out", "")))
+        evaluate(cfg, recipe, str(extra.get("checkpoint", "")), str(extra.get("out", "")))
     elif command == "predict":
         _predict(cfg, recipe, extra, inputs)
     else:
@@ -214,12 +233,17 @@ def split_inputs(argv: list[str]) -> tuple[list[str], list[str]]:
     return before[:1] + [a for a in before[1:] if a != "-" and a.startswith("-")], inputs + after
 
 
-def _checkpoint(extra: dict, cfg: TrainConfig) -> str:
-    """--checkpoint, with `best`, RUN_DIR/best and best.json resolved to the best checkpoint's directory."""
+def _best_resolved(checkpoint: str, named: str, overrides: dict) -> str:
+    """--checkpoint, with `best`, RUN_DIR/best and best.json resolved to the best checkpoint's
+    directory; `best` alone is the best of --output_dir (or of the recipe's default output_dir)."""
     from launcher.runtime.checkpoints import resolve_best
 
-    checkpoint = str(extra.get("checkpoint", ""))
-    return resolve_best(checkpoint, cfg.output_dir) if checkpoint else checkpoint
+    output_dir = str(overrides.get("output_dir", ""))
+    if checkpoint == "best" and not output_dir and named:
+        from launcher.recipe import load_recipe
+
+        output_dir = load_recipe(named).default_config().output_dir
+    return resolve_best(checkpoint, output_dir)
 
 
 def _predict(cfg: TrainConfig, recipe, extra: dict, inputs: list[str]) -> None:
@@ -232,7 +256,50 @@ def _predict(cfg: TrainConfig, recipe, extra: dict, inputs: list[str]) -> None:
     top_k = extra.get("top_k", 5)
     if not isinstance(top_k, int) or isinstance(top_k, bool):
         raise ConfigError(f"--top_k expects int, got {top_k!r}")
-    predict(cfg, recipe, _checkpoint(extra, cfg), inputs, top_k, str(extra.get("out", "")), inputs_file)
+    predict(cfg, recipe, str(extra.get("checkpoint", "")), inputs, top_k, str(extra.get("out", "")), inputs_file)
+
+
+def configure(command: str, named: str, first: str, overrides: dict, checkpoint: str) -> tuple:
+    """(recipe, config): the recipe's defaults, then a --config file, then the flags. A --resume, or
+    the run that evaluate/predict read, gives every field set in neither (launcher/config.py's
+    `inherit`). The recipe: RECIPE, else the one the --config file or the run names (a run
+    directory in place of RECIPE is also the output_dir)."""
+    from launcher.recipe import load_recipe, recipe_named_in
+    from launcher.runtime import checkpoints
+
+    source = str(overrides.pop("config", "") or "")
+    from_file = read_config_file(source) if source else {}
+    run = checkpoints.run_dir_of(checkpoint) if checkpoint and command in ("evaluate", "predict") else None
+    if named and os.path.isfile(os.path.join(named, checkpoints.RUN_CONFIG)):  # `launcher RUN_DIR --resume=auto`
+        run, named = named, ""
+        overrides.setdefault("output_dir", run)
+    if named:
+        recipe = load_recipe(named)
+    elif source and ("recipe" in from_file or not run):
+        recipe = recipe_named_in(source, from_file.get("recipe"))
+    elif run:
+        recipe = recipe_named_in(os.path.join(run, checkpoints.RUN_CONFIG), checkpoints.saved_config(run)[0].get("recipe"))
+    else:
+        raise ConfigError(f"expected a RECIPE before {first}, or --config=FILE naming one; "
+                          "usage: python -m launcher [plan] RECIPE [--field=value ...]")
+    from_file = {key: value for key, value in from_file.items() if key != "recipe"}
+    cfg = apply_overrides(recipe.default_config(), from_file, source) if from_file else recipe.default_config()
+    cfg = apply_overrides(cfg, overrides)
+    given = {key.replace("-", "_") for key in [*from_file, *overrides]}
+    if command in ("train", "plan") and cfg.resume:
+        cfg = checkpoints.resume_config(cfg, given, _note)
+    elif checkpoint and command in ("evaluate", "predict"):
+        saved, origin = checkpoints.saved_config(checkpoint)
+        if saved:
+            cfg, note = inherit(cfg, saved, given, origin)
+            _note(note, file=sys.stderr)  # stdout holds the results
+    return recipe, cfg
+
+
+def _note(text: str, file=None) -> None:
+    """A note from the main process only (every rank of a launch configures), with the run's log."""
+    if text and os.environ.get("RANK", "0") == "0":
+        print(text, file=file or sys.stdout, flush=True)
 
 
 def report(argv: list[str]) -> int:
@@ -290,7 +357,7 @@ def recipe_help(recipe) -> str:
     grouped = sections(type(cfg))
     flags = {name: f"--{name}={getattr(cfg, name)!r}" for names in grouped.values() for name in names}
     width = max(map(len, flags.values()))
-    lines = [f"usage: python -m launcher [plan] {recipe.name} [--field=value ...]",
+    lines = [f"usage: python -m launcher [plan] {recipe.name} [--config=FILE] [--field=value ...]",
              f"fields of {recipe.module.__name__}.Config by section (defaults shown):"]
     for title, names in grouped.items():
         lines.append(f"{title}:")

@@ -3,9 +3,15 @@
 A recipe's `Config` subclasses `TrainConfig`, whose fields come in sections (run, data,
 optimisation, checkpoints, tracking, parallelism, speed: one dataclass each). Each field carries a trailing
 `# comment` that is its help text, and a numeric one its range (`ranged`), declared once: validation,
-`python -m launcher RECIPE --help` and the usage text read both from here. Overrides from the command line are
-checked against the fields here: unknown names get close matches, wrong types name the field and
-the type expected. Every problem is a `ConfigError`, which the CLI prints as one line (exit 2).
+`python -m launcher RECIPE --help` and the usage text read both from here. Overrides from the command line
+or a --config file (YAML or JSON) are checked against the fields here: unknown names get close matches,
+wrong types name the field and the type expected. Every problem is a `ConfigError`, which the CLI prints
+as one line (exit 2).
+
+A run's own config: resuming, `evaluate` and `predict` take every field not given on the command line
+from the config the run saved (`inherit`), except the PER_COMMAND ones. On a resume, a given field
+that changes the result and differs from the checkpoint's is refused (`result_changes`); the
+RESULT_NEUTRAL fields apply freely.
 """
 
 from __future__ import annotations
@@ -76,7 +82,8 @@ class RunFields:
     seed: int = ranged(0, at_least=0)  # one seed for the run; per-rank and per-worker seeds derive from it
     epochs: int = ranged(1, at_least=1)  # passes over the training split
     max_steps: int = ranged(0, at_least=0)  # stop after this many optimizer steps (0: no limit); for debugging
-    resume: str = ""  # "" starts fresh, "auto" takes the newest checkpoint in output_dir, or a checkpoint path
+    resume: str = ""  # "" starts fresh, "auto" takes the newest checkpoint in output_dir, or a checkpoint path; fields not given come from the checkpoint's config
+    resume_changes: Literal["refuse", "allow"] = "refuse"  # --resume with a flag that changes the result (model, data, batch, schedule) set otherwise than the checkpoint: refuse, or allow it
     deterministic: bool = False  # deterministic algorithms and cuDNN (slower; ops without a deterministic version raise)
     trace_samples: bool = False  # write each rank's training sample keys to output_dir/samples/ (debugging, tests)
     hang_timeout_s: float = ranged(1800.0, at_least=0)  # end a rank (exit 124, its stacks in output_dir/hangs/) when no step, evaluation batch or save progressed for this long (0: off)
@@ -217,6 +224,123 @@ SECTIONS = {RunFields: "run", DataFields: "data", OptimisationFields: "optimisat
             SpeedFields: "speed"}
 
 
+# The fields that leave the weights at a given step as they are (up to rounding): where the run
+# writes, when it stops, checkpoints and picks the best, what it logs and where, how it is spread
+# over processes, data loading, kernels. A resume applies them freely. Every other field, a
+# recipe's own included, changes the result: a resume that gives one another value than the
+# checkpoint's is refused unless --resume_changes=allow.
+RESULT_NEUTRAL = frozenset({
+    "output_dir", "max_steps", "resume", "resume_changes", "deterministic", "trace_samples", "hang_timeout_s",
+    "eval_batch_size", "num_workers", "prefetch_factor", "persistent_workers", "pin_memory", "max_corrupt_fraction",
+    *CheckpointFields.__dataclass_fields__, *TrackingFields.__dataclass_fields__, *ParallelFields.__dataclass_fields__,
+    "channels_last", "compile", "cudnn_benchmark",
+})
+# What this command does rather than what the run is: never taken from a run's saved config (a
+# resume of a run stopped by --max_steps goes on to its end).
+PER_COMMAND = frozenset({"output_dir", "resume", "resume_changes", "max_steps"})
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """A --config file's {field: value}: JSON for a .json file (a run's config.json), else YAML
+    (with YAML 1.2's floats: `lr: 1e-3` is a number)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as error:
+        raise ConfigError(f"--config={path} cannot be read ({error.strerror}); pass a YAML or JSON file") from None
+    try:
+        if path.endswith(".json"):
+            import json
+
+            values = json.loads(text)
+        else:
+            values = _yaml_load(text)
+    except ValueError as error:  # json.JSONDecodeError and yaml.YAMLError (both ValueErrors, see _yaml_load)
+        problem = " ".join(str(error).split())
+        raise ConfigError(f"--config={path} does not parse ({problem}); write one `field: value` per line") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict) or not all(isinstance(key, str) for key in values):
+        raise ConfigError(f"--config={path} holds a {type(values).__name__}, not a mapping of field names to "
+                          "values; write one `field: value` per line")
+    return values
+
+
+def _yaml_load(text: str) -> Any:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+        r"|\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$"), list("-+0123456789."))
+    try:
+        return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{getattr(error, 'problem', None) or error}{where}") from None
+
+
+def inherit(config: TrainConfig, saved: dict[str, Any], given: set[str] | frozenset[str],
+            origin: str) -> tuple[TrainConfig, str]:
+    """`config` with each field that is not `given` (and not PER_COMMAND) taken from `saved`, a
+    run's config; and a note naming the saved fields this Config lacks (ignored: no code of the
+    recipe reads them, and a field renamed since should not lock a run out)."""
+    hints = typing.get_type_hints(type(config))
+    changes, unknown = {}, []
+    for name, value in saved.items():
+        if name == "recipe" or name in given or name in PER_COMMAND:
+            continue
+        if name not in hints or name not in config.__dataclass_fields__:
+            unknown.append(name)
+            continue
+        try:
+            changes[name] = coerce(name, value, hints[name])
+        except ConfigError:
+            raise ConfigError(f"{origin} has {name}={value!r}, which --{name} does not take ({type_name(hints[name])}); "
+                              f"pass --{name}") from None
+    updated = dataclasses.replace(config, **changes)
+    updated.validate()
+    note = (f"note: {origin} has fields that {type(config).__module__}.{type(config).__name__} lacks, ignored: "
+            f"{', '.join(unknown)}"
+            if unknown else "")
+    return updated, note
+
+
+def changed_fields(config: TrainConfig, saved: dict[str, Any], names) -> list[tuple[str, Any, Any]]:
+    """(name, value in `config`, value in `saved`) for each of `names` whose values differ; a field
+    `saved` lacks (added to the recipe since) is not compared."""
+    hints = typing.get_type_hints(type(config))
+    changed = []
+    for name in names:
+        if name not in saved or name not in hints or name not in config.__dataclass_fields__:
+            continue
+        try:
+            then = coerce(name, saved[name], hints[name])
+        except ConfigError:
+            then = saved[name]
+        if getattr(config, name) != then:
+            changed.append((name, getattr(config, name), then))
+    return changed
+
+
+def result_changes(config: TrainConfig, saved: dict[str, Any], names=None) -> list[tuple[str, Any, Any]]:
+    """`changed_fields` among `names` (default: all) that change the result: the recipe's own first."""
+    names = [f.name for f in dataclasses.fields(config)] if names is None else list(names)
+    shared = TrainConfig.__dataclass_fields__
+    ordered = [n for n in names if n not in shared] + [n for n in names if n in shared]
+    return changed_fields(config, saved, [n for n in ordered if n not in RESULT_NEUTRAL])
+
+
+def shown(value: Any) -> str:
+    """A field's value as it would be typed after --name=."""
+    if isinstance(value, (tuple, list)):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value) if value != "" else "''"
+
+
 def field_ranges(config_cls: type) -> dict[str, Range]:
     """Field name -> its declared range: TrainConfig's, and those of the recipe's own fields."""
     ranges = {f.name: f.metadata["range"] for f in dataclasses.fields(TrainConfig) if "range" in f.metadata}
@@ -260,19 +384,25 @@ def field_help(config_cls: type) -> dict[str, str]:
     return helps
 
 
-def apply_overrides(config: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
-    """Return a copy of `config` with CLI values applied, each checked against its field type."""
+def apply_overrides(config: TrainConfig, overrides: dict[str, Any], source: str = "") -> TrainConfig:
+    """Return a copy of `config` with CLI values applied, each checked against its field type;
+    `source`: the file they come from (--config), named in the errors."""
     hints = typing.get_type_hints(type(config))
     known = [f.name for f in dataclasses.fields(config)]
     changes = {}
+    dash = "" if source else "--"
     for key, value in overrides.items():
         name = key.replace("-", "_")
         if name not in known:
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-            hint = f"did you mean {', '.join('--' + c for c in close)}?" if close else (
+            hint = f"did you mean {', '.join(dash + c for c in close)}?" if close else (
                 "see the fields with --help")
-            raise ConfigError(f"unknown field --{name} for {type(config).__module__}; {hint}")
-        changes[name] = coerce(name, value, hints[name])
+            raise ConfigError(f"{source + ': ' if source else ''}unknown field {dash}{name} for "
+                              f"{type(config).__module__}; {hint}")
+        try:
+            changes[name] = coerce(name, value, hints[name])
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}" if source else str(error)) from None
     updated = dataclasses.replace(config, **changes)
     updated.validate()
     return updated

@@ -96,6 +96,24 @@ def load_recipe(spec: str) -> Recipe:
     return Recipe(name=Path(module.__file__ or spec).stem, module=module)
 
 
+def recipe_named_in(config_file: str, name) -> Recipe:
+    """The recipe a config file names: beside a run's config.json, the recipe.py the run saved (the
+    source it trained with; `name` is the recipe's); else `name`, a recipe file or module."""
+    copy = Path(config_file).with_name("recipe.py")
+    if Path(config_file).name == "config.json" and copy.is_file():
+        try:
+            module = _import_file(copy)
+        except ImportError as error:
+            raise ConfigError(f"{copy}, the recipe the run saved, does not import ({error}); name the recipe: "
+                              f"python -m launcher RECIPE ...") from None
+        _check_recipe(str(copy), module)
+        return Recipe(name=str(name or copy.stem), module=module)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{config_file} names no recipe; add `recipe: recipes/NAME` to it or pass the RECIPE "
+                          "before --config")
+    return load_recipe(name)
+
+
 def _candidate_paths(spec: str) -> list[Path]:
     path = Path(spec)
     candidates = [path] if path.suffix == ".py" else [path.with_name(path.name + ".py")]

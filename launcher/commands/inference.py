@@ -5,10 +5,12 @@
 
 The checkpoint is a run's output_dir (its final model.safetensors), one of its
 checkpoints/step-N directories (RUN_DIR/best: the one checkpoints/best.json names, resolved by the
-CLI), or a .safetensors/.pth file (model_ema.safetensors for the EMA weights). It must fit the
-recipe's model exactly. `evaluate` runs on every process of an `accelerate launch` (each sample
-counted once) and reports the task's metrics and which step's weights it evaluated; `predict` runs
-on one device (a GPU if present). Its inputs are images or image directories, or, for a recipe with
+CLI), or a .safetensors/.pth file (model_ema.safetensors for the EMA weights). The model and data
+are built from the config the run saved (the CLI takes every field not given on the command line
+from it); the weights must fit the model exactly. `evaluate` runs on every process of an
+`accelerate launch` (each sample counted once) and reports the task's metrics and which step's
+weights it evaluated; `predict` runs on one device (a GPU if present). Its inputs are images or
+image directories, or, for a recipe with
 `predict_sample(cfg, text)`, any text that function turns into a sample (a line of code, a row of
 features), a file that exists giving one input per line; `-` and --inputs=FILE are read one input
 per line. It prints the top-k classes of a classifier, or the predicted values of a regression, or
@@ -32,7 +34,8 @@ from launcher.data.loader import SplitLoader
 from launcher.data.spec import Shards
 from launcher.data.tar_reader import printable
 from launcher.recipe import Recipe
-from launcher.runtime.weights import read_state_dict
+from launcher.runtime import checkpoints
+from launcher.runtime.weights import misfit, read_state_dict
 from launcher.train.evaluation import evaluate_split
 from launcher.train.metrics import TaskMetrics, is_accuracy, per_class_accuracy
 from launcher.train.preflight import blame, preflight
@@ -49,12 +52,12 @@ def load_model(cfg: TrainConfig, recipe: Recipe, checkpoint: str) -> torch.nn.Mo
         cfg = dataclasses.replace(cfg, weights="")  # the checkpoint replaces any initial weights
     model = recipe.build_model(cfg)
     state = read_state_dict(checkpoint)
-    result = model.load_state_dict(state, strict=False)
-    problems = [f"missing {', '.join(result.missing_keys[:3])}" if result.missing_keys else "",
-                f"unexpected {', '.join(result.unexpected_keys[:3])}" if result.unexpected_keys else ""]
-    if any(problems):
-        raise ConfigError(f"checkpoint {checkpoint} does not fit {recipe.name}'s model ("
-                          + "; ".join(p for p in problems if p) + "); pass the recipe and fields it was trained with")
+    own = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    problem = misfit(own, {key: tuple(value.shape) for key, value in state.items()})
+    if problem:
+        raise ConfigError(f"checkpoint {checkpoint} does not fit {recipe.name}'s model ({problem})"
+                          + checkpoints.flags_hint(cfg, checkpoints.saved_config(checkpoint)[0]))
+    model.load_state_dict(state)
     return model.eval()
 
 

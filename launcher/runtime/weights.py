@@ -82,6 +82,41 @@ def _read_file(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def shapes(state: dict) -> dict[str, tuple[int, ...]]:
+    """A state dict's {name: shape}, names without wrapper prefixes (DDP's module., compile's _orig_mod.)."""
+    return {key: tuple(value.shape) for key, value in _strip_prefixes(state).items() if hasattr(value, "shape")}
+
+
+def safetensors_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes in a .safetensors file, from its header alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            found = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own kinds for a bad header
+        raise ConfigError(f"weights file {path} cannot be read ({type(error).__name__}: {error})") from None
+    return _strip_prefixes(found)
+
+
+def misfit(expected: dict[str, tuple], found: dict[str, tuple], shown: int = 3) -> str:
+    """'' if `found` (a checkpoint's tensor shapes) fits `expected` (the model's) exactly, else its
+    first differences in one line: shapes, then names missing or unexpected."""
+    different = [key for key in expected if key in found and tuple(found[key]) != tuple(expected[key])]
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    parts = []
+    if different:
+        first = different[0]
+        parts.append(f"{first} is {tuple(found[first])} in the checkpoint, {tuple(expected[first])} in the model"
+                     + "".join(f"; {key} {tuple(found[key])} vs {tuple(expected[key])}" for key in different[1:shown])
+                     + (f" ({len(different)} of {len(expected)} tensors differ)" if len(different) > shown else ""))
+    for what, keys in (("missing from the checkpoint", missing), ("not in the model", unexpected)):
+        if keys:
+            parts.append(f"{what}: {', '.join(keys[:shown])}" + (f" and {len(keys) - shown} more" if len(keys) > shown else ""))
+    return "; ".join(parts)
+
+
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     stripped = {}
     for key, value in state.items():

@@ -69,8 +69,9 @@ def save_run_files(cfg, recipe, world_size: int) -> None:
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
         json.dump({"recipe": recipe.name, **dataclasses.asdict(cfg)}, f, indent=1)
-    if recipe.source_path:
-        shutil.copyfile(recipe.source_path, os.path.join(cfg.output_dir, "recipe.py"))
+    copy = os.path.join(cfg.output_dir, "recipe.py")
+    if recipe.source_path and not (os.path.exists(copy) and os.path.samefile(recipe.source_path, copy)):  # the run's own copy
+        shutil.copyfile(recipe.source_path, copy)
     versions = {}
     for package in ("torch", "torchvision", "accelerate", "webdataset", "wandb", "tensorboard", "launcher"):
         try:

@@ -61,6 +61,7 @@ class Trainer:
         self.resume_from = checkpoints.agreed_resume(acc, cfg, log)  # raises before anything is written
         note = ""
         if self.resume_from:
+            checkpoints.check_resumed_config(cfg, self.resume_from, self.world)
             cfg, note = checkpoints.keep_global_batch(cfg, self.resume_from, self.world)
             acc.gradient_accumulation_steps = cfg.grad_accum_steps
         parts = build_parts(cfg, recipe, self.rank, self.world, acc.device)
@@ -119,6 +120,8 @@ class Trainer:
     def start(self) -> None:
         acc, cfg = self.accelerator, self.cfg
         resume_from = self.resume_from
+        if resume_from and not self.parallel.sharded:  # before anything is written (FSDP's DCP names its own misfits)
+            checkpoints.check_model_fits(resume_from, self.model, cfg)
         if acc.is_main_process:
             self.progress.say(format_plan(cfg, self.plan, self.groups, self.recipe.name))
             save_run_files(cfg, self.recipe, self.world)

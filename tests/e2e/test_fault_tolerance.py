@@ -163,6 +163,7 @@ def test_resuming_on_fewer_processes_keeps_the_global_batch(digits, tmp_path):
     args = [MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", "--batch_size=8"]
     launcher(*args, "--epochs=1", processes=2)
     note = "resuming on 1 process(es) instead of 2: grad_accum_steps 1 -> 2 keeps the global batch of 16"
+    args += ["--resume_changes=allow"]  # --epochs=2: one more epoch
     plan = launcher("plan", *args, "--epochs=2", "--resume=auto", "--world_size=1")
     assert note in plan.stdout and "8 per device x 1 processes x 2 accumulation = 16 global" in plan.stdout
     odd = launcher(*args, "--epochs=2", "--resume=auto", "--batch_size=5", check=False)
@@ -176,10 +177,11 @@ def test_resuming_on_fewer_processes_keeps_the_global_batch(digits, tmp_path):
 def test_an_incompatible_checkpoint_is_a_one_line_error(digits, tmp_path, uninterrupted):
     checkpoint = sorted((uninterrupted[1] / "checkpoints").glob("step-*"))[-1]
     result = launcher(MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={tmp_path / 'other'}", "--hidden=32",
-                      f"--resume={checkpoint}", check=False)
+                      f"--resume={checkpoint}", "--resume_changes=allow", check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"checkpoint {checkpoint} cannot be loaded" in lines[0]
+    assert len(lines) == 1 and f"checkpoint {checkpoint} does not fit the model (1.weight is (64, 192)" in lines[0]
+    assert "it was trained with --hidden=64 (here 32)" in lines[0]
 
 
 def test_a_pickle_planted_in_the_newest_checkpoint_runs_nothing_and_is_refused_in_one_line(digits, tmp_path,

@@ -136,7 +136,7 @@ def test_a_two_process_fsdp_checkpoint_resumes_resharded_and_trains_on(resnet, d
     shutil.copytree(resnet["fsdp"], out)
     resumed = launcher(RESNET, f"--data_dir={digits}", f"--output_dir={out}", *RESNET_ARGS, "--epochs=2",
                        "--max_steps=33", f"--batch_size={batch_size}", "--data_parallel=fsdp", "--resume=auto",
-                       processes=processes)
+                       "--resume_changes=allow", processes=processes)
     assert "step-00000029 at step 29, epoch 1" in resumed.stdout
     assert f"grad_accum_steps 1 -> {accumulation} keeps the global batch of 48" in resumed.stdout or accumulation == 1
     trained_on = [m for m in metrics(out) if "train/loss" in m and m["step"] > 29]
@@ -159,7 +159,7 @@ def test_a_ddp_checkpoint_is_refused_by_an_fsdp_run_naming_the_mode(resnet, digi
     out = tmp_path / "ddp"
     shutil.copytree(resnet["ddp"], out)
     refused = launcher(RESNET, f"--data_dir={digits}", f"--output_dir={out}", *RESNET_ARGS, "--epochs=2",
-                       "--data_parallel=fsdp", "--resume=auto", check=False)
+                       "--data_parallel=fsdp", "--resume=auto", "--resume_changes=allow", check=False)
     assert refused.returncode == 2
     assert "was written with --data_parallel=ddp, this run has --data_parallel=fsdp" in refused.stderr
 

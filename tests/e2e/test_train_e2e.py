@@ -79,7 +79,8 @@ def test_an_existing_run_is_not_overwritten_and_resume_auto_continues_it(digits,
     again = launcher(MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", "--epochs=1", check=False)
     assert again.returncode == 2 and "already holds a run; pass --resume=auto" in again.stderr
     assert (out / "model.safetensors").read_bytes() == weights
-    resumed = launcher(MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", "--epochs=2", "--resume=auto")
+    resumed = launcher(MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", "--epochs=2", "--resume=auto",
+                       "--resume_changes=allow")
     assert "resumed from" in resumed.stdout and "step 89, epoch 1" in resumed.stdout
     assert [m["step"] for m in metrics(out) if "val/loss" in m] == [89, 178]
 
