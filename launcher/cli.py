@@ -265,12 +265,12 @@ def configure(command: str, named: str, first: str, overrides: dict, checkpoint:
     `inherit`). The recipe: RECIPE, else the one the --config file or the run names (a run
     directory in place of RECIPE is also the output_dir)."""
     from launcher.recipe import load_recipe, recipe_named_in
-    from launcher.runtime import checkpoints
+    from launcher.runtime import run_config
 
     source = str(overrides.pop("config", "") or "")
     from_file = read_config_file(source) if source else {}
-    run = checkpoints.run_dir_of(checkpoint) if checkpoint and command in ("evaluate", "predict") else None
-    if named and os.path.isfile(os.path.join(named, checkpoints.RUN_CONFIG)):  # `launcher RUN_DIR --resume=auto`
+    run = run_config.run_dir_of(checkpoint) if checkpoint and command in ("evaluate", "predict") else None
+    if named and os.path.isfile(os.path.join(named, run_config.RUN_CONFIG)):  # `launcher RUN_DIR --resume=auto`
         run, named = named, ""
         overrides.setdefault("output_dir", run)
     if named:
@@ -278,7 +278,7 @@ def configure(command: str, named: str, first: str, overrides: dict, checkpoint:
     elif source and ("recipe" in from_file or not run):
         recipe = recipe_named_in(source, from_file.get("recipe"))
     elif run:
-        recipe = recipe_named_in(os.path.join(run, checkpoints.RUN_CONFIG), checkpoints.saved_config(run)[0].get("recipe"))
+        recipe = recipe_named_in(os.path.join(run, run_config.RUN_CONFIG), run_config.saved_config(run)[0].get("recipe"))
     else:
         raise ConfigError(f"expected a RECIPE before {first}, or --config=FILE naming one; "
                           "usage: python -m launcher [plan] RECIPE [--field=value ...]")
@@ -287,9 +287,9 @@ def configure(command: str, named: str, first: str, overrides: dict, checkpoint:
     cfg = apply_overrides(cfg, overrides)
     given = {key.replace("-", "_") for key in [*from_file, *overrides]}
     if command in ("train", "plan") and cfg.resume:
-        cfg = checkpoints.resume_config(cfg, given, _note)
+        cfg = run_config.resume_config(cfg, given, _note)
     elif checkpoint and command in ("evaluate", "predict"):
-        saved, origin = checkpoints.saved_config(checkpoint)
+        saved, origin = run_config.saved_config(checkpoint)
         if saved:
             cfg, note = inherit(cfg, saved, given, origin)
             _note(note, file=sys.stderr)  # stdout holds the results

@@ -34,7 +34,7 @@ from launcher.data.loader import SplitLoader
 from launcher.data.spec import Shards
 from launcher.data.tar_reader import printable
 from launcher.recipe import Recipe
-from launcher.runtime import checkpoints
+from launcher.runtime import run_config
 from launcher.runtime.weights import misfit, read_state_dict
 from launcher.train.evaluation import evaluate_split
 from launcher.train.metrics import TaskMetrics, is_accuracy, per_class_accuracy
@@ -56,7 +56,7 @@ def load_model(cfg: TrainConfig, recipe: Recipe, checkpoint: str) -> torch.nn.Mo
     problem = misfit(own, {key: tuple(value.shape) for key, value in state.items()})
     if problem:
         raise ConfigError(f"checkpoint {checkpoint} does not fit {recipe.name}'s model ({problem})"
-                          + checkpoints.flags_hint(cfg, checkpoints.saved_config(checkpoint)[0]))
+                          + run_config.flags_hint(cfg, run_config.saved_config(checkpoint)[0]))
     model.load_state_dict(state)
     return model.eval()
 

@@ -13,7 +13,7 @@ from launcher.data.loader import SplitLoader
 from launcher.data.spec import Synthetic
 from launcher.optim.groups import ParamGroup, Schedule, apply_freezing, assign_groups
 from launcher.recipe import Recipe
-from launcher.runtime import checkpoints
+from launcher.runtime import checkpoints, run_config
 from launcher.runtime.sharding import find_units
 from launcher.train.modeling import init_weights, model_summary
 from launcher.train.plan import Plan, format_plan, make_plan, parallel_lines, training_lines
@@ -102,7 +102,7 @@ def print_plan(cfg: TrainConfig, recipe: Recipe, world_size: int) -> None:
     resume_from = checkpoints.find_resume(cfg, log=lambda _: None) if cfg.resume else None
     note = ""
     if resume_from:
-        cfg, note = checkpoints.keep_global_batch(cfg, resume_from, world_size)
+        cfg, note = run_config.keep_global_batch(cfg, resume_from, world_size)
     parts = build_parts(cfg, recipe, rank=0, world=world_size)
     parts.plan.notes.append(note)
     print(format_plan(parts.cfg, parts.plan, parts.groups, recipe.name))

@@ -32,7 +32,7 @@ from launcher.optim.groups import apply_freezing, build_optimizer, frozen_batchn
 from launcher.optim.regularization import EMA, batch_mix
 from launcher.optim.schedules import LRSchedule
 from launcher.recipe import Recipe
-from launcher.runtime import checkpoints
+from launcher.runtime import checkpoints, run_config
 from launcher.runtime.distributed import build_accelerator
 from launcher.runtime.parallel import build_parallel
 from launcher.runtime.sharding import global_norm
@@ -61,8 +61,8 @@ class Trainer:
         self.resume_from = checkpoints.agreed_resume(acc, cfg, log)  # raises before anything is written
         note = ""
         if self.resume_from:
-            checkpoints.check_resumed_config(cfg, self.resume_from, self.world)
-            cfg, note = checkpoints.keep_global_batch(cfg, self.resume_from, self.world)
+            run_config.check_resumed_config(cfg, self.resume_from, self.world)
+            cfg, note = run_config.keep_global_batch(cfg, self.resume_from, self.world)
             acc.gradient_accumulation_steps = cfg.grad_accum_steps
         parts = build_parts(cfg, recipe, self.rank, self.world, acc.device)
         self.cfg, self.recipe = cfg, recipe = parts.cfg, recipe
@@ -121,7 +121,7 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         resume_from = self.resume_from
         if resume_from and not self.parallel.sharded:  # before anything is written (FSDP's DCP names its own misfits)
-            checkpoints.check_model_fits(resume_from, self.model, cfg)
+            run_config.check_model_fits(resume_from, self.model, cfg)
         if acc.is_main_process:
             self.progress.say(format_plan(cfg, self.plan, self.groups, self.recipe.name))
             save_run_files(cfg, self.recipe, self.world)

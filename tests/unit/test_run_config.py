@@ -15,7 +15,7 @@ from launcher.cli import configure, main
 from launcher.commands.inference import load_model
 from launcher.config import RESULT_NEUTRAL, ConfigError, TrainConfig, inherit
 from launcher.recipe import load_recipe
-from launcher.runtime import checkpoints
+from launcher.runtime import checkpoints, run_config
 from launcher.runtime.weights import misfit, shapes
 
 
@@ -78,17 +78,17 @@ def test_a_resume_refuses_each_changed_result_flag_and_applies_the_neutral_ones(
                                 log_every=1, num_workers=3)
     given = {"output_dir", "resume", "hidden", "lr", "log_every", "num_workers"}
     with pytest.raises(ConfigError) as refused:
-        checkpoints.resume_config(asked, given)
+        run_config.resume_config(asked, given)
     assert str(refused.value) == (
         f"checkpoint {checkpoint} was trained otherwise: --hidden=64 differs from the checkpoint's 32; --lr=0.01 "
         "differs from the checkpoint's 0.003; drop them to resume as trained, or pass --resume_changes=allow to "
         "resume with them anyway")
     said = []
-    allowed = checkpoints.resume_config(dataclasses.replace(asked, resume_changes="allow"), given, said.append)
+    allowed = run_config.resume_config(dataclasses.replace(asked, resume_changes="allow"), given, said.append)
     assert (allowed.hidden, allowed.lr, allowed.data_dir) == (64, 0.01, "data/x")
     assert said == ["note: --resume_changes=allow: --hidden=64 differs from the checkpoint's 32; --lr=0.01 differs "
                     "from the checkpoint's 0.003"]
-    neutral = checkpoints.resume_config(dataclasses.replace(asked, hidden=10, lr=1.0), given - {"hidden", "lr"})
+    neutral = run_config.resume_config(dataclasses.replace(asked, hidden=10, lr=1.0), given - {"hidden", "lr"})
     assert (neutral.hidden, neutral.lr, neutral.data_dir, neutral.log_every, neutral.num_workers) == (
         32, 0.003, "data/x", 1, 3)
 
@@ -99,7 +99,7 @@ def test_weights_that_do_not_fit_name_the_first_differences_and_the_flags_that_d
     checkpoint = saved_checkpoint(run, dataclasses.replace(mlp.default_config(), hidden=32), trained)
     asked = dataclasses.replace(mlp.default_config(), hidden=64)
     with pytest.raises(ConfigError) as resumed:
-        checkpoints.check_model_fits(str(checkpoint), mlp.build_model(asked), asked)
+        run_config.check_model_fits(str(checkpoint), mlp.build_model(asked), asked)
     expected = ("1.weight is (32, 192) in the checkpoint, (64, 192) in the model; 1.bias (32,) vs (64,); "
                 "3.weight (10, 32) vs (10, 64)); it was trained with --hidden=32 (here 64): drop the flags that "
                 "change the model")
@@ -121,10 +121,10 @@ def test_weights_that_do_not_fit_name_the_first_differences_and_the_flags_that_d
 def test_grad_accum_steps_is_refused_on_the_checkpoints_world_size_and_rescaled_on_another(tmp_path):
     checkpoint = saved_checkpoint(tmp_path, TrainConfig(grad_accum_steps=4))  # written by 1 process
     asked = TrainConfig(grad_accum_steps=2)
-    checkpoints.check_resumed_config(asked, str(checkpoint), world_size=2)  # keep_global_batch sets it
+    run_config.check_resumed_config(asked, str(checkpoint), world_size=2)  # keep_global_batch sets it
     with pytest.raises(ConfigError, match="--grad_accum_steps=2 differs from the checkpoint's 4; drop it"):
-        checkpoints.check_resumed_config(asked, str(checkpoint), world_size=1)
-    assert checkpoints.keep_global_batch(asked, str(checkpoint), 2)[0].grad_accum_steps == 2  # 32 x 1 x 4 = 32 x 2 x 2
+        run_config.check_resumed_config(asked, str(checkpoint), world_size=1)
+    assert run_config.keep_global_batch(asked, str(checkpoint), 2)[0].grad_accum_steps == 2  # 32 x 1 x 4 = 32 x 2 x 2
 
 
 def test_every_recipes_saved_config_reads_back_as_it_was():
@@ -138,4 +138,4 @@ def test_every_recipes_saved_config_reads_back_as_it_was():
         cfg = load_recipe(str(path)).default_config()
         saved = json.loads(json.dumps({"recipe": path.stem, **dataclasses.asdict(cfg)}))
         assert inherit(cfg, saved, set(), "config.json") == (cfg, ""), path.name
-        assert checkpoints.refuse_changes(cfg, saved, "step") == "", path.name
+        assert run_config.refuse_changes(cfg, saved, "step") == "", path.name
