@@ -40,7 +40,10 @@ def sync_tree(root: str) -> None:
     disk costs one system call: every rank can call this on a checkpoint it wrote parts of."""
     for directory, _, names in os.walk(root, topdown=False):
         for name in names:
-            fsync_path(os.path.join(directory, name))
+            try:
+                fsync_path(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass  # another rank's temporary file, renamed meanwhile: that rank syncs what it became
         fsync_path(directory)
 
 

@@ -60,6 +60,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from launcher import ConfigError, DataSpec, TrainConfig  # noqa: E402
+from launcher.track.progress import Progress  # noqa: E402
 from launcher.train.trainer import Trainer  # noqa: E402
 from launcher.recipe import Recipe  # noqa: E402
 from launcher.optim.schedules import warmup_cosine  # noqa: E402
@@ -113,7 +114,7 @@ def launcher_trainer(dataset, hidden: int, batch_size: int, output_dir: str) -> 
                  warmup_steps=10, wandb_mode="disabled", log_every=100, resume="").resolved()
     trainer = Trainer(cfg, Recipe("bench", module))
     trainer.start()
-    trainer.progress = types.SimpleNamespace(update=lambda n: None, set_postfix=lambda **k: None)
+    trainer.progress = Progress("off", quiet=True, total=0, shown=False)
     return trainer
 
 
@@ -215,7 +216,7 @@ def lm_trainer(cfg: char_lm.Config, samples: list[dict], steps: int) -> Trainer:
     if trainer.plan.micro_batches_per_epoch != steps:  # tokens/s assumes every sample once per round
         raise RuntimeError(f"the launcher's epoch has {trainer.plan.micro_batches_per_epoch} batches, not {steps}")
     trainer.start()
-    trainer.progress = types.SimpleNamespace(update=lambda n: None, set_postfix=lambda **k: None)
+    trainer.progress = Progress("off", quiet=True, total=0, shown=False)
     return trainer
 
 
