@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         frames = getattr(error, "frames", "")  # a recipe function's own traceback (launcher/train/preflight.py)
         if frames:
             print("Traceback of the recipe's code (most recent call last):\n" + frames.rstrip(), file=sys.stderr)
-        print(f"launcher: error: {one_line(error)}", file=sys.stderr)
+        say(f"launcher: error: {one_line(error)}")
         _leave_process_group()
         sys.exit(2)
     except OSError as error:  # a write anywhere else that found the disk full: 74 too, naming the file
@@ -146,22 +146,30 @@ def main(argv: list[str] | None = None) -> int:
         full = disk_full_writing(error, str(error.filename or ".")) if error.errno in (errno.ENOSPC, errno.EDQUOT) else None
         if full is None:
             raise
-        print(f"launcher: stopped: {full}", file=sys.stderr, flush=True)
+        say(f"launcher: stopped: {full}")
         os._exit(full.exit_code)  # another rank may wait in a collective for this one
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (before its first step, after its last): nothing to save
-        print("launcher: interrupted", file=sys.stderr, flush=True)
+        say("launcher: interrupted")
         sys.stdout.flush()
         os._exit(130)  # another rank may wait in a collective for this one
     except RunStopped as error:  # non-finite loss (1), bad data (65), full disk (74), preempted (75), Ctrl-C (130), lost peer (76)
         if str(error):
             kind = getattr(error, "heading", "data error" if isinstance(error, DataError) else "stopped")
-            print(f"launcher: {kind + ': ' if kind else ''}{one_line(error)}", file=sys.stderr)
+            say(f"launcher: {kind + ': ' if kind else ''}{one_line(error)}")
         if getattr(error, "hard_exit", False):  # the peers are gone: tearing the group down would wait on them
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(error.exit_code)
         _leave_process_group()
         sys.exit(error.exit_code)
+
+
+def say(line: str) -> None:
+    """`line` to stderr in one write: the ranks of a launch share one log, and print's separate
+    writes of the text and its newline (unbuffered, as under PYTHONUNBUFFERED) let two ranks'
+    lines run into one."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def one_line(error: Exception) -> str:

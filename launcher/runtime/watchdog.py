@@ -89,7 +89,8 @@ class Watchdog:
         """Print `line` first, then do `then` and release the lock, each for at most STACK_WRITE_S
         seconds, and end the process with `code`."""
         try:
-            print(line, file=sys.stderr, flush=True)
+            sys.stderr.write(line + "\n")  # one write: another rank's line cannot run into it
+            sys.stderr.flush()
             sys.stdout.flush()
         except (OSError, ValueError):
             pass
