@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from launcher.config import ConfigError
-from launcher.runtime.checkpoints import resolve_best
 
 
 PREFIXES = ("module.", "model.", "_orig_mod.")
@@ -50,6 +49,8 @@ def load_weights(model: nn.Module, source: str, *, arch: str = "", head: str = "
 
 
 def read_state_dict(source: str, arch: str = "") -> dict[str, torch.Tensor]:
+    from launcher.runtime.checkpoints import resolve_best  # here: checkpoints imports DCP, which torch 2.7 makes slow
+
     source = resolve_best(source)  # RUN_DIR/best or a best.json: the best checkpoint's directory
     if os.path.isdir(source):
         path = os.path.join(source, "model.safetensors")
