@@ -39,11 +39,17 @@ from launcher.config import ConfigError
 from launcher.runtime import state_files
 from launcher.runtime.failures import disk_full, first_cause, inject_disk_full
 
-try:  # DCP wraps every rank's failure in it, a BaseException that `except Exception` misses
-    from torch.distributed.checkpoint.api import CheckpointException
-except ImportError:  # a torch built without distributed support
-    class CheckpointException(BaseException):
-        pass
+
+
+def dcp_error() -> type[BaseException]:
+    """DCP's CheckpointException: every rank's failure wrapped in a BaseException that `except
+    Exception` misses. Imported when an error is matched against it, not with this module: importing
+    torch.distributed.checkpoint pulls in the compiler on torch 2.7 (1.5 s)."""
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:  # a torch built without distributed support
+        return Exception
+    return CheckpointException
 
 
 STATE_FILE = "trainer_state.json"
@@ -272,7 +278,7 @@ def space_checked(temporary: str, final: str):
     checkpoint and the space left (`DiskFull`, exit 74); the checkpoints before it untouched."""
     try:
         yield
-    except (Exception, CheckpointException) as error:  # noqa: BLE001 - torch.save, safetensors, DCP raise their own kinds
+    except (Exception, dcp_error()) as error:  # noqa: BLE001 - torch.save, safetensors, DCP raise their own kinds
         full = disk_full(error, final)
         if full is None:
             raise
@@ -427,7 +433,7 @@ def load(accelerator: Accelerator, path: str, sharded: bool = False, read_shards
             read_shards(path)
     except ConfigError:
         raise  # one line already, naming the checkpoint
-    except (Exception, CheckpointException) as error:  # noqa: BLE001 - any failure here means an unusable checkpoint
+    except (Exception, dcp_error()) as error:  # noqa: BLE001 - any failure here means an unusable checkpoint
         cause = first_cause(error)  # DCP's CheckpointException wraps each rank's error
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise ConfigError(f"checkpoint {path} cannot be loaded ({reason}); "
