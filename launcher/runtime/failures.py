@@ -116,14 +116,14 @@ def _ended(workers: dict[int, tuple[str, int]]) -> int:
     """The pid of a worker no longer running (0: none). A dying process closes its sockets before it
     becomes a zombie, so the reset may come first: look again for up to a second."""
     for _ in range(20):
-        ended = next((pid for pid in workers if not _running(pid)), 0)
+        ended = next((pid for pid in workers if not running(pid)), 0)
         if ended or not workers:
             return ended
         time.sleep(0.05)
     return 0
 
 
-def _running(pid: int) -> bool:
+def running(pid: int) -> bool:
     """Whether process `pid` runs (a zombie, dead but not yet reaped by its parent, does not)."""
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -18,6 +18,7 @@ from conftest import (MLP_RECIPE, ROOT, child_env, launcher, launcher_children, 
                       wait_for_step)
 from launcher.config import TrainConfig
 from launcher.runtime import checkpoints
+from launcher.runtime.failures import running
 
 
 ARGS = ["--max_steps=12", "--checkpoint_every=2"]
@@ -85,23 +86,15 @@ def test_ranks_end_when_accelerate_launch_is_killed(digits, tmp_path):
         process.kill()
         process.wait()
         deadline = time.monotonic() + 20
-        while any(_running(pid) for pid in ranks) and time.monotonic() < deadline:
+        while any(running(pid) for pid in ranks) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not any(_running(pid) for pid in ranks), (tmp_path / "log").read_text()[-2000:]
+        assert not any(running(pid) for pid in ranks), (tmp_path / "log").read_text()[-2000:]
         assert not (out / "run.lock").exists()  # released by the main process on its way out
     finally:
         process.kill()
         for pid in ranks:
-            if _running(pid):
+            if running(pid):
                 os.kill(pid, signal.SIGKILL)
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def test_fsdp_a_failing_sharded_load_is_2_and_a_full_disk_inside_dcp_is_74(digits, tmp_path):
