@@ -11,7 +11,7 @@ import random
 from tqdm.auto import tqdm
 
 from launcher.config import ConfigError
-from launcher.data.writer import (MIN_SHARD_SAMPLES, TARGET_SHARDS, dataset_samples, folder_splits, shard_image_folder,
+from launcher.data.writer import (DEFAULT_QUALITY, MIN_SHARD_SAMPLES, TARGET_SHARDS, dataset_samples, folder_splits, shard_image_folder,
                                   shard_image_splits, shard_sizes, write_shards)
 
 # flag -> (type, default, meaning): what --help prints and what shards_command accepts
@@ -27,6 +27,11 @@ OPTIONS = {
     "max_bytes": (float, 1e9, "at most about this many bytes per shard (more shards when one reaches it)"),
     "workers": (int, 0, "processes reading and checking images; 0: one per CPU"),
     "reencode": (str, "", "png, jpg or webp: convert every image; empty: keep the original bytes"),
+    "max_side": (int, 0, "shrink images whose longer side is over this many pixels to that side, aspect ratio kept "
+                         "(as FFCV's max_resolution; e.g. 512 for 224 px training crops); smaller images keep their "
+                         "bytes; 0: keep every size"),
+    "quality": (int, DEFAULT_QUALITY, "JPEG (and WebP) quality, 1-100, of the images written anew (shrunk or "
+                                      "re-encoded)"),
     "prefix": (str, "shard", "shard file names: PREFIX-000000.tar, ..."),
 }
 
@@ -34,8 +39,9 @@ SHORT_USAGE = "python -m launcher shards SOURCE OUT [--flag=value ...]"
 USAGE = """\
 usage: python -m launcher shards SOURCE OUT [--flag=value ...]
 
-Write SOURCE as WebDataset shards (PREFIX-NNNNNN.tar) with an index.json (samples and class counts
-per shard, class names) in OUT.
+Write SOURCE as WebDataset shards (PREFIX-NNNNNN.tar) with an index.json (samples, class counts and
+image sides per shard, class names) in OUT. With --max_side, larger images are stored shrunk (the
+same format, keys and labels), so training decodes what it reads rather than the originals.
 
 SOURCE is an ImageFolder directory (SOURCE/CLASS/IMAGE, labels from the sorted class folders,
 original image bytes kept; every image decoded once, unreadable ones listed and left out); or a
@@ -112,21 +118,25 @@ def _parse(name: str, value: str):
 
 
 def make_shards(source: str, out: str, max_count: int = 10_000, max_bytes: float = 1e9,
-                workers: int = 0, reencode: str = "", prefix: str = "shard", num_shards: int = 0,
-                shuffle: bool = True, seed: int = 0, **dataset_kwargs) -> None:
+                workers: int = 0, reencode: str = "", max_side: int = 0, quality: int = DEFAULT_QUALITY,
+                prefix: str = "shard", num_shards: int = 0, shuffle: bool = True, seed: int = 0,
+                **dataset_kwargs) -> None:
     """Write SOURCE as WebDataset shards with an index.json in OUT (flags: OPTIONS; usage())."""
     if reencode not in ("", "png", "jpg", "webp"):
         raise ConfigError(f"--reencode must be png, jpg or webp (or empty to keep bytes), got {reencode!r}")
-    for name, value, least in (("num_shards", num_shards, 0), ("max_count", max_count, 1), ("max_bytes", max_bytes, 1)):
+    for name, value, least in (("num_shards", num_shards, 0), ("max_count", max_count, 1), ("max_bytes", max_bytes, 1),
+                               ("max_side", max_side, 0), ("quality", quality, 1)):
         if value < least:
             raise ConfigError(f"--{name} must be >= {least}, got {value:g}")
+    if quality > 100:
+        raise ConfigError(f"--quality must be 1 to 100 (JPEG quality; 90 is the default), got {quality}")
     workers = workers or os.cpu_count() or 1
     if os.path.isdir(source):
         if dataset_kwargs:
             raise ConfigError(f"unknown flag --{next(iter(dataset_kwargs))} for an image folder; see "
                               "python -m launcher shards --help")
         options = dict(max_count=max_count, max_bytes=int(max_bytes), workers=workers, reencode=reencode,
-                       prefix=prefix, num_shards=num_shards, shuffle=shuffle, seed=seed)
+                       max_side=max_side, quality=quality, prefix=prefix, num_shards=num_shards, shuffle=shuffle, seed=seed)
         if folder_splits(source):
             shard_image_splits(source, out, **options)
         else:
@@ -137,7 +147,7 @@ def make_shards(source: str, out: str, max_count: int = 10_000, max_bytes: float
     order = list(range(len(dataset)))
     if shuffle:
         random.Random(seed).shuffle(order)
-    index = write_shards(tqdm(dataset_samples(dataset, reencode or "png", order), total=len(dataset), unit="img",
+    index = write_shards(tqdm(dataset_samples(dataset, reencode or "png", order, max_side, quality), total=len(dataset), unit="img",
                               disable=None), out, max_count=max_count, max_bytes=int(max_bytes),
                          classes=classes, prefix=prefix, shard_sizes=shard_sizes(len(dataset), num_shards, max_count))
     print(f"wrote {sum(index['shards'].values())} samples in {len(index['shards'])} shards to {out}")

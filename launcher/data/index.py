@@ -28,6 +28,7 @@ class ShardIndex:
     counts: list[int]
     classes: list[str] = field(default_factory=list)
     class_counts: list[list[int]] | None = None  # per shard, samples of each label (index.json's "class_counts")
+    image_sides: list[dict[str, int]] | None = None  # per shard, {"short", "long", "max"} pixels ("image_sides")
 
     @property
     def total(self) -> int:
@@ -47,7 +48,8 @@ def read_index(urls: str | Sequence[str], index_file: str = "") -> ShardIndex:
         index = _load_index_file(path)
         names = list(index["shards"])
         found = ShardIndex([os.path.join(urls, n) for n in names], [index["shards"][n] for n in names],
-                           list(index.get("classes", [])), shard_class_counts(index, names))
+                           list(index.get("classes", [])), shard_class_counts(index, names),
+                           shard_image_sides(index, names))
         check_shard_files(found.urls)
         return found
     expanded = []
@@ -69,8 +71,9 @@ def read_index(urls: str | Sequence[str], index_file: str = "") -> ShardIndex:
                               f"Shards(..., index=PATH/{INDEX_NAME}) with the one written beside the shards")
         else:
             counts.append(_count_samples(url))
-    return ShardIndex(expanded, counts, list(index.get("classes", [])),
-                      shard_class_counts(index, [os.path.basename(url) for url in expanded]))
+    names = [os.path.basename(url) for url in expanded]
+    return ShardIndex(expanded, counts, list(index.get("classes", [])), shard_class_counts(index, names),
+                      shard_image_sides(index, names))
 
 
 def shard_class_counts(index: dict, names: Sequence[str]) -> list[list[int]] | None:
@@ -83,6 +86,20 @@ def shard_class_counts(index: dict, names: Sequence[str]) -> list[list[int]] | N
     if not all(isinstance(c, list) and all(isinstance(n, int) and n >= 0 for n in c) for c in counts):
         return None
     return counts
+
+
+def shard_image_sides(index: dict, names: Sequence[str]) -> list[dict[str, int]] | None:
+    """Each named shard's image sides from an index's "image_sides" ({"short": median shorter side,
+    "long": median longer side, "max": longest side}, pixels), or None when some shard has none
+    (an older index, or samples without images): they are only reported, never needed."""
+    table = index.get("image_sides")
+    if not isinstance(table, dict):
+        return None
+    sides = [table.get(name) for name in names]
+    if not all(isinstance(s, dict) and all(isinstance(s.get(k), int) and s[k] > 0 for k in ("short", "long", "max"))
+               for s in sides):
+        return None
+    return sides
 
 
 def check_shard_files(paths: Sequence[str]) -> None:

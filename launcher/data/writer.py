@@ -6,6 +6,12 @@ torchvision-style dataset of (PIL image, label). An ImageFolder or a dataset is 
 seeded shuffled order (a real ImageFolder is sorted by class: unshuffled, each shard would hold
 one or two classes), into shards of even sizes (`default_num_shards`); the same source and seed
 give the same shards whatever the number of workers.
+
+Images can be made smaller on the way (`max_side`: the longest side at most that many pixels, the
+aspect ratio kept, never enlarged, as FFCV's `max_resolution`), so the shards hold what training
+reads rather than 12 MP photos whose every byte each epoch would decode again; images already
+small enough keep their bytes. index.json records each shard's image sides (read from the image
+headers as they are written) for `launcher plan` to compare with the transforms' output.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import multiprocessing
 import os
 import random
 import re
+import statistics
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterable, Iterator, Sequence
@@ -31,20 +38,27 @@ from launcher.data.index import INDEX_NAME
 
 
 SHARD_MTIME = 946684800  # 2000-01-01 UTC: fixed, and not so old that `tar x` warns about it
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff")  # the extensions the writer stores images as
+DEFAULT_QUALITY = 90  # JPEG quality of the images the writer encodes (FFCV's default; Pillow's own is 75)
 
 
 def write_shards(samples: Iterable[dict], out_dir: str, *, max_count: int,
                  max_bytes: int = 1 << 30, classes: Sequence[str] = (),
-                 prefix: str = "shard", shard_sizes: Sequence[int] = ()) -> dict:
+                 prefix: str = "shard", shard_sizes: Sequence[int] = (), max_side: int = 0,
+                 quality: int = DEFAULT_QUALITY) -> dict:
     """Write samples (dicts with __key__, an image extension and cls) to out_dir/PREFIX-NNNNNN.tar.
 
     Shard i holds at most shard_sizes[i] samples (given), max_count and max_bytes (always).
+    `max_side` (0: off): images larger than that are shrunk to fit (`fit_image`), at `quality`.
     Returns the index written beside them: {"shards": {name: count}, "classes": [...]}, and, when
-    every sample has an integer `cls`, "class_counts": {name: [samples of class 0, 1, ...]}.
+    every sample has an integer `cls`, "class_counts": {name: [samples of class 0, 1, ...]}; when
+    samples hold images, "image_sides": {name: {"short": median shorter side, "long": median
+    longer side, "max": longest side}} (pixels).
     """
     os.makedirs(out_dir, exist_ok=True)
     counts: dict[str, int] = {}
     labels: dict[str, collections.Counter] | None = {}  # None once a sample has no integer cls
+    sizes: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
     pattern = os.path.join(out_dir, f"{prefix}-%06d.tar")
     # A fixed, whole-second mtime: the same samples give byte-identical shards, and no member needs a
     # pax header (webdataset 1.0 writes tarfile's pax format, which adds one, 1 KiB and a second
@@ -54,10 +68,15 @@ def write_shards(samples: Iterable[dict], out_dir: str, *, max_count: int,
             name = os.path.basename(writer.fname)
             if name in counts and len(counts) <= len(shard_sizes) and counts[name] >= shard_sizes[len(counts) - 1]:
                 writer.next_stream()
+            if max_side:
+                sample = fit_sample(sample, max_side, quality)
             writer.write(sample)
             name = os.path.basename(writer.fname)
             counts[name] = counts.get(name, 0) + 1
             labels = _count_label(labels, name, sample)
+            size = image_size(sample)
+            if size:
+                sizes[name].append(size)
     if not counts:
         first = pattern % 0  # ShardWriter opens its first file up front; leave nothing behind
         if os.path.exists(first):
@@ -67,6 +86,8 @@ def write_shards(samples: Iterable[dict], out_dir: str, *, max_count: int,
     if labels:
         width = max(len(classes), 1 + max(max(c) for c in labels.values()))
         index["class_counts"] = {name: [labels[name][i] for i in range(width)] for name in counts}
+    if sizes:
+        index["image_sides"] = {name: side_summary(sizes[name]) for name in counts if sizes[name]}
     with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
         json.dump(index, f, indent=1)
     return index
@@ -85,6 +106,60 @@ def _count_label(labels: dict | None, name: str, sample: dict) -> dict | None:
         return None
     labels.setdefault(name, collections.Counter())[label] += 1
     return labels
+
+
+# ---- image sizes: shrunk to what training reads, recorded in the index ----------------------------
+
+def image_size(sample: dict) -> tuple[int, int] | None:
+    """(width, height) of the sample's first image, from its header (no decode); None without one."""
+    extension = next((e for e in IMAGE_FIELDS if e in sample), None)
+    if extension is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(sample[extension])) as image:
+            return image.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None  # the loader skips and reports it; the index just leaves it out of the sizes
+
+
+def side_summary(sizes: list[tuple[int, int]]) -> dict[str, int]:
+    """A shard's image sides in pixels: median shorter and longer side, and the longest side."""
+    return {"short": round(statistics.median(min(s) for s in sizes)),
+            "long": round(statistics.median(max(s) for s in sizes)), "max": max(max(s) for s in sizes)}
+
+
+def fitted_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(width, height) scaled so that the longer side is `max_side` (aspect ratio kept to the
+    nearest pixel); unchanged when it already fits or `max_side` is 0 (never enlarged)."""
+    longest = max(width, height)
+    if not max_side or longest <= max_side:
+        return width, height
+    return max(1, round(width * max_side / longest)), max(1, round(height * max_side / longest))
+
+
+def shrink(image: Image.Image, max_side: int) -> Image.Image:
+    """`image` with its longer side at most `max_side`: JPEGs decoded at the smallest DCT scale still
+    at least that size (Pillow's `draft`), then a Lanczos resize (antialiased, as FFCV's INTER_AREA)."""
+    size = fitted_size(*image.size, max_side)
+    if size == image.size:
+        return image
+    image.draft(image.mode, size)  # a no-op for formats other than JPEG
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def fit_sample(sample: dict, max_side: int, quality: int = DEFAULT_QUALITY) -> dict:
+    """`sample` with its first image shrunk to `max_side`, in its own format; byte for byte when it
+    already fits or does not decode (the loader reports it)."""
+    extension = next((e for e in IMAGE_FIELDS if e in sample), None)
+    if extension is None:
+        return sample
+    try:
+        with Image.open(io.BytesIO(sample[extension])) as image:
+            if max(image.size) <= max_side:
+                return sample
+            return {**sample, extension: encode_image(shrink(image, max_side), extension, quality)}
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return sample
 
 
 # ---- how many shards --------------------------------------------------------------------------
@@ -167,16 +242,22 @@ def sample_key(relative: str) -> str:
     return re.sub(r"[^A-Za-z0-9_/-]", "_", os.path.splitext(relative)[0])
 
 
-def read_folder_item(item: FolderItem, reencode: str = "") -> dict | str:
-    """The sample for one image file, or an error string if it cannot be decoded."""
+def read_folder_item(item: FolderItem, reencode: str = "", max_side: int = 0,
+                     quality: int = DEFAULT_QUALITY) -> dict | str:
+    """The sample for one image file (shrunk to `max_side` if larger), or an error string if it
+    cannot be decoded."""
     try:
         with open(item.path, "rb") as f:
             data = f.read()
         with Image.open(io.BytesIO(data)) as image:
-            image.load()  # a full decode: truncated or corrupt files fail here, not in training
             extension = FORMAT_EXTENSIONS.get(image.format or "", "")
-            if reencode:
-                data, extension = encode_image(image, reencode), reencode
+            too_large = max_side and max(image.size) > max_side
+            if too_large:
+                image.draft(image.mode, fitted_size(*image.size, max_side))  # decode no more than needed
+            image.load()  # a full decode: truncated or corrupt files fail here, not in training
+            if reencode or (too_large and extension):
+                extension = reencode or extension
+                data = encode_image(shrink(image, max_side), extension, quality)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         return f"{item.path}: {type(error).__name__}: {error}"
     if not extension:
@@ -185,20 +266,24 @@ def read_folder_item(item: FolderItem, reencode: str = "") -> dict | str:
             "json": json.dumps({"path": item.relative, "class": item.class_name}).encode()}
 
 
-def encode_image(image: Image.Image, extension: str) -> bytes:
+def encode_image(image: Image.Image, extension: str, quality: int = DEFAULT_QUALITY) -> bytes:
+    """`image` in the format of `extension`; JPEG and WebP at `quality` (PNG is lossless)."""
     buffer = io.BytesIO()
-    mode = "RGB" if extension in ("jpg", "jpeg") and image.mode not in ("L", "RGB") else image.mode
-    image.convert(mode).save(buffer, format="JPEG" if extension in ("jpg", "jpeg") else extension.upper())
+    jpeg = extension in ("jpg", "jpeg")
+    mode = "RGB" if jpeg and image.mode not in ("L", "RGB") else image.mode
+    image.convert(mode).save(buffer, format="JPEG" if jpeg else extension.upper(), quality=quality)
     return buffer.getvalue()
 
 
-def dataset_samples(dataset, extension: str = "png", order: Sequence[int] | None = None) -> Iterator[dict]:
-    """Samples from a torchvision-style dataset of (PIL image, label): encoded once, keys by index;
-    in `order` (indices) if given."""
+def dataset_samples(dataset, extension: str = "png", order: Sequence[int] | None = None, max_side: int = 0,
+                    quality: int = DEFAULT_QUALITY) -> Iterator[dict]:
+    """Samples from a torchvision-style dataset of (PIL image, label): shrunk to `max_side` if
+    larger, encoded once, keys by index; in `order` (indices) if given."""
     width = len(str(max(len(dataset) - 1, 0)))
     for i in range(len(dataset)) if order is None else order:
         image, label = dataset[i][:2]
-        yield {"__key__": f"{i:0{width}d}", extension: encode_image(image, extension), "cls": int(label)}
+        yield {"__key__": f"{i:0{width}d}", extension: encode_image(shrink(image, max_side), extension, quality),
+               "cls": int(label)}
 
 
 SPLITS = ("train", "val", "test")
@@ -228,12 +313,13 @@ def nested_folders(root: str, classes: Sequence[str]) -> list[str]:
 
 
 def shard_image_folder(root: str, out_dir: str, *, max_count: int, max_bytes: int, workers: int,
-                       reencode: str = "", prefix: str = "shard", num_shards: int = 0, shuffle: bool = True,
+                       reencode: str = "", max_side: int = 0, quality: int = DEFAULT_QUALITY, prefix: str = "shard", num_shards: int = 0, shuffle: bool = True,
                        seed: int = 0, classes: Sequence[str] | None = None, log=print) -> dict:
     """Write an ImageFolder tree as shards; unreadable images are reported and left out.
 
     Samples are shuffled (seeded by `seed`) unless `shuffle` is False, and cut into `num_shards`
-    shards of even sizes (0: `default_num_shards`). `classes`: the label list (default: root's folders)."""
+    shards of even sizes (0: `default_num_shards`). `classes`: the label list (default: root's folders).
+    `max_side` (0: off): larger images are shrunk to fit in the workers, at JPEG/WebP `quality`."""
     items, classes = folder_items(root, classes)
     nested = nested_folders(root, classes)
     if nested:
@@ -246,7 +332,7 @@ def shard_image_folder(root: str, out_dir: str, *, max_count: int, max_bytes: in
 
     def good_samples():
         with multiprocessing.get_context("fork").Pool(max(1, workers)) as pool:
-            results = pool.imap(partial(read_folder_item, reencode=reencode), items, chunksize=16)
+            results = pool.imap(partial(read_folder_item, reencode=reencode, max_side=max_side, quality=quality), items, chunksize=16)
             for result in tqdm(results, total=len(items), unit="img", desc="shards", disable=None):
                 if isinstance(result, str):
                     skipped.append(result)
