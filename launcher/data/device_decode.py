@@ -4,10 +4,12 @@ pass each batch's encoded bytes on; the main process decodes the JPEGs with torc
 transform on the decoded uint8 tensors where they are. This frees the host CPUs, which on a
 GPU node with few cores per GPU are what keep the device waiting.
 
-The per-sample transform gets a uint8 CHW tensor on the device instead of a PIL image:
-torchvision v2 transforms (and `launcher.presets`) take either. Augmentations draw their
-parameters from torch's CPU generator, seeded per sample exactly as the workers seed it, so a
-run or a resume sees the same crops and flips either way. Images other than JPEG are decoded on
+The presets' transforms (RandomResizedCrop + flip; Resize + CenterCrop) run as one batched kernel
+(launcher/data/batch_crops.py: one box per sample, one roi_align), not a few kernels per sample.
+Any other per-sample transform gets a uint8 CHW tensor on the device instead of a PIL image:
+torchvision v2 transforms take either. Augmentations draw their parameters from torch's CPU
+generator, seeded per sample exactly as the workers seed it, so a run or a resume sees the same
+crops and flips either way. Images other than JPEG are decoded on
 the host (`decode_image`); an undecodable one is skipped and counted like a bad sample in a worker.
 """
 
@@ -19,6 +21,7 @@ from dataclasses import replace
 import torch
 
 from launcher.data.batch import Batch
+from launcher.data.batch_crops import batch_crops, crop_batch
 
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -84,20 +87,36 @@ def decode_batch(batch: Batch, transform, device: torch.device, seed_sample) -> 
     flat, offsets = encoded["bytes"], encoded["offsets"]
     data = [flat[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
     images = _decode(data, device)
-    keep, inputs, errors = [], [], list(batch.errors)
+    keep, errors = [], list(batch.errors)
     for i, image in enumerate(images):
-        if isinstance(image, Exception):
-            if encoded["repeats"][i]:  # errors count once per epoch, as in the workers
-                continue
+        if not isinstance(image, Exception):
+            keep.append(i)
+        elif not encoded["repeats"][i]:  # errors count once per epoch, as in the workers
             errors.append({"shard": encoded["urls"][i], "key": batch.keys[i],
                            "reason": f"{type(image).__name__}: {image}"[:200], "samples": 1})
-            continue
-        if encoded["seeds"][i] is not None:
-            seed_sample(encoded["seeds"][i])
-        inputs.append(transform(image) if transform is not None else image)
-        keep.append(i)
-    data = (torch.stack(inputs), encoded["targets"][keep] if len(keep) < len(images) else encoded["targets"]) if keep else None
+    seeds = [encoded["seeds"][i] for i in keep]
+    inputs = _transformed([images[i] for i in keep], seeds, transform, seed_sample) if keep else None
+    data = (inputs, encoded["targets"][keep] if len(keep) < len(images) else encoded["targets"]) if keep else None
     return replace(batch, data=data, size=len(keep), keys=[batch.keys[i] for i in keep], errors=errors, encoded=None)
+
+
+def _transformed(images: list[torch.Tensor], seeds: list[int | None], transform, seed_sample) -> torch.Tensor:
+    """The batch of `images` through the per-sample `transform`, each seeded by its seed: the
+    presets' crops as one batched kernel, any other transform sample by sample."""
+    crops = batch_crops(transform) if transform is not None else None
+    boxes, flips, outputs = [], [], []
+    for image, seed in zip(images, seeds):
+        if seed is not None:
+            seed_sample(seed)
+        if crops is None:
+            outputs.append(transform(image) if transform is not None else image)
+        else:
+            box, flip = crops.draw(image)
+            boxes.append(box)
+            flips.append(flip)
+    if crops is None:
+        return torch.stack(outputs)
+    return crop_batch(images, torch.tensor(boxes), torch.tensor(flips), crops.size)
 
 
 def _decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | Exception]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from launcher.config import ConfigError, TrainConfig
 from launcher.data.batch import describe as describe_batch
+from launcher.data.batch_crops import output_side, shrink_target
 from launcher.data.loader import SplitLoader
 from launcher.data.spec import Synthetic
 from launcher.optim.groups import ParamGroup
@@ -101,6 +102,7 @@ def data_report(split: SplitLoader, name: str) -> list[str]:
              f"{local} local file(s) checked" + (f", {len(counts) - local} pipe: not checked" if local < len(counts) else ""),
              f"  {'shard sizes':<22}min {min(counts)}, median {statistics.median(counts):g}, max {max(counts)} "
              f"samples (largest / mean {max(counts) / (sum(counts) / len(counts)):.2f})"]
+    lines += large_images_warning(index, output_side(split.source.transform), name)
     idle = layout.idle_workers()
     if idle:
         lines.append(f"  {'':<22}WARNING: {idle} of {world * workers} workers get no shard each epoch; "
@@ -118,6 +120,23 @@ def data_report(split: SplitLoader, name: str) -> list[str]:
     else:
         lines.append(f"  {'per-rank samples':<22}{min(shares)} to {max(shares)}; each evaluated once")
     return lines
+
+
+LARGE_IMAGES = 2.0  # warn when the images' median shorter side is over this many times the output side
+
+
+def large_images_warning(index, side: int, name: str) -> list[str]:
+    """A warning when the shards' images (index.json's image sides) are much larger than the `side`
+    px the transforms output: each epoch decodes every pixel of them again, to keep a few."""
+    if not side or not index.image_sides:
+        return []
+    short = statistics.median(s["short"] for s in index.image_sides)  # the median of the shards' medians
+    if short <= LARGE_IMAGES * side:
+        return []
+    long = statistics.median(s["long"] for s in index.image_sides)
+    return [f"  {'':<22}WARNING: the {name} images (median {long:g} x {short:g} px) are over {LARGE_IMAGES:g}x the "
+            f"{side} px the transforms output, and every epoch decodes them whole; write them smaller once "
+            f"(`launcher shards SOURCE OUT --max_side={shrink_target(side)}`)"]
 
 
 def single_class_warning(index, name: str) -> list[str]:
