@@ -26,6 +26,15 @@ It prints img/s of both, launcher / plain, real shards / synthetic, and model FL
 `images` JPEG crops of scikit-learn's two sample photos (real JPEG decoding, offline), written
 once to --data_dir (default: a temporary directory); the demo's shards come from
 `python scripts/make_demo_data.py --out data/digits` (or `make demo`).
+`--image_set=imagenet` writes ImageNet-sized JPEGs instead (scripts/photo_sets.py: 500 x 375 or
+333, about 100 KB, as users' data; the default `crops` are small squares of --image_size x 1.15),
+for the targets of real shards and `--data_on_gpu` against synthetic data (16 workers at most):
+
+    python scripts/bench_gpu.py --image_set=imagenet --precision=bf16 --channels_last=True --compile=False \
+        --workers=16 --out=imagenet.json
+
+`--smoke` runs any of these settings at a CPU size (ResNet-18, 16 px, batch 4, 2 steps after 1,
+32 images, 10 classes, eager, 1 worker, in place of those flags): the test runs the code paths so.
 `--out=FILE` writes the rows as JSON after each one, so a job stopped by its time limit keeps
 what it measured. All 24 settings take long on a GPU (each compiled run compiles twice: launcher
 and plain loop); the targets need only bf16 with channels-last, which one job can run first:
@@ -94,6 +103,22 @@ def make_shards(out: str, images: int, size: int, classes: int, seed: int = 0) -
 
     write_shards(samples(), out, max_count=max(1, images // 16), classes=[str(c) for c in range(classes)])
     return out
+
+
+def make_imagenet_shards(out: str, images: int, classes: int, seed: int = 0) -> str:
+    """`images` ImageNet-sized JPEGs (scripts/photo_sets.py), written once to `out`."""
+    if os.path.isfile(os.path.join(out, "index.json")):
+        return out
+    from scripts.photo_sets import imagenet_sized
+
+    samples = ({"__key__": f"bench-{i:07d}", "jpg": data, "cls": i % classes}
+               for i, data in enumerate(imagenet_sized(images, seed)))
+    write_shards(samples, out, max_count=max(1, images // 16), classes=[str(c) for c in range(classes)])
+    return out
+
+
+SMOKE = dict(arch="resnet18", image_size=16, batch_size=4, steps=2, warmup=1, images=32, classes=10,
+             compile=False, workers=1)  # --smoke: a CPU size for every setting's code path
 
 
 def forward_flops(recipe: Recipe, cfg: TrainConfig, shape: tuple[int, ...]) -> float:
@@ -241,18 +266,20 @@ def settings(data, compile, precision, channels_last) -> list[dict]:
             for d, c, p, cl in itertools.product(as_list(data), as_list(compile), as_list(precision), as_list(channels_last))]
 
 
-def configure(recipe_spec: str, overrides: dict, images: int) -> tuple[Recipe, TrainConfig, dict, Shards]:
+def configure(recipe_spec: str, overrides: dict, images: int,
+              image_set: str = "crops") -> tuple[Recipe, TrainConfig, dict, Shards]:
     """The recipe, its config with `overrides` applied as the CLI applies them, the overrides to pass
-    on, and its training split; for recipes/resnet_bench, JPEG shards are written to its data_dir
-    unless already there."""
+    on, and its training split; for recipes/resnet_bench, JPEG shards (`image_set`: crops or
+    imagenet) are written to its data_dir unless already there."""
     try:
         recipe = load_recipe(recipe_spec)
         cfg = apply_overrides(recipe.default_config(), overrides)
         if recipe.name == "resnet_bench":  # its JPEG shards, written once where they go
             directory = overrides.get("data_dir") or os.path.join(tempfile.gettempdir(),
-                                                                  f"bench_gpu_{cfg.image_size}_{images}")
-            overrides = {**overrides, "data_dir": make_shards(directory, images, round(cfg.image_size * 1.15),
-                                                                cfg.num_classes)}
+                                                                  f"bench_gpu_{image_set}_{cfg.image_size}_{images}")
+            written = (make_imagenet_shards(directory, images, cfg.num_classes) if image_set == "imagenet" else
+                       make_shards(directory, images, round(cfg.image_size * 1.15), cfg.num_classes))
+            overrides = {**overrides, "data_dir": written}
             cfg = apply_overrides(cfg, {"data_dir": overrides["data_dir"]})
         train = recipe.build_data(cfg).train
         if not isinstance(train, Shards):
@@ -270,7 +297,7 @@ def main(recipe: str = DEFAULT_RECIPE, arch: str | None = None, image_size: int 
          compile=(False, True), precision=("no", "bf16"), channels_last=(False, True), data_dir: str = "",
          peak_tflops: float = 0.0, out: str = "", fsdp: bool = False, fsdp_processes: int = 0,
          fsdp_layers: int = 24, fsdp_width: int = 2048, fsdp_block: int = 1024, fsdp_batch: int = 4,
-         fsdp_precision: str = "bf16") -> None:
+         fsdp_precision: str = "bf16", image_set: str = "crops", smoke: bool = False) -> None:
     if fsdp:  # the node's GPUs: FSDP against DDP on the char LM (scripts/bench_fsdp.py)
         from scripts.bench_fsdp import main as bench_fsdp
 
@@ -282,13 +309,18 @@ def main(recipe: str = DEFAULT_RECIPE, arch: str | None = None, image_size: int 
                    block_size=fsdp_block, batch_size=fsdp_batch, precision=fsdp_precision, steps=steps,
                    warmup=warmup, data_dir=data_dir, out=out)
         return
+    if image_set not in ("crops", "imagenet"):
+        raise SystemExit(f"bench_gpu.py: --image_set must be crops or imagenet, got {image_set!r}")
+    if smoke:  # SMOKE's sizes in place of those flags
+        arch, image_size, batch_size, steps, warmup, images, classes, compile, workers = SMOKE.values()
     workers = workers or max(1, min(16, (os.cpu_count() or 2) - 2))
     given = {"arch": arch, "image_size": image_size, "batch_size": batch_size, "num_classes": classes,
              "data_dir": data_dir and os.path.abspath(data_dir)}
     out = out and os.path.abspath(out)
     recipe = os.path.abspath(recipe) if "/" in recipe or recipe.endswith(".py") else recipe
     os.chdir(ROOT)  # both sides read a recipe's relative paths (data/digits) from the repository, as `make demo`
-    found, cfg, overrides, shards = configure(recipe, {k: v for k, v in given.items() if v not in (None, "")}, images)
+    found, cfg, overrides, shards = configure(recipe, {k: v for k, v in given.items() if v not in (None, "")}, images,
+                                        image_set)
     args = dict(recipe=found.source_path, overrides=overrides, steps=steps, warmup=warmup, workers=workers)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
