@@ -17,6 +17,14 @@ Prints images/s and each pipeline's ratio to (workers x tight loop), i.e. per co
 over rounds, against both tight loops; target: 2 workers >= 0.85 x the tarfile tight loop.
 Normalisation to float is not in either: the recipes do it per batch on the training device
 (`Shards.batch_transform`), so workers move uint8.
+
+    python scripts/bench_data.py --photos=8 [--max_side=512 --rounds=3]
+
+measures only shards that store what training reads: `photos` 12 MP phone photos
+(scripts/photo_sets.py) shrunk as `launcher shards --max_side` does, then the launcher's default
+training path (`SplitLoader`, no workers, `presets.train_transform`) on those shards against the
+torchvision reference on the originals (PIL decode, RandomResizedCrop + flip on the PIL image),
+both in one process: img/s per core and the ratio (target >= 25x at --max_side=512).
 """
 
 from __future__ import annotations
@@ -36,11 +44,14 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # launcher, scripts
 from launcher.data.spec import Shards  # noqa: E402
 from launcher.data.loader import SplitLoader  # noqa: E402
 from launcher.data.writer import write_shards  # noqa: E402
 from launcher.data.tar_reader import tar_files  # noqa: E402
+from launcher.data.writer import fit_sample  # noqa: E402
+from launcher.presets import train_transform  # noqa: E402
+from scripts.photo_sets import phone_photos  # noqa: E402
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -111,8 +122,53 @@ def pipeline(directory: str, transform, workers: int, batch_size: int, epoch: in
     return count / (time.perf_counter() - start)
 
 
+def reference_transform(crop: int):
+    """torchvision's ImageNet reference: RandomResizedCrop + flip on the PIL image, then a uint8 tensor."""
+    return v2.Compose([v2.RandomResizedCrop(crop, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()])
+
+
+def reference_loop(files: list[bytes], transform, repeat: int) -> float:
+    """Images/s of one process decoding each JPEG with PIL and running `transform` on it."""
+    start = time.perf_counter()
+    for _ in range(repeat):
+        for data in files:
+            transform(Image.open(io.BytesIO(data)).convert("RGB"))
+    return repeat * len(files) / (time.perf_counter() - start)
+
+
+def shrunk_photos(photos: int, max_side: int, crop: int, rounds: int, batch_size: int = 32, copies: int = 32) -> dict:
+    """12 MP photos shrunk to `max_side` as `launcher shards --max_side` does (timed once), written
+    `copies` times each into shards; per round, the launcher's default training path over them
+    (one process) right after the torchvision reference on the originals."""
+    originals = phone_photos(photos)
+    start = time.perf_counter()
+    shrunk = [fit_sample({"__key__": str(i), "jpg": data}, max_side)["jpg"] for i, data in enumerate(originals)]
+    shrink_rate = photos / (time.perf_counter() - start)
+    reference = reference_transform(crop)
+    rates: dict[str, list[float]] = collections.defaultdict(list)
+    with tempfile.TemporaryDirectory() as directory:
+        samples = ({"__key__": f"p{i:06d}", "jpg": shrunk[i % photos], "cls": i % 10} for i in range(photos * copies))
+        write_shards(samples, directory, max_count=max(photos * copies // 8, 1))
+        pipeline(directory, train_transform(crop), 0, batch_size, epoch=0)  # warm-up
+        for round_ in range(rounds):
+            rates["reference"].append(reference_loop(originals, reference, repeat=1))
+            rates["launcher"].append(pipeline(directory, train_transform(crop), 0, batch_size, epoch=round_ + 1))
+    ratios = [ours / ref for ours, ref in zip(rates["launcher"], rates["reference"])]
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    sizes = (statistics.mean(map(len, originals)) / 1e6, statistics.mean(map(len, shrunk)) / 1e3)
+    print(f"{photos} 12 MP photos ({sizes[0]:.1f} MB each) -> uint8 RandomResizedCrop({crop}) + flip, 1 process, "
+          f"{rounds} rounds; shrunk to --max_side={max_side} ({sizes[1]:.0f} KB each) at {shrink_rate:.1f} photos/s")
+    print(f"  {'torchvision reference, originals':<42}{median['reference']:8.1f} images/s")
+    print(f"  {f'launcher, shards at --max_side={max_side}':<42}{median['launcher']:8.1f} images/s   "
+          f"launcher / reference = {statistics.median(ratios):.1f}x (rounds {min(ratios):.1f}-{max(ratios):.1f})")
+    return {"images_per_s": median, "ratio": statistics.median(ratios), "shrink_photos_per_s": shrink_rate}
+
+
 def main(images: int = 8192, size: int = 320, crop: int = 224, batch_size: int = 64,
-         workers: str | tuple = (0, 1, 2), rounds: int = 3) -> dict:
+         workers: str | tuple = (0, 1, 2), rounds: int = 3, photos: int = 0, max_side: int = 512) -> dict:
+    if photos:  # only the 12 MP photos and their shrunk shards
+        torch.set_num_threads(1)
+        return shrunk_photos(photos, max_side, crop, rounds)
     if isinstance(workers, int):
         workers = (workers,)
     worker_counts = [int(w) for w in (workers.split(",") if isinstance(workers, str) else workers)]
