@@ -9,8 +9,8 @@ The presets' transforms (RandomResizedCrop + flip; Resize + CenterCrop) run as o
 Any other per-sample transform gets a uint8 CHW tensor on the device instead of a PIL image:
 torchvision v2 transforms take either. Augmentations draw their parameters from torch's CPU
 generator, seeded per sample exactly as the workers seed it, so a run or a resume sees the same
-crops and flips either way. Images other than JPEG are decoded on
-the host (`decode_image`); an undecodable one is skipped and counted like a bad sample in a worker.
+crops and flips either way. Images other than JPEG are decoded on the host (`decode_image`); an
+undecodable one is skipped and counted like a bad sample in a worker.
 """
 
 from __future__ import annotations
