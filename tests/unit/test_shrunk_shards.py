@@ -114,6 +114,9 @@ def test_the_writer_api_shrinks_samples_and_bad_flags_are_one_line(tmp_path):
     index = write_shards(samples, str(tmp_path / "api"), max_count=10, max_side=50, quality=70)
     assert index["image_sides"] == {"shard-000000.tar": {"short": 12, "long": 50, "max": 50}}
     assert [k for k in members(tmp_path / "api") if k.endswith(".cls")] == ["k0.cls", "k1.cls", "k2.cls"]
+    written = json.loads((tmp_path / "api" / "index.json").read_text())
+    (tmp_path / "api" / "index.json").write_text(json.dumps({**written, "image_sides": {"shard-000000.tar": {"short": "x"}}}))
+    assert read_index(str(tmp_path / "api")).image_sides is None  # a hand-made entry is left out, not an error
     for flag, problem in (("--quality=0", "--quality must be >= 1"), ("--quality=101", "--quality must be 1 to 100"),
                           ("--max_side=-5", "--max_side must be >= 0")):
         with pytest.raises(ConfigError, match=problem):
