@@ -1,5 +1,6 @@
-"""Crops and resizes of a whole batch in one kernel, for `--data_on_gpu`: the per-sample transform
-becomes per-sample boxes, drawn exactly as the transform draws them, and one `roi_align`.
+"""Crops and resizes of a whole batch in one kernel, for `--data_on_gpu` on an accelerator: the
+per-sample transform becomes per-sample boxes, drawn exactly as the transform draws them, and
+one `roi_align`.
 
 A transform is taken apart when it is a torchvision Compose of steps that do nothing to a uint8
 tensor (`presets.to_rgb`, PILToTensor, ToImage) followed by either
@@ -127,12 +128,13 @@ def padded(images: list[torch.Tensor]) -> torch.Tensor:
     and column (so bilinear samples at its edge read its own pixels, not zeros): one gather from the
     images laid end to end, not one copy per image."""
     device = images[0].device
-    heights = torch.tensor([image.shape[-2] for image in images], device=device)
-    widths = torch.tensor([image.shape[-1] for image in images], device=device)
+    shapes = [image.shape[-2:] for image in images]  # read on the host: no wait for the device
+    heights = torch.tensor([h for h, _ in shapes]).to(device, non_blocking=True)
+    widths = torch.tensor([w for _, w in shapes]).to(device, non_blocking=True)
     flat = torch.cat([image.reshape(image.shape[0], -1) for image in images], 1)
     starts = torch.cumsum(heights * widths, 0) - heights * widths
-    rows = torch.arange(int(heights.max()), device=device)
-    columns = torch.arange(int(widths.max()), device=device)
+    rows = torch.arange(max(h for h, _ in shapes), device=device)
+    columns = torch.arange(max(w for _, w in shapes), device=device)
     index = (starts[:, None, None] + torch.minimum(rows[None, :, None], heights[:, None, None] - 1) * widths[:, None, None]
              + torch.minimum(columns[None, None, :], widths[:, None, None] - 1))
     canvas = flat[:, index]  # (C, n, H, W)

@@ -23,7 +23,8 @@ from launcher.data.loader import SplitLoader
 from launcher.data.layout import Position
 from launcher.presets import eval_transform, train_transform
 from launcher.data.writer import write_shards
-from launcher.data.batch_crops import batch_crops, crop_batch
+from launcher.data.batch_crops import batch_crops
+from launcher.data.device_decode import transform_images
 from launcher.data.stream import seed_augmentation
 
 
@@ -144,27 +145,26 @@ def photo_tensors() -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("preset", ["train-downscale", "eval", "train-upscale"])
 def test_one_roi_align_crops_the_boxes_the_seeds_dictate_close_to_the_per_sample_transform(preset):
-    """Photos of six sizes (a 640 px one cut to 64 px: 10x down; 100 px ones to 224: up), each through
-    the per-sample transform and through one batched roi_align, seeded alike. A wrong box or flip
-    differs by tens of grey levels on average; the resampling (a box filter of the bin's width over
-    bilinear samples against torchvision's antialiasing triangle) by a few: the tolerance is a
-    mean absolute difference under 3.5 grey levels per image and 99 % of pixels within 16."""
+    """Photos of six sizes (a 640 px one cut to 64 px: 10x down; 100 px ones to 224: up) through the
+    per-sample transform and through one batched roi_align (as on a GPU, here on CPU tensors),
+    seeded alike. A wrong box or flip differs by tens of grey levels on average; the resampling (a
+    box filter of the bin's width over bilinear samples against torchvision's antialiasing
+    triangle) by a few: the tolerance is a mean absolute difference under 3.5 grey levels per
+    image and 99 % of pixels within 16. The same seeds give the same batch bit for bit (resume)."""
     transform = {"train-downscale": train_transform(64), "eval": eval_transform(64),
                  "train-upscale": train_transform(224)}[preset]
-    images = photo_tensors()
-    crops = batch_crops(transform)
-    expected, boxes, flips = [], [], []
-    for i, image in enumerate(images):
-        seed_augmentation(100 + i)
-        expected.append(transform(image))
-        seed_augmentation(100 + i)
-        box, flip = crops.draw(image)
-        boxes.append(box)
-        flips.append(flip)
-    got = crop_batch(images, torch.tensor(boxes), torch.tensor(flips), crops.size)
-    assert got.dtype == torch.uint8 and got.shape == (len(images), 3, *crops.size)
-    difference = (got.float() - torch.stack(expected).float()).abs()
+    images, seeds = photo_tensors(), [100 + i for i in range(6)]
+    expected = transform_images(images, seeds, transform, seed_augmentation, batched=False)
+    got = transform_images(images, seeds, transform, seed_augmentation, batched=True)
+    assert got.dtype == torch.uint8 and got.shape == expected.shape
+    difference = (got.float() - expected.float()).abs()
     assert difference.mean((1, 2, 3)).max() < 3.5 and torch.quantile(difference.flatten(), 0.99) < 16
+    assert torch.equal(got, transform_images(images, seeds, transform, seed_augmentation, batched=True))
+    crops = batch_crops(transform)
+    flips = []
+    for image, seed in zip(images, seeds):
+        seed_augmentation(seed)
+        flips.append(crops.draw(image)[1])
     assert crops.flip == 0 or len(set(flips)) == 2  # both flipped and unflipped samples were checked
 
 
