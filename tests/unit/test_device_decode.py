@@ -175,3 +175,16 @@ def test_other_transforms_keep_the_per_sample_path():
     assert batch_crops(v2.Compose([v2.RandomResizedCrop(32, interpolation=InterpolationMode.NEAREST)])) is None
     assert batch_crops(v2.Compose([v2.Resize(40), v2.CenterCrop(48)])) is None  # a crop larger than the image pads
     assert batch_crops(lambda image: image) is None
+
+
+def test_a_batch_too_large_for_one_canvas_is_cropped_in_runs_with_the_same_result(monkeypatch):
+    from launcher.data import batch_crops as module
+
+    images = photo_tensors()
+    crops = batch_crops(train_transform(32))
+    boxes = torch.tensor([crops.draw(image)[0] for image in images])
+    flips = torch.tensor([i % 2 == 0 for i in range(len(images))])
+    whole = module.crop_batch(images, boxes, flips, crops.size)
+    monkeypatch.setattr(module, "CANVAS_PIXELS", 500_000)  # room for one or two of these photos at a time
+    assert len(list(module._chunks(images))) >= 3
+    assert torch.equal(module.crop_batch(images, boxes, flips, crops.size), whole)
