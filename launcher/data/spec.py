@@ -23,7 +23,7 @@ class Shards:
     label, `(transform(image), label)`; `decode` reads any other sample (launcher.data.decoders)."""
 
     urls: str | Sequence[str]  # paths, brace patterns, `pipe:` commands, or a directory with index.json
-    transform: Callable | None = None  # per sample in the workers: the image (default decode; uint8 keeps batches small), or the decoded sample
+    transform: Callable | None = None  # per sample in the workers: the image (default decode; uint8 keeps batches small), or the decoded sample; one with from_bytes (launcher.presets) gets the image undecoded
     batch_transform: Callable | None = None  # on the device, per batch (e.g. uint8 -> normalized float): a pair's inputs, else the batch
     shuffle_buffer: int = 1000  # samples held for shuffling (training only); 0: read in order
     image_keys: Sequence[str] = IMAGE_EXTENSIONS  # default decode: the first present one is the image
@@ -47,6 +47,10 @@ class Shards:
 
     def prepare(self, sample: dict) -> Any:
         """The decoded, transformed sample of a raw one (raises what decode or transform raise)."""
+        from_bytes = getattr(self.transform, "from_bytes", None)  # launcher.presets: decode at the crop's size
+        if from_bytes is not None and isinstance(self.decoder, image_label):
+            data, label = self.decoder.encoded(sample)
+            return from_bytes(data), label
         value = self.decoder(sample)
         if self.transform is None:
             return value
