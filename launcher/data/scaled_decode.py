@@ -57,8 +57,9 @@ def _scaled_jpeg(data: bytes, min_height: int, min_width: int) -> numpy.ndarray 
         _, _, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         if colorspace not in SCALED_COLORSPACES:
             return None
+        # The accurate IDCT and chroma upsampling, as PIL's: at full scale the pixels are PIL's.
         return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_height, min_width=min_width,
-                                      min_factor=MIN_FACTOR)
+                                      min_factor=MIN_FACTOR, fastdct=False, fastupsample=False)
     except ValueError:  # corrupt or truncated (strict): PIL decides, as on the full-size path
         return None
 
