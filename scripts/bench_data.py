@@ -8,8 +8,10 @@ Two sets, cut and resized from scikit-learn's two sample photos, with Gaussian n
 files are as dense as real photos (sizes printed): ImageNet-sized (500x375 JPEGs, about 110 KB)
 and 12 MP phone photos (4032x3024, about 3 MB).
 
-1. Decoders, per core (one process, one thread), JPEG bytes in memory -> uint8 224 crop
-   (RandomResizedCrop + flip), side by side in each round, ratios to the reference per round:
+1. Decoders, per core: images per CPU-second of one process (one thread; `time.process_time`, so
+   that other load on the machine does not count), JPEG bytes in memory -> uint8 224 crop
+   (RandomResizedCrop + flip), each image through every way in turn, with the same crop, ratios
+   to the reference per round:
    - torchvision's ImageNet reference: PIL decode, RandomResizedCrop on the PIL image, flip;
    - the launcher before decoding at the crop's size: `image_label` (PIL) + the preset's full-size path;
    - the launcher's default: `Shards.prepare` with `presets.train_transform` (launcher/data/scaled_decode.py);
@@ -28,6 +30,9 @@ and 12 MP phone photos (4032x3024, about 3 MB).
      each epoch timed from creating the loader to its last batch.
    Prints images/s and each pipeline's ratio to (workers x tight loop), i.e. per core, as medians
    over rounds, against both tight loops; target: 2 workers >= 0.85 x the tarfile tight loop.
+   That ratio needs the machine's cores free; beside it, images per CPU-second (the main process
+   and its workers, from getrusage) over the tarfile loop's: the pipeline's own cost per image,
+   which other load on the machine does not change.
 Normalisation to float is not in either: the recipes do it per batch on the training device
 (`Shards.batch_transform`), so workers move uint8.
 """
@@ -37,6 +42,7 @@ from __future__ import annotations
 import collections
 import io
 import os
+import resource
 import statistics
 import sys
 import tarfile
@@ -211,16 +217,17 @@ def compare_decoders(sets: dict[str, list[bytes]], crop: int, rounds: int) -> di
             run(data)
     for set_name, jpegs in sets.items():
         for _ in range(rounds):
-            torch.manual_seed(0)
-            measured = {}
-            for way, run in ways.items():
-                start = time.perf_counter()
-                for data in jpegs:
+            seconds = dict.fromkeys(ways, 0.0)  # CPU seconds of this process
+            for i, data in enumerate(jpegs):
+                for way, run in ways.items():  # image by image: the machine's drift hits every way alike
+                    torch.default_generator.manual_seed(i)  # the same crop for every way
+                    start = time.process_time()
                     run(data)
-                measured[way] = len(jpegs) / (time.perf_counter() - start)
+                    seconds[way] += time.process_time() - start
+            measured = {way: len(jpegs) / spent for way, spent in seconds.items()}
             if dali is not None and len(jpegs) >= 32:
-                start = time.perf_counter()
-                measured["NVIDIA DALI CPU, 1 thread (image_random_crop)"] = dali(jpegs) / (time.perf_counter() - start)
+                start = time.process_time()  # DALI's threads included
+                measured["NVIDIA DALI CPU, 1 thread (image_random_crop)"] = dali(jpegs) / (time.process_time() - start)
             for way, rate in measured.items():
                 rates[set_name, way].append(rate)
                 ratios[set_name, way].append(rate / measured[next(iter(ways))])
@@ -249,30 +256,40 @@ def launcher_jpegs(path: str):
 READERS = {"tarfile": tarfile_jpegs, "launcher's reader": launcher_jpegs}  # the tight loop's, for the ratios
 
 
-def tight_loop(directory: str, transform, jpegs=tarfile_jpegs) -> float:
-    """Images/s of one process doing only read + decode + transform (as the pipeline does: `Shards.prepare`), sample by sample."""
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its ended children (DataLoader workers are joined
+    when their epoch ends)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def tight_loop(directory: str, transform, jpegs=tarfile_jpegs) -> tuple[float, float]:
+    """(images/s, images per CPU-second) of one process doing only read + decode + transform (as the
+    pipeline does: `Shards.prepare`), sample by sample."""
     prepare = Shards(directory, transform).prepare
     paths = sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".tar"))
-    start, count = time.perf_counter(), 0
+    start, cpu, count = time.perf_counter(), cpu_seconds(), 0
     for path in paths:
         for data in jpegs(path):
             prepare({"jpg": data, "cls": b"0"})
             count += 1
-    return count / (time.perf_counter() - start)
+    return count / (time.perf_counter() - start), count / (cpu_seconds() - cpu)
 
 
-def pipeline(directory: str, transform, workers: int, batch_size: int, epoch: int) -> float:
+def pipeline(directory: str, transform, workers: int, batch_size: int, epoch: int) -> tuple[float, float]:
+    """(images/s, images per CPU-second of the main process and its workers) of one training epoch."""
     split = SplitLoader(Shards(directory, transform, shuffle_buffer=256), rank=0, world=1, seed=0,
                         batch_size=batch_size, num_workers=workers, training=True)
     split.batches_per_epoch = split.total // batch_size
-    start, count = time.perf_counter(), 0
+    start, cpu, count = time.perf_counter(), cpu_seconds(), 0
     for batch in split.loader(epoch):
         count += len(batch.keys)
-    return count / (time.perf_counter() - start)
+    return count / (time.perf_counter() - start), count / (cpu_seconds() - cpu)
 
 
 def compare_pipeline(jpegs: list[bytes], transform, worker_counts: list[int], batch_size: int, rounds: int) -> dict:
-    """Median images/s of the tight loops and pipelines, and each pipeline's ratio to (workers x tight loop)."""
+    """Median images/s of the tight loops and pipelines, each pipeline's ratio to (workers x tight
+    loop), and its images per CPU-second over the tarfile loop's (key (workers, "CPU"))."""
     with tempfile.TemporaryDirectory() as tmp:
         directory = write_bench_shards(tmp, jpegs)
         results: dict[str, list[float]] = collections.defaultdict(list)  # images/s per run
@@ -281,11 +298,12 @@ def compare_pipeline(jpegs: list[bytes], transform, worker_counts: list[int], ba
         for round_ in range(rounds):
             for w in worker_counts:
                 tights = {reader: tight_loop(directory, transform, read) for reader, read in READERS.items()}
-                piped = pipeline(directory, transform, w, batch_size, epoch=round_)
+                piped, piped_per_cpu = pipeline(directory, transform, w, batch_size, epoch=round_)
                 results[f"w{w}"].append(piped)
-                for reader, tight in tights.items():
+                for reader, (tight, _) in tights.items():
                     results[f"tight, {reader}"].append(tight)
                     ratios[w, reader].append(piped / (max(w, 1) * tight))
+                ratios[w, "CPU"].append(piped_per_cpu / tights["tarfile"][1])
     return ({name: statistics.median(values) for name, values in results.items()},
             {key: statistics.median(values) for key, values in ratios.items()})
 
@@ -319,7 +337,7 @@ def main(images: int = 2048, size: int = 0, crop: int = 224, batch_size: int = 6
     for w in worker_counts:
         shown = ", ".join(f"{ratio[w, reader]:.3f} ({reader})" for reader in READERS)
         print(f"  {f'pipeline, {w} worker(s)':<42}{median[f'w{w}']:8.1f} images/s   "
-              f"pipeline / ({max(w, 1)} x tight) = {shown}")
+              f"pipeline / ({max(w, 1)} x tight) = {shown}; per CPU-second: {ratio[w, 'CPU']:.3f} of the tarfile loop's")
     return {"decoders": {f"{name}: {way}": value for (name, way), value in decoders.items()},
             "images_per_s": median,
             "ratio_per_core": {f"{w} workers, {reader}": value for (w, reader), value in ratio.items()}}
