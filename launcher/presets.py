@@ -8,7 +8,8 @@ than float); `normalize` runs per batch on the training device (`batch_transform
 
 Shard images reach them undecoded (`Shards.prepare` calls their `from_bytes`): they pick the crop
 from the header's size first, then decode a JPEG at the smallest scale that covers it
-(launcher/data/scaled_decode.py): 2-3x fewer CPU seconds per photo. PIL images and tensors
+(launcher/data/scaled_decode.py): 3.5x fewer CPU seconds than torchvision's reference on a 12 MP
+photo, 1.5x on an ImageNet-sized JPEG (BENCHMARKS.md). PIL images and tensors
 (image folders, `--data_on_gpu`) take the full-size path, as any recipe's own transform does.
 
 torchvision is imported where a transform is built: importing it takes seconds (it pulls in
