@@ -80,7 +80,7 @@ def layout_epoch(index: ShardIndex, *, epoch: int, seed: int, world: int, worker
             if not any(s.samples for s in shares):
                 raise ConfigError(f"rank {rank} has no training samples in epoch {epoch} (its shards are empty); "
                                   "write fewer empty shards or use fewer processes")
-            for share, quota in zip(shares, _apportion(batches_per_rank, [s.samples for s in shares])):
+            for share, quota in zip(shares, apportion(batches_per_rank, [s.samples for s in shares])):
                 share.batches = quota
         ranks.append(shares)
     return EpochLayout(epoch, batch_size, batches_per_rank, ranks)
@@ -118,7 +118,7 @@ def _balance(items: list[int], counts: list[int], bins: int) -> list[list[int]]:
     return out
 
 
-def _apportion(total: int, weights: list[int]) -> list[int]:
+def apportion(total: int, weights: list[int]) -> list[int]:
     """Split `total` into integers proportional to `weights` (largest remainders get the rest)."""
     whole = sum(weights)
     exact = [total * w / whole for w in weights]

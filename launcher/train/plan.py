@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from launcher.config import ConfigError, TrainConfig
 from launcher.data.batch import describe as describe_batch
+from launcher.data.iterable import is_iterable
 from launcher.data.loader import SplitLoader
 from launcher.data.spec import Synthetic
 from launcher.optim.groups import ParamGroup
@@ -91,6 +92,10 @@ def data_report(split: SplitLoader, name: str) -> list[str]:
     if isinstance(split.source, Synthetic):
         return [f"  {name + ' data':<22}synthetic: {split.total} random samples like {describe_batch(split.source.example)}, "
                 "no I/O"]
+    if is_iterable(split.source):
+        what = f"{split.total} samples per epoch" if split.total else "read to its end"
+        return [f"  {name + ' data':<22}{what} ({type(split.source).__name__}, split over {split.world} "
+                f"process(es) x {split.workers_per_rank} worker(s))"]
     if split.index is None:
         return [f"  {name + ' data':<22}{split.total} samples (map-style dataset, split by DistributedSampler)"]
     index, world, workers = split.index, split.world, split.workers_per_rank
