@@ -22,12 +22,12 @@ class Shards:
     """A split stored as WebDataset tar shards. By default each sample is an image and its `cls`
     label, `(transform(image), label)`; `decode` reads any other sample (launcher.data.decoders)."""
 
-    urls: str | Sequence[str]  # paths, brace patterns, `pipe:` commands, or a directory with index.json
+    urls: str | Sequence[str]  # paths, s3:// gs:// http(s):// URLs, `pipe:` commands (brace patterns in any), or a directory with index.json
     transform: Callable | None = None  # per sample in the workers: the image (default decode; uint8 keeps batches small), or the decoded sample
     batch_transform: Callable | None = None  # on the device, per batch (e.g. uint8 -> normalized float): a pair's inputs, else the batch
     shuffle_buffer: int = 1000  # samples held for shuffling (training only); 0: read in order
     image_keys: Sequence[str] = IMAGE_EXTENSIONS  # default decode: the first present one is the image
-    index: str = ""  # index.json for remote (`pipe:`) shards; local shards use the one beside them
+    index: str = ""  # index.json (path or URL); "": the one beside the shards (remote shards need one)
     decode: Callable[[dict], Any] | None = None  # raw sample (extension -> bytes) -> sample; None: image and cls
 
     def __post_init__(self):

@@ -393,18 +393,18 @@ class Trainer:
     def _report_epoch_data(self) -> None:
         """Samples dropped or repeated to give every rank the same batches, and unreadable ones."""
         acc = self.accelerator
-        mine = torch.tensor([self.position.repeated, sum(self.position.corrupt.values())],
-                            dtype=torch.float64, device=acc.device)
-        repeated, corrupt = (int(x) for x in acc.reduce(mine, "sum").tolist())
+        mine = torch.tensor([self.position.repeated, sum(self.position.corrupt.values()),
+                             sum(self.position.unreachable.values())], dtype=torch.float64, device=acc.device)
+        repeated, corrupt, unreachable = (int(x) for x in acc.reduce(mine, "sum").tolist())
         self.state.unreadable_total += corrupt
         self._check_corrupt(corrupt, "train", self.position.corrupt)
         dropped = self.train_data.planned_dropped(self.state.epoch)
         self._record({"step": self.state.step, "epoch": self.state.epoch, "data/dropped": dropped,
-                      "data/repeated": repeated, "data/unreadable": corrupt})
-        if acc.is_main_process and (dropped or repeated or corrupt):
+                      "data/repeated": repeated, "data/unreadable": corrupt, "data/unreachable": unreachable})
+        if acc.is_main_process and (dropped or repeated or corrupt or unreachable):
             self.progress.warn(f"epoch {self.state.epoch} data: {self.plan.train_samples} samples, "
                                f"{self.plan.micro_batches_per_epoch} batches of {self.cfg.batch_size} per rank: "
-                               f"{dropped} dropped, {repeated} repeated, {corrupt} unreadable")
+                               f"{dropped} dropped, {repeated} repeated, {corrupt} unreadable, {unreachable} unreachable")
 
     def _trace(self, keys) -> None:
         if not self.cfg.trace_samples:
