@@ -1,4 +1,5 @@
-"""Training and validation data: WebDataset tar shards, or any map-style torch Dataset.
+"""Training and validation data: WebDataset tar shards, any map-style torch Dataset, or an
+IterableDataset (split by rank and worker in launcher/data/iterable.py).
 
 Shards are split by rank and by DataLoader worker inside our own IterableDataset, never through
 Accelerate's iterable-dataset dispatch (which either reads everything on rank 0 or shards a
@@ -20,8 +21,10 @@ mid-epoch exactly where it stopped: workers skip what was read without decoding 
 round-robin restarts at the worker that was next. (Layouts and positions: launcher/data/layout.py.)
 
 Undecodable samples, class labels outside the task's classes, and unreadable or truncated tars
-(any error while reading one ends it) are skipped, never retried or slept on,
-and travel with the batch as error records (shard, key, reason, samples lost) for the trainer
+(any error while reading one ends it) are skipped, never retried or slept on (only a remote
+shard's failed download is retried, launcher/data/remote.py; the samples it still loses then are
+counted as unreachable), and travel with the batch as error records (shard, key, reason, samples
+lost, and for those the kind "unreachable") for the trainer
 to count, log, and stop on above a threshold. Validation reads each sample exactly once across
 ranks (no padding, no drop).
 """

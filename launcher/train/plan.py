@@ -18,6 +18,7 @@ from launcher.config import ConfigError, TrainConfig
 from launcher.data.batch import describe as describe_batch
 from launcher.data.iterable import is_iterable
 from launcher.data.loader import SplitLoader
+from launcher.data.remote import is_remote
 from launcher.data.spec import Synthetic
 from launcher.optim.groups import ParamGroup
 from launcher.runtime import checkpoints
@@ -100,10 +101,10 @@ def data_report(split: SplitLoader, name: str) -> list[str]:
         return [f"  {name + ' data':<22}{split.total} samples (map-style dataset, split by DistributedSampler)"]
     index, world, workers = split.index, split.world, split.workers_per_rank
     counts = index.counts
-    local = sum(not u.startswith("pipe:") for u in index.urls)
+    local = sum(not is_remote(u) for u in index.urls)
     layout = split.layout(0)
     lines = [f"  {name + ' shards':<22}{len(counts)} for {world} process(es) x {workers} worker(s); "
-             f"{local} local file(s) checked" + (f", {len(counts) - local} pipe: not checked" if local < len(counts) else ""),
+             f"{local} local file(s) checked" + (f", {len(counts) - local} remote not checked" if local < len(counts) else ""),
              f"  {'shard sizes':<22}min {min(counts)}, median {statistics.median(counts):g}, max {max(counts)} "
              f"samples (largest / mean {max(counts) / (sum(counts) / len(counts)):.2f})"]
     idle = layout.idle_workers()
