@@ -63,8 +63,9 @@ class FlopCount:
         self.total = self.mode.get_total_flops()
 
 
-def tokens_in(data: Any) -> int | None:
-    """The tokens of an LM-shaped batch (see the module docstring), or None for other batches."""
+def tokens_in(data: Any) -> torch.Tensor | int | None:
+    """The tokens of an LM-shaped batch (see the module docstring), or None for other batches. A
+    count is a tensor where the batch's own are (no wait for a device: read at the log step)."""
     if isinstance(data, dict):
         labels, mask = data.get("labels"), data.get("attention_mask")
         ids = next((v for v in data.values() if _token_ids(v)), None)
@@ -73,11 +74,11 @@ def tokens_in(data: Any) -> int | None:
     else:
         return None
     if _token_ids(labels):
-        return int((labels != IGNORE_INDEX).sum())
+        return (labels != IGNORE_INDEX).sum()
     if ids is None:
         return None
     if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
-        return int(mask.sum())
+        return mask.sum()
     return ids.numel()
 
 
@@ -133,7 +134,7 @@ class Throughput:
         self.flops_per_sample = flops_per_sample
         self.peak = peak_flops(accelerator.device, peak_tflops)
         self.clock = StepClock(accelerator.device)
-        self.tokens = 0
+        self.tokens: torch.Tensor | int = 0  # since the last log step, this rank's
         self.lm_shaped = True  # until a batch is not
 
     def batch(self, data: Any) -> None:
@@ -141,7 +142,7 @@ class Throughput:
         if self.lm_shaped:
             count = tokens_in(data)
             self.lm_shaped = count is not None
-            self.tokens += count or 0
+            self.tokens = self.tokens + count if count is not None else 0
 
     def record(self, samples_per_s: float, elapsed: float) -> dict:
         """The log record's throughput fields for the optimizer steps of the last `elapsed` seconds,
