@@ -12,7 +12,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-import torch
 
 from launcher.data.layout import Position
 from launcher.data.loader import SplitLoader
@@ -74,6 +73,24 @@ def shard_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def serve(shard_dir):
+    """Start a FlakyServer of the shard directory's files (stopped after the test)."""
+    servers = []
+
+    def files(path, headers, method):
+        with open(f"{shard_dir}/{path.lstrip('/')}", "rb") as f:
+            return 200, {}, f.read()
+
+    def start(**options) -> FlakyServer:
+        servers.append(FlakyServer(files, **options))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+@pytest.fixture
 def quick_retries(monkeypatch):
     monkeypatch.setenv("LAUNCHER_READ_BACKOFF_S", "0")  # retried at once: no sleep in a test
 
@@ -91,12 +108,8 @@ def all_keys() -> list[str]:
     return [f"s{i:04d}" for i in range(sum(SIZES))]
 
 
-def test_shards_over_http_survive_a_dropped_connection(shard_dir, quick_retries):
-    def files(path, headers, method):
-        with open(f"{shard_dir}/{path.lstrip('/')}", "rb") as f:
-            return 200, {}, f.read()
-
-    server = FlakyServer(files)
+def test_shards_over_http_survive_a_dropped_connection(serve, quick_retries):
+    server = serve()
     keys, position = samples_read(Shards(f"{server.url}/part{{0..2}}-000000.tar", to_tensor, shuffle_buffer=0))
     assert sorted(keys) == all_keys()
     assert position.corrupt == {} and position.unreachable == {}
@@ -104,12 +117,8 @@ def test_shards_over_http_survive_a_dropped_connection(shard_dir, quick_retries)
     assert "/index.json" in server.gets  # found beside the shards
 
 
-def test_a_shard_that_keeps_failing_is_unreachable_not_unreadable(shard_dir, quick_retries):
-    def files(path, headers, method):
-        with open(f"{shard_dir}/{path.lstrip('/')}", "rb") as f:
-            return 200, {}, f.read()
-
-    server = FlakyServer(files, always=FLAKY)
+def test_a_shard_that_keeps_failing_is_unreachable_not_unreadable(serve, quick_retries):
+    server = serve(always=FLAKY)
     keys, position = samples_read(Shards(f"{server.url}/part{{0..2}}-000000.tar", to_tensor, shuffle_buffer=0,
                                          index=f"{server.url}/index.json"))
     part1 = all_keys()[SIZES[0]:SIZES[0] + SIZES[1]]
@@ -129,10 +138,10 @@ def s3(shard_dir):
 
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     moto.start()
-    endpoint = f"http://127.0.0.1:{moto._server.server_port}"
+    endpoint = "http://{}:{}".format(*moto.get_host_and_port())
     environment = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    client = boto3.client("s3", endpoint_url=endpoint, **{"aws_access_key_id": "testing",
-                                                            "aws_secret_access_key": "testing", "region_name": "us-east-1"})
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1")
     client.create_bucket(Bucket="bucket")
     for name in [*(f"part{i}-000000.tar" for i in range(3)), "index.json"]:
         client.upload_file(f"{shard_dir}/{name}", "bucket", f"shards/{name}")
