@@ -19,7 +19,7 @@ from typing import Sequence
 from webdataset.shardlists import expand_urls
 
 from launcher.config import ConfigError, DataError
-from launcher.data.remote import Unreachable, beside, is_remote, read_remote, shard_name
+from launcher.data.remote import Unreachable, beside, is_remote, missing_tools, read_remote, shard_name
 from launcher.data.tar_reader import TarReadError, count_samples
 
 
@@ -60,6 +60,11 @@ def read_index(urls: str | Sequence[str], index_file: str = "") -> ShardIndex:
     if not expanded:
         raise ConfigError(f"no shards in {urls!r}")
     check_shard_files([u for u in expanded if not is_remote(u)])
+    missing = missing_tools([*expanded, index_file])
+    if missing:
+        raise ConfigError(f"reading {expanded[0]} needs {' and '.join(missing)}, not found on PATH; install "
+                          f"{'them' if len(missing) > 1 else 'it'} (the aws CLI: `pip install awscli`), or copy the "
+                          "shards to a local directory")
     index = _find_index(index_file, expanded[0])
     counts = []
     for url in expanded:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import os
 import shlex
+import shutil
 import subprocess
 import tempfile
 import time
@@ -82,6 +83,15 @@ def command(url: str) -> list[str]:
     if scheme == "gs":
         return ["gsutil", "-q", "cat", url]
     return ["curl", "-f", "-sS", "-L", url]
+
+
+TOOLS = {"s3": ("aws", "curl"), "gs": ("gsutil",), "http": ("curl",), "https": ("curl",)}
+
+
+def missing_tools(urls: list[str]) -> list[str]:
+    """The command-line tools that reading `urls` needs and this machine lacks (on PATH)."""
+    needed = {tool for url in urls for tool in TOOLS.get(urlparse(url).scheme, ())}
+    return sorted(tool for tool in needed if shutil.which(tool) is None)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ import urllib.request
 
 import pytest
 
+from launcher.config import ConfigError
+from launcher.data.index import read_index
 from launcher.data.layout import Position
 from launcher.data.loader import SplitLoader
 from launcher.data.remote import shard_name
@@ -174,6 +176,12 @@ def test_shards_from_s3_survive_a_dropped_connection(s3, quick_retries, monkeypa
     pipe = "pipe:aws s3 cp s3://bucket/shards/part2-000000.tar -"
     keys, position = samples_read(Shards(pipe, to_tensor, shuffle_buffer=0))
     assert sorted(keys) == all_keys()[-SIZES[2]:] and position.corrupt == {}
+
+
+def test_a_url_whose_tools_are_missing_is_refused_before_anything_is_read(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no aws, no curl
+    with pytest.raises(ConfigError, match="^reading s3://bucket/x.tar needs aws and curl, not found on PATH"):
+        read_index("s3://bucket/x.tar")
 
 
 @pytest.mark.parametrize("url, name", [
