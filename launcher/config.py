@@ -165,6 +165,8 @@ class TrackingFields:
     wandb_group: str = ""  # wandb group, to compare related runs together
     wandb_tags: tuple[str, ...] = ()  # wandb tags
     wandb_notes: str = ""  # wandb notes: what this run tries
+    peak_tflops: float = ranged(0.0, at_least=0)  # the device's peak dense TFLOPS for train/mfu (0: from the table of GPUs in launcher/track/throughput.py; no MFU where unknown)
+    profile_steps: str = ""  # A:B: a torch.profiler trace of optimizer steps A to B (and on CUDA a memory snapshot) in OUTPUT_DIR/profile/ ("": none)
 
 
 @dataclass
@@ -202,6 +204,7 @@ class TrainConfig(SpeedFields, ParallelFields, TrackingFields, CheckpointFields,
             raise ConfigError("--deterministic and --cudnn_benchmark contradict each other; keep one")
         if not self.output_dir:
             raise ConfigError("--output_dir must not be empty")
+        profile_window(self.profile_steps)
         if self.final_weights == "best" and self.data_parallel == "fsdp":
             raise ConfigError("--final_weights=best needs --data_parallel=ddp (FSDP checkpoints are sharded); under "
                               "fsdp keep --final_weights=last and evaluate or predict with --checkpoint=RUN_DIR/best")
@@ -217,6 +220,16 @@ class TrainConfig(SpeedFields, ParallelFields, TrackingFields, CheckpointFields,
         if self.eval_batch_size == 0:
             changes["eval_batch_size"] = self.batch_size
         return dataclasses.replace(self, **changes)
+
+
+def profile_window(steps: str) -> tuple[int, int] | None:
+    """--profile_steps "A:B" as (A, B), 1 <= A <= B; None for "" (no profile)."""
+    if not steps:
+        return None
+    first, _, last = steps.partition(":")
+    if not (first.isdigit() and last.isdigit()) or not 1 <= int(first) <= int(last):
+        raise ConfigError(f"--profile_steps must be A:B, optimizer steps with 1 <= A <= B (e.g. 5:8), got {steps!r}")
+    return int(first), int(last)
 
 
 SECTIONS = {RunFields: "run", DataFields: "data", OptimisationFields: "optimisation",

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 
 from launcher.config import ConfigError, TrainConfig
 from launcher.data.batch import describe as describe_batch
+from launcher.data.iterable import is_iterable
 from launcher.data.loader import SplitLoader
+from launcher.data.remote import is_remote
 from launcher.data.spec import Synthetic
 from launcher.optim.groups import ParamGroup
 from launcher.runtime import checkpoints
@@ -91,14 +93,18 @@ def data_report(split: SplitLoader, name: str) -> list[str]:
     if isinstance(split.source, Synthetic):
         return [f"  {name + ' data':<22}synthetic: {split.total} random samples like {describe_batch(split.source.example)}, "
                 "no I/O"]
+    if is_iterable(split.source):
+        what = f"{split.total} samples per epoch" if split.total else "read to its end"
+        return [f"  {name + ' data':<22}{what} ({type(split.source).__name__}, split over {split.world} "
+                f"process(es) x {split.workers_per_rank} worker(s))"]
     if split.index is None:
         return [f"  {name + ' data':<22}{split.total} samples (map-style dataset, split by DistributedSampler)"]
     index, world, workers = split.index, split.world, split.workers_per_rank
     counts = index.counts
-    local = sum(not u.startswith("pipe:") for u in index.urls)
+    local = sum(not is_remote(u) for u in index.urls)
     layout = split.layout(0)
     lines = [f"  {name + ' shards':<22}{len(counts)} for {world} process(es) x {workers} worker(s); "
-             f"{local} local file(s) checked" + (f", {len(counts) - local} pipe: not checked" if local < len(counts) else ""),
+             f"{local} local file(s) checked" + (f", {len(counts) - local} remote not checked" if local < len(counts) else ""),
              f"  {'shard sizes':<22}min {min(counts)}, median {statistics.median(counts):g}, max {max(counts)} "
              f"samples (largest / mean {max(counts) / (sum(counts) / len(counts)):.2f})"]
     idle = layout.idle_workers()
