@@ -50,9 +50,11 @@ class HFLayout:
 
 
 def is_transformers_model(module: nn.Module) -> bool:
-    """A transformers PreTrainedModel, by its duck type (transformers is never imported here)."""
+    """A transformers PreTrainedModel, by its duck type (transformers is never imported here); not a
+    peft model (`peft_config`), whose state_dict names the adapters' wrapping: it exports its own way."""
     config = getattr(module, "config", None)
-    return callable(getattr(module, "save_pretrained", None)) and callable(getattr(config, "save_pretrained", None))
+    return (callable(getattr(module, "save_pretrained", None)) and callable(getattr(config, "save_pretrained", None))
+            and not hasattr(module, "peft_config"))
 
 
 def hf_layout(cfg, recipe, model: nn.Module) -> HFLayout | None:
