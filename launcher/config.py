@@ -146,6 +146,7 @@ class CheckpointFields:
     early_stop_patience: int = ranged(0, at_least=0)  # stop after this many evaluations without a better best_metric (0: never)
     early_stop_min_delta: float = ranged(0.0, at_least=0)  # early stopping counts an evaluation as better only if it beats the best by more than this, in best_metric's units (the best checkpoint still follows any gain)
     final_weights: Literal["last", "best"] = "last"  # what the run's model.safetensors holds: the last step's weights, or the best checkpoint's (ddp)
+    max_shard_size: str = "5GB"  # the final weights (model.safetensors, hf/) above this size are split into files of at most this size, with an index (KB, MB, GB: powers of 1000, as transformers)
     async_checkpoint: bool = False  # fsdp: write checkpoints in the background (DCP async_save); a step waits only for the copy to host memory
 
 
@@ -165,6 +166,8 @@ class TrackingFields:
     wandb_group: str = ""  # wandb group, to compare related runs together
     wandb_tags: tuple[str, ...] = ()  # wandb tags
     wandb_notes: str = ""  # wandb notes: what this run tries
+    peak_tflops: float = ranged(0.0, at_least=0)  # the device's peak dense TFLOPS for train/mfu (0: from the table of GPUs in launcher/track/throughput.py; no MFU where unknown)
+    profile_steps: str = ""  # A:B: a torch.profiler trace of optimizer steps A to B (and on CUDA a memory snapshot) in OUTPUT_DIR/profile/ ("": none)
 
 
 @dataclass
@@ -202,9 +205,11 @@ class TrainConfig(SpeedFields, ParallelFields, TrackingFields, CheckpointFields,
             raise ConfigError("--deterministic and --cudnn_benchmark contradict each other; keep one")
         if not self.output_dir:
             raise ConfigError("--output_dir must not be empty")
+        profile_window(self.profile_steps)
         if self.final_weights == "best" and self.data_parallel == "fsdp":
             raise ConfigError("--final_weights=best needs --data_parallel=ddp (FSDP checkpoints are sharded); under "
                               "fsdp keep --final_weights=last and evaluate or predict with --checkpoint=RUN_DIR/best")
+        size_in_bytes(self.max_shard_size)
         for name, tp in hints.items():
             if typing.get_origin(tp) is Literal and getattr(self, name) not in typing.get_args(tp):
                 raise ConfigError(f"--{name} must be {type_name(tp)}, got {getattr(self, name)!r}")
@@ -217,6 +222,27 @@ class TrainConfig(SpeedFields, ParallelFields, TrackingFields, CheckpointFields,
         if self.eval_batch_size == 0:
             changes["eval_batch_size"] = self.batch_size
         return dataclasses.replace(self, **changes)
+
+
+def profile_window(steps: str) -> tuple[int, int] | None:
+    """--profile_steps "A:B" as (A, B), 1 <= A <= B; None for "" (no profile)."""
+    if not steps:
+        return None
+    first, _, last = steps.partition(":")
+    if not (first.isdigit() and last.isdigit()) or not 1 <= int(first) <= int(last):
+        raise ConfigError(f"--profile_steps must be A:B, optimizer steps with 1 <= A <= B (e.g. 5:8), got {steps!r}")
+    return int(first), int(last)
+
+
+SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def size_in_bytes(size: str) -> int:
+    """'5GB' -> 5 * 10**9 (transformers' max_shard_size notation); anything else is refused naming --max_shard_size."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*", str(size))
+    if not found or found.group(2).upper() not in SIZE_UNITS or float(found.group(1)) <= 0:
+        raise ConfigError(f"--max_shard_size must be a size like 5GB, 500MB or 20KB, got {size!r}")
+    return int(float(found.group(1)) * SIZE_UNITS[found.group(2).upper()])
 
 
 SECTIONS = {RunFields: "run", DataFields: "data", OptimisationFields: "optimisation",

@@ -6,6 +6,12 @@ than float); `normalize` runs per batch on the training device (`batch_transform
     train: RandomResizedCrop(size, scale) -> horizontal flip -> [ColorJitter] -> [rotation]
     eval:  Resize(resize_size) -> CenterCrop(size)        (resize_size 0: size / 0.875, as timm)
 
+Shard images reach them undecoded (`Shards.prepare` calls their `from_bytes`): they pick the crop
+from the header's size first, then decode a JPEG at the smallest scale that covers it
+(launcher/data/scaled_decode.py): 3.5x fewer CPU seconds than torchvision's reference on a 12 MP
+photo, 1.5x on an ImageNet-sized JPEG (BENCHMARKS.md). PIL images and tensors
+(image folders, `--data_on_gpu`) take the full-size path, as any recipe's own transform does.
+
 torchvision is imported where a transform is built: importing it takes seconds (it pulls in
 torch._dynamo), which a run without images never needs.
 """
@@ -16,6 +22,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 from PIL import Image
+
+from launcher.data.scaled_decode import covering_size, decode_rgb, image_size
 
 if TYPE_CHECKING:
     from torchvision.transforms import v2
@@ -30,24 +38,86 @@ def to_rgb(image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
 
 
 def train_transform(size: int, *, scale: Sequence[float] = (0.08, 1.0), hflip: float = 0.5,
-                    color_jitter: float = 0.0, rotation: float = 0.0) -> v2.Compose:
-    from torchvision.transforms import v2
-
-    steps = [to_rgb, v2.PILToTensor(), v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True)]
-    if hflip:
-        steps.append(v2.RandomHorizontalFlip(hflip))
-    if color_jitter:
-        steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
-    if rotation:
-        steps.append(v2.RandomRotation(rotation))
-    return v2.Compose(steps)
+                    color_jitter: float = 0.0, rotation: float = 0.0) -> TrainCrop:
+    return TrainCrop(size, scale=scale, hflip=hflip, color_jitter=color_jitter, rotation=rotation)
 
 
-def eval_transform(size: int, resize_size: int = 0) -> v2.Compose:
-    from torchvision.transforms import v2
+def eval_transform(size: int, resize_size: int = 0) -> EvalCrop:
+    return EvalCrop(size, resize_size)
 
-    return v2.Compose([to_rgb, v2.PILToTensor(), v2.Resize(resize_size or round(size / 0.875), antialias=True),
-                       v2.CenterCrop(size)])
+
+class TrainCrop:
+    """RandomResizedCrop(size, scale) -> horizontal flip -> [ColorJitter] -> [rotation], on a PIL
+    image or a uint8 tensor; `from_bytes` decodes a shard's encoded image at the scale its crop needs.
+
+    `from_bytes` draws the crop from the header's size with RandomResizedCrop's own `make_params`
+    (the same draws from torch's generator, seeded per sample, as on the full-size path), decodes
+    at the smallest JPEG scale at which the crop still spans `size` pixels both ways, maps the crop
+    to that scale (to the nearest pixel) and resizes it as RandomResizedCrop does: bilinear with
+    antialias. The output is close to the full-size path's, not equal: the DCT-domain downscale
+    averages differently from the bilinear antialias filter (tests/unit/test_scaled_decode.py)."""
+
+    def __init__(self, size: int, *, scale: Sequence[float], hflip: float, color_jitter: float, rotation: float):
+        from torchvision.transforms import v2
+
+        self.size = size
+        self.crop = v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True)
+        self.after = []  # the random steps after the crop, in the order they draw
+        if hflip:
+            self.after.append(v2.RandomHorizontalFlip(hflip))
+        if color_jitter:
+            self.after.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
+        if rotation:
+            self.after.append(v2.RandomRotation(rotation))
+        self.full_size = v2.Compose([to_rgb, v2.PILToTensor(), self.crop, *self.after])
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        return self.full_size(image)
+
+    def from_bytes(self, data: bytes) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional
+
+        height, width = image_size(data)
+        box = self.crop.make_params([torch.empty(0, height, width)])  # only the size is read
+        image = decode_rgb(data, covering_size(self.size, box["height"], height),
+                           covering_size(self.size, box["width"], width))
+        y, x = image.shape[1] / height, image.shape[2] / width  # decoded pixels per full-size pixel
+        top, left = round(box["top"] * y), round(box["left"] * x)
+        bottom, right = round((box["top"] + box["height"]) * y), round((box["left"] + box["width"]) * x)
+        image = functional.resized_crop(image, top, left, max(bottom - top, 1), max(right - left, 1),
+                                        [self.size, self.size], antialias=True)
+        for step in self.after:
+            image = step(image)
+        return image
+
+    def __repr__(self) -> str:
+        return f"train_transform: {self.full_size!r}"
+
+
+class EvalCrop:
+    """Resize(resize_size) -> CenterCrop(size) (resize_size 0: size / 0.875, as timm); `from_bytes`
+    decodes at the smallest JPEG scale whose shorter side is still at least resize_size, then
+    resizes and crops that as the full-size path does (bilinear with antialias)."""
+
+    def __init__(self, size: int, resize_size: int = 0):
+        from torchvision.transforms import v2
+
+        self.resize_size = resize_size or round(size / 0.875)
+        self.resize_crop = v2.Compose([v2.Resize(self.resize_size, antialias=True), v2.CenterCrop(size)])
+        self.full_size = v2.Compose([to_rgb, v2.PILToTensor(), self.resize_crop])
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        return self.full_size(image)
+
+    def from_bytes(self, data: bytes) -> torch.Tensor:
+        height, width = image_size(data)
+        shorter = min(height, width)
+        image = decode_rgb(data, covering_size(self.resize_size, shorter, height),
+                           covering_size(self.resize_size, shorter, width))
+        return self.resize_crop(image)
+
+    def __repr__(self) -> str:
+        return f"eval_transform: {self.full_size!r}"
 
 
 def normalize(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> v2.Compose:

@@ -26,8 +26,8 @@ It prints img/s of both, launcher / plain, real shards / synthetic, and model FL
 `images` JPEG crops of scikit-learn's two sample photos (real JPEG decoding, offline), written
 once to --data_dir (default: a temporary directory); the demo's shards come from
 `python scripts/make_demo_data.py --out data/digits` (or `make demo`).
-`--image_set=imagenet` writes ImageNet-sized JPEGs instead (scripts/photo_sets.py: 500 x 375 or
-333, about 100 KB, as users' data; the default `crops` are small squares of --image_size x 1.15),
+`--image_set=imagenet` writes ImageNet-sized JPEGs instead (scripts/bench_data.py's: 500 x 375,
+about 110 KB, as users' data; the default `crops` are small squares of --image_size x 1.15),
 for the targets of real shards and `--data_on_gpu` against synthetic data (16 workers at most):
 
     python scripts/bench_gpu.py --image_set=imagenet --precision=bf16 --channels_last=True --compile=False \
@@ -106,13 +106,13 @@ def make_shards(out: str, images: int, size: int, classes: int, seed: int = 0) -
 
 
 def make_imagenet_shards(out: str, images: int, classes: int, seed: int = 0) -> str:
-    """`images` ImageNet-sized JPEGs (scripts/photo_sets.py), written once to `out`."""
+    """`images` ImageNet-sized JPEGs (scripts/bench_data.py's), written once to `out`."""
     if os.path.isfile(os.path.join(out, "index.json")):
         return out
-    from scripts.photo_sets import imagenet_sized
+    from scripts.bench_data import imagenet_jpegs
 
     samples = ({"__key__": f"bench-{i:07d}", "jpg": data, "cls": i % classes}
-               for i, data in enumerate(imagenet_sized(images, seed)))
+               for i, data in enumerate(imagenet_jpegs(images, seed)))
     write_shards(samples, out, max_count=max(1, images // 16), classes=[str(c) for c in range(classes)])
     return out
 

@@ -2,8 +2,9 @@
 per-sample transform becomes per-sample boxes, drawn exactly as the transform draws them, and
 one `roi_align`.
 
-A transform is taken apart when it is a torchvision Compose of steps that do nothing to a uint8
-tensor (`presets.to_rgb`, PILToTensor, ToImage) followed by either
+A transform is taken apart when it is (or, for `launcher.presets`' crops, its `full_size` is) a
+torchvision Compose (nested ones flattened) of steps that do nothing to a uint8 tensor
+(`presets.to_rgb`, PILToTensor, ToImage) followed by either
 - RandomResizedCrop (bilinear, antialiased) and optionally RandomHorizontalFlip (the training
   preset), or
 - Resize(int, bilinear) and CenterCrop (the evaluation preset).
@@ -73,9 +74,10 @@ def batch_crops(transform) -> BatchCrops | None:
     """`transform` as a BatchCrops, or None when it does anything else (see the module docstring)."""
     from torchvision.transforms import v2
 
-    steps = list(getattr(transform, "transforms", None) or [])
+    transform = getattr(transform, "full_size", transform)  # presets.TrainCrop/EvalCrop: their tensor path
     if not isinstance(transform, v2.Compose):
         return None
+    steps = _flat_steps(transform, v2.Compose)
     while steps and (steps[0] is to_rgb or isinstance(steps[0], (v2.PILToTensor, v2.ToImage))):
         steps.pop(0)
     # torchvision keeps `interpolation` as an InterpolationMode or (0.29) its string value
@@ -91,6 +93,12 @@ def batch_crops(transform) -> BatchCrops | None:
             and steps[1].size[0] <= steps[0].size[0] and steps[1].size[1] <= steps[0].size[0]):
         return BatchCrops(tuple(steps[1].size), resize=steps[0].size[0])
     return None
+
+
+def _flat_steps(transform, compose: type) -> list:
+    """The steps of a Compose, those of Composes inside it in their place."""
+    return [step for outer in transform.transforms
+            for step in (_flat_steps(outer, compose) if isinstance(outer, compose) else [outer])]
 
 
 def crop_batch(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.Tensor,
@@ -144,13 +152,15 @@ def padded(images: list[torch.Tensor]) -> torch.Tensor:
 def output_side(transform) -> int:
     """The longer side, in pixels, of what a transform outputs: its (last) crop's or resize's size;
     0 when it has none that says (a function, a transform of the user's)."""
-    steps = getattr(transform, "transforms", None)
-    if not steps or "torchvision" not in sys.modules:  # not a torchvision Compose: no need to import it (seconds)
+    transform = getattr(transform, "full_size", transform)  # presets.TrainCrop/EvalCrop: their Compose
+    if "torchvision" not in sys.modules:  # then it is no torchvision Compose: no need to import it (seconds)
         return 0
     from torchvision.transforms import v2
 
+    if not isinstance(transform, v2.Compose):
+        return 0
     side = 0
-    for step in steps:
+    for step in _flat_steps(transform, v2.Compose):
         if isinstance(step, (v2.RandomResizedCrop, v2.CenterCrop, v2.RandomCrop)):
             side = max(step.size)
         elif isinstance(step, v2.Resize) and step.size and not side:

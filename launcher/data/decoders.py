@@ -95,3 +95,7 @@ class image_label:  # noqa: N801
 
     def __call__(self, sample: dict) -> tuple[Image.Image, int | float]:
         return _image(sample[self.image_key(sample)]), decode_field(sample, self.label)
+
+    def encoded(self, sample: dict) -> tuple[bytes, int | float]:
+        """The image's bytes, undecoded, and its label: for a transform that decodes them itself."""
+        return sample[self.image_key(sample)], decode_field(sample, self.label)

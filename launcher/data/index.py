@@ -2,7 +2,10 @@
 local ones are there and readable, all before anything trains.
 
 `index.json` beside the shards (written by the shard writer) gives the counts without scanning;
-`pipe:` sources must name one; local shards without an entry are scanned once.
+remote shards (s3://, gs://, http(s)://, `pipe:` commands) need one, beside the shard a URL or
+command names or named by `Shards(index=...)`, path or URL. Every URL form is looked up by the
+shard's own file name (launcher/data/remote.py, `shard_name`). Local shards without an entry are
+scanned once.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Sequence
 from webdataset.shardlists import expand_urls
 
 from launcher.config import ConfigError, DataError
+from launcher.data.remote import Unreachable, beside, is_remote, missing_tools, read_remote, shard_name
 from launcher.data.tar_reader import TarReadError, count_samples
 
 
@@ -57,23 +61,43 @@ def read_index(urls: str | Sequence[str], index_file: str = "") -> ShardIndex:
         expanded.extend(expand_urls(url))
     if not expanded:
         raise ConfigError(f"no shards in {urls!r}")
-    local = [u for u in expanded if not u.startswith("pipe:")]
-    check_shard_files(local)
-    index_path = index_file or (os.path.join(os.path.dirname(local[0]), INDEX_NAME) if local else None)
-    index = _load_index_file(index_path) if index_path and os.path.isfile(index_path) else {"shards": {}}
+    check_shard_files([u for u in expanded if not is_remote(u)])
+    missing = missing_tools([*expanded, index_file])
+    if missing:
+        raise ConfigError(f"reading {expanded[0]} needs {' and '.join(missing)}, not found on PATH; install "
+                          f"{'them' if len(missing) > 1 else 'it'} (the aws CLI: `pip install awscli`), or copy the "
+                          "shards to a local directory")
+    index = _find_index(index_file, expanded[0])
     counts = []
     for url in expanded:
-        name = os.path.basename(url)
+        name = shard_name(url)
         if name in index["shards"]:
             counts.append(index["shards"][name])
-        elif url.startswith("pipe:"):
-            raise ConfigError(f"no sample count for {url}: pipe: sources need an index; pass "
-                              f"Shards(..., index=PATH/{INDEX_NAME}) with the one written beside the shards")
+        elif is_remote(url):
+            raise ConfigError(f"no sample count for {name} ({url}) in an {INDEX_NAME}: remote shards need one, beside "
+                              f"them or named by Shards(..., index=PATH_OR_URL); write it with `launcher shards`")
         else:
             counts.append(_count_samples(url))
-    names = [os.path.basename(url) for url in expanded]
+    names = [shard_name(url) for url in expanded]
     return ShardIndex(expanded, counts, list(index.get("classes", [])), shard_class_counts(index, names),
                       shard_image_sides(index, names))
+
+
+def _find_index(index_file: str, first_url: str) -> dict:
+    """The index named, or the one beside the first shard (a path, or a URL read remotely); an
+    empty one when there is none beside a local shard."""
+    where = index_file or beside(first_url, INDEX_NAME)
+    if not where:
+        return {"shards": {}}
+    if not is_remote(where):
+        return _load_index_file(where) if index_file or os.path.isfile(where) else {"shards": {}}
+    try:
+        text = read_remote(where)
+    except Unreachable as error:
+        if not index_file:  # none beside the shards: each gets the error naming what is missing
+            return {"shards": {}}
+        raise ConfigError(f"unreadable shard index {where} ({one_line(error)}); {_INDEX_FIX}") from None
+    return _parse_index(text, where)
 
 
 def shard_class_counts(index: dict, names: Sequence[str]) -> list[list[int]] | None:
@@ -125,9 +149,17 @@ def _load_index_file(path: str) -> dict:
     """index.json, checked: {"shards": {NAME: COUNT >= 0, ...}, "classes": [NAME, ...] (optional)}.
     Anything else is refused in one line, before a count reaches the layout's arithmetic."""
     try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (OSError, ValueError) as error:  # ValueError: invalid JSON or not UTF-8
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as error:
+        raise ConfigError(f"unreadable shard index {path} ({one_line(error)}); {_INDEX_FIX}") from None
+    return _parse_index(text, path)
+
+
+def _parse_index(text: bytes, path: str) -> dict:
+    try:
+        index = json.loads(text.decode("utf-8"))
+    except ValueError as error:  # invalid JSON or not UTF-8
         raise ConfigError(f"unreadable shard index {path} ({one_line(error)}); {_INDEX_FIX}") from None
     problem = _index_problem(index)
     if problem:

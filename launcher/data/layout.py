@@ -80,7 +80,7 @@ def layout_epoch(index: ShardIndex, *, epoch: int, seed: int, world: int, worker
             if not any(s.samples for s in shares):
                 raise ConfigError(f"rank {rank} has no training samples in epoch {epoch} (its shards are empty); "
                                   "write fewer empty shards or use fewer processes")
-            for share, quota in zip(shares, _apportion(batches_per_rank, [s.samples for s in shares])):
+            for share, quota in zip(shares, apportion(batches_per_rank, [s.samples for s in shares])):
                 share.batches = quota
         ranks.append(shares)
     return EpochLayout(epoch, batch_size, batches_per_rank, ranks)
@@ -118,7 +118,7 @@ def _balance(items: list[int], counts: list[int], bins: int) -> list[list[int]]:
     return out
 
 
-def _apportion(total: int, weights: list[int]) -> list[int]:
+def apportion(total: int, weights: list[int]) -> list[int]:
     """Split `total` into integers proportional to `weights` (largest remainders get the rest)."""
     whole = sum(weights)
     exact = [total * w / whole for w in weights]
@@ -141,7 +141,8 @@ class Position:
     workers: dict[int, list[int]] = field(default_factory=dict)  # worker -> [batches, pass, samples read in pass]
     last_worker: int = -1  # the worker whose batch came last (the round-robin goes on after it)
     repeated: int = 0  # samples seen a second time this epoch
-    corrupt: dict[str, int] = field(default_factory=dict)  # shard -> samples skipped this epoch
+    corrupt: dict[str, int] = field(default_factory=dict)  # shard -> samples skipped this epoch, unreadable
+    unreachable: dict[str, int] = field(default_factory=dict)  # shard -> samples lost this epoch, not downloaded
 
     def advance(self, batch) -> None:
         """Past one `launcher.data.batch.Batch`."""
@@ -151,6 +152,7 @@ class Position:
         self.batches += 1
         self.repeated += batch.repeated
         tally_errors(batch.errors, self.corrupt)
+        tally_errors(batch.errors, self.unreachable, "unreachable")
 
     def next_worker(self, quotas: list[int]) -> int:
         """The worker the DataLoader's round-robin serves next."""
@@ -162,7 +164,8 @@ class Position:
 
     def to_dict(self) -> dict:
         return {"epoch": self.epoch, "batches": self.batches, "workers": self.workers,
-                "last_worker": self.last_worker, "repeated": self.repeated, "corrupt": self.corrupt}
+                "last_worker": self.last_worker, "repeated": self.repeated, "corrupt": self.corrupt,
+                "unreachable": self.unreachable}
 
     @classmethod
     def from_dict(cls, state: dict) -> "Position":
@@ -171,7 +174,9 @@ class Position:
         return cls(**state)
 
 
-def tally_errors(errors: list[dict], counts: dict[str, int]) -> None:
-    """Add error records' lost samples to per-shard counts."""
+def tally_errors(errors: list[dict], counts: dict[str, int], kind: str = "unreadable") -> None:
+    """Add the lost samples of error records of `kind` to per-shard counts (records without a kind
+    are unreadable samples; launcher/data/stream.py, `lost_kind`)."""
     for error in errors:
-        counts[error["shard"]] = counts.get(error["shard"], 0) + error["samples"]
+        if error.get("kind", "unreadable") == kind:
+            counts[error["shard"]] = counts.get(error["shard"], 0) + error["samples"]

@@ -1,4 +1,5 @@
-"""Training and validation data: WebDataset tar shards, or any map-style torch Dataset.
+"""Training and validation data: WebDataset tar shards, any map-style torch Dataset, or an
+IterableDataset (split by rank and worker in launcher/data/iterable.py).
 
 Shards are split by rank and by DataLoader worker inside our own IterableDataset, never through
 Accelerate's iterable-dataset dispatch (which either reads everything on rank 0 or shards a
@@ -20,8 +21,10 @@ mid-epoch exactly where it stopped: workers skip what was read without decoding 
 round-robin restarts at the worker that was next. (Layouts and positions: launcher/data/layout.py.)
 
 Undecodable samples, class labels outside the task's classes, and unreadable or truncated tars
-(any error while reading one ends it) are skipped, never retried or slept on,
-and travel with the batch as error records (shard, key, reason, samples lost) for the trainer
+(any error while reading one ends it) are skipped, never retried or slept on (only a remote
+shard's failed download is retried, launcher/data/remote.py; the samples it still loses then are
+counted as unreachable), and travel with the batch as error records (shard, key, reason, samples
+lost, and for those the kind "unreachable") for the trainer
 to count, log, and stop on above a threshold. Validation reads each sample exactly once across
 ranks (no padding, no drop).
 """
@@ -43,6 +46,7 @@ from launcher.config import ConfigError, DataError
 from launcher.data.batch import Batch, Collate, collate
 from launcher.data.device_decode import decode_batch
 from launcher.data.index import read_index
+from launcher.data.iterable import IterableStream, epoch_samples, first_items, is_iterable
 from launcher.data.layout import EpochLayout, EpochLayouts, Position, derive_seed
 from launcher.data.spec import Shards, Synthetic
 from launcher.data.stream import ShardStream, check_label, error_reason, kept_rngs, seed_augmentation
@@ -201,7 +205,7 @@ class SplitLoader:
                  grad_accum_steps: int = 1, batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  pin_memory: bool = True, prefetch_factor: int = 2, persistent_workers: bool = False,
                  decode_on_device: bool = False, collate_fn: Collate | None = None,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu"), train_samples: int | None = None, max_steps: int = 0):
         self.source, self.training = source, training
         self.collate_fn = collate_fn  # the recipe's (DataSpec.collate), or None: default_collate
         split = "training" if training else "validation"
@@ -237,6 +241,12 @@ class SplitLoader:
                 raise ConfigError(f"{len(self.index.urls)} training shards for {world} processes: each process "
                                   f"needs at least one; rewrite them with `launcher shards SOURCE OUT "
                                   f"--num_shards={world * max(num_workers, 1)}` or use fewer processes")
+        elif is_iterable(source):  # launcher/data/iterable.py: its epoch length, else --max_steps
+            self.index = None
+            length = epoch_samples(source, train_samples, max_steps, split)
+            if length is None and training:  # a stream without a length: one epoch of --max_steps steps
+                batches_per_epoch = max_steps * grad_accum_steps
+            self.total = length if length is not None else (batches_per_epoch or 0) * batch_size * world
         else:
             self.index = None
             self.total = len(source)
@@ -275,6 +285,8 @@ class SplitLoader:
         are left as they were. What the recipe's dataset or transform raises propagates."""
         with kept_rngs(everything=True):
             seed_augmentation(derive_seed(self.seed, "example"))
+            if is_iterable(self.source):
+                return first_items(self.source, count)
             if not isinstance(self.source, Shards):
                 return [self.source[i] for i in range(min(count, len(self.source)))]
             samples, reasons = [], []
@@ -308,6 +320,10 @@ class SplitLoader:
         start = start if start is not None and start.epoch == epoch else Position(epoch)
         if isinstance(self.source, Synthetic):
             return self._synthetic(start)
+        if start.batches and is_iterable(self.source) and self.rank == 0:
+            print(f"resuming the {type(self.source).__name__} {start.batches} batches into epoch {epoch}: each "
+                  "reader reads its slice again from the epoch's start and drops what it had read (exact if the "
+                  "dataset gives the same items in the same order each time)", flush=True)
         if not self.persistent_workers or start.batches:
             loader = self._data_loader(epoch, start)
         else:
@@ -358,6 +374,11 @@ class SplitLoader:
                                  released=returns.released if returns else None, ring=ring, collate_fn=self.collate_fn,
                                  num_classes=self.num_classes)
             return EpochLoader(DataLoader(stream, batch_size=None, **options), returns=returns)
+        if is_iterable(self.source):
+            stream = IterableStream(self.source, rank=self.rank, world=self.world, workers=self.workers_per_rank,
+                                    batch_size=self.batch_size, batches_per_rank=self.batches_per_epoch,
+                                    epoch=epoch, start=start, collate_fn=self.collate_fn)
+            return EpochLoader(DataLoader(stream, batch_size=None, **options))
         batches = EpochBatches()
         dataset = KeyedDataset(self.source, self.seed, epoch, self.training)
         collate_items = MapCollate(self.collate_fn, self.num_classes, type(self.source).__name__)

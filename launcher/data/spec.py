@@ -22,12 +22,12 @@ class Shards:
     """A split stored as WebDataset tar shards. By default each sample is an image and its `cls`
     label, `(transform(image), label)`; `decode` reads any other sample (launcher.data.decoders)."""
 
-    urls: str | Sequence[str]  # paths, brace patterns, `pipe:` commands, or a directory with index.json
-    transform: Callable | None = None  # per sample in the workers: the image (default decode; uint8 keeps batches small), or the decoded sample
+    urls: str | Sequence[str]  # paths, s3:// gs:// http(s):// URLs, `pipe:` commands (brace patterns in any), or a directory with index.json
+    transform: Callable | None = None  # per sample in the workers: the image (default decode; uint8 keeps batches small), or the decoded sample; one with from_bytes (launcher.presets) gets the image undecoded
     batch_transform: Callable | None = None  # on the device, per batch (e.g. uint8 -> normalized float): a pair's inputs, else the batch
     shuffle_buffer: int = 1000  # samples held for shuffling (training only); 0: read in order
     image_keys: Sequence[str] = IMAGE_EXTENSIONS  # default decode: the first present one is the image
-    index: str = ""  # index.json for remote (`pipe:`) shards; local shards use the one beside them
+    index: str = ""  # index.json (path or URL); "": the one beside the shards (remote shards need one)
     decode: Callable[[dict], Any] | None = None  # raw sample (extension -> bytes) -> sample; None: image and cls
 
     def __post_init__(self):
@@ -47,6 +47,10 @@ class Shards:
 
     def prepare(self, sample: dict) -> Any:
         """The decoded, transformed sample of a raw one (raises what decode or transform raise)."""
+        from_bytes = getattr(self.transform, "from_bytes", None)  # launcher.presets: decode at the crop's size
+        if from_bytes is not None and isinstance(self.decoder, image_label):
+            data, label = self.decoder.encoded(sample)
+            return from_bytes(data), label
         value = self.decoder(sample)
         if self.transform is None:
             return value
@@ -84,17 +88,23 @@ class Synthetic:
 
 @dataclass
 class DataSpec:
-    """What a recipe's build_data returns."""
+    """What a recipe's build_data returns. A split is Shards, a map-style Dataset (torch's, or a
+    Hugging Face `datasets.Dataset`), or an IterableDataset (torch's, or a Hugging Face streaming
+    one: split by rank and worker as launcher/data/iterable.py says)."""
 
-    train: Shards | Dataset
-    val: Shards | Dataset | None = None
+    train: Shards | Dataset | Any
+    val: Shards | Dataset | Any | None = None
     classes: Sequence[str] | None = None  # class names; None: from the shard index or the dataset's .classes
     batch_transform: Callable | None = None  # per batch on the device, for Dataset splits: a pair's inputs, else the batch
     collate: Collate | None = None  # list of samples -> batch, in the workers (e.g. padding); None: default_collate
+    train_samples: int | None = None  # an iterable train split: samples in one epoch; None: its len(), else --max_steps steps
 
     def __post_init__(self):
         """Refuse a transform passed uncalled (`normalize` for `normalize()`): it would be called
         with each image or batch and give back a transform, found only as a confusing error later."""
+        count = self.train_samples
+        if count is not None and (isinstance(count, bool) or not isinstance(count, Integral) or count < 1):
+            raise ConfigError(f"DataSpec(train_samples=...) must be an integer >= 1 (samples in one epoch), got {count!r}")
         for split, source in (("training", self.train), ("validation", self.val)):
             pieces = {"transform": getattr(source, "transform", None), "decode": getattr(source, "decode", None),
                       "batch_transform": getattr(source, "batch_transform", None)}

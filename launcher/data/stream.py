@@ -17,6 +17,7 @@ from launcher.config import DataError
 from launcher.data.batch import Batch, BatchBuilder, BufferRing, Collate
 from launcher.data.device_decode import EncodedBatch
 from launcher.data.layout import EpochLayout, Position, WorkerShare, derive_seed
+from launcher.data.remote import Unreachable
 from launcher.data.spec import Shards
 from launcher.data.tar_reader import shard_samples
 
@@ -106,9 +107,9 @@ class ShardStream(IterableDataset):
                         yield sample
                 except Exception as error:  # noqa: BLE001 - the shard's rest is counted, the stream goes on
                     failures.append(error)
-                if failures:  # truncated or unreadable tar: the rest of the shard is lost
+                if failures:  # truncated, unreadable or unreachable tar: the rest of the shard is lost
                     pending.append({"shard": url, "key": None, "reason": error_reason(failures[0]),
-                                    "samples": max(count - seen, 0)})
+                                    "samples": max(count - seen, 0), **lost_kind(failures[0])})
 
         samples: Iterable[dict] = raw_samples()
         if self.training:  # shuffled within a pass: one full pass comes before any repeat
@@ -161,6 +162,12 @@ def check_label(sample: Any, num_classes: int | None) -> None:
         return
     if not 0 <= label < num_classes:
         raise ValueError(f"class label {label} is outside the task's {num_classes} classes (0..{num_classes - 1})")
+
+
+def lost_kind(error: Exception) -> dict:
+    """An error record's kind: samples of a shard still failing to download after its retries
+    are "unreachable", counted apart from unreadable (corrupt) ones; others need no kind."""
+    return {"kind": "unreachable"} if isinstance(error, Unreachable) else {}
 
 
 def error_reason(error: Exception) -> str:

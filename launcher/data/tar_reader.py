@@ -15,17 +15,20 @@ a file cut at a member boundary: here a bad checksum, a cut header or member, a 
 negative or larger than what is left of the file (checked before anything is allocated: a
 damaged base-256 size once made a member of 2^40 bytes or a loop seeking backwards), a malformed
 pax record, and a file that ends without its end-of-archive block raise `TarReadError`; any
-other error while reading a local shard ends it too, and all go to the handler, so the loader
-counts what was lost. `pipe:` commands still go through WebDataset (`shard_samples`).
+other error while reading a shard ends it too, and all go to the handler, so the loader counts
+what was lost. Remote shards (s3, gs, http(s), `pipe:`) are read the same way from a stream
+(launcher/data/remote.py), skipping by reading instead of seeking.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
-from webdataset.tariterators import base_plus_ext, group_by_keys, tarfile_samples
+from webdataset.tariterators import base_plus_ext, group_by_keys
+
+from launcher.data.remote import is_remote, open_remote
 
 
 BLOCK = 512
@@ -38,19 +41,17 @@ class TarReadError(Exception):
 
 
 def shard_samples(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict]:
-    """WebDataset samples (`__key__`, `__url__`, one entry per extension) of the shard at `url`.
-    A local file is read by `tar_files`, a `pipe:` command by WebDataset's tar iterator (any other
-    source is a local path, as for the pre-flight checks in launcher/data/index.py).
-    An error that ends the shard early (missing file, truncation, a damaged header, or anything
-    else raised while reading it) goes to `handler`; so do WebDataset's per-sample errors (a
-    duplicate file name). KeyboardInterrupt and SystemExit are not errors of the shard: they pass."""
-    if url.startswith("pipe:"):
-        yield from tarfile_samples([{"url": url}], handler=handler)
-        return
+    """WebDataset samples (`__key__`, `__url__`, one entry per extension) of the shard at `url`:
+    a local path, or an s3/gs/http(s) URL or `pipe:` command, streamed with retries
+    (launcher/data/remote.py); `tar_files` reads either.
+    An error that ends the shard early (missing file, truncation, a damaged header, a stream still
+    failing after its retries: `Unreachable`, or anything else raised while reading it) goes to
+    `handler`; so do WebDataset's per-sample errors (a duplicate file name). KeyboardInterrupt and
+    SystemExit are not errors of the shard: they pass."""
 
     def files() -> Iterator[dict]:
         try:
-            for name, data in tar_files(url):
+            for name, data in tar_files(open_remote(url) if is_remote(url) else url):
                 if _is_meta(name):
                     continue
                 yield {"fname": name, "data": data, "__url__": url}
@@ -82,11 +83,12 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def tar_files(path: str, contents: bool = True) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each regular file in the tar at `path`, in order; with `contents` False the
-    bytes are skipped and each comes with b"" (the sizes are checked all the same)."""
-    with open(path, "rb") as f:
-        file_size = os.fstat(f.fileno()).st_size
+def tar_files(path: str | BinaryIO, contents: bool = True) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file in the tar at `path` (or in a stream, which is closed at
+    the end), in order; with `contents` False the bytes are skipped and each comes with b"" (the
+    sizes are checked all the same: against the file's size before reading, a stream's on reading)."""
+    with open(path, "rb") if isinstance(path, str) else path as f:
+        file_size = os.fstat(f.fileno()).st_size if isinstance(path, str) else None
         long_name: str | None = None
         pax: dict[str, str] = {}
         offset = 0
@@ -106,7 +108,7 @@ def tar_files(path: str, contents: bool = True) -> Iterator[tuple[str, bytes]]:
             if size < 0:  # a damaged base-256 size: seeking back by it would loop forever
                 raise TarReadError(f"tar header at byte {offset - BLOCK} gives member {_name(header)!r} the negative "
                                    f"size {size} (corrupt file?)")
-            if size > file_size - offset:  # before reading: no buffer of a damaged size (2^40 bytes, say)
+            if file_size is not None and size > file_size - offset:  # before reading: no buffer of a damaged size
                 raise TarReadError(f"tar is cut inside member {_name(header)!r} at byte {file_size}: it claims {size} "
                                    f"bytes, {file_size - offset} are left (truncated file, or a corrupt size?)")
             padded = size + (-size % BLOCK)
@@ -115,9 +117,9 @@ def tar_files(path: str, contents: bool = True) -> Iterator[tuple[str, bytes]]:
                 if len(data) < size:
                     raise TarReadError(f"tar is cut inside member {_name(header)!r} at byte {offset + len(data)} "
                                        "(truncated file?)")
-                f.seek(padded - size, 1)
+                _skip(f, padded - size, offset + size, header, file_size)
             else:  # directory, link, global pax header, ... (or contents not wanted): nothing a sample needs
-                f.seek(padded, 1)
+                _skip(f, padded, offset, header, file_size)
                 data = b""
             offset += padded
             if kind == b"x":  # pax extended header: applies to the next member only
@@ -134,6 +136,19 @@ def tar_files(path: str, contents: bool = True) -> Iterator[tuple[str, bytes]]:
                 if not (kind == b"\0" and name.endswith("/")):  # an old-style directory entry
                     yield name, data
             long_name, pax = None, {}
+
+
+def _skip(f: BinaryIO, count: int, offset: int, header: bytes, file_size: int | None) -> None:
+    """Past `count` bytes: a seek in a file (whose size was checked), a read in a stream, whose end
+    inside a member is a truncation."""
+    if file_size is not None:
+        f.seek(count, 1)
+        return
+    while count:
+        skipped = len(f.read(min(count, 1 << 20)))
+        if not skipped:
+            raise TarReadError(f"tar is cut inside member {_name(header)!r} at byte {offset} (truncated stream?)")
+        count, offset = count - skipped, offset + skipped
 
 
 def _check(header: bytes, offset: int) -> None:

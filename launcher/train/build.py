@@ -51,8 +51,8 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
                        batch_transform=data.batch_transform, pin_memory=cfg.pin_memory,
                        prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers,
                        decode_on_device=cfg.data_on_gpu, collate_fn=data.collate, device=device)
-    train_data = SplitLoader(data.train, batch_size=cfg.batch_size, training=True,
-                             grad_accum_steps=cfg.grad_accum_steps, **loader_args)
+    train_data = SplitLoader(data.train, batch_size=cfg.batch_size, training=True, grad_accum_steps=cfg.grad_accum_steps,
+                             train_samples=data.train_samples, max_steps=cfg.max_steps, **loader_args)
     val_data = (SplitLoader(data.val, batch_size=cfg.eval_batch_size, training=False, **loader_args)
                 if data.val is not None else None)
     classes = list(data.classes or train_data.classes)

@@ -122,7 +122,7 @@ class DataHealth:
             self.shown += 1
             if self.shown <= SHOWN_ERRORS:
                 what = f"sample {error['key']}" if error["key"] else f"{error['samples']} samples (rest of shard)"
-                tqdm.write(printable(f"rank {self.rank}: skipped unreadable {what} in {error['shard']}: "
+                tqdm.write(printable(f"rank {self.rank}: skipped {error.get('kind', 'unreadable')} {what} in {error['shard']}: "
                                      f"{error['reason']}"))  # a key that is not UTF-8 is escaped, not a crash
             elif self.shown == SHOWN_ERRORS + 1:
                 tqdm.write(f"rank {self.rank}: more unreadable samples; all are listed in {self.path}")

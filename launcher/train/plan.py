@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from launcher.config import ConfigError, TrainConfig
 from launcher.data.batch import describe as describe_batch
 from launcher.data.batch_crops import output_side, shrink_target
+from launcher.data.iterable import is_iterable
 from launcher.data.loader import SplitLoader
+from launcher.data.remote import is_remote
 from launcher.data.spec import Synthetic
 from launcher.optim.groups import ParamGroup
 from launcher.runtime import checkpoints
@@ -92,14 +94,18 @@ def data_report(split: SplitLoader, name: str) -> list[str]:
     if isinstance(split.source, Synthetic):
         return [f"  {name + ' data':<22}synthetic: {split.total} random samples like {describe_batch(split.source.example)}, "
                 "no I/O"]
+    if is_iterable(split.source):
+        what = f"{split.total} samples per epoch" if split.total else "read to its end"
+        return [f"  {name + ' data':<22}{what} ({type(split.source).__name__}, split over {split.world} "
+                f"process(es) x {split.workers_per_rank} worker(s))"]
     if split.index is None:
         return [f"  {name + ' data':<22}{split.total} samples (map-style dataset, split by DistributedSampler)"]
     index, world, workers = split.index, split.world, split.workers_per_rank
     counts = index.counts
-    local = sum(not u.startswith("pipe:") for u in index.urls)
+    local = sum(not is_remote(u) for u in index.urls)
     layout = split.layout(0)
     lines = [f"  {name + ' shards':<22}{len(counts)} for {world} process(es) x {workers} worker(s); "
-             f"{local} local file(s) checked" + (f", {len(counts) - local} pipe: not checked" if local < len(counts) else ""),
+             f"{local} local file(s) checked" + (f", {len(counts) - local} remote not checked" if local < len(counts) else ""),
              f"  {'shard sizes':<22}min {min(counts)}, median {statistics.median(counts):g}, max {max(counts)} "
              f"samples (largest / mean {max(counts) / (sum(counts) / len(counts)):.2f})"]
     lines += large_images_warning(index, output_side(split.source.transform), name)
@@ -287,10 +293,12 @@ def done_lines(cfg: TrainConfig, summary: dict, best: dict | None, ema: bool, wa
         lines.append(f"  best {best['metric']:<10} {shown} (step {best['step']}; "
                      f"{os.path.join(out, 'checkpoints', checkpoints.BEST_FILE)})")
     lines += [f"  metrics         {os.path.join(out, 'metrics.jsonl')}",
-              f"  weights         {os.path.join(out, 'model.safetensors')}"
+              f"  weights         {summary.get('weights_file', os.path.join(out, 'model.safetensors'))}"
               + (f" (step {summary['final_weights_step']}, the best)" if summary.get("final_weights") == "best" else "")]
+    if summary.get("hf_dir"):
+        lines.append(f"  transformers    {summary['hf_dir']} (from_pretrained loads it)")
     if ema:
-        lines.append(f"  EMA weights     {os.path.join(out, 'model_ema.safetensors')}")
+        lines.append(f"  EMA weights     {summary.get('ema_weights_file', os.path.join(out, 'model_ema.safetensors'))}")
     if wandb_dir:
         lines.append(f"  wandb run       {wandb_dir} ({cfg.wandb_mode}; `wandb sync {wandb_dir}` uploads it)")
     if tensorboard_dir:

@@ -33,6 +33,7 @@ from launcher.config import ConfigError, DataError
 from launcher.data.batch import collate, describe
 from launcher.data.spec import Shards
 from launcher.optim.losses import CrossEntropy
+from launcher.track.throughput import FlopCount
 from launcher.train.metrics import TaskMetrics, better_direction, default_best, infer_task, loss_name
 from launcher.train.step import Step, StepOutput, call_model, choose_style
 
@@ -88,6 +89,7 @@ class Checked:
     best_mode: str
     example: Any  # a collated training batch (on the host), what --synthetic_data imitates
     summary: str  # input -> output
+    flops_per_sample: float | None = None  # the model's forward FLOPs per training sample (torch's FlopCounterMode)
 
     @property
     def label_classes(self) -> int | None:
@@ -150,7 +152,7 @@ def _check_split(cfg, recipe, split, name: str, model, device, loss_fn, extra_me
     training = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), blame(what):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), blame(what), FlopCount() as flops:
             if style == "pair":  # name the model and the loss apart
                 inputs, targets = prepared
                 with blame("build_model's model (its forward)"):
@@ -186,7 +188,7 @@ def _check_split(cfg, recipe, split, name: str, model, device, loss_fn, extra_me
     return Checked(step, task, num_classes, counted, loss_name(loss_fn if style == "pair" else None, style, counted, task),
                    ["val/loss", *metrics.names()], best_metric, best_mode, data,
                    f"input {describe(inputs if style == 'pair' else data)} -> output {describe(_detach(out.outputs))}"
-                   if out.outputs is not None else f"input {describe(data)} -> loss")
+                   if out.outputs is not None else f"input {describe(data)} -> loss", flops.total / len(samples))
 
 
 def check_classes(cfg, outputs, targets, classes: Sequence[str], source: str) -> None:

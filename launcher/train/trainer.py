@@ -34,13 +34,16 @@ from launcher.optim.schedules import LRSchedule
 from launcher.recipe import Recipe
 from launcher.runtime import checkpoints, run_config
 from launcher.runtime.distributed import build_accelerator
+from launcher.runtime.export import hf_layout
 from launcher.runtime.parallel import build_parallel
 from launcher.runtime.sharding import global_norm
 from launcher.runtime.preemption import Interrupted, Preempted, StopSignals, requeue_slurm_job
 from launcher.runtime.failures import failure_of
 from launcher.runtime.run_lock import agreed_lock
 from launcher.runtime.watchdog import Watchdog, injected_hang
+from launcher.track.profiling import StepProfiler
 from launcher.track.progress import Progress, progress_style
+from launcher.track.throughput import Throughput
 from launcher.track.trackers import MetricsLog, Tracker, save_run_files, write_json
 from launcher.train.build import build_parts
 from launcher.train.counting import CountedLoss
@@ -71,6 +74,7 @@ class Trainer:
         self.classes, self.extra_metrics = parts.classes, parts.extra_metrics
         self.train_data, self.val_data, self.plan = parts.train_data, parts.val_data, parts.plan
         model, schedule = parts.model, parts.schedule
+        self.hf = hf_layout(cfg, recipe, model)  # OUTPUT_DIR/hf/ for a transformers model, or None
         self.ema = EMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay else None
         self.parallel = build_parallel(cfg, acc, parts.units)  # DDP or FSDP (launcher/runtime/parallel.py)
         self.parallel.setup(model, self.ema)  # FSDP: the model and the EMA sharded in place
@@ -106,6 +110,8 @@ class Trainer:
                                    says=acc.is_main_process)
         self.progress = Progress(progress_style(cfg.progress, cfg.quiet), cfg.quiet, self.plan.total_steps,
                                  acc.is_main_process)
+        self.throughput = Throughput(acc, parts.checked.flops_per_sample, cfg.peak_tflops)  # tokens/s, MFU, stragglers
+        self.profiler = StepProfiler(cfg.profile_steps, cfg.output_dir, self.rank, acc.device)  # --profile_steps
         self.lock = None  # until it is taken, below: a second Ctrl-C releases it if held
         # Last, before anything is written: one run per output_dir (the main process holds it for all).
         self.lock = agreed_lock(acc, cfg.output_dir, log)  # None on the other ranks; a refusal raised on all
@@ -168,6 +174,7 @@ class Trainer:
         self.start()
         acc = self.accelerator
         self.progress.start(self.state.step)
+        self.profiler.at_step(self.state.step)
         try:
             while self.state.epoch < self.cfg.epochs and self.state.step < self.plan.total_steps:
                 self.train_epoch()
@@ -192,6 +199,7 @@ class Trainer:
             raise failure_of(error, self.rank, self.state.step, (self.train_data, self.val_data),
                              terminated=self.signals.received == signal.SIGTERM) or error
         finally:
+            self.profiler.close()
             self.watchdog.stop()
             self.metrics.flush()
             self.progress.close()  # an error message then starts on a line of its own
@@ -254,18 +262,21 @@ class Trainer:
         batches = itertools.islice(self.train_data.loader(self.state.epoch, self.position), micro_batches)
         window = LogWindow(acc.device)
         fetch_start = time.perf_counter()
+        self.throughput.clock.start(fresh=True)
         for batch in batches:
             window.data_time += time.perf_counter() - fetch_start
             self._micro_batch(batch, window)
             if acc.sync_gradients and self._after_step(window):
                 window = LogWindow(acc.device)  # the next logged step reports the steps from here
             fetch_start = time.perf_counter()
+            self.throughput.clock.start()
 
     def _micro_batch(self, batch, window: LogWindow) -> None:
         """Forward and backward of one micro-batch; on the last of an optimizer step, the count
         normalisation, clipping, the NaN/Inf guard, the update and EMA."""
         acc = self.accelerator
         self.position.advance(batch)
+        self.throughput.batch(batch.data)
         self.data_health.note(batch.errors, "train", self.state.epoch, self.state.step)
         if batch.data is None:  # every sample of it was unreadable
             raise DataError(f"rank {self.rank}: a training batch with no readable sample ({len(batch.errors)} "
@@ -277,6 +288,8 @@ class Trainer:
         with acc.accumulate(self.model), self.parallel.gradient_sync(self.model, acc.sync_gradients):
             out = self.step_fn(self.model, data)
             counted = self.counted_loss.check(out)
+            if acc.sync_gradients:
+                self.throughput.clock.ready()  # the step's all-reduce comes next: ranks wait for each other from here
             self._backward(self.counted_loss.loss(out) if counted else out.loss)
             if acc.sync_gradients:
                 if counted:
@@ -318,6 +331,7 @@ class Trainer:
         if self.state.step == self.hang_at:  # tests: a rank frozen in a step, its connections open
             os.kill(os.getpid(), signal.SIGSTOP)
         self.progress.advance()
+        self.profiler.at_step(self.state.step)
         if self.state.step in self.unfreeze_steps:
             self._update_frozen()
         logged = self._logs_at(self.state.step)
@@ -374,6 +388,7 @@ class Trainer:
             record["train/grad_norm"] = float(window.grad_norm)
         if self.state.skipped_steps:
             record["train/skipped_steps"] = self.state.skipped_steps
+        record.update(self.throughput.record(record["train/samples_per_s"], elapsed))
         if torch.cuda.is_available():
             record["train/gpu_memory_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30  # peak since last log
             torch.cuda.reset_peak_memory_stats(acc.device)
@@ -393,18 +408,18 @@ class Trainer:
     def _report_epoch_data(self) -> None:
         """Samples dropped or repeated to give every rank the same batches, and unreadable ones."""
         acc = self.accelerator
-        mine = torch.tensor([self.position.repeated, sum(self.position.corrupt.values())],
-                            dtype=torch.float64, device=acc.device)
-        repeated, corrupt = (int(x) for x in acc.reduce(mine, "sum").tolist())
+        mine = torch.tensor([self.position.repeated, sum(self.position.corrupt.values()),
+                             sum(self.position.unreachable.values())], dtype=torch.float64, device=acc.device)
+        repeated, corrupt, unreachable = (int(x) for x in acc.reduce(mine, "sum").tolist())
         self.state.unreadable_total += corrupt
         self._check_corrupt(corrupt, "train", self.position.corrupt)
         dropped = self.train_data.planned_dropped(self.state.epoch)
         self._record({"step": self.state.step, "epoch": self.state.epoch, "data/dropped": dropped,
-                      "data/repeated": repeated, "data/unreadable": corrupt})
-        if acc.is_main_process and (dropped or repeated or corrupt):
+                      "data/repeated": repeated, "data/unreadable": corrupt, "data/unreachable": unreachable})
+        if acc.is_main_process and (dropped or repeated or corrupt or unreachable):
             self.progress.warn(f"epoch {self.state.epoch} data: {self.plan.train_samples} samples, "
                                f"{self.plan.micro_batches_per_epoch} batches of {self.cfg.batch_size} per rank: "
-                               f"{dropped} dropped, {repeated} repeated, {corrupt} unreadable")
+                               f"{dropped} dropped, {repeated} repeated, {corrupt} unreadable, {unreachable} unreachable")
 
     def _trace(self, keys) -> None:
         if not self.cfg.trace_samples:
@@ -509,8 +524,8 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         acc.wait_for_everyone()
         final = self._final_weights()
-        self.parallel.export(self.model, self.ema)  # model.safetensors (and the EMA's), main process only
-        summary = {**self._summary(), **final, "memory_per_process": self.parallel.memory(self.model, self.optimizer)}
+        exported = self.parallel.export(self.model, self.ema, self.hf)  # model.safetensors or shards, the EMA's, hf/
+        summary = {**self._summary(), **final, **exported, "memory_per_process": self.parallel.memory(self.model, self.optimizer)}
         checksums = self.parallel.replica_checksums(self.model)  # FSDP: none, each rank holds other shards
         if checksums is not None:
             summary["replicas_identical"] = len(set(checksums)) == 1

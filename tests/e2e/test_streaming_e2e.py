@@ -140,10 +140,12 @@ def test_unreadable_samples_are_skipped_and_counted_across_ranks(digits, tmp_pat
 
 def test_data_benchmark_runs_and_reports_ratios_per_core():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_data.py"), "--images=96", "--size=64",
-                             "--crop=32", "--batch_size=8", "--rounds=1", "--workers=0,2"],
+                             "--crop=32", "--batch_size=8", "--rounds=1", "--workers=0,2", "--imagenet=4", "--photos=1"],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "tight loop, 1 process, tarfile" in result.stdout
+    for way in ("torchvision reference", "launcher default", "PIL draft", "simplejpeg"):  # on both sets
+        assert len(re.findall(rf"{way}.* images/s per core +\d+\.\d\dx the reference", result.stdout)) == 2, way
     assert "tight loop, 1 process, launcher's reader" in result.stdout
     for workers in (1, 2):  # 0 workers: one process, so its ratio is to 1 x tight
         found = re.search(rf"pipeline / \({workers} x tight\) = (\d+\.\d+) \(tarfile\), (\d+\.\d+) \(launcher's reader\)",

@@ -249,13 +249,16 @@ def test_labels_and_pixels_survive_the_round_trip(tmp_path):
             assert int(y) == i % 3 and torch.all(x == i % 256)
 
 
-def test_pipe_sources_stream_through_a_command_with_an_explicit_index(tmp_path):
+def test_pipe_sources_stream_through_a_command_with_the_index_beside_its_shard_or_named(tmp_path):
     source = make_shards(tmp_path, [4, 6])
     index = read_index(source)
     urls = [f"pipe:cat {url}" for url in index.urls]
-    with pytest.raises(ConfigError, match="pipe: sources need an index"):
+    assert read_index(urls).counts == [4, 6]  # beside the shard each command names
+    named = tmp_path / "elsewhere.json"
+    (tmp_path / "index.json").rename(named)
+    with pytest.raises(ConfigError, match="remote shards need one"):
         read_index(urls)
-    loader = SplitLoader(Shards(urls, to_tensor, index=str(tmp_path / "index.json")), rank=0, world=1, seed=0,
+    loader = SplitLoader(Shards(urls, to_tensor, index=str(named)), rank=0, world=1, seed=0,
                          batch_size=4, num_workers=0, training=False)
     assert loader.total == 10
     assert sorted(keys_of(loader.loader(0))) == [f"s{i:04d}" for i in range(10)]

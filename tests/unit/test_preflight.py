@@ -15,7 +15,7 @@ from launcher import DataSpec, Shards, TrainConfig, fields
 from launcher.config import ConfigError
 from launcher.data import image_folder
 from launcher.data.writer import shard_image_folder
-from launcher.presets import eval_transform, normalize, train_transform
+from launcher.presets import EvalCrop, TrainCrop, eval_transform, normalize, train_transform
 from launcher.recipe import Recipe
 from launcher.train.build import build_parts
 
@@ -56,7 +56,7 @@ def test_a_preset_or_transform_class_passed_uncalled_is_refused_when_the_data_sp
 def test_the_called_presets_make_a_data_spec():
     spec = DataSpec(train=Shards("shards", train_transform(8), batch_transform=normalize()),
                     val=Shards("shards", eval_transform(8), decode=fields("png", "cls"), batch_transform=normalize()))
-    assert isinstance(spec.train.transform, v2.Compose)
+    assert isinstance(spec.train.transform, TrainCrop) and isinstance(spec.val.transform, EvalCrop)
 
 
 def test_pre_flight_names_a_batch_transform_passed_uncalled(folder, tmp_path):
