@@ -12,6 +12,11 @@ A recipe module defines:
                                  `launcher predict` on inputs that are not images (optional)
   shard_units(cfg, model)     -> the modules (or their names) that become FSDP shard units and
                                  activation-checkpointing units (optional: the repeated blocks)
+  allowed_missing(cfg)        -> fnmatch patterns of the trainable parameters that pretrained weights may
+                                 leave unloaded (a new head, adapters); any other unloaded one is refused
+                                 (optional: none; a recipe's own load_weights call takes allow_missing=)
+  tokenizer_dir(cfg)          -> a directory whose tokenizer files OUTPUT_DIR/hf/ gets beside the model
+                                 (optional: none; OUTPUT_DIR/hf/ is written for transformers models)
 """
 
 from __future__ import annotations
@@ -70,6 +75,14 @@ class Recipe:
     def shard_units(self, cfg, model) -> list | None:
         build = getattr(self.module, "shard_units", None)
         return list(build(cfg, model)) if build else None
+
+    def allowed_missing(self, cfg) -> list[str]:
+        build = getattr(self.module, "allowed_missing", None)
+        return list(build(cfg)) if build else []
+
+    def tokenizer_dir(self, cfg) -> str:
+        build = getattr(self.module, "tokenizer_dir", None)
+        return str(build(cfg) or "") if build else ""
 
     @property
     def source_path(self) -> str | None:

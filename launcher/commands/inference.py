@@ -35,7 +35,7 @@ from launcher.data.spec import Shards
 from launcher.data.tar_reader import printable
 from launcher.recipe import Recipe
 from launcher.runtime import run_config
-from launcher.runtime.weights import misfit, read_state_dict
+from launcher.runtime.weights import load_exactly
 from launcher.train.evaluation import evaluate_split
 from launcher.train.metrics import TaskMetrics, is_accuracy, per_class_accuracy
 from launcher.train.preflight import blame, preflight
@@ -51,13 +51,10 @@ def load_model(cfg: TrainConfig, recipe: Recipe, checkpoint: str) -> torch.nn.Mo
     if hasattr(cfg, "weights"):
         cfg = dataclasses.replace(cfg, weights="")  # the checkpoint replaces any initial weights
     model = recipe.build_model(cfg)
-    state = read_state_dict(checkpoint)
-    own = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    problem = misfit(own, {key: tuple(value.shape) for key, value in state.items()})
+    problem = load_exactly(model, checkpoint)
     if problem:
         raise ConfigError(f"checkpoint {checkpoint} does not fit {recipe.name}'s model ({problem})"
                           + run_config.flags_hint(cfg, run_config.saved_config(checkpoint)[0]))
-    model.load_state_dict(state)
     return model.eval()
 
 
@@ -140,8 +137,8 @@ def describe_weights(checkpoint: str) -> tuple[str, int | None]:
         step = _read_json(os.path.join(directory, STATE_FILE)).get("step")
         return f"checkpoint {directory} (step {step})", step if isinstance(step, int) else None
     summary = _read_json(os.path.join(directory, "summary.json"))
-    name = "model.safetensors" if os.path.isdir(checkpoint) else os.path.basename(checkpoint)
-    if name == "model.safetensors":  # --final_weights=best: the best step's
+    name = os.path.basename(checkpoint).removesuffix(".index.json") if os.path.isfile(checkpoint) else "model.safetensors"
+    if name == "model.safetensors":  # one file, or shards with an index  # --final_weights=best: the best step's
         what, step = "final weights", summary.get("final_weights_step", summary.get("steps"))
     else:
         what, step = "final EMA weights", summary.get("steps") if name == "model_ema.safetensors" else None

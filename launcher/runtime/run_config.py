@@ -134,9 +134,10 @@ def check_model_fits(path: str, model, cfg: TrainConfig) -> None:
     weights = os.path.join(path, "model.safetensors")
     if not os.path.isfile(weights):
         return
-    from launcher.runtime.weights import misfit, safetensors_shapes, shapes
+    from launcher.runtime.weights import fit_problem, open_weights
 
-    problem = misfit(shapes(model.state_dict()), safetensors_shapes(weights))
+    with open_weights(weights) as files:
+        problem = fit_problem(model, files)
     if problem:
         saved = read_state(path).get("config") or {}
         raise ConfigError(f"checkpoint {path} does not fit the model ({problem}){flags_hint(cfg, saved)}")

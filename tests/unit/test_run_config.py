@@ -16,7 +16,7 @@ from launcher.commands.inference import load_model
 from launcher.config import RESULT_NEUTRAL, ConfigError, TrainConfig, inherit
 from launcher.recipe import load_recipe
 from launcher.runtime import checkpoints, run_config
-from launcher.runtime.weights import misfit, shapes
+from launcher.runtime.weights import fit_problem, open_weights
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +110,14 @@ def test_weights_that_do_not_fit_name_the_first_differences_and_the_flags_that_d
         load_model(asked, mlp, str(run))
     assert str(evaluated.value) == f"checkpoint {run} does not fit mlp_digits's model ({expected}"
     # a DDP-wrapped checkpoint's names fit; other layers are named as missing or unexpected
-    wrapped = {f"module.{key}": value for key, value in trained.state_dict().items()}
-    assert misfit(shapes(trained.state_dict()), shapes(wrapped)) == ""
     deeper = nn.Sequential(*trained, nn.ReLU(), nn.Linear(10, 10))
-    assert misfit(shapes(deeper.state_dict()), shapes(trained.state_dict())) == (
-        "missing from the checkpoint: 5.weight, 5.bias")
-    assert misfit(shapes(trained.state_dict()), shapes(deeper.state_dict())) == "not in the model: 5.weight, 5.bias"
+    for name, model in (("wrapped", trained), ("deeper", deeper)):
+        save_file({f"module.{key}": value for key, value in model.state_dict().items()}, str(tmp_path / f"{name}.safetensors"))
+    with open_weights(str(tmp_path / "wrapped.safetensors")) as wrapped, \
+            open_weights(str(tmp_path / "deeper.safetensors")) as saved_deeper:
+        assert fit_problem(trained, wrapped) == ""
+        assert fit_problem(deeper, wrapped) == "missing from the checkpoint: 5.weight, 5.bias"
+        assert fit_problem(trained, saved_deeper) == "not in the model: module.5.weight, module.5.bias"
 
 
 def test_grad_accum_steps_is_refused_on_the_checkpoints_world_size_and_rescaled_on_another(tmp_path):
