@@ -127,16 +127,18 @@ def run_dir_of(path: str) -> str | None:
     return None
 
 
-def check_model_fits(path: str, model, cfg: TrainConfig) -> None:
+def check_model_fits(path: str, model, cfg: TrainConfig, frozen_base: frozenset[str] = frozenset()) -> None:
     """Before loading checkpoint `path` into `model` (a whole one: DDP's, not FSDP's sharded):
     a model.safetensors of other tensor names or shapes is one line naming the first differences
-    and the flags that differ from the checkpoint's config, not Accelerate's cut-off error."""
+    and the flags that differ from the checkpoint's config, not Accelerate's cut-off error. A PEFT
+    model's checkpoint holds all but its `frozen_base`."""
     weights = os.path.join(path, "model.safetensors")
     if not os.path.isfile(weights):
         return
     from launcher.runtime.weights import misfit, safetensors_shapes, shapes
 
-    problem = misfit(shapes(model.state_dict()), safetensors_shapes(weights))
+    own = {key: shape for key, shape in shapes(model.state_dict()).items() if key not in frozen_base}
+    problem = misfit(own, safetensors_shapes(weights))
     if problem:
         saved = read_state(path).get("config") or {}
         raise ConfigError(f"checkpoint {path} does not fit the model ({problem}){flags_hint(cfg, saved)}")
