@@ -317,10 +317,10 @@ def copy_matched(model: nn.Module, files: WeightFiles, matched: dict[str, str]) 
 
 # ---- whether a checkpoint fits a model exactly (resume, evaluate, predict) ---------------------
 
-def fit_problem(model: nn.Module, files: WeightFiles) -> str:
-    """'' if `files` hold exactly the model's tensors (tied ones once is enough) with its shapes, else
-    the first differences in one line (`misfit`)."""
-    own = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+def fit_problem(model: nn.Module, files: WeightFiles, skip: frozenset[str] = frozenset()) -> str:
+    """'' if `files` hold exactly the model's tensors (tied ones once is enough) but those in `skip`
+    (a PEFT model's frozen base) with its shapes, else the first differences in one line (`misfit`)."""
+    own = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items() if name not in skip}
     matched = match_keys(files.names, own)
     found = {name: files.shape(file_name) for name, file_name in matched.items()}
     found.update({name: files.shape(name) for name in set(files.names) - set(matched.values())})
