@@ -323,7 +323,8 @@ def fit_problem(model: nn.Module, files: WeightFiles, skip: frozenset[str] = fro
     own = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items() if name not in skip}
     matched = match_keys(files.names, own)
     found = {name: files.shape(file_name) for name, file_name in matched.items()}
-    found.update({name: files.shape(name) for name in set(files.names) - set(matched.values())})
+    used = set(matched.values())
+    found.update({name: files.shape(name) for name in files.names if name not in used})  # by the file's own names
     names = aliases(model)
     expected = {name: shape for name, shape in own.items()
                 if name in matched or not any(alias in matched for alias in names.get(name, []))}
