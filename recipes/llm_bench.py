@@ -68,6 +68,11 @@ def build_model(cfg: Config) -> nn.Module:
     return LlamaForCausalLM(llama_config(cfg))
 
 
+def hf_model(cfg: Config, model: nn.Module) -> None:
+    """No OUTPUT_DIR/hf/: a benchmark's random weights are not worth a second copy."""
+    return None
+
+
 def build_data(cfg: Config) -> DataSpec:
     if cfg.seq_len < 1 or cfg.rows < 1:
         raise ConfigError(f"--seq_len and --rows must be >= 1, got {cfg.seq_len} and {cfg.rows}")

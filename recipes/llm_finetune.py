@@ -7,7 +7,9 @@
 `--weights` names the directory as `save_pretrained` or `huggingface-cli download` writes it:
 config.json, the weights (safetensors, sharded or not) and the tokenizer. The model is built from
 the config and loaded with launcher.load_weights; with `--lora_rank` > 0 peft wraps it and only
-the adapters train. The decoder layers are the FSDP shard units.
+the adapters train. The decoder layers are the FSDP shard units. At the end the run writes the
+fine-tuned model as `save_pretrained` does, with the tokenizer files, to OUTPUT_DIR/hf/ (with LoRA:
+the adapters to OUTPUT_DIR/adapter/, and the merged model to OUTPUT_DIR/hf/ with --export_merged).
 
 Data: supervised fine-tuning on text that ships with Python. Every documented function of the
 `modules` (standard library, read with `ast` from the source files, never imported) gives one
@@ -231,9 +233,14 @@ def build_model(cfg: Config) -> nn.Module:
 
 
 def build_schedule(cfg: Config, model: nn.Module) -> Schedule:
-    if cfg.lora_rank:  # the adapters train; the base model stays as loaded
-        return Schedule(groups=[Group("adapters", ["*lora_*"]), Group("base", ["*"], frozen=True)])
+    """Every weight trains, norms without weight decay; with LoRA the same group holds the adapters
+    alone (peft's frozen base joins no group)."""
     return Schedule(groups=[Group("all")], no_decay_norm_bias=True)
+
+
+def tokenizer_dir(cfg: Config) -> str:
+    """Its tokenizer files are copied beside the exported model (OUTPUT_DIR/hf/)."""
+    return cfg.tokenizer or cfg.weights
 
 
 def shard_units(cfg: Config, model: nn.Module) -> list[nn.Module]:

@@ -8,7 +8,8 @@ docstrings, short examples, a stand-in model written by scripts/make_tiny_llama.
 
 from launcher import variant
 from recipes.llm_finetune import Config as Base
-from recipes.llm_finetune import build_data, build_model, build_schedule, compute_loss, shard_units  # noqa: F401
+from recipes.llm_finetune import (build_data, build_model, build_schedule, compute_loss, shard_units,  # noqa: F401
+                                  tokenizer_dir)
 
 Config = variant(Base, weights="data/tiny_llama", data_dir="data/docstrings_tiny",
                  modules=("textwrap", "shlex", "heapq", "queue", "base64", "contextlib"), block_size=128, batch_size=8,
