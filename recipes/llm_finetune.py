@@ -1,10 +1,10 @@
 """Fine-tune a pretrained causal LM from a Hugging Face directory to write docstrings.
 
-    huggingface-cli download meta-llama/Llama-3.2-1B --local-dir models/llama-3.2-1b
+    hf download meta-llama/Llama-3.2-1B --local-dir models/llama-3.2-1b --exclude "original/*"
     accelerate launch -m launcher recipes/llm_finetune --weights=models/llama-3.2-1b --mixed_precision=bf16
     accelerate launch -m launcher recipes/llm_finetune --weights=... --lora_rank=16 --data_parallel=fsdp
 
-`--weights` names the directory as `save_pretrained` or `huggingface-cli download` writes it:
+`--weights` names the directory as `save_pretrained` or `hf download` (huggingface-cli) writes it:
 config.json, the weights (safetensors, sharded or not) and the tokenizer. The model is built from
 the config and loaded with launcher.load_weights; with `--lora_rank` > 0 peft wraps it and only
 the adapters train. The decoder layers are the FSDP shard units. At the end the run writes the
