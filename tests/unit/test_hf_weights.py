@@ -191,3 +191,11 @@ def test_the_final_weights_in_several_shards_and_the_hf_layout_load_back_bitwise
     assert ("lm_head.weight" in index) != config.tie_word_embeddings  # tied: saved once, as transformers does
     assert (out / "hf" / "generation_config.json").exists()
     assert transformers.AutoTokenizer.from_pretrained(str(out / "hf"))("a")["input_ids"] == [1]
+
+
+def test_max_shard_size_takes_transformers_notation_and_refuses_anything_else():
+    from launcher.config import TrainConfig, size_in_bytes
+
+    assert (size_in_bytes("5GB"), size_in_bytes("20KB"), size_in_bytes("1.5 MiB")) == (5 * 10**9, 20_000, 1_572_864)
+    with pytest.raises(ConfigError, match="--max_shard_size must be a size like 5GB, 500MB or 20KB, got '5 gigs'"):
+        TrainConfig(max_shard_size="5 gigs").validate()
