@@ -19,7 +19,7 @@ class Config(TrainConfig):
     layers: int = 2  # decoder layers
     vocab: int = 256  # token ids
     seq_len: int = 16  # tokens per sample
-    lora_rank: int = 4  # LoRA's r
+    lora_rank: int = 4  # LoRA's r (0: no LoRA, the whole model trains: the full checkpoint to compare with)
     base_seed: int = 0  # the base's random weights (another seed: another "pretrained" base)
     layer_decay: float = 1.0  # the adapters of layer i train at lr x layer_decay^(layers - i)
     output_dir: str = "runs/lora_llama"
@@ -45,6 +45,8 @@ def base_model(cfg: Config):
 def build_model(cfg: Config):
     from peft import LoraConfig, get_peft_model
 
+    if not cfg.lora_rank:
+        return base_model(cfg)
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, target_modules=["q_proj", "v_proj"],
                       lora_dropout=0.0, init_lora_weights=True)
     return get_peft_model(base_model(cfg), lora)
