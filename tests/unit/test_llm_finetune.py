@@ -15,7 +15,7 @@ import torch
 from launcher.config import ConfigError
 from recipes import llm_finetune
 from recipes.llm_finetune_tiny import Config as TinyConfig
-from scripts.make_tiny_llama import byte_tokenizer, main as make_tiny_llama
+from scripts.make_tiny_llama import byte_tokenizer, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +73,10 @@ def test_the_split_depends_on_each_name_alone_and_is_cached(tmp_path):
     assert llm_finetune.cached_pairs(cfg)["train"] == alone["val"]
 
 
-def test_the_shard_units_are_the_decoder_layers_with_and_without_lora(tmp_path):
-    directory = make_tiny_llama(out=str(tmp_path / "llama"))
-    from transformers import AutoModelForCausalLM
+def test_the_shard_units_are_the_decoder_layers_with_and_without_lora():
     from peft import LoraConfig, get_peft_model
 
-    model = AutoModelForCausalLM.from_pretrained(directory)
+    model = tiny_llama(vocab_size=259, hidden=32, layers=2, heads=4, kv_heads=2, tie_embeddings=True, seed=0)
     assert llm_finetune.shard_units(TinyConfig(), model) == list(model.model.layers)
     wrapped = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
     assert llm_finetune.shard_units(TinyConfig(), wrapped) == list(wrapped.base_model.model.model.layers)
