@@ -211,7 +211,7 @@ def build_data(cfg: Config) -> DataSpec:
 def _check_weights(cfg: Config) -> None:
     if not cfg.weights or not os.path.isfile(os.path.join(cfg.weights, "config.json")):
         raise ConfigError(f"--weights must name a Hugging Face model directory with config.json, got {cfg.weights!r}; "
-                          "download one (huggingface-cli download NAME --local-dir DIR) or write a small one "
+                          "download one (hf download NAME --local-dir DIR) or write a small one "
                           "with scripts/make_tiny_llama.py")
 
 
