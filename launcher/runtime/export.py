@@ -50,13 +50,11 @@ class HFLayout:
 
 
 def is_transformers_model(module: nn.Module) -> bool:
-    """A transformers PreTrainedModel, by its duck type (transformers is never imported here). A peft
-    model has both methods too (forwarded to its base): it is exported by launcher/train/adapters.py."""
-    from launcher.train.adapters import is_peft_model
-
+    """A transformers PreTrainedModel, by its duck type (transformers is never imported here); not a
+    peft model (`peft_config`), whose state_dict names the adapters' wrapping: it exports its own way."""
     config = getattr(module, "config", None)
     return (callable(getattr(module, "save_pretrained", None)) and callable(getattr(config, "save_pretrained", None))
-            and not is_peft_model(module))
+            and not hasattr(module, "peft_config"))
 
 
 def hf_layout(cfg, recipe, model: nn.Module) -> HFLayout | None:
