@@ -7,7 +7,8 @@ The checkpoint is a run's output_dir (its final model.safetensors), one of its
 checkpoints/step-N directories (RUN_DIR/best: the one checkpoints/best.json names, resolved by the
 CLI), or a .safetensors/.pth file (model_ema.safetensors for the EMA weights). The model and data
 are built from the config the run saved (the CLI takes every field not given on the command line
-from it); the weights must fit the model exactly. `evaluate` runs on every process of an
+from it); the weights must fit the model exactly, except that a PEFT run's checkpoint holds its
+adapters alone, which go onto the base the recipe builds (with the run's --weights). `evaluate` runs on every process of an
 `accelerate launch` (each sample counted once) and reports the task's metrics and which step's
 weights it evaluated; `predict` runs on one device (a GPU if present). Its inputs are images or
 image directories, or, for a recipe with
@@ -36,6 +37,7 @@ from launcher.data.tar_reader import printable
 from launcher.recipe import Recipe
 from launcher.runtime import run_config
 from launcher.runtime.weights import misfit, read_state_dict
+from launcher.train import adapters
 from launcher.train.evaluation import evaluate_split
 from launcher.train.metrics import TaskMetrics, is_accuracy, per_class_accuracy
 from launcher.train.preflight import blame, preflight
@@ -48,16 +50,20 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 def load_model(cfg: TrainConfig, recipe: Recipe, checkpoint: str) -> torch.nn.Module:
     if not checkpoint:
         raise ConfigError("--checkpoint is required: a run's output_dir, a checkpoints/step-N directory or a weights file")
+    given = cfg
     if hasattr(cfg, "weights"):
         cfg = dataclasses.replace(cfg, weights="")  # the checkpoint replaces any initial weights
     model = recipe.build_model(cfg)
     state = read_state_dict(checkpoint)
-    own = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    base = adapters.missing_base(model, state)  # a PEFT run's checkpoint: the adapters, onto the recipe's base
+    if base and given is not cfg:
+        model = recipe.build_model(given)  # the base from the run's --weights
+    own = {key: tuple(value.shape) for key, value in model.state_dict().items() if key not in base}
     problem = misfit(own, {key: tuple(value.shape) for key, value in state.items()})
     if problem:
         raise ConfigError(f"checkpoint {checkpoint} does not fit {recipe.name}'s model ({problem})"
                           + run_config.flags_hint(cfg, run_config.saved_config(checkpoint)[0]))
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=not base)
     return model.eval()
 
 
