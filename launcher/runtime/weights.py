@@ -355,10 +355,18 @@ def misfit(expected: dict[str, tuple], found: dict[str, tuple], shown: int = SHO
     return "; ".join(parts)
 
 
-def load_exactly(model: nn.Module, source: str) -> str:
-    """Load checkpoint `source` into `model` if it fits exactly (`fit_problem`); return the problem, or ''."""
+def load_exactly(model: nn.Module, source: str, skip: frozenset[str] = frozenset()) -> str:
+    """Load checkpoint `source` into `model` if it fits exactly (`fit_problem`) but for the tensors in
+    `skip` (a PEFT model's frozen base, left as built); return the problem, or ''."""
     with open_weights(source) as files:
-        problem = fit_problem(model, files)
+        problem = fit_problem(model, files, skip=skip)
         if not problem:
-            copy_matched(model, files, match_keys(files.names, model.state_dict()))
+            own = {name: tensor for name, tensor in model.state_dict().items() if name not in skip}
+            copy_matched(model, files, match_keys(files.names, own))
     return problem
+
+
+def tensor_names(source: str) -> set[str]:
+    """The names of the tensors `source` holds, as its files name them (nothing is read but headers)."""
+    with open_weights(source) as files:
+        return set(files.names)

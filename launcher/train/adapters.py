@@ -80,6 +80,13 @@ def frozen_base(model: nn.Module) -> frozenset[str]:
     return frozenset(name for name, param in model.named_parameters() if not param.requires_grad)
 
 
+def missing_base(model: nn.Module, state: dict) -> frozenset[str]:
+    """The frozen base's names if `state` (a checkpoint's tensors) is a PEFT model's checkpoint,
+    which holds none of them (the recipe builds the base); else empty."""
+    frozen = frozen_base(model)
+    return frozen if frozen and frozen.isdisjoint(state) else frozenset()
+
+
 def plan_note(model: nn.Module, frozen: frozenset[str]) -> str:
     """The plan's line on a PEFT model ('' for any other)."""
     if not frozen:
@@ -99,7 +106,8 @@ def base_fingerprint(model: nn.Module, frozen: frozenset[str]) -> str:
     for name, param in model.named_parameters():
         if name not in frozen:
             continue
-        first_row = sharding.local(param.detach())[:1].cpu().contiguous()
+        mine = sharding.local(param.detach())
+        first_row = (mine.reshape(1) if mine.ndim == 0 else mine[:1]).cpu().contiguous()
         digest.update(f"{name}:{tuple(param.shape)}:{param.dtype};".encode())
         digest.update(first_row.view(torch.uint8).numpy().tobytes() if first_row.numel() else b"")
     return f"xxh3_64:{digest.hexdigest()} over {len(frozen)} frozen tensors"

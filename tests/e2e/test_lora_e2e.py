@@ -27,11 +27,11 @@ SCALING = 2.0  # lora_alpha / r in the recipe
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """DDP uninterrupted (with the merged export); FSDP killed in step 6's save, then resumed."""
+    """DDP uninterrupted; FSDP killed in step 6's save, then resumed; both export the merged model."""
     root = tmp_path_factory.mktemp("lora")
     out = {mode: root / mode for mode in ("ddp", "fsdp")}
     launcher(RECIPE, f"--output_dir={out['ddp']}", *ARGS, "--export_merged", processes=2)
-    fsdp = [RECIPE, f"--output_dir={out['fsdp']}", *ARGS, "--data_parallel=fsdp"]
+    fsdp = [RECIPE, f"--output_dir={out['fsdp']}", *ARGS, "--data_parallel=fsdp", "--export_merged"]
     killed = launcher(*fsdp, processes=2, check=False, env=dict(child_env(), LAUNCHER_TEST_KILL_AT="6:unsynced"))
     assert killed.returncode != 0 and not (out["fsdp"] / "checkpoints" / "step-00000006").exists()
     out["resumed"] = launcher(*fsdp, "--resume=auto", processes=2).stdout
@@ -93,6 +93,8 @@ def test_the_adapter_reloads_in_peft_and_the_merged_export_is_base_plus_scaled_b
     final = load_file(str(runs["ddp"] / "model.safetensors"))
     merged = LlamaForCausalLM.from_pretrained(str(runs["ddp"] / "hf")).state_dict()
     assert len(merged) == 21
+    gathered = load_file(str(runs["fsdp"] / "hf" / "model.safetensors"))  # merged from FSDP's shards
+    assert gathered.keys() == merged.keys() and all(torch.equal(gathered[k], merged[k]) for k in merged)
     for layer in range(2):
         for projection in ("q_proj", "v_proj"):
             prefix = f"base_model.model.model.layers.{layer}.self_attn.{projection}"
@@ -111,6 +113,7 @@ def test_a_resume_onto_another_base_is_refused_and_evaluate_reads_the_run(runs, 
                        "--resume_changes=allow", "--data_parallel=fsdp", check=False)  # 1 process: DCP reshards
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "trained adapters on another base model" in refused.stderr.strip().splitlines()[-1]
-    evaluated = launcher("evaluate", f"--checkpoint={runs['ddp']}", f"--out={tmp_path / 'evaluation'}")
+    # the best checkpoint (step 8) holds the adapters alone: evaluate puts them on the recipe's base
+    evaluated = launcher("evaluate", f"--checkpoint={runs['ddp']}/best", f"--out={tmp_path / 'evaluation'}")
     result = json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())
     assert result["val/loss"] == pytest.approx(losses(runs["ddp"], "val/loss")[-1], abs=1e-6), evaluated.stdout

@@ -17,7 +17,7 @@ from conftest import ROOT
 from launcher.config import ConfigError
 from launcher.optim.groups import apply_freezing, assign_groups, build_optimizer
 from launcher.recipe import load_recipe
-from launcher.runtime import checkpoints
+from launcher.runtime import checkpoints, run_config
 from launcher.train import adapters
 
 RECIPE = load_recipe(str(ROOT / "tests" / "recipes" / "lora_llama.py"))
@@ -71,6 +71,10 @@ def test_a_ddp_checkpoint_holds_the_adapters_and_resumes_them_bitwise_onto_the_r
     assert sum(t.numel() for t in saved.values()) / whole < 0.03
 
     acc2, model2, optimizer2, frozen2 = prepared()  # the recipe rebuilds the same base, fresh adapters
+    cfg = RECIPE.default_config()
+    run_config.check_model_fits(path, model2, cfg, frozen2)  # the adapters fit
+    with pytest.raises(ConfigError, match=r"does not fit the model \(missing from the checkpoint: base_model"):
+        run_config.check_model_fits(path, model2, cfg)  # as a whole model, the base is missing
     checkpoints.load(acc2, path, frozen_base=frozen2)
     for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(a, b), name
