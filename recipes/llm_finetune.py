@@ -1,15 +1,17 @@
 """Fine-tune a pretrained causal LM from a Hugging Face directory to write docstrings.
 
     hf download meta-llama/Llama-3.2-1B --local-dir models/llama-3.2-1b --exclude "original/*"
-    accelerate launch -m launcher recipes/llm_finetune --weights=models/llama-3.2-1b --mixed_precision=bf16
-    accelerate launch -m launcher recipes/llm_finetune --weights=... --lora_rank=16 --data_parallel=fsdp
+    accelerate launch -m launcher recipes/llm_finetune --model_dir=models/llama-3.2-1b --mixed_precision=bf16
+    accelerate launch -m launcher recipes/llm_finetune --model_dir=... --lora_rank=16 --data_parallel=fsdp
 
-`--weights` names the directory as `save_pretrained` or `hf download` (huggingface-cli) writes it:
-config.json, the weights (safetensors, sharded or not) and the tokenizer. The model is built from
-the config and loaded with launcher.load_weights; with `--lora_rank` > 0 peft wraps it and only
-the adapters train. The decoder layers are the FSDP shard units. At the end the run writes the
-fine-tuned model as `save_pretrained` does, with the tokenizer files, to OUTPUT_DIR/hf/ (with LoRA:
-the adapters to OUTPUT_DIR/adapter/, and the merged model to OUTPUT_DIR/hf/ with --export_merged).
+`--model_dir` names the directory as `save_pretrained` or `hf download` (huggingface-cli) writes
+it: config.json, the weights (safetensors, sharded or not) and the tokenizer. The model is built
+from its config and loaded with launcher.load_weights from `--weights`, by default the directory's
+own (`evaluate` and `predict` build it from the config alone, then load the run's checkpoint).
+With `--lora_rank` > 0 peft wraps it and only the adapters train. The decoder layers are the FSDP
+shard units. At the end the run writes the fine-tuned model as `save_pretrained` does, with the
+tokenizer files, to OUTPUT_DIR/hf/ (with LoRA: the adapters to OUTPUT_DIR/adapter/, and the merged
+model to OUTPUT_DIR/hf/ with --export_merged).
 
 Data: supervised fine-tuning on text that ships with Python. Every documented function of the
 `modules` (standard library, read with `ast` from the source files, never imported) gives one
@@ -55,6 +57,7 @@ from torch.nn.utils.rnn import pad_sequence
 from launcher import ConfigError, DataSpec, Group, Schedule, StepOutput, TrainConfig, load_weights
 
 IGNORE = -100  # label of the prompt and the padding: F.cross_entropy's ignore_index
+PRETRAINED = "pretrained"  # --weights: the weights in --model_dir
 # Prose-rich standard-library modules present in CPython 3.10 to 3.13, in a fixed order.
 MODULES = ("argparse", "typing", "dataclasses", "inspect", "logging", "textwrap", "difflib", "functools",
            "pathlib", "subprocess", "json.decoder", "json.encoder", "collections", "enum", "statistics",
@@ -69,8 +72,8 @@ MODULES = ("argparse", "typing", "dataclasses", "inspect", "logging", "textwrap"
 
 @dataclass
 class Config(TrainConfig):
-    weights: str = ""  # the pretrained model: a Hugging Face directory (config.json, safetensors, tokenizer files)
-    tokenizer: str = ""  # a directory with the tokenizer files ("": the weights directory)
+    model_dir: str = ""  # the pretrained model: a Hugging Face directory (config.json, tokenizer files, weights)
+    weights: str = PRETRAINED  # initial weights: "pretrained" (model_dir's), a launcher run, a Hugging Face directory or file; "": random
     data_dir: str = "data/docstrings"  # where the extracted (prompt, completion) pairs are cached as JSON
     modules: tuple[str, ...] = MODULES  # standard-library modules whose documented functions are the examples
     val_percent: int = 10  # percent of the examples held out for validation (by a hash of their name)
@@ -181,12 +184,12 @@ def collate(samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def load_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
-    directory = cfg.tokenizer or cfg.weights
+    directory = cfg.model_dir
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"no tokenizer in {directory} ({str(error).splitlines()[0]}); pass --tokenizer=DIR, "
-                          "a directory with tokenizer.json or the model's tokenizer files") from None
+        raise ConfigError(f"no tokenizer in {directory} ({str(error).splitlines()[0]}); --model_dir must hold "
+                          "the model's tokenizer files (tokenizer.json, tokenizer_config.json)") from None
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer in {directory} has no end-of-text token (eos_token); the completions "
                           "end with it")
@@ -194,7 +197,7 @@ def load_tokenizer(cfg: Config):
 
 
 def build_data(cfg: Config) -> DataSpec:
-    _check_weights(cfg)
+    _check_model_dir(cfg)
     if cfg.block_size < 2:
         raise ConfigError(f"--block_size must be >= 2, got {cfg.block_size}")
     if not 0 < cfg.val_percent < 100:
@@ -208,9 +211,9 @@ def build_data(cfg: Config) -> DataSpec:
 
 # ---- model --------------------------------------------------------------------------------------
 
-def _check_weights(cfg: Config) -> None:
-    if not cfg.weights or not os.path.isfile(os.path.join(cfg.weights, "config.json")):
-        raise ConfigError(f"--weights must name a Hugging Face model directory with config.json, got {cfg.weights!r}; "
+def _check_model_dir(cfg: Config) -> None:
+    if not cfg.model_dir or not os.path.isfile(os.path.join(cfg.model_dir, "config.json")):
+        raise ConfigError(f"--model_dir must name a Hugging Face model directory with config.json, got {cfg.model_dir!r}; "
                           "download one (hf download NAME --local-dir DIR) or write a small one "
                           "with scripts/make_tiny_llama.py")
 
@@ -218,11 +221,12 @@ def _check_weights(cfg: Config) -> None:
 def build_model(cfg: Config) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    _check_weights(cfg)
+    _check_model_dir(cfg)
     if cfg.lora_rank < 0:
         raise ConfigError(f"--lora_rank must be >= 0 (0: full fine-tune), got {cfg.lora_rank}")
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.weights))  # fp32: the master weights
-    load_weights(model, cfg.weights)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model_dir))  # fp32: the master weights
+    if cfg.weights:
+        load_weights(model, cfg.model_dir if cfg.weights == PRETRAINED else cfg.weights)
     if cfg.lora_rank:
         from peft import LoraConfig, get_peft_model
 
@@ -240,7 +244,7 @@ def build_schedule(cfg: Config, model: nn.Module) -> Schedule:
 
 def tokenizer_dir(cfg: Config) -> str:
     """Its tokenizer files are copied beside the exported model (OUTPUT_DIR/hf/)."""
-    return cfg.tokenizer or cfg.weights
+    return cfg.model_dir
 
 
 def shard_units(cfg: Config, model: nn.Module) -> list[nn.Module]:

@@ -3,7 +3,7 @@ config, model.safetensors and a tokenizer that AutoTokenizer loads offline. It s
 real checkpoint (`huggingface-cli download ...`) in the tests and the README.
 
     python scripts/make_tiny_llama.py --out data/tiny_llama
-    python -m launcher recipes/llm_finetune_tiny --weights=data/tiny_llama
+    python -m launcher recipes/llm_finetune_tiny --model_dir=data/tiny_llama
 
 The tokenizer is byte-level with no merges: 256 byte tokens after <pad>, <s> and </s> (259 in
 all), <s> put in front of every text, as Llama's tokenizer does. Its vocabulary is the model's.

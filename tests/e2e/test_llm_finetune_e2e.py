@@ -1,8 +1,10 @@
 """recipes/llm_finetune_tiny from a save_pretrained Llama (scripts/make_tiny_llama.py), as a user
 runs it: a full fine-tune on 1 process and LoRA under FSDP on 2; each learns, and what each
-exports loads in transformers and peft as the run's weights."""
+exports loads in transformers and peft as the run's weights, and `evaluate` reads the run back."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ RECIPE = "recipes/llm_finetune_tiny"
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("llm_finetune")
     base = make_tiny_llama(out=str(root / "tiny_llama"))
-    common = [f"--weights={base}", f"--data_dir={root / 'docstrings'}"]
+    common = [f"--model_dir={base}", f"--data_dir={root / 'docstrings'}"]
     full, lora = root / "full", root / "lora"
     launcher(RECIPE, *common, f"--output_dir={full}")
     launcher(RECIPE, *common, f"--output_dir={lora}", "--data_parallel=fsdp", "--lora_rank=4", "--lr=2e-2",
@@ -65,3 +67,9 @@ def test_the_lora_adapter_loads_in_peft_on_the_base_and_matches_the_merged_expor
         merged = AutoModelForCausalLM.from_pretrained(runs["lora"] / "hf")(input_ids=tokens).logits
     assert not torch.allclose(adapted, before, atol=1e-4)  # the adapters learned something
     torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_evaluate_builds_the_model_from_its_directory_and_reads_the_run(runs, tmp_path):
+    launcher("evaluate", str(runs["full"]), f"--out={tmp_path}")
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert evaluation["val/loss"] == pytest.approx(losses(runs["full"], "val/loss")[-1], rel=1e-6)

@@ -82,8 +82,9 @@ def test_the_shard_units_are_the_decoder_layers_with_and_without_lora():
     assert llm_finetune.shard_units(TinyConfig(), wrapped) == list(wrapped.base_model.model.model.layers)
 
 
-@pytest.mark.parametrize("weights", ["", "missing/dir"])
-def test_a_weights_directory_without_config_json_is_refused(weights):
-    cfg = dataclasses.replace(TinyConfig(), weights=weights)
-    with pytest.raises(ConfigError, match="--weights must name a Hugging Face model directory with config.json"):
-        llm_finetune.build_model(cfg)
+@pytest.mark.parametrize("model_dir", ["", "missing/dir"])
+def test_a_model_directory_without_config_json_is_refused(model_dir):
+    cfg = dataclasses.replace(TinyConfig(), model_dir=model_dir)
+    for build in (llm_finetune.build_model, llm_finetune.build_data):
+        with pytest.raises(ConfigError, match="--model_dir must name a Hugging Face model directory with config.json"):
+            build(cfg)
