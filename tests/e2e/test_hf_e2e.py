@@ -46,6 +46,7 @@ def final_checkpoint_weights(run, model) -> dict[str, torch.Tensor]:
     return state["model"]
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the test reads the DCP checkpoint in one process
 def test_an_fsdp_run_loads_the_pretrained_llama_whole_and_exports_what_transformers_loads(fsdp_run):
     import transformers
 
