@@ -8,10 +8,10 @@ checkpoints/step-N directories (RUN_DIR/best: the one checkpoints/best.json name
 CLI), or a .safetensors/.pth file (model_ema.safetensors for the EMA weights). The model and data
 are built from the config the run saved (the CLI takes every field not given on the command line
 from it); the weights must fit the model exactly, except that a PEFT run's checkpoint holds its
-adapters alone, which go onto the base the recipe builds (with the run's --weights). `evaluate` runs on every process of an
-`accelerate launch` (each sample counted once) and reports the task's metrics and which step's
-weights it evaluated; `predict` runs on one device (a GPU if present). Its inputs are images or
-image directories, or, for a recipe with
+adapters alone, which go onto the base the recipe builds (with the run's --weights). `evaluate`
+runs on every process of an `accelerate launch` (each sample counted once) and reports the task's
+metrics and which step's weights it evaluated; `predict` runs on one device (a GPU if present).
+Its inputs are images or image directories, or, for a recipe with
 `predict_sample(cfg, text)`, any text that function turns into a sample (a line of code, a row of
 features), a file that exists giving one input per line; `-` and --inputs=FILE are read one input
 per line. It prints the top-k classes of a classifier, or the predicted values of a regression, or

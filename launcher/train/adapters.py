@@ -93,7 +93,8 @@ def plan_note(model: nn.Module, frozen: frozenset[str]) -> str:
         return ""
     base = sum(p.numel() for name, p in model.named_parameters() if name in frozen)
     return (f"peft: the base's {base:,} parameters ({len(frozen)} tensors) are frozen, in no parameter group and "
-            f"in no checkpoint (rebuilt by the recipe at a resume); the adapters are exported to OUTPUT_DIR/{ADAPTER_DIR}/")
+            f"in no checkpoint (rebuilt by the recipe at a resume); the adapters are exported to "
+            f"OUTPUT_DIR/{ADAPTER_DIR}/")
 
 
 def base_fingerprint(model: nn.Module, frozen: frozenset[str]) -> str:
@@ -120,8 +121,9 @@ def check_same_base(path: str, saved: dict, fingerprint: str) -> None:
         return
     if not then or not fingerprint:
         which = "a PEFT model's adapters" if then else "a whole model"
-        raise ConfigError(f"checkpoint {path} holds {which}, this run's model is "
-                          f"{'a PEFT model' if fingerprint else 'not a PEFT model'}; resume with the recipe it was trained with")
+        now = "a PEFT model" if fingerprint else "not a PEFT model"
+        raise ConfigError(f"checkpoint {path} holds {which}, this run's model is {now}; "
+                          "resume with the recipe it was trained with")
     raise ConfigError(f"checkpoint {path} trained adapters on another base model ({then}; this run's base: "
                       f"{fingerprint}); resume with the base weights it was trained on (--weights, the recipe's model)")
 
@@ -153,6 +155,10 @@ def check_mergeable(model: nn.Module) -> None:
     if not is_peft_model(model):
         raise ConfigError("--export_merged merges a PEFT model's adapters into its base, and this recipe's model "
                           f"({type(model).__name__}) is not a peft PeftModel; drop --export_merged")
+    method = model.peft_config[model.active_adapter]
+    if getattr(method, "is_prompt_learning", False):
+        raise ConfigError(f"--export_merged merges adapter weights into the base, and {type(method).__name__} learns "
+                          f"prompts, which do not merge; drop --export_merged and use OUTPUT_DIR/{ADAPTER_DIR}/")
     base = model.get_base_model()
     if not (hasattr(base, "save_pretrained") and hasattr(base, "config")):
         raise ConfigError(f"--export_merged writes the Hugging Face layout, and the base model "
@@ -171,7 +177,8 @@ def export_merged(model: nn.Module, whole: dict[str, torch.Tensor], output_dir: 
     adapter = model.active_adapter
     with torch.device("meta"):
         copy = get_peft_model(type(base)(base.config), model.peft_config[adapter], adapter_name=adapter)
-    copy.load_state_dict(whole, assign=True, strict=False)  # non-persistent buffers (rotary frequencies) stay on meta: never written
+    # strict=False: non-persistent buffers (rotary frequencies) stay on meta, and are never written
+    copy.load_state_dict(whole, assign=True, strict=False)
     missing = [name for name, tensor in copy.state_dict().items() if tensor.is_meta]
     if missing:
         raise RuntimeError(f"the merged export lacks {len(missing)} tensors ({', '.join(missing[:3])})")

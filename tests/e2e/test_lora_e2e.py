@@ -38,15 +38,14 @@ def runs(tmp_path_factory):
     return out
 
 
-def rebuilt(base_seed: int = 0):
-    """The recipe's model as the launcher builds it (seeded first)."""
+def rebuilt(base_only: bool = False):
+    """The recipe's model as the launcher builds it (seeded first), or its base before peft wraps it."""
     from launcher.recipe import load_recipe
 
     recipe = load_recipe(RECIPE)
     cfg = recipe.default_config()
-    cfg.base_seed = base_seed
     set_seed(cfg.seed)
-    return recipe.build_model(cfg)
+    return recipe.module.base_model(cfg) if base_only else recipe.build_model(cfg)
 
 
 def losses(run_dir, key: str) -> list[float]:
@@ -88,7 +87,7 @@ def test_the_adapter_reloads_in_peft_and_the_merged_export_is_base_plus_scaled_b
 
     for mode in ("ddp", "fsdp"):
         final = load_file(str(runs[mode] / "model.safetensors"))
-        reloaded = PeftModel.from_pretrained(rebuilt().get_base_model(), str(runs[mode] / "adapter"))
+        reloaded = PeftModel.from_pretrained(rebuilt(base_only=True), str(runs[mode] / "adapter"))
         assert all(torch.equal(tensor, final[name]) for name, tensor in reloaded.state_dict().items()), mode
     final = load_file(str(runs["ddp"] / "model.safetensors"))
     merged = LlamaForCausalLM.from_pretrained(str(runs["ddp"] / "hf")).state_dict()

@@ -95,3 +95,10 @@ def test_a_resume_onto_another_base_is_refused_in_one_line():
     assert "\n" not in str(error.value)
     with pytest.raises(ConfigError, match="holds a whole model, this run's model is a PEFT model"):
         adapters.check_same_base("ckpt", {}, here)
+
+
+def test_export_merged_is_refused_in_one_line_for_a_model_peft_did_not_wrap():
+    _, model = build()
+    adapters.check_mergeable(model)
+    with pytest.raises(ConfigError, match=r"--export_merged .* \(LlamaForCausalLM\) is not a peft PeftModel; drop"):
+        adapters.check_mergeable(model.get_base_model())
