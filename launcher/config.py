@@ -146,6 +146,7 @@ class CheckpointFields:
     early_stop_patience: int = ranged(0, at_least=0)  # stop after this many evaluations without a better best_metric (0: never)
     early_stop_min_delta: float = ranged(0.0, at_least=0)  # early stopping counts an evaluation as better only if it beats the best by more than this, in best_metric's units (the best checkpoint still follows any gain)
     final_weights: Literal["last", "best"] = "last"  # what the run's model.safetensors holds: the last step's weights, or the best checkpoint's (ddp)
+    export_merged: bool = False  # a peft model: also write its adapters merged into the base, in the Hugging Face layout, to OUTPUT_DIR/hf/
     max_shard_size: str = "5GB"  # the final weights (model.safetensors, hf/) above this size are split into files of at most this size, with an index (KB, MB, GB: powers of 1000, as transformers)
     async_checkpoint: bool = False  # fsdp: write checkpoints in the background (DCP async_save); a step waits only for the copy to host memory
 

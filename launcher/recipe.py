@@ -84,12 +84,10 @@ class Recipe:
         return list(build(cfg)) if build else []
 
     def hf_model(self, cfg, model):
-        from launcher.runtime.export import is_transformers_model
-
+        """The recipe's hf_model(cfg, model); without one, `model` itself, which is exported when it
+        is a transformers model (launcher.runtime.export.hf_layout decides)."""
         choose = getattr(self.module, "hf_model", None)
-        if choose is not None:
-            return choose(cfg, model)
-        return model if is_transformers_model(model) else None
+        return choose(cfg, model) if choose is not None else model
 
     def tokenizer_dir(self, cfg) -> str:
         build = getattr(self.module, "tokenizer_dir", None)

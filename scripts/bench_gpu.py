@@ -47,6 +47,13 @@ DDP comparison with a char LM of --fsdp_layers blocks x --fsdp_width (default 24
 text shards in --data_dir (written there, or in a temporary directory, when absent):
 
     python scripts/bench_gpu.py --fsdp --steps=20 --warmup=5 --out=fsdp.json
+
+`--lm` measures a language model instead: tokens/s and MFU of a Llama of --lm_size (1b:
+Llama-3.2-1B's shape; tiny for a CPU), random init on random tokens, --lm_batch x --lm_seq tokens
+per step, FSDP on one process, --lm_compile, --lm_precision; the launcher against a plain FSDP2
+loop (scripts/bench_lm.py):
+
+    python scripts/bench_gpu.py --lm --steps=20 --warmup=10 --out=lm.json
 """
 
 from __future__ import annotations
@@ -297,7 +304,14 @@ def main(recipe: str = DEFAULT_RECIPE, arch: str | None = None, image_size: int 
          compile=(False, True), precision=("no", "bf16"), channels_last=(False, True), data_dir: str = "",
          peak_tflops: float = 0.0, out: str = "", fsdp: bool = False, fsdp_processes: int = 0,
          fsdp_layers: int = 24, fsdp_width: int = 2048, fsdp_block: int = 1024, fsdp_batch: int = 4,
-         fsdp_precision: str = "bf16", image_set: str = "crops", smoke: bool = False) -> None:
+         fsdp_precision: str = "bf16", lm: bool = False, lm_size: str = "1b", lm_seq: int = 2048, lm_batch: int = 4,
+         lm_compile: bool = True, lm_precision: str = "bf16", image_set: str = "crops", smoke: bool = False) -> None:
+    if lm:  # a Llama's tokens/s and MFU under FSDP and compile (scripts/bench_lm.py)
+        from scripts.bench_lm import main as bench_lm
+
+        bench_lm(size=lm_size, seq_len=lm_seq, batch_size=lm_batch, compile=lm_compile, precision=lm_precision,
+                 steps=steps, warmup=warmup, peak_tflops=peak_tflops, out=out and os.path.abspath(out))
+        return
     if fsdp:  # the node's GPUs: FSDP against DDP on the char LM (scripts/bench_fsdp.py)
         from scripts.bench_fsdp import main as bench_fsdp
 

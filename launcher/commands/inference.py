@@ -7,10 +7,11 @@ The checkpoint is a run's output_dir (its final model.safetensors), one of its
 checkpoints/step-N directories (RUN_DIR/best: the one checkpoints/best.json names, resolved by the
 CLI), or a .safetensors/.pth file (model_ema.safetensors for the EMA weights). The model and data
 are built from the config the run saved (the CLI takes every field not given on the command line
-from it); the weights must fit the model exactly. `evaluate` runs on every process of an
-`accelerate launch` (each sample counted once) and reports the task's metrics and which step's
-weights it evaluated; `predict` runs on one device (a GPU if present). Its inputs are images or
-image directories, or, for a recipe with
+from it); the weights must fit the model exactly, except that a PEFT run's checkpoint holds its
+adapters alone, which go onto the base the recipe builds (with the run's --weights). `evaluate`
+runs on every process of an `accelerate launch` (each sample counted once) and reports the task's
+metrics and which step's weights it evaluated; `predict` runs on one device (a GPU if present).
+Its inputs are images or image directories, or, for a recipe with
 `predict_sample(cfg, text)`, any text that function turns into a sample (a line of code, a row of
 features), a file that exists giving one input per line; `-` and --inputs=FILE are read one input
 per line. It prints the top-k classes of a classifier, or the predicted values of a regression, or
@@ -35,7 +36,8 @@ from launcher.data.spec import Shards
 from launcher.data.tar_reader import printable
 from launcher.recipe import Recipe
 from launcher.runtime import run_config
-from launcher.runtime.weights import load_exactly
+from launcher.runtime.weights import load_exactly, tensor_names
+from launcher.train import adapters
 from launcher.train.evaluation import evaluate_split
 from launcher.train.metrics import TaskMetrics, is_accuracy, per_class_accuracy
 from launcher.train.preflight import blame, preflight
@@ -48,10 +50,14 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 def load_model(cfg: TrainConfig, recipe: Recipe, checkpoint: str) -> torch.nn.Module:
     if not checkpoint:
         raise ConfigError("--checkpoint is required: a run's output_dir, a checkpoints/step-N directory or a weights file")
+    given = cfg
     if hasattr(cfg, "weights"):
         cfg = dataclasses.replace(cfg, weights="")  # the checkpoint replaces any initial weights
     model = recipe.build_model(cfg)
-    problem = load_exactly(model, checkpoint)
+    base = adapters.missing_base(model, tensor_names(checkpoint))  # a PEFT run's checkpoint: the adapters, onto the recipe's base
+    if base and given is not cfg:
+        model = recipe.build_model(given)  # the base from the run's --weights
+    problem = load_exactly(model, checkpoint, skip=base)
     if problem:
         raise ConfigError(f"checkpoint {checkpoint} does not fit {recipe.name}'s model ({problem})"
                           + run_config.flags_hint(cfg, run_config.saved_config(checkpoint)[0]))

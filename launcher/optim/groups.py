@@ -11,7 +11,9 @@ optimizer. A group frozen until an epoch or step (scheduled unfreezing) is in th
 the start with no gradient, so the optimizer's groups never change and a checkpoint from either
 side of the unfreeze resumes; at the unfreeze the loop re-wraps DDP to include it, and its LR
 warms up from 0. With `Schedule.no_decay_norm_bias`, each group's biases and norm weights (every
-parameter of one dimension or less, as in timm) form a sibling group `NAME/no_decay`.
+parameter of one dimension or less, as in timm) form a sibling group `NAME/no_decay`. A PEFT
+model's frozen base joins no group (launcher/train/adapters.py): the patterns match its adapters
+alone, so per-group LR and layer decay apply to them.
 
 Names: a recipe's `Schedule` is the bundle of its groups, its optimizer and its LR curve
 (`Schedule.lr_at`, an `LRSchedule` from launcher.optim.schedules or a function of the step); the
@@ -114,8 +116,9 @@ def matches(name: str, pattern: str) -> bool:
 
 
 def assign_groups(model: nn.Module, schedule: Schedule, lr: float, weight_decay: float,
-                  steps_per_epoch: int = 1) -> list[ParamGroup]:
-    """Split the model's parameters into the schedule's groups (first matching pattern wins)."""
+                  steps_per_epoch: int = 1, frozen_base: frozenset[str] = frozenset()) -> list[ParamGroup]:
+    """Split the model's parameters into the schedule's groups (first matching pattern wins).
+    `frozen_base`: the names of a PEFT model's frozen base (launcher/train/adapters.py), in no group."""
     pairs: list[tuple[ParamGroup, ParamGroup]] = []  # (weights, biases and norms) per schedule group
     for g in schedule.groups:
         starts_at = _starts_at(g, steps_per_epoch)
@@ -124,6 +127,8 @@ def assign_groups(model: nn.Module, schedule: Schedule, lr: float, weight_decay:
         split = schedule.no_decay_norm_bias and starts_at is not None  # never trained: nothing to split
         pairs.append((main, ParamGroup(f"{g.name}/no_decay", g, starts_at, lr=lr * g.lr_scale) if split else main))
     for name, param in model.named_parameters():
+        if name in frozen_base:
+            continue  # never trained: apply_freezing never turns its gradient on
         index = next((i for i, g in enumerate(schedule.groups) if any(matches(name, p) for p in g.patterns)), None)
         if index is None:
             raise ConfigError(f"parameter {name!r} matches no parameter group; add a pattern for it "

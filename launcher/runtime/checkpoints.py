@@ -6,7 +6,10 @@ rank-N.json) plus trainer_state.json (step, epoch, best metric, tracker run id, 
 world size), and is renamed into place by the main process only once every rank has finished.
 Under FSDP the model, optimizer and EMA are in `sharded/` instead, a torch.distributed.checkpoint
 directory that loads on any number of processes; with --async_checkpoint it is written in the
-background, and the rename waits until every rank's write is done.
+background, and the rename waits until every rank's write is done. A PEFT model's checkpoint
+holds what trains (the adapters) and its optimizer state, not the frozen base, which the recipe
+rebuilds; trainer_state.json names the base (launcher/train/adapters.py) so that a resume onto
+another is refused.
 A crash mid-save leaves the previous checkpoints as they were; a directory without
 trainer_state.json is never picked for resuming. Only after a new checkpoint is in place are old
 ones pruned: the newest `keep_checkpoints` stay, and the best one (best.json names it).
@@ -247,10 +250,11 @@ class PendingSave:
 
 
 def save(accelerator: Accelerator, output_dir: str, state: dict, rank_state: dict | None = None,
-         write_shards=None) -> PendingSave:
-    """Write a checkpoint into its temporary directory: the training state (state_files), then
-    `write_shards(path)` (FSDP's DCP files; it may return a future of a background write), each
-    rank's data position, trainer_state.json. Call `finish()` on the result to put it in place."""
+         write_shards=None, frozen_base: frozenset[str] = frozenset()) -> PendingSave:
+    """Write a checkpoint into its temporary directory: the training state (state_files, without a
+    PEFT model's `frozen_base`), then `write_shards(path)` (FSDP's DCP files; it may return a future
+    of a background write), each rank's data position, trainer_state.json. Call `finish()` on the
+    result to put it in place."""
     root = os.path.join(output_dir, "checkpoints")
     name = f"step-{state['step']:08d}"
     temporary = os.path.join(root, f".tmp-{name}")
@@ -259,7 +263,7 @@ def save(accelerator: Accelerator, output_dir: str, state: dict, rank_state: dic
         os.makedirs(temporary)
     accelerator.wait_for_everyone()
     with space_checked(temporary, os.path.join(root, name)):
-        state_files.write(accelerator, temporary)
+        state_files.write(accelerator, temporary, frozen_base)
         writing = write_shards(temporary) if write_shards is not None else None
         if os.environ.get(KILL_DURING_SAVE) == str(state["step"]):
             os.kill(os.getpid(), signal.SIGKILL)  # model and optimizer written (or being written), the rest not: a torn save
@@ -414,9 +418,11 @@ def _read_state_json(path: str) -> dict:
     return state
 
 
-def load(accelerator: Accelerator, path: str, sharded: bool = False, read_shards=None) -> tuple[dict, dict | None]:
+def load(accelerator: Accelerator, path: str, sharded: bool = False, read_shards=None,
+         frozen_base: frozenset[str] = frozenset()) -> tuple[dict, dict | None]:
     """(trainer state, this rank's state or None if the checkpoint has none for it); then
-    `read_shards(path)` loads an FSDP checkpoint's DCP files."""
+    `read_shards(path)` loads an FSDP checkpoint's DCP files. `frozen_base`: what a PEFT model's
+    checkpoint leaves out."""
     has_shards = os.path.isdir(os.path.join(path, SHARDED_DIR))
     if has_shards != sharded:
         written, wanted = ("fsdp", "ddp") if has_shards else ("ddp", "fsdp")
@@ -429,7 +435,7 @@ def load(accelerator: Accelerator, path: str, sharded: bool = False, read_shards
         if os.path.isfile(rank_file):
             with open(rank_file) as f:
                 rank_state = json.load(f)
-        state_files.read(accelerator, path)
+        state_files.read(accelerator, path, frozen_base)
         if read_shards is not None:
             read_shards(path)
     except ConfigError:

@@ -62,7 +62,7 @@ def hf_layout(cfg, recipe, model: nn.Module) -> HFLayout | None:
     model, or the one the recipe's hf_model(cfg, model) names inside its own; its tokenizer_dir(cfg)
     must hold tokenizer files."""
     inner = recipe.hf_model(cfg, model)
-    if inner is None:
+    if inner is None or (inner is model and not is_transformers_model(model)):
         return None
     names = {module: name for name, module in model.named_modules()}
     if inner not in names or not is_transformers_model(inner):

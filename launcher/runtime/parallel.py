@@ -25,8 +25,9 @@ class Replicated:
 
     sharded = False
 
-    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, units):
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, units, frozen_base: frozenset[str] = frozenset()):
         self.cfg, self.accelerator, self.units = cfg, accelerator, units
+        self.frozen_base = frozen_base  # a PEFT model's base: not in checkpoints (launcher/train/adapters.py)
         self.checksums = ReplicaChecksums(accelerator.device, accelerator.num_processes)
         self.memory = MemoryReport(accelerator.device, accelerator.num_processes)
 
@@ -100,8 +101,8 @@ class Sharded(Replicated):
 
     sharded = True
 
-    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, units):
-        super().__init__(cfg, accelerator, units)
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, units, frozen_base: frozenset[str] = frozenset()):
+        super().__init__(cfg, accelerator, units, frozen_base)
         self.own_group = sharding.ensure_process_group(accelerator.device)
         self.checkpointer = sharding.ShardedCheckpointer(cfg.async_checkpoint)
         self.summed = sharding.summed_gradients(accelerator.device)  # then divided here (README, "Known problems")
@@ -146,10 +147,10 @@ class Sharded(Replicated):
 
     def write_shards(self, path: str, model, optimizer, ema):
         self.before_evaluation(model, ema)  # one rank's buffers are saved: make them everyone's
-        return self.checkpointer.save(path, sharding.sharded_state(model, optimizer.optimizer, ema))
+        return self.checkpointer.save(path, sharding.sharded_state(model, optimizer.optimizer, ema, self.frozen_base))
 
     def read_shards(self, path: str, model, optimizer, ema) -> None:
-        self.checkpointer.load(path, model, optimizer.optimizer, ema)
+        self.checkpointer.load(path, model, optimizer.optimizer, ema, self.frozen_base)
 
     def load_checkpoint_weights(self, model: nn.Module, path: str) -> None:
         raise ConfigError("--final_weights=best needs --data_parallel=ddp")  # refused by TrainConfig.validate
@@ -162,8 +163,9 @@ class Sharded(Replicated):
             torch.distributed.destroy_process_group()
 
 
-def build_parallel(cfg: TrainConfig, accelerator: Accelerator, units) -> Replicated:
-    return (Sharded if cfg.data_parallel == "fsdp" else Replicated)(cfg, accelerator, units)
+def build_parallel(cfg: TrainConfig, accelerator: Accelerator, units,
+                   frozen_base: frozenset[str] = frozenset()) -> Replicated:
+    return (Sharded if cfg.data_parallel == "fsdp" else Replicated)(cfg, accelerator, units, frozen_base)
 
 
 def optimizer_slots(factory) -> float:

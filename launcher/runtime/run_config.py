@@ -127,17 +127,18 @@ def run_dir_of(path: str) -> str | None:
     return None
 
 
-def check_model_fits(path: str, model, cfg: TrainConfig) -> None:
+def check_model_fits(path: str, model, cfg: TrainConfig, frozen_base: frozenset[str] = frozenset()) -> None:
     """Before loading checkpoint `path` into `model` (a whole one: DDP's, not FSDP's sharded):
     a model.safetensors of other tensor names or shapes is one line naming the first differences
-    and the flags that differ from the checkpoint's config, not Accelerate's cut-off error."""
+    and the flags that differ from the checkpoint's config, not Accelerate's cut-off error. A PEFT
+    model's checkpoint holds all but its `frozen_base`."""
     weights = os.path.join(path, "model.safetensors")
     if not os.path.isfile(weights):
         return
     from launcher.runtime.weights import fit_problem, open_weights
 
     with open_weights(weights) as files:
-        problem = fit_problem(model, files)
+        problem = fit_problem(model, files, skip=frozen_base)
     if problem:
         saved = read_state(path).get("config") or {}
         raise ConfigError(f"checkpoint {path} does not fit the model ({problem}){flags_hint(cfg, saved)}")

@@ -205,11 +205,14 @@ def sync_buffers(model: nn.Module) -> None:
 # ---- checkpoints and the final weights ----------------------------------------------------------
 
 
-def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None) -> dict:
-    """What DCP saves and loads: DTensors keyed by parameter name, so they reshard on any world size."""
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None,
+                  frozen_base: frozenset[str] = frozenset()) -> dict:
+    """What DCP saves and loads: DTensors keyed by parameter name, so they reshard on any world size.
+    A PEFT model's `frozen_base` is left out (the recipe rebuilds it)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    state = {"model": model.state_dict(), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    trained = {name: tensor for name, tensor in model.state_dict().items() if name not in frozen_base}
+    state = {"model": trained, "optimizer": get_optimizer_state_dict(model, optimizer)}
     if ema is not None:
         state["ema"] = ema.state_dict()
     return state
@@ -236,12 +239,13 @@ class ShardedCheckpointer:
         return None
 
     @staticmethod
-    def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None) -> None:
+    def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None,
+             frozen_base: frozenset[str] = frozenset()) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-        state = sharded_state(model, optimizer, ema)
+        state = sharded_state(model, optimizer, ema, frozen_base)
         state_files.load_sharded(state, os.path.join(path, SHARDED_DIR))  # nothing unpickled but DCP's metadata
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["model"], strict=not frozen_base)  # DCP named any tensor it lacks
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
         if ema is not None:
             ema.load_state_dict(state["ema"])

@@ -4,7 +4,8 @@ save_state/load_state kept (as pickles, which run code when loaded) in files tha
 Every file of a checkpoint and how it is read (a checkpoint may come from shared storage or from
 someone else: nothing in it may run code):
 
-    model.safetensors                 DDP: the unwrapped model's weights (safetensors: tensors only)
+    model.safetensors                 DDP: the unwrapped model's weights (safetensors: tensors only);
+                                      a PEFT model's without its frozen base
     optimizer.json + .safetensors     the optimizer's state_dict: its structure and numbers as JSON,
                                       its tensors as safetensors
     registered-N.json (+ .safetensors) the N-th object registered with
@@ -185,15 +186,20 @@ def _registered(accelerator: Accelerator) -> tuple[list, list, list]:
     return accelerator._models, accelerator._optimizers, accelerator._custom_objects
 
 
-def write(accelerator: Accelerator, path: str) -> None:
+def write(accelerator: Accelerator, path: str, frozen_base: frozenset[str] = frozenset()) -> None:
     """What accelerator.save_state wrote: the main process the models, optimizers, registered
-    objects and grad scaler; every process its RNG states and Accelerate's step counter."""
+    objects and grad scaler; every process its RNG states and Accelerate's step counter. The
+    tensors named in `frozen_base` (a PEFT model's base) are left out: the recipe rebuilds them."""
     acc = accelerator
     models, optimizers, objects = _registered(acc)
     if acc.is_main_process:
-        for i, model in enumerate(models):  # tied weights once, channels_last made contiguous, as Accelerate did
-            safetensors.torch.save_model(acc.unwrap_model(model), os.path.join(path, _numbered("model", i) + ".safetensors"),
-                                         metadata={"format": "pt"}, force_contiguous=True)
+        for i, model in enumerate(models):
+            file = os.path.join(path, _numbered("model", i) + ".safetensors")
+            if frozen_base:
+                trained = {k: v for k, v in acc.unwrap_model(model).state_dict().items() if k not in frozen_base}
+                safetensors.torch.save_file(_storable(trained), file, metadata={"format": "pt"})
+            else:  # tied weights once, channels_last made contiguous, as Accelerate did
+                safetensors.torch.save_model(acc.unwrap_model(model), file, metadata={"format": "pt"}, force_contiguous=True)
         for i, optimizer in enumerate(optimizers):
             write_tree(os.path.join(path, _numbered("optimizer", i)), optimizer.state_dict(), "the optimizer's state")
         for i, obj in enumerate(objects):
@@ -208,10 +214,11 @@ def write(accelerator: Accelerator, path: str) -> None:
                {"step": acc.step, **random_states(acc.device)}, "the random states")
 
 
-def read(accelerator: Accelerator, path: str) -> None:
+def read(accelerator: Accelerator, path: str, frozen_base: frozenset[str] = frozenset()) -> None:
     """Load what `write` wrote into the accelerator's models, optimizers, registered objects and
     grad scaler, and this process's RNG states and step counter. A process the checkpoint has no
-    RNG states for (it was written by fewer) keeps its own, as with Accelerate."""
+    RNG states for (it was written by fewer) keeps its own, as with Accelerate. `frozen_base`: the
+    tensors the checkpoint leaves out (a PEFT model's base, as the recipe built it)."""
     acc = accelerator
     refuse_pickled(path)
     models, optimizers, objects = _registered(acc)
@@ -227,7 +234,12 @@ def read(accelerator: Accelerator, path: str) -> None:
                           f"of [{', '.join(written[2])}], this run has {here[0]}, {here[1]} and [{', '.join(here[2])}]; "
                           "resume with the settings it was written with (--ema_decay, --lr_schedule)")
     for i, model in enumerate(models):
-        safetensors.torch.load_model(acc.unwrap_model(model), os.path.join(path, _numbered("model", i) + ".safetensors"))
+        file = os.path.join(path, _numbered("model", i) + ".safetensors")
+        missing, unexpected = safetensors.torch.load_model(acc.unwrap_model(model), file, strict=not frozen_base)
+        misfits = sorted(set(missing) - frozen_base) + sorted(unexpected)
+        if misfits:
+            raise ConfigError(f"checkpoint {path} does not fit the model ({len(misfits)} tensors differ: "
+                              f"{', '.join(misfits[:3])}); resume with the recipe and flags it was trained with")
     for i, optimizer in enumerate(optimizers):
         optimizer.load_state_dict(read_tree(os.path.join(path, _numbered("optimizer", i))))
     for i, obj in enumerate(objects):

@@ -323,10 +323,10 @@ def copy_matched(model: nn.Module, files: WeightFiles, matched: dict[str, str]) 
 
 # ---- whether a checkpoint fits a model exactly (resume, evaluate, predict) ---------------------
 
-def fit_problem(model: nn.Module, files: WeightFiles) -> str:
-    """'' if `files` hold exactly the model's tensors (tied ones once is enough) with its shapes, else
-    the first differences in one line (`misfit`)."""
-    own = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+def fit_problem(model: nn.Module, files: WeightFiles, skip: frozenset[str] = frozenset()) -> str:
+    """'' if `files` hold exactly the model's tensors (tied ones once is enough) but those in `skip`
+    (a PEFT model's frozen base) with its shapes, else the first differences in one line (`misfit`)."""
+    own = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items() if name not in skip}
     matched = match_keys(files.names, own)
     found = {name: files.shape(file_name) for name, file_name in matched.items()}
     used = set(matched.values())
@@ -355,10 +355,18 @@ def misfit(expected: dict[str, tuple], found: dict[str, tuple], shown: int = SHO
     return "; ".join(parts)
 
 
-def load_exactly(model: nn.Module, source: str) -> str:
-    """Load checkpoint `source` into `model` if it fits exactly (`fit_problem`); return the problem, or ''."""
+def load_exactly(model: nn.Module, source: str, skip: frozenset[str] = frozenset()) -> str:
+    """Load checkpoint `source` into `model` if it fits exactly (`fit_problem`) but for the tensors in
+    `skip` (a PEFT model's frozen base, left as built); return the problem, or ''."""
     with open_weights(source) as files:
-        problem = fit_problem(model, files)
+        problem = fit_problem(model, files, skip=skip)
         if not problem:
-            copy_matched(model, files, match_keys(files.names, model.state_dict()))
+            own = {name: tensor for name, tensor in model.state_dict().items() if name not in skip}
+            copy_matched(model, files, match_keys(files.names, own))
     return problem
+
+
+def tensor_names(source: str) -> set[str]:
+    """The names of the tensors `source` holds, as its files name them (nothing is read but headers)."""
+    with open_weights(source) as files:
+        return set(files.names)

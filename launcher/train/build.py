@@ -15,6 +15,7 @@ from launcher.optim.groups import ParamGroup, Schedule, apply_freezing, assign_g
 from launcher.recipe import Recipe
 from launcher.runtime import checkpoints, run_config
 from launcher.runtime.sharding import find_units
+from launcher.train import adapters
 from launcher.train.modeling import init_weights, model_summary
 from launcher.train.plan import Plan, format_plan, make_plan, parallel_lines, training_lines
 from launcher.train.preflight import Checked, preflight, unused_outputs_note
@@ -33,10 +34,12 @@ class RunParts:
     classes: list[str]
     extra_metrics: dict | None  # the recipe's build_metrics
     units: list[tuple[str, torch.nn.Module]]  # shard (and activation-checkpointing) units, innermost first
+    frozen_base: frozenset[str] = frozenset()  # a PEFT model's frozen base: in no group, not checkpointed
 
     def regroup(self, model: torch.nn.Module) -> list[ParamGroup]:
         """The parameter groups again, over `model`'s parameters now (FSDP replaces them by shards)."""
-        groups = assign_groups(model, self.schedule, self.cfg.lr, self.cfg.weight_decay, self.plan.steps_per_epoch)
+        groups = assign_groups(model, self.schedule, self.cfg.lr, self.cfg.weight_decay, self.plan.steps_per_epoch,
+                               self.frozen_base)
         apply_freezing(groups, step=0)
         return groups
 
@@ -61,6 +64,9 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
     if cfg.weight_init != "default" and getattr(cfg, "weights", ""):
         raise ConfigError(f"--weight_init={cfg.weight_init} would overwrite the loaded --weights; use one or the other")
     model = recipe.build_model(cfg)
+    frozen = adapters.frozen_base(model)  # before anything changes requires_grad
+    if cfg.export_merged:
+        adapters.check_mergeable(model)
     init_weights(model, cfg.weight_init)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -78,8 +84,9 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
     plan = make_plan(cfg, train_data, val_data, world)
     plan.notes.append(unused_outputs_note(cfg, checked, classes, classes_from))
     schedule = recipe.build_schedule(cfg, model).resolved(cfg)
-    groups = assign_groups(model, schedule, cfg.lr, cfg.weight_decay, plan.steps_per_epoch)
+    groups = assign_groups(model, schedule, cfg.lr, cfg.weight_decay, plan.steps_per_epoch, frozen)
     apply_freezing(groups, step=0)
+    plan.notes.append(adapters.plan_note(model, frozen))
     if (cfg.mixup_alpha or cfg.cutmix_alpha) and not getattr(loss_fn, "soft_targets", True):
         raise ConfigError(f"MixUp/CutMix make soft targets, which --loss={cfg.loss} cannot take; "
                           "use --loss=cross_entropy or bce_with_logits")
@@ -87,7 +94,8 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
     plan.model = model_summary(model, checked.summary)
     units = find_units(model, recipe.shard_units(cfg, model), cfg.fsdp_unit_params)
     plan.parallel = parallel_lines(cfg, model, groups, schedule.optimizer, world, units)
-    return RunParts(cfg, train_data, val_data, plan, model, schedule, groups, checked, classes, extra_metrics, units)
+    return RunParts(cfg, train_data, val_data, plan, model, schedule, groups, checked, classes, extra_metrics, units,
+                    frozen)
 
 
 def _synthetic(split: SplitLoader, checked: Checked, loader_args: dict) -> SplitLoader:

@@ -23,8 +23,9 @@ from launcher.train.state import RunState
 
 class Saver:
     def __init__(self, accelerator: Accelerator, output_dir: str, keep: int, in_background: bool, state: RunState,
-                 progress: Callable[[], None]):
+                 progress: Callable[[], None], frozen_base: frozenset[str] = frozenset()):
         self.accelerator, self.output_dir, self.keep = accelerator, output_dir, keep
+        self.frozen_base = frozen_base  # a PEFT model's base: not in its checkpoints
         self.in_background, self.state = in_background, state
         self.progress = progress  # the hang watchdog's beat: a save under way is progress
         self.saved_step = -1  # the step of the newest checkpoint written or being written
@@ -44,7 +45,8 @@ class Saver:
         """Write a checkpoint of this step (every rank calls it), after putting the previous one in place."""
         self.finish()
         self.progress()
-        self.pending = checkpoints.save(self.accelerator, self.output_dir, trainer_state, rank_state, write_shards)
+        self.pending = checkpoints.save(self.accelerator, self.output_dir, trainer_state, rank_state, write_shards,
+                                        self.frozen_base)
         self.saved_step = self.state.step
         if not self.in_background:
             self.finish()

@@ -45,6 +45,7 @@ from launcher.track.profiling import StepProfiler
 from launcher.track.progress import Progress, progress_style
 from launcher.track.throughput import Throughput
 from launcher.track.trackers import MetricsLog, Tracker, save_run_files, write_json
+from launcher.train.adapters import PeftRun
 from launcher.train.build import build_parts
 from launcher.train.counting import CountedLoss
 from launcher.train.evaluation import evaluate_split, example_images, format_metrics
@@ -76,8 +77,9 @@ class Trainer:
         model, schedule = parts.model, parts.schedule
         self.hf = hf_layout(cfg, recipe, model)  # OUTPUT_DIR/hf/ for a transformers model, or None
         self.ema = EMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay else None
-        self.parallel = build_parallel(cfg, acc, parts.units)  # DDP or FSDP (launcher/runtime/parallel.py)
+        self.parallel = build_parallel(cfg, acc, parts.units, parts.frozen_base)  # DDP or FSDP (launcher/runtime/parallel.py)
         self.parallel.setup(model, self.ema)  # FSDP: the model and the EMA sharded in place
+        self.peft = PeftRun(acc, model, parts.frozen_base)  # a PEFT model: its base's fingerprint, its exports
         self.groups = parts.regroup(model) if self.parallel.sharded else parts.groups
         self.frozen_norms = frozen_batchnorms(model, self.groups)
         self.unfreeze_steps = {pg.starts_at for pg in self.groups if pg.starts_at}  # steps that change requires_grad
@@ -118,7 +120,7 @@ class Trainer:
         self.watchdog = Watchdog(cfg.hang_timeout_s, cfg.output_dir, self.rank, lambda: self.state.step,
                                  before_exit=self.lock.release if self.lock is not None else lambda: None)
         self.saver = Saver(acc, cfg.output_dir, cfg.keep_checkpoints, cfg.async_checkpoint, self.state,
-                           progress=self.watchdog.beat)
+                           progress=self.watchdog.beat, frozen_base=parts.frozen_base)
         self.hang_at = injected_hang(self.rank)  # tests: the step this rank sleeps in (-1: none)
 
     # ---- setup ------------------------------------------------------------------------------
@@ -127,7 +129,7 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         resume_from = self.resume_from
         if resume_from and not self.parallel.sharded:  # before anything is written (FSDP's DCP names its own misfits)
-            run_config.check_model_fits(resume_from, self.model, cfg)
+            run_config.check_model_fits(resume_from, self.model, cfg, self.peft.frozen_base)
         if acc.is_main_process:
             self.progress.say(format_plan(cfg, self.plan, self.groups, self.recipe.name))
             save_run_files(cfg, self.recipe, self.world)
@@ -138,9 +140,12 @@ class Trainer:
                 "classes": self.classes if checked.task == "classification" else [],
                 "steps_per_epoch": self.plan.steps_per_epoch})  # the report's --x=epoch
         if resume_from:
-            self.state.load_state_dict(checkpoints.read_state(resume_from))
+            saved = checkpoints.read_state(resume_from)
+            self.peft.check_resume(resume_from, saved)
+            self.state.load_state_dict(saved)
             self._update_frozen()  # before the optimizer state loads: FSDP's covers what trains then
-            state, rank_state = checkpoints.load(acc, resume_from, self.parallel.sharded, self._read_shards)
+            state, rank_state = checkpoints.load(acc, resume_from, self.parallel.sharded, self._read_shards,
+                                                 self.peft.frozen_base)
             self.metrics.drop_after(self.state.step)  # what the lost steps logged is logged again
             self.position = Position.from_dict(rank_state) if rank_state else Position(self.state.epoch)
             self.saver.start_from(resume_from, print)  # later checkpoints set aside: another branch
@@ -494,7 +499,7 @@ class Trainer:
                               f"{self.optimizer.param_groups[0]['lr']:.3g}")
 
     def _state(self) -> dict:
-        return {**self.state.state_dict(), "config": dataclasses.asdict(self.cfg), "world_size": self.world,
+        return {**self.state.state_dict(), **self.peft.state(), "config": dataclasses.asdict(self.cfg), "world_size": self.world,
                 "num_workers": self.cfg.num_workers, "batches_per_epoch": self.plan.micro_batches_per_epoch}
 
     # ---- the end ----------------------------------------------------------------------------
@@ -525,6 +530,7 @@ class Trainer:
         acc.wait_for_everyone()
         final = self._final_weights()
         exported = self.parallel.export(self.model, self.ema, self.hf)  # model.safetensors or shards, the EMA's, hf/
+        self.peft.export(acc.unwrap_model(self.model), cfg.output_dir, cfg.export_merged)  # OUTPUT_DIR/adapter/, hf/
         summary = {**self._summary(), **final, **exported, "memory_per_process": self.parallel.memory(self.model, self.optimizer)}
         checksums = self.parallel.replica_checksums(self.model)  # FSDP: none, each rank holds other shards
         if checksums is not None:

@@ -171,3 +171,20 @@ def test_ddp_comm_hook_all_reduces_16_bit_gradients_and_keeps_replicas_identical
     # Rounded gradients: a slightly different run (so the hook was in use), but the same training.
     assert last_loss(compressed) != last_loss(plain)
     assert last_loss(compressed) == pytest.approx(last_loss(plain), rel=0.02)
+
+
+def test_lm_benchmark_runs_at_a_cpu_size(tmp_path):
+    import subprocess
+
+    out = tmp_path / "lm.json"
+    result = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--lm", "--lm_size=tiny", "--lm_seq=32",
+                             "--lm_batch=2", "--lm_compile=False", "--lm_precision=no", "--steps=2", "--warmup=1",
+                             "--peak_tflops=0.001", f"--out={out}"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(out.read_text())
+    assert (row["size"], row["seq_len"], row["batch_size"], row["compile"], row["precision"]) == ("tiny", 32, 2, False, "no")
+    for side in ("launcher", "plain"):  # MFU: tokens/s x FLOPs per token over the 1 TFLOP/s given as the peak
+        assert row[f"{side}_tokens_per_s"] > 0
+        assert row[f"{side}_mfu"] == pytest.approx(row[f"{side}_tokens_per_s"] * row["flops_per_token"] / 1e9)
+    assert "FSDP on 1 process, compile=False, no, 2 timed steps after 1" in result.stdout
