@@ -349,7 +349,8 @@ def shrunk_photos(photos: int, max_side: int, crop: int, rounds: int, batch_size
           f"({median['reference per CPU-s']:.1f} per CPU-second)")
     print(f"  {f'launcher, shards at --max_side={max_side}':<42}{median['launcher']:8.1f} images/s "
           f"({median['launcher per CPU-s']:.1f} per CPU-second)")
-    print(f"  launcher / reference: {median['ratio']:.1f}x (rounds {min(rates['ratio']):.1f}-{max(rates['ratio']):.1f}), "
+    rounds_range = f"{min(rates['ratio']):.1f}-{max(rates['ratio']):.1f}"
+    print(f"  launcher / reference: {median['ratio']:.1f}x (rounds {rounds_range}), "
           f"per CPU-second {median['ratio per CPU-s']:.1f}x")
     return {**median, "shrink_photos_per_s": shrink_rate}
 

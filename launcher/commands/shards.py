@@ -11,8 +11,8 @@ import random
 from tqdm.auto import tqdm
 
 from launcher.config import ConfigError
-from launcher.data.writer import (DEFAULT_QUALITY, MIN_SHARD_SAMPLES, TARGET_SHARDS, dataset_samples, folder_splits, shard_image_folder,
-                                  shard_image_splits, shard_sizes, write_shards)
+from launcher.data.writer import (DEFAULT_QUALITY, MIN_SHARD_SAMPLES, TARGET_SHARDS, dataset_samples, folder_splits,
+                                  shard_image_folder, shard_image_splits, shard_sizes, write_shards)
 
 # flag -> (type, default, meaning): what --help prints and what shards_command accepts
 OPTIONS = {
@@ -136,7 +136,8 @@ def make_shards(source: str, out: str, max_count: int = 10_000, max_bytes: float
             raise ConfigError(f"unknown flag --{next(iter(dataset_kwargs))} for an image folder; see "
                               "python -m launcher shards --help")
         options = dict(max_count=max_count, max_bytes=int(max_bytes), workers=workers, reencode=reencode,
-                       max_side=max_side, quality=quality, prefix=prefix, num_shards=num_shards, shuffle=shuffle, seed=seed)
+                       max_side=max_side, quality=quality, prefix=prefix, num_shards=num_shards, shuffle=shuffle,
+                       seed=seed)
         if folder_splits(source):
             shard_image_splits(source, out, **options)
         else:
@@ -147,9 +148,10 @@ def make_shards(source: str, out: str, max_count: int = 10_000, max_bytes: float
     order = list(range(len(dataset)))
     if shuffle:
         random.Random(seed).shuffle(order)
-    index = write_shards(tqdm(dataset_samples(dataset, reencode or "png", order, max_side, quality), total=len(dataset), unit="img",
-                              disable=None), out, max_count=max_count, max_bytes=int(max_bytes),
-                         classes=classes, prefix=prefix, shard_sizes=shard_sizes(len(dataset), num_shards, max_count))
+    samples = dataset_samples(dataset, reencode or "png", order, max_side, quality)
+    index = write_shards(tqdm(samples, total=len(dataset), unit="img", disable=None), out, max_count=max_count,
+                         max_bytes=int(max_bytes), classes=classes, prefix=prefix,
+                         shard_sizes=shard_sizes(len(dataset), num_shards, max_count))
     print(f"wrote {sum(index['shards'].values())} samples in {len(index['shards'])} shards to {out}")
 
 

@@ -143,8 +143,9 @@ def padded(images: list[torch.Tensor]) -> torch.Tensor:
     starts = torch.cumsum(heights * widths, 0) - heights * widths
     rows = torch.arange(max(h for h, _ in shapes), device=device)
     columns = torch.arange(max(w for _, w in shapes), device=device)
-    index = (starts[:, None, None] + torch.minimum(rows[None, :, None], heights[:, None, None] - 1) * widths[:, None, None]
-             + torch.minimum(columns[None, None, :], widths[:, None, None] - 1))
+    heights, widths, starts = heights[:, None, None], widths[:, None, None], starts[:, None, None]
+    index = (starts + torch.minimum(rows[None, :, None], heights - 1) * widths
+             + torch.minimum(columns[None, None, :], widths - 1))
     canvas = flat[:, index]  # (C, n, H, W)
     return canvas.permute(1, 0, 2, 3).float().contiguous()
 

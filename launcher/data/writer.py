@@ -49,7 +49,7 @@ def write_shards(samples: Iterable[dict], out_dir: str, *, max_count: int,
     """Write samples (dicts with __key__, an image extension and cls) to out_dir/PREFIX-NNNNNN.tar.
 
     Shard i holds at most shard_sizes[i] samples (given), max_count and max_bytes (always).
-    `max_side` (0: off): images larger than that are shrunk to fit (`fit_image`), at `quality`.
+    `max_side` (0: off): images larger than that are shrunk to fit (`fit_sample`), at `quality`.
     Returns the index written beside them: {"shards": {name: count}, "classes": [...]}, and, when
     every sample has an integer `cls`, "class_counts": {name: [samples of class 0, 1, ...]}; when
     samples hold images, "image_sides": {name: {"short": median shorter side, "long": median
@@ -313,7 +313,8 @@ def nested_folders(root: str, classes: Sequence[str]) -> list[str]:
 
 
 def shard_image_folder(root: str, out_dir: str, *, max_count: int, max_bytes: int, workers: int,
-                       reencode: str = "", max_side: int = 0, quality: int = DEFAULT_QUALITY, prefix: str = "shard", num_shards: int = 0, shuffle: bool = True,
+                       reencode: str = "", max_side: int = 0, quality: int = DEFAULT_QUALITY, prefix: str = "shard",
+                       num_shards: int = 0, shuffle: bool = True,
                        seed: int = 0, classes: Sequence[str] | None = None, log=print) -> dict:
     """Write an ImageFolder tree as shards; unreadable images are reported and left out.
 
@@ -332,7 +333,8 @@ def shard_image_folder(root: str, out_dir: str, *, max_count: int, max_bytes: in
 
     def good_samples():
         with multiprocessing.get_context("fork").Pool(max(1, workers)) as pool:
-            results = pool.imap(partial(read_folder_item, reencode=reencode, max_side=max_side, quality=quality), items, chunksize=16)
+            read = partial(read_folder_item, reencode=reencode, max_side=max_side, quality=quality)
+            results = pool.imap(read, items, chunksize=16)
             for result in tqdm(results, total=len(items), unit="img", desc="shards", disable=None):
                 if isinstance(result, str):
                     skipped.append(result)

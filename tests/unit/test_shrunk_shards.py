@@ -37,7 +37,8 @@ def photos(tmp_path_factory) -> str:
     for label, name, width, height in IMAGES:
         os.makedirs(root / label, exist_ok=True)
         rows, columns = np.mgrid[0:height, 0:width]
-        pixels = np.stack([255 * columns / width, 255 * rows / height, 128 + 0 * rows], -1) + rng.normal(0, 8, (height, width, 3))
+        gradient = np.stack([255 * columns / width, 255 * rows / height, 128 + 0 * rows], -1)
+        pixels = gradient + rng.normal(0, 8, (height, width, 3))
         Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / label / name, quality=95)
     return str(root)
 
@@ -115,7 +116,8 @@ def test_the_writer_api_shrinks_samples_and_bad_flags_are_one_line(tmp_path):
     assert index["image_sides"] == {"shard-000000.tar": {"short": 12, "long": 50, "max": 50}}
     assert [k for k in members(tmp_path / "api") if k.endswith(".cls")] == ["k0.cls", "k1.cls", "k2.cls"]
     written = json.loads((tmp_path / "api" / "index.json").read_text())
-    (tmp_path / "api" / "index.json").write_text(json.dumps({**written, "image_sides": {"shard-000000.tar": {"short": "x"}}}))
+    hand_made = {**written, "image_sides": {"shard-000000.tar": {"short": "x"}}}
+    (tmp_path / "api" / "index.json").write_text(json.dumps(hand_made))
     assert read_index(str(tmp_path / "api")).image_sides is None  # a hand-made entry is left out, not an error
     for flag, problem in (("--quality=0", "--quality must be >= 1"), ("--quality=101", "--quality must be 1 to 100"),
                           ("--max_side=-5", "--max_side must be >= 0")):
