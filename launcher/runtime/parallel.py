@@ -17,7 +17,7 @@ from torch import nn
 
 from launcher import durable
 from launcher.config import ConfigError, TrainConfig
-from launcher.runtime import sharding
+from launcher.runtime import meta_build, sharding
 from launcher.runtime.distributed import ReplicaChecksums, rewrap_ddp
 
 
@@ -29,10 +29,15 @@ class Replicated:
 
     sharded = False
 
-    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, units):
-        self.cfg, self.accelerator, self.units = cfg, accelerator, units
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator):
+        self.cfg, self.accelerator = cfg, accelerator
+        self.units: list[tuple[str, nn.Module]] = []  # shard and activation-checkpointing units, from `place`
         self.checksums = ReplicaChecksums(accelerator.device, accelerator.num_processes)
         self.memory = MemoryReport(accelerator.device, accelerator.num_processes)
+
+    def place(self, model: nn.Module, units: list[tuple[str, nn.Module]]) -> None:
+        """The model as built, on its device: DDP wraps it later (`prepare`)."""
+        self.units = units
 
     def setup(self, model: nn.Module, ema: nn.Module | None) -> None:
         """Before the optimizer exists: activation checkpointing and compilation, in place."""
@@ -109,22 +114,25 @@ class Sharded(Replicated):
 
     sharded = True
 
-    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, units):
-        super().__init__(cfg, accelerator, units)
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator):
+        super().__init__(cfg, accelerator)
         self.own_group = sharding.ensure_process_group(accelerator.device)
         self.checkpointer = sharding.ShardedCheckpointer(cfg.async_checkpoint)
         self.summed = sharding.summed_gradients(accelerator.device)  # then divided here (README, "Known problems")
 
+    def place(self, model: nn.Module, units: list[tuple[str, nn.Module]]) -> None:
+        """Activation checkpointing, compilation and sharding, in place, before the model has values
+        (launcher/runtime/meta_build.py) or after it was built on the host."""
+        self.units = units
+        sharding.prepare(model, units, self.cfg, self.accelerator.device)
+
     def setup(self, model: nn.Module, ema: nn.Module | None) -> None:
-        if self.cfg.activation_checkpointing:
-            sharding.checkpoint_activations(self.units)
-        if self.cfg.compile:  # per unit, before sharding (as torchtitan compiles each block); else the root
-            for unit in [unit for _, unit in self.units] or [model]:
-                unit.compile()
-        sharding.shard(model, self.units, self.cfg, self.accelerator.device)
-        if ema is not None:  # the same units, by name, in the EMA's copy of the model
+        """The EMA (built from the model before sharding, without values) sharded by the same units,
+        then given the model's values, shard by shard."""
+        if ema is not None:
             ema_units = [(name, ema.module.get_submodule(name)) for name, _ in self.units]
             sharding.shard(ema.module, ema_units, self.cfg, self.accelerator.device)
+            meta_build.copy_values(ema.module, model, self.accelerator.device)
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         # Not accelerator.prepare: that would wrap the model in DDP, and state_files.write would
@@ -181,8 +189,8 @@ class Sharded(Replicated):
             torch.distributed.destroy_process_group()
 
 
-def build_parallel(cfg: TrainConfig, accelerator: Accelerator, units) -> Replicated:
-    return (Sharded if cfg.data_parallel == "fsdp" else Replicated)(cfg, accelerator, units)
+def build_parallel(cfg: TrainConfig, accelerator: Accelerator) -> Replicated:
+    return (Sharded if cfg.data_parallel == "fsdp" else Replicated)(cfg, accelerator)
 
 
 def optimizer_slots(factory) -> float:
@@ -211,31 +219,36 @@ def memory_per_rank(model: nn.Module, trained: list[nn.Parameter], slots: float,
             "optimizer": int(trained_bytes * slots)}
 
 
-MEMORY_FIELDS = ("params_mb", "optimizer_mb", "peak_rss_mb", "peak_gpu_mb")
+MARKS = ("baseline_rss_mb", "load_peak_rss_mb")  # peak resident MB before the model is built; once it is loaded
+MEMORY_FIELDS = ("params_mb", "optimizer_mb", "peak_rss_mb", "peak_gpu_mb", *MARKS)
 
 
 class MemoryReport:
     """Each process's MB of parameters (its shards under FSDP) and optimizer state, its peak
-    resident memory and, on a GPU, its peak allocated GPU memory, from every rank. The gathered
-    tensors are held for the life of this object, as in ReplicaChecksums (a temporary freed by
-    gloo's thread as the process group goes away deadlocks the rank)."""
+    resident memory (since the process started: at the end, before the model was built, and once it
+    was built and loaded, before the pre-flight) and, on a GPU, its peak allocated GPU memory, from
+    every rank. The gathered tensors are held for the life of this object, as in ReplicaChecksums (a
+    temporary freed by gloo's thread as the process group goes away deadlocks the rank)."""
 
     def __init__(self, device: torch.device, world_size: int):
         self.device, self.world_size = device, world_size
         self.mine = torch.zeros(len(MEMORY_FIELDS), dtype=torch.float64, device=device)
         self.everyone = [torch.zeros_like(self.mine) for _ in range(world_size)]
+        self.marks = dict.fromkeys(MARKS, 0.0)
+
+    def mark(self, name: str) -> None:
+        """The peak resident memory now, as `name` (one of MARKS)."""
+        self.marks[name] = meta_build.peak_rss_mb()
 
     def __call__(self, model: nn.Module, optimizer) -> list[dict[str, float]]:
         """A collective: every rank calls it."""
-        import resource
-
         def mb(tensors) -> float:
             return sum(sharding.local(t).numel() * t.element_size() for t in tensors) / 2**20
 
         state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
         gpu = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else 0.0
         self.mine.copy_(torch.tensor([mb(model.parameters()), mb(state),
-                                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, gpu]))
+                                      meta_build.peak_rss_mb(), gpu, *self.marks.values()]))
         if self.world_size > 1:
             torch.distributed.all_gather(self.everyone, self.mine)
         else:

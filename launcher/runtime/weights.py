@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from launcher.config import ConfigError
+from launcher.runtime import meta_build
 
 
 CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict", "module")  # where torch.save'd checkpoints keep the weights
@@ -281,7 +282,11 @@ def _first(names: list[str], shown: int = SHOWN) -> str:
 def load_weights(model: nn.Module, source: str, *, arch: str = "", head: str = "fc",
                  allow_missing: Iterable[str] = (), log=print) -> dict:
     """Load `source` into `model`, tensor by tensor; return {"missing", "unexpected", "replaced"} key
-    lists (missing: the model's names left as initialised; unexpected: the file's names not used)."""
+    lists (missing: the model's names left as initialised; unexpected: the file's names not used).
+    While the launcher builds an FSDP model without memory, the load is recorded and made once the
+    model is sharded, each rank reading its shards' rows alone (launcher/runtime/meta_build.py)."""
+    if meta_build.defer_load(model, source, arch=arch, head=head, allow_missing=allow_missing, log=log):
+        return {"missing": [], "unexpected": [], "replaced": [], "deferred": True}
     own = model.state_dict()
     with open_weights(source, arch) as files:
         matched = match_keys(files.names, own)
@@ -309,10 +314,15 @@ def load_weights(model: nn.Module, source: str, *, arch: str = "", head: str = "
 @torch.no_grad()
 def copy_matched(model: nn.Module, files: WeightFiles, matched: dict[str, str]) -> None:
     """Each matched tensor read and copied into the model's (cast to its dtype), one at a time: the
-    host holds the model and one tensor of the file, never the whole file."""
+    host holds the model and one tensor of the file, never the whole file. A sharded (FSDP) tensor
+    reads only the rows of this rank's shard."""
     own = model.state_dict()  # views of the parameters and buffers
     for model_name, file_name in matched.items():
-        own[model_name].copy_(files.read(file_name))
+        target, slices = own[model_name], meta_build.local_slices(own[model_name])
+        if slices is None:
+            target.copy_(files.read(file_name))
+        elif meta_build.local_tensor(target).numel():  # a rank past a short tensor's rows holds none
+            meta_build.local_tensor(target).copy_(files.read_slice(file_name, slices))
 
 
 # ---- whether a checkpoint fits a model exactly (resume, evaluate, predict) ---------------------
