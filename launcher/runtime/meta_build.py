@@ -188,6 +188,24 @@ def local_slices(tensor: torch.Tensor) -> tuple[slice, ...] | None:
     return tuple(slice(start, start + length) for start, length in zip(offset, shape))
 
 
+READ_BYTES = 8 * 2**20  # a shard is read in blocks of rows of at most this size: the host's only extra memory
+
+
+def copy_slice(local: torch.Tensor, slices: tuple[slice, ...], read: Callable[[tuple[slice, ...]], torch.Tensor]) -> None:
+    """Fill `local`, the part `slices` of a whole tensor, with `read(part)` of blocks of its rows, so
+    that reading a shard of an embedding never holds a second copy of the shard."""
+    if not local.numel():
+        return  # a rank past a short tensor's rows holds none
+    if local.ndim == 0:
+        local.copy_(read(slices))
+        return
+    rows = max(1, READ_BYTES // (local[0].numel() * local.element_size()))
+    first = slices[0].start
+    for start in range(0, local.shape[0], rows):
+        stop = min(start + rows, local.shape[0])
+        local[start:stop].copy_(read((slice(first + start, first + stop), *slices[1:])))
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory since it started, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import safetensors.torch
 import torch
@@ -219,26 +220,30 @@ def memory_per_rank(model: nn.Module, trained: list[nn.Parameter], slots: float,
             "optimizer": int(trained_bytes * slots)}
 
 
-MARKS = ("baseline_rss_mb", "load_peak_rss_mb")  # peak resident MB before the model is built; once it is loaded
-MEMORY_FIELDS = ("params_mb", "optimizer_mb", "peak_rss_mb", "peak_gpu_mb", *MARKS)
+BUILD_FIELDS = ("baseline_rss_mb", "load_peak_rss_mb", "build_s")  # peak resident MB before the model is built
+# and once it is built and loaded (before the pre-flight), and the seconds that took
+MEMORY_FIELDS = ("params_mb", "optimizer_mb", "peak_rss_mb", "peak_gpu_mb", *BUILD_FIELDS)
 
 
 class MemoryReport:
     """Each process's MB of parameters (its shards under FSDP) and optimizer state, its peak
     resident memory (since the process started: at the end, before the model was built, and once it
-    was built and loaded, before the pre-flight) and, on a GPU, its peak allocated GPU memory, from
-    every rank. The gathered tensors are held for the life of this object, as in ReplicaChecksums (a
+    was built and loaded, before the pre-flight), the seconds building and loading took and, on a GPU,
+    its peak allocated GPU memory, from every rank. The gathered tensors are held for the life of this object, as in ReplicaChecksums (a
     temporary freed by gloo's thread as the process group goes away deadlocks the rank)."""
 
     def __init__(self, device: torch.device, world_size: int):
         self.device, self.world_size = device, world_size
         self.mine = torch.zeros(len(MEMORY_FIELDS), dtype=torch.float64, device=device)
         self.everyone = [torch.zeros_like(self.mine) for _ in range(world_size)]
-        self.marks = dict.fromkeys(MARKS, 0.0)
+        self.build = dict.fromkeys(BUILD_FIELDS, 0.0)
 
-    def mark(self, name: str) -> None:
-        """The peak resident memory now, as `name` (one of MARKS)."""
-        self.marks[name] = meta_build.peak_rss_mb()
+    def before_build(self) -> None:
+        self.build["baseline_rss_mb"], self.build["build_s"] = meta_build.peak_rss_mb(), time.perf_counter()
+
+    def after_build(self) -> None:
+        self.build["load_peak_rss_mb"] = meta_build.peak_rss_mb()
+        self.build["build_s"] = time.perf_counter() - self.build["build_s"]
 
     def __call__(self, model: nn.Module, optimizer) -> list[dict[str, float]]:
         """A collective: every rank calls it."""
@@ -248,7 +253,7 @@ class MemoryReport:
         state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
         gpu = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else 0.0
         self.mine.copy_(torch.tensor([mb(model.parameters()), mb(state),
-                                      meta_build.peak_rss_mb(), gpu, *self.marks.values()]))
+                                      meta_build.peak_rss_mb(), gpu, *self.build.values()]))
         if self.world_size > 1:
             torch.distributed.all_gather(self.everyone, self.mine)
         else:

@@ -61,7 +61,12 @@ class _SafetensorsFile:
     def read_slice(self, name: str, slices: tuple[slice, ...]) -> torch.Tensor:
         if not slices or not self.shapes[name]:
             return self.read(name)
-        return self.handle.get_slice(name)[tuple(slices)]
+        from safetensors import safe_open
+
+        # A map of its own, closed at once: the file's pages it touched leave this process's resident
+        # memory (through the long-lived map they would stay counted, FSDP's shards of the whole file).
+        with safe_open(self.path, framework="pt") as handle:
+            return handle.get_slice(name)[tuple(slices)]
 
 
 class _TensorDict:
@@ -321,8 +326,9 @@ def copy_matched(model: nn.Module, files: WeightFiles, matched: dict[str, str]) 
         target, slices = own[model_name], meta_build.local_slices(own[model_name])
         if slices is None:
             target.copy_(files.read(file_name))
-        elif meta_build.local_tensor(target).numel():  # a rank past a short tensor's rows holds none
-            meta_build.local_tensor(target).copy_(files.read_slice(file_name, slices))
+        else:
+            meta_build.copy_slice(meta_build.local_tensor(target), slices,
+                                  lambda part: files.read_slice(file_name, part))
 
 
 # ---- whether a checkpoint fits a model exactly (resume, evaluate, predict) ---------------------

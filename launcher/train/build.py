@@ -98,7 +98,7 @@ def build_model(cfg: TrainConfig, recipe: Recipe, device: torch.device, parallel
         raise ConfigError(f"--weight_init={cfg.weight_init} would overwrite the loaded --weights; use one or the other")
     sharded = parallel is not None and parallel.sharded
     if parallel is not None:
-        parallel.memory.mark("baseline_rss_mb")
+        parallel.memory.before_build()
     loads = []
     if sharded:
         with torch.random.fork_rng(devices=[]), meta_build.empty_model() as loads:
@@ -119,7 +119,7 @@ def build_model(cfg: TrainConfig, recipe: Recipe, device: torch.device, parallel
         meta_build.materialise(model, device, loads, load_weights,
                                meta_build.module_init(model, lambda module: init_layer(module, cfg.weight_init)))
     if parallel is not None:
-        parallel.memory.mark("load_peak_rss_mb")
+        parallel.memory.after_build()
     return model, units, ema_source
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401 - imported before the model is built
 
 from launcher import DataSpec, TrainConfig, load_weights
 
@@ -25,17 +26,13 @@ class Config(TrainConfig):
 
 
 def build_model(cfg: Config):
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(cfg.weights))
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.weights))
     load_weights(model, cfg.weights, head="")
     return model
 
 
 def build_data(cfg: Config) -> DataSpec:
-    import transformers
-
-    vocab = transformers.AutoConfig.from_pretrained(cfg.weights).vocab_size
+    vocab = AutoConfig.from_pretrained(cfg.weights).vocab_size
     tokens = torch.randint(vocab, (cfg.samples + 16, cfg.sequence), generator=torch.Generator().manual_seed(0))
     samples = [{"input_ids": row, "labels": row} for row in tokens]
     return DataSpec(train=samples[:cfg.samples], val=samples[cfg.samples:])
