@@ -80,10 +80,11 @@ def usage() -> str:
     return USAGE.format(sections=listed)
 
 CHECKPOINT_HELP = """\
-  --checkpoint=PATH  the weights: a run's output_dir (its final model.safetensors); RUN_DIR/best,
-                     the run's best checkpoint (checkpoints/best.json names it; `best` alone: the
-                     best of --output_dir's run) or a best.json; a checkpoints/step-N directory;
-                     or a .safetensors/.pth file (model_ema.safetensors: the EMA weights)"""
+  --checkpoint=PATH  the weights: a run's output_dir (its final model.safetensors, or its shards
+                     and index) or its hf/; RUN_DIR/best, the run's best checkpoint
+                     (checkpoints/best.json names it; `best` alone: the best of --output_dir's run)
+                     or a best.json; a checkpoints/step-N directory; or a .safetensors/.pth file
+                     (model_ema.safetensors: the EMA weights)"""
 FIELDS_HELP = """\
   --field=value      any field of the recipe's Config, as in training (--data_dir=..., --output_dir=...,
                      --eval_batch_size=...): `python -m launcher RECIPE --help` lists them

@@ -146,6 +146,7 @@ class CheckpointFields:
     early_stop_patience: int = ranged(0, at_least=0)  # stop after this many evaluations without a better best_metric (0: never)
     early_stop_min_delta: float = ranged(0.0, at_least=0)  # early stopping counts an evaluation as better only if it beats the best by more than this, in best_metric's units (the best checkpoint still follows any gain)
     final_weights: Literal["last", "best"] = "last"  # what the run's model.safetensors holds: the last step's weights, or the best checkpoint's (ddp)
+    max_shard_size: str = "5GB"  # the final weights (model.safetensors, hf/) above this size are split into files of at most this size, with an index (KB, MB, GB: powers of 1000, as transformers)
     async_checkpoint: bool = False  # fsdp: write checkpoints in the background (DCP async_save); a step waits only for the copy to host memory
 
 
@@ -205,6 +206,7 @@ class TrainConfig(SpeedFields, ParallelFields, TrackingFields, CheckpointFields,
         if self.final_weights == "best" and self.data_parallel == "fsdp":
             raise ConfigError("--final_weights=best needs --data_parallel=ddp (FSDP checkpoints are sharded); under "
                               "fsdp keep --final_weights=last and evaluate or predict with --checkpoint=RUN_DIR/best")
+        size_in_bytes(self.max_shard_size)
         for name, tp in hints.items():
             if typing.get_origin(tp) is Literal and getattr(self, name) not in typing.get_args(tp):
                 raise ConfigError(f"--{name} must be {type_name(tp)}, got {getattr(self, name)!r}")
@@ -217,6 +219,17 @@ class TrainConfig(SpeedFields, ParallelFields, TrackingFields, CheckpointFields,
         if self.eval_batch_size == 0:
             changes["eval_batch_size"] = self.batch_size
         return dataclasses.replace(self, **changes)
+
+
+SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def size_in_bytes(size: str) -> int:
+    """'5GB' -> 5 * 10**9 (transformers' max_shard_size notation); anything else is refused naming --max_shard_size."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*", str(size))
+    if not found or found.group(2).upper() not in SIZE_UNITS or float(found.group(1)) <= 0:
+        raise ConfigError(f"--max_shard_size must be a size like 5GB, 500MB or 20KB, got {size!r}")
+    return int(float(found.group(1)) * SIZE_UNITS[found.group(2).upper()])
 
 
 SECTIONS = {RunFields: "run", DataFields: "data", OptimisationFields: "optimisation",

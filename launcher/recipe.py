@@ -15,8 +15,11 @@ A recipe module defines:
   allowed_missing(cfg)        -> fnmatch patterns of the trainable parameters that pretrained weights may
                                  leave unloaded (a new head, adapters); any other unloaded one is refused
                                  (optional: none; a recipe's own load_weights call takes allow_missing=)
+  hf_model(cfg, model)        -> the transformers model (the model itself or one of its submodules) that
+                                 OUTPUT_DIR/hf/ is written from in save_pretrained's layout, or None
+                                 (optional: the model itself when it is a transformers PreTrainedModel)
   tokenizer_dir(cfg)          -> a directory whose tokenizer files OUTPUT_DIR/hf/ gets beside the model
-                                 (optional: none; OUTPUT_DIR/hf/ is written for transformers models)
+                                 (optional: none)
 """
 
 from __future__ import annotations
@@ -79,6 +82,14 @@ class Recipe:
     def allowed_missing(self, cfg) -> list[str]:
         build = getattr(self.module, "allowed_missing", None)
         return list(build(cfg)) if build else []
+
+    def hf_model(self, cfg, model):
+        from launcher.runtime.export import is_transformers_model
+
+        choose = getattr(self.module, "hf_model", None)
+        if choose is not None:
+            return choose(cfg, model)
+        return model if is_transformers_model(model) else None
 
     def tokenizer_dir(self, cfg) -> str:
         build = getattr(self.module, "tokenizer_dir", None)

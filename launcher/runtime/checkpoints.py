@@ -96,7 +96,8 @@ def find_resume(cfg, log=print) -> str | None:
     that does not; a given path that does not match is an error."""
     existing = checkpoint_dirs(cfg.output_dir)
     if cfg.resume == "":
-        if existing or os.path.exists(os.path.join(cfg.output_dir, "model.safetensors")):
+        if existing or any(os.path.exists(os.path.join(cfg.output_dir, name))
+                           for name in ("model.safetensors", "model.safetensors.index.json")):
             raise ConfigError(f"{cfg.output_dir} already holds a run; pass --resume=auto to continue it "
                               "or choose another --output_dir")
         return None

@@ -16,13 +16,9 @@ from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from torch import nn
 
-from launcher import durable
-from launcher.config import ConfigError, TrainConfig
-from launcher.runtime import meta_build, sharding
+from launcher.config import ConfigError, TrainConfig, size_in_bytes
+from launcher.runtime import export, meta_build, sharding
 from launcher.runtime.distributed import ReplicaChecksums, rewrap_ddp
-
-
-EXPORT_STAGING = ".export"  # OUTPUT_DIR/.export: the final weights written in full before they are moved in place
 
 
 class Replicated:
@@ -76,17 +72,12 @@ class Replicated:
     def read_shards(self, path: str, model, optimizer, ema) -> None:
         pass
 
-    def export(self, model: nn.Module, ema: nn.Module | None) -> None:
-        """model.safetensors (and model_ema.safetensors), written by the main process."""
-        acc, out = self.accelerator, self.cfg.output_dir
-        if not acc.is_main_process:
-            return  # DDP: every rank holds the same weights
-        staging = os.path.join(out, EXPORT_STAGING)
-        with durable.no_space_left(out):
-            acc.save_model(model, staging)  # one file, or shards and an index above 10 GB
-            if ema is not None:
-                safetensors.torch.save_model(ema.module, os.path.join(staging, "model_ema.safetensors"))
-        durable.publish_files(staging, out)
+    def export(self, model: nn.Module, ema: nn.Module | None, hf: export.HFLayout | None = None) -> dict:
+        """The final weights (launcher/runtime/export.py), whole or sharded alike: model.safetensors or
+        its shards, the EMA's, and OUTPUT_DIR/hf/; the main process writes. A collective."""
+        return export.write_final_weights(self.cfg.output_dir, self.accelerator.unwrap_model(model),
+                                          ema.module if ema is not None else None, hf,
+                                          size_in_bytes(self.cfg.max_shard_size), self.accelerator.is_main_process)
 
     def load_checkpoint_weights(self, model: nn.Module, path: str) -> None:
         """The model's weights from checkpoint `path` (its model.safetensors, as save_state wrote it:
@@ -168,16 +159,6 @@ class Sharded(Replicated):
 
     def read_shards(self, path: str, model, optimizer, ema) -> None:
         self.checkpointer.load(path, model, optimizer.optimizer, ema)
-
-    def export(self, model: nn.Module, ema: nn.Module | None) -> None:
-        acc, out = self.accelerator, self.cfg.output_dir
-        for module, name in ((model, "model.safetensors"), (ema.module if ema is not None else None, "model_ema.safetensors")):
-            if module is None:
-                continue
-            state = sharding.full_state_dict(module)
-            if acc.is_main_process:
-                with durable.atomic_path(os.path.join(out, name)) as temporary:
-                    safetensors.torch.save_file(state, temporary, metadata={"format": "pt"})
 
     def load_checkpoint_weights(self, model: nn.Module, path: str) -> None:
         raise ConfigError("--final_weights=best needs --data_parallel=ddp")  # refused by TrainConfig.validate

@@ -10,8 +10,8 @@ one class: transformer blocks, ResNet blocks) and any other module of at least
 Accelerate's FSDP plugin falls back to DDP on CPU without a word, so the launcher calls
 `fully_shard` itself and keeps Accelerate for processes, accumulation and trackers. Checkpoints
 of a sharded run are `torch.distributed.checkpoint` (DCP) directories, which load on any number
-of processes (launcher/runtime/checkpoints.py); the final weights are gathered into one
-`model.safetensors`.
+of processes (launcher/runtime/checkpoints.py); the final weights are written one gathered
+parameter at a time (launcher/runtime/export.py).
 """
 
 from __future__ import annotations
@@ -266,18 +266,3 @@ class ShardedCheckpointer:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer gathered whole, on the main process's host memory (empty on the
-    others), tied ones once. A collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state, seen = {}, set()
-    for name, tensor in get_model_state_dict(model, options=options).items():
-        if tensor.numel() and tensor.data_ptr() in seen:
-            continue  # a tied weight (an LM head sharing the embedding): saved once, as Accelerate's save_model does
-        seen.add(tensor.data_ptr())
-        state[name] = tensor.contiguous()
-    return state

@@ -3,7 +3,8 @@ torchvision weights name.
 
     load_weights(model, "runs/pretrain")              # OUTPUT_DIR's model.safetensors (or its shards + index)
     load_weights(model, "runs/pretrain/best")         # its best checkpoint (checkpoints/best.json)
-    load_weights(model, "models/Llama-3.2-1B")        # save_pretrained's: model.safetensors[.index.json] or pytorch_model.bin
+    load_weights(model, "models/Llama-3.2-1B")        # save_pretrained's (model.safetensors[.index.json],
+                                                      # or pytorch_model.bin[.index.json])
     load_weights(model, "resnet18.pth")               # .pth/.pt/.bin/.safetensors, state_dict or checkpoint
     load_weights(model, "IMAGENET1K_V1", arch="resnet18")   # from the local torch hub cache
 
@@ -32,7 +33,7 @@ from launcher.config import ConfigError
 from launcher.runtime import meta_build
 
 
-CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict", "module")  # where torch.save'd checkpoints keep the weights
+CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict", "module")  # where checkpoints keep the weights
 INDEX_SUFFIX = ".index.json"
 DIRECTORY_FILES = ("model.safetensors", "model.safetensors" + INDEX_SUFFIX,
                    "pytorch_model.bin", "pytorch_model.bin" + INDEX_SUFFIX)  # in order of preference
@@ -159,8 +160,9 @@ def _directory_file(directory: str) -> str:
     for name in DIRECTORY_FILES:
         if os.path.isfile(os.path.join(directory, name)):
             return os.path.join(directory, name)
-    raise ConfigError(f"weights directory {directory} has no {', '.join(DIRECTORY_FILES[:-1])} or {DIRECTORY_FILES[-1]}; "
-                      "pass a finished launcher run's output_dir, a Hugging Face model directory or a weights file")
+    raise ConfigError(f"weights directory {directory} has no {', '.join(DIRECTORY_FILES[:-1])} or "
+                      f"{DIRECTORY_FILES[-1]}; pass a finished launcher run's output_dir, a Hugging Face model "
+                      "directory or a weights file")
 
 
 def _open_path(path: str, source: str) -> WeightFiles:
@@ -246,12 +248,14 @@ def match_keys(file_names: Iterable[str], model_names: Iterable[str]) -> dict[st
 def aliases(model: nn.Module) -> dict[str, list[str]]:
     """Each state_dict name -> every name of the same tensor (tied weights: the embedding and the LM head)."""
     by_tensor: dict[int, list[str]] = {}
-    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
         by_tensor.setdefault(id(tensor), []).append(name)
     return {name: names for names in by_tensor.values() for name in names}
 
 
-def unloaded(model: nn.Module, loaded: Iterable[str], *, head: str = "", allow_missing: Iterable[str] = ()) -> list[str]:
+def unloaded(model: nn.Module, loaded: Iterable[str], *, head: str = "",
+             allow_missing: Iterable[str] = ()) -> list[str]:
     """The trainable parameters none of whose names is in `loaded`, other than the replaced `head`'s
     and those matching an `allow_missing` fnmatch pattern."""
     loaded, patterns, names = set(loaded), list(allow_missing), aliases(model)
@@ -259,7 +263,7 @@ def unloaded(model: nn.Module, loaded: Iterable[str], *, head: str = "", allow_m
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad or any(alias in loaded for alias in names.get(name, [name])):
             continue
-        if (head and (name == head or name.startswith(head + "."))) or any(fnmatch.fnmatchcase(name, p) for p in patterns):
+        if _under(name, head) or any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
             continue
         missing.append(name)
     return missing
@@ -272,8 +276,9 @@ def refuse_partial(model: nn.Module, loaded: Iterable[str], files: WeightFiles, 
     if not missing:
         return
     total = sum(1 for p in model.parameters() if p.requires_grad)
+    example = _first(files.names, 2) or "nothing"
     raise ConfigError(f"weights {files.source} leave {len(missing)} of the model's {total} trainable parameters "
-                      f"unloaded: {_first(missing)} (the file names tensors like {_first(files.names, 2) or 'nothing'}); "
+                      f"unloaded: {_first(missing)} (the file names tensors like {example}); "
                       "pass weights made for this model, or list the parameters that may start untrained in the "
                       "recipe's allowed_missing(cfg) (load_weights(..., allow_missing=[...]))")
 
@@ -294,26 +299,27 @@ def load_weights(model: nn.Module, source: str, *, arch: str = "", head: str = "
         return {"missing": [], "unexpected": [], "replaced": [], "deferred": True}
     own = model.state_dict()
     with open_weights(source, arch) as files:
-        matched = match_keys(files.names, own)
-        replaced = []
+        matched, replaced = match_keys(files.names, own), {}
         for model_name, file_name in list(matched.items()):
             expected, found = tuple(own[model_name].shape), files.shape(file_name)
             if expected != found:
-                if model_name == head or model_name.startswith(head + "."):
-                    replaced.append(matched.pop(model_name))
-                    continue
-                raise ConfigError(f"weights {source}: {model_name} has shape {found}, the model expects {expected}; "
-                                  "check --arch or the weights file")
+                if not _under(model_name, head):
+                    raise ConfigError(f"weights {source}: {model_name} has shape {found}, the model expects "
+                                      f"{expected}; check --arch or the weights file")
+                replaced[model_name] = matched.pop(model_name)  # the new head keeps its initialisation
         refuse_partial(model, matched, files, head=head, allow_missing=allow_missing)
         copy_matched(model, files, matched)
-        names = aliases(model)
-        report = {"missing": [k for k in own if k not in matched and k not in replaced
-                              and not any(a in matched for a in names.get(k, []))],
-                  "unexpected": sorted(set(files.names) - set(matched.values()) - set(replaced)),
-                  "replaced": sorted(replaced)}
+        used, names = {*matched.values(), *replaced.values()}, aliases(model)
+        report = {"missing": [name for name in own if name not in replaced
+                              and not any(alias in matched for alias in names.get(name, [name]))],
+                  "unexpected": [name for name in files.names if name not in used], "replaced": sorted(replaced)}
     log(f"loaded {len(matched)} tensors from {source}; head replaced: {', '.join(report['replaced']) or 'no'}; "
         f"missing: {_first(report['missing'], 8) or 'none'}; unexpected: {_first(report['unexpected'], 8) or 'none'}")
     return report
+
+
+def _under(name: str, head: str) -> bool:
+    return bool(head) and (name == head or name.startswith(head + "."))
 
 
 @torch.no_grad()
@@ -339,7 +345,8 @@ def fit_problem(model: nn.Module, files: WeightFiles) -> str:
     own = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     matched = match_keys(files.names, own)
     found = {name: files.shape(file_name) for name, file_name in matched.items()}
-    found.update({name: files.shape(name) for name in set(files.names) - set(matched.values())})
+    used = set(matched.values())
+    found.update({name: files.shape(name) for name in files.names if name not in used})  # by the file's own names
     names = aliases(model)
     expected = {name: shape for name, shape in own.items()
                 if name in matched or not any(alias in matched for alias in names.get(name, []))}

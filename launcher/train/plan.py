@@ -274,10 +274,12 @@ def done_lines(cfg: TrainConfig, summary: dict, best: dict | None, ema: bool, wa
         lines.append(f"  best {best['metric']:<10} {shown} (step {best['step']}; "
                      f"{os.path.join(out, 'checkpoints', checkpoints.BEST_FILE)})")
     lines += [f"  metrics         {os.path.join(out, 'metrics.jsonl')}",
-              f"  weights         {os.path.join(out, 'model.safetensors')}"
+              f"  weights         {summary.get('weights_file', os.path.join(out, 'model.safetensors'))}"
               + (f" (step {summary['final_weights_step']}, the best)" if summary.get("final_weights") == "best" else "")]
+    if summary.get("hf_dir"):
+        lines.append(f"  transformers    {summary['hf_dir']} (from_pretrained loads it)")
     if ema:
-        lines.append(f"  EMA weights     {os.path.join(out, 'model_ema.safetensors')}")
+        lines.append(f"  EMA weights     {summary.get('ema_weights_file', os.path.join(out, 'model_ema.safetensors'))}")
     if wandb_dir:
         lines.append(f"  wandb run       {wandb_dir} ({cfg.wandb_mode}; `wandb sync {wandb_dir}` uploads it)")
     if tensorboard_dir:

@@ -34,6 +34,7 @@ from launcher.optim.schedules import LRSchedule
 from launcher.recipe import Recipe
 from launcher.runtime import checkpoints, run_config
 from launcher.runtime.distributed import build_accelerator
+from launcher.runtime.export import hf_layout
 from launcher.runtime.parallel import build_parallel
 from launcher.runtime.sharding import global_norm
 from launcher.runtime.preemption import Interrupted, Preempted, StopSignals, requeue_slurm_job
@@ -72,6 +73,7 @@ class Trainer:
         self.classes, self.extra_metrics = parts.classes, parts.extra_metrics
         self.train_data, self.val_data, self.plan = parts.train_data, parts.val_data, parts.plan
         model, schedule = parts.model, parts.schedule
+        self.hf = hf_layout(cfg, recipe, model)  # OUTPUT_DIR/hf/ for a transformers model, or None
         self.ema = EMA(parts.ema_source, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay else None
         self.parallel.setup(model, self.ema)  # FSDP: the EMA sharded in place
         self.groups = parts.regroup(model) if self.parallel.sharded else parts.groups
@@ -509,8 +511,8 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         acc.wait_for_everyone()
         final = self._final_weights()
-        self.parallel.export(self.model, self.ema)  # model.safetensors (and the EMA's), main process only
-        summary = {**self._summary(), **final, "memory_per_process": self.parallel.memory(self.model, self.optimizer)}
+        exported = self.parallel.export(self.model, self.ema, self.hf)  # model.safetensors or shards, the EMA's, hf/
+        summary = {**self._summary(), **final, **exported, "memory_per_process": self.parallel.memory(self.model, self.optimizer)}
         checksums = self.parallel.replica_checksums(self.model)  # FSDP: none, each rank holds other shards
         if checksums is not None:
             summary["replicas_identical"] = len(set(checksums)) == 1

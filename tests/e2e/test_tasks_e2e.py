@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, launcher, metrics, start_launcher, wait_for_step
+from launcher.runtime.weights import open_weights
 
 
 TOKEN_COUNTS = str(ROOT / "tests" / "recipes" / "token_counts.py")
@@ -24,7 +25,9 @@ CRASHING = str(ROOT / "tests" / "recipes" / "crashing.py")
 
 
 def weights(run_dir) -> dict:
-    return load_file(str(run_dir / "model.safetensors"))
+    """A run's final weights: model.safetensors, or its shards through their index."""
+    with open_weights(str(run_dir)) as files:
+        return {name: files.read(name) for name in files.names}
 
 
 def evaluations(run_dir) -> list[dict]:
@@ -241,10 +244,10 @@ RAW = "59,2,32.1,101,157,93.2,38,4,4.8598,87"
 @pytest.fixture(scope="module")
 def best_run(tmp_path_factory):
     """regression_tiny whose best is its first epoch (the highest val/loss counts as best), its
-    final weights the best checkpoint's."""
+    final weights the best checkpoint's, exported in several shards with an index."""
     out = tmp_path_factory.mktemp("best") / "run"
     launcher("recipes/regression_tiny", "--epochs=3", "--best_metric=val/loss", "--best_mode=max",
-             "--final_weights=best", f"--output_dir={out}")
+             "--final_weights=best", "--max_shard_size=2KB", f"--output_dir={out}")
     return out
 
 
@@ -253,6 +256,7 @@ def test_final_weights_best_are_the_best_checkpoints_and_evaluate_names_their_st
     summary = json.loads((best_run / "summary.json").read_text())
     assert best["step"] == summary["final_weights_step"] < summary["steps"] and summary["final_weights"] == "best"
     final = weights(best_run)
+    assert len(list(best_run.glob("model-0000*-of-0000*.safetensors"))) > 1 and not (best_run / "model.safetensors").exists()
     checkpoint = {k.removeprefix("module."): v for k, v in
                   load_file(str(best_run / "checkpoints" / f"step-{best['step']:08d}" / "model.safetensors")).items()}
     last = load_file(str(best_run / "checkpoints" / f"step-{summary['steps']:08d}" / "model.safetensors"))
@@ -276,6 +280,8 @@ def test_predict_reads_inputs_after_double_dash_from_files_and_stdin(best_run, t
     printed = launcher("predict", "recipes/regression_tiny", f"--checkpoint={best_run}/best", RAW, "--", FEATURES).stdout
     values = dict(line.rsplit(": ", 1) for line in printed.splitlines())
     assert list(values) == [RAW, FEATURES]
+    final = launcher("predict", "recipes/regression_tiny", f"--checkpoint={best_run}", RAW, "--", FEATURES).stdout
+    assert final == printed  # the final weights, read from their shards, are the best checkpoint's
     listed = tmp_path / "inputs.txt"
     listed.write_text(f"{FEATURES}\n\n{RAW}\n")
     out = tmp_path / "predictions.jsonl"

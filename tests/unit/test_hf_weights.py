@@ -152,3 +152,50 @@ def test_a_damaged_index_or_shard_is_one_line_naming_the_file(pretrained, tmp_pa
     with pytest.raises(ConfigError, match=f"weights index {index} is damaged") as damaged:
         open_weights(str(copy))
     assert all("\n" not in str(error.value) for error in (torn, gone, damaged))
+
+
+# ---- weights out ---------------------------------------------------------------------------------
+
+def test_the_final_weights_in_several_shards_and_the_hf_layout_load_back_bitwise(pretrained, tmp_path):
+    """What a DDP run's main process writes (a whole model): model-*-of-*.safetensors with an index,
+    and hf/ that transformers loads with the same weights and logits; the tokenizer files copied."""
+    from tokenizers import Tokenizer, models
+
+    from launcher.runtime.export import HFLayout, write_final_weights
+
+    path, config = pretrained
+    trained = transformers.LlamaForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            parameter.add_(0.25)  # other than the pretrained weights
+    tokenizer_dir = tmp_path / "tokenizer"
+    transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")),
+                                         unk_token="[UNK]").save_pretrained(str(tokenizer_dir))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"an earlier export")  # replaced by the shards, not left to be read
+    written = write_final_weights(str(out), trained, None, HFLayout("", str(tokenizer_dir)), 20_000, is_main=True)
+    assert written == {"weights_file": str(out / "model.safetensors.index.json"), "hf_dir": str(out / "hf")}
+    assert not (out / "model.safetensors").exists() and not (out / ".export").exists()
+    assert len(list(out.glob("model-*-of-*.safetensors"))) > 2 and len(list((out / "hf").glob("model-*"))) > 2
+    for source in (str(out), str(out / "hf")):
+        reloaded = transformers.LlamaForCausalLM(config)
+        load_weights(reloaded, source, head="", log=lambda _: None)
+        assert_same_weights(reloaded, trained)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(out / "hf"))
+    assert_same_weights(exported, trained)
+    assert exported.config.tie_word_embeddings == config.tie_word_embeddings
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(exported(tokens).logits, trained(tokens).logits)
+    index = json.loads((out / "hf" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert ("lm_head.weight" in index) != config.tie_word_embeddings  # tied: saved once, as transformers does
+    assert (out / "hf" / "generation_config.json").exists()
+    assert transformers.AutoTokenizer.from_pretrained(str(out / "hf"))("a")["input_ids"] == [1]
+
+
+def test_max_shard_size_takes_transformers_notation_and_refuses_anything_else():
+    from launcher.config import TrainConfig, size_in_bytes
+
+    assert (size_in_bytes("5GB"), size_in_bytes("20KB"), size_in_bytes("1.5 MiB")) == (5 * 10**9, 20_000, 1_572_864)
+    with pytest.raises(ConfigError, match="--max_shard_size must be a size like 5GB, 500MB or 20KB, got '5 gigs'"):
+        TrainConfig(max_shard_size="5 gigs").validate()

@@ -117,7 +117,7 @@ def test_weights_that_do_not_fit_name_the_first_differences_and_the_flags_that_d
             open_weights(str(tmp_path / "deeper.safetensors")) as saved_deeper:
         assert fit_problem(trained, wrapped) == ""
         assert fit_problem(deeper, wrapped) == "missing from the checkpoint: 5.weight, 5.bias"
-        assert fit_problem(trained, saved_deeper) == "not in the model: module.5.weight, module.5.bias"
+        assert fit_problem(trained, saved_deeper) == "not in the model: module.5.bias, module.5.weight"
 
 
 def test_grad_accum_steps_is_refused_on_the_checkpoints_world_size_and_rescaled_on_another(tmp_path):

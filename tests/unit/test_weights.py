@@ -48,8 +48,9 @@ def test_from_a_pth_state_dict_or_checkpoint_with_prefixes(tmp_path, source, wra
         state = {"model": {f"model.{k}": v for k, v in state.items()}, "epoch": 3}
     torch.save(state, tmp_path / "w.pth")
     model = resnet(10)
-    load_weights(model, str(tmp_path / "w.pth"), log=lambda _: None)
+    report = load_weights(model, str(tmp_path / "w.pth"), log=lambda _: None)
     check_loaded(model, source)
+    assert report == {"missing": [], "unexpected": [], "replaced": ["fc.bias", "fc.weight"]}  # the model's names
 
 
 def test_shape_mismatch_outside_the_head_names_key_and_shapes(tmp_path, source):
