@@ -4,7 +4,7 @@ then given values on each rank's device, each rank reading only its own shards' 
     with empty_model() as loads:           # parameters on the meta device; load_weights recorded
         model = recipe.build_model(cfg)
     ... fully_shard the units and the root (launcher/runtime/sharding.py) ...
-    materialise(model, device, loads)      # to_empty, buffers put back, then the loads (or an init)
+    materialise(model, device, loads, load_weights, init)   # to_empty, buffers put back, the loads, init
 
 Inside `empty_model()` every parameter a module registers is moved to the meta device, where it
 takes no memory, while buffers are built on the host as usual: they are small and often computed
@@ -18,18 +18,19 @@ nothing and is recorded instead; `materialise` runs it again on the sharded mode
 launcher/runtime/weights.py copies into each DTensor only the rows of its local shard
 (`local_slices`), read from the safetensors file alone.
 
-A model the recipe builds on the meta device itself, with no weights to load, is initialised on
-the shards one module at a time: each module's parameters are drawn whole on the device by the
-model's `_init_weights(module)` (transformers' and nanoGPT's convention) or the module's
-`reset_parameters()`, then --weight_init, and each rank keeps its slice. The values are the same on
+Parameters no load gave values (a replaced head, or all of them: a model the recipe builds on the
+meta device itself to train from scratch) are initialised on the shards one module at a time:
+each module's parameters are drawn whole on the device by the model's `_init_weights(module)`
+(transformers' and nanoGPT's convention) or the module's `reset_parameters()`, then
+--weight_init, and each rank keeps its slice. The values are the same on
 any number of ranks, but not those of a model built on the host (another order of random draws).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import contextvars
+import copy
 import resource
 from typing import Callable, NamedTuple
 
