@@ -36,3 +36,7 @@ def build_data(cfg: Config) -> DataSpec:
     tokens = torch.randint(vocab, (cfg.samples + 16, cfg.sequence), generator=torch.Generator().manual_seed(0))
     samples = [{"input_ids": row, "labels": row} for row in tokens]
     return DataSpec(train=samples[:cfg.samples], val=samples[cfg.samples:])
+
+
+def hf_model(cfg: Config, model):
+    return None  # no OUTPUT_DIR/hf/: the tests check loading (tests/e2e/test_hf_e2e.py checks the export)
