@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import safetensors.torch
 import torch
@@ -16,7 +17,7 @@ from accelerate.optimizer import AcceleratedOptimizer
 from torch import nn
 
 from launcher.config import ConfigError, TrainConfig, size_in_bytes
-from launcher.runtime import export, sharding
+from launcher.runtime import export, meta_build, sharding
 from launcher.runtime.distributed import ReplicaChecksums, rewrap_ddp
 
 
@@ -25,11 +26,16 @@ class Replicated:
 
     sharded = False
 
-    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, units, frozen_base: frozenset[str] = frozenset()):
-        self.cfg, self.accelerator, self.units = cfg, accelerator, units
-        self.frozen_base = frozen_base  # a PEFT model's base: not in checkpoints (launcher/train/adapters.py)
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator):
+        self.cfg, self.accelerator = cfg, accelerator
+        self.units: list[tuple[str, nn.Module]] = []  # shard and activation-checkpointing units, from `place`
+        self.frozen_base: frozenset[str] = frozenset()  # a PEFT model's base: not in checkpoints (launcher/train/adapters.py), set by build_parts
         self.checksums = ReplicaChecksums(accelerator.device, accelerator.num_processes)
         self.memory = MemoryReport(accelerator.device, accelerator.num_processes)
+
+    def place(self, model: nn.Module, units: list[tuple[str, nn.Module]]) -> None:
+        """The model as built, on its device: DDP wraps it later (`prepare`)."""
+        self.units = units
 
     def setup(self, model: nn.Module, ema: nn.Module | None) -> None:
         """Before the optimizer exists: activation checkpointing and compilation, in place."""
@@ -101,22 +107,25 @@ class Sharded(Replicated):
 
     sharded = True
 
-    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, units, frozen_base: frozenset[str] = frozenset()):
-        super().__init__(cfg, accelerator, units, frozen_base)
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator):
+        super().__init__(cfg, accelerator)
         self.own_group = sharding.ensure_process_group(accelerator.device)
         self.checkpointer = sharding.ShardedCheckpointer(cfg.async_checkpoint)
         self.summed = sharding.summed_gradients(accelerator.device)  # then divided here (README, "Known problems")
 
+    def place(self, model: nn.Module, units: list[tuple[str, nn.Module]]) -> None:
+        """Activation checkpointing, compilation and sharding, in place, before the model has values
+        (launcher/runtime/meta_build.py) or after it was built on the host."""
+        self.units = units
+        sharding.prepare(model, units, self.cfg, self.accelerator.device)
+
     def setup(self, model: nn.Module, ema: nn.Module | None) -> None:
-        if self.cfg.activation_checkpointing:
-            sharding.checkpoint_activations(self.units)
-        if self.cfg.compile:  # per unit, before sharding (as torchtitan compiles each block); else the root
-            for unit in [unit for _, unit in self.units] or [model]:
-                unit.compile()
-        sharding.shard(model, self.units, self.cfg, self.accelerator.device)
-        if ema is not None:  # the same units, by name, in the EMA's copy of the model
+        """The EMA (built from the model before sharding, without values) sharded by the same units,
+        then given the model's values, shard by shard."""
+        if ema is not None:
             ema_units = [(name, ema.module.get_submodule(name)) for name, _ in self.units]
             sharding.shard(ema.module, ema_units, self.cfg, self.accelerator.device)
+            meta_build.copy_values(ema.module, model, self.accelerator.device)
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         # Not accelerator.prepare: that would wrap the model in DDP, and state_files.write would
@@ -163,9 +172,8 @@ class Sharded(Replicated):
             torch.distributed.destroy_process_group()
 
 
-def build_parallel(cfg: TrainConfig, accelerator: Accelerator, units,
-                   frozen_base: frozenset[str] = frozenset()) -> Replicated:
-    return (Sharded if cfg.data_parallel == "fsdp" else Replicated)(cfg, accelerator, units, frozen_base)
+def build_parallel(cfg: TrainConfig, accelerator: Accelerator) -> Replicated:
+    return (Sharded if cfg.data_parallel == "fsdp" else Replicated)(cfg, accelerator)
 
 
 def optimizer_slots(factory) -> float:
@@ -194,31 +202,40 @@ def memory_per_rank(model: nn.Module, trained: list[nn.Parameter], slots: float,
             "optimizer": int(trained_bytes * slots)}
 
 
-MEMORY_FIELDS = ("params_mb", "optimizer_mb", "peak_rss_mb", "peak_gpu_mb")
+BUILD_FIELDS = ("baseline_rss_mb", "load_peak_rss_mb", "build_s")  # peak resident MB before the model is built
+# and once it is built and loaded (before the pre-flight), and the seconds that took
+MEMORY_FIELDS = ("params_mb", "optimizer_mb", "peak_rss_mb", "peak_gpu_mb", *BUILD_FIELDS)
 
 
 class MemoryReport:
     """Each process's MB of parameters (its shards under FSDP) and optimizer state, its peak
-    resident memory and, on a GPU, its peak allocated GPU memory, from every rank. The gathered
-    tensors are held for the life of this object, as in ReplicaChecksums (a temporary freed by
-    gloo's thread as the process group goes away deadlocks the rank)."""
+    resident memory (since the process started: at the end, before the model was built, and once it
+    was built and loaded, before the pre-flight), the seconds building and loading took and, on a GPU,
+    its peak allocated GPU memory, from every rank. The gathered tensors are held for the life of this object, as in ReplicaChecksums (a
+    temporary freed by gloo's thread as the process group goes away deadlocks the rank)."""
 
     def __init__(self, device: torch.device, world_size: int):
         self.device, self.world_size = device, world_size
         self.mine = torch.zeros(len(MEMORY_FIELDS), dtype=torch.float64, device=device)
         self.everyone = [torch.zeros_like(self.mine) for _ in range(world_size)]
+        self.build = dict.fromkeys(BUILD_FIELDS, 0.0)
+
+    def before_build(self) -> None:
+        self.build["baseline_rss_mb"], self.build["build_s"] = meta_build.peak_rss_mb(), time.perf_counter()
+
+    def after_build(self) -> None:
+        self.build["load_peak_rss_mb"] = meta_build.peak_rss_mb()
+        self.build["build_s"] = time.perf_counter() - self.build["build_s"]
 
     def __call__(self, model: nn.Module, optimizer) -> list[dict[str, float]]:
         """A collective: every rank calls it."""
-        import resource
-
         def mb(tensors) -> float:
             return sum(sharding.local(t).numel() * t.element_size() for t in tensors) / 2**20
 
         state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
         gpu = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else 0.0
         self.mine.copy_(torch.tensor([mb(model.parameters()), mb(state),
-                                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, gpu]))
+                                      meta_build.peak_rss_mb(), gpu, *self.build.values()]))
         if self.world_size > 1:
             torch.distributed.all_gather(self.everyone, self.mine)
         else:

@@ -124,6 +124,17 @@ def describe_units(units: list[tuple[str, nn.Module]]) -> str:
 
 # ---- sharding ----------------------------------------------------------------------------
 
+def prepare(model: nn.Module, units: list[tuple[str, nn.Module]], cfg: TrainConfig, device: torch.device) -> None:
+    """Activation checkpointing and compilation of the units (as torchtitan: each block compiled before
+    sharding; without units the root), then fully_shard, in place. The model may be on the meta device."""
+    if cfg.activation_checkpointing:
+        checkpoint_activations(units)
+    if cfg.compile:
+        for unit in [unit for _, unit in units] or [model]:
+            unit.compile()
+    shard(model, units, cfg, device)
+
+
 def shard(model: nn.Module, units: list[tuple[str, nn.Module]], cfg: TrainConfig, device: torch.device) -> None:
     """fully_shard each unit, then the root, in place: bf16 parameters with fp32 reduction under
     --mixed_precision=bf16 (the root's outputs in fp32, so the loss is computed in fp32)."""
@@ -141,6 +152,16 @@ def shard(model: nn.Module, units: list[tuple[str, nn.Module]], cfg: TrainConfig
                                        output_dtype=torch.float32 if bf16 else None)
     # The root's parameters are needed again right after the forward (the head's backward): keep them.
     fully_shard(model, mesh=mesh, mp_policy=root_policy, reshard_after_forward=False)
+
+
+def reshard(model: nn.Module) -> None:
+    """Every unit back to its shards, the root too (it keeps its gathered parameters after a forward,
+    for the backward): after a forward without one, e.g. the pre-flight check. No-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def summed_gradients(device: torch.device) -> bool:
@@ -249,4 +270,3 @@ class ShardedCheckpointer:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-

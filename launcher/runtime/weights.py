@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from launcher.config import ConfigError
+from launcher.runtime import meta_build
 
 
 CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict", "module")  # where checkpoints keep the weights
@@ -61,7 +62,12 @@ class _SafetensorsFile:
     def read_slice(self, name: str, slices: tuple[slice, ...]) -> torch.Tensor:
         if not slices or not self.shapes[name]:
             return self.read(name)
-        return self.handle.get_slice(name)[tuple(slices)]
+        from safetensors import safe_open
+
+        # A map of its own, closed at once: the file's pages it touched leave this process's resident
+        # memory (through the long-lived map they would stay counted, FSDP's shards of the whole file).
+        with safe_open(self.path, framework="pt") as handle:
+            return handle.get_slice(name)[tuple(slices)]
 
 
 class _TensorDict:
@@ -286,7 +292,11 @@ def _first(names: list[str], shown: int = SHOWN) -> str:
 def load_weights(model: nn.Module, source: str, *, arch: str = "", head: str = "fc",
                  allow_missing: Iterable[str] = (), log=print) -> dict:
     """Load `source` into `model`, tensor by tensor; return {"missing", "unexpected", "replaced"} key
-    lists (missing: the model's names left as initialised; unexpected: the file's names not used)."""
+    lists (missing: the model's names left as initialised; unexpected: the file's names not used).
+    While the launcher builds an FSDP model without memory, the load is recorded and made once the
+    model is sharded, each rank reading its shards' rows alone (launcher/runtime/meta_build.py)."""
+    if meta_build.defer_load(model, source, arch=arch, head=head, allow_missing=allow_missing, log=log):
+        return {"missing": [], "unexpected": [], "replaced": [], "deferred": True}
     own = model.state_dict()
     with open_weights(source, arch) as files:
         matched, replaced = match_keys(files.names, own), {}
@@ -315,10 +325,16 @@ def _under(name: str, head: str) -> bool:
 @torch.no_grad()
 def copy_matched(model: nn.Module, files: WeightFiles, matched: dict[str, str]) -> None:
     """Each matched tensor read and copied into the model's (cast to its dtype), one at a time: the
-    host holds the model and one tensor of the file, never the whole file."""
+    host holds the model and one tensor of the file, never the whole file. A sharded (FSDP) tensor
+    reads only the rows of this rank's shard."""
     own = model.state_dict()  # views of the parameters and buffers
     for model_name, file_name in matched.items():
-        own[model_name].copy_(files.read(file_name))
+        target, slices = own[model_name], meta_build.local_slices(own[model_name])
+        if slices is None:
+            target.copy_(files.read(file_name))
+        else:
+            meta_build.copy_slice(meta_build.local_tensor(target), slices,
+                                  lambda part: files.read_slice(file_name, part))
 
 
 # ---- whether a checkpoint fits a model exactly (resume, evaluate, predict) ---------------------

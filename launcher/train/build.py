@@ -13,10 +13,12 @@ from launcher.data.loader import SplitLoader
 from launcher.data.spec import Synthetic
 from launcher.optim.groups import ParamGroup, Schedule, apply_freezing, assign_groups
 from launcher.recipe import Recipe
-from launcher.runtime import checkpoints, run_config
-from launcher.runtime.sharding import find_units
+from launcher.runtime import checkpoints, meta_build, run_config
+from launcher.runtime.parallel import Replicated
+from launcher.runtime.sharding import find_units, reshard
+from launcher.runtime.weights import load_weights
 from launcher.train import adapters
-from launcher.train.modeling import init_weights, model_summary
+from launcher.train.modeling import init_layer, init_weights, model_summary
 from launcher.train.plan import Plan, format_plan, make_plan, parallel_lines, training_lines
 from launcher.train.preflight import Checked, preflight, unused_outputs_note
 
@@ -34,6 +36,7 @@ class RunParts:
     classes: list[str]
     extra_metrics: dict | None  # the recipe's build_metrics
     units: list[tuple[str, torch.nn.Module]]  # shard (and activation-checkpointing) units, innermost first
+    ema_source: torch.nn.Module  # what an EMA copies: the model, or under FSDP a copy of it as built, without values
     frozen_base: frozenset[str] = frozenset()  # a PEFT model's frozen base: in no group, not checkpointed
 
     def regroup(self, model: torch.nn.Module) -> list[ParamGroup]:
@@ -45,9 +48,10 @@ class RunParts:
 
 
 def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
-                device: torch.device = torch.device("cpu")) -> RunParts:
+                device: torch.device = torch.device("cpu"), parallel: Replicated | None = None) -> RunParts:
     """Everything a run is made of, before Accelerate wraps it (shared by `plan` and training),
-    checked by pushing one real batch of each split through it on `device`."""
+    checked by pushing one real batch of each split through it on `device`. Training passes its
+    `parallel`, which is handed the model before the check: under FSDP the check runs sharded."""
     set_seed(cfg.seed)  # the same initial weights on every rank
     data = recipe.build_data(cfg)
     loader_args = dict(rank=rank, world=world, seed=cfg.seed, num_workers=cfg.num_workers,
@@ -61,19 +65,16 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
     classes = list(data.classes or train_data.classes)
     classes_from = ("DataSpec.classes" if data.classes else "index.json" if train_data.index is not None
                     else "the dataset's .classes")
-    if cfg.weight_init != "default" and getattr(cfg, "weights", ""):
-        raise ConfigError(f"--weight_init={cfg.weight_init} would overwrite the loaded --weights; use one or the other")
-    model = recipe.build_model(cfg)
-    frozen = adapters.frozen_base(model)  # before anything changes requires_grad
+    model, units, ema_source = build_model(cfg, recipe, device, parallel)
+    frozen = adapters.frozen_base(model)  # a PEFT model's base, named before anything changes requires_grad
+    if parallel is not None:
+        parallel.frozen_base = frozen
     if cfg.export_merged:
         adapters.check_mergeable(model)
-    init_weights(model, cfg.weight_init)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.to(device)
     loss_fn = recipe.build_loss(cfg)
     extra_metrics = recipe.build_metrics(cfg)
     checked = preflight(cfg, recipe, train_data, val_data, model, device, loss_fn, extra_metrics, classes, classes_from)
+    reshard(model)  # FSDP: the root's parameters were gathered for the check
     for split in (train_data, val_data):
         if split is not None:
             split.num_classes = checked.label_classes  # labels out of range: unreadable samples
@@ -92,10 +93,43 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
                           "use --loss=cross_entropy or bce_with_logits")
     plan.training = training_lines(cfg, schedule, loss_fn, checked)
     plan.model = model_summary(model, checked.summary)
-    units = find_units(model, recipe.shard_units(cfg, model), cfg.fsdp_unit_params)
     plan.parallel = parallel_lines(cfg, model, groups, schedule.optimizer, world, units)
     return RunParts(cfg, train_data, val_data, plan, model, schedule, groups, checked, classes, extra_metrics, units,
-                    frozen)
+                    ema_source, frozen)
+
+
+def build_model(cfg: TrainConfig, recipe: Recipe, device: torch.device, parallel: Replicated | None):
+    """The recipe's model on `device`, handed to `parallel` (None: `plan`, the model alone), its
+    shard units, and what an EMA copies. Under FSDP it is built without memory, sharded, then loaded
+    (each rank its shards' rows) or initialised (launcher/runtime/meta_build.py); a recipe that loads
+    no weights is built on the host as before (the same random draws as DDP), then sharded."""
+    if cfg.weight_init != "default" and getattr(cfg, "weights", ""):
+        raise ConfigError(f"--weight_init={cfg.weight_init} would overwrite the loaded --weights; use one or the other")
+    sharded = parallel is not None and parallel.sharded
+    if parallel is not None:
+        parallel.memory.before_build()
+    loads = []
+    if sharded:
+        with torch.random.fork_rng(devices=[]), meta_build.empty_model() as loads:
+            model = recipe.build_model(cfg)
+    if not loads or adapters.is_peft_model(model):  # peft's wrapping renames the loaded tensors: built whole
+        model = recipe.build_model(cfg)
+        if not meta_build.is_empty(model):
+            init_weights(model, cfg.weight_init)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if not meta_build.is_empty(model):
+        model.to(device)
+    units = find_units(model, recipe.shard_units(cfg, model), cfg.fsdp_unit_params)
+    ema_source = meta_build.meta_copy(model) if sharded and cfg.ema_decay else model
+    if parallel is not None:
+        parallel.place(model, units)  # FSDP: sharded
+    if meta_build.is_empty(model):
+        meta_build.materialise(model, device, loads, load_weights,
+                               meta_build.module_init(model, lambda module: init_layer(module, cfg.weight_init)))
+    if parallel is not None:
+        parallel.memory.after_build()
+    return model, units, ema_source
 
 
 def _synthetic(split: SplitLoader, checked: Checked, loader_args: dict) -> SplitLoader:

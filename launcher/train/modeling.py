@@ -23,21 +23,27 @@ def init_weights(model: nn.Module, scheme: str) -> int:
     to weight 1 and bias 0); returns the number of layers initialised."""
     if scheme == "default":
         return 0
+    return sum(init_layer(module, scheme) for module in model.modules())
+
+
+def init_layer(module: nn.Module, scheme: str) -> bool:
+    """`scheme` applied to this one module's own parameters (not its children's); True if it is a
+    convolution or linear layer."""
+    if scheme == "default":
+        return False
     init = INITS.get(scheme)
     if init is None:
         raise ConfigError(f"unknown --weight_init={scheme}; choose one of default, {', '.join(INITS)}")
-    count = 0
-    for module in model.modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            init(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-            count += 1
-        elif isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) and getattr(
-                module, "weight", None) is not None:
-            nn.init.ones_(module.weight)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        init(module.weight)
+        if module.bias is not None:
             nn.init.zeros_(module.bias)
-    return count
+        return True
+    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) and getattr(
+            module, "weight", None) is not None:
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    return False
 
 
 def model_summary(model: nn.Module, io_line: str = "") -> list[str]:

@@ -223,8 +223,14 @@ def parallel_lines(cfg: TrainConfig, model, groups: list[ParamGroup], optimizer_
     if cfg.data_parallel == "fsdp":
         modes.reverse()
     units = f", shard units {describe_units(units)}" if cfg.data_parallel == "fsdp" else ""
-    return [f"  data parallel         {cfg.data_parallel}{units}",
-            "  memory per process    " + "; ".join(f"{name}: {mb(memory)}" for name, memory in modes)]
+    lines = [f"  data parallel         {cfg.data_parallel}{units}",
+             "  memory per process    " + "; ".join(f"{name}: {mb(memory)}" for name, memory in modes)]
+    if cfg.data_parallel == "fsdp":
+        whole = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+        lines.append(f"  building the model    {whole:.1f} MB of parameters whole before sharding, {fsdp['params'] / 2**20:.1f} MB "
+                     "per process after; loading --weights, each process builds it on the meta device and holds "
+                     "only its shards (launcher/runtime/meta_build.py)")
+    return lines
 
 
 def format_groups(groups: list[ParamGroup]) -> str:

@@ -68,7 +68,8 @@ class Trainer:
             run_config.check_resumed_config(cfg, self.resume_from, self.world)
             cfg, note = run_config.keep_global_batch(cfg, self.resume_from, self.world)
             acc.gradient_accumulation_steps = cfg.grad_accum_steps
-        parts = build_parts(cfg, recipe, self.rank, self.world, acc.device)
+        self.parallel = build_parallel(cfg, acc)  # DDP or FSDP (launcher/runtime/parallel.py)
+        parts = build_parts(cfg, recipe, self.rank, self.world, acc.device, self.parallel)  # FSDP: sharded
         self.cfg, self.recipe = cfg, recipe = parts.cfg, recipe
         parts.plan.notes.append(note)
         self.checked, self.step_fn = parts.checked, parts.checked.step
@@ -76,9 +77,8 @@ class Trainer:
         self.train_data, self.val_data, self.plan = parts.train_data, parts.val_data, parts.plan
         model, schedule = parts.model, parts.schedule
         self.hf = hf_layout(cfg, recipe, model)  # OUTPUT_DIR/hf/ for a transformers model, or None
-        self.ema = EMA(model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay else None
-        self.parallel = build_parallel(cfg, acc, parts.units, parts.frozen_base)  # DDP or FSDP (launcher/runtime/parallel.py)
-        self.parallel.setup(model, self.ema)  # FSDP: the model and the EMA sharded in place
+        self.ema = EMA(parts.ema_source, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay else None
+        self.parallel.setup(model, self.ema)  # FSDP: the EMA sharded in place
         self.peft = PeftRun(acc, model, parts.frozen_base)  # a PEFT model: its base's fingerprint, its exports
         self.groups = parts.regroup(model) if self.parallel.sharded else parts.groups
         self.frozen_norms = frozen_batchnorms(model, self.groups)
