@@ -23,18 +23,13 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from PIL import Image
 
-from launcher.data.scaled_decode import covering_size, decode_rgb, image_size
+from launcher.data.scaled_decode import covering_size, decode_rgb, image_size, to_rgb
 
 if TYPE_CHECKING:
     from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def to_rgb(image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
-    """PIL image -> RGB; a tensor (decoded on the device as RGB, `--data_on_gpu`) passes through."""
-    return image.convert("RGB") if isinstance(image, Image.Image) else image
 
 
 def train_transform(size: int, *, scale: Sequence[float] = (0.08, 1.0), hflip: float = 0.5,

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from launcher.data.scaled_decode import to_rgb
+
 CANVAS_PIXELS = 1 << 25  # per roi_align call, n x H x W of the padded images: ~0.4 GB as float, 0.27 GB of indices
 
 
@@ -71,8 +73,6 @@ class BatchCrops:
 def batch_crops(transform) -> BatchCrops | None:
     """`transform` as a BatchCrops, or None when it does anything else (see the module docstring)."""
     from torchvision.transforms import v2
-
-    from launcher.presets import to_rgb  # presets sit a layer above data: imported where their step is recognised
 
     transform = getattr(transform, "full_size", transform)  # presets.TrainCrop/EvalCrop: their tensor path
     if not isinstance(transform, v2.Compose):

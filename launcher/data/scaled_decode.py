@@ -68,3 +68,9 @@ def covering_size(size: int, region: int, full: int) -> int:
     """The smallest full-image side (pixels) at which `region` pixels of a `full`-pixel side still
     span `size` output pixels: decoding at least this large never upsamples the region."""
     return math.ceil(full * size / max(region, 1))
+
+
+def to_rgb(image: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+    """PIL image -> RGB; a tensor (decoded on the device as RGB, `--data_on_gpu`) passes through.
+    The presets' first step (launcher/presets.py), recognised by batch_crops."""
+    return image.convert("RGB") if isinstance(image, Image.Image) else image
