@@ -1,11 +1,12 @@
-"""How the model is spread over the processes (--data_parallel): `Replicated` (DDP, Accelerate's:
-a whole copy of the model, its gradients and optimizer state on each process) or `Sharded`
-(FSDP2, launcher/runtime/sharding.py: 1/N of each). The trainer calls the same methods on
-either, so the loop has no `if fsdp:` branches.
+"""How the model is spread over the processes (--data_parallel): two siblings under `Parallel`,
+`Replicated` (DDP, Accelerate's: a whole copy of the model, its gradients and optimizer state on
+each process) and `Sharded` (FSDP2, launcher/runtime/sharding.py: 1/N of each). The trainer calls
+`Parallel`'s methods on either, so the loop has no `if fsdp:` branches.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 
@@ -24,22 +25,90 @@ from launcher.runtime.distributed import ReplicaChecksums, rewrap_ddp
 EXPORT_STAGING = ".export"  # OUTPUT_DIR/.export: the final weights written in full before they are moved in place
 
 
-class Replicated:
+class Parallel(abc.ABC):
+    """What the trainer asks of a way of spreading the model. `setup` (public) applies activation
+    checkpointing, then the sibling's `_compile` and `_shard` hooks; the rest each sibling answers."""
+
+    sharded: bool  # each process holds 1/N of the parameters (checkpoints then hold shards)
+
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator, units):
+        self.cfg, self.accelerator, self.units = cfg, accelerator, units
+        self.memory = MemoryReport(accelerator.device, accelerator.num_processes)
+
+    def setup(self, model: nn.Module, ema: nn.Module | None) -> None:
+        """Before the optimizer exists: activation checkpointing, compilation and sharding, in place."""
+        if self.cfg.activation_checkpointing:
+            sharding.checkpoint_activations(self.units)
+        if self.cfg.compile:
+            self._compile(model)
+        self._shard(model, ema)
+
+    def _compile(self, model: nn.Module) -> None:
+        model.compile()  # in place: a wrapper then wraps the compiled module, state_dict keys unchanged
+
+    def _shard(self, model: nn.Module, ema: nn.Module | None) -> None:
+        pass
+
+    @abc.abstractmethod
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, AcceleratedOptimizer]:
+        """The model as trained (wrapped or sharded) and the optimizer, wrapped as Accelerate's."""
+
+    @abc.abstractmethod
+    def register_ema(self, ema: nn.Module | None) -> None:
+        """Make checkpoints keep the EMA's weights."""
+
+    @abc.abstractmethod
+    def gradient_sync(self, model: nn.Module, sync: bool):
+        """A context for one micro-batch's backward: `sync` False holds the gradients' reduction
+        (every micro-batch of a step but the last)."""
+
+    @abc.abstractmethod
+    def grad_norm(self, parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """The global gradient norm of the averaged gradients, clipped to max_norm when > 0."""
+
+    @abc.abstractmethod
+    def after_unfreeze(self, model: nn.Module) -> nn.Module:
+        """The model to train once more parameters require grad."""
+
+    def before_evaluation(self, model: nn.Module, ema: nn.Module | None) -> None:
+        """Make every rank's buffers (BatchNorm statistics) agree before an evaluation."""
+
+    def write_shards(self, path: str, model, optimizer, ema):
+        """Write what the state files do not hold into checkpoint `path`; a pending write or None."""
+        return None
+
+    def read_shards(self, path: str, model, optimizer, ema) -> None:
+        """Load what `write_shards` wrote."""
+
+    @abc.abstractmethod
+    def export(self, model: nn.Module, ema: nn.Module | None) -> None:
+        """model.safetensors (and model_ema.safetensors) in the output dir, in full."""
+
+    @abc.abstractmethod
+    def load_checkpoint_weights(self, model: nn.Module, path: str) -> None:
+        """The model's weights from checkpoint `path`, on every rank (--final_weights=best)."""
+
+    def replica_checksums(self, model: nn.Module) -> list[str] | None:
+        """Each rank's parameter checksum (a collective), or None where ranks hold different shards."""
+        return None
+
+    def release(self) -> None:
+        """Drop every reference to the prepared model and optimizer (Accelerate's too), now."""
+        self.units = []
+        self.accelerator.free_memory()  # its lists of models and optimizers, then gc.collect()
+
+    def close(self) -> None:
+        """After the trackers ended: leave a process group this object started."""
+
+
+class Replicated(Parallel):
     """DDP through Accelerate: checkpoints (state_files.write) hold the prepared model and optimizer."""
 
     sharded = False
 
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator, units):
-        self.cfg, self.accelerator, self.units = cfg, accelerator, units
+        super().__init__(cfg, accelerator, units)
         self.checksums = ReplicaChecksums(accelerator.device, accelerator.num_processes)
-        self.memory = MemoryReport(accelerator.device, accelerator.num_processes)
-
-    def setup(self, model: nn.Module, ema: nn.Module | None) -> None:
-        """Before the optimizer exists: activation checkpointing and compilation, in place."""
-        if self.cfg.activation_checkpointing:
-            sharding.checkpoint_activations(self.units)
-        if self.cfg.compile:
-            model.compile()  # in place: DDP then wraps the compiled module, state_dict keys unchanged
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         return self.accelerator.prepare(model, optimizer)
@@ -49,32 +118,26 @@ class Replicated:
             self.accelerator.register_for_checkpointing(ema)
 
     def gradient_sync(self, model: nn.Module, sync: bool):
-        return contextlib.nullcontext()  # Accelerate's accumulate() holds DDP's all-reduce (no_sync)
+        return contextlib.nullcontext() if sync else self.accelerator.no_sync(model)  # DDP's no_sync
 
     def grad_norm(self, parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        """The gradient norm, clipped when max_norm > 0; without clipping no pass multiplies every
-        gradient by 1. fp16: the norm of the unscaled gradients. (torch's own functions: Accelerate's
-        clip_grad_norm_ sorts every parameter by device mesh at every call, for DTensors DDP has none.)"""
+        """Without clipping no pass multiplies every gradient by 1. fp16: the norm of the unscaled
+        gradients. (torch's own functions: Accelerate's clip_grad_norm_ sorts every parameter by
+        device mesh at every call, for DTensors DDP has none.)"""
         self.accelerator.unscale_gradients()
         return sharding.grad_norm(parameters, max_norm)
 
     def after_unfreeze(self, model: nn.Module) -> nn.Module:
-        return rewrap_ddp(self.accelerator, model)
+        return rewrap_ddp(self.accelerator, model)  # DDP rebuilt to all-reduce the new gradients
 
     def before_evaluation(self, model: nn.Module, ema: nn.Module | None) -> None:
         pass  # DDP broadcasts rank 0's buffers at each forward
 
-    def write_shards(self, path: str, model, optimizer, ema):
-        return None  # state_files.write wrote everything
-
-    def read_shards(self, path: str, model, optimizer, ema) -> None:
-        pass
-
     def export(self, model: nn.Module, ema: nn.Module | None) -> None:
-        """model.safetensors (and model_ema.safetensors), written by the main process."""
+        """Written by the main process: every rank holds the same weights."""
         acc, out = self.accelerator, self.cfg.output_dir
         if not acc.is_main_process:
-            return  # DDP: every rank holds the same weights
+            return
         staging = os.path.join(out, EXPORT_STAGING)
         with durable.no_space_left(out):
             acc.save_model(model, staging)  # one file, or shards and an index above 10 GB
@@ -83,8 +146,7 @@ class Replicated:
         durable.publish_files(staging, out)
 
     def load_checkpoint_weights(self, model: nn.Module, path: str) -> None:
-        """The model's weights from checkpoint `path` (its model.safetensors, as save_state wrote it:
-        `module.` in front under DDP), on every rank: --final_weights=best."""
+        """From the checkpoint's model.safetensors, as save_state wrote it (`module.` in front under DDP)."""
         state = safetensors.torch.load_file(os.path.join(path, "model.safetensors"), device="cpu")
         state = {key.removeprefix("module."): value for key, value in state.items()}
         result = self.accelerator.unwrap_model(model).load_state_dict(state, strict=False)  # tied weights: saved once
@@ -94,16 +156,8 @@ class Replicated:
     def replica_checksums(self, model: nn.Module) -> list[str] | None:
         return self.checksums(self.accelerator.unwrap_model(model))
 
-    def release(self) -> None:
-        """Drop every reference to the prepared model and optimizer (Accelerate's too), now."""
-        self.units = []
-        self.accelerator.free_memory()  # its lists of models and optimizers, then gc.collect()
 
-    def close(self) -> None:
-        pass
-
-
-class Sharded(Replicated):
+class Sharded(Parallel):
     """FSDP2: the model and the EMA sharded in place, the optimizer built over the shards, DCP
     checkpoints beside the state files (which then hold the LR schedule, RNG states and the rest)."""
 
@@ -115,12 +169,11 @@ class Sharded(Replicated):
         self.checkpointer = sharding.ShardedCheckpointer(cfg.async_checkpoint)
         self.summed = sharding.summed_gradients(accelerator.device)  # then divided here (README, "Known problems")
 
-    def setup(self, model: nn.Module, ema: nn.Module | None) -> None:
-        if self.cfg.activation_checkpointing:
-            sharding.checkpoint_activations(self.units)
-        if self.cfg.compile:  # per unit, before sharding (as torchtitan compiles each block); else the root
-            for unit in [unit for _, unit in self.units] or [model]:
-                unit.compile()
+    def _compile(self, model: nn.Module) -> None:
+        for unit in [unit for _, unit in self.units] or [model]:  # per unit, before sharding (as torchtitan); else the root
+            unit.compile()
+
+    def _shard(self, model: nn.Module, ema: nn.Module | None) -> None:
         sharding.shard(model, self.units, self.cfg, self.accelerator.device)
         if ema is not None:  # the same units, by name, in the EMA's copy of the model
             ema_units = [(name, ema.module.get_submodule(name)) for name, _ in self.units]
@@ -173,15 +226,12 @@ class Sharded(Replicated):
     def load_checkpoint_weights(self, model: nn.Module, path: str) -> None:
         raise ConfigError("--final_weights=best needs --data_parallel=ddp")  # refused by TrainConfig.validate
 
-    def replica_checksums(self, model: nn.Module) -> list[str] | None:
-        return None  # each rank holds different shards by design
-
     def close(self) -> None:
         if self.own_group and torch.distributed.is_initialized():  # Accelerate's end_training may have
             torch.distributed.destroy_process_group()
 
 
-def build_parallel(cfg: TrainConfig, accelerator: Accelerator, units) -> Replicated:
+def build_parallel(cfg: TrainConfig, accelerator: Accelerator, units) -> Parallel:
     return (Sharded if cfg.data_parallel == "fsdp" else Replicated)(cfg, accelerator, units)
 
 

@@ -1,7 +1,7 @@
 """The training loop: a recipe's model, data and schedule run under accelerate.Accelerator.
 
-DDP over all processes (gloo on CPU), mixed precision, gradient accumulation through
-`accelerator.accumulate` (non-final micro-batches skip the all-reduce), clipping, the LR
+DDP over all processes (gloo on CPU), mixed precision, gradient accumulation as a visible loop in
+`train_step` (non-final micro-batches skip the all-reduce), clipping, the LR
 scheduler stepped once per optimizer step (every group's LR logged each step), scheduled
 unfreezing (DDP rebuilt to include the unfrozen parameters), a non-finite gradient stopping the
 run or skipping the step, evaluation each epoch with every validation sample counted once,
@@ -17,7 +17,6 @@ components of their own (launcher/train/guards.py)."""
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 import signal
 import time
@@ -245,49 +244,58 @@ class Trainer:
                         + (requeued or "rerun with --resume=auto to continue"))
 
     def train_epoch(self) -> None:
-        acc, cfg, plan = self.accelerator, self.cfg, self.plan
+        """The current epoch's remaining optimizer steps (fewer where max_steps ends the run)."""
+        plan = self.plan
         self._train_mode()
         if self.position.epoch != self.state.epoch:
             self.position = Position(self.state.epoch)
-        remaining = (plan.total_steps - self.state.step) * cfg.grad_accum_steps
-        micro_batches = min(plan.micro_batches_per_epoch - self.position.batches, remaining)
-        batches = itertools.islice(self.train_data.loader(self.state.epoch, self.position), micro_batches)
-        window = LogWindow(acc.device)
-        fetch_start = time.perf_counter()
-        for batch in batches:
-            window.data_time += time.perf_counter() - fetch_start
-            self._micro_batch(batch, window)
-            if acc.sync_gradients and self._after_step(window):
-                window = LogWindow(acc.device)  # the next logged step reports the steps from here
-            fetch_start = time.perf_counter()
+        done = self.position.batches // self.cfg.grad_accum_steps  # steps of this epoch before a resume
+        steps = min(plan.steps_per_epoch - done, plan.total_steps - self.state.step)
+        batches = iter(self.train_data.loader(self.state.epoch, self.position))
+        window = LogWindow(self.accelerator.device)
+        for _ in range(steps):
+            self.train_step(batches, window)
+            if self._after_step(window):
+                window = LogWindow(self.accelerator.device)  # the next logged step reports the steps from here
 
-    def _micro_batch(self, batch, window: LogWindow) -> None:
-        """Forward and backward of one micro-batch; on the last of an optimizer step, the count
-        normalisation, clipping, the NaN/Inf guard, the update and EMA."""
-        acc = self.accelerator
+    def train_step(self, batches, window: LogWindow) -> None:
+        """One optimizer step: forward and backward of each of its micro-batches (the gradients'
+        reduction held until the last), then the count normalisation, clipping, the NaN/Inf guard,
+        the update and the EMA."""
+        acc, accumulation = self.accelerator, self.cfg.grad_accum_steps
+        for index in range(accumulation):
+            last = index == accumulation - 1
+            fetch_start = time.perf_counter()
+            batch = next(batches)
+            window.data_time += time.perf_counter() - fetch_start
+            data = self._micro_batch_data(batch)
+            with self.parallel.gradient_sync(self.model, sync=last):
+                out = self.step_fn(self.model, data)
+                counted = self.counted_loss.check(out)
+                self._backward(self.counted_loss.loss(out) if counted else out.loss)
+            window.add(out.loss.detach(), out.count if counted else 1, batch.size)
+        if counted:
+            self.counted_loss.normalise()
+        window.grad_norm = self._clip_gradients(self._logs_at(self.state.step + 1))
+        if self.guard.allows(self.state.step + 1, out.loss, window.grad_norm) and self._update():
+            if self.ema is not None:
+                self.ema.update_parameters(acc.unwrap_model(self.model))
+        # the wrapped optimizer's own: Accelerate's inspects its signature at every call
+        self.optimizer.optimizer.zero_grad(set_to_none=True)
+
+    def _micro_batch_data(self, batch):
+        """A training batch on the device, mixed (--mixup_alpha, --cutmix_alpha), its position and
+        unreadable samples noted."""
         self.position.advance(batch)
         self.data_health.note(batch.errors, "train", self.state.epoch, self.state.step)
         if batch.data is None:  # every sample of it was unreadable
             raise DataError(f"rank {self.rank}: a training batch with no readable sample ({len(batch.errors)} "
                             "unreadable); check the shards and the split's decode")
-        data = self.step_fn.prepare(batch.data, acc.device, self.cfg.channels_last)
+        data = self.step_fn.prepare(batch.data, self.accelerator.device, self.cfg.channels_last)
         if self.mix is not None:
             data = type(data)(self.mix(*data))
         self._trace(batch.keys)
-        with acc.accumulate(self.model), self.parallel.gradient_sync(self.model, acc.sync_gradients):
-            out = self.step_fn(self.model, data)
-            counted = self.counted_loss.check(out)
-            self._backward(self.counted_loss.loss(out) if counted else out.loss)
-            if acc.sync_gradients:
-                if counted:
-                    self.counted_loss.normalise()
-                window.grad_norm = self._clip_gradients(self._logs_at(self.state.step + 1))
-                if self.guard.allows(self.state.step + 1, out.loss, window.grad_norm) and self._update():
-                    if self.ema is not None:
-                        self.ema.update_parameters(acc.unwrap_model(self.model))
-                # the wrapped optimizer's own: Accelerate's inspects its signature at every call
-                self.optimizer.optimizer.zero_grad(set_to_none=True)
-        window.add(out.loss.detach(), out.count if counted else 1, batch.size)
+        return data
 
     def _backward(self, loss: torch.Tensor) -> None:
         """Accelerate's backward (the grad scaler, the division by the accumulation steps), or with
