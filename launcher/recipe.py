@@ -12,6 +12,8 @@ A recipe module defines:
                                  `launcher predict` on inputs that are not images (optional)
   shard_units(cfg, model)     -> the modules (or their names) that become FSDP shard units and
                                  activation-checkpointing units (optional: the repeated blocks)
+  callbacks(cfg)              -> objects with any of on_train_start, on_step_end, on_evaluate,
+                                 on_save, on_train_end (optional: launcher/train/callbacks.py)
 """
 
 from __future__ import annotations

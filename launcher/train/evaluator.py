@@ -1,10 +1,13 @@
-"""Evaluation: when the run evaluates (at epoch ends), and the best metric and early stopping that
-follow it (counted in evaluations). One pass over the data: launcher/train/evaluation.py, shared
-with `launcher evaluate`.
+"""Evaluation on a cadence: when the run evaluates (every --eval_every optimizer steps, or at epoch
+ends when that is 0), on what (every validation sample, or with --eval_batches the same first K
+batches of each process every time, each sample counted once across ranks), and the best metric
+and early stopping that follow it (counted in evaluations). One pass over the data:
+launcher/train/evaluation.py, shared with `launcher evaluate`.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,19 +39,21 @@ class Evaluator:
     def __init__(self, cfg: TrainConfig, val_data: SplitLoader | None, parts, accelerator: Accelerator,
                  parallel: Parallel, state: RunState, data_health: DataHealth, val_samples: int,
                  beat: Callable[[], None]):
+        self.every, self.batches = cfg.eval_every, cfg.eval_batches  # steps (0: epoch ends); per process (0: all)
         self.channels_last, self.log_images = cfg.channels_last, cfg.log_images
         self.val_data, self.accelerator, self.parallel, self.state = val_data, accelerator, parallel, state
         self.checked, self.extra_metrics = parts.checked, parts.extra_metrics
         self.data_health, self.beat = data_health, beat  # beat: the hang watchdog's, once per batch
         self.val_samples = val_samples  # the whole split's
         self.best = BestMetric(cfg.best_metric, cfg.best_mode, cfg.early_stop_patience, state, cfg.early_stop_min_delta)
+        self.evaluated_step = -1  # the step of this process's last evaluation
 
     @property
     def at_epoch_ends(self) -> bool:
-        return True
+        return not self.every
 
     def due_after_step(self, step: int) -> bool:
-        return False
+        return bool(self.every) and step % self.every == 0
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, ema, counted: bool) -> Evaluation | None:
@@ -56,6 +61,7 @@ class Evaluator:
         validation data. `counted`: an evaluation on the cadence, not the one where a run ends."""
         if self.val_data is None:
             return None
+        self.evaluated_step = self.state.step
         self.parallel.before_evaluation(model, ema)
         metrics, confusion, examples = self._pass(model, "val")
         if ema is not None:
@@ -64,8 +70,11 @@ class Evaluator:
         return Evaluation(metrics, improved, counted, confusion, examples)
 
     def _batches(self):
-        """This rank's validation batches."""
-        return self.val_data.loader(self.state.epoch)
+        """This rank's validation batches: all of them in the epoch's order, or its first
+        --eval_batches in epoch 0's order (the same samples at every evaluation)."""
+        if not self.batches:
+            return self.val_data.loader(self.state.epoch)
+        return itertools.islice(self.val_data.loader(0), self.batches)
 
     def _beating(self, batches):
         for batch in batches:
@@ -87,7 +96,8 @@ class Evaluator:
         if raw:
             unreadable = passed.unreadable
             skipped = int(acc.reduce(torch.tensor(float(sum(unreadable.values())), device=acc.device), "sum").item())
-            self.data_health.check(skipped, self.val_samples, "val", state.epoch, unreadable)
+            read = self.val_samples if not self.batches else result[f"{prefix}/samples"] + skipped
+            self.data_health.check(skipped, read, "val", state.epoch, unreadable)
             state.unreadable_total += skipped
             result["val/unreadable"] = skipped
         return result, passed.confusion, examples

@@ -11,10 +11,11 @@ import torch
 from accelerate import Accelerator
 
 from launcher.config import TrainConfig
+from launcher.track import media
 from launcher.track.progress import Progress, progress_style
 from launcher.track.trackers import MetricsLog, Tracker, save_run_files, write_json
 from launcher.train.evaluation import format_metrics
-from launcher.train.plan import Plan, format_plan
+from launcher.train.plan import Plan, done_lines, format_plan
 from launcher.train.state import LogWindow, RunState
 
 
@@ -49,6 +50,19 @@ class RunLog:
         self.metrics.write(record, flush)
         self.tracker.log({k: v for k, v in record.items() if k != "step"}, step=self.state.step)
 
+    def log(self, values: dict) -> None:
+        """A callback's values at this step: numbers and text as any record, tables and images as
+        each tracker shows them (launcher/track/media.py)."""
+        values = media.normalized(values)
+        if not self.is_main:
+            return
+        plain, rich = media.split_values(values)
+        step = self.state.step
+        as_json = {key: media.to_json(self.cfg.output_dir, key, value, step) for key, value in rich.items()}
+        self.metrics.write({"step": step, "epoch": self.state.epoch, **plain, **as_json})
+        self.tracker.log(plain, step=step)
+        self.tracker.log_media(rich, step=step)
+
     def say(self, text: str) -> None:
         if self.is_main:
             self.progress.say(text)
@@ -79,6 +93,11 @@ class RunLog:
         self.progress.logged(loss, next_lr, record["train/samples_per_s"])
         return int(corrupt_total)
 
+    def summed(self, *counts: float) -> list[int]:
+        """Each of this rank's `counts` summed over the ranks (one all-reduce)."""
+        mine = torch.tensor(counts, dtype=torch.float64, device=self.accelerator.device)
+        return [int(x) for x in self.accelerator.reduce(mine, "sum").tolist()]
+
     def epoch_data(self, dropped: int, repeated: int, corrupt: int) -> None:
         """Samples dropped or repeated to give every rank the same batches, and unreadable ones."""
         self.record({"data/dropped": dropped, "data/repeated": repeated, "data/unreadable": corrupt})
@@ -101,6 +120,19 @@ class RunLog:
         self.tracker.log_evaluation(state.step, evaluation.confusion, class_names, evaluation.examples)
         self.progress.say(f"epoch {state.epoch} step {state.step}: {format_metrics(result, 'val')}"
                           + (f"; EMA {format_metrics(result, 'val_ema')}" if ema else ""))
+
+    def final(self, summary: dict, checksums: list[str] | None, ema: bool) -> None:
+        """Main process: replicas.json (DDP: each rank's parameter checksum), summary.json and the final lines."""
+        if not self.is_main:
+            return
+        out = self.cfg.output_dir
+        if checksums is not None:
+            write_json(out, "replicas.json", {"parameter_checksums": checksums, "identical": summary["replicas_identical"]})
+            if not summary["replicas_identical"]:
+                print("WARNING: model parameters differ across ranks (see replicas.json)", flush=True)
+        write_json(out, "summary.json", summary)
+        print(done_lines(self.cfg, summary, self.state.best, ema, self.tracker.run_dir, self.tracker.tensorboard_dir),
+              flush=True)
 
     def flush(self) -> None:
         self.metrics.flush()

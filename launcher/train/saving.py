@@ -94,28 +94,38 @@ class Checkpointing:
     (--checkpoint_epoch_end, or an evaluation that improved the best metric), where a signal stops
     the run, and at its end; the `Saver` writes. `before_save` runs first (the NaN/Inf guard's
     check, the metrics flushed so a resume finds every record up to the checkpoint); `contents`
-    gives (the trainer's state, this rank's data position); `write_shards` the sharded files."""
+    gives (the trainer's state, this rank's data position); `write_shards` the sharded files;
+    `after_save` runs once a checkpoint is written (the callbacks' on_save)."""
 
     def __init__(self, saver: Saver, cadence: CheckpointCadence, state: RunState, before_save: Callable[[], None],
-                 contents: Callable[[], tuple[dict, dict]], write_shards: Callable):
+                 contents: Callable[[], tuple[dict, dict]], write_shards: Callable, after_save: Callable[[], None]):
         self.saver, self.cadence, self.state = saver, cadence, state
         self.before_save, self.contents, self.write_shards = before_save, contents, write_shards
+        self.after_save = after_save
 
     def save(self) -> None:
         """A checkpoint of this step, on every rank."""
         self.before_save()
         self.saver.save(*self.contents(), self.write_shards)
+        self.after_save()
 
     def save_if_new(self) -> None:
         if self.saver.saved_step != self.state.step:
             self.save()
 
+    @property
+    def best_is_now(self) -> bool:
+        """An evaluation at this step improved the best metric."""
+        return self.state.best.get("step") == self.state.step
+
     def after_step(self, at_epoch_end: bool) -> None:
-        if self.cadence.after_step(self.state.step, at_epoch_end):
+        """Every --checkpoint_every steps, and where an evaluation (--eval_every) improved the best
+        metric; an epoch's last step leaves that to `after_epoch`."""
+        if self.cadence.after_step(self.state.step, at_epoch_end) or (self.best_is_now and not at_epoch_end):
             self.save()
 
-    def after_epoch(self, improved: bool) -> None:
-        if self.cadence.after_epoch(improved):
+    def after_epoch(self) -> None:
+        if self.cadence.after_epoch(self.best_is_now):
             self.save()
 
     def at_end(self) -> None:

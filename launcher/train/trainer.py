@@ -5,17 +5,20 @@ optimizer step is `train_step`: a visible loop over its micro-batches, the gradi
 held until the last (DDP and FSDP alike: launcher/runtime/parallel.py), then clipping, the NaN/Inf
 guard, the update and the EMA. After each step the parts decide for themselves when to act:
 
-- the `Evaluator` (launcher/train/evaluator.py): when to evaluate, the best metric, early stopping;
+- the `Evaluator` (launcher/train/evaluator.py): when to evaluate (epoch ends, or every
+  --eval_every steps), on what (--eval_batches), the best metric, early stopping;
 - `Checkpointing` (launcher/train/saving.py): when to checkpoint (with each rank's data position,
   so a resume continues mid-epoch exactly);
 - the `RunLog` (launcher/train/run_log.py): metrics.jsonl, the trackers and the progress;
 - the guards (launcher/train/guards.py): NaN/Inf, unreadable samples;
-- `StopSignals`: SIGUSR1/SIGTERM/SIGINT acted on at step boundaries.
+- `StopSignals`: SIGUSR1/SIGTERM/SIGINT acted on at step boundaries;
+- the recipe's `Callbacks` (launcher/train/callbacks.py), at the run's events.
 
 The run's progress is one `RunState` (launcher/train/state.py), which checkpoints keep."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import signal
@@ -40,12 +43,12 @@ from launcher.runtime.preemption import StopSignals
 from launcher.runtime.run_lock import RunLock, agreed_lock
 from launcher.runtime.sharding import global_norm
 from launcher.runtime.watchdog import Watchdog, injected_hang
-from launcher.track.trackers import write_json
 from launcher.train.build import build_parts
+from launcher.train.callbacks import Callbacks, View, build_callbacks
 from launcher.train.counting import CountedLoss
 from launcher.train.evaluator import Evaluator
 from launcher.train.guards import CheckpointCadence, DataHealth, NonFiniteGuard
-from launcher.train.plan import Plan, done_lines
+from launcher.train.plan import Plan
 from launcher.train.preflight import Checked
 from launcher.train.run_log import RunLog
 from launcher.train.saving import Checkpointing, Saver
@@ -73,6 +76,7 @@ class Trainer:
     model: torch.nn.Module  # as trained: wrapped (DDP) or sharded (FSDP)
     optimizer: torch.optim.Optimizer  # Accelerate's wrapper
     lr_scheduler: torch.optim.lr_scheduler.LambdaLR
+    lr_at: object  # the schedule's own: a plateau schedule is told of each evaluation on the cadence
     groups: list[ParamGroup]
     parameters: list[torch.Tensor]  # the same tensors under any DDP rewrap
     ema: EMA | None
@@ -95,6 +99,8 @@ class Trainer:
     signals: StopSignals
     watchdog: Watchdog
     lock: RunLock | None  # one run per output_dir, held by the main process
+    callbacks: Callbacks  # the recipe's callbacks(cfg)
+    hang_at: int  # tests: the step this rank sleeps in (-1: none)
 
     def __init__(self, cfg: TrainConfig, recipe: Recipe, accelerator: Accelerator | None = None):
         self.accelerator = acc = accelerator or build_accelerator(cfg)
@@ -115,7 +121,7 @@ class Trainer:
         set_seed(derive_seed(cfg.seed, "rank", self.rank) % 2**32)  # python, numpy, torch: dropout/augmentation differ per rank
         self.state, self.position = RunState(), Position(0)
         self._build_parts(parts, log)
-        self.hang_at = injected_hang(self.rank)  # tests: the step this rank sleeps in (-1: none)
+        self.hang_at = injected_hang(self.rank)
 
     def _build_training(self, parts) -> None:
         """The model (wrapped or sharded), the EMA, the optimizer and the LR schedule."""
@@ -167,7 +173,12 @@ class Trainer:
         self.checkpointing = Checkpointing(
             self.saver, CheckpointCadence(cfg.checkpoint_every, cfg.checkpoint_epoch_end), state, before_save,
             contents=lambda: (self._state(), self.position.to_dict()),
-            write_shards=lambda path: self.parallel.write_shards(path, self.model, self.optimizer, self.ema))
+            write_shards=lambda path: self.parallel.write_shards(path, self.model, self.optimizer, self.ema),
+            after_save=lambda: self.callbacks("on_save"))
+        their_cfg = copy.deepcopy(cfg)  # a callback that changes its cfg changes nothing of the run
+        self.callbacks = build_callbacks(self.recipe, their_cfg, acc.is_main_process, lambda: View(
+            state.step, state.epoch, acc.unwrap_model(self.model), their_cfg, cfg.output_dir, acc.is_main_process,
+            self.run_log.log))
 
     # ---- setup ----------------------------------------------------------------------------------
 
@@ -204,15 +215,20 @@ class Trainer:
         self.start()
         self.run_log.progress.start(self.state.step)
         try:
+            self.callbacks("on_train_start")
+            first_step = self.state.step
             while self.state.epoch < self.cfg.epochs and self.state.step < self.plan.total_steps:
                 self.train_epoch()
-                if self.position.batches < self.plan.micro_batches_per_epoch:  # cut short by max_steps
-                    self.evaluate(counted=False)
+                if self.state.stopped_early or self.position.batches < self.plan.micro_batches_per_epoch:
+                    break  # stopped early, or cut short by max_steps
+                self.end_epoch()
+                if self.state.stopped_early:
                     break
-                if self.end_epoch():
-                    break
+            if self.state.step > first_step and self.evaluator.evaluated_step != self.state.step:
+                self.evaluate(counted=False)  # where max_steps (or an --eval_every off the last step) ended it
             self.signals.drain()  # the run is done: a signal that came at its last step changes nothing
             self.checkpointing.at_end()
+            self.callbacks("on_train_end")
         except (RuntimeError, ConnectionError, EOFError) as error:
             raise failure_of(error, self.rank, self.state.step, (self.train_data, self.val_data),
                              terminated=self.signals.received == signal.SIGTERM) or error
@@ -234,6 +250,8 @@ class Trainer:
             self.train_step(batches, window)
             if self.after_step(window):
                 window = LogWindow(self.accelerator.device)  # the next logged step reports the steps from here
+            if self.state.stopped_early:
+                return
 
     def train_step(self, batches, window: LogWindow) -> None:
         """One optimizer step: forward and backward of each of its micro-batches (the gradients'
@@ -261,8 +279,8 @@ class Trainer:
         self.optimizer.optimizer.zero_grad(set_to_none=True)
 
     def after_step(self, window: LogWindow) -> bool:
-        """An optimizer step is done: schedule, unfreezing, logging, checkpoint, signals. True if it
-        logged the window's training metrics."""
+        """An optimizer step is done: schedule, unfreezing, logging, evaluation (--eval_every),
+        checkpoint, callbacks, signals. True if it logged the window's training metrics."""
         lrs = {f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups}  # this step's
         self.lr_scheduler.step()
         self.state.step += 1
@@ -280,22 +298,26 @@ class Trainer:
             self.data_health.check(corrupt, self.plan.train_samples, "train", self.state.epoch, self.position.corrupt)
         else:
             self.run_log.record(lrs, flush=False)
-        self.checkpointing.after_step(self.position.batches == self.plan.micro_batches_per_epoch)
+        at_epoch_end = self.position.batches == self.plan.micro_batches_per_epoch
+        if self.evaluator.due_after_step(self.state.step):
+            self.evaluate()
+            self._train_mode()
+            self._stop_early_if_due()
+        self.checkpointing.after_step(at_epoch_end)
+        self.callbacks("on_step_end")
         self._check_signals()
         return logged
 
-    def end_epoch(self) -> bool:
-        """The epoch's data report, its evaluation and checkpoint; True if the run stops early."""
+    def end_epoch(self) -> None:
+        """The epoch's data report, its evaluation (without --eval_every) and checkpoint."""
         self._report_epoch_data()
-        improved = self.evaluate()
+        if self.evaluator.at_epoch_ends:
+            self.evaluate()
         self.state.epoch += 1
         self.position = Position(self.state.epoch)
-        self.checkpointing.after_epoch(improved)
-        if self.evaluator.best.stop_early():
-            self._say_stopped_early()
-            return True
-        self._check_signals(now=True)  # a signal that came during evaluation stops here
-        return False
+        self.checkpointing.after_epoch()
+        if not self._stop_early_if_due():
+            self._check_signals(now=True)  # a signal that came during evaluation stops here
 
     # ---- the step's pieces ----------------------------------------------------------------------
 
@@ -377,6 +399,7 @@ class Trainer:
         self.run_log.evaluation(evaluation, self.classes, self.ema is not None)
         if counted and isinstance(self.lr_at, LRSchedule) and self.lr_at.after_evaluation(evaluation.metrics):
             self._refresh_lr()
+        self.callbacks("on_evaluate", evaluation.metrics)  # the model still in eval mode
         return evaluation.improved
 
     def _refresh_lr(self) -> None:
@@ -388,18 +411,19 @@ class Trainer:
         self.run_log.say(f"step {self.state.step}: {self.cfg.lr_plateau_metric} plateaued, LR now "
                          f"{self.optimizer.param_groups[0]['lr']:.3g}")
 
-    def _say_stopped_early(self) -> None:
+    def _stop_early_if_due(self) -> bool:
+        """Early stopping (--early_stop_patience evaluations without improvement): True if it stops the run."""
+        if not self.evaluator.best.stop_early():
+            return False
         best, cfg = self.state.best, self.cfg
         by = f" by more than {cfg.early_stop_min_delta:g}" if cfg.early_stop_min_delta else ""
         self.run_log.warn(f"early stop at step {self.state.step}: {cfg.best_metric} has not improved{by} for "
                           f"{cfg.early_stop_patience} evaluations (best {best['value']:.4g} at step {best['step']})")
+        return True
 
     def _report_epoch_data(self) -> None:
         """Samples dropped or repeated to give every rank the same batches, and unreadable ones."""
-        acc = self.accelerator
-        mine = torch.tensor([self.position.repeated, sum(self.position.corrupt.values())],
-                            dtype=torch.float64, device=acc.device)
-        repeated, corrupt = (int(x) for x in acc.reduce(mine, "sum").tolist())
+        repeated, corrupt = self.run_log.summed(self.position.repeated, sum(self.position.corrupt.values()))
         self.state.unreadable_total += corrupt
         self.data_health.check(corrupt, self.plan.train_samples, "train", self.state.epoch, self.position.corrupt)
         self.run_log.epoch_data(self.train_data.planned_dropped(self.state.epoch), repeated, corrupt)
@@ -433,15 +457,7 @@ class Trainer:
         checksums = self.parallel.replica_checksums(self.model)  # FSDP: none, each rank holds other shards
         if checksums is not None:
             summary["replicas_identical"] = len(set(checksums)) == 1
-        if acc.is_main_process:
-            if checksums is not None:
-                write_json(cfg.output_dir, "replicas.json",
-                           {"parameter_checksums": checksums, "identical": summary["replicas_identical"]})
-                if not summary["replicas_identical"]:
-                    print("WARNING: model parameters differ across ranks (see replicas.json)", flush=True)
-            write_json(cfg.output_dir, "summary.json", summary)
-            print(done_lines(cfg, summary, self.state.best, self.ema is not None, self.run_log.tracker.run_dir,
-                             self.run_log.tracker.tensorboard_dir), flush=True)
+        self.run_log.final(summary, checksums, self.ema is not None)
         # The wrapped model (DDP's reducer, FSDP's mesh) holds the process group: let go of it while
         # the group lives. Freed after end_training destroyed it, ~ProcessGroupGloo can hang (torch 2.7).
         self.model = self.optimizer = self.ema = None
