@@ -79,7 +79,8 @@ def test_an_async_checkpoint_killed_mid_write_leaves_the_previous_one_and_resume
     killed = launcher(*args, processes=2, env=env, check=False)
     assert killed.returncode != 0
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert names == [".tmp-step-00000015", "step-00000005", "step-00000010"], names
+    assert names == [".tmp-step-00000015", "best.json", "step-00000005", "step-00000010"], names  # evaluated at 10
+    assert json.loads((out / "checkpoints" / "best.json").read_text())["step"] == 10
     assert (out / "checkpoints" / "step-00000010" / "sharded" / ".metadata").exists()
     resumed = launcher(*args, "--resume=auto", processes=2)
     assert "resumed from" in resumed.stdout and "step-00000010 at step 10" in resumed.stdout
