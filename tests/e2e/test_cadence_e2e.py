@@ -82,3 +82,21 @@ def test_a_failing_callback_stops_the_run_in_one_line_naming_it(digits, tmp_path
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert errors == ["launcher: callback failed: Exploding.on_step_end raised ValueError: no luck at step 3 (at "
                       "step 3); fix the recipe's callback or remove it from callbacks(cfg)"]
+
+
+def test_eval_batches_are_the_same_samples_at_every_evaluation_whatever_the_epoch(digits, tmp_path):
+    from launcher.recipe import load_recipe
+    from launcher.train.trainer import Trainer
+
+    recipe = load_recipe(RECIPE)
+    cfg = recipe.config_cls(data_dir=str(digits), output_dir=str(tmp_path / "run"), batch_size=64,
+                            eval_batches=2).resolved()
+    trainer = Trainer(cfg, recipe)
+    try:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        first = trainer.evaluator.evaluate(model, None, counted=True).metrics
+        trainer.state.epoch = 1
+        second = trainer.evaluator.evaluate(model, None, counted=True).metrics
+    finally:
+        trainer.lock.release()
+    assert first == second and first["val/samples"] == 2 * 64
