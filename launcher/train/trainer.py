@@ -218,12 +218,12 @@ class Trainer:
             self.callbacks("on_train_start")
             first_step = self.state.step
             while self.state.epoch < self.cfg.epochs and self.state.step < self.plan.total_steps:
-                self.train_epoch()
-                if self.state.stopped_early or self.position.batches < self.plan.micro_batches_per_epoch:
-                    break  # stopped early, or cut short by max_steps
-                self.end_epoch()
                 if self.state.stopped_early:
+                    break  # by an evaluation on the cadence (a resumed run too: it has ended)
+                self.train_epoch()
+                if self.position.batches < self.plan.micro_batches_per_epoch:  # cut short: max_steps or an early stop
                     break
+                self.end_epoch()
             if self.state.step > first_step and self.evaluator.evaluated_step != self.state.step:
                 self.evaluate(counted=False)  # where max_steps (or an --eval_every off the last step) ended it
             self.signals.drain()  # the run is done: a signal that came at its last step changes nothing
@@ -413,8 +413,8 @@ class Trainer:
 
     def _stop_early_if_due(self) -> bool:
         """Early stopping (--early_stop_patience evaluations without improvement): True if it stops the run."""
-        if not self.evaluator.best.stop_early():
-            return False
+        if self.state.stopped_early or not self.evaluator.best.stop_early():
+            return self.state.stopped_early
         best, cfg = self.state.best, self.cfg
         by = f" by more than {cfg.early_stop_min_delta:g}" if cfg.early_stop_min_delta else ""
         self.run_log.warn(f"early stop at step {self.state.step}: {cfg.best_metric} has not improved{by} for "

@@ -100,3 +100,13 @@ def test_eval_batches_are_the_same_samples_at_every_evaluation_whatever_the_epoc
     finally:
         trainer.lock.release()
     assert first == second and first["val/samples"] == 2 * 64
+
+
+def test_early_stopping_counts_the_evaluations_of_the_cadence(digits, tmp_path, capsys):
+    out = tmp_path / "early"
+    train(f"--data_dir={digits}", f"--output_dir={out}", "--batch_size=64", "--lr=0", "--eval_every=5",
+          "--eval_batches=2", "--early_stop_patience=2", "--best_metric=val/loss", "--best_mode=min")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_early"] is True and summary["steps"] == 15  # best at 5, 2 more
+    assert list(evaluations(out)) == [5, 10, 15]
+    assert capsys.readouterr().out.count("early stop at step 15: val/loss has not improved for 2 evaluations") == 1
