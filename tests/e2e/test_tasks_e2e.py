@@ -127,10 +127,11 @@ def test_the_char_lm_evaluates_every_10_steps_and_logs_its_generated_text_to_eve
     assert all(0 < len(row[1].encode()) <= 3 * 16 for t in tables.values() for row in t["rows"])  # "\ufffd" for a stray byte
     # wandb (offline, read back): a Table per evaluation with the same rows.
     (run_dir,) = (out / "wandb").glob("offline-run-*")
-    logged = [(h["_step"], h["val/generated"]) for h in history(wandb_records(run_dir)) if "val/generated" in h]
-    assert [step for step, _ in logged] == [10, 20, 30]
-    for step, reference in logged:
-        table = json.loads((run_dir / "files" / reference["path"]).read_text())
+    logged = [h for h in history(wandb_records(run_dir)) if "val/generated.path" in h]  # a table file, by reference
+    assert [(h["_step"], h["val/generated._type"]) for h in logged] == [(10, "table-file"), (20, "table-file"),
+                                                                       (30, "table-file")]
+    for step, path in ((h["_step"], h["val/generated.path"]) for h in logged):
+        table = json.loads((run_dir / "files" / path).read_text())
         assert table["columns"] == tables[step]["columns"] and table["data"] == tables[step]["rows"]
     # TensorBoard: the same table as Markdown text.
     texts = tensorboard_texts(out / "tensorboard" / "launcher")
