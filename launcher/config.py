@@ -136,8 +136,10 @@ class OptimisationFields:
 
 @dataclass
 class CheckpointFields:
-    """When checkpoints are written and kept, and which one is best."""
+    """When the run evaluates and checkpoints, which checkpoints are kept, and which one is best."""
 
+    eval_every: int = ranged(0, at_least=0)  # evaluate every N optimizer steps (0: at epoch ends); the best checkpoint, early stopping and a plateau schedule follow
+    eval_batches: int = ranged(0, at_least=0)  # evaluate on the same first K validation batches of each process every time (0: every sample)
     checkpoint_every: int = ranged(0, at_least=0)  # also checkpoint every N optimizer steps, mid-epoch included (0: epoch ends only)
     checkpoint_epoch_end: bool = True  # checkpoint at each epoch end (after evaluation)
     keep_checkpoints: int = ranged(3, at_least=0)  # keep the newest K checkpoints, plus the best one (0: keep all)

@@ -20,6 +20,8 @@ A recipe module defines:
                                  (optional: the model itself when it is a transformers PreTrainedModel)
   tokenizer_dir(cfg)          -> a directory whose tokenizer files OUTPUT_DIR/hf/ gets beside the model
                                  (optional: none)
+  callbacks(cfg)              -> objects with any of on_train_start, on_step_end, on_evaluate,
+                                 on_save, on_train_end (optional: launcher/train/callbacks.py)
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ each to block_size + 1 tokens and pads the batch to its longest chunk, the label
 shifted by one with -100 at the padding. `compute_loss` sums the per-token cross-entropy and
 returns the count of real tokens, so the launcher divides by the tokens of the whole optimizer
 step (every micro-batch, every rank): padding weighs nothing and long chunks weigh more.
+
+At each evaluation a callback (`GeneratedText`) logs the model's greedy continuation of a few
+fixed prompts: a table in wandb, text in TensorBoard and in metrics.jsonl (`val/generated`).
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from launcher import ConfigError, DataSpec, Shards, StepOutput, TrainConfig, fields
+from launcher import ConfigError, DataSpec, Shards, StepOutput, Table, TrainConfig, fields
 
 IGNORE = -100  # label of padded positions: F.cross_entropy's ignore_index
+PROMPTS = ("def ", "import ", "class ", "    return ")  # continued at each evaluation (GeneratedText)
 
 
 @dataclass
@@ -36,6 +40,7 @@ class Config(TrainConfig):
     n_embd: int = 128  # width of the residual stream
     dropout: float = 0.0  # on attention weights and after each residual branch (0: off)
     vocab_size: int = 256  # byte-level tokens
+    sample_tokens: int = 48  # bytes generated after each of PROMPTS at each evaluation, logged as val/generated (0: none)
     output_dir: str = "runs/char_lm"
     epochs: int = 1
     # 500 steps (about half an epoch): a couple of minutes on 2 CPU cores, down to ~2 nats per byte.
@@ -143,3 +148,32 @@ def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput
     labels = batch["labels"]
     loss_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
     return StepOutput(loss=loss_sum, count=(labels != IGNORE).sum(), outputs=logits, targets=labels)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompt: str, tokens: int, block_size: int) -> str:
+    """Greedy decoding: the most likely next byte, `tokens` times (the same weights write the same text)."""
+    start = list(prompt.encode())
+    ids = torch.tensor([start], device=next(model.parameters()).device)
+    for _ in range(tokens):
+        logits = model(ids[:, -block_size:])
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return bytes(ids[0, len(start):].tolist()).decode("utf-8", errors="replace")
+
+
+class GeneratedText:
+    """At each evaluation, the continuation of PROMPTS as a table (prompt, continuation). Every rank
+    generates (under FSDP each forward is a collective); only the main process's log writes."""
+
+    all_ranks = True
+
+    def __init__(self, tokens: int, block_size: int):
+        self.tokens, self.block_size = tokens, block_size
+
+    def on_evaluate(self, view, metrics) -> None:
+        rows = [[prompt, generate(view.model, prompt, self.tokens, self.block_size)] for prompt in PROMPTS]
+        view.log({"val/generated": Table(["prompt", "continuation"], rows)})
+
+
+def callbacks(cfg: Config) -> list:
+    return [GeneratedText(cfg.sample_tokens, cfg.block_size)] if cfg.sample_tokens else []

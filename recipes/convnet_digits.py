@@ -3,6 +3,8 @@ hand-written PyTorch script would: every choice below is a Config field.
 
     python -m launcher recipes/convnet_digits
     python -m launcher recipes/convnet_digits --lr_schedule=multistep --lr_milestones=[4,8]
+
+At each evaluation a callback logs the 8 validation images it gets most wrong (`val/worst`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from launcher import TrainConfig
-from recipes.digits import digit_shards
+from recipes.digits import WorstClassified, digit_shards
 
 
 @dataclass
@@ -42,3 +44,7 @@ def build_model(cfg: Config) -> nn.Module:
 
 def build_data(cfg: Config):
     return digit_shards(cfg.data_dir, "train", "val", cfg.image_size)
+
+
+def callbacks(cfg: Config) -> list:
+    return [WorstClassified(build_data(cfg))]

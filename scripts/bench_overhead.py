@@ -114,7 +114,7 @@ def launcher_trainer(dataset, hidden: int, batch_size: int, output_dir: str) -> 
                  warmup_steps=10, wandb_mode="disabled", log_every=100, resume="").resolved()
     trainer = Trainer(cfg, Recipe("bench", module))
     trainer.start()
-    trainer.progress = Progress("off", quiet=True, total=0, shown=False)
+    trainer.run_log.progress = Progress("off", quiet=True, total=0, shown=False)
     return trainer
 
 
@@ -216,7 +216,7 @@ def lm_trainer(cfg: char_lm.Config, samples: list[dict], steps: int) -> Trainer:
     if trainer.plan.micro_batches_per_epoch != steps:  # tokens/s assumes every sample once per round
         raise RuntimeError(f"the launcher's epoch has {trainer.plan.micro_batches_per_epoch} batches, not {steps}")
     trainer.start()
-    trainer.progress = Progress("off", quiet=True, total=0, shown=False)
+    trainer.run_log.progress = Progress("off", quiet=True, total=0, shown=False)
     return trainer
 
 

@@ -1,5 +1,5 @@
 """What the tests read back from a run: its wandb records (`wandb leet inspect --json`), its
-TensorBoard scalars (TensorBoard's EventAccumulator) and its metrics.jsonl as series."""
+TensorBoard scalars and texts (TensorBoard's EventAccumulator) and its metrics.jsonl as series."""
 
 from __future__ import annotations
 
@@ -35,6 +35,16 @@ def tensorboard_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
     events = EventAccumulator(str(directory), size_guidance={"scalars": 0})  # 0: keep every point
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def tensorboard_texts(directory: Path) -> dict[str, list[tuple[int, str]]]:
+    """Every text summary in a TensorBoard run directory's event files: (step, text) per tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory), size_guidance={"tensors": 0})
+    events.Reload()
+    return {tag: [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors(tag)]
+            for tag in events.Tags()["tensors"]}
 
 
 def logged_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:

@@ -1,11 +1,12 @@
-"""How the model is spread over the processes (--data_parallel): `Replicated` (DDP, Accelerate's:
-a whole copy of the model, its gradients and optimizer state on each process) or `Sharded`
-(FSDP2, launcher/runtime/sharding.py: 1/N of each). The trainer calls the same methods on
-either, so the loop has no `if fsdp:` branches.
+"""How the model is spread over the processes (--data_parallel): two siblings under `Parallel`,
+`Replicated` (DDP, Accelerate's: a whole copy of the model, its gradients and optimizer state on
+each process) and `Sharded` (FSDP2, launcher/runtime/sharding.py: 1/N of each). The trainer calls
+`Parallel`'s methods on either, so the loop has no `if fsdp:` branches.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import time
@@ -21,24 +22,98 @@ from launcher.runtime import export, meta_build, sharding
 from launcher.runtime.distributed import ReplicaChecksums, rewrap_ddp
 
 
-class Replicated:
-    """DDP through Accelerate: checkpoints (state_files.write) hold the prepared model and optimizer."""
+class Parallel(abc.ABC):
+    """What the trainer asks of a way of spreading the model: `place` it as built (FSDP shards it,
+    before it has values: launcher/runtime/meta_build.py), `setup` it before the optimizer exists;
+    the rest each sibling answers."""
 
-    sharded = False
+    sharded: bool  # each process holds 1/N of the parameters (checkpoints then hold shards)
 
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator):
         self.cfg, self.accelerator = cfg, accelerator
         self.units: list[tuple[str, nn.Module]] = []  # shard and activation-checkpointing units, from `place`
         self.frozen_base: frozenset[str] = frozenset()  # a PEFT model's base: not in checkpoints (launcher/train/adapters.py), set by build_parts
-        self.checksums = ReplicaChecksums(accelerator.device, accelerator.num_processes)
         self.memory = MemoryReport(accelerator.device, accelerator.num_processes)
+
+    @abc.abstractmethod
+    def place(self, model: nn.Module, units: list[tuple[str, nn.Module]]) -> None:
+        """The model as built, with its shard and activation-checkpointing units (build_parts)."""
+
+    @abc.abstractmethod
+    def setup(self, model: nn.Module, ema: nn.Module | None) -> None:
+        """Before the optimizer exists, in place: what `place` left to do, and the EMA."""
+
+    @abc.abstractmethod
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, AcceleratedOptimizer]:
+        """The model as trained (wrapped or sharded) and the optimizer, wrapped as Accelerate's."""
+
+    @abc.abstractmethod
+    def register_ema(self, ema: nn.Module | None) -> None:
+        """Make checkpoints keep the EMA's weights."""
+
+    @abc.abstractmethod
+    def gradient_sync(self, model: nn.Module, sync: bool):
+        """A context for one micro-batch's backward: `sync` False holds the gradients' reduction
+        (every micro-batch of a step but the last)."""
+
+    @abc.abstractmethod
+    def grad_norm(self, parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """The global gradient norm of the averaged gradients, clipped to max_norm when > 0."""
+
+    @abc.abstractmethod
+    def after_unfreeze(self, model: nn.Module) -> nn.Module:
+        """The model to train once more parameters require grad."""
+
+    def before_evaluation(self, model: nn.Module, ema: nn.Module | None) -> None:
+        """Make every rank's buffers (BatchNorm statistics) agree before an evaluation."""
+
+    def write_shards(self, path: str, model, optimizer, ema):
+        """Write what the state files do not hold into checkpoint `path`; a pending write or None."""
+        return None
+
+    def read_shards(self, path: str, model, optimizer, ema) -> None:
+        """Load what `write_shards` wrote."""
+
+    def export(self, model: nn.Module, ema: nn.Module | None, hf: export.HFLayout | None = None) -> dict:
+        """The final weights (launcher/runtime/export.py), whole or sharded alike: model.safetensors or
+        its shards, the EMA's, and OUTPUT_DIR/hf/; the main process writes. A collective: under FSDP
+        one gathered parameter at a time."""
+        return export.write_final_weights(self.cfg.output_dir, self.accelerator.unwrap_model(model),
+                                          ema.module if ema is not None else None, hf,
+                                          size_in_bytes(self.cfg.max_shard_size), self.accelerator.is_main_process)
+
+    @abc.abstractmethod
+    def load_checkpoint_weights(self, model: nn.Module, path: str) -> None:
+        """The model's weights from checkpoint `path`, on every rank (--final_weights=best)."""
+
+    def replica_checksums(self, model: nn.Module) -> list[str] | None:
+        """Each rank's parameter checksum (a collective), or None where ranks hold different shards."""
+        return None
+
+    def release(self) -> None:
+        """Drop every reference to the prepared model and optimizer (Accelerate's too), now."""
+        self.units = []
+        self.accelerator.free_memory()  # its lists of models and optimizers, then gc.collect()
+
+    def close(self) -> None:
+        """After the trackers ended: leave a process group this object started."""
+
+
+class Replicated(Parallel):
+    """DDP through Accelerate: checkpoints (state_files.write) hold the prepared model and optimizer."""
+
+    sharded = False
+
+    def __init__(self, cfg: TrainConfig, accelerator: Accelerator):
+        super().__init__(cfg, accelerator)
+        self.checksums = ReplicaChecksums(accelerator.device, accelerator.num_processes)
 
     def place(self, model: nn.Module, units: list[tuple[str, nn.Module]]) -> None:
         """The model as built, on its device: DDP wraps it later (`prepare`)."""
         self.units = units
 
     def setup(self, model: nn.Module, ema: nn.Module | None) -> None:
-        """Before the optimizer exists: activation checkpointing and compilation, in place."""
+        """Activation checkpointing and compilation, in place."""
         if self.cfg.activation_checkpointing:
             sharding.checkpoint_activations(self.units)
         if self.cfg.compile:
@@ -52,37 +127,23 @@ class Replicated:
             self.accelerator.register_for_checkpointing(ema)
 
     def gradient_sync(self, model: nn.Module, sync: bool):
-        return contextlib.nullcontext()  # Accelerate's accumulate() holds DDP's all-reduce (no_sync)
+        return contextlib.nullcontext() if sync else self.accelerator.no_sync(model)  # DDP's no_sync
 
     def grad_norm(self, parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        """The gradient norm, clipped when max_norm > 0; without clipping no pass multiplies every
-        gradient by 1. fp16: the norm of the unscaled gradients. (torch's own functions: Accelerate's
-        clip_grad_norm_ sorts every parameter by device mesh at every call, for DTensors DDP has none.)"""
+        """Without clipping no pass multiplies every gradient by 1. fp16: the norm of the unscaled
+        gradients. (torch's own functions: Accelerate's clip_grad_norm_ sorts every parameter by
+        device mesh at every call, for DTensors DDP has none.)"""
         self.accelerator.unscale_gradients()
         return sharding.grad_norm(parameters, max_norm)
 
     def after_unfreeze(self, model: nn.Module) -> nn.Module:
-        return rewrap_ddp(self.accelerator, model)
+        return rewrap_ddp(self.accelerator, model)  # DDP rebuilt to all-reduce the new gradients
 
     def before_evaluation(self, model: nn.Module, ema: nn.Module | None) -> None:
         pass  # DDP broadcasts rank 0's buffers at each forward
 
-    def write_shards(self, path: str, model, optimizer, ema):
-        return None  # state_files.write wrote everything
-
-    def read_shards(self, path: str, model, optimizer, ema) -> None:
-        pass
-
-    def export(self, model: nn.Module, ema: nn.Module | None, hf: export.HFLayout | None = None) -> dict:
-        """The final weights (launcher/runtime/export.py), whole or sharded alike: model.safetensors or
-        its shards, the EMA's, and OUTPUT_DIR/hf/; the main process writes. A collective."""
-        return export.write_final_weights(self.cfg.output_dir, self.accelerator.unwrap_model(model),
-                                          ema.module if ema is not None else None, hf,
-                                          size_in_bytes(self.cfg.max_shard_size), self.accelerator.is_main_process)
-
     def load_checkpoint_weights(self, model: nn.Module, path: str) -> None:
-        """The model's weights from checkpoint `path` (its model.safetensors, as save_state wrote it:
-        `module.` in front under DDP), on every rank: --final_weights=best."""
+        """From the checkpoint's model.safetensors, as save_state wrote it (`module.` in front under DDP)."""
         state = safetensors.torch.load_file(os.path.join(path, "model.safetensors"), device="cpu")
         state = {key.removeprefix("module."): value for key, value in state.items()}
         result = self.accelerator.unwrap_model(model).load_state_dict(state, strict=False)  # tied weights: saved once
@@ -92,16 +153,8 @@ class Replicated:
     def replica_checksums(self, model: nn.Module) -> list[str] | None:
         return self.checksums(self.accelerator.unwrap_model(model))
 
-    def release(self) -> None:
-        """Drop every reference to the prepared model and optimizer (Accelerate's too), now."""
-        self.units = []
-        self.accelerator.free_memory()  # its lists of models and optimizers, then gc.collect()
 
-    def close(self) -> None:
-        pass
-
-
-class Sharded(Replicated):
+class Sharded(Parallel):
     """FSDP2: the model and the EMA sharded in place, the optimizer built over the shards, DCP
     checkpoints beside the state files (which then hold the LR schedule, RNG states and the rest)."""
 
@@ -164,15 +217,12 @@ class Sharded(Replicated):
     def load_checkpoint_weights(self, model: nn.Module, path: str) -> None:
         raise ConfigError("--final_weights=best needs --data_parallel=ddp")  # refused by TrainConfig.validate
 
-    def replica_checksums(self, model: nn.Module) -> list[str] | None:
-        return None  # each rank holds different shards by design
-
     def close(self) -> None:
         if self.own_group and torch.distributed.is_initialized():  # Accelerate's end_training may have
             torch.distributed.destroy_process_group()
 
 
-def build_parallel(cfg: TrainConfig, accelerator: Accelerator) -> Replicated:
+def build_parallel(cfg: TrainConfig, accelerator: Accelerator) -> Parallel:
     return (Sharded if cfg.data_parallel == "fsdp" else Replicated)(cfg, accelerator)
 
 

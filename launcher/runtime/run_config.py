@@ -151,3 +151,15 @@ def flags_hint(cfg: TrainConfig, saved: dict) -> str:
         return "; pass the recipe and the fields it was trained with"
     return ("; it was trained with " + ", ".join(f"--{name}={shown(then)} (here {shown(now)})" for name, now, then in changed)
             + ": drop the flags that change the model")
+
+
+def check_resumable_position(path: str, saved: dict, world_size: int, num_workers: int, batches_per_epoch: int) -> None:
+    """A checkpoint taken mid-epoch (`saved`: its trainer state) resumes only with the same ranks x
+    workers and epoch size: its data position means nothing otherwise."""
+    then = (saved.get("world_size"), saved.get("num_workers"), saved.get("batches_per_epoch"))
+    now = (world_size, num_workers, batches_per_epoch)
+    if then != now:
+        raise ConfigError(
+            f"checkpoint {path} was taken mid-epoch with {then[0]} processes x {then[1]} workers and "
+            f"{then[2]} batches per epoch, this run has {now[0]} x {now[1]} and {now[2]}; resume with "
+            "the same --num_processes, --num_workers and --batch_size, or from an epoch-end checkpoint")

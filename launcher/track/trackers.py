@@ -251,6 +251,17 @@ class Tracker:
             values["val/examples"] = table
         self.run.log(values, step=step)
 
+    def log_media(self, values: dict, step: int) -> None:
+        """Tables and images (launcher/track/media.py) to wandb and TensorBoard, as each shows them."""
+        if not values or not self.accelerator.is_main_process:
+            return
+        from launcher.track import media
+
+        if self.run is not None:
+            self.run.log(media.to_wandb(values), step=step)
+        if "tensorboard" in self.names:
+            media.to_tensorboard(self.accelerator.get_tracker("tensorboard", unwrap=True), values, step)
+
     def finish(self, summary: dict) -> None:
         """Write the summary (wandb), close the trackers, and (Accelerate's end_training) leave the
         process group."""

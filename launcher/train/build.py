@@ -58,9 +58,13 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
                        batch_transform=data.batch_transform, pin_memory=cfg.pin_memory,
                        prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers,
                        decode_on_device=cfg.data_on_gpu, collate_fn=data.collate, device=device)
-    train_data = SplitLoader(data.train, batch_size=cfg.batch_size, training=True, grad_accum_steps=cfg.grad_accum_steps,
+    train_data = SplitLoader(data.train, batch_size=cfg.batch_size, training=True,
+                             grad_accum_steps=cfg.grad_accum_steps,
                              train_samples=data.train_samples, max_steps=cfg.max_steps, **loader_args)
-    val_data = (SplitLoader(data.val, batch_size=cfg.eval_batch_size, training=False, **loader_args)
+    # --eval_batches leaves each evaluation's loader midway: a persistent one, reused, would wait for
+    # the ring buffers of the batches it never handed over (BufferReturns).
+    val_args = dict(loader_args, persistent_workers=cfg.persistent_workers and not cfg.eval_batches)
+    val_data = (SplitLoader(data.val, batch_size=cfg.eval_batch_size, training=False, **val_args)
                 if data.val is not None else None)
     classes = list(data.classes or train_data.classes)
     classes_from = ("DataSpec.classes" if data.classes else "index.json" if train_data.index is not None

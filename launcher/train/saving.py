@@ -1,8 +1,9 @@
 """Saving a run: each checkpoint written (in the background under --async_checkpoint), put in
-place once every rank's files are complete and on disk, then best.json and pruning. The trainer
-decides when (launcher/train/guards.py's `CheckpointCadence`, preemption, the end); this decides
-how, and knows what is written, what is still pending, and which checkpoints are of this run's
-lineage. The files themselves: launcher/runtime/checkpoints.py.
+place once every rank's files are complete and on disk, then best.json and pruning.
+`Checkpointing` decides when (launcher/train/guards.py's `CheckpointCadence`, a stop signal, the
+end) and which weights the run ends with; `Saver` decides how, and knows what is written, what is
+still pending, and which checkpoints are of this run's lineage. The files themselves:
+launcher/runtime/checkpoints.py.
 
 Lineage: a run resumed from step S sets the checkpoints after S aside (`start_from`). Pruning
 counts only trusted checkpoints (the one resumed from, verified then, and those this process put
@@ -13,11 +14,14 @@ best.json only ever names a checkpoint that is in place.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Callable
 
 from accelerate import Accelerator
 
 from launcher.runtime import checkpoints
+from launcher.runtime.preemption import Interrupted, Preempted, StopSignals, requeue_slurm_job
+from launcher.train.guards import CheckpointCadence
 from launcher.train.state import RunState
 
 
@@ -85,3 +89,91 @@ class Saver:
             trusted = {*self.in_place, *([self.resumed_from] if self.resumed_from else [])}
             checkpoints.prune(self.output_dir, self.keep, protected, trusted, pending.step)
         acc.wait_for_everyone()
+
+
+class Checkpointing:
+    """Decides when the run checkpoints: every --checkpoint_every optimizer steps, at epoch ends
+    (--checkpoint_epoch_end, or an evaluation that improved the best metric), where a signal stops
+    the run, and at its end; the `Saver` writes. `before_save` runs first (the NaN/Inf guard's
+    check, the metrics flushed so a resume finds every record up to the checkpoint); `contents`
+    gives (the trainer's state, this rank's data position); `write_shards` the sharded files;
+    `after_save` runs once a checkpoint is written (the callbacks' on_save)."""
+
+    def __init__(self, saver: Saver, cadence: CheckpointCadence, state: RunState, before_save: Callable[[], None],
+                 contents: Callable[[], tuple[dict, dict]], write_shards: Callable, after_save: Callable[[], None]):
+        self.saver, self.cadence, self.state = saver, cadence, state
+        self.before_save, self.contents, self.write_shards = before_save, contents, write_shards
+        self.after_save = after_save
+
+    def save(self) -> None:
+        """A checkpoint of this step, on every rank."""
+        self.before_save()
+        self.saver.save(*self.contents(), self.write_shards)
+        self.after_save()
+
+    def save_if_new(self) -> None:
+        if self.saver.saved_step != self.state.step:
+            self.save()
+
+    @property
+    def best_is_now(self) -> bool:
+        """An evaluation at this step improved the best metric."""
+        return self.state.best.get("step") == self.state.step
+
+    def after_step(self, at_epoch_end: bool) -> None:
+        """Every --checkpoint_every steps, and where an evaluation (--eval_every) improved the best
+        metric; an epoch's last step leaves that to `after_epoch`."""
+        if self.cadence.after_step(self.state.step, at_epoch_end) or (self.best_is_now and not at_epoch_end):
+            self.save()
+
+    def after_epoch(self) -> None:
+        if self.cadence.after_epoch(self.best_is_now):
+            self.save()
+
+    def at_end(self) -> None:
+        """The run is done: a checkpoint where it stopped (`--resume=auto` continues from there), in place."""
+        self.save_if_new()
+        self.saver.finish()
+
+    def stop_if_signalled(self, signals: StopSignals, now: bool, close_log: Callable[[], None]) -> None:
+        """At a step boundary: if any rank got SIGUSR1/SIGTERM/SIGINT (by the previous boundary, or
+        by this one with `now`), checkpoint here, close the log (`close_log`: the trackers' files
+        complete before a requeue), requeue under Slurm (SIGUSR1), and stop with exit code 75 (130
+        for a SIGINT: Ctrl-C)."""
+        saver = self.saver
+        signum = signals.agreed(now, ready=saver.ready_step)
+        if saver.pending is not None and signals.all_ready == saver.pending.step:
+            saver.finish()  # every rank's background write is done
+        if not signum:
+            return
+        self.save_if_new()
+        saver.finish()
+        close_log()
+        is_main = saver.accelerator.is_main_process
+        requeued = requeue_slurm_job(signum) if is_main else ""
+        if not is_main:
+            raise (Interrupted if signum == signal.SIGINT else Preempted)("")  # the main process says it
+        path, step = checkpoints.checkpoint_dirs(saver.output_dir)[-1], self.state.step
+        if signum == signal.SIGINT:
+            raise Interrupted(f"interrupted at step {step} (checkpoint {path}); continue with --resume=auto")
+        raise Preempted(f"{signal.Signals(signum).name} at step {step}: checkpoint {path} saved; "
+                        + (requeued or "rerun with --resume=auto to continue"))
+
+    def final_weights(self, final: str, load_weights: Callable[[str], None]) -> dict:
+        """What model.safetensors will hold (--final_weights): the last step's weights, or the best
+        checkpoint's model weights, which `load_weights(path)` loads on every rank (the replicas
+        stay identical; the EMA stays the last step's)."""
+        state, output_dir = self.state, self.saver.output_dir
+        best_step = state.best.get("step")
+        last = {"final_weights": "last", "final_weights_step": state.step}
+        if final == "last":
+            return last
+        path = os.path.join(output_dir, "checkpoints", f"step-{best_step or 0:08d}")
+        if best_step is None or not os.path.isfile(os.path.join(path, "model.safetensors")):
+            if self.saver.accelerator.is_main_process:
+                print(f"WARNING: --final_weights=best: {'no evaluation ran' if best_step is None else f'{path} is gone'}; "
+                      "model.safetensors holds the last step's weights", flush=True)
+            return last
+        if best_step != state.step:
+            load_weights(path)
+        return {"final_weights": "best", "final_weights_step": best_step}

@@ -16,8 +16,10 @@ from launcher.runtime import checkpoints
 
 LM = "recipes/char_lm_tiny"
 RESNET = "recipes/resnet_finetune_tiny"
-# char LM: clipping on (max_grad_norm=1 in the recipe), EMA, checkpoints every 5 steps written in the background
-LM_ARGS = ["--max_steps=20", "--log_every=1", "--ema_decay=0.9", "--checkpoint_every=5"]
+# char LM: clipping on (max_grad_norm=1 in the recipe), EMA, checkpoints every 5 steps written in the background,
+# evaluations every 10 steps on each process's first 2 batches of 8
+LM_ARGS = ["--max_steps=20", "--log_every=1", "--ema_decay=0.9", "--checkpoint_every=5", "--eval_every=10",
+           "--eval_batches=2"]
 # ResNet fine-tune: conv1, bn1, layer1-2 frozen, layer3 unfrozen at step 3; one epoch of 29 steps, its
 # end checkpointed. No clipping: the sharded norm sums in another order (1e-6 relative), which this
 # ReLU network amplifies past 1e-5 within 20 steps; the char LM covers clipping.
@@ -57,6 +59,10 @@ def test_fsdp_trains_the_char_lm_to_the_losses_of_ddp(lm):
         ddp, fsdp = losses(lm["ddp"], key), losses(lm["fsdp"], key)
         assert len(ddp) == len(fsdp) > 0 and max(abs(a - b) for a, b in zip(ddp, fsdp)) < 1e-5, key
     assert len(losses(lm["fsdp"])) == 20
+    for mode in ("ddp", "fsdp"):  # the same 2 batches per process at each evaluation, each sample counted once
+        assert [(m["step"], m["val/samples"]) for m in metrics(lm[mode]) if "val/loss" in m] == [(10, 32), (20, 32)]
+    # The char LM's callback generates on every rank (each forward is a collective under FSDP).
+    assert [m["step"] for m in metrics(lm["fsdp"]) if "val/generated" in m] == [10, 20]
     summary = json.loads((lm["fsdp"] / "summary.json").read_text())
     # each rank holds half of every parameter and of the AdamW state (first dimensions split in two)
     ddp_memory = json.loads((lm["ddp"] / "summary.json").read_text())["memory_per_process"]
@@ -73,7 +79,8 @@ def test_an_async_checkpoint_killed_mid_write_leaves_the_previous_one_and_resume
     killed = launcher(*args, processes=2, env=env, check=False)
     assert killed.returncode != 0
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert names == [".tmp-step-00000015", "step-00000005", "step-00000010"], names
+    assert names == [".tmp-step-00000015", "best.json", "step-00000005", "step-00000010"], names  # evaluated at 10
+    assert json.loads((out / "checkpoints" / "best.json").read_text())["step"] == 10
     assert (out / "checkpoints" / "step-00000010" / "sharded" / ".metadata").exists()
     resumed = launcher(*args, "--resume=auto", processes=2)
     assert "resumed from" in resumed.stdout and "step-00000010 at step 10" in resumed.stdout

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, launcher, metrics, start_launcher, wait_for_step
 from launcher.runtime.weights import open_weights
+from readers import history, tensorboard_texts, wandb_records
 
 
 TOKEN_COUNTS = str(ROOT / "tests" / "recipes" / "token_counts.py")
@@ -44,10 +45,12 @@ def identical_replicas(run_dir) -> bool:
 
 # ---- the recipes, each trained once in 1 and once in 2 processes -----------------------------
 
+LM_CADENCE = ["--eval_every=10"]  # every validation sample (--eval_batches: test_fsdp_e2e.py, test_cadence_e2e.py)
 RECIPES = {  # recipe -> (extra args, the metric that must beat an untrained model's, that model's value)
     "regression_tiny": ([], "val/r2", 0.0),  # predicting the mean: R2 0
     "gru_classifier_tiny": ([], "val/top1", 1 / 6),  # 6 balanced classes
-    "char_lm_tiny": (["--max_steps=30", "--checkpoint_every=5"], "val/loss", math.log(256)),  # uniform bytes
+    "char_lm_tiny": (["--max_steps=30", "--checkpoint_every=5", *LM_CADENCE, "--trackers=[wandb,tensorboard]",
+                      "--wandb_mode=offline"], "val/loss", math.log(256)),  # uniform bytes
     HF_STYLE: ([], "val/top1", 1 / 10),
 }
 
@@ -114,10 +117,37 @@ def test_validation_counts_every_sample_once_in_two_processes(runs):
         assert one == two > 0, recipe
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_char_lm_evaluates_every_10_steps_and_logs_its_generated_text_to_every_tracker(runs, processes):
+    out = runs["char_lm_tiny", processes]
+    assert [m["step"] for m in evaluations(out)] == [10, 20, 30]
+    prompts = ["def ", "import ", "class ", "    return "]
+    # metrics.jsonl: the table at each evaluation, 16 bytes after each prompt.
+    tables = {m["step"]: m["val/generated"] for m in metrics(out) if "val/generated" in m}
+    assert list(tables) == [10, 20, 30]
+    assert all(t["columns"] == ["prompt", "continuation"] and [r[0] for r in t["rows"]] == prompts
+               for t in tables.values())
+    assert all(0 < len(row[1].encode()) <= 3 * 16 for t in tables.values() for row in t["rows"])  # "\ufffd" for a stray byte
+    # wandb (offline, read back): a Table per evaluation with the same rows.
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    logged = [h for h in history(wandb_records(run_dir)) if "val/generated.path" in h]  # a table file, by reference
+    assert [(h["_step"], h["val/generated._type"]) for h in logged] == [(10, "table-file"), (20, "table-file"),
+                                                                       (30, "table-file")]
+    for step, path in ((h["_step"], h["val/generated.path"]) for h in logged):
+        table = json.loads((run_dir / "files" / path).read_text())
+        assert table["columns"] == tables[step]["columns"] and table["data"] == tables[step]["rows"]
+    # TensorBoard: the same table as Markdown text.
+    texts = tensorboard_texts(out / "tensorboard" / "launcher")
+    assert [step for step, _ in texts["val/generated/text_summary"]] == [10, 20, 30]
+    cell = lambda value: value.replace("|", "\\|").replace("\n", " ")  # noqa: E731 - as media.Table.markdown writes it
+    for step, text in texts["val/generated/text_summary"]:
+        assert all(f"| {cell(prompt)} | {cell(generated)} |" in text for prompt, generated in tables[step]["rows"])
+
+
 def test_a_killed_language_model_resumes_to_bitwise_the_same_weights(runs, text_shards, tmp_path):
     out = tmp_path / "killed"
     args = ["recipes/char_lm_tiny", f"--data_dir={text_shards}", "--max_steps=30", "--checkpoint_every=5",
-            f"--output_dir={out}"]
+            *LM_CADENCE, f"--output_dir={out}"]  # killed after step 13: resumed from 10, on the way to the evaluation at 20
     run = start_launcher(*args, log=tmp_path / "killed.log")
     wait_for_step(out, 13, run)
     os.killpg(run.pid, signal.SIGKILL)
