@@ -44,10 +44,10 @@ demo: setup $(DATA_DIR)/.built
 	$(PY) -m launcher predict recipes/resnet_finetune --checkpoint=$(DEMO_DIR)/finetune --data_dir=$(DATA_DIR) \
 		--top_k=3 $(DATA_DIR)/folder/val/7
 
-# Two pytest workers (pytest-xdist), each taking whole test files so that a file's shared runs
-# (module fixtures) and the Slurm cluster stay in one process: on 2 cores the suite takes about
-# 0.73 of its serial time, because much of an end-to-end test is one core importing torch.
-PYTEST_WORKERS ?= 2
+# Three pytest workers (pytest-xdist), each taking whole test files so that a file's shared runs
+# (module fixtures) and the Slurm cluster stay in one process: much of an end-to-end test is one
+# core importing torch or a process waiting on another, so on 2 cores a third worker fills the gaps.
+PYTEST_WORKERS ?= 3
 PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile
 
 test: setup

@@ -14,6 +14,13 @@ and reads only its shards' rows). One step of plain SGD follows, then the final 
 run's summary.json: per process, the peak resident MB once the model was built and loaded minus
 that before it was built, and the seconds building and loading took (the largest over processes);
 the run's wall time, export included. Prints the table and FSDP / DDP; `--out=FILE` writes JSON.
+
+    nice python scripts/bench_load.py --io_only     # load and export alone, in this process
+
+`--io_only` times, in one process and side by side, what the launcher does against what
+transformers does: the load (`load_weights` into a model built from config.json, against
+`from_pretrained`) and the export (`launcher.runtime.export.write_hf`, one tensor at a time,
+against `save_pretrained`), each the best of `--rounds`.
 """
 
 from __future__ import annotations
@@ -68,13 +75,52 @@ def run(mode: str, model_dir: str, processes: int, out: str) -> dict:
             "build_s": max(m["build_s"] for m in memory), "run_s": wall}
 
 
+def best_seconds(action, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def io_times(model_dir: str, rounds: int) -> dict:
+    """Seconds to load and to export the model, the launcher's way and transformers', in this process."""
+    import torch
+    import transformers
+
+    from launcher.runtime.export import write_hf
+    from launcher.runtime.weights import load_weights
+
+    torch.set_num_threads(1)  # one core each way: the machine's other core is not the benchmark's
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    shard = 10**9  # 1 GB shards, as write_model's
+    with tempfile.TemporaryDirectory() as scratch:
+        times = {
+            "load_launcher_s": best_seconds(lambda: load_weights(model, model_dir, log=lambda _: None), rounds),
+            "load_transformers_s": best_seconds(
+                lambda: transformers.AutoModelForCausalLM.from_pretrained(model_dir), rounds),
+            "export_launcher_s": best_seconds(
+                lambda: write_hf(os.path.join(scratch, "launcher"), model, "", shard, True), rounds),
+            "export_transformers_s": best_seconds(
+                lambda: model.save_pretrained(os.path.join(scratch, "transformers"), max_shard_size=shard), rounds)}
+    for what in ("load", "export"):
+        times[f"{what}_ratio"] = times[f"{what}_launcher_s"] / times[f"{what}_transformers_s"]
+        print(f"{what}: launcher {times[f'{what}_launcher_s']:.2f} s, transformers {times[f'{what}_transformers_s']:.2f} s, "
+              f"launcher / transformers {times[f'{what}_ratio']:.2f}")
+    return times
+
+
 def main(processes: int = 2, layers: int = 14, hidden: int = 1536, intermediate: int = 4096, vocab: int = 32000,
-         model_dir: str = "", out: str = "") -> dict:
+         model_dir: str = "", out: str = "", io_only: bool = False, rounds: int = 3) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = model_dir or os.path.join(scratch, "llama")
         model_mb = write_model(model_dir, layers, hidden, intermediate, vocab)
         print(f"Llama: {layers} layers x {hidden} wide, vocab {vocab}: {model_mb / 4 * 2**20 / 1e6:.0f} M parameters, "
               f"{model_mb:.0f} MB in fp32; {processes} processes")
+        if io_only:
+            return io_times(model_dir, rounds)
         rows = [run(mode, model_dir, processes, os.path.join(scratch, mode)) for mode in ("ddp", "fsdp")]
     print(f"{'':6}{'load MB':>9}{'x model':>9}{'baseline MB':>13}{'peak RSS MB':>13}{'build s':>9}{'run s':>8}")
     for row in rows:

@@ -262,7 +262,7 @@ def test_a_frozen_rank_is_ended_by_the_watchdog_of_the_rank_waiting_for_it(digit
     assert line.startswith("launcher: hung: rank 0: no optimizer step, evaluation or save progressed for")
     assert line.endswith(f"at step 4 (--hang_timeout_s=2); every thread's stack is in {stacks}")
     dump = stacks.read_text()
-    assert "Current thread" in dump and "launcher/train/trainer.py" in dump and "_micro_batch" in dump
+    assert "Current thread" in dump and "launcher/train/trainer.py" in dump and "train_step" in dump
     assert "exitcode  : 124" in text
     assert "launcher: stopped: rank 1: lost contact with the other processes at step 4" in text
 
