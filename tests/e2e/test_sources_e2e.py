@@ -1,7 +1,8 @@
 """A torch IterableDataset trained in 2 processes with uneven shares (51 and 50 items), two epochs
 without a hang, each rank taking the same batches; the same run logs tokens/s, FLOPs per sample,
 MFU (against --peak_tflops) and per-rank step times, and writes a torch.profiler trace of
---profile_steps. One run serves every assertion."""
+--profile_steps. One run serves every assertion. The same lines as Hugging Face datasets (a
+streaming training split, a map-style validation split) train in 1 and 2 processes."""
 
 from __future__ import annotations
 
@@ -53,3 +54,15 @@ def test_the_profile_trace_is_written_for_each_rank(run):
         trace = json.loads((out / "profile" / f"rank{rank}.pt.trace.json").read_text())
         names = {event.get("name", "") for event in trace["traceEvents"]}
         assert any("aten::" in name for name in names)  # the steps' operators
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_hugging_face_streaming_and_map_style_datasets_train_in_one_and_two_processes(tmp_path, processes):
+    out = tmp_path / "run"
+    launcher(RECIPE, f"--output_dir={out}", "--source=hf", "--epochs=1", processes=processes)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 101 // (8 * processes)  # one epoch of whole steps of 8 x processes samples
+    [epoch_end] = [m for m in metrics(out) if "data/dropped" in m]
+    assert epoch_end["data/dropped"] == 101 % (8 * processes) and epoch_end["data/repeated"] == 0
+    [evaluation] = [m for m in metrics(out) if "val/loss" in m]
+    assert evaluation["val/samples"] == 21  # the map-style split: each sample once across the ranks

@@ -21,6 +21,7 @@ from launcher.data.layout import Position
 from launcher.data.loader import SplitLoader
 from launcher.data.remote import shard_name
 from launcher.data.spec import Shards
+from scripts.processes import free_port
 from test_data import make_shards, to_tensor
 
 SIZES = [5, 7, 4]  # samples per shard: part0, part1, part2
@@ -140,9 +141,10 @@ def s3(shard_dir):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    port = free_port()  # moto before 5.0.x has no get_host_and_port: the port is chosen here
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     moto.start()
-    endpoint = "http://{}:{}".format(*moto.get_host_and_port())
+    endpoint = f"http://127.0.0.1:{port}"
     environment = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
                           region_name="us-east-1")
