@@ -131,11 +131,13 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def requeue_slurm_job(signum: int) -> str:
-    """Requeue this Slurm batch job after a SIGUSR1; returns what happened, for the log."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if signum != signal.SIGUSR1 or not job:
-        return ""
+def slurm_job_to_requeue(signum: int) -> str:
+    """The Slurm batch job a SIGUSR1 requeues ("": another signal, or not under Slurm)."""
+    return os.environ.get("SLURM_JOB_ID", "") if signum == signal.SIGUSR1 else ""
+
+
+def requeue_slurm_job(job: str) -> str:
+    """Requeue Slurm batch job `job`: "" once requeued, else why it was not, for the log."""
     # The requeue sends SIGTERM to every process of the job, this scontrol included, and on a busy
     # node that can land before it exits: the job is requeued but the log said it failed. A blocked
     # signal stays blocked across fork and exec, so scontrol finishes; here the SIGTERM waits for
@@ -148,4 +150,4 @@ def requeue_slurm_job(signum: int) -> str:
     if result.returncode != 0:
         why = (result.stderr or result.stdout).strip() or f"exit code {result.returncode}"
         return f"scontrol requeue {job} failed: {why}"
-    return f"Slurm job {job} requeued; it resumes from this checkpoint when it starts again"
+    return ""

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from typing import Callable
 
 from accelerate import Accelerator
 
 from launcher.runtime import checkpoints
-from launcher.runtime.preemption import Interrupted, Preempted, StopSignals, requeue_slurm_job
+from launcher.runtime.preemption import Interrupted, Preempted, StopSignals, requeue_slurm_job, slurm_job_to_requeue
 from launcher.train.guards import CheckpointCadence
 from launcher.train.state import RunState
 
@@ -149,15 +150,22 @@ class Checkpointing:
         self.save_if_new()
         saver.finish()
         close_log()
-        is_main = saver.accelerator.is_main_process
-        requeued = requeue_slurm_job(signum) if is_main else ""
-        if not is_main:
+        if not saver.accelerator.is_main_process:
             raise (Interrupted if signum == signal.SIGINT else Preempted)("")  # the main process says it
         path, step = checkpoints.checkpoint_dirs(saver.output_dir)[-1], self.state.step
         if signum == signal.SIGINT:
             raise Interrupted(f"interrupted at step {step} (checkpoint {path}); continue with --resume=auto")
-        raise Preempted(f"{signal.Signals(signum).name} at step {step}: checkpoint {path} saved; "
-                        + (requeued or "rerun with --resume=auto to continue"))
+        stopped = f"{signal.Signals(signum).name} at step {step}: checkpoint {path} saved"
+        job = slurm_job_to_requeue(signum)
+        if not job:
+            raise Preempted(f"{stopped}; rerun with --resume=auto to continue")
+        # Said before the requeue: its SIGTERM ends the job step, whose output forwarding can
+        # then drop a line written after it.
+        sys.stderr.write(f"launcher: stopped: {stopped}; requeueing Slurm job {job}: it resumes from this "
+                         "checkpoint when it starts again\n")
+        sys.stderr.flush()
+        failed = requeue_slurm_job(job)
+        raise Preempted(f"{failed}; rerun with --resume=auto to continue" if failed else "")
 
     def final_weights(self, final: str, load_weights: Callable[[str], None]) -> dict:
         """What model.safetensors will hold (--final_weights): the last step's weights, or the best

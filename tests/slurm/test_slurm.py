@@ -86,8 +86,9 @@ def test_usr1_checkpoints_requeues_resumes_and_matches_the_uninterrupted_job(clu
     log = job_log.read_text(errors="replace")
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", cluster.diagnostics(job, job_log)
     assert "train.sbatch: SIGUSR1, passing it to the training processes" in log
+    assert "launcher: stopped: SIGUSR1 at step " in log, log[-6000:]
     stopped = log.split("launcher: stopped: SIGUSR1 at step ")[1].split("\n")[0]
-    assert f"Slurm job {job} requeued" in stopped, stopped
+    assert f"requeueing Slurm job {job}: it resumes from this checkpoint" in stopped, stopped
     stopped_at = int(stopped.split(":")[0])
     assert f"at step {stopped_at}, epoch" in log.split("resumed from")[1], log[-3000:]
     whole = load_file(str(uninterrupted[0] / "model.safetensors"))
@@ -102,9 +103,9 @@ REQUEUE_JOB = """#!/bin/bash
 if [ "${SLURM_RESTART_COUNT:-0}" != 0 ]; then echo restarted; exit 0; fi
 srun --ntasks=1 "$LAUNCHER_PYTHON" -c '
 import signal
-from launcher.runtime.preemption import StopSignals, requeue_slurm_job
+from launcher.runtime.preemption import StopSignals, requeue_slurm_job, slurm_job_to_requeue
 signals = StopSignals(world_size=1)
-said = requeue_slurm_job(signal.SIGUSR1)
+said = requeue_slurm_job(slurm_job_to_requeue(signal.SIGUSR1)) or "requeued"
 print("said:", said, "| recorded:", signal.Signals(signals.received).name, flush=True)
 '
 """
@@ -130,4 +131,4 @@ def test_the_requeue_is_reported_even_when_its_sigterm_reaches_scontrol_first(cl
         time.sleep(0.2)
     cluster.run("scancel", job, check=False)
     said = log.read_text(errors="replace").split("said: ")[1].split("\n")[0]
-    assert said == f"Slurm job {job} requeued; it resumes from this checkpoint when it starts again | recorded: SIGTERM"
+    assert said == "requeued | recorded: SIGTERM"
