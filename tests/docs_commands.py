@@ -103,36 +103,51 @@ def _cpu_sized(arg: str) -> str:
 
 
 def _leave_outputs(args: list[str], sandbox: Path) -> None:
-    """What a later block reads of the run that was only planned: a Hugging Face recipe's
-    OUTPUT_DIR/hf (the tiny Llama stands in for the fine-tuned model)."""
-    flags = dict(arg[2:].partition("=")[::2] for arg in args if arg.startswith("--"))
-    if flags.get("model_dir") and flags.get("output_dir"):
-        hf = sandbox / flags["output_dir"] / "hf"
-        hf.parent.mkdir(parents=True, exist_ok=True)
-        if not hf.exists():
-            hf.symlink_to(LLAMA_STAND_IN.path)
+    """What later blocks read of a run that was only planned, where its output_dir is in the
+    sandbox: the files a run starts with (config.json, recipe.py: `RUN_DIR --resume=auto` and
+    `--config=RUN_DIR/config.json` plan from them), and for a Hugging Face recipe OUTPUT_DIR/hf
+    (the tiny Llama stands in for the fine-tuned model)."""
+    from launcher.cli import configure, parse_flags
+    from launcher.track.trackers import save_run_files
+
+    named = args[0] if args and not args[0].startswith("-") else ""
+    overrides = parse_flags(args[1:] if named else args)
+    world_size = overrides.pop("world_size", 1)
+    recipe, cfg = configure("train", named, args[0], overrides, "")
+    cfg = cfg.resolved()
+    if Path(cfg.output_dir).is_absolute() or Path(cfg.output_dir, "config.json").exists():  # elsewhere, or resumed
+        return
+    save_run_files(cfg, recipe, world_size)
+    if getattr(cfg, "model_dir", ""):
+        _link(sandbox / cfg.output_dir / "hf", LLAMA_STAND_IN.path)
 
 
 def _check_flags(command: str, args: list[str]) -> None:
-    """evaluate/predict: every flag is the command's own or a field of the recipe's Config (the
-    recipe loaded when the first argument is one); report: --out and --x."""
-    from launcher.cli import EXTRA_FLAGS, parse_flags, split_inputs
+    """evaluate/predict: the recipe and flags resolved as the launcher does before it reads the
+    weights (the run's saved config where the sandbox has the run, else the recipe's Config, else
+    TrainConfig for a run elsewhere); report: --out and --x only."""
+    from launcher.cli import EXTRA_FLAGS, configure, parse_flags, split_inputs
     from launcher.config import ConfigError, TrainConfig, apply_overrides
-    from launcher.recipe import load_recipe
 
     if command == "predict":
         args, _inputs = split_inputs(args)
-    flags = parse_flags([arg for arg in args if arg.startswith("-")])
+    named = args[0] if args and not args[0].startswith("-") else ""
+    flags = parse_flags(args[1:] if named else args)
     if command == "report":
         unknown = sorted(set(flags) - {"out", "x"})
         if unknown:
             raise BlockFailure(f"report has no option --{unknown[0]}")
         return
-    named = args[0] if args and not args[0].startswith("-") else ""
+    extra = {name: flags.pop(name) for name in EXTRA_FLAGS[command] if name in flags}
+    if named and Path(named).is_dir():  # `evaluate RUN_DIR`
+        extra.setdefault("checkpoint", named)
+        named = ""
+    checkpoint = str(extra.get("checkpoint", ""))
     try:
-        config = load_recipe(named).default_config() if named and not Path(named, "config.json").exists() \
-            and not named.startswith("runs/") else TrainConfig()
-        apply_overrides(config, {k: v for k, v in flags.items() if k not in (*EXTRA_FLAGS[command], "config")})
+        if named or Path(checkpoint, "config.json").is_file():
+            configure(command, named, args[0] if args else "", flags, checkpoint if Path(checkpoint).exists() else "")
+        else:
+            apply_overrides(TrainConfig(), {name: value for name, value in flags.items() if name != "config"})
     except ConfigError as error:
         raise BlockFailure(f"launcher: error: {error}") from None
 

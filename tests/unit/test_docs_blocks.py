@@ -207,6 +207,21 @@ def test_docs_blocks_run(page: Path, sandbox: Path, monkeypatch) -> None:
     assert not failures, "\n".join(failures)
 
 
+def test_later_blocks_read_what_a_planned_run_leaves(sandbox: Path, monkeypatch, tmp_path) -> None:
+    """A planned run leaves its config.json and recipe.py: a resume of its directory, a --config
+    of its config.json and an evaluate of it are planned or resolved from them."""
+    monkeypatch.chdir(sandbox)
+    page = tmp_path / "page.md"
+    page.write_text("```sh\npython -m launcher tests/recipes/mlp_digits --output_dir=runs/tiny --lr=0.5\n"
+                    "python -m launcher runs/tiny --resume=auto\n"
+                    "python -m launcher --config=runs/tiny/config.json --output_dir=runs/tiny2\n"
+                    "python -m launcher evaluate runs/tiny --eval_batch_size=4\n"
+                    "python -m launcher evaluate runs/tiny --eval_bach_size=4\n```\n")
+    failures = check_shell(fenced_blocks(page, "page.md")[0], sandbox)
+    assert len(failures) == 1 and "unknown field --eval_bach_size" in failures[0]
+    assert '"lr": 0.5' in (sandbox / "runs" / "tiny2" / "config.json").read_text()  # taken from runs/tiny's
+
+
 def test_unknown_flags_and_commands_fail(sandbox: Path, monkeypatch, tmp_path) -> None:
     """The checks refuse what a reader could not run: a misspelt field (also under accelerate
     launch), a missing recipe, an unknown Makefile target, an extra pyproject.toml lacks, a
