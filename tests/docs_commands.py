@@ -272,8 +272,6 @@ def hf(argv: list[str], sandbox: Path) -> None:
 
 def hf_download_args(args: list[str]) -> dict:
     """`hf ARGS` parsed, not run: by click (huggingface_hub >= 1.0), or by argparse before it."""
-    import click
-
     try:
         from huggingface_hub.cli.hf import app
     except ImportError:  # huggingface_hub 0.3x: argparse commands
@@ -288,6 +286,8 @@ def hf_download_args(args: list[str]) -> dict:
                 return vars(parser.parse_args(args))
         except (argparse.ArgumentError, SystemExit) as error:
             raise BlockFailure(f"hf refuses these arguments: {error}") from None
+    import click
+
     context = click.Context(app, info_name="hf")
     try:
         name, command, rest = app.resolve_command(context, args)
@@ -296,6 +296,11 @@ def hf_download_args(args: list[str]) -> dict:
         raise BlockFailure(f"hf: {error.format_message()}") from None
 
 
-COMMANDS = {"python": python, "python3": python, "launcher": lambda argv, sandbox: plan(argv[1:], sandbox),
+def console_script(argv: list[str], sandbox: Path) -> None:
+    """`launcher ...`, the console script pyproject.toml installs: as `python -m launcher ...`."""
+    plan(argv[1:], sandbox)
+
+
+COMMANDS = {"python": python, "python3": python, "launcher": console_script,
             "accelerate": accelerate, "torchrun": torchrun, "sbatch": sbatch, "make": make, "pip": pip, "uv": uv,
             "hf": hf}

@@ -1,7 +1,9 @@
 """Every fenced block of README.md and docs/**/*.md is checked, so that a docs block that stops
-working fails here. Blocks run in document order in one sandbox directory per page (the cwd),
-which holds what the docs' relative paths name: recipes/, scripts/, the demo digits as
-data/digits, text shards as data/text, a small image folder as data/flowers. Nothing trains.
+working fails here. The pages' blocks run in document order, in one sandbox directory (the cwd)
+that holds what the docs' relative paths name: recipes/, scripts/, the demo digits as
+data/digits, text shards as data/text, a small image folder as data/flowers; what a block makes
+(a planned run's config.json, a downloaded model) stays there for the blocks after it. Nothing
+trains.
 
 By the fence's info string:
 - ```python: a recipe (its top level defines or imports Config, build_model and build_data) is
@@ -9,11 +11,13 @@ By the fence's info string:
   snippet, exec'd with SNIPPET_PRELUDE's names; a build_model(cfg) or compute_loss(model, batch) it
   defines is then called on real objects (SNIPPET_CALLS). Classes it defines are only defined.
 - ```sh / ```bash / ```shell: each command (shlex: `\\` continuations and comments handled)
-  goes through COMMANDS, keyed by its program; one the test does not know fails, asking for a
-  checkable command or ```text.
-- ```text and unlabelled blocks are output, not run; where one is a transcript (a `$ COMMAND`
-  line, then its output), the launcher command is run and every shown output line must appear
-  in what it prints.
+  goes through tests/docs_commands.py's COMMANDS, keyed by its program; one the test does not
+  know fails, asking for a checkable command or ```text.
+- ```yaml, and ```json naming a recipe: a --config file, planned (check_config).
+- ```text, ```console, unlabelled blocks and other JSON are output, not run; where one is a
+  transcript (a `$ COMMAND` line, then its output), the launcher command is run and every shown
+  output line must appear in what it prints.
+- any other language fails, naming the ones the test knows.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import ast
 import contextlib
 import inspect
 import io
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +37,8 @@ from tests.conftest import ROOT
 from tests.docs_commands import COMMANDS, LLAMA_STAND_IN, BlockFailure, launcher
 
 DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
-SHELLS = ("sh", "bash", "shell", "console")
-OUTPUT = ("", "text", "txt", "output")
+SHELLS = ("sh", "bash", "shell")
+OUTPUT = ("", "text", "txt", "output", "console", "jsonl")  # console: `$ ` transcripts
 # What a snippet may use without importing it: torch's usual names and launcher's public API.
 SNIPPET_PRELUDE = "import torch\nfrom torch import nn\nimport torch.nn.functional as F\nfrom launcher import *\n"
 
@@ -60,7 +65,8 @@ def fenced_blocks(page: Path, name: str = "") -> list[Block]:
 
 def logical_lines(text: str) -> list[tuple[int, list[str]]]:
     """(offset of its first line in the block, argv) per command: `\\`-continued lines joined,
-    `# comments` and blank lines dropped."""
+    `# comments` and blank lines dropped, `a && b`, `a; b` and `a | b` taken as two commands, and
+    leading VAR=value assignments dropped."""
     commands, pending, start = [], "", 0
     for offset, line in enumerate(text.splitlines()):
         if not pending:
@@ -68,10 +74,18 @@ def logical_lines(text: str) -> list[tuple[int, list[str]]]:
         if line.rstrip().endswith("\\"):
             pending += line.rstrip()[:-1] + " "
             continue
-        argv = shlex.split(pending + line, comments=True)
-        pending = ""
-        if argv:
-            commands.append((start, argv))
+        lexer = shlex.shlex(pending + line, posix=True, punctuation_chars=";&|")
+        lexer.whitespace_split, pending = True, ""
+        argv: list[str] = []
+        for token in [*lexer, ";"]:
+            if token not in (";", "&&", "||", "|"):
+                argv.append(token)
+                continue
+            while argv and re.fullmatch(r"[A-Za-z_]\w*=.*", argv[0]):
+                argv.pop(0)
+            if argv:
+                commands.append((start, argv))
+            argv = []
     return commands
 
 
@@ -109,6 +123,25 @@ def check_python(block: Block, sandbox: Path) -> None:
         raise
     except Exception as error:
         raise BlockFailure(f"{type(error).__name__}: {error}") from None
+
+
+def check_config(block: Block, sandbox: Path) -> None:
+    """A YAML block, or a JSON one naming a recipe, is a --config file: planned where it names its
+    recipe (`recipe: PATH`), else its fields checked against TrainConfig. Other JSON is output."""
+    from launcher.config import ConfigError, TrainConfig, apply_overrides, read_config_file
+
+    suffix = ".json" if block.info == "json" else ".yaml"
+    path = sandbox / "doc_configs" / f"{Path(block.page).stem}_{block.line}{suffix}"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(block.text)
+    try:
+        values = read_config_file(str(path))
+        if "recipe" in values:
+            launcher(["plan", f"--config={path}"])
+        elif block.info != "json":
+            apply_overrides(TrainConfig(), values, source=str(path))
+    except ConfigError as error:
+        raise BlockFailure(f"launcher: error: {error}") from None
 
 
 def call_build_model(build_model) -> None:
@@ -199,11 +232,14 @@ def test_docs_blocks_run(page: Path, sandbox: Path, monkeypatch) -> None:
             failures += check_shell(block, sandbox)
         elif block.info in OUTPUT:
             failures += check_transcript(block)
-        elif block.info == "python":
+        elif block.info in ("python", "py", "yaml", "yml", "json"):
             try:
-                check_python(block, sandbox)
+                (check_python if block.info in ("python", "py") else check_config)(block, sandbox)
             except BlockFailure as failure:
                 failures.append(f"{block.where()}: {failure}")
+        else:
+            failures.append(f"{block.where()}: the test does not know ```{block.info} blocks; use python, sh, "
+                            "yaml (a --config file) or text")
     assert not failures, "\n".join(failures)
 
 
@@ -225,8 +261,8 @@ def test_later_blocks_read_what_a_planned_run_leaves(sandbox: Path, monkeypatch,
 def test_unknown_flags_and_commands_fail(sandbox: Path, monkeypatch, tmp_path) -> None:
     """The checks refuse what a reader could not run: a misspelt field (also under accelerate
     launch), a missing recipe, an unknown Makefile target, an extra pyproject.toml lacks, a
-    misspelt hf option, a command the test does not know, a recipe whose build_data raises, and a
-    transcript whose output is not what the launcher prints."""
+    misspelt hf option, a command the test does not know, a recipe whose build_data raises, a
+    transcript whose output is not what the launcher prints, a misspelt field in a --config file."""
     monkeypatch.chdir(sandbox)
     page = tmp_path / "page.md"
     page.write_text("```sh\npython -m launcher plan recipes/resnet_finetune_tiny --bach_size=4\n"
@@ -235,8 +271,9 @@ def test_unknown_flags_and_commands_fail(sandbox: Path, monkeypatch, tmp_path) -
                     "pip install 'launcher[nosuchextra]'\nhf download x --lokal-dir=y\ncurl https://example.com\n```\n"
                     "```python\nfrom recipes.resnet_finetune_tiny import Config, build_model\n"
                     "def build_data(cfg):\n    return cfg.no_such_field\n```\n"
-                    "```\n$ python -m launcher recipes/resnet_finetune_tiny --lr=fast\nlauncher: error: no such thing\n```\n")
-    shell, recipe, transcript = fenced_blocks(page, "page.md")
+                    "```\n$ python -m launcher recipes/resnet_finetune_tiny --lr=fast\nlauncher: error: no such thing\n```\n"
+                    "```yaml\nrecipe: recipes/resnet_finetune_tiny\nbach_size: 4\n```\n")
+    shell, recipe, transcript, config = fenced_blocks(page, "page.md")
     failures = check_shell(shell, sandbox)
     assert [f.split(": ", 1)[0] for f in failures] == [f"page.md:{n} (```sh block at line 1)"
                                                        for n in (2, 3, 5, 6, 7, 8, 9)]
@@ -248,3 +285,5 @@ def test_unknown_flags_and_commands_fail(sandbox: Path, monkeypatch, tmp_path) -
     assert check_transcript(transcript) == [f"page.md:{transcript.line + 2} (``` block at line {transcript.line}): "
                                             "not in the output of `python -m launcher recipes/resnet_finetune_tiny "
                                             "--lr=fast`: launcher: error: no such thing"]
+    with pytest.raises(BlockFailure, match="unknown field bach_size .*did you mean batch_size"):
+        check_config(config, sandbox)
