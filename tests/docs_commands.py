@@ -9,7 +9,6 @@ import contextlib
 import inspect
 import io
 import re
-import tomllib
 from pathlib import Path
 
 from tests.conftest import ROOT
@@ -21,6 +20,7 @@ class BlockFailure(Exception):
 
 class LLAMA_STAND_IN:  # noqa: N801  (a holder, set once by the sandbox fixture)
     """The tiny Llama (scripts/make_tiny_llama.py) standing in for a downloaded model."""
+
     path: Path
 
 
@@ -88,9 +88,14 @@ def _check_dataset_source(args: list[str]) -> None:
     try:
         factory = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError):
-        raise BlockFailure(f"shard source {args[0]} is neither a directory here nor an importable dataset") from None
-    kwargs = {key: value for key, value in parse_flags([a for a in args if a.startswith("--")]).items()
-              if key not in OPTIONS}
+        raise BlockFailure(
+            f"shard source {args[0]} is neither a directory here nor an importable dataset"
+        ) from None
+    kwargs = {
+        key: value
+        for key, value in parse_flags([a for a in args if a.startswith("--")]).items()
+        if key not in OPTIONS
+    }
     try:
         inspect.signature(factory).bind_partial(**kwargs)
     except TypeError as error:
@@ -115,7 +120,9 @@ def _leave_outputs(args: list[str], sandbox: Path) -> None:
     world_size = overrides.pop("world_size", 1)
     recipe, cfg = configure("train", named, args[0], overrides, "")
     cfg = cfg.resolved()
-    if Path(cfg.output_dir).is_absolute() or Path(cfg.output_dir, "config.json").exists():  # elsewhere, or resumed
+    if (
+        Path(cfg.output_dir).is_absolute() or Path(cfg.output_dir, "config.json").exists()
+    ):  # elsewhere, or resumed
         return
     save_run_files(cfg, recipe, world_size)
     if getattr(cfg, "model_dir", ""):
@@ -145,7 +152,13 @@ def _check_flags(command: str, args: list[str]) -> None:
     checkpoint = str(extra.get("checkpoint", ""))
     try:
         if named or Path(checkpoint, "config.json").is_file():
-            configure(command, named, args[0] if args else "", flags, checkpoint if Path(checkpoint).exists() else "")
+            configure(
+                command,
+                named,
+                args[0] if args else "",
+                flags,
+                checkpoint if Path(checkpoint).exists() else "",
+            )
         else:
             apply_overrides(TrainConfig(), {name: value for name, value in flags.items() if name != "config"})
     except ConfigError as error:
@@ -178,7 +191,9 @@ def script(path: str, args: list[str], sandbox: Path) -> None:
     spec.loader.exec_module(module)
     captured: dict = {}
     try:  # fire splits the arguments as the script's own fire.Fire(main) does
-        fire.Fire(lambda *positional, **flags: captured.update(positional=positional, flags=flags), command=args)
+        fire.Fire(
+            lambda *positional, **flags: captured.update(positional=positional, flags=flags), command=args
+        )
         flags = captured["flags"]
         inspect.signature(module.main).bind(*captured["positional"], **flags)
     except (TypeError, fire.core.FireExit) as error:
@@ -247,13 +262,16 @@ def make(argv: list[str], sandbox: Path) -> None:
 
 
 def pip(argv: list[str], sandbox: Path) -> None:
-    """`pip install` / `uv pip install`: every [extra] named is one pyproject.toml declares."""
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    """`pip install` / `uv pip install`: every [extra] named is one the installed launcher declares
+    (pyproject.toml's optional-dependencies, as pip reads them)."""
+    from importlib.metadata import metadata
+
+    extras = metadata("launcher").get_all("Provides-Extra") or []
     for arg in argv:
         for named in re.findall(r"\[([^\]]+)\]", arg):
             unknown = [extra for extra in named.split(",") if extra.strip() not in extras]
             if unknown:
-                raise BlockFailure(f"pyproject.toml has no extra {unknown[0]!r} (it has {', '.join(extras)})")
+                raise BlockFailure(f"launcher has no extra {unknown[0]!r} (it has {', '.join(extras)})")
 
 
 def uv(argv: list[str], sandbox: Path) -> None:
@@ -301,6 +319,15 @@ def console_script(argv: list[str], sandbox: Path) -> None:
     plan(argv[1:], sandbox)
 
 
-COMMANDS = {"python": python, "python3": python, "launcher": console_script,
-            "accelerate": accelerate, "torchrun": torchrun, "sbatch": sbatch, "make": make, "pip": pip, "uv": uv,
-            "hf": hf}
+COMMANDS = {
+    "python": python,
+    "python3": python,
+    "launcher": console_script,
+    "accelerate": accelerate,
+    "torchrun": torchrun,
+    "sbatch": sbatch,
+    "make": make,
+    "pip": pip,
+    "uv": uv,
+    "hf": hf,
+}

@@ -40,7 +40,9 @@ DOC_PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
 SHELLS = ("sh", "bash", "shell")
 OUTPUT = ("", "text", "txt", "output", "console", "jsonl")  # console: `$ ` transcripts
 # What a snippet may use without importing it: torch's usual names and launcher's public API.
-SNIPPET_PRELUDE = "import torch\nfrom torch import nn\nimport torch.nn.functional as F\nfrom launcher import *\n"
+SNIPPET_PRELUDE = (
+    "import torch\nfrom torch import nn\nimport torch.nn.functional as F\nfrom launcher import *\n"
+)
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,16 @@ def fenced_blocks(page: Path, name: str = "") -> list[Block]:
     from markdown_it import MarkdownIt
 
     tokens = MarkdownIt("commonmark").parse(page.read_text())
-    return [Block(name or str(page.relative_to(ROOT)), token.map[0] + 1, token.info.strip().split(" ")[0].lower(),
-                  token.content) for token in tokens if token.type == "fence"]
+    return [
+        Block(
+            name or str(page.relative_to(ROOT)),
+            token.map[0] + 1,
+            token.info.strip().split(" ")[0].lower(),
+            token.content,
+        )
+        for token in tokens
+        if token.type == "fence"
+    ]
 
 
 def logical_lines(text: str) -> list[tuple[int, list[str]]]:
@@ -179,8 +189,10 @@ def check_shell(block: Block, sandbox: Path) -> list[str]:
         check = COMMANDS.get(argv[0])
         try:
             if check is None:
-                raise BlockFailure(f"the test cannot check `{argv[0]}` commands; make it one it knows "
-                                   f"({', '.join(COMMANDS)}) or mark the block ```text")
+                raise BlockFailure(
+                    f"the test cannot check `{argv[0]}` commands; make it one it knows "
+                    f"({', '.join(COMMANDS)}) or mark the block ```text"
+                )
             check(argv, sandbox)
         except BlockFailure as failure:
             failures.append(f"{block.where(offset)}: {shlex.join(argv)}: {failure}")
@@ -197,8 +209,10 @@ def check_transcript(block: Block) -> list[str]:
         return [f"{block.where()}: transcript of `{argv[0]}`: only launcher transcripts can be checked"]
     _, printed = launcher(argv[3:], expect_failure=True)
     missing = [line for line in lines[1:] if line.strip() and line.strip() not in printed]
-    return [f"{block.where(lines.index(line))}: not in the output of `{lines[0][2:]}`: {line.strip()}"
-            for line in missing]
+    return [
+        f"{block.where(lines.index(line))}: not in the output of `{lines[0][2:]}`: {line.strip()}"
+        for line in missing
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -238,8 +252,10 @@ def test_docs_blocks_run(page: Path, sandbox: Path, monkeypatch) -> None:
             except BlockFailure as failure:
                 failures.append(f"{block.where()}: {failure}")
         else:
-            failures.append(f"{block.where()}: the test does not know ```{block.info} blocks; use python, sh, "
-                            "yaml (a --config file) or text")
+            failures.append(
+                f"{block.where()}: the test does not know ```{block.info} blocks; use python, sh, "
+                "yaml (a --config file) or text"
+            )
     assert not failures, "\n".join(failures)
 
 
@@ -248,11 +264,13 @@ def test_later_blocks_read_what_a_planned_run_leaves(sandbox: Path, monkeypatch,
     of its config.json and an evaluate of it are planned or resolved from them."""
     monkeypatch.chdir(sandbox)
     page = tmp_path / "page.md"
-    page.write_text("```sh\npython -m launcher tests/recipes/mlp_digits --output_dir=runs/tiny --lr=0.5\n"
-                    "python -m launcher runs/tiny --resume=auto\n"
-                    "python -m launcher --config=runs/tiny/config.json --output_dir=runs/tiny2\n"
-                    "python -m launcher evaluate runs/tiny --eval_batch_size=4\n"
-                    "python -m launcher evaluate runs/tiny --eval_bach_size=4\n```\n")
+    page.write_text(
+        "```sh\npython -m launcher tests/recipes/mlp_digits --output_dir=runs/tiny --lr=0.5\n"
+        "python -m launcher runs/tiny --resume=auto\n"
+        "python -m launcher --config=runs/tiny/config.json --output_dir=runs/tiny2\n"
+        "python -m launcher evaluate runs/tiny --eval_batch_size=4\n"
+        "python -m launcher evaluate runs/tiny --eval_bach_size=4\n```\n"
+    )
     failures = check_shell(fenced_blocks(page, "page.md")[0], sandbox)
     assert len(failures) == 1 and "unknown field --eval_bach_size" in failures[0]
     assert '"lr": 0.5' in (sandbox / "runs" / "tiny2" / "config.json").read_text()  # taken from runs/tiny's
@@ -260,30 +278,36 @@ def test_later_blocks_read_what_a_planned_run_leaves(sandbox: Path, monkeypatch,
 
 def test_unknown_flags_and_commands_fail(sandbox: Path, monkeypatch, tmp_path) -> None:
     """The checks refuse what a reader could not run: a misspelt field (also under accelerate
-    launch), a missing recipe, an unknown Makefile target, an extra pyproject.toml lacks, a
+    launch), a missing recipe, an unknown Makefile target, an extra launcher does not declare, a
     misspelt hf option, a command the test does not know, a recipe whose build_data raises, a
     transcript whose output is not what the launcher prints, a misspelt field in a --config file."""
     monkeypatch.chdir(sandbox)
     page = tmp_path / "page.md"
-    page.write_text("```sh\npython -m launcher plan recipes/resnet_finetune_tiny --bach_size=4\n"
-                    "accelerate launch --num_processes 2 -m launcher recipes/resnet_finetune_tiny \\\n"
-                    "    --lr=fast\npython -m launcher recipes/no_such_recipe\nmake no-such-target\n"
-                    "pip install 'launcher[nosuchextra]'\nhf download x --lokal-dir=y\ncurl https://example.com\n```\n"
-                    "```python\nfrom recipes.resnet_finetune_tiny import Config, build_model\n"
-                    "def build_data(cfg):\n    return cfg.no_such_field\n```\n"
-                    "```\n$ python -m launcher recipes/resnet_finetune_tiny --lr=fast\nlauncher: error: no such thing\n```\n"
-                    "```yaml\nrecipe: recipes/resnet_finetune_tiny\nbach_size: 4\n```\n")
+    page.write_text(
+        "```sh\npython -m launcher plan recipes/resnet_finetune_tiny --bach_size=4\n"
+        "accelerate launch --num_processes 2 -m launcher recipes/resnet_finetune_tiny \\\n"
+        "    --lr=fast\npython -m launcher recipes/no_such_recipe\nmake no-such-target\n"
+        "pip install 'launcher[nosuchextra]'\nhf download x --lokal-dir=y\ncurl https://example.com\n```\n"
+        "```python\nfrom recipes.resnet_finetune_tiny import Config, build_model\n"
+        "def build_data(cfg):\n    return cfg.no_such_field\n```\n"
+        "```\n$ python -m launcher recipes/resnet_finetune_tiny --lr=fast\n"
+        "launcher: error: no such thing\n```\n"
+        "```yaml\nrecipe: recipes/resnet_finetune_tiny\nbach_size: 4\n```\n"
+    )
     shell, recipe, transcript, config = fenced_blocks(page, "page.md")
     failures = check_shell(shell, sandbox)
-    assert [f.split(": ", 1)[0] for f in failures] == [f"page.md:{n} (```sh block at line 1)"
-                                                       for n in (2, 3, 5, 6, 7, 8, 9)]
+    assert [f.split(": ", 1)[0] for f in failures] == [
+        f"page.md:{n} (```sh block at line 1)" for n in (2, 3, 5, 6, 7, 8, 9)
+    ]
     assert "did you mean --batch_size" in failures[0] and "--lr expects float" in failures[1]
     assert "no-such-target" in failures[3] and "nosuchextra" in failures[4] and "--local-dir" in failures[5]
     assert "```text" in failures[6]
     with pytest.raises(BlockFailure, match="no_such_field"):
         check_python(recipe, sandbox)
-    assert check_transcript(transcript) == [f"page.md:{transcript.line + 2} (``` block at line {transcript.line}): "
-                                            "not in the output of `python -m launcher recipes/resnet_finetune_tiny "
-                                            "--lr=fast`: launcher: error: no such thing"]
+    assert check_transcript(transcript) == [
+        f"page.md:{transcript.line + 2} (``` block at line {transcript.line}): "
+        "not in the output of `python -m launcher recipes/resnet_finetune_tiny "
+        "--lr=fast`: launcher: error: no such thing"
+    ]
     with pytest.raises(BlockFailure, match="unknown field bach_size .*did you mean batch_size"):
         check_config(config, sandbox)
