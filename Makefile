@@ -4,7 +4,8 @@ PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 DATA_DIR ?= data/digits
 # The venv's Python: a 3.12 or 3.13 where the machine has one (CPython before 3.11.10 can hang a
-# DataLoader worker as it forks; README, "Known problems"), else python3; `make PYTHON=...` overrides.
+# DataLoader worker as it forks: docs/known-problems.md#worker-hangs-at-fork), else python3;
+# `make PYTHON=...` overrides.
 PYTHON ?= $(shell sh scripts/find_python.sh)
 
 # A second venv with the oldest versions pyproject.toml allows (uv's lowest-direct resolution:

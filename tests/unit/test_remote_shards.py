@@ -2,7 +2,7 @@
 HTTP server and moto's S3 server (run from .venv-moto), each dropping one connection mid-shard once: the read is
 retried, no sample is lost and nothing counts as unreadable. A shard that keeps failing is
 counted as unreachable, apart from unreadable ones. The index is found by the shard's own name
-for every URL form, the README's `pipe:aws s3 cp s3://bucket/x.tar -` included."""
+for every URL form, docs/data.md's `pipe:aws s3 cp s3://bucket/x.tar -` included."""
 
 from __future__ import annotations
 
@@ -208,7 +208,7 @@ def test_shards_from_s3_survive_a_dropped_connection(s3, quick_retries, monkeypa
     assert position.corrupt == {} and position.unreachable == {}
     assert proxy.gets.count(f"/bucket/shards/{FLAKY}") == 2  # the broken download, then the retry
 
-    # The README's form: a pipe: command, its count from the index beside the shard it names
+    # docs/data.md's form: a pipe: command, its count from the index beside the shard it names
     pipe = "pipe:aws s3 cp s3://bucket/shards/part2-000000.tar -"
     keys, position = samples_read(Shards(pipe, to_tensor, shuffle_buffer=0))
     assert sorted(keys) == all_keys()[-SIZES[2]:] and position.corrupt == {}
