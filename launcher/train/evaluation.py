@@ -3,7 +3,7 @@
 Each batch goes through the run's own step, so `loss` is the training loss on the validation
 data, normalised the same way: a mean step's losses weighted by the samples of each batch, a
 counted step's sums divided by the summed count (tokens), over every rank (one all-reduce). The
-task metrics (launcher/train/metrics.py) are torchmetrics, synced on compute. Every validation sample is
+task metrics (launcher/train/metrics.py) are sums, all-reduced on compute. Every validation sample is
 read exactly once across ranks and workers, so the metrics equal a single process's.
 """
 

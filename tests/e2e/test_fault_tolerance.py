@@ -33,16 +33,25 @@ def steps(run_dir) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
 
 
+class ReferenceRuns(dict):
+    """processes -> the reference run, uninterrupted: 2 epochs with 2 DataLoader workers; each
+    trained when first asked for (`make test-lowest` asks only for the 2-process one)."""
+
+    def __init__(self, digits, tmp_path_factory):
+        super().__init__()
+        self.digits, self.tmp_path_factory = digits, tmp_path_factory
+
+    def __missing__(self, processes: int):
+        out = self.tmp_path_factory.mktemp("reference") / f"p{processes}"
+        launcher(MLP_RECIPE, f"--data_dir={self.digits}", f"--output_dir={out}", "--num_workers=2",
+                 "--checkpoint_every=10", processes=processes)
+        self[processes] = out
+        return out
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(digits, tmp_path_factory):
-    """The reference runs, uninterrupted: 2 epochs with 2 DataLoader workers, 1 and 2 processes."""
-    runs = {}
-    for processes in (1, 2):
-        out = tmp_path_factory.mktemp("reference") / f"p{processes}"
-        launcher(MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", "--num_workers=2",
-                 "--checkpoint_every=10", processes=processes)
-        runs[processes] = out
-    return runs
+    return ReferenceRuns(digits, tmp_path_factory)
 
 
 def test_checkpoints_are_pruned_to_the_newest_k_plus_the_best(uninterrupted):
@@ -70,8 +79,8 @@ def test_a_crash_mid_save_keeps_the_previous_checkpoint_and_resume_matches(digit
     assert logged == list(range(1, 179))  # steps 21-30, logged before the crash, logged once
 
 
-@pytest.mark.lowest  # Accelerate 1.1's prepared objects and step counter, numpy 1.26's RNG state (state_files)
-@pytest.mark.parametrize("processes, kill_after", [(1, 37), (2, 23)])
+# lowest: Accelerate 1.1's prepared objects and step counter, numpy 1.26's RNG state (state_files)
+@pytest.mark.parametrize("processes, kill_after", [(1, 37), pytest.param(2, 23, marks=pytest.mark.lowest)])
 def test_sigkill_at_any_step_then_resume_auto_is_bitwise_identical(digits, tmp_path, uninterrupted,
                                                                     processes, kill_after):
     out = tmp_path / "killed"
@@ -98,8 +107,8 @@ def test_sigkill_at_any_step_then_resume_auto_is_bitwise_identical(digits, tmp_p
     assert same_weights(out, uninterrupted[processes])
 
 
-@pytest.mark.lowest  # gloo shutdown (it deadlocked in torch 2.4)
-@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+# lowest: gloo shutdown (it deadlocked in torch 2.4)
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGUSR1, marks=pytest.mark.lowest), signal.SIGTERM])
 def test_a_signal_to_one_rank_checkpoints_every_rank_at_the_same_step_and_exits_75(digits, tmp_path, uninterrupted,
                                                                                     signum):
     out = tmp_path / "preempted"
