@@ -43,6 +43,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from launcher.config import ConfigError, DataError
+from launcher.global_batch import GlobalBatch
 from launcher.data.batch import Batch, Collate, collate
 from launcher.data.device_decode import decode_batch
 from launcher.data.index import read_index
@@ -222,6 +223,7 @@ class SplitLoader:
         self.prefetch_factor = prefetch_factor  # batches each worker prepares ahead
         self._batch_transform = batch_transform  # for a Dataset (Shards carry their own)
         self.rank, self.world, self.seed = rank, world, seed
+        self.global_batch = GlobalBatch(batch_size, world, grad_accum_steps)  # what one optimizer step reads (training)
         self.batch_size, self.num_workers = batch_size, num_workers
         self._layout_maker: EpochLayouts | None = None  # keeps the last layout (loader and report share it)
         self.persistent_workers = persistent_workers and num_workers > 0
@@ -245,16 +247,17 @@ class SplitLoader:
             self.index = None
             length = epoch_samples(source, train_samples, max_steps, split)
             if length is None and training:  # a stream without a length: one epoch of --max_steps steps
-                batches_per_epoch = max_steps * grad_accum_steps
-            self.total = length if length is not None else (batches_per_epoch or 0) * batch_size * world
+                batches_per_epoch = self.global_batch.micro_batches_in_steps(max_steps)
+            self.total = (length if length is not None
+                          else self.global_batch.samples_in_micro_batches(batches_per_epoch or 0))
         else:
             self.index = None
             self.total = len(source)
-        # Training, per rank: whole optimizer steps of batch_size x world x grad_accum_steps samples
-        # (0 when the split is smaller than one; the plan refuses that); unless given.
-        steps = self.total // (batch_size * world * grad_accum_steps)
-        self.batches_per_epoch = (batches_per_epoch if batches_per_epoch is not None else steps * grad_accum_steps
-                                  ) if training else None
+        # Training, per rank: whole optimizer steps of the global batch (0 when the split is smaller
+        # than one; the plan refuses that); unless given.
+        steps = self.global_batch.steps_in_samples(self.total)
+        self.batches_per_epoch = (batches_per_epoch if batches_per_epoch is not None
+                                  else self.global_batch.micro_batches_in_steps(steps)) if training else None
 
     @property
     def classes(self) -> list[str]:
@@ -309,7 +312,7 @@ class SplitLoader:
         """Training samples an epoch leaves unread so every rank takes the same whole batches."""
         if self.index is not None:
             return self.layout(epoch).dropped
-        return self.total - self.batches_per_epoch * self.batch_size * self.world
+        return self.total - self.global_batch.samples_in_micro_batches(self.batches_per_epoch)
 
     def loader(self, epoch: int, start: Position | None = None) -> Iterable[Batch]:
         """This rank's batches for `epoch`, from `start` (a position taken earlier) or the beginning.

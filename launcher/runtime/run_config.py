@@ -11,6 +11,7 @@ import json
 import os
 
 from launcher.config import ConfigError, TrainConfig, inherit, result_changes, shown
+from launcher.global_batch import GlobalBatch
 from launcher.runtime.checkpoints import STATE_FILE, _state_problem, checkpoint_dirs, read_state
 
 
@@ -21,20 +22,18 @@ def keep_global_batch(cfg, path: str, world_size: int) -> tuple[object, str]:
     then_world = state.get("world_size", world_size)
     if then_world == world_size:
         return cfg, ""
-    then = state["config"]
-    global_batch = then["batch_size"] * then_world * then["grad_accum_steps"]
-    per_step = cfg.batch_size * world_size
-    if global_batch % per_step:
-        fix = (f"choose a --batch_size that divides {global_batch // world_size}" if global_batch % world_size == 0
-               else f"resume on a number of processes that divides {global_batch}")
+    then = GlobalBatch.of(state["config"], then_world)
+    now = then.on(world_size, cfg.batch_size)
+    if now is None:
+        fix = (f"choose a --batch_size that divides {then.samples // world_size}" if then.samples % world_size == 0
+               else f"resume on a number of processes that divides {then.samples}")
         raise ConfigError(
-            f"checkpoint {path} trained with a global batch of {global_batch} ({then['batch_size']} per device x "
-            f"{then_world} processes x {then['grad_accum_steps']} accumulation), which {world_size} processes x "
+            f"checkpoint {path} trained with a global batch of {then.samples} ({then.batch_size} per device x "
+            f"{then_world} processes x {then.grad_accum_steps} accumulation), which {world_size} processes x "
             f"--batch_size={cfg.batch_size} do not divide; {fix}")
-    accum = global_batch // per_step
     note = (f"resuming on {world_size} process(es) instead of {then_world}: grad_accum_steps "
-            f"{cfg.grad_accum_steps} -> {accum} keeps the global batch of {global_batch}")
-    return dataclasses.replace(cfg, grad_accum_steps=accum), note
+            f"{cfg.grad_accum_steps} -> {now.grad_accum_steps} keeps the global batch of {then.samples}")
+    return dataclasses.replace(cfg, grad_accum_steps=now.grad_accum_steps), note
 
 
 def resume_config(cfg: TrainConfig, given: set[str] | frozenset[str], log=print) -> TrainConfig:

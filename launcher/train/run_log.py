@@ -145,4 +145,4 @@ class RunLog:
     def close(self) -> None:
         """Before the run stops for a signal: the bar closed, the trackers' files complete."""
         self.progress.close()
-        self.tracker.finish(self.state.summary(self.plan.global_batch))
+        self.tracker.finish(self.state.summary(self.plan.batch))
