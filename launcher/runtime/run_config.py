@@ -12,7 +12,7 @@ import os
 
 from launcher.config import ConfigError, TrainConfig, inherit, result_changes, shown
 from launcher.global_batch import GlobalBatch
-from launcher.runtime.checkpoints import STATE_FILE, _state_problem, checkpoint_dirs, read_state
+from launcher.runtime.checkpoints import STATE_FILE, find_resume, read_state, state_problem
 
 
 def keep_global_batch(cfg, path: str, world_size: int) -> tuple[object, str]:
@@ -81,15 +81,12 @@ def check_resumed_config(cfg: TrainConfig, path: str, world_size: int) -> None:
 
 
 def _resume_candidate(cfg) -> str | None:
-    """The checkpoint whose config a --resume takes: the given one, or the newest whose state reads."""
-    if cfg.resume == "auto":
-        for path in reversed(checkpoint_dirs(cfg.output_dir)):
-            if _state_problem(path) is None:
-                return path
+    """The checkpoint whose config a --resume takes: `find_resume`'s, checking only that its state
+    reads (the trainer verifies every file of the one it picks), or None where it would refuse."""
+    try:
+        return find_resume(cfg, log=lambda _: None, problem=state_problem)
+    except ConfigError:
         return None
-    if cfg.resume and os.path.isfile(os.path.join(cfg.resume, STATE_FILE)) and _state_problem(cfg.resume) is None:
-        return cfg.resume
-    return None
 
 
 RUN_CONFIG = "config.json"  # a run's resolved config, with its recipe's name (launcher/track/trackers.py)
