@@ -84,9 +84,9 @@ class Evaluator:
     def _pass(self, model: torch.nn.Module, prefix: str) -> tuple[dict, list | None, list | None]:
         """One pass: (metrics, confusion matrix, example predictions). The raw weights' pass also
         counts unreadable samples."""
-        acc, raw, state = self.accelerator, prefix == "val", self.state
+        acc, raw = self.accelerator, prefix == "val"
         metrics = TaskMetrics(self.checked.task, self.checked.num_classes, acc.device, self.extra_metrics)
-        on_errors = (lambda errors: self.data_health.note(errors, "val", state.epoch, state.step)) if raw else None
+        on_errors = (lambda errors: self.data_health.note(errors, "val")) if raw else None
         passed = evaluate_split(model, self._beating(self._batches()), self.checked.step, metrics, acc, prefix,
                                 self.channels_last, on_errors,
                                 lockstep=self.checked.example if self.parallel.sharded else None)
@@ -97,7 +97,6 @@ class Evaluator:
             unreadable = passed.unreadable
             skipped = int(acc.reduce(torch.tensor(float(sum(unreadable.values())), device=acc.device), "sum").item())
             read = self.val_samples if not self.batches else result[f"{prefix}/samples"] + skipped
-            self.data_health.check(skipped, read, "val", state.epoch, unreadable)
-            state.unreadable_total += skipped
+            self.data_health.end_of_pass(skipped, read, "val", unreadable)
             result["val/unreadable"] = skipped
         return result, passed.confusion, examples

@@ -162,7 +162,7 @@ class Trainer:
         last_checkpoint = lambda: (checkpoints.checkpoint_dirs(cfg.output_dir) or [None])[-1]  # noqa: E731
         self.guard = NonFiniteGuard(cfg.nonfinite, acc.mixed_precision == "fp16", state, last_checkpoint,
                                     acc.is_main_process, lambda: global_norm(self.parameters))
-        self.data_health = DataHealth(cfg.output_dir, self.rank, cfg.max_corrupt_fraction, gather_object)
+        self.data_health = DataHealth(cfg.output_dir, self.rank, cfg.max_corrupt_fraction, gather_object, state)
         self.run_log = RunLog(cfg, acc, self.plan, state)
         self.signals = StopSignals(self.world, before_exit=lambda: self.lock is not None and self.lock.release(),
                                    says=acc.is_main_process)
@@ -317,7 +317,7 @@ class Trainer:
             self.guard.check(self.state.step)
             corrupt = self.run_log.training(window, lrs, self.optimizer.param_groups[0]["lr"],
                                             float(sum(self.position.corrupt.values())), self.throughput)
-            self.data_health.check(corrupt, self.plan.train_samples, "train", self.state.epoch, self.position.corrupt)
+            self.data_health.check(corrupt, self.plan.train_samples, "train", self.position.corrupt)  # so far
         else:
             self.run_log.record(lrs, flush=False)
         at_epoch_end = self.position.batches == self.plan.micro_batches_per_epoch
@@ -347,7 +347,7 @@ class Trainer:
         """A training batch on the device, mixed (--mixup_alpha, --cutmix_alpha), its position and
         unreadable samples noted."""
         self.position.advance(batch)
-        self.data_health.note(batch.errors, "train", self.state.epoch, self.state.step)
+        self.data_health.note(batch.errors, "train")
         if batch.data is None:  # every sample of it was unreadable
             raise DataError(f"rank {self.rank}: a training batch with no readable sample ({len(batch.errors)} "
                             "unreadable); check the shards and the split's decode")
@@ -447,8 +447,7 @@ class Trainer:
         """Samples dropped or repeated to give every rank the same batches, and unreadable ones."""
         repeated, corrupt, unreachable = self.run_log.summed(self.position.repeated, sum(self.position.corrupt.values()),
                                                              sum(self.position.unreachable.values()))
-        self.state.unreadable_total += corrupt
-        self.data_health.check(corrupt, self.plan.train_samples, "train", self.state.epoch, self.position.corrupt)
+        self.data_health.end_of_pass(corrupt, self.plan.train_samples, "train", self.position.corrupt)
         self.run_log.epoch_data(self.train_data.planned_dropped(self.state.epoch), repeated, corrupt, unreachable)
 
     def _check_signals(self, now: bool = False) -> None:
