@@ -164,7 +164,7 @@ class Sharded(Parallel):
         super().__init__(cfg, accelerator)
         self.own_group = sharding.ensure_process_group(accelerator.device)
         self.checkpointer = sharding.ShardedCheckpointer(cfg.async_checkpoint)
-        self.summed = sharding.summed_gradients(accelerator.device)  # then divided here (README, "Known problems")
+        self.summed = sharding.summed_gradients(accelerator.device)  # then divided here (docs/known-problems.md)
 
     def place(self, model: nn.Module, units: list[tuple[str, nn.Module]]) -> None:
         """Activation checkpointing, compilation and sharding, in place, before the model has values
@@ -261,8 +261,8 @@ class MemoryReport:
     """Each process's MB of parameters (its shards under FSDP) and optimizer state, its peak
     resident memory (since the process started: at the end, before the model was built, and once it
     was built and loaded, before the pre-flight), the seconds building and loading took and, on a GPU,
-    its peak allocated GPU memory, from every rank. The gathered tensors are held for the life of this object, as in ReplicaChecksums (a
-    temporary freed by gloo's thread as the process group goes away deadlocks the rank)."""
+    its peak allocated GPU memory, from every rank. Its gathered tensors are held for the life of
+    this object, not temporaries: the gloo/GIL workaround (StopSignals, launcher/runtime/preemption.py)."""
 
     def __init__(self, device: torch.device, world_size: int):
         self.device, self.world_size = device, world_size

@@ -73,9 +73,7 @@ _LOCKSTEP_FLAGS: dict[str, torch.Tensor] = {}  # one per device, held for the li
 def in_lockstep(batches, filler: Any, accelerator):
     """(batch, counted) until every rank has run out: a rank that has, or whose batch has no readable
     sample, runs `filler`, uncounted. One all-reduce of a flag per batch. The flag outlives the
-    pass: a tensor whose last reference a gloo worker thread drops needs the GIL to be freed, and
-    torch before pytorch#154976 (2.7 included) holds the GIL while destroy_process_group joins that
-    thread, so both would wait forever (as in StopSignals and ReplicaChecksums)."""
+    pass: the gloo/GIL workaround (StopSignals, launcher/runtime/preemption.py)."""
     flag = _LOCKSTEP_FLAGS.setdefault(str(accelerator.device), torch.zeros(1, device=accelerator.device))
     batches = iter(batches)
     while True:
