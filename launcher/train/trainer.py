@@ -354,7 +354,7 @@ class Trainer:
         data = self.step_fn.prepare(batch.data, self.accelerator.device, self.cfg.channels_last)
         if self.mix is not None:
             data = type(data)(self.mix(*data))
-        self._trace(batch.keys)
+        self.run_log.trace(batch.keys)
         return data
 
     def _backward(self, loss: torch.Tensor) -> None:
@@ -397,14 +397,6 @@ class Trainer:
         self.model = self.parallel.after_unfreeze(self.model)  # DDP rebuilt
         self._train_mode()
         self.run_log.say(f"step {self.state.step}: training {', '.join(unfrozen)} from now on")
-
-    def _trace(self, keys) -> None:
-        if not self.cfg.trace_samples:
-            return
-        path = os.path.join(self.cfg.output_dir, "samples", f"rank{self.rank}.txt")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a") as f:
-            f.writelines(f"{self.state.epoch} {self.state.step} {key}\n" for key in keys)
 
     # ---- evaluation, data, signals --------------------------------------------------------------
 
