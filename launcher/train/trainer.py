@@ -258,7 +258,7 @@ class Trainer:
         self._train_mode()
         if self.position.epoch != self.state.epoch:
             self.position = Position(self.state.epoch)
-        done = self.position.batches // self.cfg.grad_accum_steps  # steps of this epoch before a resume
+        done = plan.batch.steps_in_micro_batches(self.position.batches)  # steps of this epoch before a resume
         steps = min(plan.steps_per_epoch - done, plan.total_steps - self.state.step)
         batches = iter(self.train_data.loader(self.state.epoch, self.position))
         window = LogWindow(self.accelerator.device)
