@@ -4,13 +4,19 @@ PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 DATA_DIR ?= data/digits
 # The venv's Python: a 3.12 or 3.13 where the machine has one (CPython before 3.11.10 can hang a
-# DataLoader worker as it forks; README, "Known problems"), else python3; `make PYTHON=...` overrides.
+# DataLoader worker as it forks: docs/known-problems.md#worker-hangs-at-fork), else python3;
+# `make PYTHON=...` overrides.
 PYTHON ?= $(shell sh scripts/find_python.sh)
 
 # A second venv with the oldest versions pyproject.toml allows (uv's lowest-direct resolution:
 # torch 2.7.0, torchvision 0.22.0, accelerate 1.1.0, wandb 0.19.5, numpy 1.26, ...):
 # `make test-lowest` keeps those lower bounds true.
 LOWEST ?= .venv-lowest
+
+# moto's S3 server, which the remote-shard tests read from, in a venv of its own: moto needs boto3,
+# and where boto3 is installed every `import accelerate` imports it (Accelerate's SageMaker config),
+# about a second more in each of the hundreds of processes the suite starts.
+MOTO ?= .venv-moto
 
 .PHONY: setup demo test test-fast test-lowest bench clean
 
@@ -50,11 +56,16 @@ demo: setup $(DATA_DIR)/.built
 PYTEST_WORKERS ?= 3
 PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile
 
-test: setup
+$(MOTO)/.installed: | setup
+	test -x $(MOTO)/bin/python || $(PYTHON) -m venv $(MOTO)
+	$(VENV)/bin/uv pip install --python $(MOTO)/bin/python -q 'moto[server]>=5.0'
+	touch $@
+
+test: setup $(MOTO)/.installed
 	$(PY) -m pytest $(PYTEST_PARALLEL)
 
 # The unit tier (tests/unit): no training run, no subprocess of the launcher; under 2 minutes.
-test-fast: setup
+test-fast: setup $(MOTO)/.installed
 	$(PY) -m pytest tests/unit
 
 $(LOWEST)/.installed: pyproject.toml | setup
@@ -67,7 +78,7 @@ $(LOWEST)/.installed: pyproject.toml | setup
 # accumulation, checkpoint and tracker code, wandb 0.19.5 offline and resume, ...). The rest of
 # the end-to-end tier exercises the launcher's own logic, which `make test` covers.
 # wandb 0.19.5 has no `wandb leet`; the tests read its runs back with .venv's newer CLI.
-test-lowest: $(LOWEST)/.installed
+test-lowest: $(LOWEST)/.installed $(MOTO)/.installed
 	LAUNCHER_TEST_WANDB=$(abspath $(VENV))/bin/wandb $(LOWEST)/bin/python -m pytest $(PYTEST_PARALLEL) -m "not e2e or lowest"
 
 bench: setup

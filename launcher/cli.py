@@ -59,17 +59,9 @@ with predict_sample(cfg, text); --inputs=FILE or - (stdin) give one per line.
 Before training (and in plan) one real batch of each split goes through collate, the model, the
 loss and the metrics: a recipe that would crash is one line naming the function that raised.
 
-Exit codes: 0 done; 2 bad input (one line on stderr); 1 stopped on a non-finite loss
-(--nonfinite=stop); 65 the data cannot be trained on (a share with no readable sample, more
-unreadable samples than --max_corrupt_fraction, samples that do not batch); 74 the disk filled
-up during a write (the file named; during a checkpoint, the earlier ones are intact); 75
-preempted by SIGUSR1/SIGTERM after saving a checkpoint (under Slurm a SIGUSR1 also requeues the
-job; elsewhere rerun with --resume=auto); 76 another process, a DataLoader worker or the
-launcher (`accelerate launch`, torchrun) ended (restart: torchrun's --max_restarts, or rerun with
---resume=auto); 124 no progress for --hang_timeout_s (every
-thread's stack in OUTPUT_DIR/hangs/); 130 interrupted by Ctrl-C (SIGINT) after saving a
-checkpoint at the end of the step (continue with --resume=auto); a second Ctrl-C stops at once,
-without one."""
+Ctrl-C checkpoints at the end of the step and stops (continue with --resume=auto); a second
+Ctrl-C stops at once. Exit codes: 0 done, 2 bad input (one line on stderr); every other code,
+and what the launcher does on each failure: docs/checkpoints.md#exit-codes."""
 
 
 def usage() -> str:

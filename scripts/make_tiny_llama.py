@@ -1,6 +1,6 @@
 """Write a small Llama as `save_pretrained` writes a downloaded one: config.json, generation
 config, model.safetensors and a tokenizer that AutoTokenizer loads offline. It stands in for a
-real checkpoint (`huggingface-cli download ...`) in the tests and the README.
+real checkpoint (`huggingface-cli download ...`) in the tests and docs/fine-tuning.md.
 
     python scripts/make_tiny_llama.py --out data/tiny_llama
     python -m launcher recipes/llm_finetune_tiny --model_dir=data/tiny_llama

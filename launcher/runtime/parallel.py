@@ -164,7 +164,8 @@ class Sharded(Parallel):
         super().__init__(cfg, accelerator)
         self.own_group = sharding.ensure_process_group(accelerator.device)
         self.checkpointer = sharding.ShardedCheckpointer(cfg.async_checkpoint)
-        self.summed = sharding.summed_gradients(accelerator.device)  # then divided here (docs/known-problems.md)
+        # gradients that gloo summed are divided here (docs/known-problems.md#fsdp-over-gloo-sums-gradients)
+        self.summed = sharding.summed_gradients(accelerator.device)
 
     def place(self, model: nn.Module, units: list[tuple[str, nn.Module]]) -> None:
         """Activation checkpointing, compilation and sharding, in place, before the model has values
@@ -261,8 +262,8 @@ class MemoryReport:
     """Each process's MB of parameters (its shards under FSDP) and optimizer state, its peak
     resident memory (since the process started: at the end, before the model was built, and once it
     was built and loaded, before the pre-flight), the seconds building and loading took and, on a GPU,
-    its peak allocated GPU memory, from every rank. Its gathered tensors are held for the life of
-    this object, not temporaries: the gloo/GIL workaround (StopSignals, launcher/runtime/preemption.py)."""
+    its peak allocated GPU memory, from every rank. The gathered tensors are held for the life of this object
+    (docs/known-problems.md#the-gil-at-shutdown)."""
 
     def __init__(self, device: torch.device, world_size: int):
         self.device, self.world_size = device, world_size

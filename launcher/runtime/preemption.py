@@ -71,12 +71,11 @@ class StopSignals:
         if world_size > 1 and dist.get_backend() != "gloo":
             self.group = dist.new_group(backend="gloo")  # CPU flag: no device sync per step
         self.world_size = world_size
-        # One flag for every all-reduce, held here for the life of this object. The gloo/GIL
-        # workaround, explained here once (every tensor a collective of the run's end touches is
-        # held so; the others point here): gloo's worker thread drops its reference to a finished
-        # collective's tensors a moment after wait() returns; a tensor whose last reference goes
-        # there needs the GIL to be freed, and torch 2.7 holds the GIL while destroy_process_group
-        # joins that thread (fixed in 2.8 by pytorch#154976): both wait forever.
+        # One flag for every all-reduce, held here for the life of this object. gloo's worker
+        # thread drops its reference to a finished all-reduce a moment after wait() returns; a
+        # tensor whose last reference goes there needs the GIL to free, and torch before
+        # pytorch#154976 (June 2025; 2.7 included) holds the GIL while destroy_process_group joins
+        # that thread: both wait forever (docs/known-problems.md#the-gil-at-shutdown).
         self.flag = torch.zeros(2, dtype=torch.int64)  # [signal, -(the step of a checkpoint written)]
         self.pending = None  # the all-reduce the previous call started
         self.all_ready = -1  # the step of the checkpoint every rank had finished writing, by the previous call

@@ -73,7 +73,7 @@ _LOCKSTEP_FLAGS: dict[str, torch.Tensor] = {}  # one per device, held for the li
 def in_lockstep(batches, filler: Any, accelerator):
     """(batch, counted) until every rank has run out: a rank that has, or whose batch has no readable
     sample, runs `filler`, uncounted. One all-reduce of a flag per batch. The flag outlives the
-    pass: the gloo/GIL workaround (StopSignals, launcher/runtime/preemption.py)."""
+    pass (docs/known-problems.md#the-gil-at-shutdown)."""
     flag = _LOCKSTEP_FLAGS.setdefault(str(accelerator.device), torch.zeros(1, device=accelerator.device))
     batches = iter(batches)
     while True:

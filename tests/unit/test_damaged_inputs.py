@@ -230,7 +230,7 @@ CASES: dict[str, tuple[Callable[[Path], str], Counted | Refused]] = {
     "labels out of range": (lambda d: str(written_shard(d, [0, 1, 2, 3, 7, 0, 1, 2]).parent),
                             Counted(6, 2, "class label 3 is outside the task's 3 classes")),
 }
-EXPECTED_CASES = 26  # the README's failure table cites this number
+EXPECTED_CASES = 26  # docs/checkpoints.md (Failures, damaged data) cites this number
 
 
 def outcome(source: str, num_classes: int | None = 3) -> tuple[Counted | Refused, list[str]]:
