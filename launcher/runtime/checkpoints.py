@@ -32,6 +32,7 @@ import os
 import shutil
 import signal
 import zlib
+from typing import Callable
 
 import xxhash
 from accelerate import Accelerator
@@ -93,10 +94,12 @@ def agreed_resume(accelerator: Accelerator, cfg, log=print) -> str | None:
     return value
 
 
-def find_resume(cfg, log=print) -> str | None:
-    """The checkpoint to resume from, or None; refuses to overwrite an earlier run by accident.
-    `auto` takes the newest checkpoint that matches its manifest, warning about any newer one
-    that does not; a given path that does not match is an error."""
+def find_resume(cfg, log=print, problem: Callable[[str], str | None] | None = None) -> str | None:
+    """What --resume resolves to (the one place that decides it): the checkpoint to resume from, or
+    None; refuses to overwrite an earlier run by accident. `auto` takes the newest checkpoint in which
+    `problem` finds nothing (default `verify`: every file matches its manifest), warning about any newer
+    one; a given path with a problem is an error."""
+    problem = problem or verify
     existing = checkpoint_dirs(cfg.output_dir)
     if cfg.resume == "":
         if existing or any(os.path.exists(os.path.join(cfg.output_dir, name))
@@ -106,18 +109,18 @@ def find_resume(cfg, log=print) -> str | None:
         return None
     if cfg.resume == "auto":
         for path in reversed(existing):
-            problem = verify(path)
-            if problem is None:
+            found = problem(path)
+            if found is None:
                 return path
-            log(f"WARNING: --resume=auto skips checkpoint {path}: {problem}")
+            log(f"WARNING: --resume=auto skips checkpoint {path}: {found}")
         log(f"--resume=auto: no {'intact ' if existing else ''}checkpoint in {cfg.output_dir}/checkpoints, starting fresh")
         return None
     if not os.path.isfile(os.path.join(cfg.resume, STATE_FILE)):
         raise ConfigError(f"--resume={cfg.resume} is not a complete checkpoint (no {STATE_FILE}); "
                           "pass a checkpoints/step-* directory or --resume=auto")
-    problem = verify(cfg.resume)
-    if problem is not None:
-        raise ConfigError(f"checkpoint {cfg.resume} is damaged ({problem}); resume from another checkpoint "
+    found = problem(cfg.resume)
+    if found is not None:
+        raise ConfigError(f"checkpoint {cfg.resume} is damaged ({found}); resume from another checkpoint "
                           "or with --resume=auto, which takes the newest intact one")
     return cfg.resume
 
@@ -166,7 +169,7 @@ def verify(path: str) -> str | None:
     written before manifests existed passes unchecked, if its trainer_state.json reads."""
     manifest_path = os.path.join(path, MANIFEST_FILE)
     if not os.path.isfile(manifest_path):
-        return _state_problem(path)
+        return state_problem(path)
     try:
         with open(manifest_path, "rb") as f:
             files = _manifest_files(json.load(f))
@@ -183,7 +186,7 @@ def verify(path: str) -> str | None:
     for (name, expected), kind, digest in zip(files.items(), kinds, _digests(path, list(files), kinds)):
         if digest != expected[kind]:
             return f"{name} does not match its checksum"
-    return _state_problem(path)
+    return state_problem(path)
 
 
 def _manifest_files(manifest) -> dict:
@@ -201,7 +204,7 @@ def _manifest_files(manifest) -> dict:
     return files
 
 
-def _state_problem(path: str) -> str | None:
+def state_problem(path: str) -> str | None:
     try:
         _read_state_json(path)
     except ConfigError as error:

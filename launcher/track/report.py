@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from launcher.config import ConfigError
+from launcher.global_batch import GlobalBatch
 
 
 ACCURACY_ENDINGS = ("top1", "top5", "accuracy", "acc")  # metrics shown as percentages
@@ -68,7 +69,7 @@ class Run:
         """What config.json alone does not say: processes, the global batch, the launcher that ran it."""
         world = self.environment.get("world_size")
         batch = self.config.get("batch_size")
-        global_batch = (batch * world * self.config.get("grad_accum_steps", 1)
+        global_batch = (GlobalBatch.of(self.config, world).samples
                         if isinstance(world, int) and isinstance(batch, int) else "-")
         return {"world_size": world if world is not None else "-", "global_batch": global_batch,
                 "launcher version": (self.environment.get("versions") or {}).get("launcher") or "-",

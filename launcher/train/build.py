@@ -57,7 +57,7 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
     loader_args = dict(rank=rank, world=world, seed=cfg.seed, num_workers=cfg.num_workers,
                        batch_transform=data.batch_transform, pin_memory=cfg.pin_memory,
                        prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers,
-                       decode_on_device=cfg.data_on_gpu, collate_fn=data.collate, device=device)
+                       data_on_gpu=cfg.data_on_gpu, collate_fn=data.collate, device=device)
     train_data = SplitLoader(data.train, batch_size=cfg.batch_size, training=True,
                              grad_accum_steps=cfg.grad_accum_steps,
                              train_samples=data.train_samples, max_steps=cfg.max_steps, **loader_args)

@@ -21,6 +21,7 @@ from launcher.data.iterable import is_iterable
 from launcher.data.loader import SplitLoader
 from launcher.data.remote import is_remote
 from launcher.data.spec import Synthetic
+from launcher.global_batch import GlobalBatch
 from launcher.optim.groups import ParamGroup
 from launcher.runtime import checkpoints
 from launcher.runtime.parallel import memory_per_rank, optimizer_slots
@@ -30,9 +31,7 @@ from launcher.train.metrics import is_accuracy
 
 @dataclass
 class Plan:
-    world_size: int
-    batch_size: int  # per device, per micro-batch
-    grad_accum_steps: int
+    batch: GlobalBatch  # per device x processes x accumulation
     train_samples: int
     val_samples: int
     steps_per_epoch: int  # optimizer steps
@@ -49,26 +48,23 @@ class Plan:
 
     @property
     def global_batch(self) -> int:
-        return self.batch_size * self.world_size * self.grad_accum_steps
+        return self.batch.samples
 
     @property
     def micro_batches_per_epoch(self) -> int:  # per rank
-        return self.steps_per_epoch * self.grad_accum_steps
+        return self.batch.micro_batches_in_steps(self.steps_per_epoch)
 
 
 def make_plan(cfg: TrainConfig, train: SplitLoader, val: SplitLoader | None, world_size: int) -> Plan:
-    global_batch = cfg.batch_size * world_size * cfg.grad_accum_steps
-    steps_per_epoch = train.batches_per_epoch // cfg.grad_accum_steps  # the loader's whole optimizer steps
+    batch = GlobalBatch.of(cfg, world_size)
+    steps_per_epoch = batch.steps_in_micro_batches(train.batches_per_epoch)  # the loader's whole optimizer steps
     if steps_per_epoch == 0:
-        raise ConfigError(
-            f"the training split has {train.total} samples, fewer than one optimizer step takes "
-            f"({cfg.batch_size} per device x {world_size} processes x {cfg.grad_accum_steps} "
-            f"accumulation = {global_batch}); lower --batch_size or --grad_accum_steps")
+        raise ConfigError(f"the training split has {train.total} samples, fewer than one optimizer step takes "
+                          f"({batch}); lower --batch_size or --grad_accum_steps")
     schedule_steps = steps_per_epoch * cfg.epochs
     total = min(schedule_steps, cfg.max_steps) if cfg.max_steps else schedule_steps
     report = data_report(train, "training") + (data_report(val, "validation") if val else [])
-    return Plan(world_size=world_size, batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps,
-                train_samples=train.total, val_samples=val.total if val else 0,
+    return Plan(batch=batch, train_samples=train.total, val_samples=val.total if val else 0,
                 steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, schedule_steps=schedule_steps,
                 total_steps=total,
                 train_shards=len(train.index.urls) if train.index else None,
@@ -177,15 +173,14 @@ def format_config(cfg: TrainConfig) -> str:
 
 
 def format_plan(cfg: TrainConfig, plan: Plan, groups: list[ParamGroup], recipe_name: str) -> str:
-    dropped = plan.train_samples - plan.steps_per_epoch * plan.global_batch
+    dropped = plan.train_samples - plan.batch.samples_in_steps(plan.steps_per_epoch)
     lines = [
         f"recipe {recipe_name}",
         "config:",
         format_config(cfg),
         "plan:",
-        f"  world size            {plan.world_size} process(es)",
-        f"  batch                 {plan.batch_size} per device x {plan.world_size} processes x "
-        f"{plan.grad_accum_steps} accumulation = {plan.global_batch} global",
+        f"  world size            {plan.batch.world_size} process(es)",
+        f"  batch                 {plan.batch} global",
         f"  training samples      {plan.train_samples}"
         + (f" in {plan.train_shards} shards" if plan.train_shards else f" ({dropped} left over per epoch)"),
         f"  validation samples    {plan.val_samples}"

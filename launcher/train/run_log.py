@@ -1,10 +1,12 @@
 """The run's log: what a run tells while it trains, to metrics.jsonl, the trackers (wandb,
 TensorBoard: launcher/track/trackers.py) and the progress bar or lines (launcher/track/progress.py).
-Every rank calls its methods alike (the training record is all-reduced); only the main process writes.
+Every rank calls its methods alike (the training record is all-reduced); only the main process writes,
+but for --trace_samples' file of each rank.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -112,6 +114,15 @@ class RunLog:
                       f"batches of {self.cfg.batch_size} per rank: {dropped} dropped, {repeated} repeated, "
                       f"{corrupt} unreadable, {unreachable} unreachable")
 
+    def trace(self, keys: list) -> None:
+        """--trace_samples: this rank's training sample keys, `epoch step key` lines, in OUTPUT_DIR/samples/."""
+        if not self.cfg.trace_samples:
+            return
+        path = os.path.join(self.cfg.output_dir, "samples", f"rank{self.accelerator.process_index}.txt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as f:
+            f.writelines(f"{self.state.epoch} {self.state.step} {key}\n" for key in keys)
+
     def evaluation(self, evaluation, class_names: list[str], ema: bool) -> None:
         """An evaluation's metrics, and on the main process its confusion matrix (confusion.json,
         wandb), example images (wandb) and one line."""
@@ -145,4 +156,4 @@ class RunLog:
     def close(self) -> None:
         """Before the run stops for a signal: the bar closed, the trackers' files complete."""
         self.progress.close()
-        self.tracker.finish(self.state.summary(self.plan.global_batch))
+        self.tracker.finish(self.state.summary(self.plan.batch))

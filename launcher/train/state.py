@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from launcher.global_batch import GlobalBatch
+
 
 @dataclass
 class RunState:
@@ -43,9 +45,9 @@ class RunState:
                 setattr(self, f.name, state.get(f.name, getattr(defaults, f.name)))
         self.started = time.perf_counter()
 
-    def summary(self, global_batch: int) -> dict:
+    def summary(self, batch: GlobalBatch) -> dict:
         """What the run's end (or a preemption) reports: to the trackers' summary and summary.json."""
-        summary = {"steps": self.step, "samples_seen": self.step * global_batch,
+        summary = {"steps": self.step, "samples_seen": batch.samples_in_steps(self.step),
                    "total_time_s": round(self.elapsed(), 1), "unreadable_skipped": self.unreadable_total,
                    "skipped_steps": self.skipped_steps}
         if self.stopped_early:

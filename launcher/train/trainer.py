@@ -162,7 +162,7 @@ class Trainer:
         last_checkpoint = lambda: (checkpoints.checkpoint_dirs(cfg.output_dir) or [None])[-1]  # noqa: E731
         self.guard = NonFiniteGuard(cfg.nonfinite, acc.mixed_precision == "fp16", state, last_checkpoint,
                                     acc.is_main_process, lambda: global_norm(self.parameters))
-        self.data_health = DataHealth(cfg.output_dir, self.rank, cfg.max_corrupt_fraction, gather_object)
+        self.data_health = DataHealth(cfg.output_dir, self.rank, cfg.max_corrupt_fraction, gather_object, state)
         self.run_log = RunLog(cfg, acc, self.plan, state)
         self.signals = StopSignals(self.world, before_exit=lambda: self.lock is not None and self.lock.release(),
                                    says=acc.is_main_process)
@@ -258,7 +258,7 @@ class Trainer:
         self._train_mode()
         if self.position.epoch != self.state.epoch:
             self.position = Position(self.state.epoch)
-        done = self.position.batches // self.cfg.grad_accum_steps  # steps of this epoch before a resume
+        done = plan.batch.steps_in_micro_batches(self.position.batches)  # steps of this epoch before a resume
         steps = min(plan.steps_per_epoch - done, plan.total_steps - self.state.step)
         batches = iter(self.train_data.loader(self.state.epoch, self.position))
         window = LogWindow(self.accelerator.device)
@@ -317,7 +317,7 @@ class Trainer:
             self.guard.check(self.state.step)
             corrupt = self.run_log.training(window, lrs, self.optimizer.param_groups[0]["lr"],
                                             float(sum(self.position.corrupt.values())), self.throughput)
-            self.data_health.check(corrupt, self.plan.train_samples, "train", self.state.epoch, self.position.corrupt)
+            self.data_health.check(corrupt, self.plan.train_samples, "train", self.position.corrupt)  # so far
         else:
             self.run_log.record(lrs, flush=False)
         at_epoch_end = self.position.batches == self.plan.micro_batches_per_epoch
@@ -347,14 +347,14 @@ class Trainer:
         """A training batch on the device, mixed (--mixup_alpha, --cutmix_alpha), its position and
         unreadable samples noted."""
         self.position.advance(batch)
-        self.data_health.note(batch.errors, "train", self.state.epoch, self.state.step)
+        self.data_health.note(batch.errors, "train")
         if batch.data is None:  # every sample of it was unreadable
             raise DataError(f"rank {self.rank}: a training batch with no readable sample ({len(batch.errors)} "
                             "unreadable); check the shards and the split's decode")
         data = self.step_fn.prepare(batch.data, self.accelerator.device, self.cfg.channels_last)
         if self.mix is not None:
             data = type(data)(self.mix(*data))
-        self._trace(batch.keys)
+        self.run_log.trace(batch.keys)
         return data
 
     def _backward(self, loss: torch.Tensor) -> None:
@@ -398,14 +398,6 @@ class Trainer:
         self._train_mode()
         self.run_log.say(f"step {self.state.step}: training {', '.join(unfrozen)} from now on")
 
-    def _trace(self, keys) -> None:
-        if not self.cfg.trace_samples:
-            return
-        path = os.path.join(self.cfg.output_dir, "samples", f"rank{self.rank}.txt")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a") as f:
-            f.writelines(f"{self.state.epoch} {self.state.step} {key}\n" for key in keys)
-
     # ---- evaluation, data, signals --------------------------------------------------------------
 
     def evaluate(self, counted: bool = True) -> bool:
@@ -447,8 +439,7 @@ class Trainer:
         """Samples dropped or repeated to give every rank the same batches, and unreadable ones."""
         repeated, corrupt, unreachable = self.run_log.summed(self.position.repeated, sum(self.position.corrupt.values()),
                                                              sum(self.position.unreachable.values()))
-        self.state.unreadable_total += corrupt
-        self.data_health.check(corrupt, self.plan.train_samples, "train", self.state.epoch, self.position.corrupt)
+        self.data_health.end_of_pass(corrupt, self.plan.train_samples, "train", self.position.corrupt)
         self.run_log.epoch_data(self.train_data.planned_dropped(self.state.epoch), repeated, corrupt, unreachable)
 
     def _check_signals(self, now: bool = False) -> None:
@@ -477,7 +468,7 @@ class Trainer:
             cfg.final_weights, lambda path: self.parallel.load_checkpoint_weights(self.model, path))
         exported = self.parallel.export(self.model, self.ema, self.hf)  # model.safetensors or shards, the EMA's, hf/
         self.peft.export(acc.unwrap_model(self.model), cfg.output_dir, cfg.export_merged)  # OUTPUT_DIR/adapter/, hf/
-        summary = {**self.state.summary(self.plan.global_batch), **final, **exported,
+        summary = {**self.state.summary(self.plan.batch), **final, **exported,
                    "memory_per_process": self.parallel.memory(self.model, self.optimizer)}
         checksums = self.parallel.replica_checksums(self.model)  # FSDP: none, each rank holds other shards
         if checksums is not None:

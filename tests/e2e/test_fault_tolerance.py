@@ -107,7 +107,7 @@ def test_sigkill_at_any_step_then_resume_auto_is_bitwise_identical(digits, tmp_p
     assert same_weights(out, uninterrupted[processes])
 
 
-# lowest: gloo shutdown (it deadlocked in torch 2.4)
+# lowest: gloo shutdown (docs/known-problems.md#the-gil-at-shutdown: torch up to 2.7)
 @pytest.mark.parametrize("signum", [pytest.param(signal.SIGUSR1, marks=pytest.mark.lowest), signal.SIGTERM])
 def test_a_signal_to_one_rank_checkpoints_every_rank_at_the_same_step_and_exits_75(digits, tmp_path, uninterrupted,
                                                                                     signum):

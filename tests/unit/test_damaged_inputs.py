@@ -29,6 +29,7 @@ from launcher.data.spec import Shards
 from launcher.data.tar_reader import tar_files
 from launcher.data.writer import write_shards
 from launcher.train.guards import DataHealth
+from launcher.train.state import RunState
 
 SAMPLES = 8  # per shard: keys s0000..s0007, one PNG and one cls each
 SHARD = "shard-000000.tar"
@@ -280,9 +281,9 @@ def test_a_name_that_is_not_utf8_is_read_seeded_and_printed(tmp_path, capsys):
     assert sorted(key for batch in batches for key in batch.keys) == sorted(
         f"s{i:04d}" if i != 2 else "s\udcff002" for i in range(SAMPLES))
     assert not [error for batch in batches for error in batch.errors]
-    health = DataHealth(str(tmp_path / "run"), 0, 0.5, lambda counts: counts)
+    health = DataHealth(str(tmp_path / "run"), 0, 0.5, lambda counts: counts, RunState())
     error = {"shard": str(path), "key": "s\udcff002", "reason": "ValueError: s\udcff002", "samples": 1}
-    health.note([error], "train", 0, 0)
+    health.note([error], "train")
     assert "skipped unreadable sample s\\udcff002 in" in capsys.readouterr().out  # escaped: stdout is strict UTF-8
     assert json.loads((tmp_path / "run" / "data_errors" / "rank0.jsonl").read_text())["key"] == "s\udcff002"
 

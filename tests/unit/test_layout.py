@@ -13,7 +13,7 @@ from conftest import ROOT
 PACKAGE = ROOT / "launcher"
 # Each part may import only from parts of a lower layer (and from itself).
 # presets sits on data: its transforms decode shard JPEGs at their crop's scale (data/scaled_decode.py).
-LAYERS = [{"config"}, {"durable"}, {"data", "optim", "track"}, {"presets"}, {"recipe", "runtime"}, {"train"},
+LAYERS = [{"config", "global_batch"}, {"durable"}, {"data", "optim", "track"}, {"presets"}, {"recipe", "runtime"}, {"train"},
           {"commands"}, {"cli", "__init__"}, {"__main__"}]
 
 
