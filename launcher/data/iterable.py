@@ -21,17 +21,25 @@ samples are counted as repeated), so no rank waits in an all-reduce for one that
 with no item at all is a DataError. Validation reads each reader's slice once, all of it.
 
 Resume. A batch carries its reader's place ([batches, pass, items read in the pass]) as a shard
-batch does (launcher/data/layout.py, `Position`); a run resumed mid-epoch reads each slice again
-from the epoch's start and drops the items read before the checkpoint, undecoded by the loader.
-That is exact for a dataset that yields the same items in the same order for the same epoch (a
-file reader, a seeded shuffle such as HF's); its cost is the re-reading. A Hugging Face dataset's
-own `state_dict` is not used: under DataLoader workers it lives in each worker's copy (HF points
-to torchdata's StatefulDataLoader, which this launcher does not use).
+batch does (launcher/data/layout.py, `Position`). A Hugging Face IterableDataset (datasets >= 2.18)
+resumes through its own `state_dict`, as torchdata's StatefulDataLoader does it: each worker's copy
+has its own state, so a training batch also carries its worker's state right after it, the main
+process keeps per worker the state of the last batch it consumed, and the checkpoint stores those
+(as JSON, in rank-N.json); on resume each worker loads its state and reads on from there, the
+consumed items unread (HF skips whole shards, and within one passes over the arrow rows without
+map()). HF's own limits hold: a `.shuffle(buffer_size=...)` buffer is refilled, so the items in it
+at the checkpoint are not seen that epoch. Any other iterable, a state JSON cannot hold, or a
+checkpoint without states (either kind of checkpoint is read by either kind of dataset) resumes by
+reading each slice again from the epoch's start and dropping the items read before the checkpoint,
+undecoded by the loader: exact for a dataset that yields the same items in the same order for the
+same epoch (a file reader, a seeded shuffle such as HF's), at the cost of the re-reading. The line
+a resume prints says which, and why (`resume_note`).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 from typing import Any, Iterator
 
 import torch
@@ -98,16 +106,19 @@ class IterableStream(IterableDataset):
         done, first_pass, skip = start.workers.get(worker, [0, 0, 0])
         if quota is not None and done >= quota:
             return
+        saved = start.states.get(worker) if self.training and has_state(self.source) else None
         batch = BatchBuilder(worker, self.batch_size, None, self.collate_fn)
         for repeat in itertools.count(first_pass) if quota is not None else range(1):
-            read = 0
-            for read, (key, item) in enumerate(self._items(epoch, worker), start=1):
-                if (repeat, read) <= (first_pass, skip):  # read before the checkpoint
+            resumed = saved if repeat == first_pass else None  # the dataset continues after its last consumed batch
+            reader = SliceReader(self, epoch, worker, resumed, skip if resumed else 0)
+            read = reader.first
+            for read, (key, item) in enumerate(reader, start=reader.first + 1):
+                if resumed is None and (repeat, read) <= (first_pass, skip):  # read before the checkpoint
                     continue
                 batch.add(item, key, repeated=repeat > 0)
                 if batch.count == self.batch_size:
                     done += 1
-                    yield batch.emit(done, [repeat, read])
+                    yield batch.emit(done, [repeat, read], reader.state() if self.training else None)
                     if done == quota:
                         return
             if quota is not None and read == 0:
@@ -117,23 +128,69 @@ class IterableStream(IterableDataset):
         if batch.count:  # validation: the last, partial batch
             yield batch.emit(done, [0, 0])
 
-    def _items(self, epoch: int, worker: int) -> Iterator[tuple[str, Any]]:
-        """(key, item) of this reader's slice, from the epoch's start."""
-        if is_hugging_face(self.source):
+
+def has_state(source: Any) -> bool:
+    """Whether `source` resumes through its own `state_dict` (a Hugging Face IterableDataset, datasets >= 2.18)."""
+    return is_hugging_face(source) and hasattr(source, "state_dict") and hasattr(source, "load_state_dict")
+
+
+class SliceReader:
+    """(key, item) of one reader's slice of the stream for one epoch: from the start, or (`resumed`,
+    a Hugging Face state_dict) after the slice's item number `first`, without reading again what
+    came before it. `state()` is the dataset's state after the last item read: None for a dataset
+    without one, or for one that JSON cannot hold (a checkpoint stores it as JSON; nothing is unpickled)."""
+
+    def __init__(self, stream: IterableStream, epoch: int, worker: int, resumed: dict | None, first: int):
+        self.first, self.rank_items = first, None
+        if is_hugging_face(stream.source):
             from datasets.distributed import split_dataset_by_node
 
-            rank_items = split_dataset_by_node(self.source, rank=self.rank, world_size=self.world)
-            rank_items.set_epoch(epoch)
-            # `iter(batch_size=1)`, not `iter(dataset)`: in a DataLoader worker the latter splits by
-            # worker itself, by whole shards (a worker past the shard count gets nothing)
-            examples = ({name: values[0] for name, values in one.items()} for one in rank_items.iter(batch_size=1))
-            mine = itertools.islice(examples, worker, None, self.workers)
-            return ((f"{self.rank}/{worker + self.workers * n}", item) for n, item in enumerate(mine))
-        if hasattr(self.source, "set_epoch"):
-            self.source.set_epoch(epoch)
-        first, readers = self.rank + self.world * worker, self.world * self.workers  # rank r's items, worker w's of those
-        return ((str(first + readers * n), item)
-                for n, item in enumerate(itertools.islice(self.source, first, None, readers)))
+            self.rank_items = split_dataset_by_node(stream.source, rank=stream.rank, world_size=stream.world)
+            self.rank_items.set_epoch(epoch)
+            if resumed is not None:
+                self.rank_items.load_state_dict(resumed)
+            self.items = self._hugging_face_items(stream, worker, resumed is not None)
+        else:
+            if hasattr(stream.source, "set_epoch"):
+                stream.source.set_epoch(epoch)
+            # rank r's items, and worker w's of those
+            first_item, readers = stream.rank + stream.world * worker, stream.world * stream.workers
+            self.items = ((str(first_item + readers * n), item)
+                          for n, item in enumerate(itertools.islice(stream.source, first_item, None, readers)))
+
+    def _hugging_face_items(self, stream: IterableStream, worker: int, resumed: bool) -> Iterator[tuple[str, Any]]:
+        readers = stream.workers
+        # `iter(batch_size=1)`, not `iter(dataset)`: in a DataLoader worker the latter splits by
+        # worker itself, by whole shards (a worker past the shard count gets nothing)
+        examples = ({name: values[0] for name, values in one.items()} for one in self.rank_items.iter(batch_size=1))
+        # resumed right after this worker's last item: the other workers' next items come first
+        mine = itertools.islice(examples, readers - 1 if resumed else worker, None, readers)
+        return ((f"{stream.rank}/{worker + readers * n}", item) for n, item in enumerate(mine, start=self.first))
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        return self.items
+
+    def state(self) -> dict | None:
+        if self.rank_items is None or not hasattr(self.rank_items, "state_dict"):
+            return None
+        state = self.rank_items.state_dict()
+        try:
+            json.dumps(state)
+        except (TypeError, ValueError):
+            return None  # a resume reads the slice again (`resume_note` says so)
+        return state
+
+
+def resume_note(source: Any, start: Position) -> str:
+    """The line a mid-epoch resume prints: how each reader finds its place, and why."""
+    name = f"the {type(source).__name__} {start.batches} batches into epoch {start.epoch}"
+    if has_state(source) and start.states:
+        return (f"resuming {name} through its state_dict: each reader continues after the last batch "
+                "the run consumed from it")
+    why = ("the checkpoint holds no dataset state (written without one, or it was not JSON)" if has_state(source)
+           else "it has no state_dict")
+    return (f"resuming {name}: {why}, so each reader reads its slice again from the epoch's start and drops "
+            "what it had read (exact if the dataset gives the same items in the same order each time)")
 
 
 def first_items(source: Any, count: int) -> list:
