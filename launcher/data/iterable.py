@@ -25,15 +25,16 @@ batch does (launcher/data/layout.py, `Position`). A Hugging Face IterableDataset
 resumes through its own `state_dict`, as torchdata's StatefulDataLoader does it: each worker's copy
 has its own state, so a training batch also carries its worker's state right after it, the main
 process keeps per worker the state of the last batch it consumed, and the checkpoint stores those
-(as JSON, in rank-N.json); on resume each worker loads its state and reads on from there, the
-consumed items unread (HF skips whole shards, and within one passes over the arrow rows without
-map()). HF's own limits hold: a `.shuffle(buffer_size=...)` buffer is refilled, so the items in it
-at the checkpoint are not seen that epoch. Any other iterable, a state JSON cannot hold, or a
-checkpoint without states (either kind of checkpoint is read by either kind of dataset) resumes by
-reading each slice again from the epoch's start and dropping the items read before the checkpoint,
-undecoded by the loader: exact for a dataset that yields the same items in the same order for the
-same epoch (a file reader, a seeded shuffle such as HF's), at the cost of the re-reading. The line
-a resume prints says which, and why (`resume_note`).
+(as JSON, in rank-N.json); on resume each worker loads its state and reads on from there: the
+consumed items do not go through the dataset's pipeline again (HF skips whole shards, and within
+one drops the rows before its place ahead of any map()). A dataset with a
+`.shuffle(buffer_size=...)` does not: its state does not hold the buffer (`why_no_state`). Such a
+dataset, any other iterable, a state JSON cannot hold, or a checkpoint without states (either kind
+of checkpoint is read by either kind of dataset) resumes by reading each slice again from the
+epoch's start and dropping the items read before the checkpoint, undecoded by the loader: exact for
+a dataset that yields the same items in the same order for the same epoch (a file reader, a seeded
+shuffle such as HF's), at the cost of the re-reading. The line a resume prints says which, and why
+(`resume_note`).
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ class IterableStream(IterableDataset):
         done, first_pass, skip = start.workers.get(worker, [0, 0, 0])
         if quota is not None and done >= quota:
             return
-        saved = start.states.get(worker) if self.training and has_state(self.source) else None
+        stateful = self.training and has_state(self.source)  # its batches carry its state, for a checkpoint
+        saved = start.states.get(worker) if stateful else None
         batch = BatchBuilder(worker, self.batch_size, None, self.collate_fn)
         for repeat in itertools.count(first_pass) if quota is not None else range(1):
             resumed = saved if repeat == first_pass else None  # the dataset continues after its last consumed batch
@@ -118,7 +120,7 @@ class IterableStream(IterableDataset):
                 batch.add(item, key, repeated=repeat > 0)
                 if batch.count == self.batch_size:
                     done += 1
-                    yield batch.emit(done, [repeat, read], reader.state() if self.training else None)
+                    yield batch.emit(done, [repeat, read], reader.state() if stateful else None)
                     if done == quota:
                         return
             if quota is not None and read == 0:
@@ -130,8 +132,28 @@ class IterableStream(IterableDataset):
 
 
 def has_state(source: Any) -> bool:
-    """Whether `source` resumes through its own `state_dict` (a Hugging Face IterableDataset, datasets >= 2.18)."""
-    return is_hugging_face(source) and hasattr(source, "state_dict") and hasattr(source, "load_state_dict")
+    """Whether `source` resumes through its own `state_dict` (a Hugging Face IterableDataset)."""
+    return is_hugging_face(source) and why_no_state(source) is None
+
+
+def why_no_state(source: Any) -> str | None:
+    """Why a Hugging Face IterableDataset cannot resume through its state_dict, or None if it can."""
+    if not hasattr(source, "load_state_dict"):
+        return "this datasets version has no state_dict (it came in 2.18)"
+    # A `.shuffle(buffer_size=...)`: its state does not hold the buffer, so each worker would refill
+    # its own at a different place and the workers' slices, cut from one shuffled order, would
+    # overlap (items twice in the epoch, others never). Found in the datasets' chain of example
+    # iterables (private: a chain that cannot be walked counts as shuffled, the exact way).
+    pending = [getattr(source, "_ex_iterable", None)]
+    if pending[0] is None:
+        return "its shuffle cannot be seen (this datasets version's example iterables are unknown)"
+    while pending:
+        node = pending.pop()
+        if type(node).__name__ == "BufferShuffledExamplesIterable":
+            return "it shuffles through a buffer (.shuffle(buffer_size=...)), which its state does not hold"
+        inner = (getattr(node, "ex_iterable", None), *getattr(node, "ex_iterables", ()))
+        pending += [n for n in inner if n is not None]
+    return None
 
 
 class SliceReader:
@@ -142,6 +164,7 @@ class SliceReader:
 
     def __init__(self, stream: IterableStream, epoch: int, worker: int, resumed: dict | None, first: int):
         self.first, self.rank_items = first, None
+        self.resumable: bool | None = None  # whether its state can go into a checkpoint (`state`)
         if is_hugging_face(stream.source):
             from datasets.distributed import split_dataset_by_node
 
@@ -174,11 +197,12 @@ class SliceReader:
         if self.rank_items is None or not hasattr(self.rank_items, "state_dict"):
             return None
         state = self.rank_items.state_dict()
-        try:
-            json.dumps(state)
-        except (TypeError, ValueError):
-            return None  # a resume reads the slice again (`resume_note` says so)
-        return state
+        if self.resumable is None:  # its structure is the same after every item: checked once
+            try:
+                self.resumable = bool(json.dumps(state))
+            except (TypeError, ValueError):
+                self.resumable = False
+        return state if self.resumable else None  # None: a resume reads the slice again (`resume_note`)
 
 
 def resume_note(source: Any, start: Position) -> str:
@@ -187,8 +211,10 @@ def resume_note(source: Any, start: Position) -> str:
     if has_state(source) and start.states:
         return (f"resuming {name} through its state_dict: each reader continues after the last batch "
                 "the run consumed from it")
-    why = ("the checkpoint holds no dataset state (written without one, or it was not JSON)" if has_state(source)
-           else "it has no state_dict")
+    if not is_hugging_face(source):
+        why = "it has no state_dict"
+    else:
+        why = why_no_state(source) or "the checkpoint holds no dataset state (written without one, or it was not JSON)"
     return (f"resuming {name}: {why}, so each reader reads its slice again from the epoch's start and drops "
             "what it had read (exact if the dataset gives the same items in the same order each time)")
 

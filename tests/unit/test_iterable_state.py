@@ -1,8 +1,8 @@
 """A Hugging Face streaming dataset resumed through its own state_dict (launcher/data/iterable.py):
 each DataLoader worker continues after the last batch the run consumed from it, without reading the
-consumed samples again; a checkpoint with and one without dataset states are each read by the
-other kind of dataset, by reading the slice again. Real datasets from local JSON files, read
-through real SplitLoaders with 2 DataLoader worker processes."""
+consumed samples again; one shuffled through a buffer is read again, exactly; a checkpoint with and
+one without dataset states are each read by the other kind of dataset, by reading the slice again.
+Real datasets from local JSON files, read through real SplitLoaders with 2 DataLoader worker processes."""
 
 from __future__ import annotations
 
@@ -97,6 +97,18 @@ def test_a_resume_continues_each_worker_from_its_state_without_reading_the_consu
     assert "reads its slice again" in resume_note(split.source, position)
     assert values(split.loader(0, position)) == values(batches[CONSUMED:])
     assert consumed <= set(reads(log))
+
+
+def test_a_stream_shuffled_through_a_buffer_resumes_by_reading_again_exactly(json_files):
+    """Its state does not hold the buffer: workers refilling theirs at their own places would overlap."""
+    split = loader(stream(json_files).shuffle(seed=1, buffer_size=4), world=1, samples=40)
+    batches = list(split.loader(0))
+    position = checkpoint(batches)
+    assert not position.states and "it shuffles through a buffer" in resume_note(split.source, position)
+    rest = values(split.loader(0, position))
+    assert rest == values(batches[CONSUMED:])
+    seen = [v for batch in values(batches[:CONSUMED]) + rest for v in batch]
+    assert len(seen) == len(set(seen)) == 40  # each item once in the epoch
 
 
 def test_checkpoints_with_and_without_dataset_states_are_each_read_by_the_other_kind(json_files):
