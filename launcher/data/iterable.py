@@ -205,6 +205,38 @@ class SliceReader:
         return state if self.resumable else None  # None: a resume reads the slice again (`resume_note`)
 
 
+def check_states_fit(source: Any, start: Position, rank: int, world: int) -> None:
+    """A checkpoint's dataset states against this dataset's own: a DataError, before any worker
+    starts, if they come from another pipeline (another map(), other files), which the dataset
+    would fail to load (a KeyError deep in a worker) or load into the wrong steps."""
+    if not (start.states and has_state(source)):
+        return
+    from datasets.distributed import split_dataset_by_node
+
+    rank_items = split_dataset_by_node(source, rank=rank, world_size=world)
+    rank_items.set_epoch(start.epoch)
+    prepare = getattr(rank_items, "_prepare_ex_iterable_for_iteration", None)  # private: builds, reads nothing
+    if prepare is None:
+        return  # an unknown datasets version: the dataset's own load_state_dict is the check
+    prepare(batch_size=1)
+    expected = pipeline_steps(rank_items.state_dict())
+    for worker, state in sorted(start.states.items()):
+        if pipeline_steps(state) != expected:
+            raise DataError(f"the checkpoint's state of the training {type(source).__name__} (worker {worker}: "
+                            f"{' > '.join(pipeline_steps(state))}) does not fit this dataset's "
+                            f"({' > '.join(expected)}): resume with the dataset the checkpoint was written with, "
+                            "or from a checkpoint at an epoch's end")
+
+
+def pipeline_steps(state: Any) -> list:
+    """The types of a Hugging Face state's chain of example iterables, outermost first, and its epoch."""
+    steps = [f"epoch {state.get('epoch')}"] if isinstance(state, dict) else []
+    while isinstance(state, dict):
+        steps += [state["type"]] if "type" in state else []
+        state = state.get("examples_iterable")
+    return steps
+
+
 def resume_note(source: Any, start: Position) -> str:
     """The line a mid-epoch resume prints: how each reader finds its place, and why."""
     name = f"the {type(source).__name__} {start.batches} batches into epoch {start.epoch}"

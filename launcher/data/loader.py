@@ -46,7 +46,8 @@ from launcher.config import ConfigError, DataError
 from launcher.data.batch import Batch, Collate, collate
 from launcher.data.device_decode import decode_batch
 from launcher.data.index import read_index
-from launcher.data.iterable import IterableStream, epoch_samples, first_items, is_iterable, resume_note
+from launcher.data.iterable import (IterableStream, check_states_fit, epoch_samples, first_items, is_iterable,
+                                    resume_note)
 from launcher.data.layout import EpochLayout, EpochLayouts, Position, derive_seed
 from launcher.data.spec import Shards, Synthetic
 from launcher.data.stream import ShardStream, check_label, error_reason, kept_rngs, seed_augmentation
@@ -320,8 +321,10 @@ class SplitLoader:
         start = start if start is not None and start.epoch == epoch else Position(epoch)
         if isinstance(self.source, Synthetic):
             return self._synthetic(start)
-        if start.batches and is_iterable(self.source) and self.rank == 0:
-            print(resume_note(self.source, start), flush=True)
+        if start.batches and is_iterable(self.source):
+            check_states_fit(self.source, start, self.rank, self.world)
+            if self.rank == 0:
+                print(resume_note(self.source, start), flush=True)
         if not self.persistent_workers or start.batches:
             loader = self._data_loader(epoch, start)
         else:

@@ -1,7 +1,8 @@
 """A Hugging Face streaming dataset resumed through its own state_dict (launcher/data/iterable.py):
 each DataLoader worker continues after the last batch the run consumed from it, without reading the
 consumed samples again; one shuffled through a buffer is read again, exactly; a checkpoint with and
-one without dataset states are each read by the other kind of dataset, by reading the slice again.
+one without dataset states are each read by the other kind of dataset, by reading the slice again;
+a state from another pipeline is refused in one line.
 Real datasets from local JSON files, read through real SplitLoaders with 2 DataLoader worker processes."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 import torch
 from torch.utils.data import IterableDataset
 
+from launcher.config import DataError
 from launcher.data.iterable import resume_note
 from launcher.data.layout import Position
 from launcher.data.loader import SplitLoader
@@ -91,6 +93,10 @@ def test_a_resume_continues_each_worker_from_its_state_without_reading_the_consu
     assert values(split.loader(0, position)) == values(batches[CONSUMED:])
     # A worker resumes after its own last item: it passes over at most the other worker's last one.
     assert len(consumed & set(reads(log))) <= WORKERS - 1
+
+    other_pipeline = loader(stream(json_files), world=2, samples=44)  # the same files, no map()
+    with pytest.raises(DataError, match=r"MappedExamplesIterable.*does not fit this dataset's.*resume with the"):
+        other_pipeline.loader(0, position)
 
     log.unlink()  # the same checkpoint without states (a re-reading one) reads every consumed sample again
     position.states.clear()
