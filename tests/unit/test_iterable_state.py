@@ -62,8 +62,8 @@ def stream(json_files, log: Path | None = None):
     return dataset.map(note_read, fn_kwargs={"log": str(log)}) if log else dataset
 
 
-def loader(source, world: int, samples: int) -> SplitLoader:
-    return SplitLoader(source, rank=0, world=world, seed=0, batch_size=2, num_workers=WORKERS, training=True,
+def loader(source, world: int, samples: int, rank: int = 0) -> SplitLoader:
+    return SplitLoader(source, rank=rank, world=world, seed=0, batch_size=2, num_workers=WORKERS, training=True,
                        train_samples=samples)
 
 
@@ -103,6 +103,24 @@ def test_a_resume_continues_each_worker_from_its_state_without_reading_the_consu
     assert "reads its slice again" in resume_note(split.source, position)
     assert values(split.loader(0, position)) == values(batches[CONSUMED:])
     assert consumed <= set(reads(log))
+
+
+def test_a_resume_from_any_batch_is_exact_across_repeated_passes(json_files):
+    """Rank 1 of 2 streams part1 (20 records) for an epoch of 30 each: its workers' slices are read
+    again (a second pass) within the epoch. From every checkpoint the rest is the same batches, keys
+    and repeat counts."""
+    split = loader(stream(json_files), world=2, samples=60, rank=1)
+    batches = list(split.loader(0))
+    assert sum(batch.repeated for batch in batches) == 10
+    for consumed in range(1, len(batches)):
+        position = Position(0)
+        for batch in batches[:consumed]:
+            position.advance(batch)
+        position = Position.from_dict(json.loads(json.dumps(position.to_dict())))
+        assert position.states
+        rest = list(split.loader(0, position))
+        assert [(b.keys, b.repeated, b.data["x"][0].tolist()) for b in rest] == \
+            [(b.keys, b.repeated, b.data["x"][0].tolist()) for b in batches[consumed:]]
 
 
 def test_a_stream_shuffled_through_a_buffer_resumes_by_reading_again_exactly(json_files):
