@@ -27,14 +27,14 @@ has its own state, so a training batch also carries its worker's state right aft
 process keeps per worker the state of the last batch it consumed, and the checkpoint stores those
 (as JSON, in rank-N.json); on resume each worker loads its state and reads on from there: the
 consumed items do not go through the dataset's pipeline again (HF skips whole shards, and within
-one drops the rows before its place ahead of any map()). A dataset with a
-`.shuffle(buffer_size=...)` does not: its state does not hold the buffer (`why_no_state`). Such a
-dataset, any other iterable, a state JSON cannot hold, or a checkpoint without states (either kind
-of checkpoint is read by either kind of dataset) resumes by reading each slice again from the
-epoch's start and dropping the items read before the checkpoint, undecoded by the loader: exact for
-a dataset that yields the same items in the same order for the same epoch (a file reader, a seeded
-shuffle such as HF's), at the cost of the re-reading. The line a resume prints says which, and why
-(`resume_note`).
+one drops the rows before its place ahead of any map()); a worker passes again only over what the
+other workers took after its place. A dataset with a `.shuffle(buffer_size=...)` does not: its
+state does not hold the buffer (`why_no_state`). Such a dataset, any other iterable, a state JSON
+cannot hold, or a checkpoint without states (either kind of checkpoint is read by either kind of
+dataset) resumes by reading each slice again from the epoch's start and dropping the items read
+before the checkpoint, undecoded by the loader: exact for a dataset that yields the same items in
+the same order for the same epoch (a file reader, a seeded shuffle such as HF's), at the cost of
+the re-reading. The line a resume prints says which, and why (`resume_note`).
 """
 
 from __future__ import annotations
@@ -207,8 +207,8 @@ class SliceReader:
 
 def check_states_fit(source: Any, start: Position, rank: int, world: int) -> None:
     """A checkpoint's dataset states against this dataset's own: a DataError, before any worker
-    starts, if they come from another pipeline (another map(), other files), which the dataset
-    would fail to load (a KeyError deep in a worker) or load into the wrong steps."""
+    starts, if they come from another pipeline (a map() added or removed, another format), which
+    the dataset would fail to load (a KeyError deep in a worker) or load into the wrong steps."""
     if not (start.states and has_state(source)):
         return
     from datasets.distributed import split_dataset_by_node
@@ -228,7 +228,7 @@ def check_states_fit(source: Any, start: Position, rank: int, world: int) -> Non
                             "or from a checkpoint at an epoch's end")
 
 
-def pipeline_steps(state: Any) -> list:
+def pipeline_steps(state: Any) -> list[str]:
     """The types of a Hugging Face state's chain of example iterables, outermost first, and its epoch."""
     steps = [f"epoch {state.get('epoch')}"] if isinstance(state, dict) else []
     while isinstance(state, dict):
