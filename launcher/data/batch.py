@@ -39,6 +39,7 @@ class Batch:
     worker: int | None = None  # the shard worker that made it, and where that worker stands:
     worker_batches: int = 0  # its batches done this epoch,
     position: list[int] = field(default_factory=list)  # [pass, samples read in the pass]
+    state: dict | None = None  # the worker's dataset state_dict right after this batch (HF streaming; JSON)
     buffer: tuple[int, int] | None = None  # (worker, batch number) of a reused shared-memory buffer
     encoded: dict | None = None  # --data_on_gpu: encoded images, decoded on the device (launcher/data/device_decode.py)
 
@@ -144,7 +145,7 @@ class BatchBuilder:
     def _shapes(self) -> list:
         return [slot[:1] if isinstance(slot, torch.Tensor) else (slot[0] if slot else None) for slot in self.leaves]
 
-    def emit(self, worker_batches: int, position: list[int]) -> Batch:
+    def emit(self, worker_batches: int, position: list[int], state: dict | None = None) -> Batch:
         data = None
         if self.count:
             if self.collate_fn is not None:
@@ -153,7 +154,8 @@ class BatchBuilder:
                 data = pytree.tree_unflatten([slot[:self.count] if isinstance(slot, torch.Tensor) else default_collate(slot)
                                               for slot in self.leaves], self.spec)
         batch = Batch(data=data, size=self.count, keys=self.keys, errors=self.errors, repeated=self.repeated,
-                      worker=self.worker, worker_batches=worker_batches, position=position, buffer=self.ticket)
+                      worker=self.worker, worker_batches=worker_batches, position=position, state=state,
+                      buffer=self.ticket)
         self._reset()
         return batch
 

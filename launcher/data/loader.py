@@ -47,7 +47,8 @@ from launcher.global_batch import GlobalBatch
 from launcher.data.batch import Batch, Collate, collate
 from launcher.data.device_decode import decode_batch
 from launcher.data.index import read_index
-from launcher.data.iterable import IterableStream, epoch_samples, first_items, is_iterable
+from launcher.data.iterable import (IterableStream, check_states_fit, epoch_samples, first_items, is_iterable,
+                                    resume_note)
 from launcher.data.layout import EpochLayout, EpochLayouts, Position, derive_seed
 from launcher.data.spec import Shards, Synthetic
 from launcher.data.stream import ShardStream, check_label, error_reason, kept_rngs, seed_augmentation
@@ -323,10 +324,10 @@ class SplitLoader:
         start = start if start is not None and start.epoch == epoch else Position(epoch)
         if isinstance(self.source, Synthetic):
             return self._synthetic(start)
-        if start.batches and is_iterable(self.source) and self.rank == 0:
-            print(f"resuming the {type(self.source).__name__} {start.batches} batches into epoch {epoch}: each "
-                  "reader reads its slice again from the epoch's start and drops what it had read (exact if the "
-                  "dataset gives the same items in the same order each time)", flush=True)
+        if start.batches and is_iterable(self.source):
+            check_states_fit(self.source, start, self.rank, self.world)
+            if self.rank == 0:
+                print(resume_note(self.source, start), flush=True)
         if not self.persistent_workers or start.batches:
             loader = self._data_loader(epoch, start)
         else:
