@@ -40,7 +40,8 @@ class Config(TrainConfig):
     n_embd: int = 128  # width of the residual stream
     dropout: float = 0.0  # on attention weights and after each residual branch (0: off)
     vocab_size: int = 256  # byte-level tokens
-    sample_tokens: int = 48  # bytes generated after each of PROMPTS at each evaluation, logged as val/generated (0: none)
+    #: bytes generated after each of PROMPTS at each evaluation, logged as val/generated (0: none)
+    sample_tokens: int = 48
     output_dir: str = "runs/char_lm"
     epochs: int = 1
     # 500 steps (about half an epoch): a couple of minutes on 2 CPU cores, down to ~2 nats per byte.

@@ -72,8 +72,11 @@ MODULES = ("argparse", "typing", "dataclasses", "inspect", "logging", "textwrap"
 
 @dataclass
 class Config(TrainConfig):
-    model_dir: str = ""  # the pretrained model: a Hugging Face directory (config.json, tokenizer files, weights)
-    weights: str = PRETRAINED  # initial weights: "pretrained" (model_dir's), a launcher run, a Hugging Face directory or file; "": random
+    #: the pretrained model: a Hugging Face directory (config.json, tokenizer files, weights)
+    model_dir: str = ""
+    #: initial weights: "pretrained" (model_dir's), a launcher run, a Hugging Face directory or file;
+    #: "": random
+    weights: str = PRETRAINED
     data_dir: str = "data/docstrings"  # where the extracted (prompt, completion) pairs are cached as JSON
     modules: tuple[str, ...] = MODULES  # standard-library modules whose documented functions are the examples
     val_percent: int = 10  # percent of the examples held out for validation (by a hash of their name)
@@ -81,7 +84,8 @@ class Config(TrainConfig):
     lora_rank: int = 0  # LoRA rank of the adapters (0: full fine-tune, every weight trains)
     lora_alpha: float = 32.0  # LoRA scale numerator: the adapters' update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.05  # dropout on the adapters' input (0: off)
-    lora_targets: tuple[str, ...] = ("all-linear",)  # module names that get adapters; all-linear: every linear layer but the output head
+    #: module names that get adapters; all-linear: every linear layer but the output head
+    lora_targets: tuple[str, ...] = ("all-linear",)
     output_dir: str = "runs/llm_finetune"
     epochs: int = 2
     batch_size: int = 8

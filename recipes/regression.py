@@ -29,7 +29,8 @@ class Config(TrainConfig):
     hidden: int = 64  # units in each of the two hidden layers
     dropout: float = 0.1  # after each hidden layer
     val_fraction: float = 0.2  # share of the 442 patients held out for validation
-    split_seed: int = 0  # seed of the train/val split (fixed apart from --seed, so runs compare on the same split)
+    #: seed of the train/val split (fixed apart from --seed, so runs compare on the same split)
+    split_seed: int = 0
     loss: str = "mse"  # training loss (mse or l1 for regression)
     output_dir: str = "runs/regression"
     epochs: int = 60

@@ -121,6 +121,26 @@ def test_every_common_field_has_help():
     helps = field_help(TrainConfig)
     assert {f.name for f in dataclasses.fields(TrainConfig)} <= set(helps)
     assert "per device" in helps["batch_size"]
+    # a help too long for its field's line is on `#:` lines above the field, read as one line
+    assert helps["resume"].endswith("or a checkpoint path; fields not given come from the checkpoint's config")
+
+
+@dataclasses.dataclass
+class _Commented(TrainConfig):
+    # why the default is 3 (a comment for readers, not the help)
+    steps: int = 3
+    #: the help of a field whose declaration
+    #: runs over several lines
+    names: tuple[str, ...] = (
+        "a",
+        "b",
+    )
+
+
+def test_help_above_a_field_needs_the_help_marker_and_may_span_lines():
+    helps = field_help(_Commented)
+    assert "steps" not in helps  # a plain comment above a field is not its help
+    assert helps["names"] == "the help of a field whose declaration runs over several lines"
 
 
 def test_variant_changes_defaults_and_keeps_fields():
