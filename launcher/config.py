@@ -469,7 +469,7 @@ def has_wandb_credentials() -> bool:
 
 
 FIELD_LINE = re.compile(r"\s+(\w+)\s*:[^#]*(?:#\s*(.+))?$")  # `name: type = default  # help`
-HELP_LINE = re.compile(r"\s*#:\s?(.*)$")  # a help too long for its field's line, above the field (Sphinx's `#:`)
+HELP_LINE = re.compile(r"\s*#:\s?(.*)$")  # a help too long for its field's line, above it (Sphinx's `#:`)
 
 
 def field_help(config_cls: type) -> dict[str, str]:

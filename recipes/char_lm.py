@@ -123,7 +123,8 @@ def collate(samples: list[dict], max_tokens: int) -> dict[str, torch.Tensor]:
     """{"tokens": (L,)} samples -> {"input_ids": (N, T) long, "labels": (N, T) long}, T = longest - 1."""
     sequences = [sample["tokens"][:max_tokens].long() for sample in samples]
     padded = pad_sequence(sequences, batch_first=True, padding_value=IGNORE)
-    return {"input_ids": padded[:, :-1].clamp(min=0),  # padding read as byte 0: causal, so only later positions see it
+    # padding read as byte 0: causal, so only later positions see it
+    return {"input_ids": padded[:, :-1].clamp(min=0),
             "labels": padded[:, 1:]}
 
 

@@ -26,7 +26,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
 from launcher import ConfigError, DataSpec, TrainConfig
 
 VOCAB = 257  # 256 byte values + 1; token 0 is padding
-MODULES = ("argparse", "typing", "tarfile", "logging", "http.client", "email.message")  # in CPython 3.10 to 3.13
+# in CPython 3.10 to 3.13
+MODULES = ("argparse", "typing", "tarfile", "logging", "http.client", "email.message")
 
 
 @dataclass
@@ -89,7 +90,8 @@ def module_lines(modules: tuple[str, ...], min_chars: int, lines_per_class: int,
     for lines in per_module:
         for line in lines:
             seen_in[line] = seen_in.get(line, 0) + 1
-    per_module = [[line for line in lines if seen_in[line] == 1] for lines in per_module]  # no line in two classes
+    # no line in two classes
+    per_module = [[line for line in lines if seen_in[line] == 1] for lines in per_module]
     count = min(lines_per_class, *(len(lines) for lines in per_module))
     rng = random.Random(split_seed)
     cut = int(round(count * val_fraction))

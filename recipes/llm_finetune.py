@@ -228,7 +228,8 @@ def build_model(cfg: Config) -> nn.Module:
     _check_model_dir(cfg)
     if cfg.lora_rank < 0:
         raise ConfigError(f"--lora_rank must be >= 0 (0: full fine-tune), got {cfg.lora_rank}")
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model_dir))  # fp32: the master weights
+    # fp32: the master weights
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model_dir))
     if cfg.weights:
         load_weights(model, cfg.model_dir if cfg.weights == PRETRAINED else cfg.weights)
     if cfg.lora_rank:

@@ -129,7 +129,8 @@ def paired_round(trainer: Trainer, plain_steps: Iterator[None], block: int) -> t
     def loader(epoch, position):
         nonlocal plain
         batches = iter(original(epoch, position))
-        for taken in itertools.count():  # plain steps just before the launcher fetches a batch: both fetch after an update
+        # plain steps just before the launcher fetches a batch: both fetch after an update
+        for taken in itertools.count():
             if taken % block == 0:
                 wait(device)  # the launcher's queued work, counted as its own
                 start = time.perf_counter()

@@ -131,7 +131,8 @@ class IterableStream(IterableDataset):
             return ((f"{self.rank}/{worker + self.workers * n}", item) for n, item in enumerate(mine))
         if hasattr(self.source, "set_epoch"):
             self.source.set_epoch(epoch)
-        first, readers = self.rank + self.world * worker, self.world * self.workers  # rank r's items, worker w's of those
+        # rank r's items, worker w's of those
+        first, readers = self.rank + self.world * worker, self.world * self.workers
         return ((str(first + readers * n), item)
                 for n, item in enumerate(itertools.islice(self.source, first, None, readers)))
 

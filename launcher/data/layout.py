@@ -138,11 +138,13 @@ class Position:
 
     epoch: int = 0
     batches: int = 0  # micro-batches this rank has consumed in the epoch
-    workers: dict[int, list[int]] = field(default_factory=dict)  # worker -> [batches, pass, samples read in pass]
+    # worker -> [batches, pass, samples read in pass]
+    workers: dict[int, list[int]] = field(default_factory=dict)
     last_worker: int = -1  # the worker whose batch came last (the round-robin goes on after it)
     repeated: int = 0  # samples seen a second time this epoch
     corrupt: dict[str, int] = field(default_factory=dict)  # shard -> samples skipped this epoch, unreadable
-    unreachable: dict[str, int] = field(default_factory=dict)  # shard -> samples lost this epoch, not downloaded
+    # shard -> samples lost this epoch, not downloaded
+    unreachable: dict[str, int] = field(default_factory=dict)
 
     def advance(self, batch) -> None:
         """Past one `launcher.data.batch.Batch`."""

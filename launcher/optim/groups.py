@@ -64,8 +64,10 @@ class Group:
 @dataclass
 class Schedule:
     groups: Sequence[Group] = (Group("all"),)
-    optimizer: OptimizerFactory | None = None  # called as optimizer(param_groups); None: the config's --optimizer
-    lr_at: LRSchedule | LRFunction | None = None  # a schedules.* object or (step, total_steps) -> LR multiplier; None: the config's --lr_schedule
+    # called as optimizer(param_groups); None: the config's --optimizer
+    optimizer: OptimizerFactory | None = None
+    # a schedules.* object or (step, total_steps) -> LR multiplier; None: the config's --lr_schedule
+    lr_at: LRSchedule | LRFunction | None = None
     no_decay_norm_bias: bool = False  # biases and norm weights (ndim <= 1) get weight decay 0
 
     def resolved(self, cfg) -> "Schedule":

@@ -78,7 +78,8 @@ class StopSignals:
         # wait forever.
         self.flag = torch.zeros(2, dtype=torch.int64)  # [signal, -(the step of a checkpoint written)]
         self.pending = None  # the all-reduce the previous call started
-        self.all_ready = -1  # the step of the checkpoint every rank had finished writing, by the previous call
+        # the step of the checkpoint every rank had finished writing, by the previous call
+        self.all_ready = -1
 
     def _record(self, signum, frame) -> None:
         if os.getpid() != self.pid:

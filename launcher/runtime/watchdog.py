@@ -33,7 +33,8 @@ from typing import Callable
 HANG_EXIT_CODE = 124
 PARENT_GONE_EXIT_CODE = 76  # as a lost peer: the rest of the run is gone
 STACK_WRITE_S = 5.0  # the most the stack file may take before the process exits anyway
-HANG_AT = "LAUNCHER_TEST_HANG_AT"  # fault injection for the tests: "RANK:STEP", that rank freezes (SIGSTOP) after that step
+# fault injection for the tests: "RANK:STEP", that rank freezes (SIGSTOP) after that step
+HANG_AT = "LAUNCHER_TEST_HANG_AT"
 
 
 class Watchdog:
@@ -70,7 +71,8 @@ class Watchdog:
                             f"`accelerate launch` or torchrun) has ended; leaving at step {self.step()}; rerun "
                             "with --resume=auto to continue", PARENT_GONE_EXIT_CODE)
             now = time.monotonic()
-            if now - woke > 2 * interval + 1:  # the whole process was stopped (SIGSTOP, Slurm's suspend): not a hang
+            # the whole process was stopped (SIGSTOP, Slurm's suspend): not a hang
+            if now - woke > 2 * interval + 1:
                 self.beat()
             woke, idle = now, now - self.last
             if self.timeout_s > 0 and idle >= self.timeout_s:

@@ -144,7 +144,8 @@ class WeightFiles:
 
 def open_weights(source: str, arch: str = "") -> WeightFiles:
     """`source` (see the module's docstring) ready to read; a damaged or missing file is one line."""
-    from launcher.runtime.checkpoints import resolve_best  # here: checkpoints imports DCP, which torch 2.7 makes slow
+    # here: checkpoints imports DCP, which torch 2.7 makes slow
+    from launcher.runtime.checkpoints import resolve_best
 
     source = resolve_best(source)  # RUN_DIR/best or a best.json: the best checkpoint's directory
     if os.path.isdir(source):
@@ -346,7 +347,8 @@ def fit_problem(model: nn.Module, files: WeightFiles, skip: frozenset[str] = fro
     matched = match_keys(files.names, own)
     found = {name: files.shape(file_name) for name, file_name in matched.items()}
     used = set(matched.values())
-    found.update({name: files.shape(name) for name in files.names if name not in used})  # by the file's own names
+    # by the file's own names
+    found.update({name: files.shape(name) for name in files.names if name not in used})
     names = aliases(model)
     expected = {name: shape for name, shape in own.items()
                 if name in matched or not any(alias in matched for alias in names.get(name, []))}

@@ -26,7 +26,8 @@ from launcher.config import ConfigError
 
 ACCURACY_ENDINGS = ("top1", "top5", "accuracy", "acc")  # metrics shown as percentages
 NOT_PLOTTED = ("loss", "samples", "unreadable")  # val/loss has its own plot; the others are counts
-X_AXES = {"step": "optimizer step", "samples": "samples seen", "epoch": "epoch"}  # --x: the curves' x-axis label
+# --x: the curves' x-axis label
+X_AXES = {"step": "optimizer step", "samples": "samples seen", "epoch": "epoch"}
 METRIC_NAMES = {"top1": "top-1 accuracy", "top5": "top-5 accuracy", "token_accuracy": "token accuracy",
                 "mse": "mean squared error", "mae": "mean absolute error", "r2": "R² (coefficient of determination)"}
 
@@ -39,7 +40,8 @@ class Run:
     metrics: list[dict]
     summary: dict = field(default_factory=dict)
     confusion: dict | None = None
-    task: dict = field(default_factory=dict)  # task.json: task, loss, metrics, best_metric, best_mode, steps_per_epoch
+    # task.json: task, loss, metrics, best_metric, best_mode, steps_per_epoch
+    task: dict = field(default_factory=dict)
     environment: dict = field(default_factory=dict)  # environment.json: world_size, versions, launcher_commit
 
     def series(self, key: str, x: str = "step") -> tuple[list[float], list[float]]:

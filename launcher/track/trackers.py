@@ -70,7 +70,8 @@ def save_run_files(cfg, recipe, world_size: int) -> None:
     with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
         json.dump({"recipe": recipe.name, **dataclasses.asdict(cfg)}, f, indent=1)
     copy = os.path.join(cfg.output_dir, "recipe.py")
-    if recipe.source_path and not (os.path.exists(copy) and os.path.samefile(recipe.source_path, copy)):  # the run's own copy
+    # the run's own copy
+    if recipe.source_path and not (os.path.exists(copy) and os.path.samefile(recipe.source_path, copy)):
         shutil.copyfile(recipe.source_path, copy)
     versions = {}
     for package in ("torch", "torchvision", "accelerate", "webdataset", "wandb", "tensorboard", "launcher"):

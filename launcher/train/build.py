@@ -36,7 +36,8 @@ class RunParts:
     classes: list[str]
     extra_metrics: dict | None  # the recipe's build_metrics
     units: list[tuple[str, torch.nn.Module]]  # shard (and activation-checkpointing) units, innermost first
-    ema_source: torch.nn.Module  # what an EMA copies: the model, or under FSDP a copy of it as built, without values
+    # what an EMA copies: the model, or under FSDP a copy of it as built, without values
+    ema_source: torch.nn.Module
     frozen_base: frozenset[str] = frozenset()  # a PEFT model's frozen base: in no group, not checkpointed
 
     def regroup(self, model: torch.nn.Module) -> list[ParamGroup]:

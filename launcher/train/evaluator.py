@@ -39,7 +39,8 @@ class Evaluator:
     def __init__(self, cfg: TrainConfig, val_data: SplitLoader | None, parts, accelerator: Accelerator,
                  parallel: Parallel, state: RunState, data_health: DataHealth, val_samples: int,
                  beat: Callable[[], None]):
-        self.every, self.batches = cfg.eval_every, cfg.eval_batches  # steps (0: epoch ends); per process (0: all)
+        # steps (0: epoch ends); per process (0: all)
+        self.every, self.batches = cfg.eval_every, cfg.eval_batches
         self.channels_last, self.log_images = cfg.channels_last, cfg.log_images
         self.val_data, self.accelerator, self.parallel, self.state = val_data, accelerator, parallel, state
         self.checked, self.extra_metrics = parts.checked, parts.extra_metrics

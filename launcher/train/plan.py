@@ -43,7 +43,8 @@ class Plan:
     val_shards: int | None
     data_report: list[str] = field(default_factory=list)  # pre-flight lines about the shards
     notes: list[str] = field(default_factory=list)  # changes made to the config, e.g. on resume
-    training: list[str] = field(default_factory=list)  # optimizer, schedule, loss, regularisation, determinism
+    # optimizer, schedule, loss, regularisation, determinism
+    training: list[str] = field(default_factory=list)
     model: list[str] = field(default_factory=list)  # the model summary
     parallel: list[str] = field(default_factory=list)  # DDP or FSDP: shard units, memory per rank
 

@@ -39,8 +39,10 @@ from launcher.train.step import Step, StepOutput, call_model, choose_style
 
 
 EXAMPLE_SAMPLES = 2  # samples per split pushed through the model
-COLLATABLE = (torch.Tensor, numpy.ndarray, numpy.generic, numbers.Number, str, bytes, Mapping, Sequence)  # default_collate's
-_LAUNCHER = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package: its frames are not shown
+# default_collate's
+COLLATABLE = (torch.Tensor, numpy.ndarray, numpy.generic, numbers.Number, str, bytes, Mapping, Sequence)
+# the package: its frames are not shown
+_LAUNCHER = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SKIP = tuple(os.path.realpath(p) + os.sep for p in
               {_LAUNCHER, sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
                sysconfig.get_paths()["platlib"]})
@@ -89,7 +91,8 @@ class Checked:
     best_mode: str
     example: Any  # a collated training batch (on the host), what --synthetic_data imitates
     summary: str  # input -> output
-    flops_per_sample: float | None = None  # the model's forward FLOPs per training sample (torch's FlopCounterMode)
+    # the model's forward FLOPs per training sample (torch's FlopCounterMode)
+    flops_per_sample: float | None = None
 
     @property
     def label_classes(self) -> int | None:
@@ -157,7 +160,8 @@ def _check_split(cfg, recipe, split, name: str, model, device, loss_fn, extra_me
                 inputs, targets = prepared
                 with blame("build_model's model (its forward)"):
                     outputs = call_model(model, inputs)
-                check_classes(cfg, outputs, targets, *known)  # before the loss: a label past the outputs fails there
+                # before the loss: a label past the outputs fails there
+                check_classes(cfg, outputs, targets, *known)
                 with blame(f"the loss ({describe_loss(recipe, cfg)})"):
                     _refuse_float_targets_for_cross_entropy(loss_fn, targets)
                     _refuse_labels_outside_the_outputs(outputs, targets, name)

@@ -90,7 +90,8 @@ class RunLog:
             record["train/skipped_steps"] = self.state.skipped_steps
         record.update(throughput.record(record["train/samples_per_s"], elapsed))  # tokens/s, MFU, stragglers
         if torch.cuda.is_available():
-            record["train/gpu_memory_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30  # peak since last log
+            # peak since last log
+            record["train/gpu_memory_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
             torch.cuda.reset_peak_memory_stats(acc.device)
         self.record({**record, **lrs})
         self.progress.logged(loss, next_lr, record["train/samples_per_s"])

@@ -393,4 +393,5 @@ def test_batches_a_consumer_keeps_are_never_overwritten(tmp_path, workers):
     kept = list(split(source, workers=workers, batch=3, batches=20).loader(0))  # every batch held
     assert len(kept) == 20 and all(pixels_match_keys(b) for b in kept)
     views = [(b.data[0][:1], b.keys[:1]) for b in split(source, workers=workers, batch=3, batches=20).loader(0)]
-    assert all(pixels_match_keys(Batch(data=(x, None), keys=k)) for x, k in views)  # a view holds its buffer too
+    # a view holds its buffer too
+    assert all(pixels_match_keys(Batch(data=(x, None), keys=k)) for x, k in views)

@@ -233,7 +233,8 @@ def build_fsdp(seed: int = 0):
 
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))  # int64 and float32 in .metadata
+    # int64 and float32 in .metadata
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
     ema = EMA(model, 0.9)
     mesh = init_device_mesh("cpu", (1,))
     fully_shard(model, mesh=mesh)
