@@ -287,7 +287,7 @@ class TrainConfig(SpeedFields, ParallelFields, TrackingFields, CheckpointFields,
             if typing.get_origin(tp) is Literal and getattr(self, name) not in typing.get_args(tp):
                 raise ConfigError(f"--{name} must be {type_name(tp)}, got {getattr(self, name)!r}")
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """A copy with the automatic choices made (wandb mode, eval batch size)."""
         changes: dict[str, Any] = {}
         if self.wandb_mode == "auto":

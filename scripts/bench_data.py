@@ -56,7 +56,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import fire
 import numpy as np

@@ -50,7 +50,7 @@ import tempfile
 import time
 import types
 import typing
-from typing import Iterator
+from collections.abc import Iterator
 
 import fire
 import torch

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -70,7 +70,7 @@ class Schedule:
     lr_at: LRSchedule | LRFunction | None = None
     no_decay_norm_bias: bool = False  # biases and norm weights (ndim <= 1) get weight decay 0
 
-    def resolved(self, cfg) -> "Schedule":
+    def resolved(self, cfg) -> Schedule:
         """A copy with what the recipe left to the config (optimizer, LR schedule) filled in."""
         return dataclasses.replace(self, optimizer=self.optimizer or optimizers.from_config(cfg),
                                    lr_at=self.lr_at if self.lr_at is not None else schedules.from_config(cfg))

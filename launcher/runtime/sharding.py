@@ -17,7 +17,7 @@ parameter at a time (launcher/runtime/export.py).
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist

@@ -27,7 +27,7 @@ import os
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 HANG_EXIT_CODE = 124

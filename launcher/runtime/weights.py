@@ -21,10 +21,11 @@ Tied weights (an LM head sharing the embedding) are loaded through whichever nam
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import os
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -135,7 +136,7 @@ class WeightFiles:
     def close(self) -> None:
         self._where, self.names = {}, []  # the memory maps close with the last reference
 
-    def __enter__(self) -> "WeightFiles":
+    def __enter__(self) -> WeightFiles:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -335,7 +336,7 @@ def copy_matched(model: nn.Module, files: WeightFiles, matched: dict[str, str]) 
             target.copy_(files.read(file_name))
         else:
             meta_build.copy_slice(meta_build.local_tensor(target), slices,
-                                  lambda part: files.read_slice(file_name, part))
+                                  functools.partial(files.read_slice, file_name))
 
 
 # ---- whether a checkpoint fits a model exactly (resume, evaluate, predict) ---------------------

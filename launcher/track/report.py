@@ -19,7 +19,7 @@ import io
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 from launcher.config import ConfigError
 

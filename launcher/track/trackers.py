@@ -26,7 +26,7 @@ from accelerate.utils import ProjectConfiguration
 
 from launcher.config import ConfigError
 from launcher import durable
-from launcher.durable import atomic_file, disk_full_writing
+from launcher.durable import atomic_file
 
 
 TRACKERS = ("wandb", "tensorboard")
@@ -155,13 +155,14 @@ class MetricsLog:
         text = "".join(json.dumps(record) + "\n" for record in self.pending).encode()
         self.pending = []
         start = os.path.getsize(self.path) if os.path.isfile(self.path) else 0
-        try:
-            with open(self.path, "ab") as f:
-                f.write(text)
-        except OSError as error:
-            with contextlib.suppress(OSError):
-                os.truncate(self.path, start)
-            raise disk_full_writing(error, self.path) or error
+        with durable.no_space_left(self.path):
+            try:
+                with open(self.path, "ab") as f:
+                    f.write(text)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.truncate(self.path, start)
+                raise
 
 
 def _record(line: bytes) -> dict | None:

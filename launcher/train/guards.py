@@ -17,7 +17,7 @@ import json
 import math
 import os
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm

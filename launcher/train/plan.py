@@ -196,7 +196,7 @@ def format_plan(cfg: TrainConfig, plan: Plan, groups: list[ParamGroup], recipe_n
         + f" -> {plan.schedule_steps} total"
         + (f" (stops after {plan.total_steps}: max_steps)" if plan.total_steps < plan.schedule_steps else ""),
         *plan.data_report,
-        f"  evaluation            "
+        "  evaluation            "
         + (f"every {cfg.eval_every} optimizer steps" if cfg.eval_every else "at each epoch end")
         + (f", on the first {cfg.eval_batches} batches of each process" if cfg.eval_batches else ", every sample"),
         f"  mixed precision       {cfg.mixed_precision}",

@@ -253,8 +253,11 @@ class Trainer:
             self.checkpointing.at_end()
             self.callbacks("on_train_end")
         except (RuntimeError, ConnectionError, EOFError) as error:
-            raise failure_of(error, self.rank, self.state.step, (self.train_data, self.val_data),
-                             terminated=self.signals.received == signal.SIGTERM) or error
+            lost = failure_of(error, self.rank, self.state.step, (self.train_data, self.val_data),
+                              terminated=self.signals.received == signal.SIGTERM)
+            if lost is None:
+                raise
+            raise lost from error
         finally:
             self._close()
         return self.finish()
