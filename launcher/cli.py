@@ -27,9 +27,10 @@ usage: python -m launcher RECIPE [--field=value ...]          train
        python -m launcher RECIPE --help                        list the recipe's fields
        python -m launcher shards SOURCE OUT [--max_count=N ...] write WebDataset shards (see --help)
        python -m launcher report RUN_DIR [RUN_DIR ...] [--out=FILE]  one HTML page: curves, config differences
-       python -m launcher evaluate [RECIPE] --checkpoint=PATH [--out=DIR] [...]   the task's validation metrics
-       python -m launcher predict [RECIPE] --checkpoint=PATH [--top_k=5] [--out=FILE.jsonl] [INPUT ...] [-- INPUT ...]
-       python -m launcher COMMAND --help                       a command's own options (evaluate, predict, shards, report)
+       python -m launcher evaluate [RECIPE] --checkpoint=PATH [--out=DIR] [...]   validation metrics
+       python -m launcher predict [RECIPE] --checkpoint=PATH [--top_k=5] [--out=FILE.jsonl]
+                                  [INPUT ...] [-- INPUT ...]
+       python -m launcher COMMAND --help                       a command's own options
 
 RECIPE is a recipe file (recipes/resnet_finetune or recipes/resnet_finetune.py) or a dotted
 module name (recipes.resnet_finetune). Every field of the recipe's Config can be set with

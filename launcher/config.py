@@ -311,7 +311,8 @@ SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB"
 
 
 def size_in_bytes(size: str) -> int:
-    """'5GB' -> 5 * 10**9 (transformers' max_shard_size notation); anything else is refused naming --max_shard_size."""
+    """'5GB' -> 5 * 10**9 (transformers' max_shard_size notation); anything else is refused naming
+    --max_shard_size."""
     found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*", str(size))
     if not found or found.group(2).upper() not in SIZE_UNITS or float(found.group(1)) <= 0:
         raise ConfigError(f"--max_shard_size must be a size like 5GB, 500MB or 20KB, got {size!r}")

@@ -1,6 +1,7 @@
 """torchvision's AlexNet trained from scratch on an ImageFolder directory (ROOT/{train,val}/CLASS/IMAGE)
 with the standard presets: RandomResizedCrop (+ flip, colour jitter, rotation) for training,
-Resize + CenterCrop for evaluation, Normalize with the statistics below; AdamW with warm-up and cosine decay, label smoothing.
+Resize + CenterCrop for evaluation, Normalize with the statistics below; AdamW with warm-up and
+cosine decay, label smoothing.
 
     python -m launcher recipes/alexnet_folder --data_dir=path/to/flowers --image_size=224 --mean=[...]
 

@@ -1,7 +1,8 @@
 """A GRU that reads one line of Python source and names the standard-library module it comes from.
 
     python -m launcher recipes/gru_classifier
-    python -m launcher predict recipes/gru_classifier --checkpoint=runs/gru_classifier "parser.add_argument('--foo')"
+    python -m launcher predict recipes/gru_classifier --checkpoint=runs/gru_classifier \\
+        "parser.add_argument('--foo')"
 
 The data is the source of the `source_modules` as installed with Python (no network, nothing
 written to disk): every line with at least `min_chars` non-space characters, stripped, as UTF-8

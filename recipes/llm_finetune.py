@@ -24,9 +24,9 @@ example: the prompt is its qualified name and signature, opening a docstring,
 and the completion is the docstring's first paragraph (its summary), the closing quotes and the
 end-of-text token. The loss counts the completion's tokens only (labels -100 on the prompt and
 the padding), summed and divided by the completion tokens of the whole optimizer step (every
-micro-batch, every rank), as recipes/char_lm does. Examples are split by a hash of their name (`val_percent` to
-validation), so the split does not depend on the order or the other modules; the text pairs are
-cached as JSON in `data_dir`, tokenised at start-up with the model's tokenizer.
+micro-batch, every rank), as recipes/char_lm does. Examples are split by a hash of their name
+(`val_percent` to validation), so the split does not depend on the order or the other modules; the
+text pairs are cached as JSON in `data_dir`, tokenised at start-up with the model's tokenizer.
 
 Padding, not packing: each batch is padded on the right to its longest example. Docstring
 examples are short (tens to a couple of hundred tokens), so little is padding, and every example

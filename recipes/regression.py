@@ -1,7 +1,8 @@
 """An MLP regression on scikit-learn's diabetes data (real data shipped with scikit-learn, no network).
 
     python -m launcher recipes/regression
-    python -m launcher predict recipes/regression --checkpoint=runs/regression 59,2,32.1,101,157,93.2,38,4,4.86,87
+    python -m launcher predict recipes/regression --checkpoint=runs/regression \\
+        59,2,32.1,101,157,93.2,38,4,4.86,87
 
 442 patients, 10 raw features (age, sex, bmi, blood pressure, six serum measurements) and a
 disease-progression score a year later. A fixed, seeded split keeps `val_fraction` of them for

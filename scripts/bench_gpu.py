@@ -347,8 +347,8 @@ def main(recipe: str = DEFAULT_RECIPE, arch: str | None = None, image_size: int 
     model_name = getattr(cfg, "arch", found.name)
     print(f"{found.name} ({model_name}, inputs {shape}), batch {cfg.batch_size}, {steps} timed steps after "
           f"{warmup}, {workers} workers, on {name}")
-    print(f"{'data':<10} {'compile':<8} {'precision':<9} {'ch_last':<8} {'launcher img/s':>15} {'plain img/s':>12} "
-          f"{'ratio':>6} {'MFU':>6}")
+    print(f"{'data':<10} {'compile':<8} {'precision':<9} {'ch_last':<8} "
+          f"{'launcher img/s':>15} {'plain img/s':>12} {'ratio':>6} {'MFU':>6}")
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for i, setting in enumerate(settings(data, compile, precision, channels_last)):

@@ -57,7 +57,8 @@ def install() -> None:
 def slurm_conf(root: Path) -> str:
     host = socket.gethostname()
     nodes = "\n".join(
-        f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={FIRST_NODE_PORT + i} CPUs=1 State=UNKNOWN"
+        f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={FIRST_NODE_PORT + i} "
+        "CPUs=1 State=UNKNOWN"
         for i, name in enumerate(NODES))
     return f"""\
 ClusterName=launchertest

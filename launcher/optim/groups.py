@@ -81,7 +81,8 @@ def default_schedule(cfg) -> Schedule:
 
 
 def layer_decay(stages: Sequence[Group], decay: float, first_depth: int = 1) -> list[Group]:
-    """Layer-wise LR decay: `stages` listed from the head down; stage i gets lr_scale x decay^(first_depth + i).
+    """Layer-wise LR decay: `stages` listed from the head down; stage i gets
+    lr_scale x decay^(first_depth + i).
 
     With the head as its own group (depth 0), the stage just below it has depth 1."""
     if not 0 < decay <= 1:
@@ -112,7 +113,8 @@ class ParamGroup:
 
 
 def matches(name: str, pattern: str) -> bool:
-    """`pattern` matches the parameter name or one of its module prefixes (`layer1` -> `layer1.0.conv1.weight`)."""
+    """`pattern` matches the parameter name or one of its module prefixes
+    (`layer1` -> `layer1.0.conv1.weight`)."""
     parts = name.split(".")
     return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(len(parts), 0, -1))
 

@@ -111,7 +111,8 @@ def find_resume(cfg, log=print) -> str | None:
             if problem is None:
                 return path
             log(f"WARNING: --resume=auto skips checkpoint {path}: {problem}")
-        log(f"--resume=auto: no {'intact ' if existing else ''}checkpoint in {cfg.output_dir}/checkpoints, starting fresh")
+        log(f"--resume=auto: no {'intact ' if existing else ''}checkpoint in {cfg.output_dir}/checkpoints, "
+            "starting fresh")
         return None
     if not os.path.isfile(os.path.join(cfg.resume, STATE_FILE)):
         raise ConfigError(f"--resume={cfg.resume} is not a complete checkpoint (no {STATE_FILE}); "

@@ -150,7 +150,8 @@ class Replicated(Parallel):
         # tied weights: saved once
         result = self.accelerator.unwrap_model(model).load_state_dict(state, strict=False)
         if result.unexpected_keys:
-            raise ConfigError(f"checkpoint {path} does not fit the model (unexpected {', '.join(result.unexpected_keys[:3])})")
+            unexpected = ", ".join(result.unexpected_keys[:3])
+            raise ConfigError(f"checkpoint {path} does not fit the model (unexpected {unexpected})")
 
     def replica_checksums(self, model: nn.Module) -> list[str] | None:
         return self.checksums(self.accelerator.unwrap_model(model))
@@ -265,8 +266,9 @@ class MemoryReport:
     """Each process's MB of parameters (its shards under FSDP) and optimizer state, its peak
     resident memory (since the process started: at the end, before the model was built, and once it
     was built and loaded, before the pre-flight), the seconds building and loading took and, on a GPU,
-    its peak allocated GPU memory, from every rank. The gathered tensors are held for the life of this object, as in ReplicaChecksums (a
-    temporary freed by gloo's thread as the process group goes away deadlocks the rank)."""
+    its peak allocated GPU memory, from every rank. The gathered tensors are held for the life of this
+    object, as in ReplicaChecksums (a temporary freed by gloo's thread as the process group goes away
+    deadlocks the rank)."""
 
     def __init__(self, device: torch.device, world_size: int):
         self.device, self.world_size = device, world_size

@@ -28,9 +28,10 @@ def keep_global_batch(cfg, path: str, world_size: int) -> tuple[object, str]:
         fix = (f"choose a --batch_size that divides {global_batch // world_size}" if global_batch % world_size == 0
                else f"resume on a number of processes that divides {global_batch}")
         raise ConfigError(
-            f"checkpoint {path} trained with a global batch of {global_batch} ({then['batch_size']} per device x "
-            f"{then_world} processes x {then['grad_accum_steps']} accumulation), which {world_size} processes x "
-            f"--batch_size={cfg.batch_size} do not divide; {fix}")
+            f"checkpoint {path} trained with a global batch of {global_batch} "
+            f"({then['batch_size']} per device x {then_world} processes x {then['grad_accum_steps']} "
+            f"accumulation), which {world_size} processes x --batch_size={cfg.batch_size} "
+            f"do not divide; {fix}")
     accum = global_batch // per_step
     note = (f"resuming on {world_size} process(es) instead of {then_world}: grad_accum_steps "
             f"{cfg.grad_accum_steps} -> {accum} keeps the global batch of {global_batch}")
@@ -49,7 +50,8 @@ def resume_config(cfg: TrainConfig, given: set[str] | frozenset[str], log=print)
     cfg, note = inherit(cfg, saved, given, f"checkpoint {path}")
     if note:
         log(note)
-    # grad_accum_steps: the trainer's check, which knows the world size (on another, keep_global_batch sets it)
+    # grad_accum_steps: the trainer's check, which knows the world size (on another,
+    # keep_global_batch sets it)
     changed = refuse_changes(cfg, saved, path, set(given) - {"grad_accum_steps"})
     if changed:
         log(f"note: --resume_changes=allow: {changed}")

@@ -2,7 +2,8 @@
 
 Progress is a finished optimizer step, an evaluation batch, or a checkpoint save begun or done:
 the loop calls `beat()` (one attribute write). A process that was stopped as a whole (SIGSTOP,
-Slurm suspending the job) and resumed starts the clock again: its thread did not run either. A rank waiting in a collective for a peer that died
+Slurm suspending the job) and resumed starts the clock again: its thread did not run either. A
+rank waiting in a collective for a peer that died
 without resetting its connection (a node gone, a frozen process) never returns from it; gloo's and
 NCCL's own timeouts are 30 minutes or more and, on NCCL, not always acted on. When the time is up
 the thread writes every thread's stack (faulthandler) to OUTPUT_DIR/hangs/rankR-stepS.txt, prints

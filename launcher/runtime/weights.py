@@ -87,7 +87,8 @@ class _TensorDict:
 
 
 def _torch_load(path: str) -> dict:
-    """The state_dict in a torch.save'd file (weights_only: nothing is unpickled but tensors and containers)."""
+    """The state_dict in a torch.save'd file (weights_only: nothing is unpickled but tensors and
+    containers)."""
     try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -130,7 +131,8 @@ class WeightFiles:
         return self._where[name].read(name)
 
     def read_slice(self, name: str, slices: tuple[slice, ...]) -> torch.Tensor:
-        """Part of a tensor: one python slice per leading dimension (FSDP's shard of rows: `(slice(a, b),)`)."""
+        """Part of a tensor: one python slice per leading dimension
+        (FSDP's shard of rows: `(slice(a, b),)`)."""
         return self._where[name].read_slice(name, slices)
 
     def close(self) -> None:
@@ -315,8 +317,10 @@ def load_weights(model: nn.Module, source: str, *, arch: str = "", head: str = "
         report = {"missing": [name for name in own if name not in replaced
                               and not any(alias in matched for alias in names.get(name, [name]))],
                   "unexpected": [name for name in files.names if name not in used], "replaced": sorted(replaced)}
-    log(f"loaded {len(matched)} tensors from {source}; head replaced: {', '.join(report['replaced']) or 'no'}; "
-        f"missing: {_first(report['missing'], 8) or 'none'}; unexpected: {_first(report['unexpected'], 8) or 'none'}")
+    log(f"loaded {len(matched)} tensors from {source}; "
+        f"head replaced: {', '.join(report['replaced']) or 'no'}; "
+        f"missing: {_first(report['missing'], 8) or 'none'}; "
+        f"unexpected: {_first(report['unexpected'], 8) or 'none'}")
     return report
 
 

@@ -224,7 +224,8 @@ def render(runs: list[Run], x: str = "step") -> str:
     parts += [f'<figure><figcaption>{html.escape(title)}</figcaption>'
               f'<img alt="{html.escape(title)}" src="data:image/png;base64,{png}"></figure>'
               for title, png in figures]
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1100px} table{border-collapse:collapse;margin:1em 0}"
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1100px} "
+             "table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:14px}"
              "figure{margin:1.5em 0} figcaption{font-weight:bold;margin-bottom:.4em} img{max-width:100%}")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>launcher report</title>'
@@ -294,7 +295,8 @@ def _summary_table(runs: list[Run]) -> str:
         s = run.summary
         best = "-"
         if "best/metric" in s:
-            best = f"{s['best/metric']} {format_value(s['best/metric'], s['best/value'])} (step {s['best/step']})"
+            value = format_value(s["best/metric"], s["best/value"])
+            best = f"{s['best/metric']} {value} (step {s['best/step']})"
         cells = [run.name, run.path, run.task.get("task", "-"), s.get("steps", "-"), best, s.get("samples_seen", "-"),
                  s.get("total_time_s", "-"), s.get("unreadable_skipped", "-")]
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")

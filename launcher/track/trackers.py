@@ -1,8 +1,8 @@
 """What a run leaves in its output_dir to be reproduced and reviewed, and what goes to wandb.
 
 config.json (the resolved config), recipe.py (the recipe's source), environment.json (versions,
-the launcher's git commit, command, world size), metrics.jsonl (one JSON object per optimizer step or evaluation),
-confusion.json (the latest evaluation's confusion matrix), summary.json (at the end). Only the
+the launcher's git commit, command, world size), metrics.jsonl (one JSON object per optimizer step
+or evaluation), confusion.json (the latest evaluation's confusion matrix), summary.json (at the end). Only the
 main process writes. The trackers (--trackers: wandb, tensorboard) go through Accelerate's tracker
 API, main process only: every logged scalar goes to each; TensorBoard's event files land in
 OUTPUT_DIR/tensorboard/<wandb_project>/ (`tensorboard --logdir OUTPUT_DIR/tensorboard`).

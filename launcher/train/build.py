@@ -141,7 +141,8 @@ def build_model(cfg: TrainConfig, recipe: Recipe, device: torch.device, parallel
 
 
 def _synthetic(split: SplitLoader, checked: Checked, loader_args: dict) -> SplitLoader:
-    """The split as random batches with the structure of its first real one, with its sizes and batch transform."""
+    """The split as random batches with the structure of its first real one, with its sizes and
+    batch transform."""
     source = Synthetic(checked.example, split.total, split.batch_transform)
     return SplitLoader(source, batch_size=split.batch_size, training=split.training,
                        batches_per_epoch=split.batches_per_epoch,

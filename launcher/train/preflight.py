@@ -104,8 +104,9 @@ class Checked:
 
 def preflight(cfg, recipe, train, val, model: torch.nn.Module, device: torch.device, loss_fn: Callable,
               extra_metrics: dict | None = None, classes: Sequence[str] = (), classes_from: str = "") -> Checked:
-    """Check both splits (`launcher.data.SplitLoader`); raise ConfigError/RecipeError, or return what was found.
-    `classes`: the data's class names (from `classes_from`), checked against a classifier's outputs."""
+    """Check both splits (`launcher.data.SplitLoader`); raise ConfigError/RecipeError, or return what
+    was found. `classes`: the data's class names (from `classes_from`), checked against a classifier's
+    outputs."""
     known = (list(classes), classes_from)
     checked = None
     for split, name in ((train, "training"), (val, "validation")):
@@ -211,7 +212,8 @@ def unused_outputs_note(cfg, checked: Checked, classes: Sequence[str], source: s
     if checked.task != "classification" or not classes or checked.num_classes <= len(classes):
         return ""
     return (f"WARNING: the model outputs {checked.num_classes} classes, the {_data(source)} have {len(classes)} "
-            f"({source}): {checked.num_classes - len(classes)} outputs are never a target; {_fix(cfg, len(classes))}")
+            f"({source}): {checked.num_classes - len(classes)} outputs are never a target; "
+            f"{_fix(cfg, len(classes))}")
 
 
 def _data(source: str) -> str:
@@ -224,7 +226,8 @@ def _fix(cfg, classes: int) -> str:
 
 
 def _sample_source(split, name: str) -> tuple[str, Callable | None, str]:
-    """What made the split's samples (named in errors), the function that did, and how to make tensors of images."""
+    """What made the split's samples (named in errors), the function that did, and how to make
+    tensors of images."""
     source = split.source
     to_tensor = "end it with a ToTensor/PILToTensor or use launcher.presets (train_transform, eval_transform)"
     transform = getattr(source, "transform", None)

@@ -29,7 +29,8 @@ class RunLog:
         self.progress = Progress(progress_style(cfg.progress, cfg.quiet), cfg.quiet, plan.total_steps, self.is_main)
 
     def start(self, recipe, groups, checked, classes: list[str]) -> None:
-        """Main process: the plan printed; the run's files (config, recipe, environment) and task.json written."""
+        """Main process: the plan printed; the run's files (config, recipe, environment) and task.json
+        written."""
         cfg = self.cfg
         if not self.is_main:
             return
@@ -109,9 +110,9 @@ class RunLog:
                      "data/unreachable": unreachable})
         if dropped or repeated or corrupt or unreachable:
             plan = self.plan
-            self.warn(f"epoch {self.state.epoch} data: {plan.train_samples} samples, {plan.micro_batches_per_epoch} "
-                      f"batches of {self.cfg.batch_size} per rank: {dropped} dropped, {repeated} repeated, "
-                      f"{corrupt} unreadable, {unreachable} unreachable")
+            self.warn(f"epoch {self.state.epoch} data: {plan.train_samples} samples, "
+                      f"{plan.micro_batches_per_epoch} batches of {self.cfg.batch_size} per rank: "
+                      f"{dropped} dropped, {repeated} repeated, {corrupt} unreadable, {unreachable} unreachable")
 
     def evaluation(self, evaluation, class_names: list[str], ema: bool) -> None:
         """An evaluation's metrics, and on the main process its confusion matrix (confusion.json,
@@ -128,7 +129,8 @@ class RunLog:
                           + (f"; EMA {format_metrics(result, 'val_ema')}" if ema else ""))
 
     def final(self, summary: dict, checksums: list[str] | None, ema: bool) -> None:
-        """Main process: replicas.json (DDP: each rank's parameter checksum), summary.json and the final lines."""
+        """Main process: replicas.json (DDP: each rank's parameter checksum), summary.json and the final
+        lines."""
         if not self.is_main:
             return
         out = self.cfg.output_dir

@@ -446,7 +446,8 @@ class Trainer:
                          f"{self.optimizer.param_groups[0]['lr']:.3g}")
 
     def _stop_early_if_due(self) -> bool:
-        """Early stopping (--early_stop_patience evaluations without improvement): True if it stops the run."""
+        """Early stopping (--early_stop_patience evaluations without improvement): True if it stops the
+        run."""
         if self.state.stopped_early or not self.evaluator.best.stop_early():
             return self.state.stopped_early
         best, cfg = self.state.best, self.cfg

@@ -16,8 +16,8 @@ from launcher.runtime import checkpoints
 
 LM = "recipes/char_lm_tiny"
 RESNET = "recipes/resnet_finetune_tiny"
-# char LM: clipping on (max_grad_norm=1 in the recipe), EMA, checkpoints every 5 steps written in the background,
-# evaluations every 10 steps on each process's first 2 batches of 8
+# char LM: clipping on (max_grad_norm=1 in the recipe), EMA, checkpoints every 5 steps written in the
+# background, evaluations every 10 steps on each process's first 2 batches of 8
 LM_ARGS = ["--max_steps=20", "--log_every=1", "--ema_decay=0.9", "--checkpoint_every=5", "--eval_every=10",
            "--eval_batches=2"]
 # ResNet fine-tune: conv1, bn1, layer1-2 frozen, layer3 unfrozen at step 3; one epoch of 29 steps, its

@@ -1,4 +1,5 @@
-"""scripts/make_shards.py and `launcher shards` as commands: what they report, and a missing source refused."""
+"""scripts/make_shards.py and `launcher shards` as commands: what they report, and a missing source
+refused."""
 
 from __future__ import annotations
 

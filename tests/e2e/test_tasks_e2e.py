@@ -247,7 +247,8 @@ def test_a_token_weighted_loss_is_the_same_for_any_batch_split_across_accumulati
     ([CRASHING, "--fail=forward"], "pre-flight: build_model's model (its forward) raised RuntimeError: shape",
      "crashing.py\", line"),
     ([CRASHING, "--fail=collate"], "pre-flight: default_collate (samples of different sizes need "
-     "DataSpec(collate=...), e.g. padding) raised RuntimeError: stack expects each tensor to be equal size", None),
+     "DataSpec(collate=...), e.g. padding) raised RuntimeError: "
+     "stack expects each tensor to be equal size", None),
     ([CRASHING, "--fail=loss"], "pre-flight: the loss (build_loss) raised IndexError", "outputs[\"loss\"]"),
     (["recipes/regression_tiny", "--loss=cross_entropy"], "--loss=cross_entropy takes class indices, but the "
      "targets are torch.float32 (N,) (a regression?); set --loss=mse or --loss=l1", None),

@@ -285,5 +285,5 @@ def test_a_model_with_fewer_outputs_than_the_shards_classes_is_refused_before_st
                                           r"make build_model output 12 classes$"):
         parts(MLP_RECIPE, twelve)  # no num_classes field to name
     notes = parts(MLP_RECIPE, four).plan.notes  # more outputs than classes train, with a warning
-    assert ("WARNING: the model outputs 10 classes, the shards have 4 (index.json): 6 outputs are never a target; "
-            "make build_model output 4 classes") in notes
+    assert ("WARNING: the model outputs 10 classes, the shards have 4 (index.json): "
+            "6 outputs are never a target; make build_model output 4 classes") in notes

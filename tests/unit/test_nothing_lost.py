@@ -75,7 +75,8 @@ def test_resuming_sets_later_checkpoints_aside_and_best_json_follows(tmp_path):
 
 @pytest.mark.parametrize("manifest", [
     '{"filez": {}}', '{"files": []}', "[]", '{"files": {"trainer_state.json": {"bytez": 1, "xxh3_64": "0"}}}',
-    '{"files": {"../../etc/passwd": {"bytes": 1, "xxh3_64": "0"}, "trainer_state.json": {"bytes": 1, "xxh3_64": "0"}}}',
+    '{"files": {"../../etc/passwd": {"bytes": 1, "xxh3_64": "0"}, '
+    '"trainer_state.json": {"bytes": 1, "xxh3_64": "0"}}}',
 ])
 def test_a_malformed_manifest_is_a_skipped_checkpoint_not_a_traceback(tmp_path, manifest):
     older, newest = checkpoint(tmp_path, 1), checkpoint(tmp_path, 2)

@@ -81,9 +81,9 @@ def test_a_resume_refuses_each_changed_result_flag_and_applies_the_neutral_ones(
     with pytest.raises(ConfigError) as refused:
         run_config.resume_config(asked, given)
     assert str(refused.value) == (
-        f"checkpoint {checkpoint} was trained otherwise: --hidden=64 differs from the checkpoint's 32; --lr=0.01 "
-        "differs from the checkpoint's 0.003; drop them to resume as trained, or pass --resume_changes=allow to "
-        "resume with them anyway")
+        f"checkpoint {checkpoint} was trained otherwise: --hidden=64 differs from the checkpoint's 32; "
+        "--lr=0.01 differs from the checkpoint's 0.003; drop them to resume as trained, "
+        "or pass --resume_changes=allow to resume with them anyway")
     said = []
     allowed = run_config.resume_config(dataclasses.replace(asked, resume_changes="allow"), given, said.append)
     assert (allowed.hidden, allowed.lr, allowed.data_dir) == (64, 0.01, "data/x")
