@@ -12,7 +12,7 @@ PYTHON ?= $(shell sh scripts/find_python.sh)
 # `make test-lowest` keeps those lower bounds true.
 LOWEST ?= .venv-lowest
 
-.PHONY: setup demo test test-fast test-lowest bench clean
+.PHONY: setup demo lint test test-fast test-lowest bench clean
 
 # torch and torchvision are resolved together from the registry by uv (a CPU-only torch wheel
 # from a local find-links would break torchvision's compiled ops). The stamp makes a second
@@ -50,7 +50,13 @@ demo: setup $(DATA_DIR)/.built
 PYTEST_WORKERS ?= 3
 PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile
 
-test: setup
+# ruff, configured in pyproject.toml: the lint rules, then the formatting (`ruff format .` rewrites
+# it, `ruff check --fix .` fixes what it can). `make test` runs it first, so CI refuses either.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: setup lint
 	$(PY) -m pytest $(PYTEST_PARALLEL)
 
 # The unit tier (tests/unit): no training run, no subprocess of the launcher; under 2 minutes.
