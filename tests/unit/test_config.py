@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import re
 from typing import Literal
 
@@ -165,6 +166,16 @@ def test_unknown_recipe_says_what_was_tried():
     assert "unknown recipe 'recipes/nope': tried recipes/nope.py" in str(error.value)
     with pytest.raises(ConfigError, match=r"tried nope.py, recipes/nope.py, module nope"):
         load_recipe("nope")
+
+
+RECIPES = sorted(path.stem for path in pathlib.Path("recipes").glob("*.py") if "Config" in path.read_text())
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_field_of_every_recipe_has_help(recipe):
+    # a help that ruff format moved off its field's line (one too long for it, not on `#:` lines) is lost
+    config = load_recipe(f"recipes/{recipe}").config_cls
+    assert {f.name for f in dataclasses.fields(config)} <= set(field_help(config))
 
 
 def test_recipe_help_lists_fields_with_their_comments():
