@@ -18,7 +18,7 @@ LOWEST ?= .venv-lowest
 # about a second more in each of the hundreds of processes the suite starts.
 MOTO ?= .venv-moto
 
-.PHONY: setup demo test test-fast test-lowest bench clean
+.PHONY: setup demo lint test test-fast test-lowest bench clean
 
 # torch and torchvision are resolved together from the registry by uv (a CPU-only torch wheel
 # from a local find-links would break torchvision's compiled ops). The stamp makes a second
@@ -61,7 +61,13 @@ $(MOTO)/.installed: | setup
 	$(VENV)/bin/uv pip install --python $(MOTO)/bin/python -q 'moto[server]>=5.0'
 	touch $@
 
-test: setup $(MOTO)/.installed
+# ruff, configured in pyproject.toml: the lint rules, then the formatting (`ruff format .` rewrites
+# it, `ruff check --fix .` fixes what it can). `make test` runs it first, so CI refuses either.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: setup lint $(MOTO)/.installed
 	$(PY) -m pytest $(PYTEST_PARALLEL)
 
 # The unit tier (tests/unit): no training run, no subprocess of the launcher; under 2 minutes.

@@ -27,9 +27,10 @@ usage: python -m launcher RECIPE [--field=value ...]          train
        python -m launcher RECIPE --help                        list the recipe's fields
        python -m launcher shards SOURCE OUT [--max_count=N ...] write WebDataset shards (see --help)
        python -m launcher report RUN_DIR [RUN_DIR ...] [--out=FILE]  one HTML page: curves, config differences
-       python -m launcher evaluate [RECIPE] --checkpoint=PATH [--out=DIR] [...]   the task's validation metrics
-       python -m launcher predict [RECIPE] --checkpoint=PATH [--top_k=5] [--out=FILE.jsonl] [INPUT ...] [-- INPUT ...]
-       python -m launcher COMMAND --help                       a command's own options (evaluate, predict, shards, report)
+       python -m launcher evaluate [RECIPE] --checkpoint=PATH [--out=DIR] [...]   validation metrics
+       python -m launcher predict [RECIPE] --checkpoint=PATH [--top_k=5] [--out=FILE.jsonl]
+                                  [INPUT ...] [-- INPUT ...]
+       python -m launcher COMMAND --help                       a command's own options
 
 RECIPE is a recipe file (recipes/resnet_finetune or recipes/resnet_finetune.py) or a dotted
 module name (recipes.resnet_finetune). Every field of the recipe's Config can be set with
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_command(argv)
     except ConfigError as error:
-        frames = getattr(error, "frames", "")  # a recipe function's own traceback (launcher/train/preflight.py)
+        # a recipe function's own traceback (launcher/train/preflight.py)
+        frames = getattr(error, "frames", "")
         if frames:
             print("Traceback of the recipe's code (most recent call last):\n" + frames.rstrip(), file=sys.stderr)
         say(f"launcher: error: {one_line(error)}")
@@ -141,15 +143,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         say(f"launcher: stopped: {full}")
         os._exit(full.exit_code)  # another rank may wait in a collective for this one
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (before its first step, after its last): nothing to save
+    except KeyboardInterrupt:
+        # Ctrl-C outside the training loop (before its first step, after its last): nothing to save
         say("launcher: interrupted")
         sys.stdout.flush()
         os._exit(130)  # another rank may wait in a collective for this one
-    except RunStopped as error:  # non-finite loss (1), bad data (65), full disk (74), preempted (75), Ctrl-C (130), lost peer (76)
+    except RunStopped as error:
+        # non-finite loss (1), bad data (65), full disk (74), preempted (75), Ctrl-C (130), lost peer (76)
         if str(error):
             kind = getattr(error, "heading", "data error" if isinstance(error, DataError) else "stopped")
             say(f"launcher: {kind + ': ' if kind else ''}{one_line(error)}")
-        if getattr(error, "hard_exit", False):  # the peers are gone: tearing the group down would wait on them
+        # the peers are gone: tearing the group down would wait on them
+        if getattr(error, "hard_exit", False):
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(error.exit_code)
@@ -272,7 +277,8 @@ def configure(command: str, named: str, first: str, overrides: dict, checkpoint:
     source = str(overrides.pop("config", "") or "")
     from_file = read_config_file(source) if source else {}
     run = run_config.run_dir_of(checkpoint) if checkpoint and command in ("evaluate", "predict") else None
-    if named and os.path.isfile(os.path.join(named, run_config.RUN_CONFIG)):  # `launcher RUN_DIR --resume=auto`
+    # `launcher RUN_DIR --resume=auto`
+    if named and os.path.isfile(os.path.join(named, run_config.RUN_CONFIG)):
         run, named = named, ""
         overrides.setdefault("output_dir", run)
     if named:

@@ -50,7 +50,8 @@ def tiny_llama(vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: 
 
 def main(out: str = "data/tiny_llama", hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
          tie_embeddings: bool = False, seed: int = 0) -> str:
-    """hidden: the residual width (the MLP is 2x); heads must divide it; kv_heads < heads: grouped-query attention."""
+    """hidden: the residual width (the MLP is 2x); heads must divide it; kv_heads < heads: grouped-query
+    attention."""
     if hidden % heads or heads % kv_heads:
         raise SystemExit(f"--heads must divide --hidden and --kv_heads divide --heads, got {hidden}, {heads}, {kv_heads}")
     tokenizer = byte_tokenizer()

@@ -39,7 +39,8 @@ def child(request: dict) -> None:
         os.dup2(null, 0)
         os.close(null)
         os.chdir(request["cwd"])
-        sys.path[0] = request["cwd"]  # as `python -m launcher` has it: recipes import from the working directory
+        # as `python -m launcher` has it: recipes import from the working directory
+        sys.path[0] = request["cwd"]
         os.environ.clear()
         os.environ.update(request["env"])
         random.seed()  # a fresh process's `random` (temporary names) differs from its siblings'

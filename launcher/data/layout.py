@@ -143,7 +143,8 @@ class Position:
     last_worker: int = -1  # the worker whose batch came last (the round-robin goes on after it)
     repeated: int = 0  # samples seen a second time this epoch
     corrupt: dict[str, int] = field(default_factory=dict)  # shard -> samples skipped this epoch, unreadable
-    unreachable: dict[str, int] = field(default_factory=dict)  # shard -> samples lost this epoch, not downloaded
+    # shard -> samples lost this epoch, not downloaded
+    unreachable: dict[str, int] = field(default_factory=dict)
 
     def advance(self, batch) -> None:
         """Past one `launcher.data.batch.Batch`."""

@@ -171,7 +171,8 @@ class BufferReturns:
 
     def __init__(self, workers: int):
         self.released = torch.zeros(workers, dtype=torch.int64).share_memory_()  # per worker, read by it
-        self.waiting: dict[int, collections.deque] = collections.defaultdict(collections.deque)  # oldest first
+        # oldest first
+        self.waiting: dict[int, collections.deque] = collections.defaultdict(collections.deque)
 
     def track(self, batches: Iterable[Batch]) -> Iterator[Batch]:
         for batch in batches:
@@ -220,7 +221,8 @@ class SplitLoader:
                               "their own decode or collate; drop the flag")
         self.data_on_gpu = data_on_gpu and isinstance(source, Shards)
         self.device = device  # where --data_on_gpu decodes: the training device
-        self.pin_memory = pin_memory and torch.cuda.is_available()  # page-locked batches: async copies to the GPU
+        # page-locked batches: async copies to the GPU
+        self.pin_memory = pin_memory and torch.cuda.is_available()
         self.prefetch_factor = prefetch_factor  # batches each worker prepares ahead
         self._batch_transform = batch_transform  # for a Dataset (Shards carry their own)
         self.rank, self.world, self.seed = rank, world, seed

@@ -34,7 +34,8 @@ class ShardStream(IterableDataset):
                  released: torch.Tensor | None = None, ring: int = 0, collate_fn: Collate | None = None,
                  num_classes: int | None = None):
         self.layouts, self.spec, self.epoch_source = layouts, spec, epoch
-        self.num_classes = num_classes  # class labels outside 0..num_classes-1 make a sample unreadable (check_label)
+        # class labels outside 0..num_classes-1 make a sample unreadable (check_label)
+        self.num_classes = num_classes
         self.collate_fn = collate_fn
         self.rank, self.seed, self.training = rank, seed, training
         self.start = start

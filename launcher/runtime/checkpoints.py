@@ -61,7 +61,8 @@ MANIFEST_FILE = "manifest.json"  # every file's size and xxh3-64 hash, written l
 SHARDED_DIR = "sharded"  # an FSDP checkpoint's DCP files (model, optimizer, EMA), reshardable
 BEST_FILE = "best.json"
 ABANDONED_DIR = "abandoned"  # checkpoints after the step a run resumed from: another branch of its history
-KILL_DURING_SAVE = "LAUNCHER_TEST_KILL_DURING_SAVE"  # fault injection for the tests: SIGKILL mid-save at this step
+# fault injection for the tests: SIGKILL mid-save at this step
+KILL_DURING_SAVE = "LAUNCHER_TEST_KILL_DURING_SAVE"
 # Fault injection for the tests: "STEP:POINT", SIGKILL at that point of step STEP's save protocol:
 # `unsynced` (every file written, none fsynced, no manifest), `renamed` (in place, nothing pruned),
 # `pruning` (after the first older checkpoint is deleted).
@@ -269,7 +270,8 @@ def save(accelerator: Accelerator, output_dir: str, state: dict, rank_state: dic
         state_files.write(accelerator, temporary, frozen_base)
         writing = write_shards(temporary) if write_shards is not None else None
         if os.environ.get(KILL_DURING_SAVE) == str(state["step"]):
-            os.kill(os.getpid(), signal.SIGKILL)  # model and optimizer written (or being written), the rest not: a torn save
+            # model and optimizer written (or being written), the rest not: a torn save
+            os.kill(os.getpid(), signal.SIGKILL)
         inject_disk_full(state["step"])
         if rank_state is not None:
             with open(os.path.join(temporary, f"rank-{accelerator.process_index}.json"), "w") as f:

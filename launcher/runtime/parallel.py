@@ -32,7 +32,8 @@ class Parallel(abc.ABC):
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator):
         self.cfg, self.accelerator = cfg, accelerator
         self.units: list[tuple[str, nn.Module]] = []  # shard and activation-checkpointing units, from `place`
-        self.frozen_base: frozenset[str] = frozenset()  # a PEFT model's base: not in checkpoints (launcher/train/adapters.py), set by build_parts
+        # a PEFT model's base: not in checkpoints (launcher/train/adapters.py), set by build_parts
+        self.frozen_base: frozenset[str] = frozenset()
         self.memory = MemoryReport(accelerator.device, accelerator.num_processes)
 
     @abc.abstractmethod
@@ -146,9 +147,11 @@ class Replicated(Parallel):
         """From the checkpoint's model.safetensors, as save_state wrote it (`module.` in front under DDP)."""
         state = safetensors.torch.load_file(os.path.join(path, "model.safetensors"), device="cpu")
         state = {key.removeprefix("module."): value for key, value in state.items()}
-        result = self.accelerator.unwrap_model(model).load_state_dict(state, strict=False)  # tied weights: saved once
+        # tied weights: saved once
+        result = self.accelerator.unwrap_model(model).load_state_dict(state, strict=False)
         if result.unexpected_keys:
-            raise ConfigError(f"checkpoint {path} does not fit the model (unexpected {', '.join(result.unexpected_keys[:3])})")
+            unexpected = ", ".join(result.unexpected_keys[:3])
+            raise ConfigError(f"checkpoint {path} does not fit the model (unexpected {unexpected})")
 
     def replica_checksums(self, model: nn.Module) -> list[str] | None:
         return self.checksums(self.accelerator.unwrap_model(model))
@@ -253,7 +256,8 @@ def memory_per_rank(model: nn.Module, trained: list[nn.Parameter], slots: float,
             "optimizer": int(trained_bytes * slots)}
 
 
-BUILD_FIELDS = ("baseline_rss_mb", "load_peak_rss_mb", "build_s")  # peak resident MB before the model is built
+# peak resident MB before the model is built
+BUILD_FIELDS = ("baseline_rss_mb", "load_peak_rss_mb", "build_s")
 # and once it is built and loaded (before the pre-flight), and the seconds that took
 MEMORY_FIELDS = ("params_mb", "optimizer_mb", "peak_rss_mb", "peak_gpu_mb", *BUILD_FIELDS)
 

@@ -48,7 +48,8 @@ def resume_config(cfg: TrainConfig, given: set[str] | frozenset[str], log=print)
     cfg, note = inherit(cfg, saved, given, f"checkpoint {path}")
     if note:
         log(note)
-    # grad_accum_steps: the trainer's check, which knows the world size (on another, keep_global_batch sets it)
+    # grad_accum_steps: the trainer's check, which knows the world size (on another,
+    # keep_global_batch sets it)
     changed = refuse_changes(cfg, saved, path, set(given) - {"grad_accum_steps"})
     if changed:
         log(f"note: --resume_changes=allow: {changed}")

@@ -17,7 +17,7 @@ parameter at a time (launcher/runtime/export.py).
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -265,7 +265,8 @@ class ShardedCheckpointer:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         state = sharded_state(model, optimizer, ema, frozen_base)
-        state_files.load_sharded(state, os.path.join(path, SHARDED_DIR))  # nothing unpickled but DCP's metadata
+        # nothing unpickled but DCP's metadata
+        state_files.load_sharded(state, os.path.join(path, SHARDED_DIR))
         model.load_state_dict(state["model"], strict=not frozen_base)  # DCP named any tensor it lacks
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
         if ema is not None:

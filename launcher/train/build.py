@@ -36,7 +36,8 @@ class RunParts:
     classes: list[str]
     extra_metrics: dict | None  # the recipe's build_metrics
     units: list[tuple[str, torch.nn.Module]]  # shard (and activation-checkpointing) units, innermost first
-    ema_source: torch.nn.Module  # what an EMA copies: the model, or under FSDP a copy of it as built, without values
+    # what an EMA copies: the model, or under FSDP a copy of it as built, without values
+    ema_source: torch.nn.Module
     frozen_base: frozenset[str] = frozenset()  # a PEFT model's frozen base: in no group, not checkpointed
 
     def regroup(self, model: torch.nn.Module) -> list[ParamGroup]:
@@ -140,7 +141,8 @@ def build_model(cfg: TrainConfig, recipe: Recipe, device: torch.device, parallel
 
 
 def _synthetic(split: SplitLoader, checked: Checked, loader_args: dict) -> SplitLoader:
-    """The split as random batches with the structure of its first real one, with its sizes and batch transform."""
+    """The split as random batches with the structure of its first real one, with its sizes and
+    batch transform."""
     source = Synthetic(checked.example, split.total, split.batch_transform)
     return SplitLoader(source, batch_size=split.batch_size, training=split.training,
                        batches_per_epoch=split.batches_per_epoch,

@@ -10,7 +10,8 @@ read exactly once across ranks and workers, so the metrics equal a single proces
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator

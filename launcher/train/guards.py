@@ -17,7 +17,7 @@ import json
 import math
 import os
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -71,7 +71,8 @@ class NonFiniteGuard:
             return True
         self.state.skipped_steps += 1
         if self.is_main:
-            tqdm.write(f"step {step}: non-finite loss or gradient, update skipped ({self.state.skipped_steps} so far)")
+            skipped = self.state.skipped_steps
+            tqdm.write(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
         return False
 
     def check(self, current_step: int) -> None:
@@ -88,12 +89,13 @@ class NonFiniteGuard:
         if not len(bad):
             return
         first = int(bad[0])
-        saved = f"stopped at step {current_step} with nothing saved since; last checkpoint: {self.last_checkpoint() or 'none'}"
+        saved = (f"stopped at step {current_step} with nothing saved since; "
+                 f"last checkpoint: {self.last_checkpoint() or 'none'}")
         if first == 2 * len(unchecked):  # only the weights
             raise RunStopped(
                 f"the weights are NaN/Inf after step {current_step}: a gradient was non-finite at step "
-                f"{unchecked[0][0]} or after, with finite losses; {saved}. Lower --lr, set --max_grad_norm, or "
-                "pass --nonfinite=skip to skip such steps")
+                f"{unchecked[0][0]} or after, with finite losses; {saved}. "
+                "Lower --lr, set --max_grad_norm, or pass --nonfinite=skip to skip such steps")
         step, loss, norm = unchecked[first // 2]
         shown = f", gradient norm {float(norm):.4g}" if norm is not None else ""
         raise RunStopped(
@@ -126,7 +128,8 @@ class DataHealth:
             self.shown += 1
             if self.shown <= SHOWN_ERRORS:
                 what = f"sample {error['key']}" if error["key"] else f"{error['samples']} samples (rest of shard)"
-                tqdm.write(printable(f"rank {self.rank}: skipped {error.get('kind', 'unreadable')} {what} in {error['shard']}: "
+                kind = error.get("kind", "unreadable")
+                tqdm.write(printable(f"rank {self.rank}: skipped {kind} {what} in {error['shard']}: "
                                      f"{error['reason']}"))  # a key that is not UTF-8 is escaped, not a crash
             elif self.shown == SHOWN_ERRORS + 1:
                 tqdm.write(f"rank {self.rank}: more unreadable samples; all are listed in {self.path}")

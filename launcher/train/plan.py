@@ -42,7 +42,8 @@ class Plan:
     val_shards: int | None
     data_report: list[str] = field(default_factory=list)  # pre-flight lines about the shards
     notes: list[str] = field(default_factory=list)  # changes made to the config, e.g. on resume
-    training: list[str] = field(default_factory=list)  # optimizer, schedule, loss, regularisation, determinism
+    # optimizer, schedule, loss, regularisation, determinism
+    training: list[str] = field(default_factory=list)
     model: list[str] = field(default_factory=list)  # the model summary
     parallel: list[str] = field(default_factory=list)  # DDP or FSDP: shard units, memory per rank
 
@@ -88,8 +89,8 @@ def fork_hang_warning(version: tuple, world_size: int, num_workers: int) -> str:
 def data_report(split: SplitLoader, name: str) -> list[str]:
     """Pre-flight facts about a split's shards: how they divide among ranks x workers."""
     if isinstance(split.source, Synthetic):
-        return [f"  {name + ' data':<22}synthetic: {split.total} random samples like {describe_batch(split.source.example)}, "
-                "no I/O"]
+        example = describe_batch(split.source.example)
+        return [f"  {name + ' data':<22}synthetic: {split.total} random samples like {example}, no I/O"]
     if is_iterable(split.source):
         what = f"{split.total} samples per epoch" if split.total else "read to its end"
         return [f"  {name + ' data':<22}{what} ({type(split.source).__name__}, split over {split.world} "
@@ -136,9 +137,9 @@ def large_images_warning(index, side: int, name: str) -> list[str]:
     if short <= LARGE_IMAGES * side:
         return []
     long = statistics.median(s["long"] for s in index.image_sides)
-    return [f"  {'':<22}WARNING: the {name} images (median {long:g} x {short:g} px) are over {LARGE_IMAGES:g}x the "
-            f"{side} px the transforms output, and every epoch decodes them whole; write them smaller once "
-            f"(`launcher shards SOURCE OUT --max_side={shrink_target(side)}`)"]
+    return [f"  {'':<22}WARNING: the {name} images (median {long:g} x {short:g} px) are over "
+            f"{LARGE_IMAGES:g}x the {side} px the transforms output, and every epoch decodes them whole; "
+            f"write them smaller once (`launcher shards SOURCE OUT --max_side={shrink_target(side)}`)"]
 
 
 def single_class_warning(index, name: str) -> list[str]:
@@ -161,9 +162,9 @@ def single_class_warning(index, name: str) -> list[str]:
                  for c in counts)
     if skewed <= len(counts) / 2:
         return []
-    return [f"  {'':<22}WARNING: {skewed} of {len(counts)} {name} shards hold mostly one class or a few (written in "
-            "class order?): each worker's batches will hold few classes; rewrite them shuffled (`launcher shards` "
-            "shuffles by default) or raise Shards(shuffle_buffer=...)"]
+    return [f"  {'':<22}WARNING: {skewed} of {len(counts)} {name} shards hold mostly one class or a few "
+            "(written in class order?): each worker's batches will hold few classes; rewrite them shuffled "
+            "(`launcher shards` shuffles by default) or raise Shards(shuffle_buffer=...)"]
 
 
 def format_config(cfg: TrainConfig) -> str:
@@ -190,7 +191,7 @@ def format_plan(cfg: TrainConfig, plan: Plan, groups: list[ParamGroup], recipe_n
         + f" -> {plan.schedule_steps} total"
         + (f" (stops after {plan.total_steps}: max_steps)" if plan.total_steps < plan.schedule_steps else ""),
         *plan.data_report,
-        f"  evaluation            "
+        "  evaluation            "
         + (f"every {cfg.eval_every} optimizer steps" if cfg.eval_every else "at each epoch end")
         + (f", on the first {cfg.eval_batches} batches of each process" if cfg.eval_batches else ", every sample"),
         f"  mixed precision       {cfg.mixed_precision}",
@@ -225,9 +226,9 @@ def parallel_lines(cfg: TrainConfig, model, groups: list[ParamGroup], optimizer_
              "  memory per process    " + "; ".join(f"{name}: {mb(memory)}" for name, memory in modes)]
     if cfg.data_parallel == "fsdp":
         whole = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-        lines.append(f"  building the model    {whole:.1f} MB of parameters whole before sharding, {fsdp['params'] / 2**20:.1f} MB "
-                     "per process after; loading --weights, each process builds it on the meta device and holds "
-                     "only its shards (launcher/runtime/meta_build.py)")
+        lines.append(f"  building the model    {whole:.1f} MB of parameters whole before sharding, "
+                     f"{fsdp['params'] / 2**20:.1f} MB per process after; loading --weights, each process "
+                     "builds it on the meta device and holds only its shards (launcher/runtime/meta_build.py)")
     return lines
 
 

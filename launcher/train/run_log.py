@@ -31,7 +31,8 @@ class RunLog:
         self.progress = Progress(progress_style(cfg.progress, cfg.quiet), cfg.quiet, plan.total_steps, self.is_main)
 
     def start(self, recipe, groups, checked, classes: list[str]) -> None:
-        """Main process: the plan printed; the run's files (config, recipe, environment) and task.json written."""
+        """Main process: the plan printed; the run's files (config, recipe, environment) and task.json
+        written."""
         cfg = self.cfg
         if not self.is_main:
             return
@@ -92,7 +93,8 @@ class RunLog:
             record["train/skipped_steps"] = self.state.skipped_steps
         record.update(throughput.record(record["train/samples_per_s"], elapsed))  # tokens/s, MFU, stragglers
         if torch.cuda.is_available():
-            record["train/gpu_memory_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30  # peak since last log
+            # peak since last log
+            record["train/gpu_memory_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
             torch.cuda.reset_peak_memory_stats(acc.device)
         self.record({**record, **lrs})
         self.progress.logged(loss, next_lr, record["train/samples_per_s"])
@@ -110,9 +112,9 @@ class RunLog:
                      "data/unreachable": unreachable})
         if dropped or repeated or corrupt or unreachable:
             plan = self.plan
-            self.warn(f"epoch {self.state.epoch} data: {plan.train_samples} samples, {plan.micro_batches_per_epoch} "
-                      f"batches of {self.cfg.batch_size} per rank: {dropped} dropped, {repeated} repeated, "
-                      f"{corrupt} unreadable, {unreachable} unreachable")
+            self.warn(f"epoch {self.state.epoch} data: {plan.train_samples} samples, "
+                      f"{plan.micro_batches_per_epoch} batches of {self.cfg.batch_size} per rank: "
+                      f"{dropped} dropped, {repeated} repeated, {corrupt} unreadable, {unreachable} unreachable")
 
     def trace(self, keys: list) -> None:
         """--trace_samples: this rank's training sample keys, `epoch step key` lines, in OUTPUT_DIR/samples/."""
@@ -138,7 +140,8 @@ class RunLog:
                           + (f"; EMA {format_metrics(result, 'val_ema')}" if ema else ""))
 
     def final(self, summary: dict, checksums: list[str] | None, ema: bool) -> None:
-        """Main process: replicas.json (DDP: each rank's parameter checksum), summary.json and the final lines."""
+        """Main process: replicas.json (DDP: each rank's parameter checksum), summary.json and the final
+        lines."""
         if not self.is_main:
             return
         out = self.cfg.output_dir

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from accelerate import Accelerator
 
@@ -179,7 +179,8 @@ class Checkpointing:
         path = os.path.join(output_dir, "checkpoints", f"step-{best_step or 0:08d}")
         if best_step is None or not os.path.isfile(os.path.join(path, "model.safetensors")):
             if self.saver.accelerator.is_main_process:
-                print(f"WARNING: --final_weights=best: {'no evaluation ran' if best_step is None else f'{path} is gone'}; "
+                missing = "no evaluation ran" if best_step is None else f"{path} is gone"
+                print(f"WARNING: --final_weights=best: {missing}; "
                       "model.safetensors holds the last step's weights", flush=True)
             return last
         if best_step != state.step:

@@ -127,7 +127,8 @@ class Trainer:
         self.step_fn, self.classes = parts.checked.step, parts.classes
         self.train_data, self.val_data = parts.train_data, parts.val_data
         self._build_training(parts)
-        set_seed(derive_seed(cfg.seed, "rank", self.rank) % 2**32)  # python, numpy, torch: dropout/augmentation differ per rank
+        # python, numpy, torch: dropout/augmentation differ per rank
+        set_seed(derive_seed(cfg.seed, "rank", self.rank) % 2**32)
         self.state, self.position = RunState(), Position(0)
         self._build_parts(parts, log)
         self.hang_at = injected_hang(self.rank)
@@ -138,7 +139,8 @@ class Trainer:
         self.hf = hf_layout(cfg, self.recipe, model)  # OUTPUT_DIR/hf/ for a transformers model, or None
         self.ema = EMA(parts.ema_source, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay else None
         self.parallel.setup(model, self.ema)  # DDP: compiled; FSDP: the EMA sharded in place
-        self.peft = PeftRun(acc, model, parts.frozen_base)  # a PEFT model: its base's fingerprint, its exports
+        # a PEFT model: its base's fingerprint, its exports
+        self.peft = PeftRun(acc, model, parts.frozen_base)
         self.groups = parts.regroup(model) if self.parallel.sharded else parts.groups
         self.frozen_norms = frozen_batchnorms(model, self.groups)
         self.unfreeze_steps = {pg.starts_at for pg in self.groups if pg.starts_at}
@@ -175,8 +177,10 @@ class Trainer:
                                    self.plan.val_samples, beat=self.watchdog.beat)
         self.saver = Saver(acc, cfg.output_dir, cfg.keep_checkpoints, cfg.async_checkpoint, state,
                            progress=self.watchdog.beat, frozen_base=parts.frozen_base)
-        self.throughput = Throughput(acc, parts.checked.flops_per_sample, cfg.peak_tflops)  # tokens/s, MFU, stragglers
-        self.profiler = StepProfiler(cfg.profile_steps, cfg.output_dir, self.rank, acc.device)  # --profile_steps
+        # tokens/s, MFU, stragglers
+        self.throughput = Throughput(acc, parts.checked.flops_per_sample, cfg.peak_tflops)
+        # --profile_steps
+        self.profiler = StepProfiler(cfg.profile_steps, cfg.output_dir, self.rank, acc.device)
 
         def before_save() -> None:
             self.guard.check(state.step)
@@ -196,7 +200,8 @@ class Trainer:
 
     def start(self) -> None:
         resume_from = self.resume_from
-        if resume_from and not self.parallel.sharded:  # before anything is written (FSDP's DCP names its own misfits)
+        # before anything is written (FSDP's DCP names its own misfits)
+        if resume_from and not self.parallel.sharded:
             run_config.check_model_fits(resume_from, self.model, self.cfg, self.peft.frozen_base)
         self.run_log.start(self.recipe, self.groups, self.checked, self.classes)
         if resume_from:
@@ -237,17 +242,22 @@ class Trainer:
                 if self.state.stopped_early:
                     break  # by an evaluation on the cadence (a resumed run too: it has ended)
                 self.train_epoch()
-                if self.position.batches < self.plan.micro_batches_per_epoch:  # cut short: max_steps or an early stop
+                # cut short: max_steps or an early stop
+                if self.position.batches < self.plan.micro_batches_per_epoch:
                     break
                 self.end_epoch()
             if self.state.step > first_step and self.evaluator.evaluated_step != self.state.step:
-                self.evaluate(counted=False)  # where max_steps (or an --eval_every off the last step) ended it
+                # where max_steps (or an --eval_every off the last step) ended it
+                self.evaluate(counted=False)
             self.signals.drain()  # the run is done: a signal that came at its last step changes nothing
             self.checkpointing.at_end()
             self.callbacks("on_train_end")
         except (RuntimeError, ConnectionError, EOFError) as error:
-            raise failure_of(error, self.rank, self.state.step, (self.train_data, self.val_data),
-                             terminated=self.signals.received == signal.SIGTERM) or error
+            lost = failure_of(error, self.rank, self.state.step, (self.train_data, self.val_data),
+                              terminated=self.signals.received == signal.SIGTERM)
+            if lost is None:
+                raise
+            raise lost from error
         finally:
             self._close()
         return self.finish()
@@ -266,7 +276,8 @@ class Trainer:
         for _ in range(steps):
             self.train_step(batches, window)
             if self.after_step(window):
-                window = LogWindow(self.accelerator.device)  # the next logged step reports the steps from here
+                # the next logged step reports the steps from here
+                window = LogWindow(self.accelerator.device)
             if self.state.stopped_early:
                 return
 
@@ -286,7 +297,8 @@ class Trainer:
                 out = self.step_fn(self.model, data)
                 counted = self.counted_loss.check(out)
                 if last:
-                    self.throughput.clock.ready()  # the step's all-reduce comes next: ranks wait for each other from here
+                    # the step's all-reduce comes next: ranks wait for each other from here
+                    self.throughput.clock.ready()
                 self._backward(self.counted_loss.loss(out) if counted else out.loss)
             window.add(out.loss.detach(), out.count if counted else 1, batch.size)
         if counted:
@@ -426,7 +438,8 @@ class Trainer:
                          f"{self.optimizer.param_groups[0]['lr']:.3g}")
 
     def _stop_early_if_due(self) -> bool:
-        """Early stopping (--early_stop_patience evaluations without improvement): True if it stops the run."""
+        """Early stopping (--early_stop_patience evaluations without improvement): True if it stops the
+        run."""
         if self.state.stopped_early or not self.evaluator.best.stop_early():
             return self.state.stopped_early
         best, cfg = self.state.best, self.cfg

@@ -70,7 +70,8 @@ def test_a_crash_mid_save_keeps_the_previous_checkpoint_and_resume_matches(digit
     crashed = launcher(*args, env=env, check=False)
     assert crashed.returncode == -signal.SIGKILL
     assert steps(out) == [".tmp-step-00000030", "step-00000010", "step-00000020"]
-    assert (out / "checkpoints" / ".tmp-step-00000030" / "model.safetensors").exists()  # torn: no trainer_state
+    # torn: no trainer_state
+    assert (out / "checkpoints" / ".tmp-step-00000030" / "model.safetensors").exists()
     resumed = launcher(*args, "--resume=auto")
     assert "resumed from" in resumed.stdout and "step-00000020 at step 20" in resumed.stdout
     assert ".tmp-step-00000030" not in steps(out)  # swept once a new checkpoint was complete
@@ -102,7 +103,8 @@ def test_sigkill_at_any_step_then_resume_auto_is_bitwise_identical(digits, tmp_p
     resumed = launcher(*args, "--resume=auto", processes=processes)
     assert f"skips checkpoint {torn.parent}: model.safetensors has" in resumed.stdout
     assert f"resumed from {out / 'checkpoints' / complete[-2]}" in resumed.stdout
-    assert f"note: taking over {out / 'run.lock'} from pid {holder['pid']}" in resumed.stdout  # the killed run's
+    # the killed run's
+    assert f"note: taking over {out / 'run.lock'} from pid {holder['pid']}" in resumed.stdout
     assert not (out / "run.lock").exists()  # released at the end
     assert same_weights(out, uninterrupted[processes])
 
@@ -281,7 +283,8 @@ def test_a_full_disk_during_a_save_ends_in_one_line_and_keeps_the_checkpoints_be
     run's files and one checkpoint, the second save fills it. Where no namespace can mount one,
     the save fails as a full disk would (LAUNCHER_TEST_DISK_FULL_AT)."""
     checkpoint = sorted((uninterrupted[1] / "checkpoints").glob("step-*"))[-1]
-    size = sum(f.stat().st_blocks * 512 for f in checkpoint.iterdir()) * 3 // 2 + 64 * 1024  # tmpfs counts pages
+    # tmpfs counts pages
+    size = sum(f.stat().st_blocks * 512 for f in checkpoint.iterdir()) * 3 // 2 + 64 * 1024
     mount, kept, code, err = tmp_path / "small", tmp_path / "kept", tmp_path / "code", tmp_path / "err"
     mount.mkdir()
     train = launcher_command(MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={mount / 'run'}",

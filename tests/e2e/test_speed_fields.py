@@ -92,7 +92,8 @@ def test_gpu_benchmark_runs_at_a_cpu_size(tmp_path):
     import time
 
     out = tmp_path / "bench.json"
-    # ImageNet-sized JPEGs, channels-last, at --smoke's CPU size (bf16 there stopped on an infinite gradient norm)
+    # ImageNet-sized JPEGs, channels-last, at --smoke's CPU size (bf16 there stopped on an infinite
+    # gradient norm)
     bench = subprocess.Popen([sys.executable, "scripts/bench_gpu.py", "--smoke", "--image_set=imagenet",
                               "--precision=no", "--channels_last=True", f"--data_dir={tmp_path / 'shards'}",
                               f"--out={out}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -141,8 +142,8 @@ def test_gpu_benchmark_refuses_a_recipe_that_does_not_train_on_shards(digits):
                              f"--data_dir={digits / 'folder'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
-        "bench_gpu.py: recipe alexnet_folder_tiny's training split is a ImageFolder dataset, not Shards; the plain "
-        "loop reads WebDataset shards, so pick a recipe whose build_data gives Shards")
+        "bench_gpu.py: recipe alexnet_folder_tiny's training split is a ImageFolder dataset, not Shards; "
+        "the plain loop reads WebDataset shards, so pick a recipe whose build_data gives Shards")
 
 
 def test_cpu_scaling_benchmark_runs_both_sides(tmp_path):

@@ -79,7 +79,8 @@ def test_device_decoding_with_persistent_workers_and_a_mid_epoch_resume(jpegs):
     position = Position.from_dict(json.loads(json.dumps(position.to_dict())))
     resumed = batches(split, 1, position)
     assert keys[1][:2] + [b.keys for b in resumed] == keys[1]
-    assert all(torch.equal(r.data[0], f.data[0]) for r, f in zip(resumed, full[1][2:]))  # the same crops, bitwise
+    # the same crops, bitwise
+    assert all(torch.equal(r.data[0], f.data[0]) for r, f in zip(resumed, full[1][2:]))
     split.close()
 
 
@@ -173,7 +174,8 @@ def test_other_transforms_keep_the_per_sample_path():
 
     assert batch_crops(train_transform(32, color_jitter=0.4)) is None
     assert batch_crops(v2.Compose([v2.RandomResizedCrop(32, interpolation=InterpolationMode.NEAREST)])) is None
-    assert batch_crops(v2.Compose([v2.Resize(40), v2.CenterCrop(48)])) is None  # a crop larger than the image pads
+    # a crop larger than the image pads
+    assert batch_crops(v2.Compose([v2.Resize(40), v2.CenterCrop(48)])) is None
     assert batch_crops(lambda image: image) is None
 
 
