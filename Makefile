@@ -4,7 +4,8 @@ PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 DATA_DIR ?= data/digits
 # The venv's Python: a 3.12 or 3.13 where the machine has one (CPython before 3.11.10 can hang a
-# DataLoader worker as it forks; README, "Known problems"), else python3; `make PYTHON=...` overrides.
+# DataLoader worker as it forks: docs/known-problems.md#worker-hangs-at-fork), else python3;
+# `make PYTHON=...` overrides.
 PYTHON ?= $(shell sh scripts/find_python.sh)
 
 # A second venv with the oldest versions pyproject.toml allows (uv's lowest-direct resolution:
@@ -12,7 +13,12 @@ PYTHON ?= $(shell sh scripts/find_python.sh)
 # `make test-lowest` keeps those lower bounds true.
 LOWEST ?= .venv-lowest
 
-.PHONY: setup demo test test-fast test-lowest bench clean
+# moto's S3 server, which the remote-shard tests read from, in a venv of its own: moto needs boto3,
+# and where boto3 is installed every `import accelerate` imports it (Accelerate's SageMaker config),
+# about a second more in each of the hundreds of processes the suite starts.
+MOTO ?= .venv-moto
+
+.PHONY: setup demo lint test test-fast test-lowest bench clean
 
 # torch and torchvision are resolved together from the registry by uv (a CPU-only torch wheel
 # from a local find-links would break torchvision's compiled ops). The stamp makes a second
@@ -50,11 +56,22 @@ demo: setup $(DATA_DIR)/.built
 PYTEST_WORKERS ?= 3
 PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --dist loadfile
 
-test: setup
+$(MOTO)/.installed: | setup
+	test -x $(MOTO)/bin/python || $(PYTHON) -m venv $(MOTO)
+	$(VENV)/bin/uv pip install --python $(MOTO)/bin/python -q 'moto[server]>=5.0'
+	touch $@
+
+# ruff, configured in pyproject.toml: the lint rules, then the formatting (`ruff format .` rewrites
+# it, `ruff check --fix .` fixes what it can). `make test` runs it first, so CI refuses either.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: setup lint $(MOTO)/.installed
 	$(PY) -m pytest $(PYTEST_PARALLEL)
 
 # The unit tier (tests/unit): no training run, no subprocess of the launcher; under 2 minutes.
-test-fast: setup
+test-fast: setup $(MOTO)/.installed
 	$(PY) -m pytest tests/unit
 
 $(LOWEST)/.installed: pyproject.toml | setup
@@ -67,7 +84,7 @@ $(LOWEST)/.installed: pyproject.toml | setup
 # accumulation, checkpoint and tracker code, wandb 0.19.5 offline and resume, ...). The rest of
 # the end-to-end tier exercises the launcher's own logic, which `make test` covers.
 # wandb 0.19.5 has no `wandb leet`; the tests read its runs back with .venv's newer CLI.
-test-lowest: $(LOWEST)/.installed
+test-lowest: $(LOWEST)/.installed $(MOTO)/.installed
 	LAUNCHER_TEST_WANDB=$(abspath $(VENV))/bin/wandb $(LOWEST)/bin/python -m pytest $(PYTEST_PARALLEL) -m "not e2e or lowest"
 
 bench: setup

@@ -27,9 +27,10 @@ usage: python -m launcher RECIPE [--field=value ...]          train
        python -m launcher RECIPE --help                        list the recipe's fields
        python -m launcher shards SOURCE OUT [--max_count=N ...] write WebDataset shards (see --help)
        python -m launcher report RUN_DIR [RUN_DIR ...] [--out=FILE]  one HTML page: curves, config differences
-       python -m launcher evaluate [RECIPE] --checkpoint=PATH [--out=DIR] [...]   the task's validation metrics
-       python -m launcher predict [RECIPE] --checkpoint=PATH [--top_k=5] [--out=FILE.jsonl] [INPUT ...] [-- INPUT ...]
-       python -m launcher COMMAND --help                       a command's own options (evaluate, predict, shards, report)
+       python -m launcher evaluate [RECIPE] --checkpoint=PATH [--out=DIR] [...]   validation metrics
+       python -m launcher predict [RECIPE] --checkpoint=PATH [--top_k=5] [--out=FILE.jsonl]
+                                  [INPUT ...] [-- INPUT ...]
+       python -m launcher COMMAND --help                       a command's own options
 
 RECIPE is a recipe file (recipes/resnet_finetune or recipes/resnet_finetune.py) or a dotted
 module name (recipes.resnet_finetune). Every field of the recipe's Config can be set with
@@ -59,17 +60,9 @@ with predict_sample(cfg, text); --inputs=FILE or - (stdin) give one per line.
 Before training (and in plan) one real batch of each split goes through collate, the model, the
 loss and the metrics: a recipe that would crash is one line naming the function that raised.
 
-Exit codes: 0 done; 2 bad input (one line on stderr); 1 stopped on a non-finite loss
-(--nonfinite=stop); 65 the data cannot be trained on (a share with no readable sample, more
-unreadable samples than --max_corrupt_fraction, samples that do not batch); 74 the disk filled
-up during a write (the file named; during a checkpoint, the earlier ones are intact); 75
-preempted by SIGUSR1/SIGTERM after saving a checkpoint (under Slurm a SIGUSR1 also requeues the
-job; elsewhere rerun with --resume=auto); 76 another process, a DataLoader worker or the
-launcher (`accelerate launch`, torchrun) ended (restart: torchrun's --max_restarts, or rerun with
---resume=auto); 124 no progress for --hang_timeout_s (every
-thread's stack in OUTPUT_DIR/hangs/); 130 interrupted by Ctrl-C (SIGINT) after saving a
-checkpoint at the end of the step (continue with --resume=auto); a second Ctrl-C stops at once,
-without one."""
+Ctrl-C checkpoints at the end of the step and stops (continue with --resume=auto); a second
+Ctrl-C stops at once. Exit codes: 0 done, 2 bad input (one line on stderr); every other code,
+and what the launcher does on each failure: docs/checkpoints.md#exit-codes."""
 
 
 def usage() -> str:
@@ -135,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_command(argv)
     except ConfigError as error:
-        frames = getattr(error, "frames", "")  # a recipe function's own traceback (launcher/train/preflight.py)
+        # a recipe function's own traceback (launcher/train/preflight.py)
+        frames = getattr(error, "frames", "")
         if frames:
             print("Traceback of the recipe's code (most recent call last):\n" + frames.rstrip(), file=sys.stderr)
         say(f"launcher: error: {one_line(error)}")
@@ -149,15 +143,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         say(f"launcher: stopped: {full}")
         os._exit(full.exit_code)  # another rank may wait in a collective for this one
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (before its first step, after its last): nothing to save
+    except KeyboardInterrupt:
+        # Ctrl-C outside the training loop (before its first step, after its last): nothing to save
         say("launcher: interrupted")
         sys.stdout.flush()
         os._exit(130)  # another rank may wait in a collective for this one
-    except RunStopped as error:  # non-finite loss (1), bad data (65), full disk (74), preempted (75), Ctrl-C (130), lost peer (76)
+    except RunStopped as error:
+        # non-finite loss (1), bad data (65), full disk (74), preempted (75), Ctrl-C (130), lost peer (76)
         if str(error):
             kind = getattr(error, "heading", "data error" if isinstance(error, DataError) else "stopped")
             say(f"launcher: {kind + ': ' if kind else ''}{one_line(error)}")
-        if getattr(error, "hard_exit", False):  # the peers are gone: tearing the group down would wait on them
+        # the peers are gone: tearing the group down would wait on them
+        if getattr(error, "hard_exit", False):
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(error.exit_code)
@@ -280,7 +277,8 @@ def configure(command: str, named: str, first: str, overrides: dict, checkpoint:
     source = str(overrides.pop("config", "") or "")
     from_file = read_config_file(source) if source else {}
     run = run_config.run_dir_of(checkpoint) if checkpoint and command in ("evaluate", "predict") else None
-    if named and os.path.isfile(os.path.join(named, run_config.RUN_CONFIG)):  # `launcher RUN_DIR --resume=auto`
+    # `launcher RUN_DIR --resume=auto`
+    if named and os.path.isfile(os.path.join(named, run_config.RUN_CONFIG)):
         run, named = named, ""
         overrides.setdefault("output_dir", run)
     if named:

@@ -59,7 +59,10 @@ def no_space_left(path: str):
     try:
         yield
     except OSError as error:
-        raise disk_full_writing(error, path) or error
+        full = disk_full_writing(error, path)
+        if full is None:
+            raise
+        raise full from error
 
 
 @contextlib.contextmanager

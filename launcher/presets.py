@@ -18,7 +18,8 @@ torch._dynamo), which a run without images never needs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import torch
 from PIL import Image

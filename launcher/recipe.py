@@ -7,7 +7,8 @@ A recipe module defines:
   build_schedule(cfg, model)  -> launcher.Schedule   (optional: one group; --optimizer, --lr_schedule)
   build_loss(cfg)             -> callable(outputs, targets) (optional: --loss, --label_smoothing, --class_weights)
   compute_loss(model, batch[, cfg]) -> loss | (loss_sum, count) | launcher.StepOutput  (optional: the step itself)
-  build_metrics(cfg)          -> {name: torchmetrics.Metric} updated with (outputs, targets) (optional)
+  build_metrics(cfg)          -> {name: metric} updated with (outputs, targets): a torchmetrics.Metric, or any
+                                 object with update, compute, reset and to(device) (optional)
   predict_sample(cfg, text)   -> a sample, or its inputs alone (predict adds a placeholder target), for
                                  `launcher predict` on inputs that are not images (optional)
   shard_units(cfg, model)     -> the modules (or their names) that become FSDP shard units and
@@ -33,7 +34,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from collections.abc import Callable
 
 from launcher.config import ConfigError, TrainConfig
 from launcher.optim import losses

@@ -1,6 +1,7 @@
 """torchvision's AlexNet trained from scratch on an ImageFolder directory (ROOT/{train,val}/CLASS/IMAGE)
 with the standard presets: RandomResizedCrop (+ flip, colour jitter, rotation) for training,
-Resize + CenterCrop for evaluation, Normalize with the statistics below; AdamW with warm-up and cosine decay, label smoothing.
+Resize + CenterCrop for evaluation, Normalize with the statistics below; AdamW with warm-up and
+cosine decay, label smoothing.
 
     python -m launcher recipes/alexnet_folder --data_dir=path/to/flowers --image_size=224 --mean=[...]
 
@@ -26,7 +27,8 @@ class Config(TrainConfig):
     image_size: int = 64  # crop size; AlexNet needs at least 63 pixels
     resize_size: int = 0  # evaluation: resize to this, then centre-crop image_size (0: image_size / 0.875)
     crop_scale: tuple[float, ...] = (0.35, 1.0)  # RandomResizedCrop area range
-    hflip: float = 0.0  # horizontal flip probability (digits are not mirror-symmetric; 0.5 for natural images)
+    #: horizontal flip probability (digits are not mirror-symmetric; 0.5 for natural images)
+    hflip: float = 0.0
     color_jitter: float = 0.0  # brightness/contrast/saturation jitter strength (0: off)
     rotation: float = 10.0  # random rotation, degrees (0: off)
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # Normalize mean per channel (ImageNet: 0.485, 0.456, 0.406)
@@ -37,7 +39,8 @@ class Config(TrainConfig):
     output_dir: str = "runs/alexnet_folder"
     epochs: int = 8
     batch_size: int = 64
-    lr: float = 2e-4  # AdamW (the default optimizer); AlexNet from scratch stalls at chance with SGD at 0.01 here
+    #: AdamW (the default optimizer); AlexNet from scratch stalls at chance with SGD at 0.01 here
+    lr: float = 2e-4
     weight_decay: float = 0.05
     warmup_steps: int = 20
     label_smoothing: float = 0.1

@@ -40,7 +40,8 @@ class Config(TrainConfig):
     n_embd: int = 128  # width of the residual stream
     dropout: float = 0.0  # on attention weights and after each residual branch (0: off)
     vocab_size: int = 256  # byte-level tokens
-    sample_tokens: int = 48  # bytes generated after each of PROMPTS at each evaluation, logged as val/generated (0: none)
+    #: bytes generated after each of PROMPTS at each evaluation, logged as val/generated (0: none)
+    sample_tokens: int = 48
     output_dir: str = "runs/char_lm"
     epochs: int = 1
     # 500 steps (about half an epoch): a couple of minutes on 2 CPU cores, down to ~2 nats per byte.
@@ -122,7 +123,8 @@ def collate(samples: list[dict], max_tokens: int) -> dict[str, torch.Tensor]:
     """{"tokens": (L,)} samples -> {"input_ids": (N, T) long, "labels": (N, T) long}, T = longest - 1."""
     sequences = [sample["tokens"][:max_tokens].long() for sample in samples]
     padded = pad_sequence(sequences, batch_first=True, padding_value=IGNORE)
-    return {"input_ids": padded[:, :-1].clamp(min=0),  # padding read as byte 0: causal, so only later positions see it
+    # padding read as byte 0: causal, so only later positions see it
+    return {"input_ids": padded[:, :-1].clamp(min=0),
             "labels": padded[:, 1:]}
 
 

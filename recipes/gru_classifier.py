@@ -1,7 +1,8 @@
 """A GRU that reads one line of Python source and names the standard-library module it comes from.
 
     python -m launcher recipes/gru_classifier
-    python -m launcher predict recipes/gru_classifier --checkpoint=runs/gru_classifier "parser.add_argument('--foo')"
+    python -m launcher predict recipes/gru_classifier --checkpoint=runs/gru_classifier \\
+        "parser.add_argument('--foo')"
 
 The data is the source of the `source_modules` as installed with Python (no network, nothing
 written to disk): every line with at least `min_chars` non-space characters, stripped, as UTF-8
@@ -26,7 +27,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
 from launcher import ConfigError, DataSpec, TrainConfig
 
 VOCAB = 257  # 256 byte values + 1; token 0 is padding
-MODULES = ("argparse", "typing", "tarfile", "logging", "http.client", "email.message")  # in CPython 3.10 to 3.13
+# in CPython 3.10 to 3.13
+MODULES = ("argparse", "typing", "tarfile", "logging", "http.client", "email.message")
 
 
 @dataclass
@@ -89,7 +91,8 @@ def module_lines(modules: tuple[str, ...], min_chars: int, lines_per_class: int,
     for lines in per_module:
         for line in lines:
             seen_in[line] = seen_in.get(line, 0) + 1
-    per_module = [[line for line in lines if seen_in[line] == 1] for lines in per_module]  # no line in two classes
+    # no line in two classes
+    per_module = [[line for line in lines if seen_in[line] == 1] for lines in per_module]
     count = min(lines_per_class, *(len(lines) for lines in per_module))
     rng = random.Random(split_seed)
     cut = int(round(count * val_fraction))

@@ -24,9 +24,9 @@ example: the prompt is its qualified name and signature, opening a docstring,
 and the completion is the docstring's first paragraph (its summary), the closing quotes and the
 end-of-text token. The loss counts the completion's tokens only (labels -100 on the prompt and
 the padding), summed and divided by the completion tokens of the whole optimizer step (every
-micro-batch, every rank), as recipes/char_lm does. Examples are split by a hash of their name (`val_percent` to
-validation), so the split does not depend on the order or the other modules; the text pairs are
-cached as JSON in `data_dir`, tokenised at start-up with the model's tokenizer.
+micro-batch, every rank), as recipes/char_lm does. Examples are split by a hash of their name
+(`val_percent` to validation), so the split does not depend on the order or the other modules; the
+text pairs are cached as JSON in `data_dir`, tokenised at start-up with the model's tokenizer.
 
 Padding, not packing: each batch is padded on the right to its longest example. Docstring
 examples are short (tens to a couple of hundred tokens), so little is padding, and every example
@@ -72,8 +72,11 @@ MODULES = ("argparse", "typing", "dataclasses", "inspect", "logging", "textwrap"
 
 @dataclass
 class Config(TrainConfig):
-    model_dir: str = ""  # the pretrained model: a Hugging Face directory (config.json, tokenizer files, weights)
-    weights: str = PRETRAINED  # initial weights: "pretrained" (model_dir's), a launcher run, a Hugging Face directory or file; "": random
+    #: the pretrained model: a Hugging Face directory (config.json, tokenizer files, weights)
+    model_dir: str = ""
+    #: initial weights: "pretrained" (model_dir's), a launcher run, a Hugging Face directory or file;
+    #: "": random
+    weights: str = PRETRAINED
     data_dir: str = "data/docstrings"  # where the extracted (prompt, completion) pairs are cached as JSON
     modules: tuple[str, ...] = MODULES  # standard-library modules whose documented functions are the examples
     val_percent: int = 10  # percent of the examples held out for validation (by a hash of their name)
@@ -81,7 +84,8 @@ class Config(TrainConfig):
     lora_rank: int = 0  # LoRA rank of the adapters (0: full fine-tune, every weight trains)
     lora_alpha: float = 32.0  # LoRA scale numerator: the adapters' update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.05  # dropout on the adapters' input (0: off)
-    lora_targets: tuple[str, ...] = ("all-linear",)  # module names that get adapters; all-linear: every linear layer but the output head
+    #: module names that get adapters; all-linear: every linear layer but the output head
+    lora_targets: tuple[str, ...] = ("all-linear",)
     output_dir: str = "runs/llm_finetune"
     epochs: int = 2
     batch_size: int = 8
@@ -224,7 +228,8 @@ def build_model(cfg: Config) -> nn.Module:
     _check_model_dir(cfg)
     if cfg.lora_rank < 0:
         raise ConfigError(f"--lora_rank must be >= 0 (0: full fine-tune), got {cfg.lora_rank}")
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model_dir))  # fp32: the master weights
+    # fp32: the master weights
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model_dir))
     if cfg.weights:
         load_weights(model, cfg.model_dir if cfg.weights == PRETRAINED else cfg.weights)
     if cfg.lora_rank:

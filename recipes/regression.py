@@ -1,7 +1,8 @@
 """An MLP regression on scikit-learn's diabetes data (real data shipped with scikit-learn, no network).
 
     python -m launcher recipes/regression
-    python -m launcher predict recipes/regression --checkpoint=runs/regression 59,2,32.1,101,157,93.2,38,4,4.86,87
+    python -m launcher predict recipes/regression --checkpoint=runs/regression \\
+        59,2,32.1,101,157,93.2,38,4,4.86,87
 
 442 patients, 10 raw features (age, sex, bmi, blood pressure, six serum measurements) and a
 disease-progression score a year later. A fixed, seeded split keeps `val_fraction` of them for
@@ -29,7 +30,8 @@ class Config(TrainConfig):
     hidden: int = 64  # units in each of the two hidden layers
     dropout: float = 0.1  # after each hidden layer
     val_fraction: float = 0.2  # share of the 442 patients held out for validation
-    split_seed: int = 0  # seed of the train/val split (fixed apart from --seed, so runs compare on the same split)
+    #: seed of the train/val split (fixed apart from --seed, so runs compare on the same split)
+    split_seed: int = 0
     loss: str = "mse"  # training loss (mse or l1 for regression)
     output_dir: str = "runs/regression"
     epochs: int = 60

@@ -27,10 +27,14 @@ class Config(TrainConfig):
     data_dir: str = "data/digits"  # demo shards (scripts/make_demo_data.py)
     image_size: int = 32  # digits are resized from 8x8 to this many pixels square
     arch: str = "resnet18"  # a torchvision ResNet name
-    weights: str = ""  # initial weights: a launcher run's output_dir, a .pth/.pt/.safetensors file, or a torchvision name (IMAGENET1K_V1) from the hub cache; "" = random
+    #: initial weights: a launcher run's output_dir, a .pth/.pt/.safetensors file, or a torchvision name
+    #: (IMAGENET1K_V1) from the hub cache; "" = random
+    weights: str = ""
     num_classes: int = 10  # the head is replaced to this many classes
-    frozen: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2")  # modules (name patterns) frozen for the whole run
-    unfreeze: tuple[str, ...] = ("layer3",)  # stages (layer1-4, stem) frozen at first, trained from unfreeze_epoch
+    #: modules (name patterns) frozen for the whole run
+    frozen: tuple[str, ...] = ("conv1", "bn1", "layer1", "layer2")
+    #: stages (layer1-4, stem) frozen at first, trained from unfreeze_epoch
+    unfreeze: tuple[str, ...] = ("layer3",)
     unfreeze_epoch: int = 2  # the epoch at which the unfreeze stages start training
     unfreeze_step: int = 0  # > 0: unfreeze at this optimizer step instead of unfreeze_epoch
     unfreeze_warmup_steps: int = 10  # optimizer steps over which an unfrozen stage's LR rises from 0

@@ -19,6 +19,7 @@ Medians are reported.
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import sys
@@ -80,9 +81,9 @@ def main(width: int = 4096, layers: int = 3, repeats: int = 5, out: str = "") ->
             cold_both.append(timed(lambda: (verify(), load())))
         synced, unsynced = [], []
         for step in range(2, 2 + 2 * repeats, 2):
-            synced.append(timed(lambda: saved(accelerator, output_dir, step)))
+            synced.append(timed(functools.partial(saved, accelerator, output_dir, step)))
             with fsyncs_skipped():
-                unsynced.append(timed(lambda: saved(accelerator, output_dir, step + 1)))
+                unsynced.append(timed(functools.partial(saved, accelerator, output_dir, step + 1)))
     median = statistics.median
     params = sum(p.numel() for p in model.parameters())
     print(f"checkpoint: MLP {layers} x {width}x{width} ({params / 1e6:.1f}M parameters) and AdamW state, "

@@ -56,7 +56,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import fire
 import numpy as np
@@ -146,7 +146,8 @@ def reference(crop: int) -> Callable[[bytes], torch.Tensor]:
 
 
 def launcher_full_size(crop: int) -> Callable[[bytes], torch.Tensor]:
-    """The launcher's default before decoding at the crop's size: image_label's PIL image, whole, into the preset."""
+    """The launcher's default before decoding at the crop's size: image_label's PIL image, whole, into
+    the preset."""
     transform, decode = presets.train_transform(crop), image_label()
     return lambda data: transform(decode({"jpg": data, "cls": b"0"})[0])
 
@@ -181,7 +182,8 @@ def pil_draft(data: bytes, min_height: int, min_width: int) -> torch.Tensor:
 
 
 def dali_cpu(crop: int, batch: int = 32) -> Callable[[list[bytes]], int] | None:
-    """NVIDIA DALI's CPU pipeline (ROI-decoding random crop, resize, flip), 1 thread; None if it does not import."""
+    """NVIDIA DALI's CPU pipeline (ROI-decoding random crop, resize, flip), 1 thread; None if it does
+    not import."""
     try:
         from nvidia.dali import fn, pipeline_def, types
     except ImportError:
@@ -388,7 +390,8 @@ def main(images: int = 2048, size: int = 0, crop: int = 224, batch_size: int = 6
     for w in worker_counts:
         shown = ", ".join(f"{ratio[w, reader]:.3f} ({reader})" for reader in READERS)
         print(f"  {f'pipeline, {w} worker(s)':<42}{median[f'w{w}']:8.1f} images/s   "
-              f"pipeline / ({max(w, 1)} x tight) = {shown}; per CPU-second: {ratio[w, 'CPU']:.3f} of the tarfile loop's")
+              f"pipeline / ({max(w, 1)} x tight) = {shown}; "
+              f"per CPU-second: {ratio[w, 'CPU']:.3f} of the tarfile loop's")
     return {"decoders": {f"{name}: {way}": value for (name, way), value in decoders.items()},
             "images_per_s": median,
             "ratio_per_core": {f"{w} workers, {reader}": value for (w, reader), value in ratio.items()}}

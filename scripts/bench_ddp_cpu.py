@@ -134,8 +134,8 @@ def main(arch: str = "resnet18", image_size: int = 64, batch_size: int = 32, ste
             rows.append(row)
             print(f"round {i}: launcher 1 process {row['one']:.1f} img/s, 2 processes {row['two']:.1f}, "
                   f"ratio {row['ratio']:.3f}; plain DDP 1 process {row['plain_one']:.1f}, "
-                  f"2 processes {row['plain_two']:.1f}, ratio {row['plain_ratio']:.3f}; 2 independent processes "
-                  f"{row['apart_two']:.1f}, ratio {row['apart_ratio']:.3f}", flush=True)
+                  f"2 processes {row['plain_two']:.1f}, ratio {row['plain_ratio']:.3f}; "
+                  f"2 independent processes {row['apart_two']:.1f}, ratio {row['apart_ratio']:.3f}", flush=True)
     ratio = statistics.median(r["ratio"] for r in rows)
     plain_ratio = statistics.median(r["plain_ratio"] for r in rows)
     apart_ratio = statistics.median(r["apart_ratio"] for r in rows)

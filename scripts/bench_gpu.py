@@ -252,10 +252,13 @@ def gpu_decoded_batches(shards: Shards, batch_size: int, workers: int, device: t
                                          num_workers=workers)
     for encoded, labels in repeated(loader):
         if device.type == "cuda" and all(map(is_jpeg, encoded)):
-            with decoding_stream(device) as settle:  # as the launcher does: nvJPEG may write blocks still in use
-                images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)  # nvJPEG, one call per batch
+            # as the launcher does: nvJPEG may write blocks still in use
+            with decoding_stream(device) as settle:
+                # nvJPEG, one call per batch
+                images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
                 settle(images)
-        else:  # on the host, one by one: other formats, and a CPU (torchvision 0.19 batches JPEGs on a GPU only)
+        else:
+            # on the host, one by one: other formats, and a CPU (torchvision 0.19 batches JPEGs on a GPU only)
             images = [decode_image(data, mode=ImageReadMode.RGB).to(device, non_blocking=True) for data in encoded]
         yield torch.stack([shards.transform(image) for image in images]), labels
 
@@ -332,7 +335,8 @@ def main(recipe: str = DEFAULT_RECIPE, arch: str | None = None, image_size: int 
              "data_dir": data_dir and os.path.abspath(data_dir)}
     out = out and os.path.abspath(out)
     recipe = os.path.abspath(recipe) if "/" in recipe or recipe.endswith(".py") else recipe
-    os.chdir(ROOT)  # both sides read a recipe's relative paths (data/digits) from the repository, as `make demo`
+    # both sides read a recipe's relative paths (data/digits) from the repository, as `make demo`
+    os.chdir(ROOT)
     found, cfg, overrides, shards = configure(recipe, {k: v for k, v in given.items() if v not in (None, "")}, images,
                                         image_set)
     args = dict(recipe=found.source_path, overrides=overrides, steps=steps, warmup=warmup, workers=workers)
@@ -343,8 +347,8 @@ def main(recipe: str = DEFAULT_RECIPE, arch: str | None = None, image_size: int 
     model_name = getattr(cfg, "arch", found.name)
     print(f"{found.name} ({model_name}, inputs {shape}), batch {cfg.batch_size}, {steps} timed steps after "
           f"{warmup}, {workers} workers, on {name}")
-    print(f"{'data':<10} {'compile':<8} {'precision':<9} {'ch_last':<8} {'launcher img/s':>15} {'plain img/s':>12} "
-          f"{'ratio':>6} {'MFU':>6}")
+    print(f"{'data':<10} {'compile':<8} {'precision':<9} {'ch_last':<8} "
+          f"{'launcher img/s':>15} {'plain img/s':>12} {'ratio':>6} {'MFU':>6}")
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for i, setting in enumerate(settings(data, compile, precision, channels_last)):

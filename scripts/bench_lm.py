@@ -3,7 +3,7 @@ process) and torch.compile, the launcher side by side with a plain hand-written 
 
     python scripts/bench_gpu.py --lm --out=lm.json                  # Llama-3.2-1B's shape, bf16, on a GPU
     python scripts/bench_gpu.py --lm --lm_size=tiny --lm_seq=64 --lm_batch=2 --lm_compile=False \\
-        --lm_precision=no --steps=3 --warmup=1                      # small enough for a CPU (the test runs this)
+        --lm_precision=no --steps=3 --warmup=1                      # a CPU's size (the test runs it)
 
 Both sides train recipes/llm_bench (a LlamaForCausalLM from a LlamaConfig, random init, rows of
 random tokens, the loss of recipes/llm_finetune):

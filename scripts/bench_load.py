@@ -107,7 +107,8 @@ def io_times(model_dir: str, rounds: int) -> dict:
                 lambda: model.save_pretrained(os.path.join(scratch, "transformers"), max_shard_size=shard), rounds)}
     for what in ("load", "export"):
         times[f"{what}_ratio"] = times[f"{what}_launcher_s"] / times[f"{what}_transformers_s"]
-        print(f"{what}: launcher {times[f'{what}_launcher_s']:.2f} s, transformers {times[f'{what}_transformers_s']:.2f} s, "
+        print(f"{what}: launcher {times[f'{what}_launcher_s']:.2f} s, "
+              f"transformers {times[f'{what}_transformers_s']:.2f} s, "
               f"launcher / transformers {times[f'{what}_ratio']:.2f}")
     return times
 
@@ -117,15 +118,15 @@ def main(processes: int = 2, layers: int = 14, hidden: int = 1536, intermediate:
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = model_dir or os.path.join(scratch, "llama")
         model_mb = write_model(model_dir, layers, hidden, intermediate, vocab)
-        print(f"Llama: {layers} layers x {hidden} wide, vocab {vocab}: {model_mb / 4 * 2**20 / 1e6:.0f} M parameters, "
-              f"{model_mb:.0f} MB in fp32; {processes} processes")
+        print(f"Llama: {layers} layers x {hidden} wide, vocab {vocab}: "
+              f"{model_mb / 4 * 2**20 / 1e6:.0f} M parameters, {model_mb:.0f} MB in fp32; {processes} processes")
         if io_only:
             return io_times(model_dir, rounds)
         rows = [run(mode, model_dir, processes, os.path.join(scratch, mode)) for mode in ("ddp", "fsdp")]
     print(f"{'':6}{'load MB':>9}{'x model':>9}{'baseline MB':>13}{'peak RSS MB':>13}{'build s':>9}{'run s':>8}")
     for row in rows:
-        print(f"{row['mode']:6}{row['load_mb']:>9.0f}{row['load_mb'] / model_mb:>9.2f}{row['baseline_mb']:>13.0f}"
-              f"{row['peak_rss_mb']:>13.0f}{row['build_s']:>9.1f}{row['run_s']:>8.1f}")
+        print(f"{row['mode']:6}{row['load_mb']:>9.0f}{row['load_mb'] / model_mb:>9.2f}"
+              f"{row['baseline_mb']:>13.0f}{row['peak_rss_mb']:>13.0f}{row['build_s']:>9.1f}{row['run_s']:>8.1f}")
     ddp, fsdp = rows
     ratios = {name: fsdp[name] / ddp[name] for name in ("load_mb", "build_s", "run_s")}
     print(f"fsdp / ddp per process: memory to build and load {ratios['load_mb']:.3f}, "

@@ -50,7 +50,7 @@ import tempfile
 import time
 import types
 import typing
-from typing import Iterator
+from collections.abc import Iterator
 
 import fire
 import torch
@@ -129,7 +129,8 @@ def paired_round(trainer: Trainer, plain_steps: Iterator[None], block: int) -> t
     def loader(epoch, position):
         nonlocal plain
         batches = iter(original(epoch, position))
-        for taken in itertools.count():  # plain steps just before the launcher fetches a batch: both fetch after an update
+        # plain steps just before the launcher fetches a batch: both fetch after an update
+        for taken in itertools.count():
             if taken % block == 0:
                 wait(device)  # the launcher's queued work, counted as its own
                 start = time.perf_counter()
@@ -180,8 +181,9 @@ def run_mlp(steps: int, warmup: int, repeats: int, block: int, hidden: int, batc
         if noise_floor:
             twin = plain_mlp(build_model(hidden), dataset, batch_size, total)
             report_noise_floor([twin_round(plain_steps, twin, steps, block, torch.device("cpu")) for _ in range(repeats)])
-    report(f"model: MLP 256-{hidden}-{hidden}-10, batch {batch_size}, {steps} steps x {repeats} rounds in blocks of {block}, "
-           f"{torch.get_num_threads()} threads, device cpu", "steps/s", steps, rounds)
+    report(f"model: MLP 256-{hidden}-{hidden}-10, batch {batch_size}, "
+           f"{steps} steps x {repeats} rounds in blocks of {block}, {torch.get_num_threads()} threads, "
+           "device cpu", "steps/s", steps, rounds)
 
 
 # ---- lm -------------------------------------------------------------------------------------
@@ -196,7 +198,8 @@ def make_text_samples(count: int) -> list[dict]:
 
 
 def real_tokens(samples: list[dict], max_tokens: int) -> int:
-    """Non-ignored labels of one pass over `samples`: collate cuts each to max_tokens and predicts all but the first."""
+    """Non-ignored labels of one pass over `samples`: collate cuts each to max_tokens and predicts all
+    but the first."""
     return sum(min(len(sample["tokens"]), max_tokens) - 1 for sample in samples)
 
 
@@ -271,8 +274,8 @@ def run_lm(steps: int, warmup: int, repeats: int, block: int, n_layer: int, n_em
             twin = plain_lm(plain_model(), samples, cfg, device, total)
             report_noise_floor([twin_round(plain_steps, twin, steps, block, device) for _ in range(repeats)])
     report(f"model: char LM n_layer {n_layer}, n_embd {n_embd}, block {block_size}, batch {batch_size}, "
-           f"{steps} steps x {repeats} rounds in blocks of {block}, {tokens} tokens per round, {torch.get_num_threads()} threads, "
-           f"device {device.type}", "tokens/s", tokens, rounds)
+           f"{steps} steps x {repeats} rounds in blocks of {block}, {tokens} tokens per round, "
+           f"{torch.get_num_threads()} threads, device {device.type}", "tokens/s", tokens, rounds)
 
 
 # ---- both -----------------------------------------------------------------------------------
@@ -284,8 +287,9 @@ def report(model_line: str, unit: str, work: int, rounds: list[tuple[float, floa
     ours = [work / o for _, o in rounds]
     ratio = statistics.median(p / o for p, o in rounds)
     print(model_line)
-    print(f"plain loop        {statistics.median(plain):8.1f} {unit}   (rounds: {', '.join(f'{r:.1f}' for r in plain)})")
-    print(f"launcher          {statistics.median(ours):8.1f} {unit}   (rounds: {', '.join(f'{r:.1f}' for r in ours)})")
+    for name, rates in (("plain loop", plain), ("launcher", ours)):
+        each = ", ".join(f"{r:.1f}" for r in rates)
+        print(f"{name:<18}{statistics.median(rates):8.1f} {unit}   (rounds: {each})")
     print(f"launcher / plain  {ratio:8.3f}   (target >= 0.97)", flush=True)
 
 
@@ -294,8 +298,8 @@ def report_noise_floor(rounds: list[tuple[float, float]]) -> None:
     by step: what this machine gives for no difference at all."""
     ratios = [p / t for p, t in rounds]
     spread = max(abs(r - 1) for r in ratios)
-    print(f"noise floor: plain / plain {statistics.median(ratios):.3f} (per-round ratios within {spread:.1%} of 1)",
-          flush=True)
+    print(f"noise floor: plain / plain {statistics.median(ratios):.3f} "
+          f"(per-round ratios within {spread:.1%} of 1)", flush=True)
 
 
 def main(setting: str = "both", steps: int = 100, warmup: int = 1, repeats: int = 15, block: int = 10, hidden: int = 1024,

@@ -1,6 +1,6 @@
 """Write a small Llama as `save_pretrained` writes a downloaded one: config.json, generation
 config, model.safetensors and a tokenizer that AutoTokenizer loads offline. It stands in for a
-real checkpoint (`huggingface-cli download ...`) in the tests and the README.
+real checkpoint (`huggingface-cli download ...`) in the tests and docs/fine-tuning.md.
 
     python scripts/make_tiny_llama.py --out data/tiny_llama
     python -m launcher recipes/llm_finetune_tiny --model_dir=data/tiny_llama
@@ -50,7 +50,8 @@ def tiny_llama(vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: 
 
 def main(out: str = "data/tiny_llama", hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
          tie_embeddings: bool = False, seed: int = 0) -> str:
-    """hidden: the residual width (the MLP is 2x); heads must divide it; kv_heads < heads: grouped-query attention."""
+    """hidden: the residual width (the MLP is 2x); heads must divide it; kv_heads < heads: grouped-query
+    attention."""
     if hidden % heads or heads % kv_heads:
         raise SystemExit(f"--heads must divide --hidden and --kv_heads divide --heads, got {hidden}, {heads}, {kv_heads}")
     tokenizer = byte_tokenizer()

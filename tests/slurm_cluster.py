@@ -57,7 +57,8 @@ def install() -> None:
 def slurm_conf(root: Path) -> str:
     host = socket.gethostname()
     nodes = "\n".join(
-        f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={FIRST_NODE_PORT + i} CPUs=1 State=UNKNOWN"
+        f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={FIRST_NODE_PORT + i} "
+        "CPUs=1 State=UNKNOWN"
         for i, name in enumerate(NODES))
     return f"""\
 ClusterName=launchertest
@@ -97,7 +98,7 @@ class SlurmCluster:
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
         self.daemons: list[subprocess.Popen] = []
 
-    def start(self) -> "SlurmCluster":
+    def start(self) -> SlurmCluster:
         install()
         (self.root / "state").mkdir(parents=True, exist_ok=True)
         self.conf.write_text(slurm_conf(self.root))
@@ -142,7 +143,7 @@ class SlurmCluster:
     def _check_launch(self, attempts: int = 3) -> None:
         """Idle nodes are not yet proof that a job step starts on both: run one before the tests do
         (a batch job whose launch fails is requeued and held, and would wait forever)."""
-        for attempt in range(attempts):
+        for _ in range(attempts):
             try:
                 result = self.run("srun", "--nodes=2", "--ntasks-per-node=1", "--time=2", "hostname",
                                   check=False, timeout=120)

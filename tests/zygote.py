@@ -1,7 +1,7 @@
 """A process that imports the launcher and its dependencies once, then forks a fresh child for each
 single-process CLI run the tests ask for: each run is still a process of its own (its own exit
 code, stdout and stderr, killed alone on a timeout), without the seconds of importing torch,
-torchvision, torchmetrics and Accelerate again. It holds no thread when it forks, so a child
+torchvision and Accelerate again. It holds no thread when it forks, so a child
 starts as clean as `python -m launcher` would.
 
 Protocol, one JSON line each way on stdin/stdout: `{"argv", "cwd", "env", "stdout", "stderr"}`
@@ -20,9 +20,7 @@ import traceback
 
 
 def warm() -> None:
-    """What every run imports (the CLI, the trainer, the commands, the metrics' torchmetrics)."""
-    import torchmetrics  # noqa: F401
-
+    """What every run imports (the CLI, the trainer, the commands)."""
     import launcher.cli  # noqa: F401
     import launcher.commands.inference  # noqa: F401
     import launcher.train.trainer  # noqa: F401
@@ -41,7 +39,8 @@ def child(request: dict) -> None:
         os.dup2(null, 0)
         os.close(null)
         os.chdir(request["cwd"])
-        sys.path[0] = request["cwd"]  # as `python -m launcher` has it: recipes import from the working directory
+        # as `python -m launcher` has it: recipes import from the working directory
+        sys.path[0] = request["cwd"]
         os.environ.clear()
         os.environ.update(request["env"])
         random.seed()  # a fresh process's `random` (temporary names) differs from its siblings'

@@ -54,7 +54,8 @@ def load_model(cfg: TrainConfig, recipe: Recipe, checkpoint: str) -> torch.nn.Mo
     if hasattr(cfg, "weights"):
         cfg = dataclasses.replace(cfg, weights="")  # the checkpoint replaces any initial weights
     model = recipe.build_model(cfg)
-    base = adapters.missing_base(model, tensor_names(checkpoint))  # a PEFT run's checkpoint: the adapters, onto the recipe's base
+    # a PEFT run's checkpoint: the adapters, onto the recipe's base
+    base = adapters.missing_base(model, tensor_names(checkpoint))
     if base and given is not cfg:
         model = recipe.build_model(given)  # the base from the run's --weights
     problem = load_exactly(model, checkpoint, skip=base)
@@ -144,7 +145,8 @@ def describe_weights(checkpoint: str) -> tuple[str, int | None]:
         return f"checkpoint {directory} (step {step})", step if isinstance(step, int) else None
     summary = _read_json(os.path.join(directory, "summary.json"))
     name = os.path.basename(checkpoint).removesuffix(".index.json") if os.path.isfile(checkpoint) else "model.safetensors"
-    if name == "model.safetensors":  # one file, or shards with an index  # --final_weights=best: the best step's
+    # one file, or shards with an index; --final_weights=best: the best step's
+    if name == "model.safetensors":
         what, step = "final weights", summary.get("final_weights_step", summary.get("steps"))
     else:
         what, step = "final EMA weights", summary.get("steps") if name == "model_ema.safetensors" else None

@@ -11,7 +11,7 @@ import random
 from tqdm.auto import tqdm
 
 from launcher.config import ConfigError
-from launcher.data.writer import (DEFAULT_QUALITY, MIN_SHARD_SAMPLES, TARGET_SHARDS, dataset_samples, folder_splits,
+from launcher.data.writer import (DEFAULT_QUALITY, MIN_SHARD_SAMPLES, dataset_samples, folder_splits,
                                   shard_image_folder, shard_image_splits, shard_sizes, write_shards)
 
 # flag -> (type, default, meaning): what --help prints and what shards_command accepts

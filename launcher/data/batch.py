@@ -34,13 +34,16 @@ class Batch:
     data: Any = None  # the collated samples; None when none of them could be read
     size: int = 0  # samples in it
     keys: list[str] = field(default_factory=list)  # each sample's key (shard key or dataset index)
-    errors: list[dict] = field(default_factory=list)  # unreadable samples or shard ends: shard, key, reason, samples
+    # unreadable samples or shard ends: shard, key, reason, samples
+    errors: list[dict] = field(default_factory=list)
     repeated: int = 0  # samples read a second time this epoch
     worker: int | None = None  # the shard worker that made it, and where that worker stands:
     worker_batches: int = 0  # its batches done this epoch,
     position: list[int] = field(default_factory=list)  # [pass, samples read in the pass]
+    state: dict | None = None  # the worker's dataset state_dict right after this batch (HF streaming; JSON)
     buffer: tuple[int, int] | None = None  # (worker, batch number) of a reused shared-memory buffer
-    encoded: dict | None = None  # --data_on_gpu: encoded images, decoded on the device (launcher/data/device_decode.py)
+    # --data_on_gpu: encoded images, decoded on the device (launcher/data/device_decode.py)
+    encoded: dict | None = None
 
     def pin_memory(self) -> "Batch":
         """The DataLoader's pinning thread calls this: page-locked copies of every tensor."""
@@ -79,7 +82,8 @@ def describe(data: Any, batch_dim: bool = True) -> str:
         return "{" + ", ".join(f"{k}: {describe(v, batch_dim)}" for k, v in data.items()) + "}"
     if isinstance(data, (list, tuple)):
         return "(" + ", ".join(describe(v, batch_dim) for v in data) + ")"
-    if hasattr(data, "to_tuple") or hasattr(data, "keys"):  # model output objects (Hugging Face's ModelOutput)
+    # model output objects (Hugging Face's ModelOutput)
+    if hasattr(data, "to_tuple") or hasattr(data, "keys"):
         try:
             return describe(dict(data), batch_dim)
         except (TypeError, ValueError):
@@ -144,7 +148,7 @@ class BatchBuilder:
     def _shapes(self) -> list:
         return [slot[:1] if isinstance(slot, torch.Tensor) else (slot[0] if slot else None) for slot in self.leaves]
 
-    def emit(self, worker_batches: int, position: list[int]) -> Batch:
+    def emit(self, worker_batches: int, position: list[int], state: dict | None = None) -> Batch:
         data = None
         if self.count:
             if self.collate_fn is not None:
@@ -153,7 +157,8 @@ class BatchBuilder:
                 data = pytree.tree_unflatten([slot[:self.count] if isinstance(slot, torch.Tensor) else default_collate(slot)
                                               for slot in self.leaves], self.spec)
         batch = Batch(data=data, size=self.count, keys=self.keys, errors=self.errors, repeated=self.repeated,
-                      worker=self.worker, worker_batches=worker_batches, position=position, buffer=self.ticket)
+                      worker=self.worker, worker_batches=worker_batches, position=position, state=state,
+                      buffer=self.ticket)
         self._reset()
         return batch
 
@@ -194,7 +199,8 @@ class BufferRing:
         self.made += 1
         ticket = (self.worker_id, number)
         if number >= length and int(self.released[self.worker_id]) <= number - length:
-            return [shared_empty(shape, like) for shape, like in shapes], ticket  # slot still in use: new ones
+            # slot still in use: new ones
+            return [shared_empty(shape, like) for shape, like in shapes], ticket
         slot = number % length
         buffers = self.slots[slot]
         if buffers is None or [(b.shape, b.dtype) for b in buffers] != [(torch.Size(s), like.dtype) for s, like in shapes]:

@@ -35,7 +35,8 @@ import torch
 
 from launcher.data.scaled_decode import to_rgb
 
-CANVAS_PIXELS = 1 << 25  # per roi_align call, n x H x W of the padded images: ~0.4 GB as float, 0.27 GB of indices
+# per roi_align call, n x H x W of the padded images: ~0.4 GB as float, 0.27 GB of indices
+CANVAS_PIXELS = 1 << 25
 
 
 @dataclass

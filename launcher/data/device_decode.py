@@ -128,7 +128,8 @@ def transform_images(images: list[torch.Tensor], seeds: list[int | None], transf
 def _decode(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | Exception]:
     """RGB uint8 CHW tensors on `device`, or the exception for an image that would not decode.
     JPEGs go in one batched call (nvJPEG on a GPU); if it fails, one by one to find the bad ones."""
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg  # only with --data_on_gpu (launcher.presets)
+    # only with --data_on_gpu (launcher.presets)
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
     jpegs = [i for i, d in enumerate(data) if is_jpeg(d)]
     images: list = [None] * len(data)

@@ -31,8 +31,10 @@ class ShardIndex:
     urls: list[str]
     counts: list[int]
     classes: list[str] = field(default_factory=list)
-    class_counts: list[list[int]] | None = None  # per shard, samples of each label (index.json's "class_counts")
-    image_sides: list[dict[str, int]] | None = None  # per shard, {"short", "long", "max"} pixels ("image_sides")
+    # per shard, samples of each label (index.json's "class_counts")
+    class_counts: list[list[int]] | None = None
+    # per shard, {"short", "long", "max"} pixels ("image_sides")
+    image_sides: list[dict[str, int]] | None = None
 
     @property
     def total(self) -> int:

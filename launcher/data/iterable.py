@@ -21,17 +21,26 @@ samples are counted as repeated), so no rank waits in an all-reduce for one that
 with no item at all is a DataError. Validation reads each reader's slice once, all of it.
 
 Resume. A batch carries its reader's place ([batches, pass, items read in the pass]) as a shard
-batch does (launcher/data/layout.py, `Position`); a run resumed mid-epoch reads each slice again
-from the epoch's start and drops the items read before the checkpoint, undecoded by the loader.
-That is exact for a dataset that yields the same items in the same order for the same epoch (a
-file reader, a seeded shuffle such as HF's); its cost is the re-reading. A Hugging Face dataset's
-own `state_dict` is not used: under DataLoader workers it lives in each worker's copy (HF points
-to torchdata's StatefulDataLoader, which this launcher does not use).
+batch does (launcher/data/layout.py, `Position`). A Hugging Face IterableDataset (datasets >= 2.18)
+resumes through its own `state_dict`, as torchdata's StatefulDataLoader does it: each worker's copy
+has its own state, so a training batch also carries its worker's state right after it, the main
+process keeps per worker the state of the last batch it consumed, and the checkpoint stores those
+(as JSON, in rank-N.json); on resume each worker loads its state and reads on from there: the
+consumed items do not go through the dataset's pipeline again (HF skips whole shards, and within
+one drops the rows before its place ahead of any map()); a worker passes again only over what the
+other workers took after its place. A dataset with a `.shuffle(buffer_size=...)` does not: its
+state does not hold the buffer (`why_no_state`). Such a dataset, any other iterable, a state JSON
+cannot hold, or a checkpoint without states (either kind of checkpoint is read by either kind of
+dataset) resumes by reading each slice again from the epoch's start and dropping the items read
+before the checkpoint, undecoded by the loader: exact for a dataset that yields the same items in
+the same order for the same epoch (a file reader, a seeded shuffle such as HF's), at the cost of
+the re-reading. The line a resume prints says which, and why (`resume_note`).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 from typing import Any, Iterator
 
 import torch
@@ -98,16 +107,20 @@ class IterableStream(IterableDataset):
         done, first_pass, skip = start.workers.get(worker, [0, 0, 0])
         if quota is not None and done >= quota:
             return
+        stateful = self.training and has_state(self.source)  # its batches carry its state, for a checkpoint
+        saved = start.states.get(worker) if stateful else None
         batch = BatchBuilder(worker, self.batch_size, None, self.collate_fn)
         for repeat in itertools.count(first_pass) if quota is not None else range(1):
-            read = 0
-            for read, (key, item) in enumerate(self._items(epoch, worker), start=1):
-                if (repeat, read) <= (first_pass, skip):  # read before the checkpoint
+            resumed = saved if repeat == first_pass else None  # the dataset continues after its last consumed batch
+            reader = SliceReader(self, epoch, worker, resumed, skip if resumed else 0)
+            read = reader.first
+            for read, (key, item) in enumerate(reader, start=reader.first + 1):
+                if resumed is None and (repeat, read) <= (first_pass, skip):  # read before the checkpoint
                     continue
                 batch.add(item, key, repeated=repeat > 0)
                 if batch.count == self.batch_size:
                     done += 1
-                    yield batch.emit(done, [repeat, read])
+                    yield batch.emit(done, [repeat, read], reader.state() if stateful else None)
                     if done == quota:
                         return
             if quota is not None and read == 0:
@@ -117,23 +130,125 @@ class IterableStream(IterableDataset):
         if batch.count:  # validation: the last, partial batch
             yield batch.emit(done, [0, 0])
 
-    def _items(self, epoch: int, worker: int) -> Iterator[tuple[str, Any]]:
-        """(key, item) of this reader's slice, from the epoch's start."""
-        if is_hugging_face(self.source):
+
+def has_state(source: Any) -> bool:
+    """Whether `source` resumes through its own `state_dict` (a Hugging Face IterableDataset)."""
+    return is_hugging_face(source) and why_no_state(source) is None
+
+
+def why_no_state(source: Any) -> str | None:
+    """Why a Hugging Face IterableDataset cannot resume through its state_dict, or None if it can."""
+    if not hasattr(source, "load_state_dict"):
+        return "this datasets version has no state_dict (it came in 2.18)"
+    # A `.shuffle(buffer_size=...)`: its state does not hold the buffer, so each worker would refill
+    # its own at a different place and the workers' slices, cut from one shuffled order, would
+    # overlap (items twice in the epoch, others never). Found in the datasets' chain of example
+    # iterables (private: a chain that cannot be walked counts as shuffled, the exact way).
+    pending = [getattr(source, "_ex_iterable", None)]
+    if pending[0] is None:
+        return "its shuffle cannot be seen (this datasets version's example iterables are unknown)"
+    while pending:
+        node = pending.pop()
+        if type(node).__name__ == "BufferShuffledExamplesIterable":
+            return "it shuffles through a buffer (.shuffle(buffer_size=...)), which its state does not hold"
+        inner = (getattr(node, "ex_iterable", None), *getattr(node, "ex_iterables", ()))
+        pending += [n for n in inner if n is not None]
+    return None
+
+
+class SliceReader:
+    """(key, item) of one reader's slice of the stream for one epoch: from the start, or (`resumed`,
+    a Hugging Face state_dict) after the slice's item number `first`, without reading again what
+    came before it. `state()` is the dataset's state after the last item read: None for a dataset
+    without one, or for one that JSON cannot hold (a checkpoint stores it as JSON; nothing is unpickled)."""
+
+    def __init__(self, stream: IterableStream, epoch: int, worker: int, resumed: dict | None, first: int):
+        self.first, self.rank_items = first, None
+        self.resumable: bool | None = None  # whether its state can go into a checkpoint (`state`)
+        if is_hugging_face(stream.source):
             from datasets.distributed import split_dataset_by_node
 
-            rank_items = split_dataset_by_node(self.source, rank=self.rank, world_size=self.world)
-            rank_items.set_epoch(epoch)
-            # `iter(batch_size=1)`, not `iter(dataset)`: in a DataLoader worker the latter splits by
-            # worker itself, by whole shards (a worker past the shard count gets nothing)
-            examples = ({name: values[0] for name, values in one.items()} for one in rank_items.iter(batch_size=1))
-            mine = itertools.islice(examples, worker, None, self.workers)
-            return ((f"{self.rank}/{worker + self.workers * n}", item) for n, item in enumerate(mine))
-        if hasattr(self.source, "set_epoch"):
-            self.source.set_epoch(epoch)
-        first, readers = self.rank + self.world * worker, self.world * self.workers  # rank r's items, worker w's of those
-        return ((str(first + readers * n), item)
-                for n, item in enumerate(itertools.islice(self.source, first, None, readers)))
+            self.rank_items = split_dataset_by_node(stream.source, rank=stream.rank, world_size=stream.world)
+            self.rank_items.set_epoch(epoch)
+            if resumed is not None:
+                self.rank_items.load_state_dict(resumed)
+            self.items = self._hugging_face_items(stream, worker, resumed is not None)
+        else:
+            if hasattr(stream.source, "set_epoch"):
+                stream.source.set_epoch(epoch)
+            # rank r's items, and worker w's of those
+            first_item, readers = stream.rank + stream.world * worker, stream.world * stream.workers
+            self.items = ((str(first_item + readers * n), item)
+                          for n, item in enumerate(itertools.islice(stream.source, first_item, None, readers)))
+
+    def _hugging_face_items(self, stream: IterableStream, worker: int, resumed: bool) -> Iterator[tuple[str, Any]]:
+        readers = stream.workers
+        # `iter(batch_size=1)`, not `iter(dataset)`: in a DataLoader worker the latter splits by
+        # worker itself, by whole shards (a worker past the shard count gets nothing)
+        examples = ({name: values[0] for name, values in one.items()} for one in self.rank_items.iter(batch_size=1))
+        # resumed right after this worker's last item: the other workers' next items come first
+        mine = itertools.islice(examples, readers - 1 if resumed else worker, None, readers)
+        return ((f"{stream.rank}/{worker + readers * n}", item) for n, item in enumerate(mine, start=self.first))
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        return self.items
+
+    def state(self) -> dict | None:
+        if self.rank_items is None or not hasattr(self.rank_items, "state_dict"):
+            return None
+        state = self.rank_items.state_dict()
+        if self.resumable is None:  # its structure is the same after every item: checked once
+            try:
+                self.resumable = bool(json.dumps(state))
+            except (TypeError, ValueError):
+                self.resumable = False
+        return state if self.resumable else None  # None: a resume reads the slice again (`resume_note`)
+
+
+def check_states_fit(source: Any, start: Position, rank: int, world: int) -> None:
+    """A checkpoint's dataset states against this dataset's own: a DataError, before any worker
+    starts, if they come from another pipeline (a map() added or removed, another format), which
+    the dataset would fail to load (a KeyError deep in a worker) or load into the wrong steps."""
+    if not (start.states and has_state(source)):
+        return
+    from datasets.distributed import split_dataset_by_node
+
+    rank_items = split_dataset_by_node(source, rank=rank, world_size=world)
+    rank_items.set_epoch(start.epoch)
+    prepare = getattr(rank_items, "_prepare_ex_iterable_for_iteration", None)  # private: builds, reads nothing
+    if prepare is None:
+        return  # an unknown datasets version: the dataset's own load_state_dict is the check
+    prepare(batch_size=1)
+    expected = pipeline_steps(rank_items.state_dict())
+    for worker, state in sorted(start.states.items()):
+        if pipeline_steps(state) != expected:
+            raise DataError(f"the checkpoint's state of the training {type(source).__name__} (worker {worker}: "
+                            f"{' > '.join(pipeline_steps(state))}) does not fit this dataset's "
+                            f"({' > '.join(expected)}): resume with the dataset the checkpoint was written with, "
+                            "or from a checkpoint at an epoch's end")
+
+
+def pipeline_steps(state: Any) -> list[str]:
+    """The types of a Hugging Face state's chain of example iterables, outermost first, and its epoch."""
+    steps = [f"epoch {state.get('epoch')}"] if isinstance(state, dict) else []
+    while isinstance(state, dict):
+        steps += [state["type"]] if "type" in state else []
+        state = state.get("examples_iterable")
+    return steps
+
+
+def resume_note(source: Any, start: Position) -> str:
+    """The line a mid-epoch resume prints: how each reader finds its place, and why."""
+    name = f"the {type(source).__name__} {start.batches} batches into epoch {start.epoch}"
+    if has_state(source) and start.states:
+        return (f"resuming {name} through its state_dict: each reader continues after the last batch "
+                "the run consumed from it")
+    if not is_hugging_face(source):
+        why = "it has no state_dict"
+    else:
+        why = why_no_state(source) or "the checkpoint holds no dataset state (written without one, or it was not JSON)"
+    return (f"resuming {name}: {why}, so each reader reads its slice again from the epoch's start and drops "
+            "what it had read (exact if the dataset gives the same items in the same order each time)")
 
 
 def first_items(source: Any, count: int) -> list:

@@ -139,15 +139,21 @@ class Position:
     epoch: int = 0
     batches: int = 0  # micro-batches this rank has consumed in the epoch
     workers: dict[int, list[int]] = field(default_factory=dict)  # worker -> [batches, pass, samples read in pass]
+    states: dict[int, dict] = field(default_factory=dict)  # worker -> its dataset's state_dict after that batch (HF)
     last_worker: int = -1  # the worker whose batch came last (the round-robin goes on after it)
     repeated: int = 0  # samples seen a second time this epoch
     corrupt: dict[str, int] = field(default_factory=dict)  # shard -> samples skipped this epoch, unreadable
-    unreachable: dict[str, int] = field(default_factory=dict)  # shard -> samples lost this epoch, not downloaded
+    # shard -> samples lost this epoch, not downloaded
+    unreachable: dict[str, int] = field(default_factory=dict)
 
     def advance(self, batch) -> None:
         """Past one `launcher.data.batch.Batch`."""
         if batch.worker is not None:
             self.workers[batch.worker] = [batch.worker_batches, *batch.position]
+            if batch.state is not None:
+                self.states[batch.worker] = batch.state
+            else:  # a state older than the worker's place would resume it too early
+                self.states.pop(batch.worker, None)
             self.last_worker = batch.worker
         self.batches += 1
         self.repeated += batch.repeated
@@ -163,7 +169,7 @@ class Position:
         return 0
 
     def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self.batches, "workers": self.workers,
+        return {"epoch": self.epoch, "batches": self.batches, "workers": self.workers, "states": self.states,
                 "last_worker": self.last_worker, "repeated": self.repeated, "corrupt": self.corrupt,
                 "unreachable": self.unreachable}
 
@@ -171,6 +177,7 @@ class Position:
     def from_dict(cls, state: dict) -> "Position":
         state = dict(state)
         state["workers"] = {int(w): list(p) for w, p in state.get("workers", {}).items()}
+        state["states"] = {int(w): s for w, s in state.get("states", {}).items()}  # JSON keys are strings
         return cls(**state)
 
 

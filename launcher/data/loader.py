@@ -43,10 +43,12 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from launcher.config import ConfigError, DataError
+from launcher.global_batch import GlobalBatch
 from launcher.data.batch import Batch, Collate, collate
 from launcher.data.device_decode import decode_batch
 from launcher.data.index import read_index
-from launcher.data.iterable import IterableStream, epoch_samples, first_items, is_iterable
+from launcher.data.iterable import (IterableStream, check_states_fit, epoch_samples, first_items, is_iterable,
+                                    resume_note)
 from launcher.data.layout import EpochLayout, EpochLayouts, Position, derive_seed
 from launcher.data.spec import Shards, Synthetic
 from launcher.data.stream import ShardStream, check_label, error_reason, kept_rngs, seed_augmentation
@@ -169,7 +171,8 @@ class BufferReturns:
 
     def __init__(self, workers: int):
         self.released = torch.zeros(workers, dtype=torch.int64).share_memory_()  # per worker, read by it
-        self.waiting: dict[int, collections.deque] = collections.defaultdict(collections.deque)  # oldest first
+        # oldest first
+        self.waiting: dict[int, collections.deque] = collections.defaultdict(collections.deque)
 
     def track(self, batches: Iterable[Batch]) -> Iterator[Batch]:
         for batch in batches:
@@ -204,24 +207,26 @@ class SplitLoader:
                  batch_size: int, num_workers: int, training: bool, batches_per_epoch: int | None = None,
                  grad_accum_steps: int = 1, batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  pin_memory: bool = True, prefetch_factor: int = 2, persistent_workers: bool = False,
-                 decode_on_device: bool = False, collate_fn: Collate | None = None,
+                 data_on_gpu: bool = False, collate_fn: Collate | None = None,
                  device: torch.device = torch.device("cpu"), train_samples: int | None = None, max_steps: int = 0):
         self.source, self.training = source, training
         self.collate_fn = collate_fn  # the recipe's (DataSpec.collate), or None: default_collate
         split = "training" if training else "validation"
-        if decode_on_device and not isinstance(source, (Shards, Synthetic)):
+        if data_on_gpu and not isinstance(source, (Shards, Synthetic)):
             raise ConfigError(f"--data_on_gpu decodes shard images on the device, but this recipe's {split} data is "
                               f"a {type(source).__name__} (it decodes in __getitem__); write it to shards "
                               "(`launcher shards`) or drop the flag")
-        if decode_on_device and isinstance(source, Shards) and (not source.images or collate_fn is not None):
+        if data_on_gpu and isinstance(source, Shards) and (not source.images or collate_fn is not None):
             raise ConfigError(f"--data_on_gpu decodes (image, cls) samples, but this recipe's {split} shards have "
                               "their own decode or collate; drop the flag")
-        self.decode_on_device = decode_on_device and isinstance(source, Shards)
+        self.data_on_gpu = data_on_gpu and isinstance(source, Shards)
         self.device = device  # where --data_on_gpu decodes: the training device
-        self.pin_memory = pin_memory and torch.cuda.is_available()  # page-locked batches: async copies to the GPU
+        # page-locked batches: async copies to the GPU
+        self.pin_memory = pin_memory and torch.cuda.is_available()
         self.prefetch_factor = prefetch_factor  # batches each worker prepares ahead
         self._batch_transform = batch_transform  # for a Dataset (Shards carry their own)
         self.rank, self.world, self.seed = rank, world, seed
+        self.global_batch = GlobalBatch(batch_size, world, grad_accum_steps)  # training: one optimizer step's
         self.batch_size, self.num_workers = batch_size, num_workers
         self._layout_maker: EpochLayouts | None = None  # keeps the last layout (loader and report share it)
         self.persistent_workers = persistent_workers and num_workers > 0
@@ -245,16 +250,17 @@ class SplitLoader:
             self.index = None
             length = epoch_samples(source, train_samples, max_steps, split)
             if length is None and training:  # a stream without a length: one epoch of --max_steps steps
-                batches_per_epoch = max_steps * grad_accum_steps
-            self.total = length if length is not None else (batches_per_epoch or 0) * batch_size * world
+                batches_per_epoch = self.global_batch.micro_batches_in_steps(max_steps)
+            self.total = (length if length is not None
+                          else self.global_batch.samples_in_micro_batches(batches_per_epoch or 0))
         else:
             self.index = None
             self.total = len(source)
-        # Training, per rank: whole optimizer steps of batch_size x world x grad_accum_steps samples
-        # (0 when the split is smaller than one; the plan refuses that); unless given.
-        steps = self.total // (batch_size * world * grad_accum_steps)
-        self.batches_per_epoch = (batches_per_epoch if batches_per_epoch is not None else steps * grad_accum_steps
-                                  ) if training else None
+        # Training, per rank: whole optimizer steps of the global batch (0 when the split is smaller
+        # than one; the plan refuses that); unless given.
+        steps = self.global_batch.steps_in_samples(self.total)
+        self.batches_per_epoch = (batches_per_epoch if batches_per_epoch is not None
+                                  else self.global_batch.micro_batches_in_steps(steps)) if training else None
 
     @property
     def classes(self) -> list[str]:
@@ -309,7 +315,7 @@ class SplitLoader:
         """Training samples an epoch leaves unread so every rank takes the same whole batches."""
         if self.index is not None:
             return self.layout(epoch).dropped
-        return self.total - self.batches_per_epoch * self.batch_size * self.world
+        return self.total - self.global_batch.samples_in_micro_batches(self.batches_per_epoch)
 
     def loader(self, epoch: int, start: Position | None = None) -> Iterable[Batch]:
         """This rank's batches for `epoch`, from `start` (a position taken earlier) or the beginning.
@@ -320,10 +326,10 @@ class SplitLoader:
         start = start if start is not None and start.epoch == epoch else Position(epoch)
         if isinstance(self.source, Synthetic):
             return self._synthetic(start)
-        if start.batches and is_iterable(self.source) and self.rank == 0:
-            print(f"resuming the {type(self.source).__name__} {start.batches} batches into epoch {epoch}: each "
-                  "reader reads its slice again from the epoch's start and drops what it had read (exact if the "
-                  "dataset gives the same items in the same order each time)", flush=True)
+        if start.batches and is_iterable(self.source):
+            check_states_fit(self.source, start, self.rank, self.world)
+            if self.rank == 0:
+                print(resume_note(self.source, start), flush=True)
         if not self.persistent_workers or start.batches:
             loader = self._data_loader(epoch, start)
         else:
@@ -334,7 +340,7 @@ class SplitLoader:
         if loader.batches is not None:
             loader.batches.set(self._batches(epoch, start))
         batches = self._watched(loader.data_loader) if self.num_workers else loader.data_loader
-        if self.decode_on_device:
+        if self.data_on_gpu:
             return self._decoded(batches)
         return batches if loader.returns is None else loader.returns.track(batches)
 
@@ -363,14 +369,14 @@ class SplitLoader:
                        # The DataLoader draws its workers' base seed from this, not from the model's global RNG.
                        generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader", int(epoch), self.rank)))
         if isinstance(self.source, Shards):
-            reuse = self.num_workers > 0 and not self.decode_on_device  # workers' batch buffers: BufferRing
+            reuse = self.num_workers > 0 and not self.data_on_gpu  # workers' batch buffers: BufferRing
             returns = BufferReturns(self.num_workers) if reuse else None
             # A worker gets its task k + prefetch_factor when the main process takes its batch k; the
             # consumer drops batch k when it takes the next one, and `BufferReturns` sees that one
             # batch later: 2 slots beyond prefetch_factor cover that with 2+ workers, 3 with one.
             ring = self.prefetch_factor + (3 if self.num_workers == 1 else 2)
             stream = ShardStream(self._layouts(), self.source, rank=self.rank, seed=self.seed,
-                                 training=self.training, epoch=epoch, start=start, encoded=self.decode_on_device,
+                                 training=self.training, epoch=epoch, start=start, data_on_gpu=self.data_on_gpu,
                                  released=returns.released if returns else None, ring=ring, collate_fn=self.collate_fn,
                                  num_classes=self.num_classes)
             return EpochLoader(DataLoader(stream, batch_size=None, **options), returns=returns)

@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 
 JPEG_MAGIC = b"\xff\xd8\xff"
-SCALED_COLORSPACES = ("YCbCr", "Gray", "RGB")  # simplejpeg's RGB output matches PIL's for these; CMYK/YCCK go to PIL
+# simplejpeg's RGB output matches PIL's for these; CMYK/YCCK go to PIL
+SCALED_COLORSPACES = ("YCbCr", "Gray", "RGB")
 # Downscale by 2 or more, or not at all: libjpeg-turbo's scales between 1/2 and 1 (5/8 .. 7/8)
 # have no SIMD IDCT and decode slower than full size (simplejpeg's docstring says so too).
 MIN_FACTOR = 2.0
@@ -47,7 +48,8 @@ def decode_rgb(data: bytes, min_height: int = 0, min_width: int = 0) -> torch.Te
     array = _scaled_jpeg(data, min_height, min_width) if data[:3] == JPEG_MAGIC else None
     if array is None:
         image = Image.open(io.BytesIO(data))
-        array = numpy.array(image if image.mode == "RGB" else image.convert("RGB"))  # writable, as PILToTensor's
+        # writable, as PILToTensor's
+        array = numpy.array(image if image.mode == "RGB" else image.convert("RGB"))
     return torch.from_numpy(array).permute(2, 0, 1)
 
 

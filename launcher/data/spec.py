@@ -22,13 +22,19 @@ class Shards:
     """A split stored as WebDataset tar shards. By default each sample is an image and its `cls`
     label, `(transform(image), label)`; `decode` reads any other sample (launcher.data.decoders)."""
 
-    urls: str | Sequence[str]  # paths, s3:// gs:// http(s):// URLs, `pipe:` commands (brace patterns in any), or a directory with index.json
-    transform: Callable | None = None  # per sample in the workers: the image (default decode; uint8 keeps batches small), or the decoded sample; one with from_bytes (launcher.presets) gets the image undecoded
-    batch_transform: Callable | None = None  # on the device, per batch (e.g. uint8 -> normalized float): a pair's inputs, else the batch
+    # paths, s3:// gs:// http(s):// URLs, `pipe:` commands (brace patterns in any), or a directory with
+    # index.json
+    urls: str | Sequence[str]
+    # per sample in the workers: the image (default decode; uint8 keeps batches small), or the decoded sample;
+    # one with from_bytes (launcher.presets) gets the image undecoded
+    transform: Callable | None = None
+    # on the device, per batch (e.g. uint8 -> normalized float): a pair's inputs, else the batch
+    batch_transform: Callable | None = None
     shuffle_buffer: int = 1000  # samples held for shuffling (training only); 0: read in order
     image_keys: Sequence[str] = IMAGE_EXTENSIONS  # default decode: the first present one is the image
     index: str = ""  # index.json (path or URL); "": the one beside the shards (remote shards need one)
-    decode: Callable[[dict], Any] | None = None  # raw sample (extension -> bytes) -> sample; None: image and cls
+    # raw sample (extension -> bytes) -> sample; None: image and cls
+    decode: Callable[[dict], Any] | None = None
 
     def __post_init__(self):
         size = self.shuffle_buffer
@@ -47,7 +53,8 @@ class Shards:
 
     def prepare(self, sample: dict) -> Any:
         """The decoded, transformed sample of a raw one (raises what decode or transform raise)."""
-        from_bytes = getattr(self.transform, "from_bytes", None)  # launcher.presets: decode at the crop's size
+        # launcher.presets: decode at the crop's size
+        from_bytes = getattr(self.transform, "from_bytes", None)
         if from_bytes is not None and isinstance(self.decoder, image_label):
             data, label = self.decoder.encoded(sample)
             return from_bytes(data), label
@@ -95,9 +102,12 @@ class DataSpec:
     train: Shards | Dataset | Any
     val: Shards | Dataset | Any | None = None
     classes: Sequence[str] | None = None  # class names; None: from the shard index or the dataset's .classes
-    batch_transform: Callable | None = None  # per batch on the device, for Dataset splits: a pair's inputs, else the batch
-    collate: Collate | None = None  # list of samples -> batch, in the workers (e.g. padding); None: default_collate
-    train_samples: int | None = None  # an iterable train split: samples in one epoch; None: its len(), else --max_steps steps
+    # per batch on the device, for Dataset splits: a pair's inputs, else the batch
+    batch_transform: Callable | None = None
+    # list of samples -> batch, in the workers (e.g. padding); None: default_collate
+    collate: Collate | None = None
+    # an iterable train split: samples in one epoch; None: its len(), else --max_steps steps
+    train_samples: int | None = None
 
     def __post_init__(self):
         """Refuse a transform passed uncalled (`normalize` for `normalize()`): it would be called

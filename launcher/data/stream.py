@@ -30,15 +30,16 @@ class ShardStream(IterableDataset):
     computes that epoch's layout itself, a pure function of the epoch."""
 
     def __init__(self, layouts: Callable[[int], EpochLayout], spec: Shards, *, rank: int, seed: int,
-                 training: bool, epoch: int | torch.Tensor, start: Position | None = None, encoded: bool = False,
+                 training: bool, epoch: int | torch.Tensor, start: Position | None = None, data_on_gpu: bool = False,
                  released: torch.Tensor | None = None, ring: int = 0, collate_fn: Collate | None = None,
                  num_classes: int | None = None):
         self.layouts, self.spec, self.epoch_source = layouts, spec, epoch
-        self.num_classes = num_classes  # class labels outside 0..num_classes-1 make a sample unreadable (check_label)
+        # class labels outside 0..num_classes-1 make a sample unreadable (check_label)
+        self.num_classes = num_classes
         self.collate_fn = collate_fn
         self.rank, self.seed, self.training = rank, seed, training
         self.start = start
-        self.encoded = encoded  # pass images on undecoded (decoded on the device: launcher/data/device_decode.py)
+        self.data_on_gpu = data_on_gpu  # pass images on undecoded (decoded on the device: launcher/data/device_decode.py)
         self.released, self.ring = released, ring  # see BufferRing; ring 0: a new buffer per batch
         self._buffers: BufferRing | None = None  # made in each worker, kept by persistent ones
 
@@ -61,7 +62,7 @@ class ShardStream(IterableDataset):
         done, first_pass, skip = start.workers.get(worker, [0, 0, 0])
         if self.training and done >= share.batches:
             return
-        batch = (EncodedBatch(worker, self.batch_size) if self.encoded else
+        batch = (EncodedBatch(worker, self.batch_size) if self.data_on_gpu else
                  BatchBuilder(worker, self.batch_size, self._buffers, self.collate_fn))
         reasons: list[str] = []  # the first few, for the error when nothing is readable
         for repeat in itertools.count(first_pass) if self.training else range(1):
@@ -123,12 +124,12 @@ class ShardStream(IterableDataset):
             yield n + 1, None, list(pending)
 
     def _decode(self, sample: dict, repeat: int, errors: list) -> tuple | None:
-        """(sample, key), or with `encoded` ((bytes, label, key, shard, augmentation seed),); None if unreadable.
+        """(sample, key), or with `data_on_gpu` ((bytes, label, key, shard, augmentation seed),); None if unreadable.
         A sample whose decode or transform raises, or whose class label is out of range, is unreadable:
         skipped and counted."""
         key, url = sample.get("__key__"), sample.get("__url__")
         try:
-            if self.encoded:
+            if self.data_on_gpu:
                 decoder = self.spec.decoder
                 image_key = decoder.image_key(sample)
                 seed = derive_seed(self.seed, "augment", self.epoch, key, repeat) if self.training else None

@@ -108,7 +108,8 @@ def tar_files(path: str | BinaryIO, contents: bool = True) -> Iterator[tuple[str
             if size < 0:  # a damaged base-256 size: seeking back by it would loop forever
                 raise TarReadError(f"tar header at byte {offset - BLOCK} gives member {_name(header)!r} the negative "
                                    f"size {size} (corrupt file?)")
-            if file_size is not None and size > file_size - offset:  # before reading: no buffer of a damaged size
+            # before reading: no buffer of a damaged size
+            if file_size is not None and size > file_size - offset:
                 raise TarReadError(f"tar is cut inside member {_name(header)!r} at byte {file_size}: it claims {size} "
                                    f"bytes, {file_size - offset} are left (truncated file, or a corrupt size?)")
             padded = size + (-size % BLOCK)

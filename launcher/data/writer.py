@@ -38,7 +38,8 @@ from launcher.data.index import INDEX_NAME
 
 
 SHARD_MTIME = 946684800  # 2000-01-01 UTC: fixed, and not so old that `tar x` warns about it
-IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff")  # the extensions the writer stores images as
+# the extensions the writer stores images as
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff")
 DEFAULT_QUALITY = 90  # JPEG quality of the images the writer encodes (FFCV's default; Pillow's own is 75)
 
 

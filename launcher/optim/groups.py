@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -64,11 +64,13 @@ class Group:
 @dataclass
 class Schedule:
     groups: Sequence[Group] = (Group("all"),)
-    optimizer: OptimizerFactory | None = None  # called as optimizer(param_groups); None: the config's --optimizer
-    lr_at: LRSchedule | LRFunction | None = None  # a schedules.* object or (step, total_steps) -> LR multiplier; None: the config's --lr_schedule
+    # called as optimizer(param_groups); None: the config's --optimizer
+    optimizer: OptimizerFactory | None = None
+    # a schedules.* object or (step, total_steps) -> LR multiplier; None: the config's --lr_schedule
+    lr_at: LRSchedule | LRFunction | None = None
     no_decay_norm_bias: bool = False  # biases and norm weights (ndim <= 1) get weight decay 0
 
-    def resolved(self, cfg) -> "Schedule":
+    def resolved(self, cfg) -> Schedule:
         """A copy with what the recipe left to the config (optimizer, LR schedule) filled in."""
         return dataclasses.replace(self, optimizer=self.optimizer or optimizers.from_config(cfg),
                                    lr_at=self.lr_at if self.lr_at is not None else schedules.from_config(cfg))
@@ -79,7 +81,8 @@ def default_schedule(cfg) -> Schedule:
 
 
 def layer_decay(stages: Sequence[Group], decay: float, first_depth: int = 1) -> list[Group]:
-    """Layer-wise LR decay: `stages` listed from the head down; stage i gets lr_scale x decay^(first_depth + i).
+    """Layer-wise LR decay: `stages` listed from the head down; stage i gets
+    lr_scale x decay^(first_depth + i).
 
     With the head as its own group (depth 0), the stage just below it has depth 1."""
     if not 0 < decay <= 1:
@@ -110,7 +113,8 @@ class ParamGroup:
 
 
 def matches(name: str, pattern: str) -> bool:
-    """`pattern` matches the parameter name or one of its module prefixes (`layer1` -> `layer1.0.conv1.weight`)."""
+    """`pattern` matches the parameter name or one of its module prefixes
+    (`layer1` -> `layer1.0.conv1.weight`)."""
     parts = name.split(".")
     return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(len(parts), 0, -1))
 

@@ -9,7 +9,7 @@ picks one by name with `loss(name, ...)` in its `build_loss`, or returns any cal
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from functools import partial
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -158,7 +159,8 @@ class Plateau(LRSchedule):
     min_factor: float = 0.0  # the LR never goes below base x this
 
     def __post_init__(self):
-        self._holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # its LR is the multiplier
+        # its LR is the multiplier
+        self._holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
         self._torch = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self._holder, mode=self.mode, factor=self.factor, patience=self.patience, threshold=self.threshold,
             cooldown=self.cooldown, min_lr=self.min_factor)

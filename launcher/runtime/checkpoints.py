@@ -32,6 +32,7 @@ import os
 import shutil
 import signal
 import zlib
+from typing import Callable
 
 import xxhash
 from accelerate import Accelerator
@@ -60,7 +61,8 @@ MANIFEST_FILE = "manifest.json"  # every file's size and xxh3-64 hash, written l
 SHARDED_DIR = "sharded"  # an FSDP checkpoint's DCP files (model, optimizer, EMA), reshardable
 BEST_FILE = "best.json"
 ABANDONED_DIR = "abandoned"  # checkpoints after the step a run resumed from: another branch of its history
-KILL_DURING_SAVE = "LAUNCHER_TEST_KILL_DURING_SAVE"  # fault injection for the tests: SIGKILL mid-save at this step
+# fault injection for the tests: SIGKILL mid-save at this step
+KILL_DURING_SAVE = "LAUNCHER_TEST_KILL_DURING_SAVE"
 # Fault injection for the tests: "STEP:POINT", SIGKILL at that point of step STEP's save protocol:
 # `unsynced` (every file written, none fsynced, no manifest), `renamed` (in place, nothing pruned),
 # `pruning` (after the first older checkpoint is deleted).
@@ -93,10 +95,12 @@ def agreed_resume(accelerator: Accelerator, cfg, log=print) -> str | None:
     return value
 
 
-def find_resume(cfg, log=print) -> str | None:
-    """The checkpoint to resume from, or None; refuses to overwrite an earlier run by accident.
-    `auto` takes the newest checkpoint that matches its manifest, warning about any newer one
-    that does not; a given path that does not match is an error."""
+def find_resume(cfg, log=print, problem: Callable[[str], str | None] | None = None) -> str | None:
+    """What --resume resolves to (the one place that decides it): the checkpoint to resume from, or
+    None; refuses to overwrite an earlier run by accident. `auto` takes the newest checkpoint in which
+    `problem` finds nothing (default `verify`: every file matches its manifest), warning about any newer
+    one; a given path with a problem is an error."""
+    problem = problem or verify
     existing = checkpoint_dirs(cfg.output_dir)
     if cfg.resume == "":
         if existing or any(os.path.exists(os.path.join(cfg.output_dir, name))
@@ -106,18 +110,18 @@ def find_resume(cfg, log=print) -> str | None:
         return None
     if cfg.resume == "auto":
         for path in reversed(existing):
-            problem = verify(path)
-            if problem is None:
+            found = problem(path)
+            if found is None:
                 return path
-            log(f"WARNING: --resume=auto skips checkpoint {path}: {problem}")
+            log(f"WARNING: --resume=auto skips checkpoint {path}: {found}")
         log(f"--resume=auto: no {'intact ' if existing else ''}checkpoint in {cfg.output_dir}/checkpoints, starting fresh")
         return None
     if not os.path.isfile(os.path.join(cfg.resume, STATE_FILE)):
         raise ConfigError(f"--resume={cfg.resume} is not a complete checkpoint (no {STATE_FILE}); "
                           "pass a checkpoints/step-* directory or --resume=auto")
-    problem = verify(cfg.resume)
-    if problem is not None:
-        raise ConfigError(f"checkpoint {cfg.resume} is damaged ({problem}); resume from another checkpoint "
+    found = problem(cfg.resume)
+    if found is not None:
+        raise ConfigError(f"checkpoint {cfg.resume} is damaged ({found}); resume from another checkpoint "
                           "or with --resume=auto, which takes the newest intact one")
     return cfg.resume
 
@@ -166,7 +170,7 @@ def verify(path: str) -> str | None:
     written before manifests existed passes unchecked, if its trainer_state.json reads."""
     manifest_path = os.path.join(path, MANIFEST_FILE)
     if not os.path.isfile(manifest_path):
-        return _state_problem(path)
+        return state_problem(path)
     try:
         with open(manifest_path, "rb") as f:
             files = _manifest_files(json.load(f))
@@ -183,7 +187,7 @@ def verify(path: str) -> str | None:
     for (name, expected), kind, digest in zip(files.items(), kinds, _digests(path, list(files), kinds)):
         if digest != expected[kind]:
             return f"{name} does not match its checksum"
-    return _state_problem(path)
+    return state_problem(path)
 
 
 def _manifest_files(manifest) -> dict:
@@ -201,7 +205,7 @@ def _manifest_files(manifest) -> dict:
     return files
 
 
-def _state_problem(path: str) -> str | None:
+def state_problem(path: str) -> str | None:
     try:
         _read_state_json(path)
     except ConfigError as error:
@@ -266,7 +270,8 @@ def save(accelerator: Accelerator, output_dir: str, state: dict, rank_state: dic
         state_files.write(accelerator, temporary, frozen_base)
         writing = write_shards(temporary) if write_shards is not None else None
         if os.environ.get(KILL_DURING_SAVE) == str(state["step"]):
-            os.kill(os.getpid(), signal.SIGKILL)  # model and optimizer written (or being written), the rest not: a torn save
+            # model and optimizer written (or being written), the rest not: a torn save
+            os.kill(os.getpid(), signal.SIGKILL)
         inject_disk_full(state["step"])
         if rank_state is not None:
             with open(os.path.join(temporary, f"rank-{accelerator.process_index}.json"), "w") as f:

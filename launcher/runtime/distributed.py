@@ -25,7 +25,8 @@ if dist.is_available():
     # the process: destroy_process_group leaves gloo's worker threads running into interpreter
     # shutdown, where a thread that takes the GIL aborts the rank after a complete run ("terminate
     # called without an active exception", exit -6; pytorch#179291). Imported first, the default
-    # is None and destroy_process_group frees the group and its threads (README, "Known problems").
+    # is None and destroy_process_group frees the group and its threads
+    # (docs/known-problems.md#a-rank-aborts-at-exit).
     import torch.distributed.nn.functional  # noqa: F401
 
 
@@ -111,9 +112,7 @@ class ReplicaChecksums:
     """A short hash of each rank's parameters, from every rank: what `replicas.json` records."""
 
     def __init__(self, device: torch.device, world_size: int):
-        # Gathered into tensors held for the life of this object, not temporaries, as in
-        # StopSignals: with torch 2.4, a tensor that gloo's worker thread frees just as
-        # the process group goes away (the run's end, right after this gather) deadlocks the rank.
+        # Held for the life of this object (docs/known-problems.md#the-gil-at-shutdown).
         self.world_size = world_size
         self.mine = torch.zeros(8, dtype=torch.int64, device=device)
         self.everyone = [torch.zeros_like(self.mine) for _ in range(world_size)]

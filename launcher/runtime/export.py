@@ -34,9 +34,11 @@ from launcher.runtime.sharding import full
 
 WEIGHTS_STEM, EMA_STEM = "model", "model_ema"
 HF_DIR = "hf"
-STAGING = ".export"  # OUTPUT_DIR/.export, OUTPUT_DIR/.export-hf: written in full before they are moved in place
+# OUTPUT_DIR/.export, OUTPUT_DIR/.export-hf: written in full before they are moved in place
+STAGING = ".export"
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab*",
-                   "merges.txt", "*.model", "*.tiktoken")  # what transformers' tokenizers save (*.model: sentencepiece)
+                   # what transformers' tokenizers save (*.model: sentencepiece)
+                   "merges.txt", "*.model", "*.tiktoken")
 
 
 @dataclass(frozen=True)

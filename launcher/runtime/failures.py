@@ -88,11 +88,11 @@ def worker_lost(error: BaseException, rank: int, step: int, workers: dict[int, t
     if description is None and terminated:
         description = signal.strsignal(signal.SIGTERM)  # the worker got the rank's SIGTERM too
     if description is None:
-        cause = ("it ended unexpectedly: killed, most likely by the kernel's out-of-memory killer (`dmesg` says), or "
-                 "exited (its traceback, if any, is above)" if found is not None else
-                 f"it ended while handing a batch over ({type(error).__name__}), most likely killed by the kernel's "
-                 "out-of-memory killer (`dmesg` says); lower --num_workers, --prefetch_factor or --batch_size, or "
-                 "give the job more memory")
+        cause = ("it ended unexpectedly: killed, most likely by the kernel's out-of-memory killer "
+                 "(`dmesg` says), or exited (its traceback, if any, is above)" if found is not None else
+                 f"it ended while handing a batch over ({type(error).__name__}), most likely killed by the "
+                 "kernel's out-of-memory killer (`dmesg` says); lower --num_workers, --prefetch_factor or "
+                 "--batch_size, or give the job more memory")
     else:
         name = next((s.name for s in signal.Signals if signal.strsignal(s) == description.strip()), description.strip())
         cause = (f"killed by {name}, most likely by the kernel's out-of-memory killer (`dmesg` says); lower "

@@ -32,7 +32,8 @@ import contextlib
 import contextvars
 import copy
 import resource
-from typing import Callable, NamedTuple
+from typing import NamedTuple
+from collections.abc import Callable
 
 import torch
 from torch import nn

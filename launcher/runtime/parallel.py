@@ -32,7 +32,8 @@ class Parallel(abc.ABC):
     def __init__(self, cfg: TrainConfig, accelerator: Accelerator):
         self.cfg, self.accelerator = cfg, accelerator
         self.units: list[tuple[str, nn.Module]] = []  # shard and activation-checkpointing units, from `place`
-        self.frozen_base: frozenset[str] = frozenset()  # a PEFT model's base: not in checkpoints (launcher/train/adapters.py), set by build_parts
+        # a PEFT model's base: not in checkpoints (launcher/train/adapters.py), set by build_parts
+        self.frozen_base: frozenset[str] = frozenset()
         self.memory = MemoryReport(accelerator.device, accelerator.num_processes)
 
     @abc.abstractmethod
@@ -146,9 +147,11 @@ class Replicated(Parallel):
         """From the checkpoint's model.safetensors, as save_state wrote it (`module.` in front under DDP)."""
         state = safetensors.torch.load_file(os.path.join(path, "model.safetensors"), device="cpu")
         state = {key.removeprefix("module."): value for key, value in state.items()}
-        result = self.accelerator.unwrap_model(model).load_state_dict(state, strict=False)  # tied weights: saved once
+        # tied weights: saved once
+        result = self.accelerator.unwrap_model(model).load_state_dict(state, strict=False)
         if result.unexpected_keys:
-            raise ConfigError(f"checkpoint {path} does not fit the model (unexpected {', '.join(result.unexpected_keys[:3])})")
+            unexpected = ", ".join(result.unexpected_keys[:3])
+            raise ConfigError(f"checkpoint {path} does not fit the model (unexpected {unexpected})")
 
     def replica_checksums(self, model: nn.Module) -> list[str] | None:
         return self.checksums(self.accelerator.unwrap_model(model))
@@ -164,7 +167,8 @@ class Sharded(Parallel):
         super().__init__(cfg, accelerator)
         self.own_group = sharding.ensure_process_group(accelerator.device)
         self.checkpointer = sharding.ShardedCheckpointer(cfg.async_checkpoint)
-        self.summed = sharding.summed_gradients(accelerator.device)  # then divided here (README, "Known problems")
+        # gradients that gloo summed are divided here (docs/known-problems.md#fsdp-over-gloo-sums-gradients)
+        self.summed = sharding.summed_gradients(accelerator.device)
 
     def place(self, model: nn.Module, units: list[tuple[str, nn.Module]]) -> None:
         """Activation checkpointing, compilation and sharding, in place, before the model has values
@@ -252,7 +256,8 @@ def memory_per_rank(model: nn.Module, trained: list[nn.Parameter], slots: float,
             "optimizer": int(trained_bytes * slots)}
 
 
-BUILD_FIELDS = ("baseline_rss_mb", "load_peak_rss_mb", "build_s")  # peak resident MB before the model is built
+# peak resident MB before the model is built
+BUILD_FIELDS = ("baseline_rss_mb", "load_peak_rss_mb", "build_s")
 # and once it is built and loaded (before the pre-flight), and the seconds that took
 MEMORY_FIELDS = ("params_mb", "optimizer_mb", "peak_rss_mb", "peak_gpu_mb", *BUILD_FIELDS)
 
@@ -261,8 +266,8 @@ class MemoryReport:
     """Each process's MB of parameters (its shards under FSDP) and optimizer state, its peak
     resident memory (since the process started: at the end, before the model was built, and once it
     was built and loaded, before the pre-flight), the seconds building and loading took and, on a GPU,
-    its peak allocated GPU memory, from every rank. The gathered tensors are held for the life of this object, as in ReplicaChecksums (a
-    temporary freed by gloo's thread as the process group goes away deadlocks the rank)."""
+    its peak allocated GPU memory, from every rank. The gathered tensors are held for the life of this object
+    (docs/known-problems.md#the-gil-at-shutdown)."""
 
     def __init__(self, device: torch.device, world_size: int):
         self.device, self.world_size = device, world_size

@@ -17,7 +17,8 @@ SIGINT, or a SIGTERM after it, exits at once: one line, no checkpoint. The termi
 to its foreground process group: a single process and its DataLoader workers, or under `accelerate
 launch` torchrun's agent alone (it starts each rank in a session of its own), which sends SIGINT to
 each rank's process group (the rank and its workers), waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds
-(30) and then sends SIGKILL; a second Ctrl-C interrupts that wait, and the agent sends SIGTERM. A worker forked from a rank inherits this handler and ignores the signal: its
+(30) and then sends SIGKILL; a second Ctrl-C interrupts that wait, and the agent sends SIGTERM. A
+worker forked from a rank inherits this handler and ignores the signal: its
 rank decides (torch's workers exit quietly on a KeyboardInterrupt, and the rank would then lose
 them before it could checkpoint). A process started with SIGINT ignored (a script's background
 job) keeps ignoring it.
@@ -29,7 +30,7 @@ import os
 import signal
 import subprocess
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -73,12 +74,13 @@ class StopSignals:
         self.world_size = world_size
         # One flag for every all-reduce, held here for the life of this object. gloo's worker
         # thread drops its reference to a finished all-reduce a moment after wait() returns; a
-        # tensor whose last reference goes there needs the GIL to free, and torch from 2.4 until
-        # pytorch#154976 (2025) holds the GIL while destroy_process_group joins that thread: both
-        # wait forever.
+        # tensor whose last reference goes there needs the GIL to free, and torch before
+        # pytorch#154976 (June 2025; 2.7 included) holds the GIL while destroy_process_group joins
+        # that thread: both wait forever (docs/known-problems.md#the-gil-at-shutdown).
         self.flag = torch.zeros(2, dtype=torch.int64)  # [signal, -(the step of a checkpoint written)]
         self.pending = None  # the all-reduce the previous call started
-        self.all_ready = -1  # the step of the checkpoint every rank had finished writing, by the previous call
+        # the step of the checkpoint every rank had finished writing, by the previous call
+        self.all_ready = -1
 
     def _record(self, signum, frame) -> None:
         if os.getpid() != self.pid:

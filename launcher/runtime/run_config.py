@@ -11,7 +11,8 @@ import json
 import os
 
 from launcher.config import ConfigError, TrainConfig, inherit, result_changes, shown
-from launcher.runtime.checkpoints import STATE_FILE, _state_problem, checkpoint_dirs, read_state
+from launcher.global_batch import GlobalBatch
+from launcher.runtime.checkpoints import STATE_FILE, find_resume, read_state, state_problem
 
 
 def keep_global_batch(cfg, path: str, world_size: int) -> tuple[object, str]:
@@ -21,20 +22,18 @@ def keep_global_batch(cfg, path: str, world_size: int) -> tuple[object, str]:
     then_world = state.get("world_size", world_size)
     if then_world == world_size:
         return cfg, ""
-    then = state["config"]
-    global_batch = then["batch_size"] * then_world * then["grad_accum_steps"]
-    per_step = cfg.batch_size * world_size
-    if global_batch % per_step:
-        fix = (f"choose a --batch_size that divides {global_batch // world_size}" if global_batch % world_size == 0
-               else f"resume on a number of processes that divides {global_batch}")
+    then = GlobalBatch.of(state["config"], then_world)
+    now = then.on(world_size, cfg.batch_size)
+    if now is None:
+        fix = (f"choose a --batch_size that divides {then.samples // world_size}" if then.samples % world_size == 0
+               else f"resume on a number of processes that divides {then.samples}")
         raise ConfigError(
-            f"checkpoint {path} trained with a global batch of {global_batch} ({then['batch_size']} per device x "
-            f"{then_world} processes x {then['grad_accum_steps']} accumulation), which {world_size} processes x "
+            f"checkpoint {path} trained with a global batch of {then.samples} ({then.batch_size} per device x "
+            f"{then_world} processes x {then.grad_accum_steps} accumulation), which {world_size} processes x "
             f"--batch_size={cfg.batch_size} do not divide; {fix}")
-    accum = global_batch // per_step
     note = (f"resuming on {world_size} process(es) instead of {then_world}: grad_accum_steps "
-            f"{cfg.grad_accum_steps} -> {accum} keeps the global batch of {global_batch}")
-    return dataclasses.replace(cfg, grad_accum_steps=accum), note
+            f"{cfg.grad_accum_steps} -> {now.grad_accum_steps} keeps the global batch of {then.samples}")
+    return dataclasses.replace(cfg, grad_accum_steps=now.grad_accum_steps), note
 
 
 def resume_config(cfg: TrainConfig, given: set[str] | frozenset[str], log=print) -> TrainConfig:
@@ -49,7 +48,8 @@ def resume_config(cfg: TrainConfig, given: set[str] | frozenset[str], log=print)
     cfg, note = inherit(cfg, saved, given, f"checkpoint {path}")
     if note:
         log(note)
-    # grad_accum_steps: the trainer's check, which knows the world size (on another, keep_global_batch sets it)
+    # grad_accum_steps: the trainer's check, which knows the world size (on another,
+    # keep_global_batch sets it)
     changed = refuse_changes(cfg, saved, path, set(given) - {"grad_accum_steps"})
     if changed:
         log(f"note: --resume_changes=allow: {changed}")
@@ -82,15 +82,12 @@ def check_resumed_config(cfg: TrainConfig, path: str, world_size: int) -> None:
 
 
 def _resume_candidate(cfg) -> str | None:
-    """The checkpoint whose config a --resume takes: the given one, or the newest whose state reads."""
-    if cfg.resume == "auto":
-        for path in reversed(checkpoint_dirs(cfg.output_dir)):
-            if _state_problem(path) is None:
-                return path
+    """The checkpoint whose config a --resume takes: `find_resume`'s, checking only that its state
+    reads (the trainer verifies every file of the one it picks), or None where it would refuse."""
+    try:
+        return find_resume(cfg, log=lambda _: None, problem=state_problem)
+    except ConfigError:
         return None
-    if cfg.resume and os.path.isfile(os.path.join(cfg.resume, STATE_FILE)) and _state_problem(cfg.resume) is None:
-        return cfg.resume
-    return None
 
 
 RUN_CONFIG = "config.json"  # a run's resolved config, with its recipe's name (launcher/track/trackers.py)

@@ -196,8 +196,9 @@ class RunLock:
     def _refusal(self, seen: Seen) -> str:
         output_dir = os.path.dirname(self.path)
         if not seen.holder:
-            return (f"{self.path} is unreadable and only {max(seen.age_s, 0):.0f} s old (another run may be starting "
-                    f"in {output_dir}); retry after {self.grace_s:.0f} s, choose another --output_dir, or remove it")
+            return (f"{self.path} is unreadable and only {max(seen.age_s, 0):.0f} s old "
+                    f"(another run may be starting in {output_dir}); retry after {self.grace_s:.0f} s, "
+                    "choose another --output_dir, or remove it")
         holder = seen.holder
         return (f"{output_dir} is in use by another run (pid {holder['pid']} on {holder['host']}, started "
                 f"{holder.get('started')}); wait for it, choose another --output_dir, or remove {self.path} if "

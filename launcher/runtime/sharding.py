@@ -17,7 +17,7 @@ parameter at a time (launcher/runtime/export.py).
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -242,11 +242,11 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Mo
 class ShardedCheckpointer:
     """Saves (optionally asynchronously) and loads the sharded model, optimizer and EMA state."""
 
-    def __init__(self, asynchronous: bool):
-        self.asynchronous = asynchronous
+    def __init__(self, async_checkpoint: bool):
+        self.async_checkpoint = async_checkpoint
         # async_save writes from a thread: its collectives need a group of their own (gloo, on CPU),
         # or they would interleave with the training step's on the default group.
-        self.group = dist.new_group(backend="gloo") if asynchronous and dist.get_world_size() > 1 else None
+        self.group = dist.new_group(backend="gloo") if async_checkpoint and dist.get_world_size() > 1 else None
 
     def save(self, path: str, state: dict):
         """Writes state under path/sharded; returns a future when asynchronous (the tensors are
@@ -254,7 +254,7 @@ class ShardedCheckpointer:
         import torch.distributed.checkpoint as dcp
 
         target = os.path.join(path, SHARDED_DIR)
-        if self.asynchronous:
+        if self.async_checkpoint:
             return dcp.async_save(state, checkpoint_id=target, process_group=self.group)
         dcp.save(state, checkpoint_id=target)
         return None
@@ -265,7 +265,8 @@ class ShardedCheckpointer:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         state = sharded_state(model, optimizer, ema, frozen_base)
-        state_files.load_sharded(state, os.path.join(path, SHARDED_DIR))  # nothing unpickled but DCP's metadata
+        # nothing unpickled but DCP's metadata
+        state_files.load_sharded(state, os.path.join(path, SHARDED_DIR))
         model.load_state_dict(state["model"], strict=not frozen_base)  # DCP named any tensor it lacks
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
         if ema is not None:

@@ -53,7 +53,8 @@ from launcher.config import ConfigError
 
 INDEX_FILE = "states.json"
 FORMAT = 1
-PICKLED_SUFFIXES = (".pkl", ".bin", ".pt", ".pth")  # Accelerate's optimizer.bin, scaler.pt, random_states_0.pkl, ...
+# Accelerate's optimizer.bin, scaler.pt, random_states_0.pkl, ...
+PICKLED_SUFFIXES = (".pkl", ".bin", ".pt", ".pth")
 TENSOR, STRIDE, TUPLE, ITEMS = "__tensor__", "__stride__", "__tuple__", "__items__"
 TAGS = {TENSOR, STRIDE, TUPLE, ITEMS}
 
@@ -244,7 +245,8 @@ def read(accelerator: Accelerator, path: str, frozen_base: frozenset[str] = froz
         optimizer.load_state_dict(read_tree(os.path.join(path, _numbered("optimizer", i))))
     for i, obj in enumerate(objects):
         obj.load_state_dict(read_tree(os.path.join(path, f"registered-{i}")))
-    if acc.scaler is not None:  # none in the checkpoint (it trained without fp16): not loadable, as with Accelerate
+    # none in the checkpoint (it trained without fp16): not loadable, as with Accelerate
+    if acc.scaler is not None:
         acc.scaler.load_state_dict(read_tree(os.path.join(path, "scaler")))
     rank = os.path.join(path, f"random-states-{acc.process_index}")
     if os.path.isfile(rank + ".json"):
@@ -287,7 +289,8 @@ def _allowed(module: str, name: str):
     if module == "torch":
         value = getattr(torch, name, None)
         return value if value is torch.Size or isinstance(value, (torch.dtype, torch.layout, torch.memory_format)) else None
-    if (module, name) == ("torch.serialization", "_get_layout"):  # how a torch.layout pickles: a lookup by name
+    # how a torch.layout pickles: a lookup by name
+    if (module, name) == ("torch.serialization", "_get_layout"):
         return torch.serialization._get_layout  # noqa: SLF001
     if module in DCP_MODULES and (module == DCP_MODULES[0] or name == "_StorageInfo"):
         value = getattr(importlib.import_module(module), name, None)
@@ -374,7 +377,8 @@ def load_sharded(state: dict, directory: str) -> None:
     reader.read_metadata()
     try:
         dcp.load(state, storage_reader=reader, planner=planner_class())
-    except (CheckpointException, ConfigError) as error:  # CheckpointException (a BaseException): each rank's failure
+    except (CheckpointException, ConfigError) as error:
+        # CheckpointException (a BaseException): each rank's failure
         failures = [error] if isinstance(error, ConfigError) else [
             failure[0] if isinstance(failure, tuple) else failure for failure in error.failures.values()]
         planted = next((failure for failure in failures if isinstance(failure, ConfigError)), None)

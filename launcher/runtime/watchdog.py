@@ -2,7 +2,8 @@
 
 Progress is a finished optimizer step, an evaluation batch, or a checkpoint save begun or done:
 the loop calls `beat()` (one attribute write). A process that was stopped as a whole (SIGSTOP,
-Slurm suspending the job) and resumed starts the clock again: its thread did not run either. A rank waiting in a collective for a peer that died
+Slurm suspending the job) and resumed starts the clock again: its thread did not run either. A
+rank waiting in a collective for a peer that died
 without resetting its connection (a node gone, a frozen process) never returns from it; gloo's and
 NCCL's own timeouts are 30 minutes or more and, on NCCL, not always acted on. When the time is up
 the thread writes every thread's stack (faulthandler) to OUTPUT_DIR/hangs/rankR-stepS.txt, prints
@@ -27,13 +28,14 @@ import os
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 HANG_EXIT_CODE = 124
 PARENT_GONE_EXIT_CODE = 76  # as a lost peer: the rest of the run is gone
 STACK_WRITE_S = 5.0  # the most the stack file may take before the process exits anyway
-HANG_AT = "LAUNCHER_TEST_HANG_AT"  # fault injection for the tests: "RANK:STEP", that rank freezes (SIGSTOP) after that step
+# fault injection for the tests: "RANK:STEP", that rank freezes (SIGSTOP) after that step
+HANG_AT = "LAUNCHER_TEST_HANG_AT"
 
 
 class Watchdog:
@@ -70,7 +72,8 @@ class Watchdog:
                             f"`accelerate launch` or torchrun) has ended; leaving at step {self.step()}; rerun "
                             "with --resume=auto to continue", PARENT_GONE_EXIT_CODE)
             now = time.monotonic()
-            if now - woke > 2 * interval + 1:  # the whole process was stopped (SIGSTOP, Slurm's suspend): not a hang
+            # the whole process was stopped (SIGSTOP, Slurm's suspend): not a hang
+            if now - woke > 2 * interval + 1:
                 self.beat()
             woke, idle = now, now - self.last
             if self.timeout_s > 0 and idle >= self.timeout_s:

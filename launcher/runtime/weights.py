@@ -21,10 +21,11 @@ Tied weights (an LM head sharing the embedding) are loaded through whichever nam
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import os
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -86,7 +87,8 @@ class _TensorDict:
 
 
 def _torch_load(path: str) -> dict:
-    """The state_dict in a torch.save'd file (weights_only: nothing is unpickled but tensors and containers)."""
+    """The state_dict in a torch.save'd file (weights_only: nothing is unpickled but tensors and
+    containers)."""
     try:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -129,13 +131,14 @@ class WeightFiles:
         return self._where[name].read(name)
 
     def read_slice(self, name: str, slices: tuple[slice, ...]) -> torch.Tensor:
-        """Part of a tensor: one python slice per leading dimension (FSDP's shard of rows: `(slice(a, b),)`)."""
+        """Part of a tensor: one python slice per leading dimension
+        (FSDP's shard of rows: `(slice(a, b),)`)."""
         return self._where[name].read_slice(name, slices)
 
     def close(self) -> None:
         self._where, self.names = {}, []  # the memory maps close with the last reference
 
-    def __enter__(self) -> "WeightFiles":
+    def __enter__(self) -> WeightFiles:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -144,7 +147,8 @@ class WeightFiles:
 
 def open_weights(source: str, arch: str = "") -> WeightFiles:
     """`source` (see the module's docstring) ready to read; a damaged or missing file is one line."""
-    from launcher.runtime.checkpoints import resolve_best  # here: checkpoints imports DCP, which torch 2.7 makes slow
+    # here: checkpoints imports DCP, which torch 2.7 makes slow
+    from launcher.runtime.checkpoints import resolve_best
 
     source = resolve_best(source)  # RUN_DIR/best or a best.json: the best checkpoint's directory
     if os.path.isdir(source):
@@ -313,8 +317,10 @@ def load_weights(model: nn.Module, source: str, *, arch: str = "", head: str = "
         report = {"missing": [name for name in own if name not in replaced
                               and not any(alias in matched for alias in names.get(name, [name]))],
                   "unexpected": [name for name in files.names if name not in used], "replaced": sorted(replaced)}
-    log(f"loaded {len(matched)} tensors from {source}; head replaced: {', '.join(report['replaced']) or 'no'}; "
-        f"missing: {_first(report['missing'], 8) or 'none'}; unexpected: {_first(report['unexpected'], 8) or 'none'}")
+    log(f"loaded {len(matched)} tensors from {source}; "
+        f"head replaced: {', '.join(report['replaced']) or 'no'}; "
+        f"missing: {_first(report['missing'], 8) or 'none'}; "
+        f"unexpected: {_first(report['unexpected'], 8) or 'none'}")
     return report
 
 
@@ -334,7 +340,7 @@ def copy_matched(model: nn.Module, files: WeightFiles, matched: dict[str, str]) 
             target.copy_(files.read(file_name))
         else:
             meta_build.copy_slice(meta_build.local_tensor(target), slices,
-                                  lambda part: files.read_slice(file_name, part))
+                                  functools.partial(files.read_slice, file_name))
 
 
 # ---- whether a checkpoint fits a model exactly (resume, evaluate, predict) ---------------------
@@ -346,7 +352,8 @@ def fit_problem(model: nn.Module, files: WeightFiles, skip: frozenset[str] = fro
     matched = match_keys(files.names, own)
     found = {name: files.shape(file_name) for name, file_name in matched.items()}
     used = set(matched.values())
-    found.update({name: files.shape(name) for name in files.names if name not in used})  # by the file's own names
+    # by the file's own names
+    found.update({name: files.shape(name) for name in files.names if name not in used})
     names = aliases(model)
     expected = {name: shape for name, shape in own.items()
                 if name in matched or not any(alias in matched for alias in names.get(name, []))}

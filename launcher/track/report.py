@@ -19,14 +19,16 @@ import io
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 from launcher.config import ConfigError
+from launcher.global_batch import GlobalBatch
 
 
 ACCURACY_ENDINGS = ("top1", "top5", "accuracy", "acc")  # metrics shown as percentages
 NOT_PLOTTED = ("loss", "samples", "unreadable")  # val/loss has its own plot; the others are counts
-X_AXES = {"step": "optimizer step", "samples": "samples seen", "epoch": "epoch"}  # --x: the curves' x-axis label
+# --x: the curves' x-axis label
+X_AXES = {"step": "optimizer step", "samples": "samples seen", "epoch": "epoch"}
 METRIC_NAMES = {"top1": "top-1 accuracy", "top5": "top-5 accuracy", "token_accuracy": "token accuracy",
                 "mse": "mean squared error", "mae": "mean absolute error", "r2": "R² (coefficient of determination)"}
 
@@ -39,7 +41,8 @@ class Run:
     metrics: list[dict]
     summary: dict = field(default_factory=dict)
     confusion: dict | None = None
-    task: dict = field(default_factory=dict)  # task.json: task, loss, metrics, best_metric, best_mode, steps_per_epoch
+    # task.json: task, loss, metrics, best_metric, best_mode, steps_per_epoch
+    task: dict = field(default_factory=dict)
     environment: dict = field(default_factory=dict)  # environment.json: world_size, versions, launcher_commit
 
     def series(self, key: str, x: str = "step") -> tuple[list[float], list[float]]:
@@ -68,7 +71,7 @@ class Run:
         """What config.json alone does not say: processes, the global batch, the launcher that ran it."""
         world = self.environment.get("world_size")
         batch = self.config.get("batch_size")
-        global_batch = (batch * world * self.config.get("grad_accum_steps", 1)
+        global_batch = (GlobalBatch.of(self.config, world).samples
                         if isinstance(world, int) and isinstance(batch, int) else "-")
         return {"world_size": world if world is not None else "-", "global_batch": global_batch,
                 "launcher version": (self.environment.get("versions") or {}).get("launcher") or "-",
@@ -222,7 +225,8 @@ def render(runs: list[Run], x: str = "step") -> str:
     parts += [f'<figure><figcaption>{html.escape(title)}</figcaption>'
               f'<img alt="{html.escape(title)}" src="data:image/png;base64,{png}"></figure>'
               for title, png in figures]
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1100px} table{border-collapse:collapse;margin:1em 0}"
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1100px} "
+             "table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:14px}"
              "figure{margin:1.5em 0} figcaption{font-weight:bold;margin-bottom:.4em} img{max-width:100%}")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>launcher report</title>'
@@ -292,7 +296,8 @@ def _summary_table(runs: list[Run]) -> str:
         s = run.summary
         best = "-"
         if "best/metric" in s:
-            best = f"{s['best/metric']} {format_value(s['best/metric'], s['best/value'])} (step {s['best/step']})"
+            value = format_value(s["best/metric"], s["best/value"])
+            best = f"{s['best/metric']} {value} (step {s['best/step']})"
         cells = [run.name, run.path, run.task.get("task", "-"), s.get("steps", "-"), best, s.get("samples_seen", "-"),
                  s.get("total_time_s", "-"), s.get("unreadable_skipped", "-")]
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")

@@ -53,7 +53,7 @@ class FlopCount:
     """FLOPs of what runs inside it (torch's FlopCounterMode: matrix multiplies, convolutions,
     attention), as `total`."""
 
-    def __enter__(self) -> "FlopCount":
+    def __enter__(self) -> FlopCount:
         self.mode = FlopCounterMode(display=False)
         self.mode.__enter__()
         return self

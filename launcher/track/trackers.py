@@ -1,8 +1,8 @@
 """What a run leaves in its output_dir to be reproduced and reviewed, and what goes to wandb.
 
 config.json (the resolved config), recipe.py (the recipe's source), environment.json (versions,
-the launcher's git commit, command, world size), metrics.jsonl (one JSON object per optimizer step or evaluation),
-confusion.json (the latest evaluation's confusion matrix), summary.json (at the end). Only the
+the launcher's git commit, command, world size), metrics.jsonl (one JSON object per optimizer step
+or evaluation), confusion.json (the latest evaluation's confusion matrix), summary.json (at the end). Only the
 main process writes. The trackers (--trackers: wandb, tensorboard) go through Accelerate's tracker
 API, main process only: every logged scalar goes to each; TensorBoard's event files land in
 OUTPUT_DIR/tensorboard/<wandb_project>/ (`tensorboard --logdir OUTPUT_DIR/tensorboard`).
@@ -26,7 +26,7 @@ from accelerate.utils import ProjectConfiguration
 
 from launcher.config import ConfigError
 from launcher import durable
-from launcher.durable import atomic_file, disk_full_writing
+from launcher.durable import atomic_file
 
 
 TRACKERS = ("wandb", "tensorboard")
@@ -70,7 +70,8 @@ def save_run_files(cfg, recipe, world_size: int) -> None:
     with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
         json.dump({"recipe": recipe.name, **dataclasses.asdict(cfg)}, f, indent=1)
     copy = os.path.join(cfg.output_dir, "recipe.py")
-    if recipe.source_path and not (os.path.exists(copy) and os.path.samefile(recipe.source_path, copy)):  # the run's own copy
+    # the run's own copy
+    if recipe.source_path and not (os.path.exists(copy) and os.path.samefile(recipe.source_path, copy)):
         shutil.copyfile(recipe.source_path, copy)
     versions = {}
     for package in ("torch", "torchvision", "accelerate", "webdataset", "wandb", "tensorboard", "launcher"):
@@ -154,13 +155,14 @@ class MetricsLog:
         text = "".join(json.dumps(record) + "\n" for record in self.pending).encode()
         self.pending = []
         start = os.path.getsize(self.path) if os.path.isfile(self.path) else 0
-        try:
-            with open(self.path, "ab") as f:
-                f.write(text)
-        except OSError as error:
-            with contextlib.suppress(OSError):
-                os.truncate(self.path, start)
-            raise disk_full_writing(error, self.path) or error
+        with durable.no_space_left(self.path):
+            try:
+                with open(self.path, "ab") as f:
+                    f.write(text)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.truncate(self.path, start)
+                raise
 
 
 def _record(line: bytes) -> dict | None:

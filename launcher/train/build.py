@@ -36,7 +36,8 @@ class RunParts:
     classes: list[str]
     extra_metrics: dict | None  # the recipe's build_metrics
     units: list[tuple[str, torch.nn.Module]]  # shard (and activation-checkpointing) units, innermost first
-    ema_source: torch.nn.Module  # what an EMA copies: the model, or under FSDP a copy of it as built, without values
+    # what an EMA copies: the model, or under FSDP a copy of it as built, without values
+    ema_source: torch.nn.Module
     frozen_base: frozenset[str] = frozenset()  # a PEFT model's frozen base: in no group, not checkpointed
 
     def regroup(self, model: torch.nn.Module) -> list[ParamGroup]:
@@ -57,7 +58,7 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
     loader_args = dict(rank=rank, world=world, seed=cfg.seed, num_workers=cfg.num_workers,
                        batch_transform=data.batch_transform, pin_memory=cfg.pin_memory,
                        prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers,
-                       decode_on_device=cfg.data_on_gpu, collate_fn=data.collate, device=device)
+                       data_on_gpu=cfg.data_on_gpu, collate_fn=data.collate, device=device)
     train_data = SplitLoader(data.train, batch_size=cfg.batch_size, training=True,
                              grad_accum_steps=cfg.grad_accum_steps,
                              train_samples=data.train_samples, max_steps=cfg.max_steps, **loader_args)
@@ -140,7 +141,8 @@ def build_model(cfg: TrainConfig, recipe: Recipe, device: torch.device, parallel
 
 
 def _synthetic(split: SplitLoader, checked: Checked, loader_args: dict) -> SplitLoader:
-    """The split as random batches with the structure of its first real one, with its sizes and batch transform."""
+    """The split as random batches with the structure of its first real one, with its sizes and
+    batch transform."""
     source = Synthetic(checked.example, split.total, split.batch_transform)
     return SplitLoader(source, batch_size=split.batch_size, training=split.training,
                        batches_per_epoch=split.batches_per_epoch,

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 from types import MappingProxyType
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 
@@ -40,7 +41,8 @@ class View:
 
     step: int  # optimizer steps done
     epoch: int  # the epoch under way
-    model: torch.nn.Module  # the unwrapped model (under FSDP: its shards; gather before reading whole tensors)
+    # the unwrapped model (under FSDP: its shards; gather before reading whole tensors)
+    model: torch.nn.Module
     cfg: Any  # the run's resolved config (the recipe's Config)
     output_dir: str
     is_main_process: bool

@@ -3,14 +3,15 @@
 Each batch goes through the run's own step, so `loss` is the training loss on the validation
 data, normalised the same way: a mean step's losses weighted by the samples of each batch, a
 counted step's sums divided by the summed count (tokens), over every rank (one all-reduce). The
-task metrics (launcher/train/metrics.py) are torchmetrics, synced on compute. Every validation sample is
+task metrics (launcher/train/metrics.py) are sums, all-reduced on compute. Every validation sample is
 read exactly once across ranks and workers, so the metrics equal a single process's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 
@@ -73,9 +74,7 @@ _LOCKSTEP_FLAGS: dict[str, torch.Tensor] = {}  # one per device, held for the li
 def in_lockstep(batches, filler: Any, accelerator):
     """(batch, counted) until every rank has run out: a rank that has, or whose batch has no readable
     sample, runs `filler`, uncounted. One all-reduce of a flag per batch. The flag outlives the
-    pass: a tensor whose last reference a gloo worker thread drops needs the GIL to be freed, and
-    torch before pytorch#154976 (2.7 included) holds the GIL while destroy_process_group joins that
-    thread, so both would wait forever (as in StopSignals and ReplicaChecksums)."""
+    pass (docs/known-problems.md#the-gil-at-shutdown)."""
     flag = _LOCKSTEP_FLAGS.setdefault(str(accelerator.device), torch.zeros(1, device=accelerator.device))
     batches = iter(batches)
     while True:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
@@ -39,7 +39,8 @@ class Evaluator:
     def __init__(self, cfg: TrainConfig, val_data: SplitLoader | None, parts, accelerator: Accelerator,
                  parallel: Parallel, state: RunState, data_health: DataHealth, val_samples: int,
                  beat: Callable[[], None]):
-        self.every, self.batches = cfg.eval_every, cfg.eval_batches  # steps (0: epoch ends); per process (0: all)
+        self.eval_every = cfg.eval_every  # optimizer steps (0: at epoch ends)
+        self.eval_batches = cfg.eval_batches  # per process (0: all)
         self.channels_last, self.log_images = cfg.channels_last, cfg.log_images
         self.val_data, self.accelerator, self.parallel, self.state = val_data, accelerator, parallel, state
         self.checked, self.extra_metrics = parts.checked, parts.extra_metrics
@@ -50,10 +51,10 @@ class Evaluator:
 
     @property
     def at_epoch_ends(self) -> bool:
-        return not self.every
+        return not self.eval_every
 
     def due_after_step(self, step: int) -> bool:
-        return bool(self.every) and step % self.every == 0
+        return bool(self.eval_every) and step % self.eval_every == 0
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, ema, counted: bool) -> Evaluation | None:
@@ -72,9 +73,9 @@ class Evaluator:
     def _batches(self):
         """This rank's validation batches: all of them in the epoch's order, or its first
         --eval_batches in epoch 0's order (the same samples at every evaluation)."""
-        if not self.batches:
+        if not self.eval_batches:
             return self.val_data.loader(self.state.epoch)
-        return itertools.islice(self.val_data.loader(0), self.batches)
+        return itertools.islice(self.val_data.loader(0), self.eval_batches)
 
     def _beating(self, batches):
         for batch in batches:
@@ -84,9 +85,9 @@ class Evaluator:
     def _pass(self, model: torch.nn.Module, prefix: str) -> tuple[dict, list | None, list | None]:
         """One pass: (metrics, confusion matrix, example predictions). The raw weights' pass also
         counts unreadable samples."""
-        acc, raw, state = self.accelerator, prefix == "val", self.state
+        acc, raw = self.accelerator, prefix == "val"
         metrics = TaskMetrics(self.checked.task, self.checked.num_classes, acc.device, self.extra_metrics)
-        on_errors = (lambda errors: self.data_health.note(errors, "val", state.epoch, state.step)) if raw else None
+        on_errors = (lambda errors: self.data_health.note(errors, "val")) if raw else None
         passed = evaluate_split(model, self._beating(self._batches()), self.checked.step, metrics, acc, prefix,
                                 self.channels_last, on_errors,
                                 lockstep=self.checked.example if self.parallel.sharded else None)
@@ -96,8 +97,7 @@ class Evaluator:
         if raw:
             unreadable = passed.unreadable
             skipped = int(acc.reduce(torch.tensor(float(sum(unreadable.values())), device=acc.device), "sum").item())
-            read = self.val_samples if not self.batches else result[f"{prefix}/samples"] + skipped
-            self.data_health.check(skipped, read, "val", state.epoch, unreadable)
-            state.unreadable_total += skipped
+            read = self.val_samples if not self.eval_batches else result[f"{prefix}/samples"] + skipped
+            self.data_health.end_of_pass(skipped, read, "val", unreadable)
             result["val/unreadable"] = skipped
         return result, passed.confusion, examples

@@ -17,7 +17,7 @@ import json
 import math
 import os
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -71,7 +71,8 @@ class NonFiniteGuard:
             return True
         self.state.skipped_steps += 1
         if self.is_main:
-            tqdm.write(f"step {step}: non-finite loss or gradient, update skipped ({self.state.skipped_steps} so far)")
+            skipped = self.state.skipped_steps
+            tqdm.write(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
         return False
 
     def check(self, current_step: int) -> None:
@@ -88,12 +89,13 @@ class NonFiniteGuard:
         if not len(bad):
             return
         first = int(bad[0])
-        saved = f"stopped at step {current_step} with nothing saved since; last checkpoint: {self.last_checkpoint() or 'none'}"
+        saved = (f"stopped at step {current_step} with nothing saved since; "
+                 f"last checkpoint: {self.last_checkpoint() or 'none'}")
         if first == 2 * len(unchecked):  # only the weights
             raise RunStopped(
                 f"the weights are NaN/Inf after step {current_step}: a gradient was non-finite at step "
-                f"{unchecked[0][0]} or after, with finite losses; {saved}. Lower --lr, set --max_grad_norm, or "
-                "pass --nonfinite=skip to skip such steps")
+                f"{unchecked[0][0]} or after, with finite losses; {saved}. "
+                "Lower --lr, set --max_grad_norm, or pass --nonfinite=skip to skip such steps")
         step, loss, norm = unchecked[first // 2]
         shown = f", gradient norm {float(norm):.4g}" if norm is not None else ""
         raise RunStopped(
@@ -102,43 +104,54 @@ class NonFiniteGuard:
 
 
 class DataHealth:
-    """Every unreadable sample or shard of this rank: one JSON line in OUTPUT_DIR/data_errors/rankN.jsonl,
-    the first few printed; and the run stopped, on every rank at once, above --max_corrupt_fraction."""
+    """The unreadable accounting, all of it: every unreadable sample or shard of this rank, one JSON
+    line in OUTPUT_DIR/data_errors/rankN.jsonl, the first few printed; each pass's count (summed over
+    the ranks by the caller, in a collective it makes anyway) added to the run's total; and the run
+    stopped, on every rank at once, above --max_corrupt_fraction."""
 
-    def __init__(self, output_dir: str, rank: int, max_fraction: float, gather: Callable[[list], list]):
+    def __init__(self, output_dir: str, rank: int, max_corrupt_fraction: float, gather: Callable[[list], list],
+                 state: RunState):
         self.path = os.path.join(output_dir, "data_errors", f"rank{rank}.jsonl")
         self.directory = os.path.dirname(self.path)
-        self.rank, self.max_fraction, self.gather = rank, max_fraction, gather
+        self.rank, self.max_corrupt_fraction, self.gather, self.state = rank, max_corrupt_fraction, gather, state
         self.shown = 0
 
-    def note(self, errors: list[dict], split: str, epoch: int, step: int) -> None:
+    def note(self, errors: list[dict], split: str) -> None:
         if not errors:
             return
         os.makedirs(self.directory, exist_ok=True)
+        where = {"split": split, "epoch": self.state.epoch, "step": self.state.step}
         with open(self.path, "a") as f:
             for error in errors:
-                f.write(json.dumps({"split": split, "epoch": epoch, "step": step, **error}) + "\n")
+                f.write(json.dumps({**where, **error}) + "\n")
         for error in errors:
             self.shown += 1
             if self.shown <= SHOWN_ERRORS:
                 what = f"sample {error['key']}" if error["key"] else f"{error['samples']} samples (rest of shard)"
-                tqdm.write(printable(f"rank {self.rank}: skipped {error.get('kind', 'unreadable')} {what} in {error['shard']}: "
+                kind = error.get("kind", "unreadable")
+                tqdm.write(printable(f"rank {self.rank}: skipped {kind} {what} in {error['shard']}: "
                                      f"{error['reason']}"))  # a key that is not UTF-8 is escaped, not a crash
             elif self.shown == SHOWN_ERRORS + 1:
                 tqdm.write(f"rank {self.rank}: more unreadable samples; all are listed in {self.path}")
 
-    def check(self, total: int, samples: int, split: str, epoch: int, counts: dict[str, int]) -> None:
+    def end_of_pass(self, total: int, samples: int, split: str, counts: dict[str, int]) -> None:
+        """A whole pass over `split` (a training epoch, an evaluation) ended: its `total` unreadable
+        samples join the run's (summary.json's unreadable_skipped), and are checked."""
+        self.state.unreadable_total += total
+        self.check(total, samples, split, counts)
+
+    def check(self, total: int, samples: int, split: str, counts: dict[str, int]) -> None:
         """`total` unreadable of `samples` (already summed over the ranks; every rank calls this alike);
         `counts` is this rank's per-shard tally, gathered to name the worst shards."""
-        if total <= self.max_fraction * samples:
+        if total <= self.max_corrupt_fraction * samples:
             return
         merged: Counter[str] = Counter()
         for per_rank in self.gather([counts]):
             merged.update(per_rank)
         name = "training" if split == "train" else "validation"
         raise DataError(
-            f"{total} of {samples} {name} samples in epoch {epoch} are unreadable, more than "
-            f"--max_corrupt_fraction={self.max_fraction}; worst shards: "
+            f"{total} of {samples} {name} samples in epoch {self.state.epoch} are unreadable, more than "
+            f"--max_corrupt_fraction={self.max_corrupt_fraction}; worst shards: "
             + ", ".join(f"{shard} ({n})" for shard, n in merged.most_common(3))
             + f"; details in {self.directory}/. Rewrite or drop those shards")
 

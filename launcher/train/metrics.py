@@ -1,4 +1,4 @@
-"""Validation metrics by task, with torchmetrics (its states are synced across ranks on compute).
+"""Validation metrics by task, as sums all-reduced across the ranks when computed.
 
 The task is read from the first batch's outputs and targets (`infer_task`):
 - classification, (N, C) outputs and integer (N,) targets: `top1`, `top5` (more than 5 classes),
@@ -8,24 +8,27 @@ The task is read from the first batch's outputs and targets (`infer_task`):
   (exp of the per-token loss) and `token_accuracy`;
 - custom, when the step gives no outputs and targets: the loss alone.
 `loss` is the training loss on the validation data, normalised the same way (the trainer's
-evaluation pass sums it). A recipe may add its own: `build_metrics(cfg) -> {name: Metric}`, each
-updated with (outputs, targets).
+evaluation pass sums it). A recipe may add its own: `build_metrics(cfg) -> {name: Metric}` (torchmetrics,
+or any object with update(outputs, targets), compute(), reset() and to(device)).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-
-if TYPE_CHECKING:
-    import torchmetrics
+import torch.distributed as dist
 
 TASKS = ("classification", "regression", "language_model", "custom")
 IGNORE_INDEX = -100  # targets the language-model metrics skip (padding)
 BEST = {"classification": ("val/top1", "max")}  # the default best metric and mode; others: val/loss, min
+SUMS = {  # what each task's metrics sum over the validation samples
+    "classification": ("top5_correct",),  # and the confusion matrix
+    "regression": ("count", "squared_errors", "absolute_errors", "targets", "target_squares"),
+    "language_model": ("correct_tokens", "counted_tokens"),
+}
 LOSS_NAMES = {"CrossEntropy": "cross-entropy", "NLL": "negative log-likelihood", "BCEWithLogits": "binary cross-entropy"}
 
 
@@ -51,33 +54,32 @@ def better_direction(metric: str) -> str:
 
 
 class TaskMetrics:
-    """The task's metrics (and the recipe's) for one evaluation pass, on `device`."""
+    """The task's metrics (and the recipe's) for one evaluation pass, on `device`.
+
+    Each task metric is a sum over the validation samples (a confusion matrix; correct top-5
+    predictions; squared and absolute errors; targets and their squares; correct and counted
+    tokens), so one all-reduce per evaluation gives every rank the totals. Written here rather
+    than with torchmetrics: importing torchmetrics takes as long as importing torch, torchvision
+    and Accelerate together (it imports transformers, scipy and matplotlib where they are
+    installed), in every process of every run; a recipe's own `build_metrics` may still use it."""
 
     def __init__(self, task: str, num_classes: int | None, device: torch.device, extra: dict | None = None,
                  sync: bool = True):
-        # torchmetrics is imported here, where metrics are built: it imports torchvision, scipy and
-        # matplotlib (about 5 s), which a run refused at its start never needs.
-        from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
-        from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
+        self.task, self.num_classes, self.device, self.sync = task, num_classes or 0, device, sync
+        self.top5 = task == "classification" and self.num_classes > 5
+        # float64 sums (MPS has no float64): exact counts, and no float32 drift over many batches
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.extra = {name: metric.to(device) for name, metric in dict(extra or {}).items()}
+        self.reset()
 
-        self.task, self.num_classes = task, num_classes
-        kwargs = {"sync_on_compute": sync}
-        built: dict[str, torchmetrics.Metric] = {}
-        if task == "classification":
-            built["confusion"] = MulticlassConfusionMatrix(num_classes, **kwargs)
-            if num_classes > 5:
-                built["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", **kwargs)
-        elif task == "regression":
-            built.update(mse=MeanSquaredError(**kwargs), mae=MeanAbsoluteError(**kwargs), r2=R2Score(**kwargs))
-        elif task == "language_model":
-            built["token_accuracy"] = MulticlassAccuracy(num_classes, average="micro", ignore_index=IGNORE_INDEX,
-                                                         **kwargs)
-        self.extra = dict(extra or {})
-        self.metrics = {name: metric.to(device) for name, metric in {**built, **self.extra}.items()}
+    def reset(self) -> None:
+        classes = self.num_classes if self.task == "classification" else 0
+        self.confusion = torch.zeros(classes, classes, dtype=torch.long, device=self.device)
+        self.sums = torch.zeros(len(SUMS.get(self.task, ())), dtype=self.dtype, device=self.device)
 
     def names(self, prefix: str = "val") -> list[str]:
         """The metrics an evaluation reports, besides loss and samples."""
-        names = {"classification": ["top1"] + (["top5"] if "top5" in self.metrics else []),
+        names = {"classification": ["top1"] + (["top5"] if self.top5 else []),
                  "regression": ["mse", "mae", "r2"], "language_model": ["perplexity", "token_accuracy"]}
         return [f"{prefix}/{n}" for n in names.get(self.task, []) + list(self.extra)]
 
@@ -86,38 +88,59 @@ class TaskMetrics:
         """Add one batch; returns its predicted classes (classification), else None."""
         predictions = None
         if self.task == "classification":
-            outputs = outputs.float()
+            outputs, classes = outputs.float(), self.num_classes
             predictions = outputs.argmax(1)
-            self.metrics["confusion"].update(predictions, targets)
-            if "top5" in self.metrics:
-                self.metrics["top5"].update(outputs, targets)
+            if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= classes):
+                raise ValueError(f"classification targets must be class indices in [0, {classes}), got values "
+                                 f"from {int(targets.min())} to {int(targets.max())}")
+            self.confusion += torch.bincount(targets.long() * classes + predictions,
+                                             minlength=classes * classes).view(classes, classes)
+            if self.top5:
+                self.sums[0] += (outputs.topk(5, dim=1).indices == targets[:, None]).any(1).sum()
         elif self.task == "regression":
             outputs, targets = outputs.float().reshape(-1), targets.float().reshape(-1)
-            for name in ("mse", "mae", "r2"):
-                self.metrics[name].update(outputs, targets)
+            wide = targets.to(self.dtype)
+            errors = outputs.to(self.dtype) - wide
+            count = torch.tensor(float(wide.numel()), dtype=self.dtype, device=self.device)
+            self.sums += torch.stack([count, errors.square().sum(), errors.abs().sum(), wide.sum(), wide.square().sum()])
         elif self.task == "language_model":
-            self.metrics["token_accuracy"].update(outputs.float().flatten(0, 1), targets.flatten())
+            counted = targets != IGNORE_INDEX
+            self.sums[0] += (outputs.argmax(-1) == targets)[counted].sum()
+            self.sums[1] += counted.sum()
         for name in self.extra:
-            self.metrics[name].update(outputs, targets)
+            self.extra[name].update(outputs, targets)
         return predictions
 
     def compute(self, loss: float, prefix: str = "val") -> tuple[dict, list[list[int]] | None]:
         """({PREFIX/NAME: value}, the confusion matrix), over all ranks (every rank must call it)."""
-        values: dict[str, float] = {}
+        if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for totals in (self.confusion, self.sums):
+                if totals.numel():
+                    dist.all_reduce(totals)
+        values: dict[str, Any] = {}
         confusion = None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a rank without validation batches computes its empty states
-            computed = {name: metric.compute() for name, metric in self.metrics.items()}
+        sums = dict(zip(SUMS.get(self.task, ()), self.sums.tolist()))
         if self.task == "classification":
-            matrix = computed.pop("confusion").long()
-            confusion = matrix.tolist()
-            values["top1"] = float(matrix.diagonal().sum() / matrix.sum().clamp(min=1))
+            confusion = self.confusion.tolist()
+            samples = max(int(self.confusion.sum()), 1)
+            values["top1"] = int(self.confusion.diagonal().sum()) / samples
+            if self.top5:
+                values["top5"] = sums["top5_correct"] / samples
+        elif self.task == "regression":
+            count = max(sums["count"], 1.0)
+            spread = sums["target_squares"] - sums["targets"] ** 2 / count  # the targets' sum of squared deviations
+            values.update(mse=sums["squared_errors"] / count, mae=sums["absolute_errors"] / count,
+                          r2=1 - sums["squared_errors"] / spread if sums["count"] > 1 and spread > 0 else math.nan)
         elif self.task == "language_model":
             values["perplexity"] = math.exp(min(loss, 700.0))
-        for name, value in computed.items():
-            values[name] = float(value) if isinstance(value, torch.Tensor) and value.numel() == 1 else value
-        for metric in self.metrics.values():
-            metric.reset()
+            values["token_accuracy"] = sums["correct_tokens"] / max(sums["counted_tokens"], 1.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a rank without validation batches computes its empty states
+            for name, metric in self.extra.items():
+                value = metric.compute()
+                values[name] = float(value) if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+                metric.reset()
+        self.reset()
         return {f"{prefix}/{name}": value for name, value in values.items()}, confusion
 
 

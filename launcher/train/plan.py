@@ -21,6 +21,7 @@ from launcher.data.iterable import is_iterable
 from launcher.data.loader import SplitLoader
 from launcher.data.remote import is_remote
 from launcher.data.spec import Synthetic
+from launcher.global_batch import GlobalBatch
 from launcher.optim.groups import ParamGroup
 from launcher.runtime import checkpoints
 from launcher.runtime.parallel import memory_per_rank, optimizer_slots
@@ -30,9 +31,7 @@ from launcher.train.metrics import is_accuracy
 
 @dataclass
 class Plan:
-    world_size: int
-    batch_size: int  # per device, per micro-batch
-    grad_accum_steps: int
+    batch: GlobalBatch  # per device x processes x accumulation
     train_samples: int
     val_samples: int
     steps_per_epoch: int  # optimizer steps
@@ -43,32 +42,30 @@ class Plan:
     val_shards: int | None
     data_report: list[str] = field(default_factory=list)  # pre-flight lines about the shards
     notes: list[str] = field(default_factory=list)  # changes made to the config, e.g. on resume
-    training: list[str] = field(default_factory=list)  # optimizer, schedule, loss, regularisation, determinism
+    # optimizer, schedule, loss, regularisation, determinism
+    training: list[str] = field(default_factory=list)
     model: list[str] = field(default_factory=list)  # the model summary
     parallel: list[str] = field(default_factory=list)  # DDP or FSDP: shard units, memory per rank
 
     @property
     def global_batch(self) -> int:
-        return self.batch_size * self.world_size * self.grad_accum_steps
+        return self.batch.samples
 
     @property
     def micro_batches_per_epoch(self) -> int:  # per rank
-        return self.steps_per_epoch * self.grad_accum_steps
+        return self.batch.micro_batches_in_steps(self.steps_per_epoch)
 
 
 def make_plan(cfg: TrainConfig, train: SplitLoader, val: SplitLoader | None, world_size: int) -> Plan:
-    global_batch = cfg.batch_size * world_size * cfg.grad_accum_steps
-    steps_per_epoch = train.batches_per_epoch // cfg.grad_accum_steps  # the loader's whole optimizer steps
+    batch = GlobalBatch.of(cfg, world_size)
+    steps_per_epoch = batch.steps_in_micro_batches(train.batches_per_epoch)  # the loader's whole optimizer steps
     if steps_per_epoch == 0:
-        raise ConfigError(
-            f"the training split has {train.total} samples, fewer than one optimizer step takes "
-            f"({cfg.batch_size} per device x {world_size} processes x {cfg.grad_accum_steps} "
-            f"accumulation = {global_batch}); lower --batch_size or --grad_accum_steps")
+        raise ConfigError(f"the training split has {train.total} samples, fewer than one optimizer step takes "
+                          f"({batch}); lower --batch_size or --grad_accum_steps")
     schedule_steps = steps_per_epoch * cfg.epochs
     total = min(schedule_steps, cfg.max_steps) if cfg.max_steps else schedule_steps
     report = data_report(train, "training") + (data_report(val, "validation") if val else [])
-    return Plan(world_size=world_size, batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps,
-                train_samples=train.total, val_samples=val.total if val else 0,
+    return Plan(batch=batch, train_samples=train.total, val_samples=val.total if val else 0,
                 steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, schedule_steps=schedule_steps,
                 total_steps=total,
                 train_shards=len(train.index.urls) if train.index else None,
@@ -92,8 +89,8 @@ def fork_hang_warning(version: tuple, world_size: int, num_workers: int) -> str:
 def data_report(split: SplitLoader, name: str) -> list[str]:
     """Pre-flight facts about a split's shards: how they divide among ranks x workers."""
     if isinstance(split.source, Synthetic):
-        return [f"  {name + ' data':<22}synthetic: {split.total} random samples like {describe_batch(split.source.example)}, "
-                "no I/O"]
+        example = describe_batch(split.source.example)
+        return [f"  {name + ' data':<22}synthetic: {split.total} random samples like {example}, no I/O"]
     if is_iterable(split.source):
         what = f"{split.total} samples per epoch" if split.total else "read to its end"
         return [f"  {name + ' data':<22}{what} ({type(split.source).__name__}, split over {split.world} "
@@ -140,9 +137,9 @@ def large_images_warning(index, side: int, name: str) -> list[str]:
     if short <= LARGE_IMAGES * side:
         return []
     long = statistics.median(s["long"] for s in index.image_sides)
-    return [f"  {'':<22}WARNING: the {name} images (median {long:g} x {short:g} px) are over {LARGE_IMAGES:g}x the "
-            f"{side} px the transforms output, and every epoch decodes them whole; write them smaller once "
-            f"(`launcher shards SOURCE OUT --max_side={shrink_target(side)}`)"]
+    return [f"  {'':<22}WARNING: the {name} images (median {long:g} x {short:g} px) are over "
+            f"{LARGE_IMAGES:g}x the {side} px the transforms output, and every epoch decodes them whole; "
+            f"write them smaller once (`launcher shards SOURCE OUT --max_side={shrink_target(side)}`)"]
 
 
 def single_class_warning(index, name: str) -> list[str]:
@@ -165,9 +162,9 @@ def single_class_warning(index, name: str) -> list[str]:
                  for c in counts)
     if skewed <= len(counts) / 2:
         return []
-    return [f"  {'':<22}WARNING: {skewed} of {len(counts)} {name} shards hold mostly one class or a few (written in "
-            "class order?): each worker's batches will hold few classes; rewrite them shuffled (`launcher shards` "
-            "shuffles by default) or raise Shards(shuffle_buffer=...)"]
+    return [f"  {'':<22}WARNING: {skewed} of {len(counts)} {name} shards hold mostly one class or a few "
+            "(written in class order?): each worker's batches will hold few classes; rewrite them shuffled "
+            "(`launcher shards` shuffles by default) or raise Shards(shuffle_buffer=...)"]
 
 
 def format_config(cfg: TrainConfig) -> str:
@@ -177,15 +174,14 @@ def format_config(cfg: TrainConfig) -> str:
 
 
 def format_plan(cfg: TrainConfig, plan: Plan, groups: list[ParamGroup], recipe_name: str) -> str:
-    dropped = plan.train_samples - plan.steps_per_epoch * plan.global_batch
+    dropped = plan.train_samples - plan.batch.samples_in_steps(plan.steps_per_epoch)
     lines = [
         f"recipe {recipe_name}",
         "config:",
         format_config(cfg),
         "plan:",
-        f"  world size            {plan.world_size} process(es)",
-        f"  batch                 {plan.batch_size} per device x {plan.world_size} processes x "
-        f"{plan.grad_accum_steps} accumulation = {plan.global_batch} global",
+        f"  world size            {plan.batch.world_size} process(es)",
+        f"  batch                 {plan.batch} global",
         f"  training samples      {plan.train_samples}"
         + (f" in {plan.train_shards} shards" if plan.train_shards else f" ({dropped} left over per epoch)"),
         f"  validation samples    {plan.val_samples}"
@@ -195,7 +191,7 @@ def format_plan(cfg: TrainConfig, plan: Plan, groups: list[ParamGroup], recipe_n
         + f" -> {plan.schedule_steps} total"
         + (f" (stops after {plan.total_steps}: max_steps)" if plan.total_steps < plan.schedule_steps else ""),
         *plan.data_report,
-        f"  evaluation            "
+        "  evaluation            "
         + (f"every {cfg.eval_every} optimizer steps" if cfg.eval_every else "at each epoch end")
         + (f", on the first {cfg.eval_batches} batches of each process" if cfg.eval_batches else ", every sample"),
         f"  mixed precision       {cfg.mixed_precision}",
@@ -230,9 +226,9 @@ def parallel_lines(cfg: TrainConfig, model, groups: list[ParamGroup], optimizer_
              "  memory per process    " + "; ".join(f"{name}: {mb(memory)}" for name, memory in modes)]
     if cfg.data_parallel == "fsdp":
         whole = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-        lines.append(f"  building the model    {whole:.1f} MB of parameters whole before sharding, {fsdp['params'] / 2**20:.1f} MB "
-                     "per process after; loading --weights, each process builds it on the meta device and holds "
-                     "only its shards (launcher/runtime/meta_build.py)")
+        lines.append(f"  building the model    {whole:.1f} MB of parameters whole before sharding, "
+                     f"{fsdp['params'] / 2**20:.1f} MB per process after; loading --weights, each process "
+                     "builds it on the meta device and holds only its shards (launcher/runtime/meta_build.py)")
     return lines
 
 

@@ -22,7 +22,8 @@ import sysconfig
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy
 import torch
@@ -39,8 +40,10 @@ from launcher.train.step import Step, StepOutput, call_model, choose_style
 
 
 EXAMPLE_SAMPLES = 2  # samples per split pushed through the model
-COLLATABLE = (torch.Tensor, numpy.ndarray, numpy.generic, numbers.Number, str, bytes, Mapping, Sequence)  # default_collate's
-_LAUNCHER = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the package: its frames are not shown
+# default_collate's
+COLLATABLE = (torch.Tensor, numpy.ndarray, numpy.generic, numbers.Number, str, bytes, Mapping, Sequence)
+# the package: its frames are not shown
+_LAUNCHER = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SKIP = tuple(os.path.realpath(p) + os.sep for p in
               {_LAUNCHER, sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
                sysconfig.get_paths()["platlib"]})
@@ -89,7 +92,8 @@ class Checked:
     best_mode: str
     example: Any  # a collated training batch (on the host), what --synthetic_data imitates
     summary: str  # input -> output
-    flops_per_sample: float | None = None  # the model's forward FLOPs per training sample (torch's FlopCounterMode)
+    # the model's forward FLOPs per training sample (torch's FlopCounterMode)
+    flops_per_sample: float | None = None
 
     @property
     def label_classes(self) -> int | None:
@@ -100,8 +104,9 @@ class Checked:
 
 def preflight(cfg, recipe, train, val, model: torch.nn.Module, device: torch.device, loss_fn: Callable,
               extra_metrics: dict | None = None, classes: Sequence[str] = (), classes_from: str = "") -> Checked:
-    """Check both splits (`launcher.data.SplitLoader`); raise ConfigError/RecipeError, or return what was found.
-    `classes`: the data's class names (from `classes_from`), checked against a classifier's outputs."""
+    """Check both splits (`launcher.data.SplitLoader`); raise ConfigError/RecipeError, or return what
+    was found. `classes`: the data's class names (from `classes_from`), checked against a classifier's
+    outputs."""
     known = (list(classes), classes_from)
     checked = None
     for split, name in ((train, "training"), (val, "validation")):
@@ -157,7 +162,8 @@ def _check_split(cfg, recipe, split, name: str, model, device, loss_fn, extra_me
                 inputs, targets = prepared
                 with blame("build_model's model (its forward)"):
                     outputs = call_model(model, inputs)
-                check_classes(cfg, outputs, targets, *known)  # before the loss: a label past the outputs fails there
+                # before the loss: a label past the outputs fails there
+                check_classes(cfg, outputs, targets, *known)
                 with blame(f"the loss ({describe_loss(recipe, cfg)})"):
                     _refuse_float_targets_for_cross_entropy(loss_fn, targets)
                     _refuse_labels_outside_the_outputs(outputs, targets, name)
@@ -206,7 +212,8 @@ def unused_outputs_note(cfg, checked: Checked, classes: Sequence[str], source: s
     if checked.task != "classification" or not classes or checked.num_classes <= len(classes):
         return ""
     return (f"WARNING: the model outputs {checked.num_classes} classes, the {_data(source)} have {len(classes)} "
-            f"({source}): {checked.num_classes - len(classes)} outputs are never a target; {_fix(cfg, len(classes))}")
+            f"({source}): {checked.num_classes - len(classes)} outputs are never a target; "
+            f"{_fix(cfg, len(classes))}")
 
 
 def _data(source: str) -> str:
@@ -219,7 +226,8 @@ def _fix(cfg, classes: int) -> str:
 
 
 def _sample_source(split, name: str) -> tuple[str, Callable | None, str]:
-    """What made the split's samples (named in errors), the function that did, and how to make tensors of images."""
+    """What made the split's samples (named in errors), the function that did, and how to make
+    tensors of images."""
     source = split.source
     to_tensor = "end it with a ToTensor/PILToTensor or use launcher.presets (train_transform, eval_transform)"
     transform = getattr(source, "transform", None)

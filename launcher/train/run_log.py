@@ -1,10 +1,12 @@
 """The run's log: what a run tells while it trains, to metrics.jsonl, the trackers (wandb,
 TensorBoard: launcher/track/trackers.py) and the progress bar or lines (launcher/track/progress.py).
-Every rank calls its methods alike (the training record is all-reduced); only the main process writes.
+Every rank calls its methods alike (the training record is all-reduced); only the main process writes,
+but for --trace_samples' file of each rank.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -29,7 +31,8 @@ class RunLog:
         self.progress = Progress(progress_style(cfg.progress, cfg.quiet), cfg.quiet, plan.total_steps, self.is_main)
 
     def start(self, recipe, groups, checked, classes: list[str]) -> None:
-        """Main process: the plan printed; the run's files (config, recipe, environment) and task.json written."""
+        """Main process: the plan printed; the run's files (config, recipe, environment) and task.json
+        written."""
         cfg = self.cfg
         if not self.is_main:
             return
@@ -90,7 +93,8 @@ class RunLog:
             record["train/skipped_steps"] = self.state.skipped_steps
         record.update(throughput.record(record["train/samples_per_s"], elapsed))  # tokens/s, MFU, stragglers
         if torch.cuda.is_available():
-            record["train/gpu_memory_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30  # peak since last log
+            # peak since last log
+            record["train/gpu_memory_gb"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
             torch.cuda.reset_peak_memory_stats(acc.device)
         self.record({**record, **lrs})
         self.progress.logged(loss, next_lr, record["train/samples_per_s"])
@@ -108,9 +112,18 @@ class RunLog:
                      "data/unreachable": unreachable})
         if dropped or repeated or corrupt or unreachable:
             plan = self.plan
-            self.warn(f"epoch {self.state.epoch} data: {plan.train_samples} samples, {plan.micro_batches_per_epoch} "
-                      f"batches of {self.cfg.batch_size} per rank: {dropped} dropped, {repeated} repeated, "
-                      f"{corrupt} unreadable, {unreachable} unreachable")
+            self.warn(f"epoch {self.state.epoch} data: {plan.train_samples} samples, "
+                      f"{plan.micro_batches_per_epoch} batches of {self.cfg.batch_size} per rank: "
+                      f"{dropped} dropped, {repeated} repeated, {corrupt} unreadable, {unreachable} unreachable")
+
+    def trace(self, keys: list) -> None:
+        """--trace_samples: this rank's training sample keys, `epoch step key` lines, in OUTPUT_DIR/samples/."""
+        if not self.cfg.trace_samples:
+            return
+        path = os.path.join(self.cfg.output_dir, "samples", f"rank{self.accelerator.process_index}.txt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as f:
+            f.writelines(f"{self.state.epoch} {self.state.step} {key}\n" for key in keys)
 
     def evaluation(self, evaluation, class_names: list[str], ema: bool) -> None:
         """An evaluation's metrics, and on the main process its confusion matrix (confusion.json,
@@ -127,7 +140,8 @@ class RunLog:
                           + (f"; EMA {format_metrics(result, 'val_ema')}" if ema else ""))
 
     def final(self, summary: dict, checksums: list[str] | None, ema: bool) -> None:
-        """Main process: replicas.json (DDP: each rank's parameter checksum), summary.json and the final lines."""
+        """Main process: replicas.json (DDP: each rank's parameter checksum), summary.json and the final
+        lines."""
         if not self.is_main:
             return
         out = self.cfg.output_dir
@@ -145,4 +159,4 @@ class RunLog:
     def close(self) -> None:
         """Before the run stops for a signal: the bar closed, the trackers' files complete."""
         self.progress.close()
-        self.tracker.finish(self.state.summary(self.plan.global_batch))
+        self.tracker.finish(self.state.summary(self.plan.batch))

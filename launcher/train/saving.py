@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from accelerate import Accelerator
 
@@ -27,11 +27,11 @@ from launcher.train.state import RunState
 
 
 class Saver:
-    def __init__(self, accelerator: Accelerator, output_dir: str, keep: int, in_background: bool, state: RunState,
-                 progress: Callable[[], None], frozen_base: frozenset[str] = frozenset()):
-        self.accelerator, self.output_dir, self.keep = accelerator, output_dir, keep
+    def __init__(self, accelerator: Accelerator, output_dir: str, keep_checkpoints: int, async_checkpoint: bool,
+                 state: RunState, progress: Callable[[], None], frozen_base: frozenset[str] = frozenset()):
+        self.accelerator, self.output_dir, self.keep_checkpoints = accelerator, output_dir, keep_checkpoints
         self.frozen_base = frozen_base  # a PEFT model's base: not in its checkpoints
-        self.in_background, self.state = in_background, state
+        self.async_checkpoint, self.state = async_checkpoint, state
         self.progress = progress  # the hang watchdog's beat: a save under way is progress
         self.saved_step = -1  # the step of the newest checkpoint written or being written
         self.pending: checkpoints.PendingSave | None = None  # written (or being written), not yet in place
@@ -53,7 +53,7 @@ class Saver:
         self.pending = checkpoints.save(self.accelerator, self.output_dir, trainer_state, rank_state, write_shards,
                                         self.frozen_base)
         self.saved_step = self.state.step
-        if not self.in_background:
+        if not self.async_checkpoint:
             self.finish()
 
     @property
@@ -88,7 +88,7 @@ class Saver:
             best = os.path.abspath(os.path.join(root, f"step-{best_step:08d}")) if best_step is not None else None
             protected = {final, self.resumed_from, best} - {None}
             trusted = {*self.in_place, *([self.resumed_from] if self.resumed_from else [])}
-            checkpoints.prune(self.output_dir, self.keep, protected, trusted, pending.step)
+            checkpoints.prune(self.output_dir, self.keep_checkpoints, protected, trusted, pending.step)
         acc.wait_for_everyone()
 
 
@@ -179,7 +179,8 @@ class Checkpointing:
         path = os.path.join(output_dir, "checkpoints", f"step-{best_step or 0:08d}")
         if best_step is None or not os.path.isfile(os.path.join(path, "model.safetensors")):
             if self.saver.accelerator.is_main_process:
-                print(f"WARNING: --final_weights=best: {'no evaluation ran' if best_step is None else f'{path} is gone'}; "
+                missing = "no evaluation ran" if best_step is None else f"{path} is gone"
+                print(f"WARNING: --final_weights=best: {missing}; "
                       "model.safetensors holds the last step's weights", flush=True)
             return last
         if best_step != state.step:

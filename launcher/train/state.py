@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from launcher.global_batch import GlobalBatch
+
 
 @dataclass
 class RunState:
@@ -20,13 +22,16 @@ class RunState:
     epoch: int = 0  # the epoch under way
     best: dict = field(default_factory=dict)  # {"metric", "value", "step"} of the best evaluation so far
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient (nonfinite=skip)
-    evals_without_improvement: int = 0  # epoch-end evaluations since the best metric improved (by more than early_stop_min_delta)
-    early_stop_value: float | None = None  # the best metric's value early stopping last counted as an improvement
+    # epoch-end evaluations since the best metric improved (by more than early_stop_min_delta)
+    evals_without_improvement: int = 0
+    # the best metric's value early stopping last counted as an improvement
+    early_stop_value: float | None = None
     unreadable_total: int = 0  # training and validation samples skipped as unreadable, all ranks
     elapsed_s: float = 0.0  # seconds of training before this process (earlier runs, when resumed)
     wandb_run_id: str | None = None
     stopped_early: bool = False  # by early stopping
-    started: float = field(default_factory=time.perf_counter, compare=False)  # this process's start (not saved)
+    # this process's start (not saved)
+    started: float = field(default_factory=time.perf_counter, compare=False)
 
     def elapsed(self) -> float:
         """Seconds of training so far, this process and the ones it resumed from."""
@@ -43,9 +48,9 @@ class RunState:
                 setattr(self, f.name, state.get(f.name, getattr(defaults, f.name)))
         self.started = time.perf_counter()
 
-    def summary(self, global_batch: int) -> dict:
+    def summary(self, batch: GlobalBatch) -> dict:
         """What the run's end (or a preemption) reports: to the trackers' summary and summary.json."""
-        summary = {"steps": self.step, "samples_seen": self.step * global_batch,
+        summary = {"steps": self.step, "samples_seen": batch.samples_in_steps(self.step),
                    "total_time_s": round(self.elapsed(), 1), "unreadable_skipped": self.unreadable_total,
                    "skipped_steps": self.skipped_steps}
         if self.stopped_early:

@@ -127,7 +127,8 @@ class Trainer:
         self.step_fn, self.classes = parts.checked.step, parts.classes
         self.train_data, self.val_data = parts.train_data, parts.val_data
         self._build_training(parts)
-        set_seed(derive_seed(cfg.seed, "rank", self.rank) % 2**32)  # python, numpy, torch: dropout/augmentation differ per rank
+        # python, numpy, torch: dropout/augmentation differ per rank
+        set_seed(derive_seed(cfg.seed, "rank", self.rank) % 2**32)
         self.state, self.position = RunState(), Position(0)
         self._build_parts(parts, log)
         self.hang_at = injected_hang(self.rank)
@@ -138,7 +139,8 @@ class Trainer:
         self.hf = hf_layout(cfg, self.recipe, model)  # OUTPUT_DIR/hf/ for a transformers model, or None
         self.ema = EMA(parts.ema_source, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay else None
         self.parallel.setup(model, self.ema)  # DDP: compiled; FSDP: the EMA sharded in place
-        self.peft = PeftRun(acc, model, parts.frozen_base)  # a PEFT model: its base's fingerprint, its exports
+        # a PEFT model: its base's fingerprint, its exports
+        self.peft = PeftRun(acc, model, parts.frozen_base)
         self.groups = parts.regroup(model) if self.parallel.sharded else parts.groups
         self.frozen_norms = frozen_batchnorms(model, self.groups)
         self.unfreeze_steps = {pg.starts_at for pg in self.groups if pg.starts_at}
@@ -162,7 +164,7 @@ class Trainer:
         last_checkpoint = lambda: (checkpoints.checkpoint_dirs(cfg.output_dir) or [None])[-1]  # noqa: E731
         self.guard = NonFiniteGuard(cfg.nonfinite, acc.mixed_precision == "fp16", state, last_checkpoint,
                                     acc.is_main_process, lambda: global_norm(self.parameters))
-        self.data_health = DataHealth(cfg.output_dir, self.rank, cfg.max_corrupt_fraction, gather_object)
+        self.data_health = DataHealth(cfg.output_dir, self.rank, cfg.max_corrupt_fraction, gather_object, state)
         self.run_log = RunLog(cfg, acc, self.plan, state)
         self.signals = StopSignals(self.world, before_exit=lambda: self.lock is not None and self.lock.release(),
                                    says=acc.is_main_process)
@@ -175,8 +177,10 @@ class Trainer:
                                    self.plan.val_samples, beat=self.watchdog.beat)
         self.saver = Saver(acc, cfg.output_dir, cfg.keep_checkpoints, cfg.async_checkpoint, state,
                            progress=self.watchdog.beat, frozen_base=parts.frozen_base)
-        self.throughput = Throughput(acc, parts.checked.flops_per_sample, cfg.peak_tflops)  # tokens/s, MFU, stragglers
-        self.profiler = StepProfiler(cfg.profile_steps, cfg.output_dir, self.rank, acc.device)  # --profile_steps
+        # tokens/s, MFU, stragglers
+        self.throughput = Throughput(acc, parts.checked.flops_per_sample, cfg.peak_tflops)
+        # --profile_steps
+        self.profiler = StepProfiler(cfg.profile_steps, cfg.output_dir, self.rank, acc.device)
 
         def before_save() -> None:
             self.guard.check(state.step)
@@ -196,7 +200,8 @@ class Trainer:
 
     def start(self) -> None:
         resume_from = self.resume_from
-        if resume_from and not self.parallel.sharded:  # before anything is written (FSDP's DCP names its own misfits)
+        # before anything is written (FSDP's DCP names its own misfits)
+        if resume_from and not self.parallel.sharded:
             run_config.check_model_fits(resume_from, self.model, self.cfg, self.peft.frozen_base)
         self.run_log.start(self.recipe, self.groups, self.checked, self.classes)
         if resume_from:
@@ -237,17 +242,22 @@ class Trainer:
                 if self.state.stopped_early:
                     break  # by an evaluation on the cadence (a resumed run too: it has ended)
                 self.train_epoch()
-                if self.position.batches < self.plan.micro_batches_per_epoch:  # cut short: max_steps or an early stop
+                # cut short: max_steps or an early stop
+                if self.position.batches < self.plan.micro_batches_per_epoch:
                     break
                 self.end_epoch()
             if self.state.step > first_step and self.evaluator.evaluated_step != self.state.step:
-                self.evaluate(counted=False)  # where max_steps (or an --eval_every off the last step) ended it
+                # where max_steps (or an --eval_every off the last step) ended it
+                self.evaluate(counted=False)
             self.signals.drain()  # the run is done: a signal that came at its last step changes nothing
             self.checkpointing.at_end()
             self.callbacks("on_train_end")
         except (RuntimeError, ConnectionError, EOFError) as error:
-            raise failure_of(error, self.rank, self.state.step, (self.train_data, self.val_data),
-                             terminated=self.signals.received == signal.SIGTERM) or error
+            lost = failure_of(error, self.rank, self.state.step, (self.train_data, self.val_data),
+                              terminated=self.signals.received == signal.SIGTERM)
+            if lost is None:
+                raise
+            raise lost from error
         finally:
             self._close()
         return self.finish()
@@ -258,7 +268,7 @@ class Trainer:
         self._train_mode()
         if self.position.epoch != self.state.epoch:
             self.position = Position(self.state.epoch)
-        done = self.position.batches // self.cfg.grad_accum_steps  # steps of this epoch before a resume
+        done = plan.batch.steps_in_micro_batches(self.position.batches)  # steps of this epoch before a resume
         steps = min(plan.steps_per_epoch - done, plan.total_steps - self.state.step)
         batches = iter(self.train_data.loader(self.state.epoch, self.position))
         window = LogWindow(self.accelerator.device)
@@ -266,7 +276,8 @@ class Trainer:
         for _ in range(steps):
             self.train_step(batches, window)
             if self.after_step(window):
-                window = LogWindow(self.accelerator.device)  # the next logged step reports the steps from here
+                # the next logged step reports the steps from here
+                window = LogWindow(self.accelerator.device)
             if self.state.stopped_early:
                 return
 
@@ -286,7 +297,8 @@ class Trainer:
                 out = self.step_fn(self.model, data)
                 counted = self.counted_loss.check(out)
                 if last:
-                    self.throughput.clock.ready()  # the step's all-reduce comes next: ranks wait for each other from here
+                    # the step's all-reduce comes next: ranks wait for each other from here
+                    self.throughput.clock.ready()
                 self._backward(self.counted_loss.loss(out) if counted else out.loss)
             window.add(out.loss.detach(), out.count if counted else 1, batch.size)
         if counted:
@@ -317,7 +329,7 @@ class Trainer:
             self.guard.check(self.state.step)
             corrupt = self.run_log.training(window, lrs, self.optimizer.param_groups[0]["lr"],
                                             float(sum(self.position.corrupt.values())), self.throughput)
-            self.data_health.check(corrupt, self.plan.train_samples, "train", self.state.epoch, self.position.corrupt)
+            self.data_health.check(corrupt, self.plan.train_samples, "train", self.position.corrupt)  # so far
         else:
             self.run_log.record(lrs, flush=False)
         at_epoch_end = self.position.batches == self.plan.micro_batches_per_epoch
@@ -347,14 +359,14 @@ class Trainer:
         """A training batch on the device, mixed (--mixup_alpha, --cutmix_alpha), its position and
         unreadable samples noted."""
         self.position.advance(batch)
-        self.data_health.note(batch.errors, "train", self.state.epoch, self.state.step)
+        self.data_health.note(batch.errors, "train")
         if batch.data is None:  # every sample of it was unreadable
             raise DataError(f"rank {self.rank}: a training batch with no readable sample ({len(batch.errors)} "
                             "unreadable); check the shards and the split's decode")
         data = self.step_fn.prepare(batch.data, self.accelerator.device, self.cfg.channels_last)
         if self.mix is not None:
             data = type(data)(self.mix(*data))
-        self._trace(batch.keys)
+        self.run_log.trace(batch.keys)
         return data
 
     def _backward(self, loss: torch.Tensor) -> None:
@@ -398,14 +410,6 @@ class Trainer:
         self._train_mode()
         self.run_log.say(f"step {self.state.step}: training {', '.join(unfrozen)} from now on")
 
-    def _trace(self, keys) -> None:
-        if not self.cfg.trace_samples:
-            return
-        path = os.path.join(self.cfg.output_dir, "samples", f"rank{self.rank}.txt")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a") as f:
-            f.writelines(f"{self.state.epoch} {self.state.step} {key}\n" for key in keys)
-
     # ---- evaluation, data, signals --------------------------------------------------------------
 
     def evaluate(self, counted: bool = True) -> bool:
@@ -434,7 +438,8 @@ class Trainer:
                          f"{self.optimizer.param_groups[0]['lr']:.3g}")
 
     def _stop_early_if_due(self) -> bool:
-        """Early stopping (--early_stop_patience evaluations without improvement): True if it stops the run."""
+        """Early stopping (--early_stop_patience evaluations without improvement): True if it stops the
+        run."""
         if self.state.stopped_early or not self.evaluator.best.stop_early():
             return self.state.stopped_early
         best, cfg = self.state.best, self.cfg
@@ -447,8 +452,7 @@ class Trainer:
         """Samples dropped or repeated to give every rank the same batches, and unreadable ones."""
         repeated, corrupt, unreachable = self.run_log.summed(self.position.repeated, sum(self.position.corrupt.values()),
                                                              sum(self.position.unreachable.values()))
-        self.state.unreadable_total += corrupt
-        self.data_health.check(corrupt, self.plan.train_samples, "train", self.state.epoch, self.position.corrupt)
+        self.data_health.end_of_pass(corrupt, self.plan.train_samples, "train", self.position.corrupt)
         self.run_log.epoch_data(self.train_data.planned_dropped(self.state.epoch), repeated, corrupt, unreachable)
 
     def _check_signals(self, now: bool = False) -> None:
@@ -477,7 +481,7 @@ class Trainer:
             cfg.final_weights, lambda path: self.parallel.load_checkpoint_weights(self.model, path))
         exported = self.parallel.export(self.model, self.ema, self.hf)  # model.safetensors or shards, the EMA's, hf/
         self.peft.export(acc.unwrap_model(self.model), cfg.output_dir, cfg.export_merged)  # OUTPUT_DIR/adapter/, hf/
-        summary = {**self.state.summary(self.plan.global_batch), **final, **exported,
+        summary = {**self.state.summary(self.plan.batch), **final, **exported,
                    "memory_per_process": self.parallel.memory(self.model, self.optimizer)}
         checksums = self.parallel.replica_checksums(self.model)  # FSDP: none, each rank holds other shards
         if checksums is not None:

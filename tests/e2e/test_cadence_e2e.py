@@ -58,7 +58,8 @@ def test_callbacks_see_each_event_with_a_read_only_view_and_log_to_metrics(caden
     saved = sorted(int(p.name.split("-")[1]) for p in (cadence / "checkpoints").glob("step-*"))
     assert [e[1] for e in events if e[0] == "on_save"] == saved
     assert events[-1] == ["on_train_end", total, 2]
-    assert json.loads((cadence / "config.json").read_text())["lr"] == 3e-3  # the callback's copy changed, not the run's
+    # the callback's copy changed, not the run's
+    assert json.loads((cadence / "config.json").read_text())["lr"] == 3e-3
     logged = [m for m in metrics(cadence) if "callback/note" in m]
     assert [(m["step"], m["callback/steps_seen"], m["callback/note"]) for m in logged] == [
         (s, s, f"evaluated at {s}") for s in evaluations(cadence)]

@@ -16,8 +16,8 @@ from launcher.runtime import checkpoints
 
 LM = "recipes/char_lm_tiny"
 RESNET = "recipes/resnet_finetune_tiny"
-# char LM: clipping on (max_grad_norm=1 in the recipe), EMA, checkpoints every 5 steps written in the background,
-# evaluations every 10 steps on each process's first 2 batches of 8
+# char LM: clipping on (max_grad_norm=1 in the recipe), EMA, checkpoints every 5 steps written in the
+# background, evaluations every 10 steps on each process's first 2 batches of 8
 LM_ARGS = ["--max_steps=20", "--log_every=1", "--ema_decay=0.9", "--checkpoint_every=5", "--eval_every=10",
            "--eval_batches=2"]
 # ResNet fine-tune: conv1, bn1, layer1-2 frozen, layer3 unfrozen at step 3; one epoch of 29 steps, its
@@ -59,7 +59,8 @@ def test_fsdp_trains_the_char_lm_to_the_losses_of_ddp(lm):
         ddp, fsdp = losses(lm["ddp"], key), losses(lm["fsdp"], key)
         assert len(ddp) == len(fsdp) > 0 and max(abs(a - b) for a, b in zip(ddp, fsdp)) < 1e-5, key
     assert len(losses(lm["fsdp"])) == 20
-    for mode in ("ddp", "fsdp"):  # the same 2 batches per process at each evaluation, each sample counted once
+    # the same 2 batches per process at each evaluation, each sample counted once
+    for mode in ("ddp", "fsdp"):
         assert [(m["step"], m["val/samples"]) for m in metrics(lm[mode]) if "val/loss" in m] == [(10, 32), (20, 32)]
     # The char LM's callback generates on every rank (each forward is a collective under FSDP).
     assert [m["step"] for m in metrics(lm["fsdp"]) if "val/generated" in m] == [10, 20]
@@ -79,7 +80,8 @@ def test_an_async_checkpoint_killed_mid_write_leaves_the_previous_one_and_resume
     killed = launcher(*args, processes=2, env=env, check=False)
     assert killed.returncode != 0
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert names == [".tmp-step-00000015", "best.json", "step-00000005", "step-00000010"], names  # evaluated at 10
+    # evaluated at 10
+    assert names == [".tmp-step-00000015", "best.json", "step-00000005", "step-00000010"], names
     assert json.loads((out / "checkpoints" / "best.json").read_text())["step"] == 10
     assert (out / "checkpoints" / "step-00000010" / "sharded" / ".metadata").exists()
     resumed = launcher(*args, "--resume=auto", processes=2)

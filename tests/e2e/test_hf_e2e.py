@@ -45,7 +45,8 @@ def final_checkpoint_weights(run, model) -> dict[str, torch.Tensor]:
     return state["model"]
 
 
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the test reads the DCP checkpoint in one process
+# the test reads the DCP checkpoint in one process
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_an_fsdp_run_loads_the_pretrained_llama_whole_and_exports_what_transformers_loads(fsdp_run):
     import transformers
 

@@ -4,7 +4,6 @@ errors keep their exit codes (a full disk 74, a failing sharded load 2)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

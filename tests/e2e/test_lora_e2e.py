@@ -55,7 +55,8 @@ def losses(run_dir, key: str) -> list[float]:
 def test_the_base_stays_bitwise_frozen_and_a_killed_fsdp_run_resumes_to_the_ddp_runs_weights(runs):
     assert "resumed from" in runs["resumed"] and "step-00000003 at step 3" in runs["resumed"]
     initial = rebuilt().state_dict()
-    ddp, fsdp = (load_file(str(runs[mode] / "model.safetensors")) for mode in ("ddp", "fsdp"))  # the whole PeftModel
+    # the whole PeftModel
+    ddp, fsdp = (load_file(str(runs[mode] / "model.safetensors")) for mode in ("ddp", "fsdp"))
     assert ddp.keys() == fsdp.keys() == initial.keys()
     changed = {name for name in ddp if not torch.equal(ddp[name], initial[name])}
     assert changed and all(".lora_A." in name or ".lora_B." in name for name in changed)
@@ -109,7 +110,8 @@ def test_a_resume_onto_another_base_is_refused_and_evaluate_reads_the_run(runs, 
     copy = tmp_path / "other_base"
     shutil.copytree(runs["fsdp"], copy)
     refused = launcher(RECIPE, f"--output_dir={copy}", "--resume=auto", "--max_steps=9", "--base_seed=1",
-                       "--resume_changes=allow", "--data_parallel=fsdp", check=False)  # 1 process: DCP reshards
+                       # 1 process: DCP reshards
+                       "--resume_changes=allow", "--data_parallel=fsdp", check=False)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "trained adapters on another base model" in refused.stderr.strip().splitlines()[-1]
     # the best checkpoint (step 8) holds the adapters alone: evaluate puts them on the recipe's base

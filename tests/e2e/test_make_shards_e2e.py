@@ -1,4 +1,5 @@
-"""scripts/make_shards.py and `launcher shards` as commands: what they report, and a missing source refused."""
+"""scripts/make_shards.py and `launcher shards` as commands: what they report, and a missing source
+refused."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ def test_cli_reports_skips_and_refuses_a_missing_source(folder, tmp_path):
                          str(tmp_path / "out"), "--max_count=5", "--workers=2"],
                         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert ok.returncode == 0, ok.stderr
-    assert "wrote 12 samples in 4 shards" in ok.stdout  # --max_count=5 needs 3: a power of two and "1 unreadable image(s) left out" in ok.stdout
+    # --max_count=5 needs 3: a power of two and "1 unreadable image(s) left out" in ok.stdout
+    assert "wrote 12 samples in 4 shards" in ok.stdout
     assert "skipped unreadable image" in ok.stdout and "broken.png" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "launcher", "shards", str(tmp_path / "nope"), str(tmp_path / "o")],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)

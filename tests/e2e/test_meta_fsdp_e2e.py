@@ -1,6 +1,7 @@
 """A pretrained model larger than its shards, on 2 processes: under --data_parallel=fsdp each rank
 builds it on the meta device and reads only its shards' rows from the save_pretrained files; under
-DDP it is built and loaded whole (in 1 process with the same global batch). The same losses for 10 steps; the peak host memory of loading
+DDP it is built and loaded whole (in 1 process with the same global batch). The same losses for 10
+steps; the peak host memory of loading
 (summary.json) under 0.6x the model's fp32 bytes above the process's baseline with FSDP, over 1x
 with DDP."""
 
@@ -67,4 +68,5 @@ def test_each_fsdp_rank_loads_only_its_shards_where_ddp_holds_the_whole_model(ru
 
 def test_the_plan_says_what_building_takes_before_and_after_sharding(runs):
     line = next(line for line in runs["fsdp_stdout"].splitlines() if line.startswith("  building the model"))
-    assert f"{runs['model_mb']:.1f} MB of parameters whole before sharding, {runs['model_mb'] / 2:.1f} MB per process after" in line
+    whole, per_process = runs["model_mb"], runs["model_mb"] / 2
+    assert f"{whole:.1f} MB of parameters whole before sharding, {per_process:.1f} MB per process after" in line

@@ -33,4 +33,5 @@ def test_the_readmes_first_recipe_trains_as_written(digits, tmp_path):
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2] and all(map(math.isfinite, losses))
     assert any(r["step"] == 2 and "val/top1" in r for r in records)
     assert (run / "model.safetensors").is_file() and (run / "checkpoints" / "step-00000002").is_dir()
-    assert {key for r in records for key in r if key.startswith("lr/")} == {"lr/head", "lr/rest"}  # its schedule
+    # its schedule
+    assert {key for r in records for key in r if key.startswith("lr/")} == {"lr/head", "lr/rest"}

@@ -49,8 +49,9 @@ def test_a_resume_takes_the_checkpoints_config_and_refuses_a_changed_model(run, 
     checkpoint = out / "checkpoints" / "step-00000004"
     refused = launcher(MLP_RECIPE, f"--output_dir={out}", "--resume=auto", "--hidden=64", "--log_every=1", check=False)
     assert one_line_error(refused) == (
-        f"launcher: error: checkpoint {checkpoint} was trained otherwise: --hidden=64 differs from the checkpoint's "
-        "32; drop it to resume as trained, or pass --resume_changes=allow to resume with it anyway")
+        f"launcher: error: checkpoint {checkpoint} was trained otherwise: "
+        "--hidden=64 differs from the checkpoint's 32; drop it to resume as trained, "
+        "or pass --resume_changes=allow to resume with it anyway")
     config = (out / "config.json").read_text()
     unfit = launcher(MLP_RECIPE, f"--output_dir={out}", "--resume=auto", "--hidden=64", "--resume_changes=allow",
                      check=False)

@@ -45,7 +45,8 @@ def identical_replicas(run_dir) -> bool:
 
 # ---- the recipes, each trained once in 1 and once in 2 processes -----------------------------
 
-LM_CADENCE = ["--eval_every=10"]  # every validation sample (--eval_batches: test_fsdp_e2e.py, test_cadence_e2e.py)
+# every validation sample (--eval_batches: test_fsdp_e2e.py, test_cadence_e2e.py)
+LM_CADENCE = ["--eval_every=10"]
 RECIPES = {  # recipe -> (extra args, the metric that must beat an untrained model's, that model's value)
     "regression_tiny": ([], "val/r2", 0.0),  # predicting the mean: R2 0
     "gru_classifier_tiny": ([], "val/top1", 1 / 6),  # 6 balanced classes
@@ -127,10 +128,12 @@ def test_the_char_lm_evaluates_every_10_steps_and_logs_its_generated_text_to_eve
     assert list(tables) == [10, 20, 30]
     assert all(t["columns"] == ["prompt", "continuation"] and [r[0] for r in t["rows"]] == prompts
                for t in tables.values())
-    assert all(0 < len(row[1].encode()) <= 3 * 16 for t in tables.values() for row in t["rows"])  # "\ufffd" for a stray byte
+    # "\ufffd" for a stray byte
+    assert all(0 < len(row[1].encode()) <= 3 * 16 for t in tables.values() for row in t["rows"])
     # wandb (offline, read back): a Table per evaluation with the same rows.
     (run_dir,) = (out / "wandb").glob("offline-run-*")
-    logged = [h for h in history(wandb_records(run_dir)) if "val/generated.path" in h]  # a table file, by reference
+    # a table file, by reference
+    logged = [h for h in history(wandb_records(run_dir)) if "val/generated.path" in h]
     assert [(h["_step"], h["val/generated._type"]) for h in logged] == [(10, "table-file"), (20, "table-file"),
                                                                        (30, "table-file")]
     for step, path in ((h["_step"], h["val/generated.path"]) for h in logged):
@@ -147,7 +150,8 @@ def test_the_char_lm_evaluates_every_10_steps_and_logs_its_generated_text_to_eve
 def test_a_killed_language_model_resumes_to_bitwise_the_same_weights(runs, text_shards, tmp_path):
     out = tmp_path / "killed"
     args = ["recipes/char_lm_tiny", f"--data_dir={text_shards}", "--max_steps=30", "--checkpoint_every=5",
-            *LM_CADENCE, f"--output_dir={out}"]  # killed after step 13: resumed from 10, on the way to the evaluation at 20
+            # killed after step 13: resumed from 10, on the way to the evaluation at 20
+            *LM_CADENCE, f"--output_dir={out}"]
     run = start_launcher(*args, log=tmp_path / "killed.log")
     wait_for_step(out, 13, run)
     os.killpg(run.pid, signal.SIGKILL)
@@ -243,7 +247,8 @@ def test_a_token_weighted_loss_is_the_same_for_any_batch_split_across_accumulati
     ([CRASHING, "--fail=forward"], "pre-flight: build_model's model (its forward) raised RuntimeError: shape",
      "crashing.py\", line"),
     ([CRASHING, "--fail=collate"], "pre-flight: default_collate (samples of different sizes need "
-     "DataSpec(collate=...), e.g. padding) raised RuntimeError: stack expects each tensor to be equal size", None),
+     "DataSpec(collate=...), e.g. padding) raised RuntimeError: "
+     "stack expects each tensor to be equal size", None),
     ([CRASHING, "--fail=loss"], "pre-flight: the loss (build_loss) raised IndexError", "outputs[\"loss\"]"),
     (["recipes/regression_tiny", "--loss=cross_entropy"], "--loss=cross_entropy takes class indices, but the "
      "targets are torch.float32 (N,) (a regression?); set --loss=mse or --loss=l1", None),
@@ -258,7 +263,8 @@ def test_a_recipe_that_would_fail_is_refused_before_training_in_one_line(args, m
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("launcher: error: ") and message in lines[-1], lines[-1]
     assert not (tmp_path / "run").exists()  # found before anything was written
-    assert "/launcher/" not in result.stderr and "site-packages" not in result.stderr  # only the recipe's frames
+    # only the recipe's frames
+    assert "/launcher/" not in result.stderr and "site-packages" not in result.stderr
     if frame:
         assert frame in result.stderr
     else:
@@ -321,6 +327,7 @@ def test_predict_reads_inputs_after_double_dash_from_files_and_stdin(best_run, t
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout == "", result.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["input"] for r in rows] == [FEATURES, RAW, RAW, FEATURES, FEATURES, RAW]  # INPUTs in order, then --inputs
+    # INPUTs in order, then --inputs
+    assert [r["input"] for r in rows] == [FEATURES, RAW, RAW, FEATURES, FEATURES, RAW]
     assert all(f"{r['prediction']:.6g}" == values[r["input"]] for r in rows)
     assert "predicted 6 inputs; written to" in result.stderr

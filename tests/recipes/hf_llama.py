@@ -42,7 +42,8 @@ def build_model(cfg: Config):
 
     model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(cfg.model_dir))
     load_weights(model, cfg.model_dir, head="")
-    if cfg.loaded_dir and not any(p.is_meta for p in model.parameters()):  # FSDP loads once sharded (meta_build)
+    # FSDP loads once sharded (meta_build)
+    if cfg.loaded_dir and not any(p.is_meta for p in model.parameters()):
         os.makedirs(cfg.loaded_dir, exist_ok=True)
         with open(os.path.join(cfg.loaded_dir, f"rank-{os.environ.get('RANK', '0')}.json"), "w") as f:
             json.dump(digests(model), f)

@@ -14,7 +14,8 @@ from launcher import DataSpec, TrainConfig, load_weights
 
 @dataclass
 class Config(TrainConfig):
-    weights: str = ""  # a save_pretrained directory: its config.json builds the model, its safetensors load into it
+    # a save_pretrained directory: its config.json builds the model, its safetensors load into it
+    weights: str = ""
     sequence: int = 16  # tokens per sample
     samples: int = 64  # training samples (16 more for validation)
     batch_size: int = 2

@@ -26,7 +26,8 @@ from recipes.char_lm_tiny import Config as Tiny
 class Config(variant(Tiny, batch_size=8, max_steps=0, epochs=2, log_every=2,
                      output_dir="runs/stream_lines")):
     lines: int = 101  # items in the stream
-    source: str = "torch"  # "torch": torch IterableDatasets; "hf": Hugging Face datasets (streaming, map-style)
+    # "torch": torch IterableDatasets; "hf": Hugging Face datasets (streaming, map-style)
+    source: str = "torch"
 
 
 class Lines(IterableDataset):

@@ -35,7 +35,8 @@ def test_the_base_joins_no_group_and_layer_decay_reaches_the_adapters():
     cfg, model = build(layer_decay=0.5)
     frozen = adapters.frozen_base(model)
     assert frozen and all("lora_" not in name for name in frozen)
-    assert adapters.frozen_base(model.get_base_model()) == frozenset()  # not a PeftModel: the recipe's groups decide
+    # not a PeftModel: the recipe's groups decide
+    assert adapters.frozen_base(model.get_base_model()) == frozenset()
     schedule = RECIPE.build_schedule(cfg, model)
     groups = assign_groups(model, schedule, lr=0.1, weight_decay=0.0, frozen_base=frozen)
     apply_freezing(groups, step=0)

@@ -51,7 +51,8 @@ def prepared_accelerator() -> Accelerator:
 
 
 def test_a_corrupt_checkpoint_is_a_one_line_error(tmp_path):
-    path = complete_checkpoint(tmp_path, 3, json.dumps({"step": 3, "epoch": 0}))  # no model or optimizer files
+    # no model or optimizer files
+    path = complete_checkpoint(tmp_path, 3, json.dumps({"step": 3, "epoch": 0}))
     with pytest.raises(ConfigError, match=r"checkpoint .*step-00000003 cannot be loaded") as error:
         checkpoints.load(prepared_accelerator(), str(path))
     assert "\n" not in str(error.value)

@@ -16,7 +16,7 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -29,6 +29,7 @@ from launcher.data.spec import Shards
 from launcher.data.tar_reader import tar_files
 from launcher.data.writer import write_shards
 from launcher.train.guards import DataHealth
+from launcher.train.state import RunState
 
 SAMPLES = 8  # per shard: keys s0000..s0007, one PNG and one cls each
 SHARD = "shard-000000.tar"
@@ -180,7 +181,8 @@ def gzipped(path: Path) -> None:
     path.write_bytes(gzip.compress(path.read_bytes()))
 
 
-NEGATIVE_512 = b"\xff" + (256**11 - 512).to_bytes(11, "big")  # base-256 -512: a reader seeking by it rereads its header
+# base-256 -512: a reader seeking by it rereads its header
+NEGATIVE_512 = b"\xff" + (256**11 - 512).to_bytes(11, "big")
 CASES: dict[str, tuple[Callable[[Path], str], Counted | Refused]] = {
     # tar headers (member 4 is s0002.cls: s0000 and s0001 come through, the other 6 are counted)
     "negative base-256 size, directory": (base_damage(lambda p: patch_header(p, 4, type=b"5", size=NEGATIVE_512)),
@@ -229,7 +231,7 @@ CASES: dict[str, tuple[Callable[[Path], str], Counted | Refused]] = {
     "labels out of range": (lambda d: str(written_shard(d, [0, 1, 2, 3, 7, 0, 1, 2]).parent),
                             Counted(6, 2, "class label 3 is outside the task's 3 classes")),
 }
-EXPECTED_CASES = 26  # the README's failure table cites this number
+EXPECTED_CASES = 26  # docs/checkpoints.md (Failures, damaged data) cites this number
 
 
 def outcome(source: str, num_classes: int | None = 3) -> tuple[Counted | Refused, list[str]]:
@@ -273,16 +275,17 @@ def test_a_name_that_is_not_utf8_is_read_seeded_and_printed(tmp_path, capsys):
     patch_header(path, 5, name=b"s\xff002.png")
     assert [name for name, _ in tar_files(str(path))][4:6] == ["s\udcff002.cls", "s\udcff002.png"]
     assert derive_seed(0, "augment", 0, "s\udcff002", 0) != derive_seed(0, "augment", 0, "s\udcfe002", 0)
-    assert derive_seed(1, "caf\u00e9") == derive_seed(1, "caf\u00e9".encode().decode())  # valid UTF-8: unchanged
+    # valid UTF-8: unchanged
+    assert derive_seed(1, "caf\u00e9") == derive_seed(1, "caf\u00e9".encode().decode())
     split = SplitLoader(Shards(str(tmp_path), to_vector, shuffle_buffer=4), rank=0, world=1, seed=0, batch_size=4,
                         num_workers=0, training=True)
     batches = list(split.loader(0))  # training: every sample's augmentation is seeded from its key
     assert sorted(key for batch in batches for key in batch.keys) == sorted(
         f"s{i:04d}" if i != 2 else "s\udcff002" for i in range(SAMPLES))
     assert not [error for batch in batches for error in batch.errors]
-    health = DataHealth(str(tmp_path / "run"), 0, 0.5, lambda counts: counts)
+    health = DataHealth(str(tmp_path / "run"), 0, 0.5, lambda counts: counts, RunState())
     error = {"shard": str(path), "key": "s\udcff002", "reason": "ValueError: s\udcff002", "samples": 1}
-    health.note([error], "train", 0, 0)
+    health.note([error], "train")
     assert "skipped unreadable sample s\\udcff002 in" in capsys.readouterr().out  # escaped: stdout is strict UTF-8
     assert json.loads((tmp_path / "run" / "data_errors" / "rank0.jsonl").read_text())["key"] == "s\udcff002"
 
@@ -296,7 +299,8 @@ def test_a_label_out_of_range_is_an_unreadable_sample_in_training_and_in_map_sty
     batches = list(split.loader(0))
     keys = [key for batch in batches for key in batch.keys]
     errors = [error for batch in batches for error in batch.errors]
-    assert {"s0003", "s0004"}.isdisjoint(keys) and len(keys) == 6  # 2 whole batches, filled from readable samples
+    # 2 whole batches, filled from readable samples
+    assert {"s0003", "s0004"}.isdisjoint(keys) and len(keys) == 6
     assert [(e["key"], e["samples"]) for e in errors] == [("s0003", 1), ("s0004", 1)]
     assert "label 7 is outside the task's 3 classes (0..2)" in errors[1]["reason"]
 

@@ -149,18 +149,19 @@ def test_each_epoch_has_a_new_order_and_a_rerun_the_same(tmp_path):
 def test_a_position_taken_after_any_batch_resumes_the_exact_sequence(tmp_path, world, workers):
     source = make_shards(tmp_path, [5, 9, 4, 6])  # uneven: quotas differ, some workers repeat
     batches = 24 // (world * 2)
-    for rank in range(world):
-        def loader(start=None):
-            return split(source, rank=rank, world=world, workers=workers, batch=2, batches=batches).loader(1, start)
 
-        full = [b.keys for b in loader()]
+    def loader(rank, start=None):
+        return split(source, rank=rank, world=world, workers=workers, batch=2, batches=batches).loader(1, start)
+
+    for rank in range(world):
+        full = [b.keys for b in loader(rank)]
         assert len(full) == batches
         for cut in range(batches + 1):
             position = Position(1)
-            for b in itertools.islice(loader(), cut):
+            for b in itertools.islice(loader(rank), cut):
                 position.advance(b)
             position = Position.from_dict(json.loads(json.dumps(position.to_dict())))  # as checkpointed
-            rest = [b.keys for b in loader(position)]
+            rest = [b.keys for b in loader(rank, position)]
             assert full[:cut] + rest == full, f"rank {rank}, cut after {cut} batches"
 
 
@@ -393,4 +394,5 @@ def test_batches_a_consumer_keeps_are_never_overwritten(tmp_path, workers):
     kept = list(split(source, workers=workers, batch=3, batches=20).loader(0))  # every batch held
     assert len(kept) == 20 and all(pixels_match_keys(b) for b in kept)
     views = [(b.data[0][:1], b.keys[:1]) for b in split(source, workers=workers, batch=3, batches=20).loader(0)]
-    assert all(pixels_match_keys(Batch(data=(x, None), keys=k)) for x, k in views)  # a view holds its buffer too
+    # a view holds its buffer too
+    assert all(pixels_match_keys(Batch(data=(x, None), keys=k)) for x, k in views)

@@ -45,7 +45,7 @@ def loader(source, *, on_device: bool, training=True, workers=0, persistent=Fals
     transform = transform or (train_transform(24, scale=(0.3, 1.0)) if training else eval_transform(24))
     return SplitLoader(Shards(source, transform, shuffle_buffer=16), rank=0, world=1, seed=3, batch_size=8,
                        num_workers=workers, training=training, batches_per_epoch=6, persistent_workers=persistent,
-                       decode_on_device=on_device)
+                       data_on_gpu=on_device)
 
 
 def batches(split: SplitLoader, epoch: int = 0, start=None) -> list[dict]:
@@ -79,7 +79,8 @@ def test_device_decoding_with_persistent_workers_and_a_mid_epoch_resume(jpegs):
     position = Position.from_dict(json.loads(json.dumps(position.to_dict())))
     resumed = batches(split, 1, position)
     assert keys[1][:2] + [b.keys for b in resumed] == keys[1]
-    assert all(torch.equal(r.data[0], f.data[0]) for r, f in zip(resumed, full[1][2:]))  # the same crops, bitwise
+    # the same crops, bitwise
+    assert all(torch.equal(r.data[0], f.data[0]) for r, f in zip(resumed, full[1][2:]))
     split.close()
 
 
@@ -118,7 +119,7 @@ def test_data_on_gpu_with_a_map_style_dataset_is_a_clear_error():
     dataset = torch.utils.data.TensorDataset(torch.zeros(4, 3), torch.zeros(4))
     with pytest.raises(ConfigError, match="--data_on_gpu decodes shard images on the device.*TensorDataset"):
         SplitLoader(dataset, rank=0, world=1, seed=0, batch_size=2, num_workers=0, training=True,
-                    decode_on_device=True)
+                    data_on_gpu=True)
 
 
 def test_a_bad_image_read_again_in_a_repeat_pass_is_counted_once(tmp_path):
@@ -126,7 +127,7 @@ def test_a_bad_image_read_again_in_a_repeat_pass_is_counted_once(tmp_path):
     samples.insert(2, {"__key__": "broken", "jpg": jpeg(1)[:40] + b"\x00" * 200, "cls": 0})
     write_shards(samples, str(tmp_path), max_count=20, classes=["a", "b"])
     split = SplitLoader(Shards(str(tmp_path), train_transform(8), shuffle_buffer=4), rank=0, world=1, seed=0,
-                        batch_size=2, num_workers=0, training=True, batches_per_epoch=6, decode_on_device=True)
+                        batch_size=2, num_workers=0, training=True, batches_per_epoch=6, data_on_gpu=True)
     got = batches(split)
     assert sum(b.repeated for b in got) > 5  # the shard was read more than twice
     assert [e["key"] for b in got for e in b.errors] == ["broken"]
@@ -173,7 +174,8 @@ def test_other_transforms_keep_the_per_sample_path():
 
     assert batch_crops(train_transform(32, color_jitter=0.4)) is None
     assert batch_crops(v2.Compose([v2.RandomResizedCrop(32, interpolation=InterpolationMode.NEAREST)])) is None
-    assert batch_crops(v2.Compose([v2.Resize(40), v2.CenterCrop(48)])) is None  # a crop larger than the image pads
+    # a crop larger than the image pads
+    assert batch_crops(v2.Compose([v2.Resize(40), v2.CenterCrop(48)])) is None
     assert batch_crops(lambda image: image) is None
 
 

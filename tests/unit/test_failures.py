@@ -42,7 +42,8 @@ def test_a_full_disk_is_recognised_from_the_os_and_from_safetensors(tmp_path):
     full = disk_full(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path)
     assert full.exit_code == DISK_FULL_EXIT_CODE
     assert str(full).startswith(f"no space left writing checkpoint {path} (") and "MiB free there)" in str(full)
-    wrapped = Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+    wrapped = Exception('Error while serializing: '
+                        'IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
     assert disk_full(wrapped, path) is not None
     assert disk_full(OSError(errno.EACCES, "Permission denied"), path) is None
     assert disk_full(RuntimeError("file write failed"), path) is None  # torch.save's words, with space left

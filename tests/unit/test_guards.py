@@ -64,14 +64,18 @@ def test_skip_counts_skipped_updates_in_the_state_and_fp16_leaves_overflow_to_th
 
 
 def test_data_health_logs_every_error_and_stops_above_the_fraction_naming_the_worst_shards(tmp_path):
-    health = DataHealth(str(tmp_path), rank=1, max_fraction=0.1, gather=lambda local: local + [{"b.tar": 5}])
+    state = RunState(step=7, epoch=2, unreadable_total=3)
+    health = DataHealth(str(tmp_path), rank=1, max_corrupt_fraction=0.1, gather=lambda local: local + [{"b.tar": 5}],
+                        state=state)
     errors = [{"key": f"k{i}", "shard": "a.tar", "samples": 1, "reason": "bad"} for i in range(12)]
-    health.note(errors, "train", epoch=2, step=7)
+    health.note(errors, "train")
     logged = [json.loads(line) for line in (tmp_path / "data_errors" / "rank1.jsonl").read_text().splitlines()]
     assert len(logged) == 12 and logged[0] == {"split": "train", "epoch": 2, "step": 7, **errors[0]}
-    health.check(10, samples=100, split="train", epoch=2, counts={"a.tar": 12})  # 10 % is allowed
+    health.check(10, samples=100, split="train", counts={"a.tar": 12})  # 10 % is allowed
+    health.end_of_pass(10, samples=100, split="train", counts={"a.tar": 12})
+    assert state.unreadable_total == 13  # each pass's count joins the run's
     with pytest.raises(DataError, match=r"17 of 100 training samples in epoch 2 .* worst shards: a.tar \(12\), b.tar \(5\)"):
-        health.check(17, samples=100, split="train", epoch=2, counts={"a.tar": 12})
+        health.end_of_pass(17, samples=100, split="train", counts={"a.tar": 12})
 
 
 @pytest.mark.parametrize("mode, values, best", [("max", [0.5, 0.7, 0.6], 0.7), ("min", [0.5, 0.7, 0.4], 0.4)])

@@ -112,7 +112,8 @@ def test_a_partial_load_is_refused_with_the_names():
 
 def test_keys_match_exactly_or_by_one_prefix_for_the_whole_file():
     causal = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.norm.weight", "lm_head.weight"]
-    assert match_keys(causal, causal) == {name: name for name in causal}  # `model.` is never stripped from one side
+    # `model.` is never stripped from one side
+    assert match_keys(causal, causal) == {name: name for name in causal}
     assert match_keys([f"module.{n}" for n in causal], causal) == {n: f"module.{n}" for n in causal}
     assert match_keys([n.removeprefix("model.") for n in causal[:3]], causal) == {
         n: n.removeprefix("model.") for n in causal[:3]}
@@ -173,7 +174,8 @@ def test_the_final_weights_in_several_shards_and_the_hf_layout_load_back_bitwise
                                          unk_token="[UNK]").save_pretrained(str(tokenizer_dir))
     out = tmp_path / "run"
     out.mkdir()
-    (out / "model.safetensors").write_bytes(b"an earlier export")  # replaced by the shards, not left to be read
+    # replaced by the shards, not left to be read
+    (out / "model.safetensors").write_bytes(b"an earlier export")
     written = write_final_weights(str(out), trained, None, HFLayout("", str(tokenizer_dir)), 20_000, is_main=True)
     assert written == {"weights_file": str(out / "model.safetensors.index.json"), "hf_dir": str(out / "hf")}
     assert not (out / "model.safetensors").exists() and not (out / ".export").exists()

@@ -61,7 +61,8 @@ def test_a_resume_mid_epoch_gives_the_rest_of_the_epoch_exactly(workers):
 
 
 def test_a_short_rank_repeats_its_slice_so_every_rank_takes_the_same_batches():
-    """The stream holds 7 items but claims 16: each rank's slice (4 and 3 items) is read again to fill 4 batches."""
+    """The stream holds 7 items but claims 16: each rank's slice (4 and 3 items) is read again to fill
+    4 batches."""
     counts = []
     for rank in range(2):
         batches = list(loader(Numbers(7), rank=rank, train_samples=16).loader(0))

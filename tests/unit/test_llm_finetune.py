@@ -47,7 +47,8 @@ def test_the_loss_mask_covers_the_completion_and_its_end_token_only(tokenizer):
         assert tokenizer.decode(labels[kept]) == example["completion"] + tokenizer.eos_token
         first = sample["prompt_tokens"] - 1  # the input position whose next token is the completion's first
         assert not kept[:first].any() and kept[first:first + kept.sum()].all()
-        assert torch.equal(inputs[:len(sample["tokens"]) - 1], sample["tokens"][:-1])  # labels = inputs shifted
+        # labels = inputs shifted
+        assert torch.equal(inputs[:len(sample["tokens"]) - 1], sample["tokens"][:-1])
         assert torch.equal(labels[kept], sample["tokens"][first + 1:])
     assert (batch["input_ids"][0, len(samples[0]["tokens"]):] == tokenizer.pad_token_id).all()
 

@@ -51,7 +51,8 @@ def test_folder_shards_keep_bytes_labels_and_metadata(folder, tmp_path):
     assert json.loads(stored["cat/cat_1.json"]) == {"path": "cat/cat.1.jpg", "class": "cat"}
     index = json.loads((out / "index.json").read_text())
     assert index["classes"] == ["cat", "dog"] and sum(index["shards"].values()) == 12
-    assert max(index["shards"].values()) <= 5 and len(index["shards"]) == 4  # --max_count needs 3: a power of two
+    # --max_count needs 3: a power of two
+    assert max(index["shards"].values()) <= 5 and len(index["shards"]) == 4
     assert len(result["skipped"]) == 1 and "broken.png" in result["skipped"][0]
 
 
@@ -273,7 +274,8 @@ def test_a_model_with_fewer_outputs_than_the_shards_classes_is_refused_before_st
         return build_parts(cfg.resolved(), recipe, rank=0, world=1)
 
     four = shards("four", CLASSES)
-    os.symlink(os.path.join(four, "train"), os.path.join(four, "pretrain"))  # what recipes/resnet_pretrain reads
+    # what recipes/resnet_pretrain reads
+    os.symlink(os.path.join(four, "train"), os.path.join(four, "pretrain"))
     os.symlink(os.path.join(four, "val"), os.path.join(four, "pretrain_val"))
     with pytest.raises(ConfigError, match=r"^the shards have 4 classes \(index.json\), the model outputs 2: "
                                           r"set --num_classes=4$"):
@@ -283,5 +285,5 @@ def test_a_model_with_fewer_outputs_than_the_shards_classes_is_refused_before_st
                                           r"make build_model output 12 classes$"):
         parts(MLP_RECIPE, twelve)  # no num_classes field to name
     notes = parts(MLP_RECIPE, four).plan.notes  # more outputs than classes train, with a warning
-    assert ("WARNING: the model outputs 10 classes, the shards have 4 (index.json): 6 outputs are never a target; "
-            "make build_model output 4 classes") in notes
+    assert ("WARNING: the model outputs 10 classes, the shards have 4 (index.json): "
+            "6 outputs are never a target; make build_model output 4 classes") in notes

@@ -80,9 +80,11 @@ def sharded_run(tmp_path_factory):
 @pytest.mark.parametrize("name", ["tied", "untied"])
 def test_a_sharded_meta_built_llama_loads_its_slices_bitwise_as_transformers_loads_it(sharded_run, name):
     weights, loaded = str(sharded_run / name), load_file(str(sharded_run / f"{name}.loaded"))
-    assert len([name for name in os.listdir(weights) if name.endswith(".safetensors")]) > 2  # shards and an index
+    # shards and an index
+    assert len([name for name in os.listdir(weights) if name.endswith(".safetensors")]) > 2
     reference = transformers.LlamaForCausalLM.from_pretrained(weights)
-    expected = {**reference.state_dict(), **dict(reference.named_buffers())}  # the rotary inv_freq, not persistent
+    # the rotary inv_freq, not persistent
+    expected = {**reference.state_dict(), **dict(reference.named_buffers())}
     assert sorted(set(loaded) - {"logits", "tied"}) == sorted(reference.state_dict())
     assert [name for name in reference.state_dict() if not torch.equal(loaded[name], expected[name])] == []
     assert bool(loaded["tied"]) == reference.config.tie_word_embeddings  # the LM head is still the embedding
@@ -99,4 +101,5 @@ def test_a_meta_built_model_without_weights_is_initialised_alike_on_2_ranks_and_
     whole = model.state_dict()
     assert [name for name in whole if not torch.equal(initialised[name], whole[name])] == []
     assert torch.equal(whole["model.norm.weight"], torch.ones(32))  # transformers' own _init_weights
-    assert 0.01 < whole["model.layers.0.mlp.up_proj.weight"].std() < 0.03  # initializer_range 0.02, not garbage
+    # initializer_range 0.02, not garbage
+    assert 0.01 < whole["model.layers.0.mlp.up_proj.weight"].std() < 0.03

@@ -43,7 +43,8 @@ def test_pruning_counts_only_trusted_checkpoints_and_keeps_the_resumed_from_the_
     paths = {step: checkpoint(tmp_path, step) for step in (2, 4, 6, 8, 10)}
     # resumed from 4 (verified); wrote 6 and 8; 2 and 10 are neither (10: say, damaged, not set aside)
     checkpoints.prune(str(tmp_path), keep=1, protected={paths[8], paths[4]}, trusted={paths[4], paths[6], paths[8]})
-    assert present(tmp_path) == [4, 8, 10]  # 10 was not counted: 8 stays; 6 and 2 are older than the kept ones
+    # 10 was not counted: 8 stays; 6 and 2 are older than the kept ones
+    assert present(tmp_path) == [4, 8, 10]
     checkpoints.prune(str(tmp_path), keep=0, protected=set(), trusted=set())
     assert present(tmp_path) == [4, 8, 10]  # keep=0 keeps all
     paths[12] = checkpoint(tmp_path, 12)
@@ -74,7 +75,8 @@ def test_resuming_sets_later_checkpoints_aside_and_best_json_follows(tmp_path):
 
 @pytest.mark.parametrize("manifest", [
     '{"filez": {}}', '{"files": []}', "[]", '{"files": {"trainer_state.json": {"bytez": 1, "xxh3_64": "0"}}}',
-    '{"files": {"../../etc/passwd": {"bytes": 1, "xxh3_64": "0"}, "trainer_state.json": {"bytes": 1, "xxh3_64": "0"}}}',
+    '{"files": {"../../etc/passwd": {"bytes": 1, "xxh3_64": "0"}, '
+    '"trainer_state.json": {"bytes": 1, "xxh3_64": "0"}}}',
 ])
 def test_a_malformed_manifest_is_a_skipped_checkpoint_not_a_traceback(tmp_path, manifest):
     older, newest = checkpoint(tmp_path, 1), checkpoint(tmp_path, 2)

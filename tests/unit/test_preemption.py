@@ -87,7 +87,8 @@ print("still running", flush=True)
 """
 
 
-@pytest.mark.parametrize("second", ["SIGINT", "SIGTERM"])  # SIGTERM: torchrun's, after a second Ctrl-C reached it
+# SIGTERM: torchrun's, after a second Ctrl-C reached it
+@pytest.mark.parametrize("second", ["SIGINT", "SIGTERM"])
 def test_a_second_interrupt_exits_at_once_in_one_line_and_a_worker_ignores_both(second):
     import subprocess
     import sys

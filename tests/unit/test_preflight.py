@@ -37,12 +37,12 @@ def normalize_like(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> v2.Compose:
 
 @pytest.mark.parametrize("make, message", [
     (lambda: DataSpec(train=Shards("shards", train_transform)),
-     "the training split's transform is train_transform, which makes a transform rather than being one: "
-     "call it (train_transform(224) not train_transform)"),
+     "the training split's transform is train_transform, which makes a transform rather than "
+     "being one: call it (train_transform(224) not train_transform)"),
     (lambda: DataSpec(train=Shards("shards", train_transform(8)), val=Shards("shards", eval_transform(8),
                                                                              batch_transform=normalize)),
-     "the validation split's batch_transform is normalize, which makes a transform rather than being one: "
-     "call it (normalize() not normalize)"),
+     "the validation split's batch_transform is normalize, which makes a transform rather than "
+     "being one: call it (normalize() not normalize)"),
     (lambda: DataSpec(train=[], batch_transform=v2.ToDtype), "DataSpec's batch_transform is ToDtype"),
     (lambda: DataSpec(train=Shards("shards", decode=fields)),
      "the training split's decode is fields, which makes a decoder rather than being one: "

@@ -1,17 +1,22 @@
 """Shards in object storage (launcher/data/remote.py): read from a real server on loopback, an
-HTTP server and moto's S3 server, each dropping one connection mid-shard once: the read is
+HTTP server and moto's S3 server (run from .venv-moto), each dropping one connection mid-shard once: the read is
 retried, no sample is lost and nothing counts as unreadable. A shard that keeps failing is
 counted as unreachable, apart from unreadable ones. The index is found by the shard's own name
-for every URL form, the README's `pipe:aws s3 cp s3://bucket/x.tar -` included."""
+for every URL form, docs/data.md's `pipe:aws s3 cp s3://bucket/x.tar -` included."""
 
 from __future__ import annotations
 
 import http.server
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +26,7 @@ from launcher.data.layout import Position
 from launcher.data.loader import SplitLoader
 from launcher.data.remote import shard_name
 from launcher.data.spec import Shards
+from conftest import ROOT
 from scripts.processes import free_port
 from test_data import make_shards, to_tensor
 
@@ -134,38 +140,63 @@ def test_a_shard_that_keeps_failing_is_unreachable_not_unreadable(serve, quick_r
     assert server.gets.count(f"/{FLAKY}") == 4  # LAUNCHER_READ_TRIES' default
 
 
+MOTO_SERVER = ROOT / ".venv-moto" / "bin" / "moto_server"  # `make test` builds it: boto3 stays out of .venv
+
+
 @pytest.fixture(scope="module")
 def s3(shard_dir):
     """moto's S3 server on loopback holding the shards and index.json in bucket `bucket`, behind a
-    server that drops one download of part1 halfway; the aws CLI pointed at it."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()  # moto before 5.0.x has no get_host_and_port: the port is chosen here
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    moto.start()
+    server that drops one download of part1 halfway; the aws CLI pointed at it. moto runs from a
+    venv of its own: with boto3 beside it, every `import accelerate` imports boto3 too (its
+    SageMaker config), about a second in each of the suite's hundreds of processes."""
+    server = shutil.which("moto_server") or str(MOTO_SERVER)
+    if not os.access(server, os.X_OK):
+        pytest.fail(f"{MOTO_SERVER} is missing: `make test` installs moto[server] there")
+    port = free_port()
+    moto = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     endpoint = f"http://127.0.0.1:{port}"
     environment = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                          region_name="us-east-1")
-    client.create_bucket(Bucket="bucket")
-    for name in [*(f"part{i}-000000.tar" for i in range(3)), "index.json"]:
-        client.upload_file(f"{shard_dir}/{name}", "bucket", f"shards/{name}")
+    try:
+        put(endpoint, "/bucket", b"", wait_for=moto)  # moto checks no signature: plain PUTs fill the bucket
+        for name in [*(f"part{i}-000000.tar" for i in range(3)), "index.json"]:
+            put(endpoint, f"/bucket/shards/{name}", Path(shard_dir, name).read_bytes())
 
-    def forward(path, headers, method):
-        request = urllib.request.Request(endpoint + path, method=method,
-                                         headers={k: v for k, v in headers.items() if k.lower() != "host"})
+        def forward(path, headers, method):
+            request = urllib.request.Request(endpoint + path, method=method,
+                                             headers={k: v for k, v in headers.items() if k.lower() != "host"})
+            try:
+                with urllib.request.urlopen(request) as reply:
+                    return reply.status, dict(reply.headers), reply.read()
+            except urllib.error.HTTPError as error:  # a 404 for a missing key: passed on as it is
+                return error.code, dict(error.headers), error.read()
+
+        proxy = FlakyServer(forward)
+        tools = os.path.dirname(sys.executable)  # the aws CLI of the dev extra, beside this Python
+        yield proxy, {**environment, "AWS_ENDPOINT_URL": proxy.url, "PATH": tools + os.pathsep + os.environ["PATH"]}
+        proxy.shutdown()
+    finally:
+        os.killpg(moto.pid, signal.SIGTERM)
+        moto.wait()
+
+
+def put(endpoint: str, path: str, body: bytes, wait_for: subprocess.Popen | None = None) -> None:
+    """PUT `body` at `path`; with `wait_for`, retried for up to a minute while that server starts."""
+    deadline = time.monotonic() + 60
+    while True:
         try:
-            with urllib.request.urlopen(request) as reply:
-                return reply.status, dict(reply.headers), reply.read()
-        except urllib.error.HTTPError as error:  # a 404 for a missing key: passed on as it is
-            return error.code, dict(error.headers), error.read()
-
-    proxy = FlakyServer(forward)
-    tools = os.path.dirname(sys.executable)  # the aws CLI of the dev extra, beside this Python
-    yield proxy, {**environment, "AWS_ENDPOINT_URL": proxy.url, "PATH": tools + os.pathsep + os.environ["PATH"]}
-    proxy.shutdown()
-    moto.stop()
+            request = urllib.request.Request(endpoint + path, data=body, method="PUT",  # not urllib's form type
+                                             headers={"Content-Type": "application/octet-stream"})
+            urllib.request.urlopen(request, timeout=60).close()
+            return
+        except urllib.error.URLError as error:  # refused: not listening yet
+            if (wait_for is None or isinstance(error, urllib.error.HTTPError) or wait_for.poll() is not None
+                    or time.monotonic() > deadline):
+                raise
+        try:
+            wait_for.wait(timeout=0.1)  # returns at once only if the server has exited
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def test_shards_from_s3_survive_a_dropped_connection(s3, quick_retries, monkeypatch):
@@ -177,7 +208,7 @@ def test_shards_from_s3_survive_a_dropped_connection(s3, quick_retries, monkeypa
     assert position.corrupt == {} and position.unreachable == {}
     assert proxy.gets.count(f"/bucket/shards/{FLAKY}") == 2  # the broken download, then the retry
 
-    # The README's form: a pipe: command, its count from the index beside the shard it names
+    # docs/data.md's form: a pipe: command, its count from the index beside the shard it names
     pipe = "pipe:aws s3 cp s3://bucket/shards/part2-000000.tar -"
     keys, position = samples_read(Shards(pipe, to_tensor, shuffle_buffer=0))
     assert sorted(keys) == all_keys()[-SIZES[2]:] and position.corrupt == {}

@@ -66,7 +66,8 @@ def test_a_saved_config_gives_what_was_not_given_and_names_the_fields_it_ignores
     cfg, note = inherit(TrainConfig(epochs=2, resume="auto"), json.loads(json.dumps(saved)), {"epochs", "resume"},
                         "runs/old/config.json")
     assert (cfg.lr, cfg.log_every, cfg.trackers, cfg.epochs) == (0.1, 7, ("tensorboard",), 2)
-    assert (cfg.output_dir, cfg.max_steps, cfg.resume) == ("runs/default", 0, "auto")  # what this command does
+    # what this command does
+    assert (cfg.output_dir, cfg.max_steps, cfg.resume) == ("runs/default", 0, "auto")
     assert note == "note: runs/old/config.json has fields that launcher.config.TrainConfig lacks, ignored: gone"
     assert RESULT_NEUTRAL <= set(TrainConfig.__dataclass_fields__)
 
@@ -80,9 +81,9 @@ def test_a_resume_refuses_each_changed_result_flag_and_applies_the_neutral_ones(
     with pytest.raises(ConfigError) as refused:
         run_config.resume_config(asked, given)
     assert str(refused.value) == (
-        f"checkpoint {checkpoint} was trained otherwise: --hidden=64 differs from the checkpoint's 32; --lr=0.01 "
-        "differs from the checkpoint's 0.003; drop them to resume as trained, or pass --resume_changes=allow to "
-        "resume with them anyway")
+        f"checkpoint {checkpoint} was trained otherwise: --hidden=64 differs from the checkpoint's 32; "
+        "--lr=0.01 differs from the checkpoint's 0.003; drop them to resume as trained, "
+        "or pass --resume_changes=allow to resume with them anyway")
     said = []
     allowed = run_config.resume_config(dataclasses.replace(asked, resume_changes="allow"), given, said.append)
     assert (allowed.hidden, allowed.lr, allowed.data_dir) == (64, 0.01, "data/x")
@@ -126,7 +127,8 @@ def test_grad_accum_steps_is_refused_on_the_checkpoints_world_size_and_rescaled_
     run_config.check_resumed_config(asked, str(checkpoint), world_size=2)  # keep_global_batch sets it
     with pytest.raises(ConfigError, match="--grad_accum_steps=2 differs from the checkpoint's 4; drop it"):
         run_config.check_resumed_config(asked, str(checkpoint), world_size=1)
-    assert run_config.keep_global_batch(asked, str(checkpoint), 2)[0].grad_accum_steps == 2  # 32 x 1 x 4 = 32 x 2 x 2
+    # 32 x 1 x 4 = 32 x 2 x 2
+    assert run_config.keep_global_batch(asked, str(checkpoint), 2)[0].grad_accum_steps == 2
 
 
 def test_every_recipes_saved_config_reads_back_as_it_was():

@@ -86,7 +86,8 @@ def test_a_gone_holders_lock_is_taken_over_with_a_note(tmp_path, slurm, holder, 
 @needs_proc
 @pytest.mark.parametrize("holder, restart", [
     (dict(pid=1, host="another-node", slurm_job="6"), "0"),  # another job's
-    (dict(pid=1, host="another-node", slurm_job="4242", slurm_restart="0"), "0"),  # another node of this allocation
+    # another node of this allocation
+    (dict(pid=1, host="another-node", slurm_job="4242", slurm_restart="0"), "0"),
     (dict(pid="PARENT", slurm_job="4242", slurm_restart="0"), "1"),  # this job, live on this host
 ])
 def test_a_live_holder_is_refused_also_within_its_slurm_job(tmp_path, slurm, holder, restart):
@@ -143,7 +144,8 @@ def _contend(gate, go, results, run_dirs) -> None:
 def test_of_many_runs_starting_at_once_exactly_one_holds_the_lock(tmp_path, start):
     run_dirs = [tmp_path / f"round-{i}" for i in range(ROUNDS)]
     stale = None if start == "no lock" else dict(text="", age_s=60) if "empty" in start else dict(pid=ended_pid())
-    context = multiprocessing.get_context("fork")  # already imported: the contenders start within milliseconds
+    # already imported: the contenders start within milliseconds
+    context = multiprocessing.get_context("fork")
     gate, go, results = context.Barrier(CONTENDERS + 1, timeout=30), context.RawValue("i", 0), context.Queue()
     contenders = [context.Process(target=_contend, args=(gate, go, results, list(map(str, run_dirs))))
                   for _ in range(CONTENDERS)]

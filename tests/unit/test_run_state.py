@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from launcher.global_batch import GlobalBatch
 from launcher.train.state import RunState
 
 
@@ -23,9 +24,9 @@ def test_every_field_survives_a_checkpoint_and_an_older_checkpoint_loads_with_de
 
 def test_the_summary_reports_steps_samples_counters_and_the_best():
     state = RunState(step=6, skipped_steps=1, unreadable_total=3)
-    assert state.summary(global_batch=32) | {"total_time_s": 0} == {
+    assert state.summary(GlobalBatch(batch_size=8, world_size=2, grad_accum_steps=2)) | {"total_time_s": 0} == {
         "steps": 6, "samples_seen": 192, "total_time_s": 0, "unreadable_skipped": 3, "skipped_steps": 1}
     state.best, state.stopped_early = {"metric": "val/top1", "value": 0.9, "step": 4}, True
-    summary = state.summary(global_batch=32)
+    summary = state.summary(GlobalBatch(batch_size=32, world_size=1))
     assert (summary["best/metric"], summary["best/value"], summary["best/step"], summary["stopped_early"]) == (
         "val/top1", 0.9, 4, True)

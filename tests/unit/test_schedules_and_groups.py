@@ -1,4 +1,5 @@
-"""LR schedules checked against torch's own schedulers; parameter groups, freezing, layer decay, unfreezing."""
+"""LR schedules checked against torch's own schedulers; parameter groups, freezing, layer decay,
+unfreezing."""
 
 from __future__ import annotations
 

@@ -27,7 +27,8 @@ def names(units) -> list[str]:
 
 def test_the_default_units_are_the_repeated_blocks_innermost_first_then_by_size():
     lm = CharTransformer(TinyLM())
-    assert names(find_units(lm, None, min_params=0)) == ["blocks.0", "blocks.1"]  # not mlp's Linear, GELU, Linear
+    # not mlp's Linear, GELU, Linear
+    assert names(find_units(lm, None, min_params=0)) == ["blocks.0", "blocks.1"]
     resnet = torchvision.models.resnet18(num_classes=10)
     blocks = names(find_units(resnet, None, min_params=0))
     assert blocks == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
@@ -95,7 +96,8 @@ def _lockstep(rank: int, out: str) -> None:
         mine.insert(0, Batch(data=None, errors=[{"reason": "unreadable"}]))
     seen = [(None if batch.data is None else int(batch.data), counted)
             for batch, counted in in_lockstep(mine, torch.tensor([-1]), Reducer())]
-    held = torch.zeros(1)  # the last collective's tensor outlives the group, as a run's end does (ReplicaChecksums)
+    # the last collective's tensor outlives the group, as a run's end does (ReplicaChecksums)
+    held = torch.zeros(1)
     dist.all_reduce(held)
     dist.destroy_process_group()
     with open(os.path.join(out, f"rank-{rank}.json"), "w") as f:

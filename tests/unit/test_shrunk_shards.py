@@ -118,7 +118,8 @@ def test_the_writer_api_shrinks_samples_and_bad_flags_are_one_line(tmp_path):
     written = json.loads((tmp_path / "api" / "index.json").read_text())
     hand_made = {**written, "image_sides": {"shard-000000.tar": {"short": "x"}}}
     (tmp_path / "api" / "index.json").write_text(json.dumps(hand_made))
-    assert read_index(str(tmp_path / "api")).image_sides is None  # a hand-made entry is left out, not an error
+    # a hand-made entry is left out, not an error
+    assert read_index(str(tmp_path / "api")).image_sides is None
     for flag, problem in (("--quality=0", "--quality must be >= 1"), ("--quality=101", "--quality must be 1 to 100"),
                           ("--max_side=-5", "--max_side must be >= 0")):
         with pytest.raises(ConfigError, match=problem):

@@ -205,13 +205,13 @@ def test_a_pickle_planted_in_any_file_of_a_ddp_checkpoint_runs_nothing(tmp_path)
             state_files.INDEX_FILE, "rank-0.json", checkpoints.STATE_FILE} <= set(files)
     load = lambda p: checkpoints.load(build_ddp(seed=1)["accelerator"], p)  # noqa: E731
     assert load(path)[0]["step"] == 2  # as written, it loads
-    for name, copy, marker in planted_copies(path, tmp_path, [f for f in files if f != checkpoints.MANIFEST_FILE]):
-        assert_refused(load, copy, marker, "cannot be loaded")
+    for _, planted, marker in planted_copies(path, tmp_path, [f for f in files if f != checkpoints.MANIFEST_FILE]):
+        assert_refused(load, planted, marker, "cannot be loaded")
     # Accelerate's files, as an older launcher wrote them: refused before anything is read
-    for name, copy, marker in planted_copies(path, tmp_path, ["custom_checkpoint_0.pkl", "optimizer.bin"]):
-        message = assert_refused(load, copy, marker, r"was written by an older launcher: its states are pickled")
-        assert f"start a new --output_dir with --weights={copy}/model.safetensors" in message
-        assert_refused(checkpoints.read_state, copy, marker, "older launcher")
+    for _, planted, marker in planted_copies(path, tmp_path, ["custom_checkpoint_0.pkl", "optimizer.bin"]):
+        message = assert_refused(load, planted, marker, r"was written by an older launcher: its states are pickled")
+        assert f"start a new --output_dir with --weights={planted}/model.safetensors" in message
+        assert_refused(checkpoints.read_state, planted, marker, "older launcher")
 
 
 # ---- FSDP: DCP's .metadata and .distcp files -------------------------------------------------------------
@@ -233,7 +233,8 @@ def build_fsdp(seed: int = 0):
 
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))  # int64 and float32 in .metadata
+    # int64 and float32 in .metadata
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
     ema = EMA(model, 0.9)
     mesh = init_device_mesh("cpu", (1,))
     fully_shard(model, mesh=mesh)
@@ -263,12 +264,12 @@ def test_a_pickle_planted_in_any_file_of_an_fsdp_checkpoint_runs_nothing(tmp_pat
     assert same(fsdp_load(path), written)  # a real .metadata passes the checked unpickler
     files = sorted(os.path.relpath(os.path.join(d, n), path) for d, _, names in os.walk(path) for n in names)
     assert "sharded/.metadata" in files and any(f.endswith(".distcp") for f in files)
-    for name, copy, marker in planted_copies(path, tmp_path, [f for f in files if f != checkpoints.MANIFEST_FILE]):
+    for name, planted, marker in planted_copies(path, tmp_path, [f for f in files if f != checkpoints.MANIFEST_FILE]):
         if name == "sharded/.metadata":
-            assert_refused(fsdp_load, copy, marker, r"sharded: \.metadata holds a disallowed type posix\.system; "
-                                                    "it was not written by the launcher")
+            assert_refused(fsdp_load, planted, marker, r"sharded: \.metadata holds a disallowed type posix\.system; "
+                                                       "it was not written by the launcher")
         else:
-            assert_refused(fsdp_load, copy, marker, "cannot be loaded")
+            assert_refused(fsdp_load, planted, marker, "cannot be loaded")
 
 
 def test_dcp_values_that_are_not_tensors_are_read_weights_only(tmp_path, one_rank_group):

@@ -38,7 +38,8 @@ def regular_members(path) -> list[tuple[str, bytes]]:
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
 def test_reads_what_tarfile_reads_in_each_format(tmp_path, fmt):
-    files = FILES if fmt != tarfile.USTAR_FORMAT else [f for f in FILES if "caf" not in f[0]]  # ustar: ASCII names
+    # ustar: ASCII names
+    files = FILES if fmt != tarfile.USTAR_FORMAT else [f for f in FILES if "caf" not in f[0]]
     path = tmp_path / "shard.tar"
     write_tar(path, files, fmt)
     assert list(tar_files(str(path))) == regular_members(path) == files

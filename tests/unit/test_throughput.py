@@ -24,7 +24,8 @@ def test_the_flops_per_sample_measured_at_preflight_match_a_hand_count_for_an_ml
     module.build_data = lambda cfg: DataSpec(train=[(torch.randn(8), i % 3) for i in range(16)])
     cfg = TrainConfig(batch_size=4, num_workers=0, output_dir=str(tmp_path / "run"), wandb_mode="disabled")
     parts = build_parts(cfg, Recipe("mlp_recipe", module), rank=0, world=1)
-    # a matrix multiply of (1 x 8) by (8 x 16) is 8 x 16 multiply-adds: 2 FLOPs each (biases and ReLU not counted)
+    # a matrix multiply of (1 x 8) by (8 x 16) is 8 x 16 multiply-adds: 2 FLOPs each
+    # (biases and ReLU not counted)
     assert parts.checked.flops_per_sample == 2 * 8 * 16 + 2 * 16 * 3
 
 

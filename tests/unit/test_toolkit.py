@@ -217,7 +217,8 @@ def test_ema_follows_the_weights_with_warmed_up_decay():
         ema.update_parameters(model)
     for e, p in zip(expected, ema.module.parameters()):
         assert torch.allclose(e, p)
-    assert ema.module[1].num_batches_tracked == model[1].num_batches_tracked  # integer buffers follow the model
+    # integer buffers follow the model
+    assert ema.module[1].num_batches_tracked == model[1].num_batches_tracked
     assert not torch.allclose(ema.module[1].running_mean, model[1].running_mean)  # float buffers are averaged
 
 

@@ -116,7 +116,8 @@ def test_the_report_plots_each_runs_own_metrics_under_its_own_loss_with_only_acc
     assert [label for label, _, _ in together["Training loss"].lines] == [
         "cls: train/loss (cross-entropy loss)", "lm: train/loss (per-token cross-entropy loss)",
         "reg: train/loss (mse loss)"]
-    assert together["Validation top-1 accuracy"].lines == [("cls: val/top1", [2], [50.0])]  # the others lack it
+    # the others lack it
+    assert together["Validation top-1 accuracy"].lines == [("cls: val/top1", [2], [50.0])]
     assert together["Validation perplexity"].lines == [("lm: val/perplexity", [2], [3.25])]
 
     page = render(runs)
@@ -156,7 +157,8 @@ def two_runs_of_one_and_two_processes(tmp_path) -> list[Run]:
         (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         paths.append(tmp_path / name)
     (paths[0] / "task.json").write_text(json.dumps({"task": "classification", "steps_per_epoch": 4}))
-    return [load_run(str(path)) for path in paths]  # the second without task.json: its epochs from metrics.jsonl
+    # the second without task.json: its epochs from metrics.jsonl
+    return [load_run(str(path)) for path in paths]
 
 
 def test_config_differences_show_the_processes_and_the_global_batch_first(tmp_path):

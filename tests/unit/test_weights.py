@@ -50,7 +50,8 @@ def test_from_a_pth_state_dict_or_checkpoint_with_prefixes(tmp_path, source, wra
     model = resnet(10)
     report = load_weights(model, str(tmp_path / "w.pth"), log=lambda _: None)
     check_loaded(model, source)
-    assert report == {"missing": [], "unexpected": [], "replaced": ["fc.bias", "fc.weight"]}  # the model's names
+    # the model's names
+    assert report == {"missing": [], "unexpected": [], "replaced": ["fc.bias", "fc.weight"]}
 
 
 def test_shape_mismatch_outside_the_head_names_key_and_shapes(tmp_path, source):
