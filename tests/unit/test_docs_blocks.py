@@ -216,22 +216,25 @@ def check_transcript(block: Block) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def sandbox(tmp_path_factory, digits, text_shards) -> Path:
-    """A directory laid out as the docs expect a checkout to be after `make demo`."""
+def sandbox(tmp_path_factory, digits) -> Path:
+    """A directory laid out as the docs expect a checkout to be after `make demo`. The text shards
+    and the tiny Llama are written in process (a script's own process would import torch again:
+    seconds)."""
+    from scripts.make_text_shards import main as make_text_shards
+    from scripts.make_tiny_llama import main as make_tiny_llama
+
     root = tmp_path_factory.mktemp("docs_sandbox")
     for name in ("recipes", "scripts", "tests", "Makefile", "pyproject.toml"):
         (root / name).symlink_to(ROOT / name)
     (root / "data").mkdir()
     (root / "data" / "digits").symlink_to(digits)
-    (root / "data" / "text").symlink_to(text_shards)
     for label in ("0", "1"):  # data/flowers: an ImageFolder of 4 images a class
         (root / "data" / "flowers" / label).mkdir(parents=True)
         for image in sorted((digits / "folder" / "train" / label).iterdir())[:4]:
             (root / "data" / "flowers" / label / image.name).write_bytes(image.read_bytes())
     LLAMA_STAND_IN.path = tmp_path_factory.mktemp("tiny_llama")
-    from scripts.make_tiny_llama import main as make_tiny_llama
-
     with contextlib.redirect_stdout(io.StringIO()):
+        make_text_shards(out=str(root / "data" / "text"))
         make_tiny_llama(out=str(LLAMA_STAND_IN.path))
     return root
 
