@@ -156,12 +156,14 @@ def check_config(block: Block, sandbox: Path) -> None:
 
 def call_build_model(build_model) -> None:
     """A snippet's build_model, given the tiny Llama recipe's config with its weights as --weights."""
+    import torch
+
     from launcher.recipe import load_recipe
 
     cfg = load_recipe("recipes/llm_finetune_tiny").default_config()
     cfg.model_dir = cfg.weights = str(LLAMA_STAND_IN.path)
     model = build_model(cfg)
-    if not isinstance(model, __import__("torch").nn.Module):
+    if not isinstance(model, torch.nn.Module):
         raise BlockFailure(f"build_model returned {type(model).__name__}, not an nn.Module")
 
 
@@ -200,14 +202,21 @@ def check_shell(block: Block, sandbox: Path) -> list[str]:
 
 
 def check_transcript(block: Block) -> list[str]:
-    """A `$ python -m launcher ...` line, then output lines that must appear in what it prints."""
+    """A `$ python -m launcher ...` line, then output lines that must appear in what it prints. A
+    training command is planned, not run: its errors are the same, a run's own output is not
+    (show that in a block without the `$ ` line)."""
+    from launcher.cli import COMMANDS as LAUNCHER_COMMANDS
+
     lines = block.text.splitlines()
     if not lines or not lines[0].startswith("$ "):
         return []
     argv = shlex.split(lines[0][2:])
     if argv[:3] != ["python", "-m", "launcher"]:
         return [f"{block.where()}: transcript of `{argv[0]}`: only launcher transcripts can be checked"]
-    _, printed = launcher(argv[3:], expect_failure=True)
+    args = argv[3:]
+    if not (args and args[0] in LAUNCHER_COMMANDS) and not {"-h", "--help"} & set(args):
+        args = ["plan", *args]
+    _, printed = launcher(args, expect_failure=True)
     missing = [line for line in lines[1:] if line.strip() and line.strip() not in printed]
     return [
         f"{block.where(lines.index(line))}: not in the output of `{lines[0][2:]}`: {line.strip()}"
