@@ -111,7 +111,8 @@ class IterableStream(IterableDataset):
         saved = start.states.get(worker) if stateful else None
         batch = BatchBuilder(worker, self.batch_size, None, self.collate_fn)
         for repeat in itertools.count(first_pass) if quota is not None else range(1):
-            resumed = saved if repeat == first_pass else None  # the dataset continues after its last consumed batch
+            # the dataset continues after its last consumed batch
+            resumed = saved if repeat == first_pass else None
             reader = SliceReader(self, epoch, worker, resumed, skip if resumed else 0)
             read = reader.first
             for read, (key, item) in enumerate(reader, start=reader.first + 1):
@@ -215,7 +216,8 @@ def check_states_fit(source: Any, start: Position, rank: int, world: int) -> Non
 
     rank_items = split_dataset_by_node(source, rank=rank, world_size=world)
     rank_items.set_epoch(start.epoch)
-    prepare = getattr(rank_items, "_prepare_ex_iterable_for_iteration", None)  # private: builds, reads nothing
+    # private: builds, reads nothing
+    prepare = getattr(rank_items, "_prepare_ex_iterable_for_iteration", None)
     if prepare is None:
         return  # an unknown datasets version: the dataset's own load_state_dict is the check
     prepare(batch_size=1)

@@ -138,8 +138,10 @@ class Position:
 
     epoch: int = 0
     batches: int = 0  # micro-batches this rank has consumed in the epoch
-    workers: dict[int, list[int]] = field(default_factory=dict)  # worker -> [batches, pass, samples read in pass]
-    states: dict[int, dict] = field(default_factory=dict)  # worker -> its dataset's state_dict after that batch (HF)
+    # worker -> [batches, pass, samples read in pass]
+    workers: dict[int, list[int]] = field(default_factory=dict)
+    # worker -> its dataset's state_dict after that batch (HF)
+    states: dict[int, dict] = field(default_factory=dict)
     last_worker: int = -1  # the worker whose batch came last (the round-robin goes on after it)
     repeated: int = 0  # samples seen a second time this epoch
     corrupt: dict[str, int] = field(default_factory=dict)  # shard -> samples skipped this epoch, unreadable

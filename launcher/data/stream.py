@@ -39,7 +39,8 @@ class ShardStream(IterableDataset):
         self.collate_fn = collate_fn
         self.rank, self.seed, self.training = rank, seed, training
         self.start = start
-        self.data_on_gpu = data_on_gpu  # pass images on undecoded (decoded on the device: launcher/data/device_decode.py)
+        # pass images on undecoded (decoded on the device: launcher/data/device_decode.py)
+        self.data_on_gpu = data_on_gpu
         self.released, self.ring = released, ring  # see BufferRing; ring 0: a new buffer per batch
         self._buffers: BufferRing | None = None  # made in each worker, kept by persistent ones
 

@@ -128,7 +128,8 @@ class TaskMetrics:
                 values["top5"] = sums["top5_correct"] / samples
         elif self.task == "regression":
             count = max(sums["count"], 1.0)
-            spread = sums["target_squares"] - sums["targets"] ** 2 / count  # the targets' sum of squared deviations
+            # the targets' sum of squared deviations
+            spread = sums["target_squares"] - sums["targets"] ** 2 / count
             values.update(mse=sums["squared_errors"] / count, mae=sums["absolute_errors"] / count,
                           r2=1 - sums["squared_errors"] / spread if sums["count"] > 1 and spread > 0 else math.nan)
         elif self.task == "language_model":

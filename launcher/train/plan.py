@@ -58,7 +58,8 @@ class Plan:
 
 def make_plan(cfg: TrainConfig, train: SplitLoader, val: SplitLoader | None, world_size: int) -> Plan:
     batch = GlobalBatch.of(cfg, world_size)
-    steps_per_epoch = batch.steps_in_micro_batches(train.batches_per_epoch)  # the loader's whole optimizer steps
+    # the loader's whole optimizer steps
+    steps_per_epoch = batch.steps_in_micro_batches(train.batches_per_epoch)
     if steps_per_epoch == 0:
         raise ConfigError(f"the training split has {train.total} samples, fewer than one optimizer step takes "
                           f"({batch}); lower --batch_size or --grad_accum_steps")

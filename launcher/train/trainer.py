@@ -479,8 +479,10 @@ class Trainer:
         acc.wait_for_everyone()
         final = self.checkpointing.final_weights(
             cfg.final_weights, lambda path: self.parallel.load_checkpoint_weights(self.model, path))
-        exported = self.parallel.export(self.model, self.ema, self.hf)  # model.safetensors or shards, the EMA's, hf/
-        self.peft.export(acc.unwrap_model(self.model), cfg.output_dir, cfg.export_merged)  # OUTPUT_DIR/adapter/, hf/
+        # model.safetensors or shards, the EMA's, hf/
+        exported = self.parallel.export(self.model, self.ema, self.hf)
+        # OUTPUT_DIR/adapter/, hf/
+        self.peft.export(acc.unwrap_model(self.model), cfg.output_dir, cfg.export_merged)
         summary = {**self.state.summary(self.plan.batch), **final, **exported,
                    "memory_per_process": self.parallel.memory(self.model, self.optimizer)}
         checksums = self.parallel.replica_checksums(self.model)  # FSDP: none, each rank holds other shards

@@ -164,7 +164,8 @@ def test_cpu_scaling_benchmark_runs_both_sides(tmp_path):
             "(this machine's ceiling; medians of 1; target >= 0.85)") in result.stdout
 
 
-@pytest.mark.parametrize("hook", [pytest.param("fp16", marks=pytest.mark.lowest), "bf16"])  # lowest: Accelerate 1.1's comm hooks
+# lowest: Accelerate 1.1's comm hooks
+@pytest.mark.parametrize("hook", [pytest.param("fp16", marks=pytest.mark.lowest), "bf16"])
 def test_ddp_comm_hook_all_reduces_16_bit_gradients_and_keeps_replicas_identical(hook, baseline, digits, tmp_path):
     plain, compressed = baseline(processes=2), tmp_path / hook
     launcher(*TINY, f"--data_dir={digits}", f"--output_dir={compressed}", f"--ddp_comm_hook={hook}", processes=2)

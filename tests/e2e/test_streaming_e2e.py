@@ -85,7 +85,8 @@ def test_uneven_shards_on_two_processes_with_workers_finish_and_report_the_eveni
 
 
 @pytest.mark.parametrize("processes, max_steps, resume_step", [
-    (1, 100, 98), pytest.param(2, 60, 56, marks=pytest.mark.lowest)])  # lowest: torch 2.7's DataLoader worker order
+    # lowest: torch 2.7's DataLoader worker order
+    (1, 100, 98), pytest.param(2, 60, 56, marks=pytest.mark.lowest)])
 def test_a_mid_epoch_resume_sees_exactly_the_samples_of_an_uninterrupted_run(
         digits, tmp_path, processes, max_steps, resume_step):
     data = reshard(digits, tmp_path / "data", [700, 500, 100])  # uneven: repeats and drops in play

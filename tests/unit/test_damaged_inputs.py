@@ -286,7 +286,8 @@ def test_a_name_that_is_not_utf8_is_read_seeded_and_printed(tmp_path, capsys):
     health = DataHealth(str(tmp_path / "run"), 0, 0.5, lambda counts: counts, RunState())
     error = {"shard": str(path), "key": "s\udcff002", "reason": "ValueError: s\udcff002", "samples": 1}
     health.note([error], "train")
-    assert "skipped unreadable sample s\\udcff002 in" in capsys.readouterr().out  # escaped: stdout is strict UTF-8
+    # escaped: stdout is strict UTF-8
+    assert "skipped unreadable sample s\\udcff002 in" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / "data_errors" / "rank0.jsonl").read_text())["key"] == "s\udcff002"
 
 

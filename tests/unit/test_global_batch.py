@@ -25,7 +25,8 @@ def test_each_count_is_the_product_the_callers_computed(batch_size, world_size, 
         steps = total // (batch_size * world_size * grad_accum_steps)  # the loader's whole optimizer steps
         assert batch.steps_in_samples(total) == steps
         assert batch.micro_batches_in_steps(steps) == steps * grad_accum_steps  # its batches_per_epoch
-        assert batch.steps_in_micro_batches(steps * grad_accum_steps + grad_accum_steps - 1) == steps  # the plan's
+        # the plan's
+        assert batch.steps_in_micro_batches(steps * grad_accum_steps + grad_accum_steps - 1) == steps
         assert batch.samples_in_micro_batches(steps * grad_accum_steps) == steps * grad_accum_steps * batch_size * world_size
         assert batch.samples_in_steps(steps) == steps * batch.samples  # the summary's samples_seen
 

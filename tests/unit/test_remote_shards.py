@@ -185,7 +185,8 @@ def put(endpoint: str, path: str, body: bytes, wait_for: subprocess.Popen | None
     deadline = time.monotonic() + 60
     while True:
         try:
-            request = urllib.request.Request(endpoint + path, data=body, method="PUT",  # not urllib's form type
+            # not urllib's form type
+            request = urllib.request.Request(endpoint + path, data=body, method="PUT",
                                              headers={"Content-Type": "application/octet-stream"})
             urllib.request.urlopen(request, timeout=60).close()
             return
