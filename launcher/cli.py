@@ -15,8 +15,19 @@ import sys
 
 import fire
 
-from launcher.config import (ConfigError, DataError, RunStopped, TrainConfig, apply_overrides, field_help, field_ranges,
-                             inherit, read_config_file, sections, type_name)
+from launcher.config import (
+    ConfigError,
+    DataError,
+    RunStopped,
+    TrainConfig,
+    apply_overrides,
+    field_help,
+    field_ranges,
+    inherit,
+    read_config_file,
+    sections,
+    type_name,
+)
 
 USAGE = """\
 usage: python -m launcher RECIPE [--field=value ...]          train
@@ -68,9 +79,12 @@ and what the launcher does on each failure: docs/checkpoints.md#exit-codes."""
 def usage() -> str:
     import textwrap
 
-    listed = "\n".join(textwrap.fill(f"{title}: {', '.join(names)}", 96, initial_indent="  ", subsequent_indent="    ")
-                       for title, names in sections(TrainConfig).items())
+    listed = "\n".join(
+        textwrap.fill(f"{title}: {', '.join(names)}", 96, initial_indent="  ", subsequent_indent="    ")
+        for title, names in sections(TrainConfig).items()
+    )
     return USAGE.format(sections=listed)
+
 
 CHECKPOINT_HELP = """\
   --checkpoint=PATH  the weights: a run's output_dir (its final model.safetensors, or its shards
@@ -118,8 +132,11 @@ options:
 {FIELDS_HELP}""",
 }
 COMMANDS = ("train", "plan", "shards", "report", "evaluate", "predict")
-EXTRA_FLAGS = {"plan": ("world_size",), "evaluate": ("checkpoint", "out"),
-               "predict": ("checkpoint", "out", "top_k", "inputs")}
+EXTRA_FLAGS = {
+    "plan": ("world_size",),
+    "evaluate": ("checkpoint", "out"),
+    "predict": ("checkpoint", "out", "top_k", "inputs"),
+}
 HELP = ("-h", "--help")
 
 
@@ -131,14 +148,20 @@ def main(argv: list[str] | None = None) -> int:
         # a recipe function's own traceback (launcher/train/preflight.py)
         frames = getattr(error, "frames", "")
         if frames:
-            print("Traceback of the recipe's code (most recent call last):\n" + frames.rstrip(), file=sys.stderr)
+            print(
+                "Traceback of the recipe's code (most recent call last):\n" + frames.rstrip(), file=sys.stderr
+            )
         say(f"launcher: error: {one_line(error)}")
         _leave_process_group()
         sys.exit(2)
     except OSError as error:  # a write anywhere else that found the disk full: 74 too, naming the file
         from launcher.durable import disk_full_writing
 
-        full = disk_full_writing(error, str(error.filename or ".")) if error.errno in (errno.ENOSPC, errno.EDQUOT) else None
+        full = (
+            disk_full_writing(error, str(error.filename or "."))
+            if error.errno in (errno.ENOSPC, errno.EDQUOT)
+            else None
+        )
         if full is None:
             raise
         say(f"launcher: stopped: {full}")
@@ -235,7 +258,7 @@ def split_inputs(argv: list[str]) -> tuple[list[str], list[str]]:
     """predict's arguments: (RECIPE and flags, inputs). Every argument after `--` is an input, and
     before it each one that is `-` (stdin) or does not start with `-`."""
     cut = argv.index("--") if "--" in argv else len(argv)
-    before, after = argv[:cut], argv[cut + 1:]
+    before, after = argv[:cut], argv[cut + 1 :]
     inputs = [a for a in before[1:] if a == "-" or not a.startswith("-")]
     return before[:1] + [a for a in before[1:] if a != "-" and a.startswith("-")], inputs + after
 
@@ -258,12 +281,16 @@ def _predict(cfg: TrainConfig, recipe, extra: dict, inputs: list[str]) -> None:
 
     inputs_file = str(extra.get("inputs", ""))
     if not inputs and not inputs_file:
-        raise ConfigError("predict needs inputs: python -m launcher predict RECIPE --checkpoint=PATH INPUT ... "
-                          "(or -- INPUT ..., --inputs=FILE, - for stdin); see predict --help")
+        raise ConfigError(
+            "predict needs inputs: python -m launcher predict RECIPE --checkpoint=PATH INPUT ... "
+            "(or -- INPUT ..., --inputs=FILE, - for stdin); see predict --help"
+        )
     top_k = extra.get("top_k", 5)
     if not isinstance(top_k, int) or isinstance(top_k, bool):
         raise ConfigError(f"--top_k expects int, got {top_k!r}")
-    predict(cfg, recipe, str(extra.get("checkpoint", "")), inputs, top_k, str(extra.get("out", "")), inputs_file)
+    predict(
+        cfg, recipe, str(extra.get("checkpoint", "")), inputs, top_k, str(extra.get("out", "")), inputs_file
+    )
 
 
 def configure(command: str, named: str, first: str, overrides: dict, checkpoint: str) -> tuple:
@@ -286,12 +313,18 @@ def configure(command: str, named: str, first: str, overrides: dict, checkpoint:
     elif source and ("recipe" in from_file or not run):
         recipe = recipe_named_in(source, from_file.get("recipe"))
     elif run:
-        recipe = recipe_named_in(os.path.join(run, run_config.RUN_CONFIG), run_config.saved_config(run)[0].get("recipe"))
+        recipe = recipe_named_in(
+            os.path.join(run, run_config.RUN_CONFIG), run_config.saved_config(run)[0].get("recipe")
+        )
     else:
-        raise ConfigError(f"expected a RECIPE before {first}, or --config=FILE naming one; "
-                          "usage: python -m launcher [plan] RECIPE [--field=value ...]")
+        raise ConfigError(
+            f"expected a RECIPE before {first}, or --config=FILE naming one; "
+            "usage: python -m launcher [plan] RECIPE [--field=value ...]"
+        )
     from_file = {key: value for key, value in from_file.items() if key != "recipe"}
-    cfg = apply_overrides(recipe.default_config(), from_file, source) if from_file else recipe.default_config()
+    cfg = (
+        apply_overrides(recipe.default_config(), from_file, source) if from_file else recipe.default_config()
+    )
     cfg = apply_overrides(cfg, overrides)
     given = {key.replace("-", "_") for key in [*from_file, *overrides]}
     if command in ("train", "plan") and cfg.resume:
@@ -314,20 +347,25 @@ def report(argv: list[str]) -> int:
     from launcher.track.report import make_report
 
     if any(arg in ("-h", "--help") for arg in argv):
-        print("usage: python -m launcher report RUN_DIR [RUN_DIR ...] [--out=FILE] [--x=step|samples|epoch]\n"
-              "One self-contained HTML file from the runs' own files (no network, no server): loss, accuracy,\n"
-              "LR per group, throughput, confusion matrices, and the config fields that differ (with the\n"
-              "processes, the global batch, the launcher's version and commit).\n"
-              "--out defaults to RUN_DIR/report.html for one run, ./report.html for several.\n"
-              "--x: the curves' x-axis, optimizer steps (default), samples seen, or epochs.")
+        print(
+            "usage: python -m launcher report RUN_DIR [RUN_DIR ...] [--out=FILE] [--x=step|samples|epoch]\n"
+            "One self-contained HTML file from the runs' own files (no network, no server): loss, accuracy,\n"
+            "LR per group, throughput, confusion matrices, and the config fields that differ (with the\n"
+            "processes, the global batch, the launcher's version and commit).\n"
+            "--out defaults to RUN_DIR/report.html for one run, ./report.html for several.\n"
+            "--x: the curves' x-axis, optimizer steps (default), samples seen, or epochs."
+        )
         return 0
     flags = parse_flags([a for a in argv if a.startswith("--")])
     unknown = sorted(set(flags) - {"out", "x"})
     if unknown:
-        raise ConfigError(f"report has no option --{unknown[0]}; usage: python -m launcher report RUN_DIR ... "
-                          "[--out=FILE] [--x=step|samples|epoch]")
-    path = make_report([a for a in argv if not a.startswith("--")], str(flags.get("out", "")),
-                       str(flags.get("x", "step")))
+        raise ConfigError(
+            f"report has no option --{unknown[0]}; usage: python -m launcher report RUN_DIR ... "
+            "[--out=FILE] [--x=step|samples|epoch]"
+        )
+    path = make_report(
+        [a for a in argv if not a.startswith("--")], str(flags.get("out", "")), str(flags.get("x", "step"))
+    )
     print(f"report: {path}")
     return 0
 
@@ -341,7 +379,9 @@ def parse_flags(args: list[str]) -> dict:
 
     fire.Fire(capture, command=list(args), name="launcher")
     if captured["positional"]:
-        raise ConfigError(f"unexpected argument {captured['positional'][0]!r}; fields are set as --field=value")
+        raise ConfigError(
+            f"unexpected argument {captured['positional'][0]!r}; fields are set as --field=value"
+        )
     return captured["flags"]
 
 
@@ -365,11 +405,15 @@ def recipe_help(recipe) -> str:
     grouped = sections(type(cfg))
     flags = {name: f"--{name}={getattr(cfg, name)!r}" for names in grouped.values() for name in names}
     width = max(map(len, flags.values()))
-    lines = [f"usage: python -m launcher [plan] {recipe.name} [--config=FILE] [--field=value ...]",
-             f"fields of {recipe.module.__name__}.Config by section (defaults shown):"]
+    lines = [
+        f"usage: python -m launcher [plan] {recipe.name} [--config=FILE] [--field=value ...]",
+        f"fields of {recipe.module.__name__}.Config by section (defaults shown):",
+    ]
     for title, names in grouped.items():
         lines.append(f"{title}:")
         for name in names:
             accepted = f", {ranges[name]}" if name in ranges else ""
-            lines.append(f"  {flags[name]:<{width}}  {helps.get(name, '')} [{type_name(hints[name])}{accepted}]")
+            lines.append(
+                f"  {flags[name]:<{width}}  {helps.get(name, '')} [{type_name(hints[name])}{accepted}]"
+            )
     return "\n".join(lines)

@@ -42,8 +42,11 @@ class Range:
     below: float | None = None
 
     def __contains__(self, value: float) -> bool:
-        return ((self.at_least is None or value >= self.at_least) and (self.at_most is None or value <= self.at_most)
-                and (self.below is None or value < self.below))
+        return (
+            (self.at_least is None or value >= self.at_least)
+            and (self.at_most is None or value <= self.at_most)
+            and (self.below is None or value < self.below)
+        )
 
     def __str__(self) -> str:
         high = self.at_most if self.below is None else self.below
@@ -159,7 +162,9 @@ class OptimisationFields:
     #: on a NaN/Inf loss or gradient: stop with an error, or skip the step and count it
     nonfinite: Literal["stop", "skip"] = "stop"
     #: re-initialise conv and linear layers of a model trained from scratch
-    weight_init: Literal["default", "kaiming_normal", "kaiming_uniform", "xavier_normal", "xavier_uniform", "trunc_normal"] = "default"
+    weight_init: Literal[
+        "default", "kaiming_normal", "kaiming_uniform", "xavier_normal", "xavier_uniform", "trunc_normal"
+    ] = "default"
 
 
 @dataclass
@@ -263,8 +268,11 @@ class SpeedFields:
     #: all-reduce gradients as 16-bit floats across processes (half the bytes; gradients rounded to 16 bits)
     ddp_comm_hook: Literal["no", "fp16", "bf16"] = "no"
 
+
 @dataclass
-class TrainConfig(SpeedFields, ParallelFields, TrackingFields, CheckpointFields, OptimisationFields, DataFields, RunFields):
+class TrainConfig(
+    SpeedFields, ParallelFields, TrackingFields, CheckpointFields, OptimisationFields, DataFields, RunFields
+):
     """The fields every recipe shares, in sections (run first); a recipe's Config adds its own."""
 
     def validate(self) -> None:
@@ -280,8 +288,10 @@ class TrainConfig(SpeedFields, ParallelFields, TrackingFields, CheckpointFields,
             raise ConfigError("--output_dir must not be empty")
         profile_window(self.profile_steps)
         if self.final_weights == "best" and self.data_parallel == "fsdp":
-            raise ConfigError("--final_weights=best needs --data_parallel=ddp (FSDP checkpoints are sharded); under "
-                              "fsdp keep --final_weights=last and evaluate or predict with --checkpoint=RUN_DIR/best")
+            raise ConfigError(
+                "--final_weights=best needs --data_parallel=ddp (FSDP checkpoints are sharded); under "
+                "fsdp keep --final_weights=last and evaluate or predict with --checkpoint=RUN_DIR/best"
+            )
         size_in_bytes(self.max_shard_size)
         for name, tp in hints.items():
             if typing.get_origin(tp) is Literal and getattr(self, name) not in typing.get_args(tp):
@@ -303,11 +313,22 @@ def profile_window(steps: str) -> tuple[int, int] | None:
         return None
     first, _, last = steps.partition(":")
     if not (first.isdigit() and last.isdigit()) or not 1 <= int(first) <= int(last):
-        raise ConfigError(f"--profile_steps must be A:B, optimizer steps with 1 <= A <= B (e.g. 5:8), got {steps!r}")
+        raise ConfigError(
+            f"--profile_steps must be A:B, optimizer steps with 1 <= A <= B (e.g. 5:8), got {steps!r}"
+        )
     return int(first), int(last)
 
 
-SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+SIZE_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
 
 
 def size_in_bytes(size: str) -> int:
@@ -319,9 +340,15 @@ def size_in_bytes(size: str) -> int:
     return int(float(found.group(1)) * SIZE_UNITS[found.group(2).upper()])
 
 
-SECTIONS = {RunFields: "run", DataFields: "data", OptimisationFields: "optimisation",
-            CheckpointFields: "checkpoints", TrackingFields: "tracking", ParallelFields: "parallelism",
-            SpeedFields: "speed"}
+SECTIONS = {
+    RunFields: "run",
+    DataFields: "data",
+    OptimisationFields: "optimisation",
+    CheckpointFields: "checkpoints",
+    TrackingFields: "tracking",
+    ParallelFields: "parallelism",
+    SpeedFields: "speed",
+}
 
 
 # The fields that leave the weights at a given step as they are (up to rounding): where the run
@@ -329,12 +356,29 @@ SECTIONS = {RunFields: "run", DataFields: "data", OptimisationFields: "optimisat
 # over processes, data loading, kernels. A resume applies them freely. Every other field, a
 # recipe's own included, changes the result: a resume that gives one another value than the
 # checkpoint's is refused unless --resume_changes=allow.
-RESULT_NEUTRAL = frozenset({
-    "output_dir", "max_steps", "resume", "resume_changes", "deterministic", "trace_samples", "hang_timeout_s",
-    "eval_batch_size", "num_workers", "prefetch_factor", "persistent_workers", "pin_memory", "max_corrupt_fraction",
-    *CheckpointFields.__dataclass_fields__, *TrackingFields.__dataclass_fields__, *ParallelFields.__dataclass_fields__,
-    "channels_last", "compile", "cudnn_benchmark",
-})
+RESULT_NEUTRAL = frozenset(
+    {
+        "output_dir",
+        "max_steps",
+        "resume",
+        "resume_changes",
+        "deterministic",
+        "trace_samples",
+        "hang_timeout_s",
+        "eval_batch_size",
+        "num_workers",
+        "prefetch_factor",
+        "persistent_workers",
+        "pin_memory",
+        "max_corrupt_fraction",
+        *CheckpointFields.__dataclass_fields__,
+        *TrackingFields.__dataclass_fields__,
+        *ParallelFields.__dataclass_fields__,
+        "channels_last",
+        "compile",
+        "cudnn_benchmark",
+    }
+)
 # What this command does rather than what the run is: never taken from a run's saved config (a
 # resume of a run stopped by --max_steps goes on to its end).
 PER_COMMAND = frozenset({"output_dir", "resume", "resume_changes", "max_steps"})
@@ -347,7 +391,9 @@ def read_config_file(path: str) -> dict[str, Any]:
         with open(path) as f:
             text = f.read()
     except OSError as error:
-        raise ConfigError(f"--config={path} cannot be read ({error.strerror}); pass a YAML or JSON file") from None
+        raise ConfigError(
+            f"--config={path} cannot be read ({error.strerror}); pass a YAML or JSON file"
+        ) from None
     try:
         if path.endswith(".json"):
             import json
@@ -357,12 +403,16 @@ def read_config_file(path: str) -> dict[str, Any]:
             values = _yaml_load(text)
     except ValueError as error:  # json.JSONDecodeError and yaml.YAMLError (both ValueErrors, see _yaml_load)
         problem = " ".join(str(error).split())
-        raise ConfigError(f"--config={path} does not parse ({problem}); write one `field: value` per line") from None
+        raise ConfigError(
+            f"--config={path} does not parse ({problem}); write one `field: value` per line"
+        ) from None
     if values is None:
         return {}
     if not isinstance(values, dict) or not all(isinstance(key, str) for key in values):
-        raise ConfigError(f"--config={path} holds a {type(values).__name__}, not a mapping of field names to "
-                          "values; write one `field: value` per line")
+        raise ConfigError(
+            f"--config={path} holds a {type(values).__name__}, not a mapping of field names to "
+            "values; write one `field: value` per line"
+        )
     return values
 
 
@@ -372,9 +422,14 @@ def _yaml_load(text: str) -> Any:
     class Loader(yaml.SafeLoader):
         pass
 
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
-        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
-        r"|\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$"), list("-+0123456789."))
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(
+            r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+            r"|\.(?:inf|Inf|INF))$|^\.(?:nan|NaN|NAN)$"
+        ),
+        list("-+0123456789."),
+    )
     try:
         return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as error:
@@ -383,8 +438,9 @@ def _yaml_load(text: str) -> Any:
         raise ValueError(f"{getattr(error, 'problem', None) or error}{where}") from None
 
 
-def inherit(config: TrainConfig, saved: dict[str, Any], given: set[str] | frozenset[str],
-            origin: str) -> tuple[TrainConfig, str]:
+def inherit(
+    config: TrainConfig, saved: dict[str, Any], given: set[str] | frozenset[str], origin: str
+) -> tuple[TrainConfig, str]:
     """`config` with each field that is not `given` (and not PER_COMMAND) taken from `saved`, a
     run's config; and a note naming the saved fields this Config lacks (ignored: no code of the
     recipe reads them, and a field renamed since should not lock a run out)."""
@@ -399,13 +455,18 @@ def inherit(config: TrainConfig, saved: dict[str, Any], given: set[str] | frozen
         try:
             changes[name] = coerce(name, value, hints[name])
         except ConfigError:
-            raise ConfigError(f"{origin} has {name}={value!r}, which --{name} does not take ({type_name(hints[name])}); "
-                              f"pass --{name}") from None
+            raise ConfigError(
+                f"{origin} has {name}={value!r}, which --{name} does not take ({type_name(hints[name])}); "
+                f"pass --{name}"
+            ) from None
     updated = dataclasses.replace(config, **changes)
     updated.validate()
-    note = (f"note: {origin} has fields that {type(config).__module__}.{type(config).__name__} lacks, ignored: "
-            f"{', '.join(unknown)}"
-            if unknown else "")
+    note = (
+        f"note: {origin} has fields that {type(config).__module__}.{type(config).__name__} lacks, ignored: "
+        f"{', '.join(unknown)}"
+        if unknown
+        else ""
+    )
     return updated, note
 
 
@@ -444,7 +505,9 @@ def shown(value: Any) -> str:
 def field_ranges(config_cls: type) -> dict[str, Range]:
     """Field name -> its declared range: TrainConfig's, and those of the recipe's own fields."""
     ranges = {f.name: f.metadata["range"] for f in dataclasses.fields(TrainConfig) if "range" in f.metadata}
-    ranges.update({f.name: f.metadata["range"] for f in dataclasses.fields(config_cls) if "range" in f.metadata})
+    ranges.update(
+        {f.name: f.metadata["range"] for f in dataclasses.fields(config_cls) if "range" in f.metadata}
+    )
     return ranges
 
 
@@ -508,10 +571,15 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, Any], source: str 
         name = key.replace("-", "_")
         if name not in known:
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-            hint = f"did you mean {', '.join(dash + c for c in close)}?" if close else (
-                "see the fields with --help")
-            raise ConfigError(f"{source + ': ' if source else ''}unknown field {dash}{name} for "
-                              f"{type(config).__module__}; {hint}")
+            hint = (
+                f"did you mean {', '.join(dash + c for c in close)}?"
+                if close
+                else ("see the fields with --help")
+            )
+            raise ConfigError(
+                f"{source + ': ' if source else ''}unknown field {dash}{name} for "
+                f"{type(config).__module__}; {hint}"
+            )
         try:
             changes[name] = coerce(name, value, hints[name])
         except ConfigError as error:

@@ -112,9 +112,13 @@ def no_space(error: BaseException, path: str) -> float | None:
     causes = [error, *_wrapped(error)]
     where = next((p for p in (path, os.path.dirname(path)) if p and os.path.exists(p)), ".")
     free = shutil.disk_usage(where).free / 2**20
-    said = any((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
-        marker in str(e) for marker in ("No space left on device", "Disk quota exceeded", "StorageFull"))
-        for e in causes)
+    said = any(
+        (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+        or any(
+            marker in str(e) for marker in ("No space left on device", "Disk quota exceeded", "StorageFull")
+        )
+        for e in causes
+    )
     return free if said or free < 1 else None
 
 
@@ -123,8 +127,12 @@ def _wrapped(error: BaseException) -> list[BaseException]:
     failures = getattr(error, "failures", None)
     if not isinstance(failures, dict):
         return []
-    return [value[0] if isinstance(value, tuple) else value for value in failures.values()
-            if isinstance(value, BaseException) or (isinstance(value, tuple) and value and isinstance(value[0], BaseException))]
+    return [
+        value[0] if isinstance(value, tuple) else value
+        for value in failures.values()
+        if isinstance(value, BaseException)
+        or (isinstance(value, tuple) and value and isinstance(value[0], BaseException))
+    ]
 
 
 def first_cause(error: BaseException) -> BaseException:
@@ -138,5 +146,7 @@ def disk_full_writing(error: BaseException, path: str) -> DiskFull | None:
     free = no_space(error, path)
     if free is None:
         return None
-    return DiskFull(f"no space left writing {path} ({free:.1f} MiB free there); free some space or move "
-                    "--output_dir, then rerun with --resume=auto, which continues from the newest checkpoint")
+    return DiskFull(
+        f"no space left writing {path} ({free:.1f} MiB free there); free some space or move "
+        "--output_dir, then rerun with --resume=auto, which continues from the newest checkpoint"
+    )

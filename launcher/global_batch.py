@@ -61,5 +61,7 @@ class GlobalBatch:
         return GlobalBatch(batch_size, world_size, self.samples // per_step)
 
     def __str__(self) -> str:
-        return (f"{self.batch_size} per device x {self.world_size} processes x {self.grad_accum_steps} "
-                f"accumulation = {self.samples}")
+        return (
+            f"{self.batch_size} per device x {self.world_size} processes x {self.grad_accum_steps} "
+            f"accumulation = {self.samples}"
+        )

@@ -18,8 +18,8 @@ torch._dynamo), which a run without images never needs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -33,8 +33,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def train_transform(size: int, *, scale: Sequence[float] = (0.08, 1.0), hflip: float = 0.5,
-                    color_jitter: float = 0.0, rotation: float = 0.0) -> TrainCrop:
+def train_transform(
+    size: int,
+    *,
+    scale: Sequence[float] = (0.08, 1.0),
+    hflip: float = 0.5,
+    color_jitter: float = 0.0,
+    rotation: float = 0.0,
+) -> TrainCrop:
     return TrainCrop(size, scale=scale, hflip=hflip, color_jitter=color_jitter, rotation=rotation)
 
 
@@ -53,7 +59,9 @@ class TrainCrop:
     antialias. The output is close to the full-size path's, not equal: the DCT-domain downscale
     averages differently from the bilinear antialias filter (tests/unit/test_scaled_decode.py)."""
 
-    def __init__(self, size: int, *, scale: Sequence[float], hflip: float, color_jitter: float, rotation: float):
+    def __init__(
+        self, size: int, *, scale: Sequence[float], hflip: float, color_jitter: float, rotation: float
+    ):
         from torchvision.transforms import v2
 
         self.size = size
@@ -62,7 +70,9 @@ class TrainCrop:
         if hflip:
             self.after.append(v2.RandomHorizontalFlip(hflip))
         if color_jitter:
-            self.after.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
+            self.after.append(
+                v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter)
+            )
         if rotation:
             self.after.append(v2.RandomRotation(rotation))
         self.full_size = v2.Compose([to_rgb, v2.PILToTensor(), self.crop, *self.after])
@@ -75,13 +85,23 @@ class TrainCrop:
 
         height, width = image_size(data)
         box = self.crop.make_params([torch.empty(0, height, width)])  # only the size is read
-        image = decode_rgb(data, covering_size(self.size, box["height"], height),
-                           covering_size(self.size, box["width"], width))
+        image = decode_rgb(
+            data,
+            covering_size(self.size, box["height"], height),
+            covering_size(self.size, box["width"], width),
+        )
         y, x = image.shape[1] / height, image.shape[2] / width  # decoded pixels per full-size pixel
         top, left = round(box["top"] * y), round(box["left"] * x)
         bottom, right = round((box["top"] + box["height"]) * y), round((box["left"] + box["width"]) * x)
-        image = functional.resized_crop(image, top, left, max(bottom - top, 1), max(right - left, 1),
-                                        [self.size, self.size], antialias=True)
+        image = functional.resized_crop(
+            image,
+            top,
+            left,
+            max(bottom - top, 1),
+            max(right - left, 1),
+            [self.size, self.size],
+            antialias=True,
+        )
         for step in self.after:
             image = step(image)
         return image
@@ -108,8 +128,11 @@ class EvalCrop:
     def from_bytes(self, data: bytes) -> torch.Tensor:
         height, width = image_size(data)
         shorter = min(height, width)
-        image = decode_rgb(data, covering_size(self.resize_size, shorter, height),
-                           covering_size(self.resize_size, shorter, width))
+        image = decode_rgb(
+            data,
+            covering_size(self.resize_size, shorter, height),
+            covering_size(self.resize_size, shorter, width),
+        )
         return self.resize_crop(image)
 
     def __repr__(self) -> str:

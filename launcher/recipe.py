@@ -31,10 +31,10 @@ import importlib
 import importlib.util
 import inspect
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from collections.abc import Callable
 
 from launcher.config import ConfigError, TrainConfig
 from launcher.optim import losses
@@ -116,7 +116,8 @@ def load_recipe(spec: str) -> Recipe:
     if module is None:
         raise ConfigError(
             f"unknown recipe {spec!r}: tried {', '.join(tried)}; "
-            "pass a recipe file (recipes/NAME or recipes/NAME.py) or a dotted module name")
+            "pass a recipe file (recipes/NAME or recipes/NAME.py) or a dotted module name"
+        )
     _check_recipe(spec, module)
     return Recipe(name=Path(module.__file__ or spec).stem, module=module)
 
@@ -129,13 +130,17 @@ def recipe_named_in(config_file: str, name) -> Recipe:
         try:
             module = _import_file(copy)
         except ImportError as error:
-            raise ConfigError(f"{copy}, the recipe the run saved, does not import ({error}); name the recipe: "
-                              f"python -m launcher RECIPE ...") from None
+            raise ConfigError(
+                f"{copy}, the recipe the run saved, does not import ({error}); name the recipe: "
+                f"python -m launcher RECIPE ..."
+            ) from None
         _check_recipe(str(copy), module)
         return Recipe(name=str(name or copy.stem), module=module)
     if not isinstance(name, str) or not name:
-        raise ConfigError(f"{config_file} names no recipe; add `recipe: recipes/NAME` to it or pass the RECIPE "
-                          "before --config")
+        raise ConfigError(
+            f"{config_file} names no recipe; add `recipe: recipes/NAME` to it or pass the RECIPE "
+            "before --config"
+        )
     return load_recipe(name)
 
 
@@ -174,15 +179,19 @@ def _import_file(path: Path) -> ModuleType:
     name = ".".join(parts)
     module = importlib.import_module(name)
     if Path(module.__file__).resolve() != path:
-        raise ConfigError(f"recipe {path} is shadowed by another module named {name} "
-                          f"({module.__file__}); rename the recipe file")
+        raise ConfigError(
+            f"recipe {path} is shadowed by another module named {name} "
+            f"({module.__file__}); rename the recipe file"
+        )
     return module
 
 
 def _check_recipe(spec: str, module: ModuleType) -> None:
     missing = [n for n in ("Config", "build_model", "build_data") if not hasattr(module, n)]
     if missing:
-        raise ConfigError(f"recipe {spec!r} lacks {', '.join(missing)}; a recipe defines Config, "
-                          "build_model(cfg) and build_data(cfg)")
+        raise ConfigError(
+            f"recipe {spec!r} lacks {', '.join(missing)}; a recipe defines Config, "
+            "build_model(cfg) and build_data(cfg)"
+        )
     if not (isinstance(module.Config, type) and issubclass(module.Config, TrainConfig)):
         raise ConfigError(f"recipe {spec!r}: Config must subclass launcher.TrainConfig")

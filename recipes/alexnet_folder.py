@@ -55,17 +55,32 @@ def build_model(cfg: Config):
     if cfg.classifier_width != hidden.out_features:  # the same layers, narrower or wider
         width, features = cfg.classifier_width, hidden.in_features
         model.classifier = nn.Sequential(
-            nn.Dropout(cfg.dropout), nn.Linear(features, width), nn.ReLU(inplace=True),
-            nn.Dropout(cfg.dropout), nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, cfg.num_classes))
+            nn.Dropout(cfg.dropout),
+            nn.Linear(features, width),
+            nn.ReLU(inplace=True),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(width, width),
+            nn.ReLU(inplace=True),
+            nn.Linear(width, cfg.num_classes),
+        )
     return model
 
 
 def build_data(cfg: Config):
-    train = image_folder(os.path.join(cfg.data_dir, "train"),
-                         train_transform(cfg.image_size, scale=cfg.crop_scale, hflip=cfg.hflip,
-                                         color_jitter=cfg.color_jitter, rotation=cfg.rotation))
+    train = image_folder(
+        os.path.join(cfg.data_dir, "train"),
+        train_transform(
+            cfg.image_size,
+            scale=cfg.crop_scale,
+            hflip=cfg.hflip,
+            color_jitter=cfg.color_jitter,
+            rotation=cfg.rotation,
+        ),
+    )
     val = image_folder(os.path.join(cfg.data_dir, "val"), eval_transform(cfg.image_size, cfg.resize_size))
     if len(train.classes) != cfg.num_classes or val.classes != train.classes:
-        raise ConfigError(f"{cfg.data_dir}: train has {len(train.classes)} classes, val {len(val.classes)}, the model "
-                          f"{cfg.num_classes}; set --num_classes and give train/ and val/ the same class folders")
+        raise ConfigError(
+            f"{cfg.data_dir}: train has {len(train.classes)} classes, val {len(val.classes)}, the model "
+            f"{cfg.num_classes}; set --num_classes and give train/ and val/ the same class folders"
+        )
     return DataSpec(train=train, val=val, classes=train.classes, batch_transform=normalize(cfg.mean, cfg.std))

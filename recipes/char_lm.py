@@ -64,9 +64,13 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, time, width = x.shape
-        q, k, v = (t.view(batch, time, self.n_head, width // self.n_head).transpose(1, 2)
-                   for t in self.qkv(x).split(width, dim=2))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        q, k, v = (
+            t.view(batch, time, self.n_head, width // self.n_head).transpose(1, 2)
+            for t in self.qkv(x).split(width, dim=2)
+        )
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )
         return self.residual_dropout(self.proj(y.transpose(1, 2).reshape(batch, time, width)))
 
 
@@ -78,8 +82,9 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(n_embd)
         self.attn = CausalSelfAttention(n_embd, n_head, dropout)
         self.ln_2 = nn.LayerNorm(n_embd)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd),
-                                 nn.Dropout(dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -124,8 +129,7 @@ def collate(samples: list[dict], max_tokens: int) -> dict[str, torch.Tensor]:
     sequences = [sample["tokens"][:max_tokens].long() for sample in samples]
     padded = pad_sequence(sequences, batch_first=True, padding_value=IGNORE)
     # padding read as byte 0: causal, so only later positions see it
-    return {"input_ids": padded[:, :-1].clamp(min=0),
-            "labels": padded[:, 1:]}
+    return {"input_ids": padded[:, :-1].clamp(min=0), "labels": padded[:, 1:]}
 
 
 def build_model(cfg: Config) -> nn.Module:
@@ -140,9 +144,11 @@ def build_data(cfg: Config) -> DataSpec:
     if cfg.block_size < 1:
         raise ConfigError(f"--block_size must be >= 1, got {cfg.block_size}")
     decode = fields(tokens="tokens.npy")
-    return DataSpec(train=Shards(f"{cfg.data_dir}/train", decode=decode),
-                    val=Shards(f"{cfg.data_dir}/val", decode=decode),
-                    collate=functools.partial(collate, max_tokens=cfg.block_size + 1))
+    return DataSpec(
+        train=Shards(f"{cfg.data_dir}/train", decode=decode),
+        val=Shards(f"{cfg.data_dir}/val", decode=decode),
+        collate=functools.partial(collate, max_tokens=cfg.block_size + 1),
+    )
 
 
 def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
@@ -160,7 +166,7 @@ def generate(model: nn.Module, prompt: str, tokens: int, block_size: int) -> str
     for _ in range(tokens):
         logits = model(ids[:, -block_size:])
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return bytes(ids[0, len(start):].tolist()).decode("utf-8", errors="replace")
+    return bytes(ids[0, len(start) :].tolist()).decode("utf-8", errors="replace")
 
 
 class GeneratedText:

@@ -37,9 +37,18 @@ class Config(TrainConfig):
 def build_model(cfg: Config) -> nn.Module:
     c = cfg.channels
     return nn.Sequential(
-        nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(c, 2 * c, 3, padding=1), nn.BatchNorm2d(2 * c), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(2 * c, 10))
+        nn.Conv2d(3, c, 3, padding=1),
+        nn.BatchNorm2d(c),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(c, 2 * c, 3, padding=1),
+        nn.BatchNorm2d(2 * c),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(cfg.dropout),
+        nn.Linear(2 * c, 10),
+    )
 
 
 def build_data(cfg: Config):

@@ -21,8 +21,14 @@ MEAN, STD = [0.5] * 3, [0.5] * 3  # digits are grey on black: map [0, 1] to [-1,
 
 # Per sample, in the DataLoader workers: uint8 tensors (4x less to stack and move than float).
 def train_transform(image_size: int) -> v2.Compose:
-    return v2.Compose([to_rgb, v2.PILToTensor(), v2.Resize(image_size, antialias=True),
-                       v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))])
+    return v2.Compose(
+        [
+            to_rgb,
+            v2.PILToTensor(),
+            v2.Resize(image_size, antialias=True),
+            v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)),
+        ]
+    )
 
 
 def eval_transform(image_size: int) -> v2.Compose:
@@ -38,8 +44,10 @@ def digit_shards(data_dir: str, train_split: str, val_split: str, image_size: in
     def split(name: str, transform: v2.Compose) -> Shards:
         return Shards(os.path.join(data_dir, name), transform, batch_transform=normalize())
 
-    return DataSpec(train=split(train_split, train_transform(image_size)),
-                    val=split(val_split, eval_transform(image_size)))
+    return DataSpec(
+        train=split(train_split, train_transform(image_size)),
+        val=split(val_split, eval_transform(image_size)),
+    )
 
 
 def first_samples(shards: Shards, count: int) -> list:

@@ -59,7 +59,9 @@ class GRUClassifier(nn.Module):
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # pack_padded_sequence wants the lengths on the CPU, wherever the tokens are.
-        packed = pack_padded_sequence(self.embed(tokens), lengths.cpu(), batch_first=True, enforce_sorted=False)
+        packed = pack_padded_sequence(
+            self.embed(tokens), lengths.cpu(), batch_first=True, enforce_sorted=False
+        )
         _, last = self.gru(packed)  # (num_layers, N, hidden): each line's state after its last real token
         return self.head(last[-1])
 
@@ -79,8 +81,9 @@ def source_lines(module_name: str, min_chars: int) -> list[str]:
 
 
 @functools.lru_cache(maxsize=4)
-def module_lines(modules: tuple[str, ...], min_chars: int, lines_per_class: int, val_fraction: float,
-                 split_seed: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+def module_lines(
+    modules: tuple[str, ...], min_chars: int, lines_per_class: int, val_fraction: float, split_seed: int
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """(train, val) lists of (line, class index): balanced classes, seeded, the same every run."""
     if len(modules) < 2:
         raise ConfigError(f"--source_modules needs at least 2 modules, got {len(modules)}")
@@ -134,10 +137,15 @@ def build_model(cfg: Config) -> nn.Module:
 def build_data(cfg: Config) -> DataSpec:
     if cfg.max_len < 1:
         raise ConfigError(f"--max_len must be >= 1, got {cfg.max_len}")
-    train, val = module_lines(tuple(cfg.source_modules), cfg.min_chars, cfg.lines_per_class, cfg.val_fraction,
-                              cfg.split_seed)
-    return DataSpec(train=LineDataset(train, cfg.max_len), val=LineDataset(val, cfg.max_len),
-                    classes=list(cfg.source_modules), collate=collate)
+    train, val = module_lines(
+        tuple(cfg.source_modules), cfg.min_chars, cfg.lines_per_class, cfg.val_fraction, cfg.split_seed
+    )
+    return DataSpec(
+        train=LineDataset(train, cfg.max_len),
+        val=LineDataset(val, cfg.max_len),
+        classes=list(cfg.source_modules),
+        collate=collate,
+    )
 
 
 def predict_sample(cfg: Config, text: str):

@@ -23,10 +23,25 @@ from recipes.llm_finetune import compute_loss, shard_units  # noqa: F401
 
 # LlamaConfig fields by size. 1b: Llama-3.2-1B's shape (1.24 B parameters, the embedding tied to the head).
 SIZES = {
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -52,7 +67,9 @@ class RandomTokens(Dataset):
         return self.rows
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        row = torch.randint(self.vocab_size, (self.seq_len + 1,), generator=torch.Generator().manual_seed(index))
+        row = torch.randint(
+            self.vocab_size, (self.seq_len + 1,), generator=torch.Generator().manual_seed(index)
+        )
         return {"input_ids": row[:-1], "labels": row[1:]}
 
 

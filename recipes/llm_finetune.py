@@ -59,15 +59,80 @@ from launcher import ConfigError, DataSpec, Group, Schedule, StepOutput, TrainCo
 IGNORE = -100  # label of the prompt and the padding: F.cross_entropy's ignore_index
 PRETRAINED = "pretrained"  # --weights: the weights in --model_dir
 # Prose-rich standard-library modules present in CPython 3.10 to 3.13, in a fixed order.
-MODULES = ("argparse", "typing", "dataclasses", "inspect", "logging", "textwrap", "difflib", "functools",
-           "pathlib", "subprocess", "json.decoder", "json.encoder", "collections", "enum", "statistics",
-           "fractions", "random", "heapq", "string", "shutil", "os", "posixpath", "calendar", "datetime",
-           "decimal", "email.message", "csv", "configparser", "tarfile", "zipfile", "urllib.parse",
-           "http.client", "ipaddress", "uuid", "base64", "gettext", "locale", "threading", "queue",
-           "contextlib", "copy", "pprint", "tempfile", "glob", "fnmatch", "bisect", "weakref", "numbers",
-           "secrets", "hmac", "smtplib", "ftplib", "imaplib", "mailbox", "shlex", "sched", "selectors",
-           "socket", "ssl", "tokenize", "traceback", "unittest.case", "pdb", "doctest", "pickle", "sysconfig",
-           "trace", "timeit", "optparse", "getopt", "codecs", "_pyio")
+MODULES = (
+    "argparse",
+    "typing",
+    "dataclasses",
+    "inspect",
+    "logging",
+    "textwrap",
+    "difflib",
+    "functools",
+    "pathlib",
+    "subprocess",
+    "json.decoder",
+    "json.encoder",
+    "collections",
+    "enum",
+    "statistics",
+    "fractions",
+    "random",
+    "heapq",
+    "string",
+    "shutil",
+    "os",
+    "posixpath",
+    "calendar",
+    "datetime",
+    "decimal",
+    "email.message",
+    "csv",
+    "configparser",
+    "tarfile",
+    "zipfile",
+    "urllib.parse",
+    "http.client",
+    "ipaddress",
+    "uuid",
+    "base64",
+    "gettext",
+    "locale",
+    "threading",
+    "queue",
+    "contextlib",
+    "copy",
+    "pprint",
+    "tempfile",
+    "glob",
+    "fnmatch",
+    "bisect",
+    "weakref",
+    "numbers",
+    "secrets",
+    "hmac",
+    "smtplib",
+    "ftplib",
+    "imaplib",
+    "mailbox",
+    "shlex",
+    "sched",
+    "selectors",
+    "socket",
+    "ssl",
+    "tokenize",
+    "traceback",
+    "unittest.case",
+    "pdb",
+    "doctest",
+    "pickle",
+    "sysconfig",
+    "trace",
+    "timeit",
+    "optparse",
+    "getopt",
+    "codecs",
+    "_pyio",
+)
 
 
 @dataclass
@@ -99,6 +164,7 @@ class Config(TrainConfig):
 
 # ---- data ---------------------------------------------------------------------------------------
 
+
 def module_source(name: str) -> str:
     """The source of a standard-library module, read from its file (frozen modules such as os too)."""
     root = os.path.join(sysconfig.get_paths()["stdlib"], *name.split("."))
@@ -106,8 +172,10 @@ def module_source(name: str) -> str:
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
                 return f.read()
-    raise ConfigError(f"--modules names {name}, which has no source file in {sysconfig.get_paths()['stdlib']}; "
-                      "name standard-library modules written in Python")
+    raise ConfigError(
+        f"--modules names {name}, which has no source file in {sysconfig.get_paths()['stdlib']}; "
+        "name standard-library modules written in Python"
+    )
 
 
 def module_examples(module: str) -> list[dict]:
@@ -123,9 +191,14 @@ def module_examples(module: str) -> list[dict]:
                     summary = doc.split("\n\n")[0].strip()
                     returns = f" -> {ast.unparse(child.returns)}" if child.returns else ""
                     keyword = "async def" if isinstance(child, ast.AsyncFunctionDef) else "def"
-                    prompt = f"# {name}\n{keyword} {child.name}({ast.unparse(child.args)}){returns}:\n    \"\"\""
-                    examples.append({"name": name, "prompt": prompt,
-                                     "completion": summary.replace("\n", "\n    ") + '"""'})
+                    prompt = f'# {name}\n{keyword} {child.name}({ast.unparse(child.args)}){returns}:\n    """'
+                    examples.append(
+                        {
+                            "name": name,
+                            "prompt": prompt,
+                            "completion": summary.replace("\n", "\n    ") + '"""',
+                        }
+                    )
                 visit(child, name)
 
     visit(ast.parse(module_source(module)), module)
@@ -166,10 +239,12 @@ def tokenize(example: dict, tokenizer, block_size: int) -> dict | None:
     """{"tokens": prompt + completion + end-of-text ids, cut to block_size + 1, "prompt_tokens": the
     prompt's count}; None when the prompt leaves no room for a completion token."""
     prompt = tokenizer(example["prompt"])["input_ids"]  # with the tokenizer's own start token, if any
-    completion = tokenizer(example["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    completion = tokenizer(example["completion"], add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ]
     if len(prompt) >= block_size:
         return None
-    return {"tokens": torch.tensor((prompt + completion)[:block_size + 1]), "prompt_tokens": len(prompt)}
+    return {"tokens": torch.tensor((prompt + completion)[: block_size + 1]), "prompt_tokens": len(prompt)}
 
 
 def collate(samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -178,7 +253,7 @@ def collate(samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     labels = []
     for sample in samples:
         label = sample["tokens"].clone()
-        label[:sample["prompt_tokens"]] = IGNORE
+        label[: sample["prompt_tokens"]] = IGNORE
         labels.append(label)
     tokens = pad_sequence([s["tokens"] for s in samples], batch_first=True, padding_value=pad_id)
     labels = pad_sequence(labels, batch_first=True, padding_value=IGNORE)
@@ -192,11 +267,14 @@ def load_tokenizer(cfg: Config):
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as error:
-        raise ConfigError(f"no tokenizer in {directory} ({str(error).splitlines()[0]}); --model_dir must hold "
-                          "the model's tokenizer files (tokenizer.json, tokenizer_config.json)") from None
+        raise ConfigError(
+            f"no tokenizer in {directory} ({str(error).splitlines()[0]}); --model_dir must hold "
+            "the model's tokenizer files (tokenizer.json, tokenizer_config.json)"
+        ) from None
     if tokenizer.eos_token_id is None:
-        raise ConfigError(f"the tokenizer in {directory} has no end-of-text token (eos_token); the completions "
-                          "end with it")
+        raise ConfigError(
+            f"the tokenizer in {directory} has no end-of-text token (eos_token); the completions end with it"
+        )
     return tokenizer
 
 
@@ -207,19 +285,26 @@ def build_data(cfg: Config) -> DataSpec:
     if not 0 < cfg.val_percent < 100:
         raise ConfigError(f"--val_percent must be in 1..99, got {cfg.val_percent}")
     tokenizer = load_tokenizer(cfg)
-    splits = {name: [s for s in (tokenize(e, tokenizer, cfg.block_size) for e in pairs) if s is not None]
-              for name, pairs in cached_pairs(cfg).items()}
+    splits = {
+        name: [s for s in (tokenize(e, tokenizer, cfg.block_size) for e in pairs) if s is not None]
+        for name, pairs in cached_pairs(cfg).items()
+    }
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return DataSpec(train=splits["train"], val=splits["val"], collate=functools.partial(collate, pad_id=pad_id))
+    return DataSpec(
+        train=splits["train"], val=splits["val"], collate=functools.partial(collate, pad_id=pad_id)
+    )
 
 
 # ---- model --------------------------------------------------------------------------------------
 
+
 def _check_model_dir(cfg: Config) -> None:
     if not cfg.model_dir or not os.path.isfile(os.path.join(cfg.model_dir, "config.json")):
-        raise ConfigError(f"--model_dir must name a Hugging Face model directory with config.json, got {cfg.model_dir!r}; "
-                          "download one (hf download NAME --local-dir DIR) or write a small one "
-                          "with scripts/make_tiny_llama.py")
+        raise ConfigError(
+            f"--model_dir must name a Hugging Face model directory with config.json, got {cfg.model_dir!r}; "
+            "download one (hf download NAME --local-dir DIR) or write a small one "
+            "with scripts/make_tiny_llama.py"
+        )
 
 
 def build_model(cfg: Config) -> nn.Module:
@@ -236,8 +321,16 @@ def build_model(cfg: Config) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
         targets = cfg.lora_targets[0] if cfg.lora_targets == ("all-linear",) else list(cfg.lora_targets)
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets,
-                                                 lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora_rank,
+                lora_alpha=cfg.lora_alpha,
+                target_modules=targets,
+                lora_dropout=cfg.lora_dropout,
+                task_type="CAUSAL_LM",
+            ),
+        )
     return model
 
 
@@ -262,5 +355,7 @@ def shard_units(cfg: Config, model: nn.Module) -> list[nn.Module]:
 def compute_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
     logits = model(input_ids=batch["input_ids"]).logits
     labels = batch["labels"]
-    loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    loss_sum = F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+    )
     return StepOutput(loss=loss_sum, count=(labels != IGNORE).sum())

@@ -53,8 +53,12 @@ def diabetes_split(val_fraction: float, split_seed: int) -> dict[str, torch.Tens
     order = torch.randperm(len(target), generator=torch.Generator().manual_seed(split_seed))
     cut = int(round(len(target) * val_fraction))
     val, train = order[:cut], order[cut:]
-    stats = {"feature_mean": features[train].mean(0), "feature_std": features[train].std(0),
-             "target_mean": target[train].mean(), "target_std": target[train].std()}
+    stats = {
+        "feature_mean": features[train].mean(0),
+        "feature_std": features[train].std(0),
+        "target_mean": target[train].mean(),
+        "target_std": target[train].std(),
+    }
     x = (features - stats["feature_mean"]) / stats["feature_std"]
     y = (target - stats["target_mean"]) / stats["target_std"]
     return {"train_x": x[train], "train_y": y[train], "val_x": x[val], "val_y": y[val], **stats}
@@ -63,16 +67,24 @@ def diabetes_split(val_fraction: float, split_seed: int) -> dict[str, torch.Tens
 def build_model(cfg: Config) -> nn.Module:
     h = cfg.hidden
     return nn.Sequential(
-        nn.Linear(NUM_FEATURES, h), nn.ReLU(), nn.Dropout(cfg.dropout),
-        nn.Linear(h, h), nn.ReLU(), nn.Dropout(cfg.dropout),
-        nn.Linear(h, 1), nn.Flatten(0))  # (N, 1) -> (N,), the shape of the targets
+        nn.Linear(NUM_FEATURES, h),
+        nn.ReLU(),
+        nn.Dropout(cfg.dropout),
+        nn.Linear(h, h),
+        nn.ReLU(),
+        nn.Dropout(cfg.dropout),
+        nn.Linear(h, 1),
+        nn.Flatten(0),
+    )  # (N, 1) -> (N,), the shape of the targets
 
 
 def build_data(cfg: Config) -> DataSpec:
     split = diabetes_split(cfg.val_fraction, cfg.split_seed)
     # Samples are (features (10,) float32, target () float32): the pair step style.
-    return DataSpec(train=TensorDataset(split["train_x"], split["train_y"]),
-                    val=TensorDataset(split["val_x"], split["val_y"]))
+    return DataSpec(
+        train=TensorDataset(split["train_x"], split["train_y"]),
+        val=TensorDataset(split["val_x"], split["val_y"]),
+    )
 
 
 def predict_sample(cfg: Config, text: str) -> torch.Tensor:
@@ -83,8 +95,10 @@ def predict_sample(cfg: Config, text: str) -> torch.Tensor:
     except ValueError:
         raise ConfigError(f"expected {NUM_FEATURES} comma-separated numbers, got {text!r}") from None
     if len(values) != NUM_FEATURES:
-        raise ConfigError(f"expected {NUM_FEATURES} comma-separated feature values "
-                          f"(age, sex, bmi, bp, s1..s6), got {len(values)}")
+        raise ConfigError(
+            f"expected {NUM_FEATURES} comma-separated feature values "
+            f"(age, sex, bmi, bp, s1..s6), got {len(values)}"
+        )
     split = diabetes_split(cfg.val_fraction, cfg.split_seed)
     features = (torch.tensor(values) - split["feature_mean"]) / split["feature_std"]
     return features

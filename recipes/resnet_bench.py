@@ -34,5 +34,8 @@ def build_model(cfg: Config):
 
 
 def build_data(cfg: Config):
-    return DataSpec(train=Shards(cfg.data_dir, train_transform(cfg.image_size), batch_transform=normalize(),
-                                 shuffle_buffer=256))
+    return DataSpec(
+        train=Shards(
+            cfg.data_dir, train_transform(cfg.image_size), batch_transform=normalize(), shuffle_buffer=256
+        )
+    )

@@ -18,8 +18,13 @@ import torchvision
 from launcher import ConfigError, Group, Schedule, TrainConfig, layer_decay, load_weights
 from recipes.digits import digit_shards
 
-STAGES = {"layer4": ["layer4"], "layer3": ["layer3"], "layer2": ["layer2"], "layer1": ["layer1"],
-          "stem": ["conv1", "bn1"]}  # a torchvision ResNet's stages, from the head down
+STAGES = {
+    "layer4": ["layer4"],
+    "layer3": ["layer3"],
+    "layer2": ["layer2"],
+    "layer1": ["layer1"],
+    "stem": ["conv1", "bn1"],
+}  # a torchvision ResNet's stages, from the head down
 
 
 @dataclass
@@ -65,11 +70,22 @@ def build_schedule(cfg: Config, model) -> Schedule:
     unknown = sorted(set(cfg.unfreeze) - set(STAGES))
     if unknown:
         raise ConfigError(f"--unfreeze names {', '.join(unknown)}; stages are {', '.join(STAGES)}")
-    when = dict(unfreeze_step=cfg.unfreeze_step) if cfg.unfreeze_step else dict(unfreeze_epoch=cfg.unfreeze_epoch)
-    stages = [Group(name, patterns, frozen=True, unfreeze_warmup_steps=cfg.unfreeze_warmup_steps, **when)
-              if name in cfg.unfreeze else Group(name, patterns) for name, patterns in STAGES.items()]
+    when = (
+        dict(unfreeze_step=cfg.unfreeze_step)
+        if cfg.unfreeze_step
+        else dict(unfreeze_epoch=cfg.unfreeze_epoch)
+    )
+    stages = [
+        Group(name, patterns, frozen=True, unfreeze_warmup_steps=cfg.unfreeze_warmup_steps, **when)
+        if name in cfg.unfreeze
+        else Group(name, patterns)
+        for name, patterns in STAGES.items()
+    ]
     return Schedule(
-        groups=[Group("frozen", cfg.frozen, frozen=True),  # first match wins: these never train
-                Group("head", ["fc"], lr_scale=cfg.head_lr_scale),
-                *layer_decay(stages, cfg.layer_decay)],
-        no_decay_norm_bias=cfg.no_decay_norm_bias)
+        groups=[
+            Group("frozen", cfg.frozen, frozen=True),  # first match wins: these never train
+            Group("head", ["fc"], lr_scale=cfg.head_lr_scale),
+            *layer_decay(stages, cfg.layer_decay),
+        ],
+        no_decay_norm_bias=cfg.no_decay_norm_bias,
+    )

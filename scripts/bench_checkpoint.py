@@ -86,14 +86,22 @@ def main(width: int = 4096, layers: int = 3, repeats: int = 5, out: str = "") ->
                 unsynced.append(timed(functools.partial(saved, accelerator, output_dir, step + 1)))
     median = statistics.median
     params = sum(p.numel() for p in model.parameters())
-    print(f"checkpoint: MLP {layers} x {width}x{width} ({params / 1e6:.1f}M parameters) and AdamW state, "
-          f"{size / 2**20:.0f} MiB, {repeats} repeats, {torch.get_num_threads()} threads")
-    print(f"page cache: verify {median(warm_verify):.3f} s, load {median(warm_load):.3f} s, "
-          f"verify / load {median(warm_verify) / median(warm_load):.3f}")
-    print(f"disk: load {median(cold_load):.3f} s, verify then load {median(cold_both):.3f} s, "
-          f"(verify then load) / load {median(cold_both) / median(cold_load):.3f}")
-    print(f"save: durable {median(synced):.3f} s, without fsync {median(unsynced):.3f} s, "
-          f"durable / without {median(synced) / median(unsynced):.3f}")
+    print(
+        f"checkpoint: MLP {layers} x {width}x{width} ({params / 1e6:.1f}M parameters) and AdamW state, "
+        f"{size / 2**20:.0f} MiB, {repeats} repeats, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"page cache: verify {median(warm_verify):.3f} s, load {median(warm_load):.3f} s, "
+        f"verify / load {median(warm_verify) / median(warm_load):.3f}"
+    )
+    print(
+        f"disk: load {median(cold_load):.3f} s, verify then load {median(cold_both):.3f} s, "
+        f"(verify then load) / load {median(cold_both) / median(cold_load):.3f}"
+    )
+    print(
+        f"save: durable {median(synced):.3f} s, without fsync {median(unsynced):.3f} s, "
+        f"durable / without {median(synced) / median(unsynced):.3f}"
+    )
 
 
 def saved(accelerator, output_dir: str, step: int) -> None:

@@ -68,11 +68,11 @@ from torchvision.transforms.v2 import functional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from launcher import presets  # noqa: E402
 from launcher.data.decoders import image_label  # noqa: E402
+from launcher.data.loader import SplitLoader  # noqa: E402
 from launcher.data.scaled_decode import covering_size, decode_rgb  # noqa: E402
 from launcher.data.spec import Shards  # noqa: E402
-from launcher.data.loader import SplitLoader  # noqa: E402
-from launcher.data.writer import fit_sample, write_shards  # noqa: E402
 from launcher.data.tar_reader import tar_files  # noqa: E402
+from launcher.data.writer import fit_sample, write_shards  # noqa: E402
 
 IMAGENET_SIZE = (375, 500)  # height, width: ImageNet's most common size
 PHOTO_SIZE = (3024, 4032)  # a 12 MP phone photo
@@ -102,7 +102,7 @@ def imagenet_jpegs(count: int, seed: int = 0) -> list[bytes]:
     for i in range(count):
         photo = photos[i % len(photos)]
         top, left = (int(rng.integers(0, photo.shape[d] - side + 1)) for d, side in ((0, height), (1, width)))
-        window = photo[top:top + height, left:left + width].astype(np.float32)
+        window = photo[top : top + height, left : left + width].astype(np.float32)
         out.append(_encode(window + rng.normal(0, IMAGENET_NOISE, window.shape), IMAGENET_QUALITY))
     return out
 
@@ -116,7 +116,9 @@ def photo_jpegs(count: int, seed: int = 0) -> list[bytes]:
         photo = photos[i % len(photos)]
         side = photo.shape[0] * 4 // 3
         left = int(rng.integers(0, photo.shape[1] - side + 1))
-        large = np.asarray(Image.fromarray(photo[:, left:left + side]).resize((width, height), Image.BICUBIC), np.int16)
+        large = np.asarray(
+            Image.fromarray(photo[:, left : left + side]).resize((width, height), Image.BICUBIC), np.int16
+        )
         out.append(_encode(large + rng.normal(0, PHOTO_NOISE, large.shape).astype(np.int16), PHOTO_QUALITY))
     return out
 
@@ -129,11 +131,17 @@ def square_jpegs(count: int, size: int, seed: int = 0) -> list[bytes]:
         photo = photos[i % len(photos)]
         side = int(rng.integers(size // 2, min(photo.shape[:2])))
         top, left = (int(rng.integers(0, photo.shape[d] - side)) for d in (0, 1))
-        out.append(_encode(np.asarray(Image.fromarray(photo[top:top + side, left:left + side]).resize((size, size))), 90))
+        out.append(
+            _encode(
+                np.asarray(Image.fromarray(photo[top : top + side, left : left + side]).resize((size, size))),
+                90,
+            )
+        )
     return out
 
 
 # ---- 1. decoders, per core ------------------------------------------------------------------
+
 
 def _pil(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data))
@@ -141,7 +149,9 @@ def _pil(data: bytes) -> Image.Image:
 
 def reference(crop: int) -> Callable[[bytes], torch.Tensor]:
     """torchvision's references/classification: PIL decode, RRC on the PIL image, flip, to tensor."""
-    transform = v2.Compose([v2.RandomResizedCrop(crop, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()])
+    transform = v2.Compose(
+        [v2.RandomResizedCrop(crop, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()]
+    )
     return lambda data: transform(_pil(data).convert("RGB"))
 
 
@@ -158,19 +168,31 @@ def launcher_default(crop: int) -> Callable[[bytes], torch.Tensor]:
     return lambda data: prepare({"jpg": data, "cls": b"0"})[0]
 
 
-def scaled_candidate(crop: int, decode: Callable[[bytes, int, int], torch.Tensor]) -> Callable[[bytes], torch.Tensor]:
+def scaled_candidate(
+    crop: int, decode: Callable[[bytes, int, int], torch.Tensor]
+) -> Callable[[bytes], torch.Tensor]:
     """The crop drawn from the header's size, `decode(data, min_height, min_width)`, crop, resize, flip."""
     random_crop, flip = v2.RandomResizedCrop(crop, antialias=True), v2.RandomHorizontalFlip()
 
     def run(data: bytes) -> torch.Tensor:
         width, height = _pil(data).size
         box = random_crop.make_params([torch.empty(0, height, width)])
-        image = decode(data, covering_size(crop, box["height"], height), covering_size(crop, box["width"], width))
+        image = decode(
+            data, covering_size(crop, box["height"], height), covering_size(crop, box["width"], width)
+        )
         y, x = image.shape[1] / height, image.shape[2] / width
         top, left = round(box["top"] * y), round(box["left"] * x)
-        image = functional.resized_crop(image, top, left, max(round(box["height"] * y), 1),
-                                        max(round(box["width"] * x), 1), [crop, crop], antialias=True)
+        image = functional.resized_crop(
+            image,
+            top,
+            left,
+            max(round(box["height"] * y), 1),
+            max(round(box["width"] * x), 1),
+            [crop, crop],
+            antialias=True,
+        )
         return flip(image)
+
     return run
 
 
@@ -206,19 +228,22 @@ def dali_cpu(crop: int, batch: int = 32) -> Callable[[list[bytes]], int] | None:
 
     def run(jpegs: list[bytes]) -> int:
         for start in range(0, len(jpegs) - batch + 1, batch):
-            feed[:] = [np.frombuffer(d, np.uint8) for d in jpegs[start:start + batch]]
+            feed[:] = [np.frombuffer(d, np.uint8) for d in jpegs[start : start + batch]]
             built.run()
         return len(jpegs) // batch * batch
+
     return run
 
 
 def compare_decoders(sets: dict[str, list[bytes]], crop: int, rounds: int) -> dict:
     """Per-core images/s of each way on each set, and its ratio to the reference (medians over rounds)."""
-    ways = {"torchvision reference (PIL, RRC on the PIL image)": reference(crop),
-            "launcher before (image_label + full-size preset)": launcher_full_size(crop),
-            "launcher default (image_label + presets.train_transform)": launcher_default(crop),
-            "PIL draft + crop + resize": scaled_candidate(crop, pil_draft),
-            "simplejpeg min_height/min_width + crop + resize": scaled_candidate(crop, decode_rgb)}
+    ways = {
+        "torchvision reference (PIL, RRC on the PIL image)": reference(crop),
+        "launcher before (image_label + full-size preset)": launcher_full_size(crop),
+        "launcher default (image_label + presets.train_transform)": launcher_default(crop),
+        "PIL draft + crop + resize": scaled_candidate(crop, pil_draft),
+        "simplejpeg min_height/min_width + crop + resize": scaled_candidate(crop, decode_rgb),
+    }
     dali = dali_cpu(crop)
     rates: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
     ratios: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
@@ -237,7 +262,9 @@ def compare_decoders(sets: dict[str, list[bytes]], crop: int, rounds: int) -> di
             measured = {way: len(jpegs) / spent for way, spent in seconds.items()}
             if dali is not None and len(jpegs) >= 32:
                 start = time.process_time()  # DALI's threads included
-                measured["NVIDIA DALI CPU, 1 thread (image_random_crop)"] = dali(jpegs) / (time.process_time() - start)
+                measured["NVIDIA DALI CPU, 1 thread (image_random_crop)"] = dali(jpegs) / (
+                    time.process_time() - start
+                )
             for way, rate in measured.items():
                 rates[set_name, way].append(rate)
                 ratios[set_name, way].append(rate / measured[next(iter(ways))])
@@ -245,6 +272,7 @@ def compare_decoders(sets: dict[str, list[bytes]], crop: int, rounds: int) -> di
 
 
 # ---- 2. pipeline against a tight loop -------------------------------------------------------
+
 
 def write_bench_shards(directory: str, jpegs: list[bytes]) -> str:
     samples = ({"__key__": f"img{i:06d}", "jpg": data, "cls": i % 10} for i, data in enumerate(jpegs))
@@ -288,8 +316,15 @@ def tight_loop(directory: str, transform, jpegs=tarfile_jpegs) -> tuple[float, f
 
 def pipeline(directory: str, transform, workers: int, batch_size: int, epoch: int) -> tuple[float, float]:
     """(images/s, images per CPU-second of the main process and its workers) of one training epoch."""
-    split = SplitLoader(Shards(directory, transform, shuffle_buffer=256), rank=0, world=1, seed=0,
-                        batch_size=batch_size, num_workers=workers, training=True)
+    split = SplitLoader(
+        Shards(directory, transform, shuffle_buffer=256),
+        rank=0,
+        world=1,
+        seed=0,
+        batch_size=batch_size,
+        num_workers=workers,
+        training=True,
+    )
     split.batches_per_epoch = split.total // batch_size
     start, cpu, count = time.perf_counter(), cpu_seconds(), 0
     for batch in split.loader(epoch):
@@ -297,7 +332,9 @@ def pipeline(directory: str, transform, workers: int, batch_size: int, epoch: in
     return count / (time.perf_counter() - start), count / (cpu_seconds() - cpu)
 
 
-def compare_pipeline(jpegs: list[bytes], transform, worker_counts: list[int], batch_size: int, rounds: int) -> dict:
+def compare_pipeline(
+    jpegs: list[bytes], transform, worker_counts: list[int], batch_size: int, rounds: int
+) -> dict:
     """Median images/s of the tight loops and pipelines, each pipeline's ratio to (workers x tight
     loop), and its images per CPU-second over the tarfile loop's (key (workers, "CPU"))."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -314,23 +351,31 @@ def compare_pipeline(jpegs: list[bytes], transform, worker_counts: list[int], ba
                     results[f"tight, {reader}"].append(tight)
                     ratios[w, reader].append(piped / (max(w, 1) * tight))
                 ratios[w, "CPU"].append(piped_per_cpu / tights["tarfile"][1])
-    return ({name: statistics.median(values) for name, values in results.items()},
-            {key: statistics.median(values) for key, values in ratios.items()})
+    return (
+        {name: statistics.median(values) for name, values in results.items()},
+        {key: statistics.median(values) for key, values in ratios.items()},
+    )
 
 
-def shrunk_photos(photos: int, max_side: int, crop: int, rounds: int, batch_size: int = 32, copies: int = 32) -> dict:
+def shrunk_photos(
+    photos: int, max_side: int, crop: int, rounds: int, batch_size: int = 32, copies: int = 32
+) -> dict:
     """12 MP photos shrunk to `max_side` as `launcher shards --max_side` does (timed once), written
     `copies` times each into shards; per round, the torchvision reference on the originals, then
     the launcher's default training path over the shards: median img/s, images per CPU-second and
     the ratios of each."""
     originals = photo_jpegs(photos, seed=1)
     start = time.perf_counter()
-    shrunk = [fit_sample({"__key__": str(i), "jpg": data}, max_side)["jpg"] for i, data in enumerate(originals)]
+    shrunk = [
+        fit_sample({"__key__": str(i), "jpg": data}, max_side)["jpg"] for i, data in enumerate(originals)
+    ]
     shrink_rate = photos / (time.perf_counter() - start)
     decode_crop = reference(crop)
     rates: dict[str, list[float]] = collections.defaultdict(list)
     with tempfile.TemporaryDirectory() as directory:
-        samples = ({"__key__": f"p{i:06d}", "jpg": shrunk[i % photos], "cls": i % 10} for i in range(photos * copies))
+        samples = (
+            {"__key__": f"p{i:06d}", "jpg": shrunk[i % photos], "cls": i % 10} for i in range(photos * copies)
+        )
         write_shards(samples, directory, max_count=max(photos * copies // 8, 1))
         pipeline(directory, presets.train_transform(crop), 0, batch_size, epoch=0)  # warm-up
         for round_ in range(rounds):
@@ -339,21 +384,31 @@ def shrunk_photos(photos: int, max_side: int, crop: int, rounds: int, batch_size
                 decode_crop(data)
             rates["reference"].append(photos / (time.perf_counter() - start))
             rates["reference per CPU-s"].append(photos / (cpu_seconds() - cpu))
-            ours, ours_per_cpu = pipeline(directory, presets.train_transform(crop), 0, batch_size, epoch=round_ + 1)
+            ours, ours_per_cpu = pipeline(
+                directory, presets.train_transform(crop), 0, batch_size, epoch=round_ + 1
+            )
             rates["launcher"].append(ours)
             rates["launcher per CPU-s"].append(ours_per_cpu)
             rates["ratio"].append(ours / rates["reference"][-1])
             rates["ratio per CPU-s"].append(ours_per_cpu / rates["reference per CPU-s"][-1])
     median = {name: statistics.median(values) for name, values in rates.items()}
-    print(f"12 MP photos ({_kb(originals)}) -> uint8 RandomResizedCrop({crop}) + flip, 1 process; shrunk to "
-          f"--max_side={max_side} ({_kb(shrunk)}) at {shrink_rate:.1f} photos/s")
-    print(f"  {'torchvision reference, originals':<42}{median['reference']:8.1f} images/s "
-          f"({median['reference per CPU-s']:.1f} per CPU-second)")
-    print(f"  {f'launcher, shards at --max_side={max_side}':<42}{median['launcher']:8.1f} images/s "
-          f"({median['launcher per CPU-s']:.1f} per CPU-second)")
+    print(
+        f"12 MP photos ({_kb(originals)}) -> uint8 RandomResizedCrop({crop}) + flip, 1 process; shrunk to "
+        f"--max_side={max_side} ({_kb(shrunk)}) at {shrink_rate:.1f} photos/s"
+    )
+    print(
+        f"  {'torchvision reference, originals':<42}{median['reference']:8.1f} images/s "
+        f"({median['reference per CPU-s']:.1f} per CPU-second)"
+    )
+    print(
+        f"  {f'launcher, shards at --max_side={max_side}':<42}{median['launcher']:8.1f} images/s "
+        f"({median['launcher per CPU-s']:.1f} per CPU-second)"
+    )
     rounds_range = f"{min(rates['ratio']):.1f}-{max(rates['ratio']):.1f}"
-    print(f"  launcher / reference: {median['ratio']:.1f}x (rounds {rounds_range}), "
-          f"per CPU-second {median['ratio per CPU-s']:.1f}x")
+    print(
+        f"  launcher / reference: {median['ratio']:.1f}x (rounds {rounds_range}), "
+        f"per CPU-second {median['ratio per CPU-s']:.1f}x"
+    )
     return {**median, "shrink_photos_per_s": shrink_rate}
 
 
@@ -361,9 +416,17 @@ def _kb(jpegs: list[bytes]) -> str:
     return f"{len(jpegs)} JPEGs, {statistics.mean(map(len, jpegs)) / 1e3:,.0f} KB on average"
 
 
-def main(images: int = 2048, size: int = 0, crop: int = 224, batch_size: int = 64,
-         workers: str | tuple = (0, 1, 2), rounds: int = 3, imagenet: int = 256, photos: int = 8,
-         max_side: int = 0) -> dict:
+def main(
+    images: int = 2048,
+    size: int = 0,
+    crop: int = 224,
+    batch_size: int = 64,
+    workers: str | tuple = (0, 1, 2),
+    rounds: int = 3,
+    imagenet: int = 256,
+    photos: int = 8,
+    max_side: int = 0,
+) -> dict:
     if max_side:  # only the 12 MP photos against their shards written at --max_side
         torch.set_num_threads(1)
         return shrunk_photos(photos, max_side, crop, rounds)
@@ -371,9 +434,14 @@ def main(images: int = 2048, size: int = 0, crop: int = 224, batch_size: int = 6
         workers = (workers,)
     worker_counts = [int(w) for w in (workers.split(",") if isinstance(workers, str) else workers)]
     torch.set_num_threads(1)  # one core per process, as in DataLoader workers
-    print(f"{os.cpu_count()} cores, torch {torch.__version__}, {rounds} rounds, medians; uint8 "
-          f"RandomResizedCrop({crop}) + flip")
-    sets = {"ImageNet-sized 500x375": imagenet_jpegs(imagenet), "12 MP photos 4032x3024": photo_jpegs(photos, seed=1)}
+    print(
+        f"{os.cpu_count()} cores, torch {torch.__version__}, {rounds} rounds, medians; uint8 "
+        f"RandomResizedCrop({crop}) + flip"
+    )
+    sets = {
+        "ImageNet-sized 500x375": imagenet_jpegs(imagenet),
+        "12 MP photos 4032x3024": photo_jpegs(photos, seed=1),
+    }
     decoders = compare_decoders({name: jpegs for name, jpegs in sets.items() if jpegs}, crop, rounds)
     for set_name, jpegs in sets.items():
         if jpegs:
@@ -383,18 +451,24 @@ def main(images: int = 2048, size: int = 0, crop: int = 224, batch_size: int = 6
                 print(f"  {way:<58}{rate:8.1f} images/s per core  {ratio:5.2f}x the reference")
     jpegs = imagenet_jpegs(images, seed=2) if size == 0 else square_jpegs(images, size)
     median, ratio = compare_pipeline(jpegs, presets.train_transform(crop), worker_counts, batch_size, rounds)
-    print(f"pipeline: {_kb(jpegs)} ({'500x375' if size == 0 else f'{size}px'}), launcher default transform, "
-          f"batch {batch_size}")
+    print(
+        f"pipeline: {_kb(jpegs)} ({'500x375' if size == 0 else f'{size}px'}), launcher default transform, "
+        f"batch {batch_size}"
+    )
     for reader in READERS:
         print(f"  {'tight loop, 1 process, ' + reader:<42}{median[f'tight, {reader}']:8.1f} images/s")
     for w in worker_counts:
         shown = ", ".join(f"{ratio[w, reader]:.3f} ({reader})" for reader in READERS)
-        print(f"  {f'pipeline, {w} worker(s)':<42}{median[f'w{w}']:8.1f} images/s   "
-              f"pipeline / ({max(w, 1)} x tight) = {shown}; "
-              f"per CPU-second: {ratio[w, 'CPU']:.3f} of the tarfile loop's")
-    return {"decoders": {f"{name}: {way}": value for (name, way), value in decoders.items()},
-            "images_per_s": median,
-            "ratio_per_core": {f"{w} workers, {reader}": value for (w, reader), value in ratio.items()}}
+        print(
+            f"  {f'pipeline, {w} worker(s)':<42}{median[f'w{w}']:8.1f} images/s   "
+            f"pipeline / ({max(w, 1)} x tight) = {shown}; "
+            f"per CPU-second: {ratio[w, 'CPU']:.3f} of the tarfile loop's"
+        )
+    return {
+        "decoders": {f"{name}: {way}": value for (name, way), value in decoders.items()},
+        "images_per_s": median,
+        "ratio_per_core": {f"{w} workers, {reader}": value for (w, reader), value in ratio.items()},
+    }
 
 
 if __name__ == "__main__":

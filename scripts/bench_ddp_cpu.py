@@ -35,16 +35,46 @@ from scripts.processes import free_port  # noqa: E402
 
 
 def run(processes: int, args: dict, out: str) -> float:
-    launch = ([sys.executable, "-m", "launcher"] if processes == 1 else
-              [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "launcher"])
-    command = launch + [DEFAULT_RECIPE, f"--data_dir={args['data_dir']}",
-                        f"--arch={args['arch']}", f"--image_size={args['image_size']}", "--num_classes=10",
-                        f"--batch_size={args['batch_size']}", "--num_workers=0", "--synthetic_data=True",
-                        f"--max_steps={args['warmup'] + args['steps']}", "--epochs=1000",
-                        f"--log_every={max(1, args['steps'] // 4)}", f"--output_dir={out}", "--wandb_mode=disabled",
-                        "--checkpoint_epoch_end=False", "--keep_checkpoints=1", f"--ddp_comm_hook={args['comm_hook']}"]
+    launch = (
+        [sys.executable, "-m", "launcher"]
+        if processes == 1
+        else [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "launcher",
+        ]
+    )
+    command = launch + [
+        DEFAULT_RECIPE,
+        f"--data_dir={args['data_dir']}",
+        f"--arch={args['arch']}",
+        f"--image_size={args['image_size']}",
+        "--num_classes=10",
+        f"--batch_size={args['batch_size']}",
+        "--num_workers=0",
+        "--synthetic_data=True",
+        f"--max_steps={args['warmup'] + args['steps']}",
+        "--epochs=1000",
+        f"--log_every={max(1, args['steps'] // 4)}",
+        f"--output_dir={out}",
+        "--wandb_mode=disabled",
+        "--checkpoint_epoch_end=False",
+        "--keep_checkpoints=1",
+        f"--ddp_comm_hook={args['comm_hook']}",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -52,8 +82,9 @@ def run(processes: int, args: dict, out: str) -> float:
     with open(os.path.join(out, "metrics.jsonl")) as f:
         windows = [json.loads(line) for line in f]
     # train/samples_per_s is already global (per-rank samples x world size).
-    return statistics.median(w["train/samples_per_s"] for w in windows
-                             if "train/samples_per_s" in w and w["step"] > args["warmup"])
+    return statistics.median(
+        w["train/samples_per_s"] for w in windows if "train/samples_per_s" in w and w["step"] > args["warmup"]
+    )
 
 
 def plain_worker(rank: int, world: int, port: int, args: dict, results) -> None:
@@ -79,7 +110,10 @@ def plain_worker(rank: int, world: int, port: int, args: dict, results) -> None:
             model.register_comm_hook(None, getattr(default_hooks, f"{args['comm_hook']}_compress_hook"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     size = (args["batch_size"], 3, args["image_size"], args["image_size"])
-    images, labels = torch.randint(0, 256, size, dtype=torch.uint8), torch.randint(0, 10, (args["batch_size"],))
+    images, labels = (
+        torch.randint(0, 256, size, dtype=torch.uint8),
+        torch.randint(0, 10, (args["batch_size"],)),
+    )
     norm = normalize()
     for step in range(args["warmup"] + args["steps"]):
         if step == args["warmup"]:
@@ -102,8 +136,10 @@ def plain_run(processes: int, args: dict, ddp: bool = True) -> float:
     results = context.SimpleQueue()
     port = free_port()
     world = processes if ddp else 1  # each process a world of its own: no process group
-    workers = [context.Process(target=plain_worker, args=(rank, world, port, args, results))
-               for rank in range(processes)]
+    workers = [
+        context.Process(target=plain_worker, args=(rank, world, port, args, results))
+        for rank in range(processes)
+    ]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -114,39 +150,68 @@ def plain_run(processes: int, args: dict, ddp: bool = True) -> float:
     return processes * args["steps"] * args["batch_size"] / elapsed
 
 
-def main(arch: str = "resnet18", image_size: int = 64, batch_size: int = 32, steps: int = 40, warmup: int = 10,
-         rounds: int = 3, comm_hook: str = "no", out: str = "") -> None:
+def main(
+    arch: str = "resnet18",
+    image_size: int = 64,
+    batch_size: int = 32,
+    steps: int = 40,
+    warmup: int = 10,
+    rounds: int = 3,
+    comm_hook: str = "no",
+    out: str = "",
+) -> None:
     images = max(64, 2 * batch_size)  # --synthetic_data reads none, but the split must hold a global batch
-    data_dir = make_shards(os.path.join(tempfile.gettempdir(), f"bench_ddp_{image_size}_{images}"), images,
-                           round(image_size * 1.15), 10)
-    args = dict(arch=arch, image_size=image_size, batch_size=batch_size, steps=steps, warmup=warmup, data_dir=data_dir,
-                comm_hook=comm_hook)
+    data_dir = make_shards(
+        os.path.join(tempfile.gettempdir(), f"bench_ddp_{image_size}_{images}"),
+        images,
+        round(image_size * 1.15),
+        10,
+    )
+    args = dict(
+        arch=arch,
+        image_size=image_size,
+        batch_size=batch_size,
+        steps=steps,
+        warmup=warmup,
+        data_dir=data_dir,
+        comm_hook=comm_hook,
+    )
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for i in range(rounds):
-            row = {"one": run(1, args, os.path.join(scratch, f"one{i}")),
-                   "two": run(2, args, os.path.join(scratch, f"two{i}")),
-                   "plain_one": plain_run(1, args), "plain_two": plain_run(2, args),
-                   "apart_two": plain_run(2, args, ddp=False)}
+            row = {
+                "one": run(1, args, os.path.join(scratch, f"one{i}")),
+                "two": run(2, args, os.path.join(scratch, f"two{i}")),
+                "plain_one": plain_run(1, args),
+                "plain_two": plain_run(2, args),
+                "apart_two": plain_run(2, args, ddp=False),
+            }
             row["ratio"] = row["two"] / (2 * row["one"])
             row["plain_ratio"] = row["plain_two"] / (2 * row["plain_one"])
             row["apart_ratio"] = row["apart_two"] / (2 * row["plain_one"])
             rows.append(row)
-            print(f"round {i}: launcher 1 process {row['one']:.1f} img/s, 2 processes {row['two']:.1f}, "
-                  f"ratio {row['ratio']:.3f}; plain DDP 1 process {row['plain_one']:.1f}, "
-                  f"2 processes {row['plain_two']:.1f}, ratio {row['plain_ratio']:.3f}; "
-                  f"2 independent processes {row['apart_two']:.1f}, ratio {row['apart_ratio']:.3f}", flush=True)
+            print(
+                f"round {i}: launcher 1 process {row['one']:.1f} img/s, 2 processes {row['two']:.1f}, "
+                f"ratio {row['ratio']:.3f}; plain DDP 1 process {row['plain_one']:.1f}, "
+                f"2 processes {row['plain_two']:.1f}, ratio {row['plain_ratio']:.3f}; "
+                f"2 independent processes {row['apart_two']:.1f}, ratio {row['apart_ratio']:.3f}",
+                flush=True,
+            )
     ratio = statistics.median(r["ratio"] for r in rows)
     plain_ratio = statistics.median(r["plain_ratio"] for r in rows)
     apart_ratio = statistics.median(r["apart_ratio"] for r in rows)
-    print(f"{arch} {image_size}px batch {batch_size}/process, synthetic, gloo, 1 thread each, "
-          f"comm hook {comm_hook}: "
-          f"2 processes / (2 x 1 process) = {ratio:.3f} through the launcher, {plain_ratio:.3f} in a plain "
-          f"DDP loop, {apart_ratio:.3f} for two independent plain loops side by side, no communication "
-          f"(this machine's ceiling; medians of {rounds}; target >= 0.85)")
+    print(
+        f"{arch} {image_size}px batch {batch_size}/process, synthetic, gloo, 1 thread each, "
+        f"comm hook {comm_hook}: "
+        f"2 processes / (2 x 1 process) = {ratio:.3f} through the launcher, {plain_ratio:.3f} in a plain "
+        f"DDP loop, {apart_ratio:.3f} for two independent plain loops side by side, no communication "
+        f"(this machine's ceiling; medians of {rounds}; target >= 0.85)"
+    )
     if out:
         with open(out, "w") as f:
-            json.dump({"rounds": rows, "median": ratio, "plain_median": plain_ratio, "apart_median": apart_ratio}, f)
+            json.dump(
+                {"rounds": rows, "median": ratio, "plain_median": plain_ratio, "apart_median": apart_ratio}, f
+            )
 
 
 if __name__ == "__main__":

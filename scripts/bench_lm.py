@@ -52,11 +52,24 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
 def launcher_run(cfg: llm_bench.Config, setting: dict, steps: int, warmup: int, out: str) -> float:
     """tokens/s of the real CLI: the median of its logged windows after the warm-up, x seq_len."""
     log_every = max(1, steps // 4)
-    command = [sys.executable, "-m", "launcher", RECIPE, f"--size={cfg.size}", f"--seq_len={cfg.seq_len}",
-               f"--batch_size={cfg.batch_size}", "--data_parallel=fsdp", f"--compile={setting['compile']}",
-               f"--mixed_precision={setting['precision']}", f"--max_steps={warmup + steps}",
-               f"--log_every={log_every}", f"--output_dir={out}", "--checkpoint_epoch_end=False",
-               "--keep_checkpoints=1", "--wandb_mode=disabled"]
+    command = [
+        sys.executable,
+        "-m",
+        "launcher",
+        RECIPE,
+        f"--size={cfg.size}",
+        f"--seq_len={cfg.seq_len}",
+        f"--batch_size={cfg.batch_size}",
+        "--data_parallel=fsdp",
+        f"--compile={setting['compile']}",
+        f"--mixed_precision={setting['precision']}",
+        f"--max_steps={warmup + steps}",
+        f"--log_every={log_every}",
+        f"--output_dir={out}",
+        "--checkpoint_epoch_end=False",
+        "--keep_checkpoints=1",
+        "--wandb_mode=disabled",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"launcher failed:\n{result.stderr[-3000:]}")
@@ -74,8 +87,9 @@ def sharded_model(cfg: llm_bench.Config, setting: dict, device: torch.device) ->
     torch.manual_seed(0)
     model = llm_bench.build_model(cfg).to(device)
     bf16 = setting["precision"] == "bf16"
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                                  reduce_dtype=torch.float32 if bf16 else None)
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None
+    )
     mesh = init_device_mesh(device.type, (1,))
     for layer in shard_units(cfg, model):
         if setting["compile"]:
@@ -99,7 +113,10 @@ def plain_run(cfg: llm_bench.Config, setting: dict, steps: int, warmup: int, dev
                 synchronize(device)
                 start = time.perf_counter()
             samples = [rows[step * cfg.batch_size + i] for i in range(cfg.batch_size)]
-            batch = {key: torch.stack([s[key] for s in samples]).to(device, non_blocking=True) for key in samples[0]}
+            batch = {
+                key: torch.stack([s[key] for s in samples]).to(device, non_blocking=True)
+                for key in samples[0]
+            }
             compute_loss(model, batch).loss.div(cfg.batch_size * cfg.seq_len).backward()
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -116,8 +133,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main(size: str = "1b", seq_len: int = 2048, batch_size: int = 4, compile: bool = True, precision: str = "bf16",
-         steps: int = 20, warmup: int = 10, peak_tflops: float = 0.0, out: str = "") -> dict:
+def main(
+    size: str = "1b",
+    seq_len: int = 2048,
+    batch_size: int = 4,
+    compile: bool = True,
+    precision: str = "bf16",
+    steps: int = 20,
+    warmup: int = 10,
+    peak_tflops: float = 0.0,
+    out: str = "",
+) -> dict:
     from scripts.bench_gpu import peak_flops, save
 
     cfg = apply_overrides(llm_bench.Config(), {"size": size, "seq_len": seq_len, "batch_size": batch_size})
@@ -126,19 +152,33 @@ def main(size: str = "1b", seq_len: int = 2048, batch_size: int = 4, compile: bo
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     with torch.device("meta"):  # the shape alone: no memory, no initialisation
         per_token = flops_per_token(llm_bench.build_model(cfg), cfg.seq_len)
-    print(f"llm_bench ({size}, {per_token / 1e9:.2f} GFLOP per token), {batch_size} x {seq_len} tokens, "
-          f"FSDP on 1 process, compile={compile}, {precision}, {steps} timed steps after {warmup}, on {name}")
+    print(
+        f"llm_bench ({size}, {per_token / 1e9:.2f} GFLOP per token), {batch_size} x {seq_len} tokens, "
+        f"FSDP on 1 process, compile={compile}, {precision}, {steps} timed steps after {warmup}, on {name}"
+    )
     with tempfile.TemporaryDirectory() as scratch:
         ours = launcher_run(cfg, setting, steps, warmup, os.path.join(scratch, "run"))
     plain = plain_run(cfg, setting, steps, warmup, device)
     peak = peak_flops(device, precision, peak_tflops)
-    row = {**setting, "size": size, "seq_len": seq_len, "batch_size": batch_size, "device": name,
-           "flops_per_token": per_token, "launcher_tokens_per_s": ours, "plain_tokens_per_s": plain,
-           "ratio": ours / plain, "launcher_mfu": ours * per_token / peak if peak else None,
-           "plain_mfu": plain * per_token / peak if peak else None}
+    row = {
+        **setting,
+        "size": size,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "device": name,
+        "flops_per_token": per_token,
+        "launcher_tokens_per_s": ours,
+        "plain_tokens_per_s": plain,
+        "ratio": ours / plain,
+        "launcher_mfu": ours * per_token / peak if peak else None,
+        "plain_mfu": plain * per_token / peak if peak else None,
+    }
     if out:
         save(out, row)
     mfu = lambda value: f"{100 * value:.1f}%" if value is not None else "-"  # noqa: E731
-    print(f"launcher {ours:.0f} tokens/s (MFU {mfu(row['launcher_mfu'])}), plain {plain:.0f} tokens/s "
-          f"(MFU {mfu(row['plain_mfu'])}), launcher / plain {row['ratio']:.3f}", flush=True)
+    print(
+        f"launcher {ours:.0f} tokens/s (MFU {mfu(row['launcher_mfu'])}), plain {plain:.0f} tokens/s "
+        f"(MFU {mfu(row['plain_mfu'])}), launcher / plain {row['ratio']:.3f}",
+        flush=True,
+    )
     return row

@@ -46,9 +46,15 @@ def write_model(model_dir: str, layers: int, hidden: int, intermediate: int, voc
     import torch
     import transformers
 
-    config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                                      num_attention_heads=max(1, hidden // 128), num_key_value_heads=max(1, hidden // 128),
-                                      vocab_size=vocab, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 128),
+        num_key_value_heads=max(1, hidden // 128),
+        vocab_size=vocab,
+        tie_word_embeddings=False,
+    )
     with torch.device("meta"):
         size = sum(p.numel() * 4 for p in transformers.LlamaForCausalLM(config).parameters()) / 2**20
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
@@ -57,12 +63,36 @@ def write_model(model_dir: str, layers: int, hidden: int, intermediate: int, voc
 
 
 def run(mode: str, model_dir: str, processes: int, out: str) -> dict:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "launcher", RECIPE, f"--weights={model_dir}",
-               f"--output_dir={out}", f"--data_parallel={mode}", "--max_steps=1", "--batch_size=1", "--sequence=8",
-               "--optimizer=sgd", "--momentum=0", "--checkpoint_epoch_end=False", "--keep_checkpoints=1",
-               "--wandb_mode=disabled"]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "launcher",
+        RECIPE,
+        f"--weights={model_dir}",
+        f"--output_dir={out}",
+        f"--data_parallel={mode}",
+        "--max_steps=1",
+        "--batch_size=1",
+        "--sequence=8",
+        "--optimizer=sgd",
+        "--momentum=0",
+        "--checkpoint_epoch_end=False",
+        "--keep_checkpoints=1",
+        "--wandb_mode=disabled",
+    ]
     start = time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -70,9 +100,14 @@ def run(mode: str, model_dir: str, processes: int, out: str) -> dict:
         raise SystemExit(f"bench_load.py: the {mode} run failed:\n{result.stderr[-3000:]}")
     with open(os.path.join(out, "summary.json")) as f:
         memory = json.load(f)["memory_per_process"]
-    return {"mode": mode, "load_mb": max(m["load_peak_rss_mb"] - m["baseline_rss_mb"] for m in memory),
-            "baseline_mb": max(m["baseline_rss_mb"] for m in memory), "peak_rss_mb": max(m["peak_rss_mb"] for m in memory),
-            "build_s": max(m["build_s"] for m in memory), "run_s": wall}
+    return {
+        "mode": mode,
+        "load_mb": max(m["load_peak_rss_mb"] - m["baseline_rss_mb"] for m in memory),
+        "baseline_mb": max(m["baseline_rss_mb"] for m in memory),
+        "peak_rss_mb": max(m["peak_rss_mb"] for m in memory),
+        "build_s": max(m["build_s"] for m in memory),
+        "run_s": wall,
+    }
 
 
 def best_seconds(action, rounds: int) -> float:
@@ -98,39 +133,65 @@ def io_times(model_dir: str, rounds: int) -> dict:
     shard = 10**9  # 1 GB shards, as write_model's
     with tempfile.TemporaryDirectory() as scratch:
         times = {
-            "load_launcher_s": best_seconds(lambda: load_weights(model, model_dir, log=lambda _: None), rounds),
+            "load_launcher_s": best_seconds(
+                lambda: load_weights(model, model_dir, log=lambda _: None), rounds
+            ),
             "load_transformers_s": best_seconds(
-                lambda: transformers.AutoModelForCausalLM.from_pretrained(model_dir), rounds),
+                lambda: transformers.AutoModelForCausalLM.from_pretrained(model_dir), rounds
+            ),
             "export_launcher_s": best_seconds(
-                lambda: write_hf(os.path.join(scratch, "launcher"), model, "", shard, True), rounds),
+                lambda: write_hf(os.path.join(scratch, "launcher"), model, "", shard, True), rounds
+            ),
             "export_transformers_s": best_seconds(
-                lambda: model.save_pretrained(os.path.join(scratch, "transformers"), max_shard_size=shard), rounds)}
+                lambda: model.save_pretrained(os.path.join(scratch, "transformers"), max_shard_size=shard),
+                rounds,
+            ),
+        }
     for what in ("load", "export"):
         times[f"{what}_ratio"] = times[f"{what}_launcher_s"] / times[f"{what}_transformers_s"]
-        print(f"{what}: launcher {times[f'{what}_launcher_s']:.2f} s, "
-              f"transformers {times[f'{what}_transformers_s']:.2f} s, "
-              f"launcher / transformers {times[f'{what}_ratio']:.2f}")
+        print(
+            f"{what}: launcher {times[f'{what}_launcher_s']:.2f} s, "
+            f"transformers {times[f'{what}_transformers_s']:.2f} s, "
+            f"launcher / transformers {times[f'{what}_ratio']:.2f}"
+        )
     return times
 
 
-def main(processes: int = 2, layers: int = 14, hidden: int = 1536, intermediate: int = 4096, vocab: int = 32000,
-         model_dir: str = "", out: str = "", io_only: bool = False, rounds: int = 3) -> dict:
+def main(
+    processes: int = 2,
+    layers: int = 14,
+    hidden: int = 1536,
+    intermediate: int = 4096,
+    vocab: int = 32000,
+    model_dir: str = "",
+    out: str = "",
+    io_only: bool = False,
+    rounds: int = 3,
+) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = model_dir or os.path.join(scratch, "llama")
         model_mb = write_model(model_dir, layers, hidden, intermediate, vocab)
-        print(f"Llama: {layers} layers x {hidden} wide, vocab {vocab}: "
-              f"{model_mb / 4 * 2**20 / 1e6:.0f} M parameters, {model_mb:.0f} MB in fp32; {processes} processes")
+        print(
+            f"Llama: {layers} layers x {hidden} wide, vocab {vocab}: "
+            f"{model_mb / 4 * 2**20 / 1e6:.0f} M parameters, {model_mb:.0f} MB in fp32; {processes} processes"
+        )
         if io_only:
             return io_times(model_dir, rounds)
         rows = [run(mode, model_dir, processes, os.path.join(scratch, mode)) for mode in ("ddp", "fsdp")]
-    print(f"{'':6}{'load MB':>9}{'x model':>9}{'baseline MB':>13}{'peak RSS MB':>13}{'build s':>9}{'run s':>8}")
+    print(
+        f"{'':6}{'load MB':>9}{'x model':>9}{'baseline MB':>13}{'peak RSS MB':>13}{'build s':>9}{'run s':>8}"
+    )
     for row in rows:
-        print(f"{row['mode']:6}{row['load_mb']:>9.0f}{row['load_mb'] / model_mb:>9.2f}"
-              f"{row['baseline_mb']:>13.0f}{row['peak_rss_mb']:>13.0f}{row['build_s']:>9.1f}{row['run_s']:>8.1f}")
+        print(
+            f"{row['mode']:6}{row['load_mb']:>9.0f}{row['load_mb'] / model_mb:>9.2f}"
+            f"{row['baseline_mb']:>13.0f}{row['peak_rss_mb']:>13.0f}{row['build_s']:>9.1f}{row['run_s']:>8.1f}"
+        )
     ddp, fsdp = rows
     ratios = {name: fsdp[name] / ddp[name] for name in ("load_mb", "build_s", "run_s")}
-    print(f"fsdp / ddp per process: memory to build and load {ratios['load_mb']:.3f}, "
-          f"seconds to build and load {ratios['build_s']:.3f}, whole run {ratios['run_s']:.3f}")
+    print(
+        f"fsdp / ddp per process: memory to build and load {ratios['load_mb']:.3f}, "
+        f"seconds to build and load {ratios['build_s']:.3f}, whole run {ratios['run_s']:.3f}"
+    )
     result = {"model_mb": model_mb, "processes": processes, "rows": rows, "ratios": ratios}
     if out:
         with open(out, "w") as f:

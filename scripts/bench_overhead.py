@@ -60,10 +60,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from launcher import ConfigError, DataSpec, TrainConfig  # noqa: E402
+from launcher.optim.schedules import warmup_cosine  # noqa: E402
+from launcher.recipe import Recipe  # noqa: E402
 from launcher.track.progress import Progress  # noqa: E402
 from launcher.train.trainer import Trainer  # noqa: E402
-from launcher.recipe import Recipe  # noqa: E402
-from launcher.optim.schedules import warmup_cosine  # noqa: E402
 from recipes import char_lm  # noqa: E402
 
 SETTINGS = ("mlp", "lm", "both")
@@ -72,16 +72,19 @@ TEXT_MODULES = (argparse, dataclasses, inspect, json.decoder, typing)  # the LM'
 
 # ---- mlp ------------------------------------------------------------------------------------
 
+
 def build_model(hidden: int) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(256, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                         nn.Linear(hidden, 10))
+    return nn.Sequential(
+        nn.Linear(256, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10)
+    )
 
 
 def make_dataset(samples: int) -> TensorDataset:
     generator = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.randn(samples, 256, generator=generator),
-                         torch.randint(0, 10, (samples,), generator=generator))
+    return TensorDataset(
+        torch.randn(samples, 256, generator=generator), torch.randint(0, 10, (samples,), generator=generator)
+    )
 
 
 def plain_mlp(model, dataset, batch_size: int, total_steps: int) -> Iterator[None]:
@@ -108,10 +111,21 @@ def launcher_trainer(dataset, hidden: int, batch_size: int, output_dir: str) -> 
         pass
 
     module = types.SimpleNamespace(
-        Config=Config, build_model=lambda cfg: build_model(hidden),
-        build_data=lambda cfg: DataSpec(train=dataset), __name__="bench")
-    cfg = Config(output_dir=output_dir, batch_size=batch_size, epochs=10_000, num_workers=0,
-                 warmup_steps=10, wandb_mode="disabled", log_every=100, resume="").resolved()
+        Config=Config,
+        build_model=lambda cfg: build_model(hidden),
+        build_data=lambda cfg: DataSpec(train=dataset),
+        __name__="bench",
+    )
+    cfg = Config(
+        output_dir=output_dir,
+        batch_size=batch_size,
+        epochs=10_000,
+        num_workers=0,
+        warmup_steps=10,
+        wandb_mode="disabled",
+        log_every=100,
+        resume="",
+    ).resolved()
     trainer = Trainer(cfg, Recipe("bench", module))
     trainer.start()
     trainer.run_log.progress = Progress("off", quiet=True, total=0, shown=False)
@@ -154,8 +168,9 @@ def paired_round(trainer: Trainer, plain_steps: Iterator[None], block: int) -> t
     return plain, time.perf_counter() - start - plain
 
 
-def twin_round(plain_steps: Iterator[None], twin_steps: Iterator[None], steps: int, block: int,
-               device) -> tuple[float, float]:
+def twin_round(
+    plain_steps: Iterator[None], twin_steps: Iterator[None], steps: int, block: int, device
+) -> tuple[float, float]:
     """The noise floor's round: the plain loop and a copy of it, `block` steps each in turn, as
     `paired_round` pairs them."""
     spent = [0.0, 0.0]
@@ -171,7 +186,9 @@ def twin_round(plain_steps: Iterator[None], twin_steps: Iterator[None], steps: i
     return spent[0], spent[1]
 
 
-def run_mlp(steps: int, warmup: int, repeats: int, block: int, hidden: int, batch_size: int, noise_floor: bool) -> None:
+def run_mlp(
+    steps: int, warmup: int, repeats: int, block: int, hidden: int, batch_size: int, noise_floor: bool
+) -> None:
     dataset = make_dataset(steps * batch_size)
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = launcher_trainer(dataset, hidden, batch_size, output_dir)
@@ -180,21 +197,35 @@ def run_mlp(steps: int, warmup: int, repeats: int, block: int, hidden: int, batc
         rounds = [paired_round(trainer, plain_steps, block) for _ in range(warmup + repeats)][warmup:]
         if noise_floor:
             twin = plain_mlp(build_model(hidden), dataset, batch_size, total)
-            report_noise_floor([twin_round(plain_steps, twin, steps, block, torch.device("cpu")) for _ in range(repeats)])
-    report(f"model: MLP 256-{hidden}-{hidden}-10, batch {batch_size}, "
-           f"{steps} steps x {repeats} rounds in blocks of {block}, {torch.get_num_threads()} threads, "
-           "device cpu", "steps/s", steps, rounds)
+            report_noise_floor(
+                [twin_round(plain_steps, twin, steps, block, torch.device("cpu")) for _ in range(repeats)]
+            )
+    report(
+        f"model: MLP 256-{hidden}-{hidden}-10, batch {batch_size}, "
+        f"{steps} steps x {repeats} rounds in blocks of {block}, {torch.get_num_threads()} threads, "
+        "device cpu",
+        "steps/s",
+        steps,
+        rounds,
+    )
 
 
 # ---- lm -------------------------------------------------------------------------------------
 
+
 def make_text_samples(count: int) -> list[dict]:
     """`count` lines of standard-library source as {"tokens": (L,) uint8} byte samples, the
     lines taken in order (cycled if there are fewer): 4 bytes and longer, mostly 20 to 80."""
-    lines = [line.encode() for module in TEXT_MODULES for line in inspect.getsource(module).splitlines()
-             if len(line.strip()) > 3]
-    return [{"tokens": torch.tensor(list(line), dtype=torch.uint8)}
-            for line in itertools.islice(itertools.cycle(lines), count)]
+    lines = [
+        line.encode()
+        for module in TEXT_MODULES
+        for line in inspect.getsource(module).splitlines()
+        if len(line.strip()) > 3
+    ]
+    return [
+        {"tokens": torch.tensor(list(line), dtype=torch.uint8)}
+        for line in itertools.islice(itertools.cycle(lines), count)
+    ]
 
 
 def real_tokens(samples: list[dict], max_tokens: int) -> int:
@@ -204,20 +235,36 @@ def real_tokens(samples: list[dict], max_tokens: int) -> int:
 
 
 def lm_config(output_dir: str, n_layer: int, n_embd: int, block_size: int, batch_size: int) -> char_lm.Config:
-    return char_lm.Config(output_dir=output_dir, n_layer=n_layer, n_embd=n_embd, block_size=block_size,
-                          batch_size=batch_size, epochs=10_000, max_steps=0, num_workers=0,
-                          wandb_mode="disabled", log_every=100, resume="").resolved()
+    return char_lm.Config(
+        output_dir=output_dir,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        block_size=block_size,
+        batch_size=batch_size,
+        epochs=10_000,
+        max_steps=0,
+        num_workers=0,
+        wandb_mode="disabled",
+        log_every=100,
+        resume="",
+    ).resolved()
 
 
 def lm_trainer(cfg: char_lm.Config, samples: list[dict], steps: int) -> Trainer:
     module = types.SimpleNamespace(
-        Config=type(cfg), build_model=char_lm.build_model, compute_loss=char_lm.compute_loss,
-        build_data=lambda cfg: DataSpec(train=samples, collate=functools.partial(
-            char_lm.collate, max_tokens=cfg.block_size + 1)),
-        __name__="bench_lm")
+        Config=type(cfg),
+        build_model=char_lm.build_model,
+        compute_loss=char_lm.compute_loss,
+        build_data=lambda cfg: DataSpec(
+            train=samples, collate=functools.partial(char_lm.collate, max_tokens=cfg.block_size + 1)
+        ),
+        __name__="bench_lm",
+    )
     trainer = Trainer(cfg, Recipe("bench_lm", module))
     if trainer.plan.micro_batches_per_epoch != steps:  # tokens/s assumes every sample once per round
-        raise RuntimeError(f"the launcher's epoch has {trainer.plan.micro_batches_per_epoch} batches, not {steps}")
+        raise RuntimeError(
+            f"the launcher's epoch has {trainer.plan.micro_batches_per_epoch} batches, not {steps}"
+        )
     trainer.start()
     trainer.run_log.progress = Progress("off", quiet=True, total=0, shown=False)
     return trainer
@@ -228,24 +275,32 @@ def synchronize(device: torch.device) -> None:
     torch.cuda.synchronize(device)
 
 
-def plain_lm(model: nn.Module, samples: list[dict], cfg: char_lm.Config, device: torch.device,
-             total_steps: int) -> Iterator[None]:
+def plain_lm(
+    model: nn.Module, samples: list[dict], cfg: char_lm.Config, device: torch.device, total_steps: int
+) -> Iterator[None]:
     """The char LM's step written by hand, one optimizer step per `next()`: summed cross-entropy /
     the batch's real tokens, AdamW, clipping, the LR schedule over the launcher's total steps."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_at = warmup_cosine(cfg.warmup_steps, cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total_steps))
-    loader = DataLoader(samples, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                        collate_fn=functools.partial(char_lm.collate, max_tokens=cfg.block_size + 1),
-                        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+    loader = DataLoader(
+        samples,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=functools.partial(char_lm.collate, max_tokens=cfg.block_size + 1),
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
     model.train()
     while True:
         for batch in loader:
             input_ids = batch["input_ids"].to(device, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)
             logits = model(input_ids)
-            loss_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=char_lm.IGNORE,
-                                       reduction="sum")
+            loss_sum = F.cross_entropy(
+                logits.flatten(0, 1), labels.flatten(), ignore_index=char_lm.IGNORE, reduction="sum"
+            )
             (loss_sum / (labels != char_lm.IGNORE).sum()).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
@@ -254,8 +309,17 @@ def plain_lm(model: nn.Module, samples: list[dict], cfg: char_lm.Config, device:
             yield
 
 
-def run_lm(steps: int, warmup: int, repeats: int, block: int, n_layer: int, n_embd: int, block_size: int,
-           batch_size: int, noise_floor: bool) -> None:
+def run_lm(
+    steps: int,
+    warmup: int,
+    repeats: int,
+    block: int,
+    n_layer: int,
+    n_embd: int,
+    block_size: int,
+    batch_size: int,
+    noise_floor: bool,
+) -> None:
     samples = make_text_samples(steps * batch_size)
     tokens = real_tokens(samples, block_size + 1)
     with tempfile.TemporaryDirectory() as output_dir:
@@ -273,12 +337,18 @@ def run_lm(steps: int, warmup: int, repeats: int, block: int, n_layer: int, n_em
         if noise_floor:
             twin = plain_lm(plain_model(), samples, cfg, device, total)
             report_noise_floor([twin_round(plain_steps, twin, steps, block, device) for _ in range(repeats)])
-    report(f"model: char LM n_layer {n_layer}, n_embd {n_embd}, block {block_size}, batch {batch_size}, "
-           f"{steps} steps x {repeats} rounds in blocks of {block}, {tokens} tokens per round, "
-           f"{torch.get_num_threads()} threads, device {device.type}", "tokens/s", tokens, rounds)
+    report(
+        f"model: char LM n_layer {n_layer}, n_embd {n_embd}, block {block_size}, batch {batch_size}, "
+        f"{steps} steps x {repeats} rounds in blocks of {block}, {tokens} tokens per round, "
+        f"{torch.get_num_threads()} threads, device {device.type}",
+        "tokens/s",
+        tokens,
+        rounds,
+    )
 
 
 # ---- both -----------------------------------------------------------------------------------
+
 
 def report(model_line: str, unit: str, work: int, rounds: list[tuple[float, float]]) -> None:
     """Each side's median rate (`work` per round over its seconds), and the median of the per-round
@@ -298,13 +368,28 @@ def report_noise_floor(rounds: list[tuple[float, float]]) -> None:
     by step: what this machine gives for no difference at all."""
     ratios = [p / t for p, t in rounds]
     spread = max(abs(r - 1) for r in ratios)
-    print(f"noise floor: plain / plain {statistics.median(ratios):.3f} "
-          f"(per-round ratios within {spread:.1%} of 1)", flush=True)
+    print(
+        f"noise floor: plain / plain {statistics.median(ratios):.3f} "
+        f"(per-round ratios within {spread:.1%} of 1)",
+        flush=True,
+    )
 
 
-def main(setting: str = "both", steps: int = 100, warmup: int = 1, repeats: int = 15, block: int = 10, hidden: int = 1024,
-         batch_size: int = 128, threads: int = 0, n_layer: int = 2, n_embd: int = 64, block_size: int = 64,
-         lm_batch_size: int = 16, noise_floor: bool = False) -> None:
+def main(
+    setting: str = "both",
+    steps: int = 100,
+    warmup: int = 1,
+    repeats: int = 15,
+    block: int = 10,
+    hidden: int = 1024,
+    batch_size: int = 128,
+    threads: int = 0,
+    n_layer: int = 2,
+    n_embd: int = 64,
+    block_size: int = 64,
+    lm_batch_size: int = 16,
+    noise_floor: bool = False,
+) -> None:
     """--hidden and --batch_size size the MLP; --n_layer, --n_embd, --block_size (tokens) and
     --lm_batch_size (sequences) the char LM; --threads: torch's CPU threads (0: torch's default);
     --noise_floor also times the plain loop against a second copy of itself, the same way; --block:
@@ -312,7 +397,9 @@ def main(setting: str = "both", steps: int = 100, warmup: int = 1, repeats: int 
     if setting not in SETTINGS:
         raise ConfigError(f"--setting must be one of {', '.join(SETTINGS)}, got {setting!r}")
     if steps < 1 or repeats < 1 or warmup < 0:
-        raise ConfigError(f"--steps and --repeats must be >= 1 and --warmup >= 0, got {steps}, {repeats}, {warmup}")
+        raise ConfigError(
+            f"--steps and --repeats must be >= 1 and --warmup >= 0, got {steps}, {repeats}, {warmup}"
+        )
     if block < 1 or steps % block:
         raise ConfigError(f"--block must divide --steps ({steps}), got {block}")
     if threads:

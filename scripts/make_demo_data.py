@@ -58,14 +58,24 @@ def main(out: str = "data/digits", val_fraction: float = 0.2, seed: int = 0) -> 
     train, val = split_indices(labels, val_fraction, seed)
     pretrain = [i for i in train if labels[i] < 5]
     pretrain_val = [i for i in val if labels[i] < 5]
-    splits = {"train": (train, 8, CLASSES), "val": (val, 2, CLASSES),
-              "pretrain": (pretrain, 4, CLASSES[:5]), "pretrain_val": (pretrain_val, 1, CLASSES[:5])}
+    splits = {
+        "train": (train, 8, CLASSES),
+        "val": (val, 2, CLASSES),
+        "pretrain": (pretrain, 4, CLASSES[:5]),
+        "pretrain_val": (pretrain_val, 1, CLASSES[:5]),
+    }
     for name, (indices, num_shards, classes) in splits.items():
         per_shard = -(-len(indices) // num_shards)
-        index = write_shards(samples(images, labels, indices, seed + 1), os.path.join(out, name),
-                             max_count=per_shard, classes=classes)
-        print(f"{name}: {sum(index['shards'].values())} samples in {len(index['shards'])} shards "
-              f"-> {os.path.join(out, name)}")
+        index = write_shards(
+            samples(images, labels, indices, seed + 1),
+            os.path.join(out, name),
+            max_count=per_shard,
+            classes=classes,
+        )
+        print(
+            f"{name}: {sum(index['shards'].values())} samples in {len(index['shards'])} shards "
+            f"-> {os.path.join(out, name)}"
+        )
     for name, indices in (("train", train), ("val", val)):
         write_folder(images, labels, indices, os.path.join(out, "folder", name))
     print(f"folder: {len(train)} + {len(val)} PNG files -> {os.path.join(out, 'folder')}")

@@ -26,19 +26,38 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from launcher.data.writer import write_shards  # noqa: E402
 
 # Long, prose-rich modules present in CPython 3.10 to 3.13, in a fixed order.
-MODULES = ("argparse", "typing", "dataclasses", "inspect", "logging", "textwrap", "difflib", "functools",
-           "pathlib", "subprocess", "json.decoder", "json.encoder", "collections", "enum", "statistics",
-           "fractions", "random", "heapq", "string", "shutil")
+MODULES = (
+    "argparse",
+    "typing",
+    "dataclasses",
+    "inspect",
+    "logging",
+    "textwrap",
+    "difflib",
+    "functools",
+    "pathlib",
+    "subprocess",
+    "json.decoder",
+    "json.encoder",
+    "collections",
+    "enum",
+    "statistics",
+    "fractions",
+    "random",
+    "heapq",
+    "string",
+    "shutil",
+)
 
 
 def chunks(text: bytes, min_len: int, max_len: int, rng: np.random.Generator):
     """Consecutive pieces of `text`, each min_len..max_len bytes, cut after a newline where possible."""
     start = 0
     while len(text) - start >= min_len:
-        piece = text[start:start + int(rng.integers(min_len, max_len + 1))]
+        piece = text[start : start + int(rng.integers(min_len, max_len + 1))]
         newline = piece.rfind(b"\n")
         if newline + 1 >= min_len and newline + 1 < len(piece):
-            piece = piece[:newline + 1]
+            piece = piece[: newline + 1]
         yield piece
         start += len(piece)
 
@@ -49,24 +68,39 @@ def split_chunks(modules, min_len: int, max_len: int, val_fraction: float, seed:
     for name in modules:
         source = inspect.getsource(importlib.import_module(name)).encode("utf-8")
         for i, piece in enumerate(chunks(source, min_len, max_len, rng)):
-            sample = {"__key__": f"{name.replace('.', '_')}-{i:05d}", "tokens.npy": np.frombuffer(piece, np.uint8)}
+            sample = {
+                "__key__": f"{name.replace('.', '_')}-{i:05d}",
+                "tokens.npy": np.frombuffer(piece, np.uint8),
+            }
             splits["val" if rng.random() < val_fraction else "train"].append(sample)
     return splits
 
 
-def main(out: str = "data/text", min_len: int = 32, max_len: int = 129, val_fraction: float = 0.1,
-         train_shards: int = 8, val_shards: int = 2, seed: int = 0) -> None:
+def main(
+    out: str = "data/text",
+    min_len: int = 32,
+    max_len: int = 129,
+    val_fraction: float = 0.1,
+    train_shards: int = 8,
+    val_shards: int = 2,
+    seed: int = 0,
+) -> None:
     """max_len: bytes per chunk at most (a recipe's block_size + 1 uses every byte of the longest)."""
     if not 2 <= min_len <= max_len:
-        raise SystemExit(f"--min_len and --max_len must satisfy 2 <= min_len <= max_len, got {min_len}, {max_len}")
+        raise SystemExit(
+            f"--min_len and --max_len must satisfy 2 <= min_len <= max_len, got {min_len}, {max_len}"
+        )
     splits = split_chunks(MODULES, min_len, max_len, val_fraction, seed)
     for (name, samples), num_shards in zip(splits.items(), (train_shards, val_shards)):
         order = np.random.default_rng(seed + 1).permutation(len(samples))  # each shard mixes all modules
-        index = write_shards((samples[i] for i in order), os.path.join(out, name),
-                             max_count=-(-len(samples) // num_shards))
+        index = write_shards(
+            (samples[i] for i in order), os.path.join(out, name), max_count=-(-len(samples) // num_shards)
+        )
         tokens = sum(len(s["tokens.npy"]) for s in samples)
-        print(f"{name}: {len(samples)} chunks, {tokens} bytes in {len(index['shards'])} shards "
-              f"-> {os.path.join(out, name)}")
+        print(
+            f"{name}: {len(samples)} chunks, {tokens} bytes in {len(index['shards'])} shards "
+            f"-> {os.path.join(out, name)}"
+        )
 
 
 if __name__ == "__main__":

@@ -30,30 +30,52 @@ def byte_tokenizer():
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                             special_tokens=[("<s>", vocab["<s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
 
 
-def tiny_llama(vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int, tie_embeddings: bool,
-               seed: int):
+def tiny_llama(
+    vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int, tie_embeddings: bool, seed: int
+):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=512, tie_word_embeddings=tie_embeddings,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie_embeddings,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
 
-def main(out: str = "data/tiny_llama", hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-         tie_embeddings: bool = False, seed: int = 0) -> str:
+def main(
+    out: str = "data/tiny_llama",
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    tie_embeddings: bool = False,
+    seed: int = 0,
+) -> str:
     """hidden: the residual width (the MLP is 2x); heads must divide it; kv_heads < heads: grouped-query
     attention."""
     if hidden % heads or heads % kv_heads:
-        raise SystemExit(f"--heads must divide --hidden and --kv_heads divide --heads, got {hidden}, {heads}, {kv_heads}")
+        raise SystemExit(
+            f"--heads must divide --hidden and --kv_heads divide --heads, got {hidden}, {heads}, {kv_heads}"
+        )
     tokenizer = byte_tokenizer()
     model = tiny_llama(len(tokenizer), hidden, layers, heads, kv_heads, tie_embeddings, seed)
     os.makedirs(out, exist_ok=True)

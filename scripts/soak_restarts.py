@@ -30,22 +30,48 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from scripts.processes import children, free_port, launcher_children  # noqa: E402
+
 RECIPE = ROOT / "tests" / "recipes" / "mlp_digits.py"
 
 
 def command(out: Path, data_dir: Path, restarts: int, port: int) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-            str(port), "--max_restarts", str(restarts), "-m", "launcher", str(RECIPE), f"--data_dir={data_dir}",
-            f"--output_dir={out}", "--num_workers=2", "--checkpoint_every=10", "--resume=auto", "--epochs=1"]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        "--max_restarts",
+        str(restarts),
+        "-m",
+        "launcher",
+        str(RECIPE),
+        f"--data_dir={data_dir}",
+        f"--output_dir={out}",
+        "--num_workers=2",
+        "--checkpoint_every=10",
+        "--resume=auto",
+        "--epochs=1",
+    ]
 
 
 def newest_step(out: Path) -> int:
     path = out / "metrics.jsonl"
     if not path.exists():
         return -1
-    return max((json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.endswith("}")),
-               default=-1)
+    return max(
+        (json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.endswith("}")),
+        default=-1,
+    )
 
 
 def kill_one(launcher_pid: int, rng: random.Random) -> str:
@@ -68,8 +94,13 @@ def one_run(out: Path, data_dir: Path, kills: int, rng: random.Random, reference
     started = time.monotonic()
     at = sorted(rng.sample(range(5, 40), kills))  # steps of the 44 of an epoch
     with open(out.with_suffix(".log"), "w") as log:
-        run = subprocess.Popen(command(out, data_dir, kills, free_port()), cwd=ROOT, stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+        run = subprocess.Popen(
+            command(out, data_dir, kills, free_port()),
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     killed = []
     for step in at:
         while newest_step(out) < step and run.poll() is None and time.monotonic() - started < 400:
@@ -88,21 +119,37 @@ def one_run(out: Path, data_dir: Path, kills: int, rng: random.Random, reference
         run.wait()
     weights = out / "model.safetensors"
     same = weights.exists() and all(torch.equal(load_file(str(weights))[k], v) for k, v in reference.items())
-    return {"killed": killed, "exit": code, "bitwise_equal": same, "seconds": round(time.monotonic() - started)}
+    return {
+        "killed": killed,
+        "exit": code,
+        "bitwise_equal": same,
+        "seconds": round(time.monotonic() - started),
+    }
 
 
-def main(runs: int = 5, kills: int = 2, busy: bool = True, out: str = "runs/soak", data_dir: str = "",
-         seed: int = 0) -> None:
+def main(
+    runs: int = 5,
+    kills: int = 2,
+    busy: bool = True,
+    out: str = "runs/soak",
+    data_dir: str = "",
+    seed: int = 0,
+) -> None:
     """Run `runs` training runs, each killed `kills` times; see the module's docstring."""
     base = Path(out).resolve()
     base.mkdir(parents=True, exist_ok=True)
     data = Path(data_dir) if data_dir else base / "digits"
     if not (data / "train").exists():
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), "--out", str(data)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "make_demo_data.py"), "--out", str(data)],
+            check=True,
+            capture_output=True,
+        )
     reference_dir = base / "uninterrupted"
     if not (reference_dir / "model.safetensors").exists():
-        subprocess.run(command(reference_dir, data, 0, free_port()), cwd=ROOT, check=True, capture_output=True)
+        subprocess.run(
+            command(reference_dir, data, 0, free_port()), cwd=ROOT, check=True, capture_output=True
+        )
     reference = load_file(str(reference_dir / "model.safetensors"))
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     rng, results = random.Random(seed), []
@@ -117,9 +164,11 @@ def main(runs: int = 5, kills: int = 2, busy: bool = True, out: str = "runs/soak
             spinner.kill()
     passed = sum(r["exit"] == 0 and r["bitwise_equal"] for r in results)
     restarts = sum(len(r["killed"]) for r in results)
-    print(f"{passed} of {runs} runs ended with bitwise the uninterrupted weights, after {restarts} restarts "
-          f"({sum(r['killed'].count('rank') for r in results)} ranks and "
-          f"{sum(r['killed'].count('worker') for r in results)} DataLoader workers killed)")
+    print(
+        f"{passed} of {runs} runs ended with bitwise the uninterrupted weights, after {restarts} restarts "
+        f"({sum(r['killed'].count('rank') for r in results)} ranks and "
+        f"{sum(r['killed'].count('worker') for r in results)} DataLoader workers killed)"
+    )
     sys.exit(0 if passed == runs else 1)
 
 

@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # scripts/processes.py, shared with the scripts that start launches
 from scripts.processes import children, free_port, launcher_children  # noqa: E402,F401
+
 MLP_RECIPE = str(ROOT / "tests" / "recipes" / "mlp_digits.py")
 # The wandb CLI that reads runs back (`wandb leet inspect`): the one beside this Python, or
 # $LAUNCHER_TEST_WANDB. `make test-lowest` runs with wandb 0.19.5, which has no `leet`, so it
@@ -37,8 +38,12 @@ def pytest_collection_modifyitems(items) -> None:
 def built_data(tmp_path_factory, script: str, name: str) -> Path:
     """The data a script of scripts/ writes (`--out DIR`), in a fresh temporary directory."""
     out = tmp_path_factory.mktemp(name)
-    subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--out", str(out)],
-                   check=True, cwd=ROOT, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), "--out", str(out)],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
     return out
 
 
@@ -75,7 +80,9 @@ def planted_pickle(marker) -> bytes:
     return pickle.dumps(Planted(marker))
 
 
-def spawn_or_fail(fn, args: tuple, nprocs: int = 2, timeout: float = 120, start_method: str = "spawn") -> None:
+def spawn_or_fail(
+    fn, args: tuple, nprocs: int = 2, timeout: float = 120, start_method: str = "spawn"
+) -> None:
     """torch.multiprocessing.spawn, killing every rank and failing if they are not done in `timeout`
     seconds (a hang in a collective or in destroy_process_group would otherwise hold the suite).
     start_method="fork": ranks that start in milliseconds, having imported nothing again."""
@@ -109,11 +116,14 @@ def launcher(*args, processes: int = 1, timeout: float = 300, check: bool = True
     if zygote is not None:
         result = zygote.run(command, [str(a) for a in args], timeout, env)
     else:
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                                env=env or child_env())
+        result = subprocess.run(
+            command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env or child_env()
+        )
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-3000:]}\n"
-                             f"{result.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-3000:]}\n"
+            f"{result.stderr[-3000:]}"
+        )
     return result
 
 
@@ -121,8 +131,13 @@ class Zygote:
     """This worker's tests/zygote.py: one forked child per run, its output through files."""
 
     def __init__(self):
-        self.process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "zygote.py")], cwd=ROOT,
-                                        env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "zygote.py")],
+            cwd=ROOT,
+            env=child_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
         self.pending = b""
         self.ready = self._line(timeout=300) == "ready"
 
@@ -142,13 +157,21 @@ class Zygote:
         line, self.pending = self.pending.split(b"\n", 1)
         return line.decode()
 
-    def run(self, command: list[str], argv: list[str], timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self, command: list[str], argv: list[str], timeout: float, env: dict | None = None
+    ) -> subprocess.CompletedProcess:
         import signal
         import tempfile
 
         with tempfile.TemporaryDirectory() as directory:
             out, err = Path(directory) / "stdout", Path(directory) / "stderr"
-            request = {"argv": argv, "cwd": str(ROOT), "env": env or child_env(), "stdout": str(out), "stderr": str(err)}
+            request = {
+                "argv": argv,
+                "cwd": str(ROOT),
+                "env": env or child_env(),
+                "stdout": str(out),
+                "stderr": str(err),
+            }
             self.process.stdin.write((json.dumps(request) + "\n").encode())
             self.process.stdin.flush()
             pid = json.loads(self._line(timeout=60))["pid"]
@@ -157,7 +180,9 @@ class Zygote:
                 os.killpg(pid, signal.SIGKILL)
                 self._line(timeout=60)
                 raise subprocess.TimeoutExpired(command, timeout, out.read_text(), err.read_text())
-            return subprocess.CompletedProcess(command, json.loads(reply)["code"], out.read_text(), err.read_text())
+            return subprocess.CompletedProcess(
+                command, json.loads(reply)["code"], out.read_text(), err.read_text()
+            )
 
     def close(self) -> None:
         self.process.stdin.close()
@@ -183,10 +208,26 @@ def pytest_sessionfinish(session) -> None:
 def launcher_command(*args, processes: int = 1, restarts: int = 0) -> list[str]:
     if processes == 1:
         return [sys.executable, "-m", "launcher", *map(str, args)]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port()), *(["--max_restarts", str(restarts)] if restarts else []),
-            "-m", "launcher", *map(str, args)]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        *(["--max_restarts", str(restarts)] if restarts else []),
+        "-m",
+        "launcher",
+        *map(str, args),
+    ]
 
 
 def start_launcher(*args, log: Path, processes: int = 1, env=None, restarts: int = 0) -> subprocess.Popen:
@@ -194,8 +235,14 @@ def start_launcher(*args, log: Path, processes: int = 1, env=None, restarts: int
     stdout and stderr go to `log` (a pipe would fill up and block it). `restarts`: torchrun's
     --max_restarts, through accelerate launch."""
     with open(log, "w") as out:
-        return subprocess.Popen(launcher_command(*args, processes=processes, restarts=restarts), cwd=ROOT,
-                                env=env or child_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            launcher_command(*args, processes=processes, restarts=restarts),
+            cwd=ROOT,
+            env=env or child_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -203,8 +250,11 @@ def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: 
     deadline = time.monotonic() + timeout
     path = run_dir / "metrics.jsonl"
     while time.monotonic() < deadline:
-        if path.exists() and any(json.loads(line).get("step", 0) >= step
-                                 for line in path.read_text().splitlines() if line.endswith("}")):
+        if path.exists() and any(
+            json.loads(line).get("step", 0) >= step
+            for line in path.read_text().splitlines()
+            if line.endswith("}")
+        ):
             return
         if process.poll() is not None:
             raise AssertionError(f"the run ended (exit {process.returncode}) before step {step}")

@@ -11,8 +11,13 @@ from conftest import WANDB
 
 
 def wandb_records(run_dir: Path) -> list[dict]:
-    result = subprocess.run([WANDB, "leet", "inspect", "--json", str(run_dir)],
-                            capture_output=True, text=True, timeout=120, check=True)
+    result = subprocess.run(
+        [WANDB, "leet", "inspect", "--json", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
@@ -43,8 +48,10 @@ def tensorboard_texts(directory: Path) -> dict[str, list[tuple[int, str]]]:
 
     events = EventAccumulator(str(directory), size_guidance={"tensors": 0})
     events.Reload()
-    return {tag: [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors(tag)]
-            for tag in events.Tags()["tensors"]}
+    return {
+        tag: [(e.step, e.tensor_proto.string_val[0].decode()) for e in events.Tensors(tag)]
+        for tag in events.Tags()["tensors"]
+    }
 
 
 def logged_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:

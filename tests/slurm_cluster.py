@@ -59,7 +59,8 @@ def slurm_conf(root: Path) -> str:
     nodes = "\n".join(
         f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={FIRST_NODE_PORT + i} "
         "CPUs=1 State=UNKNOWN"
-        for i, name in enumerate(NODES))
+        for i, name in enumerate(NODES)
+    )
     return f"""\
 ClusterName=launchertest
 SlurmctldHost={host}
@@ -117,8 +118,17 @@ class SlurmCluster:
         if subprocess.run(["munge", "-n"], capture_output=True).returncode == 0:
             return  # a munged is already serving the default socket
         Path("/run/munge").mkdir(parents=True, exist_ok=True)
-        self._daemon(["munged", "-F", "--force", f"--log-file={self.root}/munged.log",
-                      f"--pid-file={self.root}/munged.pid", f"--seed-file={self.root}/munged.seed"], "munged.out")
+        self._daemon(
+            [
+                "munged",
+                "-F",
+                "--force",
+                f"--log-file={self.root}/munged.log",
+                f"--pid-file={self.root}/munged.pid",
+                f"--seed-file={self.root}/munged.seed",
+            ],
+            "munged.out",
+        )
         deadline = time.monotonic() + 20
         while subprocess.run(["munge", "-n"], capture_output=True).returncode != 0:
             if time.monotonic() > deadline:
@@ -137,23 +147,32 @@ class SlurmCluster:
             if all(states.get(name) == "idle" for name in NODES):
                 return
             time.sleep(0.5)
-        raise ClusterUnavailable(f"nodes not idle after {timeout} s: {result.stdout} {result.stderr} "
-                                 f"{self._tail('slurmctld.log')}")
+        raise ClusterUnavailable(
+            f"nodes not idle after {timeout} s: {result.stdout} {result.stderr} {self._tail('slurmctld.log')}"
+        )
 
     def _check_launch(self, attempts: int = 3) -> None:
         """Idle nodes are not yet proof that a job step starts on both: run one before the tests do
         (a batch job whose launch fails is requeued and held, and would wait forever)."""
         for _ in range(attempts):
             try:
-                result = self.run("srun", "--nodes=2", "--ntasks-per-node=1", "--time=2", "hostname",
-                                  check=False, timeout=120)
+                result = self.run(
+                    "srun",
+                    "--nodes=2",
+                    "--ntasks-per-node=1",
+                    "--time=2",
+                    "hostname",
+                    check=False,
+                    timeout=120,
+                )
             except subprocess.TimeoutExpired as error:
                 result = error
             if getattr(result, "returncode", None) == 0 and len(result.stdout.split()) == 2:
                 return
             time.sleep(5)
-        raise ClusterUnavailable(f"a two-node srun did not run in {attempts} attempts: {result}\n"
-                                 f"{self.diagnostics()}")
+        raise ClusterUnavailable(
+            f"a two-node srun did not run in {attempts} attempts: {result}\n{self.diagnostics()}"
+        )
 
     def _tail(self, name: str, chars: int = 1500) -> str:
         path = self.root / name
@@ -176,16 +195,22 @@ class SlurmCluster:
         return "\n".join(parts)
 
     def run(self, *command: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-        return subprocess.run(command, env=kwargs.pop("env", self.env), capture_output=True, text=True,
-                              check=check, **kwargs)
+        return subprocess.run(
+            command, env=kwargs.pop("env", self.env), capture_output=True, text=True, check=check, **kwargs
+        )
 
     def job(self, job_id: str) -> dict[str, str]:
         """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...)."""
         text = self.run("scontrol", "show", "job", "-o", job_id).stdout
         return dict(item.split("=", 1) for item in text.split() if "=" in item)
 
-    def wait_for_job(self, job_id: str, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
-                     timeout: float = 400, job_log: Path | None = None) -> dict[str, str]:
+    def wait_for_job(
+        self,
+        job_id: str,
+        states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"),
+        timeout: float = 400,
+        job_log: Path | None = None,
+    ) -> dict[str, str]:
         """The job's record once it reaches one of `states`. A job held by Slurm (its launch failed)
         or still unfinished after `timeout` s (below pytest's own limit, so this message is the one
         printed) fails with the diagnostics."""
@@ -196,7 +221,11 @@ class SlurmCluster:
                 return info
             held = "held" in info.get("Reason", "").lower() or info.get("Priority") == "0"
             if held or time.monotonic() > deadline:
-                what = f"held ({info.get('Reason')})" if held else f"still {info.get('JobState')} after {timeout} s"
+                what = (
+                    f"held ({info.get('Reason')})"
+                    if held
+                    else f"still {info.get('JobState')} after {timeout} s"
+                )
                 raise AssertionError(f"job {job_id} {what}\n{self.diagnostics(job_id, job_log)}")
             time.sleep(1)
 
@@ -237,7 +266,8 @@ def stacks(word: str) -> str:
         except OSError:
             continue
         if proc.name.isdigit() and python and word in command and "pytest" not in command:
-            dump = subprocess.run([PY_SPY, "dump", "--pid", proc.name],
-                                  capture_output=True, text=True, timeout=60)
+            dump = subprocess.run(
+                [PY_SPY, "dump", "--pid", proc.name], capture_output=True, text=True, timeout=60
+            )
             dumps.append(f"--- pid {proc.name}: {command[:200]}\n{dump.stdout[-3000:]}{dump.stderr[-500:]}")
     return "\n".join(dumps) or f"(no process has {word!r} in its command line)"

@@ -42,14 +42,15 @@ from launcher.train.evaluation import evaluate_split
 from launcher.train.metrics import TaskMetrics, is_accuracy, per_class_accuracy
 from launcher.train.preflight import blame, preflight
 
-
 LABELS = {"top1": "top-1", "top5": "top-5", "token_accuracy": "token accuracy"}  # evaluate's printed names
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def load_model(cfg: TrainConfig, recipe: Recipe, checkpoint: str) -> torch.nn.Module:
     if not checkpoint:
-        raise ConfigError("--checkpoint is required: a run's output_dir, a checkpoints/step-N directory or a weights file")
+        raise ConfigError(
+            "--checkpoint is required: a run's output_dir, a checkpoints/step-N directory or a weights file"
+        )
     given = cfg
     if hasattr(cfg, "weights"):
         cfg = dataclasses.replace(cfg, weights="")  # the checkpoint replaces any initial weights
@@ -60,8 +61,10 @@ def load_model(cfg: TrainConfig, recipe: Recipe, checkpoint: str) -> torch.nn.Mo
         model = recipe.build_model(given)  # the base from the run's --weights
     problem = load_exactly(model, checkpoint, skip=base)
     if problem:
-        raise ConfigError(f"checkpoint {checkpoint} does not fit {recipe.name}'s model ({problem})"
-                          + run_config.flags_hint(cfg, run_config.saved_config(checkpoint)[0]))
+        raise ConfigError(
+            f"checkpoint {checkpoint} does not fit {recipe.name}'s model ({problem})"
+            + run_config.flags_hint(cfg, run_config.saved_config(checkpoint)[0])
+        )
     return model.eval()
 
 
@@ -77,51 +80,82 @@ def evaluate(cfg: TrainConfig, recipe: Recipe, checkpoint: str, out: str = "") -
     data = recipe.build_data(cfg)
     if data.val is None:
         raise ConfigError(f"recipe {recipe.name} has no validation split to evaluate on")
-    split = SplitLoader(data.val, rank=accelerator.process_index, world=accelerator.num_processes, seed=cfg.seed,
-                        batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers, training=False,
-                        batch_transform=data.batch_transform, collate_fn=data.collate)
+    split = SplitLoader(
+        data.val,
+        rank=accelerator.process_index,
+        world=accelerator.num_processes,
+        seed=cfg.seed,
+        batch_size=cfg.eval_batch_size,
+        num_workers=cfg.num_workers,
+        training=False,
+        batch_transform=data.batch_transform,
+        collate_fn=data.collate,
+    )
     model = load_model(cfg, recipe, checkpoint).to(accelerator.device)
-    checked = preflight(cfg, recipe, None, split, model, accelerator.device, recipe.build_loss(cfg),
-                        recipe.build_metrics(cfg))
+    checked = preflight(
+        cfg, recipe, None, split, model, accelerator.device, recipe.build_loss(cfg), recipe.build_metrics(cfg)
+    )
     split.num_classes = checked.label_classes  # labels out of range: unreadable samples, counted
     metrics = TaskMetrics(checked.task, checked.num_classes, accelerator.device, recipe.build_metrics(cfg))
-    passed = evaluate_split(model, split.loader(0), checked.step, metrics, accelerator, "val", cfg.channels_last)
+    passed = evaluate_split(
+        model, split.loader(0), checked.step, metrics, accelerator, "val", cfg.channels_last
+    )
     unreadable = float(sum(passed.unreadable.values()))
     weights, step = describe_weights(checkpoint)
-    result = {"checkpoint": checkpoint, "weights": weights, "step": step, "recipe": recipe.name, "task": checked.task,
-              **passed.metrics,
-              "val/unreadable": int(accelerator.reduce(torch.tensor(unreadable, device=accelerator.device),
-                                                       "sum").item())}
+    result = {
+        "checkpoint": checkpoint,
+        "weights": weights,
+        "step": step,
+        "recipe": recipe.name,
+        "task": checked.task,
+        **passed.metrics,
+        "val/unreadable": int(
+            accelerator.reduce(torch.tensor(unreadable, device=accelerator.device), "sum").item()
+        ),
+    }
     confusion = passed.confusion
     if confusion is not None:
         classes = list(data.classes or split.classes)
         names = classes if len(classes) == len(confusion) else [str(i) for i in range(len(confusion))]
         result.update(classes=names, per_class_accuracy=per_class_accuracy(confusion), confusion=confusion)
     if accelerator.is_main_process:
-        out = out or os.path.join(checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint) or ".",
-                                  "evaluation")
+        out = out or os.path.join(
+            checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint) or ".", "evaluation"
+        )
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "evaluation.json"), "w") as f:
             json.dump(result, f, indent=1)
         if confusion is not None:
             from launcher.track.report import confusion_figure
 
-            confusion_figure(confusion, result["classes"]).savefig(os.path.join(out, "confusion.png"), dpi=100,
-                                                                   bbox_inches="tight")
+            confusion_figure(confusion, result["classes"]).savefig(
+                os.path.join(out, "confusion.png"), dpi=100, bbox_inches="tight"
+            )
         print(format_evaluation(result, out))
     accelerator.wait_for_everyone()
     return result
 
 
 def format_evaluation(result: dict, out: str) -> str:
-    lines = [f"evaluated {result['weights']} on {result['val/samples']} validation samples ({result['task']})"
-             + (f" ({result['val/unreadable']} unreadable, skipped)" if result["val/unreadable"] else "")]
-    shown = {key: LABELS.get(key[4:], key[4:]) for key, value in result.items()
-             if key.startswith("val/") and key not in ("val/samples", "val/unreadable") and isinstance(value, float)}
+    lines = [
+        f"evaluated {result['weights']} on {result['val/samples']} validation samples ({result['task']})"
+        + (f" ({result['val/unreadable']} unreadable, skipped)" if result["val/unreadable"] else "")
+    ]
+    shown = {
+        key: LABELS.get(key[4:], key[4:])
+        for key, value in result.items()
+        if key.startswith("val/")
+        and key not in ("val/samples", "val/unreadable")
+        and isinstance(value, float)
+    }
     width = max(map(len, shown.values()))
     for key, label in shown.items():
         value = result[key]
-        lines.append(f"  {label:<{width}}  {100 * value:.2f} %" if is_accuracy(key) else f"  {label:<{width}}  {value:.4f}")
+        lines.append(
+            f"  {label:<{width}}  {100 * value:.2f} %"
+            if is_accuracy(key)
+            else f"  {label:<{width}}  {value:.4f}"
+        )
     if "confusion" in result:
         names, matrix = result["classes"], result["confusion"]
         width = max(len(n) for n in names)
@@ -144,7 +178,11 @@ def describe_weights(checkpoint: str) -> tuple[str, int | None]:
         step = _read_json(os.path.join(directory, STATE_FILE)).get("step")
         return f"checkpoint {directory} (step {step})", step if isinstance(step, int) else None
     summary = _read_json(os.path.join(directory, "summary.json"))
-    name = os.path.basename(checkpoint).removesuffix(".index.json") if os.path.isfile(checkpoint) else "model.safetensors"
+    name = (
+        os.path.basename(checkpoint).removesuffix(".index.json")
+        if os.path.isfile(checkpoint)
+        else "model.safetensors"
+    )
     # one file, or shards with an index; --final_weights=best: the best step's
     if name == "model.safetensors":
         what, step = "final weights", summary.get("final_weights_step", summary.get("steps"))
@@ -182,8 +220,15 @@ def image_paths(inputs: list[str]) -> list[str]:
     return paths
 
 
-def predict(cfg: TrainConfig, recipe: Recipe, checkpoint: str, inputs: list[str], top_k: int = 5,
-            out: str = "", inputs_file: str = "") -> list[dict]:
+def predict(
+    cfg: TrainConfig,
+    recipe: Recipe,
+    checkpoint: str,
+    inputs: list[str],
+    top_k: int = 5,
+    out: str = "",
+    inputs_file: str = "",
+) -> list[dict]:
     """A classifier's top-k classes with probabilities, or a regression's values, per input, in
     batches of eval_batch_size; unreadable inputs are reported on stderr and skipped. Prints one
     line per input, or with `out` writes one JSON object per input there instead."""
@@ -192,9 +237,17 @@ def predict(cfg: TrainConfig, recipe: Recipe, checkpoint: str, inputs: list[str]
     if top_k < 1:
         raise ConfigError(f"--top_k must be >= 1, got {top_k}")
     data = recipe.build_data(cfg)
-    split = SplitLoader(data.val if data.val is not None else data.train, rank=0, world=1, seed=cfg.seed,
-                        batch_size=1, num_workers=0, training=False, batch_transform=data.batch_transform,
-                        collate_fn=data.collate)
+    split = SplitLoader(
+        data.val if data.val is not None else data.train,
+        rank=0,
+        world=1,
+        seed=cfg.seed,
+        batch_size=1,
+        num_workers=0,
+        training=False,
+        batch_transform=data.batch_transform,
+        collate_fn=data.collate,
+    )
     make_sample, key = _sample_maker(cfg, recipe, data, split)
     given = gather_inputs(inputs, inputs_file, files_of_inputs=key == "input")
     items = given if key == "input" else image_paths(given)
@@ -203,12 +256,14 @@ def predict(cfg: TrainConfig, recipe: Recipe, checkpoint: str, inputs: list[str]
     model = load_model(cfg, recipe, checkpoint).to(device)
     checked = preflight(cfg, recipe, None, split, model, device, recipe.build_loss(cfg), None)
     if checked.task not in ("classification", "regression"):
-        raise ConfigError(f"predict prints a classifier's classes or a regression's values; {recipe.name} is a "
-                          f"{checked.task} task (use evaluate for its metrics)")
+        raise ConfigError(
+            f"predict prints a classifier's classes or a regression's values; {recipe.name} is a "
+            f"{checked.task} task (use evaluate for its metrics)"
+        )
     results, skipped = [], 0
     for start in range(0, len(items), cfg.eval_batch_size):
         samples, kept = [], []
-        for item in items[start:start + cfg.eval_batch_size]:
+        for item in items[start : start + cfg.eval_batch_size]:
             try:
                 samples.append(make_sample(item))
                 kept.append(item)
@@ -227,8 +282,12 @@ def predict(cfg: TrainConfig, recipe: Recipe, checkpoint: str, inputs: list[str]
     if out:
         with open(out, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in results)
-    print(f"predicted {len(results)} inputs" + (f", skipped {skipped} unreadable" if skipped else "")
-          + (f"; written to {out}" if out else ""), file=sys.stderr)
+    print(
+        f"predicted {len(results)} inputs"
+        + (f", skipped {skipped} unreadable" if skipped else "")
+        + (f"; written to {out}" if out else ""),
+        file=sys.stderr,
+    )
     return results
 
 
@@ -239,7 +298,8 @@ def gather_inputs(inputs: list[str], inputs_file: str = "", files_of_inputs: boo
 
     gathered = []
     for item, listed in [(item, files_of_inputs and os.path.isfile(item)) for item in inputs] + (
-            [(inputs_file, True)] if inputs_file else []):
+        [(inputs_file, True)] if inputs_file else []
+    ):
         if item == "-":
             gathered += _lines(sys.stdin.read())
         elif listed:
@@ -247,13 +307,17 @@ def gather_inputs(inputs: list[str], inputs_file: str = "", files_of_inputs: boo
                 with open(item, encoding="utf-8") as f:
                     gathered += _lines(f.read())
             except (OSError, UnicodeDecodeError) as error:
-                raise ConfigError(f"cannot read the inputs in {item} ({type(error).__name__}: {error}); pass a text "
-                                  "file with one input per line") from None
+                raise ConfigError(
+                    f"cannot read the inputs in {item} ({type(error).__name__}: {error}); pass a text "
+                    "file with one input per line"
+                ) from None
         else:
             gathered.append(item)
     if not gathered:
-        raise ConfigError(f"no inputs in {', '.join('stdin' if i == '-' else i for i in inputs + [inputs_file] if i)}; "
-                          "give one input per line")
+        raise ConfigError(
+            f"no inputs in {', '.join('stdin' if i == '-' else i for i in inputs + [inputs_file] if i)}; "
+            "give one input per line"
+        )
     return gathered
 
 
@@ -261,24 +325,37 @@ def _lines(text: str) -> list[str]:
     return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
 
 
-def _predictions(items: list[str], outputs: torch.Tensor, task: str, classes: list[str], top_k: int,
-                 printed: bool) -> list[dict]:
+def _predictions(
+    items: list[str], outputs: torch.Tensor, task: str, classes: list[str], top_k: int, printed: bool
+) -> list[dict]:
     results = []
     if task == "regression":
         for item, value in zip(items, outputs.reshape(len(items), -1).tolist()):
             value = value[0] if len(value) == 1 else value
             results.append({"input": item, "prediction": value})
             if printed:
-                print(f"{printable(item)}: {value if isinstance(value, list) else f'{value:.6g}'}", flush=True)
+                print(
+                    f"{printable(item)}: {value if isinstance(value, list) else f'{value:.6g}'}", flush=True
+                )
         return results
     probabilities = outputs.softmax(dim=1)
     top = probabilities.topk(min(top_k, probabilities.shape[1]), dim=1)
     for item, values, indices in zip(items, top.values.tolist(), top.indices.tolist()):
         names = [classes[i] if i < len(classes) else str(i) for i in indices]
-        results.append({"input": item, "top": [{"class": n, "index": i, "probability": round(p, 6)}
-                                               for n, i, p in zip(names, indices, values)]})
+        results.append(
+            {
+                "input": item,
+                "top": [
+                    {"class": n, "index": i, "probability": round(p, 6)}
+                    for n, i, p in zip(names, indices, values)
+                ],
+            }
+        )
         if printed:
-            print(f"{printable(item)}: " + ", ".join(f"{n} {100 * p:.1f} %" for n, p in zip(names, values)), flush=True)
+            print(
+                f"{printable(item)}: " + ", ".join(f"{n} {100 * p:.1f} %" for n, p in zip(names, values)),
+                flush=True,
+            )
     return results
 
 
@@ -292,10 +369,16 @@ def _sample_maker(cfg, recipe: Recipe, data, split: SplitLoader) -> tuple:
             template = split.example_samples(1)[0]
         return (lambda text: with_placeholder_target(make(cfg, text), template)), "input"
     source = data.val if data.val is not None else data.train
-    transform = source.transform if isinstance(source, Shards) and source.images else getattr(source, "transform", None)
+    transform = (
+        source.transform
+        if isinstance(source, Shards) and source.images
+        else getattr(source, "transform", None)
+    )
     if transform is None or (isinstance(source, Shards) and not source.images):
-        raise ConfigError(f"recipe {recipe.name}'s samples are not images predict can read; define "
-                          "predict_sample(cfg, text) in the recipe to turn an input into a sample")
+        raise ConfigError(
+            f"recipe {recipe.name}'s samples are not images predict can read; define "
+            "predict_sample(cfg, text) in the recipe to turn an input into a sample"
+        )
 
     def image_sample(path: str):
         with Image.open(path) as image:

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from dataclasses import dataclass, field
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -72,8 +72,11 @@ class Schedule:
 
     def resolved(self, cfg) -> Schedule:
         """A copy with what the recipe left to the config (optimizer, LR schedule) filled in."""
-        return dataclasses.replace(self, optimizer=self.optimizer or optimizers.from_config(cfg),
-                                   lr_at=self.lr_at if self.lr_at is not None else schedules.from_config(cfg))
+        return dataclasses.replace(
+            self,
+            optimizer=self.optimizer or optimizers.from_config(cfg),
+            lr_at=self.lr_at if self.lr_at is not None else schedules.from_config(cfg),
+        )
 
 
 def default_schedule(cfg) -> Schedule:
@@ -87,7 +90,9 @@ def layer_decay(stages: Sequence[Group], decay: float, first_depth: int = 1) -> 
     With the head as its own group (depth 0), the stage just below it has depth 1."""
     if not 0 < decay <= 1:
         raise ConfigError(f"layer decay must be in (0, 1], got {decay}")
-    return [dataclasses.replace(g, lr_scale=g.lr_scale * decay ** (first_depth + i)) for i, g in enumerate(stages)]
+    return [
+        dataclasses.replace(g, lr_scale=g.lr_scale * decay ** (first_depth + i)) for i, g in enumerate(stages)
+    ]
 
 
 @dataclass
@@ -119,8 +124,14 @@ def matches(name: str, pattern: str) -> bool:
     return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(len(parts), 0, -1))
 
 
-def assign_groups(model: nn.Module, schedule: Schedule, lr: float, weight_decay: float,
-                  steps_per_epoch: int = 1, frozen_base: frozenset[str] = frozenset()) -> list[ParamGroup]:
+def assign_groups(
+    model: nn.Module,
+    schedule: Schedule,
+    lr: float,
+    weight_decay: float,
+    steps_per_epoch: int = 1,
+    frozen_base: frozenset[str] = frozenset(),
+) -> list[ParamGroup]:
     """Split the model's parameters into the schedule's groups (first matching pattern wins).
     `frozen_base`: the names of a PEFT model's frozen base (launcher/train/adapters.py), in no group."""
     pairs: list[tuple[ParamGroup, ParamGroup]] = []  # (weights, biases and norms) per schedule group
@@ -129,14 +140,20 @@ def assign_groups(model: nn.Module, schedule: Schedule, lr: float, weight_decay:
         decay = weight_decay if g.weight_decay is None else g.weight_decay
         main = ParamGroup(g.name, g, starts_at, lr=lr * g.lr_scale, weight_decay=decay)
         split = schedule.no_decay_norm_bias and starts_at is not None  # never trained: nothing to split
-        pairs.append((main, ParamGroup(f"{g.name}/no_decay", g, starts_at, lr=lr * g.lr_scale) if split else main))
+        pairs.append(
+            (main, ParamGroup(f"{g.name}/no_decay", g, starts_at, lr=lr * g.lr_scale) if split else main)
+        )
     for name, param in model.named_parameters():
         if name in frozen_base:
             continue  # never trained: apply_freezing never turns its gradient on
-        index = next((i for i, g in enumerate(schedule.groups) if any(matches(name, p) for p in g.patterns)), None)
+        index = next(
+            (i for i, g in enumerate(schedule.groups) if any(matches(name, p) for p in g.patterns)), None
+        )
         if index is None:
-            raise ConfigError(f"parameter {name!r} matches no parameter group; add a pattern for it "
-                              "or a catch-all group Group('rest', ['*'])")
+            raise ConfigError(
+                f"parameter {name!r} matches no parameter group; add a pattern for it "
+                "or a catch-all group Group('rest', ['*'])"
+            )
         owner = pairs[index][param.ndim <= 1]
         owner.names.append(name)
         owner.params.append(param)
@@ -170,19 +187,28 @@ def build_optimizer(schedule: Schedule, groups: list[ParamGroup]) -> torch.optim
     """Every group that trains at some point, in a fixed order; ones still frozen have no gradient,
     which torch's optimizers skip (no update, no weight decay, no state)."""
     if not any(pg.trains_at(0) for pg in groups):
-        raise ConfigError("every parameter is frozen at the start: nothing to train; "
-                          "leave at least one group (e.g. the head) unfrozen in the recipe")
+        raise ConfigError(
+            "every parameter is frozen at the start: nothing to train; "
+            "leave at least one group (e.g. the head) unfrozen in the recipe"
+        )
     make = schedule.optimizer or torch.optim.AdamW
     try:
-        return make([dict(params=pg.params, lr=pg.lr, weight_decay=pg.weight_decay, name=pg.name)
-                     for pg in groups if pg.in_optimizer])
+        return make(
+            [
+                dict(params=pg.params, lr=pg.lr, weight_decay=pg.weight_decay, name=pg.name)
+                for pg in groups
+                if pg.in_optimizer
+            ]
+        )
     except ValueError as error:  # torch's own argument checks (a negative momentum, ...)
         raise ConfigError(f"the optimizer rejects its settings: {error}") from None
 
 
-def lr_multipliers(groups: list[ParamGroup], lr_at: LRSchedule | LRFunction, total_steps: int,
-                   steps_per_epoch: int = 1) -> list[Callable[[int], float]]:
+def lr_multipliers(
+    groups: list[ParamGroup], lr_at: LRSchedule | LRFunction, total_steps: int, steps_per_epoch: int = 1
+) -> list[Callable[[int], float]]:
     """One LambdaLR function per optimizer group: the schedule, times the warm-up after an unfreeze."""
+
     def for_group(pg: ParamGroup) -> Callable[[int], float]:
         at = schedules.bind(lr_at, steps_per_epoch=steps_per_epoch, total_steps=total_steps, base_lr=pg.lr)
         if not pg.starts_at:  # trains from step 0
@@ -198,7 +224,10 @@ def frozen_batchnorms(model: nn.Module, groups: list[ParamGroup]) -> list[nn.Mod
     kept in eval mode, so their running statistics stay as loaded."""
     fixed = {id(p) for pg in groups if pg.group.keep_norm_stats for p in pg.params if not p.requires_grad}
     norms = (nn.modules.batchnorm._BatchNorm,)
-    return [m for m in model.modules()
-            if isinstance(m, norms) and any(True for _ in m.parameters(recurse=False))
-            and all(id(p) in fixed for p in m.parameters(recurse=False))]
-
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, norms)
+        and any(True for _ in m.parameters(recurse=False))
+        and all(id(p) in fixed for p in m.parameters(recurse=False))
+    ]

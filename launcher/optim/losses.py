@@ -8,8 +8,8 @@ picks one by name with `loss(name, ...)` in its `build_loss`, or returns any cal
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +31,13 @@ class CrossEntropy:
 
     def __call__(self, logits, targets):
         if self.class_weights and len(self.class_weights) != logits.shape[1]:
-            raise ConfigError(f"{len(self.class_weights)} class weights for a model with {logits.shape[1]} "
-                              "outputs; give one weight per class")
-        return F.cross_entropy(logits, targets, weight=_weight(self.class_weights, logits),
-                               label_smoothing=self.label_smoothing)
+            raise ConfigError(
+                f"{len(self.class_weights)} class weights for a model with {logits.shape[1]} "
+                "outputs; give one weight per class"
+            )
+        return F.cross_entropy(
+            logits, targets, weight=_weight(self.class_weights, logits), label_smoothing=self.label_smoothing
+        )
 
 
 @dataclass
@@ -58,8 +61,9 @@ class BCEWithLogits:
     def __call__(self, logits, targets):
         if targets.dtype in (torch.int64, torch.int32) and targets.ndim == logits.ndim - 1:
             targets = F.one_hot(targets, logits.shape[-1])
-        return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype),
-                                                  pos_weight=_weight(self.pos_weight, logits))
+        return F.binary_cross_entropy_with_logits(
+            logits, targets.to(logits.dtype), pos_weight=_weight(self.pos_weight, logits)
+        )
 
 
 @dataclass
@@ -79,8 +83,13 @@ class Regression:
 LOSSES = ("cross_entropy", "nll", "bce_with_logits", "mse", "l1")
 
 
-def loss(name: str, *, class_weights: Sequence[float] | None = None, label_smoothing: float = 0.0,
-         pos_weight: Sequence[float] | None = None) -> LossFunction:
+def loss(
+    name: str,
+    *,
+    class_weights: Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+    pos_weight: Sequence[float] | None = None,
+) -> LossFunction:
     if name == "cross_entropy":
         if not 0 <= label_smoothing < 1:
             raise ConfigError(f"--label_smoothing must be in [0, 1), got {label_smoothing}")
@@ -96,10 +105,11 @@ def loss(name: str, *, class_weights: Sequence[float] | None = None, label_smoot
         if class_weights:
             raise ConfigError(f"--class_weights do not apply to --loss={name}")
         return Regression(name)
-    raise ConfigError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)} or return your own "
-                      "callable from the recipe's build_loss")
+    raise ConfigError(
+        f"unknown loss {name!r}; choose one of {', '.join(LOSSES)} or return your own "
+        "callable from the recipe's build_loss"
+    )
 
 
 def from_config(cfg) -> LossFunction:
     return loss(cfg.loss, class_weights=cfg.class_weights, label_smoothing=cfg.label_smoothing)
-

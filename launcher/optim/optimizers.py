@@ -8,16 +8,20 @@ A recipe may also pass any callable `param_groups -> torch.optim.Optimizer`.
 from __future__ import annotations
 
 import inspect
-from functools import partial
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
 from launcher.config import ConfigError
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
-    "rmsprop": torch.optim.RMSprop, "adagrad": torch.optim.Adagrad}
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
+}
 
 OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]
 
@@ -26,13 +30,17 @@ def optimizer(name: str, **kwargs) -> OptimizerFactory:
     """A factory for torch.optim's `name` with `kwargs` (lr and weight_decay come from the groups)."""
     cls = OPTIMIZERS.get(name.lower())
     if cls is None:
-        raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)} "
-                          "or pass your own callable as Schedule.optimizer")
+        raise ConfigError(
+            f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)} "
+            "or pass your own callable as Schedule.optimizer"
+        )
     accepted = inspect.signature(cls).parameters
     for key in kwargs:
         if key not in accepted or key == "params":
-            raise ConfigError(f"optimizer {name} takes no argument {key!r}; it takes "
-                              f"{', '.join(k for k in accepted if k != 'params')}")
+            raise ConfigError(
+                f"optimizer {name} takes no argument {key!r}; it takes "
+                f"{', '.join(k for k in accepted if k != 'params')}"
+            )
     if kwargs.get("nesterov") and not kwargs.get("momentum"):
         raise ConfigError("nesterov SGD needs momentum > 0; set --momentum (e.g. 0.9) or --nesterov=False")
     return partial(cls, **kwargs)

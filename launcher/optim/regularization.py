@@ -29,7 +29,9 @@ class EMA(AveragedModel):
         return min(self.decay, (1 + updates) / (10 + updates)) if self.warmup else self.decay
 
     @torch.no_grad()
-    def _average(self, averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
+    def _average(
+        self, averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor
+    ) -> None:
         # FSDP: parameters are DTensors, buffers plain tensors; each rank averages its own shards.
         averaged, current = [_local(t) for t in averaged], [_local(t) for t in current]
         if averaged[0].is_floating_point():
@@ -47,10 +49,13 @@ def batch_mix(mixup_alpha: float, cutmix_alpha: float, num_classes: int | None):
     if not mixup_alpha and not cutmix_alpha:
         return None
     if not num_classes:
-        raise ConfigError("MixUp/CutMix need the number of classes: give the data class names "
-                          "(the shard index, or a dataset with .classes) or the recipe a num_classes field")
+        raise ConfigError(
+            "MixUp/CutMix need the number of classes: give the data class names "
+            "(the shard index, or a dataset with .classes) or the recipe a num_classes field"
+        )
     from torchvision.transforms import v2  # only where MixUp/CutMix is on (see launcher.presets)
 
     mixes = ([v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha else []) + (
-        [v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha else [])
+        [v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha else []
+    )
     return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)

@@ -15,9 +15,9 @@ torch's ChainedScheduler does with LinearLR).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
-from collections.abc import Callable, Sequence
 
 import torch
 
@@ -52,8 +52,9 @@ class LRSchedule:
         return False
 
 
-def bind(schedule: LRSchedule | LRFunction, *, steps_per_epoch: int, total_steps: int,
-         base_lr: float) -> Callable[[int], float]:
+def bind(
+    schedule: LRSchedule | LRFunction, *, steps_per_epoch: int, total_steps: int, base_lr: float
+) -> Callable[[int], float]:
     if isinstance(schedule, LRSchedule):
         return schedule.bind(steps_per_epoch=steps_per_epoch, total_steps=total_steps, base_lr=base_lr)
     return lambda step: schedule(step, total_steps)
@@ -92,7 +93,9 @@ class MultiStepLR(LRSchedule):
     def __post_init__(self):
         _check_interval(self.interval)
         if not self.milestones or list(self.milestones) != sorted(self.milestones):
-            raise ConfigError(f"MultiStepLR milestones must be increasing and not empty, got {list(self.milestones)}")
+            raise ConfigError(
+                f"MultiStepLR milestones must be increasing and not empty, got {list(self.milestones)}"
+            )
 
     def multiplier(self, t, total, base_lr):
         return self.gamma ** sum(t >= m for m in self.milestones)
@@ -109,7 +112,7 @@ class ExponentialLR(LRSchedule):
         _check_interval(self.interval)
 
     def multiplier(self, t, total, base_lr):
-        return self.gamma ** t
+        return self.gamma**t
 
 
 @dataclass
@@ -162,8 +165,14 @@ class Plateau(LRSchedule):
         # its LR is the multiplier
         self._holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
         self._torch = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self._holder, mode=self.mode, factor=self.factor, patience=self.patience, threshold=self.threshold,
-            cooldown=self.cooldown, min_lr=self.min_factor)
+            self._holder,
+            mode=self.mode,
+            factor=self.factor,
+            patience=self.patience,
+            threshold=self.threshold,
+            cooldown=self.cooldown,
+            min_lr=self.min_factor,
+        )
 
     @property
     def current(self) -> float:
@@ -174,8 +183,10 @@ class Plateau(LRSchedule):
 
     def after_evaluation(self, metrics: dict) -> bool:
         if self.metric not in metrics:
-            raise ConfigError(f"the plateau schedule watches {self.metric}, which evaluation does not report; "
-                              f"choose one of {', '.join(k for k in metrics if k != 'val/samples')}")
+            raise ConfigError(
+                f"the plateau schedule watches {self.metric}, which evaluation does not report; "
+                f"choose one of {', '.join(k for k in metrics if k != 'val/samples')}"
+            )
         before = self.current
         self._torch.step(metrics[self.metric])
         return self.current != before
@@ -253,13 +264,19 @@ def from_config(cfg) -> LRSchedule | LRFunction:
         inner = StepLR(cfg.lr_step_size, cfg.lr_gamma)
     elif name == "multistep":
         if not cfg.lr_milestones:
-            raise ConfigError("--lr_schedule=multistep needs --lr_milestones (epochs), e.g. --lr_milestones=[30,60]")
+            raise ConfigError(
+                "--lr_schedule=multistep needs --lr_milestones (epochs), e.g. --lr_milestones=[30,60]"
+            )
         inner = MultiStepLR(cfg.lr_milestones, cfg.lr_gamma)
     elif name == "exponential":
         inner = ExponentialLR(cfg.lr_gamma)
     elif name == "plateau":
-        inner = Plateau(cfg.lr_plateau_metric, metric_mode(cfg.lr_plateau_metric), factor=cfg.lr_gamma,
-                        patience=cfg.lr_patience)
+        inner = Plateau(
+            cfg.lr_plateau_metric,
+            metric_mode(cfg.lr_plateau_metric),
+            factor=cfg.lr_gamma,
+            patience=cfg.lr_patience,
+        )
     else:  # constant
         inner = constant()
     return warmup(inner, cfg.warmup_steps)

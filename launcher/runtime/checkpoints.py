@@ -32,7 +32,7 @@ import os
 import shutil
 import signal
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 import xxhash
 from accelerate import Accelerator
@@ -42,7 +42,6 @@ from launcher import durable
 from launcher.config import ConfigError
 from launcher.runtime import state_files
 from launcher.runtime.failures import disk_full, first_cause, inject_disk_full
-
 
 
 def dcp_error() -> type[BaseException]:
@@ -71,7 +70,9 @@ KILL_AT = "LAUNCHER_TEST_KILL_AT"
 
 def checkpoint_dirs(output_dir: str) -> list[str]:
     """Complete checkpoints, oldest first."""
-    found = [os.path.dirname(p) for p in glob.glob(os.path.join(output_dir, "checkpoints", "step-*", STATE_FILE))]
+    found = [
+        os.path.dirname(p) for p in glob.glob(os.path.join(output_dir, "checkpoints", "step-*", STATE_FILE))
+    ]
     return sorted(found)
 
 
@@ -85,8 +86,11 @@ def agreed_resume(accelerator: Accelerator, cfg, log=print) -> str | None:
         except ConfigError as error:
             outcome[0] = ("error", str(error))
         except Exception as error:  # noqa: BLE001 - the other ranks wait for an answer: give them one
-            outcome[0] = ("error", f"cannot choose a checkpoint in {cfg.output_dir}/checkpoints to resume from "
-                                   f"({type(error).__name__}: {error}); pass --resume=PATH to one")
+            outcome[0] = (
+                "error",
+                f"cannot choose a checkpoint in {cfg.output_dir}/checkpoints to resume from "
+                f"({type(error).__name__}: {error}); pass --resume=PATH to one",
+            )
     if accelerator.num_processes > 1:
         broadcast_object_list(outcome, from_process=0)
     kind, value = outcome[0]
@@ -103,10 +107,14 @@ def find_resume(cfg, log=print, problem: Callable[[str], str | None] | None = No
     problem = problem or verify
     existing = checkpoint_dirs(cfg.output_dir)
     if cfg.resume == "":
-        if existing or any(os.path.exists(os.path.join(cfg.output_dir, name))
-                           for name in ("model.safetensors", "model.safetensors.index.json")):
-            raise ConfigError(f"{cfg.output_dir} already holds a run; pass --resume=auto to continue it "
-                              "or choose another --output_dir")
+        if existing or any(
+            os.path.exists(os.path.join(cfg.output_dir, name))
+            for name in ("model.safetensors", "model.safetensors.index.json")
+        ):
+            raise ConfigError(
+                f"{cfg.output_dir} already holds a run; pass --resume=auto to continue it "
+                "or choose another --output_dir"
+            )
         return None
     if cfg.resume == "auto":
         for path in reversed(existing):
@@ -114,15 +122,21 @@ def find_resume(cfg, log=print, problem: Callable[[str], str | None] | None = No
             if found is None:
                 return path
             log(f"WARNING: --resume=auto skips checkpoint {path}: {found}")
-        log(f"--resume=auto: no {'intact ' if existing else ''}checkpoint in {cfg.output_dir}/checkpoints, starting fresh")
+        log(
+            f"--resume=auto: no {'intact ' if existing else ''}checkpoint in {cfg.output_dir}/checkpoints, starting fresh"
+        )
         return None
     if not os.path.isfile(os.path.join(cfg.resume, STATE_FILE)):
-        raise ConfigError(f"--resume={cfg.resume} is not a complete checkpoint (no {STATE_FILE}); "
-                          "pass a checkpoints/step-* directory or --resume=auto")
+        raise ConfigError(
+            f"--resume={cfg.resume} is not a complete checkpoint (no {STATE_FILE}); "
+            "pass a checkpoints/step-* directory or --resume=auto"
+        )
     found = problem(cfg.resume)
     if found is not None:
-        raise ConfigError(f"checkpoint {cfg.resume} is damaged ({found}); resume from another checkpoint "
-                          "or with --resume=auto, which takes the newest intact one")
+        raise ConfigError(
+            f"checkpoint {cfg.resume} is damaged ({found}); resume from another checkpoint "
+            "or with --resume=auto, which takes the newest intact one"
+        )
     return cfg.resume
 
 
@@ -147,21 +161,29 @@ def _digest(path: str, kind: str) -> str | int:
 
 
 def _files(root: str) -> list[str]:
-    return sorted(os.path.relpath(os.path.join(d, name), root) for d, _, names in os.walk(root) for name in names
-                  if name != MANIFEST_FILE)
+    return sorted(
+        os.path.relpath(os.path.join(d, name), root)
+        for d, _, names in os.walk(root)
+        for name in names
+        if name != MANIFEST_FILE
+    )
 
 
 def _digests(path: str, names: list[str], kinds: list[str]) -> list[str | int]:
     """The files' hashes, several files at a time (the hashing releases the GIL over each chunk)."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1, 8))) as pool:
+    with concurrent.futures.ThreadPoolExecutor(
+        max_workers=max(1, min(len(names), os.cpu_count() or 1, 8))
+    ) as pool:
         return list(pool.map(lambda name, kind: _digest(os.path.join(path, name), kind), names, kinds))
 
 
 def write_manifest(path: str) -> None:
     """path/manifest.json: each file's size and xxh3-64 hash (the checkpoint's last file)."""
     names = _files(path)
-    files = {name: {"bytes": os.path.getsize(os.path.join(path, name)), "xxh3_64": digest}
-             for name, digest in zip(names, _digests(path, names, ["xxh3_64"] * len(names)))}
+    files = {
+        name: {"bytes": os.path.getsize(os.path.join(path, name)), "xxh3_64": digest}
+        for name, digest in zip(names, _digests(path, names, ["xxh3_64"] * len(names)))
+    }
     durable.write_json(os.path.join(path, MANIFEST_FILE), {"files": files}, indent=1)
 
 
@@ -253,8 +275,14 @@ class PendingSave:
         return final
 
 
-def save(accelerator: Accelerator, output_dir: str, state: dict, rank_state: dict | None = None,
-         write_shards=None, frozen_base: frozenset[str] = frozenset()) -> PendingSave:
+def save(
+    accelerator: Accelerator,
+    output_dir: str,
+    state: dict,
+    rank_state: dict | None = None,
+    write_shards=None,
+    frozen_base: frozenset[str] = frozenset(),
+) -> PendingSave:
     """Write a checkpoint into its temporary directory: the training state (state_files, without a
     PEFT model's `frozen_base`), then `write_shards(path)` (FSDP's DCP files; it may return a future
     of a background write), each rank's data position, trainer_state.json. Call `finish()` on the
@@ -324,8 +352,13 @@ def set_aside_after(output_dir: str, resumed: str, step: int, best: dict, log=pr
     so that `--resume=auto` never returns to them and pruning never counts them; best.json is
     rewritten from the resumed state (or removed) so that it names a checkpoint of this branch."""
     root = os.path.join(output_dir, "checkpoints")
-    later = [path for path in glob.glob(os.path.join(root, "step-*"))
-             if _step_of(path) is not None and _step_of(path) > step and os.path.abspath(path) != os.path.abspath(resumed)]
+    later = [
+        path
+        for path in glob.glob(os.path.join(root, "step-*"))
+        if _step_of(path) is not None
+        and _step_of(path) > step
+        and os.path.abspath(path) != os.path.abspath(resumed)
+    ]
     if later:
         aside = os.path.join(root, ABANDONED_DIR)
         os.makedirs(aside, exist_ok=True)
@@ -336,9 +369,11 @@ def set_aside_after(output_dir: str, resumed: str, step: int, best: dict, log=pr
                 target, suffix = os.path.join(aside, f"{os.path.basename(path)}.{suffix}"), suffix + 1
             os.replace(path, target)
         durable.fsync_path(root)
-        log(f"note: resuming from step {step}: {len(later)} later checkpoint(s) ("
+        log(
+            f"note: resuming from step {step}: {len(later)} later checkpoint(s) ("
             + ", ".join(os.path.basename(p) for p in sorted(later, key=_step_of))
-            + f") moved to {os.path.join(root, ABANDONED_DIR)}; --resume=auto continues this run's new branch")
+            + f") moved to {os.path.join(root, ABANDONED_DIR)}; --resume=auto continues this run's new branch"
+        )
     best_file = os.path.join(root, BEST_FILE)
     if os.path.exists(best_file):
         best_step = best.get("step") if isinstance(best, dict) else None
@@ -365,11 +400,18 @@ def read_best(path: str) -> dict:
     try:
         with open(path, "rb") as f:
             best = json.load(f)
-        if not (isinstance(best, dict) and isinstance(best.get("step"), int) and isinstance(best.get("checkpoint"), str)
-                and isinstance(best.get("metric"), str) and isinstance(best.get("value"), (int, float))):
+        if not (
+            isinstance(best, dict)
+            and isinstance(best.get("step"), int)
+            and isinstance(best.get("checkpoint"), str)
+            and isinstance(best.get("metric"), str)
+            and isinstance(best.get("value"), (int, float))
+        ):
             raise ValueError("not a best.json record")
     except (OSError, ValueError) as error:
-        raise ConfigError(f"{path} is damaged ({error}); pass a checkpoints/step-* directory instead") from None
+        raise ConfigError(
+            f"{path} is damaged ({error}); pass a checkpoints/step-* directory instead"
+        ) from None
     return best
 
 
@@ -389,17 +431,23 @@ def resolve_best(source: str, output_dir: str = "") -> str:
     else:
         return source
     if not os.path.isfile(path):
-        raise ConfigError(f"{path} not found: {run} has no best checkpoint (no launcher run there, or it never "
-                          "evaluated); pass the run's directory or one of its checkpoints/step-* directories")
+        raise ConfigError(
+            f"{path} not found: {run} has no best checkpoint (no launcher run there, or it never "
+            "evaluated); pass the run's directory or one of its checkpoints/step-* directories"
+        )
     best = read_best(path)
     checkpoint = os.path.join(os.path.dirname(path), f"step-{best['step']:08d}")
     if not os.path.isdir(checkpoint):
-        raise ConfigError(f"{path} names step {best['step']}, whose checkpoint {checkpoint} is gone; pass the run's "
-                          "directory or another checkpoints/step-* directory")
+        raise ConfigError(
+            f"{path} names step {best['step']}, whose checkpoint {checkpoint} is gone; pass the run's "
+            "directory or another checkpoints/step-* directory"
+        )
     problem = verify(checkpoint)
     if problem is not None:
-        raise ConfigError(f"the best checkpoint {checkpoint} is damaged ({problem}); pass the run's directory or "
-                          "another checkpoints/step-* directory")
+        raise ConfigError(
+            f"the best checkpoint {checkpoint} is damaged ({problem}); pass the run's directory or "
+            "another checkpoints/step-* directory"
+        )
     return checkpoint
 
 
@@ -414,25 +462,39 @@ def _read_state_json(path: str) -> dict:
     try:
         with open(os.path.join(path, STATE_FILE), "rb") as f:
             state = json.load(f)
-        if not (isinstance(state, dict) and isinstance(state.get("step"), int) and state["step"] >= 0
-                and isinstance(state.get("epoch", 0), int) and isinstance(state.get("config", {}), dict)):
+        if not (
+            isinstance(state, dict)
+            and isinstance(state.get("step"), int)
+            and state["step"] >= 0
+            and isinstance(state.get("epoch", 0), int)
+            and isinstance(state.get("config", {}), dict)
+        ):
             raise ValueError("not a launcher trainer state")
     except (OSError, ValueError) as error:
-        raise ConfigError(f"checkpoint {path} cannot be loaded ({STATE_FILE}: {error}); "
-                          "resume from another checkpoint or start a new --output_dir") from None
+        raise ConfigError(
+            f"checkpoint {path} cannot be loaded ({STATE_FILE}: {error}); "
+            "resume from another checkpoint or start a new --output_dir"
+        ) from None
     return state
 
 
-def load(accelerator: Accelerator, path: str, sharded: bool = False, read_shards=None,
-         frozen_base: frozenset[str] = frozenset()) -> tuple[dict, dict | None]:
+def load(
+    accelerator: Accelerator,
+    path: str,
+    sharded: bool = False,
+    read_shards=None,
+    frozen_base: frozenset[str] = frozenset(),
+) -> tuple[dict, dict | None]:
     """(trainer state, this rank's state or None if the checkpoint has none for it); then
     `read_shards(path)` loads an FSDP checkpoint's DCP files. `frozen_base`: what a PEFT model's
     checkpoint leaves out."""
     has_shards = os.path.isdir(os.path.join(path, SHARDED_DIR))
     if has_shards != sharded:
         written, wanted = ("fsdp", "ddp") if has_shards else ("ddp", "fsdp")
-        raise ConfigError(f"checkpoint {path} was written with --data_parallel={written}, this run has "
-                          f"--data_parallel={wanted}; resume with --data_parallel={written}")
+        raise ConfigError(
+            f"checkpoint {path} was written with --data_parallel={written}, this run has "
+            f"--data_parallel={wanted}; resume with --data_parallel={written}"
+        )
     state = read_state(path)
     try:
         rank_file = os.path.join(path, f"rank-{accelerator.process_index}.json")
@@ -448,6 +510,8 @@ def load(accelerator: Accelerator, path: str, sharded: bool = False, read_shards
     except (Exception, dcp_error()) as error:  # noqa: BLE001 - any failure here means an unusable checkpoint
         cause = first_cause(error)  # DCP's CheckpointException wraps each rank's error
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise ConfigError(f"checkpoint {path} cannot be loaded ({reason}); "
-                          "resume from another checkpoint or start a new --output_dir") from error
+        raise ConfigError(
+            f"checkpoint {path} cannot be loaded ({reason}); "
+            "resume from another checkpoint or start a new --output_dir"
+        ) from error
     return state, rank_state

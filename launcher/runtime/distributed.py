@@ -89,10 +89,16 @@ def init_restarted_process_group() -> None:
     if backend is None:
         return  # another accelerator's backend: Accelerate's own start-up
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
-                          timeout=datetime.timedelta(minutes=30))
-    dist.init_process_group(backend, store=dist.PrefixStore(f"launcher/attempt-{attempt}", store), rank=rank,
-                            world_size=world)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=False,
+        timeout=datetime.timedelta(minutes=30),
+    )
+    dist.init_process_group(
+        backend, store=dist.PrefixStore(f"launcher/attempt-{attempt}", store), rank=rank, world_size=world
+    )
 
 
 def ddp_kwargs(cfg: TrainConfig) -> list:
@@ -138,8 +144,11 @@ def rewrap_ddp(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Mod
         return model
     handler = accelerator.ddp_handler
     wrapped = torch.nn.parallel.DistributedDataParallel(
-        model.module, device_ids=model.device_ids, output_device=model.output_device,
-        **(handler.to_kwargs() if handler else {}))
+        model.module,
+        device_ids=model.device_ids,
+        output_device=model.output_device,
+        **(handler.to_kwargs() if handler else {}),
+    )
     if handler:
         handler.register_comm_hook(wrapped)
     models = accelerator._models  # no public API swaps a prepared model; on CPU it holds the bare module

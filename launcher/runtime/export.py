@@ -31,14 +31,21 @@ from launcher import durable
 from launcher.config import ConfigError
 from launcher.runtime.sharding import full
 
-
 WEIGHTS_STEM, EMA_STEM = "model", "model_ema"
 HF_DIR = "hf"
 # OUTPUT_DIR/.export, OUTPUT_DIR/.export-hf: written in full before they are moved in place
 STAGING = ".export"
-TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab*",
-                   # what transformers' tokenizers save (*.model: sentencepiece)
-                   "merges.txt", "*.model", "*.tiktoken")
+TOKENIZER_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template*",
+    "vocab*",
+    # what transformers' tokenizers save (*.model: sentencepiece)
+    "merges.txt",
+    "*.model",
+    "*.tiktoken",
+)
 
 
 @dataclass(frozen=True)
@@ -55,8 +62,11 @@ def is_transformers_model(module: nn.Module) -> bool:
     """A transformers PreTrainedModel, by its duck type (transformers is never imported here); not a
     peft model (`peft_config`), whose state_dict names the adapters' wrapping: it exports its own way."""
     config = getattr(module, "config", None)
-    return (callable(getattr(module, "save_pretrained", None)) and callable(getattr(config, "save_pretrained", None))
-            and not hasattr(module, "peft_config"))
+    return (
+        callable(getattr(module, "save_pretrained", None))
+        and callable(getattr(config, "save_pretrained", None))
+        and not hasattr(module, "peft_config")
+    )
 
 
 def hf_layout(cfg, recipe, model: nn.Module) -> HFLayout | None:
@@ -68,22 +78,31 @@ def hf_layout(cfg, recipe, model: nn.Module) -> HFLayout | None:
         return None
     names = {module: name for name, module in model.named_modules()}
     if inner not in names or not is_transformers_model(inner):
-        raise ConfigError(f"recipe {recipe.name}: hf_model(cfg, model) returned a {type(inner).__name__}, not a "
-                          "transformers model inside the recipe's model; return one of its submodules (or None)")
+        raise ConfigError(
+            f"recipe {recipe.name}: hf_model(cfg, model) returned a {type(inner).__name__}, not a "
+            "transformers model inside the recipe's model; return one of its submodules (or None)"
+        )
     tokenizer_dir = recipe.tokenizer_dir(cfg)
     if tokenizer_dir and not tokenizer_files(tokenizer_dir):
-        raise ConfigError(f"recipe {recipe.name}: tokenizer_dir(cfg) is {tokenizer_dir}, which holds no tokenizer "
-                          f"files ({', '.join(TOKENIZER_FILES)}); name the model's directory or return ''")
+        raise ConfigError(
+            f"recipe {recipe.name}: tokenizer_dir(cfg) is {tokenizer_dir}, which holds no tokenizer "
+            f"files ({', '.join(TOKENIZER_FILES)}); name the model's directory or return ''"
+        )
     return HFLayout(names[inner], tokenizer_dir)
 
 
 def tokenizer_files(directory: str) -> list[str]:
     names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
-    return [name for name in names if os.path.isfile(os.path.join(directory, name))
-            and any(fnmatch.fnmatch(name, pattern) for pattern in TOKENIZER_FILES)]
+    return [
+        name
+        for name in names
+        if os.path.isfile(os.path.join(directory, name))
+        and any(fnmatch.fnmatch(name, pattern) for pattern in TOKENIZER_FILES)
+    ]
 
 
 # ---- writing ---------------------------------------------------------------------------------
+
 
 def unique_tensors(module: nn.Module, dropped: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """The module's state_dict tensors as they are (DTensors under FSDP: nothing gathered), each tied
@@ -103,14 +122,18 @@ def plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int, stem: st
     `STEM-0000K-of-0000N.safetensors` above max_shard_bytes, planned from shapes alone (meta tensors)."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
-    shapes = {name: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta") for name, tensor in tensors.items()}
-    split = split_torch_state_dict_into_shards(shapes, filename_pattern=stem + "{suffix}.safetensors",
-                                               max_shard_size=max_shard_bytes)
+    shapes = {
+        name: torch.empty(tensor.shape, dtype=tensor.dtype, device="meta") for name, tensor in tensors.items()
+    }
+    split = split_torch_state_dict_into_shards(
+        shapes, filename_pattern=stem + "{suffix}.safetensors", max_shard_size=max_shard_bytes
+    )
     return split.filename_to_tensors
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], directory: str, stem: str, max_shard_bytes: int,
-                      is_writer: bool) -> list[str]:
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], directory: str, stem: str, max_shard_bytes: int, is_writer: bool
+) -> list[str]:
     """`tensors` as STEM.safetensors, or as shards with STEM.safetensors.index.json, in `directory`;
     returns the file names. A collective under FSDP: every process calls it, `is_writer` writes."""
     plan = plan_shards(tensors, max_shard_bytes, stem)
@@ -126,8 +149,10 @@ def write_safetensors(tensors: dict[str, torch.Tensor], directory: str, stem: st
         del shard  # the host holds one shard at a time
     files = list(plan)
     if len(plan) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": {name: file_name for file_name, names in plan.items() for name in names}}
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            "weight_map": {name: file_name for file_name, names in plan.items() for name in names},
+        }
         if is_writer:
             with open(os.path.join(directory, f"{stem}.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2, sort_keys=True)
@@ -135,8 +160,14 @@ def write_safetensors(tensors: dict[str, torch.Tensor], directory: str, stem: st
     return files
 
 
-def write_final_weights(out: str, model: nn.Module, ema_model: nn.Module | None, hf: HFLayout | None,
-                        max_shard_bytes: int, is_main: bool) -> dict:
+def write_final_weights(
+    out: str,
+    model: nn.Module,
+    ema_model: nn.Module | None,
+    hf: HFLayout | None,
+    max_shard_bytes: int,
+    is_main: bool,
+) -> dict:
     """The final weights into `out` (see the module's docstring); returns {"weights_file": the file to
     read them from, "ema_weights_file" and "hf_dir" where written}. A collective under FSDP."""
     staging = os.path.join(out, STAGING)
@@ -145,7 +176,10 @@ def write_final_weights(out: str, model: nn.Module, ema_model: nn.Module | None,
         os.makedirs(staging)
     result, written = {}, []
     with durable.no_space_left(out):
-        for key, module, stem in (("weights_file", model, WEIGHTS_STEM), ("ema_weights_file", ema_model, EMA_STEM)):
+        for key, module, stem in (
+            ("weights_file", model, WEIGHTS_STEM),
+            ("ema_weights_file", ema_model, EMA_STEM),
+        ):
             if module is not None:
                 files = write_safetensors(unique_tensors(module), staging, stem, max_shard_bytes, is_main)
                 result[key] = os.path.join(out, files[-1])  # the index when sharded
@@ -154,8 +188,13 @@ def write_final_weights(out: str, model: nn.Module, ema_model: nn.Module | None,
         _remove_stale(out, written)
         durable.publish_files(staging, out)
     if hf is not None:
-        result["hf_dir"] = write_hf(os.path.join(out, HF_DIR), model.get_submodule(hf.module_name), hf.tokenizer_dir,
-                                    max_shard_bytes, is_main)
+        result["hf_dir"] = write_hf(
+            os.path.join(out, HF_DIR),
+            model.get_submodule(hf.module_name),
+            hf.tokenizer_dir,
+            max_shard_bytes,
+            is_main,
+        )
     return result
 
 
@@ -180,7 +219,9 @@ def write_hf(target: str, module: nn.Module, tokenizer_dir: str, max_shard_bytes
             shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(staging, name))
     with durable.no_space_left(target):
         ignored = getattr(module, "_keys_to_ignore_on_save", None) or ()  # what save_pretrained leaves out
-        tensors = {name: t for name, t in unique_tensors(module, _tied_keys(module)).items() if name not in ignored}
+        tensors = {
+            name: t for name, t in unique_tensors(module, _tied_keys(module)).items() if name not in ignored
+        }
         write_safetensors(tensors, staging, WEIGHTS_STEM, max_shard_bytes, is_main)
         if is_main:
             durable.sync_tree(staging)

@@ -23,15 +23,25 @@ import time
 from launcher.config import RunStopped
 from launcher.durable import DISK_FULL_EXIT_CODE, DiskFull, first_cause, no_space  # noqa: F401 - the failures' vocabulary
 
-
 RESTART_EXIT_CODE = 76  # sysexits' EX_PROTOCOL: a peer or a worker went away; restarting helps
 DISK_FULL_AT = "LAUNCHER_TEST_DISK_FULL_AT"  # fault injection for the tests: ENOSPC in the save at this step
 
 # What gloo, NCCL and the TCP store say when the process at the other end is gone.
-PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Socket closed",
-             "ECONNRESET", "EPIPE", "remote process exited", "NCCL communicator was aborted",
-             "ncclRemoteError", "failed to recv, got 0 bytes")
-WORKER_GONE = re.compile(r"DataLoader worker \(pid\(?s?\)? ([\d, ]+)\) (?:is killed by signal: ([^.]+)|exited unexpectedly)")
+PEER_GONE = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "Socket closed",
+    "ECONNRESET",
+    "EPIPE",
+    "remote process exited",
+    "NCCL communicator was aborted",
+    "ncclRemoteError",
+    "failed to recv, got 0 bytes",
+)
+WORKER_GONE = re.compile(
+    r"DataLoader worker \(pid\(?s?\)? ([\d, ]+)\) (?:is killed by signal: ([^.]+)|exited unexpectedly)"
+)
 
 
 class LostPeer(RunStopped):
@@ -44,14 +54,20 @@ class WorkerLost(RunStopped):
     hard_exit = True  # the other ranks wait in a collective: they see a lost peer, and restart with this one
 
 
-def failure_of(error: BaseException, rank: int, step: int, splits, terminated: bool = False) -> RunStopped | None:
+def failure_of(
+    error: BaseException, rank: int, step: int, splits, terminated: bool = False
+) -> RunStopped | None:
     """A lost peer or DataLoader worker as its one-line error, or None for any other error. `splits`:
     the run's SplitLoaders (None for a missing split), whose `worker_pids` name a dead worker;
     `terminated`: this rank has received a SIGTERM (which its workers got too)."""
     if isinstance(error, RunStopped):
         return None
-    workers = {pid: ("training" if split.training else "validation", index) for split in splits if split is not None
-               for pid, index in split.worker_pids.items()}
+    workers = {
+        pid: ("training" if split.training else "validation", index)
+        for split in splits
+        if split is not None
+        for pid, index in split.worker_pids.items()
+    }
     try:
         return worker_lost(error, rank, step, workers, terminated) or lost_contact(error, rank, step)
     except RuntimeError as later:  # torch's SIGCHLD handler naming a dead worker, raised meanwhile
@@ -64,12 +80,15 @@ def lost_contact(error: BaseException, rank: int, step: int) -> LostPeer | None:
     if not isinstance(error, RuntimeError) or not any(marker in text for marker in PEER_GONE):
         return None
     why = next(marker for marker in PEER_GONE if marker in text).lower()
-    return LostPeer(f"rank {rank}: lost contact with the other processes at step {step} ({why}): another "
-                    "process ended; see its log")
+    return LostPeer(
+        f"rank {rank}: lost contact with the other processes at step {step} ({why}): another "
+        "process ended; see its log"
+    )
 
 
-def worker_lost(error: BaseException, rank: int, step: int, workers: dict[int, tuple[str, int]],
-                terminated: bool = False) -> WorkerLost | None:
+def worker_lost(
+    error: BaseException, rank: int, step: int, workers: dict[int, tuple[str, int]], terminated: bool = False
+) -> WorkerLost | None:
     """The one-line error for a DataLoader worker that died, or None. `workers`: pid -> (split, worker
     index) of the loaders alive (launcher/data/loader.py). torch reports a dead worker by its pid;
     a worker that dies while handing a batch over (its tensors' file descriptors) leaves the main
@@ -83,23 +102,34 @@ def worker_lost(error: BaseException, rank: int, step: int, workers: dict[int, t
     else:
         return None
     split, index = workers.get(pid, ("", -1))
-    worker = (f"DataLoader worker {index} (pid {pid}) of the {split} data" if index >= 0
-              else "a DataLoader worker")
+    worker = (
+        f"DataLoader worker {index} (pid {pid}) of the {split} data" if index >= 0 else "a DataLoader worker"
+    )
     if description is None and terminated:
         description = signal.strsignal(signal.SIGTERM)  # the worker got the rank's SIGTERM too
     if description is None:
-        cause = ("it ended unexpectedly: killed, most likely by the kernel's out-of-memory killer "
-                 "(`dmesg` says), or exited (its traceback, if any, is above)" if found is not None else
-                 f"it ended while handing a batch over ({type(error).__name__}), most likely killed by the "
-                 "kernel's out-of-memory killer (`dmesg` says); lower --num_workers, --prefetch_factor or "
-                 "--batch_size, or give the job more memory")
+        cause = (
+            "it ended unexpectedly: killed, most likely by the kernel's out-of-memory killer "
+            "(`dmesg` says), or exited (its traceback, if any, is above)"
+            if found is not None
+            else f"it ended while handing a batch over ({type(error).__name__}), most likely killed by the "
+            "kernel's out-of-memory killer (`dmesg` says); lower --num_workers, --prefetch_factor or "
+            "--batch_size, or give the job more memory"
+        )
     else:
-        name = next((s.name for s in signal.Signals if signal.strsignal(s) == description.strip()), description.strip())
-        cause = (f"killed by {name}, most likely by the kernel's out-of-memory killer (`dmesg` says); lower "
-                 "--num_workers, --prefetch_factor or --batch_size, or give the job more memory" if name == "SIGKILL"
-                 else f"ended by {name}, sent to all of its rank's processes (torchrun stopping the ranks after "
-                 "another one failed, or the job ending); see the first error above" if name in ("SIGTERM", "SIGINT")
-                 else f"killed by {name}: a crash in the dataset's code or a library it calls")
+        name = next(
+            (s.name for s in signal.Signals if signal.strsignal(s) == description.strip()),
+            description.strip(),
+        )
+        cause = (
+            f"killed by {name}, most likely by the kernel's out-of-memory killer (`dmesg` says); lower "
+            "--num_workers, --prefetch_factor or --batch_size, or give the job more memory"
+            if name == "SIGKILL"
+            else f"ended by {name}, sent to all of its rank's processes (torchrun stopping the ranks after "
+            "another one failed, or the job ending); see the first error above"
+            if name in ("SIGTERM", "SIGINT")
+            else f"killed by {name}: a crash in the dataset's code or a library it calls"
+        )
     return WorkerLost(f"rank {rank}: {worker} ended at step {step}: {cause}")
 
 
@@ -137,8 +167,10 @@ def disk_full(error: BaseException, path: str) -> DiskFull | None:
     free = no_space(error, path)
     if free is None:
         return None
-    return DiskFull(f"no space left writing checkpoint {path} ({free:.1f} MiB free there); the checkpoints "
-                    "before it are intact; free some space or move --output_dir, then rerun with --resume=auto")
+    return DiskFull(
+        f"no space left writing checkpoint {path} ({free:.1f} MiB free there); the checkpoints "
+        "before it are intact; free some space or move --output_dir, then rerun with --resume=auto"
+    )
 
 
 def inject_disk_full(step: int) -> None:

@@ -32,8 +32,8 @@ import contextlib
 import contextvars
 import copy
 import resource
-from typing import NamedTuple
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -49,7 +49,9 @@ class DeferredLoad(NamedTuple):
     kwargs: dict
 
 
-_loads: contextvars.ContextVar[list[DeferredLoad] | None] = contextvars.ContextVar("deferred_loads", default=None)
+_loads: contextvars.ContextVar[list[DeferredLoad] | None] = contextvars.ContextVar(
+    "deferred_loads", default=None
+)
 
 
 def defer_load(module: nn.Module, *args, **kwargs) -> bool:
@@ -87,8 +89,13 @@ def is_empty(model: nn.Module) -> bool:
     return any(p.is_meta or getattr(p, "_local_tensor", p).is_meta for p in model.parameters())
 
 
-def materialise(model: nn.Module, device: torch.device, loads: list[DeferredLoad], load_weights: Callable,
-                init: Callable[[nn.Module], None]) -> None:
+def materialise(
+    model: nn.Module,
+    device: torch.device,
+    loads: list[DeferredLoad],
+    load_weights: Callable,
+    init: Callable[[nn.Module], None],
+) -> None:
     """The sharded, empty `model` given memory on `device` (each rank its shards), its host-built
     buffers put back, then loaded by the recorded `loads` or, without any, initialised by `init`
     (called with each module whose own parameters need values, see `initialise`)."""
@@ -106,8 +113,12 @@ def materialise(model: nn.Module, device: torch.device, loads: list[DeferredLoad
 def _to_empty(model: nn.Module, device: torch.device) -> None:
     """Parameters given (uninitialised) memory on `device`; the buffers, built on the host with
     their values, moved there (to_empty alone would leave them uninitialised too)."""
-    buffers = {(module, name): buffer for module in model.modules()
-               for name, buffer in module._buffers.items() if buffer is not None}
+    buffers = {
+        (module, name): buffer
+        for module in model.modules()
+        for name, buffer in module._buffers.items()
+        if buffer is not None
+    }
     model.to_empty(device=device)
     for (module, name), buffer in buffers.items():
         module._buffers[name] = buffer.to(device)
@@ -121,8 +132,12 @@ def initialise(model: nn.Module, init: Callable[[nn.Module], None], only: set[in
         own = {name: p for name, p in module._parameters.items() if p is not None}
         if not any(id(p) in only for p in own.values()):
             continue
-        whole = {name: nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=sharded_device(p)),
-                                    requires_grad=p.requires_grad) for name, p in own.items()}
+        whole = {
+            name: nn.Parameter(
+                torch.empty(p.shape, dtype=p.dtype, device=sharded_device(p)), requires_grad=p.requires_grad
+            )
+            for name, p in own.items()
+        }
         module._parameters.update(whole)
         try:
             init(module)
@@ -146,8 +161,10 @@ def module_init(model: nn.Module, scheme_init: Callable[[nn.Module], None]) -> C
         elif hasattr(module, "reset_parameters"):
             module.reset_parameters()
         elif any(True for _ in module.parameters(recurse=False)):
-            raise ConfigError(f"the model was built on the meta device, and its {type(module).__name__} has no "
-                              "reset_parameters() to give its parameters values; give it one, or load --weights")
+            raise ConfigError(
+                f"the model was built on the meta device, and its {type(module).__name__} has no "
+                "reset_parameters() to give its parameters values; give it one, or load --weights"
+            )
         scheme_init(module)
 
     return init
@@ -193,7 +210,9 @@ def local_slices(tensor: torch.Tensor) -> tuple[slice, ...] | None:
 READ_BYTES = 8 * 2**20  # a shard is read in blocks of rows of at most this size: the host's only extra memory
 
 
-def copy_slice(local: torch.Tensor, slices: tuple[slice, ...], read: Callable[[tuple[slice, ...]], torch.Tensor]) -> None:
+def copy_slice(
+    local: torch.Tensor, slices: tuple[slice, ...], read: Callable[[tuple[slice, ...]], torch.Tensor]
+) -> None:
     """Fill `local`, the part `slices` of a whole tensor, with `read(part)` of blocks of its rows, so
     that reading a shard of an embedding never holds a second copy of the shard."""
     if not local.numel():

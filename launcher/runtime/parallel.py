@@ -45,7 +45,9 @@ class Parallel(abc.ABC):
         """Before the optimizer exists, in place: what `place` left to do, and the EMA."""
 
     @abc.abstractmethod
-    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, AcceleratedOptimizer]:
+    def prepare(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> tuple[nn.Module, AcceleratedOptimizer]:
         """The model as trained (wrapped or sharded) and the optimizer, wrapped as Accelerate's."""
 
     @abc.abstractmethod
@@ -79,9 +81,14 @@ class Parallel(abc.ABC):
         """The final weights (launcher/runtime/export.py), whole or sharded alike: model.safetensors or
         its shards, the EMA's, and OUTPUT_DIR/hf/; the main process writes. A collective: under FSDP
         one gathered parameter at a time."""
-        return export.write_final_weights(self.cfg.output_dir, self.accelerator.unwrap_model(model),
-                                          ema.module if ema is not None else None, hf,
-                                          size_in_bytes(self.cfg.max_shard_size), self.accelerator.is_main_process)
+        return export.write_final_weights(
+            self.cfg.output_dir,
+            self.accelerator.unwrap_model(model),
+            ema.module if ema is not None else None,
+            hf,
+            size_in_bytes(self.cfg.max_shard_size),
+            self.accelerator.is_main_process,
+        )
 
     @abc.abstractmethod
     def load_checkpoint_weights(self, model: nn.Module, path: str) -> None:
@@ -213,7 +220,9 @@ class Sharded(Parallel):
 
     def write_shards(self, path: str, model, optimizer, ema):
         self.before_evaluation(model, ema)  # one rank's buffers are saved: make them everyone's
-        return self.checkpointer.save(path, sharding.sharded_state(model, optimizer.optimizer, ema, self.frozen_base))
+        return self.checkpointer.save(
+            path, sharding.sharded_state(model, optimizer.optimizer, ema, self.frozen_base)
+        )
 
     def read_shards(self, path: str, model, optimizer, ema) -> None:
         self.checkpointer.load(path, model, optimizer.optimizer, ema, self.frozen_base)
@@ -237,14 +246,23 @@ def optimizer_slots(factory) -> float:
     optimizer = factory([{"params": [param], "lr": 0.0}])
     param.grad = torch.zeros_like(param)
     optimizer.step()
-    return sum(t.numel() for state in optimizer.state.values() for t in state.values()
-               if isinstance(t, torch.Tensor) and t.numel() == param.numel()) / param.numel()
+    return (
+        sum(
+            t.numel()
+            for state in optimizer.state.values()
+            for t in state.values()
+            if isinstance(t, torch.Tensor) and t.numel() == param.numel()
+        )
+        / param.numel()
+    )
 
 
-def memory_per_rank(model: nn.Module, trained: list[nn.Parameter], slots: float, world: int,
-                    sharded: bool) -> dict[str, int]:
+def memory_per_rank(
+    model: nn.Module, trained: list[nn.Parameter], slots: float, world: int, sharded: bool
+) -> dict[str, int]:
     """Bytes of parameters, gradients and optimizer state on each process (FSDP: its shards, each
     parameter split on its first dimension into `world` equal, padded parts)."""
+
     def size(p: torch.Tensor) -> int:
         if not sharded or p.ndim == 0:
             return p.numel() * p.element_size()
@@ -252,8 +270,11 @@ def memory_per_rank(model: nn.Module, trained: list[nn.Parameter], slots: float,
         return -(-p.shape[0] // world) * per_row * p.element_size()
 
     trained_bytes = sum(size(p) for p in trained)
-    return {"params": sum(size(p) for p in model.parameters()), "grads": trained_bytes,
-            "optimizer": int(trained_bytes * slots)}
+    return {
+        "params": sum(size(p) for p in model.parameters()),
+        "grads": trained_bytes,
+        "optimizer": int(trained_bytes * slots),
+    }
 
 
 # peak resident MB before the model is built
@@ -284,13 +305,17 @@ class MemoryReport:
 
     def __call__(self, model: nn.Module, optimizer) -> list[dict[str, float]]:
         """A collective: every rank calls it."""
+
         def mb(tensors) -> float:
             return sum(sharding.local(t).numel() * t.element_size() for t in tensors) / 2**20
 
         state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
         gpu = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else 0.0
-        self.mine.copy_(torch.tensor([mb(model.parameters()), mb(state),
-                                      meta_build.peak_rss_mb(), gpu, *self.build.values()]))
+        self.mine.copy_(
+            torch.tensor(
+                [mb(model.parameters()), mb(state), meta_build.peak_rss_mb(), gpu, *self.build.values()]
+            )
+        )
         if self.world_size > 1:
             torch.distributed.all_gather(self.everyone, self.mine)
         else:

@@ -37,12 +37,13 @@ import torch.distributed as dist
 
 from launcher.config import RunStopped
 
-
 PREEMPTED_EXIT_CODE = 75
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-SECOND_INTERRUPT = ("launcher: interrupted again: stopped at once, without a checkpoint; --resume=auto continues "
-                    "from the newest one\n")
+SECOND_INTERRUPT = (
+    "launcher: interrupted again: stopped at once, without a checkpoint; --resume=auto continues "
+    "from the newest one\n"
+)
 
 
 class Preempted(RunStopped):
@@ -66,8 +67,11 @@ class StopSignals:
         self.interrupts = 0  # SIGINTs received
         self.pid = os.getpid()  # a forked DataLoader worker runs the inherited handler in another process
         self.before_exit, self.says = before_exit, says
-        self.previous = {sig: signal.signal(sig, self._record) for sig in SIGNALS
-                         if not (sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN)}
+        self.previous = {
+            sig: signal.signal(sig, self._record)
+            for sig in SIGNALS
+            if not (sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN)
+        }
         self.group = None
         if world_size > 1 and dist.get_backend() != "gloo":
             self.group = dist.new_group(backend="gloo")  # CPU flag: no device sync per step

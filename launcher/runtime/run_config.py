@@ -25,14 +25,20 @@ def keep_global_batch(cfg, path: str, world_size: int) -> tuple[object, str]:
     then = GlobalBatch.of(state["config"], then_world)
     now = then.on(world_size, cfg.batch_size)
     if now is None:
-        fix = (f"choose a --batch_size that divides {then.samples // world_size}" if then.samples % world_size == 0
-               else f"resume on a number of processes that divides {then.samples}")
+        fix = (
+            f"choose a --batch_size that divides {then.samples // world_size}"
+            if then.samples % world_size == 0
+            else f"resume on a number of processes that divides {then.samples}"
+        )
         raise ConfigError(
             f"checkpoint {path} trained with a global batch of {then.samples} ({then.batch_size} per device x "
             f"{then_world} processes x {then.grad_accum_steps} accumulation), which {world_size} processes x "
-            f"--batch_size={cfg.batch_size} do not divide; {fix}")
-    note = (f"resuming on {world_size} process(es) instead of {then_world}: grad_accum_steps "
-            f"{cfg.grad_accum_steps} -> {now.grad_accum_steps} keeps the global batch of {then.samples}")
+            f"--batch_size={cfg.batch_size} do not divide; {fix}"
+        )
+    note = (
+        f"resuming on {world_size} process(es) instead of {then_world}: grad_accum_steps "
+        f"{cfg.grad_accum_steps} -> {now.grad_accum_steps} keeps the global batch of {then.samples}"
+    )
     return dataclasses.replace(cfg, grad_accum_steps=now.grad_accum_steps), note
 
 
@@ -62,12 +68,16 @@ def refuse_changes(cfg: TrainConfig, saved: dict, path: str, names=None) -> str:
     changed = result_changes(cfg, saved, names)
     if not changed:
         return ""
-    listed = "; ".join(f"--{name}={shown(now)} differs from the checkpoint's {shown(then)}" for name, now, then in changed)
+    listed = "; ".join(
+        f"--{name}={shown(now)} differs from the checkpoint's {shown(then)}" for name, now, then in changed
+    )
     if cfg.resume_changes == "allow":
         return listed
     them = "it" if len(changed) == 1 else "them"
-    raise ConfigError(f"checkpoint {path} was trained otherwise: {listed}; drop {them} to resume as trained, "
-                      f"or pass --resume_changes=allow to resume with {them} anyway")
+    raise ConfigError(
+        f"checkpoint {path} was trained otherwise: {listed}; drop {them} to resume as trained, "
+        f"or pass --resume_changes=allow to resume with {them} anyway"
+    )
 
 
 def check_resumed_config(cfg: TrainConfig, path: str, world_size: int) -> None:
@@ -109,8 +119,10 @@ def saved_config(path: str) -> tuple[dict, str]:
         if not isinstance(config, dict):
             raise ValueError("not a mapping of fields")
     except (OSError, ValueError) as error:
-        raise ConfigError(f"{source} is damaged ({error}); pass the recipe's fields on the command line "
-                          "and a weights file as --checkpoint") from None
+        raise ConfigError(
+            f"{source} is damaged ({error}); pass the recipe's fields on the command line "
+            "and a weights file as --checkpoint"
+        ) from None
     return config, source
 
 
@@ -146,11 +158,16 @@ def flags_hint(cfg: TrainConfig, saved: dict) -> str:
     changed = result_changes(cfg, saved)[:4]
     if not changed:
         return "; pass the recipe and the fields it was trained with"
-    return ("; it was trained with " + ", ".join(f"--{name}={shown(then)} (here {shown(now)})" for name, now, then in changed)
-            + ": drop the flags that change the model")
+    return (
+        "; it was trained with "
+        + ", ".join(f"--{name}={shown(then)} (here {shown(now)})" for name, now, then in changed)
+        + ": drop the flags that change the model"
+    )
 
 
-def check_resumable_position(path: str, saved: dict, world_size: int, num_workers: int, batches_per_epoch: int) -> None:
+def check_resumable_position(
+    path: str, saved: dict, world_size: int, num_workers: int, batches_per_epoch: int
+) -> None:
     """A checkpoint taken mid-epoch (`saved`: its trainer state) resumes only with the same ranks x
     workers and epoch size: its data position means nothing otherwise."""
     then = (saved.get("world_size"), saved.get("num_workers"), saved.get("batches_per_epoch"))
@@ -159,4 +176,5 @@ def check_resumable_position(path: str, saved: dict, world_size: int, num_worker
         raise ConfigError(
             f"checkpoint {path} was taken mid-epoch with {then[0]} processes x {then[1]} workers and "
             f"{then[2]} batches per epoch, this run has {now[0]} x {now[1]} and {now[2]}; resume with "
-            "the same --num_processes, --num_workers and --batch_size, or from an epoch-end checkpoint")
+            "the same --num_processes, --num_workers and --batch_size, or from an epoch-end checkpoint"
+        )

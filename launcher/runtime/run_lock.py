@@ -43,7 +43,6 @@ from accelerate.utils import broadcast_object_list
 
 from launcher.config import ConfigError
 
-
 LOCK_FILE = "run.lock"
 STALE_GRACE_S = 30.0  # an unreadable lock younger than this may still be being written; covers NFS clock skew
 CLAIM_WAIT_S = 0.01  # another run is taking a stale lock over: read again after this
@@ -76,10 +75,15 @@ def process_start(pid: int) -> str:
 
 
 def holder_details() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid()),
-            "nonce": secrets.token_hex(8), "slurm_job": os.environ.get("SLURM_JOB_ID", ""),
-            "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_start": process_start(os.getpid()),
+        "nonce": secrets.token_hex(8),
+        "slurm_job": os.environ.get("SLURM_JOB_ID", ""),
+        "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def _alive(pid: int) -> bool:
@@ -181,8 +185,10 @@ class RunLock:
             return f"an unreadable lock, {seen.age_s:.0f} s old" if seen.age_s > self.grace_s else ""
         pid, named = holder["pid"], f"pid {holder['pid']} on {holder['host']}"
         if holder["host"] != self.mine["host"]:
-            requeued = (holder.get("slurm_job") == self.mine["slurm_job"] != ""
-                        and str(holder.get("slurm_restart", "0")) != self.mine["slurm_restart"])
+            requeued = (
+                holder.get("slurm_job") == self.mine["slurm_job"] != ""
+                and str(holder.get("slurm_restart", "0")) != self.mine["slurm_restart"]
+            )
             return f"this Slurm job's earlier allocation ({named}, a requeue)" if requeued else ""
         if not (isinstance(pid, int) and pid > 0 and _alive(pid)):
             return f"{named}, which has ended"
@@ -196,13 +202,17 @@ class RunLock:
     def _refusal(self, seen: Seen) -> str:
         output_dir = os.path.dirname(self.path)
         if not seen.holder:
-            return (f"{self.path} is unreadable and only {max(seen.age_s, 0):.0f} s old "
-                    f"(another run may be starting in {output_dir}); retry after {self.grace_s:.0f} s, "
-                    "choose another --output_dir, or remove it")
+            return (
+                f"{self.path} is unreadable and only {max(seen.age_s, 0):.0f} s old "
+                f"(another run may be starting in {output_dir}); retry after {self.grace_s:.0f} s, "
+                "choose another --output_dir, or remove it"
+            )
         holder = seen.holder
-        return (f"{output_dir} is in use by another run (pid {holder['pid']} on {holder['host']}, started "
-                f"{holder.get('started')}); wait for it, choose another --output_dir, or remove {self.path} if "
-                "that run is gone")
+        return (
+            f"{output_dir} is in use by another run (pid {holder['pid']} on {holder['host']}, started "
+            f"{holder.get('started')}); wait for it, choose another --output_dir, or remove {self.path} if "
+            "that run is gone"
+        )
 
     def _take_over(self, draft: str, stale: Seen) -> bool:
         """Rename our draft over the stale lock if we are first to claim it; False: read it again."""
@@ -250,7 +260,9 @@ class RunLock:
         run is done with them in milliseconds)."""
         if self.claim:
             _remove(self.claim)
-        for path in glob.glob(glob.escape(self.path) + ".taken-*") + glob.glob(glob.escape(self.path) + ".tmp-*"):
+        for path in glob.glob(glob.escape(self.path) + ".taken-*") + glob.glob(
+            glob.escape(self.path) + ".tmp-*"
+        ):
             if _older(path, self.grace_s):
                 _remove(path)
 
@@ -265,7 +277,9 @@ def agreed_lock(accelerator, output_dir: str, log=print) -> RunLock | None:
         except ConfigError as error:
             refusal[0] = str(error)
         except OSError as error:
-            refusal[0] = f"cannot take {os.path.join(output_dir, LOCK_FILE)}: {error}; choose a writable --output_dir"
+            refusal[0] = (
+                f"cannot take {os.path.join(output_dir, LOCK_FILE)}: {error}; choose a writable --output_dir"
+            )
     if accelerator.num_processes > 1:
         broadcast_object_list(refusal, from_process=0)
     if refusal[0]:

@@ -27,7 +27,6 @@ from launcher.config import ConfigError, TrainConfig
 from launcher.runtime import state_files
 from launcher.runtime.checkpoints import SHARDED_DIR
 
-
 FSDP_TORCH = (2, 7)  # fully_shard hard-codes CUDA streams before 2.7: it cannot run on CPU processes
 
 
@@ -40,23 +39,35 @@ def check_fsdp(cfg: TrainConfig, device: torch.device) -> None:
     """Refuse, in one line, what FSDP cannot do here; never fall back to DDP."""
     if cfg.data_parallel != "fsdp":
         if cfg.async_checkpoint:
-            raise ConfigError("--async_checkpoint writes sharded (DCP) checkpoints; it needs --data_parallel=fsdp")
+            raise ConfigError(
+                "--async_checkpoint writes sharded (DCP) checkpoints; it needs --data_parallel=fsdp"
+            )
         return
     if torch_version() < FSDP_TORCH:
-        raise ConfigError(f"--data_parallel=fsdp needs torch >= 2.7 (this is {torch.__version__}); "
-                          "upgrade torch or use --data_parallel=ddp")
+        raise ConfigError(
+            f"--data_parallel=fsdp needs torch >= 2.7 (this is {torch.__version__}); "
+            "upgrade torch or use --data_parallel=ddp"
+        )
     if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--data_parallel=fsdp runs on CUDA GPUs or CPU processes, not {device.type}; "
-                          "use --data_parallel=ddp")
+        raise ConfigError(
+            f"--data_parallel=fsdp runs on CUDA GPUs or CPU processes, not {device.type}; "
+            "use --data_parallel=ddp"
+        )
     if cfg.mixed_precision == "fp16":
-        raise ConfigError("--data_parallel=fsdp keeps bf16 parameters with fp32 reduction; use "
-                          "--mixed_precision=bf16 (fp16 would need a sharded gradient scaler)")
+        raise ConfigError(
+            "--data_parallel=fsdp keeps bf16 parameters with fp32 reduction; use "
+            "--mixed_precision=bf16 (fp16 would need a sharded gradient scaler)"
+        )
     if cfg.ddp_comm_hook != "no":
-        raise ConfigError("--ddp_comm_hook compresses DDP's all-reduce; FSDP reduces in fp32 "
-                          "(bf16 parameters with --mixed_precision=bf16): drop --ddp_comm_hook")
+        raise ConfigError(
+            "--ddp_comm_hook compresses DDP's all-reduce; FSDP reduces in fp32 "
+            "(bf16 parameters with --mixed_precision=bf16): drop --ddp_comm_hook"
+        )
     if cfg.channels_last:
-        raise ConfigError("--channels_last is not supported with --data_parallel=fsdp (FSDP shards "
-                          "contiguous parameters); drop --channels_last")
+        raise ConfigError(
+            "--channels_last is not supported with --data_parallel=fsdp (FSDP shards "
+            "contiguous parameters); drop --channels_last"
+        )
 
 
 def ensure_process_group(device: torch.device) -> bool:
@@ -71,7 +82,10 @@ def ensure_process_group(device: torch.device) -> bool:
 
 # ---- which modules become shard units ------------------------------------------------------------
 
-def find_units(model: nn.Module, named: Iterable[nn.Module | str] | None, min_params: int) -> list[tuple[str, nn.Module]]:
+
+def find_units(
+    model: nn.Module, named: Iterable[nn.Module | str] | None, min_params: int
+) -> list[tuple[str, nn.Module]]:
     """(name, module) of each shard unit, innermost first (the order fully_shard needs); the root
     is not one of them (it is sharded last, with what is left)."""
     names = {module: name for name, module in model.named_modules()}
@@ -80,8 +94,10 @@ def find_units(model: nn.Module, named: Iterable[nn.Module | str] | None, min_pa
         for item in named:
             module = model.get_submodule(item) if isinstance(item, str) else item
             if module not in names:
-                raise ConfigError(f"shard_units returned a module that is not part of the model ({type(module).__name__}); "
-                                  "return submodules of the model or their names")
+                raise ConfigError(
+                    f"shard_units returned a module that is not part of the model ({type(module).__name__}); "
+                    "return submodules of the model or their names"
+                )
             if module is model:
                 continue  # the root is always the last unit
             units.append((names[module], module))
@@ -90,8 +106,11 @@ def find_units(model: nn.Module, named: Iterable[nn.Module | str] | None, min_pa
     for container in model.modules():
         if isinstance(container, (nn.ModuleList, nn.Sequential)):
             children = list(container.children())
-            if len(children) > 1 and len({type(child) for child in children}) == 1 and any(
-                    True for _ in children[0].parameters()):
+            if (
+                len(children) > 1
+                and len({type(child) for child in children}) == 1
+                and any(True for _ in children[0].parameters())
+            ):
                 chosen.update(children)  # a stack of blocks, not a layer sequence (Linear, GELU, Linear)
     if min_params:
         _by_size(model, chosen, min_params, is_root=True)
@@ -117,14 +136,19 @@ def describe_units(units: list[tuple[str, nn.Module]]) -> str:
     by_class: dict[str, list[str]] = {}
     for name, module in sorted(units, key=lambda unit: unit[0]):
         by_class.setdefault(type(module).__name__, []).append(name)
-    parts = [f"{', '.join(names) if len(names) <= 4 else f'{names[0]} ... {names[-1]} ({len(names)})'} ({kind})"
-             for kind, names in by_class.items()]
+    parts = [
+        f"{', '.join(names) if len(names) <= 4 else f'{names[0]} ... {names[-1]} ({len(names)})'} ({kind})"
+        for kind, names in by_class.items()
+    ]
     return f"{len(units)} + root: " + "; ".join(parts) if units else "the root only"
 
 
 # ---- sharding ----------------------------------------------------------------------------
 
-def prepare(model: nn.Module, units: list[tuple[str, nn.Module]], cfg: TrainConfig, device: torch.device) -> None:
+
+def prepare(
+    model: nn.Module, units: list[tuple[str, nn.Module]], cfg: TrainConfig, device: torch.device
+) -> None:
     """Activation checkpointing and compilation of the units (as torchtitan: each block compiled before
     sharding; without units the root), then fully_shard, in place. The model may be on the meta device."""
     if cfg.activation_checkpointing:
@@ -135,7 +159,9 @@ def prepare(model: nn.Module, units: list[tuple[str, nn.Module]], cfg: TrainConf
     shard(model, units, cfg, device)
 
 
-def shard(model: nn.Module, units: list[tuple[str, nn.Module]], cfg: TrainConfig, device: torch.device) -> None:
+def shard(
+    model: nn.Module, units: list[tuple[str, nn.Module]], cfg: TrainConfig, device: torch.device
+) -> None:
     """fully_shard each unit, then the root, in place: bf16 parameters with fp32 reduction under
     --mixed_precision=bf16 (the root's outputs in fp32, so the loss is computed in fp32)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -144,12 +170,15 @@ def shard(model: nn.Module, units: list[tuple[str, nn.Module]], cfg: TrainConfig
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     bf16 = cfg.mixed_precision == "bf16"
     for _, unit in units:
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                                      reduce_dtype=torch.float32 if bf16 else None)
+        policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None
+        )
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.fsdp_reshard_after_forward)
-    root_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                                       reduce_dtype=torch.float32 if bf16 else None,
-                                       output_dtype=torch.float32 if bf16 else None)
+    root_policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None,
+        reduce_dtype=torch.float32 if bf16 else None,
+        output_dtype=torch.float32 if bf16 else None,
+    )
     # The root's parameters are needed again right after the forward (the head's backward): keep them.
     fully_shard(model, mesh=mesh, mp_policy=root_policy, reshard_after_forward=False)
 
@@ -226,8 +255,12 @@ def sync_buffers(model: nn.Module) -> None:
 # ---- checkpoints and the final weights ----------------------------------------------------------
 
 
-def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None,
-                  frozen_base: frozenset[str] = frozenset()) -> dict:
+def sharded_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema: nn.Module | None,
+    frozen_base: frozenset[str] = frozenset(),
+) -> dict:
     """What DCP saves and loads: DTensors keyed by parameter name, so they reshard on any world size.
     A PEFT model's `frozen_base` is left out (the recipe rebuilds it)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -246,7 +279,9 @@ class ShardedCheckpointer:
         self.async_checkpoint = async_checkpoint
         # async_save writes from a thread: its collectives need a group of their own (gloo, on CPU),
         # or they would interleave with the training step's on the default group.
-        self.group = dist.new_group(backend="gloo") if async_checkpoint and dist.get_world_size() > 1 else None
+        self.group = (
+            dist.new_group(backend="gloo") if async_checkpoint and dist.get_world_size() > 1 else None
+        )
 
     def save(self, path: str, state: dict):
         """Writes state under path/sharded; returns a future when asynchronous (the tensors are
@@ -260,8 +295,13 @@ class ShardedCheckpointer:
         return None
 
     @staticmethod
-    def load(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None,
-             frozen_base: frozenset[str] = frozenset()) -> None:
+    def load(
+        path: str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        ema: nn.Module | None,
+        frozen_base: frozenset[str] = frozenset(),
+    ) -> None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
         state = sharded_state(model, optimizer, ema, frozen_base)

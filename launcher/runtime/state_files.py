@@ -50,7 +50,6 @@ from accelerate import Accelerator
 
 from launcher.config import ConfigError
 
-
 INDEX_FILE = "states.json"
 FORMAT = 1
 # Accelerate's optimizer.bin, scaler.pt, random_states_0.pkl, ...
@@ -60,6 +59,7 @@ TAGS = {TENSOR, STRIDE, TUPLE, ITEMS}
 
 
 # ---- values as JSON plus tensors ------------------------------------------------------------------
+
 
 def _encode(value, tensors: dict[str, torch.Tensor], where: str):
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -74,10 +74,16 @@ def _encode(value, tensors: dict[str, torch.Tensor], where: str):
     if isinstance(value, dict):
         if all(isinstance(key, str) for key in value) and not TAGS & value.keys():
             return {key: _encode(item, tensors, f"{where}.{key}") for key, item in value.items()}
-        return {ITEMS: [[_encode(key, tensors, f"{where} key"), _encode(item, tensors, f"{where}[{key!r}]")]
-                        for key, item in value.items()]}
-    raise ConfigError(f"{where} is a {type(value).__name__}; a checkpoint keeps tensors, numbers, strings, "
-                      "lists, tuples and dicts (it is written without pickle)")
+        return {
+            ITEMS: [
+                [_encode(key, tensors, f"{where} key"), _encode(item, tensors, f"{where}[{key!r}]")]
+                for key, item in value.items()
+            ]
+        }
+    raise ConfigError(
+        f"{where} is a {type(value).__name__}; a checkpoint keeps tensors, numbers, strings, "
+        "lists, tuples and dicts (it is written without pickle)"
+    )
 
 
 def _permuted(tensor: torch.Tensor) -> bool:
@@ -136,31 +142,49 @@ def write_tree(stem: str, value, what: str) -> None:
 def read_tree(stem: str):
     with open(stem + ".json") as f:
         encoded = json.load(f)
-    tensors = safetensors.torch.load_file(stem + ".safetensors") if os.path.isfile(stem + ".safetensors") else {}
+    tensors = (
+        safetensors.torch.load_file(stem + ".safetensors") if os.path.isfile(stem + ".safetensors") else {}
+    )
     return _decode(encoded, tensors)
 
 
 # ---- random number generators ---------------------------------------------------------------------
 
+
 def random_states(device: torch.device) -> dict:
     """This process's RNG states, as Accelerate's save_state takes them."""
     kind, keys, position, has_gauss, gauss = np.random.get_state()
-    states = {"python": random.getstate(),
-              "numpy": {"kind": kind, "keys": keys.tolist(), "position": position, "has_gauss": has_gauss,
-                        "cached_gaussian": gauss},
-              "torch": torch.get_rng_state()}
+    states = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": keys.tolist(),
+            "position": position,
+            "has_gauss": has_gauss,
+            "cached_gaussian": gauss,
+        },
+        "torch": torch.get_rng_state(),
+    }
     module = _device_module(device)
     if module is not None:
-        states["device"] = (module.get_rng_state_all() if hasattr(module, "get_rng_state_all")
-                            else [module.get_rng_state()])
+        states["device"] = (
+            module.get_rng_state_all() if hasattr(module, "get_rng_state_all") else [module.get_rng_state()]
+        )
     return states
 
 
 def restore_random_states(states: dict, device: torch.device) -> None:
     random.setstate(states["python"])
     numpy = states["numpy"]
-    np.random.set_state((numpy["kind"], np.array(numpy["keys"], dtype=np.uint32), numpy["position"],
-                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    np.random.set_state(
+        (
+            numpy["kind"],
+            np.array(numpy["keys"], dtype=np.uint32),
+            numpy["position"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(states["torch"])
     module = _device_module(device)
     if module is not None and "device" in states:
@@ -175,6 +199,7 @@ def _device_module(device: torch.device):
 
 
 # ---- a checkpoint's states ------------------------------------------------------------------------
+
 
 def _numbered(name: str, index: int) -> str:
     return name if index == 0 else f"{name}_{index}"
@@ -197,22 +222,37 @@ def write(accelerator: Accelerator, path: str, frozen_base: frozenset[str] = fro
         for i, model in enumerate(models):
             file = os.path.join(path, _numbered("model", i) + ".safetensors")
             if frozen_base:
-                trained = {k: v for k, v in acc.unwrap_model(model).state_dict().items() if k not in frozen_base}
+                trained = {
+                    k: v for k, v in acc.unwrap_model(model).state_dict().items() if k not in frozen_base
+                }
                 safetensors.torch.save_file(_storable(trained), file, metadata={"format": "pt"})
             else:  # tied weights once, channels_last made contiguous, as Accelerate did
-                safetensors.torch.save_model(acc.unwrap_model(model), file, metadata={"format": "pt"}, force_contiguous=True)
+                safetensors.torch.save_model(
+                    acc.unwrap_model(model), file, metadata={"format": "pt"}, force_contiguous=True
+                )
         for i, optimizer in enumerate(optimizers):
-            write_tree(os.path.join(path, _numbered("optimizer", i)), optimizer.state_dict(), "the optimizer's state")
+            write_tree(
+                os.path.join(path, _numbered("optimizer", i)), optimizer.state_dict(), "the optimizer's state"
+            )
         for i, obj in enumerate(objects):
-            write_tree(os.path.join(path, f"registered-{i}"), obj.state_dict(), f"the state of {type(obj).__name__}")
+            write_tree(
+                os.path.join(path, f"registered-{i}"), obj.state_dict(), f"the state of {type(obj).__name__}"
+            )
         if acc.scaler is not None:
             write_tree(os.path.join(path, "scaler"), acc.scaler.state_dict(), "the grad scaler's state")
-        index = {"format": FORMAT, "models": len(models), "optimizers": len(optimizers),
-                 "registered": [type(obj).__name__ for obj in objects]}
+        index = {
+            "format": FORMAT,
+            "models": len(models),
+            "optimizers": len(optimizers),
+            "registered": [type(obj).__name__ for obj in objects],
+        }
         with open(os.path.join(path, INDEX_FILE), "w") as f:
             json.dump(index, f, indent=1)
-    write_tree(os.path.join(path, f"random-states-{acc.process_index}"),
-               {"step": acc.step, **random_states(acc.device)}, "the random states")
+    write_tree(
+        os.path.join(path, f"random-states-{acc.process_index}"),
+        {"step": acc.step, **random_states(acc.device)},
+        "the random states",
+    )
 
 
 def read(accelerator: Accelerator, path: str, frozen_base: frozenset[str] = frozenset()) -> None:
@@ -226,21 +266,29 @@ def read(accelerator: Accelerator, path: str, frozen_base: frozenset[str] = froz
     with open(os.path.join(path, INDEX_FILE)) as f:
         index = json.load(f)
     if index["format"] > FORMAT:
-        raise ConfigError(f"checkpoint {path} was written by a newer launcher (state format {index['format']}); "
-                          "resume it with that launcher")
+        raise ConfigError(
+            f"checkpoint {path} was written by a newer launcher (state format {index['format']}); "
+            "resume it with that launcher"
+        )
     written = (index["models"], index["optimizers"], index["registered"])
     here = (len(models), len(optimizers), [type(obj).__name__ for obj in objects])
     if written != here:
-        raise ConfigError(f"checkpoint {path} holds {written[0]} model(s), {written[1]} optimizer(s) and the states "
-                          f"of [{', '.join(written[2])}], this run has {here[0]}, {here[1]} and [{', '.join(here[2])}]; "
-                          "resume with the settings it was written with (--ema_decay, --lr_schedule)")
+        raise ConfigError(
+            f"checkpoint {path} holds {written[0]} model(s), {written[1]} optimizer(s) and the states "
+            f"of [{', '.join(written[2])}], this run has {here[0]}, {here[1]} and [{', '.join(here[2])}]; "
+            "resume with the settings it was written with (--ema_decay, --lr_schedule)"
+        )
     for i, model in enumerate(models):
         file = os.path.join(path, _numbered("model", i) + ".safetensors")
-        missing, unexpected = safetensors.torch.load_model(acc.unwrap_model(model), file, strict=not frozen_base)
+        missing, unexpected = safetensors.torch.load_model(
+            acc.unwrap_model(model), file, strict=not frozen_base
+        )
         misfits = sorted(set(missing) - frozen_base) + sorted(unexpected)
         if misfits:
-            raise ConfigError(f"checkpoint {path} does not fit the model ({len(misfits)} tensors differ: "
-                              f"{', '.join(misfits[:3])}); resume with the recipe and flags it was trained with")
+            raise ConfigError(
+                f"checkpoint {path} does not fit the model ({len(misfits)} tensors differ: "
+                f"{', '.join(misfits[:3])}); resume with the recipe and flags it was trained with"
+            )
     for i, optimizer in enumerate(optimizers):
         optimizer.load_state_dict(read_tree(os.path.join(path, _numbered("optimizer", i))))
     for i, obj in enumerate(objects):
@@ -261,19 +309,38 @@ def refuse_pickled(path: str) -> None:
     if not pickled:
         return
     weights = os.path.join(path, "model.safetensors")
-    fix = (f"start a new --output_dir with --weights={weights}, or resume it with an older launcher"
-           if os.path.isfile(weights) else "resume it with an older launcher")
-    raise ConfigError(f"checkpoint {path} was written by an older launcher: its states are pickled "
-                      f"({', '.join(pickled[:3])}{', ...' if len(pickled) > 3 else ''}), which this launcher does "
-                      f"not load; {fix}")
+    fix = (
+        f"start a new --output_dir with --weights={weights}, or resume it with an older launcher"
+        if os.path.isfile(weights)
+        else "resume it with an older launcher"
+    )
+    raise ConfigError(
+        f"checkpoint {path} was written by an older launcher: its states are pickled "
+        f"({', '.join(pickled[:3])}{', ...' if len(pickled) > 3 else ''}), which this launcher does "
+        f"not load; {fix}"
+    )
 
 
 # ---- DCP (FSDP's sharded checkpoints) -------------------------------------------------------------
 
 # What a DCP .metadata may name: DCP's own dataclasses (and one Enum), torch.Size, dtypes, layouts
 # and memory formats, containers, and the path StorageMeta keeps. Nothing here runs code when built.
-BUILTINS = {name: getattr(builtins, name) for name in ("set", "frozenset", "tuple", "list", "dict", "int", "float",
-                                                       "str", "bytes", "bool", "complex")}
+BUILTINS = {
+    name: getattr(builtins, name)
+    for name in (
+        "set",
+        "frozenset",
+        "tuple",
+        "list",
+        "dict",
+        "int",
+        "float",
+        "str",
+        "bytes",
+        "bool",
+        "complex",
+    )
+}
 PATHS = ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")
 DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
 
@@ -288,7 +355,11 @@ def _allowed(module: str, name: str):
         return getattr(pathlib, name)
     if module == "torch":
         value = getattr(torch, name, None)
-        return value if value is torch.Size or isinstance(value, (torch.dtype, torch.layout, torch.memory_format)) else None
+        return (
+            value
+            if value is torch.Size or isinstance(value, (torch.dtype, torch.layout, torch.memory_format))
+            else None
+        )
     # how a torch.layout pickles: a lookup by name
     if (module, name) == ("torch.serialization", "_get_layout"):
         return torch.serialization._get_layout  # noqa: SLF001
@@ -313,8 +384,7 @@ class _Disallowed(pickle.UnpicklingError):
 @functools.cache
 def _dcp_classes():
     """(reader, planner): DCP's FileSystemReader and DefaultLoadPlanner, without pickle's freedom."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint import default_planner
+    from torch.distributed.checkpoint import FileSystemReader, default_planner
     from torch.distributed.checkpoint._traverse import set_element
 
     class MetadataCheckedReader(FileSystemReader):
@@ -328,14 +398,20 @@ def _dcp_classes():
                 try:
                     metadata = _MetadataUnpickler(stream).load()
                 except _Disallowed as error:
-                    raise ConfigError(f"checkpoint {self.path}: {os.path.basename(str(file))} holds a disallowed type "
-                                      f"{error}; it was not written by the launcher") from None
+                    raise ConfigError(
+                        f"checkpoint {self.path}: {os.path.basename(str(file))} holds a disallowed type "
+                        f"{error}; it was not written by the launcher"
+                    ) from None
             from torch.distributed.checkpoint.metadata import Metadata
+
             if not isinstance(metadata, Metadata):
-                raise ConfigError(f"checkpoint {self.path}: {os.path.basename(str(file))} holds a "
-                                  f"{type(metadata).__name__}, not DCP's Metadata; it was not written by the launcher")
+                raise ConfigError(
+                    f"checkpoint {self.path}: {os.path.basename(str(file))} holds a "
+                    f"{type(metadata).__name__}, not DCP's Metadata; it was not written by the launcher"
+                )
             if hasattr(metadata, "storage_meta"):  # as FileSystemReader.read_metadata does
                 from torch.distributed.checkpoint.metadata import StorageMeta
+
                 if metadata.storage_meta is None:
                     metadata.storage_meta = StorageMeta()
                 metadata.storage_meta.load_id = self.load_id
@@ -350,8 +426,10 @@ def _dcp_classes():
                 loaded = torch.load(value, weights_only=True)
             except pickle.UnpicklingError as error:
                 named = re.search(r"GLOBAL (\S+)", str(error))
-                raise ConfigError(f"{fqn} holds a disallowed type {named[1] if named else '(not plain data)'}; "
-                                  "it was not written by the launcher") from None
+                raise ConfigError(
+                    f"{fqn} holds a disallowed type {named[1] if named else '(not plain data)'}; "
+                    "it was not written by the launcher"
+                ) from None
             if self.flatten_state_dict:
                 set_element(self.original_state_dict, self.mappings[fqn], loaded)
             else:
@@ -379,8 +457,13 @@ def load_sharded(state: dict, directory: str) -> None:
         dcp.load(state, storage_reader=reader, planner=planner_class())
     except (CheckpointException, ConfigError) as error:
         # CheckpointException (a BaseException): each rank's failure
-        failures = [error] if isinstance(error, ConfigError) else [
-            failure[0] if isinstance(failure, tuple) else failure for failure in error.failures.values()]
+        failures = (
+            [error]
+            if isinstance(error, ConfigError)
+            else [
+                failure[0] if isinstance(failure, tuple) else failure for failure in error.failures.values()
+            ]
+        )
         planted = next((failure for failure in failures if isinstance(failure, ConfigError)), None)
         if planted is not None:
             raise ConfigError(f"checkpoint {directory}: {planted}") from None

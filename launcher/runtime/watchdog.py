@@ -30,7 +30,6 @@ import threading
 import time
 from collections.abc import Callable
 
-
 HANG_EXIT_CODE = 124
 PARENT_GONE_EXIT_CODE = 76  # as a lost peer: the rest of the run is gone
 STACK_WRITE_S = 5.0  # the most the stack file may take before the process exits anyway
@@ -39,8 +38,14 @@ HANG_AT = "LAUNCHER_TEST_HANG_AT"
 
 
 class Watchdog:
-    def __init__(self, timeout_s: float, output_dir: str, rank: int, step: Callable[[], int],
-                 before_exit: Callable[[], None] = lambda: None):
+    def __init__(
+        self,
+        timeout_s: float,
+        output_dir: str,
+        rank: int,
+        step: Callable[[], int],
+        before_exit: Callable[[], None] = lambda: None,
+    ):
         self.timeout_s, self.output_dir, self.rank = timeout_s, output_dir, rank
         self.step, self.before_exit = step, before_exit
         self.last = time.monotonic()
@@ -68,9 +73,12 @@ class Watchdog:
         woke = time.monotonic()
         while not self.stopped.wait(interval):
             if self.watch_parent and os.getppid() != self.parent:
-                self._leave(f"launcher: stopped: rank {self.rank}: the process that started it (pid {self.parent}, "
-                            f"`accelerate launch` or torchrun) has ended; leaving at step {self.step()}; rerun "
-                            "with --resume=auto to continue", PARENT_GONE_EXIT_CODE)
+                self._leave(
+                    f"launcher: stopped: rank {self.rank}: the process that started it (pid {self.parent}, "
+                    f"`accelerate launch` or torchrun) has ended; leaving at step {self.step()}; rerun "
+                    "with --resume=auto to continue",
+                    PARENT_GONE_EXIT_CODE,
+                )
             now = time.monotonic()
             # the whole process was stopped (SIGSTOP, Slurm's suspend): not a hang
             if now - woke > 2 * interval + 1:
@@ -82,11 +90,16 @@ class Watchdog:
     def _fire(self, idle: float) -> None:
         step = self.step()
         path = os.path.join(self.output_dir, "hangs", f"rank{self.rank}-step{step}.txt")
-        line = (f"launcher: hung: rank {self.rank}: no optimizer step, evaluation or save progressed for "
-                f"{idle:.0f} s at step {step} (--hang_timeout_s={self.timeout_s:g}); every thread's stack is "
-                f"in {path}")
-        self._leave(line, HANG_EXIT_CODE, lambda: _write_stacks(path, f"rank {self.rank}, step {step}: no "
-                                                                      f"progress for {idle:.0f} s"))
+        line = (
+            f"launcher: hung: rank {self.rank}: no optimizer step, evaluation or save progressed for "
+            f"{idle:.0f} s at step {step} (--hang_timeout_s={self.timeout_s:g}); every thread's stack is "
+            f"in {path}"
+        )
+        self._leave(
+            line,
+            HANG_EXIT_CODE,
+            lambda: _write_stacks(path, f"rank {self.rank}, step {step}: no progress for {idle:.0f} s"),
+        )
 
     def _leave(self, line: str, code: int, then: Callable[[], None] = lambda: None) -> None:
         """Print `line` first, then do `then` and release the lock, each for at most STACK_WRITE_S

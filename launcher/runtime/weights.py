@@ -33,15 +33,19 @@ from torch import nn
 from launcher.config import ConfigError
 from launcher.runtime import meta_build
 
-
 CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict", "module")  # where checkpoints keep the weights
 INDEX_SUFFIX = ".index.json"
-DIRECTORY_FILES = ("model.safetensors", "model.safetensors" + INDEX_SUFFIX,
-                   "pytorch_model.bin", "pytorch_model.bin" + INDEX_SUFFIX)  # in order of preference
+DIRECTORY_FILES = (
+    "model.safetensors",
+    "model.safetensors" + INDEX_SUFFIX,
+    "pytorch_model.bin",
+    "pytorch_model.bin" + INDEX_SUFFIX,
+)  # in order of preference
 SHOWN = 3  # names shown in a one-line error
 
 
 # ---- reading: every source as names, shapes and tensors ------------------------------------------
+
 
 class _SafetensorsFile:
     """One .safetensors file, memory-mapped: tensors (or slices) are read only when asked for."""
@@ -54,8 +58,10 @@ class _SafetensorsFile:
             self.handle = safe_open(path, framework="pt")
             self.shapes = {key: tuple(self.handle.get_slice(key).get_shape()) for key in self.handle.keys()}
         except Exception as error:  # noqa: BLE001 - safetensors raises its own kinds for a bad header
-            raise ConfigError(f"weights file {path} cannot be read ({type(error).__name__}: {error}); "
-                              "is it whole? download or export it again") from None
+            raise ConfigError(
+                f"weights file {path} cannot be read ({type(error).__name__}: {error}); "
+                "is it whole? download or export it again"
+            ) from None
 
     def read(self, name: str) -> torch.Tensor:
         return self.handle.get_tensor(name)
@@ -76,7 +82,9 @@ class _TensorDict:
 
     def __init__(self, path: str):
         self.path = path
-        self.tensors = {key: value for key, value in _torch_load(path).items() if isinstance(value, torch.Tensor)}
+        self.tensors = {
+            key: value for key, value in _torch_load(path).items() if isinstance(value, torch.Tensor)
+        }
         self.shapes = {key: tuple(value.shape) for key, value in self.tensors.items()}
 
     def read(self, name: str) -> torch.Tensor:
@@ -95,8 +103,10 @@ def _torch_load(path: str) -> dict:
         except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any failure means an unusable file
-        raise ConfigError(f"weights file {path} cannot be read ({type(error).__name__}); "
-                          "is it a state_dict or checkpoint saved with torch.save or safetensors?") from None
+        raise ConfigError(
+            f"weights file {path} cannot be read ({type(error).__name__}); "
+            "is it a state_dict or checkpoint saved with torch.save or safetensors?"
+        ) from None
     for key in CHECKPOINT_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             return state[key]
@@ -112,11 +122,11 @@ def _open_file(path: str):
 class WeightFiles:
     """The tensors of one weights source, by the file's own names, read on demand.
 
-        with open_weights("models/llama") as files:
-            files.names                                  # ["model.embed_tokens.weight", ...]
-            files.shape("model.norm.weight")             # (2048,)
-            files.read("model.norm.weight")              # the whole tensor, on the CPU
-            files.read_slice("lm_head.weight", (slice(0, 100),))   # rows 0-99 only
+    with open_weights("models/llama") as files:
+        files.names                                  # ["model.embed_tokens.weight", ...]
+        files.shape("model.norm.weight")             # (2048,)
+        files.read("model.norm.weight")              # the whole tensor, on the CPU
+        files.read_slice("lm_head.weight", (slice(0, 100),))   # rows 0-99 only
     """
 
     def __init__(self, source: str, where: dict[str, object]):
@@ -164,9 +174,11 @@ def _directory_file(directory: str) -> str:
     for name in DIRECTORY_FILES:
         if os.path.isfile(os.path.join(directory, name)):
             return os.path.join(directory, name)
-    raise ConfigError(f"weights directory {directory} has no {', '.join(DIRECTORY_FILES[:-1])} or "
-                      f"{DIRECTORY_FILES[-1]}; pass a finished launcher run's output_dir, a Hugging Face model "
-                      "directory or a weights file")
+    raise ConfigError(
+        f"weights directory {directory} has no {', '.join(DIRECTORY_FILES[:-1])} or "
+        f"{DIRECTORY_FILES[-1]}; pass a finished launcher run's output_dir, a Hugging Face model "
+        "directory or a weights file"
+    )
 
 
 def _open_path(path: str, source: str) -> WeightFiles:
@@ -184,19 +196,25 @@ def _open_index(path: str) -> dict[str, object]:
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError("weight_map is not a mapping of tensor names to files")
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ConfigError(f"weights index {path} is damaged ({type(error).__name__}: {error}); "
-                          "download or export the model again") from None
+        raise ConfigError(
+            f"weights index {path} is damaged ({type(error).__name__}: {error}); "
+            "download or export the model again"
+        ) from None
     files = {}
     for shard in sorted(set(weight_map.values())):
         shard_path = os.path.join(os.path.dirname(path), shard)
         if os.path.basename(shard) != shard or not os.path.isfile(shard_path):
-            raise ConfigError(f"weights index {path} names shard {shard}, which is missing; "
-                              "download or export the model again")
+            raise ConfigError(
+                f"weights index {path} names shard {shard}, which is missing; "
+                "download or export the model again"
+            )
         files[shard] = _open_file(shard_path)
     lacking = [name for name, shard in weight_map.items() if name not in files[shard].shapes]
     if lacking:
-        raise ConfigError(f"weights shard {os.path.join(os.path.dirname(path), weight_map[lacking[0]])} lacks "
-                          f"{lacking[0]}, which its index {path} names; download or export the model again")
+        raise ConfigError(
+            f"weights shard {os.path.join(os.path.dirname(path), weight_map[lacking[0]])} lacks "
+            f"{lacking[0]}, which its index {path} names; download or export the model again"
+        )
     return {name: files[shard] for name, shard in weight_map.items()}
 
 
@@ -205,23 +223,29 @@ def _torchvision_file(name: str, arch: str) -> str:
     import torchvision
 
     if not arch:
-        raise ConfigError(f"weights {name!r} is neither a file nor a directory; for torchvision "
-                          "weights the recipe must name its architecture")
+        raise ConfigError(
+            f"weights {name!r} is neither a file nor a directory; for torchvision "
+            "weights the recipe must name its architecture"
+        )
     try:
         enum = torchvision.models.get_model_weights(arch)
         weights = enum[name.split(".")[-1]]
     except (KeyError, ValueError):
-        raise ConfigError(f"weights {name!r}: not a file, a run directory, or a torchvision weights "
-                          f"name for {arch}") from None
+        raise ConfigError(
+            f"weights {name!r}: not a file, a run directory, or a torchvision weights name for {arch}"
+        ) from None
     path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
     if not os.path.isfile(path):
-        raise ConfigError(f"torchvision weights {arch} {weights.name} are not cached: put "
-                          f"{os.path.basename(weights.url)} (from {weights.url}) at {path}, "
-                          "or pass a local file with --weights=PATH")
+        raise ConfigError(
+            f"torchvision weights {arch} {weights.name} are not cached: put "
+            f"{os.path.basename(weights.url)} (from {weights.url}) at {path}, "
+            "or pass a local file with --weights=PATH"
+        )
     return path
 
 
 # ---- matching the file's names with the model's -----------------------------------------------
+
 
 def match_keys(file_names: Iterable[str], model_names: Iterable[str]) -> dict[str, str]:
     """{model name: file name}: the names equal, or else one prefix removed from (or added to) every
@@ -239,13 +263,15 @@ def match_keys(file_names: Iterable[str], model_names: Iterable[str]) -> dict[st
                     prefixes[(prefix, "") if side == 0 else ("", prefix)] += 1
     removed, added = "", ""
     if prefixes:
-        (best, count) = max(prefixes.items(), key=lambda item: (item[1], -len(item[0][0] + item[0][1]), item[0]))
+        (best, count) = max(
+            prefixes.items(), key=lambda item: (item[1], -len(item[0][0] + item[0][1]), item[0])
+        )
         if count > exact:
             removed, added = best
     matched = {}
     for name in files:
-        if name.startswith(removed) and added + name[len(removed):] in models:
-            matched[added + name[len(removed):]] = name
+        if name.startswith(removed) and added + name[len(removed) :] in models:
+            matched[added + name[len(removed) :]] = name
     return matched
 
 
@@ -258,8 +284,9 @@ def aliases(model: nn.Module) -> dict[str, list[str]]:
     return {name: names for names in by_tensor.values() for name in names}
 
 
-def unloaded(model: nn.Module, loaded: Iterable[str], *, head: str = "",
-             allow_missing: Iterable[str] = ()) -> list[str]:
+def unloaded(
+    model: nn.Module, loaded: Iterable[str], *, head: str = "", allow_missing: Iterable[str] = ()
+) -> list[str]:
     """The trainable parameters none of whose names is in `loaded`, other than the replaced `head`'s
     and those matching an `allow_missing` fnmatch pattern."""
     loaded, patterns, names = set(loaded), list(allow_missing), aliases(model)
@@ -273,18 +300,26 @@ def unloaded(model: nn.Module, loaded: Iterable[str], *, head: str = "",
     return missing
 
 
-def refuse_partial(model: nn.Module, loaded: Iterable[str], files: WeightFiles, *, head: str = "",
-                   allow_missing: Iterable[str] = ()) -> None:
+def refuse_partial(
+    model: nn.Module,
+    loaded: Iterable[str],
+    files: WeightFiles,
+    *,
+    head: str = "",
+    allow_missing: Iterable[str] = (),
+) -> None:
     """One line naming the trainable parameters `files` left unloaded, if any."""
     missing = unloaded(model, loaded, head=head, allow_missing=allow_missing)
     if not missing:
         return
     total = sum(1 for p in model.parameters() if p.requires_grad)
     example = _first(files.names, 2) or "nothing"
-    raise ConfigError(f"weights {files.source} leave {len(missing)} of the model's {total} trainable parameters "
-                      f"unloaded: {_first(missing)} (the file names tensors like {example}); "
-                      "pass weights made for this model, or list the parameters that may start untrained in the "
-                      "recipe's allowed_missing(cfg) (load_weights(..., allow_missing=[...]))")
+    raise ConfigError(
+        f"weights {files.source} leave {len(missing)} of the model's {total} trainable parameters "
+        f"unloaded: {_first(missing)} (the file names tensors like {example}); "
+        "pass weights made for this model, or list the parameters that may start untrained in the "
+        "recipe's allowed_missing(cfg) (load_weights(..., allow_missing=[...]))"
+    )
 
 
 def _first(names: list[str], shown: int = SHOWN) -> str:
@@ -293,8 +328,16 @@ def _first(names: list[str], shown: int = SHOWN) -> str:
 
 # ---- loading --------------------------------------------------------------------------------
 
-def load_weights(model: nn.Module, source: str, *, arch: str = "", head: str = "fc",
-                 allow_missing: Iterable[str] = (), log=print) -> dict:
+
+def load_weights(
+    model: nn.Module,
+    source: str,
+    *,
+    arch: str = "",
+    head: str = "fc",
+    allow_missing: Iterable[str] = (),
+    log=print,
+) -> dict:
     """Load `source` into `model`, tensor by tensor; return {"missing", "unexpected", "replaced"} key
     lists (missing: the model's names left as initialised; unexpected: the file's names not used).
     While the launcher builds an FSDP model without memory, the load is recorded and made once the
@@ -308,19 +351,29 @@ def load_weights(model: nn.Module, source: str, *, arch: str = "", head: str = "
             expected, found = tuple(own[model_name].shape), files.shape(file_name)
             if expected != found:
                 if not _under(model_name, head):
-                    raise ConfigError(f"weights {source}: {model_name} has shape {found}, the model expects "
-                                      f"{expected}; check --arch or the weights file")
+                    raise ConfigError(
+                        f"weights {source}: {model_name} has shape {found}, the model expects "
+                        f"{expected}; check --arch or the weights file"
+                    )
                 replaced[model_name] = matched.pop(model_name)  # the new head keeps its initialisation
         refuse_partial(model, matched, files, head=head, allow_missing=allow_missing)
         copy_matched(model, files, matched)
         used, names = {*matched.values(), *replaced.values()}, aliases(model)
-        report = {"missing": [name for name in own if name not in replaced
-                              and not any(alias in matched for alias in names.get(name, [name]))],
-                  "unexpected": [name for name in files.names if name not in used], "replaced": sorted(replaced)}
-    log(f"loaded {len(matched)} tensors from {source}; "
+        report = {
+            "missing": [
+                name
+                for name in own
+                if name not in replaced and not any(alias in matched for alias in names.get(name, [name]))
+            ],
+            "unexpected": [name for name in files.names if name not in used],
+            "replaced": sorted(replaced),
+        }
+    log(
+        f"loaded {len(matched)} tensors from {source}; "
         f"head replaced: {', '.join(report['replaced']) or 'no'}; "
         f"missing: {_first(report['missing'], 8) or 'none'}; "
-        f"unexpected: {_first(report['unexpected'], 8) or 'none'}")
+        f"unexpected: {_first(report['unexpected'], 8) or 'none'}"
+    )
     return report
 
 
@@ -339,11 +392,13 @@ def copy_matched(model: nn.Module, files: WeightFiles, matched: dict[str, str]) 
         if slices is None:
             target.copy_(files.read(file_name))
         else:
-            meta_build.copy_slice(meta_build.local_tensor(target), slices,
-                                  functools.partial(files.read_slice, file_name))
+            meta_build.copy_slice(
+                meta_build.local_tensor(target), slices, functools.partial(files.read_slice, file_name)
+            )
 
 
 # ---- whether a checkpoint fits a model exactly (resume, evaluate, predict) ---------------------
+
 
 def fit_problem(model: nn.Module, files: WeightFiles, skip: frozenset[str] = frozenset()) -> str:
     """'' if `files` hold exactly the model's tensors (tied ones once is enough) but those in `skip`
@@ -355,8 +410,11 @@ def fit_problem(model: nn.Module, files: WeightFiles, skip: frozenset[str] = fro
     # by the file's own names
     found.update({name: files.shape(name) for name in files.names if name not in used})
     names = aliases(model)
-    expected = {name: shape for name, shape in own.items()
-                if name in matched or not any(alias in matched for alias in names.get(name, []))}
+    expected = {
+        name: shape
+        for name, shape in own.items()
+        if name in matched or not any(alias in matched for alias in names.get(name, []))
+    }
     return misfit(expected, found)
 
 
@@ -369,9 +427,11 @@ def misfit(expected: dict[str, tuple], found: dict[str, tuple], shown: int = SHO
     parts = []
     if different:
         first = different[0]
-        parts.append(f"{first} is {tuple(found[first])} in the checkpoint, {tuple(expected[first])} in the model"
-                     + "".join(f"; {key} {tuple(found[key])} vs {tuple(expected[key])}" for key in different[1:shown])
-                     + (f" ({len(different)} of {len(expected)} tensors differ)" if len(different) > shown else ""))
+        parts.append(
+            f"{first} is {tuple(found[first])} in the checkpoint, {tuple(expected[first])} in the model"
+            + "".join(f"; {key} {tuple(found[key])} vs {tuple(expected[key])}" for key in different[1:shown])
+            + (f" ({len(different)} of {len(expected)} tensors differ)" if len(different) > shown else "")
+        )
     for what, keys in (("missing from the checkpoint", missing), ("not in the model", unexpected)):
         if keys:
             parts.append(f"{what}: {_first(keys, shown)}")

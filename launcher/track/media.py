@@ -75,8 +75,10 @@ def normalized(values: dict) -> dict:
         elif isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
             value = float(value)  # numpy's scalars
         if not isinstance(value, (int, float, str, Table, Images)) or isinstance(value, bool):
-            raise TypeError(f"log() takes numbers, str, launcher.Table or launcher.Images; {key!r} is a "
-                            f"{type(value).__name__}")
+            raise TypeError(
+                f"log() takes numbers, str, launcher.Table or launcher.Images; {key!r} is a "
+                f"{type(value).__name__}"
+            )
         result[key] = value
     return result
 
@@ -106,7 +108,9 @@ def to_wandb(values: dict) -> dict:
             logged[key] = wandb.Table(columns=list(value.columns), data=[list(row) for row in value.rows])
         else:
             captions = list(value.captions) or [None] * len(value.images)
-            logged[key] = [wandb.Image(array, caption=caption) for array, caption in zip(value.arrays(), captions)]
+            logged[key] = [
+                wandb.Image(array, caption=caption) for array, caption in zip(value.arrays(), captions)
+            ]
     return logged
 
 

@@ -60,9 +60,14 @@ class Progress:
         elif self.style == "lines":
             done = self.step - self.first_step
             rate = done / max(time.perf_counter() - self.started, 1e-9)  # steps/s in this process
-            eta = f" eta {duration((self.total - self.step) / rate)}" if done and self.step < self.total else ""
-            print(f"step {self.step}/{self.total} ({100 * self.step // max(self.total, 1)}%) loss {loss:.4g} "
-                  f"lr {lr:.3g} {samples_per_s:.0f} samples/s{eta}", flush=True)
+            eta = (
+                f" eta {duration((self.total - self.step) / rate)}" if done and self.step < self.total else ""
+            )
+            print(
+                f"step {self.step}/{self.total} ({100 * self.step // max(self.total, 1)}%) loss {loss:.4g} "
+                f"lr {lr:.3g} {samples_per_s:.0f} samples/s{eta}",
+                flush=True,
+            )
 
     def say(self, line: str) -> None:
         """A passing line (not a warning): under the bar, printed, or dropped with --quiet."""

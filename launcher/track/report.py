@@ -18,19 +18,24 @@ import html
 import io
 import json
 import os
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from launcher.config import ConfigError
 from launcher.global_batch import GlobalBatch
-
 
 ACCURACY_ENDINGS = ("top1", "top5", "accuracy", "acc")  # metrics shown as percentages
 NOT_PLOTTED = ("loss", "samples", "unreadable")  # val/loss has its own plot; the others are counts
 # --x: the curves' x-axis label
 X_AXES = {"step": "optimizer step", "samples": "samples seen", "epoch": "epoch"}
-METRIC_NAMES = {"top1": "top-1 accuracy", "top5": "top-5 accuracy", "token_accuracy": "token accuracy",
-                "mse": "mean squared error", "mae": "mean absolute error", "r2": "R² (coefficient of determination)"}
+METRIC_NAMES = {
+    "top1": "top-1 accuracy",
+    "top5": "top-5 accuracy",
+    "token_accuracy": "token accuracy",
+    "mse": "mean squared error",
+    "mae": "mean absolute error",
+    "r2": "R² (coefficient of determination)",
+}
 
 
 @dataclass
@@ -58,24 +63,34 @@ class Run:
         if x == "samples":
             global_batch = self.facts().get("global_batch")
             if not isinstance(global_batch, int):
-                raise ConfigError(f"--x=samples needs the world size and batch size of run {self.path} "
-                                  "(environment.json, config.json), which it lacks; use --x=step")
+                raise ConfigError(
+                    f"--x=samples needs the world size and batch size of run {self.path} "
+                    "(environment.json, config.json), which it lacks; use --x=step"
+                )
             return lambda step: step * global_batch
         steps = self.task.get("steps_per_epoch") or _steps_per_epoch(self.metrics)
         if not steps:
-            raise ConfigError(f"--x=epoch needs the optimizer steps per epoch of run {self.path} (task.json, or an "
-                              "epoch's end in metrics.jsonl), which it lacks; use --x=step")
+            raise ConfigError(
+                f"--x=epoch needs the optimizer steps per epoch of run {self.path} (task.json, or an "
+                "epoch's end in metrics.jsonl), which it lacks; use --x=step"
+            )
         return lambda step: step / steps
 
     def facts(self) -> dict:
         """What config.json alone does not say: processes, the global batch, the launcher that ran it."""
         world = self.environment.get("world_size")
         batch = self.config.get("batch_size")
-        global_batch = (GlobalBatch.of(self.config, world).samples
-                        if isinstance(world, int) and isinstance(batch, int) else "-")
-        return {"world_size": world if world is not None else "-", "global_batch": global_batch,
-                "launcher version": (self.environment.get("versions") or {}).get("launcher") or "-",
-                "launcher commit": self.environment.get("launcher_commit", "-")}
+        global_batch = (
+            GlobalBatch.of(self.config, world).samples
+            if isinstance(world, int) and isinstance(batch, int)
+            else "-"
+        )
+        return {
+            "world_size": world if world is not None else "-",
+            "global_batch": global_batch,
+            "launcher version": (self.environment.get("versions") or {}).get("launcher") or "-",
+            "launcher commit": self.environment.get("launcher_commit", "-"),
+        }
 
     def keys(self, prefix: str) -> list[str]:
         return sorted({k for m in self.metrics for k in m if k.startswith(prefix)})
@@ -92,6 +107,7 @@ class Run:
 @dataclass
 class Figure:
     """One plot of the report: its caption, y-axis label, and (legend label, steps, values) per line."""
+
     title: str
     ylabel: str
     lines: list[tuple[str, list[float], list[float]]]
@@ -121,9 +137,16 @@ def load_run(path: str) -> Run:
 
     with open(metrics_path) as f:
         metrics = [json.loads(line) for line in f if line.strip()]
-    return Run(name=os.path.basename(os.path.normpath(path)), path=path, config=read("config.json", {}),
-               metrics=metrics, summary=read("summary.json", {}), confusion=read("confusion.json", None),
-               task=read("task.json", {}), environment=read("environment.json", {}))
+    return Run(
+        name=os.path.basename(os.path.normpath(path)),
+        path=path,
+        config=read("config.json", {}),
+        metrics=metrics,
+        summary=read("summary.json", {}),
+        confusion=read("confusion.json", None),
+        task=read("task.json", {}),
+        environment=read("environment.json", {}),
+    )
 
 
 def _steps_per_epoch(metrics: list[dict]) -> int | None:
@@ -162,16 +185,25 @@ def figure_specs(runs: list[Run], x: str = "step") -> list[Figure]:
     """Every curve plot of the report against `x` (X_AXES), without the ones no run has data for."""
     if x not in X_AXES:
         raise ConfigError(f"--x must be one of {', '.join(X_AXES)}, got {x!r}")
-    figures = [_loss_figure("Training loss", runs, ["train/loss"], x),
-               _loss_figure("Validation loss", runs, ["val/loss", "val_ema/loss"], x)]
+    figures = [
+        _loss_figure("Training loss", runs, ["train/loss"], x),
+        _loss_figure("Validation loss", runs, ["val/loss", "val_ema/loss"], x),
+    ]
     for name in validation_metrics(runs):
         label = METRIC_NAMES.get(name, name)
         scale = 100 if is_accuracy(name) else 1
-        figures.append(Figure(f"Validation {label}", f"{label} (%)" if scale == 100 else label,
-                              _lines(runs, [f"val/{name}", f"val_ema/{name}"], x, scale)))
+        figures.append(
+            Figure(
+                f"Validation {label}",
+                f"{label} (%)" if scale == 100 else label,
+                _lines(runs, [f"val/{name}", f"val_ema/{name}"], x, scale),
+            )
+        )
     lr_lines = [(f"{run.name}: {key[3:]}", *run.series(key, x)) for run in runs for key in run.keys("lr/")]
-    figures += [Figure("Learning rate per parameter group", "learning rate", lr_lines, legend_columns=2),
-                Figure("Throughput", "samples / s (all processes)", _lines(runs, ["train/samples_per_s"], x))]
+    figures += [
+        Figure("Learning rate per parameter group", "learning rate", lr_lines, legend_columns=2),
+        Figure("Throughput", "samples / s (all processes)", _lines(runs, ["train/samples_per_s"], x)),
+    ]
     for figure in figures:
         figure.xlabel = X_AXES[x]
     return [figure for figure in figures if figure.lines]
@@ -182,12 +214,20 @@ def _loss_figure(title: str, runs: list[Run], keys: list[str], x: str) -> Figure
     labels = {run.loss_label for run in runs if _lines([run], keys, x)}
     if len(labels) <= 1:
         return Figure(title, labels.pop() if labels else "loss", _lines(runs, keys, x))
-    return Figure(title, "loss", [(f"{label} ({run.loss_label})", steps, values)
-                                  for run in runs for label, steps, values in _lines([run], keys, x)])
+    return Figure(
+        title,
+        "loss",
+        [
+            (f"{label} ({run.loss_label})", steps, values)
+            for run in runs
+            for label, steps, values in _lines([run], keys, x)
+        ],
+    )
 
 
-def _lines(runs: list[Run], keys: list[str], x: str = "step",
-           scale: float = 1) -> list[tuple[str, list[float], list[float]]]:
+def _lines(
+    runs: list[Run], keys: list[str], x: str = "step", scale: float = 1
+) -> list[tuple[str, list[float], list[float]]]:
     lines = []
     for run in runs:
         for key in keys:
@@ -204,7 +244,9 @@ def _is_number(value) -> bool:
 def make_report(run_dirs: list[str], out: str = "", x: str = "step") -> str:
     """Write the report, curves against `x` (X_AXES); returns its path."""
     if not run_dirs:
-        raise ConfigError("report needs at least one RUN_DIR: python -m launcher report RUN_DIR [RUN_DIR ...]")
+        raise ConfigError(
+            "report needs at least one RUN_DIR: python -m launcher report RUN_DIR [RUN_DIR ...]"
+        )
     runs = [load_run(path) for path in run_dirs]
     out = out or (os.path.join(run_dirs[0], "report.html") if len(runs) == 1 else "report.html")
     page = render(runs, x)
@@ -218,19 +260,31 @@ def render(runs: list[Run], x: str = "step") -> str:
 
     matplotlib.use("Agg")  # files only, no display
     figures = [(figure.title, _png(_draw(figure))) for figure in figure_specs(runs, x)]
-    figures += [(f"Confusion matrix: {run.name} (step {run.confusion['step']})", _confusion(run))
-                for run in runs if run.confusion and run.confusion.get("matrix")]
-    parts = [f"<h1>launcher report: {html.escape(', '.join(run.name for run in runs))}</h1>",
-             _summary_table(runs), _config_table(runs)]
-    parts += [f'<figure><figcaption>{html.escape(title)}</figcaption>'
-              f'<img alt="{html.escape(title)}" src="data:image/png;base64,{png}"></figure>'
-              for title, png in figures]
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1100px} "
-             "table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:14px}"
-             "figure{margin:1.5em 0} figcaption{font-weight:bold;margin-bottom:.4em} img{max-width:100%}")
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>launcher report</title>'
-            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+    figures += [
+        (f"Confusion matrix: {run.name} (step {run.confusion['step']})", _confusion(run))
+        for run in runs
+        if run.confusion and run.confusion.get("matrix")
+    ]
+    parts = [
+        f"<h1>launcher report: {html.escape(', '.join(run.name for run in runs))}</h1>",
+        _summary_table(runs),
+        _config_table(runs),
+    ]
+    parts += [
+        f"<figure><figcaption>{html.escape(title)}</figcaption>"
+        f'<img alt="{html.escape(title)}" src="data:image/png;base64,{png}"></figure>'
+        for title, png in figures
+    ]
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:1100px} "
+        "table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:14px}"
+        "figure{margin:1.5em 0} figcaption{font-weight:bold;margin-bottom:.4em} img{max-width:100%}"
+    )
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>launcher report</title>'
+        f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n"
+    )
 
 
 def _png(figure) -> str:
@@ -283,23 +337,40 @@ def confusion_figure(matrix: list[list[int]], names: list[str] | None):
         axes.set_yticks(range(len(names)), names)
         for (row, col), count in np.ndenumerate(matrix):
             if count:
-                axes.text(col, row, str(count), ha="center", va="center", fontsize=7,
-                          color="white" if count > matrix.max() / 2 else "black")
+                axes.text(
+                    col,
+                    row,
+                    str(count),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if count > matrix.max() / 2 else "black",
+                )
     axes.set(xlabel="predicted class", ylabel="true class")
     return figure
 
 
 def _summary_table(runs: list[Run]) -> str:
-    rows = ["<tr><th>run</th><th>directory</th><th>task</th><th>steps</th><th>best</th><th>samples seen</th>"
-            "<th>time (s)</th><th>unreadable skipped</th></tr>"]
+    rows = [
+        "<tr><th>run</th><th>directory</th><th>task</th><th>steps</th><th>best</th><th>samples seen</th>"
+        "<th>time (s)</th><th>unreadable skipped</th></tr>"
+    ]
     for run in runs:
         s = run.summary
         best = "-"
         if "best/metric" in s:
             value = format_value(s["best/metric"], s["best/value"])
             best = f"{s['best/metric']} {value} (step {s['best/step']})"
-        cells = [run.name, run.path, run.task.get("task", "-"), s.get("steps", "-"), best, s.get("samples_seen", "-"),
-                 s.get("total_time_s", "-"), s.get("unreadable_skipped", "-")]
+        cells = [
+            run.name,
+            run.path,
+            run.task.get("task", "-"),
+            s.get("steps", "-"),
+            best,
+            s.get("samples_seen", "-"),
+            s.get("total_time_s", "-"),
+            s.get("unreadable_skipped", "-"),
+        ]
         rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     return "<h2>Runs</h2><table>" + "".join(rows) + "</table>"
 
@@ -307,13 +378,20 @@ def _summary_table(runs: list[Run]) -> str:
 def _config_table(runs: list[Run]) -> str:
     if len(runs) == 1:
         rows, title = [*runs[0].facts().items(), *sorted(runs[0].config.items())], "Config"
-        body = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(v))}</td></tr>" for k, v in rows)
+        body = "".join(
+            f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(v))}</td></tr>" for k, v in rows
+        )
         return f"<h2>{title}</h2><table>{body}</table>"
     head = "<tr><th>field</th>" + "".join(f"<th>{html.escape(run.name)}</th>" for run in runs) + "</tr>"
     differences = config_differences(runs)
-    body = "".join("<tr><td>" + html.escape(name) + "</td>"
-                   + "".join(f"<td>{html.escape(json.dumps(v))}</td>" for v in values) + "</tr>"
-                   for name, values in differences)
+    body = "".join(
+        "<tr><td>"
+        + html.escape(name)
+        + "</td>"
+        + "".join(f"<td>{html.escape(json.dumps(v))}</td>" for v in values)
+        + "</tr>"
+        for name, values in differences
+    )
     if not differences:
         body = f'<tr><td colspan="{len(runs) + 1}">the configs are identical</td></tr>'
     return f"<h2>Config differences</h2><table>{head}{body}</table>"

@@ -28,14 +28,27 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-
 IGNORE_INDEX = -100  # labels that do not count (padding, prompts)
 # Peak dense bf16 tensor-core TFLOPS (vendor data sheets), matched in order against
 # torch.cuda.get_device_name(): the first name found in it wins.
 PEAK_TFLOPS = (
-    ("GB200", 2500.0), ("B200", 2250.0), ("H200", 989.0), ("GH200", 989.0), ("H100 PCIe", 756.0),
-    ("H100", 989.0), ("H800", 989.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0),
-    ("A10G", 125.0), ("A10", 125.0), ("L4", 121.0), ("RTX 4090", 165.0), ("A6000", 155.0), ("V100", 125.0),
+    ("GB200", 2500.0),
+    ("B200", 2250.0),
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("A10G", 125.0),
+    ("A10", 125.0),
+    ("L4", 121.0),
+    ("RTX 4090", 165.0),
+    ("A6000", 155.0),
+    ("V100", 125.0),
 )
 
 
@@ -83,8 +96,13 @@ def tokens_in(data: Any) -> torch.Tensor | int | None:
 
 
 def _token_ids(value: Any) -> bool:
-    return (isinstance(value, torch.Tensor) and value.ndim == 2 and not value.is_floating_point()
-            and not value.is_complex() and value.dtype != torch.bool)
+    return (
+        isinstance(value, torch.Tensor)
+        and value.ndim == 2
+        and not value.is_floating_point()
+        and not value.is_complex()
+        and value.dtype != torch.bool
+    )
 
 
 class StepClock:
@@ -153,8 +171,12 @@ class Throughput:
         gathered = acc.gather(mine).cpu() if self.world > 1 else mine.cpu()
         self.tokens = 0
         ready = gathered[:, 1]
-        record = {"train/step_time": elapsed / max(steps, 1), "train/ready_time_min": float(ready.min()),
-                  "train/ready_time_max": float(ready.max()), "train/slowest_rank": int(ready.argmax())}
+        record = {
+            "train/step_time": elapsed / max(steps, 1),
+            "train/ready_time_min": float(ready.min()),
+            "train/ready_time_max": float(ready.max()),
+            "train/slowest_rank": int(ready.argmax()),
+        }
         if self.lm_shaped:
             record["train/tokens_per_s"] = float(gathered[:, 0].sum()) / elapsed
         if self.flops_per_sample:

@@ -24,10 +24,9 @@ from importlib import metadata
 
 from accelerate.utils import ProjectConfiguration
 
-from launcher.config import ConfigError
 from launcher import durable
+from launcher.config import ConfigError
 from launcher.durable import atomic_file
-
 
 TRACKERS = ("wandb", "tensorboard")
 
@@ -51,7 +50,9 @@ def tracker_names(cfg) -> list[str]:
 def tracker_project(cfg) -> ProjectConfiguration:
     """Accelerate's directories: the run's output_dir, and OUTPUT_DIR/tensorboard as the logging
     directory, under which its TensorBoard tracker writes to a folder named after the project."""
-    return ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "tensorboard"))
+    return ProjectConfiguration(
+        project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, "tensorboard")
+    )
 
 
 def tensorboard_dir(cfg) -> str:
@@ -79,21 +80,30 @@ def save_run_files(cfg, recipe, world_size: int) -> None:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    env = {"command": sys.argv, "python": platform.python_version(), "host": socket.gethostname(),
-           "world_size": world_size, "versions": versions, "launcher_commit": launcher_commit(),
-           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    env = {
+        "command": sys.argv,
+        "python": platform.python_version(),
+        "host": socket.gethostname(),
+        "world_size": world_size,
+        "versions": versions,
+        "launcher_commit": launcher_commit(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     with open(os.path.join(cfg.output_dir, "environment.json"), "w") as f:
         json.dump(env, f, indent=1)
 
 
-def launcher_commit(root: str = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))) -> str:
+def launcher_commit(
+    root: str = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+) -> str:
     """The git commit of the checkout at `root` (by default the one holding this launcher/ package),
     with `+changes` when launcher/'s files differ from it; "unknown" when `root` is not the top of a
     git checkout (an installed wheel, a copy, a folder inside some other repository)."""
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=5,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", root, *args], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
 
     try:
         if os.path.realpath(git("rev-parse", "--show-toplevel")) != os.path.realpath(root):
@@ -211,10 +221,19 @@ class Tracker:
     def _wandb_init(self, run_id: str | None) -> dict:
         """wandb.init's arguments, passed through Accelerate."""
         cfg = self.cfg
-        init = {"mode": cfg.wandb_mode, "dir": os.path.abspath(cfg.output_dir), "resume": "allow",
-                "name": cfg.wandb_name or os.path.basename(os.path.normpath(cfg.output_dir))}
-        for key, value in (("entity", cfg.wandb_entity), ("group", cfg.wandb_group),
-                           ("tags", list(cfg.wandb_tags)), ("notes", cfg.wandb_notes), ("id", run_id)):
+        init = {
+            "mode": cfg.wandb_mode,
+            "dir": os.path.abspath(cfg.output_dir),
+            "resume": "allow",
+            "name": cfg.wandb_name or os.path.basename(os.path.normpath(cfg.output_dir)),
+        }
+        for key, value in (
+            ("entity", cfg.wandb_entity),
+            ("group", cfg.wandb_group),
+            ("tags", list(cfg.wandb_tags)),
+            ("notes", cfg.wandb_notes),
+            ("id", run_id),
+        ):
             if value:
                 init[key] = value
         if cfg.wandb_mode == "offline" and self.accelerator.is_main_process:
@@ -230,8 +249,13 @@ class Tracker:
         if self.enabled:
             self.accelerator.log(values, step=step)
 
-    def log_evaluation(self, step: int, confusion: list[list[int]] | None, class_names: list[str],
-                       examples: list[tuple] | None) -> None:
+    def log_evaluation(
+        self,
+        step: int,
+        confusion: list[list[int]] | None,
+        class_names: list[str],
+        examples: list[tuple] | None,
+    ) -> None:
         """To wandb only: a confusion matrix and a table of validation images (image, prediction,
         label). Either may be None (a task without classes or images): then it is left out."""
         if self.run is None or not (confusion or examples):
@@ -244,12 +268,17 @@ class Tracker:
             truth = [t for t, row in enumerate(confusion) for p, n in enumerate(row) for _ in range(n)]
             predicted = [p for t, row in enumerate(confusion) for p, n in enumerate(row) for _ in range(n)]
             values["val/confusion_matrix"] = wandb.plot.confusion_matrix(
-                y_true=truth, preds=predicted, class_names=names, title=f"confusion at step {step}")
+                y_true=truth, preds=predicted, class_names=names, title=f"confusion at step {step}"
+            )
         if examples:
             table = wandb.Table(columns=["image", "prediction", "label", "correct"])  # images: HWC uint8
             for image, prediction, label in examples:
-                table.add_data(wandb.Image(image), _class_name(names, prediction), _class_name(names, label),
-                               prediction == label)
+                table.add_data(
+                    wandb.Image(image),
+                    _class_name(names, prediction),
+                    _class_name(names, label),
+                    prediction == label,
+                )
             values["val/examples"] = table
         self.run.log(values, step=step)
 

@@ -92,9 +92,11 @@ def plan_note(model: nn.Module, frozen: frozenset[str]) -> str:
     if not frozen:
         return ""
     base = sum(p.numel() for name, p in model.named_parameters() if name in frozen)
-    return (f"peft: the base's {base:,} parameters ({len(frozen)} tensors) are frozen, in no parameter group and "
-            f"in no checkpoint (rebuilt by the recipe at a resume); the adapters are exported to "
-            f"OUTPUT_DIR/{ADAPTER_DIR}/")
+    return (
+        f"peft: the base's {base:,} parameters ({len(frozen)} tensors) are frozen, in no parameter group and "
+        f"in no checkpoint (rebuilt by the recipe at a resume); the adapters are exported to "
+        f"OUTPUT_DIR/{ADAPTER_DIR}/"
+    )
 
 
 def base_fingerprint(model: nn.Module, frozen: frozenset[str]) -> str:
@@ -122,13 +124,19 @@ def check_same_base(path: str, saved: dict, fingerprint: str) -> None:
     if not then or not fingerprint:
         which = "a PEFT model's adapters" if then else "a whole model"
         now = "a PEFT model" if fingerprint else "not a PEFT model"
-        raise ConfigError(f"checkpoint {path} holds {which}, this run's model is {now}; "
-                          "resume with the recipe it was trained with")
-    raise ConfigError(f"checkpoint {path} trained adapters on another base model ({then}; this run's base: "
-                      f"{fingerprint}); resume with the base weights it was trained on (--weights, the recipe's model)")
+        raise ConfigError(
+            f"checkpoint {path} holds {which}, this run's model is {now}; "
+            "resume with the recipe it was trained with"
+        )
+    raise ConfigError(
+        f"checkpoint {path} trained adapters on another base model ({then}; this run's base: "
+        f"{fingerprint}); resume with the base weights it was trained on (--weights, the recipe's model)"
+    )
 
 
-def gathered_state(model: nn.Module, frozen: frozenset[str], with_base: bool, is_main: bool) -> dict[str, torch.Tensor]:
+def gathered_state(
+    model: nn.Module, frozen: frozenset[str], with_base: bool, is_main: bool
+) -> dict[str, torch.Tensor]:
     """The unwrapped model's state (without the frozen base unless `with_base`), whole, on the main
     process's host memory (empty elsewhere). A collective under FSDP: one all-gather per tensor."""
     state = {}
@@ -153,17 +161,23 @@ def export_adapter(model: nn.Module, trained: dict[str, torch.Tensor], output_di
 def check_mergeable(model: nn.Module) -> None:
     """--export_merged needs a PEFT model over a transformers model (one that writes the HF layout)."""
     if not is_peft_model(model):
-        raise ConfigError("--export_merged merges a PEFT model's adapters into its base, and this recipe's model "
-                          f"({type(model).__name__}) is not a peft PeftModel; drop --export_merged")
+        raise ConfigError(
+            "--export_merged merges a PEFT model's adapters into its base, and this recipe's model "
+            f"({type(model).__name__}) is not a peft PeftModel; drop --export_merged"
+        )
     method = model.peft_config[model.active_adapter]
     if getattr(method, "is_prompt_learning", False):
-        raise ConfigError(f"--export_merged merges adapter weights into the base, and {type(method).__name__} learns "
-                          f"prompts, which do not merge; drop --export_merged and use OUTPUT_DIR/{ADAPTER_DIR}/")
+        raise ConfigError(
+            f"--export_merged merges adapter weights into the base, and {type(method).__name__} learns "
+            f"prompts, which do not merge; drop --export_merged and use OUTPUT_DIR/{ADAPTER_DIR}/"
+        )
     base = model.get_base_model()
     if not (hasattr(base, "save_pretrained") and hasattr(base, "config")):
-        raise ConfigError(f"--export_merged writes the Hugging Face layout, and the base model "
-                          f"({type(base).__name__}) is not a transformers model; drop --export_merged and use "
-                          f"OUTPUT_DIR/{ADAPTER_DIR}/")
+        raise ConfigError(
+            f"--export_merged writes the Hugging Face layout, and the base model "
+            f"({type(base).__name__}) is not a transformers model; drop --export_merged and use "
+            f"OUTPUT_DIR/{ADAPTER_DIR}/"
+        )
 
 
 def export_merged(model: nn.Module, whole: dict[str, torch.Tensor], output_dir: str) -> str:

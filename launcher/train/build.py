@@ -42,34 +42,69 @@ class RunParts:
 
     def regroup(self, model: torch.nn.Module) -> list[ParamGroup]:
         """The parameter groups again, over `model`'s parameters now (FSDP replaces them by shards)."""
-        groups = assign_groups(model, self.schedule, self.cfg.lr, self.cfg.weight_decay, self.plan.steps_per_epoch,
-                               self.frozen_base)
+        groups = assign_groups(
+            model,
+            self.schedule,
+            self.cfg.lr,
+            self.cfg.weight_decay,
+            self.plan.steps_per_epoch,
+            self.frozen_base,
+        )
         apply_freezing(groups, step=0)
         return groups
 
 
-def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
-                device: torch.device = torch.device("cpu"), parallel: Replicated | None = None) -> RunParts:
+def build_parts(
+    cfg: TrainConfig,
+    recipe: Recipe,
+    rank: int,
+    world: int,
+    device: torch.device = torch.device("cpu"),
+    parallel: Replicated | None = None,
+) -> RunParts:
     """Everything a run is made of, before Accelerate wraps it (shared by `plan` and training),
     checked by pushing one real batch of each split through it on `device`. Training passes its
     `parallel`, which is handed the model before the check: under FSDP the check runs sharded."""
     set_seed(cfg.seed)  # the same initial weights on every rank
     data = recipe.build_data(cfg)
-    loader_args = dict(rank=rank, world=world, seed=cfg.seed, num_workers=cfg.num_workers,
-                       batch_transform=data.batch_transform, pin_memory=cfg.pin_memory,
-                       prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers,
-                       data_on_gpu=cfg.data_on_gpu, collate_fn=data.collate, device=device)
-    train_data = SplitLoader(data.train, batch_size=cfg.batch_size, training=True,
-                             grad_accum_steps=cfg.grad_accum_steps,
-                             train_samples=data.train_samples, max_steps=cfg.max_steps, **loader_args)
+    loader_args = dict(
+        rank=rank,
+        world=world,
+        seed=cfg.seed,
+        num_workers=cfg.num_workers,
+        batch_transform=data.batch_transform,
+        pin_memory=cfg.pin_memory,
+        prefetch_factor=cfg.prefetch_factor,
+        persistent_workers=cfg.persistent_workers,
+        data_on_gpu=cfg.data_on_gpu,
+        collate_fn=data.collate,
+        device=device,
+    )
+    train_data = SplitLoader(
+        data.train,
+        batch_size=cfg.batch_size,
+        training=True,
+        grad_accum_steps=cfg.grad_accum_steps,
+        train_samples=data.train_samples,
+        max_steps=cfg.max_steps,
+        **loader_args,
+    )
     # --eval_batches leaves each evaluation's loader midway: a persistent one, reused, would wait for
     # the ring buffers of the batches it never handed over (BufferReturns).
     val_args = dict(loader_args, persistent_workers=cfg.persistent_workers and not cfg.eval_batches)
-    val_data = (SplitLoader(data.val, batch_size=cfg.eval_batch_size, training=False, **val_args)
-                if data.val is not None else None)
+    val_data = (
+        SplitLoader(data.val, batch_size=cfg.eval_batch_size, training=False, **val_args)
+        if data.val is not None
+        else None
+    )
     classes = list(data.classes or train_data.classes)
-    classes_from = ("DataSpec.classes" if data.classes else "index.json" if train_data.index is not None
-                    else "the dataset's .classes")
+    classes_from = (
+        "DataSpec.classes"
+        if data.classes
+        else "index.json"
+        if train_data.index is not None
+        else "the dataset's .classes"
+    )
     model, units, ema_source = build_model(cfg, recipe, device, parallel)
     frozen = adapters.frozen_base(model)  # a PEFT model's base, named before anything changes requires_grad
     if parallel is not None:
@@ -80,16 +115,18 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
     extra_metrics = recipe.build_metrics(cfg)
     with torch.compiler.set_stance("force_eager"):  # FSDP compiled its units already: the check would compile
         # graphs (no grad, eval mode) that training never runs, doubling --compile's start-up
-        checked = preflight(cfg, recipe, train_data, val_data, model, device, loss_fn, extra_metrics, classes,
-                            classes_from)
+        checked = preflight(
+            cfg, recipe, train_data, val_data, model, device, loss_fn, extra_metrics, classes, classes_from
+        )
     reshard(model)  # FSDP: the root's parameters were gathered for the check
     for split in (train_data, val_data):
         if split is not None:
             split.num_classes = checked.label_classes  # labels out of range: unreadable samples
     cfg = dataclasses.replace(cfg, best_metric=checked.best_metric, best_mode=checked.best_mode)
     if cfg.synthetic_data:
-        train_data, val_data = (_synthetic(split, checked, loader_args) if split else None
-                                for split in (train_data, val_data))
+        train_data, val_data = (
+            _synthetic(split, checked, loader_args) if split else None for split in (train_data, val_data)
+        )
     plan = make_plan(cfg, train_data, val_data, world)
     plan.notes.append(unused_outputs_note(cfg, checked, classes, classes_from))
     schedule = recipe.build_schedule(cfg, model).resolved(cfg)
@@ -97,13 +134,28 @@ def build_parts(cfg: TrainConfig, recipe: Recipe, rank: int, world: int,
     apply_freezing(groups, step=0)
     plan.notes.append(adapters.plan_note(model, frozen))
     if (cfg.mixup_alpha or cfg.cutmix_alpha) and not getattr(loss_fn, "soft_targets", True):
-        raise ConfigError(f"MixUp/CutMix make soft targets, which --loss={cfg.loss} cannot take; "
-                          "use --loss=cross_entropy or bce_with_logits")
+        raise ConfigError(
+            f"MixUp/CutMix make soft targets, which --loss={cfg.loss} cannot take; "
+            "use --loss=cross_entropy or bce_with_logits"
+        )
     plan.training = training_lines(cfg, schedule, loss_fn, checked)
     plan.model = model_summary(model, checked.summary)
     plan.parallel = parallel_lines(cfg, model, groups, schedule.optimizer, world, units)
-    return RunParts(cfg, train_data, val_data, plan, model, schedule, groups, checked, classes, extra_metrics, units,
-                    ema_source, frozen)
+    return RunParts(
+        cfg,
+        train_data,
+        val_data,
+        plan,
+        model,
+        schedule,
+        groups,
+        checked,
+        classes,
+        extra_metrics,
+        units,
+        ema_source,
+        frozen,
+    )
 
 
 def build_model(cfg: TrainConfig, recipe: Recipe, device: torch.device, parallel: Replicated | None):
@@ -112,7 +164,9 @@ def build_model(cfg: TrainConfig, recipe: Recipe, device: torch.device, parallel
     (each rank its shards' rows) or initialised (launcher/runtime/meta_build.py); a recipe that loads
     no weights is built on the host as before (the same random draws as DDP), then sharded."""
     if cfg.weight_init != "default" and getattr(cfg, "weights", ""):
-        raise ConfigError(f"--weight_init={cfg.weight_init} would overwrite the loaded --weights; use one or the other")
+        raise ConfigError(
+            f"--weight_init={cfg.weight_init} would overwrite the loaded --weights; use one or the other"
+        )
     sharded = parallel is not None and parallel.sharded
     if parallel is not None:
         parallel.memory.before_build()
@@ -133,8 +187,13 @@ def build_model(cfg: TrainConfig, recipe: Recipe, device: torch.device, parallel
     if parallel is not None:
         parallel.place(model, units)  # FSDP: sharded
     if meta_build.is_empty(model):
-        meta_build.materialise(model, device, loads, load_weights,
-                               meta_build.module_init(model, lambda module: init_layer(module, cfg.weight_init)))
+        meta_build.materialise(
+            model,
+            device,
+            loads,
+            load_weights,
+            meta_build.module_init(model, lambda module: init_layer(module, cfg.weight_init)),
+        )
     if parallel is not None:
         parallel.memory.after_build()
     return model, units, ema_source
@@ -144,9 +203,13 @@ def _synthetic(split: SplitLoader, checked: Checked, loader_args: dict) -> Split
     """The split as random batches with the structure of its first real one, with its sizes and
     batch transform."""
     source = Synthetic(checked.example, split.total, split.batch_transform)
-    return SplitLoader(source, batch_size=split.batch_size, training=split.training,
-                       batches_per_epoch=split.batches_per_epoch,
-                       **{**loader_args, "collate_fn": None})
+    return SplitLoader(
+        source,
+        batch_size=split.batch_size,
+        training=split.training,
+        batches_per_epoch=split.batches_per_epoch,
+        **{**loader_args, "collate_fn": None},
+    )
 
 
 def print_plan(cfg: TrainConfig, recipe: Recipe, world_size: int) -> None:

@@ -17,9 +17,9 @@ callback stops the run in one line naming it (`CallbackFailed`, exit code 1).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any
-from collections.abc import Callable
 
 import torch
 
@@ -55,7 +55,9 @@ class Callbacks:
     def __init__(self, objects: list, is_main: bool, view: Callable[[], View]):
         for obj in objects:
             if not any(callable(getattr(obj, event, None)) for event in EVENTS):
-                raise ConfigError(f"callback {name_of(obj)} has none of {', '.join(EVENTS)}; define at least one")
+                raise ConfigError(
+                    f"callback {name_of(obj)} has none of {', '.join(EVENTS)}; define at least one"
+                )
         self.objects = [obj for obj in objects if is_main or getattr(obj, "all_ranks", False)]
         self.view = view
 
@@ -72,8 +74,10 @@ class Callbacks:
             except RunStopped:
                 raise
             except Exception as error:  # noqa: BLE001 - any error in the recipe's code stops the run in one line
-                raise CallbackFailed(f"{name_of(obj)}.{event} raised {type(error).__name__}: {error} (at step "
-                                     f"{view.step}); fix the recipe's callback or remove it from callbacks(cfg)") from error
+                raise CallbackFailed(
+                    f"{name_of(obj)}.{event} raised {type(error).__name__}: {error} (at step "
+                    f"{view.step}); fix the recipe's callback or remove it from callbacks(cfg)"
+                ) from error
 
 
 def build_callbacks(recipe, cfg, is_main: bool, view: Callable[[], View]) -> Callbacks:

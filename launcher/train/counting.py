@@ -25,8 +25,10 @@ class CountedLoss:
         to be so in every step); with accumulation the count joins the optimizer step's."""
         counted = out.count is not None
         if counted != self.counted:
-            raise ConfigError("compute_loss returned a count in some steps and not in others; return "
-                              "(loss_sum, count) always, or a mean always")
+            raise ConfigError(
+                "compute_loss returned a count in some steps and not in others; return "
+                "(loss_sum, count) always, or a mean always"
+            )
         if counted and self.accelerator.gradient_accumulation_steps > 1:
             self.step_counts.append(out.count)  # an int or a device tensor: no host sync
         return counted

@@ -9,9 +9,9 @@ read exactly once across ranks and workers, so the metrics equal a single proces
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from collections.abc import Callable
 
 import torch
 
@@ -30,9 +30,17 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate_split(model: torch.nn.Module, batches, step: Step, metrics: TaskMetrics, accelerator, prefix: str,
-                   channels_last: bool = False, on_errors: Callable[[list[dict]], None] | None = None,
-                   lockstep: Any = None) -> EvalResult:
+def evaluate_split(
+    model: torch.nn.Module,
+    batches,
+    step: Step,
+    metrics: TaskMetrics,
+    accelerator,
+    prefix: str,
+    channels_last: bool = False,
+    on_errors: Callable[[list[dict]], None] | None = None,
+    lockstep: Any = None,
+) -> EvalResult:
     """The metrics of `model` (in eval mode, unwrapped: no DDP collectives, ranks may hold unequal
     shares) over `batches`; every rank must call it. FSDP (`lockstep`: a collated batch to fill
     with): every forward gathers parameters, a collective, so ranks run as many forwards as the one
@@ -41,8 +49,11 @@ def evaluate_split(model: torch.nn.Module, batches, step: Step, metrics: TaskMet
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, its weight (samples or count), samples
     result = EvalResult({})
-    for batch, counted in (in_lockstep(batches, lockstep, accelerator) if lockstep is not None
-                           else ((batch, True) for batch in batches)):
+    for batch, counted in (
+        in_lockstep(batches, lockstep, accelerator)
+        if lockstep is not None
+        else ((batch, True) for batch in batches)
+    ):
         if on_errors is not None and counted:
             on_errors(batch.errors)
         if counted:
@@ -56,8 +67,13 @@ def evaluate_split(model: torch.nn.Module, batches, step: Step, metrics: TaskMet
             continue
         weight = out.count if out.count is not None else batch.size
         loss = out.loss.detach().double() * (1 if out.count is not None else batch.size)
-        sums += torch.stack([loss.reshape(()), torch.as_tensor(weight, device=device, dtype=torch.float64).reshape(()),
-                             torch.tensor(float(batch.size), device=device, dtype=torch.float64)])
+        sums += torch.stack(
+            [
+                loss.reshape(()),
+                torch.as_tensor(weight, device=device, dtype=torch.float64).reshape(()),
+                torch.tensor(float(batch.size), device=device, dtype=torch.float64),
+            ]
+        )
         predictions = metrics.update(out.outputs, out.targets)
         if result.first is None:
             result.first = (batch, data, predictions)
@@ -110,5 +126,7 @@ def example_images(batch: Batch, data, predictions: torch.Tensor | None, count: 
     if images.dtype != torch.uint8:  # float input: show it rescaled to 0-255
         low, high = images.amin(), images.amax()
         images = ((images.float() - low) / (high - low + 1e-12) * 255).to(torch.uint8)
-    return [(image.permute(1, 2, 0).numpy().copy(), int(p), int(t))  # a copy: the batch's buffer is reused
-            for image, p, t in zip(images, predictions[:count].tolist(), targets[:count].tolist())]
+    return [
+        (image.permute(1, 2, 0).numpy().copy(), int(p), int(t))  # a copy: the batch's buffer is reused
+        for image, p, t in zip(images, predictions[:count].tolist(), targets[:count].tolist())
+    ]

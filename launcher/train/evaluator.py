@@ -8,8 +8,8 @@ launcher/train/evaluation.py, shared with `launcher evaluate`.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -36,9 +36,18 @@ class Evaluator:
     """Decides when to evaluate (`due_after_step`, `at_epoch_ends`) and evaluates: every rank calls
     `evaluate` alike."""
 
-    def __init__(self, cfg: TrainConfig, val_data: SplitLoader | None, parts, accelerator: Accelerator,
-                 parallel: Parallel, state: RunState, data_health: DataHealth, val_samples: int,
-                 beat: Callable[[], None]):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        val_data: SplitLoader | None,
+        parts,
+        accelerator: Accelerator,
+        parallel: Parallel,
+        state: RunState,
+        data_health: DataHealth,
+        val_samples: int,
+        beat: Callable[[], None],
+    ):
         self.eval_every = cfg.eval_every  # optimizer steps (0: at epoch ends)
         self.eval_batches = cfg.eval_batches  # per process (0: all)
         self.channels_last, self.log_images = cfg.channels_last, cfg.log_images
@@ -46,7 +55,9 @@ class Evaluator:
         self.checked, self.extra_metrics = parts.checked, parts.extra_metrics
         self.data_health, self.beat = data_health, beat  # beat: the hang watchdog's, once per batch
         self.val_samples = val_samples  # the whole split's
-        self.best = BestMetric(cfg.best_metric, cfg.best_mode, cfg.early_stop_patience, state, cfg.early_stop_min_delta)
+        self.best = BestMetric(
+            cfg.best_metric, cfg.best_mode, cfg.early_stop_patience, state, cfg.early_stop_min_delta
+        )
         self.evaluated_step = -1  # the step of this process's last evaluation
 
     @property
@@ -88,15 +99,25 @@ class Evaluator:
         acc, raw = self.accelerator, prefix == "val"
         metrics = TaskMetrics(self.checked.task, self.checked.num_classes, acc.device, self.extra_metrics)
         on_errors = (lambda errors: self.data_health.note(errors, "val")) if raw else None
-        passed = evaluate_split(model, self._beating(self._batches()), self.checked.step, metrics, acc, prefix,
-                                self.channels_last, on_errors,
-                                lockstep=self.checked.example if self.parallel.sharded else None)
+        passed = evaluate_split(
+            model,
+            self._beating(self._batches()),
+            self.checked.step,
+            metrics,
+            acc,
+            prefix,
+            self.channels_last,
+            on_errors,
+            lockstep=self.checked.example if self.parallel.sharded else None,
+        )
         result, examples = passed.metrics, None
         if raw and passed.first is not None and acc.is_main_process and self.log_images:
             examples = example_images(*passed.first, self.log_images)
         if raw:
             unreadable = passed.unreadable
-            skipped = int(acc.reduce(torch.tensor(float(sum(unreadable.values())), device=acc.device), "sum").item())
+            skipped = int(
+                acc.reduce(torch.tensor(float(sum(unreadable.values())), device=acc.device), "sum").item()
+            )
             read = self.val_samples if not self.eval_batches else result[f"{prefix}/samples"] + skipped
             self.data_health.end_of_pass(skipped, read, "val", unreadable)
             result["val/unreadable"] = skipped

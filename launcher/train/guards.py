@@ -43,8 +43,15 @@ class NonFiniteGuard:
     pass over them, `weights_norm`) when a step since the last check had no norm: nothing it
     spoilt is saved, logged or evaluated."""
 
-    def __init__(self, mode: str, fp16: bool, state: RunState, last_checkpoint: Callable[[], str | None],
-                 is_main: bool, weights_norm: Callable[[], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        mode: str,
+        fp16: bool,
+        state: RunState,
+        last_checkpoint: Callable[[], str | None],
+        is_main: bool,
+        weights_norm: Callable[[], torch.Tensor] | None = None,
+    ):
         self.mode, self.fp16, self.state = mode, fp16, state
         self.last_checkpoint, self.is_main = last_checkpoint, is_main
         self.weights_norm = weights_norm  # the parameters' global norm (a collective under FSDP)
@@ -81,7 +88,11 @@ class NonFiniteGuard:
         if not self.unchecked:
             return
         unchecked, self.unchecked = self.unchecked, []
-        values = [value for _, loss, norm in unchecked for value in (loss.float(), norm if norm is not None else loss.float())]
+        values = [
+            value
+            for _, loss, norm in unchecked
+            for value in (loss.float(), norm if norm is not None else loss.float())
+        ]
         normless = self.weights_norm is not None and any(norm is None for _, _, norm in unchecked)
         if normless:
             values.append(self.weights_norm().float())
@@ -89,18 +100,22 @@ class NonFiniteGuard:
         if not len(bad):
             return
         first = int(bad[0])
-        saved = (f"stopped at step {current_step} with nothing saved since; "
-                 f"last checkpoint: {self.last_checkpoint() or 'none'}")
+        saved = (
+            f"stopped at step {current_step} with nothing saved since; "
+            f"last checkpoint: {self.last_checkpoint() or 'none'}"
+        )
         if first == 2 * len(unchecked):  # only the weights
             raise RunStopped(
                 f"the weights are NaN/Inf after step {current_step}: a gradient was non-finite at step "
                 f"{unchecked[0][0]} or after, with finite losses; {saved}. "
-                "Lower --lr, set --max_grad_norm, or pass --nonfinite=skip to skip such steps")
+                "Lower --lr, set --max_grad_norm, or pass --nonfinite=skip to skip such steps"
+            )
         step, loss, norm = unchecked[first // 2]
         shown = f", gradient norm {float(norm):.4g}" if norm is not None else ""
         raise RunStopped(
             f"step {step}: loss {float(loss):.4g}{shown} (non-finite); {saved}. Lower "
-            "--lr, set --max_grad_norm, or pass --nonfinite=skip to skip such steps")
+            "--lr, set --max_grad_norm, or pass --nonfinite=skip to skip such steps"
+        )
 
 
 class DataHealth:
@@ -109,11 +124,22 @@ class DataHealth:
     the ranks by the caller, in a collective it makes anyway) added to the run's total; and the run
     stopped, on every rank at once, above --max_corrupt_fraction."""
 
-    def __init__(self, output_dir: str, rank: int, max_corrupt_fraction: float, gather: Callable[[list], list],
-                 state: RunState):
+    def __init__(
+        self,
+        output_dir: str,
+        rank: int,
+        max_corrupt_fraction: float,
+        gather: Callable[[list], list],
+        state: RunState,
+    ):
         self.path = os.path.join(output_dir, "data_errors", f"rank{rank}.jsonl")
         self.directory = os.path.dirname(self.path)
-        self.rank, self.max_corrupt_fraction, self.gather, self.state = rank, max_corrupt_fraction, gather, state
+        self.rank, self.max_corrupt_fraction, self.gather, self.state = (
+            rank,
+            max_corrupt_fraction,
+            gather,
+            state,
+        )
         self.shown = 0
 
     def note(self, errors: list[dict], split: str) -> None:
@@ -127,10 +153,17 @@ class DataHealth:
         for error in errors:
             self.shown += 1
             if self.shown <= SHOWN_ERRORS:
-                what = f"sample {error['key']}" if error["key"] else f"{error['samples']} samples (rest of shard)"
+                what = (
+                    f"sample {error['key']}"
+                    if error["key"]
+                    else f"{error['samples']} samples (rest of shard)"
+                )
                 kind = error.get("kind", "unreadable")
-                tqdm.write(printable(f"rank {self.rank}: skipped {kind} {what} in {error['shard']}: "
-                                     f"{error['reason']}"))  # a key that is not UTF-8 is escaped, not a crash
+                tqdm.write(
+                    printable(
+                        f"rank {self.rank}: skipped {kind} {what} in {error['shard']}: {error['reason']}"
+                    )
+                )  # a key that is not UTF-8 is escaped, not a crash
             elif self.shown == SHOWN_ERRORS + 1:
                 tqdm.write(f"rank {self.rank}: more unreadable samples; all are listed in {self.path}")
 
@@ -153,7 +186,8 @@ class DataHealth:
             f"{total} of {samples} {name} samples in epoch {self.state.epoch} are unreadable, more than "
             f"--max_corrupt_fraction={self.max_corrupt_fraction}; worst shards: "
             + ", ".join(f"{shard} ({n})" for shard, n in merged.most_common(3))
-            + f"; details in {self.directory}/. Rewrite or drop those shards")
+            + f"; details in {self.directory}/. Rewrite or drop those shards"
+        )
 
 
 class BestMetric:

@@ -29,7 +29,11 @@ SUMS = {  # what each task's metrics sum over the validation samples
     "regression": ("count", "squared_errors", "absolute_errors", "targets", "target_squares"),
     "language_model": ("correct_tokens", "counted_tokens"),
 }
-LOSS_NAMES = {"CrossEntropy": "cross-entropy", "NLL": "negative log-likelihood", "BCEWithLogits": "binary cross-entropy"}
+LOSS_NAMES = {
+    "CrossEntropy": "cross-entropy",
+    "NLL": "negative log-likelihood",
+    "BCEWithLogits": "binary cross-entropy",
+}
 
 
 def infer_task(outputs: Any, targets: Any) -> str:
@@ -63,8 +67,14 @@ class TaskMetrics:
     and Accelerate together (it imports transformers, scipy and matplotlib where they are
     installed), in every process of every run; a recipe's own `build_metrics` may still use it."""
 
-    def __init__(self, task: str, num_classes: int | None, device: torch.device, extra: dict | None = None,
-                 sync: bool = True):
+    def __init__(
+        self,
+        task: str,
+        num_classes: int | None,
+        device: torch.device,
+        extra: dict | None = None,
+        sync: bool = True,
+    ):
         self.task, self.num_classes, self.device, self.sync = task, num_classes or 0, device, sync
         self.top5 = task == "classification" and self.num_classes > 5
         # float64 sums (MPS has no float64): exact counts, and no float32 drift over many batches
@@ -79,8 +89,11 @@ class TaskMetrics:
 
     def names(self, prefix: str = "val") -> list[str]:
         """The metrics an evaluation reports, besides loss and samples."""
-        names = {"classification": ["top1"] + (["top5"] if self.top5 else []),
-                 "regression": ["mse", "mae", "r2"], "language_model": ["perplexity", "token_accuracy"]}
+        names = {
+            "classification": ["top1"] + (["top5"] if self.top5 else []),
+            "regression": ["mse", "mae", "r2"],
+            "language_model": ["perplexity", "token_accuracy"],
+        }
         return [f"{prefix}/{n}" for n in names.get(self.task, []) + list(self.extra)]
 
     @torch.no_grad()
@@ -91,10 +104,13 @@ class TaskMetrics:
             outputs, classes = outputs.float(), self.num_classes
             predictions = outputs.argmax(1)
             if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= classes):
-                raise ValueError(f"classification targets must be class indices in [0, {classes}), got values "
-                                 f"from {int(targets.min())} to {int(targets.max())}")
-            self.confusion += torch.bincount(targets.long() * classes + predictions,
-                                             minlength=classes * classes).view(classes, classes)
+                raise ValueError(
+                    f"classification targets must be class indices in [0, {classes}), got values "
+                    f"from {int(targets.min())} to {int(targets.max())}"
+                )
+            self.confusion += torch.bincount(
+                targets.long() * classes + predictions, minlength=classes * classes
+            ).view(classes, classes)
             if self.top5:
                 self.sums[0] += (outputs.topk(5, dim=1).indices == targets[:, None]).any(1).sum()
         elif self.task == "regression":
@@ -102,7 +118,9 @@ class TaskMetrics:
             wide = targets.to(self.dtype)
             errors = outputs.to(self.dtype) - wide
             count = torch.tensor(float(wide.numel()), dtype=self.dtype, device=self.device)
-            self.sums += torch.stack([count, errors.square().sum(), errors.abs().sum(), wide.sum(), wide.square().sum()])
+            self.sums += torch.stack(
+                [count, errors.square().sum(), errors.abs().sum(), wide.sum(), wide.square().sum()]
+            )
         elif self.task == "language_model":
             counted = targets != IGNORE_INDEX
             self.sums[0] += (outputs.argmax(-1) == targets)[counted].sum()
@@ -130,8 +148,11 @@ class TaskMetrics:
             count = max(sums["count"], 1.0)
             # the targets' sum of squared deviations
             spread = sums["target_squares"] - sums["targets"] ** 2 / count
-            values.update(mse=sums["squared_errors"] / count, mae=sums["absolute_errors"] / count,
-                          r2=1 - sums["squared_errors"] / spread if sums["count"] > 1 and spread > 0 else math.nan)
+            values.update(
+                mse=sums["squared_errors"] / count,
+                mae=sums["absolute_errors"] / count,
+                r2=1 - sums["squared_errors"] / spread if sums["count"] > 1 and spread > 0 else math.nan,
+            )
         elif self.task == "language_model":
             values["perplexity"] = math.exp(min(loss, 700.0))
             values["token_accuracy"] = sums["correct_tokens"] / max(sums["counted_tokens"], 1.0)
@@ -139,7 +160,9 @@ class TaskMetrics:
             warnings.simplefilter("ignore")  # a rank without validation batches computes its empty states
             for name, metric in self.extra.items():
                 value = metric.compute()
-                values[name] = float(value) if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+                values[name] = (
+                    float(value) if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+                )
                 metric.reset()
         self.reset()
         return {f"{prefix}/{name}": value for name, value in values.items()}, confusion
@@ -152,7 +175,9 @@ def per_class_accuracy(confusion: list[list[int]]) -> list[float | None]:
 
 def is_accuracy(name: str) -> bool:
     """Metrics shown as percentages."""
-    return name.rsplit("/", 1)[-1] in ("top1", "top5", "token_accuracy", "accuracy") or name.endswith("_accuracy")
+    return name.rsplit("/", 1)[-1] in ("top1", "top5", "token_accuracy", "accuracy") or name.endswith(
+        "_accuracy"
+    )
 
 
 def loss_name(loss_fn: Any, style: str, count: bool, task: str) -> str:
@@ -163,5 +188,6 @@ def loss_name(loss_fn: Any, style: str, count: bool, task: str) -> str:
     if base is None and type(loss_fn).__name__ == "Regression":
         base = loss_fn.kind.upper() if loss_fn.kind == "mse" else "L1"
     base = base or ("cross-entropy" if task == "language_model" else "loss")
-    return f"per-token {base}" if count and task == "language_model" else (
-        f"{base} per item" if count else base)
+    return (
+        f"per-token {base}" if count and task == "language_model" else (f"{base} per item" if count else base)
+    )

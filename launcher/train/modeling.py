@@ -39,8 +39,10 @@ def init_layer(module: nn.Module, scheme: str) -> bool:
         if module.bias is not None:
             nn.init.zeros_(module.bias)
         return True
-    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) and getattr(
-            module, "weight", None) is not None:
+    if (
+        isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
+        and getattr(module, "weight", None) is not None
+    ):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
     return False
@@ -64,7 +66,9 @@ def model_summary(model: nn.Module, io_line: str = "") -> list[str]:
     width = max([len(r[0]) for r in rows] + [5])
     lines = [f"  {'module':<{width}}  {'params':>12}  {'trainable':>12}  {'frozen':>12}  {'MB':>8}"]
     lines += [f"  {n:<{width}}  {t:>12,}  {tr:>12,}  {f:>12,}  {mb:>8.2f}" for n, t, tr, f, mb in rows]
-    lines.append(f"  {'total':<{width}}  {total:>12,}  {trainable:>12,}  {total - trainable:>12,}  {size:>8.2f}")
+    lines.append(
+        f"  {'total':<{width}}  {total:>12,}  {trainable:>12,}  {total - trainable:>12,}  {size:>8.2f}"
+    )
     if io_line:
         lines.append(f"  {io_line}")
     return lines

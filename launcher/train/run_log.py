@@ -28,7 +28,9 @@ class RunLog:
         self.is_main = accelerator.is_main_process
         self.metrics = MetricsLog(cfg.output_dir, self.is_main)
         self.tracker = Tracker(accelerator, cfg)
-        self.progress = Progress(progress_style(cfg.progress, cfg.quiet), cfg.quiet, plan.total_steps, self.is_main)
+        self.progress = Progress(
+            progress_style(cfg.progress, cfg.quiet), cfg.quiet, plan.total_steps, self.is_main
+        )
 
     def start(self, recipe, groups, checked, classes: list[str]) -> None:
         """Main process: the plan printed; the run's files (config, recipe, environment) and task.json
@@ -38,11 +40,20 @@ class RunLog:
             return
         self.progress.say(format_plan(cfg, self.plan, groups, recipe.name))
         save_run_files(cfg, recipe, self.accelerator.num_processes)
-        write_json(cfg.output_dir, "task.json", {
-            "task": checked.task, "step": checked.step.style, "loss": checked.loss_name,
-            "metrics": checked.metric_names, "best_metric": cfg.best_metric, "best_mode": cfg.best_mode,
-            "classes": classes if checked.task == "classification" else [],
-            "steps_per_epoch": self.plan.steps_per_epoch})  # the report's --x=epoch
+        write_json(
+            cfg.output_dir,
+            "task.json",
+            {
+                "task": checked.task,
+                "step": checked.step.style,
+                "loss": checked.loss_name,
+                "metrics": checked.metric_names,
+                "best_metric": cfg.best_metric,
+                "best_mode": cfg.best_mode,
+                "classes": classes if checked.task == "classification" else [],
+                "steps_per_epoch": self.plan.steps_per_epoch,
+            },
+        )  # the report's --x=epoch
 
     def logs_at(self, step: int) -> bool:
         """Whether optimizer step `step` logs the training metrics (every --log_every, and the last)."""
@@ -75,8 +86,9 @@ class RunLog:
         if self.is_main:
             self.progress.warn(text)
 
-    def training(self, window: LogWindow, lrs: dict[str, float], next_lr: float, corrupt: float,
-                 throughput: Throughput) -> int:
+    def training(
+        self, window: LogWindow, lrs: dict[str, float], next_lr: float, corrupt: float, throughput: Throughput
+    ) -> int:
         """The training record of the steps in `window` with this step's `lrs` (the progress shows
         the first group's `next_lr`). A collective: one all-reduce for the loss, its weight and this
         rank's `corrupt` samples, whose sum over the ranks it returns."""
@@ -85,8 +97,11 @@ class RunLog:
         loss_sum, weight, corrupt_total = acc.reduce(mine, "sum").tolist()
         loss = loss_sum / max(weight, 1e-12)
         elapsed = time.perf_counter() - window.start
-        record = {"train/loss": loss, "train/samples_per_s": window.samples * world / elapsed,
-                  "train/data_wait": window.data_time / elapsed}
+        record = {
+            "train/loss": loss,
+            "train/samples_per_s": window.samples * world / elapsed,
+            "train/data_wait": window.data_time / elapsed,
+        }
         if window.grad_norm is not None:
             record["train/grad_norm"] = float(window.grad_norm)
         if self.state.skipped_steps:
@@ -108,13 +123,21 @@ class RunLog:
     def epoch_data(self, dropped: int, repeated: int, corrupt: int, unreachable: int) -> None:
         """Samples dropped or repeated to give every rank the same batches, unreadable ones, and
         unreachable ones (remote shards whose reads failed after their retries)."""
-        self.record({"data/dropped": dropped, "data/repeated": repeated, "data/unreadable": corrupt,
-                     "data/unreachable": unreachable})
+        self.record(
+            {
+                "data/dropped": dropped,
+                "data/repeated": repeated,
+                "data/unreadable": corrupt,
+                "data/unreachable": unreachable,
+            }
+        )
         if dropped or repeated or corrupt or unreachable:
             plan = self.plan
-            self.warn(f"epoch {self.state.epoch} data: {plan.train_samples} samples, "
-                      f"{plan.micro_batches_per_epoch} batches of {self.cfg.batch_size} per rank: "
-                      f"{dropped} dropped, {repeated} repeated, {corrupt} unreadable, {unreachable} unreachable")
+            self.warn(
+                f"epoch {self.state.epoch} data: {plan.train_samples} samples, "
+                f"{plan.micro_batches_per_epoch} batches of {self.cfg.batch_size} per rank: "
+                f"{dropped} dropped, {repeated} repeated, {corrupt} unreadable, {unreachable} unreachable"
+            )
 
     def trace(self, keys: list) -> None:
         """--trace_samples: this rank's training sample keys, `epoch step key` lines, in OUTPUT_DIR/samples/."""
@@ -133,11 +156,16 @@ class RunLog:
         if not self.is_main:
             return
         if evaluation.confusion is not None:
-            write_json(self.cfg.output_dir, "confusion.json",
-                       {"step": state.step, "classes": class_names, "matrix": evaluation.confusion})
+            write_json(
+                self.cfg.output_dir,
+                "confusion.json",
+                {"step": state.step, "classes": class_names, "matrix": evaluation.confusion},
+            )
         self.tracker.log_evaluation(state.step, evaluation.confusion, class_names, evaluation.examples)
-        self.progress.say(f"epoch {state.epoch} step {state.step}: {format_metrics(result, 'val')}"
-                          + (f"; EMA {format_metrics(result, 'val_ema')}" if ema else ""))
+        self.progress.say(
+            f"epoch {state.epoch} step {state.step}: {format_metrics(result, 'val')}"
+            + (f"; EMA {format_metrics(result, 'val_ema')}" if ema else "")
+        )
 
     def final(self, summary: dict, checksums: list[str] | None, ema: bool) -> None:
         """Main process: replicas.json (DDP: each rank's parameter checksum), summary.json and the final
@@ -146,12 +174,20 @@ class RunLog:
             return
         out = self.cfg.output_dir
         if checksums is not None:
-            write_json(out, "replicas.json", {"parameter_checksums": checksums, "identical": summary["replicas_identical"]})
+            write_json(
+                out,
+                "replicas.json",
+                {"parameter_checksums": checksums, "identical": summary["replicas_identical"]},
+            )
             if not summary["replicas_identical"]:
                 print("WARNING: model parameters differ across ranks (see replicas.json)", flush=True)
         write_json(out, "summary.json", summary)
-        print(done_lines(self.cfg, summary, self.state.best, ema, self.tracker.run_dir, self.tracker.tensorboard_dir),
-              flush=True)
+        print(
+            done_lines(
+                self.cfg, summary, self.state.best, ema, self.tracker.run_dir, self.tracker.tensorboard_dir
+            ),
+            flush=True,
+        )
 
     def flush(self) -> None:
         self.metrics.flush()

@@ -21,14 +21,28 @@ from collections.abc import Callable
 from accelerate import Accelerator
 
 from launcher.runtime import checkpoints
-from launcher.runtime.preemption import Interrupted, Preempted, StopSignals, requeue_slurm_job, slurm_job_to_requeue
+from launcher.runtime.preemption import (
+    Interrupted,
+    Preempted,
+    StopSignals,
+    requeue_slurm_job,
+    slurm_job_to_requeue,
+)
 from launcher.train.guards import CheckpointCadence
 from launcher.train.state import RunState
 
 
 class Saver:
-    def __init__(self, accelerator: Accelerator, output_dir: str, keep_checkpoints: int, async_checkpoint: bool,
-                 state: RunState, progress: Callable[[], None], frozen_base: frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        output_dir: str,
+        keep_checkpoints: int,
+        async_checkpoint: bool,
+        state: RunState,
+        progress: Callable[[], None],
+        frozen_base: frozenset[str] = frozenset(),
+    ):
         self.accelerator, self.output_dir, self.keep_checkpoints = accelerator, output_dir, keep_checkpoints
         self.frozen_base = frozen_base  # a PEFT model's base: not in its checkpoints
         self.async_checkpoint, self.state = async_checkpoint, state
@@ -50,8 +64,9 @@ class Saver:
         """Write a checkpoint of this step (every rank calls it), after putting the previous one in place."""
         self.finish()
         self.progress()
-        self.pending = checkpoints.save(self.accelerator, self.output_dir, trainer_state, rank_state, write_shards,
-                                        self.frozen_base)
+        self.pending = checkpoints.save(
+            self.accelerator, self.output_dir, trainer_state, rank_state, write_shards, self.frozen_base
+        )
         self.saved_step = self.state.step
         if not self.async_checkpoint:
             self.finish()
@@ -85,7 +100,11 @@ class Saver:
             if best_step == pending.step:
                 checkpoints.write_best(self.output_dir, self.state.best)
             root = os.path.join(self.output_dir, "checkpoints")
-            best = os.path.abspath(os.path.join(root, f"step-{best_step:08d}")) if best_step is not None else None
+            best = (
+                os.path.abspath(os.path.join(root, f"step-{best_step:08d}"))
+                if best_step is not None
+                else None
+            )
             protected = {final, self.resumed_from, best} - {None}
             trusted = {*self.in_place, *([self.resumed_from] if self.resumed_from else [])}
             checkpoints.prune(self.output_dir, self.keep_checkpoints, protected, trusted, pending.step)
@@ -100,8 +119,16 @@ class Checkpointing:
     gives (the trainer's state, this rank's data position); `write_shards` the sharded files;
     `after_save` runs once a checkpoint is written (the callbacks' on_save)."""
 
-    def __init__(self, saver: Saver, cadence: CheckpointCadence, state: RunState, before_save: Callable[[], None],
-                 contents: Callable[[], tuple[dict, dict]], write_shards: Callable, after_save: Callable[[], None]):
+    def __init__(
+        self,
+        saver: Saver,
+        cadence: CheckpointCadence,
+        state: RunState,
+        before_save: Callable[[], None],
+        contents: Callable[[], tuple[dict, dict]],
+        write_shards: Callable,
+        after_save: Callable[[], None],
+    ):
         self.saver, self.cadence, self.state = saver, cadence, state
         self.before_save, self.contents, self.write_shards = before_save, contents, write_shards
         self.after_save = after_save
@@ -161,8 +188,10 @@ class Checkpointing:
             raise Preempted(f"{stopped}; rerun with --resume=auto to continue")
         # Said before the requeue: its SIGTERM ends the job step, whose output forwarding can
         # then drop a line written after it.
-        sys.stderr.write(f"launcher: stopped: {stopped}; requeueing Slurm job {job}: it resumes from this "
-                         "checkpoint when it starts again\n")
+        sys.stderr.write(
+            f"launcher: stopped: {stopped}; requeueing Slurm job {job}: it resumes from this "
+            "checkpoint when it starts again\n"
+        )
         sys.stderr.flush()
         failed = requeue_slurm_job(job)
         raise Preempted(f"{failed}; rerun with --resume=auto to continue" if failed else "")
@@ -180,8 +209,11 @@ class Checkpointing:
         if best_step is None or not os.path.isfile(os.path.join(path, "model.safetensors")):
             if self.saver.accelerator.is_main_process:
                 missing = "no evaluation ran" if best_step is None else f"{path} is gone"
-                print(f"WARNING: --final_weights=best: {missing}; "
-                      "model.safetensors holds the last step's weights", flush=True)
+                print(
+                    f"WARNING: --final_weights=best: {missing}; "
+                    "model.safetensors holds the last step's weights",
+                    flush=True,
+                )
             return last
         if best_step != state.step:
             load_weights(path)

@@ -50,14 +50,23 @@ class RunState:
 
     def summary(self, batch: GlobalBatch) -> dict:
         """What the run's end (or a preemption) reports: to the trackers' summary and summary.json."""
-        summary = {"steps": self.step, "samples_seen": batch.samples_in_steps(self.step),
-                   "total_time_s": round(self.elapsed(), 1), "unreadable_skipped": self.unreadable_total,
-                   "skipped_steps": self.skipped_steps}
+        summary = {
+            "steps": self.step,
+            "samples_seen": batch.samples_in_steps(self.step),
+            "total_time_s": round(self.elapsed(), 1),
+            "unreadable_skipped": self.unreadable_total,
+            "skipped_steps": self.skipped_steps,
+        }
         if self.stopped_early:
             summary["stopped_early"] = True
         if self.best:
-            summary.update({"best/metric": self.best["metric"], "best/value": self.best["value"],
-                            "best/step": self.best["step"]})
+            summary.update(
+                {
+                    "best/metric": self.best["metric"],
+                    "best/value": self.best["value"],
+                    "best/step": self.best["step"],
+                }
+            )
         return summary
 
 
@@ -82,6 +91,7 @@ class LogWindow:
 
     def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed losses, summed weights) as float64 tensors on the device."""
+
         def total(values: list) -> torch.Tensor:
             tensors = [v for v in values if isinstance(v, torch.Tensor)]
             numbers = sum(v for v in values if not isinstance(v, torch.Tensor))

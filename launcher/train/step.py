@@ -17,15 +17,13 @@ The split's `batch_transform` runs on the device on a pair's inputs, or on the w
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
-from collections.abc import Callable
 
 import torch
 
 from launcher.data.batch import to_device
-
 
 STYLES = ("pair", "model_loss", "compute_loss")
 
@@ -62,10 +60,16 @@ def as_step_output(result: Any) -> StepOutput:
     if isinstance(result, tuple) and len(result) == 2:
         return StepOutput(*result)
     if _field(result, "loss") is not None:
-        return StepOutput(_field(result, "loss"), _field(result, "count"), _field(result, "outputs"),
-                          _field(result, "targets"))
-    raise TypeError(f"compute_loss returned {type(result).__name__}; return a loss tensor, (loss_sum, count) "
-                    "or launcher.StepOutput")
+        return StepOutput(
+            _field(result, "loss"),
+            _field(result, "count"),
+            _field(result, "outputs"),
+            _field(result, "targets"),
+        )
+    raise TypeError(
+        f"compute_loss returned {type(result).__name__}; return a loss tensor, (loss_sum, count) "
+        "or launcher.StepOutput"
+    )
 
 
 def choose_style(data: Any, has_compute_loss: bool, has_build_loss: bool) -> str:
@@ -76,18 +80,32 @@ def choose_style(data: Any, has_compute_loss: bool, has_build_loss: bool) -> str
         return "model_loss"
     if isinstance(data, (tuple, list)) and len(data) == 2:
         return "pair"
-    kind = f"a dict (keys {', '.join(map(str, data))})" if isinstance(data, Mapping) else (
-        f"a {len(data)}-item {type(data).__name__}" if isinstance(data, (tuple, list)) else type(data).__name__)
-    raise ValueError(f"a batch is {kind}, which fits no step: make each sample an (inputs, target) pair, or a dict "
-                     "for a model that returns its own loss (no build_loss), or define compute_loss(model, batch) "
-                     "in the recipe")
+    kind = (
+        f"a dict (keys {', '.join(map(str, data))})"
+        if isinstance(data, Mapping)
+        else (
+            f"a {len(data)}-item {type(data).__name__}"
+            if isinstance(data, (tuple, list))
+            else type(data).__name__
+        )
+    )
+    raise ValueError(
+        f"a batch is {kind}, which fits no step: make each sample an (inputs, target) pair, or a dict "
+        "for a model that returns its own loss (no build_loss), or define compute_loss(model, batch) "
+        "in the recipe"
+    )
 
 
 class Step:
     """One style of step, with its loss (pair) or the recipe's compute_loss."""
 
-    def __init__(self, style: str, loss_fn: Callable | None = None, compute_loss: Callable | None = None,
-                 batch_transform: Callable | None = None):
+    def __init__(
+        self,
+        style: str,
+        loss_fn: Callable | None = None,
+        compute_loss: Callable | None = None,
+        batch_transform: Callable | None = None,
+    ):
         self.style, self.loss_fn, self.compute_loss = style, loss_fn, compute_loss
         self.batch_transform = batch_transform
 
@@ -98,8 +116,11 @@ class Step:
             return data
         if self.style == "pair":
             inputs, targets = data
-            return type(data)((self.batch_transform(inputs), targets)) if isinstance(data, tuple) else [
-                self.batch_transform(inputs), targets]
+            return (
+                type(data)((self.batch_transform(inputs), targets))
+                if isinstance(data, tuple)
+                else [self.batch_transform(inputs), targets]
+            )
         return self.batch_transform(data)
 
     def __call__(self, model: torch.nn.Module, data: Any) -> StepOutput:
@@ -111,8 +132,9 @@ class Step:
             output = model(**data)
             loss = _field(output, "loss")
             if loss is None:
-                raise TypeError(f"model(**batch) returned {type(output).__name__} without a 'loss'; return "
-                                "{'loss': ..., 'logits': ...}, or give the recipe build_loss or compute_loss")
+                raise TypeError(
+                    f"model(**batch) returned {type(output).__name__} without a 'loss'; return "
+                    "{'loss': ..., 'logits': ...}, or give the recipe build_loss or compute_loss"
+                )
             return StepOutput(loss, None, _field(output, "logits"), data.get("labels"))
         return as_step_output(self.compute_loss(model, data))
-

@@ -31,14 +31,20 @@ from accelerate.utils import gather_object, set_seed
 from launcher.config import DataError, TrainConfig
 from launcher.data.layout import Position, derive_seed
 from launcher.data.loader import SplitLoader
-from launcher.optim.groups import ParamGroup, apply_freezing, build_optimizer, frozen_batchnorms, lr_multipliers
+from launcher.optim.groups import (
+    ParamGroup,
+    apply_freezing,
+    build_optimizer,
+    frozen_batchnorms,
+    lr_multipliers,
+)
 from launcher.optim.regularization import EMA, batch_mix
 from launcher.optim.schedules import LRSchedule
 from launcher.recipe import Recipe
 from launcher.runtime import checkpoints, run_config
 from launcher.runtime.distributed import build_accelerator
-from launcher.runtime.failures import failure_of
 from launcher.runtime.export import HFLayout, hf_layout
+from launcher.runtime.failures import failure_of
 from launcher.runtime.parallel import Parallel, build_parallel
 from launcher.runtime.preemption import StopSignals
 from launcher.runtime.run_lock import RunLock, agreed_lock
@@ -147,7 +153,8 @@ class Trainer:
         optimizer = build_optimizer(schedule, self.groups)
         total = self.plan.schedule_steps  # max_steps stops early; it does not shorten the schedule
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_multipliers(self.groups, schedule.lr_at, total, self.plan.steps_per_epoch))
+            optimizer, lr_multipliers(self.groups, schedule.lr_at, total, self.plan.steps_per_epoch)
+        )
         self.lr_at = schedule.lr_at
         self.mix = batch_mix(cfg.mixup_alpha, cfg.cutmix_alpha, parts.checked.num_classes)
         self.model, self.optimizer = self.parallel.prepare(model, optimizer)
@@ -162,21 +169,53 @@ class Trainer:
         """The guards, the log, the evaluator, the lock, the watchdog and the checkpointing."""
         cfg, acc, state = self.cfg, self.accelerator, self.state
         last_checkpoint = lambda: (checkpoints.checkpoint_dirs(cfg.output_dir) or [None])[-1]  # noqa: E731
-        self.guard = NonFiniteGuard(cfg.nonfinite, acc.mixed_precision == "fp16", state, last_checkpoint,
-                                    acc.is_main_process, lambda: global_norm(self.parameters))
-        self.data_health = DataHealth(cfg.output_dir, self.rank, cfg.max_corrupt_fraction, gather_object, state)
+        self.guard = NonFiniteGuard(
+            cfg.nonfinite,
+            acc.mixed_precision == "fp16",
+            state,
+            last_checkpoint,
+            acc.is_main_process,
+            lambda: global_norm(self.parameters),
+        )
+        self.data_health = DataHealth(
+            cfg.output_dir, self.rank, cfg.max_corrupt_fraction, gather_object, state
+        )
         self.run_log = RunLog(cfg, acc, self.plan, state)
-        self.signals = StopSignals(self.world, before_exit=lambda: self.lock is not None and self.lock.release(),
-                                   says=acc.is_main_process)
+        self.signals = StopSignals(
+            self.world,
+            before_exit=lambda: self.lock is not None and self.lock.release(),
+            says=acc.is_main_process,
+        )
         self.lock = None  # until it is taken, below: a second Ctrl-C releases it if held
         # Last, before anything is written: one run per output_dir (the main process holds it for all).
         self.lock = agreed_lock(acc, cfg.output_dir, log)  # None on the other ranks; a refusal raised on all
-        self.watchdog = Watchdog(cfg.hang_timeout_s, cfg.output_dir, self.rank, lambda: state.step,
-                                 before_exit=self.lock.release if self.lock is not None else lambda: None)
-        self.evaluator = Evaluator(cfg, self.val_data, parts, acc, self.parallel, state, self.data_health,
-                                   self.plan.val_samples, beat=self.watchdog.beat)
-        self.saver = Saver(acc, cfg.output_dir, cfg.keep_checkpoints, cfg.async_checkpoint, state,
-                           progress=self.watchdog.beat, frozen_base=parts.frozen_base)
+        self.watchdog = Watchdog(
+            cfg.hang_timeout_s,
+            cfg.output_dir,
+            self.rank,
+            lambda: state.step,
+            before_exit=self.lock.release if self.lock is not None else lambda: None,
+        )
+        self.evaluator = Evaluator(
+            cfg,
+            self.val_data,
+            parts,
+            acc,
+            self.parallel,
+            state,
+            self.data_health,
+            self.plan.val_samples,
+            beat=self.watchdog.beat,
+        )
+        self.saver = Saver(
+            acc,
+            cfg.output_dir,
+            cfg.keep_checkpoints,
+            cfg.async_checkpoint,
+            state,
+            progress=self.watchdog.beat,
+            frozen_base=parts.frozen_base,
+        )
         # tokens/s, MFU, stragglers
         self.throughput = Throughput(acc, parts.checked.flops_per_sample, cfg.peak_tflops)
         # --profile_steps
@@ -187,14 +226,29 @@ class Trainer:
             self.run_log.flush()  # a resume from this checkpoint finds every record up to it
 
         self.checkpointing = Checkpointing(
-            self.saver, CheckpointCadence(cfg.checkpoint_every, cfg.checkpoint_epoch_end), state, before_save,
+            self.saver,
+            CheckpointCadence(cfg.checkpoint_every, cfg.checkpoint_epoch_end),
+            state,
+            before_save,
             contents=lambda: (self._state(), self.position.to_dict()),
             write_shards=lambda path: self.parallel.write_shards(path, self.model, self.optimizer, self.ema),
-            after_save=lambda: self.callbacks("on_save"))
+            after_save=lambda: self.callbacks("on_save"),
+        )
         their_cfg = copy.deepcopy(cfg)  # a callback that changes its cfg changes nothing of the run
-        self.callbacks = build_callbacks(self.recipe, their_cfg, acc.is_main_process, lambda: View(
-            state.step, state.epoch, acc.unwrap_model(self.model), their_cfg, cfg.output_dir, acc.is_main_process,
-            self.run_log.log))
+        self.callbacks = build_callbacks(
+            self.recipe,
+            their_cfg,
+            acc.is_main_process,
+            lambda: View(
+                state.step,
+                state.epoch,
+                acc.unwrap_model(self.model),
+                their_cfg,
+                cfg.output_dir,
+                acc.is_main_process,
+                self.run_log.log,
+            ),
+        )
 
     # ---- setup ----------------------------------------------------------------------------------
 
@@ -206,7 +260,9 @@ class Trainer:
         self.run_log.start(self.recipe, self.groups, self.checked, self.classes)
         if resume_from:
             self._resume(resume_from)
-        self.state.wandb_run_id = self.run_log.tracker.start(self.state.wandb_run_id, resume_step=self.state.step)
+        self.state.wandb_run_id = self.run_log.tracker.start(
+            self.state.wandb_run_id, resume_step=self.state.step
+        )
         self.accelerator.wait_for_everyone()
 
     def _resume(self, path: str) -> None:
@@ -215,18 +271,25 @@ class Trainer:
         self.state.load_state_dict(saved)
         self._update_frozen()  # before the optimizer state loads: FSDP's covers what trains then
         read_shards = lambda path: self.parallel.read_shards(path, self.model, self.optimizer, self.ema)  # noqa: E731
-        state, rank_state = checkpoints.load(self.accelerator, path, self.parallel.sharded, read_shards,
-                                             self.peft.frozen_base)
+        state, rank_state = checkpoints.load(
+            self.accelerator, path, self.parallel.sharded, read_shards, self.peft.frozen_base
+        )
         self.run_log.metrics.drop_after(self.state.step)  # what the lost steps logged is logged again
         self.position = Position.from_dict(rank_state) if rank_state else Position(self.state.epoch)
         self.saver.start_from(path, print)  # later checkpoints set aside: another branch
         if self.position.batches:
-            run_config.check_resumable_position(path, state, self.world, self.cfg.num_workers,
-                                                self.plan.micro_batches_per_epoch)
+            run_config.check_resumable_position(
+                path, state, self.world, self.cfg.num_workers, self.plan.micro_batches_per_epoch
+            )
         if self.accelerator.is_main_process:
-            where = (f", {self.position.batches} of {self.plan.micro_batches_per_epoch} batches into it"
-                     if self.position.batches else "")
-            print(f"resumed from {path} at step {self.state.step}, epoch {self.state.epoch}{where}", flush=True)
+            where = (
+                f", {self.position.batches} of {self.plan.micro_batches_per_epoch} batches into it"
+                if self.position.batches
+                else ""
+            )
+            print(
+                f"resumed from {path} at step {self.state.step}, epoch {self.state.epoch}{where}", flush=True
+            )
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -253,8 +316,13 @@ class Trainer:
             self.checkpointing.at_end()
             self.callbacks("on_train_end")
         except (RuntimeError, ConnectionError, EOFError) as error:
-            lost = failure_of(error, self.rank, self.state.step, (self.train_data, self.val_data),
-                              terminated=self.signals.received == signal.SIGTERM)
+            lost = failure_of(
+                error,
+                self.rank,
+                self.state.step,
+                (self.train_data, self.val_data),
+                terminated=self.signals.received == signal.SIGTERM,
+            )
             if lost is None:
                 raise
             raise lost from error
@@ -327,8 +395,13 @@ class Trainer:
         logged = self.run_log.logs_at(self.state.step)
         if logged:
             self.guard.check(self.state.step)
-            corrupt = self.run_log.training(window, lrs, self.optimizer.param_groups[0]["lr"],
-                                            float(sum(self.position.corrupt.values())), self.throughput)
+            corrupt = self.run_log.training(
+                window,
+                lrs,
+                self.optimizer.param_groups[0]["lr"],
+                float(sum(self.position.corrupt.values())),
+                self.throughput,
+            )
             self.data_health.check(corrupt, self.plan.train_samples, "train", self.position.corrupt)  # so far
         else:
             self.run_log.record(lrs, flush=False)
@@ -361,8 +434,10 @@ class Trainer:
         self.position.advance(batch)
         self.data_health.note(batch.errors, "train")
         if batch.data is None:  # every sample of it was unreadable
-            raise DataError(f"rank {self.rank}: a training batch with no readable sample ({len(batch.errors)} "
-                            "unreadable); check the shards and the split's decode")
+            raise DataError(
+                f"rank {self.rank}: a training batch with no readable sample ({len(batch.errors)} "
+                "unreadable); check the shards and the split's decode"
+            )
         data = self.step_fn.prepare(batch.data, self.accelerator.device, self.cfg.channels_last)
         if self.mix is not None:
             data = type(data)(self.mix(*data))
@@ -434,8 +509,10 @@ class Trainer:
         sched = self.lr_scheduler
         for group, base, fn in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["lr"] = base * fn(sched.last_epoch)
-        self.run_log.say(f"step {self.state.step}: {self.cfg.lr_plateau_metric} plateaued, LR now "
-                         f"{self.optimizer.param_groups[0]['lr']:.3g}")
+        self.run_log.say(
+            f"step {self.state.step}: {self.cfg.lr_plateau_metric} plateaued, LR now "
+            f"{self.optimizer.param_groups[0]['lr']:.3g}"
+        )
 
     def _stop_early_if_due(self) -> bool:
         """Early stopping (--early_stop_patience evaluations without improvement): True if it stops the
@@ -444,23 +521,36 @@ class Trainer:
             return self.state.stopped_early
         best, cfg = self.state.best, self.cfg
         by = f" by more than {cfg.early_stop_min_delta:g}" if cfg.early_stop_min_delta else ""
-        self.run_log.warn(f"early stop at step {self.state.step}: {cfg.best_metric} has not improved{by} for "
-                          f"{cfg.early_stop_patience} evaluations (best {best['value']:.4g} at step {best['step']})")
+        self.run_log.warn(
+            f"early stop at step {self.state.step}: {cfg.best_metric} has not improved{by} for "
+            f"{cfg.early_stop_patience} evaluations (best {best['value']:.4g} at step {best['step']})"
+        )
         return True
 
     def _report_epoch_data(self) -> None:
         """Samples dropped or repeated to give every rank the same batches, and unreadable ones."""
-        repeated, corrupt, unreachable = self.run_log.summed(self.position.repeated, sum(self.position.corrupt.values()),
-                                                             sum(self.position.unreachable.values()))
+        repeated, corrupt, unreachable = self.run_log.summed(
+            self.position.repeated,
+            sum(self.position.corrupt.values()),
+            sum(self.position.unreachable.values()),
+        )
         self.data_health.end_of_pass(corrupt, self.plan.train_samples, "train", self.position.corrupt)
-        self.run_log.epoch_data(self.train_data.planned_dropped(self.state.epoch), repeated, corrupt, unreachable)
+        self.run_log.epoch_data(
+            self.train_data.planned_dropped(self.state.epoch), repeated, corrupt, unreachable
+        )
 
     def _check_signals(self, now: bool = False) -> None:
         self.checkpointing.stop_if_signalled(self.signals, now, close_log=self.run_log.close)
 
     def _state(self) -> dict:
-        return {**self.state.state_dict(), **self.peft.state(), "config": dataclasses.asdict(self.cfg), "world_size": self.world,
-                "num_workers": self.cfg.num_workers, "batches_per_epoch": self.plan.micro_batches_per_epoch}
+        return {
+            **self.state.state_dict(),
+            **self.peft.state(),
+            "config": dataclasses.asdict(self.cfg),
+            "world_size": self.world,
+            "num_workers": self.cfg.num_workers,
+            "batches_per_epoch": self.plan.micro_batches_per_epoch,
+        }
 
     # ---- the end --------------------------------------------------------------------------------
 
@@ -478,13 +568,18 @@ class Trainer:
         acc, cfg = self.accelerator, self.cfg
         acc.wait_for_everyone()
         final = self.checkpointing.final_weights(
-            cfg.final_weights, lambda path: self.parallel.load_checkpoint_weights(self.model, path))
+            cfg.final_weights, lambda path: self.parallel.load_checkpoint_weights(self.model, path)
+        )
         # model.safetensors or shards, the EMA's, hf/
         exported = self.parallel.export(self.model, self.ema, self.hf)
         # OUTPUT_DIR/adapter/, hf/
         self.peft.export(acc.unwrap_model(self.model), cfg.output_dir, cfg.export_merged)
-        summary = {**self.state.summary(self.plan.batch), **final, **exported,
-                   "memory_per_process": self.parallel.memory(self.model, self.optimizer)}
+        summary = {
+            **self.state.summary(self.plan.batch),
+            **final,
+            **exported,
+            "memory_per_process": self.parallel.memory(self.model, self.optimizer),
+        }
         checksums = self.parallel.replica_checksums(self.model)  # FSDP: none, each rank holds other shards
         if checksums is not None:
             summary["replicas_identical"] = len(set(checksums)) == 1

@@ -14,8 +14,15 @@ from conftest import ROOT, metrics
 from launcher.cli import main
 
 RECIPE = str(ROOT / "tests" / "recipes" / "callback_digits.py")
-CADENCE = ["--epochs=2", "--batch_size=64", "--eval_every=10", "--eval_batches=2", "--checkpoint_epoch_end=false",
-           "--checkpoint_every=0", "--keep_checkpoints=0"]
+CADENCE = [
+    "--epochs=2",
+    "--batch_size=64",
+    "--eval_every=10",
+    "--eval_batches=2",
+    "--checkpoint_epoch_end=false",
+    "--checkpoint_every=0",
+    "--keep_checkpoints=0",
+]
 
 
 def train(*args: str) -> None:
@@ -62,7 +69,8 @@ def test_callbacks_see_each_event_with_a_read_only_view_and_log_to_metrics(caden
     assert json.loads((cadence / "config.json").read_text())["lr"] == 3e-3
     logged = [m for m in metrics(cadence) if "callback/note" in m]
     assert [(m["step"], m["callback/steps_seen"], m["callback/note"]) for m in logged] == [
-        (s, s, f"evaluated at {s}") for s in evaluations(cadence)]
+        (s, s, f"evaluated at {s}") for s in evaluations(cadence)
+    ]
 
 
 def test_a_resume_between_two_evaluations_is_bitwise_the_uninterrupted_run(cadence, digits, tmp_path):
@@ -78,11 +86,15 @@ def test_a_resume_between_two_evaluations_is_bitwise_the_uninterrupted_run(caden
 
 def test_a_failing_callback_stops_the_run_in_one_line_naming_it(digits, tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
-        main([RECIPE, f"--data_dir={digits}", f"--output_dir={tmp_path / 'failing'}", "--fail_at=3", "--quiet"])
+        main(
+            [RECIPE, f"--data_dir={digits}", f"--output_dir={tmp_path / 'failing'}", "--fail_at=3", "--quiet"]
+        )
     assert stopped.value.code == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert errors == ["launcher: callback failed: Exploding.on_step_end raised ValueError: no luck at step 3 (at "
-                      "step 3); fix the recipe's callback or remove it from callbacks(cfg)"]
+    assert errors == [
+        "launcher: callback failed: Exploding.on_step_end raised ValueError: no luck at step 3 (at "
+        "step 3); fix the recipe's callback or remove it from callbacks(cfg)"
+    ]
 
 
 def test_eval_batches_are_the_same_samples_at_every_evaluation_whatever_the_epoch(digits, tmp_path):
@@ -90,8 +102,9 @@ def test_eval_batches_are_the_same_samples_at_every_evaluation_whatever_the_epoc
     from launcher.train.trainer import Trainer
 
     recipe = load_recipe(RECIPE)
-    cfg = recipe.config_cls(data_dir=str(digits), output_dir=str(tmp_path / "run"), batch_size=64,
-                            eval_batches=2).resolved()
+    cfg = recipe.config_cls(
+        data_dir=str(digits), output_dir=str(tmp_path / "run"), batch_size=64, eval_batches=2
+    ).resolved()
     trainer = Trainer(cfg, recipe)
     try:
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -105,9 +118,21 @@ def test_eval_batches_are_the_same_samples_at_every_evaluation_whatever_the_epoc
 
 def test_early_stopping_counts_the_evaluations_of_the_cadence(digits, tmp_path, capsys):
     out = tmp_path / "early"
-    train(f"--data_dir={digits}", f"--output_dir={out}", "--batch_size=64", "--lr=0", "--eval_every=5",
-          "--eval_batches=2", "--early_stop_patience=2", "--best_metric=val/loss", "--best_mode=min")
+    train(
+        f"--data_dir={digits}",
+        f"--output_dir={out}",
+        "--batch_size=64",
+        "--lr=0",
+        "--eval_every=5",
+        "--eval_batches=2",
+        "--early_stop_patience=2",
+        "--best_metric=val/loss",
+        "--best_mode=min",
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_early"] is True and summary["steps"] == 15  # best at 5, 2 more
     assert list(evaluations(out)) == [5, 10, 15]
-    assert capsys.readouterr().out.count("early stop at step 15: val/loss has not improved for 2 evaluations") == 1
+    assert (
+        capsys.readouterr().out.count("early stop at step 15: val/loss has not improved for 2 evaluations")
+        == 1
+    )

@@ -13,17 +13,29 @@ from safetensors.torch import load_file
 from conftest import ROOT, child_env, launcher, metrics, planted_pickle
 from launcher.runtime import checkpoints
 
-
 LM = "recipes/char_lm_tiny"
 RESNET = "recipes/resnet_finetune_tiny"
 # char LM: clipping on (max_grad_norm=1 in the recipe), EMA, checkpoints every 5 steps written in the
 # background, evaluations every 10 steps on each process's first 2 batches of 8
-LM_ARGS = ["--max_steps=20", "--log_every=1", "--ema_decay=0.9", "--checkpoint_every=5", "--eval_every=10",
-           "--eval_batches=2"]
+LM_ARGS = [
+    "--max_steps=20",
+    "--log_every=1",
+    "--ema_decay=0.9",
+    "--checkpoint_every=5",
+    "--eval_every=10",
+    "--eval_batches=2",
+]
 # ResNet fine-tune: conv1, bn1, layer1-2 frozen, layer3 unfrozen at step 3; one epoch of 29 steps, its
 # end checkpointed. No clipping: the sharded norm sums in another order (1e-6 relative), which this
 # ReLU network amplifies past 1e-5 within 20 steps; the char LM covers clipping.
-RESNET_ARGS = ["--epochs=1", "--max_steps=0", "--batch_size=24", "--log_every=1", "--max_grad_norm=0", "--unfreeze_step=3"]
+RESNET_ARGS = [
+    "--epochs=1",
+    "--max_steps=0",
+    "--batch_size=24",
+    "--log_every=1",
+    "--max_grad_norm=0",
+    "--unfreeze_step=3",
+]
 FROZEN = ("conv1.", "bn1.", "layer1.", "layer2.")
 
 
@@ -48,8 +60,14 @@ def resnet(digits, tmp_path_factory):
     runs = {}
     for mode in ("ddp", "fsdp"):
         runs[mode] = root / mode
-        launcher(RESNET, f"--data_dir={digits}", f"--output_dir={runs[mode]}", *RESNET_ARGS,
-                 f"--data_parallel={mode}", processes=2)
+        launcher(
+            RESNET,
+            f"--data_dir={digits}",
+            f"--output_dir={runs[mode]}",
+            *RESNET_ARGS,
+            f"--data_parallel={mode}",
+            processes=2,
+        )
     return runs
 
 
@@ -61,7 +79,10 @@ def test_fsdp_trains_the_char_lm_to_the_losses_of_ddp(lm):
     assert len(losses(lm["fsdp"])) == 20
     # the same 2 batches per process at each evaluation, each sample counted once
     for mode in ("ddp", "fsdp"):
-        assert [(m["step"], m["val/samples"]) for m in metrics(lm[mode]) if "val/loss" in m] == [(10, 32), (20, 32)]
+        assert [(m["step"], m["val/samples"]) for m in metrics(lm[mode]) if "val/loss" in m] == [
+            (10, 32),
+            (20, 32),
+        ]
     # The char LM's callback generates on every rank (each forward is a collective under FSDP).
     assert [m["step"] for m in metrics(lm["fsdp"]) if "val/generated" in m] == [10, 20]
     summary = json.loads((lm["fsdp"] / "summary.json").read_text())
@@ -73,9 +94,18 @@ def test_fsdp_trains_the_char_lm_to_the_losses_of_ddp(lm):
     assert "replicas_identical" not in summary and not (lm["fsdp"] / "replicas.json").exists()
 
 
-def test_an_async_checkpoint_killed_mid_write_leaves_the_previous_one_and_resume_is_bitwise(lm, text_shards, tmp_path):
+def test_an_async_checkpoint_killed_mid_write_leaves_the_previous_one_and_resume_is_bitwise(
+    lm, text_shards, tmp_path
+):
     out = tmp_path / "killed"
-    args = [LM, f"--data_dir={text_shards}", f"--output_dir={out}", *LM_ARGS, "--data_parallel=fsdp", "--async_checkpoint"]
+    args = [
+        LM,
+        f"--data_dir={text_shards}",
+        f"--output_dir={out}",
+        *LM_ARGS,
+        "--data_parallel=fsdp",
+        "--async_checkpoint",
+    ]
     env = dict(child_env(), LAUNCHER_TEST_KILL_DURING_SAVE="15")  # SIGKILL while step 15's shards are written
     killed = launcher(*args, processes=2, env=env, check=False)
     assert killed.returncode != 0
@@ -102,11 +132,21 @@ def test_a_pickle_planted_in_an_fsdp_checkpoints_dcp_metadata_runs_nothing(lm, t
     newest = sorted((out / "checkpoints").glob("step-*"))[-1]
     (newest / "sharded" / ".metadata").write_bytes(planted_pickle(marker))
     checkpoints.write_manifest(str(newest))
-    result = launcher(LM, f"--data_dir={text_shards}", f"--output_dir={out}", *LM_ARGS, "--max_steps=25",
-                      "--data_parallel=fsdp", "--resume=auto", check=False)
+    result = launcher(
+        LM,
+        f"--data_dir={text_shards}",
+        f"--output_dir={out}",
+        *LM_ARGS,
+        "--max_steps=25",
+        "--data_parallel=fsdp",
+        "--resume=auto",
+        check=False,
+    )
     assert result.returncode == 2 and not marker.exists() and "Traceback" not in result.stderr
-    assert (f"checkpoint {newest}/sharded: .metadata holds a disallowed type posix.system; it was not written by "
-            "the launcher") in result.stderr.strip().splitlines()[-1]
+    assert (
+        f"checkpoint {newest}/sharded: .metadata holds a disallowed type posix.system; it was not written by "
+        "the launcher"
+    ) in result.stderr.strip().splitlines()[-1]
 
 
 def test_fsdp_fine_tunes_the_resnet_like_ddp_and_leaves_frozen_parameters_bit_identical(resnet, digits):
@@ -137,17 +177,31 @@ def test_fsdp_fine_tunes_the_resnet_like_ddp_and_leaves_frozen_parameters_bit_id
 
 
 @pytest.mark.parametrize("processes, batch_size, accumulation", [(1, 24, 2), (3, 16, 1)])
-def test_a_two_process_fsdp_checkpoint_resumes_resharded_and_trains_on(resnet, digits, tmp_path, processes,
-                                                                       batch_size, accumulation):
+def test_a_two_process_fsdp_checkpoint_resumes_resharded_and_trains_on(
+    resnet, digits, tmp_path, processes, batch_size, accumulation
+):
     import shutil
 
     out = tmp_path / f"on{processes}"
     shutil.copytree(resnet["fsdp"], out)
-    resumed = launcher(RESNET, f"--data_dir={digits}", f"--output_dir={out}", *RESNET_ARGS, "--epochs=2",
-                       "--max_steps=33", f"--batch_size={batch_size}", "--data_parallel=fsdp", "--resume=auto",
-                       "--resume_changes=allow", processes=processes)
+    resumed = launcher(
+        RESNET,
+        f"--data_dir={digits}",
+        f"--output_dir={out}",
+        *RESNET_ARGS,
+        "--epochs=2",
+        "--max_steps=33",
+        f"--batch_size={batch_size}",
+        "--data_parallel=fsdp",
+        "--resume=auto",
+        "--resume_changes=allow",
+        processes=processes,
+    )
     assert "step-00000029 at step 29, epoch 1" in resumed.stdout
-    assert f"grad_accum_steps 1 -> {accumulation} keeps the global batch of 48" in resumed.stdout or accumulation == 1
+    assert (
+        f"grad_accum_steps 1 -> {accumulation} keeps the global batch of 48" in resumed.stdout
+        or accumulation == 1
+    )
     trained_on = [m for m in metrics(out) if "train/loss" in m and m["step"] > 29]
     assert [m["step"] for m in trained_on] == list(range(30, 34))
     assert all(0 < m["train/loss"] < 5 for m in trained_on)
@@ -155,10 +209,21 @@ def test_a_two_process_fsdp_checkpoint_resumes_resharded_and_trains_on(resnet, d
 
 
 def test_fsdp_refuses_what_it_cannot_do_in_one_line(digits, tmp_path):
-    refused = launcher(RESNET, f"--data_dir={digits}", f"--output_dir={tmp_path / 'x'}", "--data_parallel=fsdp",
-                       "--ddp_comm_hook=bf16", check=False)
-    assert refused.returncode == 2 and "--ddp_comm_hook compresses DDP's all-reduce" in refused.stderr.strip().splitlines()[-1]
-    refused = launcher(RESNET, f"--data_dir={digits}", f"--output_dir={tmp_path / 'y'}", "--async_checkpoint", check=False)
+    refused = launcher(
+        RESNET,
+        f"--data_dir={digits}",
+        f"--output_dir={tmp_path / 'x'}",
+        "--data_parallel=fsdp",
+        "--ddp_comm_hook=bf16",
+        check=False,
+    )
+    assert (
+        refused.returncode == 2
+        and "--ddp_comm_hook compresses DDP's all-reduce" in refused.stderr.strip().splitlines()[-1]
+    )
+    refused = launcher(
+        RESNET, f"--data_dir={digits}", f"--output_dir={tmp_path / 'y'}", "--async_checkpoint", check=False
+    )
     assert refused.returncode == 2 and "it needs --data_parallel=fsdp" in refused.stderr
 
 
@@ -167,8 +232,17 @@ def test_a_ddp_checkpoint_is_refused_by_an_fsdp_run_naming_the_mode(resnet, digi
 
     out = tmp_path / "ddp"
     shutil.copytree(resnet["ddp"], out)
-    refused = launcher(RESNET, f"--data_dir={digits}", f"--output_dir={out}", *RESNET_ARGS, "--epochs=2",
-                       "--data_parallel=fsdp", "--resume=auto", "--resume_changes=allow", check=False)
+    refused = launcher(
+        RESNET,
+        f"--data_dir={digits}",
+        f"--output_dir={out}",
+        *RESNET_ARGS,
+        "--epochs=2",
+        "--data_parallel=fsdp",
+        "--resume=auto",
+        "--resume_changes=allow",
+        check=False,
+    )
     assert refused.returncode == 2
     assert "was written with --data_parallel=ddp, this run has --data_parallel=fsdp" in refused.stderr
 
@@ -176,10 +250,18 @@ def test_a_ddp_checkpoint_is_refused_by_an_fsdp_run_naming_the_mode(resnet, digi
 def test_one_process_fsdp_with_activation_checkpointing_bf16_and_compile(text_shards, tmp_path):
     """A single process (its own 1-rank group): activation checkpointing recomputes the same
     losses; bf16 parameters train close to fp32 and export fp32 weights; compiled units match eager."""
+
     def run(name, *args, steps=4):
         out = tmp_path / name
-        launcher(LM, f"--data_dir={text_shards}", f"--output_dir={out}", f"--max_steps={steps}", "--log_every=1",
-                 "--data_parallel=fsdp", *args)
+        launcher(
+            LM,
+            f"--data_dir={text_shards}",
+            f"--output_dir={out}",
+            f"--max_steps={steps}",
+            "--log_every=1",
+            "--data_parallel=fsdp",
+            *args,
+        )
         return out
 
     eager = run("eager")
@@ -189,7 +271,9 @@ def test_one_process_fsdp_with_activation_checkpointing_bf16_and_compile(text_sh
     assert max(abs(a - b) for a, b in zip(losses(eager), losses(bf16))) < 0.05
     assert {t.dtype for t in load_file(str(bf16 / "model.safetensors")).values()} == {torch.float32}
     compiled = run("compiled", "--compile", steps=2)  # each block compiled (the evaluation compiles again)
-    assert len(losses(compiled)) == 2 and max(abs(a - b) for a, b in zip(losses(eager), losses(compiled))) < 1e-4
+    assert (
+        len(losses(compiled)) == 2 and max(abs(a - b) for a, b in zip(losses(eager), losses(compiled))) < 1e-4
+    )
 
 
 def test_the_plan_shows_the_shard_units_and_the_bytes_per_process(text_shards):
@@ -201,8 +285,15 @@ def test_the_plan_shows_the_shard_units_and_the_bytes_per_process(text_shards):
 
 def test_the_nonfinite_guard_skips_a_step_of_an_fsdp_run(digits, tmp_path):
     out = tmp_path / "nan"
-    launcher(str(ROOT / "tests" / "recipes" / "nan_digits.py"), f"--data_dir={digits}", f"--output_dir={out}",
-             "--nan_step=7", "--nonfinite=skip", "--max_steps=12", "--data_parallel=fsdp")
+    launcher(
+        str(ROOT / "tests" / "recipes" / "nan_digits.py"),
+        f"--data_dir={digits}",
+        f"--output_dir={out}",
+        "--nan_step=7",
+        "--nonfinite=skip",
+        "--max_steps=12",
+        "--data_parallel=fsdp",
+    )
     assert [m["train/skipped_steps"] for m in metrics(out) if "train/skipped_steps" in m][-1] == 1
     assert all(torch.isfinite(w).all() for w in load_file(str(out / "model.safetensors")).values())
 
@@ -212,14 +303,35 @@ def test_the_fsdp_benchmark_measures_both_modes_through_bench_gpu(text_shards, t
     import sys
 
     out = tmp_path / "fsdp.json"
-    result = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--fsdp", "--fsdp_processes=2",
-                             "--fsdp_layers=2", "--fsdp_width=64", "--fsdp_block=16", "--fsdp_batch=2",
-                             "--fsdp_precision=no", "--steps=2", "--warmup=1", f"--data_dir={text_shards}",
-                             f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "scripts/bench_gpu.py",
+            "--fsdp",
+            "--fsdp_processes=2",
+            "--fsdp_layers=2",
+            "--fsdp_width=64",
+            "--fsdp_block=16",
+            "--fsdp_batch=2",
+            "--fsdp_precision=no",
+            "--steps=2",
+            "--warmup=1",
+            f"--data_dir={text_shards}",
+            f"--out={out}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     ddp, fsdp = report["rows"]
-    assert (ddp["mode"], fsdp["mode"]) == ("ddp", "fsdp") and ddp["steps_per_s"] > 0 and fsdp["steps_per_s"] > 0
+    assert (
+        (ddp["mode"], fsdp["mode"]) == ("ddp", "fsdp") and ddp["steps_per_s"] > 0 and fsdp["steps_per_s"] > 0
+    )
     assert report["ratios"]["state"] == pytest.approx(fsdp["state_mb"] / ddp["state_mb"])
     assert 0.45 < report["ratios"]["state"] < 0.6  # half of each tensor's rows, padded
-    assert f"params + grads + optimizer state {report['ratios']['state']:.3f} (target <= 0.55)" in result.stdout
+    assert (
+        f"params + grads + optimizer state {report['ratios']['state']:.3f} (target <= 0.55)" in result.stdout
+    )

@@ -26,15 +26,32 @@ def fsdp_run(tmp_path_factory):
     from tokenizers import Tokenizer, models
 
     root = tmp_path_factory.mktemp("hf_fsdp")
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True)
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(str(root / "pretrained"), max_shard_size="20KB")
-    transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")),
-                                         unk_token="[UNK]").save_pretrained(str(root / "pretrained"))
-    launcher(RECIPE, f"--model_dir={root / 'pretrained'}", f"--loaded_dir={root / 'loaded'}", f"--output_dir={root / 'run'}",
-             "--data_parallel=fsdp", "--max_shard_size=20KB", f"--max_steps={STEPS}", f"--checkpoint_every={STEPS}",
-             processes=2)
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")),
+        unk_token="[UNK]",
+    ).save_pretrained(str(root / "pretrained"))
+    launcher(
+        RECIPE,
+        f"--model_dir={root / 'pretrained'}",
+        f"--loaded_dir={root / 'loaded'}",
+        f"--output_dir={root / 'run'}",
+        "--data_parallel=fsdp",
+        "--max_shard_size=20KB",
+        f"--max_steps={STEPS}",
+        f"--checkpoint_every={STEPS}",
+        processes=2,
+    )
     return root
 
 
@@ -66,12 +83,18 @@ def test_an_fsdp_run_loads_the_pretrained_llama_whole_and_exports_what_transform
     tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
     assert torch.equal(exported(tokens).logits, checkpointed(tokens).logits)
     hf_files = {path.name for path in (run / "hf").iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
-            "tokenizer_config.json"} <= hf_files and len([n for n in hf_files if n.startswith("model-")]) > 2
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= hf_files and len([n for n in hf_files if n.startswith("model-")]) > 2
     # the launcher's own export: shards with an index, the same tensors
     assert len(list(run.glob("model-*-of-*.safetensors"))) > 2 and not (run / "model.safetensors").exists()
     with open_weights(str(run)) as files:
         assert all(torch.equal(files.read(name), final[name]) for name in files.names)
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["weights_file"] == str(run / "model.safetensors.index.json") and summary["hf_dir"] == str(run / "hf")
-
+    assert summary["weights_file"] == str(run / "model.safetensors.index.json") and summary["hf_dir"] == str(
+        run / "hf"
+    )

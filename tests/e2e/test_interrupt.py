@@ -59,18 +59,27 @@ def test_ctrl_c_checkpoints_says_one_line_exits_130_and_resumes_bitwise(digits, 
     text = log.read_text()
     said = [line for line in text.splitlines() if line.startswith("launcher: ")]
     assert len(said) == 1, text[-3000:]
-    step = int(re.fullmatch(r"launcher: interrupted at step (\d+) \(checkpoint (.+)\); continue with --resume=auto",
-                            said[0]).group(1))
+    step = int(
+        re.fullmatch(
+            r"launcher: interrupted at step (\d+) \(checkpoint (.+)\); continue with --resume=auto", said[0]
+        ).group(1)
+    )
     assert step == STOP_AT if processes == 1 else STOP_AT <= step <= STOP_AT + 1  # 2: agreed one step later
-    assert f"(checkpoint {out / 'checkpoints' / f'step-{step:08d}'})" in said[0] and os.listdir(out / "checkpoints") == [f"step-{step:08d}"]
+    assert f"(checkpoint {out / 'checkpoints' / f'step-{step:08d}'})" in said[0] and os.listdir(
+        out / "checkpoints"
+    ) == [f"step-{step:08d}"]
     assert "Traceback" not in text and "\r" not in text  # not a terminal: lines, no tqdm frames
     assert f"step {STOP_AT}/12 (25%) loss " in text and " samples/s eta " in text
     assert not (out / "run.lock").exists()
 
     resumed = launcher(*args, f"--output_dir={out}", "--resume=auto", "--quiet", processes=processes)
     quiet = resumed.stdout.splitlines()  # no plan, progress or evaluation: where it resumed, and the end
-    assert quiet[0].startswith(f"resumed from {out / 'checkpoints' / f'step-{step:08d}'} at step {step}, epoch 0")
+    assert quiet[0].startswith(
+        f"resumed from {out / 'checkpoints' / f'step-{step:08d}'} at step {step}, epoch 0"
+    )
     assert quiet[1] == "done: 12 optimizer steps" and quiet[-1].startswith("  weights "), quiet
-    reference = launcher(*args, f"--output_dir={tmp_path / 'reference'}", "--progress=lines", processes=processes)
+    reference = launcher(
+        *args, f"--output_dir={tmp_path / 'reference'}", "--progress=lines", processes=processes
+    )
     assert "step 12/12 (100%) loss " in reference.stdout and "\r" not in reference.stdout + reference.stderr
     assert same_weights(out, tmp_path / "reference")

@@ -13,12 +13,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (MLP_RECIPE, ROOT, child_env, launcher, launcher_children, launcher_command, start_launcher,
-                      wait_for_step)
+from conftest import (
+    MLP_RECIPE,
+    ROOT,
+    child_env,
+    launcher,
+    launcher_children,
+    launcher_command,
+    start_launcher,
+    wait_for_step,
+)
 from launcher.config import TrainConfig
 from launcher.runtime import checkpoints
 from launcher.runtime.failures import running
-
 
 ARGS = ["--max_steps=12", "--checkpoint_every=2"]
 
@@ -33,10 +40,16 @@ def same_weights(a, b) -> bool:
 
 
 def intact(run_dir) -> list[str]:
-    return [os.path.basename(p) for p in checkpoints.checkpoint_dirs(str(run_dir)) if checkpoints.verify(p) is None]
+    return [
+        os.path.basename(p)
+        for p in checkpoints.checkpoint_dirs(str(run_dir))
+        if checkpoints.verify(p) is None
+    ]
 
 
-def test_killed_at_each_point_of_the_save_protocol_with_a_torn_newest_the_lineage_resumes_bitwise(digits, tmp_path):
+def test_killed_at_each_point_of_the_save_protocol_with_a_torn_newest_the_lineage_resumes_bitwise(
+    digits, tmp_path
+):
     reference, out = tmp_path / "reference", tmp_path / "run"
     launcher(MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={reference}", *ARGS)
     run = [MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", *ARGS]
@@ -49,15 +62,25 @@ def test_killed_at_each_point_of_the_save_protocol_with_a_torn_newest_the_lineag
     weights.write_bytes(weights.read_bytes()[:-64])
     # With --keep_checkpoints=1, killed while pruning after its step 10: the one it resumed from (6) and
     # its newest (10) stay; the torn one, set aside, was never counted.
-    killed = launcher(*run, "--resume=auto", "--keep_checkpoints=1", extra_env={checkpoints.KILL_AT: "10:pruning"},
-                      check=False)
+    killed = launcher(
+        *run,
+        "--resume=auto",
+        "--keep_checkpoints=1",
+        extra_env={checkpoints.KILL_AT: "10:pruning"},
+        check=False,
+    )
     assert killed.returncode == -signal.SIGKILL
     assert "skips checkpoint" in killed.stdout and "(step-00000008) moved to" in killed.stdout
     assert os.listdir(out / "checkpoints" / checkpoints.ABANDONED_DIR) == ["step-00000008"]
     assert {"step-00000006", "step-00000010"} <= set(intact(out))
     # Killed at step 12 with every file written and none synced: no manifest, never picked.
-    killed = launcher(*run, "--resume=auto", "--keep_checkpoints=1", extra_env={checkpoints.KILL_AT: "12:unsynced"},
-                      check=False)
+    killed = launcher(
+        *run,
+        "--resume=auto",
+        "--keep_checkpoints=1",
+        extra_env={checkpoints.KILL_AT: "12:unsynced"},
+        check=False,
+    )
     assert killed.returncode == -signal.SIGKILL and "step-00000012" not in names(out)
     assert checkpoints.find_resume(TrainConfig(output_dir=str(out), resume="auto")).endswith("step-00000010")
     launcher(*run, "--resume=auto", "--keep_checkpoints=1")
@@ -66,7 +89,10 @@ def test_killed_at_each_point_of_the_save_protocol_with_a_torn_newest_the_lineag
 
     # Rolled back to step 10 (after a divergence, say) and stopped at 11: step 12 is another branch now.
     launcher(*run, f"--resume={out / 'checkpoints' / 'step-00000010'}", "--max_steps=11")
-    assert sorted(os.listdir(out / "checkpoints" / checkpoints.ABANDONED_DIR)) == ["step-00000008", "step-00000012"]
+    assert sorted(os.listdir(out / "checkpoints" / checkpoints.ABANDONED_DIR)) == [
+        "step-00000008",
+        "step-00000012",
+    ]
     assert checkpoints.find_resume(TrainConfig(output_dir=str(out), resume="auto")).endswith("step-00000011")
     best = checkpoints.read_best(str(out / "checkpoints" / checkpoints.BEST_FILE))
     assert best["step"] == 11 and os.path.isdir(best["checkpoint"])
@@ -75,8 +101,15 @@ def test_killed_at_each_point_of_the_save_protocol_with_a_torn_newest_the_lineag
 def test_ranks_end_when_accelerate_launch_is_killed(digits, tmp_path):
     """torchrun starts its ranks in sessions of their own: SIGKILL of `accelerate launch` reaches none."""
     out = tmp_path / "run"
-    process = start_launcher(MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", "--max_steps=100000",
-                             "--epochs=1000", log=tmp_path / "log", processes=2)
+    process = start_launcher(
+        MLP_RECIPE,
+        f"--data_dir={digits}",
+        f"--output_dir={out}",
+        "--max_steps=100000",
+        "--epochs=1000",
+        log=tmp_path / "log",
+        processes=2,
+    )
     ranks: list[int] = []
     try:
         wait_for_step(out, 2, process)
@@ -118,13 +151,29 @@ def test_fsdp_a_failing_sharded_load_is_2_and_a_full_disk_inside_dcp_is_74(digit
     mount, code, err = tmp_path / "small", tmp_path / "code", tmp_path / "err"
     mount.mkdir()
     train = launcher_command(*run, f"--output_dir={mount / 'run'}", "--max_steps=25")
-    script = (f"mount -t tmpfs -o size={size} tmpfs {mount} || exit 99; {' '.join(map(str, train))} 2> {err}; "
-              f"echo $? > {code}; ls {mount / 'run' / 'checkpoints'} > {tmp_path / 'left'}")
-    mounted = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=ROOT,
-                             env=child_env(), timeout=180, stderr=subprocess.DEVNULL).returncode == 0
+    script = (
+        f"mount -t tmpfs -o size={size} tmpfs {mount} || exit 99; {' '.join(map(str, train))} 2> {err}; "
+        f"echo $? > {code}; ls {mount / 'run' / 'checkpoints'} > {tmp_path / 'left'}"
+    )
+    mounted = (
+        subprocess.run(
+            ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+            cwd=ROOT,
+            env=child_env(),
+            timeout=180,
+            stderr=subprocess.DEVNULL,
+        ).returncode
+        == 0
+    )
     if not mounted:
         pytest.skip("no user and mount namespace here to make a small tmpfs in")
     assert code.read_text().strip() == "74", err.read_text()[-2000:]
-    assert err.read_text().strip().splitlines()[-1].startswith(
-        f"launcher: stopped: no space left writing checkpoint {mount / 'run'}/checkpoints/step-00000020 (")
+    assert (
+        err.read_text()
+        .strip()
+        .splitlines()[-1]
+        .startswith(
+            f"launcher: stopped: no space left writing checkpoint {mount / 'run'}/checkpoints/step-00000020 ("
+        )
+    )
     assert (tmp_path / "left").read_text().split() == ["step-00000010"]  # no temporary directory left

@@ -23,8 +23,16 @@ def runs(tmp_path_factory):
     common = [f"--model_dir={base}", f"--data_dir={root / 'docstrings'}"]
     full, lora = root / "full", root / "lora"
     launcher(RECIPE, *common, f"--output_dir={full}")
-    launcher(RECIPE, *common, f"--output_dir={lora}", "--data_parallel=fsdp", "--lora_rank=4", "--lr=2e-2",
-             "--export_merged", processes=2)
+    launcher(
+        RECIPE,
+        *common,
+        f"--output_dir={lora}",
+        "--data_parallel=fsdp",
+        "--lora_rank=4",
+        "--lr=2e-2",
+        "--export_merged",
+        processes=2,
+    )
     return {"base": base, "full": full, "lora": lora}
 
 
@@ -50,9 +58,12 @@ def test_the_full_fine_tune_exports_a_model_and_tokenizer_transformers_loads(run
     final = load_file(runs["full"] / "model.safetensors")
     for name, tensor in exported.state_dict().items():
         assert torch.equal(tensor, final[name]), name  # the run's final weights, bitwise
-    assert not torch.equal(exported.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(
+        exported.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight
+    )
     assert AutoTokenizer.from_pretrained(runs["full"] / "hf")("def f():").input_ids == (
-        AutoTokenizer.from_pretrained(runs["base"])("def f():").input_ids)
+        AutoTokenizer.from_pretrained(runs["base"])("def f():").input_ids
+    )
 
 
 def test_the_lora_adapter_loads_in_peft_on_the_base_and_matches_the_merged_export(runs):

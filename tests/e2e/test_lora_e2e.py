@@ -32,7 +32,9 @@ def runs(tmp_path_factory):
     out = {mode: root / mode for mode in ("ddp", "fsdp")}
     launcher(RECIPE, f"--output_dir={out['ddp']}", *ARGS, "--export_merged", processes=2)
     fsdp = [RECIPE, f"--output_dir={out['fsdp']}", *ARGS, "--data_parallel=fsdp", "--export_merged"]
-    killed = launcher(*fsdp, processes=2, check=False, env=dict(child_env(), LAUNCHER_TEST_KILL_AT="6:unsynced"))
+    killed = launcher(
+        *fsdp, processes=2, check=False, env=dict(child_env(), LAUNCHER_TEST_KILL_AT="6:unsynced")
+    )
     assert killed.returncode != 0 and not (out["fsdp"] / "checkpoints" / "step-00000006").exists()
     out["resumed"] = launcher(*fsdp, "--resume=auto", processes=2).stdout
     return out
@@ -78,8 +80,13 @@ def test_checkpoints_hold_the_adapters_and_their_optimizer_state_alone(runs):
     assert len(model_keys) == 8 and all(".lora_" in key for key in model_keys)
     assert all(".lora_" in key for key in metadata.state_dict_metadata if key.startswith("optimizer.state."))
     state = json.loads((ddp / "trainer_state.json").read_text())
-    assert state["frozen_base"].startswith("xxh3_64:") and state["frozen_base"] == json.loads(
-        (runs["fsdp"] / "checkpoints" / "step-00000008" / "trainer_state.json").read_text())["frozen_base"]
+    assert (
+        state["frozen_base"].startswith("xxh3_64:")
+        and state["frozen_base"]
+        == json.loads((runs["fsdp"] / "checkpoints" / "step-00000008" / "trainer_state.json").read_text())[
+            "frozen_base"
+        ]
+    )
 
 
 def test_the_adapter_reloads_in_peft_and_the_merged_export_is_base_plus_scaled_b_a(runs):
@@ -101,7 +108,10 @@ def test_the_adapter_reloads_in_peft_and_the_merged_export_is_base_plus_scaled_b
             a, b = final[f"{prefix}.lora_A.default.weight"], final[f"{prefix}.lora_B.default.weight"]
             expected = final[f"{prefix}.base_layer.weight"] + (b @ a) * SCALING
             assert torch.equal(merged[f"model.layers.{layer}.self_attn.{projection}.weight"], expected)
-    assert torch.equal(merged["model.layers.0.mlp.up_proj.weight"], final["base_model.model.model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(
+        merged["model.layers.0.mlp.up_proj.weight"],
+        final["base_model.model.model.layers.0.mlp.up_proj.weight"],
+    )
 
 
 def test_a_resume_onto_another_base_is_refused_and_evaluate_reads_the_run(runs, tmp_path):
@@ -109,12 +119,22 @@ def test_a_resume_onto_another_base_is_refused_and_evaluate_reads_the_run(runs, 
 
     copy = tmp_path / "other_base"
     shutil.copytree(runs["fsdp"], copy)
-    refused = launcher(RECIPE, f"--output_dir={copy}", "--resume=auto", "--max_steps=9", "--base_seed=1",
-                       # 1 process: DCP reshards
-                       "--resume_changes=allow", "--data_parallel=fsdp", check=False)
+    refused = launcher(
+        RECIPE,
+        f"--output_dir={copy}",
+        "--resume=auto",
+        "--max_steps=9",
+        "--base_seed=1",
+        # 1 process: DCP reshards
+        "--resume_changes=allow",
+        "--data_parallel=fsdp",
+        check=False,
+    )
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "trained adapters on another base model" in refused.stderr.strip().splitlines()[-1]
     # the best checkpoint (step 8) holds the adapters alone: evaluate puts them on the recipe's base
     evaluated = launcher("evaluate", f"--checkpoint={runs['ddp']}/best", f"--out={tmp_path / 'evaluation'}")
     result = json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())
-    assert result["val/loss"] == pytest.approx(losses(runs["ddp"], "val/loss")[-1], abs=1e-6), evaluated.stdout
+    assert result["val/loss"] == pytest.approx(losses(runs["ddp"], "val/loss")[-1], abs=1e-6), (
+        evaluated.stdout
+    )

@@ -15,14 +15,27 @@ import transformers
 
 from conftest import launcher, metrics
 
-
 RECIPE = "tests/recipes/pretrained_llama"
 # 60 M parameters, 229 MiB in fp32, nearly all in the untied embedding and LM head (36000 x 768 each)
-LLAMA = dict(hidden_size=768, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=8,
-             num_key_value_heads=8, vocab_size=36000, tie_word_embeddings=False)
+LLAMA = dict(
+    hidden_size=768,
+    intermediate_size=1024,
+    num_hidden_layers=1,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    vocab_size=36000,
+    tie_word_embeddings=False,
+)
 # plain SGD: no optimizer state, so that the whole-model run's memory stays that of the model
-ARGS = ["--max_steps=10", "--sequence=8", "--optimizer=sgd", "--momentum=0", "--lr=0.05",
-        "--checkpoint_every=0", "--checkpoint_epoch_end=False"]
+ARGS = [
+    "--max_steps=10",
+    "--sequence=8",
+    "--optimizer=sgd",
+    "--momentum=0",
+    "--lr=0.05",
+    "--checkpoint_every=0",
+    "--checkpoint_epoch_end=False",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +50,16 @@ def runs(tmp_path_factory):
     # The whole-model path in 1 process with the global batch of the 2 FSDP ranks: the same losses
     for mode, processes, batch in (("ddp", 1, 2), ("fsdp", 2, 1)):
         out[mode] = root / mode
-        out[f"{mode}_stdout"] = launcher(RECIPE, f"--weights={root / 'llama'}", f"--output_dir={out[mode]}",
-                                         f"--data_parallel={mode}", f"--batch_size={batch}", *ARGS,
-                                         processes=processes, timeout=600).stdout
+        out[f"{mode}_stdout"] = launcher(
+            RECIPE,
+            f"--weights={root / 'llama'}",
+            f"--output_dir={out[mode]}",
+            f"--data_parallel={mode}",
+            f"--batch_size={batch}",
+            *ARGS,
+            processes=processes,
+            timeout=600,
+        ).stdout
     return out
 
 
@@ -57,7 +77,9 @@ def test_the_meta_built_fsdp_model_trains_to_the_losses_of_the_whole_model(runs)
     for key in ("train/loss", "val/loss"):
         ddp, fsdp = losses(runs["ddp"], key), losses(runs["fsdp"], key)
         assert len(ddp) == len(fsdp) > 0 and max(abs(a - b) for a, b in zip(ddp, fsdp)) < 1e-5, key
-    assert len(losses(runs["fsdp"], "train/loss")) == 10 and len(set(losses(runs["fsdp"], "train/loss"))) == 10
+    assert (
+        len(losses(runs["fsdp"], "train/loss")) == 10 and len(set(losses(runs["fsdp"], "train/loss"))) == 10
+    )
 
 
 def test_each_fsdp_rank_loads_only_its_shards_where_ddp_holds_the_whole_model(runs):
@@ -69,4 +91,6 @@ def test_each_fsdp_rank_loads_only_its_shards_where_ddp_holds_the_whole_model(ru
 def test_the_plan_says_what_building_takes_before_and_after_sharding(runs):
     line = next(line for line in runs["fsdp_stdout"].splitlines() if line.startswith("  building the model"))
     whole, per_process = runs["model_mb"], runs["model_mb"] / 2
-    assert f"{whole:.1f} MB of parameters whole before sharding, {per_process:.1f} MB per process after" in line
+    assert (
+        f"{whole:.1f} MB of parameters whole before sharding, {per_process:.1f} MB per process after" in line
+    )

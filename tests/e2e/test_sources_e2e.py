@@ -11,8 +11,9 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, launcher, metrics
 from safetensors.torch import load_file
+
+from conftest import ROOT, launcher, metrics
 
 RECIPE = str(ROOT / "tests" / "recipes" / "stream_lines.py")
 
@@ -20,8 +21,14 @@ RECIPE = str(ROOT / "tests" / "recipes" / "stream_lines.py")
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("stream") / "run"
-    result = launcher(RECIPE, f"--output_dir={out}", "--trace_samples", "--profile_steps=2:3", "--peak_tflops=1",
-                      processes=2)
+    result = launcher(
+        RECIPE,
+        f"--output_dir={out}",
+        "--trace_samples",
+        "--profile_steps=2:3",
+        "--peak_tflops=1",
+        processes=2,
+    )
     return out, result
 
 
@@ -29,8 +36,10 @@ def test_an_iterable_dataset_trains_in_two_processes_with_uneven_shares(run):
     out, _ = run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 * (101 // 16)  # two epochs of 6 whole steps of 8 x 2 samples
-    keys = {rank: [line.split()[2] for line in (out / "samples" / f"rank{rank}.txt").read_text().splitlines()]
-            for rank in range(2)}
+    keys = {
+        rank: [line.split()[2] for line in (out / "samples" / f"rank{rank}.txt").read_text().splitlines()]
+        for rank in range(2)
+    }
     assert len(keys[0]) == len(keys[1]) == 2 * 6 * 8
     epoch0 = [set(keys[rank][:48]) for rank in range(2)]
     assert all(int(k) % 2 == rank for rank in range(2) for k in epoch0[rank])  # rank r: items r, r + 2, ...
@@ -46,7 +55,10 @@ def test_throughput_fields_are_logged_with_the_training_record(run):
     for record in logged:
         assert record["train/tokens_per_s"] > 0 and record["train/flops_per_sample"] > 0
         assert 0 < record["train/mfu"] < 1  # 1 TFLOPS assumed: a small model on a CPU core reaches a fraction
-        assert 0 < record["train/ready_time_min"] <= record["train/ready_time_max"] and record["train/step_time"] > 0
+        assert (
+            0 < record["train/ready_time_min"] <= record["train/ready_time_max"]
+            and record["train/step_time"] > 0
+        )
         assert record["train/slowest_rank"] in (0, 1)
 
 
@@ -77,7 +89,14 @@ def test_a_hugging_face_stream_in_one_process_resumes_mid_epoch_through_its_stat
     """One run with 2 workers and checkpoints; then a resume from its mid-epoch checkpoint of step 8 (of 12)
     continues each worker from its dataset state: the same samples and the same weights."""
     out = tmp_path / "run"
-    common = [RECIPE, f"--output_dir={out}", "--source=hf", "--epochs=1", "--num_workers=2", "--trace_samples"]
+    common = [
+        RECIPE,
+        f"--output_dir={out}",
+        "--source=hf",
+        "--epochs=1",
+        "--num_workers=2",
+        "--trace_samples",
+    ]
     launcher(*common, "--checkpoint_every=8")
     hf_run_checks(out, processes=1)
     whole = (out / "samples" / "rank0.txt").read_text().splitlines()

@@ -40,16 +40,32 @@ class ProxyWatch:
     def env(self) -> dict:
         proxy = f"http://127.0.0.1:{self.server.getsockname()[1]}"
         env = {k: v for k, v in child_env().items() if k.lower() != "no_proxy"}
-        return dict(env, **{name: proxy for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")})
+        return dict(
+            env, **{name: proxy for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")}
+        )
 
 
 @pytest.mark.lowest  # wandb 0.19.5 and tensorboard 2.18 through Accelerate 1.1's trackers
-def test_wandb_and_tensorboard_get_per_step_and_per_evaluation_metrics_from_the_main_process_only(digits, tmp_path):
+def test_wandb_and_tensorboard_get_per_step_and_per_evaluation_metrics_from_the_main_process_only(
+    digits, tmp_path
+):
     out = tmp_path / "tracked"
     network = ProxyWatch()
-    launcher("recipes/resnet_finetune_tiny", f"--data_dir={digits}", f"--output_dir={out}", "--wandb_mode=offline",
-             "--trackers=[wandb,tensorboard]", "--wandb_name=tiny-ft", "--wandb_group=tests", "--wandb_tags=[a,b]",
-             "--wandb_notes=checking logs", "--log_every=1", "--log_images=8", processes=2, env=network.env())
+    launcher(
+        "recipes/resnet_finetune_tiny",
+        f"--data_dir={digits}",
+        f"--output_dir={out}",
+        "--wandb_mode=offline",
+        "--trackers=[wandb,tensorboard]",
+        "--wandb_name=tiny-ft",
+        "--wandb_group=tests",
+        "--wandb_tags=[a,b]",
+        "--wandb_notes=checking logs",
+        "--log_every=1",
+        "--log_images=8",
+        processes=2,
+        env=network.env(),
+    )
     # Offline means no connection at all (wandb's own usage telemetry included).
     assert network.requests == []
     # TensorBoard: one event file (rank 1 wrote none) with every scalar of metrics.jsonl, at its
@@ -57,16 +73,22 @@ def test_wandb_and_tensorboard_get_per_step_and_per_evaluation_metrics_from_the_
     tensorboard = out / "tensorboard" / "launcher"
     assert len(list(tensorboard.glob("events.out.tfevents.*"))) == 1
     scalars, logged = tensorboard_scalars(tensorboard), logged_series(metrics(out))
-    assert scalars.keys() == logged.keys() and {"val/loss", "val/top1", "lr/head", "lr/layer3"} <= scalars.keys()
+    assert (
+        scalars.keys() == logged.keys() and {"val/loss", "val/top1", "lr/head", "lr/layer3"} <= scalars.keys()
+    )
     assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4, 5, 6]
     for key, points in logged.items():
         assert [step for step, _ in scalars[key]] == [step for step, _ in points], key
-        assert [value for _, value in scalars[key]] == pytest.approx([value for _, value in points], rel=1e-6), key
+        assert [value for _, value in scalars[key]] == pytest.approx(
+            [value for _, value in points], rel=1e-6
+        ), key
     run_dirs = list((out / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1  # rank 1 created none
     records = wandb_records(run_dirs[0])
     run = next(r["run"] for r in records if r.get("type") == "run")
-    assert run["display_name"] == "tiny-ft" and run.get("run_group") == "tests" and run.get("tags") == ["a", "b"]
+    assert (
+        run["display_name"] == "tiny-ft" and run.get("run_group") == "tests" and run.get("tags") == ["a", "b"]
+    )
     assert run.get("notes") == "checking logs"
     config = {}
     for r in records:
@@ -74,7 +96,14 @@ def test_wandb_and_tensorboard_get_per_step_and_per_evaluation_metrics_from_the_
             config.update(r["config"]["update"])
     assert config["lr"] == 0.001 and config["unfreeze_step"] == 3 and config["log_images"] == 8
     steps = history(records)
-    per_step = ("train/loss", "train/grad_norm", "train/samples_per_s", "train/data_wait", "lr/head", "lr/layer3")
+    per_step = (
+        "train/loss",
+        "train/grad_norm",
+        "train/samples_per_s",
+        "train/data_wait",
+        "lr/head",
+        "lr/layer3",
+    )
     for key in per_step:
         assert [h["_step"] for h in steps if key in h] == [1, 2, 3, 4, 5, 6], key
     last = steps[-1]
@@ -112,16 +141,25 @@ def test_the_report_for_two_runs_shows_their_plots_and_config_differences_in_a_b
     assert f"report: {page}" in result.stdout
     text = page.read_text()
     assert not re.search(r'(src|href)="(?!data:)', text)  # nothing to fetch: it opens from disk, offline
-    rows = dict(re.findall(r"<tr><td>([^<]+)</td>((?:<td>[^<]*</td>)+)</tr>", text.split("Config differences")[1]))
+    rows = dict(
+        re.findall(r"<tr><td>([^<]+)</td>((?:<td>[^<]*</td>)+)</tr>", text.split("Config differences")[1])
+    )
     assert set(rows) == {"lr", "output_dir"} and "0.01" in rows["lr"] and "0.003" in rows["lr"]
     driver = chromium()
     try:
         driver.get(page.as_uri())
         figures = driver.find_elements("tag name", "figcaption")
         captions = [f.text for f in figures]
-        for title in ("Training loss", "Validation loss", "Validation top-1 accuracy", "Validation top-5 accuracy",
-                      "Learning rate per parameter group",
-                      "Throughput", f"Confusion matrix: {runs[0].name}", f"Confusion matrix: {runs[1].name}"):
+        for title in (
+            "Training loss",
+            "Validation loss",
+            "Validation top-1 accuracy",
+            "Validation top-5 accuracy",
+            "Learning rate per parameter group",
+            "Throughput",
+            f"Confusion matrix: {runs[0].name}",
+            f"Confusion matrix: {runs[1].name}",
+        ):
             assert any(c.startswith(title) for c in captions), title
         widths = driver.execute_script("return [...document.images].map(i => i.complete && i.naturalWidth)")
         assert len(widths) == len(captions) and all(w > 100 for w in widths)

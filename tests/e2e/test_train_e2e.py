@@ -13,24 +13,35 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import MLP_RECIPE, ROOT, WANDB, launcher, metrics
-from launcher.train.plan import fork_hang_warning
 from launcher.optim.schedules import warmup_cosine
-
+from launcher.train.plan import fork_hang_warning
 
 
 def val_losses(run_dir) -> list[float]:
     return [m["val/loss"] for m in metrics(run_dir) if "val/loss" in m]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["recipes/resnet_finetune_tiny", "--bach_size=4"], "unknown field --bach_size for recipes.resnet_finetune_tiny; did you mean --batch_size"),
-    (["recipes/resnet_finetune_tiny", "--epochs=three"], "--epochs expects int, got 'three'"),
-    (["recipes/nope"], "unknown recipe 'recipes/nope': tried recipes/nope.py"),
-    (["recipes/resnet_finetune_tiny", "stray"], "unexpected argument 'stray'"),
-    (["plan", "recipes/resnet_finetune_tiny", "--data_dir=/nonexistent"], "1 of 1 shard files missing, first /nonexistent/train"),
-    (["report", "/nonexistent"], "/nonexistent is not a run directory (no metrics.jsonl)"),
-    (["recipes/resnet_finetune_tiny", "--data_dir={digits}", "--unfreeze=[layer9]"], "--unfreeze names layer9; stages are layer4"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["recipes/resnet_finetune_tiny", "--bach_size=4"],
+            "unknown field --bach_size for recipes.resnet_finetune_tiny; did you mean --batch_size",
+        ),
+        (["recipes/resnet_finetune_tiny", "--epochs=three"], "--epochs expects int, got 'three'"),
+        (["recipes/nope"], "unknown recipe 'recipes/nope': tried recipes/nope.py"),
+        (["recipes/resnet_finetune_tiny", "stray"], "unexpected argument 'stray'"),
+        (
+            ["plan", "recipes/resnet_finetune_tiny", "--data_dir=/nonexistent"],
+            "1 of 1 shard files missing, first /nonexistent/train",
+        ),
+        (["report", "/nonexistent"], "/nonexistent is not a run directory (no metrics.jsonl)"),
+        (
+            ["recipes/resnet_finetune_tiny", "--data_dir={digits}", "--unfreeze=[layer9]"],
+            "--unfreeze names layer9; stages are layer4",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_on_stderr_and_exit_2(args, message, digits):
     result = launcher(*[arg.format(digits=digits) for arg in args], check=False)
     assert result.returncode == 2
@@ -39,14 +50,26 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2(args, message, digits):
 
 
 def test_plan_prints_batch_arithmetic_groups_and_outputs(digits):
-    text = launcher("plan", "recipes/resnet_finetune", f"--data_dir={digits}", "--batch_size=8",
-                    "--grad_accum_steps=2", "--world_size=4").stdout
+    text = launcher(
+        "plan",
+        "recipes/resnet_finetune",
+        f"--data_dir={digits}",
+        "--batch_size=8",
+        "--grad_accum_steps=2",
+        "--world_size=4",
+    ).stdout
     assert "world size            4 process(es)" in text
     assert "8 per device x 4 processes x 2 accumulation = 64 global" in text
     assert "1438 in 8 shards" in text and "22 per epoch x 4 epochs -> 88 total" in text
-    rows = {line.split()[0]: line.split()[1:] for line in text.split("parameter groups:")[1].splitlines()[2:-1]}
+    rows = {
+        line.split()[0]: line.split()[1:] for line in text.split("parameter groups:")[1].splitlines()[2:-1]
+    }
     assert rows["frozen"] == ["683,072", "-", "-", "never", "(frozen)"]  # conv1, bn1, layer1, layer2
-    assert rows["head"] == ["5,120", "0.01", "0.05", "always"] and rows["head/no_decay"][:3] == ["10", "0.01", "0"]
+    assert rows["head"] == ["5,120", "0.01", "0.05", "always"] and rows["head/no_decay"][:3] == [
+        "10",
+        "0.01",
+        "0",
+    ]
     assert rows["layer4"] == ["8,388,608", "0.0005", "0.05", "always"]  # lr x layer_decay
     assert rows["layer3"][:4] == ["2,097,152", "0.00025", "0.05", "from"]
     assert "from step 44 (epoch 2), LR warm-up 10 steps" in text  # 22 steps per epoch
@@ -79,8 +102,14 @@ def test_an_existing_run_is_not_overwritten_and_resume_auto_continues_it(digits,
     again = launcher(MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", "--epochs=1", check=False)
     assert again.returncode == 2 and "already holds a run; pass --resume=auto" in again.stderr
     assert (out / "model.safetensors").read_bytes() == weights
-    resumed = launcher(MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", "--epochs=2", "--resume=auto",
-                       "--resume_changes=allow")
+    resumed = launcher(
+        MLP_RECIPE,
+        f"--data_dir={digits}",
+        f"--output_dir={out}",
+        "--epochs=2",
+        "--resume=auto",
+        "--resume_changes=allow",
+    )
     assert "resumed from" in resumed.stdout and "step 89, epoch 1" in resumed.stdout
     assert [m["step"] for m in metrics(out) if "val/loss" in m] == [89, 178]
 
@@ -99,9 +128,16 @@ def test_gradient_accumulation_matches_a_larger_batch(digits, tmp_path):
     runs = {}
     for batch, accum in [(8, 2), (16, 1)]:
         out = tmp_path / f"b{batch}"
-        launcher(MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={out}", "--epochs=1",
-                 f"--batch_size={batch}", f"--grad_accum_steps={accum}", "--max_grad_norm=1.0",
-                 "--warmup_steps=5")
+        launcher(
+            MLP_RECIPE,
+            f"--data_dir={digits}",
+            f"--output_dir={out}",
+            "--epochs=1",
+            f"--batch_size={batch}",
+            f"--grad_accum_steps={accum}",
+            "--max_grad_norm=1.0",
+            "--warmup_steps=5",
+        )
         runs[batch] = load_file(str(out / "model.safetensors"))
     for key in runs[8]:
         torch.testing.assert_close(runs[8][key], runs[16][key], rtol=1e-5, atol=1e-6)
@@ -116,19 +152,32 @@ def test_gradient_accumulation_matches_a_larger_batch(digits, tmp_path):
 
 @pytest.mark.lowest  # CPU autocast in torch 2.7
 def test_bf16_trains_on_cpu_and_fp16_without_a_gpu_is_refused(digits, tmp_path):
-    launcher(MLP_RECIPE, f"--data_dir={digits}", f"--output_dir={tmp_path / 'bf16'}", "--epochs=1",
-             "--mixed_precision=bf16")
+    launcher(
+        MLP_RECIPE,
+        f"--data_dir={digits}",
+        f"--output_dir={tmp_path / 'bf16'}",
+        "--epochs=1",
+        "--mixed_precision=bf16",
+    )
     assert val_losses(tmp_path / "bf16")[0] < 0.5 * math.log(10)
     if not torch.cuda.is_available():
-        result = launcher(MLP_RECIPE, f"--output_dir={tmp_path / 'fp16'}", "--mixed_precision=fp16", check=False)
+        result = launcher(
+            MLP_RECIPE, f"--output_dir={tmp_path / 'fp16'}", "--mixed_precision=fp16", check=False
+        )
         assert result.returncode == 2 and "fp16 needs a GPU; use --mixed_precision=bf16" in result.stderr
 
 
 @pytest.mark.lowest  # DDP over gloo in torch 2.7
 def test_two_processes_see_disjoint_shards_and_keep_identical_weights(digits, tmp_path):
     out = tmp_path / "ddp"
-    result = launcher("recipes/resnet_finetune_tiny", f"--data_dir={digits}", f"--output_dir={out}",
-                      "--trace_samples=true", "--max_steps=4", processes=2)
+    result = launcher(
+        "recipes/resnet_finetune_tiny",
+        f"--data_dir={digits}",
+        f"--output_dir={out}",
+        "--trace_samples=true",
+        "--max_steps=4",
+        processes=2,
+    )
     assert "world size            2 process(es)" in result.stdout
     keys = {}
     for rank in range(2):
@@ -145,16 +194,26 @@ def test_two_processes_see_disjoint_shards_and_keep_identical_weights(digits, tm
 def test_finetune_loads_a_pretraining_run_and_logs_to_offline_wandb(digits, tmp_path):
     pre, fine = tmp_path / "pre", tmp_path / "fine"
     launcher("recipes/resnet_pretrain_tiny", f"--data_dir={digits}", f"--output_dir={pre}")
-    result = launcher("recipes/resnet_finetune_tiny", f"--data_dir={digits}", f"--output_dir={fine}",
-                      f"--weights={pre}", "--wandb_mode=offline")
+    result = launcher(
+        "recipes/resnet_finetune_tiny",
+        f"--data_dir={digits}",
+        f"--output_dir={fine}",
+        f"--weights={pre}",
+        "--wandb_mode=offline",
+    )
     assert f"from {pre}; head replaced: fc.bias, fc.weight" in result.stdout
     pretrained, tuned = load_file(str(pre / "model.safetensors")), load_file(str(fine / "model.safetensors"))
     assert torch.equal(pretrained["conv1.weight"], tuned["conv1.weight"])  # frozen stem kept
     assert not torch.equal(pretrained["layer4.1.conv2.weight"], tuned["layer4.1.conv2.weight"])
     run_dirs = list((fine / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1
-    inspect = subprocess.run([WANDB, "leet", "inspect", "--json", str(run_dirs[0])],
-                             capture_output=True, text=True, timeout=120, check=True)
+    inspect = subprocess.run(
+        [WANDB, "leet", "inspect", "--json", str(run_dirs[0])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     history = [json.loads(line) for line in inspect.stdout.splitlines() if '"history"' in line]
     logged = json.dumps(history)
     for key in ("train/loss", "val/top1", "val/loss"):
@@ -171,21 +230,41 @@ def _overhead_rates(stdout: str, model: str, unit: str) -> tuple[float, float, f
     plain = re.fullmatch(rf"plain loop +([\d.]+) {unit}   \(rounds: [\d., ]+\)", lines[start + 1])
     ours = re.fullmatch(rf"launcher +([\d.]+) {unit}   \(rounds: [\d., ]+\)", lines[start + 2])
     ratio = re.fullmatch(r"launcher / plain +([\d.]+)   \(target >= 0\.97\)", lines[start + 3])
-    assert plain and ours and ratio, lines[start:start + 4]
+    assert plain and ours and ratio, lines[start : start + 4]
     return float(plain[1]), float(ours[1]), float(ratio[1])
 
 
 def test_overhead_benchmark_runs_and_reports_a_ratio(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_overhead.py"), "--steps=10",
-                             "--warmup=0", "--repeats=1", "--hidden=64", "--n_layer=1", "--n_embd=16", "--block_size=16",
-                             "--lm_batch_size=8", "--noise_floor"],
-                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_overhead.py"),
+            "--steps=10",
+            "--warmup=0",
+            "--repeats=1",
+            "--hidden=64",
+            "--n_layer=1",
+            "--n_embd=16",
+            "--block_size=16",
+            "--lm_batch_size=8",
+            "--noise_floor",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "launcher / plain" in result.stdout
-    for model, unit in (("MLP 256-64-64-10", "steps/s"), ("char LM n_layer 1, n_embd 16, block 16, batch 8", "tokens/s")):
+    for model, unit in (
+        ("MLP 256-64-64-10", "steps/s"),
+        ("char LM n_layer 1, n_embd 16, block 16, batch 8", "tokens/s"),
+    ):
         plain, ours, ratio = _overhead_rates(result.stdout, model, unit)
         assert plain > 0 and ours > 0
         # the rates are printed to 0.05 and the ratio to 0.0005 of what was divided
         assert ratio == pytest.approx(ours / plain, abs=5e-4 + 0.05 * (1 + ours / plain) / plain + 1e-9)
-    floors = re.findall(r"noise floor: plain / plain ([\d.]+) \(per-round ratios within ([\d.]+)% of 1\)", result.stdout)
+    floors = re.findall(
+        r"noise floor: plain / plain ([\d.]+) \(per-round ratios within ([\d.]+)% of 1\)", result.stdout
+    )
     assert len(floors) == 2 and all(float(ratio) > 0 for ratio, _ in floors), result.stdout[-2000:]

@@ -33,14 +33,18 @@ class Config(TrainConfig):
 
 
 def digests(model: torch.nn.Module) -> dict[str, str]:
-    return {name: hashlib.sha256(tensor.detach().contiguous().numpy().tobytes()).hexdigest()
-            for name, tensor in model.state_dict().items()}
+    return {
+        name: hashlib.sha256(tensor.detach().contiguous().numpy().tobytes()).hexdigest()
+        for name, tensor in model.state_dict().items()
+    }
 
 
 def build_model(cfg: Config):
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(cfg.model_dir))
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.from_pretrained(cfg.model_dir)
+    )
     load_weights(model, cfg.model_dir, head="")
     # FSDP loads once sharded (meta_build)
     if cfg.loaded_dir and not any(p.is_meta for p in model.parameters()):
@@ -51,9 +55,11 @@ def build_model(cfg: Config):
 
 
 def build_data(cfg: Config) -> DataSpec:
-    tokens = torch.randint(0, 256, (cfg.samples + 16, cfg.seq_len), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(
+        0, 256, (cfg.samples + 16, cfg.seq_len), generator=torch.Generator().manual_seed(0)
+    )
     samples = [{"input_ids": row, "labels": row} for row in tokens]
-    return DataSpec(train=samples[:cfg.samples], val=samples[cfg.samples:])
+    return DataSpec(train=samples[: cfg.samples], val=samples[cfg.samples :])
 
 
 def tokenizer_dir(cfg: Config) -> str:

@@ -43,6 +43,8 @@ def build_data(cfg: Config) -> DataSpec:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    samples = [{"pixel_values": torch.tensor(x / 16.0, dtype=torch.float32), "labels": int(y)}
-               for x, y in zip(digits.data, digits.target)]
+    samples = [
+        {"pixel_values": torch.tensor(x / 16.0, dtype=torch.float32), "labels": int(y)}
+        for x, y in zip(digits.data, digits.target)
+    ]
     return DataSpec(train=samples[:1400], val=samples[1400:], classes=[str(i) for i in range(10)])

@@ -37,9 +37,18 @@ def base_model(cfg: Config):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(cfg.base_seed)
-    return LlamaForCausalLM(LlamaConfig(
-        hidden_size=cfg.hidden, intermediate_size=2 * cfg.hidden, num_hidden_layers=cfg.layers, num_attention_heads=4,
-        num_key_value_heads=4, vocab_size=cfg.vocab, max_position_embeddings=64, tie_word_embeddings=False))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=cfg.hidden,
+            intermediate_size=2 * cfg.hidden,
+            num_hidden_layers=cfg.layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=cfg.vocab,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        )
+    )
 
 
 def build_model(cfg: Config):
@@ -47,8 +56,13 @@ def build_model(cfg: Config):
 
     if not cfg.lora_rank:
         return base_model(cfg)
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, target_modules=["q_proj", "v_proj"],
-                      lora_dropout=0.0, init_lora_weights=True)
+    lora = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=2 * cfg.lora_rank,
+        target_modules=["q_proj", "v_proj"],
+        lora_dropout=0.0,
+        init_lora_weights=True,
+    )
     return get_peft_model(base_model(cfg), lora)
 
 

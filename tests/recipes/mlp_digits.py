@@ -30,5 +30,7 @@ def build_model(cfg: Config):
 
 def build_data(cfg: Config):
     transform = eval_transform(8)  # no random augmentation: the data order alone decides the result
-    return DataSpec(train=Shards(os.path.join(cfg.data_dir, "train"), transform, batch_transform=normalize()),
-                    val=Shards(os.path.join(cfg.data_dir, "val"), transform, batch_transform=normalize()))
+    return DataSpec(
+        train=Shards(os.path.join(cfg.data_dir, "train"), transform, batch_transform=normalize()),
+        val=Shards(os.path.join(cfg.data_dir, "val"), transform, batch_transform=normalize()),
+    )

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
 from mlp_digits import Config as Base
 from mlp_digits import build_data, build_model  # noqa: F401
 

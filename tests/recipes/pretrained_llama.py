@@ -34,9 +34,11 @@ def build_model(cfg: Config):
 
 def build_data(cfg: Config) -> DataSpec:
     vocab = AutoConfig.from_pretrained(cfg.weights).vocab_size
-    tokens = torch.randint(vocab, (cfg.samples + 16, cfg.sequence), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(
+        vocab, (cfg.samples + 16, cfg.sequence), generator=torch.Generator().manual_seed(0)
+    )
     samples = [{"input_ids": row, "labels": row} for row in tokens]
-    return DataSpec(train=samples[:cfg.samples], val=samples[cfg.samples:])
+    return DataSpec(train=samples[: cfg.samples], val=samples[cfg.samples :])
 
 
 def hf_model(cfg: Config, model):

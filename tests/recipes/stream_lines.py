@@ -23,8 +23,7 @@ from recipes.char_lm_tiny import Config as Tiny
 
 
 @dataclass
-class Config(variant(Tiny, batch_size=8, max_steps=0, epochs=2, log_every=2,
-                     output_dir="runs/stream_lines")):
+class Config(variant(Tiny, batch_size=8, max_steps=0, epochs=2, log_every=2, output_dir="runs/stream_lines")):
     lines: int = 101  # items in the stream
     # "torch": torch IterableDatasets; "hf": Hugging Face datasets (streaming, map-style)
     source: str = "torch"
@@ -37,7 +36,7 @@ class Lines(IterableDataset):
         self.count, self.skip = count, skip
 
     def __iter__(self):
-        for line in source_lines()[self.skip:self.skip + self.count]:
+        for line in source_lines()[self.skip : self.skip + self.count]:
             yield {"tokens": torch.tensor(list(line[:33]), dtype=torch.uint8)}
 
 
@@ -56,22 +55,32 @@ def hf_splits(cfg: Config) -> tuple:
     import datasets  # a dev dependency
 
     lines = [list(line[:33]) for line in source_lines()]
-    text = "".join(json.dumps({"tokens": tokens}) + "\n" for tokens in lines[:cfg.lines])
-    path = os.path.join(tempfile.gettempdir(), f"stream_lines_{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl")
+    text = "".join(json.dumps({"tokens": tokens}) + "\n" for tokens in lines[: cfg.lines])
+    path = os.path.join(
+        tempfile.gettempdir(), f"stream_lines_{hashlib.sha256(text.encode()).hexdigest()[:16]}.jsonl"
+    )
     if not os.path.isfile(path):
         draft = f"{path}.{os.getpid()}"
         with open(draft, "w") as f:
             f.write(text)
         os.replace(draft, path)
     train = datasets.load_dataset("json", data_files=path, streaming=True, split="train")
-    val = datasets.Dataset.from_dict({"tokens": lines[cfg.lines:cfg.lines + 21]})
+    val = datasets.Dataset.from_dict({"tokens": lines[cfg.lines : cfg.lines + 21]})
     return train, val
 
 
 def build_data(cfg: Config) -> DataSpec:
     if cfg.source == "hf":
         train, val = hf_splits(cfg)
-        return DataSpec(train=train, val=val, train_samples=cfg.lines,
-                        collate=functools.partial(collate_lists, max_tokens=cfg.block_size + 1))
-    return DataSpec(train=Lines(cfg.lines), val=Lines(21, skip=cfg.lines), train_samples=cfg.lines,
-                    collate=functools.partial(collate, max_tokens=cfg.block_size + 1))
+        return DataSpec(
+            train=train,
+            val=val,
+            train_samples=cfg.lines,
+            collate=functools.partial(collate_lists, max_tokens=cfg.block_size + 1),
+        )
+    return DataSpec(
+        train=Lines(cfg.lines),
+        val=Lines(21, skip=cfg.lines),
+        train_samples=cfg.lines,
+        collate=functools.partial(collate, max_tokens=cfg.block_size + 1),
+    )

@@ -19,15 +19,20 @@ from recipes.char_lm_tiny import Config as Tiny
 
 
 @dataclass
-class Config(variant(Tiny, batch_size=16, max_steps=3, lr=1e-2, warmup_steps=0, log_every=1,
-                     output_dir="runs/token_counts")):
+class Config(
+    variant(
+        Tiny, batch_size=16, max_steps=3, lr=1e-2, warmup_steps=0, log_every=1, output_dir="runs/token_counts"
+    )
+):
     per_batch_mean: bool = False  # divide each micro-batch by its own tokens (wrong under accumulation)
 
 
 def build_data(cfg: Config) -> DataSpec:
     lines = [line.encode() for line in inspect.getsource(json.decoder).splitlines() if len(line.strip()) > 3]
     samples = [{"tokens": torch.tensor(list(line[:33]), dtype=torch.uint8)} for line in lines[:192]]
-    return DataSpec(train=samples, val=samples[:32], collate=functools.partial(collate, max_tokens=cfg.block_size + 1))
+    return DataSpec(
+        train=samples, val=samples[:32], collate=functools.partial(collate, max_tokens=cfg.block_size + 1)
+    )
 
 
 def compute_loss(model, batch, cfg: Config):

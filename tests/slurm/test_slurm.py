@@ -34,12 +34,23 @@ def cluster(tmp_path_factory):
 
 
 def submit(cluster: SlurmCluster, digits, out, *args) -> str:
-    env = dict(child_env(), SLURM_CONF=str(cluster.conf),
-               LAUNCHER_PYTHON=sys.executable)
-    result = cluster.run("sbatch", "--parsable", "--nodes=2", f"--chdir={ROOT}", f"--output={out}.log",
-                         str(ROOT / "scripts" / "slurm" / "train.sbatch"), MLP_RECIPE, f"--data_dir={digits}",
-                         f"--output_dir={out}", "--epochs=6", "--num_workers=1", "--wandb_mode=offline", *args,
-                         env=env)
+    env = dict(child_env(), SLURM_CONF=str(cluster.conf), LAUNCHER_PYTHON=sys.executable)
+    result = cluster.run(
+        "sbatch",
+        "--parsable",
+        "--nodes=2",
+        f"--chdir={ROOT}",
+        f"--output={out}.log",
+        str(ROOT / "scripts" / "slurm" / "train.sbatch"),
+        MLP_RECIPE,
+        f"--data_dir={digits}",
+        f"--output_dir={out}",
+        "--epochs=6",
+        "--num_workers=1",
+        "--wandb_mode=offline",
+        *args,
+        env=env,
+    )
     return result.stdout.strip().split(";")[0]
 
 
@@ -65,17 +76,25 @@ def test_a_two_node_job_trains_to_the_end(uninterrupted):
     assert environment["world_size"] == 2
 
 
-def test_usr1_checkpoints_requeues_resumes_and_matches_the_uninterrupted_job(cluster, digits, uninterrupted,
-                                                                             tmp_path):
+def test_usr1_checkpoints_requeues_resumes_and_matches_the_uninterrupted_job(
+    cluster, digits, uninterrupted, tmp_path
+):
     out = tmp_path / "preempted"
     job = submit(cluster, digits, out)
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 240
     job_log = tmp_path / "preempted.log"
-    while not (metrics.exists() and any(json.loads(line).get("step", 0) >= 30
-                                        for line in metrics.read_text().splitlines() if line.endswith("}"))):
-        assert time.monotonic() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), \
+    while not (
+        metrics.exists()
+        and any(
+            json.loads(line).get("step", 0) >= 30
+            for line in metrics.read_text().splitlines()
+            if line.endswith("}")
+        )
+    ):
+        assert time.monotonic() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), (
             cluster.diagnostics(job, job_log)
+        )
         time.sleep(0.05)
     cluster.run("scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@120 does before the limit
     while (info := cluster.job(job)).get("Restarts", "0") == "0" or info["JobState"] != "PENDING":
@@ -117,14 +136,24 @@ def test_the_requeue_is_reported_even_when_its_sigterm_reaches_scontrol_first(cl
     # (on a busy CI node it did now and then, and the log said the requeue had failed).
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text(f'#!/bin/bash\n{shutil.which("scontrol")} "$@"\nstatus=$?\nsleep 3\nexit $status\n')
+    (bin_dir / "scontrol").write_text(
+        f'#!/bin/bash\n{shutil.which("scontrol")} "$@"\nstatus=$?\nsleep 3\nexit $status\n'
+    )
     (bin_dir / "scontrol").chmod(0o755)
     script, log = tmp_path / "requeue.sh", tmp_path / "requeue.log"
     script.write_text(REQUEUE_JOB)
-    env = dict(child_env(), SLURM_CONF=str(cluster.conf), LAUNCHER_PYTHON=sys.executable,
-               PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=str(ROOT))
-    job = cluster.run("sbatch", "--parsable", "--nodes=1", f"--output={log}", str(script),
-                      env=env).stdout.strip().split(";")[0]
+    env = dict(
+        child_env(),
+        SLURM_CONF=str(cluster.conf),
+        LAUNCHER_PYTHON=sys.executable,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        PYTHONPATH=str(ROOT),
+    )
+    job = (
+        cluster.run("sbatch", "--parsable", "--nodes=1", f"--output={log}", str(script), env=env)
+        .stdout.strip()
+        .split(";")[0]
+    )
     deadline = time.monotonic() + 120
     while (info := cluster.job(job)).get("Restarts", "0") == "0" or info["JobState"] != "PENDING":
         assert time.monotonic() < deadline, cluster.diagnostics(job, log)

@@ -74,13 +74,17 @@ def test_a_ddp_checkpoint_holds_the_adapters_and_resumes_them_bitwise_onto_the_r
     acc2, model2, optimizer2, frozen2 = prepared()  # the recipe rebuilds the same base, fresh adapters
     cfg = RECIPE.default_config()
     run_config.check_model_fits(path, model2, cfg, frozen2)  # the adapters fit
-    with pytest.raises(ConfigError, match=r"does not fit the model \(missing from the checkpoint: base_model"):
+    with pytest.raises(
+        ConfigError, match=r"does not fit the model \(missing from the checkpoint: base_model"
+    ):
         run_config.check_model_fits(path, model2, cfg)  # as a whole model, the base is missing
     checkpoints.load(acc2, path, frozen_base=frozen2)
     for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(a, b), name
-    assert all(torch.equal(s["exp_avg"], optimizer2.state_dict()["state"][i]["exp_avg"])
-               for i, s in optimizer.state_dict()["state"].items())
+    assert all(
+        torch.equal(s["exp_avg"], optimizer2.state_dict()["state"][i]["exp_avg"])
+        for i, s in optimizer.state_dict()["state"].items()
+    )
 
 
 def test_a_resume_onto_another_base_is_refused_in_one_line():
@@ -101,5 +105,7 @@ def test_a_resume_onto_another_base_is_refused_in_one_line():
 def test_export_merged_is_refused_in_one_line_for_a_model_peft_did_not_wrap():
     _, model = build()
     adapters.check_mergeable(model)
-    with pytest.raises(ConfigError, match=r"--export_merged .* \(LlamaForCausalLM\) is not a peft PeftModel; drop"):
+    with pytest.raises(
+        ConfigError, match=r"--export_merged .* \(LlamaForCausalLM\) is not a peft PeftModel; drop"
+    ):
         adapters.check_mergeable(model.get_base_model())

@@ -9,8 +9,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from launcher.runtime import checkpoints
 from launcher.config import ConfigError, TrainConfig
+from launcher.runtime import checkpoints
 
 
 def config(tmp_path, resume: str) -> TrainConfig:
@@ -73,7 +73,9 @@ def test_a_damaged_newest_checkpoint_is_skipped_by_auto_and_refused_by_path(tmp_
     out = str(tmp_path / "run")
     older = checkpoints.save(accelerator, out, {"step": 5, "epoch": 0}).finish()
     newest = checkpoints.save(accelerator, out, {"step": 9, "epoch": 0}).finish()
-    manifest = json.loads((tmp_path / "run" / "checkpoints" / "step-00000009" / checkpoints.MANIFEST_FILE).read_text())
+    manifest = json.loads(
+        (tmp_path / "run" / "checkpoints" / "step-00000009" / checkpoints.MANIFEST_FILE).read_text()
+    )
     assert "model.safetensors" in manifest["files"] and checkpoints.STATE_FILE in manifest["files"]
     assert checkpoints.verify(newest) is None and checkpoints.find_resume(config(tmp_path, "auto")) == newest
 
@@ -83,10 +85,17 @@ def test_a_damaged_newest_checkpoint_is_skipped_by_auto_and_refused_by_path(tmp_
     weights.write_bytes(bytes(data))
     warnings = []
     assert checkpoints.find_resume(config(tmp_path, "auto"), log=warnings.append) == older
-    assert warnings == [f"WARNING: --resume=auto skips checkpoint {newest}: model.safetensors does not match its checksum"]
+    assert warnings == [
+        f"WARNING: --resume=auto skips checkpoint {newest}: model.safetensors does not match its checksum"
+    ]
     weights.write_bytes(bytes(data[:-100]))  # a lost block
-    assert checkpoints.verify(newest) == f"model.safetensors has {len(data) - 100} bytes, the manifest says {len(data)}"
-    with pytest.raises(ConfigError, match=r"checkpoint .*step-00000009 is damaged \(model.safetensors has") as error:
+    assert (
+        checkpoints.verify(newest)
+        == f"model.safetensors has {len(data) - 100} bytes, the manifest says {len(data)}"
+    )
+    with pytest.raises(
+        ConfigError, match=r"checkpoint .*step-00000009 is damaged \(model.safetensors has"
+    ) as error:
         checkpoints.find_resume(config(tmp_path, newest))
     assert "\n" not in str(error.value)
     assert checkpoints.load(prepared_accelerator(), older)[0]["step"] == 5  # the previous one loads
@@ -97,8 +106,10 @@ def test_a_manifest_of_crc32s_from_before_xxh3_still_checks_its_files(tmp_path):
 
     path = complete_checkpoint(tmp_path, 3, body='{"step": 3}')
     (path / "model.bin").write_bytes(bytes(range(256)) * 64)
-    files = {name: {"bytes": (path / name).stat().st_size, "crc32": zlib.crc32((path / name).read_bytes())}
-             for name in (checkpoints.STATE_FILE, "model.bin")}
+    files = {
+        name: {"bytes": (path / name).stat().st_size, "crc32": zlib.crc32((path / name).read_bytes())}
+        for name in (checkpoints.STATE_FILE, "model.bin")
+    }
     (path / checkpoints.MANIFEST_FILE).write_text(json.dumps({"files": files}))
     assert checkpoints.verify(str(path)) is None
     data = bytearray((path / "model.bin").read_bytes())

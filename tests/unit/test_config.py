@@ -10,17 +10,34 @@ from typing import Literal
 import pytest
 
 from launcher.cli import parse_flags, recipe_help, usage
-from launcher.config import (ConfigError, TrainConfig, apply_overrides, coerce, field_help, ranged, sections,
-                             variant)
-from launcher.train.plan import fork_hang_warning
+from launcher.config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    coerce,
+    field_help,
+    ranged,
+    sections,
+    variant,
+)
 from launcher.recipe import load_recipe
+from launcher.train.plan import fork_hang_warning
 
 
 def test_overrides_are_typed_by_field():
-    cfg = apply_overrides(TrainConfig(), parse_flags(["--lr=0.1", "--epochs", "3", "--output_dir=runs/x",
-                                                      "--trace_samples", "--mixed_precision=bf16"]))
+    cfg = apply_overrides(
+        TrainConfig(),
+        parse_flags(
+            ["--lr=0.1", "--epochs", "3", "--output_dir=runs/x", "--trace_samples", "--mixed_precision=bf16"]
+        ),
+    )
     assert (cfg.lr, cfg.epochs, cfg.output_dir, cfg.trace_samples, cfg.mixed_precision) == (
-        0.1, 3, "runs/x", True, "bf16")
+        0.1,
+        3,
+        "runs/x",
+        True,
+        "bf16",
+    )
     assert isinstance(cfg.lr, float)
 
 
@@ -61,12 +78,15 @@ def test_choices_hold_even_when_a_recipe_redeclares_the_field_as_str():
         apply_overrides(Loose(), {"wandb_mode": "sometimes"})
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"ema_decay": 1.0}, "--ema_decay must be in [0, 1), got 1.0"),
-    ({"min_lr_ratio": 1.5}, "--min_lr_ratio must be in [0, 1], got 1.5"),
-    ({"prefetch_factor": 0}, "--prefetch_factor must be >= 1, got 0"),
-    ({"label_smoothing": -0.1}, "--label_smoothing must be in [0, 1), got -0.1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"ema_decay": 1.0}, "--ema_decay must be in [0, 1), got 1.0"),
+        ({"min_lr_ratio": 1.5}, "--min_lr_ratio must be in [0, 1], got 1.5"),
+        ({"prefetch_factor": 0}, "--prefetch_factor must be >= 1, got 0"),
+        ({"label_smoothing": -0.1}, "--label_smoothing must be in [0, 1), got -0.1"),
+    ],
+)
 def test_declared_ranges_hold_for_a_variant_a_redeclared_field_and_the_recipes_own(override, message):
     @dataclasses.dataclass
     class Recipe(TrainConfig):
@@ -95,10 +115,20 @@ def test_every_shared_field_has_one_section_and_the_usage_and_help_list_them_by_
     assert "[float, in [0, 1)]" in help_text.split("--ema_decay=")[1].split("\n")[0]
 
 
-@pytest.mark.parametrize("value, tp, expected", [
-    ("true", bool, True), ("off", bool, False), (3.0, int, 3), (2, float, 2.0), (2024, str, "2024"),
-    (("a", "b"), tuple[str, ...], ("a", "b")), ("a", tuple[str, ...], ("a",)), (None, int | None, None),
-    ("auto", Literal["auto", "x"], "auto")])
+@pytest.mark.parametrize(
+    "value, tp, expected",
+    [
+        ("true", bool, True),
+        ("off", bool, False),
+        (3.0, int, 3),
+        (2, float, 2.0),
+        (2024, str, "2024"),
+        (("a", "b"), tuple[str, ...], ("a", "b")),
+        ("a", tuple[str, ...], ("a",)),
+        (None, int | None, None),
+        ("auto", Literal["auto", "x"], "auto"),
+    ],
+)
 def test_coerce_accepts(value, tp, expected):
     assert coerce("f", value, tp) == expected
 
@@ -123,7 +153,9 @@ def test_every_common_field_has_help():
     assert {f.name for f in dataclasses.fields(TrainConfig)} <= set(helps)
     assert "per device" in helps["batch_size"]
     # a help too long for its field's line is on `#:` lines above the field, read as one line
-    assert helps["resume"].endswith("or a checkpoint path; fields not given come from the checkpoint's config")
+    assert helps["resume"].endswith(
+        "or a checkpoint path; fields not given come from the checkpoint's config"
+    )
 
 
 @dataclasses.dataclass
@@ -184,13 +216,22 @@ def test_recipe_help_lists_fields_with_their_comments():
     assert "--batch_size=64" in text and "samples per device per micro-batch" in text
 
 
-@pytest.mark.parametrize("version, world, workers, warned", [
-    ((3, 11, 7), 2, 1, True), ((3, 10, 14), 8, 4, True),
-    ((3, 11, 10), 2, 1, False), ((3, 10, 15), 2, 1, False), ((3, 12, 1), 2, 1, False), ((3, 13, 0), 8, 4, False),
-    ((3, 11, 7), 1, 4, False), ((3, 11, 7), 2, 0, False),
-])
-def test_a_python_that_can_hang_forked_workers_is_named_for_multi_process_runs_with_workers(version, world, workers,
-                                                                                           warned):
+@pytest.mark.parametrize(
+    "version, world, workers, warned",
+    [
+        ((3, 11, 7), 2, 1, True),
+        ((3, 10, 14), 8, 4, True),
+        ((3, 11, 10), 2, 1, False),
+        ((3, 10, 15), 2, 1, False),
+        ((3, 12, 1), 2, 1, False),
+        ((3, 13, 0), 8, 4, False),
+        ((3, 11, 7), 1, 4, False),
+        ((3, 11, 7), 2, 0, False),
+    ],
+)
+def test_a_python_that_can_hang_forked_workers_is_named_for_multi_process_runs_with_workers(
+    version, world, workers, warned
+):
     text = fork_hang_warning(version, world, workers)
     assert bool(text) == warned
     if warned:
@@ -198,12 +239,18 @@ def test_a_python_that_can_hang_forked_workers_is_named_for_multi_process_runs_w
         assert "gh-112275" in text and "--num_workers=0" in text
 
 
-@pytest.mark.parametrize("argv, own", [
-    (["evaluate", "--help"], "usage: python -m launcher evaluate RECIPE --checkpoint=PATH"),
-    (["predict", "-h"], "-- INPUT ...       everything after -- is an input"),
-    (["predict", "recipes/regression_tiny", "--help"], "--inputs=FILE      a file of inputs, one per line"),
-    (["--help"], "python -m launcher COMMAND --help"),
-])
+@pytest.mark.parametrize(
+    "argv, own",
+    [
+        (["evaluate", "--help"], "usage: python -m launcher evaluate RECIPE --checkpoint=PATH"),
+        (["predict", "-h"], "-- INPUT ...       everything after -- is an input"),
+        (
+            ["predict", "recipes/regression_tiny", "--help"],
+            "--inputs=FILE      a file of inputs, one per line",
+        ),
+        (["--help"], "python -m launcher COMMAND --help"),
+    ],
+)
 def test_each_command_prints_its_own_help_and_exits_0(argv, own, capsys):
     from launcher.cli import main
 
@@ -217,11 +264,16 @@ def test_predict_inputs_are_the_arguments_that_are_not_flags_and_all_after_doubl
     from launcher.cli import split_inputs
 
     argv = ["recipes/r", "--checkpoint=best", "1,2", "-", "--top_k=2", "--", "-0.5,1", "--out=x"]
-    assert split_inputs(argv) == (["recipes/r", "--checkpoint=best", "--top_k=2"], ["1,2", "-", "-0.5,1", "--out=x"])
+    assert split_inputs(argv) == (
+        ["recipes/r", "--checkpoint=best", "--top_k=2"],
+        ["1,2", "-", "-0.5,1", "--out=x"],
+    )
     assert split_inputs(["--help"]) == (["--help"], [])
 
 
 def test_final_weights_best_under_fsdp_is_refused_in_one_line():
-    with pytest.raises(ConfigError, match=r"--final_weights=best needs --data_parallel=ddp .*--checkpoint=RUN_DIR/best"):
+    with pytest.raises(
+        ConfigError, match=r"--final_weights=best needs --data_parallel=ddp .*--checkpoint=RUN_DIR/best"
+    ):
         apply_overrides(TrainConfig(), {"final_weights": "best", "data_parallel": "fsdp"})
     assert apply_overrides(TrainConfig(), {"final_weights": "best"}).final_weights == "best"

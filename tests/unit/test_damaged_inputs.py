@@ -14,9 +14,9 @@ import json
 import random
 import re
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -88,10 +88,10 @@ def patch_header(path: Path, member: int, **fields: bytes) -> None:
     start = members(path)[member].offset
     for name, value in fields.items():
         offset, length = where[name]
-        data[start + offset:start + offset + length] = value.ljust(length, b"\0")
-    header = data[start:start + 512]
+        data[start + offset : start + offset + length] = value.ljust(length, b"\0")
+    header = data[start : start + 512]
     header[148:156] = b" " * 8
-    data[start + 148:start + 156] = b"%06o\0 " % sum(header)
+    data[start + 148 : start + 156] = b"%06o\0 " % sum(header)
     path.write_bytes(bytes(data))
 
 
@@ -112,6 +112,7 @@ def cut(path: Path, at: int) -> None:
 class Counted:
     """Read with its losses counted: `read` samples come through, `lost` are counted in error records
     (unreadable samples and rests of shards), the first reason matches `reason`."""
+
     read: int
     lost: int
     reason: str
@@ -120,6 +121,7 @@ class Counted:
 @dataclass
 class Refused:
     """Refused before training, in one line matching `message`."""
+
     error: type
     message: str
 
@@ -128,16 +130,19 @@ def base_damage(damage: Callable[[Path], None]) -> Callable[[Path], str]:
     def make(directory: Path) -> str:
         damage(written_shard(directory))
         return str(directory)
+
     return make
 
 
 def no_index(damage: Callable[[Path], None]) -> Callable[[Path], str]:
     """A damaged shard listed by path, with no index.json to count it."""
+
     def make(directory: Path) -> str:
         path = written_shard(directory)
         (directory / "index.json").unlink()
         damage(path)
         return str(path)
+
     return make
 
 
@@ -146,6 +151,7 @@ def bad_index(text: str) -> Callable[[Path], str]:
         written_shard(directory)
         (directory / "index.json").write_text(text)
         return str(directory)
+
     return make
 
 
@@ -153,8 +159,8 @@ def pax_length(directory: Path) -> str:
     path = tarfile_shard(directory, tarfile.PAX_FORMAT)
     data = bytearray(path.read_bytes())
     records = members(path)[4].offset + 512  # sample 2's first pax header's records
-    assert data[records:records + 3] == b"22 "  # "22 mtime=1700000000.5\n"
-    data[records:records + 2] = b"99"  # longer than its header
+    assert data[records : records + 3] == b"22 "  # "22 mtime=1700000000.5\n"
+    data[records : records + 2] = b"99"  # longer than its header
     path.write_bytes(bytes(data))
     return str(directory)
 
@@ -168,7 +174,7 @@ def pax_size(directory: Path) -> str:
 def gnu_long_name_cut(directory: Path) -> str:
     path = tarfile_shard(directory, tarfile.GNU_FORMAT, long_key=2)
     long_name = members(path)[4].offset  # the ././@LongLink header of s0002.cls
-    assert path.read_bytes()[long_name:long_name + 13] == b"././@LongLink"
+    assert path.read_bytes()[long_name : long_name + 13] == b"././@LongLink"
     cut(path, long_name + 512 + 60)
     return str(directory)
 
@@ -185,51 +191,87 @@ def gzipped(path: Path) -> None:
 NEGATIVE_512 = b"\xff" + (256**11 - 512).to_bytes(11, "big")
 CASES: dict[str, tuple[Callable[[Path], str], Counted | Refused]] = {
     # tar headers (member 4 is s0002.cls: s0000 and s0001 come through, the other 6 are counted)
-    "negative base-256 size, directory": (base_damage(lambda p: patch_header(p, 4, type=b"5", size=NEGATIVE_512)),
-                                          Counted(2, 6, "negative size -512")),
-    "size 2^40 (base-256)": (base_damage(lambda p: patch_header(p, 4, size=b"\x80" + (2**40).to_bytes(11, "big"))),
-                             Counted(2, 6, "claims 1099511627776 bytes")),
-    "size beyond the file": (base_damage(lambda p: patch_header(p, 4, size=b"%011o" % 30000)),
-                             Counted(2, 6, "claims 30000 bytes, 15872 are left")),
-    "bad checksum": (base_damage(lambda p: replace_bytes(p, b"s0002.cls", b"s0002.clz")),
-                     Counted(2, 6, "header at byte 4096 fails its checksum")),
+    "negative base-256 size, directory": (
+        base_damage(lambda p: patch_header(p, 4, type=b"5", size=NEGATIVE_512)),
+        Counted(2, 6, "negative size -512"),
+    ),
+    "size 2^40 (base-256)": (
+        base_damage(lambda p: patch_header(p, 4, size=b"\x80" + (2**40).to_bytes(11, "big"))),
+        Counted(2, 6, "claims 1099511627776 bytes"),
+    ),
+    "size beyond the file": (
+        base_damage(lambda p: patch_header(p, 4, size=b"%011o" % 30000)),
+        Counted(2, 6, "claims 30000 bytes, 15872 are left"),
+    ),
+    "bad checksum": (
+        base_damage(lambda p: replace_bytes(p, b"s0002.cls", b"s0002.clz")),
+        Counted(2, 6, "header at byte 4096 fails its checksum"),
+    ),
     "pax size not a number": (pax_size, Counted(2, 6, "non-numeric size 'a'")),
     "pax record length past its header": (pax_length, Counted(2, 6, "malformed pax header at byte 8192")),
-    "name not UTF-8": (base_damage(lambda p: (patch_header(p, 4, name=b"s\xff002.cls"),
-                                              patch_header(p, 5, name=b"s\xff002.png"))), Counted(8, 0, "")),
+    "name not UTF-8": (
+        base_damage(
+            lambda p: (patch_header(p, 4, name=b"s\xff002.cls"), patch_header(p, 5, name=b"s\xff002.png"))
+        ),
+        Counted(8, 0, ""),
+    ),
     "GNU long name cut": (gnu_long_name_cut, Counted(2, 6, r"cut inside member '././@LongLink'")),
     # truncations (s0000 ends at byte 2048, s0001's png header starts at 3072 and its data at 3584)
-    "cut inside the first header": (base_damage(lambda p: cut(p, 300)), Refused(ConfigError, "shard files unreadable")),
-    "cut after the first sample": (base_damage(lambda p: cut(p, 2048)), Counted(1, 7, "no end-of-archive block")),
+    "cut inside the first header": (
+        base_damage(lambda p: cut(p, 300)),
+        Refused(ConfigError, "shard files unreadable"),
+    ),
+    "cut after the first sample": (
+        base_damage(lambda p: cut(p, 2048)),
+        Counted(1, 7, "no end-of-archive block"),
+    ),
     "cut inside a header": (base_damage(lambda p: cut(p, 3072 + 200)), Counted(1, 7, r"no image \(png")),
     "cut inside a file": (base_damage(lambda p: cut(p, 3584 + 30)), Counted(1, 7, r"no image \(png")),
-    "cut before the end-of-archive block": (base_damage(lambda p: cut(p, 16384)),
-                                            Counted(8, 0, "no end-of-archive block at byte 16384")),
+    "cut before the end-of-archive block": (
+        base_damage(lambda p: cut(p, 16384)),
+        Counted(8, 0, "no end-of-archive block at byte 16384"),
+    ),
     # not tar files at all
     "random bytes": (base_damage(random_bytes), Refused(ConfigError, "shard files unreadable")),
     "empty file": (base_damage(lambda p: p.write_bytes(b"")), Refused(ConfigError, "shard files unreadable")),
     "gzip-compressed tar": (base_damage(gzipped), Refused(ConfigError, "shard files unreadable")),
     # shards without an index: counted by a scan, so a damaged one is refused
-    "cut shard without an index": (no_index(lambda p: cut(p, 3584 + 30)),
-                                   Refused(DataError, f"{SHARD} is damaged .* has no count in an index.json")),
-    "2^40 size without an index": (no_index(lambda p: patch_header(p, 4, size=b"\x80" + (2**40).to_bytes(11, "big"))),
-                                   Refused(DataError, "claims 1099511627776 bytes")),
+    "cut shard without an index": (
+        no_index(lambda p: cut(p, 3584 + 30)),
+        Refused(DataError, f"{SHARD} is damaged .* has no count in an index.json"),
+    ),
+    "2^40 size without an index": (
+        no_index(lambda p: patch_header(p, 4, size=b"\x80" + (2**40).to_bytes(11, "big"))),
+        Refused(DataError, "claims 1099511627776 bytes"),
+    ),
     # index.json
     "index.json holds []": (bad_index("[]"), Refused(ConfigError, "holds a JSON list")),
-    "index.json counts are strings": (bad_index(json.dumps({"shards": {SHARD: "8"}})),
-                                      Refused(ConfigError, "the count \"8\", not an integer >= 0")),
-    "index.json count negative": (bad_index(json.dumps({"shards": {SHARD: -8}})),
-                                  Refused(ConfigError, "the count -8, not an integer >= 0")),
-    "index.json count true": (bad_index(json.dumps({"shards": {SHARD: True}})),
-                              Refused(ConfigError, "the count true, not an integer >= 0")),
-    "index.json without shards": (bad_index(json.dumps({"classes": ["a"]})),
-                                  Refused(ConfigError, "no \"shards\" object")),
-    "index.json classes not a list": (bad_index(json.dumps({"shards": {SHARD: 8}, "classes": "abc"})),
-                                      Refused(ConfigError, "\"classes\" that are not a list")),
+    "index.json counts are strings": (
+        bad_index(json.dumps({"shards": {SHARD: "8"}})),
+        Refused(ConfigError, 'the count "8", not an integer >= 0'),
+    ),
+    "index.json count negative": (
+        bad_index(json.dumps({"shards": {SHARD: -8}})),
+        Refused(ConfigError, "the count -8, not an integer >= 0"),
+    ),
+    "index.json count true": (
+        bad_index(json.dumps({"shards": {SHARD: True}})),
+        Refused(ConfigError, "the count true, not an integer >= 0"),
+    ),
+    "index.json without shards": (
+        bad_index(json.dumps({"classes": ["a"]})),
+        Refused(ConfigError, 'no "shards" object'),
+    ),
+    "index.json classes not a list": (
+        bad_index(json.dumps({"shards": {SHARD: 8}, "classes": "abc"})),
+        Refused(ConfigError, '"classes" that are not a list'),
+    ),
     "index.json not JSON": (bad_index('{"shards": {'), Refused(ConfigError, "unreadable shard index")),
     # labels outside the task's 3 classes (s0003 and s0004: labels 3 and 7)
-    "labels out of range": (lambda d: str(written_shard(d, [0, 1, 2, 3, 7, 0, 1, 2]).parent),
-                            Counted(6, 2, "class label 3 is outside the task's 3 classes")),
+    "labels out of range": (
+        lambda d: str(written_shard(d, [0, 1, 2, 3, 7, 0, 1, 2]).parent),
+        Counted(6, 2, "class label 3 is outside the task's 3 classes"),
+    ),
 }
 EXPECTED_CASES = 26  # docs/checkpoints.md (Failures, damaged data) cites this number
 
@@ -237,8 +279,9 @@ EXPECTED_CASES = 26  # docs/checkpoints.md (Failures, damaged data) cites this n
 def outcome(source: str, num_classes: int | None = 3) -> tuple[Counted | Refused, list[str]]:
     """What the loader makes of `source` (validation: every sample read once): refused, or counted."""
     try:
-        split = SplitLoader(Shards(source, to_vector), rank=0, world=1, seed=0, batch_size=3, num_workers=0,
-                            training=False)
+        split = SplitLoader(
+            Shards(source, to_vector), rank=0, world=1, seed=0, batch_size=3, num_workers=0, training=False
+        )
     except (ConfigError, DataError) as error:
         return Refused(type(error), str(error)), []
     split.num_classes = num_classes
@@ -277,11 +320,19 @@ def test_a_name_that_is_not_utf8_is_read_seeded_and_printed(tmp_path, capsys):
     assert derive_seed(0, "augment", 0, "s\udcff002", 0) != derive_seed(0, "augment", 0, "s\udcfe002", 0)
     # valid UTF-8: unchanged
     assert derive_seed(1, "caf\u00e9") == derive_seed(1, "caf\u00e9".encode().decode())
-    split = SplitLoader(Shards(str(tmp_path), to_vector, shuffle_buffer=4), rank=0, world=1, seed=0, batch_size=4,
-                        num_workers=0, training=True)
+    split = SplitLoader(
+        Shards(str(tmp_path), to_vector, shuffle_buffer=4),
+        rank=0,
+        world=1,
+        seed=0,
+        batch_size=4,
+        num_workers=0,
+        training=True,
+    )
     batches = list(split.loader(0))  # training: every sample's augmentation is seeded from its key
     assert sorted(key for batch in batches for key in batch.keys) == sorted(
-        f"s{i:04d}" if i != 2 else "s\udcff002" for i in range(SAMPLES))
+        f"s{i:04d}" if i != 2 else "s\udcff002" for i in range(SAMPLES)
+    )
     assert not [error for batch in batches for error in batch.errors]
     health = DataHealth(str(tmp_path / "run"), 0, 0.5, lambda counts: counts, RunState())
     error = {"shard": str(path), "key": "s\udcff002", "reason": "ValueError: s\udcff002", "samples": 1}
@@ -294,8 +345,15 @@ def test_a_name_that_is_not_utf8_is_read_seeded_and_printed(tmp_path, capsys):
 @pytest.mark.timeout(20)
 def test_a_label_out_of_range_is_an_unreadable_sample_in_training_and_in_map_style_data(tmp_path):
     written_shard(tmp_path, [0, 1, 2, 3, 7, 0, 1, 2])
-    split = SplitLoader(Shards(str(tmp_path), to_vector, shuffle_buffer=0), rank=0, world=1, seed=0, batch_size=3,
-                        num_workers=0, training=True)
+    split = SplitLoader(
+        Shards(str(tmp_path), to_vector, shuffle_buffer=0),
+        rank=0,
+        world=1,
+        seed=0,
+        batch_size=3,
+        num_workers=0,
+        training=True,
+    )
     split.num_classes = 3
     batches = list(split.loader(0))
     keys = [key for batch in batches for key in batch.keys]
@@ -311,20 +369,32 @@ def test_a_label_out_of_range_is_an_unreadable_sample_in_training_and_in_map_sty
     batches = list(split.loader(0))
     assert [batch.keys for batch in batches] == [["0", "1"], ["3", "5"]]
     assert [batch.data[1].tolist() for batch in batches] == [[0, 1], [2, 1]]
-    assert [(e["shard"], e["key"]) for batch in batches for e in batch.errors] == [("list", "2"), ("list", "4")]
+    assert [(e["shard"], e["key"]) for batch in batches for e in batch.errors] == [
+        ("list", "2"),
+        ("list", "4"),
+    ]
 
 
 @pytest.mark.timeout(20)
 def test_shuffle_buffer_zero_reads_in_order_and_a_negative_one_is_refused(tmp_path):
     written_shard(tmp_path)
-    split = SplitLoader(Shards(str(tmp_path), to_vector, shuffle_buffer=0), rank=0, world=1, seed=0, batch_size=4,
-                        num_workers=0, training=True)
+    split = SplitLoader(
+        Shards(str(tmp_path), to_vector, shuffle_buffer=0),
+        rank=0,
+        world=1,
+        seed=0,
+        batch_size=4,
+        num_workers=0,
+        training=True,
+    )
     assert [key for batch in split.loader(0) for key in batch.keys] == [f"s{i:04d}" for i in range(SAMPLES)]
-    with pytest.raises(ConfigError, match=r"shuffle_buffer=...\) must be an integer >= 0 \(0: no shuffle\), got -1"):
+    with pytest.raises(
+        ConfigError, match=r"shuffle_buffer=...\) must be an integer >= 0 \(0: no shuffle\), got -1"
+    ):
         Shards(str(tmp_path), shuffle_buffer=-1)
 
 
-RECIPE = '''
+RECIPE = """
 from dataclasses import dataclass
 import torch
 from torch import nn
@@ -350,7 +420,7 @@ def build_model(cfg):
 
 def build_data(cfg):
     return DataSpec(train=Shards(cfg.data, vector))
-'''
+"""
 
 
 @pytest.mark.timeout(60)
@@ -376,5 +446,13 @@ def test_the_cli_refuses_damaged_data_in_one_line_with_its_exit_code(tmp_path, c
     code, err = plan(str(tmp_path / "labels"))
     assert code == 65 and err.count("\n") == 1
     assert "the first 2 training samples include class labels [5] outside the model's 3 outputs (0..2)" in err
-    main(["plan", str(recipe), f"--data={tmp_path / 'labels'}", "--outputs=6", f"--output_dir={tmp_path / 'run'}"])
+    main(
+        [
+            "plan",
+            str(recipe),
+            f"--data={tmp_path / 'labels'}",
+            "--outputs=6",
+            f"--output_dir={tmp_path / 'run'}",
+        ]
+    )
     assert "launcher" not in capsys.readouterr().err  # with 6 outputs the same shards plan as usual

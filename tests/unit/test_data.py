@@ -17,11 +17,11 @@ from PIL import Image
 
 from launcher.config import ConfigError, DataError
 from launcher.data.batch import Batch
+from launcher.data.index import read_index
+from launcher.data.layout import Position
 from launcher.data.loader import KeyedDataset, SplitLoader
 from launcher.data.spec import Shards
-from launcher.data.index import read_index
 from launcher.data.stream import shuffle_buffer
-from launcher.data.layout import Position
 from launcher.data.writer import write_shards
 
 
@@ -39,14 +39,21 @@ def make_shards(directory, sizes: list[int]) -> str:
     """Shards of the given sizes; sample i has key s{i:04d}, label i % 3 and pixel value i % 256."""
     samples, start = [], 0
     for size in sizes:
-        samples += [{"__key__": f"s{i:04d}", "png": png(i % 256), "cls": i % 3} for i in range(start, start + size)]
+        samples += [
+            {"__key__": f"s{i:04d}", "png": png(i % 256), "cls": i % 3} for i in range(start, start + size)
+        ]
         start += size
     # write_shards cuts by count, so write each shard by its own call into one directory
     index = {"shards": {}, "classes": ["a", "b", "c"]}
     offset = 0
     for n, size in enumerate(sizes):
-        part = write_shards(samples[offset:offset + size], str(directory), max_count=size, prefix=f"part{n}",
-                            classes=["a", "b", "c"])
+        part = write_shards(
+            samples[offset : offset + size],
+            str(directory),
+            max_count=size,
+            prefix=f"part{n}",
+            classes=["a", "b", "c"],
+        )
         index["shards"].update(part["shards"])
         offset += size
     (directory / "index.json").write_text(json.dumps(index))
@@ -58,8 +65,16 @@ def keys_of(loader) -> list[str]:
 
 
 def split(source, *, rank=0, world=1, seed=0, workers=0, training=True, batch=4, batches=None):
-    return SplitLoader(Shards(source, to_tensor, shuffle_buffer=8), rank=rank, world=world, seed=seed,
-                       batch_size=batch, num_workers=workers, training=training, batches_per_epoch=batches)
+    return SplitLoader(
+        Shards(source, to_tensor, shuffle_buffer=8),
+        rank=rank,
+        world=world,
+        seed=seed,
+        batch_size=batch,
+        num_workers=workers,
+        training=training,
+        batches_per_epoch=batches,
+    )
 
 
 def test_index_gives_sizes_and_classes(tmp_path):
@@ -89,9 +104,19 @@ def test_shards_with_nothing_readable_are_a_data_error_that_gives_the_first_reas
     def refuse(image):
         raise ValueError(f"no pixels wanted, got {image.size}")
 
-    loader = SplitLoader(Shards(str(tmp_path), refuse), rank=0, world=1, seed=0, batch_size=2, num_workers=workers,
-                         training=True, batches_per_epoch=2)
-    with pytest.raises(DataError, match=r"no readable sample in .*part0-000000.tar.*first reasons: .*no pixels wanted"):
+    loader = SplitLoader(
+        Shards(str(tmp_path), refuse),
+        rank=0,
+        world=1,
+        seed=0,
+        batch_size=2,
+        num_workers=workers,
+        training=True,
+        batches_per_epoch=2,
+    )
+    with pytest.raises(
+        DataError, match=r"no readable sample in .*part0-000000.tar.*first reasons: .*no pixels wanted"
+    ):
         loader.example_samples(2) if workers == 0 else next(iter(loader.loader(0)))
     assert DataError.exit_code == 65 and not issubclass(DataError, ConfigError)  # not "bad input" (2)
 
@@ -99,7 +124,9 @@ def test_shards_with_nothing_readable_are_a_data_error_that_gives_the_first_reas
 @pytest.mark.parametrize("workers", [0, 2])
 def test_ranks_and_workers_read_disjoint_shards_that_cover_the_epoch(tmp_path, workers):
     source = make_shards(tmp_path, [8, 8, 8, 8])
-    per_rank = [keys_of(split(source, rank=r, world=2, workers=workers, batches=4).loader(0)) for r in range(2)]
+    per_rank = [
+        keys_of(split(source, rank=r, world=2, workers=workers, batches=4).loader(0)) for r in range(2)
+    ]
     assert not set(per_rank[0]) & set(per_rank[1])
     assert len(set(per_rank[0]) | set(per_rank[1])) == 32
     assert all(len(keys) == len(set(keys)) == 16 for keys in per_rank)  # no sample twice within an epoch
@@ -127,6 +154,7 @@ def test_uneven_shards_give_every_rank_the_same_batches_and_count_what_evens_the
 
 def test_layout_balances_samples_not_shard_counts():
     from launcher.data.layout import ShardIndex, layout_epoch
+
     index = ShardIndex([f"s{i}" for i in range(6)], [30, 10, 10, 10, 1, 1])
     layout = layout_epoch(index, epoch=0, seed=0, world=2, workers=1, batch_size=1, batches_per_rank=31)
     assert sorted(layout.rank_samples()) == [31, 31]
@@ -151,7 +179,9 @@ def test_a_position_taken_after_any_batch_resumes_the_exact_sequence(tmp_path, w
     batches = 24 // (world * 2)
 
     def loader(rank, start=None):
-        return split(source, rank=rank, world=world, workers=workers, batch=2, batches=batches).loader(1, start)
+        return split(source, rank=rank, world=world, workers=workers, batch=2, batches=batches).loader(
+            1, start
+        )
 
     for rank in range(world):
         full = [b.keys for b in loader(rank)]
@@ -172,8 +202,16 @@ def test_random_augmentation_is_seeded_per_sample_and_leaves_the_models_generato
         return to_tensor(image) + torch.rand(1) + random.random() + float(numpy.random.rand())
 
     def values(workers):
-        loader = SplitLoader(Shards(source, noisy, shuffle_buffer=8), rank=0, world=1, seed=0, batch_size=3,
-                             num_workers=workers, training=True, batches_per_epoch=4)
+        loader = SplitLoader(
+            Shards(source, noisy, shuffle_buffer=8),
+            rank=0,
+            world=1,
+            seed=0,
+            batch_size=3,
+            num_workers=workers,
+            training=True,
+            batches_per_epoch=4,
+        )
         return {k: float(x[0]) for b in loader.loader(0) for x, k in zip(b.data[0], b.keys)}
 
     torch.manual_seed(123)
@@ -191,7 +229,7 @@ def corrupt_sample(directory, shard: str, key: str) -> None:
     data = bytearray(path.read_bytes())
     with tarfile.open(path) as tar:
         member = tar.getmember(f"{key}.png")
-        data[member.offset_data:member.offset_data + member.size] = b"x" * member.size
+        data[member.offset_data : member.offset_data + member.size] = b"x" * member.size
     path.write_bytes(bytes(data))
 
 
@@ -218,7 +256,8 @@ def test_corrupt_sample_and_truncated_tar_are_skipped_counted_and_named(tmp_path
     errors = [e for b in val.loader(0) for e in b.errors]
     assert sum(e["samples"] for e in errors) == 5
     assert {"shard": str(tmp_path / "part0-000000.tar"), "key": "s0002"}.items() <= next(
-        e for e in errors if e["key"] == "s0002").items()
+        e for e in errors if e["key"] == "s0002"
+    ).items()
     assert len(keys_of(val.loader(0))) == 13
 
 
@@ -238,6 +277,7 @@ def test_validation_reads_every_sample_exactly_once_across_ranks_and_workers(tmp
 
 def test_shuffle_buffer_is_a_permutation():
     import random
+
     out = list(shuffle_buffer(range(100), 10, random.Random(0)))
     assert sorted(out) == list(range(100)) and out != list(range(100))
 
@@ -259,8 +299,15 @@ def test_pipe_sources_stream_through_a_command_with_the_index_beside_its_shard_o
     (tmp_path / "index.json").rename(named)
     with pytest.raises(ConfigError, match="remote shards need one"):
         read_index(urls)
-    loader = SplitLoader(Shards(urls, to_tensor, index=str(named)), rank=0, world=1, seed=0,
-                         batch_size=4, num_workers=0, training=False)
+    loader = SplitLoader(
+        Shards(urls, to_tensor, index=str(named)),
+        rank=0,
+        world=1,
+        seed=0,
+        batch_size=4,
+        num_workers=0,
+        training=False,
+    )
     assert loader.total == 10
     assert sorted(keys_of(loader.loader(0))) == [f"s{i:04d}" for i in range(10)]
 
@@ -274,7 +321,9 @@ def test_map_style_augmentation_is_seeded_per_sample_and_leaves_the_models_gener
             return torch.rand(1) + random.random() + float(numpy.random.rand()), i % 3
 
     def values(workers):
-        loader = SplitLoader(Noisy(), rank=0, world=1, seed=0, batch_size=4, num_workers=workers, training=True)
+        loader = SplitLoader(
+            Noisy(), rank=0, world=1, seed=0, batch_size=4, num_workers=workers, training=True
+        )
         return {k: float(x[0]) for b in loader.loader(0) for x, k in zip(b.data[0], b.keys)}
 
     torch.manual_seed(123)
@@ -297,7 +346,9 @@ def test_a_map_style_sample_draws_the_same_noise_in_any_batch_and_unseeded_batch
     def read(batches):
         dataset = KeyedDataset(SometimesNoisy(), seed=0, epoch=0, training=True)
         items = [dataset.__getitems__(batch) for batch in batches]
-        return {str(i): value for batch in items for i, value in zip(batch.indices, batch)}, dataset.draws_random
+        return {
+            str(i): value for batch in items for i, value in zip(batch.indices, batch)
+        }, dataset.draws_random
 
     alone, _ = read([[i] for i in range(12)])
     grouped, drew = read([[0, 1, 2], [4, 5, 6, 7, 8], [3, 9, 10, 11]])  # 8 draws, but 4's seed comes first
@@ -322,18 +373,32 @@ class PidDataset(torch.utils.data.Dataset):
 
 def persistent_split(source, persistent: bool, training: bool = True) -> SplitLoader:
     dataset = source if isinstance(source, PidDataset) else Shards(source, to_tensor, shuffle_buffer=8)
-    return SplitLoader(dataset, rank=0, world=1, seed=0, batch_size=2, num_workers=2, training=training,
-                       batches_per_epoch=5, persistent_workers=persistent)
+    return SplitLoader(
+        dataset,
+        rank=0,
+        world=1,
+        seed=0,
+        batch_size=2,
+        num_workers=2,
+        training=training,
+        batches_per_epoch=5,
+        persistent_workers=persistent,
+    )
 
 
 @pytest.mark.parametrize("kind", ["shards", "dataset"])
 def test_persistent_workers_serve_each_epoch_as_fresh_ones_would(tmp_path, kind):
     source = make_shards(tmp_path, [5, 9, 4, 6]) if kind == "shards" else PidDataset()
     fresh, kept = persistent_split(source, False), persistent_split(source, True)
-    epochs = {name: [keys_of(s.loader(e)) for e in range(3)] for name, s in (("fresh", fresh), ("kept", kept))}
+    epochs = {
+        name: [keys_of(s.loader(e)) for e in range(3)] for name, s in (("fresh", fresh), ("kept", kept))
+    }
     assert epochs["kept"] == epochs["fresh"]
     assert epochs["kept"][0] != epochs["kept"][1]  # the workers followed the epoch, not their first one
-    val_fresh, val_kept = persistent_split(source, False, training=False), persistent_split(source, True, training=False)
+    val_fresh, val_kept = (
+        persistent_split(source, False, training=False),
+        persistent_split(source, True, training=False),
+    )
     assert [keys_of(val_kept.loader(e)) for e in range(2)] == [keys_of(val_fresh.loader(e)) for e in range(2)]
 
 
@@ -341,7 +406,10 @@ def test_persistent_workers_stay_alive_across_epochs():
     def worker_pids(split) -> list[set[int]]:
         return [{int(pid) for b in split.loader(e) for pid in b.data[0][:, 0]} for e in range(2)]
 
-    kept, fresh = worker_pids(persistent_split(PidDataset(), True)), worker_pids(persistent_split(PidDataset(), False))
+    kept, fresh = (
+        worker_pids(persistent_split(PidDataset(), True)),
+        worker_pids(persistent_split(PidDataset(), False)),
+    )
     assert kept[0] == kept[1] and len(kept[0]) == 2 and os.getpid() not in kept[0]
     assert not fresh[0] & fresh[1]  # without: new processes each epoch
 
@@ -375,8 +443,17 @@ def shared_segment(tensor: torch.Tensor) -> int:
 @pytest.mark.parametrize("persistent", [False, True])
 def test_workers_reuse_their_batch_buffers(tmp_path, persistent):
     source = make_shards(tmp_path, [40, 40])
-    loader = SplitLoader(Shards(source, to_tensor, shuffle_buffer=8), rank=0, world=1, seed=0, batch_size=4,
-                         num_workers=2, training=True, batches_per_epoch=20, persistent_workers=persistent)
+    loader = SplitLoader(
+        Shards(source, to_tensor, shuffle_buffer=8),
+        rank=0,
+        world=1,
+        seed=0,
+        batch_size=4,
+        num_workers=2,
+        training=True,
+        batches_per_epoch=20,
+        persistent_workers=persistent,
+    )
     segments, batches = set(), 0
     for epoch in range(2):
         for batch in loader.loader(epoch):
@@ -393,6 +470,8 @@ def test_batches_a_consumer_keeps_are_never_overwritten(tmp_path, workers):
     source = make_shards(tmp_path, [30, 30])
     kept = list(split(source, workers=workers, batch=3, batches=20).loader(0))  # every batch held
     assert len(kept) == 20 and all(pixels_match_keys(b) for b in kept)
-    views = [(b.data[0][:1], b.keys[:1]) for b in split(source, workers=workers, batch=3, batches=20).loader(0)]
+    views = [
+        (b.data[0][:1], b.keys[:1]) for b in split(source, workers=workers, batch=3, batches=20).loader(0)
+    ]
     # a view holds its buffer too
     assert all(pixels_match_keys(Batch(data=(x, None), keys=k)) for x, k in views)

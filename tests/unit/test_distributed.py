@@ -30,8 +30,11 @@ def _model(rank: int, differ: bool) -> torch.nn.Module:
 def _gather(rank: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=2)
     checksums = ReplicaChecksums(torch.device("cpu"), world_size=2)
-    seen = {"same": checksums(_model(rank, differ=False)), "differ": checksums(_model(rank, differ=True)),
-            "alone": ReplicaChecksums(torch.device("cpu"), world_size=1)(_model(rank, differ=True))}
+    seen = {
+        "same": checksums(_model(rank, differ=False)),
+        "differ": checksums(_model(rank, differ=True)),
+        "alone": ReplicaChecksums(torch.device("cpu"), world_size=1)(_model(rank, differ=True)),
+    }
     dist.destroy_process_group()
     with open(os.path.join(out, f"rank-{rank}.json"), "w") as f:
         json.dump(seen, f)
@@ -97,12 +100,16 @@ def test_backends_are_configured_without_importing_the_compiler_unless_determini
 
     from conftest import ROOT
 
-    script = ("import sys, torch\n"
-              "from launcher.config import TrainConfig\n"
-              "from launcher.runtime.distributed import configure_backends\n"
-              "configure_backends(TrainConfig())\n"
-              "before = 'torch._inductor' in sys.modules\n"
-              "configure_backends(TrainConfig(deterministic=True))\n"
-              "print(before, torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)\n")
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    script = (
+        "import sys, torch\n"
+        "from launcher.config import TrainConfig\n"
+        "from launcher.runtime.distributed import configure_backends\n"
+        "configure_backends(TrainConfig())\n"
+        "before = 'torch._inductor' in sys.modules\n"
+        "configure_backends(TrainConfig(deterministic=True))\n"
+        "print(before, torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     assert result.stdout.split() == ["False", "True", "True"]

@@ -67,8 +67,12 @@ def test_github_anchors_drop_punctuation_and_keep_hyphens_and_underscores():
 
 
 def test_every_relative_link_in_the_readme_and_docs_resolves():
-    links = [(doc, target) for doc in DOCS for target in LINK.findall(prose(doc.read_text()))
-             if not re.match(r"[a-z]+:", target)]  # http:, https:, mailto: are not ours to check
+    links = [
+        (doc, target)
+        for doc in DOCS
+        for target in LINK.findall(prose(doc.read_text()))
+        if not re.match(r"[a-z]+:", target)
+    ]  # http:, https:, mailto: are not ours to check
     assert len(links) > 50, "the link pattern found too few links: is it still matching?"
     problems = [problem for doc, target in links if (problem := broken(doc, target))]
     assert not problems, "\n".join(problems)

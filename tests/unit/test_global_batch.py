@@ -27,7 +27,10 @@ def test_each_count_is_the_product_the_callers_computed(batch_size, world_size, 
         assert batch.micro_batches_in_steps(steps) == steps * grad_accum_steps  # its batches_per_epoch
         # the plan's
         assert batch.steps_in_micro_batches(steps * grad_accum_steps + grad_accum_steps - 1) == steps
-        assert batch.samples_in_micro_batches(steps * grad_accum_steps) == steps * grad_accum_steps * batch_size * world_size
+        assert (
+            batch.samples_in_micro_batches(steps * grad_accum_steps)
+            == steps * grad_accum_steps * batch_size * world_size
+        )
         assert batch.samples_in_steps(steps) == steps * batch.samples  # the summary's samples_seen
 
 
@@ -37,14 +40,17 @@ def test_it_reads_a_config_or_a_saved_one_and_says_itself_as_the_plan_did():
     assert str(GlobalBatch(4, 2, 3)) == "4 per device x 2 processes x 3 accumulation = 24"
 
 
-@pytest.mark.parametrize("then, world_size, batch_size, accumulation", [
-    ((32, 1, 4), 2, 32, 2),  # 32 x 1 x 4 = 32 x 2 x 2
-    ((8, 4, 1), 2, 8, 2),
-    ((8, 2, 3), 3, 8, 2),
-    ((8, 2, 3), 4, 8, None),  # 48 is no multiple of 32
-    ((8, 2, 3), 6, 4, 2),
-    ((5, 2, 1), 4, 5, None),
-])
+@pytest.mark.parametrize(
+    "then, world_size, batch_size, accumulation",
+    [
+        ((32, 1, 4), 2, 32, 2),  # 32 x 1 x 4 = 32 x 2 x 2
+        ((8, 4, 1), 2, 8, 2),
+        ((8, 2, 3), 3, 8, 2),
+        ((8, 2, 3), 4, 8, None),  # 48 is no multiple of 32
+        ((8, 2, 3), 6, 4, 2),
+        ((5, 2, 1), 4, 5, None),
+    ],
+)
 def test_the_same_global_batch_on_another_world_size(then, world_size, batch_size, accumulation):
     old = GlobalBatch(*then)
     now = old.on(world_size, batch_size)
@@ -59,8 +65,19 @@ def test_the_same_global_batch_on_another_world_size(then, world_size, batch_siz
 @pytest.mark.parametrize("world, accumulation", [(1, 1), (2, 3), (3, 2)])
 def test_the_loaders_epoch_is_whole_optimizer_steps_and_the_rest_is_dropped(world, accumulation):
     source = Synthetic(torch.zeros(2), 100, None)
-    splits = [SplitLoader(source, rank=rank, world=world, seed=0, batch_size=4, num_workers=0, training=True,
-                          grad_accum_steps=accumulation) for rank in range(world)]
+    splits = [
+        SplitLoader(
+            source,
+            rank=rank,
+            world=world,
+            seed=0,
+            batch_size=4,
+            num_workers=0,
+            training=True,
+            grad_accum_steps=accumulation,
+        )
+        for rank in range(world)
+    ]
     steps = 100 // (4 * world * accumulation)
     for split in splits:
         assert split.batches_per_epoch == steps * accumulation

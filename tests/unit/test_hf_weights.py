@@ -17,9 +17,15 @@ from launcher.runtime.weights import load_weights, match_keys, open_weights
 
 
 def tiny_llama(tied: bool, seed: int = 0):
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                      tie_word_embeddings=tied)
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        tie_word_embeddings=tied,
+    )
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config)
 
@@ -73,7 +79,9 @@ def test_a_recipe_whose_keys_start_with_model_loads_a_causal_lm_and_a_bin_file(p
     assert_same_weights(model, reference)
 
 
-def test_a_base_model_file_loads_into_a_causal_lm_when_the_head_is_tied_and_is_refused_otherwise(pretrained, tmp_path):
+def test_a_base_model_file_loads_into_a_causal_lm_when_the_head_is_tied_and_is_refused_otherwise(
+    pretrained, tmp_path
+):
     path, config = pretrained
     base = transformers.LlamaForCausalLM.from_pretrained(path).model  # names without `model.`
     from safetensors.torch import save_file
@@ -81,15 +89,22 @@ def test_a_base_model_file_loads_into_a_causal_lm_when_the_head_is_tied_and_is_r
     save_file(base.state_dict(), str(tmp_path / "base.safetensors"))
     model = transformers.LlamaForCausalLM(config)
     if config.tie_word_embeddings:
-        assert load_weights(model, str(tmp_path / "base.safetensors"), head="", log=lambda _: None)["missing"] == []
+        assert (
+            load_weights(model, str(tmp_path / "base.safetensors"), head="", log=lambda _: None)["missing"]
+            == []
+        )
         assert torch.equal(model.lm_head.weight, base.embed_tokens.weight)
         return
     with pytest.raises(ConfigError) as refused:
         load_weights(model, str(tmp_path / "base.safetensors"), head="", log=lambda _: None)
     message = str(refused.value)
-    assert "\n" not in message and "leave 1 of the model's 21 trainable parameters unloaded: lm_head.weight" in message
-    report = load_weights(model, str(tmp_path / "base.safetensors"), head="", allow_missing=["lm_head.*"],
-                          log=lambda _: None)
+    assert (
+        "\n" not in message
+        and "leave 1 of the model's 21 trainable parameters unloaded: lm_head.weight" in message
+    )
+    report = load_weights(
+        model, str(tmp_path / "base.safetensors"), head="", allow_missing=["lm_head.*"], log=lambda _: None
+    )
     assert report["missing"] == ["lm_head.weight"]
     assert torch.equal(model.model.norm.weight, base.norm.weight)
 
@@ -101,9 +116,14 @@ def test_a_partial_load_is_refused_with_the_names():
 
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 2))
     with tempfile.TemporaryDirectory() as directory:
-        save_file({"0.weight": torch.ones(4, 4), "0.bias": torch.ones(4)}, os.path.join(directory, "w.safetensors"))
-        with pytest.raises(ConfigError, match=r"leave 4 of the model's 6 trainable parameters unloaded: 2.weight, "
-                                              r"2.bias, 3.weight and 1 more \(the file names tensors like 0.bias, 0.weight\)"):
+        save_file(
+            {"0.weight": torch.ones(4, 4), "0.bias": torch.ones(4)}, os.path.join(directory, "w.safetensors")
+        )
+        with pytest.raises(
+            ConfigError,
+            match=r"leave 4 of the model's 6 trainable parameters unloaded: 2.weight, "
+            r"2.bias, 3.weight and 1 more \(the file names tensors like 0.bias, 0.weight\)",
+        ):
             load_weights(model, os.path.join(directory, "w.safetensors"), log=lambda _: None)
         model[2].requires_grad_(False)  # frozen: not trained, so it may start as built
         load_weights(model, os.path.join(directory, "w.safetensors"), head="3", log=lambda _: None)
@@ -111,12 +131,18 @@ def test_a_partial_load_is_refused_with_the_names():
 
 
 def test_keys_match_exactly_or_by_one_prefix_for_the_whole_file():
-    causal = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.norm.weight", "lm_head.weight"]
+    causal = [
+        "model.embed_tokens.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ]
     # `model.` is never stripped from one side
     assert match_keys(causal, causal) == {name: name for name in causal}
     assert match_keys([f"module.{n}" for n in causal], causal) == {n: f"module.{n}" for n in causal}
     assert match_keys([n.removeprefix("model.") for n in causal[:3]], causal) == {
-        n: n.removeprefix("model.") for n in causal[:3]}
+        n: n.removeprefix("model.") for n in causal[:3]
+    }
     peft = [f"base_model.model.{n}" for n in causal]
     assert match_keys(peft, causal) == dict(zip(causal, peft))
     assert match_keys(causal, [f"_orig_mod.{n}" for n in causal]) == {f"_orig_mod.{n}": n for n in causal}
@@ -130,7 +156,9 @@ def test_slices_read_only_what_is_asked_and_equal_the_whole_tensor(pretrained):
         whole = files.read("model.embed_tokens.weight")
         part = files.read_slice("model.embed_tokens.weight", (slice(128, 256), slice(0, 16)))
         assert torch.equal(part, whole[128:, :16])
-        assert torch.equal(files.read_slice("model.norm.weight", (slice(0, 16),)), files.read("model.norm.weight")[:16])
+        assert torch.equal(
+            files.read_slice("model.norm.weight", (slice(0, 16),)), files.read("model.norm.weight")[:16]
+        )
 
 
 def test_a_damaged_index_or_shard_is_one_line_naming_the_file(pretrained, tmp_path):
@@ -147,7 +175,9 @@ def test_a_damaged_index_or_shard_is_one_line_naming_the_file(pretrained, tmp_pa
     with pytest.raises(ConfigError, match=f"weights file {shard} cannot be read") as torn:
         open_weights(str(copy))
     shard.unlink()
-    with pytest.raises(ConfigError, match=f"weights index {index} names shard {shard.name}, which is missing") as gone:
+    with pytest.raises(
+        ConfigError, match=f"weights index {index} names shard {shard.name}, which is missing"
+    ) as gone:
         open_weights(str(copy))
     index.write_text('{"weight_map": ')
     with pytest.raises(ConfigError, match=f"weights index {index} is damaged") as damaged:
@@ -156,6 +186,7 @@ def test_a_damaged_index_or_shard_is_one_line_naming_the_file(pretrained, tmp_pa
 
 
 # ---- weights out ---------------------------------------------------------------------------------
+
 
 def test_the_final_weights_in_several_shards_and_the_hf_layout_load_back_bitwise(pretrained, tmp_path):
     """What a DDP run's main process writes (a whole model): model-*-of-*.safetensors with an index,
@@ -170,13 +201,17 @@ def test_the_final_weights_in_several_shards_and_the_hf_layout_load_back_bitwise
         for parameter in trained.parameters():
             parameter.add_(0.25)  # other than the pretrained weights
     tokenizer_dir = tmp_path / "tokenizer"
-    transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")),
-                                         unk_token="[UNK]").save_pretrained(str(tokenizer_dir))
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")),
+        unk_token="[UNK]",
+    ).save_pretrained(str(tokenizer_dir))
     out = tmp_path / "run"
     out.mkdir()
     # replaced by the shards, not left to be read
     (out / "model.safetensors").write_bytes(b"an earlier export")
-    written = write_final_weights(str(out), trained, None, HFLayout("", str(tokenizer_dir)), 20_000, is_main=True)
+    written = write_final_weights(
+        str(out), trained, None, HFLayout("", str(tokenizer_dir)), 20_000, is_main=True
+    )
     assert written == {"weights_file": str(out / "model.safetensors.index.json"), "hf_dir": str(out / "hf")}
     assert not (out / "model.safetensors").exists() and not (out / ".export").exists()
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 2 and len(list((out / "hf").glob("model-*"))) > 2
@@ -198,6 +233,12 @@ def test_the_final_weights_in_several_shards_and_the_hf_layout_load_back_bitwise
 def test_max_shard_size_takes_transformers_notation_and_refuses_anything_else():
     from launcher.config import TrainConfig, size_in_bytes
 
-    assert (size_in_bytes("5GB"), size_in_bytes("20KB"), size_in_bytes("1.5 MiB")) == (5 * 10**9, 20_000, 1_572_864)
-    with pytest.raises(ConfigError, match="--max_shard_size must be a size like 5GB, 500MB or 20KB, got '5 gigs'"):
+    assert (size_in_bytes("5GB"), size_in_bytes("20KB"), size_in_bytes("1.5 MiB")) == (
+        5 * 10**9,
+        20_000,
+        1_572_864,
+    )
+    with pytest.raises(
+        ConfigError, match="--max_shard_size must be a size like 5GB, 500MB or 20KB, got '5 gigs'"
+    ):
         TrainConfig(max_shard_size="5 gigs").validate()

@@ -26,13 +26,16 @@ class Numbers(IterableDataset):
 
 
 def loader(source, rank=0, world=2, workers=0, training=True, **kwargs) -> SplitLoader:
-    return SplitLoader(source, rank=rank, world=world, seed=0, batch_size=2, num_workers=workers,
-                       training=training, **kwargs)
+    return SplitLoader(
+        source, rank=rank, world=world, seed=0, batch_size=2, num_workers=workers, training=training, **kwargs
+    )
 
 
 def values(batches) -> list[list[float]]:
-    return [batch.data.flatten().tolist() if isinstance(batch.data, torch.Tensor) else batch.data["x"][0].tolist()
-            for batch in batches]
+    return [
+        batch.data.flatten().tolist() if isinstance(batch.data, torch.Tensor) else batch.data["x"][0].tolist()
+        for batch in batches
+    ]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -72,8 +75,12 @@ def test_a_short_rank_repeats_its_slice_so_every_rank_takes_the_same_batches():
 
 
 def test_validation_reads_each_item_once_across_ranks():
-    got = [v for rank in range(2) for batch in values(loader(Numbers(7), rank=rank, training=False).loader(0))
-           for v in batch]
+    got = [
+        v
+        for rank in range(2)
+        for batch in values(loader(Numbers(7), rank=rank, training=False).loader(0))
+        for v in batch
+    ]
     assert sorted(got) == list(range(7))
 
 
@@ -96,7 +103,9 @@ def json_files(tmp_path_factory):
     paths = []
     for part, count in ((0, 11), (1, 6)):
         path = root / f"part{part}.jsonl"
-        path.write_text("".join(json.dumps({"x": [float(100 * part + i)], "y": i % 3}) + "\n" for i in range(count)))
+        path.write_text(
+            "".join(json.dumps({"x": [float(100 * part + i)], "y": i % 3}) + "\n" for i in range(count))
+        )
         paths.append(str(path))
     return paths
 
@@ -104,6 +113,7 @@ def json_files(tmp_path_factory):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_hugging_face_streaming_dataset_is_split_by_node_with_equal_batches(json_files, workers):
     import datasets  # a dev dependency
+
     stream = datasets.load_dataset("json", data_files=json_files, streaming=True, split="train")
     per_rank = []
     for rank in range(2):  # 2 shards for 2 ranks: rank 0 reads part0 (11 records), rank 1 part1 (6)
@@ -120,7 +130,10 @@ def test_a_hugging_face_streaming_dataset_is_split_by_node_with_equal_batches(js
 
 def test_a_hugging_face_map_style_dataset_is_split_like_any_map_style_dataset():
     import datasets  # a dev dependency
-    table = datasets.Dataset.from_dict({"x": [[float(i)] for i in range(13)], "y": [i % 3 for i in range(13)]})
+
+    table = datasets.Dataset.from_dict(
+        {"x": [[float(i)] for i in range(13)], "y": [i % 3 for i in range(13)]}
+    )
     seen = []
     for rank in range(2):
         split = loader(table, rank=rank)

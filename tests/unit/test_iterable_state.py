@@ -51,20 +51,31 @@ def json_files(tmp_path_factory) -> list[str]:
     paths = []
     for part, count in ((0, 24), (1, 20)):
         path = root / f"part{part}.jsonl"
-        path.write_text("".join(json.dumps({"x": [float(100 * part + i)], "y": i % 3}) + "\n" for i in range(count)))
+        path.write_text(
+            "".join(json.dumps({"x": [float(100 * part + i)], "y": i % 3}) + "\n" for i in range(count))
+        )
         paths.append(str(path))
     return paths
 
 
 def stream(json_files, log: Path | None = None):
     import datasets  # a dev dependency
+
     dataset = datasets.load_dataset("json", data_files=json_files, streaming=True, split="train")
     return dataset.map(note_read, fn_kwargs={"log": str(log)}) if log else dataset
 
 
 def loader(source, world: int, samples: int, rank: int = 0) -> SplitLoader:
-    return SplitLoader(source, rank=rank, world=world, seed=0, batch_size=2, num_workers=WORKERS, training=True,
-                       train_samples=samples)
+    return SplitLoader(
+        source,
+        rank=rank,
+        world=world,
+        seed=0,
+        batch_size=2,
+        num_workers=WORKERS,
+        training=True,
+        train_samples=samples,
+    )
 
 
 def values(batches) -> list[list[float]]:
@@ -79,7 +90,9 @@ def checkpoint(batches) -> Position:
     return Position.from_dict(json.loads(json.dumps(position.to_dict())))
 
 
-def test_a_resume_continues_each_worker_from_its_state_without_reading_the_consumed_samples(json_files, tmp_path):
+def test_a_resume_continues_each_worker_from_its_state_without_reading_the_consumed_samples(
+    json_files, tmp_path
+):
     log = tmp_path / "reads.txt"
     split = loader(stream(json_files, log), world=2, samples=44)  # rank 0 of 2 streams part0: 24 records
     batches = list(split.loader(0))
@@ -95,7 +108,9 @@ def test_a_resume_continues_each_worker_from_its_state_without_reading_the_consu
     assert len(consumed & set(reads(log))) <= WORKERS - 1
 
     other_pipeline = loader(stream(json_files), world=2, samples=44)  # the same files, no map()
-    with pytest.raises(DataError, match=r"MappedExamplesIterable.*does not fit this dataset's.*resume with the"):
+    with pytest.raises(
+        DataError, match=r"MappedExamplesIterable.*does not fit this dataset's.*resume with the"
+    ):
         other_pipeline.loader(0, position)
 
     log.unlink()  # the same checkpoint without states (a re-reading one) reads every consumed sample again
@@ -119,8 +134,9 @@ def test_a_resume_from_any_batch_is_exact_across_repeated_passes(json_files):
         position = Position.from_dict(json.loads(json.dumps(position.to_dict())))
         assert position.states
         rest = list(split.loader(0, position))
-        assert [(b.keys, b.repeated, b.data["x"][0].tolist()) for b in rest] == \
-            [(b.keys, b.repeated, b.data["x"][0].tolist()) for b in batches[consumed:]]
+        assert [(b.keys, b.repeated, b.data["x"][0].tolist()) for b in rest] == [
+            (b.keys, b.repeated, b.data["x"][0].tolist()) for b in batches[consumed:]
+        ]
 
 
 def test_a_stream_shuffled_through_a_buffer_resumes_by_reading_again_exactly(json_files):
@@ -137,8 +153,10 @@ def test_a_stream_shuffled_through_a_buffer_resumes_by_reading_again_exactly(jso
 
 def test_checkpoints_with_and_without_dataset_states_are_each_read_by_the_other_kind(json_files):
     """One process (world 1): the torch IterableDataset and the HF one give each worker the same items."""
-    hugging_face, plain = loader(stream(json_files), world=1, samples=40), loader(JsonLines(json_files), world=1,
-                                                                                  samples=40)
+    hugging_face, plain = (
+        loader(stream(json_files), world=1, samples=40),
+        loader(JsonLines(json_files), world=1, samples=40),
+    )
     hf_batches, plain_batches = list(hugging_face.loader(0)), list(plain.loader(0))
     assert values(hf_batches) == values(plain_batches)
     with_states, without = checkpoint(hf_batches), checkpoint(plain_batches)

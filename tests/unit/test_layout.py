@@ -13,8 +13,17 @@ from conftest import ROOT
 PACKAGE = ROOT / "launcher"
 # Each part may import only from parts of a lower layer (and from itself).
 # presets sits on data: its transforms decode shard JPEGs at their crop's scale (data/scaled_decode.py).
-LAYERS = [{"config", "global_batch"}, {"durable"}, {"data", "optim", "track"}, {"presets"}, {"recipe", "runtime"}, {"train"},
-          {"commands"}, {"cli", "__init__"}, {"__main__"}]
+LAYERS = [
+    {"config", "global_batch"},
+    {"durable"},
+    {"data", "optim", "track"},
+    {"presets"},
+    {"recipe", "runtime"},
+    {"train"},
+    {"commands"},
+    {"cli", "__init__"},
+    {"__main__"},
+]
 
 
 def part_of(path: Path) -> str:
@@ -36,7 +45,9 @@ def test_the_documented_tree_names_every_module_and_no_other():
     for package in {m.parts[0] for m in modules if len(m.parts) > 1}:
         assert f"  {package}/ " in tree, f"docs/development.md does not name launcher/{package}/"
     for named in re.findall(r"\b(\w+)\.py\b", tree):
-        assert any(m.stem == named for m in modules), f"docs/development.md names {named}.py, which does not exist"
+        assert any(m.stem == named for m in modules), (
+            f"docs/development.md names {named}.py, which does not exist"
+        )
 
 
 def test_imports_between_parts_point_one_way():
@@ -46,15 +57,26 @@ def test_imports_between_parts_point_one_way():
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith("launcher"):
                 continue
-            targets = ([node.module.split(".")[1]] if node.module != "launcher"
-                       else [alias.name for alias in node.names])
-            wrong += [f"{path.relative_to(ROOT)} imports launcher.{t}" for t in targets
-                      if t in {p for parts in LAYERS for p in parts} and t != here and layer(t) >= layer(here)]
+            targets = (
+                [node.module.split(".")[1]]
+                if node.module != "launcher"
+                else [alias.name for alias in node.names]
+            )
+            wrong += [
+                f"{path.relative_to(ROOT)} imports launcher.{t}"
+                for t in targets
+                if t in {p for parts in LAYERS for p in parts} and t != here and layer(t) >= layer(here)
+            ]
     assert not wrong, wrong
 
 
 def test_training_imports_neither_the_report_nor_the_slurm_tooling():
-    loaded = subprocess.run([sys.executable, "-c", "import sys, launcher.train.trainer; print(' '.join(sys.modules))"],
-                            cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, launcher.train.trainer; print(' '.join(sys.modules))"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert "launcher.track.report" not in loaded and "matplotlib" not in loaded
     assert not [m for m in loaded if "slurm" in m]

@@ -35,8 +35,8 @@ def test_an_example_is_a_signature_then_the_docstring_summary_of_the_function():
 
 
 def test_the_loss_mask_covers_the_completion_and_its_end_token_only(tokenizer):
-    short = {"prompt": "# f\ndef f():\n    \"\"\"", "completion": 'Return one."""'}
-    long = {"prompt": "# g\ndef g(a, b):\n    \"\"\"", "completion": 'Add a and b, then return the sum."""'}
+    short = {"prompt": '# f\ndef f():\n    """', "completion": 'Return one."""'}
+    long = {"prompt": '# g\ndef g(a, b):\n    """', "completion": 'Add a and b, then return the sum."""'}
     samples = [llm_finetune.tokenize(e, tokenizer, block_size=128) for e in (short, long)]
     batch = llm_finetune.collate(samples, pad_id=tokenizer.pad_token_id)
     assert batch["input_ids"].shape == batch["labels"].shape == (2, len(samples[1]["tokens"]) - 1)
@@ -46,15 +46,15 @@ def test_the_loss_mask_covers_the_completion_and_its_end_token_only(tokenizer):
         # the trained tokens decode to the completion and end with </s>; nothing of the prompt or the padding
         assert tokenizer.decode(labels[kept]) == example["completion"] + tokenizer.eos_token
         first = sample["prompt_tokens"] - 1  # the input position whose next token is the completion's first
-        assert not kept[:first].any() and kept[first:first + kept.sum()].all()
+        assert not kept[:first].any() and kept[first : first + kept.sum()].all()
         # labels = inputs shifted
-        assert torch.equal(inputs[:len(sample["tokens"]) - 1], sample["tokens"][:-1])
-        assert torch.equal(labels[kept], sample["tokens"][first + 1:])
-    assert (batch["input_ids"][0, len(samples[0]["tokens"]):] == tokenizer.pad_token_id).all()
+        assert torch.equal(inputs[: len(sample["tokens"]) - 1], sample["tokens"][:-1])
+        assert torch.equal(labels[kept], sample["tokens"][first + 1 :])
+    assert (batch["input_ids"][0, len(samples[0]["tokens"]) :] == tokenizer.pad_token_id).all()
 
 
 def test_a_long_example_is_cut_to_block_size_and_a_prompt_without_room_is_dropped(tokenizer):
-    example = {"prompt": "# h\ndef h():\n    \"\"\"", "completion": "x" * 200}
+    example = {"prompt": '# h\ndef h():\n    """', "completion": "x" * 200}
     cut = llm_finetune.tokenize(example, tokenizer, block_size=40)
     assert len(cut["tokens"]) == 41 and cut["prompt_tokens"] < 40
     assert llm_finetune.tokenize(example, tokenizer, block_size=cut["prompt_tokens"]) is None
@@ -87,5 +87,7 @@ def test_the_shard_units_are_the_decoder_layers_with_and_without_lora():
 def test_a_model_directory_without_config_json_is_refused(model_dir):
     cfg = dataclasses.replace(TinyConfig(), model_dir=model_dir)
     for build in (llm_finetune.build_model, llm_finetune.build_data):
-        with pytest.raises(ConfigError, match="--model_dir must name a Hugging Face model directory with config.json"):
+        with pytest.raises(
+            ConfigError, match="--model_dir must name a Hugging Face model directory with config.json"
+        ):
             build(cfg)

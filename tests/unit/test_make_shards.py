@@ -17,10 +17,16 @@ from launcher.cli import main
 from launcher.commands.shards import OPTIONS, make_shards
 from launcher.config import ConfigError, apply_overrides
 from launcher.data.index import ShardIndex, read_index
-from launcher.data.spec import Shards
 from launcher.data.loader import SplitLoader
-from launcher.data.writer import (SHARD_MTIME, dataset_samples, default_num_shards, shard_image_folder, shard_sizes,
-                                  write_shards)
+from launcher.data.spec import Shards
+from launcher.data.writer import (
+    SHARD_MTIME,
+    dataset_samples,
+    default_num_shards,
+    shard_image_folder,
+    shard_sizes,
+    write_shards,
+)
 from launcher.recipe import load_recipe
 from launcher.train.build import build_parts
 from launcher.train.plan import data_report, single_class_warning
@@ -61,20 +67,29 @@ def test_keys_are_unique_even_when_sanitised_names_collide(tmp_path):
     root.mkdir(parents=True)
     Image.new("L", (4, 4)).save(root / "x.1.png")
     Image.new("L", (4, 4)).save(root / "x_1.png")
-    shard_image_folder(str(tmp_path / "images"), str(tmp_path / "out"), max_count=10, max_bytes=1 << 30,
-                       workers=1, log=quiet)
+    shard_image_folder(
+        str(tmp_path / "images"), str(tmp_path / "out"), max_count=10, max_bytes=1 << 30, workers=1, log=quiet
+    )
     keys = {name.rsplit(".", 1)[0] for name in members(tmp_path / "out")}
     assert len(keys) == 2
 
 
 def test_output_is_byte_identical_with_one_or_several_workers_and_has_no_pax_headers(folder, tmp_path):
     for workers in (1, 2):
-        shard_image_folder(str(folder), str(tmp_path / f"w{workers}"), max_count=4, max_bytes=1 << 30,
-                           workers=workers, log=quiet)
+        shard_image_folder(
+            str(folder),
+            str(tmp_path / f"w{workers}"),
+            max_count=4,
+            max_bytes=1 << 30,
+            workers=workers,
+            log=quiet,
+        )
     assert members(tmp_path / "w1") == members(tmp_path / "w2")
     shards = sorted(p.name for p in (tmp_path / "w1").glob("*.tar"))
     assert len(shards) == 4
-    assert all((tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes() for name in shards)
+    assert all(
+        (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes() for name in shards
+    )
     with tarfile.open(tmp_path / "w1" / shards[0]) as tar:
         assert all(member.pax_headers == {} and member.mtime == SHARD_MTIME for member in tar.getmembers())
 
@@ -83,8 +98,9 @@ def test_the_loader_reads_what_was_written_using_the_index(folder, tmp_path):
     out = tmp_path / "shards"
     shard_image_folder(str(folder), str(out), max_count=4, max_bytes=1 << 30, workers=1, log=quiet)
     to_tensor = lambda image: torch.tensor(image.convert("RGB").getpixel((0, 0)))  # noqa: E731
-    split = SplitLoader(Shards(str(out), to_tensor), rank=0, world=1, seed=0, batch_size=4,
-                        num_workers=0, training=False)
+    split = SplitLoader(
+        Shards(str(out), to_tensor), rank=0, world=1, seed=0, batch_size=4, num_workers=0, training=False
+    )
     assert split.total == 12 and split.classes == ["cat", "dog"]
     for batch in split.loader(0):
         for pixel, label in zip(batch.data[0], batch.data[1]):
@@ -92,16 +108,24 @@ def test_the_loader_reads_what_was_written_using_the_index(folder, tmp_path):
 
 
 def test_reencode_converts_the_format(folder, tmp_path):
-    shard_image_folder(str(folder), str(tmp_path / "out"), max_count=100, max_bytes=1 << 30, workers=1,
-                       reencode="png", log=quiet)
+    shard_image_folder(
+        str(folder),
+        str(tmp_path / "out"),
+        max_count=100,
+        max_bytes=1 << 30,
+        workers=1,
+        reencode="png",
+        log=quiet,
+    )
     assert all(not name.endswith(".jpg") for name in members(tmp_path / "out"))
 
 
 def test_an_empty_source_is_an_error_and_leaves_no_shard(tmp_path):
     (tmp_path / "images" / "a").mkdir(parents=True)
     with pytest.raises(ConfigError, match="no images found"):
-        shard_image_folder(str(tmp_path / "images"), str(tmp_path / "out"), max_count=10, max_bytes=1 << 30,
-                           workers=1)
+        shard_image_folder(
+            str(tmp_path / "images"), str(tmp_path / "out"), max_count=10, max_bytes=1 << 30, workers=1
+        )
     with pytest.raises(ConfigError, match="no samples to write"):
         write_shards(iter([]), str(tmp_path / "out2"), max_count=10)
     assert not list((tmp_path / "out2").glob("*.tar"))
@@ -134,8 +158,15 @@ def sorted_folder(root, per_class: int, classes=CLASSES):
 
 def classes_per_batch(shard_dir) -> list[int]:
     """Distinct labels in each batch of 8, the shards read in order through the launcher's loader."""
-    split = SplitLoader(Shards(str(shard_dir), lambda image: 0), rank=0, world=1, seed=0, batch_size=8,
-                        num_workers=0, training=False)
+    split = SplitLoader(
+        Shards(str(shard_dir), lambda image: 0),
+        rank=0,
+        world=1,
+        seed=0,
+        batch_size=8,
+        num_workers=0,
+        training=False,
+    )
     return [len(set(batch.data[1].tolist())) for batch in split.loader(0)]
 
 
@@ -155,8 +186,12 @@ def members_of(path) -> dict[str, bytes]:
 def test_shards_of_a_class_sorted_folder_mix_the_classes_in_every_batch(tmp_path):
     root = sorted_folder(tmp_path / "images", 12)
     mixed, ordered = tmp_path / "mixed", tmp_path / "ordered"
-    shard_image_folder(str(root), str(mixed), max_count=10_000, max_bytes=1 << 30, workers=1, num_shards=4, log=quiet)
-    assert main(["shards", str(root), str(ordered), "--shuffle=false", "--num_shards", "4", "--workers=1"]) == 0
+    shard_image_folder(
+        str(root), str(mixed), max_count=10_000, max_bytes=1 << 30, workers=1, num_shards=4, log=quiet
+    )
+    assert (
+        main(["shards", str(root), str(ordered), "--shuffle=false", "--num_shards", "4", "--workers=1"]) == 0
+    )
     assert min(classes_per_batch(mixed)) >= 3 and len(classes_per_batch(mixed)) == 6
     assert max(classes_per_batch(ordered)) <= 2  # class order: a batch holds one class, or two at a border
     index = json.loads((mixed / "index.json").read_text())
@@ -173,11 +208,18 @@ def test_shards_of_a_class_sorted_folder_mix_the_classes_in_every_batch(tmp_path
 def test_the_plan_warns_about_shards_of_a_few_classes_from_their_class_counts():
     def warned(class_counts: list[list[int]]) -> bool:
         urls = [f"s{i}.tar" for i in range(len(class_counts))]
-        return bool(single_class_warning(ShardIndex(urls, list(map(sum, class_counts)), [], class_counts), "training"))
+        return bool(
+            single_class_warning(ShardIndex(urls, list(map(sum, class_counts)), [], class_counts), "training")
+        )
 
     assert warned([[16, 0, 0, 0], [0, 16, 0, 0], [0, 0, 16, 16]])  # 4 classes in 3 shards, class order
-    assert warned([[40, 40, 40, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 40, 40, 40, 0, 0, 0, 0],
-                   [0, 0, 0, 0, 0, 0, 40, 40, 40, 40]])  # no shard over 90 % one class, each a few classes
+    assert warned(
+        [
+            [40, 40, 40, 0, 0, 0, 0, 0, 0, 0],
+            [0, 0, 0, 40, 40, 40, 0, 0, 0, 0],
+            [0, 0, 0, 0, 0, 0, 40, 40, 40, 40],
+        ]
+    )  # no shard over 90 % one class, each a few classes
     assert not warned([[5, 3, 4, 4], [3, 5, 4, 4], [4, 4, 3, 5]])  # shuffled
     assert not warned([[95, 5], [96, 4], [94, 6]])  # one class is 95 % of the data: every shard is so
     assert not warned([[8], [8]])  # one class in all
@@ -185,16 +227,32 @@ def test_the_plan_warns_about_shards_of_a_few_classes_from_their_class_counts():
 
 def test_too_few_or_uneven_shards_for_the_processes_name_the_flag_that_fixes_them(tmp_path):
     root = sorted_folder(tmp_path / "images", 12)
-    shard_image_folder(str(root), str(tmp_path / "three"), max_count=100, max_bytes=1 << 30, workers=1, num_shards=3,
-                       log=quiet)
+    shard_image_folder(
+        str(root),
+        str(tmp_path / "three"),
+        max_count=100,
+        max_bytes=1 << 30,
+        workers=1,
+        num_shards=3,
+        log=quiet,
+    )
 
     def training(world: int) -> SplitLoader:
-        return SplitLoader(Shards(str(tmp_path / "three")), rank=0, world=world, seed=0, batch_size=8, num_workers=2,
-                           training=True)
+        return SplitLoader(
+            Shards(str(tmp_path / "three")),
+            rank=0,
+            world=world,
+            seed=0,
+            batch_size=8,
+            num_workers=2,
+            training=True,
+        )
 
     report = "\n".join(data_report(training(2), "training"))  # 32 and 16 samples: 8 dropped, 8 repeated
     assert "8 dropped, 8 repeated" in report and "(`launcher shards --num_shards=4`)" in report
-    with pytest.raises(ConfigError, match=r"3 training shards for 4 processes.*--num_shards=8` or use fewer "):
+    with pytest.raises(
+        ConfigError, match=r"3 training shards for 4 processes.*--num_shards=8` or use fewer "
+    ):
         training(4)
 
 
@@ -217,32 +275,55 @@ def test_a_root_of_train_val_test_writes_each_split_with_one_class_list(tmp_path
     assert "WARNING: val/ has no folder for 1 of the 4 classes (d)" in out
     for split, total in (("train", 24), ("val", 6), ("test", 4)):
         index = json.loads((tmp_path / "out" / split / "index.json").read_text())
-        assert index["classes"] == CLASSES and sum(index["shards"].values()) == total and len(index["shards"]) == 2
+        assert (
+            index["classes"] == CLASSES
+            and sum(index["shards"].values()) == total
+            and len(index["shards"]) == 2
+        )
     val = {}
     for path in (tmp_path / "out" / "val").glob("*.tar"):
         val.update(members_of(path))
     assert val["c/c01.cls"] == b"2" and json.loads(val["c/c01.json"])["class"] == "c"
     (root / "cats").mkdir()
-    with pytest.raises(ConfigError, match=r"holds split folders \(train, val, test\) and other folders \(cats\)"):
+    with pytest.raises(
+        ConfigError, match=r"holds split folders \(train, val, test\) and other folders \(cats\)"
+    ):
         make_shards(str(root), str(tmp_path / "again"), workers=1)
 
 
 def test_a_torchvision_dataset_is_shuffled_into_num_shards_with_its_own_flags(tmp_path, capsys):
     out = tmp_path / "fake"
-    assert main(["shards", "torchvision.datasets.FakeData", str(out), "--size=40", "--image_size=(3, 8, 8)",
-                 "--num_classes", "4", "--num_shards=4", "--seed=3"]) == 0
+    assert (
+        main(
+            [
+                "shards",
+                "torchvision.datasets.FakeData",
+                str(out),
+                "--size=40",
+                "--image_size=(3, 8, 8)",
+                "--num_classes",
+                "4",
+                "--num_shards=4",
+                "--seed=3",
+            ]
+        )
+        == 0
+    )
     assert "wrote 40 samples in 4 shards" in capsys.readouterr().out
     index = json.loads((out / "index.json").read_text())
     assert list(index["shards"].values()) == [10, 10, 10, 10]
-    assert index["class_counts"] == labels_in_shards(out) and sum(map(sum, index["class_counts"].values())) == 40
+    assert (
+        index["class_counts"] == labels_in_shards(out) and sum(map(sum, index["class_counts"].values())) == 40
+    )
     keys = [name.split(".")[0] for name in members_of(out / "shard-000000.tar") if name.endswith(".png")]
     assert keys != sorted(keys)  # a shuffled order; keys still name the dataset's indices
 
 
 def test_sub_folders_inside_class_folders_are_warned_about(folder, tmp_path):
     lines = []
-    shard_image_folder(str(folder), str(tmp_path / "out"), max_count=100, max_bytes=1 << 30, workers=1,
-                       log=lines.append)
+    shard_image_folder(
+        str(folder), str(tmp_path / "out"), max_count=100, max_bytes=1 << 30, workers=1, log=lines.append
+    )
     assert lines[0].startswith("WARNING: 2 class folder(s) of ") and "(cat/sub, dog/sub)" in lines[0]
 
 
@@ -250,10 +331,14 @@ def test_shards_help_lists_every_flag_on_stdout_and_a_wrong_flag_is_one_line(fol
     assert main(["shards", "--help"]) == 0
     out, err = capsys.readouterr()
     assert err == "" and out.startswith("usage: python -m launcher shards SOURCE OUT")
-    assert all(f"--{name}=" in out for name in OPTIONS) and "--shuffle=true" in out and "--num_shards=0" in out
-    for argv, message in (([str(folder), str(tmp_path / "o"), "--num_shard=3"], "unknown flag --num_shard"),
-                          ([str(folder), str(tmp_path / "o"), "--shuffle=maybe"], "--shuffle expects true or false"),
-                          ([str(folder)], "shards takes SOURCE and OUT")):
+    assert (
+        all(f"--{name}=" in out for name in OPTIONS) and "--shuffle=true" in out and "--num_shards=0" in out
+    )
+    for argv, message in (
+        ([str(folder), str(tmp_path / "o"), "--num_shard=3"], "unknown flag --num_shard"),
+        ([str(folder), str(tmp_path / "o"), "--shuffle=maybe"], "--shuffle expects true or false"),
+        ([str(folder)], "shards takes SOURCE and OUT"),
+    ):
         with pytest.raises(SystemExit) as stopped:
             main(["shards", *argv])
         err = capsys.readouterr().err
@@ -277,13 +362,21 @@ def test_a_model_with_fewer_outputs_than_the_shards_classes_is_refused_before_st
     # what recipes/resnet_pretrain reads
     os.symlink(os.path.join(four, "train"), os.path.join(four, "pretrain"))
     os.symlink(os.path.join(four, "val"), os.path.join(four, "pretrain_val"))
-    with pytest.raises(ConfigError, match=r"^the shards have 4 classes \(index.json\), the model outputs 2: "
-                                          r"set --num_classes=4$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^the shards have 4 classes \(index.json\), the model outputs 2: "
+        r"set --num_classes=4$",
+    ):
         parts("recipes/resnet_pretrain", four, num_classes=2)  # without the check: IndexError at the loss
     twelve = shards("twelve", [f"k{i:02d}" for i in range(12)])
-    with pytest.raises(ConfigError, match=r"the shards have 12 classes \(index.json\), the model outputs 10: "
-                                          r"make build_model output 12 classes$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"the shards have 12 classes \(index.json\), the model outputs 10: "
+        r"make build_model output 12 classes$",
+    ):
         parts(MLP_RECIPE, twelve)  # no num_classes field to name
     notes = parts(MLP_RECIPE, four).plan.notes  # more outputs than classes train, with a warning
-    assert ("WARNING: the model outputs 10 classes, the shards have 4 (index.json): "
-            "6 outputs are never a target; make build_model output 4 classes") in notes
+    assert (
+        "WARNING: the model outputs 10 classes, the shards have 4 (index.json): "
+        "6 outputs are never a target; make build_model output 4 classes"
+    ) in notes

@@ -23,8 +23,15 @@ TOKENS = torch.tensor([[1, 5, 9, 200, 3, 7]])
 
 def llama_config(tied: bool) -> transformers.LlamaConfig:
     # 250 rows: the embedding splits 125/125, the 2 key-value heads x 8 = 16 rows 8/8, odd sizes pad
-    return transformers.LlamaConfig(hidden_size=32, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=2, vocab_size=250, tie_word_embeddings=tied)
+    return transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=72,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=250,
+        tie_word_embeddings=tied,
+    )
 
 
 def build_sharded(config, weights: str | None) -> torch.nn.Module:
@@ -36,7 +43,9 @@ def build_sharded(config, weights: str | None) -> torch.nn.Module:
     assert meta_build.is_empty(model) and len(loads) == (1 if weights else 0)
     units = sharding.find_units(model, None, 0)
     sharding.shard(model, units, TrainConfig(), torch.device("cpu"))
-    meta_build.materialise(model, torch.device("cpu"), loads, load_weights, meta_build.module_init(model, lambda _: None))
+    meta_build.materialise(
+        model, torch.device("cpu"), loads, load_weights, meta_build.module_init(model, lambda _: None)
+    )
     return model
 
 
@@ -57,7 +66,10 @@ def _rank(rank: int, store: str, root: str) -> None:
             sharding.reshard(loaded)
             whole = gathered(loaded)
             if rank == 0:
-                save_file({**whole, "logits": logits.contiguous(), "tied": torch.tensor(tied)}, f"{root}/{name}.loaded")
+                save_file(
+                    {**whole, "logits": logits.contiguous(), "tied": torch.tensor(tied)},
+                    f"{root}/{name}.loaded",
+                )
         torch.manual_seed(0)
         initialised = gathered(build_sharded(llama_config(tied=False), None))
         if rank == 0:
@@ -72,7 +84,9 @@ def sharded_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("meta_build")
     for name in ("tied", "untied"):
         torch.manual_seed(1)
-        transformers.LlamaForCausalLM(llama_config(name == "tied")).save_pretrained(root / name, max_shard_size="20KB")
+        transformers.LlamaForCausalLM(llama_config(name == "tied")).save_pretrained(
+            root / name, max_shard_size="20KB"
+        )
     spawn_or_fail(_rank, (str(root / "store"), str(root)), nprocs=2)
     return root
 
@@ -97,7 +111,9 @@ def test_a_meta_built_model_without_weights_is_initialised_alike_on_2_ranks_and_
     torch.manual_seed(0)
     with meta_build.empty_model():
         model = transformers.LlamaForCausalLM(llama_config(tied=False))
-    meta_build.materialise(model, torch.device("cpu"), [], load_weights, meta_build.module_init(model, lambda _: None))
+    meta_build.materialise(
+        model, torch.device("cpu"), [], load_weights, meta_build.module_init(model, lambda _: None)
+    )
     whole = model.state_dict()
     assert [name for name in whole if not torch.equal(initialised[name], whole[name])] == []
     assert torch.equal(whole["model.norm.weight"], torch.ones(32))  # transformers' own _init_weights

@@ -22,10 +22,15 @@ CPU = torch.device("cpu")
 def batches(task: str, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     if task == "classification":
-        return [(torch.randn(n, 10, generator=generator), torch.randint(0, 10, (n,), generator=generator))
-                for n in (7, 16, 3)]
+        return [
+            (torch.randn(n, 10, generator=generator), torch.randint(0, 10, (n,), generator=generator))
+            for n in (7, 16, 3)
+        ]
     if task == "regression":
-        return [(torch.randn(n, 1, generator=generator), torch.randn(n, generator=generator) * 3 + 1) for n in (5, 9)]
+        return [
+            (torch.randn(n, 1, generator=generator), torch.randn(n, generator=generator) * 3 + 1)
+            for n in (5, 9)
+        ]
     targets = torch.randint(0, 12, (2, 4, 6), generator=generator)
     targets[targets % 5 == 0] = -100  # padding
     return [(torch.randn(4, 6, 12, generator=generator), t) for t in targets]
@@ -53,9 +58,12 @@ def test_classification_is_torchmetrics_top1_top5_and_confusion_matrix():
     for outputs, targets in data:
         expected.update(outputs.argmax(1), targets)
     assert confusion == expected.compute().tolist()
-    assert values["val/top1"] == pytest.approx(reference(MulticlassAccuracy(10, average="micro"), data), abs=1e-6)
-    assert values["val/top5"] == pytest.approx(reference(MulticlassAccuracy(10, top_k=5, average="micro"), data),
-                                               abs=1e-6)
+    assert values["val/top1"] == pytest.approx(
+        reference(MulticlassAccuracy(10, average="micro"), data), abs=1e-6
+    )
+    assert values["val/top5"] == pytest.approx(
+        reference(MulticlassAccuracy(10, top_k=5, average="micro"), data), abs=1e-6
+    )
 
 
 def test_regression_is_torchmetrics_mse_mae_and_r2():
@@ -74,8 +82,11 @@ def test_token_accuracy_skips_ignored_positions_and_perplexity_is_exp_loss():
 
     data = batches("language_model")
     values, _ = ours("language_model", data)
-    expected = reference(MulticlassAccuracy(12, average="micro", ignore_index=-100), data,
-                         lambda o, t: (o.flatten(0, 1), t.flatten()))
+    expected = reference(
+        MulticlassAccuracy(12, average="micro", ignore_index=-100),
+        data,
+        lambda o, t: (o.flatten(0, 1), t.flatten()),
+    )
     assert values["val/token_accuracy"] == pytest.approx(expected, abs=1e-6)
     assert values["val/perplexity"] == pytest.approx(torch.tensor(1.5).exp().item())
 
@@ -90,8 +101,11 @@ def test_a_recipe_metric_is_updated_and_computed_beside_the_task_s():
 
 
 def test_targets_outside_the_classes_are_refused_in_one_line():
-    with pytest.raises(ValueError, match=r"^classification targets must be class indices in \[0, 10\), got values "
-                                         r"from 0 to 10$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^classification targets must be class indices in \[0, 10\), got values "
+        r"from 0 to 10$",
+    ):
         TaskMetrics("classification", 10, CPU).update(torch.randn(2, 10), torch.tensor([0, 10]))
 
 
@@ -102,8 +116,10 @@ def _rank(rank: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:  # rank 0 takes batches 0 and 2, rank 1 batch 1; for the language model rank 1 has none
-        held = {task: batches(task)[rank::2] if task != "language_model" else batches(task)[:2 - 2 * rank]
-                for task in TASKS}
+        held = {
+            task: batches(task)[rank::2] if task != "language_model" else batches(task)[: 2 - 2 * rank]
+            for task in TASKS
+        }
         queue.put((rank, {task: ours(task, held[task]) for task in TASKS}))
     finally:
         dist.destroy_process_group()

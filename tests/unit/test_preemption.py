@@ -44,14 +44,18 @@ def _rank(rank: int, out: str) -> None:
 def test_every_rank_sees_one_ranks_signal_at_the_same_boundary(tmp_path):
     mp.spawn(_rank, args=(str(tmp_path),), nprocs=2)
     seen = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in range(2)]
-    assert seen[0] == seen[1] == {
-        "before": 0,
-        "first boundary after": 0,  # its all-reduce started before the signal came
-        "second boundary after": signal.SIGTERM,
-        "drained": 0,  # a boundary that reports a signal starts no new all-reduce
-        "epoch end (now)": signal.SIGUSR1,
-        "drained after now": 0,
-    }
+    assert (
+        seen[0]
+        == seen[1]
+        == {
+            "before": 0,
+            "first boundary after": 0,  # its all-reduce started before the signal came
+            "second boundary after": signal.SIGTERM,
+            "drained": 0,  # a boundary that reports a signal starts no new all-reduce
+            "epoch end (now)": signal.SIGUSR1,
+            "drained after now": 0,
+        }
+    )
 
 
 def _check_then_leave(rank: int, out: str, rounds: int) -> None:
@@ -96,9 +100,14 @@ def test_a_second_interrupt_exits_at_once_in_one_line_and_a_worker_ignores_both(
     from conftest import ROOT, child_env
     from launcher.runtime.preemption import SECOND_INTERRUPT as LINE
 
-    done = subprocess.run([sys.executable, "-c", SECOND_INTERRUPT.replace("SECOND", second)], cwd=ROOT,
-                          env=dict(child_env(), PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", SECOND_INTERRUPT.replace("SECOND", second)],
+        cwd=ROOT,
+        env=dict(child_env(), PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 130
     assert done.stdout.splitlines() == ["worker 0", f"first {int(signal.SIGINT)}", "lock released"]
     assert done.stderr == LINE  # one line, no traceback
-

@@ -19,16 +19,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from test_data import make_shards, to_tensor
 
+from conftest import ROOT
 from launcher.config import ConfigError
 from launcher.data.index import read_index
 from launcher.data.layout import Position
 from launcher.data.loader import SplitLoader
 from launcher.data.remote import shard_name
 from launcher.data.spec import Shards
-from conftest import ROOT
 from scripts.processes import free_port
-from test_data import make_shards, to_tensor
 
 SIZES = [5, 7, 4]  # samples per shard: part0, part1, part2
 FLAKY = "part1-000000.tar"  # the shard whose first download breaks off halfway
@@ -57,7 +57,9 @@ class FlakyHandler(http.server.BaseHTTPRequestHandler):
         server = self.server
         path = self.path.split("?")[0]  # without a presigned URL's signature
         server.gets.append(path)
-        cut = path.endswith(server.always or "\0") or (path.endswith(server.flaky) and server.gets.count(path) == 1)
+        cut = path.endswith(server.always or "\0") or (
+            path.endswith(server.flaky) and server.gets.count(path) == 1
+        )
         self._reply(*server.fetch(self.path, dict(self.headers), "GET"), cut=cut)
 
     def _reply(self, status: int, headers: dict, content: bytes, cut: bool, body: bool = True) -> None:
@@ -68,7 +70,7 @@ class FlakyHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(content)))
         self.end_headers()
         if body:
-            self.wfile.write(content[:len(content) // 2] if cut else content)
+            self.wfile.write(content[: len(content) // 2] if cut else content)
         if cut:  # a network blip: the connection ends mid-body
             self.close_connection = True
             self.wfile.flush()
@@ -121,7 +123,9 @@ def all_keys() -> list[str]:
 
 def test_shards_over_http_survive_a_dropped_connection(serve, quick_retries):
     server = serve()
-    keys, position = samples_read(Shards(f"{server.url}/part{{0..2}}-000000.tar", to_tensor, shuffle_buffer=0))
+    keys, position = samples_read(
+        Shards(f"{server.url}/part{{0..2}}-000000.tar", to_tensor, shuffle_buffer=0)
+    )
     assert sorted(keys) == all_keys()
     assert position.corrupt == {} and position.unreachable == {}
     assert server.gets.count(f"/{FLAKY}") == 2  # the broken download, then the retry
@@ -130,9 +134,15 @@ def test_shards_over_http_survive_a_dropped_connection(serve, quick_retries):
 
 def test_a_shard_that_keeps_failing_is_unreachable_not_unreadable(serve, quick_retries):
     server = serve(always=FLAKY)
-    keys, position = samples_read(Shards(f"{server.url}/part{{0..2}}-000000.tar", to_tensor, shuffle_buffer=0,
-                                         index=f"{server.url}/index.json"))
-    part1 = all_keys()[SIZES[0]:SIZES[0] + SIZES[1]]
+    keys, position = samples_read(
+        Shards(
+            f"{server.url}/part{{0..2}}-000000.tar",
+            to_tensor,
+            shuffle_buffer=0,
+            index=f"{server.url}/index.json",
+        )
+    )
+    part1 = all_keys()[SIZES[0] : SIZES[0] + SIZES[1]]
     read_of_part1 = [key for key in keys if key in part1]  # those before the break: the stream ends there
     assert sorted(set(keys) - set(part1)) == [key for key in all_keys() if key not in part1]
     assert position.corrupt == {}
@@ -153,18 +163,29 @@ def s3(shard_dir):
     if not os.access(server, os.X_OK):
         pytest.fail(f"{MOTO_SERVER} is missing: `make test` installs moto[server] there")
     port = free_port()
-    moto = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    moto = subprocess.Popen(
+        [server, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     endpoint = f"http://127.0.0.1:{port}"
-    environment = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    environment = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     try:
         put(endpoint, "/bucket", b"", wait_for=moto)  # moto checks no signature: plain PUTs fill the bucket
         for name in [*(f"part{i}-000000.tar" for i in range(3)), "index.json"]:
             put(endpoint, f"/bucket/shards/{name}", Path(shard_dir, name).read_bytes())
 
         def forward(path, headers, method):
-            request = urllib.request.Request(endpoint + path, method=method,
-                                             headers={k: v for k, v in headers.items() if k.lower() != "host"})
+            request = urllib.request.Request(
+                endpoint + path,
+                method=method,
+                headers={k: v for k, v in headers.items() if k.lower() != "host"},
+            )
             try:
                 with urllib.request.urlopen(request) as reply:
                     return reply.status, dict(reply.headers), reply.read()
@@ -173,7 +194,10 @@ def s3(shard_dir):
 
         proxy = FlakyServer(forward)
         tools = os.path.dirname(sys.executable)  # the aws CLI of the dev extra, beside this Python
-        yield proxy, {**environment, "AWS_ENDPOINT_URL": proxy.url, "PATH": tools + os.pathsep + os.environ["PATH"]}
+        yield (
+            proxy,
+            {**environment, "AWS_ENDPOINT_URL": proxy.url, "PATH": tools + os.pathsep + os.environ["PATH"]},
+        )
         proxy.shutdown()
     finally:
         os.killpg(moto.pid, signal.SIGTERM)
@@ -186,13 +210,18 @@ def put(endpoint: str, path: str, body: bytes, wait_for: subprocess.Popen | None
     while True:
         try:
             # not urllib's form type
-            request = urllib.request.Request(endpoint + path, data=body, method="PUT",
-                                             headers={"Content-Type": "application/octet-stream"})
+            request = urllib.request.Request(
+                endpoint + path, data=body, method="PUT", headers={"Content-Type": "application/octet-stream"}
+            )
             urllib.request.urlopen(request, timeout=60).close()
             return
         except urllib.error.URLError as error:  # refused: not listening yet
-            if (wait_for is None or isinstance(error, urllib.error.HTTPError) or wait_for.poll() is not None
-                    or time.monotonic() > deadline):
+            if (
+                wait_for is None
+                or isinstance(error, urllib.error.HTTPError)
+                or wait_for.poll() is not None
+                or time.monotonic() > deadline
+            ):
                 raise
         try:
             wait_for.wait(timeout=0.1)  # returns at once only if the server has exited
@@ -204,15 +233,17 @@ def test_shards_from_s3_survive_a_dropped_connection(s3, quick_retries, monkeypa
     proxy, environment = s3
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
-    keys, position = samples_read(Shards("s3://bucket/shards/part{1..2}-000000.tar", to_tensor, shuffle_buffer=0))
-    assert sorted(keys) == all_keys()[SIZES[0]:]  # each aws CLI call takes seconds: two shards
+    keys, position = samples_read(
+        Shards("s3://bucket/shards/part{1..2}-000000.tar", to_tensor, shuffle_buffer=0)
+    )
+    assert sorted(keys) == all_keys()[SIZES[0] :]  # each aws CLI call takes seconds: two shards
     assert position.corrupt == {} and position.unreachable == {}
     assert proxy.gets.count(f"/bucket/shards/{FLAKY}") == 2  # the broken download, then the retry
 
     # docs/data.md's form: a pipe: command, its count from the index beside the shard it names
     pipe = "pipe:aws s3 cp s3://bucket/shards/part2-000000.tar -"
     keys, position = samples_read(Shards(pipe, to_tensor, shuffle_buffer=0))
-    assert sorted(keys) == all_keys()[-SIZES[2]:] and position.corrupt == {}
+    assert sorted(keys) == all_keys()[-SIZES[2] :] and position.corrupt == {}
 
 
 def test_a_url_whose_tools_are_missing_is_refused_before_anything_is_read(monkeypatch, tmp_path):
@@ -221,12 +252,15 @@ def test_a_url_whose_tools_are_missing_is_refused_before_anything_is_read(monkey
         read_index("s3://bucket/x.tar")
 
 
-@pytest.mark.parametrize("url, name", [
-    ("pipe:aws s3 cp s3://bucket/x.tar -", "x.tar"),
-    ("pipe:curl -s 'https://host/d/y.tar?sig=1'", "y.tar"),
-    ("https://host/d/z.tar?X-Amz-Signature=abc", "z.tar"),
-    ("gs://bucket/p/w.tar", "w.tar"),
-    ("/data/shards/v.tar", "v.tar"),
-])
+@pytest.mark.parametrize(
+    "url, name",
+    [
+        ("pipe:aws s3 cp s3://bucket/x.tar -", "x.tar"),
+        ("pipe:curl -s 'https://host/d/y.tar?sig=1'", "y.tar"),
+        ("https://host/d/z.tar?X-Amz-Signature=abc", "z.tar"),
+        ("gs://bucket/p/w.tar", "w.tar"),
+        ("/data/shards/v.tar", "v.tar"),
+    ],
+)
 def test_the_index_is_looked_up_by_the_shard_s_own_name(url, name):
     assert shard_name(url) == name

@@ -34,7 +34,9 @@ def photo() -> bytes:
     """A 1536x1152 JPEG with photo-like content: a smooth random colour field (features about
     100 px across) with mild sensor-like noise."""
     rng = numpy.random.default_rng(0)
-    field = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=numpy.uint8)).resize((1536, 1152), Image.BICUBIC)
+    field = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=numpy.uint8)).resize(
+        (1536, 1152), Image.BICUBIC
+    )
     return encode(numpy.asarray(field, numpy.float32) + rng.normal(0, 3, (1152, 1536, 3)), quality=90)
 
 
@@ -42,8 +44,9 @@ def photo() -> bytes:
 def ramps() -> bytes:
     """A 1024x768 JPEG whose red channel is x (0..255 across) and green y (0..255 down)."""
     y, x = numpy.mgrid[0:768, 0:1024]
-    return encode(numpy.stack([x * 255 / 1023, y * 255 / 767, numpy.full(x.shape, 128)], -1),
-                  quality=95, subsampling=0)
+    return encode(
+        numpy.stack([x * 255 / 1023, y * 255 / 767, numpy.full(x.shape, 128)], -1), quality=95, subsampling=0
+    )
 
 
 def both_paths(transform, data: bytes, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,8 +62,12 @@ def decode_factor(transform, data: bytes, seed: int) -> float:
     height, width = image_size(data)
     seed_augmentation(seed)
     box = transform.crop.make_params([torch.empty(0, height, width)])
-    decoded, _, _, _ = simplejpeg.decode_jpeg_header(data, covering_size(transform.size, box["height"], height),
-                                                     covering_size(transform.size, box["width"], width), 2.0)
+    decoded, _, _, _ = simplejpeg.decode_jpeg_header(
+        data,
+        covering_size(transform.size, box["height"], height),
+        covering_size(transform.size, box["width"], width),
+        2.0,
+    )
     return height / decoded
 
 
@@ -83,8 +90,9 @@ def test_the_crop_covers_the_same_region_within_a_pixel_at_the_decoded_scale(ram
             continue
         # Red = x: the columns' profile; green = y: the rows'. Centre and span in full-size pixels.
         for channel, pixels, dim in ((0, 1024, 0), (1, 768, 1)):
-            (full_centre, full_span), (centre, span) = (extent(t[channel].float().mean(dim=dim), pixels)
-                                                        for t in (full, scaled))
+            (full_centre, full_span), (centre, span) = (
+                extent(t[channel].float().mean(dim=dim), pixels) for t in (full, scaled)
+            )
             # One decoded pixel is `factor` full-size ones; one ramp level is 4 (x) or 3 (y) pixels.
             assert abs(centre - full_centre) <= factor + 1, (seed, channel, factor, centre, full_centre)
             assert abs(span - full_span) <= 2 * factor + 2, (seed, channel, factor, span, full_span)
@@ -114,8 +122,10 @@ def small(mode: str) -> numpy.ndarray:
     return rng.integers(0, 256, shape).astype(numpy.uint8)
 
 
-@pytest.mark.parametrize("fmt,mode", [("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "L"), ("JPEG", "L"),
-                                      ("JPEG", "CMYK"), ("WEBP", "RGB")])
+@pytest.mark.parametrize(
+    "fmt,mode",
+    [("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "L"), ("JPEG", "L"), ("JPEG", "CMYK"), ("WEBP", "RGB")],
+)
 def test_other_formats_and_colour_modes_give_what_the_full_size_path_gives(fmt, mode):
     data = encode(small(mode), fmt, mode)
     for transform in (train_transform(24), eval_transform(24)):
@@ -125,7 +135,7 @@ def test_other_formats_and_colour_modes_give_what_the_full_size_path_gives(fmt, 
 
 
 def test_undecodable_images_raise_as_on_the_full_size_path(photo):
-    for bad in (photo[:len(photo) // 2], photo[:200], b"\xff\xd8\xff" + b"\x00" * 64, b"not an image"):
+    for bad in (photo[: len(photo) // 2], photo[:200], b"\xff\xd8\xff" + b"\x00" * 64, b"not an image"):
         with pytest.raises(OSError):  # PIL's, which the stream records as an unreadable sample
             train_transform(24).from_bytes(bad)
 
@@ -135,16 +145,26 @@ def test_shards_use_the_scaled_path_and_a_resume_is_bitwise(tmp_path, photo):
     resume; a truncated JPEG is skipped and counted."""
     rng = numpy.random.default_rng(2)
     big = Image.open(io.BytesIO(photo))
-    images = [encode(numpy.asarray(big.crop((left, top, left + 640, top + 480))), quality=85)
-              for left, top in rng.integers(0, 400, (11, 2))]
+    images = [
+        encode(numpy.asarray(big.crop((left, top, left + 640, top + 480))), quality=85)
+        for left, top in rng.integers(0, 400, (11, 2))
+    ]
     samples = [{"__key__": f"p{i:02d}", "jpg": data, "cls": i % 2} for i, data in enumerate(images)]
-    samples.insert(5, {"__key__": "cut", "jpg": images[0][:len(images[0]) // 2], "cls": 0})
+    samples.insert(5, {"__key__": "cut", "jpg": images[0][: len(images[0]) // 2], "cls": 0})
     write_shards(samples, str(tmp_path), max_count=6, classes=["a", "b"])
     transform = train_transform(24, scale=(0.3, 1.0))
 
     def loader(workers: int, start: Position | None = None) -> list:
-        split = SplitLoader(Shards(str(tmp_path), transform, shuffle_buffer=4), rank=0, world=1, seed=7,
-                            batch_size=2, num_workers=workers, training=True, batches_per_epoch=5)
+        split = SplitLoader(
+            Shards(str(tmp_path), transform, shuffle_buffer=4),
+            rank=0,
+            world=1,
+            seed=7,
+            batch_size=2,
+            num_workers=workers,
+            training=True,
+            batches_per_epoch=5,
+        )
         return list(split.loader(1, start))
 
     full = loader(2)
@@ -152,8 +172,9 @@ def test_shards_use_the_scaled_path_and_a_resume_is_bitwise(tmp_path, photo):
     for key, image in ((k, image) for b in full for k, image in zip(b.keys, b.data[0])):
         seed_augmentation(derive_seed(7, "augment", 1, key, 0))
         assert torch.equal(image, transform.from_bytes(images[int(key[1:])])), key
-    validation = SplitLoader(Shards(str(tmp_path), transform), rank=0, world=1, seed=7, batch_size=4,
-                             num_workers=0, training=False)
+    validation = SplitLoader(
+        Shards(str(tmp_path), transform), rank=0, world=1, seed=7, batch_size=4, num_workers=0, training=False
+    )
     assert [e["key"] for b in validation.loader(0) for e in b.errors] == ["cut"]  # skipped and counted
     position = Position(1)
     for b in itertools.islice(loader(2), 2):

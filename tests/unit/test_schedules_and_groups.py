@@ -8,8 +8,16 @@ import torch
 from torch import nn
 
 from launcher.config import ConfigError
-from launcher.optim.groups import (Group, Schedule, apply_freezing, assign_groups, build_optimizer,
-                                   frozen_batchnorms, layer_decay, lr_multipliers)
+from launcher.optim.groups import (
+    Group,
+    Schedule,
+    apply_freezing,
+    assign_groups,
+    build_optimizer,
+    frozen_batchnorms,
+    layer_decay,
+    lr_multipliers,
+)
 from launcher.optim.schedules import constant, unfreeze_warmup, warmup_cosine
 
 
@@ -42,26 +50,39 @@ class Tiny(nn.Module):
 
 def test_first_matching_group_wins_and_lrs_scale():
     model = Tiny()
-    schedule = Schedule(groups=[Group("head", ["head.*"], lr_scale=10), Group("rest", ["*"], weight_decay=0.0)])
+    schedule = Schedule(
+        groups=[Group("head", ["head.*"], lr_scale=10), Group("rest", ["*"], weight_decay=0.0)]
+    )
     groups = assign_groups(model, schedule, lr=0.01, weight_decay=0.1)
     assert groups[0].names == ["head.weight", "head.bias"]
     assert len(groups[1].names) == 6
-    assert (groups[0].lr, groups[0].weight_decay, groups[1].lr, groups[1].weight_decay) == (0.1, 0.1, 0.01, 0.0)
+    assert (groups[0].lr, groups[0].weight_decay, groups[1].lr, groups[1].weight_decay) == (
+        0.1,
+        0.1,
+        0.01,
+        0.0,
+    )
 
 
 def test_a_parameter_in_no_group_is_an_error():
     with pytest.raises(ConfigError, match="parameter 'stem.0.weight' matches no parameter group"):
-        assign_groups(Tiny(), Schedule(groups=[Group("head", ["head.*"]), Group("body", ["body.*"])]), 0.1, 0.0)
+        assign_groups(
+            Tiny(), Schedule(groups=[Group("head", ["head.*"]), Group("body", ["body.*"])]), 0.1, 0.0
+        )
 
 
 def test_frozen_groups_get_no_grad_and_stay_out_of_the_optimizer():
     model = Tiny()
-    groups = assign_groups(model, Schedule(groups=[Group("stem", ["stem"], frozen=True), Group("rest")]), 0.1, 0.0)
+    groups = assign_groups(
+        model, Schedule(groups=[Group("stem", ["stem"], frozen=True), Group("rest")]), 0.1, 0.0
+    )
     apply_freezing(groups, step=0)
     optimizer = build_optimizer(Schedule(), groups)
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    assert in_optimizer == trainable == {id(p) for n, p in model.named_parameters() if not n.startswith("stem")}
+    assert (
+        in_optimizer == trainable == {id(p) for n, p in model.named_parameters() if not n.startswith("stem")}
+    )
     assert [g["name"] for g in optimizer.param_groups] == ["rest"]
     assert frozen_batchnorms(model, groups) == [model.stem[1]]
 
@@ -77,8 +98,10 @@ def test_a_module_name_pattern_covers_its_parameters_and_only_them():
 
 def test_norm_and_bias_parameters_get_no_weight_decay_in_a_sibling_group():
     model = Tiny()
-    schedule = Schedule(groups=[Group("stem", ["stem"], frozen=True), Group("head", ["head"], lr_scale=10),
-                                Group("rest")], no_decay_norm_bias=True)
+    schedule = Schedule(
+        groups=[Group("stem", ["stem"], frozen=True), Group("head", ["head"], lr_scale=10), Group("rest")],
+        no_decay_norm_bias=True,
+    )
     groups = {pg.name: pg for pg in assign_groups(model, schedule, lr=0.01, weight_decay=0.1)}
     assert list(groups) == ["stem", "head", "head/no_decay", "rest", "rest/no_decay"]  # frozen: not split
     assert groups["head/no_decay"].names == ["head.bias"] and groups["head"].names == ["head.weight"]
@@ -98,8 +121,12 @@ def test_layer_decay_scales_each_stage_below_the_head():
 def unfreezing_model():
     torch.manual_seed(0)
     model = Tiny()
-    schedule = Schedule(groups=[Group("stem", ["stem"], frozen=True, unfreeze_epoch=1, unfreeze_warmup_steps=2),
-                                Group("rest")])
+    schedule = Schedule(
+        groups=[
+            Group("stem", ["stem"], frozen=True, unfreeze_epoch=1, unfreeze_warmup_steps=2),
+            Group("rest"),
+        ]
+    )
     groups = assign_groups(model, schedule, lr=0.1, weight_decay=0.5, steps_per_epoch=3)
     return model, groups
 
@@ -134,8 +161,12 @@ def test_a_scheduled_group_is_in_the_optimizer_from_the_start_but_unchanged_unti
 
 def test_batchnorm_of_a_frozen_group_can_keep_updating_its_statistics():
     model = Tiny()
-    groups = assign_groups(model, Schedule(groups=[Group("stem", ["stem"], frozen=True, keep_norm_stats=False),
-                                                   Group("rest")]), 0.1, 0.0)
+    groups = assign_groups(
+        model,
+        Schedule(groups=[Group("stem", ["stem"], frozen=True, keep_norm_stats=False), Group("rest")]),
+        0.1,
+        0.0,
+    )
     apply_freezing(groups, step=0)
     assert frozen_batchnorms(model, groups) == []
 
@@ -170,12 +201,15 @@ def test_each_groups_lr_is_the_schedule_times_its_unfreeze_warmup():
     assert lr_multipliers(groups, constant(), 12)[1](0) == 1.0
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(unfreeze_epoch=1), "sets unfreeze_epoch but is not frozen"),
-    (dict(frozen=True, unfreeze_epoch=1, unfreeze_step=4), "sets both unfreeze_epoch and unfreeze_step"),
-    (dict(frozen=True, unfreeze_step=-1), "unfreeze_step must be >= 0"),
-    (dict(patterns="layer1"), "patterns must be a list of strings"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(unfreeze_epoch=1), "sets unfreeze_epoch but is not frozen"),
+        (dict(frozen=True, unfreeze_epoch=1, unfreeze_step=4), "sets both unfreeze_epoch and unfreeze_step"),
+        (dict(frozen=True, unfreeze_step=-1), "unfreeze_step must be >= 0"),
+        (dict(patterns="layer1"), "patterns must be a list of strings"),
+    ],
+)
 def test_bad_groups_are_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         Group("g", **kwargs)
@@ -183,14 +217,18 @@ def test_bad_groups_are_refused(kwargs, message):
 
 def test_everything_frozen_at_the_start_is_an_error():
     model = Tiny()
-    groups = assign_groups(model, Schedule(groups=[Group("all", ["*"], frozen=True, unfreeze_step=5)]), 0.1, 0.0)
+    groups = assign_groups(
+        model, Schedule(groups=[Group("all", ["*"], frozen=True, unfreeze_step=5)]), 0.1, 0.0
+    )
     with pytest.raises(ConfigError, match="every parameter is frozen at the start"):
         build_optimizer(Schedule(), groups)
 
 
 def test_everything_but_the_head_frozen():
     model = Tiny()
-    groups = assign_groups(model, Schedule(groups=[Group("head", ["head"]), Group("body", ["*"], frozen=True)]), 0.1, 0.0)
+    groups = assign_groups(
+        model, Schedule(groups=[Group("head", ["head"]), Group("body", ["*"], frozen=True)]), 0.1, 0.0
+    )
     apply_freezing(groups, step=0)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
     assert [g["name"] for g in build_optimizer(Schedule(), groups).param_groups] == ["head"]

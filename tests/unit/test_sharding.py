@@ -35,7 +35,9 @@ def test_the_default_units_are_the_repeated_blocks_innermost_first_then_by_size(
     assert describe_units(find_units(resnet, None, 0)) == "8 + root: layer1.0 ... layer4.1 (8) (BasicBlock)"
     # the size rule looks outside the blocks only: the stem and the head stay with the root
     assert names(find_units(resnet, None, min_params=2_000_000)) == blocks
-    mlp = nn.Sequential(nn.Linear(100, 100), nn.ReLU(), nn.Sequential(nn.Linear(100, 300), nn.ReLU()), nn.Linear(300, 2))
+    mlp = nn.Sequential(
+        nn.Linear(100, 100), nn.ReLU(), nn.Sequential(nn.Linear(100, 300), nn.ReLU()), nn.Linear(300, 2)
+    )
     assert names(find_units(mlp, None, min_params=10_000)) == ["2.0", "0"]  # 30,300 and 10,100 parameters
     assert find_units(mlp, None, min_params=0) == []  # nothing repeats: the root alone
 
@@ -47,12 +49,15 @@ def test_a_recipe_names_its_units_by_module_or_name_and_a_stranger_is_refused():
         find_units(lm, [nn.Linear(2, 2)], 0)
 
 
-@pytest.mark.parametrize("changes, device, message", [
-    (dict(mixed_precision="fp16"), "cuda", "use --mixed_precision=bf16"),
-    (dict(ddp_comm_hook="fp16"), "cpu", "drop --ddp_comm_hook"),
-    (dict(channels_last=True), "cpu", "drop --channels_last"),
-    ({}, "mps", "runs on CUDA GPUs or CPU processes, not mps"),
-])
+@pytest.mark.parametrize(
+    "changes, device, message",
+    [
+        (dict(mixed_precision="fp16"), "cuda", "use --mixed_precision=bf16"),
+        (dict(ddp_comm_hook="fp16"), "cpu", "drop --ddp_comm_hook"),
+        (dict(channels_last=True), "cpu", "drop --channels_last"),
+        ({}, "mps", "runs on CUDA GPUs or CPU processes, not mps"),
+    ],
+)
 def test_fsdp_refuses_what_it_cannot_do_instead_of_falling_back(changes, device, message):
     cfg = dataclasses.replace(TrainConfig(), data_parallel="fsdp", **changes)
     with pytest.raises(ConfigError, match=message):
@@ -94,8 +99,10 @@ def _lockstep(rank: int, out: str) -> None:
     mine = [Batch(data=torch.full((1,), rank * 10 + i), size=1) for i in range(3 if rank == 0 else 1)]
     if rank == 1:
         mine.insert(0, Batch(data=None, errors=[{"reason": "unreadable"}]))
-    seen = [(None if batch.data is None else int(batch.data), counted)
-            for batch, counted in in_lockstep(mine, torch.tensor([-1]), Reducer())]
+    seen = [
+        (None if batch.data is None else int(batch.data), counted)
+        for batch, counted in in_lockstep(mine, torch.tensor([-1]), Reducer())
+    ]
     # the last collective's tensor outlives the group, as a run's end does (ReplicaChecksums)
     held = torch.zeros(1)
     dist.all_reduce(held)

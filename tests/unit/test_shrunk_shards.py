@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
+from test_make_shards import members
 
 from launcher.commands.shards import shards_command
 from launcher.config import ConfigError
@@ -20,12 +21,18 @@ from launcher.data.spec import Shards
 from launcher.data.writer import write_shards
 from launcher.presets import train_transform
 from launcher.train.plan import data_report
-from test_make_shards import members
 
 # (class, file, width, height): landscape, portrait, a narrow strip, small ones (kept byte for byte)
-IMAGES = [("cat", "wide.jpg", 640, 427), ("cat", "tall.jpg", 427, 640), ("cat", "strip.png", 301, 97),
-          ("cat", "small.jpg", 90, 60), ("dog", "wide.png", 500, 375), ("dog", "edge.jpg", 128, 100),
-          ("dog", "photo.jpg", 600, 450), ("dog", "tiny.png", 40, 30)]
+IMAGES = [
+    ("cat", "wide.jpg", 640, 427),
+    ("cat", "tall.jpg", 427, 640),
+    ("cat", "strip.png", 301, 97),
+    ("cat", "small.jpg", 90, 60),
+    ("dog", "wide.png", 500, 375),
+    ("dog", "edge.jpg", 128, 100),
+    ("dog", "photo.jpg", 600, 450),
+    ("dog", "tiny.png", 40, 30),
+]
 MAX_SIDE = 128
 
 
@@ -46,8 +53,12 @@ def photos(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def shrunk(photos, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("shrunk"))
-    assert shards_command([photos, out, f"--max_side={MAX_SIDE}", "--quality=80", "--workers=1",
-                           "--num_shards=2"]) == 0
+    assert (
+        shards_command(
+            [photos, out, f"--max_side={MAX_SIDE}", "--quality=80", "--workers=1", "--num_shards=2"]
+        )
+        == 0
+    )
     return out
 
 
@@ -90,20 +101,34 @@ def members_of(shard) -> list[bytes]:
     import tarfile
 
     with tarfile.open(shard) as tar:
-        return [tar.extractfile(m).read() for m in tar.getmembers() if m.name.rsplit(".", 1)[1] in ("jpg", "png")]
+        return [
+            tar.extractfile(m).read() for m in tar.getmembers() if m.name.rsplit(".", 1)[1] in ("jpg", "png")
+        ]
 
 
-def test_the_plan_warns_when_images_are_much_larger_than_the_crops_and_names_max_side(photos, shrunk, tmp_path):
+def test_the_plan_warns_when_images_are_much_larger_than_the_crops_and_names_max_side(
+    photos, shrunk, tmp_path
+):
     original = str(tmp_path / "original")
     shards_command([photos, original, "--workers=1", "--num_shards=2"])
 
     def report(source: str) -> str:
-        split = SplitLoader(Shards(source, train_transform(64)), rank=0, world=1, seed=0, batch_size=2,
-                            num_workers=0, training=True)
+        split = SplitLoader(
+            Shards(source, train_transform(64)),
+            rank=0,
+            world=1,
+            seed=0,
+            batch_size=2,
+            num_workers=0,
+            training=True,
+        )
         return "\n".join(data_report(split, "training"))
 
     warned = report(original)
-    assert "WARNING: the training images (median" in warned and "over 2x the 64 px the transforms output" in warned
+    assert (
+        "WARNING: the training images (median" in warned
+        and "over 2x the 64 px the transforms output" in warned
+    )
     assert "`launcher shards SOURCE OUT --max_side=128`" in warned
     assert "--max_side" not in report(shrunk)  # median shorter side under 2 x 64 px
 
@@ -120,7 +145,10 @@ def test_the_writer_api_shrinks_samples_and_bad_flags_are_one_line(tmp_path):
     (tmp_path / "api" / "index.json").write_text(json.dumps(hand_made))
     # a hand-made entry is left out, not an error
     assert read_index(str(tmp_path / "api")).image_sides is None
-    for flag, problem in (("--quality=0", "--quality must be >= 1"), ("--quality=101", "--quality must be 1 to 100"),
-                          ("--max_side=-5", "--max_side must be >= 0")):
+    for flag, problem in (
+        ("--quality=0", "--quality must be >= 1"),
+        ("--quality=101", "--quality must be 1 to 100"),
+        ("--max_side=-5", "--max_side must be >= 0"),
+    ):
         with pytest.raises(ConfigError, match=problem):
             shards_command([str(tmp_path), str(tmp_path / "out"), flag])

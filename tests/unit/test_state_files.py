@@ -27,9 +27,16 @@ from launcher.runtime import checkpoints, sharding, state_files
 def same(a, b) -> bool:
     """Equal to the bit, types included (a tensor's dtype, shape and strides too)."""
     if isinstance(a, torch.Tensor):
-        return (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
-                and torch.equal(a.detach().contiguous().flatten().view(torch.uint8),
-                                b.detach().contiguous().flatten().view(torch.uint8)))
+        return (
+            isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and a.stride() == b.stride()
+            and torch.equal(
+                a.detach().contiguous().flatten().view(torch.uint8),
+                b.detach().contiguous().flatten().view(torch.uint8),
+            )
+        )
     if type(a) is not type(b):
         return False
     if isinstance(a, dict):
@@ -54,11 +61,20 @@ class Multiplier:
 def test_values_round_trip_through_json_and_safetensors_bitwise(tmp_path):
     channels_last = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
     shared = torch.arange(6.0)
-    value = {"floats": [0.1, -0.0, float("inf"), float("-inf"), 1e-310, 2**53 + 1], "pair": (0.9, 0.999),
-             "keys": {0: {"step": torch.tensor(3.0), "exp_avg": channels_last}, (1, "a"): None},
-             "tagged": {"__tuple__": "a dict whose key is a tag"}, "bool": True, "none": None, "text": "é",
-             "tied": [shared, shared[:3]], "gaps": shared[::2], "permuted": torch.randn(3, 4).t(), "big": 2**70,
-             "bf16": torch.randn(4, dtype=torch.bfloat16)}
+    value = {
+        "floats": [0.1, -0.0, float("inf"), float("-inf"), 1e-310, 2**53 + 1],
+        "pair": (0.9, 0.999),
+        "keys": {0: {"step": torch.tensor(3.0), "exp_avg": channels_last}, (1, "a"): None},
+        "tagged": {"__tuple__": "a dict whose key is a tag"},
+        "bool": True,
+        "none": None,
+        "text": "é",
+        "tied": [shared, shared[:3]],
+        "gaps": shared[::2],
+        "permuted": torch.randn(3, 4).t(),
+        "big": 2**70,
+        "bf16": torch.randn(4, dtype=torch.bfloat16),
+    }
     state_files.write_tree(str(tmp_path / "tree"), value, "a test value")
     back = state_files.read_tree(str(tmp_path / "tree"))
     gaps = back.pop("gaps")  # a view with gaps comes back contiguous, its values the same
@@ -72,7 +88,10 @@ def test_values_round_trip_through_json_and_safetensors_bitwise(tmp_path):
 
 def test_scheduler_optimizer_scaler_and_plateau_states_round_trip_bitwise(tmp_path):
     model = nn.Linear(3, 2)
-    adamw, sgd = torch.optim.AdamW(model.parameters(), lr=0.01), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    adamw, sgd = (
+        torch.optim.AdamW(model.parameters(), lr=0.01),
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+    )
     for optimizer in (adamw, sgd):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [Multiplier()])
         for _ in range(3):
@@ -109,6 +128,7 @@ def test_random_states_round_trip_bitwise(tmp_path):
 
 # ---- against Accelerate: the same objects restored, file formats apart ------------------------------------
 
+
 def build_ddp(seed: int = 0):
     """As the trainer registers them under DDP: the model and optimizer prepared, the LR scheduler,
     the plateau schedule and the EMA registered for checkpointing."""
@@ -121,7 +141,14 @@ def build_ddp(seed: int = 0):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda step: 1 / (step + 1)])
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler, plateau, ema)
-    parts = dict(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, plateau=plateau, ema=ema)
+    parts = dict(
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        plateau=plateau,
+        ema=ema,
+    )
     return parts
 
 
@@ -139,9 +166,17 @@ def train(parts, steps: int) -> None:
 
 def restored(parts) -> dict:
     """Everything a load restores (copied), then the next draws of every generator."""
-    return copy.deepcopy({"model": parts["model"].state_dict(), "optimizer": parts["optimizer"].state_dict(),
-            "scheduler": parts["scheduler"].state_dict(), "plateau": parts["plateau"].state_dict(),
-            "ema": parts["ema"].state_dict(), "step": parts["accelerator"].step, "draws": draws()})
+    return copy.deepcopy(
+        {
+            "model": parts["model"].state_dict(),
+            "optimizer": parts["optimizer"].state_dict(),
+            "scheduler": parts["scheduler"].state_dict(),
+            "plateau": parts["plateau"].state_dict(),
+            "ema": parts["ema"].state_dict(),
+            "step": parts["accelerator"].step,
+            "draws": draws(),
+        }
+    )
 
 
 def test_the_state_files_restore_bitwise_what_accelerates_save_state_restored(tmp_path):
@@ -165,6 +200,7 @@ def test_the_state_files_restore_bitwise_what_accelerates_save_state_restored(tm
 
 
 # ---- planted pickles ------------------------------------------------------------------------------
+
 
 def planted_copies(checkpoint: str, tmp_path, names: list[str]):
     """For each file name: a copy of the checkpoint with that file replaced by a planted pickle
@@ -198,23 +234,41 @@ def test_the_planted_pickle_runs_when_unpickled(tmp_path):
 def test_a_pickle_planted_in_any_file_of_a_ddp_checkpoint_runs_nothing(tmp_path):
     parts = build_ddp()
     train(parts, 2)
-    path = checkpoints.save(parts["accelerator"], str(tmp_path / "run"), {"step": 2, "epoch": 0}, {"epoch": 0}).finish()
+    path = checkpoints.save(
+        parts["accelerator"], str(tmp_path / "run"), {"step": 2, "epoch": 0}, {"epoch": 0}
+    ).finish()
     files = sorted(os.listdir(path))
-    assert {"model.safetensors", "optimizer.json", "optimizer.safetensors", "registered-0.json", "registered-1.json",
-            "registered-2.json", "registered-2.safetensors", "random-states-0.json", "random-states-0.safetensors",
-            state_files.INDEX_FILE, "rank-0.json", checkpoints.STATE_FILE} <= set(files)
+    assert {
+        "model.safetensors",
+        "optimizer.json",
+        "optimizer.safetensors",
+        "registered-0.json",
+        "registered-1.json",
+        "registered-2.json",
+        "registered-2.safetensors",
+        "random-states-0.json",
+        "random-states-0.safetensors",
+        state_files.INDEX_FILE,
+        "rank-0.json",
+        checkpoints.STATE_FILE,
+    } <= set(files)
     load = lambda p: checkpoints.load(build_ddp(seed=1)["accelerator"], p)  # noqa: E731
     assert load(path)[0]["step"] == 2  # as written, it loads
-    for _, planted, marker in planted_copies(path, tmp_path, [f for f in files if f != checkpoints.MANIFEST_FILE]):
+    for _, planted, marker in planted_copies(
+        path, tmp_path, [f for f in files if f != checkpoints.MANIFEST_FILE]
+    ):
         assert_refused(load, planted, marker, "cannot be loaded")
     # Accelerate's files, as an older launcher wrote them: refused before anything is read
     for _, planted, marker in planted_copies(path, tmp_path, ["custom_checkpoint_0.pkl", "optimizer.bin"]):
-        message = assert_refused(load, planted, marker, r"was written by an older launcher: its states are pickled")
+        message = assert_refused(
+            load, planted, marker, r"was written by an older launcher: its states are pickled"
+        )
         assert f"start a new --output_dir with --weights={planted}/model.safetensors" in message
         assert_refused(checkpoints.read_state, planted, marker, "older launcher")
 
 
 # ---- FSDP: DCP's .metadata and .distcp files -------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def one_rank_group():
@@ -250,8 +304,12 @@ def build_fsdp(seed: int = 0):
 
 def fsdp_load(path: str) -> dict:
     acc, model, optimizer, ema = build_fsdp(seed=1)
-    checkpoints.load(acc, path, sharded=True,
-                     read_shards=lambda p: sharding.ShardedCheckpointer.load(p, model, optimizer.optimizer, ema))
+    checkpoints.load(
+        acc,
+        path,
+        sharded=True,
+        read_shards=lambda p: sharding.ShardedCheckpointer.load(p, model, optimizer.optimizer, ema),
+    )
     return {k: sharding.full(v) for k, v in model.state_dict().items()}
 
 
@@ -259,15 +317,24 @@ def test_a_pickle_planted_in_any_file_of_an_fsdp_checkpoint_runs_nothing(tmp_pat
     acc, model, optimizer, ema = build_fsdp()
     saver = sharding.ShardedCheckpointer(False)
     write_shards = lambda p: saver.save(p, sharding.sharded_state(model, optimizer.optimizer, ema))  # noqa: E731
-    path = checkpoints.save(acc, str(tmp_path / "run"), {"step": 1, "epoch": 0}, write_shards=write_shards).finish()
+    path = checkpoints.save(
+        acc, str(tmp_path / "run"), {"step": 1, "epoch": 0}, write_shards=write_shards
+    ).finish()
     written = {k: sharding.full(v) for k, v in model.state_dict().items()}
     assert same(fsdp_load(path), written)  # a real .metadata passes the checked unpickler
     files = sorted(os.path.relpath(os.path.join(d, n), path) for d, _, names in os.walk(path) for n in names)
     assert "sharded/.metadata" in files and any(f.endswith(".distcp") for f in files)
-    for name, planted, marker in planted_copies(path, tmp_path, [f for f in files if f != checkpoints.MANIFEST_FILE]):
+    for name, planted, marker in planted_copies(
+        path, tmp_path, [f for f in files if f != checkpoints.MANIFEST_FILE]
+    ):
         if name == "sharded/.metadata":
-            assert_refused(fsdp_load, planted, marker, r"sharded: \.metadata holds a disallowed type posix\.system; "
-                                                       "it was not written by the launcher")
+            assert_refused(
+                fsdp_load,
+                planted,
+                marker,
+                r"sharded: \.metadata holds a disallowed type posix\.system; "
+                "it was not written by the launcher",
+            )
         else:
             assert_refused(fsdp_load, planted, marker, "cannot be loaded")
 
@@ -280,7 +347,9 @@ def test_dcp_values_that_are_not_tensors_are_read_weights_only(tmp_path, one_ran
     target = str(tmp_path / "sharded")
     dcp.save({"weight": torch.ones(2), "lr": Planted(tmp_path / "ran-dcp")}, checkpoint_id=target)
     state = {"weight": torch.zeros(2), "lr": 0.1}
-    refused = r"checkpoint .*sharded: lr holds a disallowed type posix\.system; it was not written by the launcher"
+    refused = (
+        r"checkpoint .*sharded: lr holds a disallowed type posix\.system; it was not written by the launcher"
+    )
     with pytest.raises(ConfigError, match=refused):
         state_files.load_sharded(state, target)
     assert not (tmp_path / "ran-dcp").exists()

@@ -25,10 +25,17 @@ def write_tar(path, files: list[tuple[str, bytes]], fmt: int, directories: bool 
             tar.addfile(info, io.BytesIO(data))
 
 
-FILES = [("s0.jpg", b"\xff\xd8" + bytes(range(256)) * 3), ("s0.cls", b"3"),
-         ("__meta__", b"not a sample"),
-         ("deep/" + "d" * 120 + "/s1.png", b"x" * 512), ("deep/" + "d" * 120 + "/s1.cls", b"7"),
-         ("caf\u00e9/s2.jpg", b"\x00" * 1000), ("caf\u00e9/s2.cls", b""), ("s3.jpg", b"y" * 10000), ("s3.cls", b"1")]
+FILES = [
+    ("s0.jpg", b"\xff\xd8" + bytes(range(256)) * 3),
+    ("s0.cls", b"3"),
+    ("__meta__", b"not a sample"),
+    ("deep/" + "d" * 120 + "/s1.png", b"x" * 512),
+    ("deep/" + "d" * 120 + "/s1.cls", b"7"),
+    ("caf\u00e9/s2.jpg", b"\x00" * 1000),
+    ("caf\u00e9/s2.cls", b""),
+    ("s3.jpg", b"y" * 10000),
+    ("s3.cls", b"1"),
+]
 
 
 def regular_members(path) -> list[tuple[str, bytes]]:
@@ -54,14 +61,18 @@ def test_every_truncation_is_an_error_after_the_members_that_fit(tmp_path):
         end = max(m.offset_data + m.size for m in tar.getmembers())
     end_marker = end + (-end % 512)
     cut_file = tmp_path / "cut.tar"
-    for cut in sorted({*range(0, end_marker + 1, 256), end_marker + 100, *(m.offset_data + m.size for m in members)}):
+    for cut in sorted(
+        {*range(0, end_marker + 1, 256), end_marker + 100, *(m.offset_data + m.size for m in members)}
+    ):
         cut_file.write_bytes(data[:cut])
         read = []
         with pytest.raises(TarReadError, match="truncated"):
             for item in tar_files(str(cut_file)):
                 read.append(item)
-        assert read == [(m.name, FILES[i][1]) for i, m in enumerate(members) if m.offset_data + m.size <= cut], cut
-    cut_file.write_bytes(data[:end_marker + 512])  # the first end-of-archive block is enough
+        assert read == [
+            (m.name, FILES[i][1]) for i, m in enumerate(members) if m.offset_data + m.size <= cut
+        ], cut
+    cut_file.write_bytes(data[: end_marker + 512])  # the first end-of-archive block is enough
     assert len(list(tar_files(str(cut_file)))) == len(members)
 
 
@@ -92,13 +103,17 @@ def test_shard_samples_groups_by_key_and_hands_errors_over(tmp_path):
     assert errors == []
     # `pipe:` goes through WebDataset's reader and gives the same samples
     assert list(shard_samples(f"pipe:cat {path}", handler=errors.append)) == [
-        {**s, "__url__": f"pipe:cat {path}"} for s in samples]
+        {**s, "__url__": f"pipe:cat {path}"} for s in samples
+    ]
     cut = tmp_path / "cut.tar"
     with tarfile.open(path) as tar:
         s3 = tar.getmember("s3.jpg")
-    cut.write_bytes(path.read_bytes()[:s3.offset_data + 100])
-    assert [s["__key__"] for s in shard_samples(str(cut), handler=errors.append)] == ["s0", "deep/" + "d" * 120 + "/s1",
-                                                                                     "caf\u00e9/s2"]
+    cut.write_bytes(path.read_bytes()[: s3.offset_data + 100])
+    assert [s["__key__"] for s in shard_samples(str(cut), handler=errors.append)] == [
+        "s0",
+        "deep/" + "d" * 120 + "/s1",
+        "caf\u00e9/s2",
+    ]
     assert len(errors) == 1 and "cut inside member 's3.jpg'" in str(errors[0])
     assert list(shard_samples(str(tmp_path / "missing.tar"), handler=errors.append)) == []
     assert isinstance(errors[-1], FileNotFoundError)
@@ -111,8 +126,8 @@ def test_a_malformed_pax_header_is_an_error(tmp_path):
     with tarfile.open(path) as tar:
         second = tar.getmembers()[1]
     pax_header = second.offset  # tarfile's offset is where the member's first (pax) header starts
-    assert data[pax_header + 156:pax_header + 157] == b"x"
-    data[pax_header + 512:pax_header + 515] = b"0 x"  # a record claiming length 0 (must not loop forever)
+    assert data[pax_header + 156 : pax_header + 157] == b"x"
+    data[pax_header + 512 : pax_header + 515] = b"0 x"  # a record claiming length 0 (must not loop forever)
     path.write_bytes(bytes(data))
     read = []
     with pytest.raises(TarReadError, match=f"malformed pax header at byte {pax_header}"):

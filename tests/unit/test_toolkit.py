@@ -13,16 +13,16 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from launcher.optim import losses, optimizers, schedules
 from launcher.config import ConfigError, TrainConfig
+from launcher.data.batch import describe
 from launcher.data.loader import SplitLoader
 from launcher.data.spec import image_folder
-from launcher.runtime.distributed import configure_backends
-from launcher.data.batch import describe
-from launcher.train.modeling import init_weights, model_summary
+from launcher.optim import losses, optimizers, schedules
 from launcher.optim.groups import Group, Schedule, assign_groups, build_optimizer, lr_multipliers
-from launcher.presets import eval_transform, normalize, train_transform
 from launcher.optim.regularization import EMA, batch_mix
+from launcher.presets import eval_transform, normalize, train_transform
+from launcher.runtime.distributed import configure_backends
+from launcher.train.modeling import init_weights, model_summary
 
 # ---- schedules: ours (stepped per optimizer step) vs torch's (stepped as a script would) ----------
 
@@ -54,14 +54,28 @@ def torch_lrs(make, per_epoch: bool) -> list[float]:
     return lrs
 
 
-@pytest.mark.parametrize("ours, theirs", [
-    (schedules.StepLR(2, gamma=0.5), lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5)),
-    (schedules.MultiStepLR([1, 4], gamma=0.3), lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [1, 4], gamma=0.3)),
-    (schedules.ExponentialLR(0.8), lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.8)),
-    (schedules.LambdaLR(lambda e: 1 / (1 + e)), lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 1 / (1 + e))),
-    (schedules.CosineAnnealingLR(t_max=4, eta_min=0.01, interval="epoch"),
-     lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=4, eta_min=0.01)),
-])
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [
+        (
+            schedules.StepLR(2, gamma=0.5),
+            lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
+        ),
+        (
+            schedules.MultiStepLR([1, 4], gamma=0.3),
+            lambda o: torch.optim.lr_scheduler.MultiStepLR(o, [1, 4], gamma=0.3),
+        ),
+        (schedules.ExponentialLR(0.8), lambda o: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.8)),
+        (
+            schedules.LambdaLR(lambda e: 1 / (1 + e)),
+            lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 1 / (1 + e)),
+        ),
+        (
+            schedules.CosineAnnealingLR(t_max=4, eta_min=0.01, interval="epoch"),
+            lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=4, eta_min=0.01),
+        ),
+    ],
+)
 def test_epoch_schedules_change_only_at_epoch_ends_as_torch_stepped_per_epoch(ours, theirs):
     assert our_lrs(ours) == pytest.approx(torch_lrs(theirs, per_epoch=True), rel=1e-9)
 
@@ -69,17 +83,25 @@ def test_epoch_schedules_change_only_at_epoch_ends_as_torch_stepped_per_epoch(ou
 def test_cosine_annealing_per_step_with_eta_min_matches_torch():
     total = STEPS_PER_EPOCH * EPOCHS
     ours = our_lrs(schedules.CosineAnnealingLR(eta_min=0.005))  # t_max 0: the whole run
-    theirs = torch_lrs(lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=total, eta_min=0.005), False)
+    theirs = torch_lrs(
+        lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=total, eta_min=0.005), False
+    )
     assert ours == pytest.approx(theirs, rel=1e-9)
 
 
 def test_warmup_in_front_of_any_schedule_matches_torch_linear_chained():
     ours = our_lrs(schedules.warmup(schedules.ExponentialLR(0.95, interval="step"), 5))
-    theirs = torch_lrs(lambda o: torch.optim.lr_scheduler.ChainedScheduler([
-        torch.optim.lr_scheduler.LinearLR(o, start_factor=1 / 6, total_iters=5),
-        torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.95)]), per_epoch=False)
+    theirs = torch_lrs(
+        lambda o: torch.optim.lr_scheduler.ChainedScheduler(
+            [
+                torch.optim.lr_scheduler.LinearLR(o, start_factor=1 / 6, total_iters=5),
+                torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.95),
+            ]
+        ),
+        per_epoch=False,
+    )
     assert ours == pytest.approx(theirs, rel=1e-9)
-    assert ours[0] == pytest.approx(BASE / 6) and ours[4] == pytest.approx(BASE * 5 / 6 * 0.95 ** 4)
+    assert ours[0] == pytest.approx(BASE / 6) and ours[4] == pytest.approx(BASE * 5 / 6 * 0.95**4)
 
 
 def test_plateau_follows_torch_reduce_on_plateau_after_each_evaluation_and_resumes():
@@ -107,9 +129,13 @@ def test_config_names_a_schedule_and_its_fields():
     cfg = TrainConfig(lr_schedule="multistep", lr_milestones=(2, 4), lr_gamma=0.5, warmup_steps=3)
     built = schedules.from_config(cfg)
     assert isinstance(built, schedules.Warmup) and built.inner == schedules.MultiStepLR((2, 4), 0.5)
-    assert isinstance(schedules.from_config(TrainConfig(lr_schedule="plateau", lr_plateau_metric="val/top1")),
-                      schedules.Plateau)
-    assert schedules.from_config(TrainConfig(lr_schedule="plateau", lr_plateau_metric="val/top1")).mode == "max"
+    assert isinstance(
+        schedules.from_config(TrainConfig(lr_schedule="plateau", lr_plateau_metric="val/top1")),
+        schedules.Plateau,
+    )
+    assert (
+        schedules.from_config(TrainConfig(lr_schedule="plateau", lr_plateau_metric="val/top1")).mode == "max"
+    )
     with pytest.raises(ConfigError, match="--lr_schedule=multistep needs --lr_milestones"):
         schedules.from_config(TrainConfig(lr_schedule="multistep"))
 
@@ -117,22 +143,35 @@ def test_config_names_a_schedule_and_its_fields():
 # ---- optimizers ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, kwargs, cls", [
-    ("sgd", dict(momentum=0.9, nesterov=True), torch.optim.SGD), ("adam", {}, torch.optim.Adam),
-    ("adamw", {}, torch.optim.AdamW), ("rmsprop", dict(momentum=0.5), torch.optim.RMSprop),
-    ("adagrad", {}, torch.optim.Adagrad)])
+@pytest.mark.parametrize(
+    "name, kwargs, cls",
+    [
+        ("sgd", dict(momentum=0.9, nesterov=True), torch.optim.SGD),
+        ("adam", {}, torch.optim.Adam),
+        ("adamw", {}, torch.optim.AdamW),
+        ("rmsprop", dict(momentum=0.5), torch.optim.RMSprop),
+        ("adagrad", {}, torch.optim.Adagrad),
+    ],
+)
 def test_optimizers_by_name_keep_per_group_weight_decay_and_step_as_torch(name, kwargs, cls):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     reference = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     reference.load_state_dict(model.state_dict())
-    schedule = Schedule(groups=[Group("head", ["1"], lr_scale=2.0, weight_decay=0.0), Group("rest")],
-                        optimizer=optimizers.optimizer(name, **kwargs))
+    schedule = Schedule(
+        groups=[Group("head", ["1"], lr_scale=2.0, weight_decay=0.0), Group("rest")],
+        optimizer=optimizers.optimizer(name, **kwargs),
+    )
     ours = build_optimizer(schedule, assign_groups(model, schedule, lr=0.01, weight_decay=0.1))
     assert type(ours) is cls
     assert [(g["lr"], g["weight_decay"]) for g in ours.param_groups] == [(0.02, 0.0), (0.01, 0.1)]
-    theirs = cls([dict(params=list(reference[1].parameters()), lr=0.02, weight_decay=0.0),
-                  dict(params=list(reference[0].parameters()), lr=0.01, weight_decay=0.1)], **kwargs)
+    theirs = cls(
+        [
+            dict(params=list(reference[1].parameters()), lr=0.02, weight_decay=0.0),
+            dict(params=list(reference[0].parameters()), lr=0.01, weight_decay=0.1),
+        ],
+        **kwargs,
+    )
     x = torch.randn(8, 4)
     for _ in range(3):
         for net, opt in ((model, ours), (reference, theirs)):
@@ -160,18 +199,24 @@ def test_losses_equal_torch_modules():
     logits, targets = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, 1, 0])
     weights = [1.0, 2.0, 0.5]
     ce = losses.loss("cross_entropy", class_weights=weights, label_smoothing=0.1)
-    assert ce(logits, targets) == pytest.approx(float(
-        nn.CrossEntropyLoss(weight=torch.tensor(weights), label_smoothing=0.1)(logits, targets)))
+    assert ce(logits, targets) == pytest.approx(
+        float(nn.CrossEntropyLoss(weight=torch.tensor(weights), label_smoothing=0.1)(logits, targets))
+    )
     soft = F.one_hot(targets, 3).float() * 0.8 + 0.2 / 3
-    assert losses.loss("cross_entropy")(logits, soft) == pytest.approx(float(nn.CrossEntropyLoss()(logits, soft)))
+    assert losses.loss("cross_entropy")(logits, soft) == pytest.approx(
+        float(nn.CrossEntropyLoss()(logits, soft))
+    )
     log_probs = logits.log_softmax(1)
-    assert losses.loss("nll", class_weights=weights)(log_probs, targets) == pytest.approx(float(
-        nn.NLLLoss(weight=torch.tensor(weights))(log_probs, targets)))
+    assert losses.loss("nll", class_weights=weights)(log_probs, targets) == pytest.approx(
+        float(nn.NLLLoss(weight=torch.tensor(weights))(log_probs, targets))
+    )
     multi_hot = torch.tensor([[1, 0, 1], [0, 0, 1], [1, 1, 1], [0, 0, 0], [0, 1, 0], [1, 0, 0]]).float()
-    assert losses.loss("bce_with_logits")(logits, multi_hot) == pytest.approx(float(
-        nn.BCEWithLogitsLoss()(logits, multi_hot)))
-    assert losses.loss("bce_with_logits")(logits, targets) == pytest.approx(float(
-        nn.BCEWithLogitsLoss()(logits, F.one_hot(targets, 3).float())))
+    assert losses.loss("bce_with_logits")(logits, multi_hot) == pytest.approx(
+        float(nn.BCEWithLogitsLoss()(logits, multi_hot))
+    )
+    assert losses.loss("bce_with_logits")(logits, targets) == pytest.approx(
+        float(nn.BCEWithLogitsLoss()(logits, F.one_hot(targets, 3).float()))
+    )
     outputs, values = torch.randn(6, 1), torch.randn(6)
     assert losses.loss("mse")(outputs, values) == pytest.approx(float(nn.MSELoss()(outputs[:, 0], values)))
     assert losses.loss("l1")(outputs, values) == pytest.approx(float(nn.L1Loss()(outputs[:, 0], values)))
@@ -199,7 +244,9 @@ def test_presets_crop_flip_and_normalize_as_configured():
     mirrored = train_transform(40, scale=(1.0, 1.0), hflip=1.0)(image.resize((40, 40)))
     assert torch.equal(mirrored, torch.from_numpy(np.array(image.resize((40, 40)))).permute(2, 0, 1).flip(-1))
     batch = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
-    assert torch.allclose(normalize((0.5, 0.5, 0.5), (0.25, 0.5, 1.0))(batch)[0, :, 0, 0], torch.tensor([2.0, 1.0, 0.5]))
+    assert torch.allclose(
+        normalize((0.5, 0.5, 0.5), (0.25, 0.5, 1.0))(batch)[0, :, 0, 0], torch.tensor([2.0, 1.0, 0.5])
+    )
 
 
 def test_ema_follows_the_weights_with_warmed_up_decay():
@@ -254,7 +301,10 @@ def test_image_folder_is_split_across_ranks_and_reshuffled_each_epoch(tmp_path):
     write_folder(tmp_path / "train")
     dataset = image_folder(str(tmp_path / "train"), eval_transform(8))
     assert dataset.classes == ["cat", "dog", "fox"]
-    ranks = [SplitLoader(dataset, rank=r, world=2, seed=1, batch_size=3, num_workers=0, training=True) for r in (0, 1)]
+    ranks = [
+        SplitLoader(dataset, rank=r, world=2, seed=1, batch_size=3, num_workers=0, training=True)
+        for r in (0, 1)
+    ]
     epoch0 = [keys_of(r, 0) for r in ranks]
     assert len(epoch0[0]) == len(epoch0[1]) == 9 and not set(epoch0[0]) & set(epoch0[1])
     assert set(epoch0[0]) | set(epoch0[1]) == {str(i) for i in range(18)}
@@ -268,7 +318,10 @@ def test_a_torchvision_dataset_class_is_a_data_source():
     from torchvision.transforms import v2
 
     dataset = FakeData(size=20, image_size=(3, 8, 8), num_classes=4, transform=v2.PILToTensor())
-    ranks = [SplitLoader(dataset, rank=r, world=2, seed=0, batch_size=5, num_workers=0, training=False) for r in (0, 1)]
+    ranks = [
+        SplitLoader(dataset, rank=r, world=2, seed=0, batch_size=5, num_workers=0, training=False)
+        for r in (0, 1)
+    ]
     batches = [b for r in ranks for b in r.loader(0)]
     assert sum(len(b.keys) for b in batches) == 20 and batches[0].data[0].shape == (5, 3, 8, 8)
     assert batches[0].data[1].dtype == torch.int64
@@ -290,8 +343,16 @@ def test_seed_fixes_numpy_augmentation_in_workers_and_main_process(workers):
         from accelerate.utils import set_seed
 
         set_seed(seed)
-        split = SplitLoader(NumpyNoise(), rank=0, world=1, seed=seed, batch_size=4, num_workers=workers,
-                            training=True, batches_per_epoch=4)
+        split = SplitLoader(
+            NumpyNoise(),
+            rank=0,
+            world=1,
+            seed=seed,
+            batch_size=4,
+            num_workers=workers,
+            training=True,
+            batches_per_epoch=4,
+        )
         return torch.cat([b.data[0] for b in split.loader(0)]).flatten().tolist()
 
     assert draws(3) == draws(3) and draws(3) != draws(4)
@@ -313,8 +374,9 @@ def test_deterministic_and_cudnn_benchmark_fields_set_torch():
 # ---- model: init and summary ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scheme", ["kaiming_normal", "kaiming_uniform", "xavier_normal", "xavier_uniform",
-                                    "trunc_normal"])
+@pytest.mark.parametrize(
+    "scheme", ["kaiming_normal", "kaiming_uniform", "xavier_normal", "xavier_uniform", "trunc_normal"]
+)
 def test_weight_init_reinitialises_conv_and_linear_layers(scheme):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64), nn.Flatten(), nn.Linear(64, 256))
@@ -326,9 +388,13 @@ def test_weight_init_reinitialises_conv_and_linear_layers(scheme):
     assert not conv.bias.any() and not linear.bias.any()
     assert torch.equal(norm.weight.detach(), torch.ones(64)) and not norm.bias.any()
     fan_in, fan_out = 64, 256
-    expected_std = {"kaiming_normal": math.sqrt(2 / fan_out), "kaiming_uniform": math.sqrt(2 / fan_in),
-                    "xavier_normal": math.sqrt(2 / (fan_in + fan_out)), "xavier_uniform": math.sqrt(2 / (fan_in + fan_out)),
-                    "trunc_normal": 0.02}[scheme]
+    expected_std = {
+        "kaiming_normal": math.sqrt(2 / fan_out),
+        "kaiming_uniform": math.sqrt(2 / fan_in),
+        "xavier_normal": math.sqrt(2 / (fan_in + fan_out)),
+        "xavier_uniform": math.sqrt(2 / (fan_in + fan_out)),
+        "trunc_normal": 0.02,
+    }[scheme]
     assert float(linear.weight.detach().std()) == pytest.approx(expected_std, rel=0.1)
     with pytest.raises(ConfigError, match="unknown --weight_init=orthogonal"):
         init_weights(model, "orthogonal")
@@ -348,7 +414,10 @@ def test_model_summary_counts_trainable_and_frozen_per_module_and_the_output_sha
     assert rows["total"] == ["269", "45", "224", f"{269 * 4 / 2**20:.2f}"]
     assert lines[-1] == "  input (N, 3, 12, 12) -> output (N, 5)"
     assert describe(torch.zeros(1, 3, 12, 12)) == "(N, 3, 12, 12)" and describe(torch.zeros(4)) == "(N,)"
-    assert describe({"ids": torch.zeros(2, 7), "pair": (torch.zeros(2), [1, 2])}) == "{ids: (N, 7), pair: ((N,), (int, int))}"
+    assert (
+        describe({"ids": torch.zeros(2, 7), "pair": (torch.zeros(2), [1, 2])})
+        == "{ids: (N, 7), pair: ((N,), (int, int))}"
+    )
 
 
 def test_predict_adds_a_placeholder_target_where_a_sample_has_only_its_inputs():
@@ -361,7 +430,9 @@ def test_predict_adds_a_placeholder_target_where_a_sample_has_only_its_inputs():
     assert torch.equal(features[1], torch.tensor(0.0)) and features[1].dtype == torch.float32
     complete = (torch.ones(3), torch.tensor(1.0))
     assert with_placeholder_target(complete, (torch.zeros(3), torch.tensor(2.5))) is complete
-    labelled = with_placeholder_target({"input_ids": tokens}, {"input_ids": tokens, "labels": torch.tensor([7, 8])})
+    labelled = with_placeholder_target(
+        {"input_ids": tokens}, {"input_ids": tokens, "labels": torch.tensor([7, 8])}
+    )
     assert torch.equal(labelled["labels"], torch.tensor([0, 0])) and labelled["input_ids"] is tokens
 
 
@@ -370,7 +441,13 @@ def test_predict_reads_files_of_inputs_one_per_line(tmp_path):
 
     lines = tmp_path / "inputs.txt"
     lines.write_text("-1,2\n\n3,4\r\n")
-    assert gather_inputs(["5,6", str(lines)], str(lines), files_of_inputs=True) == ["5,6", "-1,2", "3,4", "-1,2", "3,4"]
+    assert gather_inputs(["5,6", str(lines)], str(lines), files_of_inputs=True) == [
+        "5,6",
+        "-1,2",
+        "3,4",
+        "-1,2",
+        "3,4",
+    ]
     assert gather_inputs([str(lines)], files_of_inputs=False) == [str(lines)]  # an image recipe's path
     with pytest.raises(ConfigError, match="cannot read the inputs in .*missing.txt"):
         gather_inputs([], str(tmp_path / "missing.txt"))

@@ -58,7 +58,9 @@ def test_shape_mismatch_outside_the_head_names_key_and_shapes(tmp_path, source):
     state = source.state_dict()
     state["conv1.weight"] = torch.zeros(64, 3, 3, 3)
     torch.save(state, tmp_path / "w.pt")
-    with pytest.raises(ConfigError, match=r"conv1.weight has shape \(64, 3, 3, 3\), the model expects \(64, 3, 7, 7\)"):
+    with pytest.raises(
+        ConfigError, match=r"conv1.weight has shape \(64, 3, 3, 3\), the model expects \(64, 3, 7, 7\)"
+    ):
         load_weights(resnet(10), str(tmp_path / "w.pt"), log=lambda _: None)
 
 
