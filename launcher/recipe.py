@@ -5,8 +5,10 @@ A recipe module defines:
   build_model(cfg)            -> torch.nn.Module
   build_data(cfg)             -> launcher.DataSpec
   build_schedule(cfg, model)  -> launcher.Schedule   (optional: one group; --optimizer, --lr_schedule)
-  build_loss(cfg)             -> callable(outputs, targets) (optional: --loss, --label_smoothing, --class_weights)
-  compute_loss(model, batch[, cfg]) -> loss | (loss_sum, count) | launcher.StepOutput  (optional: the step itself)
+  build_loss(cfg)             -> callable(outputs, targets)
+                                 (optional: --loss, --label_smoothing, --class_weights)
+  compute_loss(model, batch[, cfg]) -> loss | (loss_sum, count) | launcher.StepOutput
+                                 (optional: the step itself)
   build_metrics(cfg)          -> {name: metric} updated with (outputs, targets): a torchmetrics.Metric, or any
                                  object with update, compute, reset and to(device) (optional)
   predict_sample(cfg, text)   -> a sample, or its inputs alone (predict adds a placeholder target), for

@@ -122,9 +122,8 @@ def find_resume(cfg, log=print, problem: Callable[[str], str | None] | None = No
             if found is None:
                 return path
             log(f"WARNING: --resume=auto skips checkpoint {path}: {found}")
-        log(
-            f"--resume=auto: no {'intact ' if existing else ''}checkpoint in {cfg.output_dir}/checkpoints, starting fresh"
-        )
+        intact = "intact " if existing else ""
+        log(f"--resume=auto: no {intact}checkpoint in {cfg.output_dir}/checkpoints, starting fresh")
         return None
     if not os.path.isfile(os.path.join(cfg.resume, STATE_FILE)):
         raise ConfigError(

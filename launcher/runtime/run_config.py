@@ -31,7 +31,8 @@ def keep_global_batch(cfg, path: str, world_size: int) -> tuple[object, str]:
             else f"resume on a number of processes that divides {then.samples}"
         )
         raise ConfigError(
-            f"checkpoint {path} trained with a global batch of {then.samples} ({then.batch_size} per device x "
+            f"checkpoint {path} trained with a global batch of {then.samples} "
+            f"({then.batch_size} per device x "
             f"{then_world} processes x {then.grad_accum_steps} accumulation), which {world_size} processes x "
             f"--batch_size={cfg.batch_size} do not divide; {fix}"
         )

@@ -140,7 +140,8 @@ class RunLog:
             )
 
     def trace(self, keys: list) -> None:
-        """--trace_samples: this rank's training sample keys, `epoch step key` lines, in OUTPUT_DIR/samples/."""
+        """--trace_samples: this rank's training sample keys, `epoch step key` lines, in
+        OUTPUT_DIR/samples/."""
         if not self.cfg.trace_samples:
             return
         path = os.path.join(self.cfg.output_dir, "samples", f"rank{self.accelerator.process_index}.txt")

@@ -35,7 +35,8 @@ def reads(log: Path) -> list[float]:
 
 
 class JsonLines(IterableDataset):
-    """The same records as `load_dataset("json", ...)` streams at epoch 0, in the same order, with no state_dict."""
+    """The same records as `load_dataset("json", ...)` streams at epoch 0, in the same order, with no
+    state_dict."""
 
     def __init__(self, paths: list[str]):
         self.paths = paths

@@ -1,6 +1,6 @@
 """Shards in object storage (launcher/data/remote.py): read from a real server on loopback, an
-HTTP server and moto's S3 server (run from .venv-moto), each dropping one connection mid-shard once: the read is
-retried, no sample is lost and nothing counts as unreadable. A shard that keeps failing is
+HTTP server and moto's S3 server (run from .venv-moto), each dropping one connection mid-shard
+once: the read is retried, no sample is lost and nothing counts as unreadable. A shard that keeps failing is
 counted as unreachable, apart from unreadable ones. The index is found by the shard's own name
 for every URL form, docs/data.md's `pipe:aws s3 cp s3://bucket/x.tar -` included."""
 
