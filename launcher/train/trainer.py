@@ -14,11 +14,11 @@ guard, the update and the EMA. After each step the parts decide for themselves w
 - `StopSignals`: SIGUSR1/SIGTERM/SIGINT acted on at step boundaries;
 - the recipe's `Callbacks` (launcher/train/callbacks.py), at the run's events.
 
-The run's progress is one `RunState` (launcher/train/state.py), which checkpoints keep."""
+The run's progress is one `RunState` (launcher/train/state.py), which checkpoints keep. The
+trainer is put together by launcher/train/assembly.py."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import signal
@@ -26,7 +26,7 @@ import time
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 
 from launcher.config import DataError, TrainConfig
 from launcher.data.layout import Position, derive_seed
@@ -34,30 +34,28 @@ from launcher.data.loader import SplitLoader
 from launcher.optim.groups import (
     ParamGroup,
     apply_freezing,
-    build_optimizer,
     frozen_batchnorms,
-    lr_multipliers,
 )
-from launcher.optim.regularization import EMA, batch_mix
+from launcher.optim.regularization import EMA
 from launcher.optim.schedules import LRSchedule
 from launcher.recipe import Recipe
 from launcher.runtime import checkpoints, run_config
 from launcher.runtime.distributed import build_accelerator
-from launcher.runtime.export import HFLayout, hf_layout
+from launcher.runtime.export import HFLayout
 from launcher.runtime.failures import failure_of
 from launcher.runtime.parallel import Parallel, build_parallel
 from launcher.runtime.preemption import StopSignals
-from launcher.runtime.run_lock import RunLock, agreed_lock
-from launcher.runtime.sharding import global_norm
+from launcher.runtime.run_lock import RunLock
 from launcher.runtime.watchdog import Watchdog, injected_hang
 from launcher.track.profiling import StepProfiler
 from launcher.track.throughput import Throughput
 from launcher.train.adapters import PeftRun
+from launcher.train.assembly import build_parts_of, build_training
 from launcher.train.build import build_parts
-from launcher.train.callbacks import Callbacks, View, build_callbacks
+from launcher.train.callbacks import Callbacks
 from launcher.train.counting import CountedLoss
 from launcher.train.evaluator import Evaluator
-from launcher.train.guards import CheckpointCadence, DataHealth, NonFiniteGuard
+from launcher.train.guards import DataHealth, NonFiniteGuard
 from launcher.train.plan import Plan
 from launcher.train.preflight import Checked
 from launcher.train.run_log import RunLog
@@ -132,123 +130,12 @@ class Trainer:
         self.cfg, self.recipe, self.plan, self.checked = parts.cfg, recipe, parts.plan, parts.checked
         self.step_fn, self.classes = parts.checked.step, parts.classes
         self.train_data, self.val_data = parts.train_data, parts.val_data
-        self._build_training(parts)
+        build_training(self, parts)
         # python, numpy, torch: dropout/augmentation differ per rank
         set_seed(derive_seed(cfg.seed, "rank", self.rank) % 2**32)
         self.state, self.position = RunState(), Position(0)
-        self._build_parts(parts, log)
+        build_parts_of(self, parts, log)
         self.hang_at = injected_hang(self.rank)
-
-    def _build_training(self, parts) -> None:
-        """The model (wrapped or sharded), the EMA, the optimizer and the LR schedule."""
-        cfg, acc, model, schedule = self.cfg, self.accelerator, parts.model, parts.schedule
-        self.hf = hf_layout(cfg, self.recipe, model)  # OUTPUT_DIR/hf/ for a transformers model, or None
-        self.ema = EMA(parts.ema_source, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay else None
-        self.parallel.setup(model, self.ema)  # DDP: compiled; FSDP: the EMA sharded in place
-        # a PEFT model: its base's fingerprint, its exports
-        self.peft = PeftRun(acc, model, parts.frozen_base)
-        self.groups = parts.regroup(model) if self.parallel.sharded else parts.groups
-        self.frozen_norms = frozen_batchnorms(model, self.groups)
-        self.unfreeze_steps = {pg.starts_at for pg in self.groups if pg.starts_at}
-        optimizer = build_optimizer(schedule, self.groups)
-        total = self.plan.schedule_steps  # max_steps stops early; it does not shorten the schedule
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_multipliers(self.groups, schedule.lr_at, total, self.plan.steps_per_epoch)
-        )
-        self.lr_at = schedule.lr_at
-        self.mix = batch_mix(cfg.mixup_alpha, cfg.cutmix_alpha, parts.checked.num_classes)
-        self.model, self.optimizer = self.parallel.prepare(model, optimizer)
-        self.parameters = list(self.model.parameters())
-        self.counted_loss = CountedLoss(acc, self.world, parts.checked.counted, self.parameters)
-        acc.register_for_checkpointing(self.lr_scheduler)
-        if isinstance(self.lr_at, LRSchedule) and self.lr_at.state_dict():
-            acc.register_for_checkpointing(self.lr_at)  # ReduceLROnPlateau's state
-        self.parallel.register_ema(self.ema)  # DDP: in Accelerate's state; FSDP: in the sharded one
-
-    def _build_parts(self, parts, log) -> None:
-        """The guards, the log, the evaluator, the lock, the watchdog and the checkpointing."""
-        cfg, acc, state = self.cfg, self.accelerator, self.state
-        last_checkpoint = lambda: (checkpoints.checkpoint_dirs(cfg.output_dir) or [None])[-1]  # noqa: E731
-        self.guard = NonFiniteGuard(
-            cfg.nonfinite,
-            acc.mixed_precision == "fp16",
-            state,
-            last_checkpoint,
-            acc.is_main_process,
-            lambda: global_norm(self.parameters),
-        )
-        self.data_health = DataHealth(
-            cfg.output_dir, self.rank, cfg.max_corrupt_fraction, gather_object, state
-        )
-        self.run_log = RunLog(cfg, acc, self.plan, state)
-        self.signals = StopSignals(
-            self.world,
-            before_exit=lambda: self.lock is not None and self.lock.release(),
-            says=acc.is_main_process,
-        )
-        self.lock = None  # until it is taken, below: a second Ctrl-C releases it if held
-        # Last, before anything is written: one run per output_dir (the main process holds it for all).
-        self.lock = agreed_lock(acc, cfg.output_dir, log)  # None on the other ranks; a refusal raised on all
-        self.watchdog = Watchdog(
-            cfg.hang_timeout_s,
-            cfg.output_dir,
-            self.rank,
-            lambda: state.step,
-            before_exit=self.lock.release if self.lock is not None else lambda: None,
-        )
-        self.evaluator = Evaluator(
-            cfg,
-            self.val_data,
-            parts,
-            acc,
-            self.parallel,
-            state,
-            self.data_health,
-            self.plan.val_samples,
-            beat=self.watchdog.beat,
-        )
-        self.saver = Saver(
-            acc,
-            cfg.output_dir,
-            cfg.keep_checkpoints,
-            cfg.async_checkpoint,
-            state,
-            progress=self.watchdog.beat,
-            frozen_base=parts.frozen_base,
-        )
-        # tokens/s, MFU, stragglers
-        self.throughput = Throughput(acc, parts.checked.flops_per_sample, cfg.peak_tflops)
-        # --profile_steps
-        self.profiler = StepProfiler(cfg.profile_steps, cfg.output_dir, self.rank, acc.device)
-
-        def before_save() -> None:
-            self.guard.check(state.step)
-            self.run_log.flush()  # a resume from this checkpoint finds every record up to it
-
-        self.checkpointing = Checkpointing(
-            self.saver,
-            CheckpointCadence(cfg.checkpoint_every, cfg.checkpoint_epoch_end),
-            state,
-            before_save,
-            contents=lambda: (self._state(), self.position.to_dict()),
-            write_shards=lambda path: self.parallel.write_shards(path, self.model, self.optimizer, self.ema),
-            after_save=lambda: self.callbacks("on_save"),
-        )
-        their_cfg = copy.deepcopy(cfg)  # a callback that changes its cfg changes nothing of the run
-        self.callbacks = build_callbacks(
-            self.recipe,
-            their_cfg,
-            acc.is_main_process,
-            lambda: View(
-                state.step,
-                state.epoch,
-                acc.unwrap_model(self.model),
-                their_cfg,
-                cfg.output_dir,
-                acc.is_main_process,
-                self.run_log.log,
-            ),
-        )
 
     # ---- setup ----------------------------------------------------------------------------------
 
