@@ -1,6 +1,6 @@
 """launcher: turn a recipe (model + data + schedule) into a distributed training run on Accelerate."""
 
-from launcher.config import ConfigError, TrainConfig, variant
+from launcher.config import ConfigError, TrainConfig
 from launcher.data.decoders import fields, image_label
 from launcher.data.spec import DataSpec, Shards
 from launcher.optim.groups import Group, Schedule, layer_decay
@@ -17,6 +17,7 @@ from launcher.optim.schedules import (
     warmup,
     warmup_cosine,
 )
+from launcher.overrides import variant
 from launcher.runtime.weights import load_weights
 from launcher.track.media import Images, Table
 from launcher.train.step import StepOutput

@@ -15,19 +15,8 @@ import sys
 
 import fire
 
-from launcher.config import (
-    ConfigError,
-    DataError,
-    RunStopped,
-    TrainConfig,
-    apply_overrides,
-    field_help,
-    field_ranges,
-    inherit,
-    read_config_file,
-    sections,
-    type_name,
-)
+from launcher.config import ConfigError, DataError, RunStopped, TrainConfig, field_ranges, sections, type_name
+from launcher.overrides import apply_overrides, field_help, inherit, read_config_file
 
 USAGE = """\
 usage: python -m launcher RECIPE [--field=value ...]          train
@@ -59,7 +48,7 @@ excepted). A run's directory may stand in place of RECIPE (its saved recipe.py i
 training it is the output_dir too: python -m launcher runs/x --resume=auto). On
 --resume, a flag that changes the result (model, data, batch, schedule, precision: all but where the
 run writes and stops, logging, tracking, checkpoints, workers, parallelism and kernel choices;
-RESULT_NEUTRAL in launcher/config.py) set otherwise than in the checkpoint is refused, naming each
+RESULT_NEUTRAL in launcher/overrides.py) set otherwise than in the checkpoint is refused, naming each
 with its old value, unless --resume_changes=allow.
 
 evaluate and predict take a run's output_dir, RUN_DIR/best (its best checkpoint; `best` alone:
@@ -295,7 +284,7 @@ def _predict(cfg: TrainConfig, recipe, extra: dict, inputs: list[str]) -> None:
 
 def configure(command: str, named: str, first: str, overrides: dict, checkpoint: str) -> tuple:
     """(recipe, config): the recipe's defaults, then a --config file, then the flags. A --resume, or
-    the run that evaluate/predict read, gives every field set in neither (launcher/config.py's
+    the run that evaluate/predict read, gives every field set in neither (launcher/overrides.py's
     `inherit`). The recipe: RECIPE, else the one the --config file or the run names (a run
     directory in place of RECIPE is also the output_dir)."""
     from launcher.recipe import load_recipe, recipe_named_in

@@ -75,11 +75,12 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from launcher.config import ConfigError, TrainConfig, apply_overrides  # noqa: E402
+from launcher.config import ConfigError, TrainConfig  # noqa: E402
 from launcher.data.device_decode import decoding_stream, is_jpeg  # noqa: E402
 from launcher.data.index import read_index  # noqa: E402
 from launcher.data.spec import Shards  # noqa: E402
 from launcher.data.writer import write_shards  # noqa: E402
+from launcher.overrides import apply_overrides  # noqa: E402
 from launcher.recipe import Recipe, load_recipe  # noqa: E402
 
 DEFAULT_RECIPE = os.path.join(ROOT, "recipes", "resnet_bench.py")

@@ -35,7 +35,7 @@ from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from launcher.config import apply_overrides  # noqa: E402
+from launcher.overrides import apply_overrides  # noqa: E402
 from recipes import llm_bench  # noqa: E402
 from recipes.llm_finetune import compute_loss, shard_units  # noqa: E402
 

@@ -134,7 +134,8 @@ def _check_flags(command: str, args: list[str]) -> None:
     weights (the run's saved config where the sandbox has the run, else the recipe's Config, else
     TrainConfig for a run elsewhere); report: --out and --x only."""
     from launcher.cli import EXTRA_FLAGS, configure, parse_flags, split_inputs
-    from launcher.config import ConfigError, TrainConfig, apply_overrides
+    from launcher.config import ConfigError, TrainConfig
+    from launcher.overrides import apply_overrides
 
     if command == "predict":
         args, _inputs = split_inputs(args)

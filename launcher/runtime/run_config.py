@@ -1,6 +1,6 @@
 """A run's own config, read back: what `--resume`, `evaluate` and `predict` take from the config a
 run saved (a checkpoint's trainer_state.json, a run directory's config.json), what a resume may
-not change (launcher/config.py's RESULT_NEUTRAL says what it may), the global batch kept on another
+not change (launcher/overrides.py's RESULT_NEUTRAL says what it may), the global batch kept on another
 number of processes, and the one line for weights that do not fit, naming the flags that differ.
 """
 
@@ -10,8 +10,9 @@ import dataclasses
 import json
 import os
 
-from launcher.config import ConfigError, TrainConfig, inherit, result_changes, shown
+from launcher.config import ConfigError, TrainConfig
 from launcher.global_batch import GlobalBatch
+from launcher.overrides import inherit, result_changes, shown
 from launcher.runtime.checkpoints import STATE_FILE, find_resume, read_state, state_problem
 
 

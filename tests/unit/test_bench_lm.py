@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from launcher.config import apply_overrides
+from launcher.overrides import apply_overrides
 from recipes import llm_bench
 from scripts.bench_lm import flops_per_token
 

@@ -10,16 +10,8 @@ from typing import Literal
 import pytest
 
 from launcher.cli import parse_flags, recipe_help, usage
-from launcher.config import (
-    ConfigError,
-    TrainConfig,
-    apply_overrides,
-    coerce,
-    field_help,
-    ranged,
-    sections,
-    variant,
-)
+from launcher.config import ConfigError, TrainConfig, ranged, sections
+from launcher.overrides import apply_overrides, coerce, field_help, variant
 from launcher.recipe import load_recipe
 from launcher.train.plan import fork_hang_warning
 

@@ -138,7 +138,8 @@ def check_python(block: Block, sandbox: Path) -> None:
 def check_config(block: Block, sandbox: Path) -> None:
     """A YAML block, or a JSON one naming a recipe, is a --config file: planned where it names its
     recipe (`recipe: PATH`), else its fields checked against TrainConfig. Other JSON is output."""
-    from launcher.config import ConfigError, TrainConfig, apply_overrides, read_config_file
+    from launcher.config import ConfigError, TrainConfig
+    from launcher.overrides import apply_overrides, read_config_file
 
     suffix = ".json" if block.info == "json" else ".yaml"
     path = sandbox / "doc_configs" / f"{Path(block.page).stem}_{block.line}{suffix}"

@@ -15,6 +15,7 @@ PACKAGE = ROOT / "launcher"
 # presets sits on data: its transforms decode shard JPEGs at their crop's scale (data/scaled_decode.py).
 LAYERS = [
     {"config", "global_batch"},
+    {"overrides"},
     {"durable"},
     {"data", "optim", "track"},
     {"presets"},

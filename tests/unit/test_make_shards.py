@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import MLP_RECIPE
 from launcher.cli import main
 from launcher.commands.shards import OPTIONS, make_shards
-from launcher.config import ConfigError, apply_overrides
+from launcher.config import ConfigError
 from launcher.data.index import ShardIndex, read_index
 from launcher.data.loader import SplitLoader
 from launcher.data.spec import Shards
@@ -27,6 +27,7 @@ from launcher.data.writer import (
     shard_sizes,
     write_shards,
 )
+from launcher.overrides import apply_overrides
 from launcher.recipe import load_recipe
 from launcher.train.build import build_parts
 from launcher.train.plan import data_report, single_class_warning

@@ -13,7 +13,8 @@ from torch import nn
 from conftest import MLP_RECIPE
 from launcher.cli import configure, main
 from launcher.commands.inference import load_model
-from launcher.config import RESULT_NEUTRAL, ConfigError, TrainConfig, inherit
+from launcher.config import ConfigError, TrainConfig
+from launcher.overrides import RESULT_NEUTRAL, inherit
 from launcher.recipe import load_recipe
 from launcher.runtime import checkpoints, run_config
 from launcher.runtime.weights import fit_problem, open_weights
