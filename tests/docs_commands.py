@@ -294,17 +294,9 @@ def hf_download_args(args: list[str]) -> dict:
     try:
         from huggingface_hub.cli.hf import app
     except ImportError:  # huggingface_hub 0.3x: argparse commands
-        import argparse
-
-        from huggingface_hub.cli.download import DownloadCommand
-
-        parser = argparse.ArgumentParser("hf", exit_on_error=False)
-        DownloadCommand.register_subcommand(parser.add_subparsers())
-        try:
-            with contextlib.redirect_stderr(io.StringIO()):
-                return vars(parser.parse_args(args))
-        except (argparse.ArgumentError, SystemExit) as error:
-            raise BlockFailure(f"hf refuses these arguments: {error}") from None
+        app = None
+    if app is None:
+        return argparse_hf_args(args)
     import click
 
     context = click.Context(app, info_name="hf")
@@ -313,6 +305,26 @@ def hf_download_args(args: list[str]) -> dict:
         return command.make_context(name, rest, parent=context).params
     except click.UsageError as error:
         raise BlockFailure(f"hf: {error.format_message()}") from None
+
+
+def argparse_hf_args(args: list[str]) -> dict:
+    """`hf ARGS` parsed by huggingface_hub 0.3x's argparse commands."""
+    import argparse
+
+    from huggingface_hub.cli.download import DownloadCommand
+
+    parser = argparse.ArgumentParser("hf", exit_on_error=False)
+    DownloadCommand.register_subcommand(parser.add_subparsers())
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            parsed, unknown = parser.parse_known_args(args)
+    except (argparse.ArgumentError, SystemExit) as error:
+        why = said.getvalue().strip().splitlines()[-1:] or [str(error)]
+        raise BlockFailure(f"hf refuses these arguments: {why[0]}") from None
+    if unknown:
+        raise BlockFailure(f"hf refuses these arguments: unrecognized arguments: {' '.join(unknown)}")
+    return vars(parsed)
 
 
 def console_script(argv: list[str], sandbox: Path) -> None:

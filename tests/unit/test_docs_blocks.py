@@ -313,7 +313,7 @@ def test_unknown_flags_and_commands_fail(sandbox: Path, monkeypatch, tmp_path) -
         f"page.md:{n} (```sh block at line 1)" for n in (2, 3, 5, 6, 7, 8, 9)
     ]
     assert "did you mean --batch_size" in failures[0] and "--lr expects float" in failures[1]
-    assert "no-such-target" in failures[3] and "nosuchextra" in failures[4] and "--local-dir" in failures[5]
+    assert "no-such-target" in failures[3] and "nosuchextra" in failures[4] and "--lokal-dir" in failures[5]
     assert "```text" in failures[6]
     with pytest.raises(BlockFailure, match="no_such_field"):
         check_python(recipe, sandbox)
