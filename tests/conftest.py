@@ -12,6 +12,12 @@ from pathlib import Path
 
 import pytest
 
+# One intra-op thread for torch in the tests and every run they start (set before anything imports
+# torch): several runs share the cores at once (pytest workers, ranks), and with torch's default of
+# one OpenMP thread per core their threads spin-wait for each other. Three AlexNet runs at once on
+# 2 cores took 3.4x as long as with one thread each (115 s against 33 s).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # scripts/processes.py, shared with the scripts that start launches
 from scripts.processes import children, free_port, launcher_children  # noqa: E402,F401
