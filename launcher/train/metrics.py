@@ -123,7 +123,8 @@ class TaskMetrics:
             )
         elif self.task == "language_model":
             counted = targets != IGNORE_INDEX
-            self.sums[0] += (outputs.argmax(-1) == targets)[counted].sum()
+            # a product with the mask, not an index by it: no wait for the device
+            self.sums[0] += ((outputs.argmax(-1) == targets) & counted).sum()
             self.sums[1] += counted.sum()
         for name in self.extra:
             self.extra[name].update(outputs, targets)
