@@ -59,6 +59,8 @@ class Evaluator:
             cfg.best_metric, cfg.best_mode, cfg.early_stop_patience, state, cfg.early_stop_min_delta
         )
         self.evaluated_step = -1  # the step of this process's last evaluation
+        # prefix (val, val_ema) -> its metrics, kept for the run (launcher/train/metrics.py says why)
+        self.task_metrics: dict[str, TaskMetrics] = {}
 
     @property
     def at_epoch_ends(self) -> bool:
@@ -97,7 +99,11 @@ class Evaluator:
         """One pass: (metrics, confusion matrix, example predictions). The raw weights' pass also
         counts unreadable samples."""
         acc, raw = self.accelerator, prefix == "val"
-        metrics = TaskMetrics(self.checked.task, self.checked.num_classes, acc.device, self.extra_metrics)
+        if prefix not in self.task_metrics:
+            self.task_metrics[prefix] = TaskMetrics(
+                self.checked.task, self.checked.num_classes, acc.device, self.extra_metrics
+            )
+        metrics = self.task_metrics[prefix]
         on_errors = (lambda errors: self.data_health.note(errors, "val")) if raw else None
         passed = evaluate_split(
             model,

@@ -80,12 +80,16 @@ class TaskMetrics:
         # float64 sums (MPS has no float64): exact counts, and no float32 drift over many batches
         self.dtype = torch.float32 if device.type == "mps" else torch.float64
         self.extra = {name: metric.to(device) for name, metric in dict(extra or {}).items()}
-        self.reset()
+        # All-reduced on compute, then zeroed in place, never replaced: a tensor whose last reference
+        # gloo's worker thread drops can deadlock torch 2.7 as the process group goes away
+        # (docs/known-problems.md#the-gil-at-shutdown). The Evaluator keeps its TaskMetrics for the run.
+        classes = self.num_classes if self.task == "classification" else 0
+        self.confusion = torch.zeros(classes, classes, dtype=torch.long, device=device)
+        self.sums = torch.zeros(len(SUMS.get(self.task, ())), dtype=self.dtype, device=device)
 
     def reset(self) -> None:
-        classes = self.num_classes if self.task == "classification" else 0
-        self.confusion = torch.zeros(classes, classes, dtype=torch.long, device=self.device)
-        self.sums = torch.zeros(len(SUMS.get(self.task, ())), dtype=self.dtype, device=self.device)
+        self.confusion.zero_()
+        self.sums.zero_()
 
     def names(self, prefix: str = "val") -> list[str]:
         """The metrics an evaluation reports, besides loss and samples."""
