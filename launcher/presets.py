@@ -7,10 +7,11 @@ than float); `normalize` runs per batch on the training device (`batch_transform
     eval:  Resize(resize_size) -> CenterCrop(size)        (resize_size 0: size / 0.875, as timm)
 
 Shard images reach them undecoded (`Shards.prepare` calls their `from_bytes`): they pick the crop
-from the header's size first, then decode a JPEG at the smallest scale that covers it
-(launcher/data/scaled_decode.py): 3.5x fewer CPU seconds than torchvision's reference on a 12 MP
-photo, 1.5x on an ImageNet-sized JPEG (BENCHMARKS.md). PIL images and tensors
-(image folders, `--data_on_gpu`) take the full-size path, as any recipe's own transform does.
+from the header's size first, then decode a JPEG at the smallest scale that covers it, or, where
+none does, only the crop's rows and columns (launcher/data/scaled_decode.py): 3.7x fewer CPU
+seconds than torchvision's reference on a 12 MP photo, 1.7x on an ImageNet-sized JPEG
+(BENCHMARKS.md). PIL images and tensors (image folders, `--data_on_gpu`) take the full-size path,
+as any recipe's own transform does.
 
 torchvision is imported where a transform is built: importing it takes seconds (it pulls in
 torch._dynamo), which a run without images never needs.
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from launcher.data.scaled_decode import covering_size, decode_rgb, image_size, to_rgb
+from launcher.data.scaled_decode import covering_size, decode_region, decode_rgb, image_size, to_rgb
 
 if TYPE_CHECKING:
     from torchvision.transforms import v2
@@ -57,7 +58,9 @@ class TrainCrop:
     at the smallest JPEG scale at which the crop still spans `size` pixels both ways, maps the crop
     to that scale (to the nearest pixel) and resizes it as RandomResizedCrop does: bilinear with
     antialias. The output is close to the full-size path's, not equal: the DCT-domain downscale
-    averages differently from the bilinear antialias filter (tests/unit/test_scaled_decode.py)."""
+    averages differently from the bilinear antialias filter (tests/unit/test_scaled_decode.py).
+    Where no scale covers the crop, only the crop's rows and columns are decoded
+    (`scaled_decode.decode_region`), and the output is the full-size path's exactly."""
 
     def __init__(
         self, size: int, *, scale: Sequence[float], hflip: float, color_jitter: float, rotation: float
@@ -85,11 +88,13 @@ class TrainCrop:
 
         height, width = image_size(data)
         box = self.crop.make_params([torch.empty(0, height, width)])  # only the size is read
-        image = decode_rgb(
-            data,
-            covering_size(self.size, box["height"], height),
-            covering_size(self.size, box["width"], width),
-        )
+        min_height = covering_size(self.size, box["height"], height)
+        min_width = covering_size(self.size, box["width"], width)
+        if 2 * min_height > height or 2 * min_width > width:  # no DCT scale covers it: decode only the crop
+            crop = decode_region(data, box["top"], box["left"], box["height"], box["width"])
+            if crop is not None:
+                return self._finish(functional.resize(crop, [self.size, self.size], antialias=True))
+        image = decode_rgb(data, min_height, min_width)
         y, x = image.shape[1] / height, image.shape[2] / width  # decoded pixels per full-size pixel
         top, left = round(box["top"] * y), round(box["left"] * x)
         bottom, right = round((box["top"] + box["height"]) * y), round((box["left"] + box["width"]) * x)
@@ -102,6 +107,9 @@ class TrainCrop:
             [self.size, self.size],
             antialias=True,
         )
+        return self._finish(image)
+
+    def _finish(self, image: torch.Tensor) -> torch.Tensor:
         for step in self.after:
             image = step(image)
         return image

@@ -14,9 +14,11 @@ and 12 MP phone photos (4032x3024, about 3 MB).
    to the reference per round:
    - torchvision's ImageNet reference: PIL decode, RandomResizedCrop on the PIL image, flip;
    - the launcher before decoding at the crop's size: `image_label` (PIL) + the preset's full-size path;
-   - the launcher's default: `Shards.prepare` with `presets.train_transform` (launcher/data/scaled_decode.py);
-   - the candidates for the scaled decode, with the same crop and resize: PIL `draft`, simplejpeg
-     (`min_height`/`min_width`), and NVIDIA DALI's CPU `image_random_crop` (1 thread) when it imports.
+   - the launcher's default: `Shards.prepare` with `presets.train_transform` (launcher/data/scaled_decode.py:
+     the DCT scale that covers the crop, or where none does, nvImageCodec decoding only the crop);
+   - the candidates, with the same crop and resize: PIL `draft` and simplejpeg (`min_height`/
+     `min_width`), each decoding the whole image at its DCT scale, and NVIDIA DALI's CPU
+     `image_random_crop` (ROI decode, 1 thread) when it imports.
 2. The pipeline: `images` JPEGs (`--size=0`: ImageNet-sized; N: N px squares) in 8 tar shards, then,
    side by side in each round (each pipeline right after a tight loop, so the ratio compares runs
    seconds apart on a machine whose speed drifts):
@@ -242,7 +244,7 @@ def compare_decoders(sets: dict[str, list[bytes]], crop: int, rounds: int) -> di
         "launcher before (image_label + full-size preset)": launcher_full_size(crop),
         "launcher default (image_label + presets.train_transform)": launcher_default(crop),
         "PIL draft + crop + resize": scaled_candidate(crop, pil_draft),
-        "simplejpeg min_height/min_width + crop + resize": scaled_candidate(crop, decode_rgb),
+        "simplejpeg at the DCT scale, whole image + crop + resize": scaled_candidate(crop, decode_rgb),
     }
     dali = dali_cpu(crop)
     rates: dict[tuple[str, str], list[float]] = collections.defaultdict(list)

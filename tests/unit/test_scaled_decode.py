@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 
 import numpy
 import pytest
@@ -14,9 +15,10 @@ import simplejpeg
 import torch
 from PIL import Image
 
+from launcher.data import scaled_decode
 from launcher.data.layout import Position, derive_seed
 from launcher.data.loader import SplitLoader
-from launcher.data.scaled_decode import covering_size, decode_rgb, image_size
+from launcher.data.scaled_decode import covering_size, decode_region, decode_rgb, image_size
 from launcher.data.spec import Shards
 from launcher.data.stream import seed_augmentation
 from launcher.data.writer import write_shards
@@ -114,6 +116,54 @@ def test_scaled_output_is_close_to_the_full_size_path(photo):
     evaluate = eval_transform(64)
     full, scaled = evaluate(Image.open(io.BytesIO(photo))), evaluate.from_bytes(photo)
     assert scaled.shape == full.shape == (3, 64, 64) and (scaled.float() - full.float()).abs().mean() < 3.0
+
+
+@pytest.fixture(scope="module")
+def imagenet_sized(photo) -> dict[str, bytes]:
+    """A 500x375 window of the photo, the size of most ImageNet images, in the JPEG layouts cameras
+    and encoders write: chroma 4:2:0, 4:2:2, 4:4:4, progressive, and gray."""
+    window = numpy.asarray(Image.open(io.BytesIO(photo)).crop((301, 207, 801, 582)))
+    return {
+        "4:2:0": encode(window, quality=90),
+        "4:2:2": encode(window, quality=90, subsampling=1),
+        "4:4:4": encode(window, quality=90, subsampling=0),
+        "progressive": encode(window, quality=90, progressive=True),
+        "gray": encode(window[..., 1], quality=90),
+    }
+
+
+def test_a_crop_no_scale_covers_is_decoded_alone_to_the_full_decodes_pixels(imagenet_sized):
+    """Only the crop's rows and columns are decoded (nvImageCodec, installed with the launcher on
+    Linux), and they are the full-size decode's pixels there: the same output as the full-size path,
+    not a close one."""
+    for name, data in imagenet_sized.items():
+        full = decode_rgb(data)
+        boxes = ((0, 0, 375, 500), (11, 37, 200, 301), (174, 3, 201, 497), (9, 13, 3, 5))
+        for top, left, height, width in boxes:
+            region = decode_region(data, top, left, height, width)
+            assert region is not None, name
+            assert torch.equal(region, full[:, top : top + height, left : left + width]), (name, top, left)
+    transform = train_transform(224)
+    data = imagenet_sized["4:2:0"]
+    for seed in range(6):
+        full, scaled = both_paths(transform, data, seed)
+        assert decode_factor(transform, data, seed) == 1 and torch.equal(full, scaled), seed
+    for bad in (data[:20000], b"\xff\xd8\xff" + b"\x00" * 64):
+        assert decode_region(bad, 0, 0, 8, 8) is None
+        with pytest.raises(OSError):  # PIL's error, which the stream counts, as on the full-size path
+            transform.from_bytes(bad)
+
+
+def test_without_the_region_decoder_the_image_is_decoded_whole_to_the_same_output(
+    imagenet_sized, monkeypatch
+):
+    transform, data = train_transform(224), imagenet_sized["4:2:0"]
+    outputs = []
+    for _ in range(2):
+        seed_augmentation(3)
+        outputs.append(transform.from_bytes(data))
+        monkeypatch.setitem(scaled_decode._region_decoders, os.getpid(), None)  # as where it is not installed
+    assert decode_region(data, 0, 0, 8, 8) is None and torch.equal(*outputs)
 
 
 def small(mode: str) -> numpy.ndarray:
