@@ -83,9 +83,12 @@ $(LOWEST)/.installed: pyproject.toml | setup
 # versions installed (each mark says which: gloo shutdown, DDP and FSDP in torch 2.7, Accelerate 1.1's
 # accumulation, checkpoint and tracker code, wandb 0.19.5 offline and resume, ...). The rest of
 # the end-to-end tier exercises the launcher's own logic, which `make test` covers.
-# wandb 0.19.5 has no `wandb leet`; the tests read its runs back with .venv's newer CLI.
+# wandb 0.19.5 has no `wandb leet`; the tests read its runs back with .venv's newer CLI. The checks
+# of the repository's own text (the docs' links and blocks, the layout) depend on no version: left out.
+REPO_TEXT_TESTS := $(addprefix --ignore=tests/unit/,test_docs_blocks.py test_docs_links.py test_layout.py)
 test-lowest: $(LOWEST)/.installed $(MOTO)/.installed
-	LAUNCHER_TEST_WANDB=$(abspath $(VENV))/bin/wandb $(LOWEST)/bin/python -m pytest $(PYTEST_PARALLEL) -m "not e2e or lowest"
+	LAUNCHER_TEST_WANDB=$(abspath $(VENV))/bin/wandb $(LOWEST)/bin/python -m pytest $(PYTEST_PARALLEL) -m "not e2e or lowest" \
+		$(REPO_TEXT_TESTS)
 
 bench: setup
 	$(PY) scripts/bench_overhead.py
