@@ -55,84 +55,10 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from launcher import ConfigError, DataSpec, Group, Schedule, StepOutput, TrainConfig, load_weights
+from recipes.stdlib_text import DOCUMENTED_MODULES
 
 IGNORE = -100  # label of the prompt and the padding: F.cross_entropy's ignore_index
 PRETRAINED = "pretrained"  # --weights: the weights in --model_dir
-# Prose-rich standard-library modules present in CPython 3.10 to 3.13, in a fixed order.
-MODULES = (
-    "argparse",
-    "typing",
-    "dataclasses",
-    "inspect",
-    "logging",
-    "textwrap",
-    "difflib",
-    "functools",
-    "pathlib",
-    "subprocess",
-    "json.decoder",
-    "json.encoder",
-    "collections",
-    "enum",
-    "statistics",
-    "fractions",
-    "random",
-    "heapq",
-    "string",
-    "shutil",
-    "os",
-    "posixpath",
-    "calendar",
-    "datetime",
-    "decimal",
-    "email.message",
-    "csv",
-    "configparser",
-    "tarfile",
-    "zipfile",
-    "urllib.parse",
-    "http.client",
-    "ipaddress",
-    "uuid",
-    "base64",
-    "gettext",
-    "locale",
-    "threading",
-    "queue",
-    "contextlib",
-    "copy",
-    "pprint",
-    "tempfile",
-    "glob",
-    "fnmatch",
-    "bisect",
-    "weakref",
-    "numbers",
-    "secrets",
-    "hmac",
-    "smtplib",
-    "ftplib",
-    "imaplib",
-    "mailbox",
-    "shlex",
-    "sched",
-    "selectors",
-    "socket",
-    "ssl",
-    "tokenize",
-    "traceback",
-    "unittest.case",
-    "pdb",
-    "doctest",
-    "pickle",
-    "sysconfig",
-    "trace",
-    "timeit",
-    "optparse",
-    "getopt",
-    "codecs",
-    "_pyio",
-)
 
 
 @dataclass
@@ -143,7 +69,8 @@ class Config(TrainConfig):
     #: "": random
     weights: str = PRETRAINED
     data_dir: str = "data/docstrings"  # where the extracted (prompt, completion) pairs are cached as JSON
-    modules: tuple[str, ...] = MODULES  # standard-library modules whose documented functions are the examples
+    #: standard-library modules whose documented functions are the examples (recipes/stdlib_text.py)
+    modules: tuple[str, ...] = DOCUMENTED_MODULES
     val_percent: int = 10  # percent of the examples held out for validation (by a hash of their name)
     block_size: int = 256  # tokens per example at most (prompt + completion; longer completions are cut)
     lora_rank: int = 0  # LoRA rank of the adapters (0: full fine-tune, every weight trains)

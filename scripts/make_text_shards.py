@@ -24,30 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from launcher.data.writer import write_shards  # noqa: E402
-
-# Long, prose-rich modules present in CPython 3.10 to 3.13, in a fixed order.
-MODULES = (
-    "argparse",
-    "typing",
-    "dataclasses",
-    "inspect",
-    "logging",
-    "textwrap",
-    "difflib",
-    "functools",
-    "pathlib",
-    "subprocess",
-    "json.decoder",
-    "json.encoder",
-    "collections",
-    "enum",
-    "statistics",
-    "fractions",
-    "random",
-    "heapq",
-    "string",
-    "shutil",
-)
+from recipes.stdlib_text import SOURCE_MODULES  # noqa: E402
 
 
 def chunks(text: bytes, min_len: int, max_len: int, rng: np.random.Generator):
@@ -90,7 +67,7 @@ def main(
         raise SystemExit(
             f"--min_len and --max_len must satisfy 2 <= min_len <= max_len, got {min_len}, {max_len}"
         )
-    splits = split_chunks(MODULES, min_len, max_len, val_fraction, seed)
+    splits = split_chunks(SOURCE_MODULES, min_len, max_len, val_fraction, seed)
     for (name, samples), num_shards in zip(splits.items(), (train_shards, val_shards)):
         order = np.random.default_rng(seed + 1).permutation(len(samples))  # each shard mixes all modules
         index = write_shards(
