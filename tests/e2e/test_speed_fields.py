@@ -50,7 +50,7 @@ def baseline(digits, tmp_path_factory):
         pytest.param(["--channels_last=True"], [], marks=pytest.mark.lowest),
         pytest.param(["--compile=True"], [], marks=pytest.mark.lowest),
         (["--pin_memory=False"], []),
-        (["--num_workers=2", "--prefetch_factor=4"], ["--num_workers=2", "--prefetch_factor=2"]),
+        (["--num_workers=2", "--prefetch_factor=4"], ["--num_workers=2"]),  # the default prefetch_factor: 2
         (["--data_on_gpu=True"], []),  # PNGs: decoded in the main process instead of by PIL, losslessly
         (["--data_on_gpu=True", "--num_workers=2"], ["--num_workers=2"]),
     ],

@@ -476,5 +476,7 @@ def test_predict_reads_inputs_after_double_dash_from_files_and_stdin(best_run, t
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     # INPUTs in order, then --inputs
     assert [r["input"] for r in rows] == [FEATURES, RAW, RAW, FEATURES, FEATURES, RAW]
-    assert all(f"{r['prediction']:.6g}" == values[r["input"]] for r in rows)
+    # the printed values have 6 significant digits; within a batch of another size the same input's
+    # float32 prediction can differ in its last bit, so it is compared, not its 6-digit rounding
+    assert all(r["prediction"] == pytest.approx(float(values[r["input"]]), rel=1e-5) for r in rows), rows
     assert "predicted 6 inputs; written to" in result.stderr
