@@ -31,33 +31,11 @@ import fire
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from scripts.bench_gpu import DEFAULT_RECIPE, make_shards  # noqa: E402
-from scripts.processes import free_port  # noqa: E402
+from scripts.processes import free_port, launch_command  # noqa: E402
 
 
 def run(processes: int, args: dict, out: str) -> float:
-    launch = (
-        [sys.executable, "-m", "launcher"]
-        if processes == 1
-        else [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            str(processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-            "-m",
-            "launcher",
-        ]
-    )
-    command = launch + [
+    command = launch_command(
         DEFAULT_RECIPE,
         f"--data_dir={args['data_dir']}",
         f"--arch={args['arch']}",
@@ -74,7 +52,8 @@ def run(processes: int, args: dict, out: str) -> float:
         "--checkpoint_epoch_end=False",
         "--keep_checkpoints=1",
         f"--ddp_comm_hook={args['comm_hook']}",
-    ]
+        processes=processes,
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     if result.returncode != 0:

@@ -30,7 +30,7 @@ import fire
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from scripts.processes import free_port  # noqa: E402
+from scripts.processes import launch_command  # noqa: E402
 
 
 def text_shards(data_dir: str) -> str:
@@ -46,23 +46,7 @@ def text_shards(data_dir: str) -> str:
 def run(mode: str, args: dict, out: str) -> dict:
     """One launcher run; its memory per process (the largest over processes) and steps/s."""
     log_every = max(1, args["steps"] // 4)
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(args["processes"]),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "launcher",
+    command = launch_command(
         "recipes/char_lm",
         f"--data_dir={args['data_dir']}",
         f"--output_dir={out}",
@@ -80,7 +64,8 @@ def run(mode: str, args: dict, out: str) -> dict:
         "--checkpoint_epoch_end=False",
         "--keep_checkpoints=1",
         "--wandb_mode=disabled",
-    ]
+        processes=args["processes"],
+    )
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"bench_fsdp.py: the {mode} run failed:\n{result.stderr[-3000:]}")

@@ -36,7 +36,7 @@ import fire
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from scripts.processes import free_port  # noqa: E402
+from scripts.processes import launch_command  # noqa: E402
 
 RECIPE = "tests/recipes/pretrained_llama"
 
@@ -63,23 +63,7 @@ def write_model(model_dir: str, layers: int, hidden: int, intermediate: int, voc
 
 
 def run(mode: str, model_dir: str, processes: int, out: str) -> dict:
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        "-m",
-        "launcher",
+    command = launch_command(
         RECIPE,
         f"--weights={model_dir}",
         f"--output_dir={out}",
@@ -92,7 +76,8 @@ def run(mode: str, model_dir: str, processes: int, out: str) -> dict:
         "--checkpoint_epoch_end=False",
         "--keep_checkpoints=1",
         "--wandb_mode=disabled",
-    ]
+        processes=processes,
+    )
     start = time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start

@@ -1,10 +1,38 @@
-"""Processes, for the scripts and the tests that start launches: a free port for a rendezvous, and
-the processes a launch started (its ranks, their DataLoader workers)."""
+"""Processes, for the scripts and the tests that start launches: the command of a launch, a free
+port for its rendezvous, and the processes a launch started (its ranks, their DataLoader workers)."""
 
 from __future__ import annotations
 
 import socket
 import subprocess
+import sys
+
+
+def launch_command(*args, processes: int = 1, restarts: int = 0) -> list[str]:
+    """`python -m launcher ARGS`, or for several processes on this machine the same under
+    `accelerate launch` (a free port; no mixed precision or dynamo defaults of its own)."""
+    if processes == 1:
+        return [sys.executable, "-m", "launcher", *map(str, args)]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        *(["--max_restarts", str(restarts)] if restarts else []),
+        "-m",
+        "launcher",
+        *map(str, args),
+    ]
 
 
 def free_port() -> int:

@@ -21,6 +21,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # scripts/processes.py, shared with the scripts that start launches
 from scripts.processes import children, free_port, launcher_children  # noqa: E402,F401
+from scripts.processes import launch_command as launcher_command  # noqa: E402
 
 MLP_RECIPE = str(ROOT / "tests" / "recipes" / "mlp_digits.py")
 # The wandb CLI that reads runs back (`wandb leet inspect`): the one beside this Python, or
@@ -209,31 +210,6 @@ def _zygote() -> Zygote | None:
 def pytest_sessionfinish(session) -> None:
     for zygote in _ZYGOTE:
         zygote.close()
-
-
-def launcher_command(*args, processes: int = 1, restarts: int = 0) -> list[str]:
-    if processes == 1:
-        return [sys.executable, "-m", "launcher", *map(str, args)]
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        *(["--max_restarts", str(restarts)] if restarts else []),
-        "-m",
-        "launcher",
-        *map(str, args),
-    ]
 
 
 def start_launcher(*args, log: Path, processes: int = 1, env=None, restarts: int = 0) -> subprocess.Popen:
