@@ -29,39 +29,23 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from scripts.processes import children, free_port, launcher_children  # noqa: E402
+from scripts.processes import children, launch_command, launcher_children  # noqa: E402
 
 RECIPE = ROOT / "tests" / "recipes" / "mlp_digits.py"
 
 
-def command(out: Path, data_dir: Path, restarts: int, port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
-        "--max_restarts",
-        str(restarts),
-        "-m",
-        "launcher",
-        str(RECIPE),
+def command(out: Path, data_dir: Path, restarts: int) -> list[str]:
+    return launch_command(
+        RECIPE,
         f"--data_dir={data_dir}",
         f"--output_dir={out}",
         "--num_workers=2",
         "--checkpoint_every=10",
         "--resume=auto",
         "--epochs=1",
-    ]
+        processes=2,
+        restarts=restarts,
+    )
 
 
 def newest_step(out: Path) -> int:
@@ -95,7 +79,7 @@ def one_run(out: Path, data_dir: Path, kills: int, rng: random.Random, reference
     at = sorted(rng.sample(range(5, 40), kills))  # steps of the 44 of an epoch
     with open(out.with_suffix(".log"), "w") as log:
         run = subprocess.Popen(
-            command(out, data_dir, kills, free_port()),
+            command(out, data_dir, kills),
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -147,9 +131,7 @@ def main(
         )
     reference_dir = base / "uninterrupted"
     if not (reference_dir / "model.safetensors").exists():
-        subprocess.run(
-            command(reference_dir, data, 0, free_port()), cwd=ROOT, check=True, capture_output=True
-        )
+        subprocess.run(command(reference_dir, data, 0), cwd=ROOT, check=True, capture_output=True)
     reference = load_file(str(reference_dir / "model.safetensors"))
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     rng, results = random.Random(seed), []
