@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from launcher.data.scaled_decode import covering_size, decode_region, decode_rgb, image_size, to_rgb
+from launcher.data.scaled_decode import (
+    MIN_FACTOR,
+    covering_size,
+    decode_region,
+    decode_rgb,
+    image_size,
+    to_rgb,
+)
 
 if TYPE_CHECKING:
     from torchvision.transforms import v2
@@ -90,7 +97,7 @@ class TrainCrop:
         box = self.crop.make_params([torch.empty(0, height, width)])  # only the size is read
         min_height = covering_size(self.size, box["height"], height)
         min_width = covering_size(self.size, box["width"], width)
-        if 2 * min_height > height or 2 * min_width > width:  # no DCT scale covers it: decode only the crop
+        if min_height * MIN_FACTOR > height or min_width * MIN_FACTOR > width:  # no DCT scale covers it
             crop = decode_region(data, box["top"], box["left"], box["height"], box["width"])
             if crop is not None:
                 return self._finish(functional.resize(crop, [self.size, self.size], antialias=True))
